@@ -1,0 +1,1 @@
+"""wanjax subpackage."""
