@@ -1,0 +1,286 @@
+"""W4A4 kernel benchmark on an H100 (run on the GPU machine; CPU prints a notice and exits).
+
+    PYTHONPATH=. python -m bench.kernels [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--out DIR] [--sweep]
+
+Per (M, K, N), side by side in one process:
+  xla_bf16           x_bf16 [M,K] @ w_bf16 [K,N]                         (the baseline)
+  xla_int8           dot_general(q_x int8, q_w int8 [N,K]) -> int32      (cuBLASLt IMMA)
+  xla_int8_epi       same + f32 scale/bias/low-rank epilogue -> bf16     (the "xla" dispatch backend)
+  pallas_*           the Mosaic GPU W4A4 GEMM variants (kernels/w4a4_gpu.py)
+  act_quant          the fused activation quantization (+ rank-32 down projection), bf16 x -> int8 q
+  e2e_*              W4A4 linear end to end: act quant + weight unpack + GEMM (+ low-rank + bias), bf16 -> bf16
+
+Times: median over >= 20 iterations of the device time of all kernels of one call (CUPTI, via
+jax.experimental.mosaic.gpu.profiler.measure) after a warm-up call; the baseline and the end-to-end linear are also
+timed by wall clock with rotated inputs (3 input sets) as a cross-check. Correctness is checked on the device in the
+same run before timing: the integer accumulation bit-exactly (f32 output, unit scales) against XLA's int8 dot, which is
+itself checked against the int32-upcast reference on a slice of rows; the full epilogue against the f32 reference to
+<= 1e-2 relative (Frobenius); the output buffer is poisoned with NaN through the allocator first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+try:  # installed package (wanjax.kernels) or the source folder on sys.path (kernels)
+  from wanjax.kernels import reference as ref  # noqa: E402
+  from wanjax.kernels.act_quant_gpu import act_quant_fused  # noqa: E402
+  from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
+except Exception:  # pragma: no cover
+  from kernels import reference as ref  # noqa: E402
+  from kernels.act_quant_gpu import act_quant_fused  # noqa: E402
+  from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
+
+ITERS = 25
+R = 32
+
+
+def cupti_ms(f, *args, iters=ITERS):
+  from jax.experimental.mosaic.gpu import profiler
+  jax.block_until_ready(f(*args))
+  _, times = profiler.measure(f, iterations=iters)(*args)
+  return float(statistics.median(times))
+
+
+def wall_ms(f, arg_sets, iters=ITERS):
+  jax.block_until_ready(f(*arg_sets[0]))
+  ts = []
+  for i in range(iters):
+    a = arg_sets[i % len(arg_sets)]
+    t = time.perf_counter()
+    jax.block_until_ready(f(*a))
+    ts.append((time.perf_counter() - t) * 1e3)
+  return float(statistics.median(ts))
+
+
+def rel_err(out, exp):
+  out = np.asarray(out, np.float64)
+  exp = np.asarray(exp, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("inf")
+  return float(np.linalg.norm(out - exp) / max(np.linalg.norm(exp), 1e-30))
+
+
+def poison(shape, dtype):
+  """Fill a buffer of the output's size with NaN and free it, so that the next allocation likely reuses it."""
+  p = jnp.full(shape, jnp.nan, dtype)
+  p.block_until_ready()
+  del p
+
+
+def make_inputs(key, m, k, n, r=R):
+  ks = jax.random.split(key, 8)
+  x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(ks[1], (n, k), jnp.float32) * 0.02
+  w_packed, s_w = ref.quantize_weight_int4(w)
+  smooth = jax.random.uniform(ks[2], (k,), jnp.float32, 0.5, 2.0)
+  down = (jax.random.normal(ks[3], (k, r), jnp.float32) * 0.02).astype(jnp.bfloat16)
+  up = (jax.random.normal(ks[4], (r, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+  bias = jax.random.normal(ks[5], (n,), jnp.float32) * 0.1
+  w_bf16_kn = w.T.astype(jnp.bfloat16)
+  return dict(x=x, w_packed=w_packed, s_w=s_w, smooth=smooth, down=down, up=up, bias=bias, w_bf16_kn=w_bf16_kn)
+
+
+def run_shape(m, k, n, sweep, log):
+  res = {"M": m, "K": k, "N": n, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
+  ops = 2.0 * m * k * n
+  inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+  x, w_packed, s_w, smooth, down, up, bias = (inp[a] for a in ("x", "w_packed", "s_w", "smooth", "down", "up", "bias"))
+  q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None)
+  q_w = jax.jit(ref.unpack_int4)(w_packed)
+  jax.block_until_ready((q_x, s_x, x_lr, q_w))
+
+  def rec(name, fn, *args, check=None):
+    try:
+      if check is not None:
+        res["checks"][name] = check()
+        log(f"  check {name}: {res['checks'][name]}")
+      t = cupti_ms(fn, *args)
+      res["times_ms"][name] = t
+      log(f"  {name:34s} {t:8.3f} ms  {ops / t / 1e9:8.1f} T(FL)OPS")
+    except Exception as e:  # keep going; report
+      res["errors"][name] = f"{type(e).__name__}: {str(e)[:2000]}"
+      log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:600]}")
+      traceback.print_exc()
+
+  nt = (((1,), (1,)), ((), ()))
+  xla_int8 = jax.jit(lambda a, b: lax.dot_general(a, b, nt, preferred_element_type=jnp.int32))
+  acc = xla_int8(q_x, q_w)
+  # XLA int8 dot vs the int32-upcast reference on a slice of rows (exactness of the check's reference itself).
+  rows = slice(0, 512)
+  acc_ref_rows = jax.jit(ref.int_matmul_nt)(q_x[rows], q_w)
+  res["checks"]["xla_int8_vs_int32_ref_rows0-511_exact"] = bool(jnp.array_equal(acc[rows], acc_ref_rows))
+  y_ref = jax.jit(lambda *a: ref.w4a4_epilogue(*a, out_dtype=jnp.float32))(acc, s_x, s_w, x_lr, up, bias)
+  # act quant bit-exactness vs the CPU reference on a slice of rows.
+  try:
+    cpu = jax.devices("cpu")[0]
+    xs = jax.device_put(x[:256], cpu)
+    sm = jax.device_put(smooth, cpu)
+    dn = jax.device_put(down, cpu)
+    q_c, s_c, lr_c = jax.jit(ref.act_quant)(xs, sm, dn)
+    res["checks"]["act_quant_q_exact_vs_cpu_rows0-255"] = bool(np.array_equal(np.asarray(q_c), np.asarray(q_x[:256])))
+    res["checks"]["act_quant_s_exact_vs_cpu_rows0-255"] = bool(np.array_equal(np.asarray(s_c), np.asarray(s_x[:256])))
+    res["checks"]["act_quant_xlr_relerr_vs_cpu"] = rel_err(x_lr[:256], lr_c)
+  except Exception as e:
+    res["errors"]["act_quant_cpu_check"] = str(e)[:500]
+
+  # --- baselines
+  w_bf16 = inp["w_bf16_kn"]
+  bf16_dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  rec("xla_bf16", bf16_dot, x, w_bf16)
+  rec("xla_int8", xla_int8, q_x, q_w)
+  xla_epi = jax.jit(lambda qx, sx, qw, sw, xl, u, b: ref.w4a4_epilogue(
+      lax.dot_general(qx, qw, nt, preferred_element_type=jnp.int32), sx, sw, xl, u, b))
+  rec("xla_int8_epi_r32", xla_epi, q_x, s_x, q_w, s_w, x_lr, up, bias,
+      check=lambda: rel_err(xla_epi(q_x, s_x, q_w, s_w, x_lr, up, bias), y_ref))
+  rec("act_quant_r32", lambda a, b, c: act_quant_fused(a, b, c, 1.0, None), x, smooth, down)
+
+  ones_m = jnp.ones((m,), jnp.float32)
+  ones_n = jnp.ones((n,), jnp.float32)
+
+  def gemm(weights, r, cfg, out_dtype=jnp.bfloat16):
+    @jax.jit
+    def f(qx, sx, w, sw, xl, u, b):
+      return w4a4_matmul_gpu(qx, sx, w, sw, xl if r else None, u if r else None, b, out_dtype=out_dtype,
+                             weights=weights, config=cfg)
+    return f
+
+  def exact_check(weights, cfg):
+    def chk():
+      f = gemm(weights, 0, cfg, jnp.float32)
+      wv = q_w if weights == "int8" else w_packed
+      poison((m, n), jnp.float32)
+      out = f(q_x, ones_m, wv, ones_n, x_lr, up, None)
+      return bool(jnp.array_equal(out, acc.astype(jnp.float32)))
+    return chk
+
+  def epi_check(weights, r, cfg):
+    def chk():
+      f = gemm(weights, r, cfg)
+      wv = q_w if weights == "int8" else w_packed
+      poison((m, n), jnp.bfloat16)
+      out = f(q_x, s_x, wv, s_w, x_lr, up, bias)
+      exp = y_ref if r else jax.jit(lambda *a: ref.w4a4_epilogue(*a, out_dtype=jnp.float32))(
+          acc, s_x, s_w, None, None, bias)
+      return rel_err(out, exp)
+    return chk
+
+  base = W4A4Config()
+  variants = [
+      ("pallas_int8w_r0", "int8", 0, base, True),
+      ("pallas_int8w_r32", "int8", R, base, True),
+      ("pallas_int8w_r32_chunk", "int8", R, W4A4Config(lowrank_mode="chunk"), True),
+      ("pallas_int4w_r0", "int4", 0, base, True),
+      ("pallas_int4w_r32", "int4", R, base, True),
+  ]
+  if sweep:
+    for st, ep, gw, minor_n in [(4, 32, 1, True), (3, 64, 4, True), (3, 64, 8, False), (3, 64, 16, True),
+                                (4, 64, 8, True)]:
+      variants.append((f"pallas_int8w_r0_s{st}_e{ep}_g{gw}{'N' if minor_n else 'M'}", "int8", 0,
+                       W4A4Config(stages=st, epi_tile_n=ep, grid_tile_width=gw, grid_minor_n=minor_n), False))
+  for name, weights, r, cfg, checked in variants:
+    wv = q_w if weights == "int8" else w_packed
+    chk = None
+    if checked:
+      ex, ep = exact_check(weights, cfg), epi_check(weights, r, cfg)
+      chk = lambda ex=ex, ep=ep, r=r: {"int_acc_bit_exact": ex() if r == 0 else None, "epilogue_relerr": ep()}
+    rec(name, gemm(weights, r, cfg), q_x, s_x, wv, s_w, x_lr, up, bias, check=chk)
+
+  # --- end to end (bf16 x + packed weights -> bf16 y), act quant + unpack + GEMM + low-rank + bias
+  def e2e(weights):
+    @jax.jit
+    def f(x_, wp, sw, sm, dn, u, b):
+      qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None)
+      wv = ref.unpack_int4(wp) if weights == "int8" else wp
+      return w4a4_matmul_gpu(qx, sx, wv, sw, xl, u, b, weights=weights)
+    return f
+
+  e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
+  y_lin_ref = y_ref  # same inputs, same quantization
+  for weights in ("int8", "int4"):
+    f = e2e(weights)
+    rec(f"e2e_linear_{weights}w_r32", f, *e2e_args, check=lambda f=f: rel_err(f(*e2e_args), y_lin_ref))
+  # wall-clock cross-check with rotated inputs
+  try:
+    xs = [x] + [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
+                for i in range(2)]
+    res["wall_ms"]["xla_bf16"] = wall_ms(bf16_dot, [(xi, w_bf16) for xi in xs])
+    f = e2e("int8")
+    res["wall_ms"]["e2e_linear_int8w_r32"] = wall_ms(f, [(xi, *e2e_args[1:]) for xi in xs])
+    log(f"  wall (rotated inputs): bf16 {res['wall_ms']['xla_bf16']:.3f} ms, "
+        f"e2e int8w {res['wall_ms']['e2e_linear_int8w_r32']:.3f} ms")
+    del xs
+  except Exception as e:
+    res["errors"]["wall"] = str(e)[:500]
+
+  t = res["times_ms"]
+  res["tops"] = {kk: ops / v / 1e9 for kk, v in t.items() if not kk.startswith("act_quant")}
+  if "xla_bf16" in t:
+    res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items()}
+  # memory of the packed weights: 0.5 byte/parameter + 4-byte scale per channel
+  res["weight_bytes"] = {"bf16": 2 * n * k, "packed_int4_plus_scales": n * k // 2 + 4 * n}
+  return res
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--ms", default="32760")
+  ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
+  ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+  ap.add_argument("--sweep", action="store_true")
+  a = ap.parse_args(argv)
+  dev = jax.devices()[0]
+  if dev.platform != "gpu":
+    print("bench.kernels needs a CUDA GPU (H100); found", dev.platform)
+    return 0
+  os.makedirs(a.out, exist_ok=True)
+  logf = open(os.path.join(a.out, "kernels_bench.log"), "a")
+
+  def log(s):
+    print(s, flush=True)
+    logf.write(s + "\n")
+    logf.flush()
+
+  meta = {"card": dev.device_kind, "num_sms": getattr(dev, "core_count", None), "jax": jax.__version__,
+          "git_commit": os.environ.get("GIT_COMMIT", "unknown"), "iters": ITERS, "timer": "CUPTI median",
+          "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  log(json.dumps(meta))
+  results = []
+  for m in [int(v) for v in a.ms.split(",")]:
+    for sh in a.shapes.split(","):
+      k, n = (int(v) for v in sh.split("x"))
+      log(f"== M={m} K={k} N={n}")
+      results.append(run_shape(m, k, n, a.sweep, log))
+      with open(os.path.join(a.out, "kernels_w4a4.json"), "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+  # short table
+  log("\nM      K      N      | bf16 ms | int8 ms | pallas best (name) ms x | e2e int8w ms x")
+  for r in results:
+    t = r["times_ms"]
+    pal = {kk: v for kk, v in t.items() if kk.startswith("pallas")}
+    best = min(pal, key=pal.get) if pal else None
+    b = t.get("xla_bf16", float("nan"))
+    e = t.get("e2e_linear_int8w_r32", float("nan"))
+    log(f"{r['M']:6d} {r['K']:6d} {r['N']:6d} | {b:7.3f} | {t.get('xla_int8', float('nan')):7.3f} | "
+        f"{best} {pal.get(best, float('nan')):.3f} {b / pal.get(best, float('nan')):.2f}x | {e:.3f} {b / e:.2f}x")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

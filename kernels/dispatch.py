@@ -1,0 +1,112 @@
+"""Backend selection for the W4A4 linear: the only entry point ``wanjax.quant`` should call.
+
+Backends:
+
+* ``"pallas"``: Mosaic GPU kernels (Hopper: H100/H200): fused act quant + int8-``wgmma`` W4A4 GEMM with the fused
+  scale/bias/low-rank epilogue. Needs N % 256 == 0 and K % 128 == 0 (all Wan2.2 linears); other shapes use "xla".
+* ``"xla"``: the same math with XLA ops: int8 x int8 -> int32 ``dot_general`` (cuBLASLt IMMA on GPU, int8 MXU on
+  TPU), epilogue in f32. Fast everywhere, exact integer accumulation.
+* ``"reference"``: ``kernels.reference`` (int32-upcast dot; the ground truth, slow on accelerators).
+
+Default: "pallas" on a CUDA GPU of compute capability 9.x, else "xla". Override with the environment variable
+``WANJAX_KERNELS=reference|xla|pallas`` or the ``backend=`` argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import reference
+from .act_quant_gpu import act_quant_fused
+
+BACKENDS = ("reference", "xla", "pallas")
+ENV_VAR = "WANJAX_KERNELS"
+
+
+def _is_hopper() -> bool:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:  # pragma: no cover
+    return False
+  if dev.platform != "gpu":
+    return False
+  cc = getattr(dev, "compute_capability", "")
+  return str(cc).startswith("9")
+
+
+def select_backend(backend: str | None = None) -> str:
+  """The backend to use: explicit argument > $WANJAX_KERNELS > platform default."""
+  choice = backend or os.environ.get(ENV_VAR) or None
+  if choice is None:
+    return "pallas" if _is_hopper() else "xla"
+  if choice not in BACKENDS:
+    raise ValueError(f"kernel backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {choice!r}")
+  return choice
+
+
+def pallas_supports(n: int, k: int) -> bool:
+  """Whether the Mosaic GPU GEMM tiles this (N, K) (default config)."""
+  from .w4a4_gpu import DEFAULT_CONFIG as cfg
+  return n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0
+
+
+def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
+  q_w = reference.unpack_int4(w_packed)
+  acc = lax.dot_general(q_x, q_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  return reference.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
+
+
+def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,
+                backend: str | None = None):
+  """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], w_packed uint8 [N, K/2], s_w [N].
+
+  Optional low-rank branch x_lr [M, r] / up [r, N] and bias [N]. Returns [M, N] ``out_dtype``.
+  """
+  be = select_backend(backend)
+  n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+  if be == "reference":
+    return reference.w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
+  r = 0 if x_lr is None else x_lr.shape[1]
+  if be == "xla" or not pallas_supports(n, k) or r % 16:
+    return _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
+  from .w4a4_gpu import w4a4_matmul_gpu_any_m
+  q_w = reference.unpack_int4(w_packed)  # one cheap XLA pass over the packed weights (~1% at Wan shapes)
+  return w4a4_matmul_gpu_any_m(q_x, s_x, q_w, s_w, x_lr, up, bias, out_dtype=out_dtype, weights="int8")
+
+
+def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None):
+  """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None)."""
+  if select_backend(backend) == "reference":
+    return reference.act_quant(x, smooth, down, clip, static_scale)
+  return act_quant_fused(x, smooth, down, clip, static_scale)
+
+
+def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,
+                out_dtype=jnp.bfloat16, backend: str | None = None):
+  """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
+
+  Args:
+    x: activations [..., K] (any float dtype).
+    w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention).
+    s_w: f32 [N] per-channel weight scales.
+    smooth: optional [K] smoothing divisor (activations are divided by it; fold it into the weights beforehand).
+    down, up: optional low-rank branch, [K, r] and [r, N].
+    bias: optional [N].
+    clip: per-token abs-max multiplier (scalar, may be traced).
+    static_scale: optional static activation scale (scalar, may be traced) replacing the dynamic one.
+    out_dtype: output dtype (bf16 default).
+    backend: "reference" | "xla" | "pallas" | None (see module docstring).
+  """
+  lead = x.shape[:-1]
+  k = x.shape[-1]
+  if w_packed.ndim != 2 or 2 * w_packed.shape[1] != k:
+    raise ValueError(f"w4a4_linear: w_packed must be uint8 [N, K/2={k // 2}], got {w_packed.shape}")
+  x2 = x.reshape(-1, k)
+  q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, backend=backend)
+  y = w4a4_matmul(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
+                  backend=backend)
+  return y.reshape(*lead, w_packed.shape[0])
