@@ -1,6 +1,6 @@
 """W4A4 kernel benchmark on an H100 (run on the GPU machine; CPU prints a notice and exits).
 
-    PYTHONPATH=. python -m bench.kernels [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--out DIR] [--sweep]
+    PYTHONPATH=. python -m bench.kernels [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--out DIR] [--sweep 5120x5120]
 
 Per (M, K, N), side by side in one process:
   xla_bf16           x_bf16 [M,K] @ w_bf16 [K,N]                         (the baseline)
@@ -243,7 +243,7 @@ def main(argv=None):
   ap.add_argument("--ms", default="32760")
   ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
   ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--sweep", default="", help="comma list of KxN shapes on which to sweep extra tile configs")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -266,7 +266,7 @@ def main(argv=None):
     for sh in a.shapes.split(","):
       k, n = (int(v) for v in sh.split("x"))
       log(f"== M={m} K={k} N={n}")
-      results.append(run_shape(m, k, n, a.sweep, log))
+      results.append(run_shape(m, k, n, sh in a.sweep.split(","), log))
       with open(os.path.join(a.out, "kernels_w4a4.json"), "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
   # short table
