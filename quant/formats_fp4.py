@@ -1,0 +1,198 @@
+"""FP4 (E2M1) block formats: MXFP4 (OCP MX, E8M0 scale per 32) and NVFP4 (e4m3 scale per 16 + fp32 tensor scale).
+
+Both quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor` with uint8
+E2M1 codes (see ``formats_codecs``). Elements are ``x / scale`` rounded to the E2M1 grid half-to-even and saturated
+at +-6.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count, is_traced
+from wanjax.quant.formats_codecs import (
+    E2M1_MAX,
+    E8M0_NAN_CODE,
+    FP8_E4M3_MAX,
+    e2m1_decode,
+    e2m1_encode,
+    e8m0_encode,
+    floor_log2,
+    fp8_e4m3_encode,
+    ldexp_exact,
+)
+from wanjax.quant.formats_types import QuantizedTensor
+
+__all__ = [
+    "MX_BLOCK_SIZE",
+    "MX_EXP_MAX",
+    "MX_EXP_MIN",
+    "MX_SCALE_RULES",
+    "NVFP4_BLOCK_SIZE",
+    "dequantize_mxfp4",
+    "dequantize_nvfp4",
+    "mx_shared_exponent",
+    "nvfp4_tensor_scale",
+    "quantize_mxfp4",
+    "quantize_nvfp4",
+]
+
+MX_BLOCK_SIZE = 32
+NVFP4_BLOCK_SIZE = 16
+#: Scale rules of the seed (arXiv 2605.27003 code): weights use ocp_floor, activations safe_ceil.
+MX_SCALE_RULES = ("ocp_floor", "safe_ceil")
+#: Range of shared exponents we produce: E8M0 codes 1..254. Code 0 (2**-127, a float32 subnormal) is never produced.
+MX_EXP_MIN = -126
+MX_EXP_MAX = 127
+
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
+_FP8_E4M3_MIN_SUBNORMAL = 2.0**-9
+
+
+def _split_groups(x: jax.Array, n_groups: int, group_size: int) -> jax.Array:
+  return jnp.asarray(x, jnp.float32).reshape(*x.shape[:-1], n_groups, group_size)
+
+
+def _group_amax(xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  finite = jnp.isfinite(xg)
+  return jnp.max(jnp.where(finite, jnp.abs(xg), 0.0), axis=-1), ~jnp.all(finite, axis=-1)
+
+
+def mx_shared_exponent(
+    amax: jax.Array, scale_rule: str = "ocp_floor", exp_offset: jax.Array | int = 0, clip: jax.Array | float = 1.0
+) -> jax.Array:
+  """Shared power-of-two exponent ``e`` (int32) of MX blocks with abs-max ``amax``, computed exactly.
+
+  With ``a = float32(amax * clip)``:
+
+  * ``ocp_floor``: ``e = floor(log2(a)) - 2 + exp_offset``  (OCP MX rule; ``a / 2**e`` in [4, 8) for offset 0, so
+    block values in (6, 8) * 2**e saturate to 6);
+  * ``safe_ceil``: ``e = ceil(log2(a / 6)) + exp_offset``, i.e. the smallest ``e`` with ``a <= 6 * 2**e`` for
+    offset 0 (no saturation). Evaluated exactly from the bits of ``a`` (no float log2 rounding), so it can differ
+    from a float ``ceil(log2(a/6))`` only when ``a/6`` is within a few ulp above a power of two.
+
+  The result is clamped to [MX_EXP_MIN, MX_EXP_MAX] = [-126, 127] (E8M0 codes 1..254); a block with ``a`` zero or
+  subnormal gets ``MX_EXP_MIN``. ``exp_offset`` and ``clip`` may be traced and broadcast against ``amax``.
+  """
+  check_choice("mx_shared_exponent", "scale_rule", scale_rule, MX_SCALE_RULES)
+  a = jnp.asarray(amax, jnp.float32) * jnp.asarray(clip, jnp.float32)
+  f, mant = floor_log2(a)
+  e = f - 2
+  if scale_rule == "safe_ceil":
+    # a = 2**f * m with m in [1, 2): a <= 6 * 2**(f-2) = 1.5 * 2**f  <=>  m <= 1.5  <=>  mant <= 0x400000.
+    e = e + (mant > 0x400000).astype(jnp.int32)
+  e = e + jnp.asarray(exp_offset).astype(jnp.int32)
+  e = jnp.clip(e, MX_EXP_MIN, MX_EXP_MAX)
+  return jnp.where(f <= -127, MX_EXP_MIN, e).astype(jnp.int32)
+
+
+def quantize_mxfp4(
+    x: jax.Array,
+    scale_rule: str = "ocp_floor",
+    exp_offset: jax.Array | int = 0,
+    clip: jax.Array | float = 1.0,
+    block_size: int = MX_BLOCK_SIZE,
+    nonfinite: str = "raise",
+) -> QuantizedTensor:
+  """MXFP4 (OCP MX v1.0): E2M1 elements with one E8M0 power-of-two scale per ``block_size`` (32) elements of K.
+
+  Args:
+    x: float array ``[..., K]`` with K divisible by ``block_size``.
+    scale_rule: ``"ocp_floor"`` (OCP / the seed's weight rule) or ``"safe_ceil"`` (the seed's activation rule); see
+      :func:`mx_shared_exponent`.
+    exp_offset: the seed's exponent offset delta (int, e.g. -1/0/+1), scalar or per block; may be traced.
+    clip: clip ratio(s) > 0 multiplied into the block abs-max before the rule; may be traced.
+    block_size: 32 for OCP MXFP4 (other sizes give an MX-like format).
+    nonfinite: ``"raise"`` or ``"nan"`` (NaN blocks get E8M0 code 255).
+
+  Returns:
+    ``QuantizedTensor(fmt="mxfp4")``: uint8 E2M1 codes ``[..., K]``, uint8 E8M0 scale codes ``[..., K/32]``
+    (``scale = 2**(code - 127)``), ``group_size=block_size``. Elements: ``E2M1(clip(x / 2**e, -6, 6))``.
+  """
+  fn = "quantize_mxfp4"
+  check_choice(fn, "scale_rule", scale_rule, MX_SCALE_RULES)
+  x = jnp.asarray(x)
+  n_groups, g = group_count(fn, x.shape, block_size, arg="block_size")
+  check_positive(fn, "clip", clip)
+  check_finite(fn, x, nonfinite)
+  xg = _split_groups(x, n_groups, g)
+  amax, bad = _group_amax(xg)
+  e = mx_shared_exponent(amax, scale_rule, exp_offset, clip)
+  y = jnp.clip(ldexp_exact(xg, -e[..., None]), -E2M1_MAX, E2M1_MAX)
+  codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
+  scales = jnp.where(bad, jnp.uint8(E8M0_NAN_CODE), e8m0_encode(e))
+  return QuantizedTensor(codes=codes.reshape(x.shape), scales=scales, fmt="mxfp4", group_size=g)
+
+
+def dequantize_mxfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """``E2M1(code) * 2**(scale_code - 127)`` (exact for normal results; scale code 255 gives NaN), cast to ``dtype``."""
+  codes = jnp.asarray(q.codes)
+  n_groups = codes.shape[-1] // q.group_size
+  vals = e2m1_decode(codes).reshape(*codes.shape[:-1], n_groups, q.group_size)
+  sc = jnp.asarray(q.scales).astype(jnp.int32)
+  out = ldexp_exact(vals, (sc - 127)[..., None])
+  out = jnp.where((sc == E8M0_NAN_CODE)[..., None], jnp.float32(jnp.nan), out)
+  return out.reshape(codes.shape).astype(dtype)
+
+
+def nvfp4_tensor_scale(x: jax.Array, clip: jax.Array | float = 1.0) -> jax.Array:
+  """Default NVFP4 per-tensor float32 scale ``amax(x) * clip / (6 * 448)``; 1.0 for an all-zero tensor.
+
+  Non-finite values are ignored here (the quantizer applies the non-finite policy).
+  """
+  xf = jnp.asarray(x, jnp.float32)
+  amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
+  ts = amax * jnp.asarray(clip, jnp.float32) / (E2M1_MAX * FP8_E4M3_MAX)
+  return jnp.where(ts >= _F32_TINY, ts, jnp.float32(1.0))
+
+
+def quantize_nvfp4(
+    x: jax.Array,
+    tensor_scale: jax.Array | float | None = None,
+    clip: jax.Array | float = 1.0,
+    block_size: int = NVFP4_BLOCK_SIZE,
+    nonfinite: str = "raise",
+) -> QuantizedTensor:
+  """NVFP4: E2M1 elements, float8_e4m3fn scale per ``block_size`` (16) elements of K, and a float32 tensor scale.
+
+  ``ts = tensor_scale`` (default :func:`nvfp4_tensor_scale`, i.e. amax/(6*448); pass a calibrated value for static
+  activation scales). Block scale ``s_b = e4m3(amax_b * clip / (6 * ts))``, rounded half-to-even and saturated at
+  448; a block whose ``s_b`` rounds to 0 (all-zero block or underflow) gets the smallest e4m3 subnormal 2**-9.
+  Elements ``E2M1(clip(x / (s_b * ts), -6, 6))``; dequantization is ``E2M1(code) * (s_b * ts)`` with the same
+  float32 product. Tensors with abs-max below ~1e-30 may underflow to zeros.
+
+  Returns:
+    ``QuantizedTensor(fmt="nvfp4")``: uint8 E2M1 codes ``[..., K]``, float8_e4m3fn scales ``[..., K/16]``,
+    ``tensor_scale`` float32 ``()``, ``group_size=block_size``.
+  """
+  fn = "quantize_nvfp4"
+  x = jnp.asarray(x)
+  n_groups, g = group_count(fn, x.shape, block_size, arg="block_size")
+  check_positive(fn, "clip", clip)
+  check_positive(fn, "tensor_scale", tensor_scale)
+  check_finite(fn, x, nonfinite)
+  if tensor_scale is None:
+    ts = nvfp4_tensor_scale(x)
+  else:
+    ts = jnp.asarray(tensor_scale, jnp.float32)
+    if ts.ndim != 0 and not is_traced(ts):
+      raise ValueError(f"{fn}: tensor_scale must be a scalar, got shape {tuple(ts.shape)}")
+  xg = _split_groups(x, n_groups, g)
+  amax, bad = _group_amax(xg)
+  s_b = fp8_e4m3_encode(amax * jnp.asarray(clip, jnp.float32) / (E2M1_MAX * ts))
+  s_b = jnp.where(s_b.astype(jnp.float32) > 0, s_b, jnp.asarray(_FP8_E4M3_MIN_SUBNORMAL, jnp.float8_e4m3fn))
+  s_b = jnp.where(bad, jnp.asarray(jnp.nan, jnp.float8_e4m3fn), s_b)
+  eff = jnp.maximum(s_b.astype(jnp.float32) * ts, _F32_TINY)
+  y = jnp.clip(xg / eff[..., None], -E2M1_MAX, E2M1_MAX)
+  codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
+  return QuantizedTensor(codes=codes.reshape(x.shape), scales=s_b, tensor_scale=ts, fmt="nvfp4", group_size=g)
+
+
+def dequantize_nvfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """``E2M1(code) * (float(s_b) * tensor_scale)`` per block, cast to ``dtype``."""
+  codes = jnp.asarray(q.codes)
+  n_groups = codes.shape[-1] // q.group_size
+  vals = e2m1_decode(codes).reshape(*codes.shape[:-1], n_groups, q.group_size)
+  eff = jnp.asarray(q.scales).astype(jnp.float32) * q.tensor_scale
+  return (vals * eff[..., None]).reshape(codes.shape).astype(dtype)

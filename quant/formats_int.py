@@ -1,0 +1,138 @@
+"""Linear-scale formats: symmetric INT4 / INT8 (per channel or per group) and FP8 e4m3 (per tensor or per channel).
+
+All quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor`.
+Scale rule: ``scale = amax * clip / qmax`` with ``amax`` the group's abs-max and ``qmax`` 7 (int4), 127 (int8) or 448
+(fp8 e4m3). A group whose scale would be 0 (all-zero group) or subnormal gets scale 1.0, so every scale is a normal
+positive float32 and the group dequantizes to exact zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count
+from wanjax.quant.formats_codecs import FP8_E4M3_MAX, fp8_e4m3_encode
+from wanjax.quant.formats_types import QuantizedTensor
+
+__all__ = [
+    "dequantize_fp8",
+    "dequantize_int",
+    "quantize_fp8",
+    "quantize_int",
+    "quantize_int4",
+    "quantize_int8",
+]
+
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32, 2**-126
+
+
+def _split_groups(x: jax.Array, n_groups: int, group_size: int) -> jax.Array:
+  return jnp.asarray(x, jnp.float32).reshape(*x.shape[:-1], n_groups, group_size)
+
+
+def _safe_scale(scale: jax.Array, bad: jax.Array) -> jax.Array:
+  """Replaces 0 / subnormal scales by 1.0 and poisons groups holding non-finite input with NaN."""
+  scale = jnp.where(scale >= _F32_TINY, scale, jnp.float32(1.0))
+  return jnp.where(bad, jnp.float32(jnp.nan), scale)
+
+
+def _group_amax(xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(abs-max over the last axis ignoring non-finite values, whether the group holds a non-finite value)."""
+  finite = jnp.isfinite(xg)
+  amax = jnp.max(jnp.where(finite, jnp.abs(xg), 0.0), axis=-1)
+  return amax, ~jnp.all(finite, axis=-1)
+
+
+def quantize_int(
+    x: jax.Array,
+    bits: int,
+    group_size: int | None = None,
+    clip: jax.Array | float = 1.0,
+    nonfinite: str = "raise",
+) -> QuantizedTensor:
+  """Symmetric signed integer RTN of ``x`` along its last axis.
+
+  Args:
+    x: float array ``[..., K]``.
+    bits: 4 or 8. Codes lie in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` ([-7, 7] / [-127, 127]; -8 / -128 unused).
+    group_size: ``None`` for one scale per row (per output channel / per token), or a divisor of K (e.g. 32, 64,
+      128) for one scale per ``group_size`` consecutive elements.
+    clip: clip ratio(s) in (0, inf), scalar or broadcastable to the scales shape ``x.shape[:-1] + (K//g,)``; may be
+      traced. ``scale = amax * clip / qmax``; values beyond ``clip * amax`` saturate.
+    nonfinite: ``"raise"`` or ``"nan"`` (see ``formats_checks``).
+
+  Returns:
+    ``QuantizedTensor(fmt="int4"|"int8")`` with int8 codes, float32 scales ``[..., K//g]`` and ``group_size`` = g
+    (K for per channel). Rounding is round-half-to-even (``jnp.round``).
+  """
+  fn = f"quantize_int{bits}" if bits in (4, 8) else "quantize_int"
+  check_choice(fn, "bits", bits, (4, 8))
+  x = jnp.asarray(x)
+  n_groups, g = group_count(fn, x.shape, group_size)
+  check_positive(fn, "clip", clip)
+  check_finite(fn, x, nonfinite)
+  qmax = float(2 ** (bits - 1) - 1)
+  xg = _split_groups(x, n_groups, g)
+  amax, bad = _group_amax(xg)
+  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) / qmax, bad)
+  q = jnp.clip(jnp.round(xg / scale[..., None]), -qmax, qmax)
+  q = jnp.where(bad[..., None], 0.0, q).astype(jnp.int8)
+  return QuantizedTensor(codes=q.reshape(x.shape), scales=scale, fmt=f"int{bits}", group_size=g)
+
+
+def quantize_int4(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedTensor:
+  """Symmetric INT4, codes in [-7, 7], per channel (``group_size=None``) or per group along K; see ``quantize_int``."""
+  return quantize_int(x, 4, group_size=group_size, clip=clip, nonfinite=nonfinite)
+
+
+def quantize_int8(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedTensor:
+  """Symmetric INT8, codes in [-127, 127], per channel by default; see ``quantize_int``."""
+  return quantize_int(x, 8, group_size=group_size, clip=clip, nonfinite=nonfinite)
+
+
+def dequantize_int(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """``codes * scale`` per group for an unpacked int4/int8 ``QuantizedTensor``, cast to ``dtype``."""
+  codes = jnp.asarray(q.codes)
+  n_groups = codes.shape[-1] // q.group_size
+  vals = codes.astype(jnp.float32).reshape(*codes.shape[:-1], n_groups, q.group_size) * q.scales[..., None]
+  return vals.reshape(codes.shape).astype(dtype)
+
+
+def quantize_fp8(
+    x: jax.Array, granularity: str = "channel", clip: jax.Array | float = 1.0, nonfinite: str = "raise"
+) -> QuantizedTensor:
+  """FP8 e4m3 (float8_e4m3fn) with a float32 scale per tensor or per channel (row of the last axis).
+
+  ``scale = amax * clip / 448``; elements are ``x / scale`` rounded half-to-even to e4m3 and saturated at +-448.
+
+  Args:
+    x: float array ``[..., K]``.
+    granularity: ``"tensor"`` (scales shape ``()``, ``group_size`` 0) or ``"channel"`` (scales ``[..., 1]``,
+      ``group_size`` K).
+    clip: clip ratio(s) > 0, scalar or broadcastable to the scales shape; may be traced.
+    nonfinite: ``"raise"`` or ``"nan"``.
+  """
+  fn = "quantize_fp8"
+  check_choice(fn, "granularity", granularity, ("tensor", "channel"))
+  x = jnp.asarray(x)
+  _, k = group_count(fn, x.shape, None)
+  check_positive(fn, "clip", clip)
+  check_finite(fn, x, nonfinite)
+  xf = jnp.asarray(x, jnp.float32)
+  if granularity == "tensor":
+    amax, bad = _group_amax(xf.reshape(-1))
+    g = 0
+  else:
+    amax, bad = _group_amax(xf[..., None, :])
+    g = k
+  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) / FP8_E4M3_MAX, bad)
+  # tensor: scale () broadcasts; channel: scale [..., 1] broadcasts over K.
+  codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf / scale))
+  return QuantizedTensor(codes=codes, scales=scale, fmt="fp8_e4m3", group_size=g)
+
+
+def dequantize_fp8(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """``codes * scale`` for an FP8 ``QuantizedTensor``, cast to ``dtype``."""
+  # scales () (per tensor) or [..., 1] (per channel) broadcast over the codes [..., K].
+  return (jnp.asarray(q.codes).astype(jnp.float32) * q.scales).astype(dtype)

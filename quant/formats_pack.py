@@ -1,0 +1,66 @@
+"""Packing of 4-bit codes two per byte, in the layout shared with ``wanjax.kernels.reference``.
+
+Layout: codes ``[..., K]`` -> bytes ``uint8 [..., K/2]`` along the last (K) axis, so a weight ``[N, K]`` packs to
+``[N, K/2]`` (K-major). Byte ``j`` holds element ``k = 2j`` in the LOW nibble (bits 3..0) and ``k = 2j + 1`` in the
+HIGH nibble (bits 7..4); this is the bit layout of a little-endian packed ``jnp.int4`` array of shape ``[..., K]``.
+
+Nibble contents:
+* int4 codes: 4-bit two's complement (value range [-8, 7]; our quantizers produce [-7, 7]);
+* FP4 (E2M1) codes: the raw code 0..15 (bit 3 sign, bits 2-1 exponent, bit 0 mantissa).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wanjax.quant.formats_checks import is_traced
+
+__all__ = ["pack_nibbles", "unpack_nibbles"]
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """Packs 4-bit codes ``[..., K]`` (K even) into ``uint8 [..., K/2]`` (see module docstring for the layout).
+
+  ``codes`` may be signed (int4 values in [-8, 7], stored two's complement) or unsigned (FP4 codes in [0, 15]).
+  On concrete input, out-of-range codes raise ``ValueError``; under tracing only the low 4 bits are used.
+  """
+  codes = jnp.asarray(codes)
+  if codes.ndim == 0 or codes.shape[-1] % 2 != 0:
+    raise ValueError(f"pack_nibbles: expected codes [..., K] with K even, got shape {tuple(codes.shape)}")
+  if not jnp.issubdtype(codes.dtype, jnp.integer):
+    raise ValueError(f"pack_nibbles: expected an integer dtype (int4 values or FP4 codes), got {codes.dtype}")
+  if not is_traced(codes):
+    arr = np.asarray(jax.device_get(codes)).astype(np.int64)
+    signed = jnp.issubdtype(codes.dtype, jnp.signedinteger)
+    lo, hi = (-8, 7) if signed else (0, 15)
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+      raise ValueError(
+          f"pack_nibbles: {codes.dtype} codes must lie in [{lo}, {hi}], got min {arr.min()} max {arr.max()}"
+      )
+  nib = codes.astype(jnp.int32) & 0xF
+  low = nib[..., 0::2]
+  high = nib[..., 1::2]
+  return (low | (high << 4)).astype(jnp.uint8)
+
+
+def unpack_nibbles(packed: jax.Array, signed: bool) -> jax.Array:
+  """Inverse of :func:`pack_nibbles`: ``uint8 [..., K/2]`` -> ``[..., K]``.
+
+  ``signed=True`` sign-extends each nibble to ``int8`` in [-8, 7] (int4 codes); ``signed=False`` returns ``uint8``
+  codes in [0, 15] (FP4 codes).
+  """
+  packed = jnp.asarray(packed)
+  if packed.dtype != jnp.uint8:
+    raise ValueError(f"unpack_nibbles: expected uint8 packed bytes, got {packed.dtype}")
+  if packed.ndim == 0:
+    raise ValueError("unpack_nibbles: expected packed bytes [..., K/2], got a scalar")
+  b = packed.astype(jnp.int32)
+  low = b & 0xF
+  high = (b >> 4) & 0xF
+  if signed:
+    low = (low ^ 8) - 8
+    high = (high ^ 8) - 8
+  out = jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+  return out.astype(jnp.int8 if signed else jnp.uint8)
