@@ -1,6 +1,32 @@
-"""wanjax: Wan2.2-I2V-A14B in JAX/Flax with real W4A4 quantization."""
+"""wanjax: Wan2.2-I2V-A14B in JAX/Flax with real W4A4 quantization.
+
+Public API (stable):
+
+* `load_dit(path, dtype=jnp.bfloat16)` - one DiT expert from an official expert dir, a diffusers transformer dir,
+  a ``*.safetensors.index.json``, a single ``.safetensors`` file (official / diffusers / ComfyUI keys) or a
+  converted orbax cache; returns a `WanDiT` callable as ``dit(x, t, context)``.
+* `convert(src, dst)` - write an orbax cache of converted params (faster to load than re-converting).
+* `WanDiT`, `WanConfig` and the presets `I2V_A14B`, `TINY`; `config_from_json`.
+"""
 from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_json
 
 __version__ = "0.1.0"
 
-__all__ = ["WanConfig", "I2V_A14B", "TINY", "config_from_json", "__version__"]
+_LAZY = {
+    "load_dit": ("wanjax.io.dit_loader", "load_dit"),
+    "convert": ("wanjax.io.orbax_cache", "convert"),
+    "CheckpointError": ("wanjax.io.errors", "CheckpointError"),
+    "WanDiT": ("wanjax.model.dit", "WanDiT"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'wanjax' has no attribute {name!r}")
+
+
+__all__ = ["WanConfig", "I2V_A14B", "TINY", "config_from_json", "__version__", *_LAZY]
