@@ -1,0 +1,112 @@
+"""Converted-checkpoint cache: an orbax checkpoint of the wanjax parameter tree plus its config.
+
+Layout of a cache directory ``DST``::
+
+    DST/wanjax_dit.json   {"format": "wanjax-dit", "version": 1, "config": {...WanConfig...},
+                           "param_dtype": "bfloat16", "source": "<converted from>"}
+    DST/params/           orbax (StandardCheckpointer) checkpoint of the pure parameter dict
+
+`convert` builds everything in a temporary sibling directory and renames it to ``DST`` only when complete, so an
+interrupted conversion never leaves a half-written ``DST``. `wanjax.load_dit` recognises such a directory by its
+``wanjax_dit.json`` and restores it directly (no transposes, no stacking, no validation of a foreign layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from wanjax.config import WanConfig
+from wanjax.io.dit_loader import (ORBAX_MARKER, _flatten, _unflatten, build_model, read_safetensors_params, resolve,
+                                  target_tree)
+from wanjax.io.errors import CheckpointError
+
+FORMAT = "wanjax-dit"
+VERSION = 1
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
+            ignore_unknown: bool = False, overwrite: bool = False) -> str:
+    """Convert a safetensors checkpoint (any form `load_dit` accepts) into an orbax cache at ``dst``; return it.
+
+    Atomic: written to a temporary directory beside ``dst`` and renamed at the end; on any error (or interrupt)
+    the temporary directory is removed and ``dst`` is untouched. ``dst`` must not exist unless ``overwrite``.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: destination exists (pass overwrite=True / --overwrite to replace it)")
+    source = resolve(src)
+    if source.kind == "orbax":
+        raise CheckpointError(f"{os.fspath(src)}: already a converted wanjax cache; nothing to convert")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        cfg, params = read_safetensors_params(source, dtype, config=config, ignore_unknown=ignore_unknown)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, "params"), _unflatten(params))
+            ckpt.wait_until_finished()
+        del params
+        meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
+                "param_dtype": jnp.dtype(dtype).name, "source": os.path.abspath(os.fspath(src))}
+        with open(os.path.join(tmp, ORBAX_MARKER), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(dst):   # overwrite: move the old one aside first, so dst is never half-written
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.rename(dst, os.path.join(old, "x"))
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_cache_meta(path: str | os.PathLike) -> tuple[WanConfig, dict]:
+    """Read and check ``wanjax_dit.json`` of a cache directory -> (config, metadata dict)."""
+    mpath = os.path.join(os.fspath(path), ORBAX_MARKER)
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mpath}: cannot read cache metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: expected format {FORMAT!r} version {VERSION}, got "
+                              f"{meta.get('format') if isinstance(meta, dict) else meta!r} "
+                              f"version {meta.get('version') if isinstance(meta, dict) else None}")
+    try:
+        c = dict(meta["config"])
+        c["patch_size"] = tuple(c["patch_size"])
+        cfg = WanConfig(**c)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: invalid config in cache metadata ({e})") from None
+    return cfg, meta
+
+
+def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None):
+    """Restore a `WanDiT` from a cache written by `convert` (parameters cast to ``dtype``'s policy if needed)."""
+    path = os.path.abspath(os.fspath(path))
+    cfg, _ = read_cache_meta(path)
+    if config is not None and config != cfg:
+        raise CheckpointError(f"{path}: the cache holds config {cfg}, but config={config} was requested")
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for p, s in target_tree(cfg, dtype).items()}
+    ppath = os.path.join(path, "params")
+    if not os.path.isdir(ppath):
+        raise CheckpointError(f"{path}: cache has no params/ directory")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(ppath, _unflatten(target))
+    except Exception as e:   # orbax raises various types for structure/shape mismatches
+        raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
+    return build_model(cfg, dtype, _flatten(restored))
+
