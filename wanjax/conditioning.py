@@ -127,8 +127,9 @@ def image_to_array(image) -> np.ndarray:
     return (x - np.float32(0.5)) / np.float32(0.5)
 
 
-def _cubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-    """``[out, in]`` weights of torch's bicubic (align_corners=False, no antialias, clamped edges)."""
+def _cubic_taps(in_size: int, out_size: int, a: float = -0.75):
+    """Indices ``[out, 4]`` (edge-clamped) and float32 weights ``[out, 4]`` of torch's bicubic along one axis
+    (align_corners=False, no antialias)."""
     # torch (CPU) computes the source coordinate in float32 with one rounding (fused multiply-add):
     # scale = float32(in) / out, src = float32(scale * (dst + 0.5) - 0.5). Mirroring that matters for large images,
     # where a float32 ulp of the coordinate (~6e-5 near 1000) shows up in the weights.
@@ -144,24 +145,25 @@ def _cubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
         ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
     ], axis=1)
     idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, in_size - 1)
-    m = np.zeros((out_size, in_size), dtype=np.float64)
-    np.add.at(m, (np.repeat(np.arange(out_size), 4), idx.reshape(-1)), w.reshape(-1))
-    return m
+    return idx, w.astype(np.float32)
 
 
 def bicubic_resize(image: np.ndarray, size) -> np.ndarray:
-    """Resize float ``[H, W, C]`` to ``size = (h, w)`` exactly as ``F.interpolate(mode="bicubic")`` (no clamping of
-    the overshoot, as the official code). Returns float32."""
+    """Resize float ``[H, W, C]`` to ``size = (h, w)`` as ``F.interpolate(mode="bicubic", align_corners=False)``
+    (no antialias, no clamping of the overshoot, as the official code). Separable 4-tap gathers on the host, so a
+    12-megapixel photo costs ~10^8 flops. Returns float32."""
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3:
         raise ValueError(f"bicubic_resize: expected [H, W, C], got shape {img.shape}")
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
         raise ValueError(f"bicubic_resize: target size must be positive, got {size}")
-    mh = _cubic_matrix(img.shape[0], h).astype(np.float32)
-    mw = _cubic_matrix(img.shape[1], w).astype(np.float32)
-    rows = np.einsum("oh,hwc->owc", mh, img, optimize=True)
-    return np.einsum("pw,owc->opc", mw, rows, optimize=True).astype(np.float32)
+    ih, wh = _cubic_taps(img.shape[0], h)
+    iw, ww = _cubic_taps(img.shape[1], w)
+    cols = img[:, iw]                                           # [H, w, 4, C]
+    rows = np.einsum("hwkc,wk->hwc", cols, ww)                  # along W
+    out = np.einsum("owkc,ok->owc", rows[ih].transpose(0, 2, 1, 3), wh)  # along H: [h, 4, w, C] -> [h, w, C]
+    return out.astype(np.float32)
 
 
 def preprocess_image(image, max_area) -> np.ndarray:
