@@ -18,6 +18,7 @@ from wanjax.quant.formats_codecs import (
     e2m1_decode,
     e2m1_encode,
     e8m0_encode,
+    exact_divide,
     floor_log2,
     fp8_e4m3_encode,
     ldexp_exact,
@@ -143,7 +144,7 @@ def nvfp4_tensor_scale(x: jax.Array, clip: jax.Array | float = 1.0) -> jax.Array
   """
   xf = jnp.asarray(x, jnp.float32)
   amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
-  ts = amax * jnp.asarray(clip, jnp.float32) / (E2M1_MAX * FP8_E4M3_MAX)
+  ts = exact_divide(amax * jnp.asarray(clip, jnp.float32), E2M1_MAX * FP8_E4M3_MAX)
   return jnp.where(ts >= _F32_TINY, ts, jnp.float32(1.0))
 
 
@@ -159,8 +160,8 @@ def quantize_nvfp4(
   ``ts = tensor_scale`` (default :func:`nvfp4_tensor_scale`, i.e. amax/(6*448); pass a calibrated value for static
   activation scales). Block scale ``s_b = e4m3(amax_b * clip / (6 * ts))``, rounded half-to-even and saturated at
   448; a block whose ``s_b`` rounds to 0 (all-zero block or underflow) gets the smallest e4m3 subnormal 2**-9.
-  Elements ``E2M1(clip(x / (s_b * ts), -6, 6))``; dequantization is ``E2M1(code) * (s_b * ts)`` with the same
-  float32 product. Tensors with abs-max below ~1e-30 may underflow to zeros.
+  Elements ``E2M1(clip(x * float32(1 / (s_b * ts)), -6, 6))`` (reciprocal per block, as in ``formats_int``);
+  dequantization is ``E2M1(code) * (s_b * ts)`` with the same float32 product. Tensors with abs-max below ~1e-30 may underflow to zeros.
 
   Returns:
     ``QuantizedTensor(fmt="nvfp4")``: uint8 E2M1 codes ``[..., K]``, float8_e4m3fn scales ``[..., K/16]``,
@@ -180,11 +181,11 @@ def quantize_nvfp4(
       raise ValueError(f"{fn}: tensor_scale must be a scalar, got shape {tuple(ts.shape)}")
   xg = _split_groups(x, n_groups, g)
   amax, bad = _group_amax(xg)
-  s_b = fp8_e4m3_encode(amax * jnp.asarray(clip, jnp.float32) / (E2M1_MAX * ts))
+  s_b = fp8_e4m3_encode(exact_divide(amax * jnp.asarray(clip, jnp.float32), E2M1_MAX * ts))
   s_b = jnp.where(s_b.astype(jnp.float32) > 0, s_b, jnp.asarray(_FP8_E4M3_MIN_SUBNORMAL, jnp.float8_e4m3fn))
   s_b = jnp.where(bad, jnp.asarray(jnp.nan, jnp.float8_e4m3fn), s_b)
   eff = jnp.maximum(s_b.astype(jnp.float32) * ts, _F32_TINY)
-  y = jnp.clip(xg / eff[..., None], -E2M1_MAX, E2M1_MAX)
+  y = jnp.clip(xg * (1.0 / eff)[..., None], -E2M1_MAX, E2M1_MAX)
   codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
   return QuantizedTensor(codes=codes.reshape(x.shape), scales=s_b, tensor_scale=ts, fmt="nvfp4", group_size=g)
 

@@ -1,9 +1,14 @@
 """Linear-scale formats: symmetric INT4 / INT8 (per channel or per group) and FP8 e4m3 (per tensor or per channel).
 
 All quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor`.
-Scale rule: ``scale = amax * clip / qmax`` with ``amax`` the group's abs-max and ``qmax`` 7 (int4), 127 (int8) or 448
-(fp8 e4m3). A group whose scale would be 0 (all-zero group) or subnormal gets scale 1.0, so every scale is a normal
-positive float32 and the group dequantizes to exact zeros.
+Scale rule: ``scale = amax * clip / qmax`` (IEEE float32 division) with ``amax`` the group's abs-max and ``qmax`` 7
+(int4), 127 (int8) or 448 (fp8 e4m3). A group whose scale would be 0 (all-zero group) or subnormal gets scale 1.0,
+so every scale is a normal positive float32 and the group dequantizes to exact zeros.
+
+Elements are rounded from ``x * r`` with ``r = float32(1 / scale)`` (one reciprocal per group, then a multiply per
+element). This is what XLA would compile ``x / scale`` into anyway (it rewrites division by a broadcast value), made
+explicit so that every backend gives the same codes. It can differ from a true-division reference (e.g. PyTorch's
+``x / scale``) by one code only where ``x / scale`` lies within about one ulp of a rounding midpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count
-from wanjax.quant.formats_codecs import FP8_E4M3_MAX, fp8_e4m3_encode
+from wanjax.quant.formats_codecs import FP8_E4M3_MAX, exact_divide, fp8_e4m3_encode
 from wanjax.quant.formats_types import QuantizedTensor
 
 __all__ = [
@@ -75,8 +80,8 @@ def quantize_int(
   qmax = float(2 ** (bits - 1) - 1)
   xg = _split_groups(x, n_groups, g)
   amax, bad = _group_amax(xg)
-  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) / qmax, bad)
-  q = jnp.clip(jnp.round(xg / scale[..., None]), -qmax, qmax)
+  scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), qmax), bad)
+  q = jnp.clip(jnp.round(xg * (1.0 / scale)[..., None]), -qmax, qmax)
   q = jnp.where(bad[..., None], 0.0, q).astype(jnp.int8)
   return QuantizedTensor(codes=q.reshape(x.shape), scales=scale, fmt=f"int{bits}", group_size=g)
 
@@ -104,7 +109,8 @@ def quantize_fp8(
 ) -> QuantizedTensor:
   """FP8 e4m3 (float8_e4m3fn) with a float32 scale per tensor or per channel (row of the last axis).
 
-  ``scale = amax * clip / 448``; elements are ``x / scale`` rounded half-to-even to e4m3 and saturated at +-448.
+  ``scale = amax * clip / 448``; elements are ``x * float32(1/scale)`` rounded half-to-even to e4m3 and saturated
+  at +-448.
 
   Args:
     x: float array ``[..., K]``.
@@ -126,9 +132,9 @@ def quantize_fp8(
   else:
     amax, bad = _group_amax(xf[..., None, :])
     g = k
-  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) / FP8_E4M3_MAX, bad)
+  scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), FP8_E4M3_MAX), bad)
   # tensor: scale () broadcasts; channel: scale [..., 1] broadcasts over K.
-  codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf / scale))
+  codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf * (1.0 / scale)))
   return QuantizedTensor(codes=codes, scales=scale, fmt="fp8_e4m3", group_size=g)
 
 
