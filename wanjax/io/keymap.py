@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from wanjax.config import WanConfig
+from wanjax.io.errors import CheckpointError
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -134,28 +135,30 @@ def detect_layout(keys, source: str = "<checkpoint>") -> tuple[str, bool]:
     """Return ``(layout, comfy_prefixed)`` with layout ``"official"`` or ``"diffusers"``.
 
     ``comfy_prefixed`` is True when every key carries the ComfyUI ``model.diffusion_model.`` prefix. Raises
-    ``ValueError`` (naming ``source``) for a mix of prefixed and unprefixed keys, a mix of official and diffusers
+    `CheckpointError` (a ``ValueError``, naming ``source``) for a mix of prefixed and unprefixed keys, a mix of official and diffusers
     names, or no recognisable Wan DiT key at all.
     """
     keys = list(keys)
     if not keys:
-        raise ValueError(f"{source}: the checkpoint holds no tensors")
+        raise CheckpointError(f"{source}: the checkpoint holds no tensors")
     prefixed = [k.startswith(COMFY_PREFIX) for k in keys]
     if any(prefixed) and not all(prefixed):
         bad = [k for k, p in zip(keys, prefixed) if not p][:5]
-        raise ValueError(f"{source}: some keys carry the ComfyUI prefix {COMFY_PREFIX!r} and some do not "
-                         f"(e.g. unprefixed: {bad})")
+        raise CheckpointError(f"{source}: some keys carry the ComfyUI prefix {COMFY_PREFIX!r} and some do not "
+                              f"(e.g. unprefixed: {bad})")
     comfy = all(prefixed)
     names = [strip_comfy_prefix(k) for k in keys]
     dotted = ["." + k for k in names]
     n_diff = sum(any(m in k for m in _DIFFUSERS_MARKERS) for k in dotted)
     n_off = sum(any(m in k for m in _OFFICIAL_MARKERS) for k in dotted)
     if n_diff and n_off:
-        raise ValueError(f"{source}: keys mix the official layout ({n_off} keys like 'blocks.N.self_attn.q.weight') "
-                         f"and the diffusers layout ({n_diff} keys like 'blocks.N.attn1.to_q.weight')")
+        raise CheckpointError(f"{source}: keys mix the official layout ({n_off} keys like "
+                              f"'blocks.N.self_attn.q.weight') and the diffusers layout ({n_diff} keys like "
+                              "'blocks.N.attn1.to_q.weight')")
     if not n_diff and not n_off:
-        raise ValueError(f"{source}: no Wan2.2 DiT key found (first keys: {names[:5]}); expected official keys "
-                         "like 'blocks.0.self_attn.q.weight' or diffusers keys like 'blocks.0.attn1.to_q.weight'")
+        raise CheckpointError(f"{source}: no Wan2.2 DiT key found (first keys: {names[:5]}); expected official keys "
+                              "like 'blocks.0.self_attn.q.weight' or diffusers keys like "
+                              "'blocks.0.attn1.to_q.weight'")
     return ("diffusers" if n_diff else "official"), comfy
 
 
