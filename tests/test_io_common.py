@@ -12,6 +12,11 @@ from wanjax.config import WanConfig, diffusers_config_dict, official_config_dict
 from wanjax.io.keymap import COMFY_PREFIX, diffusers_to_official
 
 
+def official_cfg_json(cfg: WanConfig) -> dict:
+    """The official config.json fields, plus text_dim (the real file omits it: it is always 4096 there)."""
+    return {**official_config_dict(cfg), "text_dim": cfg.text_dim}
+
+
 def tiny_cfg(dim=32, heads=2, layers=2, ffn=48, text_dim=24, freq=16, text_len=8) -> WanConfig:
     return WanConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, text_dim=text_dim, freq_dim=freq,
                      text_len=text_len)
@@ -77,7 +82,7 @@ def write_checkpoint(sd: dict[str, torch.Tensor], path: str, *, layout: str = "d
     with open(os.path.join(path, f"{stem}.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
     if config is not None:
-        cfgd = official_config_dict(config) if layout == "official" else diffusers_config_dict(config)
+        cfgd = official_cfg_json(config) if layout == "official" else diffusers_config_dict(config)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfgd, f)
     return path

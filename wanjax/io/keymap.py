@@ -135,8 +135,8 @@ def detect_layout(keys, source: str = "<checkpoint>") -> tuple[str, bool]:
     """Return ``(layout, comfy_prefixed)`` with layout ``"official"`` or ``"diffusers"``.
 
     ``comfy_prefixed`` is True when every key carries the ComfyUI ``model.diffusion_model.`` prefix. Raises
-    `CheckpointError` (a ``ValueError``, naming ``source``) for a mix of prefixed and unprefixed keys, a mix of official and diffusers
-    names, or no recognisable Wan DiT key at all.
+    `CheckpointError` (a ``ValueError``, naming ``source``) for a mix of prefixed and unprefixed keys, a mix of
+    official and diffusers names, or no recognisable Wan DiT key at all.
     """
     keys = list(keys)
     if not keys:
