@@ -149,7 +149,22 @@ def run_shape(m, k, n, sweep, log):
       lax.dot_general(qx, qw, nt, preferred_element_type=jnp.int32), sx, sw, xl, u, b))
   rec("xla_int8_epi_r32", xla_epi, q_x, s_x, q_w, s_w, x_lr, up, bias,
       check=lambda: rel_err(xla_epi(q_x, s_x, q_w, s_w, x_lr, up, bias), y_ref))
-  rec("act_quant_r32", lambda a, b, c: act_quant_fused(a, b, c, 1.0, None), x, smooth, down)
+  aq_variants = {
+      "act_quant_r32": (lambda a, b, c: act_quant_fused(a, b, c, 1.0, None), (x, smooth, down)),
+      "act_quant_r32_fold": (lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True), (x, smooth, down)),
+      "act_quant_r0": (lambda a, b: act_quant_fused(a, b, None, 1.0, None), (x, smooth)),
+  }
+  for name, (fn, args) in aq_variants.items():
+    rec(name, fn, *args)
+    try:
+      from jax.experimental.mosaic.gpu import profiler
+      _, per_kernel = profiler.measure(fn, aggregate=False)(*args)
+      res.setdefault("kernels_breakdown", {})[name] = per_kernel
+      log(f"    kernels: {per_kernel}")
+    except Exception as e:
+      log(f"    breakdown failed: {e}")
+  _, _, x_lr_fold = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
+  res["checks"]["act_quant_fold_xlr_relerr"] = rel_err(x_lr_fold, x_lr)
 
   ones_m = jnp.ones((m,), jnp.float32)
   ones_n = jnp.ones((n,), jnp.float32)
@@ -190,10 +205,12 @@ def run_shape(m, k, n, sweep, log):
       ("pallas_int4w_r32", "int4", R, base, True),
   ]
   if sweep:
-    for st, ep, gw, minor_n in [(4, 32, 1, True), (3, 64, 4, True), (3, 64, 8, False), (3, 64, 16, True),
-                                (4, 64, 8, True)]:
-      variants.append((f"pallas_int8w_r0_s{st}_e{ep}_g{gw}{'N' if minor_n else 'M'}", "int8", 0,
-                       W4A4Config(stages=st, epi_tile_n=ep, grid_tile_width=gw, grid_minor_n=minor_n), False))
+    for w_, r_, st, gw, minor_n in [("int8", 0, 3, 1, True), ("int8", 0, 3, 2, True), ("int8", 0, 3, 8, True),
+                                    ("int8", 0, 3, 4, False), ("int8", 0, 4, 4, True), ("int8", R, 3, 2, True),
+                                    ("int8", R, 3, 8, True), ("int4", 0, 4, 4, True), ("int4", R, 4, 4, True),
+                                    ("int4", R, 3, 8, True)]:
+      variants.append((f"pallas_{w_}w_r{r_}_s{st}_g{gw}{'N' if minor_n else 'M'}", w_, r_,
+                       W4A4Config(stages=st, grid_tile_width=gw, grid_minor_n=minor_n), False))
   for name, weights, r, cfg, checked in variants:
     wv = q_w if weights == "int8" else w_packed
     chk = None
@@ -203,10 +220,10 @@ def run_shape(m, k, n, sweep, log):
     rec(name, gemm(weights, r, cfg), q_x, s_x, wv, s_w, x_lr, up, bias, check=chk)
 
   # --- end to end (bf16 x + packed weights -> bf16 y), act quant + unpack + GEMM + low-rank + bias
-  def e2e(weights):
+  def e2e(weights, fold=False):
     @jax.jit
     def f(x_, wp, sw, sm, dn, u, b):
-      qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None)
+      qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=fold)
       wv = ref.unpack_int4(wp) if weights == "int8" else wp
       return w4a4_matmul_gpu(qx, sx, wv, sw, xl, u, b, weights=weights)
     return f
@@ -214,8 +231,10 @@ def run_shape(m, k, n, sweep, log):
   e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
   y_lin_ref = y_ref  # same inputs, same quantization
   for weights in ("int8", "int4"):
-    f = e2e(weights)
-    rec(f"e2e_linear_{weights}w_r32", f, *e2e_args, check=lambda f=f: rel_err(f(*e2e_args), y_lin_ref))
+    for fold in (False, True):
+      f = e2e(weights, fold)
+      rec(f"e2e_linear_{weights}w_r32{'_fold' if fold else ''}", f, *e2e_args,
+          check=lambda f=f: rel_err(f(*e2e_args), y_lin_ref))
   # wall-clock cross-check with rotated inputs
   try:
     xs = [x] + [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -270,15 +289,17 @@ def main(argv=None):
       with open(os.path.join(a.out, "kernels_w4a4.json"), "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
   # short table
-  log("\nM      K      N      | bf16 ms | int8 ms | pallas best (name) ms x | e2e int8w ms x")
+  log("\nM      K      N      | bf16 ms | int8 ms | pallas best (name) ms x | e2e best (name) ms x")
   for r in results:
     t = r["times_ms"]
     pal = {kk: v for kk, v in t.items() if kk.startswith("pallas")}
     best = min(pal, key=pal.get) if pal else None
     b = t.get("xla_bf16", float("nan"))
-    e = t.get("e2e_linear_int8w_r32", float("nan"))
+    e2e = {kk: v for kk, v in t.items() if kk.startswith("e2e")}
+    eb = min(e2e, key=e2e.get) if e2e else None
+    e = e2e.get(eb, float("nan"))
     log(f"{r['M']:6d} {r['K']:6d} {r['N']:6d} | {b:7.3f} | {t.get('xla_int8', float('nan')):7.3f} | "
-        f"{best} {pal.get(best, float('nan')):.3f} {b / pal.get(best, float('nan')):.2f}x | {e:.3f} {b / e:.2f}x")
+        f"{best} {pal.get(best, float('nan')):.3f} {b / pal.get(best, float('nan')):.2f}x | {eb} {e:.3f} {b / e:.2f}x")
   return 0
 
 

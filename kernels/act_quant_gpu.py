@@ -20,12 +20,15 @@ import jax.numpy as jnp
 from . import reference
 
 
-@functools.partial(jax.jit, static_argnames=("qmax",))
-def act_quant_fused(x, smooth=None, down=None, clip=1.0, static_scale=None, qmax: int = reference.INT4_QMAX):
+@functools.partial(jax.jit, static_argnames=("qmax", "fold_smooth"))
+def act_quant_fused(x, smooth=None, down=None, clip=1.0, static_scale=None, qmax: int = reference.INT4_QMAX,
+                    fold_smooth: bool = False):
   """(q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None) from x [M, K]; see ``reference.act_quant``.
 
   ``clip`` and ``static_scale`` may be traced scalars (e.g. indexed by a traced timestep bin), so changing them
-  never recompiles.
+  never recompiles. With ``fold_smooth`` the low-rank projection is computed as ``bf16(x) @ bf16(down / smooth)``
+  (the GEMM then reads x directly instead of a materialized x / smooth); q_x and s_x are unchanged (bit-exact), x_lr
+  differs from the reference by bf16 rounding only.
   """
   if x.ndim != 2:
     raise ValueError(f"act_quant_fused: x must be [M, K], got shape {x.shape}")
@@ -33,4 +36,8 @@ def act_quant_fused(x, smooth=None, down=None, clip=1.0, static_scale=None, qmax
     raise ValueError(f"act_quant_fused: smooth must be [K={x.shape[1]}], got {smooth.shape}")
   if down is not None and down.shape[0] != x.shape[1]:
     raise ValueError(f"act_quant_fused: down must be [K={x.shape[1]}, r], got {down.shape}")
+  if fold_smooth and smooth is not None and down is not None and down.shape[1] > 0:
+    q, s = reference.quantize_act_int4(x, smooth, clip, static_scale, qmax)
+    down_f = down.astype(jnp.float32) / smooth.astype(jnp.float32)[:, None]
+    return q, s, reference.lowrank_down(x, down_f, None)
   return reference.act_quant(x, smooth, down, clip, static_scale, qmax)
