@@ -327,3 +327,17 @@ def test_encode_prompts_trims_and_zero_pads(tmp_path, hf_model, jax_model):
     assert np.all(np.asarray(padded[:, 6:]) == 0)
     with pytest.raises(ValueError, match="pad_to=3"):
         encode_prompts(jax_model, tok, prompts, pad_to=3)
+
+
+def test_hf_safetensors_without_config_infers_shapes(checkpoint_files, tmp_path):
+    hf_dir, _ = checkpoint_files
+    st = [f for f in os.listdir(hf_dir) if f.endswith(".safetensors")]
+    assert len(st) == 1
+    lone = tmp_path / "weights.safetensors"
+    lone.write_bytes((hf_dir / st[0]).read_bytes())
+    m = load_t5_encoder(lone, dtype=jnp.float32, param_dtype=jnp.float32)
+    assert m.cfg == _cfg().replace(text_len=512)
+    ref = load_t5_encoder(hf_dir, dtype=jnp.float32, param_dtype=jnp.float32)
+    ids, mask = _inputs([9, 4], 9, seed=11)
+    np.testing.assert_array_equal(np.asarray(m(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))),
+                                  np.asarray(ref(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))))

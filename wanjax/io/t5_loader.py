@@ -359,15 +359,19 @@ def load_t5_encoder(path: str | os.PathLike, cfg: T5Config | None = None, *, dty
 
 
 def _config_from_hf_shapes(sd: Mapping[str, Any]) -> T5Config:
-    key = "shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight"
-    if key not in sd:
-        raise KeyError("hf T5 state dict: missing key 'shared.weight' (needed to infer the config)")
-    vocab, dim = sd[key].shape
+    """Infer a `T5Config` from an HF-layout state dict when no config.json is at hand."""
+    def shape(k):
+        if k not in sd:
+            raise KeyError(f"hf T5 state dict: missing key {k!r} (needed to infer the config; "
+                           "or put the model's config.json beside the weights)")
+        return tuple(sd[k].shape)
+
+    vocab, dim = shape("shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight")
     n = 0
     while f"encoder.block.{n}.layer.0.layer_norm.weight" in sd:
         n += 1
     p = "encoder.block.0.layer."
-    buckets, heads = sd[p + "0.SelfAttention.relative_attention_bias.weight"].shape
-    return UMT5_XXL.replace(vocab_size=vocab, dim=dim, dim_attn=sd[p + "0.SelfAttention.q.weight"].shape[0],
-                            dim_ffn=sd[p + "1.DenseReluDense.wi_1.weight"].shape[0], num_heads=heads,
+    buckets, heads = shape(p + "0.SelfAttention.relative_attention_bias.weight")
+    return UMT5_XXL.replace(vocab_size=vocab, dim=dim, dim_attn=shape(p + "0.SelfAttention.q.weight")[0],
+                            dim_ffn=shape(p + "1.DenseReluDense.wi_1.weight")[0], num_heads=heads,
                             num_layers=n, num_buckets=buckets)
