@@ -123,8 +123,13 @@ def config_from_json(path: str | os.PathLike) -> WanConfig:
 
 
 def official_config_dict(cfg: WanConfig) -> dict[str, Any]:
-    """The ``config.json`` the official code writes for an expert (``WanModel``)."""
-    return {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "model_type": "i2v",
+    """The ``config.json`` the official code writes for an expert (``WanModel``).
+
+    The official file has no ``text_dim`` (its ``WanModel`` does not record it; it is always 4096); for smaller
+    models (tests, the shipped mini model) ``text_dim`` is added so the file stays self-describing.
+    """
+    extra = {} if cfg.text_dim == 4096 else {"text_dim": cfg.text_dim}
+    return extra | {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "model_type": "i2v",
             "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
             "freq_dim": cfg.freq_dim, "out_dim": cfg.out_dim, "num_heads": cfg.num_heads,
             "num_layers": cfg.num_layers, "eps": cfg.eps}
