@@ -41,16 +41,13 @@ def check_finite(fn: str, x: jax.Array, nonfinite: str) -> None:
   if nonfinite == "nan":
     return
   shape = tuple(x.shape)
+  count, first = _nonfinite_stats(x)
   if not is_traced(x):
-    arr = np.asarray(jax.device_get(x)).astype(np.float32)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-      first = np.unravel_index(int(np.argmax(bad.reshape(-1))), shape) if shape else ()
-      raise ValueError(_nonfinite_message(fn, shape, int(bad.sum()), first))
+    count = int(count)  # only two scalars leave the device
+    if count > 0:
+      idx = np.unravel_index(int(first), shape) if shape else ()
+      raise ValueError(_nonfinite_message(fn, shape, count, idx))
     return
-  flat_bad = ~jnp.isfinite(jnp.asarray(x, jnp.float32).reshape(-1))
-  count = jnp.sum(flat_bad, dtype=jnp.int32)
-  first = jnp.argmax(flat_bad)
 
   def _callback(count_v, first_v):
     if int(count_v) > 0:
@@ -58,6 +55,13 @@ def check_finite(fn: str, x: jax.Array, nonfinite: str) -> None:
       raise ValueError(_nonfinite_message(fn, shape, int(count_v), idx))
 
   jax.debug.callback(_callback, count, first)
+
+
+@jax.jit
+def _nonfinite_stats(x):
+  """(number of non-finite values, flat index of the first one) of ``x``."""
+  flat_bad = ~jnp.isfinite(jnp.asarray(x, jnp.float32).reshape(-1))
+  return jnp.sum(flat_bad, dtype=jnp.int32), jnp.argmax(flat_bad)
 
 
 def group_count(fn: str, x_shape, group_size: int | None, arg: str = "group_size") -> tuple[int, int]:

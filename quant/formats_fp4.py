@@ -7,6 +7,8 @@ at +-6.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -114,18 +116,25 @@ def quantize_mxfp4(
   fn = "quantize_mxfp4"
   check_choice(fn, "scale_rule", scale_rule, MX_SCALE_RULES)
   x = jnp.asarray(x)
-  n_groups, g = group_count(fn, x.shape, block_size, arg="block_size")
+  _, g = group_count(fn, x.shape, block_size, arg="block_size")
   check_positive(fn, "clip", clip)
   check_finite(fn, x, nonfinite)
-  xg = _split_groups(x, n_groups, g)
+  codes, scales = _quantize_mxfp4_core(x, exp_offset, clip, scale_rule=scale_rule, block_size=g)
+  return QuantizedTensor(codes=codes, scales=scales, fmt="mxfp4", group_size=g)
+
+
+@functools.partial(jax.jit, static_argnames=("scale_rule", "block_size"))
+def _quantize_mxfp4_core(x, exp_offset, clip, scale_rule, block_size):
+  xg = _split_groups(x, x.shape[-1] // block_size, block_size)
   amax, bad = _group_amax(xg)
   e = mx_shared_exponent(amax, scale_rule, exp_offset, clip)
   y = jnp.clip(ldexp_exact(xg, -e[..., None]), -E2M1_MAX, E2M1_MAX)
   codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
   scales = jnp.where(bad, jnp.uint8(E8M0_NAN_CODE), e8m0_encode(e))
-  return QuantizedTensor(codes=codes.reshape(x.shape), scales=scales, fmt="mxfp4", group_size=g)
+  return codes.reshape(x.shape), scales
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_mxfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   """``E2M1(code) * 2**(scale_code - 127)`` (exact for normal results; scale code 255 gives NaN), cast to ``dtype``."""
   codes = jnp.asarray(q.codes)
@@ -161,7 +170,8 @@ def quantize_nvfp4(
   activation scales). Block scale ``s_b = e4m3(amax_b * clip / (6 * ts))``, rounded half-to-even and saturated at
   448; a block whose ``s_b`` rounds to 0 (all-zero block or underflow) gets the smallest e4m3 subnormal 2**-9.
   Elements ``E2M1(clip(x * float32(1 / (s_b * ts)), -6, 6))`` (reciprocal per block, as in ``formats_int``);
-  dequantization is ``E2M1(code) * (s_b * ts)`` with the same float32 product. Tensors with abs-max below ~1e-30 may underflow to zeros.
+  dequantization is ``E2M1(code) * (s_b * ts)`` with the same float32 product. Tensors with abs-max below ~1e-30
+  may underflow to zeros.
 
   Returns:
     ``QuantizedTensor(fmt="nvfp4")``: uint8 E2M1 codes ``[..., K]``, float8_e4m3fn scales ``[..., K/16]``,
@@ -169,17 +179,20 @@ def quantize_nvfp4(
   """
   fn = "quantize_nvfp4"
   x = jnp.asarray(x)
-  n_groups, g = group_count(fn, x.shape, block_size, arg="block_size")
+  _, g = group_count(fn, x.shape, block_size, arg="block_size")
   check_positive(fn, "clip", clip)
   check_positive(fn, "tensor_scale", tensor_scale)
   check_finite(fn, x, nonfinite)
-  if tensor_scale is None:
-    ts = nvfp4_tensor_scale(x)
-  else:
-    ts = jnp.asarray(tensor_scale, jnp.float32)
-    if ts.ndim != 0 and not is_traced(ts):
-      raise ValueError(f"{fn}: tensor_scale must be a scalar, got shape {tuple(ts.shape)}")
-  xg = _split_groups(x, n_groups, g)
+  if tensor_scale is not None and not is_traced(tensor_scale) and jnp.ndim(tensor_scale) != 0:
+    raise ValueError(f"{fn}: tensor_scale must be a scalar, got shape {tuple(jnp.shape(tensor_scale))}")
+  codes, s_b, ts = _quantize_nvfp4_core(x, tensor_scale, clip, block_size=g)
+  return QuantizedTensor(codes=codes, scales=s_b, tensor_scale=ts, fmt="nvfp4", group_size=g)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def _quantize_nvfp4_core(x, tensor_scale, clip, block_size):
+  ts = nvfp4_tensor_scale(x) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
+  xg = _split_groups(x, x.shape[-1] // block_size, block_size)
   amax, bad = _group_amax(xg)
   s_b = fp8_e4m3_encode(exact_divide(amax * jnp.asarray(clip, jnp.float32), E2M1_MAX * ts))
   s_b = jnp.where(s_b.astype(jnp.float32) > 0, s_b, jnp.asarray(_FP8_E4M3_MIN_SUBNORMAL, jnp.float8_e4m3fn))
@@ -187,9 +200,10 @@ def quantize_nvfp4(
   eff = jnp.maximum(s_b.astype(jnp.float32) * ts, _F32_TINY)
   y = jnp.clip(xg * (1.0 / eff)[..., None], -E2M1_MAX, E2M1_MAX)
   codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
-  return QuantizedTensor(codes=codes.reshape(x.shape), scales=s_b, tensor_scale=ts, fmt="nvfp4", group_size=g)
+  return codes.reshape(x.shape), s_b, ts
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nvfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   """``E2M1(code) * (float(s_b) * tensor_scale)`` per block, cast to ``dtype``."""
   codes = jnp.asarray(q.codes)

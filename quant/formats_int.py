@@ -13,6 +13,8 @@ explicit so that every backend gives the same codes. It can differ from a true-d
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -74,16 +76,22 @@ def quantize_int(
   fn = f"quantize_int{bits}" if bits in (4, 8) else "quantize_int"
   check_choice(fn, "bits", bits, (4, 8))
   x = jnp.asarray(x)
-  n_groups, g = group_count(fn, x.shape, group_size)
+  _, g = group_count(fn, x.shape, group_size)
   check_positive(fn, "clip", clip)
   check_finite(fn, x, nonfinite)
+  codes, scale = _quantize_int_core(x, clip, bits=bits, group_size=g)
+  return QuantizedTensor(codes=codes, scales=scale, fmt=f"int{bits}", group_size=g)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _quantize_int_core(x, clip, bits, group_size):
   qmax = float(2 ** (bits - 1) - 1)
-  xg = _split_groups(x, n_groups, g)
+  xg = _split_groups(x, x.shape[-1] // group_size, group_size)
   amax, bad = _group_amax(xg)
   scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), qmax), bad)
   q = jnp.clip(jnp.round(xg * (1.0 / scale)[..., None]), -qmax, qmax)
   q = jnp.where(bad[..., None], 0.0, q).astype(jnp.int8)
-  return QuantizedTensor(codes=q.reshape(x.shape), scales=scale, fmt=f"int{bits}", group_size=g)
+  return q.reshape(x.shape), scale
 
 
 def quantize_int4(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedTensor:
@@ -96,6 +104,7 @@ def quantize_int8(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedT
   return quantize_int(x, 8, group_size=group_size, clip=clip, nonfinite=nonfinite)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_int(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   """``codes * scale`` per group for an unpacked int4/int8 ``QuantizedTensor``, cast to ``dtype``."""
   codes = jnp.asarray(q.codes)
@@ -125,19 +134,21 @@ def quantize_fp8(
   _, k = group_count(fn, x.shape, None)
   check_positive(fn, "clip", clip)
   check_finite(fn, x, nonfinite)
+  codes, scale = _quantize_fp8_core(x, clip, per_tensor=granularity == "tensor")
+  return QuantizedTensor(codes=codes, scales=scale, fmt="fp8_e4m3", group_size=0 if granularity == "tensor" else k)
+
+
+@functools.partial(jax.jit, static_argnames=("per_tensor",))
+def _quantize_fp8_core(x, clip, per_tensor):
   xf = jnp.asarray(x, jnp.float32)
-  if granularity == "tensor":
-    amax, bad = _group_amax(xf.reshape(-1))
-    g = 0
-  else:
-    amax, bad = _group_amax(xf[..., None, :])
-    g = k
+  amax, bad = _group_amax(xf.reshape(-1) if per_tensor else xf[..., None, :])
   scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), FP8_E4M3_MAX), bad)
   # tensor: scale () broadcasts; channel: scale [..., 1] broadcasts over K.
   codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf * (1.0 / scale)))
-  return QuantizedTensor(codes=codes, scales=scale, fmt="fp8_e4m3", group_size=g)
+  return codes, scale
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_fp8(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   """``codes * scale`` for an FP8 ``QuantizedTensor``, cast to ``dtype``."""
   # scales () (per tensor) or [..., 1] (per channel) broadcast over the codes [..., K].

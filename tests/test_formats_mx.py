@@ -189,3 +189,15 @@ def test_jit_traced_offset_and_clip_per_block_no_recompile():
   assert f._cache_size() == 1
   g = jax.jit(F.dequantize)
   np.testing.assert_array_equal(np.asarray(g(qj)), np.asarray(F.dequantize(qj)))
+
+
+def test_bfloat16_input_equals_float32_of_same_values():
+  x = jnp.asarray(np.random.RandomState(4).randn(3, 64).astype(np.float32)).astype(jnp.bfloat16)
+  for rule in F.MX_SCALE_RULES:
+    a, b = F.quantize_mxfp4(x, rule), F.quantize_mxfp4(x.astype(jnp.float32), rule)
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
+  y = F.quantize_dequantize(x, "mxfp4")
+  assert y.dtype == jnp.bfloat16
+  # E2M1 values times a power of two are exact in bfloat16 (2 significant bits).
+  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), np.asarray(F.dequantize(F.quantize_mxfp4(x))))
