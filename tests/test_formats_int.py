@@ -137,3 +137,9 @@ def test_jit_equals_eager_and_traced_clip_does_not_recompile(fmt, kw):
     np.testing.assert_array_equal(np.asarray(qj.codes).astype(np.float32), np.asarray(qe.codes).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(qj.scales), np.asarray(qe.scales))
   assert f._cache_size() == 1
+
+
+def test_int_rounding_ties_to_even_at_quantizer_level():
+  # amax 7 -> scale exactly 1, so x / scale hits the .5 ties exactly.
+  x = jnp.asarray([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 6.5]])
+  np.testing.assert_array_equal(np.asarray(F.quantize_int4(x).codes), [[7, 0, 2, 2, 0, -2, -2, 6]])

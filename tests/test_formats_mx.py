@@ -201,3 +201,18 @@ def test_bfloat16_input_equals_float32_of_same_values():
   assert y.dtype == jnp.bfloat16
   # E2M1 values times a power of two are exact in bfloat16 (2 significant bits).
   np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), np.asarray(F.dequantize(F.quantize_mxfp4(x))))
+
+
+@pytest.mark.parametrize("rule", F.MX_SCALE_RULES)
+def test_e2m1_midpoints_at_quantizer_level(rule):
+  # A block with amax 6 * 2**e has scale 2**e under both rules, so the E2M1 midpoints are hit exactly.
+  mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+  tie = np.array([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0], np.float32)
+  for e in (-20, 0, 13):
+    row = np.zeros(32, np.float32)
+    row[0] = 6.0
+    row[1:8], row[8:15] = mids, -mids
+    x = jnp.asarray(row[None] * np.float32(2.0**e))
+    d = np.asarray(F.quantize_dequantize(x, "mxfp4", scale_rule=rule))[0] / np.float32(2.0**e)
+    np.testing.assert_array_equal(d[1:8], tie)
+    np.testing.assert_array_equal(d[8:15], -tie)
