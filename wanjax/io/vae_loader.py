@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wanjax.model.vae import VAEConfig, WanVAE
+from wanjax.model.vae import VAEConfig, WanVAE, abstract_vae
 
 OFFICIAL = "official"
 DIFFUSERS = "diffusers"
@@ -168,6 +168,8 @@ def load_vae_state_dict(vae: WanVAE, state_dict: Mapping[str, Any], layout: str 
                         source: str = "<state_dict>") -> WanVAE:
     """Fill ``vae``'s parameters (in place, cast to their dtype) from a PyTorch-layout state dict.
 
+    ``vae`` may be a real model or a shape-only one from `wanjax.model.vae.abstract_vae` (cheapest).
+
     ``state_dict`` values may be numpy arrays or anything ``np.asarray`` accepts (torch CPU tensors
     too). Raises ``ValueError`` naming the key, expected and actual shape on any missing,
     unexpected or mis-shaped tensor.
@@ -298,5 +300,4 @@ def load_vae(path: str | os.PathLike, cfg: VAEConfig | None = None, *, dtype=jnp
         cfg = cfg or VAEConfig()
     else:
         raise FileNotFoundError(f"{path}: no such VAE file or folder")
-    vae = WanVAE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    return load_vae_state_dict(vae, sd, source=source)
+    return load_vae_state_dict(abstract_vae(cfg, dtype=dtype, param_dtype=param_dtype), sd, source=source)

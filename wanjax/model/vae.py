@@ -9,6 +9,7 @@ Public API:
   un-normalises and returns video in [-1, 1] (clamped as the reference). ``encode_raw`` /
   ``decode_raw`` skip the normalisation.
 * `encode_video` / `decode_video` - ``nnx.jit``-compiled wrappers of the above.
+* `abstract_vae` (shape-only model to load weights into), `init_vae` (fast random init).
 
 Chunking follows the reference exactly: the encoder sees frame chunks ``1, 4, 4, ...`` and the
 decoder one latent frame at a time, each causal conv carrying the last frames of the previous
@@ -22,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from wanjax.model.vae_layers import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm
@@ -281,6 +283,41 @@ class WanVAE(nnx.Module):
         """Normalised latents ``[B, F_lat, h, w, z_dim]`` -> video ``[B, 1 + 4(F_lat-1), H, W, 3]`` in [-1, 1]."""
         self._check_latents(latents)
         return self.decode_raw(self.denormalize(latents))
+
+
+def abstract_vae(cfg: VAEConfig = WAN21_VAE, *, dtype=jnp.float32, param_dtype=jnp.float32) -> WanVAE:
+    """A `WanVAE` whose parameters are shape/dtype placeholders (no memory, no compute); fill it with
+    `wanjax.io.vae_loader.load_vae_state_dict`."""
+    return nnx.eval_shape(lambda: WanVAE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def init_vae(cfg: VAEConfig = WAN21_VAE, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> WanVAE:
+    """Randomly initialised `WanVAE`, fast: all weights drawn by one jitted function with the
+    ``unsafe_rbg`` PRNG (eager ``WanVAE(...)`` compiles a threefry sampler per weight shape, which takes
+    tens of seconds on CPU). Kernels ~ U(+-1/sqrt(fan_in)), biases 0, norm gammas 1."""
+    vae = abstract_vae(cfg, dtype=dtype, param_dtype=param_dtype)
+    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    specs = [(str(path[-1]), v.get_value().shape, v.get_value().dtype) for path, v in flat]
+
+    @jax.jit
+    def draw(key):
+        keys = jax.random.split(key, len(specs))
+        out = []
+        for k, (name, shape, dt) in zip(keys, specs):
+            if name == "gamma":
+                out.append(jnp.ones(shape, dt))
+            elif name.endswith("kernel"):
+                bound = 1.0 / float(np.sqrt(np.prod(shape[:-1])))
+                out.append(jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dt))
+            else:
+                out.append(jnp.zeros(shape, dt))
+        return out
+
+    values = draw(jax.random.key(seed, impl="unsafe_rbg"))
+    for (_, var), val in zip(flat, values):
+        var.set_value(val)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 @nnx.jit
