@@ -64,14 +64,13 @@ def test_load_cache_in_other_dtype(tmp_path, src):
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_convert_leaves_nothing(tmp_path, src, monkeypatch, exc):
-    real_save = ocp.StandardCheckpointer.save
+    real_save = ocp.Checkpointer.save
 
     def failing_save(self, directory, *a, **kw):
         real_save(self, directory, *a, **kw)   # params fully written into the temp dir ...
-        self.wait_until_finished()
         raise exc                              # ... then the process is interrupted before the rename
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing_save)
+    monkeypatch.setattr(ocp.Checkpointer, "save", failing_save)
     with pytest.raises(type(exc)):
         convert(src, tmp_path / "cache")
     assert sorted(os.listdir(tmp_path)) == ["high_noise_model"]
@@ -80,7 +79,7 @@ def test_interrupted_convert_leaves_nothing(tmp_path, src, monkeypatch, exc):
 def test_interrupted_overwrite_keeps_old_cache(tmp_path, src, monkeypatch):
     dst = convert(src, tmp_path / "cache", jnp.float32)
     before = _leaves(load_dit(dst, jnp.float32))
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(ocp.Checkpointer, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         convert(src, dst, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["cache", "high_noise_model"]

@@ -28,6 +28,15 @@ from wanjax.io.errors import CheckpointError
 
 FORMAT = "wanjax-dit"
 VERSION = 1
+#: Orbax in-flight byte budgets (GB): bound the host memory orbax adds on top of the parameters themselves.
+SAVE_CONCURRENT_GB = 1
+RESTORE_CONCURRENT_GB = 2
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
+                                            restore_concurrent_gb=RESTORE_CONCURRENT_GB)
+    return ocp.Checkpointer(handler)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
@@ -48,9 +57,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
         cfg, params = read_safetensors_params(source, dtype, config=config, ignore_unknown=ignore_unknown)
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(tmp, "params"), _unflatten(params))
-            ckpt.wait_until_finished()
+        # Hand orbax host-side jax arrays (one leaf moved and freed at a time): with numpy leaves orbax makes extra
+        # full copies (measured 2.8x the converted size at peak vs ~1.7x this way).
+        cpu = jax.local_devices(backend="cpu")[0]
+        params = {p: jax.device_put(params.pop(p), cpu) for p in list(params)}
+        with _checkpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, "params"), args=ocp.args.StandardSave(_unflatten(params)))
         del params
         meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
                 "param_dtype": jnp.dtype(dtype).name, "source": os.path.abspath(os.fspath(src))}
@@ -104,8 +116,8 @@ def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfi
     if not os.path.isdir(ppath):
         raise CheckpointError(f"{path}: cache has no params/ directory")
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(ppath, _unflatten(target))
+        with _checkpointer() as ckpt:
+            restored = ckpt.restore(ppath, args=ocp.args.StandardRestore(_unflatten(target)))
     except Exception as e:   # orbax raises various types for structure/shape mismatches
         raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
     return build_model(cfg, dtype, _flatten(restored))

@@ -147,7 +147,7 @@ class TensorReader:
     touched so far leave the process's resident set.
     """
 
-    def __init__(self, path: str, reopen_bytes: int = 1 << 30):
+    def __init__(self, path: str, reopen_bytes: int = 16 << 20):
         self.path = path
         self.reopen_bytes = reopen_bytes
         self._ctx = None
@@ -188,7 +188,7 @@ class TensorReader:
         return arr
 
 
-def iter_tensors(infos: list[TensorInfo], reopen_bytes: int = 1 << 30) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+def iter_tensors(infos: list[TensorInfo], reopen_bytes: int = 16 << 20) -> Iterator[tuple[TensorInfo, np.ndarray]]:
     """Yield ``(info, array)`` for ``infos`` grouped by file, in header order within a file, one at a time."""
     by_file: dict[str, list[TensorInfo]] = {}
     for t in infos:
