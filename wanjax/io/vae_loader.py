@@ -2,8 +2,9 @@
 
 Two source layouts are understood, both PyTorch-shaped (``[out, in, kt, kh, kw]`` convs):
 
-* official ``Wan2.1_VAE.pth`` (``wan/modules/vae2_1.py``: ``encoder.conv1``, ``encoder.downsamples.N.residual.{0,2,3,6}``,
-  ``encoder.middle.{0,1,2}``, ``encoder.head.{0,2}``, ``conv1``/``conv2``, ``decoder.upsamples.N``, ...);
+* official ``Wan2.1_VAE.pth`` (``wan/modules/vae2_1.py``: ``encoder.conv1``,
+  ``encoder.downsamples.N.residual.{0,2,3,6}``, ``encoder.middle.{0,1,2}``, ``encoder.head.{0,2}``,
+  ``conv1``/``conv2``, ``decoder.upsamples.N``, ...);
 * diffusers ``vae/`` folder (``AutoencoderKLWan``: ``config.json`` + ``diffusion_pytorch_model.safetensors``;
   ``encoder.conv_in``, ``encoder.down_blocks.N.{norm1,conv1,norm2,conv2,conv_shortcut}``,
   ``encoder.mid_block.{resnets,attentions}``, ``quant_conv``, ``decoder.up_blocks.I.{resnets.J,upsamplers.0}``, ...).
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wanjax.io.errors import CheckpointError
 from wanjax.model.vae import VAEConfig, WanVAE, abstract_vae
 
 OFFICIAL = "official"
@@ -160,8 +162,8 @@ def detect_layout(keys) -> str:
     if "encoder.conv1.weight" in keys or "conv1.weight" in keys:
         return OFFICIAL
     sample = sorted(keys)[:5]
-    raise ValueError("vae_loader: not a Wan VAE state dict: expected key 'encoder.conv_in.weight' (diffusers) or "
-                     f"'encoder.conv1.weight' (official Wan2.1_VAE.pth); got keys like {sample}")
+    raise CheckpointError("vae_loader: not a Wan VAE state dict: expected key 'encoder.conv_in.weight' (diffusers) "
+                          f"or 'encoder.conv1.weight' (official Wan2.1_VAE.pth); got keys like {sample}")
 
 
 def load_vae_state_dict(vae: WanVAE, state_dict: Mapping[str, Any], layout: str | None = None,
@@ -171,29 +173,29 @@ def load_vae_state_dict(vae: WanVAE, state_dict: Mapping[str, Any], layout: str 
     ``vae`` may be a real model or a shape-only one from `wanjax.model.vae.abstract_vae` (cheapest).
 
     ``state_dict`` values may be numpy arrays or anything ``np.asarray`` accepts (torch CPU tensors
-    too). Raises ``ValueError`` naming the key, expected and actual shape on any missing,
-    unexpected or mis-shaped tensor.
+    too). Raises `wanjax.io.errors.CheckpointError` (a ``ValueError``) naming the key, expected and
+    actual shape on any missing, unexpected or mis-shaped tensor.
     """
     layout = layout or detect_layout(state_dict.keys())
     if layout not in (OFFICIAL, DIFFUSERS):
-        raise ValueError(f"vae_loader: layout must be {OFFICIAL!r} or {DIFFUSERS!r}, got {layout!r}")
+        raise CheckpointError(f"vae_loader: layout must be {OFFICIAL!r} or {DIFFUSERS!r}, got {layout!r}")
     table = vae_key_table(vae)
     wanted = {getattr(e, layout): e for e in table}
     missing = [k for k in wanted if k not in state_dict]
     if missing:
         e = wanted[missing[0]]
-        raise ValueError(f"{source}: missing {len(missing)} VAE tensor(s) ({layout} layout), e.g. key {missing[0]!r} "
-                         f"(expected shape {e.torch_shape}); first missing: {missing[:5]}")
+        raise CheckpointError(f"{source}: missing {len(missing)} VAE tensor(s) ({layout} layout), e.g. key "
+                              f"{missing[0]!r} (expected shape {e.torch_shape}); first missing: {missing[:5]}")
     unexpected = sorted(k for k in state_dict if k not in wanted)
     if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} unexpected VAE tensor(s) for the {layout} layout of this "
-                         f"config, e.g. {unexpected[:5]} (wrong config or not a Wan2.1 VAE?)")
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected VAE tensor(s) for the {layout} layout of "
+                              f"this config, e.g. {unexpected[:5]} (wrong config or not a Wan2.1 VAE?)")
     state = nnx.state(vae, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     for key, e in wanted.items():
         a = _as_numpy(state_dict[key], key, source)
         if tuple(a.shape) != e.torch_shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(a.shape)}, expected {e.torch_shape}")
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(a.shape)}, expected {e.torch_shape}")
         var = flat[e.path]
         var.set_value(jnp.asarray(_to_jax_layout(e.kind, a), dtype=var.get_value().dtype))
     nnx.update(vae, state)
@@ -211,7 +213,7 @@ def _as_numpy(v: Any, key: str, source: str) -> np.ndarray:
     try:
         return np.asarray(v)
     except Exception as err:  # pragma: no cover - defensive
-        raise ValueError(f"{source}: tensor {key!r} is not array-like ({type(v).__name__})") from err
+        raise CheckpointError(f"{source}: tensor {key!r} is not array-like ({type(v).__name__})") from err
 
 
 def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -227,12 +229,13 @@ def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). wanjax never unpickles "
-                         "arbitrary objects; use the diffusers layout (vae/ safetensors) or convert the file.") from err
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). wanjax never "
+                              "unpickles arbitrary objects; use the diffusers layout (vae/ safetensors) or convert "
+                              "the file.") from err
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(sd).__name__}")
     return {k: _as_numpy(v, k, str(path)) for k, v in sd.items()}
 
 
