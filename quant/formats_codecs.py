@@ -27,7 +27,6 @@ __all__ = [
     "e2m1_encode",
     "e8m0_decode",
     "e8m0_encode",
-    "exact_divide",
     "exp2_int",
     "floor_log2",
     "fp8_e4m3_encode",
@@ -77,20 +76,6 @@ def e2m1_decode(codes: jax.Array) -> jax.Array:
   """Maps E2M1 codes (any integer dtype, only the low 4 bits are used) to their float32 values."""
   table = jnp.asarray(E2M1_VALUES)
   return table[jnp.asarray(codes).astype(jnp.int32) & 0xF]
-
-
-def exact_divide(a: jax.Array, b: jax.Array) -> jax.Array:
-  """IEEE-rounded ``a / b`` (float32), with ``b`` broadcast to the result shape.
-
-  XLA's algebraic simplifier rewrites a division by a constant or by a broadcast value into a multiplication by
-  the reciprocal, which is off by one ulp in about half of the cases. Hiding the materialized divisor behind an
-  ``optimization_barrier`` keeps the true division. The divisor is materialized at the result's shape, so use this
-  for small arrays (per-group scales), not for element-wise work.
-  """
-  a = jnp.asarray(a, jnp.float32)
-  b = jnp.asarray(b, jnp.float32)
-  shape = jnp.broadcast_shapes(a.shape, b.shape)
-  return jnp.broadcast_to(a, shape) / jax.lax.optimization_barrier(jnp.broadcast_to(b, shape))
 
 
 def exp2_int(n: jax.Array) -> jax.Array:

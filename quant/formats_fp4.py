@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count, is_traced
 from wanjax.quant.formats_codecs import (
@@ -20,7 +21,6 @@ from wanjax.quant.formats_codecs import (
     e2m1_decode,
     e2m1_encode,
     e8m0_encode,
-    exact_divide,
     floor_log2,
     fp8_e4m3_encode,
     ldexp_exact,
@@ -147,13 +147,15 @@ def dequantize_mxfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 
 def nvfp4_tensor_scale(x: jax.Array, clip: jax.Array | float = 1.0) -> jax.Array:
-  """Default NVFP4 per-tensor float32 scale ``amax(x) * clip / (6 * 448)``; 1.0 for an all-zero tensor.
+  """Default NVFP4 per-tensor float32 scale ``float32(amax(x) * clip) * float32(1 / 2688)`` (2688 = 6 * 448).
+
+  1.0 for an all-zero tensor.
 
   Non-finite values are ignored here (the quantizer applies the non-finite policy).
   """
   xf = jnp.asarray(x, jnp.float32)
   amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
-  ts = exact_divide(amax * jnp.asarray(clip, jnp.float32), E2M1_MAX * FP8_E4M3_MAX)
+  ts = amax * jnp.asarray(clip, jnp.float32) * (np.float32(1.0) / np.float32(E2M1_MAX * FP8_E4M3_MAX))
   return jnp.where(ts >= _F32_TINY, ts, jnp.float32(1.0))
 
 
@@ -167,8 +169,8 @@ def quantize_nvfp4(
   """NVFP4: E2M1 elements, float8_e4m3fn scale per ``block_size`` (16) elements of K, and a float32 tensor scale.
 
   ``ts = tensor_scale`` (default :func:`nvfp4_tensor_scale`, i.e. amax/(6*448); pass a calibrated value for static
-  activation scales). Block scale ``s_b = e4m3(amax_b * clip / (6 * ts))``, rounded half-to-even and saturated at
-  448; a block whose ``s_b`` rounds to 0 (all-zero block or underflow) gets the smallest e4m3 subnormal 2**-9.
+  activation scales). Block scale ``s_b = e4m3(amax_b * clip * float32(1 / (6 * ts)))``, rounded half-to-even and
+  saturated at 448; a block whose ``s_b`` rounds to 0 (all-zero block or underflow) gets the smallest e4m3 subnormal 2**-9.
   Elements ``E2M1(clip(x * float32(1 / (s_b * ts)), -6, 6))`` (reciprocal per block, as in ``formats_int``);
   dequantization is ``E2M1(code) * (s_b * ts)`` with the same float32 product. Tensors with abs-max below ~1e-30
   may underflow to zeros.
@@ -194,7 +196,7 @@ def _quantize_nvfp4_core(x, tensor_scale, clip, block_size):
   ts = nvfp4_tensor_scale(x) if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32)
   xg = _split_groups(x, x.shape[-1] // block_size, block_size)
   amax, bad = _group_amax(xg)
-  s_b = fp8_e4m3_encode(exact_divide(amax * jnp.asarray(clip, jnp.float32), E2M1_MAX * ts))
+  s_b = fp8_e4m3_encode(amax * jnp.asarray(clip, jnp.float32) * (1.0 / (E2M1_MAX * ts)))
   s_b = jnp.where(s_b.astype(jnp.float32) > 0, s_b, jnp.asarray(_FP8_E4M3_MIN_SUBNORMAL, jnp.float8_e4m3fn))
   s_b = jnp.where(bad, jnp.asarray(jnp.nan, jnp.float8_e4m3fn), s_b)
   eff = jnp.maximum(s_b.astype(jnp.float32) * ts, _F32_TINY)

@@ -1,14 +1,15 @@
 """Linear-scale formats: symmetric INT4 / INT8 (per channel or per group) and FP8 e4m3 (per tensor or per channel).
 
 All quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor`.
-Scale rule: ``scale = amax * clip / qmax`` (IEEE float32 division) with ``amax`` the group's abs-max and ``qmax`` 7
+Scale rule: ``scale = float32(amax * clip) * float32(1 / qmax)`` with ``amax`` the group's abs-max and ``qmax`` 7
 (int4), 127 (int8) or 448 (fp8 e4m3). A group whose scale would be 0 (all-zero group) or subnormal gets scale 1.0,
 so every scale is a normal positive float32 and the group dequantizes to exact zeros.
 
-Elements are rounded from ``x * r`` with ``r = float32(1 / scale)`` (one reciprocal per group, then a multiply per
-element). This is what XLA would compile ``x / scale`` into anyway (it rewrites division by a broadcast value), made
-explicit so that every backend gives the same codes. It can differ from a true-division reference (e.g. PyTorch's
-``x / scale``) by one code only where ``x / scale`` lies within about one ulp of a rounding midpoint.
+Elements are rounded from ``x * r`` with ``r = float32(1 / scale)``: one reciprocal per group, then a multiply per
+element. XLA compiles ``x / scale`` into exactly this anyway (its algebraic simplifier rewrites division by a constant
+or a broadcast value), so the definition is made explicit; see ``docs/formats.md`` ("Scale division"). The scale can
+differ from ``amax / qmax`` by one ulp, and a code from a true-division reference such as PyTorch's ``x / scale``
+only where ``x / scale`` lies within about one ulp of a rounding midpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count
-from wanjax.quant.formats_codecs import FP8_E4M3_MAX, exact_divide, fp8_e4m3_encode
+from wanjax.quant.formats_codecs import FP8_E4M3_MAX, fp8_e4m3_encode
 from wanjax.quant.formats_types import QuantizedTensor
 
 __all__ = [
@@ -32,6 +34,11 @@ __all__ = [
 ]
 
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32, 2**-126
+
+
+def _recip32(v: float) -> np.float32:
+  """float32(1 / v), rounded once (numpy IEEE division)."""
+  return np.float32(1.0) / np.float32(v)
 
 
 def _split_groups(x: jax.Array, n_groups: int, group_size: int) -> jax.Array:
@@ -88,7 +95,7 @@ def _quantize_int_core(x, clip, bits, group_size):
   qmax = float(2 ** (bits - 1) - 1)
   xg = _split_groups(x, x.shape[-1] // group_size, group_size)
   amax, bad = _group_amax(xg)
-  scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), qmax), bad)
+  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) * _recip32(qmax), bad)
   q = jnp.clip(jnp.round(xg * (1.0 / scale)[..., None]), -qmax, qmax)
   q = jnp.where(bad[..., None], 0.0, q).astype(jnp.int8)
   return q.reshape(x.shape), scale
@@ -118,7 +125,7 @@ def quantize_fp8(
 ) -> QuantizedTensor:
   """FP8 e4m3 (float8_e4m3fn) with a float32 scale per tensor or per channel (row of the last axis).
 
-  ``scale = amax * clip / 448``; elements are ``x * float32(1/scale)`` rounded half-to-even to e4m3 and saturated
+  ``scale = float32(amax * clip) * float32(1/448)``; elements are ``x * float32(1/scale)`` rounded half-to-even to e4m3 and saturated
   at +-448.
 
   Args:
@@ -142,7 +149,7 @@ def quantize_fp8(
 def _quantize_fp8_core(x, clip, per_tensor):
   xf = jnp.asarray(x, jnp.float32)
   amax, bad = _group_amax(xf.reshape(-1) if per_tensor else xf[..., None, :])
-  scale = _safe_scale(exact_divide(amax * jnp.asarray(clip, jnp.float32), FP8_E4M3_MAX), bad)
+  scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) * _recip32(FP8_E4M3_MAX), bad)
   # tensor: scale () broadcasts; channel: scale [..., 1] broadcasts over K.
   codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf * (1.0 / scale)))
   return codes, scale

@@ -14,11 +14,11 @@ def _rand(shape, seed=0, scale=1.0):
 
 
 def _np_int_ref(x, bits, g, clip=1.0):
-  """Independent numpy reference of symmetric RTN: float32 scale, elements rounded from x * float32(1/scale)."""
+  """Independent numpy reference of symmetric RTN: scale = amax*clip * f32(1/qmax), codes from x * f32(1/scale)."""
   qmax = 2 ** (bits - 1) - 1
   n, k = x.shape
   xg = x.reshape(n, k // g, g)
-  scale = (np.abs(xg).max(-1) * np.float32(clip) / np.float32(qmax)).astype(np.float32)
+  scale = (np.abs(xg).max(-1) * np.float32(clip)) * (np.float32(1) / np.float32(qmax))
   scale = np.where(scale > 0, scale, np.float32(1))
   q = np.clip(np.round(xg * (np.float32(1) / scale)[..., None]), -qmax, qmax).astype(np.int8)
   return q.reshape(n, k), scale
@@ -88,7 +88,7 @@ def test_all_zero_groups_have_unit_scale_and_exact_zeros(fmt, kw):
 
 def _np_fp8_ref(x, per_tensor):
   amax = np.abs(x).max() if per_tensor else np.abs(x).max(-1, keepdims=True)
-  scale = (amax / np.float32(448)).astype(np.float32)
+  scale = amax * (np.float32(1) / np.float32(448))
   codes = np.clip(x * (np.float32(1) / scale), -448, 448).astype(ml_dtypes.float8_e4m3fn)
   return codes, scale
 

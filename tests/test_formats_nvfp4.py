@@ -15,9 +15,9 @@ def _ref_nvfp4(x, tensor_scale=None, clip=1.0, block=16):
   """Reference built from ml_dtypes casts; same float32 operation order as documented in quantize_nvfp4."""
   n, k = x.shape
   xg = x.reshape(n, k // block, block).astype(np.float32)
-  ts = np.float32(np.abs(x).max() / np.float32(2688.0)) if tensor_scale is None else np.float32(tensor_scale)
+  ts = np.abs(x).max() * (np.float32(1) / np.float32(2688)) if tensor_scale is None else np.float32(tensor_scale)
   amax = np.abs(xg).max(-1) * np.float32(clip)
-  s_b = np.clip(amax / (np.float32(6) * ts), -448, 448).astype(E4M3)
+  s_b = np.clip(amax * (np.float32(1) / (np.float32(6) * ts)), -448, 448).astype(E4M3)
   s_b = np.where(s_b.astype(np.float32) > 0, s_b, np.asarray(2.0**-9, np.float32).astype(E4M3))
   eff = s_b.astype(np.float32) * ts
   y = np.clip(xg * (np.float32(1) / eff)[..., None], -6, 6)
