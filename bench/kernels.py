@@ -40,11 +40,11 @@ from jax import lax  # noqa: E402
 
 try:  # installed package (wanjax.kernels) or the source folder on sys.path (kernels)
   from wanjax.kernels import reference as ref  # noqa: E402
-  from wanjax.kernels.act_quant_gpu import act_quant_fused  # noqa: E402
+  from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
   from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
 except Exception:  # pragma: no cover
   from kernels import reference as ref  # noqa: E402
-  from kernels.act_quant_gpu import act_quant_fused  # noqa: E402
+  from kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
   from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
 
 ITERS = 25
@@ -153,7 +153,20 @@ def run_shape(m, k, n, sweep, log):
       "act_quant_r32": (lambda a, b, c: act_quant_fused(a, b, c, 1.0, None), (x, smooth, down)),
       "act_quant_r32_fold": (lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True), (x, smooth, down)),
       "act_quant_r0": (lambda a, b: act_quant_fused(a, b, None, 1.0, None), (x, smooth)),
+      "act_quant_r32_pallas": (lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None), (x, smooth, down)),
+      "act_quant_r0_pallas": (jax.jit(lambda a, b: quantize_rows_pallas(a, b, 1.0, None)), (x, smooth)),
+      "act_quant_r0_pallas_bm1": (jax.jit(lambda a, b: quantize_rows_pallas(a, b, 1.0, None, block_rows=1)),
+                                  (x, smooth)),
   }
+  try:
+    q_p, s_p, lr_p = act_quant_pallas(x, smooth, down, 1.0, None)
+    res["checks"]["act_quant_pallas_q_mismatch_frac_vs_xla"] = float(jnp.mean((q_p != q_x).astype(jnp.float32)))
+    res["checks"]["act_quant_pallas_s_max_relerr_vs_xla"] = float(jnp.max(jnp.abs(s_p / s_x - 1)))
+    res["checks"]["act_quant_pallas_xlr_relerr"] = rel_err(lr_p, x_lr)
+    log(f"  check act_quant_pallas: { {kk: v for kk, v in res['checks'].items() if 'pallas' in kk} }")
+  except Exception as e:
+    res["errors"]["act_quant_pallas_check"] = f"{type(e).__name__}: {str(e)[:1500]}"
+    log(f"  act_quant_pallas check ERROR {e}")
   for name, (fn, args) in aq_variants.items():
     rec(name, fn, *args)
     try:
@@ -223,7 +236,10 @@ def run_shape(m, k, n, sweep, log):
   def e2e(weights, fold=False):
     @jax.jit
     def f(x_, wp, sw, sm, dn, u, b):
-      qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=fold)
+      if fold == "pallas":
+        qx, sx, xl = act_quant_pallas(x_, sm, dn, 1.0, None)
+      else:
+        qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=fold)
       wv = ref.unpack_int4(wp) if weights == "int8" else wp
       return w4a4_matmul_gpu(qx, sx, wv, sw, xl, u, b, weights=weights)
     return f
@@ -231,19 +247,23 @@ def run_shape(m, k, n, sweep, log):
   e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
   y_lin_ref = y_ref  # same inputs, same quantization
   for weights in ("int8", "int4"):
-    for fold in (False, True):
+    for fold in (False, True, "pallas"):
       f = e2e(weights, fold)
-      rec(f"e2e_linear_{weights}w_r32{'_fold' if fold else ''}", f, *e2e_args,
+      tag = {False: "", True: "_fold", "pallas": "_pallasquant"}[fold]
+      rec(f"e2e_linear_{weights}w_r32{tag}", f, *e2e_args,
           check=lambda f=f: rel_err(f(*e2e_args), y_lin_ref))
   # wall-clock cross-check with rotated inputs
   try:
     xs = [x] + [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
                 for i in range(2)]
     res["wall_ms"]["xla_bf16"] = wall_ms(bf16_dot, [(xi, w_bf16) for xi in xs])
-    f = e2e("int8")
-    res["wall_ms"]["e2e_linear_int8w_r32"] = wall_ms(f, [(xi, *e2e_args[1:]) for xi in xs])
-    log(f"  wall (rotated inputs): bf16 {res['wall_ms']['xla_bf16']:.3f} ms, "
-        f"e2e int8w {res['wall_ms']['e2e_linear_int8w_r32']:.3f} ms")
+    for fold, tag in ((True, "_fold"), ("pallas", "_pallasquant")):
+      try:
+        f = e2e("int8", fold)
+        res["wall_ms"][f"e2e_linear_int8w_r32{tag}"] = wall_ms(f, [(xi, *e2e_args[1:]) for xi in xs])
+      except Exception as e:
+        res["errors"][f"wall{tag}"] = str(e)[:500]
+    log(f"  wall (rotated inputs): {res['wall_ms']}")
     del xs
   except Exception as e:
     res["errors"]["wall"] = str(e)[:500]

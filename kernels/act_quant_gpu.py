@@ -41,3 +41,75 @@ def act_quant_fused(x, smooth=None, down=None, clip=1.0, static_scale=None, qmax
     down_f = down.astype(jnp.float32) / smooth.astype(jnp.float32)[:, None]
     return q, s, reference.lowrank_down(x, down_f, None)
   return reference.act_quant(x, smooth, down, clip, static_scale, qmax)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-pass Pallas kernel (Triton backend): per-token abs-max and quantization with the row in registers.
+# ----------------------------------------------------------------------------------------------------------------
+def _next_pow2(v: int) -> int:
+  return 1 << (int(v) - 1).bit_length()
+
+
+def _quant_rows_kernel(x_ref, sm_ref, cs_ref, q_ref, s_ref, *, k, qmax, static, use_smooth):
+  """One block of rows [bm, bk] (bk = next power of two >= K, masked): x_s, scale, codes."""
+  import jax.experimental.pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  bm, bk = x_ref.shape
+  cols = jnp.arange(bk)
+  cmask = cols < k
+  x = pltriton.load(x_ref, mask=cmask[None, :], other=0.0).astype(jnp.float32)
+  if use_smooth:
+    sm = pltriton.load(sm_ref, mask=cmask, other=1.0).astype(jnp.float32)
+    x = x / sm[None, :]
+  c = cs_ref[0]  # clip (dynamic) or the static scale
+  if static:
+    s = jnp.full((bm,), c, jnp.float32)
+  else:
+    s = jnp.max(jnp.abs(x), axis=1) * c / jnp.float32(qmax)
+  s = jnp.where(s > 0, s, jnp.float32(1.0))
+  q = jnp.clip(jnp.round(x / s[:, None]), -qmax, qmax).astype(jnp.int8)
+  pltriton.store(q_ref, q, mask=cmask[None, :])
+  s_ref[...] = s
+  del pl
+
+
+def quantize_rows_pallas(x, smooth=None, clip=1.0, static_scale=None, qmax: int = reference.INT4_QMAX,
+                         block_rows: int | None = None, num_warps: int | None = None, interpret: bool = False):
+  """(q_x int8 [M, K], s_x f32 [M]): single pass over x (read once, write codes once). Same math as
+  ``reference.quantize_act_int4``. Pallas Triton backend (GPU) or its interpreter (CPU)."""
+  import jax.experimental.pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  m, k = x.shape
+  bk = _next_pow2(k)
+  bm = block_rows or max(1, min(8, 8192 // bk))
+  warps = num_warps or (4 if bk <= 8192 else 8)
+  static = static_scale is not None
+  cs = jnp.reshape(jnp.asarray(static_scale if static else clip, jnp.float32), (1,))
+  use_smooth = smooth is not None
+  sm = smooth.astype(jnp.float32) if use_smooth else jnp.ones((k,), jnp.float32)
+  kern = functools.partial(_quant_rows_kernel, k=k, qmax=qmax, static=static, use_smooth=use_smooth)
+  return pl.pallas_call(
+      kern,
+      grid=(pl.cdiv(m, bm),),
+      in_specs=[pl.BlockSpec((bm, bk), lambda i: (i, 0)), pl.BlockSpec((bk,), lambda i: (0,)),
+                pl.BlockSpec((1,), lambda i: (0,))],
+      out_specs=[pl.BlockSpec((bm, bk), lambda i: (i, 0)), pl.BlockSpec((bm,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+      interpret=interpret,
+  )(x, sm, cs)
+
+
+@functools.partial(jax.jit, static_argnames=("qmax", "interpret"))
+def act_quant_pallas(x, smooth=None, down=None, clip=1.0, static_scale=None, qmax: int = reference.INT4_QMAX,
+                     interpret: bool = False):
+  """Act quant with the single-pass Pallas quantizer and the low-rank projection as one XLA GEMM over x with the
+  smoothing folded into ``down`` (x_lr = bf16(x) @ bf16(down / smooth)). Returns (q_x, s_x, x_lr or None)."""
+  q, s = quantize_rows_pallas(x, smooth, clip, static_scale, qmax, interpret=interpret)
+  x_lr = None
+  if down is not None and down.shape[1] > 0:
+    d = down.astype(jnp.float32)
+    if smooth is not None:
+      d = d / smooth.astype(jnp.float32)[:, None]
+    x_lr = reference.lowrank_down(x, d, None)
+  return q, s, x_lr
