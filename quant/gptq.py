@@ -1,0 +1,207 @@
+"""GPTQ: Hessian-aware column-by-column weight quantization with error feedback (Frantar et al., 2022).
+
+For a kernel ``W [K, N]`` (row ``k`` = input channel ``k``; the torch reference's column ``k``) and a Hessian
+``H = sum X^T X [K, K]`` of the layer inputs, input channels are quantized one at a time; the error of channel ``i``
+is spread over the not-yet-quantized channels through the upper Cholesky factor ``U`` of ``(H + lambda I)^-1``::
+
+    q_i = Q(w_i);   e_i = (w_i - q_i) / U_ii;   w_j -= U_ij e_i  (j > i)
+
+with lazy batch updates over blocks of ``block_size`` (128) channels. Settings follow the seed
+(arXiv 2605.27003 code, see ``shared/reference/seed_method_w4a4_wan22.md``): damping 0.01 * mean(diag H) with up to
+6 retries at 10x more, dead channels (diag 0) zeroed, block 128, no act-order, scales fixed before the pass.
+Options beyond the seed: ``act_order`` (channels by descending diag H), ``static_groups=False`` (re-estimate each
+group's scale from the already-updated weights when the pass reaches it, as the GPTQ reference does).
+
+Numerics: the column loop runs in float32 with ``Precision.HIGHEST`` matmuls; the Cholesky work in
+``linalg_dtype`` (see ``wanjax.quant.linalg``: float64 under x64 mode, else float32). The result's codes are
+produced with exactly the element rule of ``wanjax.quant.formats`` and the returned dequantized kernel equals
+``dequantize(qweight).T`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from wanjax.quant.formats import QuantizedTensor
+from wanjax.quant.linalg import gptq_inverse_factor, mm
+from wanjax.quant.rtn import (
+    WeightQuantSpec,
+    check_finite_eager,
+    check_linear_params,
+    quantize_elements,
+    weight_scales,
+)
+
+__all__ = ["gptq", "gptq_quantize_kernel"]
+
+
+def _check_args(fn, k, spec, block_size, act_order, static_groups, hessian):
+  if tuple(hessian.shape) != (k, k):
+    raise ValueError(f"{fn}: hessian must be [K, K] = ({k}, {k}) to match the kernel, got {tuple(hessian.shape)}")
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
+  g = spec.group(k)
+  dynamic = (not static_groups) and g < k
+  b = min(block_size, k)
+  if dynamic and act_order:
+    raise ValueError(f"{fn}: act_order=True needs static_groups=True when scales are per group (g={g}): "
+                     "re-estimated groups would follow the permuted order and stop being contiguous in K")
+  if dynamic and b % g:
+    raise ValueError(f"{fn}: static_groups=False needs the group size to divide the block: block={b}, group={g}; "
+                     "use a block_size that is a multiple of the group size, or static_groups=True")
+  return g, dynamic, b
+
+
+def gptq_quantize_kernel(
+    kernel: jax.Array,
+    hessian: jax.Array,
+    spec: WeightQuantSpec,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = True,
+    max_damp_tries: int = 6,
+    linalg_dtype=None,
+) -> tuple[QuantizedTensor, jax.Array, dict]:
+  """GPTQ of one kernel ``[K, N]`` with Hessian ``[K, K]``.
+
+  Args:
+    kernel: float ``[K, N]`` (``[in, out]``).
+    hessian: ``X^T X`` (sum or mean) of the inputs the quantized layer will see, ``[K, K]``.
+    spec: weight quantizer (int4 / int8 per channel or per group, mxfp4, nvfp4).
+    block_size: lazy-batch block (128). K need not be a multiple: the last block is padded internally.
+    percdamp: damping fraction of mean(diag H).
+    act_order: process input channels by descending ``diag(H)`` (results are returned in the original order).
+    static_groups: True (seed): all scales computed from the un-updated weights before the pass. False: each
+      group's scales are computed from the already-updated weights when the pass reaches the group (group must
+      divide the block; not combinable with act_order). Per-channel scales are always computed up front.
+    max_damp_tries: Cholesky retries with 10x damping each.
+    linalg_dtype: dtype of the Cholesky work (see ``wanjax.quant.linalg``).
+
+  Returns:
+    ``(qweight, kernel_q, info)``: ``qweight`` a QuantizedTensor with codes ``[N, K]``; ``kernel_q`` its dequantized
+    float32 ``[K, N]``; ``info = {"damp_tries": int32}``.
+  """
+  fn = "gptq"
+  w = jnp.asarray(kernel, jnp.float32)
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: kernel must be [K, N] (vmap for stacked kernels), got shape {tuple(w.shape)}")
+  k, n = w.shape
+  h = jnp.asarray(hessian)
+  g, dynamic, b = _check_args(fn, k, spec, block_size, act_order, static_groups, h)
+  check_finite_eager(fn, "kernel", w)
+  check_finite_eager(fn, "hessian", h)
+
+  # Scales from the un-updated weights (before dead-channel zeroing, as the GPTQ reference).
+  scales0, ts = weight_scales(w.T, spec)
+  dead = jnp.diagonal(h) <= 0
+  w = jnp.where(dead[:, None], 0.0, w)
+  if act_order:
+    diag = jnp.where(dead, 1.0, jnp.diagonal(h).astype(jnp.float32))
+    perm = jnp.argsort(-diag, stable=True)
+    w = w[perm]
+    h = h[perm][:, perm]
+  else:
+    perm = None
+  u, _, tries = gptq_inverse_factor(h, percdamp, max_damp_tries, linalg_dtype)
+  u = u.astype(jnp.float32)
+
+  kp = -(-k // b) * b
+  pad = kp - k
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, pad), (0, pad)))
+  if pad:
+    tail = jnp.arange(k, kp)
+    u = u.at[tail, tail].set(1.0)
+  # Per-channel scale table [K, N] for the static mode (rows follow the processing order).
+  col_scales = jnp.repeat(scales0.T, g, axis=0)
+  if perm is not None:
+    col_scales = col_scales[perm]
+  col_scales = jnp.pad(col_scales, ((0, pad), (0, 0)), mode="edge")
+
+  sub = g if dynamic else b  # columns per scale refresh inside a block
+  group_spec = dataclasses.replace(spec, group_size=g) if dynamic else spec
+  n_blocks = kp // b
+  code_dtype = jnp.int8 if spec.fmt in ("int4", "int8") else jnp.uint8
+
+  def block_body(bi, carry):
+    w, q_all, c_all, s_all = carry
+    i1 = bi * b
+    w1 = jax.lax.dynamic_slice(w, (i1, 0), (b, n))
+    u1 = jax.lax.dynamic_slice(u, (i1, i1), (b, b))
+
+    def group_body(gj, gcarry):
+      w1, q1, c1, e1, s_all = gcarry
+      j0 = gj * sub
+      if dynamic:
+        wg = jax.lax.dynamic_slice(w1, (j0, 0), (sub, n))
+        sg, _ = weight_scales(wg.T, group_spec, tensor_scale=ts)  # [N, 1]
+        s_all = jax.lax.dynamic_update_slice(s_all, sg.astype(s_all.dtype), (0, (i1 + j0) // g))
+        s_rows = sg[:, 0]
+
+      def col_body(t, ccarry):
+        w1, q1, c1, e1 = ccarry
+        i = j0 + t
+        wi = jax.lax.dynamic_index_in_dim(w1, i, 0, keepdims=False)
+        si = s_rows if dynamic else jax.lax.dynamic_index_in_dim(col_scales, i1 + i, 0, keepdims=False)
+        ci, qi = quantize_elements(wi, si, ts, spec)
+        urow = jax.lax.dynamic_index_in_dim(u1, i, 0, keepdims=False)
+        err = (wi - qi) / urow[i]
+        w1 = w1 - urow[:, None] * err[None, :]  # U is upper triangular: rows < i are untouched
+        q1 = jax.lax.dynamic_update_index_in_dim(q1, qi, i, 0)
+        c1 = jax.lax.dynamic_update_index_in_dim(c1, ci.astype(code_dtype), i, 0)
+        e1 = jax.lax.dynamic_update_index_in_dim(e1, err, i, 0)
+        return w1, q1, c1, e1
+
+      w1, q1, c1, e1 = jax.lax.fori_loop(0, sub, col_body, (w1, q1, c1, e1))
+      return w1, q1, c1, e1, s_all
+
+    zeros = jnp.zeros((b, n), jnp.float32)
+    init = (w1, zeros, jnp.zeros((b, n), code_dtype), zeros, s_all)
+    _, q1, c1, e1, s_all = jax.lax.fori_loop(0, b // sub, group_body, init)
+    # Lazy update of all later channels; rows < i1 get 0 (U upper triangular), rows of this block are done.
+    u_rows = jax.lax.dynamic_slice(u, (i1, 0), (b, kp))
+    w = w - mm(u_rows.T, e1)
+    q_all = jax.lax.dynamic_update_slice(q_all, q1, (i1, 0))
+    c_all = jax.lax.dynamic_update_slice(c_all, c1, (i1, 0))
+    return w, q_all, c_all, s_all
+
+  s_init = jnp.pad(scales0, ((0, 0), (0, pad // g if dynamic else 0)), mode="edge")
+  init = (w, jnp.zeros((kp, n), jnp.float32), jnp.zeros((kp, n), code_dtype), s_init)
+  _, q, codes, s_all = jax.lax.fori_loop(0, n_blocks, block_body, init)
+  q, codes = q[:k], codes[:k]
+  if perm is not None:
+    inv = jnp.argsort(perm)
+    q, codes = q[inv], codes[inv]
+  scales = s_all[:, : k // g] if dynamic else scales0
+  qt = QuantizedTensor(codes=codes.T, scales=scales, tensor_scale=ts, fmt=spec.fmt, group_size=g)
+  return qt, q, {"damp_tries": tries}
+
+
+def gptq(
+    params: dict,
+    hessian: jax.Array,
+    spec: WeightQuantSpec,
+    **kwargs,
+) -> dict:
+  """GPTQ transform of one Linear: ``params, H -> new params``.
+
+  Args:
+    params: ``{"kernel": [K, N], "bias": [N], ...}``; use ``jax.vmap`` over stacked ``[L, K, N]`` kernels (and
+      ``[L, K, K]`` Hessians). The kernel is whatever the quantized matmul sees (e.g. the smoothed low-rank residual).
+    hessian: ``[K, K]`` Hessian of the inputs of that matmul (build with ``wanjax.quant.linalg.hessian_from_rows``;
+      transform it alongside smoothing / rotation).
+    spec: weight quantizer.
+    **kwargs: see :func:`gptq_quantize_kernel` (block_size, percdamp, act_order, static_groups, ...).
+
+  Returns:
+    New dict with ``"qweight"`` (QuantizedTensor, codes ``[N, K]``) and ``"kernel"`` = its dequantized float32
+    ``[K, N]``; other keys unchanged.
+  """
+  check_linear_params("gptq", params)
+  qt, kq, _ = gptq_quantize_kernel(params["kernel"], hessian, spec, **kwargs)
+  return {**params, "kernel": kq, "qweight": qt}

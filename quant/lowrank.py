@@ -1,0 +1,61 @@
+"""SVDQuant low-rank branch: split a (smoothed) kernel into a rank-r 16-bit branch and a residual to quantize.
+
+``W [K, N] = U S V^T`` (thin SVD, singular values descending); the branch keeps the top ``r`` triplets with the
+singular values split evenly between the factors (the seed's ``A = S^1/2 V^T``, ``B = U S^1/2``, transposed to our
+``[in, out]`` layout)::
+
+    down = U_r S_r^1/2      [K, r]   (x_s @ down: the "lora down" the act-quant kernel fuses)
+    up   = S_r^1/2 V_r^T    [r, N]
+    residual = W - f32(down) @ f32(up)
+
+``down`` / ``up`` are stored in ``dtype`` (bfloat16 by default, as the seed) and the residual is taken against
+those stored values, so ``residual + down @ up`` reproduces ``W`` up to float32 rounding whatever ``dtype`` is.
+At run time: ``y = Q(x_s) @ Q(residual) + (x_s @ down) @ up + bias``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wanjax.quant.linalg import mm
+from wanjax.quant.rtn import check_finite_eager, check_linear_params
+
+__all__ = ["lowrank", "svd_lowrank"]
+
+
+def svd_lowrank(kernel: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """Top-``rank`` SVD factors ``(down [K, r], up [r, N])`` (float32) of ``kernel [K, N]``, ``down @ up`` = best
+  rank-r approximation (Eckart-Young), with ``down^T down = up up^T = diag(S_r)``."""
+  w = jnp.asarray(kernel, jnp.float32)
+  if w.ndim != 2:
+    raise ValueError(f"svd_lowrank: kernel must be [K, N], got shape {tuple(w.shape)}")
+  if not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
+    raise ValueError(f"svd_lowrank: rank must be an int in [1, min(K, N)] = [1, {min(w.shape)}], got {rank!r}")
+  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+  root = jnp.sqrt(s[:rank])
+  return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+
+
+def lowrank(params: dict, rank: int, dtype=jnp.bfloat16) -> dict:
+  """Low-rank transform of one Linear: ``params -> {kernel: residual, down, up, ...}``.
+
+  Args:
+    params: ``{"kernel": [K, N], "bias": [N], ...}`` (already smoothed / rotated if those run first); use
+      ``jax.vmap`` over stacked kernels.
+    rank: r >= 1 (seed 16, SVDQuant 32).
+    dtype: storage dtype of ``down`` / ``up`` (bfloat16 default; float32 for exactness tests).
+
+  Returns:
+    A new dict with ``"kernel"`` = float32 residual ``[K, N]``, ``"down"`` ``[K, r]``, ``"up"`` ``[r, N]``; other keys
+    unchanged. Raises ``ValueError`` if the params already hold a branch (apply it once).
+  """
+  check_linear_params("lowrank", params)
+  if "down" in params or "up" in params:
+    raise ValueError("lowrank: params already hold a low-rank branch ('down'/'up'); apply lowrank once per layer")
+  check_finite_eager("lowrank", "params['kernel']", params["kernel"])
+  w = jnp.asarray(params["kernel"], jnp.float32)
+  down, up = svd_lowrank(w, rank)
+  down, up = down.astype(dtype), up.astype(dtype)
+  residual = w - mm(down.astype(jnp.float32), up.astype(jnp.float32))
+  return {**params, "kernel": residual, "down": down, "up": up}

@@ -1,0 +1,125 @@
+"""QuaRot-style Hadamard rotation of a Linear's input axis K (online on activations, folded into the weight).
+
+The rotation is ``Q = diag(d) @ blockdiag(H_b, ..., H_b)`` with ``H_b`` the normalized Sylvester Walsh-Hadamard
+matrix of size ``b`` (symmetric, orthogonal: ``H_b H_b = I``), ``b`` the largest power of two dividing K
+(5120 -> 1024, 13824 -> 512) unless given, and ``d`` an optional random +-1 sign vector (all ones otherwise).
+``Q`` is orthogonal, so ``(x Q)(Q^T W) = x W`` exactly in real arithmetic:
+
+* weight side (offline): ``kernel <- Q^T kernel`` (:func:`rotate`);
+* activation side (run time): ``x <- x Q = apply_hadamard(x * d)`` (:func:`rotate_activations`), applied AFTER the
+  smoothing division if the layer is smoothed (smooth first, then rotate);
+* statistics: ``H <- Q^T H Q`` (:func:`rotate_hessian`), rows ``<- rows Q``; a per-channel abs-max does not rotate
+  (recompute it from rotated rows).
+
+:func:`apply_hadamard` is a fast Walsh-Hadamard transform built from reshapes (``log2 b`` butterfly stages,
+O(K log b) adds), in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wanjax.quant.rtn import check_finite_eager, check_linear_params
+
+__all__ = [
+    "apply_hadamard",
+    "hadamard_block_size",
+    "hadamard_matrix",
+    "random_signs",
+    "rotate",
+    "rotate_activations",
+    "rotate_hessian",
+]
+
+
+def hadamard_block_size(k: int, block_size: int | None = None) -> int:
+  """Block size of the block-diagonal Hadamard for input size ``k``: ``block_size`` if given (a power of two
+  dividing ``k``), else the largest power of two dividing ``k``."""
+  k = int(k)
+  if k <= 0:
+    raise ValueError(f"hadamard_block_size: K must be positive, got {k}")
+  if block_size is None:
+    return k & -k
+  b = int(block_size)
+  if b <= 0 or b & (b - 1) or k % b:
+    raise ValueError(f"hadamard_block_size: block_size must be a power of two dividing K={k}, got {block_size!r}")
+  return b
+
+
+def hadamard_matrix(n: int, dtype=np.float32) -> np.ndarray:
+  """Dense normalized Sylvester Hadamard matrix ``[n, n]`` (numpy; for references and tests)."""
+  if n <= 0 or n & (n - 1):
+    raise ValueError(f"hadamard_matrix: n must be a power of two, got {n}")
+  h = np.ones((1, 1))
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return (h / np.sqrt(n)).astype(dtype)
+
+
+def apply_hadamard(x: jax.Array, block_size: int | None = None) -> jax.Array:
+  """``x @ blockdiag(H_b, ...)`` along the last axis (normalized, Sylvester order), as a fast WHT in float32.
+
+  Args:
+    x: ``[..., K]``.
+    block_size: power of two dividing K; default the largest such (see :func:`hadamard_block_size`).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  k = x.shape[-1]
+  b = hadamard_block_size(k, block_size)
+  lead = x.shape[:-1]
+  h = 1
+  while h < b:
+    y = x.reshape(*lead, k // (2 * h), 2, h)
+    a, c = y[..., 0, :], y[..., 1, :]
+    x = jnp.stack([a + c, a - c], axis=-2).reshape(*lead, k)
+    h *= 2
+  return x * jnp.float32(1.0 / np.sqrt(b))
+
+
+def random_signs(key: jax.Array, k: int) -> jax.Array:
+  """Random +-1 float32 vector ``[k]`` (the diagonal ``d`` of the rotation)."""
+  return jnp.where(jax.random.bernoulli(key, 0.5, (k,)), 1.0, -1.0).astype(jnp.float32)
+
+
+def rotate_activations(x: jax.Array, signs: jax.Array, block_size: int | None = None) -> jax.Array:
+  """Activation side ``x Q = apply_hadamard(x * signs)`` for ``x [..., K]``."""
+  return apply_hadamard(jnp.asarray(x, jnp.float32) * jnp.asarray(signs, jnp.float32), block_size)
+
+
+def _rotate_rows_of(m: jax.Array, signs: jax.Array, block_size) -> jax.Array:
+  """``Q^T m`` for ``m [K, ...2-D]``: apply the transform along axis 0."""
+  return rotate_activations(m.T, signs, block_size).T
+
+
+def rotate_hessian(hessian: jax.Array, signs: jax.Array, block_size: int | None = None) -> jax.Array:
+  """``Q^T H Q`` for a Hessian ``[K, K]`` of the un-rotated inputs (the Hessian of the rotated inputs)."""
+  h = jnp.asarray(hessian, jnp.float32)
+  return rotate_activations(_rotate_rows_of(h, signs, block_size), signs, block_size)
+
+
+def rotate(params: dict, key: jax.Array | None = None, block_size: int | None = None) -> dict:
+  """Rotation transform of one Linear: ``kernel <- Q^T kernel``; adds ``"rot_signs"`` ``[K]`` (the ``d`` of ``Q``).
+
+  Args:
+    params: ``{"kernel": [K, N], "bias": [N], ...}`` (vmap over stacked kernels; pass a batch of keys for
+      per-layer signs). If the layer is smoothed, smooth BEFORE rotating (run time: ``x / s`` then rotate).
+    key: PRNG key for random signs; ``None`` for no signs (plain block Hadamard, ``d = 1``).
+    block_size: Hadamard block (default: the largest power of two dividing K). The activation side must use the
+      same value; it is not stored (the default is a function of K).
+
+  Returns:
+    New dict with the rotated float32 ``"kernel"`` and ``"rot_signs"``; other keys (bias) unchanged.
+    Raises ``ValueError`` if the params already carry a rotation or a low-rank branch (rotate before ``lowrank``).
+  """
+  k, _ = check_linear_params("rotate", params)
+  if "rot_signs" in params:
+    raise ValueError("rotate: params already carry 'rot_signs'; rotate a layer once")
+  if "down" in params or "qweight" in params:
+    raise ValueError("rotate: apply rotation before lowrank / gptq / rtn (params hold 'down' or 'qweight')")
+  hadamard_block_size(k, block_size)
+  check_finite_eager("rotate", "params['kernel']", params["kernel"])
+  signs = jnp.ones((k,), jnp.float32) if key is None else random_signs(key, k)
+  kernel = _rotate_rows_of(jnp.asarray(params["kernel"], jnp.float32), signs, block_size)
+  return {**params, "kernel": kernel, "rot_signs": signs}

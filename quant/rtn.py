@@ -1,0 +1,231 @@
+"""Round-to-nearest (RTN) weight quantization and the quantizer specs shared by the transforms.
+
+Layout conventions (the same in every transform of ``wanjax.quant``):
+
+* A Linear's params are a dict ``{"kernel": [K, N], "bias": [N], ...}`` with the kernel stored ``[in, out]`` as in
+  ``wanjax/model/layers.py``. Transforms return a NEW dict (input never mutated) and keep keys they do not own.
+* ``wanjax.quant.formats`` quantizes along the LAST axis of ``[N, K]`` weights, i.e. per output channel / per group
+  of consecutive input channels. So a kernel ``[K, N]`` is quantized as ``kernel.T`` and the resulting
+  :class:`~wanjax.quant.formats_types.QuantizedTensor` (key ``"qweight"``) has codes ``[N, K]`` and scales
+  ``[N, K // group_size]`` - the layout the kernels pack.
+* After RTN / GPTQ, ``"kernel"`` holds the dequantized (fake-quantized) float32 weight ``[K, N]``, exactly
+  ``dequantize(qweight).T``, so fake-quant forward passes and error measurements need nothing else.
+
+Specs are frozen (hashable) dataclasses so they can be passed as static arguments to ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wanjax.quant import formats
+from wanjax.quant.formats_codecs import E2M1_MAX, e2m1_decode, e2m1_encode, ldexp_exact
+
+__all__ = [
+    "ActQuantSpec",
+    "WeightQuantSpec",
+    "check_linear_params",
+    "dequantize_kernel",
+    "fake_quant_act",
+    "fake_quant_kernel",
+    "quantize_elements",
+    "quantize_kernel",
+    "rtn",
+    "weight_scales",
+]
+
+_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
+_WEIGHT_FORMATS = ("int4", "int8", "mxfp4", "nvfp4")
+_ACT_FORMATS = ("int4", "int8", "mxfp4", "nvfp4")
+_DEFAULT_BLOCK = {"mxfp4": formats.MX_BLOCK_SIZE, "nvfp4": formats.NVFP4_BLOCK_SIZE}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantSpec:
+  """How a weight is quantized (per output channel ``n``, along the input axis K).
+
+  Attributes:
+    fmt: ``"int4"`` (codes [-7, 7]), ``"int8"``, ``"mxfp4"`` (E2M1 + E8M0 per 32) or ``"nvfp4"`` (E2M1 + e4m3 per
+      16 + f32 tensor scale).
+    group_size: int formats: ``None`` = one scale per output channel, or a divisor of K (32/64/128). FP4 formats:
+      the block size (``None`` -> 32 for mxfp4, 16 for nvfp4).
+    clip: weight clip ratio multiplied into the group abs-max (the seed uses 1.0).
+    scale_rule: mxfp4 only: ``"ocp_floor"`` (the seed's weight rule) or ``"safe_ceil"``.
+  """
+
+  fmt: str = "int4"
+  group_size: int | None = None
+  clip: float = 1.0
+  scale_rule: str = "ocp_floor"
+
+  def __post_init__(self):
+    if self.fmt not in _WEIGHT_FORMATS:
+      raise ValueError(f"WeightQuantSpec: fmt must be one of {_WEIGHT_FORMATS}, got {self.fmt!r}")
+    if self.fmt in _DEFAULT_BLOCK and self.group_size is None:
+      object.__setattr__(self, "group_size", _DEFAULT_BLOCK[self.fmt])
+    if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+      raise ValueError(f"WeightQuantSpec: group_size must be a positive int or None, got {self.group_size!r}")
+    if not (np.isfinite(self.clip) and self.clip > 0):
+      raise ValueError(f"WeightQuantSpec: clip must be finite and > 0, got {self.clip!r}")
+    if self.scale_rule not in formats.MX_SCALE_RULES:
+      raise ValueError(f"WeightQuantSpec: scale_rule must be one of {formats.MX_SCALE_RULES}, got {self.scale_rule!r}")
+
+  def group(self, k: int) -> int:
+    """Elements per scale along K for an input size ``k`` (``k`` itself for per-channel int scales)."""
+    g = k if self.group_size is None else self.group_size
+    if k % g:
+      raise ValueError(f"WeightQuantSpec({self.fmt}): group_size={g} does not divide K={k}; expected K % g == 0")
+    return g
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuantSpec:
+  """Dynamic per-token activation fake quantization (along K of ``x [..., K]``).
+
+  Attributes:
+    fmt: ``"int4"``, ``"int8"``, ``"mxfp4"`` or ``"nvfp4"``.
+    group_size: int formats: ``None`` = one scale per token, or a group size; FP4: block size (default 32 / 16).
+    clip: clip ratio (seed grid 0.6..1.0).
+    scale_rule: mxfp4: ``"safe_ceil"`` (the seed's activation rule, default) or ``"ocp_floor"``.
+    exp_offset: mxfp4 exponent offset delta (seed grid -1/0/+1).
+  """
+
+  fmt: str = "int4"
+  group_size: int | None = None
+  clip: float = 1.0
+  scale_rule: str = "safe_ceil"
+  exp_offset: int = 0
+
+  def __post_init__(self):
+    if self.fmt not in _ACT_FORMATS:
+      raise ValueError(f"ActQuantSpec: fmt must be one of {_ACT_FORMATS}, got {self.fmt!r}")
+    if self.fmt in _DEFAULT_BLOCK and self.group_size is None:
+      object.__setattr__(self, "group_size", _DEFAULT_BLOCK[self.fmt])
+    if not (np.isfinite(self.clip) and self.clip > 0):
+      raise ValueError(f"ActQuantSpec: clip must be finite and > 0, got {self.clip!r}")
+    if self.scale_rule not in formats.MX_SCALE_RULES:
+      raise ValueError(f"ActQuantSpec: scale_rule must be one of {formats.MX_SCALE_RULES}, got {self.scale_rule!r}")
+
+
+def check_linear_params(fn: str, params) -> tuple[int, int]:
+  """Validates a Linear params dict and returns ``(K, N)``; raises ``ValueError`` naming ``fn`` and the problem."""
+  if not isinstance(params, dict) or "kernel" not in params:
+    got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    raise ValueError(f"{fn}: expected a Linear params dict with key 'kernel' [K, N], got {got}")
+  kernel = params["kernel"]
+  if kernel.ndim != 2:
+    raise ValueError(
+        f"{fn}: params['kernel'] must be [K, N] (use jax.vmap for stacked [L, K, N] kernels), got shape "
+        f"{tuple(kernel.shape)}"
+    )
+  k, n = kernel.shape
+  bias = params.get("bias")
+  if bias is not None and tuple(bias.shape) != (n,):
+    raise ValueError(f"{fn}: params['bias'] must have shape ({n},) to match kernel {tuple(kernel.shape)}, got "
+                     f"{tuple(bias.shape)}")
+  return int(k), int(n)
+
+
+def check_finite_eager(fn: str, name: str, x) -> None:
+  """Raises ``ValueError`` if concrete ``x`` holds inf/NaN; traced values are not checked (documented policy)."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  arr = np.asarray(jax.device_get(x), dtype=np.float32)
+  bad = ~np.isfinite(arr)
+  if bad.any():
+    first = np.unravel_index(int(np.argmax(bad.reshape(-1))), arr.shape)
+    raise ValueError(f"{fn}: {name} of shape {arr.shape} has {int(bad.sum())} non-finite value(s), first at "
+                     f"{tuple(int(i) for i in first)}; expected all finite")
+
+
+def _quantize_rows(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None):
+  """formats quantizer for ``[N, K]`` rows (non-finite policy "nan": finiteness is checked once at API entry)."""
+  g = spec.group(w_nk.shape[-1])
+  if spec.fmt in ("int4", "int8"):
+    return formats.quantize_int(w_nk, 4 if spec.fmt == "int4" else 8, group_size=spec.group_size, clip=spec.clip,
+                                nonfinite="nan")
+  if spec.fmt == "mxfp4":
+    return formats.quantize_mxfp4(w_nk, scale_rule=spec.scale_rule, clip=spec.clip, block_size=g, nonfinite="nan")
+  return formats.quantize_nvfp4(w_nk, tensor_scale=tensor_scale, clip=spec.clip, block_size=g, nonfinite="nan")
+
+
+def weight_scales(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None) -> tuple[jax.Array, jax.Array | None]:
+  """Format-native scales of ``w_nk [N, K]`` exactly as ``wanjax.quant.formats`` computes them.
+
+  Returns ``(scales [N, K // g], tensor_scale)``: float32 for int formats, uint8 E8M0 codes for mxfp4, float8_e4m3fn
+  for nvfp4 (with the float32 tensor scale; ``tensor_scale`` fixes it instead of deriving it from ``w_nk``).
+  """
+  qt = _quantize_rows(w_nk, spec, tensor_scale)
+  return qt.scales, qt.tensor_scale
+
+
+def quantize_elements(x: jax.Array, scales: jax.Array, tensor_scale, spec: WeightQuantSpec):
+  """Quantizes ``x`` element-wise with given format-native ``scales`` (broadcast against ``x``).
+
+  Reproduces the element rule of ``wanjax.quant.formats`` bit for bit (reciprocal-multiply for int / nvfp4,
+  exact power-of-two shift for mxfp4), so RTN with scales from :func:`weight_scales` equals ``formats.quantize``.
+
+  Returns ``(codes, dequantized float32)``: int8 codes for int formats, uint8 E2M1 codes for FP4 formats.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if spec.fmt in ("int4", "int8"):
+    qmax = 7.0 if spec.fmt == "int4" else 127.0
+    s = jnp.asarray(scales, jnp.float32)
+    q = jnp.clip(jnp.round(x * (1.0 / s)), -qmax, qmax)
+    return q.astype(jnp.int8), q * s
+  if spec.fmt == "mxfp4":
+    e = jnp.asarray(scales).astype(jnp.int32) - 127
+    codes = e2m1_encode(jnp.clip(ldexp_exact(x, -e), -E2M1_MAX, E2M1_MAX))
+    return codes, ldexp_exact(e2m1_decode(codes), e)
+  eff = jnp.asarray(scales).astype(jnp.float32) * tensor_scale
+  codes = e2m1_encode(jnp.clip(x * (1.0 / jnp.maximum(eff, _F32_TINY)), -E2M1_MAX, E2M1_MAX))
+  return codes, e2m1_decode(codes) * eff
+
+
+def quantize_kernel(kernel: jax.Array, spec: WeightQuantSpec) -> formats.QuantizedTensor:
+  """RTN of a kernel ``[K, N]``: the :class:`QuantizedTensor` of ``kernel.T`` (codes ``[N, K]``)."""
+  return _quantize_rows(jnp.asarray(kernel, jnp.float32).T, spec)
+
+
+def dequantize_kernel(qweight: formats.QuantizedTensor) -> jax.Array:
+  """Float32 kernel ``[K, N]`` of a quantized weight whose codes are ``[N, K]``."""
+  return formats.dequantize(qweight, jnp.float32).T
+
+
+def fake_quant_kernel(kernel: jax.Array, spec: WeightQuantSpec) -> jax.Array:
+  """``dequantize(quantize(kernel))`` for a ``[K, N]`` kernel (RTN), float32."""
+  return dequantize_kernel(quantize_kernel(kernel, spec))
+
+
+def fake_quant_act(x: jax.Array, spec: ActQuantSpec | None) -> jax.Array:
+  """Dynamic per-token fake quantization of activations ``x [..., K]`` (float32); ``spec=None`` returns ``x``."""
+  x = jnp.asarray(x, jnp.float32)
+  if spec is None:
+    return x
+  if spec.fmt in ("int4", "int8"):
+    return formats.quantize_dequantize(x, spec.fmt, group_size=spec.group_size, clip=spec.clip, nonfinite="nan")
+  if spec.fmt == "mxfp4":
+    return formats.quantize_dequantize(x, "mxfp4", scale_rule=spec.scale_rule, exp_offset=spec.exp_offset,
+                                       clip=spec.clip, block_size=spec.group_size, nonfinite="nan")
+  return formats.quantize_dequantize(x, "nvfp4", clip=spec.clip, block_size=spec.group_size, nonfinite="nan")
+
+
+def rtn(params: dict, spec: WeightQuantSpec) -> dict:
+  """Round-to-nearest weight quantization of one Linear.
+
+  Args:
+    params: ``{"kernel": [K, N], "bias": [N], ...}`` (use ``jax.vmap`` for stacked ``[L, K, N]``).
+    spec: the weight quantizer.
+
+  Returns:
+    A new dict: ``"qweight"`` (QuantizedTensor, codes ``[N, K]``), ``"kernel"`` = its dequantized float32 ``[K, N]``,
+    other keys unchanged. Raises ``ValueError`` for a non-finite kernel (checked when called eagerly).
+  """
+  check_linear_params("rtn", params)
+  check_finite_eager("rtn", "params['kernel']", params["kernel"])
+  qt = quantize_kernel(params["kernel"], spec)
+  return {**params, "kernel": dequantize_kernel(qt), "qweight": qt}
