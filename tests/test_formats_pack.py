@@ -92,3 +92,13 @@ def test_quantized_tensor_is_a_pytree_with_static_metadata():
   assert isinstance(out, F.QuantizedTensor) and out.packed
   doubled = jax.tree_util.tree_map(lambda a: a, q)
   assert doubled.fmt == "nvfp4"
+
+
+def test_vmap_over_a_leading_axis_equals_direct_call():
+  x = jnp.asarray(np.random.RandomState(3).randn(3, 4, 64).astype(np.float32))
+  for fmt in ("int4", "mxfp4"):
+    qv = jax.vmap(lambda r: F.quantize(r, fmt))(x)
+    qd = F.quantize(x, fmt)
+    np.testing.assert_array_equal(np.asarray(qv.codes), np.asarray(qd.codes))
+    np.testing.assert_array_equal(np.asarray(qv.scales), np.asarray(qd.scales))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(F.dequantize)(qv)), np.asarray(F.dequantize(qd)))
