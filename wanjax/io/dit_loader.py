@@ -31,10 +31,14 @@ from flax import nnx
 from wanjax.config import WanConfig, config_from_json
 from wanjax.io import keymap
 from wanjax.io.errors import CheckpointError
-from wanjax.io.safetensors_stream import iter_tensors, read_index, scan
+from wanjax.io.safetensors_stream import iter_chunks, read_index, scan
 from wanjax.io.validate import validate
 
 ORBAX_MARKER = "wanjax_dit.json"
+#: Large F32/F16 tensors are read in row blocks of about this size (bounds the transient host memory).
+CHUNK_BYTES = 16 << 20
+#: The memory-mapped file is reopened after this many bytes were read (bounds resident mapped pages).
+REOPEN_BYTES = 16 << 20
 _INFER_HEAD_DIM = 128
 
 Flat = dict[tuple[str, ...], Any]
@@ -186,13 +190,21 @@ def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config
     bufs = {p: np.empty(s.shape, s.dtype) for p, s in target.items()}
     filled = {p: 0 for p in target}
     names = {(t.file, t.key): n for n, t in chosen.items()}
-    for info, arr in iter_tensors(list(chosen.values())):
+    for info, start, arr in iter_chunks(list(chosen.values()), CHUNK_BYTES, REOPEN_BYTES,
+                                        can_split=lambda i: names[(i.file, i.key)] != "patch_embedding.weight"):
         t = keymap.official_to_wanjax(names[(info.file, info.key)])
-        v = keymap.convert_tensor(t.kind, arr)
         slot = bufs[t.path] if t.layer is None else bufs[t.path][t.layer]
-        slot[...] = v       # cast (e.g. fp32 -> bf16, round to nearest even) + layout copy in one pass
-        filled[t.path] += 1
-        del arr, v
+        stop = start + arr.shape[0]
+        # cast (e.g. fp32 -> bf16, round to nearest even) + layout change in one pass, into the final buffer
+        if t.kind == "linear":         # torch rows are output features: columns of the [in, out] kernel
+            slot[:, start:stop] = arr.T
+        elif t.kind == "patch":
+            slot[...] = keymap.convert_tensor(t.kind, arr)
+        else:
+            slot[start:stop] = arr
+        if stop == info.shape[0] or not info.shape:
+            filled[t.path] += 1
+        del arr
     for p, n in filled.items():   # validation guarantees this; keep the invariant explicit
         want = config.num_layers if p[0] == "blocks" else 1
         if n != want:
@@ -209,7 +221,7 @@ def build_model(cfg: WanConfig, dtype, params: Flat):
                            "create it")
     arrays: Flat = {}
     for p in list(params):
-        arrays[p] = jnp.asarray(params.pop(p))   # host buffer freed once moved
+        arrays[p] = jax.device_put(params.pop(p)).block_until_ready()   # host buffer freed once copied
     nnx.replace_by_pure_dict(state, _unflatten(arrays))
     return nnx.merge(graphdef, state, rest)
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from safetensors import safe_open
@@ -187,13 +187,37 @@ class TensorReader:
         self._since_open += arr.nbytes
         return arr
 
+    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (first axis) of tensor ``key``; F32/F16 only (safetensors cannot slice BF16 to numpy)."""
+        if self._f is None or self._since_open >= self.reopen_bytes:
+            self._open()
+        try:
+            arr = self._f.get_slice(key)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read rows {start}:{stop} of tensor {key!r} ({e})") from None
+        self._since_open += arr.nbytes
+        return arr
 
-def iter_tensors(infos: list[TensorInfo], reopen_bytes: int = 16 << 20) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """Yield ``(info, array)`` for ``infos`` grouped by file, in header order within a file, one at a time."""
+
+def iter_chunks(infos: list[TensorInfo], chunk_bytes: int = 16 << 20, reopen_bytes: int = 16 << 20,
+                can_split: Callable[[TensorInfo], bool] = lambda t: True
+                ) -> Iterator[tuple[TensorInfo, int, np.ndarray]]:
+    """Yield ``(info, first_row, rows)`` for ``infos`` grouped by file, in the given order within a file.
+
+    A tensor larger than ``chunk_bytes`` is yielded as consecutive row blocks of about ``chunk_bytes`` when it is
+    F32/F16 and ``can_split(info)``; otherwise whole (``first_row == 0``). Host memory held at any time: one chunk
+    plus at most ``reopen_bytes`` (+ one chunk) of memory-mapped file pages.
+    """
     by_file: dict[str, list[TensorInfo]] = {}
     for t in infos:
         by_file.setdefault(t.file, []).append(t)
     for path, items in by_file.items():
         with TensorReader(path, reopen_bytes) as r:
             for t in items:
-                yield t, r.get(t.key)
+                rows = t.shape[0] if t.shape else 0
+                if t.nbytes <= chunk_bytes or rows < 2 or t.dtype not in ("F32", "F16") or not can_split(t):
+                    yield t, 0, r.get(t.key)
+                    continue
+                step = max(1, chunk_bytes // (t.nbytes // rows))
+                for start in range(0, rows, step):
+                    yield t, start, r.get_rows(t.key, start, min(rows, start + step))
