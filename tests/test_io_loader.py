@@ -125,3 +125,29 @@ def test_chunked_reading_gives_same_params(tmp_path, sd, monkeypatch):
     starts = [s for k, s in calls if k == "blocks.1.ffn.0.weight"]
     assert len(starts) > 1 and starts[0] == 0 and starts == sorted(starts)   # really read in row blocks
     assert [s for k, s in calls if k == "patch_embedding.weight"] == [0]     # the conv is read whole
+
+
+def test_streaming_host_memory(tmp_path, monkeypatch):
+    """Reading holds the converted buffers plus about one chunk: traced peak <= 1.1x the converted expert
+    (a loader that kept whole source tensors or the fp32 checkpoint around would be >= 2x)."""
+    import math
+    import tracemalloc
+
+    from safetensors.numpy import save_file
+
+    import wanjax.io.dit_loader as dl
+    cfg = tiny_cfg(dim=256, heads=2, layers=4, ffn=1024, text_dim=256, freq=64)
+    rng = np.random.default_rng(0)
+    p = str(tmp_path / "m.safetensors")
+    save_file({k: rng.standard_normal(s).astype(np.float32) for k, s in keymap.official_shapes(cfg).items()}, p)
+    converted = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
+                    for s in dl.target_tree(cfg, jnp.bfloat16).values())
+    monkeypatch.setattr(dl, "CHUNK_BYTES", 128 << 10)
+    tracemalloc.start()
+    try:
+        _, bufs = dl.read_safetensors_params(dl.resolve(p), jnp.bfloat16, config=cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(b.nbytes for b in bufs.values()) == converted
+    assert peak <= 1.1 * converted, f"peak traced host memory {peak / converted:.2f}x the converted expert"

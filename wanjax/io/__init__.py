@@ -1,10 +1,16 @@
 """Checkpoint I/O for the Wan2.2 DiT: safetensors streaming, key maps, validation, loading, orbax cache.
 
 Public API: `load_dit` (any published layout or a converted cache -> `WanDiT`), `convert` (-> orbax cache),
-`CheckpointError` (raised for unusable checkpoints).
+`CheckpointError` (raised for unusable checkpoints). orbax is imported only when a cache is written or read.
 """
 from wanjax.io.dit_loader import load_dit
 from wanjax.io.errors import CheckpointError
-from wanjax.io.orbax_cache import convert
+
+
+def convert(src, dst, *args, **kwargs):
+    """Convert a DiT checkpoint into an orbax cache; see `wanjax.io.orbax_cache.convert`."""
+    from wanjax.io.orbax_cache import convert as _convert
+    return _convert(src, dst, *args, **kwargs)
+
 
 __all__ = ["load_dit", "convert", "CheckpointError"]

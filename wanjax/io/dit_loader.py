@@ -240,6 +240,7 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
 
     Raises `wanjax.io.errors.CheckpointError` for unusable checkpoints (message names file, key, expected, got).
     """
+    dtype = jnp.dtype(dtype)
     src = resolve(path)
     if src.kind == "orbax":
         from wanjax.io.orbax_cache import load_cached
