@@ -59,8 +59,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         cfg, params = read_safetensors_params(source, dtype, config=config, ignore_unknown=ignore_unknown)
         # Hand orbax host-side jax arrays (one leaf moved and freed at a time): with numpy leaves orbax makes extra
         # full copies (measured 2.8x the converted size at peak vs ~1.7x this way).
-        cpu = jax.local_devices(backend="cpu")[0]
-        params = {p: jax.device_put(params.pop(p), cpu) for p in list(params)}
+        try:
+            cpu = jax.local_devices(backend="cpu")[0]
+        except RuntimeError:   # JAX_PLATFORMS excludes cpu: let orbax take the numpy arrays
+            cpu = None
+        if cpu is not None:
+            params = {p: jax.device_put(params.pop(p), cpu).block_until_ready() for p in list(params)}
         with _checkpointer() as ckpt:
             ckpt.save(os.path.join(tmp, "params"), args=ocp.args.StandardSave(_unflatten(params)))
         del params
