@@ -19,6 +19,7 @@ inside it, so the full video never goes through a conv at once and memory stays 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -291,14 +292,9 @@ def abstract_vae(cfg: VAEConfig = WAN21_VAE, *, dtype=jnp.float32, param_dtype=j
     return nnx.eval_shape(lambda: WanVAE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
-def init_vae(cfg: VAEConfig = WAN21_VAE, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> WanVAE:
-    """Randomly initialised `WanVAE`, fast: all weights drawn by one jitted function with the
-    ``unsafe_rbg`` PRNG (eager ``WanVAE(...)`` compiles a threefry sampler per weight shape, which takes
-    tens of seconds on CPU). Kernels ~ U(+-1/sqrt(fan_in)), biases 0, norm gammas 1."""
-    vae = abstract_vae(cfg, dtype=dtype, param_dtype=param_dtype)
-    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
-    flat = nnx.to_flat_state(params)
-    specs = [(str(path[-1]), v.get_value().shape, v.get_value().dtype) for path, v in flat]
+@functools.lru_cache(maxsize=8)
+def _random_params_fn(specs: tuple[tuple[str, tuple[int, ...], Any], ...]):
+    """Jitted ``key -> [param arrays]`` for the given ``(leaf name, shape, dtype)`` specs (cached per model shape)."""
 
     @jax.jit
     def draw(key):
@@ -314,7 +310,18 @@ def init_vae(cfg: VAEConfig = WAN21_VAE, *, seed: int = 0, dtype=jnp.float32, pa
                 out.append(jnp.zeros(shape, dt))
         return out
 
-    values = draw(jax.random.key(seed, impl="unsafe_rbg"))
+    return draw
+
+
+def init_vae(cfg: VAEConfig = WAN21_VAE, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> WanVAE:
+    """Randomly initialised `WanVAE`, fast: all weights drawn by one jitted function with the
+    ``unsafe_rbg`` PRNG (eager ``WanVAE(...)`` compiles a threefry sampler per weight shape, which takes
+    tens of seconds on CPU). Kernels ~ U(+-1/sqrt(fan_in)), biases 0, norm gammas 1."""
+    vae = abstract_vae(cfg, dtype=dtype, param_dtype=param_dtype)
+    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    specs = tuple((str(path[-1]), tuple(v.get_value().shape), jnp.dtype(v.get_value().dtype)) for path, v in flat)
+    values = _random_params_fn(specs)(jax.random.key(seed, impl="unsafe_rbg"))
     for (_, var), val in zip(flat, values):
         var.set_value(val)
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
