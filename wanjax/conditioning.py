@@ -5,7 +5,7 @@
 * the VAE input ``[image, F - 1 black frames]`` (`i2v_video`);
 * the 4-channel first-frame mask, channels-last ``[F_lat, lat_h, lat_w, 4]`` (`i2v_mask`) and
   ``y = concat(mask, image latent)`` with 4 + 16 = 20 channels (`concat_condition`);
-* the official Chinese default negative prompt (`NEGATIVE_PROMPT`) and prompt cleaning (`prompt_clean`).
+* the official Chinese default negative prompt (`NEGATIVE_PROMPT`); prompt cleaning is `wanjax.text.clean_prompt`.
 
 Resize choice: the official code resizes with ``torch.nn.functional.interpolate(mode="bicubic")`` (Keys kernel with
 ``a = -0.75``, half-pixel centres, edge samples clamped, **no antialiasing** even when shrinking).
@@ -15,7 +15,6 @@ borders; PIL's bicubic also uses ``a = -0.5`` with antialiasing. Neither reprodu
 """
 from __future__ import annotations
 
-import html
 import os
 import re
 
@@ -25,7 +24,7 @@ __all__ = [
     "NEGATIVE_PROMPT", "SIZE_PRESETS", "VAE_STRIDE", "PATCH_SIZE",
     "max_area_from_size", "i2v_size", "check_num_frames", "num_latent_frames",
     "load_image", "image_to_array", "bicubic_resize", "preprocess_image", "i2v_video",
-    "i2v_mask", "concat_condition", "prompt_clean",
+    "i2v_mask", "concat_condition",
 ]
 
 # Official `sample_neg_prompt` (wan/configs/shared_config.py), used when the negative prompt is empty.
@@ -219,24 +218,3 @@ def concat_condition(mask, image_latent):
         import jax.numpy as xp
     mask = xp.broadcast_to(mask.astype(image_latent.dtype), image_latent.shape[:-1] + (4,))
     return xp.concatenate([mask, image_latent], axis=-1)
-
-
-# Whitespace as the `regex` module's \s (used by the official/diffusers cleaners): Python's `re` also counts the
-# information separators U+001C..U+001F, which `regex` does not.
-_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
-
-
-def prompt_clean(text: str) -> str:
-    """Clean a prompt as the official tokenizer (``clean='whitespace'``) and diffusers' ``prompt_clean``:
-    ``ftfy.fix_text`` (only if ftfy is installed; it is optional), HTML-unescape twice, collapse whitespace runs to a
-    single space, strip."""
-    if not isinstance(text, str):
-        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
-    try:
-        import ftfy
-    except ImportError:
-        ftfy = None
-    if ftfy is not None:
-        text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return _WHITESPACE.sub(" ", text).strip()

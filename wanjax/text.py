@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-try:  # the official code uses the `regex` module; fall back to `re` (same result for ordinary whitespace)
-    import regex as _re
-except ImportError:  # pragma: no cover
-    import re as _re
+import re
+
+# Whitespace as the `regex` module's \s (which the official/diffusers cleaners use): Python's `re` also counts the
+# information separators U+001C..U+001F, which `regex` does not.
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
 
 log = logging.getLogger(__name__)
 _warned_ftfy = False
@@ -45,6 +46,8 @@ def clean_prompt(text: str, mode: str | None = "whitespace") -> str:
     may then tokenize differently from the reference).
     """
     global _warned_ftfy
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
     if mode is None:
         return text
     if mode not in ("whitespace", "lower"):
@@ -58,7 +61,7 @@ def clean_prompt(text: str, mode: str | None = "whitespace") -> str:
                         "applies it); install ftfy for exact parity on broken unicode")
             _warned_ftfy = True
     text = html.unescape(html.unescape(text)).strip()
-    text = _re.sub(r"\s+", " ", text).strip()
+    text = _WHITESPACE.sub(" ", text).strip()
     return text.lower() if mode == "lower" else text
 
 
