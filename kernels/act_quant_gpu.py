@@ -67,7 +67,13 @@ def _quant_rows_kernel(x_ref, sm_ref, cs_ref, q_ref, s_ref, *, k, qmax, static, 
   else:
     s = jnp.max(jnp.abs(x), axis=1) * c / jnp.float32(qmax)
   s = jnp.where(s > 0, s, jnp.float32(1.0))
-  q = jnp.clip(jnp.round(x / s[:, None]), -qmax, qmax).astype(jnp.int8)
+  # Pallas Triton has no `round`: round half to even from floor (exact here: |t| <= qmax after the clip, which
+  # commutes with rounding at integer bounds).
+  t = jnp.clip(x / s[:, None], -qmax, qmax)
+  f = jnp.floor(t)
+  d = t - f
+  odd = f - 2.0 * jnp.floor(f * 0.5)
+  q = (f + jnp.where(d > 0.5, 1.0, jnp.where(d == 0.5, odd, 0.0))).astype(jnp.int8)
   pltriton.store(q_ref, q, mask=cmask[None, :])
   s_ref[...] = s
   del pl

@@ -96,3 +96,24 @@ def test_bad_weight_shape():
   x, wp, sw, *_ = _layer(4, 8, 128, 64, 0)
   with pytest.raises(ValueError, match="w_packed must be"):
     dispatch.w4a4_linear(x, wp[:, :10], sw)
+
+
+@pytest.mark.parametrize("m,k,static", [(13, 5120, None), (3, 13824, None), (9, 384, 0.3)])
+def test_quantize_rows_pallas_interpret(m, k, static):
+  """Single-pass Pallas (Triton) quantizer in the interpreter: same codes as the reference, scales to an ulp."""
+  from wanjax.kernels.act_quant_gpu import quantize_rows_pallas
+  rng = np.random.default_rng(m * k)
+  x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 5, (m, 1)), jnp.bfloat16)
+  smooth = jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)
+  q, s = quantize_rows_pallas(x, smooth, 0.9, static, interpret=True)
+  q0, s0 = ref.quantize_act_int4(x, smooth, 0.9, static)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
+
+
+def test_quantize_rows_pallas_round_half_even():
+  from wanjax.kernels.act_quant_gpu import quantize_rows_pallas
+  vals = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 7.0, 6.5, -6.5, 9.0, -9.0, 0.0, 1.0, 4.5, -3.5]
+  q, s = quantize_rows_pallas(jnp.asarray([vals], jnp.float32), static_scale=1.0, interpret=True)
+  assert np.asarray(q)[0].tolist() == [0, 2, 2, 0, -2, -2, 3, 7, 6, -6, 7, -7, 0, 1, 4, -4]
+  assert np.asarray(s).tolist() == [1.0]
