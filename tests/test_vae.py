@@ -95,6 +95,7 @@ SMALL_REAL = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_bloc
 
 
 def test_parity_real_topology():
+    """Jitted public API (normalised latents, published mean/std) vs diffusers + (x - mean) * (1 / std)."""
     ref = _torch_vae(SMALL_REAL, seed=1)
     vae = load_vae_state_dict(abstract_vae(SMALL_REAL), ref.state_dict())
     g = torch.Generator().manual_seed(3)
@@ -151,9 +152,10 @@ def test_normalization(pair):
     np.testing.assert_array_equal(np.asarray(vae.decode(lat)), np.asarray(vae.decode_raw(vae.denormalize(lat))))
 
 
-def test_jit_normalized_parity(pair):
-    """Jitted public API (normalised latents) vs diffusers + the pipeline's (x - mean) * (1 / std)."""
-    ref, vae, _ = pair
+def test_bf16_compute(pair):
+    """bf16 weights + compute through the jitted public API (normalised latents): the chunked path keeps
+    its cache dtypes consistent, outputs come back fp32 and stay close to the fp32 torch reference."""
+    ref, _, sd = pair
     g = torch.Generator().manual_seed(7)
     x = torch.rand(1, 3, 5, H, W, generator=g) * 2 - 1
     mean = torch.tensor(TINY.latents_mean).view(1, -1, 1, 1, 1)
@@ -161,25 +163,14 @@ def test_jit_normalized_parity(pair):
     with torch.no_grad():
         lat_ref = (ref.encode(x).latent_dist.mode() - mean) * inv_std
         out_ref = ref.decode(lat_ref / inv_std + mean).sample.numpy()
-    lat = encode_video(vae, _to_cl(x))
-    assert _rel(_to_cf(lat), lat_ref.numpy()) <= TOL
-    out = decode_video(vae, lat)
-    assert out.shape == (1, 5, H, W, 3) and out.dtype == jnp.float32
-    assert _rel(_to_cf(out), out_ref) <= TOL
-
-
-def test_bf16_compute(pair):
-    """bf16 weights + compute run through the same chunked path (cache dtypes stay consistent) and stay
-    close to fp32; latents and video come back as fp32."""
-    _, vae, sd = pair
-    x = jax.random.uniform(jax.random.key(5), (1, 5, H, W, 3), minval=-1, maxval=1)
-    lat = encode_video(vae, x)  # same shapes as test_jit_normalized_parity: compiled once
-    out = decode_video(vae, lat)
     v16 = load_vae_state_dict(abstract_vae(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), sd)
     assert all(v.get_value().dtype == jnp.bfloat16 for _, v in nnx.to_flat_state(nnx.state(v16, nnx.Param)))
-    lat16 = encode_video(v16, x)
-    assert lat16.dtype == jnp.float32 and _rel(lat16, lat) < 5e-2
-    assert _rel(decode_video(v16, lat), out) < 1e-1
+    lat16 = encode_video(v16, _to_cl(x))
+    assert lat16.dtype == jnp.float32 and lat16.shape == (1, 3, H // 4, W // 4, TINY.z_dim)
+    assert 1e-4 < _rel(_to_cf(lat16), lat_ref.numpy()) < 5e-2  # bf16 really used, and close
+    out16 = decode_video(v16, jnp.asarray(lat_ref.numpy().transpose(0, 2, 3, 4, 1)))
+    assert out16.dtype == jnp.float32 and out16.shape == (1, 5, H, W, 3)
+    assert 1e-4 < _rel(_to_cf(out16), out_ref) < 1e-1
 
 
 def _conv_frame_counts(jaxpr) -> list[int]:
