@@ -57,8 +57,9 @@ def test_round_trip(tmp_path, src, dtype):
                                                                   jnp.ones((1, 2, CFG.text_dim)))))
 
 
-def test_load_cache_in_other_dtype(tmp_path, src):
-    dst = convert(src, tmp_path / "cache", jnp.float32)
+def test_load_cache_in_other_dtype_and_compressed(tmp_path, src):
+    dst = convert(src, tmp_path / "cache", jnp.float32, compress=True)
+    assert json.load(open(os.path.join(dst, "wanjax_dit.json")))["compressed"] is True
     _assert_same(load_dit(dst, jnp.bfloat16), load_dit(src, jnp.bfloat16))
 
 

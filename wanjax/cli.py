@@ -21,7 +21,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         out = convert(args.src, args.dst, jnp.dtype(args.dtype), ignore_unknown=args.ignore_unknown,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, compress=args.compress)
     except (CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"wanjax convert: error: {e}", file=sys.stderr)
         return 2
@@ -39,6 +39,8 @@ def _add_convert(sub) -> None:
                    help="storage dtype of the large weights (modulation, norms, time embedding, head stay fp32)")
     p.add_argument("--ignore-unknown", action="store_true", help="skip tensors that are not DiT parameters")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--compress", action="store_true",
+                   help="zstd-compress the arrays (smaller, slower to load on few cores)")
     p.set_defaults(func=cmd_convert)
 
 
