@@ -145,7 +145,8 @@ def target_tree(cfg: WanConfig, dtype=jnp.bfloat16) -> Flat:
     return flat
 
 
-def _unflatten(flat: Flat) -> dict:
+def unflatten_tree(flat: Flat) -> dict:
+    """``{("a", "b"): x}`` -> ``{"a": {"b": x}}``."""
     out: dict = {}
     for path, v in flat.items():
         d = out
@@ -155,11 +156,12 @@ def _unflatten(flat: Flat) -> dict:
     return out
 
 
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> Flat:
+def flatten_tree(tree: dict, prefix: tuple[str, ...] = ()) -> Flat:
+    """Inverse of `unflatten_tree` (leaves are anything that is not a dict)."""
     out: Flat = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
+            out.update(flatten_tree(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out
@@ -222,7 +224,7 @@ def build_model(cfg: WanConfig, dtype, params: Flat):
     arrays: Flat = {}
     for p in list(params):
         arrays[p] = jax.device_put(params.pop(p)).block_until_ready()   # host buffer freed once copied
-    nnx.replace_by_pure_dict(state, _unflatten(arrays))
+    nnx.replace_by_pure_dict(state, unflatten_tree(arrays))
     return nnx.merge(graphdef, state, rest)
 
 

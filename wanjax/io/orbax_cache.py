@@ -3,8 +3,8 @@
 Layout of a cache directory ``DST``::
 
     DST/wanjax_dit.json   {"format": "wanjax-dit", "version": 1, "config": {...WanConfig...},
-                           "param_dtype": "bfloat16", "source": "<converted from>"}
-    DST/params/           orbax (StandardCheckpointer) checkpoint of the pure parameter dict
+                           "param_dtype": "bfloat16", "compressed": false, "source": "<converted from>"}
+    DST/params/           orbax PyTree checkpoint (OCDBT) of the pure parameter dict
 
 `convert` builds everything in a temporary sibling directory and renames it to ``DST`` only when complete, so an
 interrupted conversion never leaves a half-written ``DST``. `wanjax.load_dit` recognises such a directory by its
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from wanjax.config import WanConfig
-from wanjax.io.dit_loader import (ORBAX_MARKER, _flatten, _unflatten, build_model, read_safetensors_params, resolve,
-                                  target_tree)
+from wanjax.io.dit_loader import (ORBAX_MARKER, build_model, flatten_tree, read_safetensors_params, resolve,
+                                  target_tree, unflatten_tree)
 from wanjax.io.errors import CheckpointError
 
 FORMAT = "wanjax-dit"
@@ -68,7 +68,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         if cpu is not None:
             params = {p: jax.device_put(params.pop(p), cpu).block_until_ready() for p in list(params)}
         with _checkpointer(compress) as ckpt:
-            ckpt.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(_unflatten(params)))
+            ckpt.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(unflatten_tree(params)))
         del params
         meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
                 "param_dtype": jnp.dtype(dtype).name, "compressed": bool(compress),
@@ -126,9 +126,9 @@ def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfi
                     for p, s in target.items()}
     try:
         with _checkpointer() as ckpt:
-            restored = ckpt.restore(ppath, args=ocp.args.PyTreeRestore(_unflatten(target),
-                                                                       restore_args=_unflatten(restore_args)))
+            restored = ckpt.restore(ppath, args=ocp.args.PyTreeRestore(unflatten_tree(target),
+                                                                       restore_args=unflatten_tree(restore_args)))
     except Exception as e:   # orbax raises various types for structure/shape mismatches
         raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
-    return build_model(cfg, dtype, _flatten(restored))
+    return build_model(cfg, dtype, flatten_tree(restored))
 
