@@ -15,6 +15,8 @@ Chunking follows the reference exactly: the encoder sees frame chunks ``1, 4, 4,
 decoder one latent frame at a time, each causal conv carrying the last frames of the previous
 chunk. The first chunk runs outside ``jax.lax.scan`` (it fixes the cache shapes), the rest run
 inside it, so the full video never goes through a conv at once and memory stays bounded.
+Measured on one H100 (bf16, random weights, 480x832, 81 frames, jitted): encode 0.61 s with a
+3.8 GiB peak, decode 1.0 s with a 4.6 GiB peak (first call ~15 s each, compilation).
 """
 from __future__ import annotations
 
@@ -210,7 +212,10 @@ def _run_chunks(fn, first_chunk: jax.Array, rest: jax.Array | None) -> jax.Array
 
 class WanVAE(nnx.Module):
     """The Wan2.1 VAE. ``dtype`` is the compute dtype (fp32 for tests, bf16 on GPU); ``param_dtype``
-    the storage dtype of the weights. Norms, softmax and latent (un)normalisation run in fp32."""
+    the storage dtype of the weights. Norms, softmax and latent (un)normalisation run in fp32.
+
+    Constructing it directly draws every weight eagerly (slow on CPU); use `abstract_vae` + the loader
+    for checkpoints and `init_vae` for random weights."""
 
     def __init__(self, cfg: VAEConfig = WAN21_VAE, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
