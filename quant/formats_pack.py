@@ -11,9 +11,10 @@ Nibble contents:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from wanjax.quant.formats_checks import is_traced
 
@@ -31,18 +32,24 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
     raise ValueError(f"pack_nibbles: expected codes [..., K] with K even, got shape {tuple(codes.shape)}")
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(f"pack_nibbles: expected an integer dtype (int4 values or FP4 codes), got {codes.dtype}")
-  if not is_traced(codes):
-    arr = np.asarray(jax.device_get(codes)).astype(np.int64)
+  if not is_traced(codes) and codes.size:
     signed = jnp.issubdtype(codes.dtype, jnp.signedinteger)
     lo, hi = (-8, 7) if signed else (0, 15)
-    if arr.size and (arr.min() < lo or arr.max() > hi):
-      raise ValueError(
-          f"pack_nibbles: {codes.dtype} codes must lie in [{lo}, {hi}], got min {arr.min()} max {arr.max()}"
-      )
+    cmin, cmax = (int(v) for v in _min_max(codes))  # two scalars leave the device
+    if cmin < lo or cmax > hi:
+      raise ValueError(f"pack_nibbles: {codes.dtype} codes must lie in [{lo}, {hi}], got min {cmin} max {cmax}")
+  return _pack_core(codes)
+
+
+@jax.jit
+def _min_max(codes):
+  return jnp.min(codes.astype(jnp.int32)), jnp.max(codes.astype(jnp.int32))
+
+
+@jax.jit
+def _pack_core(codes):
   nib = codes.astype(jnp.int32) & 0xF
-  low = nib[..., 0::2]
-  high = nib[..., 1::2]
-  return (low | (high << 4)).astype(jnp.uint8)
+  return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(jnp.uint8)
 
 
 def unpack_nibbles(packed: jax.Array, signed: bool) -> jax.Array:
@@ -56,6 +63,11 @@ def unpack_nibbles(packed: jax.Array, signed: bool) -> jax.Array:
     raise ValueError(f"unpack_nibbles: expected uint8 packed bytes, got {packed.dtype}")
   if packed.ndim == 0:
     raise ValueError("unpack_nibbles: expected packed bytes [..., K/2], got a scalar")
+  return _unpack_core(packed, signed=bool(signed))
+
+
+@functools.partial(jax.jit, static_argnames=("signed",))
+def _unpack_core(packed, signed):
   b = packed.astype(jnp.int32)
   low = b & 0xF
   high = (b >> 4) & 0xF
