@@ -50,11 +50,7 @@ def test_round_trip(tmp_path, src, dtype):
     assert sorted(os.listdir(tmp_path)) == ["cache", "high_noise_model"]   # no temp dir left behind
     cached = load_dit(dst, dtype)
     assert cached.cfg == CFG
-    _assert_same(cached, load_dit(src, dtype))
-    x = jnp.ones((1, 1, 2, 4, 36))
-    np.testing.assert_array_equal(np.asarray(cached(x, jnp.array([3.0]), jnp.ones((1, 2, CFG.text_dim)))),
-                                  np.asarray(load_dit(src, dtype)(x, jnp.array([3.0]),
-                                                                  jnp.ones((1, 2, CFG.text_dim)))))
+    _assert_same(cached, load_dit(src, dtype))   # identical params => identical outputs
 
 
 def test_load_cache_in_other_dtype_and_compressed(tmp_path, src):
