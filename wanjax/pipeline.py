@@ -1,7 +1,7 @@
 """Image-to-video generation with the two Wan2.2 experts: encode -> denoise (expert switch, CFG) -> decode.
 
-One jitted step function (classifier-free-guided forward of one expert + one solver step) takes the expert's
-parameters as an argument, so a single compilation serves both experts; `denoise` is the one denoise loop.
+One jitted function (the classifier-free-guided forward of one expert) takes the expert's parameters as an argument,
+so a single compilation serves both experts; the loop is `wanjax.sampling.sample`, the project's one denoise loop.
 
     pipe = WanI2VPipeline.from_pretrained("Wan2.2-I2V-A14B")        # official layout (or diffusers layout)
     out = pipe("input.jpg", "a cat surfing", seed=0)                  # 81 frames, 40 steps, shift 5, guide 3.5/3.5
@@ -21,7 +21,7 @@ from flax import nnx
 
 from wanjax import conditioning
 from wanjax.model.dit import WanDiT
-from wanjax.sampling import flow_schedule, get_solver
+from wanjax.sampling import flow_schedule, sample
 from wanjax.video_io import to_uint8
 
 #: Official default negative prompt (``sample_neg_prompt`` in Wan2.2's shared config).
@@ -54,16 +54,15 @@ class I2VOutput:
     seconds: dict[str, float]
 
 
-def _cfg_step(graphdef, solver_step, params, x, y, ctx, t, guide, state, i):
-    """Guided velocity of one expert at (x, t) and one solver step. ctx: [2, L, D] = (cond, uncond)."""
+def _guided_velocity(graphdef, params, x, y, ctx, t, guide):
+    """Classifier-free-guided velocity of one expert at (x, t). ctx: [2, L, D] = (cond, uncond), batched as 2B."""
     model = nnx.merge(graphdef, params)
     inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
     b = x.shape[0]
     v = model(jnp.concatenate([inp, inp], 0), jnp.full((2 * b,), t, jnp.float32),
               jnp.repeat(ctx, b, axis=0) if b > 1 else ctx)
     v_cond, v_uncond = v[:b], v[b:]
-    v = v_uncond + guide * (v_cond - v_uncond)
-    return solver_step(state, i, v, x)
+    return v_uncond + guide * (v_cond - v_uncond)
 
 
 class WanI2VPipeline:
@@ -90,7 +89,8 @@ class WanI2VPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.release_text_encoder = release_text_encoder
-        self._steps: dict[str, Callable] = {}
+        g = self.graphdef
+        self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g, params, x, y, ctx, t, guide))
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -151,17 +151,6 @@ class WanI2VPipeline:
         y = conditioning.concat_condition(jnp.asarray(mask), lat)
         return y.astype(jnp.float32), img.shape[:2]
 
-    def _step_fn(self, solver: str) -> Callable:
-        if solver not in self._steps:
-            _, solver_step = get_solver(solver)
-            g = self.graphdef
-
-            def step(params, x, y, ctx, t, guide, state, i):
-                return _cfg_step(g, solver_step, params, x, y, ctx, t, guide, state, i)
-
-            self._steps[solver] = jax.jit(step, donate_argnums=(1,))
-        return self._steps[solver]
-
     def expert_for(self, t: int, boundary: float) -> str:
         """``"high"`` if ``t >= boundary * num_train_timesteps`` else ``"low"`` (as the official code)."""
         return "high" if t >= boundary * self.cfg.num_train_timesteps else "low"
@@ -176,25 +165,28 @@ class WanI2VPipeline:
         sched = flow_schedule(gen.steps, shift=gen.shift)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
         x = jax.random.normal(jax.random.key(gen.seed), shape, jnp.float32) if noise is None \
-            else jnp.array(noise, jnp.float32, copy=True)   # the step donates x
+            else jnp.asarray(noise, jnp.float32)
         if x.shape != shape:
             raise ValueError(f"noise shape {x.shape} does not match the latent shape {shape}")
-        init, _ = get_solver(gen.solver)
-        state = init(sched.sigmas, x.shape)
-        step = self._step_fn(gen.solver)
         guide_low, guide_high = gen.guide_scale
-        experts = []
-        bar = _progress(len(sched.timesteps), progress)
-        for i, t in enumerate(np.asarray(sched.timesteps).tolist()):
+        experts: list[str] = []
+        bar = _progress(gen.steps, progress)
+
+        def model_fn(x, t, i):
+            t = int(t)
             name = self.expert_for(t, gen.boundary)
+            experts.append(name)
             params = self._params_high if name == "high" else self._params_low
             guide = guide_high if name == "high" else guide_low
-            x, state = step(params, x, y, context, jnp.float32(t), jnp.float32(guide), state, jnp.int32(i))
-            experts.append(name)
+            return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
+
+        def callback(i, t, x):
             if bar is not None:
                 jax.block_until_ready(x)
-                bar.set_postfix_str(f"t={t} expert={name}")
+                bar.set_postfix_str(f"t={t} expert={experts[-1]}")
                 bar.update(1)
+
+        x = sample(model_fn, x, sched, gen.solver, unroll=True, callback=callback)
         if bar is not None:
             bar.close()
         return x, experts
