@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import reference
-from .act_quant_gpu import act_quant_fused
+from .act_quant_gpu import act_quant_fused, act_quant_pallas
 
 BACKENDS = ("reference", "xla", "pallas")
 ENV_VAR = "WANJAX_KERNELS"
@@ -54,47 +54,80 @@ def pallas_supports(n: int, k: int) -> bool:
   return n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0
 
 
+# Below this many tokens the per-call XLA unpack of packed weights costs more than the in-register int4 unpack
+# (measured on H100: M=4096 e2e 0.239 ms int4-in-registers vs 0.277 ms unpack+int8; M=32760 1.738 vs 1.630 ms).
+INT8_UNPACK_MIN_M = 16384
+
+
+def _weights_nk(w) -> tuple[int, int]:
+  if w.ndim != 2 or w.dtype not in (jnp.uint8, jnp.int8):
+    raise ValueError(f"W4A4 weights must be packed uint8 [N, K/2] or int8 [N, K] (int4 values), got "
+                     f"{w.dtype} {w.shape}")
+  return w.shape[0], w.shape[1] * (2 if w.dtype == jnp.uint8 else 1)
+
+
+def _int8_weights(w):
+  return w if w.dtype == jnp.int8 else reference.unpack_int4(w)
+
+
 def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
-  q_w = reference.unpack_int4(w_packed)
+  q_w = _int8_weights(w_packed)
   acc = lax.dot_general(q_x, q_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
   return reference.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
 
 
 def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,
                 backend: str | None = None):
-  """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], w_packed uint8 [N, K/2], s_w [N].
+  """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], s_w [N], weights ``w_packed`` either packed
+  uint8 [N, K/2] or already unpacked int8 [N, K] (int4 values; twice the memory, no per-call unpack).
 
   Optional low-rank branch x_lr [M, r] / up [r, N] and bias [N]. Returns [M, N] ``out_dtype``.
   """
   be = select_backend(backend)
-  n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+  n, k = _weights_nk(w_packed)
   if be == "reference":
-    return reference.w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
+    return reference.w4a4_epilogue(reference.int_matmul_nt(q_x, _int8_weights(w_packed)), s_x, s_w, x_lr, up, bias,
+                                   out_dtype)
   r = 0 if x_lr is None else x_lr.shape[1]
   if be == "xla" or not pallas_supports(n, k) or r % 16:
     return _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
   from .w4a4_gpu import w4a4_matmul_gpu_any_m
-  q_w = reference.unpack_int4(w_packed)  # one cheap XLA pass over the packed weights (~1% at Wan shapes)
-  return w4a4_matmul_gpu_any_m(q_x, s_x, q_w, s_w, x_lr, up, bias, out_dtype=out_dtype, weights="int8")
+  if w_packed.dtype == jnp.uint8 and q_x.shape[0] < INT8_UNPACK_MIN_M:
+    # small M: keep the weights packed and unpack int4 -> int8 in registers inside the kernel
+    return w4a4_matmul_gpu_any_m(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype=out_dtype, weights="int4")
+  # large M: one XLA pass unpacks the weights (~0.03-0.1 ms), then the faster int8-operand kernel
+  return w4a4_matmul_gpu_any_m(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype=out_dtype,
+                               weights="int8")
 
 
-def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None):
-  """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None)."""
+def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None,
+              act_quant_impl: str = "xla"):
+  """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None).
+
+  ``act_quant_impl="pallas"`` (pallas backend only) uses the single-pass Pallas quantizer (Triton backend): 11%
+  faster at K=5120 and 4% slower at K=13824 on the H100 (docs/BENCHMARKS.md, "Kernels"); its f32 division is not
+  IEEE-exact, so ~1e-7 of the codes differ by one from the reference at rounding ties. Default: the XLA function.
+  """
   be = select_backend(backend)
+  if act_quant_impl not in ("xla", "pallas"):
+    raise ValueError(f"act_quant_impl must be 'xla' or 'pallas', got {act_quant_impl!r}")
   if be == "reference":
     return reference.act_quant(x, smooth, down, clip, static_scale)
+  if be == "pallas" and act_quant_impl == "pallas":
+    return act_quant_pallas(x, smooth, down, clip, static_scale)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
   # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
   return act_quant_fused(x, smooth, down, clip, static_scale, fold_smooth=(be == "pallas"))
 
 
 def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,
-                out_dtype=jnp.bfloat16, backend: str | None = None):
+                out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "xla"):
   """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
 
   Args:
     x: activations [..., K] (any float dtype).
-    w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention).
+    w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention), or int8 [N, K] int4 values
+      (pre-unpacked once at load time: fastest on H100, 1 byte/parameter instead of 0.5).
     s_w: f32 [N] per-channel weight scales.
     smooth: optional [K] smoothing divisor (activations are divided by it; fold it into the weights beforehand).
     down, up: optional low-rank branch, [K, r] and [r, N].
@@ -103,13 +136,15 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
     static_scale: optional static activation scale (scalar, may be traced) replacing the dynamic one.
     out_dtype: output dtype (bf16 default).
     backend: "reference" | "xla" | "pallas" | None (see module docstring).
+    act_quant_impl: "xla" (default) or "pallas" (see :func:`act_quant`).
   """
   lead = x.shape[:-1]
   k = x.shape[-1]
-  if w_packed.ndim != 2 or 2 * w_packed.shape[1] != k:
-    raise ValueError(f"w4a4_linear: w_packed must be uint8 [N, K/2={k // 2}], got {w_packed.shape}")
+  if _weights_nk(w_packed)[1] != k:
+    raise ValueError(f"w4a4_linear: w_packed must be uint8 [N, K/2={k // 2}] or int8 [N, K={k}], got "
+                     f"{w_packed.dtype} {w_packed.shape}")
   x2 = x.reshape(-1, k)
-  q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, backend=backend)
+  q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, backend=backend, act_quant_impl=act_quant_impl)
   y = w4a4_matmul(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
                   backend=backend)
   return y.reshape(*lead, w_packed.shape[0])

@@ -95,7 +95,7 @@ def test_unsupported_shape_falls_back_to_xla():
 def test_bad_weight_shape():
   x, wp, sw, *_ = _layer(4, 8, 128, 64, 0)
   with pytest.raises(ValueError, match="w_packed must be"):
-    dispatch.w4a4_linear(x, wp[:, :10], sw)
+    dispatch.w4a4_linear(x, wp[:, :10], sw)  # noqa
 
 
 @pytest.mark.parametrize("m,k,static", [(13, 5120, None), (3, 13824, None), (9, 384, 0.3)])
@@ -117,3 +117,51 @@ def test_quantize_rows_pallas_round_half_even():
   q, s = quantize_rows_pallas(jnp.asarray([vals], jnp.float32), static_scale=1.0, interpret=True)
   assert np.asarray(q)[0].tolist() == [0, 2, 2, 0, -2, -2, 3, 7, 6, -6, 7, -7, 0, 1, 4, -4]
   assert np.asarray(s).tolist() == [1.0]
+
+
+def test_act_quant_impl_pallas_interpret_path(monkeypatch):
+  """act_quant_impl='pallas' routes to the single-pass quantizer (run here through its interpreter)."""
+  from wanjax.kernels import act_quant_gpu
+  x, _, _, smooth, down, _, _ = _layer(8, 6, 256, 64, 16)
+  calls = []
+  orig = act_quant_gpu.quantize_rows_pallas
+
+  def spy(*a, **kw):
+    calls.append(1)
+    return orig(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(act_quant_gpu, "quantize_rows_pallas", spy)
+  q, s, lr = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="pallas")
+  assert calls
+  q0, s0, lr0 = ref.act_quant(x, smooth, down, 0.9)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+  with pytest.raises(ValueError, match="act_quant_impl"):
+    dispatch.act_quant(x, smooth, down, backend="pallas", act_quant_impl="cuda")
+
+
+def test_int8_weights_accepted():
+  x, wp, sw, smooth, down, up, bias = _layer(11, 20, 256, 64, 16)
+  w8 = ref.unpack_int4(wp)
+  for be in ("reference", "xla"):
+    y8 = dispatch.w4a4_linear(x, w8, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32, backend=be)
+    y4 = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32, backend=be)
+    np.testing.assert_array_equal(np.asarray(y8), np.asarray(y4))
+  with pytest.raises(ValueError, match="packed uint8"):
+    dispatch.w4a4_matmul(jnp.zeros((4, 256), jnp.int8), jnp.ones(4), w8.astype(jnp.int32), sw)
+
+
+@pytest.mark.parametrize("m,wdtype,expect", [(4096, jnp.uint8, "int4"), (32760, jnp.uint8, "int8"),
+                                             (4096, jnp.int8, "int8")])
+def test_pallas_weight_variant_choice(monkeypatch, m, wdtype, expect):
+  from wanjax.kernels import w4a4_gpu
+  seen = {}
+
+  def fake(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, **kw):
+    seen["weights"] = kw["weights"]
+    return jnp.zeros((q_x.shape[0], w.shape[0]), kw["out_dtype"])
+
+  monkeypatch.setattr(w4a4_gpu, "w4a4_matmul_gpu_any_m", fake)
+  k, n = 256, 256
+  w = jnp.zeros((n, k // 2), jnp.uint8) if wdtype == jnp.uint8 else jnp.zeros((n, k), jnp.int8)
+  dispatch.w4a4_matmul(jnp.zeros((m, k), jnp.int8), jnp.ones(m), w, jnp.ones(n), backend="pallas")
+  assert seen["weights"] == expect
