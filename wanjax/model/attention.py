@@ -11,9 +11,15 @@ Backends (q, k, v are [B, S, N, D]; no mask; scale 1/sqrt(D)):
 
 Selection is automatic (`default_backend`) and can be overridden per call (``backend=``), process-wide with
 `set_attention_backend`, or by the environment variable ``WANJAX_ATTENTION``.
+
+`attention_hook(fn)` routes every ``attention(q, k, v)`` call without an explicit ``backend`` traced inside the
+``with`` block through ``fn(q, k, v)`` (`wanjax.sharding.sequence_parallel` uses it to run sequence-parallel
+attention over a mesh); ``fn`` calls `attention` with an explicit ``backend`` for the local computation.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -23,6 +29,17 @@ import jax.numpy as jnp
 
 BACKENDS = ("cudnn", "chunked", "tpu", "xla")
 _OVERRIDE: str | None = None
+_HOOK: contextvars.ContextVar = contextvars.ContextVar("wanjax_attention_hook", default=None)
+
+
+@contextlib.contextmanager
+def attention_hook(fn):
+    """Route `attention` calls (those without ``backend=``) traced inside this context through ``fn(q, k, v)``."""
+    token = _HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
 
 
 def set_attention_backend(name: str | None) -> None:
@@ -52,6 +69,8 @@ def default_backend(q_len: int, kv_len: int, dtype) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None) -> jax.Array:
     """Softmax attention over [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``."""
+    if backend is None and (hook := _HOOK.get()) is not None:
+        return hook(q, k, v)
     if backend is None:
         backend = default_backend(q.shape[1], k.shape[1], q.dtype)
     if backend == "cudnn":

@@ -1,0 +1,1 @@
+"""Mesh, sharding rules and sequence-parallel attention; the public entry point is `wanjax.sharding`."""
