@@ -26,13 +26,15 @@ _MAX_HEADER = 100 * 1024 * 1024   # the safetensors format's own limit
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """One tensor as described by a file header: on-disk key, file, safetensors dtype name, shape, byte size."""
+    """One tensor as described by a file header: on-disk key, file, safetensors dtype name, shape, byte size and
+    byte offset of its data (within the data section)."""
 
     key: str
     file: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -75,7 +77,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed safetensors header entry for key {key!r}: {entry!r}") from None
         end_max = max(end_max, int(end))
-        infos[key] = TensorInfo(key, path, str(dtype), shape, int(end) - int(start))
+        infos[key] = TensorInfo(key, path, str(dtype), shape, int(end) - int(start), int(start))
     if end_max > data_size:
         raise CheckpointError(f"{path}: truncated safetensors file: the header describes {end_max} bytes of tensor "
                               f"data, the file holds only {data_size}")
@@ -202,7 +204,8 @@ class TensorReader:
 def iter_chunks(infos: list[TensorInfo], chunk_bytes: int = 16 << 20, reopen_bytes: int = 16 << 20,
                 can_split: Callable[[TensorInfo], bool] = lambda t: True
                 ) -> Iterator[tuple[TensorInfo, int, np.ndarray]]:
-    """Yield ``(info, first_row, rows)`` for ``infos`` grouped by file, in the given order within a file.
+    """Yield ``(info, first_row, rows)`` for ``infos`` grouped by file, in file-offset order within a file
+    (sequential reads).
 
     A tensor larger than ``chunk_bytes`` is yielded as consecutive row blocks of about ``chunk_bytes`` when it is
     F32/F16 and ``can_split(info)``; otherwise whole (``first_row == 0``). Host memory held at any time: one chunk
@@ -213,7 +216,7 @@ def iter_chunks(infos: list[TensorInfo], chunk_bytes: int = 16 << 20, reopen_byt
         by_file.setdefault(t.file, []).append(t)
     for path, items in by_file.items():
         with TensorReader(path, reopen_bytes) as r:
-            for t in items:
+            for t in sorted(items, key=lambda i: i.offset):
                 rows = t.shape[0] if t.shape else 0
                 if t.nbytes <= chunk_bytes or rows < 2 or t.dtype not in ("F32", "F16") or not can_split(t):
                     yield t, 0, r.get(t.key)
