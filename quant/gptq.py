@@ -21,12 +21,13 @@ produced with exactly the element rule of ``wanjax.quant.formats`` and the retur
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from wanjax.quant.formats import QuantizedTensor
-from wanjax.quant.linalg import gptq_inverse_factor, mm
+from wanjax.quant.linalg import gptq_inverse_factor, mm, resolve_linalg_dtype
 from wanjax.quant.rtn import (
     WeightQuantSpec,
     check_finite_eager,
@@ -90,11 +91,21 @@ def gptq_quantize_kernel(
   w = jnp.asarray(kernel, jnp.float32)
   if w.ndim != 2:
     raise ValueError(f"{fn}: kernel must be [K, N] (vmap for stacked kernels), got shape {tuple(w.shape)}")
-  k, n = w.shape
   h = jnp.asarray(hessian)
-  g, dynamic, b = _check_args(fn, k, spec, block_size, act_order, static_groups, h)
+  _check_args(fn, w.shape[0], spec, block_size, act_order, static_groups, h)
   check_finite_eager(fn, "kernel", w)
   check_finite_eager(fn, "hessian", h)
+  return _gptq_core(w, h, spec=spec, block_size=block_size, percdamp=float(percdamp), act_order=bool(act_order),
+                    static_groups=bool(static_groups), max_damp_tries=int(max_damp_tries),
+                    linalg_dtype=jnp.dtype(resolve_linalg_dtype(linalg_dtype)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "percdamp", "act_order", "static_groups",
+                                             "max_damp_tries", "linalg_dtype"))
+def _gptq_core(w, h, *, spec, block_size, percdamp, act_order, static_groups, max_damp_tries, linalg_dtype):
+  """The GPTQ pass (arguments validated by :func:`gptq_quantize_kernel`); jitted so eager calls compile once."""
+  k, n = w.shape
+  g, dynamic, b = _check_args("gptq", k, spec, block_size, act_order, static_groups, h)
 
   # Scales from the un-updated weights (before dead-channel zeroing, as the GPTQ reference).
   scales0, ts = weight_scales(w.T, spec)

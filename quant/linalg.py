@@ -12,6 +12,8 @@ Precision policy:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -65,7 +67,11 @@ def hessian_from_rows(
   Hessian from activation-quantized inputs (``ActQuantSpec("mxfp4", scale_rule="safe_ceil")``, clip 1.0).
   GPTQ is invariant to a global scale of H, so sums and means are interchangeable there.
   """
-  x = _rows_2d("hessian_from_rows", rows)
+  return _hessian(_rows_2d("hessian_from_rows", rows), smooth, act_spec)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _hessian(x, smooth, act_spec):
   if smooth is not None:
     x = x / jnp.asarray(smooth, jnp.float32)
   x = fake_quant_act(x, act_spec)

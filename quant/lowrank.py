@@ -15,6 +15,8 @@ At run time: ``y = Q(x_s) @ Q(residual) + (x_s @ down) @ up + bias``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,14 +26,19 @@ from wanjax.quant.rtn import check_finite_eager, check_linear_params
 __all__ = ["lowrank", "svd_lowrank"]
 
 
+def svd_lowrank_check(kernel, rank) -> None:
+  """Raises ``ValueError`` unless ``kernel`` is 2-D and ``1 <= rank <= min(K, N)``."""
+  if kernel.ndim != 2:
+    raise ValueError(f"svd_lowrank: kernel must be [K, N], got shape {tuple(kernel.shape)}")
+  if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(kernel.shape):
+    raise ValueError(f"svd_lowrank: rank must be an int in [1, min(K, N)] = [1, {min(kernel.shape)}], got {rank!r}")
+
+
 def svd_lowrank(kernel: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
   """Top-``rank`` SVD factors ``(down [K, r], up [r, N])`` (float32) of ``kernel [K, N]``, ``down @ up`` = best
   rank-r approximation (Eckart-Young), with ``down^T down = up up^T = diag(S_r)``."""
   w = jnp.asarray(kernel, jnp.float32)
-  if w.ndim != 2:
-    raise ValueError(f"svd_lowrank: kernel must be [K, N], got shape {tuple(w.shape)}")
-  if not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
-    raise ValueError(f"svd_lowrank: rank must be an int in [1, min(K, N)] = [1, {min(w.shape)}], got {rank!r}")
+  svd_lowrank_check(w, rank)
   u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   root = jnp.sqrt(s[:rank])
   return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
@@ -54,8 +61,13 @@ def lowrank(params: dict, rank: int, dtype=jnp.bfloat16) -> dict:
   if "down" in params or "up" in params:
     raise ValueError("lowrank: params already hold a low-rank branch ('down'/'up'); apply lowrank once per layer")
   check_finite_eager("lowrank", "params['kernel']", params["kernel"])
-  w = jnp.asarray(params["kernel"], jnp.float32)
+  svd_lowrank_check(params["kernel"], rank)
+  residual, down, up = _lowrank_core(jnp.asarray(params["kernel"], jnp.float32), rank, jnp.dtype(dtype))
+  return {**params, "kernel": residual, "down": down, "up": up}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _lowrank_core(w, rank, dtype):
   down, up = svd_lowrank(w, rank)
   down, up = down.astype(dtype), up.astype(dtype)
-  residual = w - mm(down.astype(jnp.float32), up.astype(jnp.float32))
-  return {**params, "kernel": residual, "down": down, "up": up}
+  return w - mm(down.astype(jnp.float32), up.astype(jnp.float32)), down, up

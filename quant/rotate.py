@@ -17,6 +17,8 @@ O(K log b) adds), in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,8 +68,13 @@ def apply_hadamard(x: jax.Array, block_size: int | None = None) -> jax.Array:
     block_size: power of two dividing K; default the largest such (see :func:`hadamard_block_size`).
   """
   x = jnp.asarray(x, jnp.float32)
+  return _fwht(x, hadamard_block_size(x.shape[-1], block_size))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fwht(x: jax.Array, b: int) -> jax.Array:
+  """Normalized block WHT of the last axis with block ``b`` (jitted: one compile per shape)."""
   k = x.shape[-1]
-  b = hadamard_block_size(k, block_size)
   lead = x.shape[:-1]
   h = 1
   while h < b:
@@ -88,6 +95,7 @@ def rotate_activations(x: jax.Array, signs: jax.Array, block_size: int | None = 
   return apply_hadamard(jnp.asarray(x, jnp.float32) * jnp.asarray(signs, jnp.float32), block_size)
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _rotate_rows_of(m: jax.Array, signs: jax.Array, block_size) -> jax.Array:
   """``Q^T m`` for ``m [K, ...2-D]``: apply the transform along axis 0."""
   return rotate_activations(m.T, signs, block_size).T
@@ -96,7 +104,8 @@ def _rotate_rows_of(m: jax.Array, signs: jax.Array, block_size) -> jax.Array:
 def rotate_hessian(hessian: jax.Array, signs: jax.Array, block_size: int | None = None) -> jax.Array:
   """``Q^T H Q`` for a Hessian ``[K, K]`` of the un-rotated inputs (the Hessian of the rotated inputs)."""
   h = jnp.asarray(hessian, jnp.float32)
-  return rotate_activations(_rotate_rows_of(h, signs, block_size), signs, block_size)
+  b = hadamard_block_size(h.shape[-1], block_size)
+  return rotate_activations(_rotate_rows_of(h, signs, b), signs, b)
 
 
 def rotate(params: dict, key: jax.Array | None = None, block_size: int | None = None) -> dict:
@@ -121,5 +130,5 @@ def rotate(params: dict, key: jax.Array | None = None, block_size: int | None = 
   hadamard_block_size(k, block_size)
   check_finite_eager("rotate", "params['kernel']", params["kernel"])
   signs = jnp.ones((k,), jnp.float32) if key is None else random_signs(key, k)
-  kernel = _rotate_rows_of(jnp.asarray(params["kernel"], jnp.float32), signs, block_size)
+  kernel = _rotate_rows_of(jnp.asarray(params["kernel"], jnp.float32), signs, hadamard_block_size(k, block_size))
   return {**params, "kernel": kernel, "rot_signs": signs}

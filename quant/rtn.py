@@ -17,6 +17,7 @@ Specs are frozen (hashable) dataclasses so they can be passed as static argument
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -227,5 +228,11 @@ def rtn(params: dict, spec: WeightQuantSpec) -> dict:
   """
   check_linear_params("rtn", params)
   check_finite_eager("rtn", "params['kernel']", params["kernel"])
-  qt = quantize_kernel(params["kernel"], spec)
-  return {**params, "kernel": dequantize_kernel(qt), "qweight": qt}
+  kernel, qt = _rtn_core(jnp.asarray(params["kernel"], jnp.float32), spec)
+  return {**params, "kernel": kernel, "qweight": qt}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _rtn_core(kernel, spec):
+  qt = quantize_kernel(kernel, spec)
+  return dequantize_kernel(qt), qt

@@ -13,6 +13,8 @@ quantized layer on sampled input rows (optionally with the low-rank branch in th
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,10 +82,17 @@ def smooth(params: dict, act_absmax: jax.Array, alpha: float = 0.5, eps: float =
   a = _check_absmax("smooth", act_absmax, k)
   w = jnp.asarray(params["kernel"], jnp.float32)
   check_finite_eager("smooth", "params['kernel']", w)
+  kernel, s = _smooth_core(w, a, alpha, float(eps))
+  return {**params, "kernel": kernel, "smooth": s}
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _smooth_core(w, a, alpha, eps):
   s = smoothing_scales(a, w, alpha, eps)
-  return {**params, "kernel": w * s[:, None], "smooth": s}
+  return w * s[:, None], s
 
 
+@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "rank", "lowrank_dtype"))
 def smoothed_output_error(
     kernel: jax.Array,
     rows: jax.Array,
@@ -149,14 +158,22 @@ def smooth_search(
   check_finite_eager("smooth_search", "params['kernel']", w)
   check_finite_eager("smooth_search", "rows", x)
 
-  def err(alpha):
-    s = smoothing_scales(a, w, alpha, eps)
-    return smoothed_output_error(w, x, s, w_spec, a_spec, rank, lowrank_dtype)
-
-  errors = jax.lax.map(err, jnp.asarray(grid))
-  best = jnp.asarray(grid)[jnp.argmin(errors)]
-  s = smoothing_scales(a, w, best, eps)
+  errors, best, s = _search(w, a, x, w_spec=w_spec, a_spec=a_spec, alphas=tuple(float(v) for v in grid), rank=rank,
+                            eps=float(eps), lowrank_dtype=jnp.dtype(lowrank_dtype))
   return {**params, "kernel": w * s[:, None], "smooth": s}, {"alpha": best, "errors": errors}
+
+
+@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "alphas", "rank", "eps", "lowrank_dtype"))
+def _search(w, a, x, *, w_spec, a_spec, alphas, rank, eps, lowrank_dtype):
+  """(errors per alpha, best alpha, its scales); jitted so repeated layers of one shape compile once."""
+  grid = jnp.asarray(alphas, jnp.float32)
+
+  def err(alpha):
+    return smoothed_output_error(w, x, smoothing_scales(a, w, alpha, eps), w_spec, a_spec, rank, lowrank_dtype)
+
+  errors = jax.lax.map(err, grid)
+  best = grid[jnp.argmin(errors)]
+  return errors, best, smoothing_scales(a, w, best, eps)
 
 
 def smooth_hessian(hessian: jax.Array, s: jax.Array) -> jax.Array:
