@@ -4,6 +4,8 @@ Backends:
 
 * ``"pallas"``: Mosaic GPU kernels (Hopper: H100/H200): fused act quant + int8-``wgmma`` W4A4 GEMM with the fused
   scale/bias/low-rank epilogue. Needs N % 256 == 0 and K % 128 == 0 (all Wan2.2 linears); other shapes use "xla".
+  On a TPU it selects the Pallas TPU kernel (``w4a4_tpu``; verified only in the interpreter, never on a TPU, hence
+  not the TPU default).
 * ``"xla"``: the same math with XLA ops: int8 x int8 -> int32 ``dot_general`` (cuBLASLt IMMA on GPU, int8 MXU on
   TPU), epilogue in f32. Fast everywhere, exact integer accumulation.
 * ``"reference"``: ``kernels.reference`` (int32-upcast dot; the ground truth, slow on accelerators).
@@ -25,6 +27,13 @@ from .act_quant_gpu import act_quant_fused, act_quant_pallas
 
 BACKENDS = ("reference", "xla", "pallas")
 ENV_VAR = "WANJAX_KERNELS"
+
+
+def _platform() -> str:
+  try:
+    return jax.devices()[0].platform
+  except RuntimeError:  # pragma: no cover
+    return "cpu"
 
 
 def _is_hopper() -> bool:
@@ -89,6 +98,10 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
     return reference.w4a4_epilogue(reference.int_matmul_nt(q_x, _int8_weights(w_packed)), s_x, s_w, x_lr, up, bias,
                                    out_dtype)
   r = 0 if x_lr is None else x_lr.shape[1]
+  if be == "pallas" and _platform() == "tpu":
+    from .w4a4_tpu import w4a4_matmul_tpu
+    mode = "int8" if w_packed.dtype == jnp.int8 else "int4"
+    return w4a4_matmul_tpu(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype=out_dtype, mode=mode)
   if be == "xla" or not pallas_supports(n, k) or r % 16:
     return _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
   from .w4a4_gpu import w4a4_matmul_gpu_any_m

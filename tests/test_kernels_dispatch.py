@@ -165,3 +165,23 @@ def test_pallas_weight_variant_choice(monkeypatch, m, wdtype, expect):
   w = jnp.zeros((n, k // 2), jnp.uint8) if wdtype == jnp.uint8 else jnp.zeros((n, k), jnp.int8)
   dispatch.w4a4_matmul(jnp.zeros((m, k), jnp.int8), jnp.ones(m), w, jnp.ones(n), backend="pallas")
   assert seen["weights"] == expect
+
+
+def test_pallas_on_tpu_routes_to_tpu_kernel(monkeypatch):
+  from wanjax.kernels import w4a4_tpu
+  seen = {}
+  orig = w4a4_tpu.w4a4_matmul_tpu
+
+  def spy(*a, **kw):
+    seen["mode"] = kw["mode"]
+    return orig(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(w4a4_tpu, "w4a4_matmul_tpu", spy)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+  x, wp, sw, smooth, down, up, bias = _layer(12, 24, 256, 128, 16)
+  y = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32,
+                           backend="pallas")
+  assert seen["mode"] == "int4"
+  exp = ref.w4a4_linear(x, wp, sw, smooth, down, up, bias, out_dtype=jnp.float32)
+  rel = np.linalg.norm(np.asarray(y) - np.asarray(exp)) / np.linalg.norm(np.asarray(exp))
+  assert rel <= 1e-2  # x_lr via the folded smoothing (bf16 rounding)
