@@ -110,3 +110,15 @@ def test_cli_convert(tmp_path, src, capsys):
     assert main(["convert", str(tmp_path / "absent"), str(tmp_path / "d")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_load_into_sharding(tmp_path, src):
+    """Both paths place every parameter with the given sharding (replicated over all host devices here)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    rep = NamedSharding(mesh, P())
+    dst = convert(src, tmp_path / "cache")
+    for dit in (load_dit(src, sharding=rep), load_dit(dst, sharding=rep)):
+        leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(dit, nnx.Param)))
+        assert leaves and all(x.sharding.is_equivalent_to(rep, x.ndim) for x in leaves)
+    _assert_same(load_dit(src, sharding=rep), load_dit(dst, sharding=rep))

@@ -214,8 +214,12 @@ def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config
     return config, bufs
 
 
-def build_model(cfg: WanConfig, dtype, params: Flat):
-    """Assemble a `WanDiT` from flat host/device arrays, moving and freeing them one leaf at a time."""
+def build_model(cfg: WanConfig, dtype, params: Flat, sharding: jax.sharding.Sharding | None = None):
+    """Assemble a `WanDiT` from flat host/device arrays, moving and freeing them one leaf at a time.
+
+    ``sharding``: where every parameter goes (default: the default device), e.g. ``NamedSharding(mesh, P())`` to
+    load straight into a replicated layout without staging the whole expert on one device first.
+    """
     model = abstract_model(cfg, dtype)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -223,13 +227,13 @@ def build_model(cfg: WanConfig, dtype, params: Flat):
                            "create it")
     arrays: Flat = {}
     for p in list(params):
-        arrays[p] = jax.device_put(params.pop(p)).block_until_ready()   # host buffer freed once copied
+        arrays[p] = jax.device_put(params.pop(p), sharding).block_until_ready()   # host buffer freed once copied
     nnx.replace_by_pure_dict(state, unflatten_tree(arrays))
     return nnx.merge(graphdef, state, rest)
 
 
 def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-             ignore_unknown: bool = False):
+             ignore_unknown: bool = False, sharding: jax.sharding.Sharding | None = None):
     """Load one Wan2.2 DiT expert as a `wanjax.model.dit.WanDiT`.
 
     Args:
@@ -239,6 +243,7 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
         stay fp32).
       config: override the config read from ``config.json`` / inferred from shapes.
       ignore_unknown: skip tensors that are not parameters of the model instead of raising.
+      sharding: placement of every parameter (default: the default device), e.g. replicated over a mesh.
 
     Raises `wanjax.io.errors.CheckpointError` for unusable checkpoints (message names file, key, expected, got).
     """
@@ -246,6 +251,6 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
     src = resolve(path)
     if src.kind == "orbax":
         from wanjax.io.orbax_cache import load_cached
-        return load_cached(src.path, dtype, config=config)
+        return load_cached(src.path, dtype, config=config, sharding=sharding)
     cfg, params = read_safetensors_params(src, dtype, config=config, ignore_unknown=ignore_unknown)
-    return build_model(cfg, dtype, params)
+    return build_model(cfg, dtype, params, sharding)

@@ -111,13 +111,15 @@ def read_cache_meta(path: str | os.PathLike) -> tuple[WanConfig, dict]:
     return cfg, meta
 
 
-def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None):
-    """Restore a `WanDiT` from a cache written by `convert` (parameters cast to ``dtype``'s policy if needed)."""
+def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
+                sharding: jax.sharding.Sharding | None = None):
+    """Restore a `WanDiT` from a cache written by `convert` (parameters cast to ``dtype``'s policy if needed),
+    each parameter placed with ``sharding`` (default: the default device)."""
     path = os.path.abspath(os.fspath(path))
     cfg, _ = read_cache_meta(path)
     if config is not None and config != cfg:
         raise CheckpointError(f"{path}: the cache holds config {cfg}, but config={config} was requested")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev) for p, s in target_tree(cfg, dtype).items()}
     ppath = os.path.join(path, "params")
     if not os.path.isdir(ppath):
@@ -130,5 +132,5 @@ def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfi
                                                                        restore_args=unflatten_tree(restore_args)))
     except Exception as e:   # orbax raises various types for structure/shape mismatches
         raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
-    return build_model(cfg, dtype, flatten_tree(restored))
+    return build_model(cfg, dtype, flatten_tree(restored), sharding)
 
