@@ -162,7 +162,7 @@ def test_smooth_search_picks_argmin_and_beats_no_smoothing():
   for i, al in enumerate(alphas):
     e = smoothed_output_error(w, x[:256], smoothing_scales(a, w, al), ws, as_)
     np.testing.assert_allclose(errs[i], float(e), rtol=1e-5)
-  assert float(info["alpha"]) == alphas[int(np.argmin(errs))]
+  assert float(info["alpha"]) == np.float32(alphas[int(np.argmin(errs))])
   np.testing.assert_allclose(np.asarray(out["smooth"]), np.asarray(smoothing_scales(a, w, info["alpha"])), rtol=1e-6)
   # On outlier activations, W4A4 error on held-out rows: smoothing at the searched alpha << no smoothing.
   no_smooth = float(smoothed_output_error(w, x[256:], jnp.ones(k), ws, as_))
@@ -307,3 +307,36 @@ def test_hessian_from_act_quantized_rows():
   assert int(cnt) == 96
   h_plain, _ = hessian_from_rows(x, smooth=s)
   assert not np.allclose(np.asarray(h), np.asarray(h_plain), rtol=1e-3)
+
+
+def test_smooth_search_with_lowrank_in_the_objective():
+  rng = _rng(12)
+  k, n = 64, 32
+  x = _outlier_rows(rng, 128, k)
+  w = (rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32)
+  a = jnp.asarray(np.abs(x).max(0))
+  ws, as_ = WeightQuantSpec("mxfp4"), ActQuantSpec("mxfp4")
+  out, info = smooth_search({"kernel": jnp.asarray(w)}, a, x, ws, as_, alphas=(0.3, 0.6), rank=4)
+  for i, al in enumerate((0.3, 0.6)):
+    s = smoothing_scales(a, w, al)
+    p = lowrank({"kernel": jnp.asarray(w) * s[:, None]}, 4)
+    xs = jnp.asarray(x) / s
+    y = fake_quant_act(xs, as_) @ rtn(p, ws)["kernel"] + (xs @ p["down"].astype(jnp.float32)) @ p["up"].astype(
+        jnp.float32)
+    yref = x.astype(np.float64) @ w
+    direct = np.sum((np.asarray(y, np.float64) - yref) ** 2) / np.sum(yref**2)
+    np.testing.assert_allclose(float(info["errors"][i]), direct, rtol=1e-3)
+  assert float(info["alpha"]) == np.float32((0.3, 0.6)[int(np.argmin(np.asarray(info["errors"])))])
+  # The branch removes most of the error: with rank 4 the objective is lower than without.
+  _, info0 = smooth_search({"kernel": jnp.asarray(w)}, a, x, ws, as_, alphas=(0.3, 0.6))
+  assert float(np.min(info["errors"])) < float(np.min(info0["errors"]))
+
+
+def test_bf16_kernels_are_accepted():
+  w = _rng(13).normal(size=(64, 16)).astype(np.float32)
+  wb = jnp.asarray(w, jnp.bfloat16)
+  spec = WeightQuantSpec("int4", group_size=32)
+  np.testing.assert_array_equal(np.asarray(rtn({"kernel": wb}, spec)["kernel"]),
+                                np.asarray(rtn({"kernel": wb.astype(jnp.float32)}, spec)["kernel"]))
+  out = lowrank(smooth({"kernel": wb}, jnp.ones(64), 0.5), 4)
+  assert out["kernel"].dtype == jnp.float32 and out["down"].dtype == jnp.bfloat16

@@ -54,13 +54,18 @@ class I2VOutput:
     seconds: dict[str, float]
 
 
-def _guided_velocity(graphdef, params, x, y, ctx, t, guide):
-    """Classifier-free-guided velocity of one expert at (x, t). ctx: [2, L, D] = (cond, uncond), batched as 2B."""
+def _guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=None):
+    """Classifier-free-guided velocity of one expert at (x, t). ctx: [2, L, D] = (cond, uncond), batched as 2B.
+
+    ``constrain`` (mesh runs): applied to each batched model input, e.g. to split (cond, uncond) over "data"."""
     model = nnx.merge(graphdef, params)
     inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
     b = x.shape[0]
-    v = model(jnp.concatenate([inp, inp], 0), jnp.full((2 * b,), t, jnp.float32),
-              jnp.repeat(ctx, b, axis=0) if b > 1 else ctx)
+    args = (jnp.concatenate([inp, inp], 0), jnp.full((2 * b,), t, jnp.float32),
+            jnp.repeat(ctx, b, axis=0) if b > 1 else ctx)
+    if constrain is not None:
+        args = tuple(constrain(a) for a in args)
+    v = model(*args)
     v_cond, v_uncond = v[:b], v[b:]
     return v_uncond + guide * (v_cond - v_uncond)
 
@@ -75,10 +80,13 @@ class WanI2VPipeline:
         contexts are passed to `generate` directly.
       release_text_encoder: drop the text encoder after the first encoding (frees its memory; the official code
         offloads it too).
+      mesh: optional `jax.sharding.Mesh` from `wanjax.sharding.make_mesh`: the experts' weights are sharded by the
+        rule table, the denoise step runs with CFG's (cond, uncond) over "data" and sequence-parallel attention
+        (``attention_mode``: "auto", "ulysses" or "ring") over "context". Text encoder and VAE run unsharded.
     """
 
     def __init__(self, high: WanDiT, low: WanDiT, vae, text_encoder=None, tokenizer=None, *,
-                 release_text_encoder: bool = False):
+                 release_text_encoder: bool = False, mesh=None, attention_mode: str = "auto"):
         g_high, self._params_high = nnx.split(high)
         g_low, self._params_low = nnx.split(low)
         if g_high != g_low:
@@ -90,7 +98,16 @@ class WanI2VPipeline:
         self.tokenizer = tokenizer
         self.release_text_encoder = release_text_encoder
         g = self.graphdef
-        self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g, params, x, y, ctx, t, guide))
+        self.mesh = mesh
+        if mesh is None:
+            self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g, params, x, y, ctx, t,
+                                                                                          guide))
+        else:
+            from wanjax import sharding
+
+            self._params_high = sharding.shard_params(self._params_high, mesh)
+            self._params_low = sharding.shard_params(self._params_low, mesh)
+            self._velocity = sharding.sharded_velocity(_guided_velocity, g, mesh, mode=attention_mode)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -195,6 +212,8 @@ class WanI2VPipeline:
         """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE)."""
         from wanjax.model.vae import decode_video
 
+        if self.mesh is not None:          # latents live on the mesh; the VAE runs on one device
+            latents = jax.device_put(latents, jax.tree.leaves(nnx.state(self.vae))[0].sharding)
         return decode_video(self.vae, latents)[0]
 
     # ---------------------------------------------------------------- all together

@@ -97,3 +97,33 @@ def shard_dit(model, mesh: Mesh, *, mode: str = "auto", backend: str | None = No
             return constrain_batch(nnx.merge(graphdef, st)(x, t, ctx), mesh)
 
     return jax.jit(fwd), params
+
+
+def _on_mesh(a, mesh: Mesh) -> bool:
+    s = getattr(a, "sharding", None)
+    return s is not None and s.device_set == set(mesh.devices.flat)
+
+
+def sharded_velocity(velocity_fn: Callable, graphdef, mesh: Mesh, *, mode: str = "auto",
+                     backend: str | None = None) -> Callable:
+    """Jit a guided-velocity function ``velocity_fn(graphdef, params, x, y, ctx, t, guide, constrain=...)`` for
+    ``mesh`` (used by `wanjax.pipeline.WanI2VPipeline` when given ``mesh=``).
+
+    The returned ``f(params, x, y, ctx, t, guide)`` places x, y, ctx on the mesh (replicated) unless they already are,
+    traces under `sequence_parallel`, passes ``constrain`` (CFG's doubled batch -> "data"), and returns the velocity
+    replicated. ``params`` must already be placed (`shard_params`).
+    """
+    rep = NamedSharding(mesh, P())
+
+    def traced(params, x, y, ctx, t, guide):
+        with sequence_parallel(mesh, mode=mode, backend=backend):
+            v = velocity_fn(graphdef, params, x, y, ctx, t, guide, constrain=lambda a: constrain_batch(a, mesh))
+        return jax.lax.with_sharding_constraint(v, rep)
+
+    jitted = jax.jit(traced)
+
+    def call(params, x, y, ctx, t, guide):
+        x, y, ctx = (a if _on_mesh(a, mesh) else jax.device_put(a, rep) for a in (x, y, ctx))
+        return jitted(params, x, y, ctx, t, guide)
+
+    return call

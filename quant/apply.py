@@ -1,0 +1,164 @@
+"""Model surgery: put :class:`~wanjax.quant.qlinear.QLinear` layers into a `WanDiT` in place of its block Linears.
+
+Only the 10 Linears of the scanned blocks are replaced (``BLOCK_LINEARS``: self-attention q/k/v/o, cross-attention
+q/k/v/o, FFN fc1/fc2, each stacked over the L blocks, i.e. 400 layers of a 40-block expert). Everything else (patch,
+text and time embeddings, time projection, modulation, norms, head, attention core) stays as it is, as the seed.
+
+The timestep bin is a traced integer given at call time::
+
+    with active_bin(bin_index):          # inside the jitted function; bin_index is an argument
+        v = qmodel(x, t, context)
+
+so changing bin or expert (same tree structure) never recompiles. :func:`attach_to_pipeline` wires this into a
+`wanjax.pipeline.WanI2VPipeline` (the bin is looked up from the traced timestep with
+``wanjax.quant.bins.TimestepBins.local_lookup``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wanjax.model.layers import Linear
+from wanjax.quant.qlinear import MODES, QLinear, active_bin, current_bin
+
+__all__ = [
+    "BLOCK_LINEARS",
+    "active_bin",
+    "attach_to_pipeline",
+    "current_bin",
+    "get_submodule",
+    "qlinears",
+    "quantize_model",
+    "set_mode",
+]
+
+#: Paths (``Linear.path``) of the quantized layers of a WanDiT: the 10 Linears of every block.
+BLOCK_LINEARS = tuple(f"blocks.{n}" for n in (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.fc1", "ffn.fc2"))
+
+
+def get_submodule(model: nnx.Module, path: str):
+  """The sub-module at dotted attribute ``path`` (``"blocks.ffn.fc1"``); ``KeyError`` naming the missing part."""
+  node = model
+  for i, part in enumerate(path.split(".")):
+    if not hasattr(node, part):
+      raise KeyError(f"model has no module {'.'.join(path.split('.')[:i + 1])!r} (looking up {path!r})")
+    node = getattr(node, part)
+  return node
+
+
+def _set_submodule(model, path: str, value) -> None:
+  parent, _, name = path.rpartition(".")
+  setattr(get_submodule(model, parent) if parent else model, name, value)
+
+
+def _copy(module: nnx.Module) -> nnx.Module:
+  """A new module graph sharing the (immutable) arrays of ``module``."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, state)
+
+
+def qlinears(model: nnx.Module) -> dict[str, QLinear]:
+  """All QLinear layers of ``model`` by their ``path``."""
+  return {m.path: m for _, m in model.iter_modules() if isinstance(m, QLinear)}
+
+
+def quantize_model(model: nnx.Module, qlayers: Mapping[str, QLinear], *, mode: str | None = None) -> nnx.Module:
+  """Returns a NEW model where each ``Linear`` at path ``p`` in ``qlayers`` is replaced by ``qlayers[p]``.
+
+  Args:
+    model: a `WanDiT` (not modified; the result shares its untouched arrays).
+    qlayers: ``{path: QLinear}`` with paths from ``BLOCK_LINEARS`` (or any Linear path); a stacked layer's arrays
+      carry the leading L axis of the Linear they replace (kernel ``[L, K, N]`` -> qweight ``[L, N, K/2]``).
+    mode: set every inserted layer's mode (``"fake"`` / ``"real"``); None keeps theirs.
+
+  The inserted layers take the replaced Linear's compute ``dtype`` and ``path``. Raises ``KeyError`` /
+  ``ValueError`` naming the layer for unknown paths, non-Linear targets or shape mismatches.
+  """
+  if mode is not None and mode not in MODES:
+    raise ValueError(f"quantize_model: mode must be one of {MODES}, got {mode!r}")
+  new = _copy(model)
+  for path, q in qlayers.items():
+    old = get_submodule(new, path)
+    if not isinstance(old, Linear):
+      raise ValueError(f"quantize_model: {path!r} is a {type(old).__name__}, expected a Linear to replace")
+    if not isinstance(q, QLinear):
+      raise ValueError(f"quantize_model: qlayers[{path!r}] must be a QLinear, got {type(q).__name__}")
+    kshape = tuple(old.kernel.shape)
+    lead, (k, n) = kshape[:-2], kshape[-2:]
+    qlead = tuple(q.act_clip.shape[:-1])
+    if (q.in_features, q.out_features) != (k, n) or qlead != lead:
+      raise ValueError(f"quantize_model: {path!r}: Linear kernel is {kshape} (leading {lead}, K={k}, N={n}); the "
+                       f"QLinear is K={q.in_features}, N={q.out_features} with leading {qlead}")
+    if (old.bias is None) != (q.bias is None):
+      raise ValueError(f"quantize_model: {path!r}: the Linear {'has' if old.bias is not None else 'has no'} bias, "
+                       f"the QLinear {'has' if q.bias is not None else 'has none'}")
+    q = _copy(q)
+    q.dtype = old.dtype
+    q.path = path
+    if mode is not None:
+      _set_mode_one(q, mode)
+    _set_submodule(new, path, q)
+  return new
+
+
+def _set_mode_one(q: QLinear, mode: str) -> None:
+  if mode == "real" and q.config.real_mode_problem():
+    raise ValueError(f"set_mode: {q.path!r} cannot run mode='real': {q.config.real_mode_problem()}")
+  q.mode = mode
+
+
+def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
+  """A new model whose QLinears all run in ``mode`` (``"fake"``: simulated; ``"real"``: ``wanjax.kernels``).
+
+  The mode is static (part of the graph definition): switching it compiles a new program, switching bins does not.
+  """
+  if mode not in MODES:
+    raise ValueError(f"set_mode: mode must be one of {MODES}, got {mode!r}")
+  new = _copy(model)
+  for q in qlinears(new).values():
+    _set_mode_one(q, mode)
+  return new
+
+
+def _binned_velocity(graphdef, bins, params, x, y, ctx, t, guide):
+  from wanjax.pipeline import _guided_velocity
+
+  with active_bin(bins.local_lookup(t)):
+    return _guided_velocity(graphdef, params, x, y, ctx, t, guide)
+
+
+def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
+  """Makes ``pipe`` (a `WanI2VPipeline`) denoise with the quantized experts ``high`` / ``low``.
+
+  ``bins`` is the `wanjax.quant.bins.TimestepBins` the tables were calibrated with; inside the jitted guided
+  velocity the bin of each expert is ``bins.local_lookup(t)`` (traced), so one compilation serves every step of
+  both experts. Modifies ``pipe`` in place (its expert parameters, graph definition and jitted velocity).
+  """
+  g_high, p_high = nnx.split(high)
+  g_low, p_low = nnx.split(low)
+  if g_high != g_low:
+    raise ValueError("attach_to_pipeline: the quantized experts must have the same structure (same recipe and "
+                     "config); their module graphs differ")
+  for name, m in (("high", high), ("low", low)):
+    for q in qlinears(m).values():
+      n_exp = len(bins.expert_bins(name))
+      if q.config.nbins != n_exp:
+        raise ValueError(f"attach_to_pipeline: {name} expert layer {q.path!r} has {q.config.nbins} bins, the "
+                         f"bins give {n_exp} for that expert")
+  pipe.graphdef = g_high
+  pipe._params_high, pipe._params_low = p_high, p_low
+  pipe._velocity = jax.jit(functools.partial(_binned_velocity, g_high, bins))
+  pipe.quant_bins = bins
+
+
+def bin_array(index) -> jax.Array:
+  """``index`` as an int32 scalar (convenience for passing a bin to a jitted function)."""
+  return jnp.asarray(index, jnp.int32)

@@ -1,0 +1,638 @@
+"""Calibration: run the real sampler on calibration samples and capture, per (expert, layer input, timestep bin),
+the statistics of `wanjax.quant.stats` (channel abs-max, Hessian sum ``X^T X`` + row count, a bounded reservoir of
+input rows) through `wanjax.model.layers.linear_interceptor` - no edits to model code.
+
+Targets: the 10 block linears of each expert (``self_attn.{q,k,v,o}``, ``cross_attn.{q,k,v,o}``, ``ffn.{fc1,fc2}``).
+Inputs shared by several layers are captured once: q/k/v of self-attention read one input
+(``blocks.{i}.self_attn.qkv``) and cross-attention k/v read the embedded text context, which is the same array in
+every block, so it is captured once per expert (``context.cross_attn.kv``). With a ``hessian_transform`` (e.g.
+`mx_act_quant_transform`, the seed's "Hessian from activation-quantized smoothed inputs", where each layer has its
+own smoothing vector) every layer gets its own entry (``blocks.{i}.self_attn.q``, ...).
+
+Calibration forwards are conditional-only by default, as the seed (``cfg_mode="cond"``: the trajectory is sampled
+with the conditional velocity, and only conditional rows are captured); ``cfg_mode="both"`` samples with CFG and
+captures the conditional and unconditional rows.
+
+Two paths, same statistics:
+
+* ``mode="stream"`` (default; the full model): (1) for each sample run the pipeline's denoise loop
+  (`WanI2VPipeline.denoise`, i.e. `wanjax.sampling.sample`) and record the latent at every step (a few MB each;
+  saved per sample); (2) for each expert, each group of ``blocks_per_group`` blocks and each bin of that expert:
+  for every recorded step of that bin recompute the group's input with the model's own modules (embeddings, then
+  blocks ``0..g0-1``), run the group's blocks under the interceptor and accumulate. Only one (block group, bin)
+  set of accumulators is on the device at a time; it is saved to ``work_dir`` (temp file + rename) when done and
+  a restarted run skips finished units. Device memory beyond the expert's weights and one forward's activations:
+  ``blocks_per_group * (6 * dim^2 + ffn_dim^2) * 4`` bytes of Hessians (+ ``dim^2 * 4`` for the context input, +
+  reservoirs ``n * K`` per input). For I2V-A14B (dim 5120, ffn 13824) that is 1.39 GB per block: 10 blocks ->
+  13.9 GB, which with the 28.6 GB bf16 expert fits one 80 GB GPU. Compute: group ``g`` costs ``(g0 + g) / L``
+  forwards per step (prefix recomputed), i.e. ``(G + 1) / 2`` forwards per step over ``G`` groups (2.5 at
+  G = 4), plus one forward per step for the trajectory.
+* ``mode="online"``: capture during the sampler run itself, every layer and bin in memory at once (small models,
+  and the reference the streamed path is tested against).
+
+The result is a `CalibStats` (lazy reader over ``work_dir``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wanjax.model.dit import current_layer_index
+from wanjax.model.layers import linear_interceptor
+from wanjax.model.rope import rope_cos_sin
+from wanjax.quant.bins import EXPERTS, TimestepBins, seed_bins
+from wanjax.quant.stats import LayerStats, init_stats, load_stats, merge_stats, save_stats, to_host, update_stats
+
+__all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "calibrate", "input_name", "stat_name",
+           "mx_act_quant_transform", "record_trajectory"]
+
+F32 = jnp.float32
+TARGET_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                 "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
+_SHARED = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
+           "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
+_FIRST_OF_SHARED = {"self_attn.qkv": "self_attn.q", "cross_attn.kv": "cross_attn.k"}
+CONTEXT_NAME = "context.cross_attn.kv"
+_CONTEXT_SALT = 0x7FFFFFF
+
+
+def input_name(layer: str, per_layer: bool = False) -> str:
+    """Name of the captured input of block layer ``layer`` (e.g. ``"self_attn.k"`` -> ``"self_attn.qkv"``)."""
+    if layer not in TARGET_LAYERS:
+        raise ValueError(f"unknown block layer {layer!r}; expected one of {TARGET_LAYERS}")
+    return layer if per_layer else _SHARED.get(layer, layer)
+
+
+def stat_name(block: int, layer: str, per_layer: bool = False) -> str:
+    """Statistics name of ``layer`` of block ``block``: ``"blocks.3.ffn.fc2"``, ``"blocks.3.self_attn.qkv"``, or
+    ``"context.cross_attn.kv"`` (cross k/v share one per-expert entry unless ``per_layer``)."""
+    local = input_name(layer, per_layer)
+    if local == "cross_attn.kv":
+        return CONTEXT_NAME
+    return f"blocks.{int(block)}.{local}"
+
+
+def _block_inputs(cfg, per_layer: bool) -> dict[str, int]:
+    """Per-block captured inputs (local name -> K), without the shared context entry."""
+    out = {}
+    for layer in TARGET_LAYERS:
+        local = input_name(layer, per_layer)
+        if local != "cross_attn.kv":
+            out[local] = cfg.ffn_dim if layer == "ffn.fc2" else cfg.dim
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibSample:
+    """One calibration sample: ``image`` + ``prompt`` (encoded by the pipeline), or a precomputed condition ``y``
+    [1, F, h, w, 20] and/or ``context`` [2, L, D] (positive, negative) / [1, L, D] (cond-only). ``seed``: noise."""
+
+    image: Any = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    y: Any = None
+    context: Any = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Calibration settings.
+
+    Attributes:
+      gen: sampler settings (`wanjax.pipeline.GenerationConfig`: frames, area, steps, shift, boundary, guidance...).
+      bins: timestep bins (default: the seed's 6 bins over ``gen``'s schedule).
+      cfg_mode: ``"cond"`` (seed: conditional-only forwards) or ``"both"`` (CFG trajectory, cond + uncond rows).
+      experts: which experts to calibrate.
+      hessian: collect ``X^T X``.
+      reservoir: rows kept per (expert, input, bin) for the clip search (0: none).
+      rows_per_call: candidate rows per layer call offered to the reservoir (uniform stride; 0: all).
+      sample_dtype: dtype of the kept rows (None: the inputs' dtype, lossless).
+      hessian_transform: ``fn(expert, block_index, layer, x) -> x_for_hessian`` (traceable; ``block_index`` may be
+        traced); statistics are then kept per layer. See `mx_act_quant_transform`.
+      blocks_per_group: blocks captured per pass in stream mode (0: all).
+      seed: base of the reservoir's random keys.
+    """
+
+    gen: Any = None
+    bins: TimestepBins | None = None
+    cfg_mode: str = "cond"
+    experts: tuple[str, ...] = EXPERTS
+    hessian: bool = True
+    reservoir: int = 2048
+    rows_per_call: int = 4096
+    sample_dtype: Any = None
+    hessian_transform: Callable | None = None
+    blocks_per_group: int = 0
+    seed: int = 0
+
+    def resolved(self):
+        from wanjax.pipeline import GenerationConfig
+        from wanjax.sampling import flow_schedule
+
+        gen = self.gen or GenerationConfig()
+        bins = self.bins or seed_bins(flow_schedule(gen.steps, shift=gen.shift), gen.boundary)
+        if self.cfg_mode not in ("cond", "both"):
+            raise ValueError(f"cfg_mode must be 'cond' or 'both', got {self.cfg_mode!r}")
+        bad = [e for e in self.experts if e not in EXPERTS]
+        if bad or not self.experts:
+            raise ValueError(f"experts must be a non-empty subset of {EXPERTS}, got {self.experts}")
+        if self.blocks_per_group < 0 or self.reservoir < 0:
+            raise ValueError("blocks_per_group and reservoir must be >= 0")
+        return dataclasses.replace(self, gen=gen, bins=bins)
+
+    def fingerprint(self) -> dict:
+        """The settings that define the statistics (a resumed run must match them)."""
+        g = dataclasses.asdict(self.gen)
+        return dict(gen=json.loads(json.dumps(g, default=str)), bins=self.bins.to_dict(), cfg_mode=self.cfg_mode,
+                    hessian=self.hessian, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
+                    sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
+                    per_layer=self.hessian_transform is not None, seed=self.seed)
+
+
+def mx_act_quant_transform(smooth: dict | None = None, fmt: str = "mxfp4", **quant_kwargs) -> Callable:
+    """A ``hessian_transform`` giving ``QDQ(x / s)``, the seed's GPTQ Hessian input.
+
+    ``smooth``: ``{expert: {layer: s [num_layers, K]}}`` smoothing vectors stacked over blocks (missing: s = 1).
+    ``quant_kwargs`` go to `wanjax.quant.formats.quantize_dequantize` (default for MXFP4: the seed's activation rule
+    ``scale_rule="safe_ceil"``, clip 1.0, offset 0).
+    """
+    from wanjax.quant import formats
+
+    kw = dict(quant_kwargs)
+    if fmt == "mxfp4":
+        kw.setdefault("scale_rule", "safe_ceil")
+
+    def fn(expert, block_index, layer, x):
+        s = (smooth or {}).get(expert, {}).get(layer)
+        xs = x.astype(F32)
+        if s is not None:
+            xs = xs / jnp.asarray(s, F32)[block_index]
+        return formats.quantize_dequantize(xs, fmt, **kw)
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------ capture
+def _salt(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+class _Capture:
+    """The interceptor: accumulate the inputs of the target layers into ``self.acc`` (traced, functional)."""
+
+    def __init__(self, acc: dict, key, expert: str, cfg: CalibConfig, *, block_index=None, with_context=True):
+        self.acc = dict(acc)
+        self.key = key
+        self.expert = expert
+        self.cfg = cfg
+        self.per_layer = cfg.hessian_transform is not None
+        self.block_index = block_index          # stream mode: the (traced) block index; online: None
+        self.with_context = with_context
+        self.first_inputs: dict = {}
+
+    def _entry(self, i, local):
+        """Accumulator dict key and reservoir key of input ``local`` of block ``i``."""
+        if local == "cross_attn.kv":
+            return CONTEXT_NAME, jax.random.fold_in(jax.random.fold_in(self.key, _CONTEXT_SALT), _salt(local))
+        name = local if self.block_index is not None else f"blocks.{i}.{local}"
+        return name, jax.random.fold_in(jax.random.fold_in(self.key, i), _salt(local))
+
+    def __call__(self, module, x):
+        y = module.apply_default(x)
+        if not module.path.startswith("blocks."):
+            return y
+        layer = module.path[len("blocks."):]
+        if layer not in TARGET_LAYERS:
+            return y
+        if self.block_index is not None:
+            i = self.block_index
+        else:
+            i = current_layer_index()
+            if i is None:
+                raise RuntimeError("calibration capture: no block index; the model must run with scan_layers=False")
+        local = input_name(layer, self.per_layer)
+        if local == "cross_attn.kv" and not self.with_context:
+            return y
+        tag = local if local == "cross_attn.kv" else (0 if self.block_index is not None else i, local)
+        if local in _FIRST_OF_SHARED:
+            if layer != _FIRST_OF_SHARED[local] or tag in self.first_inputs:
+                if self.first_inputs.get(tag) is not x:
+                    raise RuntimeError(f"calibration capture: {module.path} was expected to read the same input as "
+                                       f"{_FIRST_OF_SHARED[local]} (shared {local}); the model changed?")
+                return y                                  # already captured (shared input)
+            self.first_inputs[tag] = x
+        xm = x.astype(module.dtype)                 # statistics of the matmul operand (what the layer multiplies)
+        name, key = self._entry(i, local)
+        hx = None
+        if self.cfg.hessian_transform is not None and self.cfg.hessian:
+            hx = self.cfg.hessian_transform(self.expert, i, layer, xm)
+        self.acc[name] = update_stats(self.acc[name], xm, key, rows_per_call=self.cfg.rows_per_call, hessian_x=hx)
+        return y
+
+
+def _init_acc(names_k: dict[str, int], cfg: CalibConfig, dtype) -> dict:
+    sd = cfg.sample_dtype or dtype
+    return {n: init_stats(k, hessian=cfg.hessian, reservoir=cfg.reservoir, sample_dtype=sd)
+            for n, k in names_k.items()}
+
+
+def _bin_key(cfg: CalibConfig, expert: str, bin_name: str):
+    return jax.random.fold_in(jax.random.key(cfg.seed), _salt(f"{expert}/{bin_name}"))
+
+
+def _model_inputs(x, y, ctx, cond_only: bool):
+    """Batched model input (cond[, uncond]) as the guided forward builds it."""
+    inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+    if cond_only:
+        return inp, ctx[:1]
+    return jnp.concatenate([inp, inp], 0), ctx
+
+
+# ------------------------------------------------------------------------------------------- trajectories
+def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None, velocity=None,
+                      progress: bool = False):
+    """Run the pipeline's denoise loop and record, per step, the latent fed to the model.
+
+    ``cfg_mode="cond"`` samples with the conditional velocity only (the seed's calibration trajectory); ``"both"``
+    with the pipeline's guided velocity. ``velocity``: optional ``fn(expert, params, x, t, guide) -> v`` overriding
+    both (the online capture uses it). Returns ``(xs [N, ...] float32 numpy, timesteps [N], experts [N])``.
+    """
+    g = pipe.graphdef
+
+    def cond_v(params, x, y_, ctx, t):
+        model = nnx.merge(g, params)
+        return model(jnp.concatenate([x, y_.astype(x.dtype)], -1), jnp.full((x.shape[0],), t, F32), ctx[:1])
+
+    cond_jit = jax.jit(cond_v)
+    orig = pipe._velocity
+    xs, ts, names = [], [], []
+
+    def recorder(params, x, y_, ctx, t, guide):
+        expert = "high" if params is pipe._params_high else "low"
+        xs.append(np.asarray(x, np.float32))
+        ts.append(float(t))
+        names.append(expert)
+        if velocity is not None:
+            return velocity(expert, params, x, t, guide)
+        if cfg_mode == "cond":
+            return cond_jit(params, x, y_, ctx, t)
+        return orig(params, x, y_, ctx, t, guide)
+
+    # the denoise loop calls ``self._velocity``; it is swapped for the recorder for this call only (the pipeline
+    # has no public hook for it yet)
+    pipe._velocity = recorder
+    try:
+        pipe.denoise(y, context, gen, noise=noise, progress=progress)
+    finally:
+        pipe._velocity = orig
+    return np.stack(xs), np.asarray(ts), names
+
+
+def _prepare(pipe, sample: CalibSample, gen, cfg_mode):
+    y, ctx = sample.y, sample.context
+    if y is None:
+        if sample.image is None:
+            raise ValueError("calibration sample needs an image (or a precomputed y)")
+        y, _ = pipe.prepare_condition(sample.image, gen.num_frames, gen.max_area)
+    if ctx is None:
+        if sample.prompt is None:
+            raise ValueError("calibration sample needs a prompt (or a precomputed context)")
+        from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+
+        ctx = pipe.encode_text([sample.prompt, sample.negative_prompt or DEFAULT_NEGATIVE_PROMPT])
+    ctx = jnp.asarray(ctx)
+    if ctx.ndim != 3 or ctx.shape[0] not in (1, 2):
+        raise ValueError(f"calibration context must be [2, L, D] (positive, negative) or [1, L, D], got {ctx.shape}")
+    if ctx.shape[0] == 1:
+        if cfg_mode == "both":
+            raise ValueError("cfg_mode='both' needs a [2, L, D] context (positive, negative)")
+        ctx = jnp.concatenate([ctx, ctx], 0)          # the denoise loop wants two rows; only row 0 is used
+    return jnp.asarray(y, F32), ctx
+
+
+# ----------------------------------------------------------------------------------------------- results
+class CalibStats:
+    """Reader over a calibration ``work_dir``: statistics per (expert, name, bin), loaded lazily from unit files.
+
+    ``get(expert, block, layer, bin)`` resolves shared inputs (``self_attn.k`` -> ``blocks.i.self_attn.qkv``);
+    ``stats(expert, name, bin)`` takes a statistics name; ``expert_total(expert, name)`` merges an expert's bins
+    (the seed's per-expert abs-max and Hessian); ``to_dict()`` loads everything (small models only).
+    """
+
+    def __init__(self, work_dir: str | os.PathLike):
+        self.work_dir = os.fspath(work_dir)
+        man = os.path.join(self.work_dir, "manifest.json")
+        if not os.path.exists(man):
+            raise FileNotFoundError(f"{self.work_dir}: no manifest.json (not a calibration directory)")
+        with open(man) as f:
+            self.manifest = json.load(f)
+        self.bins = TimestepBins.from_dict(self.manifest["config"]["bins"])
+        self.per_layer = bool(self.manifest["config"]["per_layer"])
+        self._index: dict[tuple[str, str, str], str] = {}
+        for path in sorted(glob.glob(os.path.join(self.work_dir, "stats", "*.npz"))):
+            with np.load(path) as z:
+                header = json.loads(bytes(z["__header__"]).decode())
+            m = header["meta"]
+            for n in header["names"]:
+                self._index[(m["expert"], n, m["bin"])] = path
+
+    def keys(self):
+        """All (expert, name, bin) triples present."""
+        return sorted(self._index)
+
+    def stats(self, expert: str, name: str, bin_name: str) -> LayerStats:
+        try:
+            path = self._index[(expert, name, bin_name)]
+        except KeyError:
+            raise KeyError(f"{self.work_dir}: no statistics for expert={expert!r} name={name!r} bin={bin_name!r} "
+                           f"(bins: {self.bins.names}; e.g. names {sorted({k[1] for k in self._index})[:4]})") from None
+        return load_stats(path, [name])[0][name]
+
+    def get(self, expert: str, block: int, layer: str, bin_name: str) -> LayerStats:
+        return self.stats(expert, stat_name(block, layer, self.per_layer), bin_name)
+
+    def expert_total(self, expert: str, name: str, seed: int = 0) -> LayerStats:
+        """All bins of ``expert`` merged (abs-max max, Hessian and count sums, reservoir re-sampled)."""
+        out = None
+        for b in self.bins.expert_bins(expert):
+            st = self.stats(expert, name, b)
+            out = st if out is None else merge_stats(out, st, seed)
+        if out is None:
+            raise KeyError(f"expert {expert!r} has no bins")
+        return out
+
+    def to_dict(self) -> dict:
+        """``{expert: {name: {bin: LayerStats}}}`` with everything loaded."""
+        out: dict = {}
+        for e, n, b in self.keys():
+            out.setdefault(e, {}).setdefault(n, {})[b] = self.stats(e, n, b)
+        return out
+
+
+def _write_manifest(work_dir, cfg: CalibConfig, n_samples: int, model_cfg):
+    os.makedirs(os.path.join(work_dir, "stats"), exist_ok=True)
+    os.makedirs(os.path.join(work_dir, "traj"), exist_ok=True)
+    want = dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=n_samples,
+                model=json.loads(json.dumps(model_cfg.to_dict(), default=str)))
+    path = os.path.join(work_dir, "manifest.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{work_dir}: existing calibration run has different settings ({diff}); use a new "
+                             "work_dir or delete it to start over")
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(want, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _atomic_savez(path, **arrays):
+    tmp = path + ".tmp.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+
+
+# ------------------------------------------------------------------------------------------------ drivers
+def calibrate(pipe, samples: Sequence[CalibSample], cfg: CalibConfig | None = None, *, work_dir: str | os.PathLike,
+              mode: str = "stream", progress: bool = True, on_unit: Callable[[str, str], None] | None = None
+              ) -> CalibStats:
+    """Calibrate ``pipe``'s experts on ``samples``; statistics go to ``work_dir`` (resumable), returned as a reader.
+
+    Args:
+      pipe: a `wanjax.pipeline.WanI2VPipeline` (the real sampler and both experts).
+      samples: `CalibSample` s (image + prompt, or precomputed y / context).
+      cfg: `CalibConfig` (default: the seed's settings: 40 steps, shift 5, 6 bins, conditional-only).
+      work_dir: progress and results; re-running with the same ``work_dir`` and settings resumes (finished
+        trajectories and (expert, block group, bin) units are skipped); different settings are an error.
+      mode: ``"stream"`` (block groups, resumable; the full model) or ``"online"`` (everything in memory during
+        the sampler run; small models).
+      progress: tqdm bars.
+      on_unit: called as ``on_unit(kind, unit_id)`` after each unit is saved (``kind``: "trajectory" / "stats").
+    """
+    cfg = (cfg or CalibConfig()).resolved()
+    samples = list(samples)
+    if not samples:
+        raise ValueError("calibrate: no calibration samples")
+    if mode not in ("stream", "online"):
+        raise ValueError(f"calibrate: mode must be 'stream' or 'online', got {mode!r}")
+    work_dir = os.fspath(work_dir)
+    _write_manifest(work_dir, cfg, len(samples), pipe.cfg)
+    if mode == "online":
+        _run_online(pipe, samples, cfg, work_dir, progress, on_unit)
+    else:
+        _run_stream(pipe, samples, cfg, work_dir, progress, on_unit)
+    return CalibStats(work_dir)
+
+
+def _params(pipe, expert):
+    return pipe._params_high if expert == "high" else pipe._params_low
+
+
+def _model_dtype(pipe):
+    return nnx.merge(pipe.graphdef, pipe._params_high).dtype
+
+
+def _check_trajectory(cfg: CalibConfig, ts, experts):
+    from wanjax.sampling import flow_schedule
+
+    want = flow_schedule(cfg.gen.steps, shift=cfg.gen.shift).timesteps
+    if len(ts) != len(want) or np.any(np.asarray(ts) != want):
+        raise RuntimeError(f"calibration: the sampler ran timesteps {list(ts)[:4]}..., expected {want[:4].tolist()}...")
+    for i, e in enumerate(experts):
+        b = cfg.bins.bin_of_step(i)
+        if cfg.bins.experts[b] != e:
+            raise ValueError(f"calibration bins disagree with the pipeline's expert switch at step {i} (t={ts[i]}): "
+                             f"bin {cfg.bins.names[b]!r} is {cfg.bins.experts[b]}-noise, the pipeline ran {e!r}; "
+                             f"build the bins with the same boundary ({cfg.gen.boundary})")
+
+
+def _save_unit(work_dir, unit_id, expert, bin_name, stats: dict):
+    path = os.path.join(work_dir, "stats", f"{unit_id}.npz")
+    save_stats(path, {n: to_host(s) for n, s in stats.items()}, meta=dict(expert=expert, bin=bin_name))
+
+
+def _bar(total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="fwd")
+
+
+# ---- online: capture during the sampler run
+def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
+    g = pipe.graphdef
+    L = pipe.cfg.num_layers
+    per_layer = cfg.hessian_transform is not None
+    dtype = _model_dtype(pipe)
+    local = _block_inputs(pipe.cfg, per_layer)
+    names_k = {f"blocks.{i}.{n}": k for i in range(L) for n, k in local.items()}
+    if not per_layer:
+        names_k[CONTEXT_NAME] = pipe.cfg.dim
+    accs = {e: {b: _init_acc(names_k, cfg, dtype) for b in cfg.bins.expert_bins(e)} for e in cfg.experts}
+    cond_only = cfg.cfg_mode == "cond"
+
+    def fwd(params, acc, x, y, ctx, t, guide, key, expert):
+        model = nnx.merge(g, params)
+        model.scan_layers = False
+        inp, c = _model_inputs(x, y, ctx, cond_only)
+        cap = _Capture(acc, key, expert, cfg)
+        with linear_interceptor(cap):
+            v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
+        if not cond_only:
+            b = x.shape[0]
+            v = v[b:] + guide * (v[:b] - v[b:])
+        return v, cap.acc
+
+    def plain(params, x, y, ctx, t, guide):
+        model = nnx.merge(g, params)
+        inp, c = _model_inputs(x, y, ctx, cond_only)
+        v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
+        if not cond_only:
+            b = x.shape[0]
+            v = v[b:] + guide * (v[:b] - v[b:])
+        return v
+
+    fwd_jit = jax.jit(fwd, static_argnames=("expert",))
+    plain_jit = jax.jit(plain)
+    state = {}
+
+    def velocity(expert, params, x, t, guide):
+        if expert not in cfg.experts:                 # not calibrated: the plain forward drives the trajectory
+            return plain_jit(params, x, state["y"], state["ctx"], t, guide)
+        b = cfg.bins.names[cfg.bins.index(float(t))]
+        v, accs[expert][b] = fwd_jit(params, accs[expert][b], x, state["y"], state["ctx"], t, guide,
+                                     _bin_key(cfg, expert, b), expert=expert)
+        return v
+
+    for k, s in enumerate(samples):
+        y, ctx = _prepare(pipe, s, cfg.gen, cfg.cfg_mode)
+        state.update(y=y, ctx=ctx)
+        _, ts, experts = record_trajectory(pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode,
+                                           velocity=velocity, progress=progress)
+        _check_trajectory(cfg, ts, experts)
+    for e in cfg.experts:
+        for b in cfg.bins.expert_bins(e):
+            _save_unit(work_dir, f"{e}.online.{b}", e, b, accs[e][b])
+            if on_unit:
+                on_unit("stats", f"{e}.online.{b}")
+
+
+# ---- stream: trajectories first, then (expert, block group, bin) units
+def _embed(model, inp, t, ctx):
+    """The model's own input stage (as `WanDiT.__call__`): tokens, e0, embedded context, RoPE tables."""
+    b, f, h, w, _ = inp.shape
+    c = model.cfg
+    tb = jnp.broadcast_to(jnp.asarray(t, F32), (b,))
+    tokens = model.patch_embedding(model.patchify(inp)).astype(F32)
+    _, e0 = model.embed_time(tb)
+    ctx_e = model.embed_text(ctx)
+    rope = rope_cos_sin((f, h // 2, w // 2), c.head_dim, c.rope_split, c.rope_max_seq_len, c.rope_theta)
+    return tokens, e0, ctx_e, rope
+
+
+def _block(model, i):
+    """Block ``i`` (may be traced) of the stacked blocks, as `WanDiT.run_blocks` builds it."""
+    gd, st = nnx.split(model.blocks)
+    return nnx.merge(gd, jax.tree.map(lambda a: a[i], st))
+
+
+def _stream_fns(g, cfg: CalibConfig):
+    cond_only = cfg.cfg_mode == "cond"
+
+    def prefix(params, x, y, ctx, t, n_blocks):
+        model = nnx.merge(g, params)
+        inp, c = _model_inputs(x, y, ctx, cond_only)
+        h, e0, ctx_e, rope = _embed(model, inp, t, c)
+
+        def body(i, h):
+            return _block(model, i)(h, e0, ctx_e, rope)
+
+        h = jax.lax.fori_loop(0, n_blocks, body, h)
+        return h, e0, ctx_e, rope
+
+    def capture(params, i, h, e0, ctx_e, rope, acc, key, expert, with_context):
+        model = nnx.merge(g, params)
+        cap = _Capture(acc, key, expert, cfg, block_index=i, with_context=with_context)
+        with linear_interceptor(cap):
+            h = _block(model, i)(h, e0, ctx_e, rope)
+        return h, cap.acc
+
+    return jax.jit(prefix), jax.jit(capture, static_argnames=("expert", "with_context"), donate_argnames=("acc",))
+
+
+def _trajectories(pipe, samples, cfg, work_dir, progress, on_unit):
+    for k, s in enumerate(samples):
+        path = os.path.join(work_dir, "traj", f"sample_{k:05d}.npz")
+        if os.path.exists(path):
+            continue
+        y, ctx = _prepare(pipe, s, cfg.gen, cfg.cfg_mode)
+        xs, ts, experts = record_trajectory(pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode,
+                                            progress=progress)
+        _check_trajectory(cfg, ts, experts)
+        _atomic_savez(path, xs=xs, ts=ts, y=np.asarray(y), ctx=np.asarray(ctx))
+        if on_unit:
+            on_unit("trajectory", f"sample_{k:05d}")
+
+
+def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
+    _trajectories(pipe, samples, cfg, work_dir, progress, on_unit)
+    L = pipe.cfg.num_layers
+    size = cfg.blocks_per_group or L
+    groups = [(g0, min(g0 + size, L)) for g0 in range(0, L, size)]
+    per_layer = cfg.hessian_transform is not None
+    dtype = _model_dtype(pipe)
+    local = _block_inputs(pipe.cfg, per_layer)
+    units = [(e, g0, g1, b) for e in cfg.experts for g0, g1 in groups for b in cfg.bins.expert_bins(e)]
+    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"        # noqa: E731
+    todo = [u for u in units if not os.path.exists(os.path.join(work_dir, "stats", f"{uid(*u)}.npz"))]
+    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])         # noqa: E731
+    bar = _bar(sum(n_steps(u[3]) for u in todo) * len(samples), "calibrate", progress)
+    prefix, capture = _stream_fns(pipe.graphdef, cfg)
+    traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
+    for e, g0, g1, b in todo:
+        params = _params(pipe, e)
+        key = _bin_key(cfg, e, b)
+        accs = [_init_acc(local, cfg, dtype) for _ in range(g0, g1)]
+        with_ctx = g0 == 0 and not per_layer
+        if with_ctx:
+            accs[0][CONTEXT_NAME] = _init_acc({CONTEXT_NAME: pipe.cfg.dim}, cfg, dtype)[CONTEXT_NAME]
+        steps = cfg.bins.steps[cfg.bins.names.index(b)]
+        for path in traj_paths:
+            with np.load(path) as z:
+                xs, ts, y, ctx = z["xs"], z["ts"], jnp.asarray(z["y"]), jnp.asarray(z["ctx"])
+            for i in steps:
+                h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
+                for j in range(g0, g1):
+                    h, accs[j - g0] = capture(params, j, h, e0, ctx_e, rope, accs[j - g0], key, expert=e,
+                                              with_context=with_ctx and j == 0)
+                if bar is not None:
+                    bar.update(1)
+        stats = {}
+        for j in range(g0, g1):
+            for n, st in accs[j - g0].items():
+                stats[n if n == CONTEXT_NAME else f"blocks.{j}.{n}"] = st
+        _save_unit(work_dir, uid(e, g0, g1, b), e, b, stats)
+        del accs, stats
+        if on_unit:
+            on_unit("stats", uid(e, g0, g1, b))
+    if bar is not None:
+        bar.close()

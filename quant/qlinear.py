@@ -1,0 +1,305 @@
+"""``QLinear``: a quantized drop-in for ``wanjax.model.layers.Linear`` (same call: ``y = layer(x)``).
+
+What it holds (all arrays may carry a leading layer axis L when the layer lives in the scanned, stacked blocks; the
+scan slices it away before ``__call__`` runs):
+
+=================== ============================== ==========================================================
+variable            shape / dtype                  meaning
+=================== ============================== ==========================================================
+``qweight``         uint8 [N, K/2] (4-bit, packed)  weight codes (``formats_pack`` layout, K-major); int8 [N, K]
+                    or int8 [N, K] (int8 weights)   for 8-bit weights
+``wscale``          [N, K/g]                        weight scales in the format's native dtype (f32 int, uint8
+                                                    E8M0 mxfp4, float8_e4m3fn nvfp4); per channel: [N, 1]
+``wtensor_scale``   f32 []  (nvfp4 only)            NVFP4 per-tensor scale
+``smooth``          f32 [K] or None                 smoothing divisor: the layer sees ``x / smooth``
+``rot_signs``       f32 [K] or None                 Hadamard rotation of the (smoothed) input (``quant.rotate``)
+``down`` / ``up``   [K, r] / [r, N] bf16 or None    low-rank branch on the smoothed (rotated) input
+``bias``            [N] or None                     bias
+``act_clip``        f32 [B]                         per timestep bin: clip ratio of the dynamic abs-max
+``act_exp_offset``  int32 [B]                       per bin: MX exponent offset (mxfp4 activations; 0 otherwise)
+``act_scale``       f32 [B] or None                 per bin: static activation scale (``act_mode="static"``)
+=================== ============================== ==========================================================
+
+The forward (``x`` of any float dtype, ``[..., K]``)::
+
+    x_s = f32(x) / smooth ; x_r = rotate(x_s)                       (each only if present)
+    y   = QDQ_act(x_r; table[bin]) @ dequant(W)^T + (x_r @ down) @ up + bias
+
+``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
+QDQ and the weight dequantization are bit-exact ``wanjax.quant.formats`` math); ``mode="real"`` calls
+``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; needs int4 per-channel weights and int4 per-token
+activations, the formats the kernels implement). The timestep bin is read from :func:`active_bin` (a traced int32 is
+fine, so changing bins never recompiles); a layer with a single bin needs no bin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wanjax.quant import formats
+from wanjax.quant.rotate import rotate_activations
+
+__all__ = [
+    "QLinear",
+    "QLinearConfig",
+    "QVar",
+    "active_bin",
+    "current_bin",
+    "qlinear_apply",
+]
+
+_ACTIVE_BIN: contextvars.ContextVar = contextvars.ContextVar("wanjax_quant_active_bin", default=None)
+
+_W_FMTS = ("int4", "int8", "mxfp4", "nvfp4")
+_A_FMTS = ("int4", "int8", "mxfp4", "nvfp4", None)
+MODES = ("fake", "real")
+ACT_MODES = ("dynamic", "static")
+_QMAX = {"int4": 7.0, "int8": 127.0}
+
+
+@contextlib.contextmanager
+def active_bin(index):
+  """Selects the timestep bin used by every :class:`QLinear` traced inside the block.
+
+  ``index`` is a Python int or an int32 scalar (traced inside ``jax.jit``: pass it as an argument of the jitted
+  function so that every bin runs the same compiled program). Out-of-range indices are clamped by JAX's gather.
+  """
+  token = _ACTIVE_BIN.set(index)
+  try:
+    yield
+  finally:
+    _ACTIVE_BIN.reset(token)
+
+
+def current_bin():
+  """The bin index set by the innermost :func:`active_bin`, or None."""
+  return _ACTIVE_BIN.get()
+
+
+class QVar(nnx.Variable):
+  """Variable type of every quantized-layer array (codes, scales, smoothing, low-rank, bin tables)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QLinearConfig:
+  """Static description of a quantized linear (hashable; part of the graph definition, not of the state).
+
+  Attributes:
+    in_features, out_features: K and N.
+    w_fmt: weight format ``"int4" | "int8" | "mxfp4" | "nvfp4"``.
+    w_group: elements per weight scale along K (K for per-channel int scales; 32 mxfp4; 16 nvfp4).
+    a_fmt: activation format (same choices) or None for weight-only quantization.
+    a_group: activation group along K (None = one scale per token for int formats; block size for FP4).
+    a_scale_rule: mxfp4 activation scale rule (``"safe_ceil"``, the seed's, or ``"ocp_floor"``).
+    act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats only).
+    rot_block: Hadamard block size (None: the largest power of two dividing K, as ``quant.rotate``).
+    nbins: number of timestep bins (leading axis of the bin tables).
+  """
+
+  in_features: int
+  out_features: int
+  w_fmt: str = "int4"
+  w_group: int | None = None
+  a_fmt: str | None = "int4"
+  a_group: int | None = None
+  a_scale_rule: str = "safe_ceil"
+  act_mode: str = "dynamic"
+  rot_block: int | None = None
+  nbins: int = 1
+
+  def __post_init__(self):
+    if self.w_fmt not in _W_FMTS:
+      raise ValueError(f"QLinearConfig: w_fmt must be one of {_W_FMTS}, got {self.w_fmt!r}")
+    if self.a_fmt not in _A_FMTS:
+      raise ValueError(f"QLinearConfig: a_fmt must be one of {_A_FMTS}, got {self.a_fmt!r}")
+    if self.act_mode not in ACT_MODES:
+      raise ValueError(f"QLinearConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+    if self.act_mode == "static" and self.a_fmt not in ("int4", "int8"):
+      raise ValueError(f"QLinearConfig: act_mode='static' needs a_fmt int4/int8, got {self.a_fmt!r}")
+    if self.act_mode == "static" and self.a_group is not None:
+      raise ValueError("QLinearConfig: act_mode='static' uses one scale per bin (a_group must be None), got "
+                       f"a_group={self.a_group}")
+    if self.nbins < 1:
+      raise ValueError(f"QLinearConfig: nbins must be >= 1, got {self.nbins}")
+    if self.in_features % 2:
+      raise ValueError(f"QLinearConfig: in_features must be even (two 4-bit codes per byte), got {self.in_features}")
+    g = self.in_features if self.w_group is None else self.w_group
+    if self.in_features % g:
+      raise ValueError(f"QLinearConfig: w_group={g} does not divide in_features={self.in_features}")
+    object.__setattr__(self, "w_group", g)
+
+  @property
+  def packed(self) -> bool:
+    """Whether the weight codes are packed two per byte."""
+    return self.w_fmt in formats.FOUR_BIT_FORMATS
+
+  def real_mode_problem(self) -> str | None:
+    """Why ``mode="real"`` cannot run this layer (None if it can)."""
+    if self.w_fmt != "int4" or self.w_group != self.in_features:
+      return f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel"
+    if self.a_fmt != "int4" or self.a_group is not None:
+      return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
+    return None
+
+
+def _check_shape(path, name, arr, expected):
+  if arr is None:
+    return
+  got = tuple(arr.shape)
+  if got[len(got) - len(expected):] != tuple(expected) or len(got) - len(expected) not in (0, 1):
+    raise ValueError(f"QLinear {path!r}: {name} must have shape {tuple(expected)} (optionally with a leading layer "
+                     f"axis), got {got}")
+
+
+class QLinear(nnx.Module):
+  """Quantized linear layer; see the module docstring for the variables and the forward.
+
+  Args:
+    config: :class:`QLinearConfig`.
+    qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias: arrays as in the module table.
+    act_clip, act_exp_offset, act_scale: per-bin tables ``[B]`` (``act_exp_offset`` defaults to zeros;
+      ``act_scale`` is required iff ``config.act_mode == "static"``).
+    dtype: compute dtype of the matmul operands and of the result (as ``Linear.dtype``).
+    mode: ``"fake"`` or ``"real"``.
+    path: dotted layer name (``"blocks.self_attn.q"``).
+  """
+
+  def __init__(self, config: QLinearConfig, *, qweight, wscale, act_clip, wtensor_scale=None, smooth=None,
+               rot_signs=None, down=None, up=None, bias=None, act_exp_offset=None, act_scale=None,
+               dtype=jnp.bfloat16, mode: str = "fake", path: str = ""):
+    c = config
+    k, n = c.in_features, c.out_features
+    _check_shape(path, "qweight", qweight, (n, k // 2) if c.packed else (n, k))
+    _check_shape(path, "wscale", wscale, (n, k // c.w_group))
+    _check_shape(path, "smooth", smooth, (k,))
+    _check_shape(path, "rot_signs", rot_signs, (k,))
+    _check_shape(path, "bias", bias, (n,))
+    _check_shape(path, "act_clip", act_clip, (c.nbins,))
+    if (down is None) != (up is None):
+      raise ValueError(f"QLinear {path!r}: down and up come together (got down={down is not None}, "
+                       f"up={up is not None})")
+    if down is not None:
+      r = down.shape[-1]
+      _check_shape(path, "down", down, (k, r))
+      _check_shape(path, "up", up, (r, n))
+    if (act_scale is None) == (c.act_mode == "static"):
+      raise ValueError(f"QLinear {path!r}: act_scale [B] is required iff act_mode='static' (act_mode="
+                       f"{c.act_mode!r}, act_scale given: {act_scale is not None})")
+    if (wtensor_scale is None) == (c.w_fmt == "nvfp4"):
+      raise ValueError(f"QLinear {path!r}: wtensor_scale is required iff w_fmt='nvfp4'")
+    if act_exp_offset is None:
+      act_exp_offset = jnp.zeros(jnp.shape(act_clip), jnp.int32)
+    _check_shape(path, "act_exp_offset", act_exp_offset, (c.nbins,))
+    _check_shape(path, "act_scale", act_scale, (c.nbins,))
+    if mode not in MODES:
+      raise ValueError(f"QLinear {path!r}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "real" and c.real_mode_problem():
+      raise ValueError(f"QLinear {path!r}: mode='real' unavailable: {c.real_mode_problem()}; use mode='fake'")
+
+    def var(a):
+      return None if a is None else QVar(jnp.asarray(a))
+
+    self.config = c
+    self.qweight = var(qweight)
+    self.wscale = var(wscale)
+    self.wtensor_scale = var(wtensor_scale)
+    self.smooth = var(smooth)
+    self.rot_signs = var(rot_signs)
+    self.down = var(down)
+    self.up = var(up)
+    self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+    self.act_clip = var(jnp.asarray(act_clip, jnp.float32))
+    self.act_exp_offset = var(jnp.asarray(act_exp_offset, jnp.int32))
+    self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
+    self.in_features, self.out_features = k, n
+    self.dtype = dtype
+    self.mode = mode
+    self.path = path
+
+  def arrays(self) -> dict:
+    """The layer's arrays by name (None where absent), e.g. for :func:`qlinear_apply`."""
+    names = ("qweight", "wscale", "wtensor_scale", "smooth", "rot_signs", "down", "up", "bias", "act_clip",
+             "act_exp_offset", "act_scale")
+    return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b = current_bin()
+    if b is None:
+      if self.config.nbins != 1:
+        raise ValueError(f"QLinear {self.path!r} has {self.config.nbins} timestep bins but no bin is active: call "
+                         "the model inside `with wanjax.quant.qlinear.active_bin(index):`")
+      b = 0
+    a = self.arrays()
+    return qlinear_apply(self.config, a, x, a["act_clip"][b], a["act_exp_offset"][b],
+                         None if a["act_scale"] is None else a["act_scale"][b], dtype=self.dtype, mode=self.mode)
+
+
+def _dequant_weight(c: QLinearConfig, a: dict) -> jax.Array:
+  qt = formats.QuantizedTensor(codes=a["qweight"], scales=a["wscale"], tensor_scale=a["wtensor_scale"], fmt=c.w_fmt,
+                               group_size=c.w_group, packed=c.packed)
+  return formats.dequantize(qt, jnp.float32)  # [N, K]
+
+
+def act_qdq(c: QLinearConfig, x: jax.Array, clip, exp_offset, static_scale) -> jax.Array:
+  """Activation fake quantization of ``x [M, K]`` (float32) with one bin's table entries (may be traced)."""
+  if c.a_fmt is None:
+    return x
+  if c.act_mode == "static":
+    qmax = _QMAX[c.a_fmt]
+    s = jnp.asarray(static_scale, jnp.float32)
+    s = jnp.where(s > 0, s, jnp.float32(1.0))
+    return jnp.clip(jnp.round(x / s), -qmax, qmax) * s  # the kernels' static rule (kernels/reference.py)
+  if c.a_fmt in ("int4", "int8"):
+    return formats.quantize_dequantize(x, c.a_fmt, group_size=c.a_group, clip=clip, nonfinite="nan")
+  if c.a_fmt == "mxfp4":
+    return formats.quantize_dequantize(x, "mxfp4", scale_rule=c.a_scale_rule, exp_offset=exp_offset, clip=clip,
+                                       block_size=c.a_group or formats.MX_BLOCK_SIZE, nonfinite="nan")
+  return formats.quantize_dequantize(x, "nvfp4", clip=clip, block_size=c.a_group or formats.NVFP4_BLOCK_SIZE,
+                                     nonfinite="nan")
+
+
+def _dot(a, b, dtype):
+  return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, static_scale=None, *,
+                  dtype=jnp.bfloat16, mode: str = "fake") -> jax.Array:
+  """The QLinear forward as a pure function of its config, arrays ``a`` (one layer, no leading L) and one bin's
+  table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search."""
+  k = c.in_features
+  if x.shape[-1] != k:
+    raise ValueError(f"QLinear: input last dim must be in_features={k}, got shape {tuple(x.shape)}")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  smooth, signs = a.get("smooth"), a.get("rot_signs")
+  if mode == "real":
+    from wanjax.kernels import dispatch
+
+    if c.real_mode_problem():
+      raise ValueError(f"QLinear: mode='real' unavailable: {c.real_mode_problem()}")
+    if signs is not None:  # rotation happens after smoothing: do both here, the kernel sees the rotated input
+      x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
+      smooth = None
+    y = dispatch.w4a4_linear(x2, a["qweight"], a["wscale"][:, 0], smooth=smooth, down=a.get("down"), up=a.get("up"),
+                             bias=a.get("bias"), clip=clip,
+                             static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype)
+    return y.reshape(*lead, c.out_features)
+  xr = x2.astype(jnp.float32)
+  if smooth is not None:
+    xr = xr / smooth.astype(jnp.float32)
+  if signs is not None:
+    xr = rotate_activations(xr, signs, c.rot_block)
+  xq = act_qdq(c, xr, clip, exp_offset, static_scale)
+  y = _dot(xq, _dequant_weight(c, a).T, dtype)
+  if a.get("down") is not None:
+    x_lr = _dot(xr, a["down"], dtype).astype(dtype)  # as the kernels: x_lr rounded to the compute dtype
+    y = y + _dot(x_lr, a["up"], dtype)
+  if a.get("bias") is not None:
+    y = y + a["bias"].astype(jnp.float32)
+  return y.astype(dtype).reshape(*lead, c.out_features)

@@ -1,0 +1,240 @@
+"""Top level: run a recipe over the block Linears of each expert -> quantized experts.
+
+    qexperts = quantize({"high": high, "low": low}, "default", stats)      # or quantize(pipe, ...)
+
+For every expert, every path of ``BLOCK_LINEARS`` and every block index ``l``:
+
+1. ``params = {"kernel": W_l [K, N] f32, "bias": b_l}``; the weight transforms of the recipe (smooth, rotate,
+   low-rank) and its quantizer (GPTQ / RTN) turn it into ``{kernel, qweight, smooth?, rot_signs?, down?, up?, bias}``;
+2. :func:`pack_layer` turns that into the QLinear arrays (packed codes, native scales, bin tables at clip 1);
+3. the table transforms (clip search) fill the per-bin tables from the bin's sampled rows;
+4. the layer SQNR per bin is recorded in the report.
+
+The per-block layers are stacked back to ``[L, ...]`` and put into the model with
+``wanjax.quant.apply.quantize_model``. Statistics come through :class:`StatsSource` (``layer(expert, path, index)
+-> LayerInputs``); :class:`CalibStats` adapts a ``{name: wanjax.quant.stats.LayerStats}`` dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wanjax.quant import formats
+from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
+from wanjax.quant.qlinear import QLinear, QLinearConfig
+from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input
+from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
+
+__all__ = ["CalibStats", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
+           "quantize_layer"]
+
+
+@dataclasses.dataclass
+class LayerInputs:
+  """Calibration statistics of one layer (one expert, one block index) over its B bins.
+
+  Attributes:
+    absmax: ``[B, K]`` per-bin channel abs-max of the raw input.
+    rows: ``[B, n, K]`` sampled raw input rows per bin (same n for every bin).
+    hessian: ``[K, K]`` sum ``X^T X`` of the raw inputs over all bins, or None.
+  """
+
+  absmax: np.ndarray
+  rows: np.ndarray
+  hessian: np.ndarray | None = None
+
+  def __post_init__(self):
+    a, r = np.asarray(self.absmax), np.asarray(self.rows)
+    if a.ndim != 2 or r.ndim != 3 or r.shape[0] != a.shape[0] or r.shape[2] != a.shape[1] or r.shape[1] == 0:
+      raise ValueError(f"LayerInputs: expected absmax [B, K] and rows [B, n>0, K], got {a.shape} and {r.shape}")
+
+
+class StatsSource(Protocol):
+  """Anything that returns the statistics of one layer: ``layer(expert, path, index) -> LayerInputs``."""
+
+  def layer(self, expert: str, path: str, index: int) -> LayerInputs: ...
+
+
+class CalibStats:
+  """Adapts ``{name: wanjax.quant.stats.LayerStats}`` (one entry per expert, layer, block, bin) to StatsSource.
+
+  Args:
+    stats: the dict (e.g. from ``wanjax.quant.stats.load_stats``).
+    bin_names: ``{expert: [bin names in order]}`` (e.g. from ``TimestepBins.expert_bins``).
+    key: ``key(expert, path, index, bin_name) -> name`` of the entry; default ``"{expert}|{path}|{index}|{bin}"``.
+  """
+
+  def __init__(self, stats: Mapping, bin_names: Mapping[str, tuple], key: Callable | None = None):
+    self.stats = stats
+    self.bin_names = {e: tuple(b) for e, b in bin_names.items()}
+    self.key = key or (lambda e, p, i, b: f"{e}|{p}|{i}|{b}")
+
+  def layer(self, expert: str, path: str, index: int) -> LayerInputs:
+    names = [self.key(expert, path, index, b) for b in self.bin_names[expert]]
+    missing = [n for n in names if n not in self.stats]
+    if missing:
+      raise KeyError(f"CalibStats: no statistics {missing[:3]} for expert {expert!r} layer {path!r} block {index}")
+    sts = [self.stats[n] for n in names]
+    if any(s.samples is None or s.num_samples == 0 for s in sts):
+      raise ValueError(f"CalibStats: {expert} {path}[{index}]: every bin needs sampled rows (samples) for the "
+                       "clip search; got a bin without")
+    n = min(s.num_samples for s in sts)
+    rows = np.stack([np.asarray(s.samples[:n], np.float32) for s in sts])
+    absmax = np.stack([np.asarray(s.absmax, np.float32) for s in sts])
+    hs = [s.hessian for s in sts]
+    hessian = None if any(h is None for h in hs) else np.sum([np.asarray(h, np.float32) for h in hs], axis=0)
+    return LayerInputs(absmax=absmax, rows=rows, hessian=hessian)
+
+
+def layer_config(recipe: Recipe, k: int, n: int, nbins: int) -> QLinearConfig:
+  """The QLinearConfig a recipe gives a ``K -> N`` layer with ``nbins`` bins."""
+  w, a = recipe.weight, recipe.act
+  return QLinearConfig(in_features=k, out_features=n, w_fmt=w.fmt, w_group=w.group(k),
+                       a_fmt=None if a is None else a.fmt, a_group=None if a is None else a.group_size,
+                       a_scale_rule="safe_ceil" if a is None else a.scale_rule, act_mode=recipe.act_mode,
+                       nbins=nbins)
+
+
+def pack_layer(params: dict, config: QLinearConfig, ctx: LayerContext, param_dtype) -> dict:
+  """Quantized params of one layer -> QLinear arrays (packed codes, tables at clip 1 / offset 0).
+
+  In static mode the table starts at ``act_scale = max|x_in| / qmax`` per bin (``x_in`` as the matmul sees it).
+  """
+  qt: formats.QuantizedTensor = params["qweight"]
+  if config.packed:
+    qt = qt.pack()
+  nb = config.nbins
+  arrays = {
+      "qweight": qt.codes, "wscale": qt.scales, "wtensor_scale": qt.tensor_scale,
+      "smooth": params.get("smooth"), "rot_signs": params.get("rot_signs"),
+      "down": params.get("down"), "up": params.get("up"),
+      "bias": None if params.get("bias") is None else jnp.asarray(params["bias"]).astype(param_dtype),
+      "act_clip": jnp.ones((nb,), jnp.float32), "act_exp_offset": jnp.zeros((nb,), jnp.int32), "act_scale": None,
+  }
+  if config.act_mode == "static":
+    arrays["act_scale"] = static_base_scale(config, _xin_absmax(params, ctx))
+  return arrays
+
+
+def _xin_absmax(params, ctx):
+  """``[B, K]`` abs-max of the matmul input per bin: exact from the abs-max without rotation, from rows with it."""
+  if "rot_signs" in params:
+    return jnp.max(jnp.abs(layer_input(params, ctx.rows)), axis=1)
+  a = jnp.asarray(ctx.absmax, jnp.float32)
+  return a / params["smooth"] if "smooth" in params else a
+
+
+def quantize_layer(recipe: Recipe, kernel, bias, inputs: LayerInputs, *, path: str = "", index: int = 0,
+                   expert: str = "", param_dtype=jnp.bfloat16) -> tuple[QLinearConfig, dict, dict]:
+  """Runs ``recipe`` on one layer (kernel ``[K, N]``, bias ``[N]`` or None) with its statistics.
+
+  Returns ``(config, arrays, info)``: the QLinear config and arrays (no leading L) and ``info = {"sqnr_db": [B],
+  "search": search info or None}``.
+  """
+  recipe = get_recipe(recipe)
+  w = jnp.asarray(kernel, jnp.float32)
+  k, n = w.shape
+  nb = int(np.shape(inputs.absmax)[0])
+  ctx = LayerContext(path=path, index=index, expert=expert, absmax=jnp.asarray(inputs.absmax, jnp.float32),
+                     rows=jnp.asarray(inputs.rows, jnp.float32),
+                     hessian=None if inputs.hessian is None else jnp.asarray(inputs.hessian, jnp.float32),
+                     recipe=recipe)
+  params = {"kernel": w} if bias is None else {"kernel": w, "bias": jnp.asarray(bias)}
+  for t in recipe.stage("weight") + recipe.stage("quantizer"):
+    params = t(params, ctx)
+  config = layer_config(recipe, k, n, nb)
+  arrays = pack_layer(params, config, ctx, param_dtype)
+  ref_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+  search_info = None
+  for t in recipe.stage("table"):
+    if config.a_fmt is None or not t.applies_to(path):
+      continue
+    base = None
+    if config.act_mode == "static":
+      base = static_base_scale(config, _xin_absmax(params, ctx))
+    arrays, search_info = search_tables(config, arrays, ctx.rows, w, ref_bias, t.clips, t.exp_offsets,
+                                        per_bin=t.per_bin, base=base)
+  sqnr = layer_sqnr(config, arrays, ctx.rows, w, ref_bias)
+  return config, arrays, {"sqnr_db": sqnr, "search": search_info}
+
+
+def _stack(arrays_list: list[dict]) -> dict:
+  out = {}
+  for name in arrays_list[0]:
+    vals = [a[name] for a in arrays_list]
+    out[name] = None if vals[0] is None else jnp.stack([jnp.asarray(v) for v in vals])
+  return out
+
+
+def quantize_expert(model: nnx.Module, recipe, stats: StatsSource, *, expert: str = "high",
+                    paths=BLOCK_LINEARS, mode: str = "fake", progress: bool = True) -> tuple[nnx.Module, dict]:
+  """Quantizes the block Linears ``paths`` of one expert; returns ``(quantized model, report)``.
+
+  ``report = {"expert", "recipe", "sqnr_db": {path: [L, B]}}``. The input model is not modified.
+  """
+  recipe = get_recipe(recipe)
+  nl = model.cfg.num_layers
+  bar = _bar(len(paths) * nl, f"quantize {expert} ({recipe.name})", progress)
+  qlayers, sqnr = {}, {}
+  for path in paths:
+    lin = get_submodule(model, path)
+    kern = lin.kernel[...]
+    bias = None if lin.bias is None else lin.bias[...]
+    per_layer, s = [], []
+    config = None
+    for l in range(nl):
+      cfg_l, arrays, info = quantize_layer(recipe, kern[l], None if bias is None else bias[l],
+                                           stats.layer(expert, path, l), path=path, index=l, expert=expert,
+                                           param_dtype=kern.dtype)
+      if config is not None and cfg_l != config:
+        raise ValueError(f"quantize_expert: {path}: block {l} got config {cfg_l}, block 0 {config}")
+      config = cfg_l
+      per_layer.append(arrays)
+      s.append(info["sqnr_db"])
+      if bar is not None:
+        bar.set_postfix_str(f"{path}[{l}] sqnr {np.mean(info['sqnr_db']):.1f} dB")
+        bar.update(1)
+    qlayers[path] = QLinear(config, dtype=lin.dtype, mode="fake", path=path, **_stack(per_layer))
+    sqnr[path] = np.stack(s)
+  if bar is not None:
+    bar.close()
+  return quantize_model(model, qlayers, mode=mode), {"expert": expert, "recipe": recipe.name, "sqnr_db": sqnr}
+
+
+def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "low"), mode: str = "fake",
+             progress: bool = True) -> tuple[dict, dict]:
+  """Quantizes each expert with ``recipe`` (a name of ``RECIPES`` or a Recipe).
+
+  Args:
+    pipe_or_experts: a `WanI2VPipeline` (its ``high``/``low`` experts) or ``{expert name: WanDiT}``.
+    stats: a :class:`StatsSource` (statistics per expert / layer / block / bin).
+    experts: which experts to quantize (pipeline input).
+    mode: ``"fake"`` or ``"real"`` for the returned models.
+
+  Returns:
+    ``({name: quantized WanDiT}, {name: report})``.
+  """
+  if isinstance(pipe_or_experts, Mapping):
+    models = dict(pipe_or_experts)
+  else:
+    pipe = pipe_or_experts
+    split = {"high": pipe._params_high, "low": pipe._params_low}
+    models = {e: nnx.merge(pipe.graphdef, split[e]) for e in experts}
+  out, reports = {}, {}
+  for name, model in models.items():
+    out[name], reports[name] = quantize_expert(model, recipe, stats, expert=name, mode=mode, progress=progress)
+  return out, reports
+
+
+def _bar(total, desc, enabled):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, unit="layer")

@@ -1,0 +1,336 @@
+"""Recipes: named lists of transforms with their settings.
+
+A :class:`Recipe` fixes the number formats (weights, activations, dynamic or static activation scales) and a list
+of transforms applied to every quantized layer, in order:
+
+* weight transforms (``params, LayerContext -> params``, pure): :class:`Smooth`, :class:`Rotate`, :class:`LowRank`,
+  then exactly one quantizer, :class:`GPTQ` or :class:`RTN`;
+* table transforms (``arrays -> arrays`` on the packed layer): :class:`ClipSearch` (per-bin activation clip /
+  MX exponent offset / static scale).
+
+Write your own by listing transforms (``docs/QUANTIZATION.md``)::
+
+    my = Recipe("my", weight=WeightQuantSpec("int4"), act=ActQuantSpec("int4"),
+                transforms=(Smooth(alpha=0.6), LowRank(rank=32), GPTQ(), ClipSearch()))
+
+Named recipes (:func:`get_recipe`): ``rtn``, ``w8a8``, ``smoothquant``, ``quarot``, ``svdquant``, ``seed``,
+``default``. The transforms only describe WHAT to do; ``wanjax.quant.quantize`` runs them with the calibration
+statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wanjax.quant.gptq import gptq
+from wanjax.quant.linalg import hessian_from_rows
+from wanjax.quant.lowrank import lowrank
+from wanjax.quant.rotate import rotate, rotate_activations, rotate_hessian
+from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, rtn
+from wanjax.quant.smooth import DEFAULT_ALPHAS, smooth, smooth_hessian, smooth_search
+
+__all__ = [
+    "GPTQ",
+    "RECIPES",
+    "RTN",
+    "ClipSearch",
+    "LayerContext",
+    "LowRank",
+    "Recipe",
+    "Rotate",
+    "Smooth",
+    "get_recipe",
+    "layer_input",
+    "recipe_from_dict",
+    "recipe_to_dict",
+]
+
+#: The seed's activation clip grid and MX exponent offsets (15 candidates for MXFP4).
+SEED_CLIPS = (0.6, 0.7, 0.8, 0.9, 1.0)
+SEED_EXP_OFFSETS = (-1, 0, 1)
+
+
+@dataclasses.dataclass
+class LayerContext:
+  """What a transform may use for one layer of one expert.
+
+  Attributes:
+    path: layer path (``"blocks.ffn.fc1"``); index: block index; expert: expert name.
+    absmax: ``[B, K]`` per-bin channel abs-max of the raw layer input.
+    rows: ``[B, n, K]`` sampled raw input rows per bin.
+    hessian: ``[K, K]`` sum of ``x^T x`` over the raw inputs (all bins), or None.
+    recipe: the running :class:`Recipe`.
+  """
+
+  path: str
+  index: int
+  expert: str
+  absmax: Any
+  rows: Any
+  hessian: Any
+  recipe: "Recipe"
+
+  @property
+  def all_rows(self):
+    """Rows of all bins, ``[B * n, K]``."""
+    r = jnp.asarray(self.rows, jnp.float32)
+    return r.reshape(-1, r.shape[-1])
+
+
+def layer_input(params: dict, x):
+  """What the quantized matmul sees for raw input ``x [..., K]``: ``rotate(x / smooth)`` (each if present)."""
+  x = jnp.asarray(x, jnp.float32)
+  if "smooth" in params:
+    x = x / params["smooth"]
+  if "rot_signs" in params:
+    x = rotate_activations(x, params["rot_signs"])
+  return x
+
+
+# ------------------------------------------------------------------------------------------------ weight transforms
+@dataclasses.dataclass(frozen=True)
+class Smooth:
+  """SmoothQuant smoothing ``s = a^alpha / w^(1-alpha)`` from the abs-max over all bins of the expert.
+
+  ``alpha`` fixed, or ``search=True``: per layer over ``alphas`` by the quantized layer's output error on the
+  sampled rows (with a low-rank branch of ``search_rank`` in the loop).
+  """
+
+  alpha: float = 0.5
+  search: bool = False
+  alphas: tuple = DEFAULT_ALPHAS
+  search_rank: int = 0
+  stage = "weight"
+
+  def __call__(self, params: dict, ctx: LayerContext) -> dict:
+    a = jnp.max(jnp.asarray(ctx.absmax, jnp.float32), axis=0)
+    if not self.search:
+      return smooth(params, a, self.alpha)
+    out, _ = smooth_search(params, a, ctx.all_rows, ctx.recipe.weight, ctx.recipe.act_spec(), alphas=self.alphas,
+                           rank=self.search_rank)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotate:
+  """Block Hadamard rotation of the input (QuaRot); random signs from ``seed`` (None: no signs)."""
+
+  seed: int | None = 0
+  stage = "weight"
+
+  def __call__(self, params: dict, ctx: LayerContext) -> dict:
+    if self.seed is None:
+      return rotate(params, None)
+    tag = int(np.frombuffer(ctx.path.encode(), np.uint8).astype(np.int64).sum()) * 1000 + ctx.index
+    return rotate(params, jax.random.fold_in(jax.random.key(self.seed), tag))
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """SVDQuant low-rank branch of rank ``rank`` (16-bit ``down``/``up``), taken on the smoothed/rotated weight."""
+
+  rank: int = 32
+  stage = "weight"
+
+  def __call__(self, params: dict, ctx: LayerContext) -> dict:
+    k, n = params["kernel"].shape
+    return lowrank(params, min(self.rank, k, n), jnp.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+  """GPTQ of the (residual) weight.
+
+  ``hessian="quantized"``: from the sampled rows as the layer sees them, fake-quantized with the recipe's
+  activation quantizer at clip 1 (the seed's choice); ``"raw"``: the captured ``X^T X`` transformed by the
+  smoothing / rotation (falls back to the rows without quantization when no Hessian was captured).
+  """
+
+  hessian: str = "quantized"
+  block_size: int = 128
+  percdamp: float = 0.01
+  act_order: bool = False
+  static_groups: bool = True
+  stage = "quantizer"
+
+  def __post_init__(self):
+    if self.hessian not in ("quantized", "raw"):
+      raise ValueError(f"GPTQ: hessian must be 'quantized' or 'raw', got {self.hessian!r}")
+
+  def layer_hessian(self, params: dict, ctx: LayerContext):
+    """The Hessian of the inputs the quantized matmul sees, ``[K, K]``."""
+    if self.hessian == "raw" and ctx.hessian is not None:
+      h = jnp.asarray(ctx.hessian, jnp.float32)
+      if "smooth" in params:
+        h = smooth_hessian(h, params["smooth"])
+      if "rot_signs" in params:
+        h = rotate_hessian(h, params["rot_signs"])
+      return h
+    spec = ctx.recipe.act_spec() if self.hessian == "quantized" else None
+    h, _ = hessian_from_rows(layer_input(params, ctx.all_rows), None, spec)
+    return h
+
+  def __call__(self, params: dict, ctx: LayerContext) -> dict:
+    return gptq(params, self.layer_hessian(params, ctx), ctx.recipe.weight, block_size=self.block_size,
+                percdamp=self.percdamp, act_order=self.act_order, static_groups=self.static_groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class RTN:
+  """Round-to-nearest weight quantization."""
+
+  stage = "quantizer"
+
+  def __call__(self, params: dict, ctx: LayerContext) -> dict:
+    return rtn(params, ctx.recipe.weight)
+
+
+# ------------------------------------------------------------------------------------------------- table transforms
+@dataclasses.dataclass(frozen=True)
+class ClipSearch:
+  """Activation table search (``wanjax.quant.search``): per (layer, bin) the candidate minimizing the relative
+  layer-output error on the sampled rows against the unquantized layer.
+
+  Attributes:
+    clips: clip ratios (dynamic mode: multiplies the per-token abs-max; static: the per-bin abs-max scale).
+    exp_offsets: MX exponent offsets (mxfp4 activations only; int formats use 0).
+    per_bin: one table entry per bin (True) or one shared by all bins (False: "one clip").
+    skip: regex of layer paths left at the default (clip 1, offset 0), e.g. ``"cross_attn"`` as the seed.
+  """
+
+  clips: tuple = SEED_CLIPS
+  exp_offsets: tuple = SEED_EXP_OFFSETS
+  per_bin: bool = True
+  skip: str | None = None
+  stage = "table"
+
+  def applies_to(self, path: str) -> bool:
+    """Whether the search runs for layer ``path``."""
+    return self.skip is None or re.search(self.skip, path) is None
+
+
+# ------------------------------------------------------------------------------------------------------- recipes
+_TRANSFORMS = {c.__name__: c for c in (Smooth, Rotate, LowRank, GPTQ, RTN, ClipSearch)}
+_STAGES = {"weight": 0, "quantizer": 1, "table": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A quantization recipe: formats + ordered transforms.
+
+  Attributes:
+    name: recipe name.
+    weight: weight quantizer (``WeightQuantSpec``).
+    act: activation quantizer (``ActQuantSpec``: format, group, MX scale rule; clip/offset come from the per-bin
+      tables) or None for weight-only.
+    act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats).
+    transforms: weight transforms, then one quantizer (GPTQ / RTN), then table transforms.
+    notes: free text (where the settings come from).
+  """
+
+  name: str
+  weight: WeightQuantSpec
+  act: ActQuantSpec | None
+  transforms: tuple
+  act_mode: str = "dynamic"
+  notes: str = ""
+
+  def __post_init__(self):
+    stages = [getattr(t, "stage", None) for t in self.transforms]
+    if any(s not in _STAGES for s in stages):
+      bad = [type(t).__name__ for t, s in zip(self.transforms, stages) if s not in _STAGES]
+      raise ValueError(f"Recipe {self.name!r}: unknown transforms {bad}; expected instances of {sorted(_TRANSFORMS)}")
+    if stages.count("quantizer") != 1:
+      raise ValueError(f"Recipe {self.name!r}: needs exactly one weight quantizer (GPTQ or RTN), got "
+                       f"{stages.count('quantizer')} in {[type(t).__name__ for t in self.transforms]}")
+    order = [_STAGES[s] for s in stages]
+    if order != sorted(order):
+      raise ValueError(f"Recipe {self.name!r}: order must be weight transforms, then the quantizer, then table "
+                       f"transforms; got {[type(t).__name__ for t in self.transforms]}")
+    if self.act_mode not in ("dynamic", "static"):
+      raise ValueError(f"Recipe {self.name!r}: act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
+
+  def act_spec(self) -> ActQuantSpec | None:
+    """The activation quantizer at clip 1 / offset 0 (used for quantized-input Hessians and alpha search)."""
+    return None if self.act is None else dataclasses.replace(self.act, clip=1.0, exp_offset=0)
+
+  def stage(self, name: str) -> tuple:
+    """The transforms of stage ``name`` (``"weight"``, ``"quantizer"``, ``"table"``)."""
+    return tuple(t for t in self.transforms if t.stage == name)
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+  """JSON-friendly form of a recipe (stored in artifacts)."""
+  return {
+      "name": r.name, "act_mode": r.act_mode, "notes": r.notes,
+      "weight": dataclasses.asdict(r.weight),
+      "act": None if r.act is None else dataclasses.asdict(r.act),
+      "transforms": [{"type": type(t).__name__, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                    for k, v in dataclasses.asdict(t).items()}}
+                     for t in r.transforms],
+  }
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+  """Inverse of :func:`recipe_to_dict`."""
+  ts = []
+  for t in d["transforms"]:
+    t = dict(t)
+    cls = _TRANSFORMS.get(t.pop("type"))
+    if cls is None:
+      raise ValueError(f"recipe {d.get('name')!r}: unknown transform type; expected one of {sorted(_TRANSFORMS)}")
+    ts.append(cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in t.items()}))
+  return Recipe(name=d["name"], weight=WeightQuantSpec(**d["weight"]),
+                act=None if d["act"] is None else ActQuantSpec(**d["act"]), transforms=tuple(ts),
+                act_mode=d.get("act_mode", "dynamic"), notes=d.get("notes", ""))
+
+
+_INT4 = WeightQuantSpec("int4")
+_A_INT4 = ActQuantSpec("int4")
+#: Finer clip grid for int4 per-token activations (a clip acts continuously there, unlike MX power-of-two scales).
+INT_CLIPS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+RECIPES: dict[str, Recipe] = {
+    "rtn": Recipe("rtn", _INT4, _A_INT4, (RTN(),),
+                  notes="INT4 per-channel weights, INT4 per-token activations, round to nearest, clip 1."),
+    "w8a8": Recipe("w8a8", WeightQuantSpec("int8"), ActQuantSpec("int8"), (RTN(),),
+                   notes="INT8 per-channel weights, INT8 per-token activations, RTN (reference point)."),
+    "smoothquant": Recipe("smoothquant", WeightQuantSpec("int8"), ActQuantSpec("int8"), (Smooth(0.5), RTN()),
+                          notes="SmoothQuant W8A8: alpha 0.5, INT8 per-channel / per-token, RTN."),
+    "quarot": Recipe("quarot", _INT4, _A_INT4, (Rotate(0), GPTQ(hessian="raw")),
+                     notes="QuaRot: random-sign block Hadamard on every layer input, GPTQ, INT4 W/A per "
+                           "channel / per token."),
+    "svdquant": Recipe("svdquant", _INT4, _A_INT4,
+                       (Smooth(0.5), LowRank(32), RTN(), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
+                       notes="SVDQuant: smoothing alpha 0.5, rank-32 bf16 branch, RTN of the residual, one clip "
+                             "per layer (shared by all bins); INT4 per channel / per token."),
+    "seed": Recipe("seed", WeightQuantSpec("mxfp4", scale_rule="ocp_floor"),
+                   ActQuantSpec("mxfp4", scale_rule="safe_ceil"),
+                   (Smooth(0.5), LowRank(16), GPTQ(hessian="quantized"),
+                    ClipSearch(SEED_CLIPS, SEED_EXP_OFFSETS, per_bin=True, skip="cross_attn")),
+                   notes="arXiv 2605.27003 code defaults: MXFP4 W (ocp_floor) / A (safe_ceil), smoothing alpha 0.5, "
+                         "rank 16, GPTQ with the quantized-input Hessian (block 128, damp 0.01, no act-order, "
+                         "static group scales), per-expert per-bin clip x exponent-offset search (15 candidates), "
+                         "cross-attention unsearched."),
+    "default": Recipe("default", _INT4, _A_INT4,
+                      (Smooth(0.5), LowRank(32), GPTQ(hessian="quantized"), ClipSearch(INT_CLIPS, (0,))),
+                      notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
+                            "path), smoothing, bf16 low-rank branch, GPTQ with the quantized-input Hessian, per-bin "
+                            "clip search on every layer. Settings picked by layer SQNR on TINY planted-outlier "
+                            "layers (docs/QUANTIZATION.md)."),
+}
+
+
+def get_recipe(name_or_recipe) -> Recipe:
+  """A named recipe (``RECIPES``) or a :class:`Recipe` passed through; ``KeyError`` lists the names."""
+  if isinstance(name_or_recipe, Recipe):
+    return name_or_recipe
+  if name_or_recipe not in RECIPES:
+    raise KeyError(f"unknown recipe {name_or_recipe!r}; expected one of {sorted(RECIPES)} or a Recipe")
+  return RECIPES[name_or_recipe]

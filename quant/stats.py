@@ -1,0 +1,241 @@
+"""Calibration statistics of one linear-layer input, accumulated over calls: the `LayerStats` pytree.
+
+Per (expert, layer input, timestep bin) calibration keeps:
+
+* ``absmax`` [K] f32 - per-input-channel max |x| (smoothing);
+* ``hessian`` [K, K] f32 - the sum ``X^T X`` over all rows (GPTQ; divide by ``count`` for the seed's mean), or
+  ``None`` when not collected; ``count`` - rows summed into ``absmax``/``hessian``;
+* ``samples`` [n, K] - a bounded uniform reservoir sample of input rows (clip search), in the inputs' dtype, and
+  ``seen`` - how many candidate rows were offered to it. Each call first takes ``rows_per_call`` rows on a uniform
+  stride (the seed takes <= 4096 per hook call), then offers them to the reservoir (Algorithm R; a vectorised form
+  where, for two candidates drawing the same slot, the later one wins exactly as the sequential algorithm).
+
+`update_stats` is pure and jit-friendly (the random draw is keyed by the caller's key and ``seen``, so the same
+sequence of calls gives the same sample whatever the program layout). `merge_stats` combines two accumulators
+exactly (the reservoir merge draws how many rows come from each side hypergeometrically). `save_stats` /
+`load_stats` store a ``{name: LayerStats}`` dict as one ``.npz`` file, written atomically (temp file, then rename).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "hessian_mean", "stride_rows",
+           "save_stats", "load_stats", "to_host"]
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Accumulated statistics of one layer input (see the module docstring). ``hessian``/``samples`` may be None."""
+
+    absmax: jax.Array
+    count: jax.Array
+    hessian: jax.Array | None
+    samples: jax.Array | None
+    seen: jax.Array
+
+    @property
+    def in_features(self) -> int:
+        return int(self.absmax.shape[-1])
+
+    @property
+    def num_samples(self) -> int:
+        """Rows of the reservoir actually filled."""
+        if self.samples is None:
+            return 0
+        return int(min(int(self.seen), self.samples.shape[0]))
+
+
+def init_stats(k: int, *, hessian: bool = True, reservoir: int = 0, sample_dtype=jnp.float32) -> LayerStats:
+    """Empty accumulator for inputs with ``k`` channels; ``reservoir`` rows of sample (0: none)."""
+    if k < 1 or reservoir < 0:
+        raise ValueError(f"init_stats: need k >= 1 and reservoir >= 0, got k={k}, reservoir={reservoir}")
+    return LayerStats(absmax=jnp.zeros((k,), F32), count=jnp.zeros((), jnp.int32),
+                      hessian=jnp.zeros((k, k), F32) if hessian else None,
+                      samples=jnp.zeros((reservoir, k), sample_dtype) if reservoir else None,
+                      seen=jnp.zeros((), jnp.int32))
+
+
+def stride_rows(m: int, rows_per_call: int) -> np.ndarray:
+    """Indices of ``min(m, rows_per_call)`` rows on a uniform stride over ``m`` rows (all rows if ``rows_per_call``
+    is 0 or >= m), as the seed's ``linspace`` sampling."""
+    if rows_per_call <= 0 or rows_per_call >= m:
+        return np.arange(m)
+    return np.floor(np.linspace(0, m - 1, rows_per_call)).astype(np.int64)
+
+
+def _gram(x: jax.Array) -> jax.Array:
+    """``x^T x`` in f32: bf16 operands give exact products with f32 accumulation; f32 runs at full precision."""
+    if x.dtype == jnp.bfloat16:
+        return jnp.dot(x.T, x, preferred_element_type=F32)
+    x = x.astype(F32)
+    return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+
+
+def _reservoir(samples, seen, cand, key):
+    n, m = samples.shape[0], cand.shape[0]
+    j = seen + jnp.arange(m, dtype=jnp.int32)                          # global index of each candidate
+    r = jax.random.randint(key, (m,), 0, j + 1, dtype=jnp.int32)       # uniform in [0, j]
+    slot = jnp.where(j < n, j, jnp.where(r < n, r, n))                 # n = dropped
+    winner = jax.ops.segment_max(jnp.arange(m, dtype=jnp.int32), slot, num_segments=n + 1)[:n]
+    take = winner >= 0
+    new = jnp.where(take[:, None], cand[jnp.clip(winner, 0, m - 1)].astype(samples.dtype), samples)
+    return new, seen + m
+
+
+def update_stats(st: LayerStats, x: jax.Array, key: jax.Array | None = None, *, rows_per_call: int = 0,
+                 hessian_x: jax.Array | None = None) -> LayerStats:
+    """Add the rows of ``x`` [..., K] to ``st``; pure (returns a new accumulator), traceable.
+
+    Args:
+      key: PRNG key for the reservoir (needed when ``st.samples`` is not None); it is folded with ``st.seen``.
+      rows_per_call: candidate rows offered to the reservoir per call (uniform stride; 0 = all rows).
+      hessian_x: rows to use for the Hessian instead of ``x`` (same shape), e.g. activation-quantized inputs.
+    """
+    k = st.in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"update_stats: input has {x.shape[-1]} channels, the accumulator {k}")
+    rows = x.reshape(-1, k)
+    absmax = jnp.maximum(st.absmax, jnp.max(jnp.abs(rows), axis=0).astype(F32))
+    hessian = st.hessian
+    if hessian is not None:
+        hx = rows if hessian_x is None else hessian_x.reshape(-1, k)
+        if hx.shape != rows.shape:
+            raise ValueError(f"update_stats: hessian_x has shape {hessian_x.shape}, expected {x.shape}")
+        hessian = hessian + _gram(hx)
+    samples, seen = st.samples, st.seen
+    if samples is not None:
+        if key is None:
+            raise ValueError("update_stats: a key is needed to update the reservoir sample")
+        cand = rows[stride_rows(rows.shape[0], rows_per_call)]
+        samples, seen = _reservoir(samples, seen, cand, jax.random.fold_in(key, seen))
+    return LayerStats(absmax=absmax, count=st.count + rows.shape[0], hessian=hessian, samples=samples, seen=seen)
+
+
+def hessian_mean(st: LayerStats) -> jax.Array:
+    """``H / count`` (the seed's ``(1/N) sum x x^T``); raises if no rows or no Hessian were collected."""
+    if st.hessian is None:
+        raise ValueError("hessian_mean: these statistics were collected without a Hessian")
+    if int(st.count) == 0:
+        raise ValueError("hessian_mean: no rows were accumulated (count = 0)")
+    return st.hessian / jnp.asarray(st.count, F32)
+
+
+def to_host(st: LayerStats) -> LayerStats:
+    """The same statistics as numpy arrays (frees device memory once the device copy is dropped)."""
+    return jax.tree.map(np.asarray, st)
+
+
+def merge_stats(a: LayerStats, b: LayerStats, seed: int = 0) -> LayerStats:
+    """Statistics of the union of the rows of ``a`` and ``b`` (host-side, numpy).
+
+    ``absmax`` max, ``hessian``/``count``/``seen`` sums; the reservoir keeps a uniform sample of the union: the
+    number of rows taken from ``a`` is hypergeometric(``seen_a``, ``seen_b``, n), the rows a random subset of each.
+    """
+    a, b = to_host(a), to_host(b)
+    if a.in_features != b.in_features:
+        raise ValueError(f"merge_stats: channel counts differ ({a.in_features} vs {b.in_features})")
+    if (a.hessian is None) != (b.hessian is None) or (a.samples is None) != (b.samples is None):
+        raise ValueError("merge_stats: one accumulator has a Hessian/sample the other lacks")
+    hessian = None if a.hessian is None else a.hessian + b.hessian
+    samples = None
+    sa, sb = int(a.seen), int(b.seen)
+    if a.samples is not None:
+        if a.samples.shape != b.samples.shape:
+            raise ValueError(f"merge_stats: reservoir shapes differ ({a.samples.shape} vs {b.samples.shape})")
+        n = a.samples.shape[0]
+        rng = np.random.default_rng(seed)
+        total = min(n, sa + sb)
+        ka = int(rng.hypergeometric(sa, sb, total)) if sa and sb else (total if sa else 0)
+        pick_a = rng.permutation(min(n, sa))[:ka]
+        pick_b = rng.permutation(min(n, sb))[:total - ka]
+        samples = np.zeros_like(a.samples)
+        samples[:total] = np.concatenate([a.samples[pick_a], b.samples[pick_b]], 0)
+        samples[:total] = samples[:total][rng.permutation(total)]
+    return LayerStats(absmax=np.maximum(a.absmax, b.absmax), count=np.asarray(int(a.count) + int(b.count), np.int64),
+                      hessian=hessian, samples=samples, seen=np.asarray(sa + sb, np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+_FIELDS = ("absmax", "count", "hessian", "samples", "seen")
+
+
+def _encode(a: np.ndarray) -> tuple[np.ndarray, str]:
+    name = str(a.dtype)
+    if name == "bfloat16":                   # numpy's .npy has no bf16: store the raw bits
+        return a.view(np.uint16), name
+    return a, name
+
+
+def save_stats(path: str | os.PathLike, stats: dict[str, LayerStats], meta: dict | None = None) -> None:
+    """Write ``{name: LayerStats}`` (+ a JSON-able ``meta`` dict) to ``path`` (.npz) atomically."""
+    path = os.fspath(path)
+    arrays, dtypes = {}, {}
+    for name, st in stats.items():
+        if "/" in name:
+            raise ValueError(f"save_stats: stat names may not contain '/', got {name!r}")
+        for f in _FIELDS:
+            v = getattr(st, f)
+            if v is None:
+                continue
+            arr, dt = _encode(np.asarray(v))
+            arrays[f"{name}/{f}"] = arr
+            dtypes[f"{name}/{f}"] = dt
+    header = json.dumps({"format": "wanjax.calib_stats/1", "names": list(stats), "dtypes": dtypes,
+                         "meta": meta or {}})
+    arrays["__header__"] = np.frombuffer(header.encode(), np.uint8)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStats], dict]:
+    """Read a file written by `save_stats` -> (``{name: LayerStats}`` as numpy, meta). ``names``: only these."""
+    import ml_dtypes
+
+    path = os.fspath(path)
+    with np.load(path) as z:
+        if "__header__" not in z.files:
+            raise ValueError(f"{path}: not a calibration statistics file (no __header__ entry)")
+        header = json.loads(bytes(z["__header__"]).decode())
+        if header.get("format") != "wanjax.calib_stats/1":
+            raise ValueError(f"{path}: unknown statistics format {header.get('format')!r}, expected "
+                             "'wanjax.calib_stats/1'")
+        want = header["names"] if names is None else list(names)
+        missing = [n for n in want if n not in header["names"]]
+        if missing:
+            raise KeyError(f"{path}: no statistics named {missing[:5]} (has {len(header['names'])} names, "
+                           f"e.g. {header['names'][:3]})")
+        out = {}
+        for name in want:
+            vals = {}
+            for f in _FIELDS:
+                key = f"{name}/{f}"
+                if key not in z.files:
+                    vals[f] = None
+                    continue
+                arr = z[key]
+                if header["dtypes"][key] == "bfloat16":
+                    arr = arr.view(ml_dtypes.bfloat16)
+                vals[f] = arr
+            out[name] = LayerStats(**vals)
+    return out, header["meta"]
