@@ -18,6 +18,8 @@ Structure (adapted from the Hopper matmul pattern of jax's ``hopper_matmul_mgpu`
 Two weight encodings:
 
 * ``weights="int8"``: int8 [N, K] holding int4 values (unpacked from the packed uint8 codes by one cheap XLA pass);
+* ``weights="fp8"``: activations and weights float8_e4m3fn, FP8 ``wgmma`` with f32 accumulation (MXFP4 re-encoded,
+  ``kernels.mxfp4_gpu``);
 * ``weights="int4"``: the packed codes themselves, reinterpreted as ``jnp.int4`` [N, K] and TMA'd packed into SMEM;
   the compute warpgroups load them into registers as int8 (``WGMMA_8BIT`` layout) and issue ``wgmma`` with the weight
   as the register A operand, i.e. they compute the transposed tile out^T = W x^T (activations are then the K-major B
@@ -78,8 +80,9 @@ def _check_shapes(q_x, w, s_x, s_w, bias, x_lr, up, cfg, packed_k):
   if kw != k:
     raise ValueError(f"w4a4_matmul_gpu: weights [N, K] must match q_x [M, K]: got q_x {q_x.shape}, w {w.shape}"
                      f" ({'int4' if packed_k else 'int8'} view)")
-  if q_x.dtype != jnp.int8:
-    raise ValueError(f"w4a4_matmul_gpu: q_x must be int8, got {q_x.dtype}")
+  want_x = jnp.float8_e4m3fn if w.dtype == jnp.float8_e4m3fn else jnp.int8
+  if q_x.dtype != want_x:
+    raise ValueError(f"w4a4_matmul_gpu: q_x must be {jnp.dtype(want_x).name}, got {q_x.dtype}")
   if s_x.shape != (m,) or s_w.shape != (n,):
     raise ValueError(f"w4a4_matmul_gpu: s_x must be [{m}] and s_w [{n}], got {s_x.shape}, {s_w.shape}")
   if bias is not None and bias.shape != (n,):
@@ -215,7 +218,8 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str
             plgpu.copy_gmem_to_smem(up_gmem.at[:, n_wg_sl], up_smem.at[wg], lr_bar.at[2 * wg + 1])
           acc_shape = (tile_n, tile_m) if transposed else (tile_m, tile_n)
 
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
+          acc_dtype = jnp.float32 if weights == "fp8" else jnp.int32
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, acc_dtype))
           def _acc_scope(acc_ref):
             eval_pipeline(acc_ref)
             acc = acc_ref[...]
@@ -341,15 +345,16 @@ def w4a4_matmul_gpu(
     x_lr, up: optional low-rank branch, bf16 [M, r] and [r, N] (r a multiple of 16).
     bias: optional f32 [N].
     out_dtype: bf16 (default) or f32.
-    weights: "int8" or "int4" (see module docstring).
+    weights: "int8" or "int4" (see module docstring), or "fp8": q_x and w both float8_e4m3fn, f32 accumulation
+      (the MXFP4 path, see ``kernels.mxfp4_gpu``).
     config: tiling.
     interpret: True (or a ``plgpu.InterpretGPUParams``) to run in the Mosaic GPU interpreter on CPU (int8 weights
       only); True poisons all buffers with NaN first.
   Returns:
     [M, N] ``out_dtype``.
   """
-  if weights not in ("int8", "int4"):
-    raise ValueError(f"w4a4_matmul_gpu: weights must be 'int8' or 'int4', got {weights!r}")
+  if weights not in ("int8", "int4", "fp8"):
+    raise ValueError(f"w4a4_matmul_gpu: weights must be 'int8', 'int4' or 'fp8', got {weights!r}")
   if weights == "int4":
     if w.dtype == jnp.uint8:
       from .reference import packed_as_int4
@@ -359,6 +364,9 @@ def w4a4_matmul_gpu(
     if interpret:
       raise NotImplementedError("the int4-in-registers variant uses register-A wgmma, which the Mosaic GPU "
                                 "interpreter does not implement; use weights='int8' in interpret mode")
+  elif weights == "fp8":
+    if w.dtype != jnp.float8_e4m3fn:
+      raise ValueError(f"w4a4_matmul_gpu(weights='fp8'): expected float8_e4m3fn [N, K] weights, got {w.dtype}")
   elif w.dtype != jnp.int8:
     raise ValueError(f"w4a4_matmul_gpu(weights='int8'): expected int8 [N, K] weights, got {w.dtype}")
   if x_lr is not None and x_lr.shape[1] == 0:

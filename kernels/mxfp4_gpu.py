@@ -1,0 +1,81 @@
+"""MXFP4 W4A4 on Hopper: exact re-encoding of MXFP4 rows into FP8 e4m3 plus one power-of-two scale per row, then the
+FP8 ``wgmma`` GEMM of ``kernels.w4a4_gpu`` (``weights="fp8"``) with the same epilogue.
+
+MXFP4 (OCP MX): E2M1 elements {0, +-0.5, +-1, +-1.5, +-2, +-3, +-4, +-6} and one E8M0 scale 2**e per block of 32 along
+K. H100 has no FP4 tensor cores, but every E2M1 value times 2**-d is exactly representable in e4m3 for 0 <= d <= 8
+(the smallest, 0.5 * 2**-8 = 2**-9, is e4m3's smallest subnormal). So each row (token, or output channel) is
+re-encoded with the row scale 2**max_block_exp: element -> e2m1 * 2**(e_block - e_row) in e4m3, exact while every
+block's exponent is within 8 of the row's largest; blocks further below are rounded by the e4m3 cast (counted and
+reported by :func:`reencode_rows`). The GEMM is then fp8 x fp8 -> f32 with scales 2**e_row_x[m] * 2**e_row_w[n].
+
+Inputs here are the decoded E2M1 element values (f32) and the integer block exponents; ``wanjax.quant.formats``
+produces both from its MXFP4 ``QuantizedTensor``.
+
+Status: reference and re-encoding verified on CPU; the FP8 GEMM is the int8 kernel with f32 accumulation, checked in
+the Mosaic GPU interpreter and lowered for CUDA on CPU, **not run on the H100** (device time ran out).
+Caveat: Hopper's FP8 ``wgmma`` accumulates with reduced precision (DeepSeek measured ~14 kept mantissa bits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import reference
+
+MX_BLOCK = 32
+MAX_EXACT_SHIFT = 8  # e4m3 holds e2m1 * 2**-d exactly for d <= 8
+
+
+def reencode_rows(values: jax.Array, block_exp: jax.Array, block: int = MX_BLOCK):
+  """MXFP4 rows -> (fp8 e4m3 [R, K], row exponent int32 [R], number of rows not exactly representable).
+
+  Args:
+    values: f32 [R, K] decoded E2M1 element values (multiples of 0.5 in [-6, 6]).
+    block_exp: int [R, K // block] block scale exponents (scale = 2**block_exp).
+  """
+  r, k = values.shape
+  if k % block or block_exp.shape != (r, k // block):
+    raise ValueError(f"reencode_rows: values [R, K] with K % {block} == 0 and block_exp [R, K/{block}] expected, "
+                     f"got {values.shape} and {block_exp.shape}")
+  e = block_exp.astype(jnp.int32)
+  row_exp = jnp.max(e, axis=1)
+  shift = (e - row_exp[:, None])  # <= 0
+  y = values.astype(jnp.float32).reshape(r, k // block, block) * jnp.exp2(shift.astype(jnp.float32))[..., None]
+  y = y.reshape(r, k)
+  f8 = y.astype(jnp.float8_e4m3fn)
+  inexact_rows = jnp.sum(jnp.any(f8.astype(jnp.float32) != y, axis=1).astype(jnp.int32))
+  return f8, row_exp, inexact_rows
+
+
+def dequantize(values, block_exp, block: int = MX_BLOCK):
+  """Exact f32 value of MXFP4 rows: values * 2**block_exp (per block)."""
+  r, k = values.shape
+  s = jnp.exp2(block_exp.astype(jnp.float32))
+  return (values.astype(jnp.float32).reshape(r, k // block, block) * s[..., None]).reshape(r, k)
+
+
+def mxfp4_matmul_reference(xv, xe, wv, we, x_lr=None, up=None, bias=None, out_dtype=jnp.bfloat16):
+  """Reference MXFP4 W4A4 GEMM: dequantize both operands exactly, f32 dot (HIGHEST), same epilogue as W4A4."""
+  x = dequantize(xv, xe)
+  w = dequantize(wv, we)
+  acc = lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)
+  ones_m = jnp.ones((x.shape[0],), jnp.float32)
+  ones_n = jnp.ones((w.shape[0],), jnp.float32)
+  return reference.w4a4_epilogue(acc, ones_m, ones_n, x_lr, up, bias, out_dtype)
+
+
+def mxfp4_matmul_gpu(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16, config=None,
+                     interpret=False):
+  """MXFP4 W4A4 GEMM on Hopper: re-encode both operands to (e4m3, 2**row_exp) and run the FP8 Mosaic GPU GEMM.
+
+  Returns (out [M, N], inexact_rows_x, inexact_rows_w). In production the weights are re-encoded once at load time.
+  """
+  from .w4a4_gpu import DEFAULT_CONFIG, w4a4_matmul_gpu
+  x8, ex, bad_x = reencode_rows(xv, xe)
+  w8, ew, bad_w = reencode_rows(wv, we)
+  out = w4a4_matmul_gpu(x8, jnp.exp2(ex.astype(jnp.float32)), w8, jnp.exp2(ew.astype(jnp.float32)), x_lr, up, bias,
+                        out_dtype=out_dtype, weights="fp8", config=config or DEFAULT_CONFIG, interpret=interpret)
+  return out, bad_x, bad_w
