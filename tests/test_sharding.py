@@ -172,10 +172,15 @@ def test_ring_heads_not_dividing_and_short_sequences():
         ulysses_attention(q, k, v, mesh)
 
 
-def test_cross_attention_kv_replicated():
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+def test_cross_attention_kv_replicated_and_local_backends(backend):
+    """Cross-attention (q sharded, kv replicated) and Ulysses with each CPU local backend (chunked: a scan)."""
     mesh = make_mesh(2, 1, 4, 1)
     q, k, v = _qkv(2, 37, 8, 16, seed=3, s_kv=16)
-    out = jax.jit(lambda q, k, v: sequence_parallel_attention(q, k, v, mesh))(q, k, v)
+    out = jax.jit(lambda q, k, v: sequence_parallel_attention(q, k, v, mesh, backend=backend))(q, k, v)
+    assert _rel(out, attention(q, k, v, backend="xla")) <= 1e-5
+    k, v = _qkv(2, 37, 8, 16, seed=4)[1:]
+    out = jax.jit(lambda q, k, v: ulysses_attention(q, k, v, mesh, backend=backend))(q, k, v)
     assert _rel(out, attention(q, k, v, backend="xla")) <= 1e-5
 
 
