@@ -340,3 +340,22 @@ def test_bf16_kernels_are_accepted():
                                 np.asarray(rtn({"kernel": wb.astype(jnp.float32)}, spec)["kernel"]))
   out = lowrank(smooth({"kernel": wb}, jnp.ones(64), 0.5), 4)
   assert out["kernel"].dtype == jnp.float32 and out["down"].dtype == jnp.bfloat16
+
+
+def test_randomized_lowrank_matches_svd_on_decaying_spectrum():
+  rng = _rng(14)
+  k, n, r = 192, 128, 16
+  u, _ = np.linalg.qr(rng.normal(size=(k, n)))
+  v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  s = 0.8 ** np.arange(n)  # trained weights: fast-decaying spectrum
+  w = ((u * s) @ v.T).astype(np.float32)
+  exact = lowrank({"kernel": jnp.asarray(w)}, r, jnp.float32)
+  rand = lowrank({"kernel": jnp.asarray(w)}, r, jnp.float32, method="randomized")
+  np.testing.assert_allclose(np.asarray(rand["kernel"]) + np.asarray(rand["down"] @ rand["up"]), w, atol=1e-6)
+  opt = np.sqrt(np.sum(s[r:] ** 2))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(exact["kernel"])), opt, rtol=1e-4)
+  assert np.linalg.norm(np.asarray(rand["kernel"])) <= 1.001 * opt
+  np.testing.assert_allclose(np.asarray(rand["down"] @ rand["up"]), np.asarray(exact["down"] @ exact["up"]),
+                             atol=1e-4 * s[0])
+  with pytest.raises(ValueError, match="method must be one of"):
+    lowrank({"kernel": jnp.asarray(w)}, r, method="qr")
