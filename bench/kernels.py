@@ -232,6 +232,30 @@ def run_shape(m, k, n, sweep, log):
       chk = lambda ex=ex, ep=ep, r=r: {"int_acc_bit_exact": ex() if r == 0 else None, "epilogue_relerr": ep()}
     rec(name, gemm(weights, r, cfg), q_x, s_x, wv, s_w, x_lr, up, bias, check=chk)
 
+  # --- MXFP4 path: FP8 wgmma on operands re-encoded from MXFP4 (GEMM alone; re-encoding done beforehand)
+  import importlib
+  mx = importlib.import_module(ref.__name__.rsplit(".", 1)[0] + ".mxfp4_gpu")
+  try:
+    e2m1 = jnp.asarray([0, 0.5, 1, 1.5, 2, 3, 4, 6], jnp.float32)
+    kx = jax.random.split(jax.random.key(5), 6)
+    def mxr(k1, k2, k3, rows):
+      v = e2m1[jax.random.randint(k1, (rows, k), 0, 8)] * jnp.where(jax.random.bernoulli(k2, 0.5, (rows, k)), 1, -1)
+      return v, jax.random.randint(k3, (rows, k // 32), -11, -3)
+    xv, xe = mxr(*kx[:3], m)
+    wv, we = mxr(*kx[3:], n)
+    x8, ex, bad_x = mx.reencode_rows(xv, xe)
+    w8, ew, bad_w = mx.reencode_rows(wv, we)
+    sxm, swm = jnp.exp2(ex.astype(jnp.float32)), jnp.exp2(ew.astype(jnp.float32))
+    res["checks"]["mxfp4_inexact_rows"] = [int(bad_x), int(bad_w)]
+    fp8_gemm = jax.jit(lambda a, sa, b, sb, xl, u, bb: w4a4_matmul_gpu(a, sa, b, sb, xl, u, bb, weights="fp8"))
+    y_mx_ref = jax.jit(lambda *a: mx.mxfp4_matmul_reference(*a, out_dtype=jnp.float32))(xv, xe, wv, we, x_lr, up, bias)
+    rec("pallas_mxfp4_fp8_r32", fp8_gemm, x8, sxm, w8, swm, x_lr, up, bias,
+        check=lambda: rel_err(fp8_gemm(x8, sxm, w8, swm, x_lr, up, bias), y_mx_ref))
+    del xv, wv, x8, w8
+  except Exception as e:
+    res["errors"]["mxfp4"] = f"{type(e).__name__}: {str(e)[:1500]}"
+    log(f"  mxfp4 ERROR {e}")
+
   # --- end to end (bf16 x + packed weights -> bf16 y), act quant + unpack + GEMM + low-rank + bias
   def e2e(weights, fold=False):
     @jax.jit
