@@ -5,7 +5,8 @@ memory, on a random checkpoint of a given config. Not a test; run::
     python -m wanjax.io.measure --preset full --source-dtype bfloat16 --shards 6 --steps load_safetensors
 
 Each measured step runs in a fresh subprocess, so its peak resident memory (``VmHWM`` minus the resident size
-after imports and JAX start-up) is attributable to the step. Prints one JSON object.
+after imports and JAX start-up) is attributable to the step. Wall time and process CPU time (all threads; less
+sensitive to a busy host) are both reported. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _child(step: str, src: str, dst: str, dtype: str) -> None:
     from wanjax.io import convert, load_dit
     jnp.zeros(1).block_until_ready()   # JAX runtime up before the baseline
     base = _rss_kib("VmRSS")
+    c0 = time.process_time()
     t0 = time.perf_counter()
     if step == "convert":
         convert(src, dst, jnp.dtype(dtype))
@@ -50,7 +52,8 @@ def _child(step: str, src: str, dst: str, dtype: str) -> None:
         dit = load_dit(src if step == "load_safetensors" else dst, jnp.dtype(dtype))
         jax.block_until_ready(jax.tree.leaves(dit))
     dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "peak_delta_bytes": (_rss_kib("VmHWM") - base) * 1024,
+    cpu = time.process_time() - c0
+    print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "peak_delta_bytes": (_rss_kib("VmHWM") - base) * 1024,
                       "device": str(jax.devices()[0])}))
 
 
@@ -147,7 +150,9 @@ def main(argv=None) -> None:
             runs.append(_run(step, src, dst, a.dtype))
         peak = max(r["peak_delta_bytes"] for r in runs)
         res["runs"][step] = {"median_seconds": round(float(np.median([r["seconds"] for r in runs])), 3),
-                             "seconds": [round(r["seconds"], 3) for r in runs], "max_peak_delta_bytes": peak,
+                             "seconds": [round(r["seconds"], 3) for r in runs],
+                             "median_cpu_seconds": round(float(np.median([r["cpu_seconds"] for r in runs])), 3),
+                             "max_peak_delta_bytes": peak,
                              "peak_over_converted": round(peak / converted, 3), "device": runs[0]["device"]}
     r = res["runs"]
     if "load_safetensors" in r and "load_orbax" in r:
