@@ -218,3 +218,20 @@ def test_sharded_forward_matches_single_device(cfg, grid, cases):
             "blocks"]["self_attn"]["q"]["kernel"]
         out = fwd(params, x, t, ctx)
         assert _rel(out, ref) <= 1e-5, (shape, mode, _rel(out, ref))
+
+
+def test_w4a4_shape_tree_rules_and_memory():
+    """The full-size expert with every block Linear in the W4A4 artifact layout: valid specs on every mesh, and the
+    per-device weight memory the docs quote."""
+    from wanjax.parallel.memory import abstract_dit_params, total_bytes, w4a4_abstract
+
+    bf16 = abstract_dit_params(I2V_A14B)
+    q = w4a4_abstract(bf16, rank=32)
+    assert q["blocks"]["self_attn"]["q"]["qweight"].shape == (40, 5120, 2560)
+    assert "kernel" not in q["blocks"]["ffn"]["fc1"] and q["patch_embedding"]["kernel"].shape == (144, 5120)
+    for shape in MESHES:
+        mesh = make_mesh(*shape)
+        _check_valid(param_specs(q, mesh), q, mesh)
+    assert 7.8e9 < total_bytes(q) < 8.0e9 and 28.6e9 < total_bytes(bf16) < 28.7e9
+    per = bytes_per_device(q, make_mesh(1, 1, 8, 1))
+    assert total_bytes(q) / 8 <= per <= 1.2 * total_bytes(q) / 8
