@@ -122,3 +122,16 @@ def test_load_into_sharding(tmp_path, src):
         leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(dit, nnx.Param)))
         assert leaves and all(x.sharding.is_equivalent_to(rep, x.ndim) for x in leaves)
     _assert_same(load_dit(src, sharding=rep), load_dit(dst, sharding=rep))
+
+
+def test_grouped_restore(tmp_path, src, monkeypatch):
+    """Restoring in many small groups (partial restores) gives the same parameters as one restore."""
+    import wanjax.io.orbax_cache as oc
+    dst = convert(src, tmp_path / "cache")
+    whole = load_dit(dst)
+    monkeypatch.setattr(oc, "RESTORE_GROUP_BYTES", 1000)
+    calls = []
+    real = ocp.Checkpointer.restore
+    monkeypatch.setattr(ocp.Checkpointer, "restore", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    _assert_same(load_dit(dst), whole)
+    assert len(calls) > 10

@@ -13,6 +13,7 @@ interrupted conversion never leaves a half-written ``DST``. `wanjax.load_dit` re
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ VERSION = 1
 #: Orbax in-flight byte budgets (GB): bound the host memory orbax adds on top of the parameters themselves.
 SAVE_CONCURRENT_GB = 1
 RESTORE_CONCURRENT_GB = 2
+#: Parameters are restored in groups of about this many bytes (a leaf larger than this is restored alone), which
+#: bounds orbax's staging memory: measured peak 1.12x the converted expert vs 1.3-1.4x restoring all at once.
+RESTORE_GROUP_BYTES = 256 << 20
 
 
 def _checkpointer(compress: bool = False) -> ocp.Checkpointer:
@@ -124,13 +128,30 @@ def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfi
     ppath = os.path.join(path, "params")
     if not os.path.isdir(ppath):
         raise CheckpointError(f"{path}: cache has no params/ directory")
-    restore_args = {p: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
-                    for p, s in target.items()}
+    groups: list[list] = [[]]
+    acc = 0
+    for p, s in target.items():
+        n = math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+        if groups[-1] and acc + n > RESTORE_GROUP_BYTES:
+            groups.append([])
+            acc = 0
+        groups[-1].append(p)
+        acc += n
+    restored: dict = {}
     try:
         with _checkpointer() as ckpt:
-            restored = ckpt.restore(ppath, args=ocp.args.PyTreeRestore(unflatten_tree(target),
-                                                                       restore_args=unflatten_tree(restore_args)))
+            for group in groups:
+                sub = {p: target[p] for p in group}
+                args = {p: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
+                        for p, s in sub.items()}
+                out = ckpt.restore(ppath, args=ocp.args.PyTreeRestore(
+                    unflatten_tree(sub), restore_args=unflatten_tree(args), partial_restore=len(groups) > 1))
+                restored.update(flatten_tree(out))
     except Exception as e:   # orbax raises various types for structure/shape mismatches
         raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
-    return build_model(cfg, dtype, flatten_tree(restored), sharding)
+    if set(restored) != set(target):
+        missing, extra = sorted(set(target) - set(restored)), sorted(set(restored) - set(target))
+        raise CheckpointError(f"{ppath}: restored parameters do not match the model: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    return build_model(cfg, dtype, restored, sharding)
 
