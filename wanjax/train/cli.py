@@ -1,0 +1,449 @@
+"""``python -m wanjax.train``: train the mini Wan2.2 MoE on procedural video and write it out.
+
+    python -m wanjax.train run --out /tmp/mini_run              # generate data, train VAE, base DiT, two experts
+    python -m wanjax.train assemble --src /tmp/mini_run --dst models/mini   # official Wan2.2 layout
+
+``run`` writes a flat folder (few files, so it travels back from a remote accelerator): ``high.safetensors``,
+``low.safetensors`` (official keys, bf16), ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``,
+``tokenizer.json``, ``log.json`` (configs, steps, times, loss curves, held-out metrics) and ``samples.npz``
+(held-out generations). Each stage writes its files as soon as it ends. ``assemble`` lays them out as the
+published checkpoint (``high_noise_model/``, ``low_noise_model/``, ``Wan2.1_VAE.pth``,
+``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/tokenizer.json``) for `WanI2VPipeline.from_pretrained`.
+
+Stages (all from ``--seed``): (1) mini VAE on rendered clips; (2) latent statistics folded into the VAE; (3) the
+training set: clips rendered, encoded to latents x0 and conditions y exactly as the pipeline does, captions
+encoded by the frozen mini UMT5; (4) base DiT over all t; (5) high-noise expert fine-tuned on t >= 900 and
+low-noise expert on t < 900; (6) held-out evaluation through the real pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wanjax.config import WanConfig
+from wanjax.data import procedural
+from wanjax.model.t5 import T5Config
+from wanjax.model.vae import VAEConfig, encode_video
+from wanjax.train import dit as D
+from wanjax.train import text as T
+from wanjax.train import vae as V
+from wanjax.train.export_components import save_t5_pth, save_vae_pth, vae_config_from_official_state
+
+OFFICIAL_NAMES = {"high": "high_noise_model", "low": "low_noise_model", "vae": "Wan2.1_VAE.pth",
+                  "t5": "models_t5_umt5-xxl-enc-bf16.pth", "tok": os.path.join("google", "umt5-xxl")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    vae: VAEConfig
+    dit: WanConfig
+    t5: T5Config
+    size: int
+    frames: int
+    vae_frames: int
+
+
+PRESETS = {
+    "mini": Preset(V.MINI_VAE, D.MINI_DIT, T.MINI_T5, 128, 17, 9),
+    "tiny": Preset(VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1),
+                   WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32),
+                   T5Config(vocab_size=64, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=1,
+                            text_len=16, dtype=jnp.float32, param_dtype=jnp.float32), 32, 5, 5),
+}
+
+
+class Log:
+    """Progress lines to stdout (flushed) + a dict saved as log.json."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.data: dict = {"stages": {}, "curves": {}}
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str):
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def save(self):
+        with open(os.path.join(self.out, "log.json"), "w") as f:
+            json.dump(self.data, f, indent=1, default=float)
+
+
+def _device_put_params(p):
+    return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+
+
+def _renderer(size: int, frames: int):
+    return jax.jit(lambda p: procedural.render(p, frames, size, xp=jnp))
+
+
+def _param_pool(n: int, seed: int, frames: int, size: int):
+    p = procedural.sample_params(n, "train", seed, frames, size)
+    return procedural.array_params(p), p["captions"]
+
+
+def _take(arr: dict, idx) -> dict:
+    return {k: v[idx] for k, v in arr.items()}
+
+
+def train_vae(pre: Preset, args, log: Log):
+    vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    pool, _ = _param_pool(args.vae_pool, args.seed + 1, pre.vae_frames, pre.size)
+    pool = {k: jnp.asarray(v) for k, v in pool.items()}
+    render = _renderer(pre.size, pre.vae_frames)
+    trainer = V.Trainer(vae, kl_weight=args.kl_weight)
+    rng = np.random.default_rng(args.seed + 2)
+    curve, t_start, n = [], time.perf_counter(), 0
+    for i in range(args.vae_steps):
+        idx = rng.integers(0, args.vae_pool, args.vae_batch)
+        video = render(_take(pool, jnp.asarray(idx)))
+        prog = max(i / args.vae_steps, (time.perf_counter() - t_start) / args.vae_time if i else 0.0)
+        m = trainer.step(video, jax.random.fold_in(jax.random.key(args.seed * 100 + 7), i),
+                         D.lr_at(i, args.vae_lr, prog, warmup=100))
+        n = i + 1
+        if i == 0:
+            jax.block_until_ready(m)
+            log(f"vae: first step (compile) {time.perf_counter() - t_start:.1f}s")
+            t_start = time.perf_counter()
+        if i % args.log_every == 0 or i == args.vae_steps - 1:
+            m = {k: float(v) for k, v in m.items()}
+            curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"]])
+            log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f}")
+        if time.perf_counter() - t_start > args.vae_time:
+            log(f"vae: time budget {args.vae_time}s reached after {n} steps")
+            break
+    log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
+                                 "frames": pre.vae_frames, "lr": args.vae_lr, "kl_weight": args.kl_weight}
+    log.data["curves"]["vae"] = curve
+    return trainer.model()
+
+
+def latent_stats(vae, render, pool, n_clips: int, batch: int):
+    mus = []
+    enc = nnx.jit(lambda m, v: m.encode_raw(v))
+    for s in range(0, n_clips, batch):
+        idx = jnp.arange(s, min(s + batch, n_clips))
+        mus.append(np.asarray(enc(vae, render(_take(pool, idx)))).reshape(-1, vae.cfg.z_dim))
+    mu = np.concatenate(mus)
+    return mu.mean(0), mu.std(0) + 1e-6
+
+
+def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
+    """x0 [N, F_lat, h, w, 16], y [N, ..., 20] (bf16 on device), caption ids [N], contexts [C, L, D], negative."""
+    from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+    from wanjax.text import encode_prompts
+
+    t0 = time.perf_counter()
+    arr, caps = _param_pool(args.n_train, args.seed + 3, pre.frames, pre.size)
+    arr = {k: jnp.asarray(v) for k, v in arr.items()}
+    render = _renderer(pre.size, pre.frames)
+    uniq = sorted(set(caps))
+    cap_idx = np.array([uniq.index(c) for c in caps], np.int32)
+    ctx = []
+    for s in range(0, len(uniq), 64):
+        c, _ = encode_prompts(t5, tok, uniq[s:s + 64], pad_to=pre.dit.text_len)
+        ctx.append(c)
+    ctx = jnp.concatenate(ctx).astype(jnp.float32)
+    neg, _ = encode_prompts(t5, tok, [DEFAULT_NEGATIVE_PROMPT], pad_to=pre.dit.text_len)
+    cond = jax.jit(lambda v, x: D.condition_latents(v, x, pre.frames))
+    x0s, ys = [], []
+    t_enc = None
+    for s in range(0, args.n_train, args.enc_batch):
+        idx = jnp.arange(s, min(s + args.enc_batch, args.n_train))
+        clips = render(_take(arr, idx))
+        x0s.append(encode_video(vae, clips).astype(jnp.bfloat16))
+        ys.append(cond(vae, clips[:, 0]).astype(jnp.bfloat16))
+        if t_enc is None:
+            jax.block_until_ready(ys[-1])
+            t_enc = time.perf_counter()     # the budget counts after the first (compiling) batch
+        elif time.perf_counter() - t_enc > args.data_time:
+            jax.block_until_ready(ys[-1])
+            log(f"dataset: time budget {args.data_time}s reached after {s + len(idx)} clips")
+            break
+    x0 = jnp.concatenate(x0s)
+    y = jnp.concatenate(ys)
+    jax.block_until_ready((x0, y))
+    cap_idx = cap_idx[: x0.shape[0]]
+    dt = time.perf_counter() - t0
+    log(f"dataset: {x0.shape[0]} clips -> x0 {tuple(x0.shape)}, y {tuple(y.shape)}, {len(uniq)} captions; "
+        f"latent std {float(jnp.std(x0.astype(jnp.float32))):.3f}; {dt:.1f}s")
+    log.data["stages"]["dataset"] = {"clips": int(x0.shape[0]), "captions": len(set(cap_idx.tolist())), "seconds": dt,
+                                     "latent_shape": list(x0.shape[1:])}
+    return x0, y, jnp.asarray(cap_idx), ctx, neg.astype(jnp.float32)
+
+
+STAGE_SEED = {"base": 1, "high": 2, "low": 3}
+
+
+def train_dit(trainer: D.Trainer, data, name: str, steps: int, lr: float, budget: float, args, log: Log):
+    """Train ``trainer`` on stage ``name`` ("base", "high", "low") for ``steps`` steps or ``budget`` seconds (the
+    budget is counted after the first, compiling, step)."""
+    x0, y, cap_idx, ctx, neg = data
+    u_range = D.expert_u_range(name, args.shift)
+    trainer.reset_optimizer()
+    it = D.batches(x0.shape[0], args.batch, args.seed * 100 + STAGE_SEED[name])
+    curve, t_start, n = [], time.perf_counter(), 0
+    for i in range(steps):
+        idx = jnp.asarray(next(it))
+        key = jax.random.fold_in(jax.random.key(args.seed * 100 + STAGE_SEED[name]), i)
+        loss = trainer.step(x0[idx].astype(jnp.float32), y[idx], ctx[cap_idx[idx]], neg, key,
+                            D.lr_at(i, lr, max(i / steps, (time.perf_counter() - t_start) / budget if i else 0.0),
+                                    warmup=min(200, steps // 4 + 1)), u_range)
+        n = i + 1
+        if i == 0:
+            jax.block_until_ready(loss)
+            log(f"{name}: first step (compile) {time.perf_counter() - t_start:.1f}s")
+            t_start = time.perf_counter()
+        if i % args.log_every == 0 or i == steps - 1:
+            curve.append([i, float(loss)])
+            log(f"{name} step {i}: loss {curve[-1][1]:.4f}")
+        if time.perf_counter() - t_start > budget:
+            log(f"{name}: time budget {budget}s reached after {n} steps")
+            break
+    jax.block_until_ready(trainer.params)
+    secs = time.perf_counter() - t_start
+    # loss on 8 fixed batches (same batches and noise for every stage)
+    rng = np.random.default_rng(99)
+    losses = []
+    for j in range(8):
+        idx = jnp.asarray(rng.integers(0, x0.shape[0], args.batch))
+        losses.append(float(trainer.eval_loss(trainer.params, x0[idx].astype(jnp.float32), y[idx],
+                                              ctx[cap_idx[idx]], jax.random.key(j), *u_range)))
+    log.data["stages"][name] = {"steps": n, "seconds_after_compile": secs, "batch": args.batch, "lr": lr,
+                                "u_range": list(u_range), "final_loss": float(np.mean(losses))}
+    log.data["curves"][name] = curve
+    log(f"{name}: {n} steps in {secs:.1f}s, final loss (8 fixed batches) {np.mean(losses):.4f}")
+    return trainer
+
+
+def save_expert(model, path: str, aux: str):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from wanjax.io.export import export_state_dict
+
+    sd = export_state_dict(model, layout="official", dtype=ml_dtypes.bfloat16)
+    save_file(sd, path, metadata={"format": "pt"})
+    from wanjax.config import official_config_dict
+
+    name = os.path.basename(path)[: -len(".safetensors")]
+    with open(os.path.join(aux, f"{name}.config.json"), "w") as f:
+        json.dump(official_config_dict(model.cfg), f, indent=1)
+
+
+def cmd_run(args):
+    pre = PRESETS[args.preset]
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(args.out)
+    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; preset {args.preset}")
+    log.data["args"] = vars(args)
+    log.data["configs"] = {"vae": dataclasses.asdict(pre.vae), "dit": pre.dit.to_dict(),
+                           "t5": {k: v for k, v in dataclasses.asdict(pre.t5).items()
+                                  if k not in ("dtype", "param_dtype")},
+                           "size": pre.size, "frames": pre.frames}
+    log.data["device"] = jax.devices()[0].device_kind
+    # text: tokenizer + frozen random UMT5 (rounded to bf16, as shipped)
+    from wanjax.text import PromptTokenizer
+
+    aux = args.aux or args.out
+    os.makedirs(aux, exist_ok=True)
+    T.save_tokenizer(aux)
+    tok = PromptTokenizer(os.path.join(aux, "tokenizer.json"), text_len=pre.dit.text_len)
+    t5 = V.cast_params(T.mini_t5(pre.t5, seed=T.T5_SEED), jnp.bfloat16)
+    save_t5_pth(t5, os.path.join(args.out, OFFICIAL_NAMES["t5"]))
+    # (1) VAE
+    vae = train_vae(pre, args, log)
+    # (2) latent statistics folded in; weights rounded to bf16 as shipped
+    pool, _ = _param_pool(args.stats_clips, args.seed + 4, pre.frames, pre.size)
+    pool = {k: jnp.asarray(v) for k, v in pool.items()}
+    m, s = latent_stats(vae, _renderer(pre.size, pre.frames), pool, args.stats_clips, args.enc_batch)
+    V.fold_latent_stats(vae, m, s)
+    V.cast_params(vae, jnp.bfloat16)
+    vae_path = save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES["vae"]))
+    log(f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; wrote "
+        f"{vae_path}")
+    # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
+    vae_eval = _reload_vae(vae_path, jnp.bfloat16)
+    val_clips = procedural.make_clips(8, "heldout", args.seed + 5, pre.frames, pre.size)[0]
+    rec = nnx.jit(lambda v, x: v.decode(v.encode(x)))(vae_eval, jnp.asarray(val_clips))
+    from wanjax.train.evaluate import psnr, to_uint8_batch
+    vae_psnr = psnr(to_uint8_batch(np.asarray(rec)), to_uint8_batch(val_clips))
+    log(f"vae: held-out reconstruction PSNR {vae_psnr:.2f} dB (bf16 weights and compute)")
+    log.data["stages"]["vae"]["heldout_psnr"] = vae_psnr
+    log.data["stages"]["vae"]["latent_stats"] = {"mean": m.tolist(), "std": s.tolist()}
+    log.save()
+    # (3) data
+    data = build_dataset(vae_eval, t5, tok, pre, args, log)
+    log.save()
+    # (4) base, (5) experts
+    trainer = D.Trainer(D.new_dit(pre.dit, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32),
+                        shift=args.shift, drop_text=args.drop_text)
+    train_dit(trainer, data, "base", args.base_steps, args.lr, args.base_time, args, log)
+    base_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
+    base = trainer.model()
+    save_expert(base, os.path.join(args.out, "low.safetensors"), aux)    # usable checkpoints if time runs out
+    save_expert(base, os.path.join(args.out, "high.safetensors"), aux)
+    log.save()
+    for name in ("high", "low"):
+        trainer.params = jax.tree.map(lambda a: jnp.array(a, copy=True), base_params)
+        train_dit(trainer, data, name, args.expert_steps, args.expert_lr, args.expert_time, args, log)
+        save_expert(trainer.model(), os.path.join(args.out, f"{name}.safetensors"), aux)
+        log.save()
+    log.data["total_train_seconds"] = time.perf_counter() - log.t0
+    # (6) held-out evaluation through the real pipeline on the written files
+    if args.eval_n > 0:
+        adir = os.path.join(aux, "_assembled")
+        assemble(args.out, adir, aux=aux, log=log)
+        pipe = load_pipeline(adir)
+        samples = {}
+        for guide in args.eval_guides:
+            from wanjax.train.evaluate import evaluate
+            g = (guide, guide)
+            res = evaluate(pipe, n=args.eval_n, seed=args.eval_seed, steps=args.eval_steps, guide=g,
+                           num_frames=pre.frames, size=pre.size, max_seconds=args.eval_time)
+            vids, truth = res.pop("videos"), res.pop("truth")
+            log(f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
+                f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
+                f"({res['seconds']:.1f}s)")
+            log.data.setdefault("eval", []).append(res)
+            samples[f"videos_g{guide:g}"] = vids
+            samples["truth"] = truth
+            samples["captions"] = np.array(res["captions"][: len(vids)])
+            np.savez_compressed(os.path.join(args.out, "samples.npz"), **samples)
+            log.save()
+        shutil.rmtree(adir, ignore_errors=True)
+    log.data["total_seconds"] = time.perf_counter() - log.t0
+    log.save()
+    log(f"done in {log.data['total_seconds']:.1f}s")
+
+
+def _reload_vae(path: str, dtype):
+    from wanjax.io.vae_loader import load_vae, read_official_pth
+
+    cfg = vae_config_from_official_state(read_official_pth(path))
+    return load_vae(path, cfg, dtype=dtype, param_dtype=dtype)
+
+
+def assemble(src: str, dst: str, aux: str | None = None, preset: str = "mini", log=None) -> str:
+    """Lay the flat files of ``run`` out in the official Wan2.2 directory layout at ``dst``.
+
+    ``aux`` holds ``{high,low}.config.json`` and the tokenizer files (default ``src``); missing ones are
+    regenerated from ``preset`` (the tokenizer is a pure function of the caption vocabulary)."""
+    from wanjax.config import official_config_dict
+
+    aux = aux or src
+    from wanjax.io.dit_loader import load_dit
+    from wanjax.io.export import save_dit
+
+    os.makedirs(dst, exist_ok=True)
+    for name in ("high", "low"):
+        target = os.path.join(dst, OFFICIAL_NAMES[name])
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        tmp = os.path.join(dst, f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shutil.copy(os.path.join(src, f"{name}.safetensors"), os.path.join(tmp, "model.safetensors"))
+        cfg_src = os.path.join(aux, f"{name}.config.json")
+        if os.path.isfile(cfg_src):
+            shutil.copy(cfg_src, os.path.join(tmp, "config.json"))
+        else:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(official_config_dict(PRESETS[preset].dit), f, indent=1)
+        m = load_dit(os.path.join(tmp, "model.safetensors"), dtype=jnp.bfloat16)
+        save_dit(m, target, layout="official")
+        shutil.rmtree(tmp)
+    for name in ("vae", "t5"):
+        shutil.copy(os.path.join(src, OFFICIAL_NAMES[name]), os.path.join(dst, OFFICIAL_NAMES[name]))
+    tdir = os.path.join(dst, OFFICIAL_NAMES["tok"])
+    if os.path.isfile(os.path.join(aux, "tokenizer.json")):
+        os.makedirs(tdir, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(aux, f)):
+                shutil.copy(os.path.join(aux, f), os.path.join(tdir, f))
+    else:
+        T.save_tokenizer(tdir)
+    if log is not None:
+        log(f"assembled the official layout in {dst}")
+    return dst
+
+
+def load_pipeline(path: str, dtype=jnp.bfloat16):
+    """`WanI2VPipeline.from_pretrained(path)`; if the installed VAE loader cannot size a non-default VAE from a
+    ``.pth`` yet, the same parts are loaded with the VAE config inferred from the tensor shapes."""
+    from wanjax.io.errors import CheckpointError
+    from wanjax.pipeline import WanI2VPipeline
+
+    try:
+        return WanI2VPipeline.from_pretrained(path, dtype=dtype)
+    except CheckpointError:
+        pass
+    from wanjax.io.dit_loader import load_dit
+    from wanjax.io.t5_loader import load_t5_encoder
+    from wanjax.text import PromptTokenizer
+
+    high = load_dit(os.path.join(path, OFFICIAL_NAMES["high"]), dtype=dtype)
+    low = load_dit(os.path.join(path, OFFICIAL_NAMES["low"]), dtype=dtype)
+    vae = _reload_vae(os.path.join(path, OFFICIAL_NAMES["vae"]), dtype)
+    t5 = load_t5_encoder(os.path.join(path, OFFICIAL_NAMES["t5"]), dtype=dtype, param_dtype=dtype)
+    tok = PromptTokenizer(os.path.join(path, OFFICIAL_NAMES["tok"]), text_len=high.cfg.text_len)
+    return WanI2VPipeline(high, low, vae, t5, tok)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m wanjax.train", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train everything and write the flat output folder")
+    r.add_argument("--out", required=True)
+    r.add_argument("--aux", default=None, help="folder for the tokenizer and config files (default: --out)")
+    r.add_argument("--preset", default="mini", choices=sorted(PRESETS))
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--bf16", type=int, default=1, help="bf16 compute while training (params stay fp32)")
+    r.add_argument("--vae-steps", type=int, default=2000)
+    r.add_argument("--vae-time", type=float, default=75.0, help="VAE training time budget (s)")
+    r.add_argument("--vae-batch", type=int, default=8)
+    r.add_argument("--vae-lr", type=float, default=1e-3)
+    r.add_argument("--vae-pool", type=int, default=4096)
+    r.add_argument("--kl-weight", type=float, default=1e-6)
+    r.add_argument("--stats-clips", type=int, default=256)
+    r.add_argument("--n-train", type=int, default=8192)
+    r.add_argument("--enc-batch", type=int, default=64)
+    r.add_argument("--data-time", type=float, default=40.0, help="time budget for encoding the training set (s)")
+    r.add_argument("--batch", type=int, default=128)
+    r.add_argument("--lr", type=float, default=5e-4)
+    r.add_argument("--base-steps", type=int, default=20000)
+    r.add_argument("--base-time", type=float, default=110.0)
+    r.add_argument("--expert-steps", type=int, default=6000)
+    r.add_argument("--expert-time", type=float, default=35.0)
+    r.add_argument("--expert-lr", type=float, default=2e-4)
+    r.add_argument("--shift", type=float, default=5.0)
+    r.add_argument("--drop-text", type=float, default=0.1)
+    r.add_argument("--log-every", type=int, default=100)
+    r.add_argument("--eval-n", type=int, default=16)
+    r.add_argument("--eval-time", type=float, default=40.0, help="stop generating held-out clips after this (s)")
+    r.add_argument("--eval-seed", type=int, default=1000)
+    r.add_argument("--eval-steps", type=int, default=20)
+    r.add_argument("--eval-guides", type=float, nargs="+", default=[3.5])
+    a = sub.add_parser("assemble", help="lay a run's files out in the official Wan2.2 layout")
+    a.add_argument("--src", required=True)
+    a.add_argument("--dst", required=True)
+    a.add_argument("--aux", default=None)
+    a.add_argument("--preset", default="mini", choices=sorted(PRESETS))
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        cmd_run(args)
+    else:
+        assemble(args.src, args.dst, aux=args.aux, preset=args.preset, log=print)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Training the mini Wan2.1 VAE on procedural clips.
+
+The model is the real `wanjax.model.vae.WanVAE` (same chunked causal encode/decode the pipeline runs) with a small
+base width. Loss: L1 + L2 reconstruction of a sampled latent ``z = mu + exp(logvar / 2) * eps`` plus a small KL
+term. After training, `fold_latent_stats` rescales the latent so that the Wan2.1 normalisation constants stored in
+`VAEConfig` (``latents_mean/std``, which the official ``.pth`` layout cannot change) map it to zero mean and unit
+variance per channel: an exact per-channel affine change folded into ``quant_conv`` and ``post_quant_conv``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from wanjax.model.vae import ENCODE_CHUNK, VAEConfig, WanVAE, _run_chunks, init_vae
+
+#: The shipped mini VAE: Wan2.1 topology (4 levels, 2 residual blocks, temporal down-sampling on the last two),
+#: base width 16 instead of 96; z 16, stride (4, 8, 8).
+MINI_VAE = VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2)
+
+
+def encode_moments(vae: WanVAE, video: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Raw latent mean and log-variance ``[B, F_lat, h, w, z]`` (fp32), through the same chunked encoder path as
+    `WanVAE.encode_raw` (which returns the mean only)."""
+    vae._check_video(video)
+    b, f, h, w, c = video.shape
+    x = video.astype(vae.dtype)
+    n = (f - 1) // ENCODE_CHUNK
+    rest = jnp.swapaxes(x[:, 1:].reshape(b, n, ENCODE_CHUNK, h, w, c), 0, 1) if n else None
+    enc, _ = vae.quant_conv(_run_chunks(vae.encoder, x[:, :1], rest))
+    z = vae.cfg.z_dim
+    return enc[..., :z].astype(jnp.float32), jnp.clip(enc[..., z:].astype(jnp.float32), -30.0, 20.0)
+
+
+def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6) -> tuple[jax.Array, dict]:
+    """L1 + L2 reconstruction + ``kl_weight`` * KL (mean per latent element); returns (loss, metrics)."""
+    mu, logvar = encode_moments(vae, video)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, jnp.float32)
+    rec = vae.decode_raw(z)
+    l1 = jnp.mean(jnp.abs(rec - video))
+    l2 = jnp.mean(jnp.square(rec - video))
+    kl = 0.5 * jnp.mean(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
+    loss = l1 + l2 + kl_weight * kl
+    return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl}
+
+
+class Trainer:
+    """Functional trainer: ``params``/``opt_state`` pytrees and one jitted step
+    ``(params, opt_state, video, key, lr) -> (params, opt_state, metrics)`` (AdamW; ``lr`` traced)."""
+
+    def __init__(self, vae: WanVAE, kl_weight: float = 1e-6, weight_decay: float = 1e-4):
+        self.graphdef, self.params, self.rest = nnx.split(vae, nnx.Param, ...)
+        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99),
+                              optax.add_decayed_weights(weight_decay))
+        self.opt_state = self.tx.init(self.params)
+        graphdef, rest, tx = self.graphdef, self.rest, self.tx
+
+        def step(params, opt_state, video, key, lr):
+            def loss_fn(p):
+                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight)
+
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+            return params, opt_state, metrics
+
+        self._step = jax.jit(step, donate_argnums=(0, 1))
+
+    def step(self, video, key, lr: float) -> dict:
+        self.params, self.opt_state, m = self._step(self.params, self.opt_state, video, key, jnp.float32(lr))
+        return m
+
+    def model(self) -> WanVAE:
+        return nnx.merge(self.graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), self.params), self.rest)
+
+
+def new_vae(cfg: VAEConfig = MINI_VAE, seed: int = 0, dtype=jnp.float32) -> WanVAE:
+    """Random-init VAE with fp32 parameters and ``dtype`` compute."""
+    return init_vae(cfg, seed=seed, dtype=dtype, param_dtype=jnp.float32)
+
+
+def fold_latent_stats(vae: WanVAE, mean: np.ndarray, std: np.ndarray) -> WanVAE:
+    """Rescale the latent so that ``vae.encode`` (which normalises with the fixed ``cfg.latents_mean/std``) returns
+    ``(mu_old - mean) / std`` and ``vae.decode`` inverts it; ``mean``/``std`` [z] are statistics of the old raw
+    latent ``mu_old``. Modifies ``vae`` in place (``quant_conv`` rows of the mean, ``post_quant_conv`` input)."""
+    z = vae.cfg.z_dim
+    m = np.asarray(mean, np.float64)
+    s = np.asarray(std, np.float64)
+    if m.shape != (z,) or s.shape != (z,) or np.any(s <= 0):
+        raise ValueError(f"fold_latent_stats: mean/std must be [{z}] with std > 0, got {m.shape}/{s.shape}")
+    cm = np.asarray(vae.cfg.latents_mean, np.float64)
+    cs = np.asarray(vae.cfg.latents_std, np.float64)
+    a = cs / s                      # mu_new = a * mu_old + (cm - a * m)
+    qk = np.asarray(vae.quant_conv.kernel[...], np.float64).copy()       # [1, 1, 1, 2z, 2z] (in, out)
+    qb = np.asarray(vae.quant_conv.bias[...], np.float64).copy()
+    qk[..., :z] *= a
+    qb[:z] = a * qb[:z] + cm - a * m
+    pk = np.asarray(vae.post_quant_conv.kernel[...], np.float64).copy()  # [1, 1, 1, z, z]; input is mu_new
+    pb = np.asarray(vae.post_quant_conv.bias[...], np.float64).copy()
+    # mu_old = (mu_new - (cm - a m)) / a
+    inv = 1.0 / a
+    off = -(cm - a * m) * inv
+    pb = pb + np.einsum("i,io->o", off, pk[0, 0, 0])
+    pk = pk * inv[None, None, None, :, None]
+    dt = vae.quant_conv.kernel[...].dtype
+    vae.quant_conv.kernel[...] = jnp.asarray(qk, dt)
+    vae.quant_conv.bias[...] = jnp.asarray(qb, dt)
+    vae.post_quant_conv.kernel[...] = jnp.asarray(pk, dt)
+    vae.post_quant_conv.bias[...] = jnp.asarray(pb, dt)
+    return vae
+
+
+def cast_params(model: Any, dtype) -> Any:
+    """Round every parameter to ``dtype`` and back to its storage dtype (what shipping in ``dtype`` does)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(dtype).astype(a.dtype), state))
+    return model
