@@ -7,7 +7,7 @@ from flax import nnx
 
 from wanjax.config import TINY
 from wanjax.model.dit import WanDiT
-from wanjax.model.vae import VAEConfig, WanVAE
+from wanjax.model.vae import VAEConfig, init_vae
 from wanjax.pipeline import GenerationConfig, WanI2VPipeline
 from wanjax.sampling import flow_schedule, unipc_init, unipc_step
 
@@ -19,7 +19,7 @@ VAE_TINY = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks
 def pipe():
     high = WanDiT(TINY, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
     low = WanDiT(TINY, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(2))
-    vae = WanVAE(VAE_TINY, rngs=nnx.Rngs(3))
+    vae = init_vae(VAE_TINY, seed=3)
     return WanI2VPipeline(high, low, vae), high, low
 
 
@@ -86,3 +86,17 @@ def test_errors(pipe):
     bad = WanDiT(TINY.replace(num_layers=1), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="share config"):
         WanI2VPipeline(p_high := pipe[1], bad, p.vae)
+
+
+def test_expert_swap_gives_the_same_video(pipe):
+    p, high, low = pipe
+    swap = WanI2VPipeline(high, low, p.vae, expert_placement="swap")
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(swap._params_low))   # low expert on the host
+    a = p.generate(_image(), context=_ctx(), gen=GEN, progress=False)
+    b = swap.generate(_image(), context=_ctx(), gen=GEN, progress=False)
+    np.testing.assert_array_equal(a.latents, b.latents)
+    assert swap.swaps == 1                                  # once, at the boundary
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(swap._params_high))
+    assert p.expert_placement == "device"                   # auto on CPU
+    with pytest.raises(ValueError, match="expert_placement"):
+        WanI2VPipeline(high, low, p.vae, expert_placement="gpu")

@@ -83,10 +83,15 @@ class WanI2VPipeline:
       mesh: optional `jax.sharding.Mesh` from `wanjax.sharding.make_mesh`: the experts' weights are sharded by the
         rule table, the denoise step runs with CFG's (cond, uncond) over "data" and sequence-parallel attention
         (``attention_mode``: "auto", "ulysses" or "ring") over "context". Text encoder and VAE run unsharded.
+      expert_placement: "device" keeps both experts on the accelerator; "swap" keeps only the active one there and the
+        other in host memory, swapping once per video at the boundary (timesteps only decrease); "auto" (default)
+        picks "swap" when the two experts take more than 60 % of the device's memory (e.g. two BF16 A14B experts,
+        57 GB, on an 80 GB card), else "device". Ignored (always "device") with a mesh.
     """
 
     def __init__(self, high: WanDiT, low: WanDiT, vae, text_encoder=None, tokenizer=None, *,
-                 release_text_encoder: bool = False, mesh=None, attention_mode: str = "auto"):
+                 release_text_encoder: bool = False, mesh=None, attention_mode: str = "auto",
+                 expert_placement: str = "auto"):
         g_high, self._params_high = nnx.split(high)
         g_low, self._params_low = nnx.split(low)
         if g_high != g_low:
@@ -108,6 +113,32 @@ class WanI2VPipeline:
             self._params_high = sharding.shard_params(self._params_high, mesh)
             self._params_low = sharding.shard_params(self._params_low, mesh)
             self._velocity = sharding.sharded_velocity(_guided_velocity, g, mesh, mode=attention_mode)
+        self.expert_placement = "device" if mesh is not None else self._choose_placement(expert_placement)
+        self.swaps = 0
+        self._resident = "high"
+        if self.expert_placement == "swap":
+            self._params_low = jax.device_get(self._params_low)        # host memory until the boundary
+
+    def _choose_placement(self, placement: str) -> str:
+        if placement not in ("auto", "device", "swap"):
+            raise ValueError(f"expert_placement must be 'auto', 'device' or 'swap', got {placement!r}")
+        if placement != "auto":
+            return placement
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        if not limit:                                  # CPU: host memory is the device memory
+            return "device"
+        need = sum(x.nbytes for x in jax.tree.leaves((self._params_high, self._params_low)))
+        return "swap" if need > 0.6 * limit else "device"
+
+    def expert_params(self, name: str):
+        """The parameters of expert ``name`` ("high" / "low"), on the device (swapping it in if needed)."""
+        if self.expert_placement == "swap" and self._resident != name:
+            other = "low" if name == "high" else "high"
+            setattr(self, f"_params_{other}", jax.device_get(getattr(self, f"_params_{other}")))
+            setattr(self, f"_params_{name}", jax.device_put(getattr(self, f"_params_{name}")))
+            self._resident = name
+            self.swaps += 1
+        return getattr(self, f"_params_{name}")
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -193,7 +224,7 @@ class WanI2VPipeline:
             t = int(t)
             name = self.expert_for(t, gen.boundary)
             experts.append(name)
-            params = self._params_high if name == "high" else self._params_low
+            params = self.expert_params(name)
             guide = guide_high if name == "high" else guide_low
             return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
 
