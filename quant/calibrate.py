@@ -35,6 +35,7 @@ The result is a `CalibStats` (lazy reader over ``work_dir``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -267,13 +268,7 @@ def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None,
     with the pipeline's guided velocity. ``velocity``: optional ``fn(expert, params, x, t, guide) -> v`` overriding
     both (the online capture uses it). Returns ``(xs [N, ...] float32 numpy, timesteps [N], experts [N])``.
     """
-    g = pipe.graphdef
-
-    def cond_v(params, x, y_, ctx, t):
-        model = nnx.merge(g, params)
-        return model(jnp.concatenate([x, y_.astype(x.dtype)], -1), jnp.full((x.shape[0],), t, F32), ctx[:1])
-
-    cond_jit = jax.jit(cond_v)
+    cond_jit = _plain_fn(pipe.graphdef, True)
     orig = pipe._velocity
     xs, ts, names = [], [], []
 
@@ -285,7 +280,7 @@ def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None,
         if velocity is not None:
             return velocity(expert, params, x, t, guide)
         if cfg_mode == "cond":
-            return cond_jit(params, x, y_, ctx, t)
+            return cond_jit(params, x, y_, ctx, t, guide)
         return orig(params, x, y_, ctx, t, guide)
 
     # the denoise loop calls ``self._velocity``; it is swapped for the recorder for this call only (the pipeline
@@ -382,8 +377,8 @@ class CalibStats:
 def _write_manifest(work_dir, cfg: CalibConfig, n_samples: int, model_cfg):
     os.makedirs(os.path.join(work_dir, "stats"), exist_ok=True)
     os.makedirs(os.path.join(work_dir, "traj"), exist_ok=True)
-    want = dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=n_samples,
-                model=json.loads(json.dumps(model_cfg.to_dict(), default=str)))
+    want = json.loads(json.dumps(dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=n_samples,
+                                      model=model_cfg.to_dict()), default=str))
     path = os.path.join(work_dir, "manifest.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -489,30 +484,8 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
         names_k[CONTEXT_NAME] = pipe.cfg.dim
     accs = {e: {b: _init_acc(names_k, cfg, dtype) for b in cfg.bins.expert_bins(e)} for e in cfg.experts}
     cond_only = cfg.cfg_mode == "cond"
-
-    def fwd(params, acc, x, y, ctx, t, guide, key, expert):
-        model = nnx.merge(g, params)
-        model.scan_layers = False
-        inp, c = _model_inputs(x, y, ctx, cond_only)
-        cap = _Capture(acc, key, expert, cfg)
-        with linear_interceptor(cap):
-            v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
-        if not cond_only:
-            b = x.shape[0]
-            v = v[b:] + guide * (v[:b] - v[b:])
-        return v, cap.acc
-
-    def plain(params, x, y, ctx, t, guide):
-        model = nnx.merge(g, params)
-        inp, c = _model_inputs(x, y, ctx, cond_only)
-        v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
-        if not cond_only:
-            b = x.shape[0]
-            v = v[b:] + guide * (v[:b] - v[b:])
-        return v
-
-    fwd_jit = jax.jit(fwd, static_argnames=("expert",))
-    plain_jit = jax.jit(plain)
+    fwd_jit = _online_fn(g, cfg)
+    plain_jit = _plain_fn(g, cond_only)
     state = {}
 
     def velocity(expert, params, x, t, guide):
@@ -520,7 +493,7 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
             return plain_jit(params, x, state["y"], state["ctx"], t, guide)
         b = cfg.bins.names[cfg.bins.index(float(t))]
         v, accs[expert][b] = fwd_jit(params, accs[expert][b], x, state["y"], state["ctx"], t, guide,
-                                     _bin_key(cfg, expert, b), expert=expert)
+                                     _bin_key(cfg, expert, b), expert=_static_expert(cfg, expert))
         return v
 
     for k, s in enumerate(samples):
@@ -555,6 +528,48 @@ def _block(model, i):
     return nnx.merge(gd, jax.tree.map(lambda a: a[i], st))
 
 
+@functools.lru_cache(maxsize=8)
+def _plain_fn(g, cond_only: bool):
+    """Jitted velocity without capture: conditional-only, or CFG-guided."""
+
+    def plain(params, x, y, ctx, t, guide):
+        model = nnx.merge(g, params)
+        inp, c = _model_inputs(x, y, ctx, cond_only)
+        v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
+        if not cond_only:
+            b = x.shape[0]
+            v = v[b:] + guide * (v[:b] - v[b:])
+        return v
+
+    return jax.jit(plain)
+
+
+@functools.lru_cache(maxsize=8)
+def _online_fn(g, cfg: CalibConfig):
+    """Jitted velocity of the unrolled model with every target layer captured into ``acc``."""
+    cond_only = cfg.cfg_mode == "cond"
+
+    def fwd(params, acc, x, y, ctx, t, guide, key, expert):
+        model = nnx.merge(g, params)
+        model.scan_layers = False
+        inp, c = _model_inputs(x, y, ctx, cond_only)
+        cap = _Capture(acc, key, expert, cfg)
+        with linear_interceptor(cap):
+            v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
+        if not cond_only:
+            b = x.shape[0]
+            v = v[b:] + guide * (v[:b] - v[b:])
+        return v, cap.acc
+
+    return jax.jit(fwd, static_argnames=("expert",), donate_argnames=("acc",))
+
+
+def _static_expert(cfg, expert):
+    """The expert name matters to the traced code only through a ``hessian_transform`` (avoid recompiles)."""
+    return expert if cfg.hessian_transform is not None else None
+
+
+@functools.lru_cache(maxsize=8)
 def _stream_fns(g, cfg: CalibConfig):
     cond_only = cfg.cfg_mode == "cond"
 
@@ -622,7 +637,8 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
             for i in steps:
                 h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
                 for j in range(g0, g1):
-                    h, accs[j - g0] = capture(params, j, h, e0, ctx_e, rope, accs[j - g0], key, expert=e,
+                    h, accs[j - g0] = capture(params, j, h, e0, ctx_e, rope, accs[j - g0], key,
+                                              expert=_static_expert(cfg, e),
                                               with_context=with_ctx and j == 0)
                 if bar is not None:
                     bar.update(1)
