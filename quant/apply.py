@@ -67,7 +67,7 @@ def _copy(module: nnx.Module) -> nnx.Module:
 
 def qlinears(model: nnx.Module) -> dict[str, QLinear]:
   """All QLinear layers of ``model`` by their ``path``."""
-  return {m.path: m for _, m in model.iter_modules() if isinstance(m, QLinear)}
+  return {m.path: m for _, m in nnx.iter_modules(model) if isinstance(m, QLinear)}
 
 
 def quantize_model(model: nnx.Module, qlayers: Mapping[str, QLinear], *, mode: str | None = None) -> nnx.Module:

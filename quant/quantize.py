@@ -12,13 +12,13 @@ For every expert, every path of ``BLOCK_LINEARS`` and every block index ``l``:
 
 The per-block layers are stacked back to ``[L, ...]`` and put into the model with
 ``wanjax.quant.apply.quantize_model``. Statistics come through :class:`StatsSource` (``layer(expert, path, index)
--> LayerInputs``); :class:`CalibStats` adapts a ``{name: wanjax.quant.stats.LayerStats}`` dict.
+-> LayerInputs``); :class:`CalibrationSource` adapts ``wanjax.quant.calibrate.CalibStats``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Protocol
+from typing import Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from wanjax.quant.qlinear import QLinear, QLinearConfig
 from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input
 from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
 
-__all__ = ["CalibStats", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
+__all__ = ["CalibrationSource", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
            "quantize_layer"]
 
 
@@ -61,29 +61,26 @@ class StatsSource(Protocol):
   def layer(self, expert: str, path: str, index: int) -> LayerInputs: ...
 
 
-class CalibStats:
-  """Adapts ``{name: wanjax.quant.stats.LayerStats}`` (one entry per expert, layer, block, bin) to StatsSource.
+class CalibrationSource:
+  """Adapts ``wanjax.quant.calibrate.CalibStats`` (or anything with ``get(expert, block, layer, bin_name) ->
+  wanjax.quant.stats.LayerStats`` and a ``bins`` attribute, a ``TimestepBins``) to :class:`StatsSource`.
 
-  Args:
-    stats: the dict (e.g. from ``wanjax.quant.stats.load_stats``).
-    bin_names: ``{expert: [bin names in order]}`` (e.g. from ``TimestepBins.expert_bins``).
-    key: ``key(expert, path, index, bin_name) -> name`` of the entry; default ``"{expert}|{path}|{index}|{bin}"``.
+  Per layer it stacks the bins of the expert (in ``bins.expert_bins(expert)`` order): abs-max ``[B, K]``, the
+  sampled rows ``[B, n, K]`` (n = the smallest filled reservoir) and the Hessian summed over the bins. The Hessian
+  is used by ``GPTQ(hessian="raw")`` only and must then be of the plain layer inputs (no ``hessian_transform``).
   """
 
-  def __init__(self, stats: Mapping, bin_names: Mapping[str, tuple], key: Callable | None = None):
-    self.stats = stats
-    self.bin_names = {e: tuple(b) for e, b in bin_names.items()}
-    self.key = key or (lambda e, p, i, b: f"{e}|{p}|{i}|{b}")
+  def __init__(self, calib, bins=None):
+    self.calib = calib
+    self.bins = bins if bins is not None else calib.bins
 
   def layer(self, expert: str, path: str, index: int) -> LayerInputs:
-    names = [self.key(expert, path, index, b) for b in self.bin_names[expert]]
-    missing = [n for n in names if n not in self.stats]
-    if missing:
-      raise KeyError(f"CalibStats: no statistics {missing[:3]} for expert {expert!r} layer {path!r} block {index}")
-    sts = [self.stats[n] for n in names]
+    layer = path[len("blocks."):] if path.startswith("blocks.") else path
+    names = self.bins.expert_bins(expert)
+    sts = [self.calib.get(expert, index, layer, b) for b in names]
     if any(s.samples is None or s.num_samples == 0 for s in sts):
-      raise ValueError(f"CalibStats: {expert} {path}[{index}]: every bin needs sampled rows (samples) for the "
-                       "clip search; got a bin without")
+      raise ValueError(f"CalibrationSource: {expert} {path}[{index}]: every bin needs sampled rows (calibrate with "
+                       "reservoir > 0) for the clip search; a bin has none")
     n = min(s.num_samples for s in sts)
     rows = np.stack([np.asarray(s.samples[:n], np.float32) for s in sts])
     absmax = np.stack([np.asarray(s.absmax, np.float32) for s in sts])
@@ -208,7 +205,7 @@ def quantize_expert(model: nnx.Module, recipe, stats: StatsSource, *, expert: st
 
 
 def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "low"), mode: str = "fake",
-             progress: bool = True) -> tuple[dict, dict]:
+             paths=None, progress: bool = True) -> tuple[dict, dict]:
   """Quantizes each expert with ``recipe`` (a name of ``RECIPES`` or a Recipe).
 
   Args:
@@ -216,6 +213,7 @@ def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "l
     stats: a :class:`StatsSource` (statistics per expert / layer / block / bin).
     experts: which experts to quantize (pipeline input).
     mode: ``"fake"`` or ``"real"`` for the returned models.
+    paths: the layers to quantize (default ``BLOCK_LINEARS``, all ten of every block).
 
   Returns:
     ``({name: quantized WanDiT}, {name: report})``.
@@ -228,7 +226,8 @@ def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "l
     models = {e: nnx.merge(pipe.graphdef, split[e]) for e in experts}
   out, reports = {}, {}
   for name, model in models.items():
-    out[name], reports[name] = quantize_expert(model, recipe, stats, expert=name, mode=mode, progress=progress)
+    out[name], reports[name] = quantize_expert(model, recipe, stats, expert=name, mode=mode, progress=progress,
+                                               paths=BLOCK_LINEARS if paths is None else tuple(paths))
   return out, reports
 
 
