@@ -22,10 +22,14 @@ Two paths, same statistics:
   blocks ``0..g0-1``), run the group's blocks under the interceptor and accumulate. Only one (block group, bin)
   set of accumulators is on the device at a time; it is saved to ``work_dir`` (temp file + rename) when done and
   a restarted run skips finished units. Device memory beyond the expert's weights and one forward's activations:
-  ``blocks_per_group * (6 * dim^2 + ffn_dim^2) * 4`` bytes of Hessians (+ ``dim^2 * 4`` for the context input, +
-  reservoirs ``n * K`` per input). For I2V-A14B (dim 5120, ffn 13824) that is 1.39 GB per block: 10 blocks ->
-  13.9 GB, which with the 28.6 GB bf16 expert fits one 80 GB GPU. Compute: group ``g`` costs ``(g0 + g) / L``
-  forwards per step (prefix recomputed), i.e. ``(G + 1) / 2`` forwards per step over ``G`` groups (2.5 at
+  ``blocks_per_group * (5 * dim^2 + ffn_dim^2) * 4`` bytes of Hessians (+ ``dim^2 * 4`` for the shared context
+  input, + reservoirs ``n * K`` per input; with ``hessian_per_bin=False`` the per-expert Hessians of the group are
+  held while its bins run, the same amount). For I2V-A14B (dim 5120, ffn 13824) that is 1.29 GB per block
+  (+ 0.16 GB of bf16 reservoirs at n = 2048): 10 blocks -> 14.5 GB, which with the 28.6 GB bf16 expert and the
+  activations of one 480p forward fits one 80 GB GPU. Disk (Hessians stored as upper triangles): ~0.65 GB per
+  block and Hessian bin, i.e. ~77 GB per expert with 3 per-bin Hessians, ~26 GB with ``hessian_per_bin=False``,
+  plus ~19 GB of reservoirs at n = 2048 (bf16). Compute: group ``[g0, g1)`` costs ``g1 / L`` forwards per
+  recorded step (its prefix is recomputed), i.e. ``(G + 1) / 2`` forwards per step over ``G`` groups (2.5 at
   G = 4), plus one forward per step for the trajectory.
 * ``mode="online"``: capture during the sampler run itself, every layer and bin in memory at once (small models,
   and the reference the streamed path is tested against).
@@ -115,6 +119,8 @@ class CalibConfig:
       cfg_mode: ``"cond"`` (seed: conditional-only forwards) or ``"both"`` (CFG trajectory, cond + uncond rows).
       experts: which experts to calibrate.
       hessian: collect ``X^T X``.
+      hessian_per_bin: keep a Hessian per bin (default); False keeps one per expert (bin name ``"all"``, what the
+        seed's GPTQ uses; 1/3 of the memory and disk with 3 bins per expert) and per-bin abs-max / samples only.
       reservoir: rows kept per (expert, input, bin) for the clip search (0: none).
       rows_per_call: candidate rows per layer call offered to the reservoir (uniform stride; 0: all).
       sample_dtype: dtype of the kept rows (None: the inputs' dtype, lossless).
@@ -129,6 +135,7 @@ class CalibConfig:
     cfg_mode: str = "cond"
     experts: tuple[str, ...] = EXPERTS
     hessian: bool = True
+    hessian_per_bin: bool = True
     reservoir: int = 2048
     rows_per_call: int = 4096
     sample_dtype: Any = None
@@ -155,7 +162,7 @@ class CalibConfig:
         """The settings that define the statistics (a resumed run must match them)."""
         g = dataclasses.asdict(self.gen)
         return dict(gen=json.loads(json.dumps(g, default=str)), bins=self.bins.to_dict(), cfg_mode=self.cfg_mode,
-                    hessian=self.hessian, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
+                    hessian=self.hessian, hessian_per_bin=self.hessian_per_bin, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
                     sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
                     per_layer=self.hessian_transform is not None, seed=self.seed)
 
@@ -191,8 +198,10 @@ def _salt(name: str) -> int:
 class _Capture:
     """The interceptor: accumulate the inputs of the target layers into ``self.acc`` (traced, functional)."""
 
-    def __init__(self, acc: dict, key, expert: str, cfg: CalibConfig, *, block_index=None, with_context=True):
+    def __init__(self, acc: dict, key, expert: str, cfg: CalibConfig, *, block_index=None, with_context=True,
+                 hacc: dict | None = None):
         self.acc = dict(acc)
+        self.hacc = None if hacc is None else dict(hacc)       # per-expert Hessians (hessian_per_bin=False)
         self.key = key
         self.expert = expert
         self.cfg = cfg
@@ -238,13 +247,26 @@ class _Capture:
         if self.cfg.hessian_transform is not None and self.cfg.hessian:
             hx = self.cfg.hessian_transform(self.expert, i, layer, xm)
         self.acc[name] = update_stats(self.acc[name], xm, key, rows_per_call=self.cfg.rows_per_call, hessian_x=hx)
+        if self.hacc is not None:
+            self.hacc[name] = update_stats(self.hacc[name], xm, hessian_x=hx)
         return y
 
 
+ALL_BINS = "all"
+
+
 def _init_acc(names_k: dict[str, int], cfg: CalibConfig, dtype) -> dict:
+    """Per-bin accumulators (with the Hessian only when it is kept per bin)."""
     sd = cfg.sample_dtype or dtype
-    return {n: init_stats(k, hessian=cfg.hessian, reservoir=cfg.reservoir, sample_dtype=sd)
+    return {n: init_stats(k, hessian=cfg.hessian and cfg.hessian_per_bin, reservoir=cfg.reservoir, sample_dtype=sd)
             for n, k in names_k.items()}
+
+
+def _init_hacc(names_k: dict[str, int], cfg: CalibConfig):
+    """Per-expert Hessian accumulators (bin ``"all"``), or None when Hessians are kept per bin."""
+    if not cfg.hessian or cfg.hessian_per_bin:
+        return None
+    return {n: init_stats(k, hessian=True, reservoir=0) for n, k in names_k.items()}
 
 
 def _bin_key(cfg: CalibConfig, expert: str, bin_name: str):
@@ -320,7 +342,8 @@ class CalibStats:
     """Reader over a calibration ``work_dir``: statistics per (expert, name, bin), loaded lazily from unit files.
 
     ``get(expert, block, layer, bin)`` resolves shared inputs (``self_attn.k`` -> ``blocks.i.self_attn.qkv``);
-    ``stats(expert, name, bin)`` takes a statistics name; ``expert_total(expert, name)`` merges an expert's bins
+    ``stats(expert, name, bin)`` takes a statistics name (bin ``"all"``: the per-expert Hessian, when collected
+    with ``hessian_per_bin=False``); ``expert_total(expert, name)`` merges an expert's bins
     (the seed's per-expert abs-max and Hessian); ``to_dict()`` loads everything (small models only).
     """
 
@@ -357,13 +380,20 @@ class CalibStats:
         return self.stats(expert, stat_name(block, layer, self.per_layer), bin_name)
 
     def expert_total(self, expert: str, name: str, seed: int = 0) -> LayerStats:
-        """All bins of ``expert`` merged (abs-max max, Hessian and count sums, reservoir re-sampled)."""
+        """All bins of ``expert`` merged (abs-max max, Hessian and count sums, reservoir re-sampled); with
+        per-expert Hessians (``hessian_per_bin=False``) the Hessian is the stored ``"all"`` one."""
         out = None
         for b in self.bins.expert_bins(expert):
             st = self.stats(expert, name, b)
             out = st if out is None else merge_stats(out, st, seed)
         if out is None:
             raise KeyError(f"expert {expert!r} has no bins")
+        if (expert, name, ALL_BINS) in self._index:
+            full = self.stats(expert, name, ALL_BINS)
+            if int(full.count) != int(out.count):
+                raise ValueError(f"{self.work_dir}: {expert}/{name}: per-expert Hessian has {int(full.count)} rows, "
+                                 f"the bins {int(out.count)}")
+            out = dataclasses.replace(out, hessian=full.hessian)
         return out
 
     def to_dict(self) -> dict:
@@ -483,6 +513,7 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
     if not per_layer:
         names_k[CONTEXT_NAME] = pipe.cfg.dim
     accs = {e: {b: _init_acc(names_k, cfg, dtype) for b in cfg.bins.expert_bins(e)} for e in cfg.experts}
+    haccs = {e: _init_hacc(names_k, cfg) for e in cfg.experts}
     cond_only = cfg.cfg_mode == "cond"
     fwd_jit = _online_fn(g, cfg)
     plain_jit = _plain_fn(g, cond_only)
@@ -492,8 +523,9 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
         if expert not in cfg.experts:                 # not calibrated: the plain forward drives the trajectory
             return plain_jit(params, x, state["y"], state["ctx"], t, guide)
         b = cfg.bins.names[cfg.bins.index(float(t))]
-        v, accs[expert][b] = fwd_jit(params, accs[expert][b], x, state["y"], state["ctx"], t, guide,
-                                     _bin_key(cfg, expert, b), expert=_static_expert(cfg, expert))
+        v, accs[expert][b], haccs[expert] = fwd_jit(params, accs[expert][b], haccs[expert], x, state["y"],
+                                                    state["ctx"], t, guide, _bin_key(cfg, expert, b),
+                                                    expert=_static_expert(cfg, expert))
         return v
 
     for k, s in enumerate(samples):
@@ -507,6 +539,8 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
             _save_unit(work_dir, f"{e}.online.{b}", e, b, accs[e][b])
             if on_unit:
                 on_unit("stats", f"{e}.online.{b}")
+        if haccs[e] is not None:
+            _save_unit(work_dir, f"{e}.online.{ALL_BINS}", e, ALL_BINS, haccs[e])
 
 
 # ---- stream: trajectories first, then (expert, block group, bin) units
@@ -549,19 +583,19 @@ def _online_fn(g, cfg: CalibConfig):
     """Jitted velocity of the unrolled model with every target layer captured into ``acc``."""
     cond_only = cfg.cfg_mode == "cond"
 
-    def fwd(params, acc, x, y, ctx, t, guide, key, expert):
+    def fwd(params, acc, hacc, x, y, ctx, t, guide, key, expert):
         model = nnx.merge(g, params)
         model.scan_layers = False
         inp, c = _model_inputs(x, y, ctx, cond_only)
-        cap = _Capture(acc, key, expert, cfg)
+        cap = _Capture(acc, key, expert, cfg, hacc=hacc)
         with linear_interceptor(cap):
             v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
         if not cond_only:
             b = x.shape[0]
             v = v[b:] + guide * (v[:b] - v[b:])
-        return v, cap.acc
+        return v, cap.acc, cap.hacc
 
-    return jax.jit(fwd, static_argnames=("expert",), donate_argnames=("acc",))
+    return jax.jit(fwd, static_argnames=("expert",), donate_argnames=("acc", "hacc"))
 
 
 def _static_expert(cfg, expert):
@@ -570,8 +604,8 @@ def _static_expert(cfg, expert):
 
 
 @functools.lru_cache(maxsize=8)
-def _stream_fns(g, cfg: CalibConfig):
-    cond_only = cfg.cfg_mode == "cond"
+def _prefix_fn(g, cond_only: bool):
+    """Jitted: model input stage + blocks ``0 .. n_blocks-1`` (``n_blocks`` traced) -> (h, e0, ctx_e, rope)."""
 
     def prefix(params, x, y, ctx, t, n_blocks):
         model = nnx.merge(g, params)
@@ -584,14 +618,21 @@ def _stream_fns(g, cfg: CalibConfig):
         h = jax.lax.fori_loop(0, n_blocks, body, h)
         return h, e0, ctx_e, rope
 
-    def capture(params, i, h, e0, ctx_e, rope, acc, key, expert, with_context):
+    return jax.jit(prefix)
+
+
+@functools.lru_cache(maxsize=8)
+def _capture_fn(g, cfg: CalibConfig):
+    """Jitted: block ``i`` (traced) under the capture -> (h, acc, hacc)."""
+
+    def capture(params, i, h, e0, ctx_e, rope, acc, hacc, key, expert, with_context):
         model = nnx.merge(g, params)
-        cap = _Capture(acc, key, expert, cfg, block_index=i, with_context=with_context)
+        cap = _Capture(acc, key, expert, cfg, block_index=i, with_context=with_context, hacc=hacc)
         with linear_interceptor(cap):
             h = _block(model, i)(h, e0, ctx_e, rope)
-        return h, cap.acc
+        return h, cap.acc, cap.hacc
 
-    return jax.jit(prefix), jax.jit(capture, static_argnames=("expert", "with_context"), donate_argnames=("acc",))
+    return jax.jit(capture, static_argnames=("expert", "with_context"), donate_argnames=("acc", "hacc"))
 
 
 def _trajectories(pipe, samples, cfg, work_dir, progress, on_unit):
@@ -613,23 +654,46 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
     L = pipe.cfg.num_layers
     size = cfg.blocks_per_group or L
     groups = [(g0, min(g0 + size, L)) for g0 in range(0, L, size)]
+    per_bin = cfg.hessian_per_bin or not cfg.hessian
+    # a unit: (expert, block group, bins); with per-expert Hessians all bins of a group form one unit
+    units = [(e, g0, g1, (b,) if per_bin else cfg.bins.expert_bins(e))
+             for e in cfg.experts for g0, g1 in groups for b in (cfg.bins.expert_bins(e) if per_bin else [None])]
+    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"        # noqa: E731
+    last = lambda u: uid(*u[:3], u[3][0] if per_bin else ALL_BINS)            # noqa: E731  (written last)
+    todo = [u for u in units if not os.path.exists(os.path.join(work_dir, "stats", f"{last(u)}.npz"))]
+    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])         # noqa: E731
+    bar = _bar(sum(n_steps(b) for u in todo for b in u[3]) * len(samples), "calibrate", progress)
+    traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
+    for e, g0, g1, bin_names in todo:
+        _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid)
+        if on_unit:
+            on_unit("stats", last((e, g0, g1, bin_names)))
+    if bar is not None:
+        bar.close()
+
+
+def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid):
+    """Capture blocks ``g0..g1-1`` of expert ``e`` over the recorded steps of ``bin_names``; save."""
+    prefix = _prefix_fn(pipe.graphdef, cfg.cfg_mode == "cond")
+    capture = _capture_fn(pipe.graphdef, cfg)
     per_layer = cfg.hessian_transform is not None
     dtype = _model_dtype(pipe)
     local = _block_inputs(pipe.cfg, per_layer)
-    units = [(e, g0, g1, b) for e in cfg.experts for g0, g1 in groups for b in cfg.bins.expert_bins(e)]
-    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"        # noqa: E731
-    todo = [u for u in units if not os.path.exists(os.path.join(work_dir, "stats", f"{uid(*u)}.npz"))]
-    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])         # noqa: E731
-    bar = _bar(sum(n_steps(u[3]) for u in todo) * len(samples), "calibrate", progress)
-    prefix, capture = _stream_fns(pipe.graphdef, cfg)
-    traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
-    for e, g0, g1, b in todo:
-        params = _params(pipe, e)
+    with_ctx = g0 == 0 and not per_layer
+    params = _params(pipe, e)
+    local0 = dict(local, **({CONTEXT_NAME: pipe.cfg.dim} if with_ctx else {}))
+    haccs = [_init_hacc(local0 if j == 0 else local, cfg) for j in range(g1 - g0)]
+
+    def collect(accs):
+        out = {}
+        for j in range(g0, g1):
+            for n, st in (accs[j - g0] or {}).items():
+                out[n if n == CONTEXT_NAME else f"blocks.{j}.{n}"] = st
+        return out
+
+    for b in bin_names:
         key = _bin_key(cfg, e, b)
-        accs = [_init_acc(local, cfg, dtype) for _ in range(g0, g1)]
-        with_ctx = g0 == 0 and not per_layer
-        if with_ctx:
-            accs[0][CONTEXT_NAME] = _init_acc({CONTEXT_NAME: pipe.cfg.dim}, cfg, dtype)[CONTEXT_NAME]
+        accs = [_init_acc(local0 if j == 0 else local, cfg, dtype) for j in range(g1 - g0)]
         steps = cfg.bins.steps[cfg.bins.names.index(b)]
         for path in traj_paths:
             with np.load(path) as z:
@@ -637,18 +701,12 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
             for i in steps:
                 h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
                 for j in range(g0, g1):
-                    h, accs[j - g0] = capture(params, j, h, e0, ctx_e, rope, accs[j - g0], key,
-                                              expert=_static_expert(cfg, e),
-                                              with_context=with_ctx and j == 0)
+                    h, accs[j - g0], haccs[j - g0] = capture(
+                        params, j, h, e0, ctx_e, rope, accs[j - g0], haccs[j - g0], key,
+                        expert=_static_expert(cfg, e), with_context=with_ctx and j == g0)
                 if bar is not None:
                     bar.update(1)
-        stats = {}
-        for j in range(g0, g1):
-            for n, st in accs[j - g0].items():
-                stats[n if n == CONTEXT_NAME else f"blocks.{j}.{n}"] = st
-        _save_unit(work_dir, uid(e, g0, g1, b), e, b, stats)
-        del accs, stats
-        if on_unit:
-            on_unit("stats", uid(e, g0, g1, b))
-    if bar is not None:
-        bar.close()
+        _save_unit(work_dir, uid(e, g0, g1, b), e, b, collect(accs))
+        del accs
+    if haccs[0] is not None:
+        _save_unit(work_dir, uid(e, g0, g1, ALL_BINS), e, ALL_BINS, collect(haccs))

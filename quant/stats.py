@@ -13,7 +13,8 @@ Per (expert, layer input, timestep bin) calibration keeps:
 `update_stats` is pure and jit-friendly (the random draw is keyed by the caller's key and ``seen``, so the same
 sequence of calls gives the same sample whatever the program layout). `merge_stats` combines two accumulators
 exactly (the reservoir merge draws how many rows come from each side hypergeometrically). `save_stats` /
-`load_stats` store a ``{name: LayerStats}`` dict as one ``.npz`` file, written atomically (temp file, then rename).
+`load_stats` store a ``{name: LayerStats}`` dict as one ``.npz`` file, written atomically (temp file, then rename);
+a Hessian is stored as its upper triangle and read back symmetric (the lower triangle mirrors the upper one).
 """
 from __future__ import annotations
 
@@ -176,6 +177,26 @@ def _encode(a: np.ndarray) -> tuple[np.ndarray, str]:
     return a, name
 
 
+def _pack_triu(h: np.ndarray) -> np.ndarray:
+    k = h.shape[0]
+    if h.shape != (k, k):
+        raise ValueError(f"save_stats: a Hessian must be square, got {h.shape}")
+    return np.concatenate([h[i, i:] for i in range(k)])
+
+
+def _unpack_triu(packed: np.ndarray) -> np.ndarray:
+    k = int(round((np.sqrt(8 * packed.size + 1) - 1) / 2))
+    if k * (k + 1) // 2 != packed.size:
+        raise ValueError(f"load_stats: packed Hessian of {packed.size} values is not a triangle")
+    h = np.empty((k, k), packed.dtype)
+    pos = 0
+    for i in range(k):
+        h[i, i:] = packed[pos:pos + k - i]
+        h[i:, i] = packed[pos:pos + k - i]
+        pos += k - i
+    return h
+
+
 def save_stats(path: str | os.PathLike, stats: dict[str, LayerStats], meta: dict | None = None) -> None:
     """Write ``{name: LayerStats}`` (+ a JSON-able ``meta`` dict) to ``path`` (.npz) atomically."""
     path = os.fspath(path)
@@ -187,7 +208,10 @@ def save_stats(path: str | os.PathLike, stats: dict[str, LayerStats], meta: dict
             v = getattr(st, f)
             if v is None:
                 continue
-            arr, dt = _encode(np.asarray(v))
+            arr = np.asarray(v)
+            if f == "hessian":                  # symmetric: keep the upper triangle (half the disk)
+                arr = _pack_triu(arr)
+            arr, dt = _encode(arr)
             arrays[f"{name}/{f}"] = arr
             dtypes[f"{name}/{f}"] = dt
     header = json.dumps({"format": "wanjax.calib_stats/1", "names": list(stats), "dtypes": dtypes,
@@ -236,6 +260,8 @@ def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStat
                 arr = z[key]
                 if header["dtypes"][key] == "bfloat16":
                     arr = arr.view(ml_dtypes.bfloat16)
+                if f == "hessian":
+                    arr = _unpack_triu(arr)
                 vals[f] = arr
             out[name] = LayerStats(**vals)
     return out, header["meta"]

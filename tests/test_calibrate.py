@@ -150,24 +150,34 @@ def test_resume_after_interruption(pipe, streamed, tmp_path):
         calibrate(pipe, SAMPLES, CalibConfig(gen=GEN, reservoir=7), work_dir=tmp_path, progress=False)
 
 
-def test_cfg_both_and_hessian_transform(pipe, tmp_path):
-    """CFG rows (cond + uncond); a Hessian transform (here x * (1 + block), exact) gives per-layer entries."""
+def test_cfg_both_hessian_transform_per_expert_hessian(pipe, tmp_path):
+    """CFG rows (cond + uncond); a Hessian transform (here x * (1 + block), exact) gives per-layer entries;
+    ``hessian_per_bin=False`` keeps one Hessian per expert (bin "all") and per-bin abs-max / counts."""
     cfg = CalibConfig(gen=GEN, cfg_mode="both", reservoir=0, experts=("high",), blocks_per_group=1,
-                      hessian_transform=lambda expert, block, layer, x: x * (1.0 + block))
+                      hessian_per_bin=False, hessian_transform=lambda expert, block, layer, x: x * (1.0 + block))
     res = calibrate(pipe, SAMPLES[:1], cfg, work_dir=tmp_path, progress=False)
     names = {k[1] for k in res.keys()}
     assert "blocks.1.self_attn.k" in names and "blocks.0.cross_attn.v" in names and CONTEXT_NAME not in names
-    assert {k[0] for k in res.keys()} == {"high"}
+    assert {k[0] for k in res.keys()} == {"high"} and {k[2] for k in res.keys()} == {
+        "high_early", "high_mid", "boundary_pre", "all"}
     bins = cfg.resolved().bins
-    steps = bins.steps[bins.names.index("high_mid")]
-    rows = _captured_inputs(pipe, SAMPLES[0], steps, cfg_mode="both")
+    high_steps = [i for b in bins.expert_bins("high") for i in bins.steps[bins.names.index(b)]]
+    rows = _captured_inputs(pipe, SAMPLES[0], high_steps, cfg_mode="both")     # one call per step, in order
+    mid = [high_steps.index(i) for i in bins.steps[bins.names.index("high_mid")]]
     for block, layer in ((1, "ffn.fc1"), (0, "cross_attn.v")):
-        x = np.concatenate(rows[(block, f"blocks.{layer}")], 0)
+        calls = rows[(block, f"blocks.{layer}")]
+        x_all = np.concatenate(calls, 0)
+        x_mid = np.concatenate([calls[k] for k in mid], 0)
         st = res.get("high", block, layer, "high_mid")
-        assert st.samples is None and int(st.count) == x.shape[0]
-        np.testing.assert_allclose(st.hessian, (1 + block) ** 2 * (x.T @ x), rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(st.absmax, np.abs(x).max(0), rtol=1e-5, atol=1e-6)   # abs-max of raw inputs
-    assert int(res.get("high", 1, "ffn.fc1", "high_mid").count) == 2 * 8 * len(steps)    # cond + uncond rows
+        assert st.samples is None and st.hessian is None and int(st.count) == x_mid.shape[0]
+        np.testing.assert_allclose(st.absmax, np.abs(x_mid).max(0), rtol=1e-5, atol=1e-6)  # raw inputs
+        full = res.get("high", block, layer, "all")
+        assert int(full.count) == x_all.shape[0]
+        np.testing.assert_allclose(full.hessian, (1 + block) ** 2 * (x_all.T @ x_all), rtol=1e-5, atol=1e-4)
+        tot = res.expert_total("high", f"blocks.{block}.{layer}")
+        np.testing.assert_array_equal(tot.hessian, full.hessian)
+        np.testing.assert_allclose(tot.absmax, np.abs(x_all).max(0), rtol=1e-5, atol=1e-6)
+    assert int(res.get("high", 1, "ffn.fc1", "high_mid").count) == 2 * 8 * len(mid)     # cond + uncond rows
 
 
 def test_mx_act_quant_transform():
@@ -223,8 +233,10 @@ def test_update_merge_save_load(tmp_path):
     got, meta = load_stats(tmp_path / "s.npz")
     assert meta == {"k": 1} and got["bf"].hessian is None and got["bf"].samples.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(got["bf"].samples, np.float32), np.asarray(bf.samples, np.float32))
-    for f in ("absmax", "count", "hessian", "samples", "seen"):
+    for f in ("absmax", "count", "samples", "seen"):
         np.testing.assert_array_equal(getattr(got["a"], f), getattr(m, f))
+    upper = np.triu(m.hessian)                      # stored as the upper triangle, read back symmetric
+    np.testing.assert_array_equal(got["a"].hessian, upper + np.triu(upper, 1).T)
     assert not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(ValueError, match="channels"):
         update_stats(init_stats(8), jnp.ones((2, 5)))
