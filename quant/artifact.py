@@ -35,7 +35,7 @@ from flax import nnx
 from wanjax.quant.apply import qlinears, quantize_model
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 
-__all__ = ["ARTIFACT_FORMAT", "ArtifactError", "load_artifact", "save_artifact", "layer_bits_per_weight"]
+__all__ = ["ARTIFACT_FORMAT", "ArtifactError", "attach_artifact", "load_artifact", "save_artifact", "layer_bits_per_weight"]
 
 ARTIFACT_FORMAT = "wanjax.quant_artifact/1"
 _MANIFEST = "manifest.json"
@@ -264,6 +264,22 @@ def load_artifact(qdir: str | os.PathLike, experts=None) -> tuple[dict[str, nnx.
     meta = manifest["experts"][name]
     out[name] = _build_expert(meta, _load_tensors(qdir, name, meta))
   return out, manifest
+
+
+def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None) -> dict:
+  """Loads the ``high`` / ``low`` experts of ``qdir`` into ``pipe`` (a `WanI2VPipeline`, e.g. for
+  ``wanjax generate --quant QDIR``) with the artifact's timestep bins; ``mode`` optionally switches every QLinear
+  (``"real"``: the W4A4 kernels). Returns the manifest."""
+  from wanjax.quant.apply import attach_to_pipeline, set_mode
+  from wanjax.quant.bins import TimestepBins
+
+  experts, manifest = load_artifact(qdir, ("high", "low"))
+  if manifest.get("bins") is None:
+    raise ArtifactError(f"{qdir}: the artifact has no timestep bins; it cannot drive the two-expert sampler")
+  if mode is not None:
+    experts = {k: set_mode(v, mode) for k, v in experts.items()}
+  attach_to_pipeline(pipe, experts["high"], experts["low"], TimestepBins.from_dict(manifest["bins"]))
+  return manifest
 
 
 def layer_bits_per_weight(q: QLinear, include_lowrank: bool = False) -> float:

@@ -136,3 +136,42 @@ def test_bits_per_weight():
   assert layer_bits_per_weight(i4, include_lowrank=True) == pytest.approx(4 + 32 / k + 256 * (k + n) / (k * n))
   # at the Wan shapes (K = 5120 / 13824) per-channel int4 is ~4.006 / ~4.002 bits per weight
   assert 4 + 32 / 5120 < 4.01
+
+
+def test_cli_quantize_is_registered_and_checks_its_inputs(tmp_path, capsys):
+  from wanjax.cli import build_parser, main
+
+  args = build_parser().parse_args(["quantize", "--model", "M", "--out", "Q", "--stats", "S", "--recipe", "seed"])
+  assert args.func.__name__ == "cmd_quantize" and args.recipe == "seed"
+  assert main(["quantize", "--model", "M", "--out", str(tmp_path / "q")]) == 2
+  assert "exactly one of --calib" in capsys.readouterr().err
+  assert main(["quantize", "--model", "M", "--out", str(tmp_path / "q"), "--stats", "S", "--recipe", "nope"]) == 2
+  assert "unknown recipe 'nope'" in capsys.readouterr().err
+  bad = tmp_path / "calib.jsonl"
+  bad.write_text('{"image": "a.png"}\n')
+  assert main(["quantize", "--model", "M", "--out", str(tmp_path / "q"), "--calib", str(bad)]) == 2
+  assert "needs 'image' and 'prompt'" in capsys.readouterr().err
+
+
+def test_attach_artifact_drives_the_pipeline(qtiny, tmp_path):
+  from wanjax.pipeline import WanI2VPipeline
+  from wanjax.quant.artifact import attach_artifact
+  from wanjax.quant.bins import seed_bins
+  from wanjax.sampling import flow_schedule
+
+  bins = seed_bins(flow_schedule(12, shift=5.0))
+  qdir = save_artifact(tmp_path / "q", {"high": qtiny, "low": qtiny}, bins=bins.to_dict())
+  base = WanDiT(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+  pipe = WanI2VPipeline(base, base, vae=None)
+  attach_artifact(pipe, qdir)
+  assert pipe.quant_bins == bins
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 1, 4, 4, TINY.out_dim)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((1, 1, 4, 4, TINY.in_dim - TINY.out_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((2, 5, TINY.text_dim)), jnp.float32)
+  v1 = pipe._velocity(pipe._params_high, x, y, ctx, jnp.float32(990.0), jnp.float32(3.5))
+  v2 = pipe._velocity(pipe._params_low, x, y, ctx, jnp.float32(200.0), jnp.float32(3.5))
+  assert np.all(np.isfinite(v1)) and np.all(np.isfinite(v2)) and pipe._velocity._cache_size() == 1
+  no_bins = save_artifact(tmp_path / "nb", {"high": qtiny, "low": qtiny})
+  with pytest.raises(ArtifactError, match="no timestep bins"):
+    attach_artifact(pipe, no_bins)

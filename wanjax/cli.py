@@ -1,7 +1,7 @@
 """Command line: ``wanjax <subcommand> ...``.
 
 One function per subcommand (``cmd_<name>(args) -> int``), registered in `build_parser`. Implemented: ``convert``,
-``generate``.
+``generate``, ``quantize``.
 """
 from __future__ import annotations
 
@@ -105,12 +105,102 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``wanjax quantize``: calibrate both experts (or reuse a calibration directory) and write a W4A4 artifact.
+
+    ``--calib FILE.jsonl`` holds one JSON object per line: ``{"image": path, "prompt": text, "seed": int}``
+    (``negative_prompt`` optional); statistics go to ``--work-dir`` (resumable). ``--stats DIR`` reuses the
+    ``work_dir`` of an earlier calibration instead."""
+    import json
+    import os
+
+    import jax.numpy as jnp
+
+    from wanjax.io.errors import CheckpointError
+    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
+    from wanjax.quant.artifact import save_artifact
+    from wanjax.quant.calibrate import CalibConfig, CalibSample, CalibStats, calibrate
+    from wanjax.quant.quantize import CalibrationSource, quantize
+    from wanjax.quant.recipes import get_recipe, recipe_to_dict
+
+    def fail(msg):
+        print(f"wanjax quantize: error: {msg}", file=sys.stderr)
+        return 2
+
+    if (args.calib is None) == (args.stats is None):
+        return fail("give exactly one of --calib FILE.jsonl (calibrate now) or --stats DIR (reuse a calibration)")
+    try:
+        recipe = get_recipe(args.recipe)
+    except KeyError as e:
+        return fail(e.args[0])
+    if os.path.exists(args.out) and not args.overwrite:
+        return fail(f"{args.out} exists (pass --overwrite to replace it)")
+    samples = []
+    if args.calib is not None:
+        try:
+            with open(args.calib) as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        d = json.loads(line)
+                        if "image" not in d or "prompt" not in d:
+                            return fail(f"{args.calib}:{i}: each line needs 'image' and 'prompt', got {sorted(d)}")
+                        samples.append(CalibSample(image=d["image"], prompt=d["prompt"],
+                                                   negative_prompt=d.get("negative_prompt"), seed=int(d.get("seed", 0))))
+        except (OSError, json.JSONDecodeError) as e:
+            return fail(f"{args.calib}: {e}")
+        if not samples:
+            return fail(f"{args.calib}: no calibration samples")
+    elif not os.path.isfile(os.path.join(args.stats, "manifest.json")):
+        return fail(f"{args.stats}: not a calibration directory (no manifest.json)")
+    t0 = time.perf_counter()
+    try:
+        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True)
+    except (CheckpointError, FileNotFoundError) as e:
+        return fail(e)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    if samples:
+        gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift)
+        work_dir = args.work_dir or f"{os.path.abspath(args.out)}.calib"
+        t0 = time.perf_counter()
+        stats = calibrate(pipe, samples, CalibConfig(gen=gen), work_dir=work_dir)
+        print(f"calibrated on {len(samples)} samples in {time.perf_counter() - t0:.1f} s -> {work_dir}")
+    else:
+        stats = CalibStats(args.stats)
+    t0 = time.perf_counter()
+    qexperts, reports = quantize(pipe, recipe, CalibrationSource(stats), mode="fake")
+    summary = {e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
+               for e, r in reports.items()}
+    out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
+                        report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite)
+    print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="calibrate and quantize both experts (W4A4) into an artifact directory",
+                       description=cmd_quantize.__doc__)
+    p.add_argument("--model", required=True, help="model dir in the official or diffusers layout")
+    p.add_argument("--recipe", default="default", help="rtn, w8a8, smoothquant, quarot, svdquant, seed, default")
+    p.add_argument("--calib", default=None, help="calibration samples (.jsonl: image, prompt, seed per line)")
+    p.add_argument("--stats", default=None, help="reuse the work dir of an earlier calibration instead of --calib")
+    p.add_argument("--work-dir", default=None, help="calibration statistics / progress (default: OUT.calib)")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--size", default="480p")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.set_defaults(func=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wanjax`` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="wanjax", description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_generate(sub)
+    _add_quantize(sub)
     return parser
 
 
