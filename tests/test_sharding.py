@@ -202,8 +202,8 @@ def _inputs(cfg, f, h, w, seed=0):
 
 
 @pytest.mark.parametrize("cfg,grid,cases", [
-    (TINY, (3, 6, 10), [((2, 1, 4, 1), "auto"), ((1, 2, 2, 2), "auto")]),
-    (WIDE, (3, 6, 14), [((2, 1, 4, 1), "ulysses"), ((1, 1, 8, 1), "ring")]),
+    (TINY, (3, 6, 10), [((2, 1, 4, 1), "auto")]),
+    (WIDE, (3, 6, 14), [((1, 1, 8, 1), "ulysses")]),    # 63 tokens padded to 64, 1 head per device
     (SIX, (1, 6, 10), [((2, 1, 4, 1), "auto")]),
 ], ids=["tiny", "wide-63-tokens", "six-heads-ring"])
 def test_sharded_forward_matches_single_device(cfg, grid, cases):
