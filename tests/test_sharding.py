@@ -235,3 +235,17 @@ def test_w4a4_shape_tree_rules_and_memory():
     assert 7.8e9 < total_bytes(q) < 8.0e9 and 28.6e9 < total_bytes(bf16) < 28.7e9
     per = bytes_per_device(q, make_mesh(1, 1, 8, 1))
     assert total_bytes(q) / 8 <= per <= 1.2 * total_bytes(q) / 8
+
+
+def test_memory_plan_without_devices(capsys):
+    """The planning CLI uses abstract meshes (no devices): 32-chip numbers on an 8-device machine."""
+    from wanjax.parallel.memory import abstract_mesh, main, weights_per_device
+
+    per = weights_per_device(I2V_A14B, abstract_mesh(data=2, context=16))
+    assert per == bytes_per_device(nnx.state(nnx.eval_shape(lambda: WanDiT(I2V_A14B, rngs=nnx.Rngs(0)))),
+                                   abstract_mesh(2, 1, 16, 1))
+    main(["--mesh", "2,1,16,1", "--mesh", "1,1,8,1"])
+    out = capsys.readouterr().out
+    assert "(2, 1, 16, 1) | 3.60 | 1.35" in out and "(1, 1, 8, 1) | 7.17 | 2.31" in out
+    with pytest.raises(SystemExit, match="expected 4 sizes"):
+        main(["--mesh", "2,4"])

@@ -1,13 +1,16 @@
 """Per-device memory of the DiT weights under the sharding rules, for float and W4A4-quantized experts.
 
-Shapes only (``jax.ShapeDtypeStruct``): nothing is allocated, so the full-size model can be planned on a laptop.
+Shapes only (``jax.ShapeDtypeStruct``) and abstract meshes: nothing is allocated and no devices are needed, so the
+full-size model can be planned on a laptop::
+
+    python -m wanjax.parallel.memory --mesh 2,1,4,1 --mesh 1,1,8,1      # (data, fsdp, context, tensor)
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh
 
 from wanjax.config import WanConfig
 from wanjax.parallel.rules import bytes_per_device, path_str
@@ -54,10 +57,44 @@ def total_bytes(params) -> int:
     return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 
-def weights_per_device(cfg: WanConfig, mesh: Mesh, *, quantized: bool = False, rank: int = 32,
+def weights_per_device(cfg: WanConfig, mesh, *, quantized: bool = False, rank: int = 32,
                        dtype=jnp.bfloat16) -> int:
-    """Bytes of one expert's weights on the most loaded device of ``mesh``."""
+    """Bytes of one expert's weights per device of ``mesh`` (a `Mesh` or `abstract_mesh`)."""
     p = abstract_dit_params(cfg, dtype)
     if quantized:
         p = w4a4_abstract(p, rank)
     return bytes_per_device(p, mesh)
+
+
+def abstract_mesh(data: int = 1, fsdp: int = 1, context: int = 1, tensor: int = 1) -> AbstractMesh:
+    """A device-less mesh with the wanjax axes, for planning."""
+    from wanjax.parallel.mesh import AXES
+
+    return AbstractMesh((data, fsdp, context, tensor), AXES)
+
+
+def main(argv=None) -> None:
+    """Print both experts' weight bytes per device (bf16 and W4A4) for each ``--mesh data,fsdp,context,tensor``."""
+    import argparse
+
+    from wanjax.config import I2V_A14B
+
+    ap = argparse.ArgumentParser(prog="python -m wanjax.parallel.memory", description=main.__doc__)
+    ap.add_argument("--mesh", action="append", default=None, help="data,fsdp,context,tensor (repeatable)")
+    ap.add_argument("--rank", type=int, default=32, help="low-rank branch rank of the W4A4 layout")
+    args = ap.parse_args(argv)
+    meshes = args.mesh or ["1,1,1,1", "2,1,4,1", "1,1,8,1", "2,1,8,1", "2,1,16,1"]
+    bf16 = abstract_dit_params(I2V_A14B)
+    w4 = w4a4_abstract(bf16, args.rank)
+    print(f"one expert: {total_bytes(bf16) / 1e9:.2f} GB bf16, {total_bytes(w4) / 1e9:.2f} GB W4A4 (rank {args.rank})")
+    print("mesh (data,fsdp,context,tensor) | both experts bf16 GB/device | both experts W4A4 GB/device")
+    for m in meshes:
+        sizes = tuple(int(v) for v in m.split(","))
+        if len(sizes) != 4:
+            raise SystemExit(f"--mesh {m!r}: expected 4 sizes data,fsdp,context,tensor")
+        mesh = abstract_mesh(*sizes)
+        print(f"{sizes} | {2 * bytes_per_device(bf16, mesh) / 1e9:.2f} | {2 * bytes_per_device(w4, mesh) / 1e9:.2f}")
+
+
+if __name__ == "__main__":
+    main()

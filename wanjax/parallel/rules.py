@@ -187,11 +187,15 @@ def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: M
     return logical_to_spec(logical, shape, mesh, rules)
 
 
-def bytes_per_device(params, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None) -> int:
-    """Largest per-device parameter footprint (bytes) of ``params`` (arrays or ShapeDtypeStructs) on ``mesh``."""
+def bytes_per_device(params, mesh, rules: Mapping[str, Sequence[str]] | None = None) -> int:
+    """Per-device parameter footprint (bytes) of ``params`` (arrays or ShapeDtypeStructs) on ``mesh`` (a `Mesh` or
+    a `jax.sharding.AbstractMesh`: only the axis sizes are used, so no devices are needed)."""
     total = 0
     for spec, leaf in zip(jax.tree.leaves(param_specs(params, mesh, rules), is_leaf=lambda x: isinstance(x, P)),
                           jax.tree.leaves(params)):
-        shard = NamedSharding(mesh, spec).shard_shape(tuple(leaf.shape))
+        shard = []
+        for dim, entry in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            shard.append(dim // math.prod(mesh.shape[a] for a in axes))
         total += math.prod(shard) * jax.numpy.dtype(leaf.dtype).itemsize
     return total
