@@ -92,9 +92,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *, bloc
 
         def hop(i, carry):
             kv, stats = carry
-            stats = fold(i, kv, stats)
-            kv = tuple(jax.lax.ppermute(a, "context", perm) for a in kv)
-            return kv, stats
+            nxt = tuple(jax.lax.ppermute(a, "context", perm) for a in kv)   # independent of the fold: can overlap
+            return nxt, fold(i, kv, stats)
 
         kv, stats = jax.lax.fori_loop(0, c - 1, hop, ((kl, vl), stats))
         m, l, acc = fold(c - 1, kv, stats)
