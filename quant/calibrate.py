@@ -34,7 +34,16 @@ Two paths, same statistics:
 * ``mode="online"``: capture during the sampler run itself, every layer and bin in memory at once (small models,
   and the reference the streamed path is tested against).
 
-The result is a `CalibStats` (lazy reader over ``work_dir``).
+The result is a `CalibStats` (lazy reader over ``work_dir``)::
+
+    pipe = WanI2VPipeline.from_pretrained("Wan2.2-I2V-A14B")
+    samples = [CalibSample(image=path, prompt=text, seed=i) for i, (path, text) in enumerate(calib_rows)]
+    stats = calibrate(pipe, samples, CalibConfig(gen=GenerationConfig(num_frames=61), blocks_per_group=10),
+                      work_dir="calib/")                      # re-run the same call to resume
+    st = stats.get("high", 3, "ffn.fc2", "high_mid")          # LayerStats: absmax, hessian, count, samples
+    h = stats.expert_total("low", "blocks.0.self_attn.qkv")    # all bins of an expert merged
+
+A resumed run must use the same samples (their number and the settings are checked, not their content).
 """
 from __future__ import annotations
 
@@ -164,7 +173,9 @@ class CalibConfig:
         return dict(gen=json.loads(json.dumps(g, default=str)), bins=self.bins.to_dict(), cfg_mode=self.cfg_mode,
                     hessian=self.hessian, hessian_per_bin=self.hessian_per_bin, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
                     sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
-                    per_layer=self.hessian_transform is not None, seed=self.seed)
+                    per_layer=self.hessian_transform is not None,
+                    hessian_transform=getattr(self.hessian_transform, "__qualname__", repr(self.hessian_transform))
+                    if self.hessian_transform is not None else None, seed=self.seed)
 
 
 def mx_act_quant_transform(smooth: dict | None = None, fmt: str = "mxfp4", **quant_kwargs) -> Callable:

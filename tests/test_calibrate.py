@@ -178,6 +178,14 @@ def test_cfg_both_hessian_transform_per_expert_hessian(pipe, tmp_path):
         np.testing.assert_array_equal(tot.hessian, full.hessian)
         np.testing.assert_allclose(tot.absmax, np.abs(x_all).max(0), rtol=1e-5, atol=1e-6)
     assert int(res.get("high", 1, "ffn.fc1", "high_mid").count) == 2 * 8 * len(mid)     # cond + uncond rows
+    on = calibrate(pipe, SAMPLES[:1], cfg, work_dir=tmp_path / "online", mode="online", progress=False)
+    assert on.keys() == res.keys()
+    for key in on.keys():
+        a, b = on.stats(*key), res.stats(*key)
+        assert int(a.count) == int(b.count)
+        np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-5, atol=1e-6)
+        if a.hessian is not None or b.hessian is not None:
+            np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-4)
 
 
 def test_mx_act_quant_transform():
