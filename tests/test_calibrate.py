@@ -266,3 +266,32 @@ def test_errors(pipe, tmp_path):
                   progress=False)
     with pytest.raises(FileNotFoundError, match="manifest"):
         CalibStats(tmp_path / "none")
+
+
+def test_sample_preparation_uses_the_pipeline_encoders():
+    """image + prompt go through the pipeline's VAE condition and text encoder (a stub records the calls)."""
+    from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+    from wanjax.quant.calibrate import _prepare
+
+    class Stub:
+        calls = []
+
+        def prepare_condition(self, image, num_frames, max_area):
+            self.calls.append(("vae", image, num_frames, max_area))
+            return jnp.zeros((1, 2, 4, 4, 20)), (32, 32)
+
+        def encode_text(self, prompts):
+            self.calls.append(("text", tuple(prompts)))
+            return jnp.ones((2, 5, 8))
+
+    stub = Stub()
+    gen = dataclasses.replace(GEN, num_frames=9, max_area=1024)
+    y, ctx = _prepare(stub, CalibSample(image="img.png", prompt="a cat"), gen, "cond")
+    assert stub.calls == [("vae", "img.png", 9, 1024), ("text", ("a cat", DEFAULT_NEGATIVE_PROMPT))]
+    assert y.shape == (1, 2, 4, 4, 20) and ctx.shape == (2, 5, 8)
+    y, ctx = _prepare(stub, CalibSample(y=y, context=jnp.ones((1, 5, 8))), gen, "cond")   # cond-only context
+    assert ctx.shape == (2, 5, 8) and len(stub.calls) == 2
+    with pytest.raises(ValueError, match="needs a \\[2, L, D\\]"):
+        _prepare(stub, CalibSample(y=y, context=jnp.ones((1, 5, 8))), gen, "both")
+    with pytest.raises(ValueError, match="image"):
+        _prepare(stub, CalibSample(prompt="x"), gen, "cond")
