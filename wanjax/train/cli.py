@@ -51,10 +51,17 @@ class Preset:
     size: int
     frames: int
     vae_frames: int
+    vae_crop: int = 0          # train the VAE on random square crops of this size (0: full frames)
 
 
 PRESETS = {
     "mini": Preset(V.MINI_VAE, D.MINI_DIT, T.MINI_T5, 128, 17, 9),
+    # what a 2-core CPU can train in about half an hour (used when no accelerator time was left): the same
+    # architectures, narrower: VAE base 8 with one residual block per level, DiT dim 128 = 1 head x 128 (RoPE split
+    # 44/42/42 as the real model), 4 layers
+    "cpu": Preset(VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
+                  WanConfig(dim=128, ffn_dim=512, num_heads=1, num_layers=4, text_dim=256, text_len=32,
+                            freq_dim=256), T.MINI_T5, 128, 17, 5, 64),
     "tiny": Preset(VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1),
                    WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32),
                    T5Config(vocab_size=64, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=1,
@@ -99,9 +106,17 @@ def train_vae(pre: Preset, args, log: Log):
     vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
     pool, _ = _param_pool(args.vae_pool, args.seed + 1, pre.vae_frames, pre.size)
     pool = {k: jnp.asarray(v) for k, v in pool.items()}
-    render = _renderer(pre.size, pre.vae_frames)
-    trainer = V.Trainer(vae, kl_weight=args.kl_weight)
     rng = np.random.default_rng(args.seed + 2)
+    crop = pre.vae_crop
+    if crop:
+        full = _renderer(pre.size, pre.vae_frames)
+
+        def render(p):   # a random crop (offsets multiple of 8) per batch
+            o = rng.integers(0, (pre.size - crop) // 8 + 1, 2) * 8
+            return full(p)[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop]
+    else:
+        render = _renderer(pre.size, pre.vae_frames)
+    trainer = V.Trainer(vae, kl_weight=args.kl_weight)
     curve, t_start, n = [], time.perf_counter(), 0
     for i in range(args.vae_steps):
         idx = rng.integers(0, args.vae_pool, args.vae_batch)
@@ -122,17 +137,21 @@ def train_vae(pre: Preset, args, log: Log):
             log(f"vae: time budget {args.vae_time}s reached after {n} steps")
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
-                                 "frames": pre.vae_frames, "lr": args.vae_lr, "kl_weight": args.kl_weight}
+                                 "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
 
 def latent_stats(vae, render, pool, n_clips: int, batch: int):
+    """Per-channel mean/std of the raw latent mean over ``n_clips`` rendered clips (through `encode_video`, the
+    jitted function the dataset encoding reuses, so no extra compilation)."""
+    mean = np.asarray(vae.cfg.latents_mean, np.float64)
+    std = np.asarray(vae.cfg.latents_std, np.float64)
     mus = []
-    enc = nnx.jit(lambda m, v: m.encode_raw(v))
     for s in range(0, n_clips, batch):
-        idx = jnp.arange(s, min(s + batch, n_clips))
-        mus.append(np.asarray(enc(vae, render(_take(pool, idx)))).reshape(-1, vae.cfg.z_dim))
+        idx = jnp.arange(s, s + batch) % n_clips
+        lat = np.asarray(encode_video(vae, render(_take(pool, idx))), np.float64).reshape(-1, vae.cfg.z_dim)
+        mus.append(lat * std + mean)          # back to the raw mean
     mu = np.concatenate(mus)
     return mu.mean(0), mu.std(0) + 1e-6
 
@@ -273,21 +292,20 @@ def cmd_run(args):
         f"{vae_path}")
     # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
     vae_eval = _reload_vae(vae_path, jnp.bfloat16)
-    val_clips = procedural.make_clips(8, "heldout", args.seed + 5, pre.frames, pre.size)[0]
-    rec = nnx.jit(lambda v, x: v.decode(v.encode(x)))(vae_eval, jnp.asarray(val_clips))
-    from wanjax.train.evaluate import psnr, to_uint8_batch
-    vae_psnr = psnr(to_uint8_batch(np.asarray(rec)), to_uint8_batch(val_clips))
-    log(f"vae: held-out reconstruction PSNR {vae_psnr:.2f} dB (bf16 weights and compute)")
-    log.data["stages"]["vae"]["heldout_psnr"] = vae_psnr
     log.data["stages"]["vae"]["latent_stats"] = {"mean": m.tolist(), "std": s.tolist()}
     log.save()
     # (3) data
     data = build_dataset(vae_eval, t5, tok, pre, args, log)
     log.save()
     # (4) base, (5) experts
+    # time left for the base model: what the deadline leaves after the experts and the evaluation
+    left = args.deadline - (time.perf_counter() - log.t0)
+    base_time = max(20.0, min(args.base_time, left - 2 * args.expert_time - 60 - args.eval_reserve))
+    if base_time < args.base_time:
+        log(f"base: time budget cut to {base_time:.0f}s by the {args.deadline:.0f}s deadline")
     trainer = D.Trainer(D.new_dit(pre.dit, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32),
                         shift=args.shift, drop_text=args.drop_text)
-    train_dit(trainer, data, "base", args.base_steps, args.lr, args.base_time, args, log)
+    train_dit(trainer, data, "base", args.base_steps, args.lr, base_time, args, log)
     base_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
     base = trainer.model()
     save_expert(base, os.path.join(args.out, "low.safetensors"), aux)    # usable checkpoints if time runs out
@@ -300,7 +318,10 @@ def cmd_run(args):
         log.save()
     log.data["total_train_seconds"] = time.perf_counter() - log.t0
     # (6) held-out evaluation through the real pipeline on the written files
-    if args.eval_n > 0:
+    left = args.deadline - (time.perf_counter() - log.t0)
+    if args.eval_n > 0 and left < 60:
+        log(f"eval: skipped, only {left:.0f}s left before the deadline")
+    elif args.eval_n > 0:
         adir = os.path.join(aux, "_assembled")
         assemble(args.out, adir, aux=aux, log=log)
         pipe = load_pipeline(adir)
@@ -309,7 +330,9 @@ def cmd_run(args):
             from wanjax.train.evaluate import evaluate
             g = (guide, guide)
             res = evaluate(pipe, n=args.eval_n, seed=args.eval_seed, steps=args.eval_steps, guide=g,
-                           num_frames=pre.frames, size=pre.size, max_seconds=args.eval_time)
+                           num_frames=pre.frames, size=pre.size,
+                           max_seconds=min(args.eval_time, max(5.0, (args.deadline - (time.perf_counter() - log.t0) - 40)
+                                                               / len(args.eval_guides))))
             vids, truth = res.pop("videos"), res.pop("truth")
             log(f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
                 f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
@@ -399,6 +422,47 @@ def load_pipeline(path: str, dtype=jnp.bfloat16):
     return WanI2VPipeline(high, low, vae, t5, tok)
 
 
+def cmd_evaluate(args):
+    """Held-out evaluation of an official-layout model folder; writes eval.json, samples.npz and a PNG strip."""
+    from wanjax.train.evaluate import evaluate, psnr, heldout_set
+    from wanjax.train.report import strip_png
+
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    res_all = {"model": args.model, "load_seconds": time.perf_counter() - t0, "runs": []}
+    # VAE reconstruction on held-out clips (bf16, as the pipeline runs it)
+    if args.vae_clips:
+        vids = heldout_set(args.vae_clips, seed=args.seed + 777)[0]
+        x = jnp.asarray(vids.astype(np.float32) / 127.5 - 1.0)
+        rec = nnx.jit(lambda v, a: v.decode(v.encode(a)))(pipe.vae, x)
+        from wanjax.video_io import to_uint8
+        r8 = np.stack([to_uint8(np.asarray(r)) for r in rec])
+        res_all["vae_recon_psnr"] = psnr(r8, vids)
+        print(f"VAE held-out reconstruction PSNR {res_all['vae_recon_psnr']:.2f} dB", flush=True)
+        strip_png([vids[0], r8[0]], os.path.join(args.out, "vae_recon.png"))
+    samples = {}
+    for g in args.guides:
+        res = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, guide=(g, g), keep=args.keep,
+                       max_seconds=args.max_seconds)
+        vids, truth = res.pop("videos"), res.pop("truth")
+        samples[f"videos_g{g:g}"] = vids
+        samples["truth"] = truth
+        samples["captions"] = np.array(res["captions"][: len(vids)])
+        print(f"guide {g}: n {res['n']}, PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
+              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f}, "
+              f"{res['seconds']:.1f}s", flush=True)
+        res_all["runs"].append(res)
+        rows = []
+        for i in range(len(vids)):
+            rows += [truth[i], vids[i]]
+        strip_png(rows, os.path.join(args.out, f"samples_g{g:g}.png"))
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(res_all, f, indent=1, default=float)
+    np.savez_compressed(os.path.join(args.out, "samples.npz"), **samples)
+    return res_all
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m wanjax.train", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -428,6 +492,9 @@ def main(argv=None):
     r.add_argument("--shift", type=float, default=5.0)
     r.add_argument("--drop-text", type=float, default=0.1)
     r.add_argument("--log-every", type=int, default=100)
+    r.add_argument("--deadline", type=float, default=1e9, help="wall-clock seconds for the whole run: the base "
+                   "model's budget shrinks and the evaluation is cut to end before it")
+    r.add_argument("--eval-reserve", type=float, default=100.0, help="seconds kept for the evaluation")
     r.add_argument("--eval-n", type=int, default=16)
     r.add_argument("--eval-time", type=float, default=40.0, help="stop generating held-out clips after this (s)")
     r.add_argument("--eval-seed", type=int, default=1000)
@@ -438,9 +505,21 @@ def main(argv=None):
     a.add_argument("--dst", required=True)
     a.add_argument("--aux", default=None)
     a.add_argument("--preset", default="mini", choices=sorted(PRESETS))
+    e = sub.add_parser("evaluate", help="held-out first-frame PSNR + motion-direction accuracy of a model folder")
+    e.add_argument("--model", default="models/mini")
+    e.add_argument("--out", required=True)
+    e.add_argument("--n", type=int, default=16)
+    e.add_argument("--seed", type=int, default=1000)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guides", type=float, nargs="+", default=[3.5])
+    e.add_argument("--keep", type=int, default=3)
+    e.add_argument("--vae-clips", type=int, default=4)
+    e.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         cmd_run(args)
+    elif args.cmd == "evaluate":
+        cmd_evaluate(args)
     else:
         assemble(args.src, args.dst, aux=args.aux, preset=args.preset, log=print)
 
