@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import zlib
@@ -64,35 +63,15 @@ from wanjax.model.dit import current_layer_index
 from wanjax.model.layers import linear_interceptor
 from wanjax.model.rope import rope_cos_sin
 from wanjax.quant.bins import EXPERTS, TimestepBins, seed_bins
-from wanjax.quant.stats import LayerStats, init_stats, load_stats, merge_stats, save_stats, to_host, update_stats
+from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, TARGET_LAYERS, CalibStats, init_stats, input_name,  # noqa: F401
+                                save_stats, stat_name, to_host, update_stats)
 
 __all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "calibrate", "input_name", "stat_name",
            "mx_act_quant_transform", "record_trajectory"]
 
 F32 = jnp.float32
-TARGET_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
-_SHARED = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
-           "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
 _FIRST_OF_SHARED = {"self_attn.qkv": "self_attn.q", "cross_attn.kv": "cross_attn.k"}
-CONTEXT_NAME = "context.cross_attn.kv"
 _CONTEXT_SALT = 0x7FFFFFF
-
-
-def input_name(layer: str, per_layer: bool = False) -> str:
-    """Name of the captured input of block layer ``layer`` (e.g. ``"self_attn.k"`` -> ``"self_attn.qkv"``)."""
-    if layer not in TARGET_LAYERS:
-        raise ValueError(f"unknown block layer {layer!r}; expected one of {TARGET_LAYERS}")
-    return layer if per_layer else _SHARED.get(layer, layer)
-
-
-def stat_name(block: int, layer: str, per_layer: bool = False) -> str:
-    """Statistics name of ``layer`` of block ``block``: ``"blocks.3.ffn.fc2"``, ``"blocks.3.self_attn.qkv"``, or
-    ``"context.cross_attn.kv"`` (cross k/v share one per-expert entry unless ``per_layer``)."""
-    local = input_name(layer, per_layer)
-    if local == "cross_attn.kv":
-        return CONTEXT_NAME
-    return f"blocks.{int(block)}.{local}"
 
 
 def _block_inputs(cfg, per_layer: bool) -> dict[str, int]:
@@ -263,9 +242,6 @@ class _Capture:
         return y
 
 
-ALL_BINS = "all"
-
-
 def _init_acc(names_k: dict[str, int], cfg: CalibConfig, dtype) -> dict:
     """Per-bin accumulators (with the Hessian only when it is kept per bin)."""
     sd = cfg.sample_dtype or dtype
@@ -346,73 +322,6 @@ def _prepare(pipe, sample: CalibSample, gen, cfg_mode):
             raise ValueError("cfg_mode='both' needs a [2, L, D] context (positive, negative)")
         ctx = jnp.concatenate([ctx, ctx], 0)          # the denoise loop wants two rows; only row 0 is used
     return jnp.asarray(y, F32), ctx
-
-
-# ----------------------------------------------------------------------------------------------- results
-class CalibStats:
-    """Reader over a calibration ``work_dir``: statistics per (expert, name, bin), loaded lazily from unit files.
-
-    ``get(expert, block, layer, bin)`` resolves shared inputs (``self_attn.k`` -> ``blocks.i.self_attn.qkv``);
-    ``stats(expert, name, bin)`` takes a statistics name (bin ``"all"``: the per-expert Hessian, when collected
-    with ``hessian_per_bin=False``); ``expert_total(expert, name)`` merges an expert's bins
-    (the seed's per-expert abs-max and Hessian); ``to_dict()`` loads everything (small models only).
-    """
-
-    def __init__(self, work_dir: str | os.PathLike):
-        self.work_dir = os.fspath(work_dir)
-        man = os.path.join(self.work_dir, "manifest.json")
-        if not os.path.exists(man):
-            raise FileNotFoundError(f"{self.work_dir}: no manifest.json (not a calibration directory)")
-        with open(man) as f:
-            self.manifest = json.load(f)
-        self.bins = TimestepBins.from_dict(self.manifest["config"]["bins"])
-        self.per_layer = bool(self.manifest["config"]["per_layer"])
-        self._index: dict[tuple[str, str, str], str] = {}
-        for path in sorted(glob.glob(os.path.join(self.work_dir, "stats", "*.npz"))):
-            with np.load(path) as z:
-                header = json.loads(bytes(z["__header__"]).decode())
-            m = header["meta"]
-            for n in header["names"]:
-                self._index[(m["expert"], n, m["bin"])] = path
-
-    def keys(self):
-        """All (expert, name, bin) triples present."""
-        return sorted(self._index)
-
-    def stats(self, expert: str, name: str, bin_name: str) -> LayerStats:
-        try:
-            path = self._index[(expert, name, bin_name)]
-        except KeyError:
-            raise KeyError(f"{self.work_dir}: no statistics for expert={expert!r} name={name!r} bin={bin_name!r} "
-                           f"(bins: {self.bins.names}; e.g. names {sorted({k[1] for k in self._index})[:4]})") from None
-        return load_stats(path, [name])[0][name]
-
-    def get(self, expert: str, block: int, layer: str, bin_name: str) -> LayerStats:
-        return self.stats(expert, stat_name(block, layer, self.per_layer), bin_name)
-
-    def expert_total(self, expert: str, name: str, seed: int = 0) -> LayerStats:
-        """All bins of ``expert`` merged (abs-max max, Hessian and count sums, reservoir re-sampled); with
-        per-expert Hessians (``hessian_per_bin=False``) the Hessian is the stored ``"all"`` one."""
-        out = None
-        for b in self.bins.expert_bins(expert):
-            st = self.stats(expert, name, b)
-            out = st if out is None else merge_stats(out, st, seed)
-        if out is None:
-            raise KeyError(f"expert {expert!r} has no bins")
-        if (expert, name, ALL_BINS) in self._index:
-            full = self.stats(expert, name, ALL_BINS)
-            if int(full.count) != int(out.count):
-                raise ValueError(f"{self.work_dir}: {expert}/{name}: per-expert Hessian has {int(full.count)} rows, "
-                                 f"the bins {int(out.count)}")
-            out = dataclasses.replace(out, hessian=full.hessian)
-        return out
-
-    def to_dict(self) -> dict:
-        """``{expert: {name: {bin: LayerStats}}}`` with everything loaded."""
-        out: dict = {}
-        for e, n, b in self.keys():
-            out.setdefault(e, {}).setdefault(n, {})[b] = self.stats(e, n, b)
-        return out
 
 
 def _write_manifest(work_dir, cfg: CalibConfig, n_samples: int, model_cfg):

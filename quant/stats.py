@@ -15,10 +15,15 @@ sequence of calls gives the same sample whatever the program layout). `merge_sta
 exactly (the reservoir merge draws how many rows come from each side hypergeometrically). `save_stats` /
 `load_stats` store a ``{name: LayerStats}`` dict as one ``.npz`` file, written atomically (temp file, then rename);
 a Hessian is stored as its upper triangle and read back symmetric (the lower triangle mirrors the upper one).
+
+Names of the calibrated inputs (`stat_name`: ``"blocks.3.self_attn.qkv"``, ``"blocks.3.ffn.fc2"``,
+``"context.cross_attn.kv"``) and `CalibStats`, the lazy reader over a calibration directory written by
+`wanjax.quant.calibrate.calibrate`, live here too.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import tempfile
@@ -27,8 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.quant.bins import TimestepBins
+
 __all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "hessian_mean", "stride_rows",
-           "save_stats", "load_stats", "to_host"]
+           "save_stats", "load_stats", "to_host", "TARGET_LAYERS", "CONTEXT_NAME", "ALL_BINS", "input_name",
+           "stat_name", "CalibStats"]
 
 F32 = jnp.float32
 
@@ -265,3 +273,94 @@ def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStat
                 vals[f] = arr
             out[name] = LayerStats(**vals)
     return out, header["meta"]
+
+
+# ------------------------------------------------------------------------------------- names and reader
+TARGET_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                 "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
+_SHARED = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
+           "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
+CONTEXT_NAME = "context.cross_attn.kv"
+ALL_BINS = "all"            # bin name of per-expert Hessians (``hessian_per_bin=False``)
+
+
+def input_name(layer: str, per_layer: bool = False) -> str:
+    """Name of the captured input of block layer ``layer`` (e.g. ``"self_attn.k"`` -> ``"self_attn.qkv"``)."""
+    if layer not in TARGET_LAYERS:
+        raise ValueError(f"unknown block layer {layer!r}; expected one of {TARGET_LAYERS}")
+    return layer if per_layer else _SHARED.get(layer, layer)
+
+
+def stat_name(block: int, layer: str, per_layer: bool = False) -> str:
+    """Statistics name of ``layer`` of block ``block``: ``"blocks.3.ffn.fc2"``, ``"blocks.3.self_attn.qkv"``, or
+    ``"context.cross_attn.kv"`` (cross k/v share one per-expert entry unless ``per_layer``)."""
+    local = input_name(layer, per_layer)
+    if local == "cross_attn.kv":
+        return CONTEXT_NAME
+    return f"blocks.{int(block)}.{local}"
+
+
+class CalibStats:
+    """Reader over a calibration ``work_dir``: statistics per (expert, name, bin), loaded lazily from unit files.
+
+    ``get(expert, block, layer, bin)`` resolves shared inputs (``self_attn.k`` -> ``blocks.i.self_attn.qkv``);
+    ``stats(expert, name, bin)`` takes a statistics name (bin ``"all"``: the per-expert Hessian, when collected
+    with ``hessian_per_bin=False``); ``expert_total(expert, name)`` merges an expert's bins
+    (the seed's per-expert abs-max and Hessian); ``to_dict()`` loads everything (small models only).
+    """
+
+    def __init__(self, work_dir: str | os.PathLike):
+        self.work_dir = os.fspath(work_dir)
+        man = os.path.join(self.work_dir, "manifest.json")
+        if not os.path.exists(man):
+            raise FileNotFoundError(f"{self.work_dir}: no manifest.json (not a calibration directory)")
+        with open(man) as f:
+            self.manifest = json.load(f)
+        self.bins = TimestepBins.from_dict(self.manifest["config"]["bins"])
+        self.per_layer = bool(self.manifest["config"]["per_layer"])
+        self._index: dict[tuple[str, str, str], str] = {}
+        for path in sorted(glob.glob(os.path.join(self.work_dir, "stats", "*.npz"))):
+            with np.load(path) as z:
+                header = json.loads(bytes(z["__header__"]).decode())
+            m = header["meta"]
+            for n in header["names"]:
+                self._index[(m["expert"], n, m["bin"])] = path
+
+    def keys(self):
+        """All (expert, name, bin) triples present."""
+        return sorted(self._index)
+
+    def stats(self, expert: str, name: str, bin_name: str) -> LayerStats:
+        try:
+            path = self._index[(expert, name, bin_name)]
+        except KeyError:
+            raise KeyError(f"{self.work_dir}: no statistics for expert={expert!r} name={name!r} bin={bin_name!r} "
+                           f"(bins: {self.bins.names}; e.g. names {sorted({k[1] for k in self._index})[:4]})") from None
+        return load_stats(path, [name])[0][name]
+
+    def get(self, expert: str, block: int, layer: str, bin_name: str) -> LayerStats:
+        return self.stats(expert, stat_name(block, layer, self.per_layer), bin_name)
+
+    def expert_total(self, expert: str, name: str, seed: int = 0) -> LayerStats:
+        """All bins of ``expert`` merged (abs-max max, Hessian and count sums, reservoir re-sampled); with
+        per-expert Hessians (``hessian_per_bin=False``) the Hessian is the stored ``"all"`` one."""
+        out = None
+        for b in self.bins.expert_bins(expert):
+            st = self.stats(expert, name, b)
+            out = st if out is None else merge_stats(out, st, seed)
+        if out is None:
+            raise KeyError(f"expert {expert!r} has no bins")
+        if (expert, name, ALL_BINS) in self._index:
+            full = self.stats(expert, name, ALL_BINS)
+            if int(full.count) != int(out.count):
+                raise ValueError(f"{self.work_dir}: {expert}/{name}: per-expert Hessian has {int(full.count)} rows, "
+                                 f"the bins {int(out.count)}")
+            out = dataclasses.replace(out, hessian=full.hessian)
+        return out
+
+    def to_dict(self) -> dict:
+        """``{expert: {name: {bin: LayerStats}}}`` with everything loaded."""
+        out: dict = {}
+        for e, n, b in self.keys():
+            out.setdefault(e, {}).setdefault(n, {})[b] = self.stats(e, n, b)
+        return out
