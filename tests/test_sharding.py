@@ -249,3 +249,20 @@ def test_memory_plan_without_devices(capsys):
     assert "(2, 1, 16, 1) | 3.60 | 1.35" in out and "(1, 1, 8, 1) | 7.17 | 2.31" in out
     with pytest.raises(SystemExit, match="expected 4 sizes"):
         main(["--mesh", "2,4"])
+
+
+def test_sequence_parallel_context_scope_and_modes():
+    from wanjax.model import attention as attn_mod
+    from wanjax.sharding import sequence_parallel
+
+    mesh = make_mesh(1, 1, 8, 1)
+    assert attn_mod._HOOK.get() is None
+    with sequence_parallel(mesh, mode="ring"):
+        assert attn_mod._HOOK.get() is not None
+    assert attn_mod._HOOK.get() is None
+    with pytest.raises(ValueError, match="mode 'splash'"):
+        with sequence_parallel(mesh, mode="splash"):
+            pass
+    q, k, v = _qkv(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="expected q \\[B, Sq, N, D\\]"):
+        ulysses_attention(q[0], k, v, mesh)
