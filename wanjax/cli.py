@@ -64,8 +64,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"wanjax generate: error: --guide expects 'G' or 'LOW,HIGH', got {args.guide!r}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    mesh = None
+    if args.mesh:
+        from wanjax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
+        except ValueError as e:
+            print(f"wanjax generate: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
+            return 2
     try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True)
+        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
+                                              mesh=mesh)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"wanjax generate: error: {e}", file=sys.stderr)
         return 2
@@ -102,6 +112,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
+                                                 "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context")
     p.set_defaults(func=cmd_generate)
 
 
@@ -153,8 +165,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elif not os.path.isfile(os.path.join(args.stats, "manifest.json")):
         return fail(f"{args.stats}: not a calibration directory (no manifest.json)")
     t0 = time.perf_counter()
+    mesh = None
+    if args.mesh:
+        from wanjax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
+        except ValueError as e:
+            print(f"wanjax generate: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
+            return 2
     try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True)
+        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
+                                              mesh=mesh)
     except (CheckpointError, FileNotFoundError) as e:
         return fail(e)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
