@@ -79,8 +79,16 @@ def test_round_trip_is_bit_exact(qtiny, tmp_path):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
   ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
-  with active_bin(2):
-    np.testing.assert_array_equal(qtiny(x, jnp.array([400.0]), ctx), loaded["high"](x, jnp.array([400.0]), ctx))
+  g, st = nnx.split(qtiny)
+  g2, st2 = nnx.split(loaded["high"])
+  assert g2 == g
+
+  @jax.jit
+  def fwd(st):
+    with active_bin(2):
+      return nnx.merge(g, st)(x, jnp.array([400.0]), ctx)
+
+  np.testing.assert_array_equal(fwd(st), fwd(st2))
 
 
 def test_tampering_and_corruption_are_detected(qtiny, tmp_path):

@@ -203,32 +203,38 @@ def test_surgery_replaces_only_block_linears(tiny):
     quantize_model(model, {"blocks.nope.q": rtn_qlayers(model)["blocks.ffn.fc2"]})
 
 
+TRACES = []
+
+
+def _forward(graphdef, state, b, x, t, ctx):
+  TRACES.append(graphdef)
+  m = nnx.merge(graphdef, state)
+  with active_bin(b):
+    return m(x, t, ctx)
+
+
+run = jax.jit(_forward, static_argnums=0)
+
+
 def test_quantized_tiny_jit_scan_equals_unrolled_and_bins_do_not_retrace(tiny):
   model, qm, x, ctx = tiny
-  traces = []
-
-  def fwd(graphdef, state, b, x, t, ctx):
-    traces.append(1)
-    m = nnx.merge(graphdef, state)
-    with active_bin(b):
-      return m(x, t, ctx)
-
   t = jnp.array([700.0])
   g, st = nnx.split(qm)
-  jf = jax.jit(fwd, static_argnums=0)
-  ys = [jf(g, st, jnp.int32(b), x, t, ctx) for b in (0, 1, 2, 1)]
-  assert len(traces) == 1, "changing the bin must not retrace"
+  n0 = len(TRACES)
+  ys = [run(g, st, jnp.int32(b), x, t, ctx) for b in (0, 1, 2, 1)]
+  assert len(TRACES) - n0 == 1, "changing the bin must not retrace"
   assert not np.allclose(ys[0], ys[2])  # the bins hold different clips
   np.testing.assert_array_equal(ys[1], ys[3])
 
   unrolled = nnx.merge(g, st)
   unrolled.scan_layers = False
-  with active_bin(2):
-    y_unrolled = unrolled(x, t, ctx)
+  gu, su = nnx.split(unrolled)
+  y_unrolled = run(gu, su, jnp.int32(2), x, t, ctx)
   np.testing.assert_allclose(ys[2], y_unrolled, rtol=1e-6, atol=1e-6)
 
   # int4 everywhere: close to, not equal to, the fp32 model
-  y_ref = model(x, t, ctx)
+  gm, sm = nnx.split(model)
+  y_ref = run(gm, sm, jnp.int32(0), x, t, ctx)
   rel = float(jnp.linalg.norm(ys[0] - y_ref) / jnp.linalg.norm(y_ref))
   assert 1e-4 < rel < 0.3
 
@@ -239,8 +245,8 @@ def test_set_mode_real_runs_and_matches_fake(tiny, monkeypatch):
   real = set_mode(qm, "real")
   assert {q.mode for q in qlinears(real).values()} == {"real"}
   assert {q.mode for q in qlinears(qm).values()} == {"fake"}
-  t = jnp.array([300.0])
-  with active_bin(1):
-    y_f, y_r = qm(x, t, ctx), real(x, t, ctx)
+  t = jnp.array([700.0])
+  y_f = run(*nnx.split(qm), jnp.int32(1), x, t, ctx)
+  y_r = run(*nnx.split(real), jnp.int32(1), x, t, ctx)
   # fp32 model: fake runs fp32 operands, real the exact integer GEMM + fp32 epilogue -> tiny differences
   np.testing.assert_allclose(y_r, y_f, rtol=1e-3, atol=1e-3 * float(jnp.abs(y_f).max()))
