@@ -21,16 +21,18 @@ Two paths, same statistics:
   for every recorded step of that bin recompute the group's input with the model's own modules (embeddings, then
   blocks ``0..g0-1``), run the group's blocks under the interceptor and accumulate. Only one (block group, bin)
   set of accumulators is on the device at a time; it is saved to ``work_dir`` (temp file + rename) when done and
-  a restarted run skips finished units. Device memory beyond the expert's weights and one forward's activations:
-  ``blocks_per_group * (5 * dim^2 + ffn_dim^2) * 4`` bytes of Hessians (+ ``dim^2 * 4`` for the shared context
-  input, + reservoirs ``n * K`` per input; with ``hessian_per_bin=False`` the per-expert Hessians of the group are
-  held while its bins run, the same amount). For I2V-A14B (dim 5120, ffn 13824) that is 1.29 GB per block
-  (+ 0.16 GB of bf16 reservoirs at n = 2048): 10 blocks -> 14.5 GB, which with the 28.6 GB bf16 expert and the
-  activations of one 480p forward fits one 80 GB GPU. Disk (Hessians stored as upper triangles): ~0.65 GB per
-  block and Hessian bin, i.e. ~77 GB per expert with 3 per-bin Hessians, ~26 GB with ``hessian_per_bin=False``,
-  plus ~19 GB of reservoirs at n = 2048 (bf16). Compute: group ``[g0, g1)`` costs ``g1 / L`` forwards per
-  recorded step (its prefix is recomputed), i.e. ``(G + 1) / 2`` forwards per step over ``G`` groups (2.5 at
-  G = 4), plus one forward per step for the trajectory.
+  a restarted run skips finished units. Device memory: the captured expert's weights (the other expert is moved
+  to host meanwhile, ``offload_idle_expert``), one block forward's activations, and ``blocks_per_group *
+  (5 * dim^2 + ffn_dim^2) * 4`` bytes of Hessians (+ ``dim^2 * 4`` for the shared context input, + reservoirs
+  ``n * K`` per input; with ``hessian_per_bin=False`` the per-expert Hessians of the group are held while its
+  bins run, the same amount). For I2V-A14B (dim 5120, ffn 13824) that is 1.29 GB per block (+ 0.16 GB of bf16
+  reservoirs at n = 2048). XLA's memory analysis of one capture step at 480p / 61 frames (24,960 tokens, compiled
+  on CPU) gives 30.2 GB of arguments (the expert) and 4.2 GB of temporaries, so ``blocks_per_group=10`` needs
+  ~30.2 + 14.5 + 4.2 + 0.5 (hidden state) ~ 50 GB and 20 needs ~64 GB: one 80 GB GPU. Disk (Hessians stored as
+  upper triangles): ~0.65 GB per block and Hessian bin, i.e. ~77 GB per expert with 3 per-bin Hessians, ~26 GB
+  with ``hessian_per_bin=False``, plus ~19 GB of reservoirs at n = 2048 (bf16). Compute: group ``[g0, g1)``
+  costs ``g1 / L`` forwards per recorded step (its prefix is recomputed), i.e. ``(G + 1) / 2`` forwards per step
+  over ``G`` groups (2.5 at G = 4), plus one forward per step for the trajectory.
 * ``mode="online"``: capture during the sampler run itself, every layer and bin in memory at once (small models,
   and the reference the streamed path is tested against).
 
@@ -47,6 +49,7 @@ A resumed run must use the same samples (their number and the settings are check
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -114,7 +117,10 @@ class CalibConfig:
       sample_dtype: dtype of the kept rows (None: the inputs' dtype, lossless).
       hessian_transform: ``fn(expert, block_index, layer, x) -> x_for_hessian`` (traceable; ``block_index`` may be
         traced); statistics are then kept per layer. See `mx_act_quant_transform`.
-      blocks_per_group: blocks captured per pass in stream mode (0: all).
+      blocks_per_group: blocks captured per pass in stream mode (0: all). Default 10: for I2V-A14B at 480p a pass
+        holds 10 * 1.45 GB of accumulators (see the module docstring).
+      offload_idle_expert: stream mode: while one expert is captured, the pipeline's other expert is moved to host
+        memory (and put back, with its original shardings, when done), so one 80 GB GPU holds one expert.
       seed: base of the reservoir's random keys.
     """
 
@@ -128,7 +134,8 @@ class CalibConfig:
     rows_per_call: int = 4096
     sample_dtype: Any = None
     hessian_transform: Callable | None = None
-    blocks_per_group: int = 0
+    blocks_per_group: int = 10
+    offload_idle_expert: bool = True
     seed: int = 0
 
     def resolved(self):
@@ -150,7 +157,8 @@ class CalibConfig:
         """The settings that define the statistics (a resumed run must match them)."""
         g = dataclasses.asdict(self.gen)
         return dict(gen=json.loads(json.dumps(g, default=str)), bins=self.bins.to_dict(), cfg_mode=self.cfg_mode,
-                    hessian=self.hessian, hessian_per_bin=self.hessian_per_bin, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
+                    hessian=self.hessian, hessian_per_bin=self.hessian_per_bin,
+                    blocks_per_group=self.blocks_per_group, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
                     sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
                     per_layer=self.hessian_transform is not None,
                     hessian_transform=getattr(self.hessian_transform, "__qualname__", repr(self.hessian_transform))
@@ -584,12 +592,35 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
     n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])         # noqa: E731
     bar = _bar(sum(n_steps(b) for u in todo for b in u[3]) * len(samples), "calibrate", progress)
     traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
-    for e, g0, g1, bin_names in todo:
-        _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid)
-        if on_unit:
-            on_unit("stats", last((e, g0, g1, bin_names)))
+    for expert in cfg.experts:
+        mine = [u for u in todo if u[0] == expert]
+        if not mine:
+            continue
+        with _idle_expert_on_host(pipe, "low" if expert == "high" else "high", cfg.offload_idle_expert):
+            for e, g0, g1, bin_names in mine:
+                _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid)
+                if on_unit:
+                    on_unit("stats", last((e, g0, g1, bin_names)))
     if bar is not None:
         bar.close()
+
+
+@contextlib.contextmanager
+def _idle_expert_on_host(pipe, idle: str, enabled: bool):
+    """Move ``pipe``'s ``idle`` expert parameters to host memory for the duration (restored with their shardings)."""
+    attr = "_params_high" if idle == "high" else "_params_low"
+    if not enabled:
+        yield
+        return
+    dev = getattr(pipe, attr)
+    shardings = jax.tree.map(lambda a: a.sharding, dev)
+    host = jax.device_get(dev)
+    setattr(pipe, attr, host)
+    del dev
+    try:
+        yield
+    finally:
+        setattr(pipe, attr, jax.device_put(host, shardings))
 
 
 def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid):
