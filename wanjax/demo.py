@@ -1,67 +1,74 @@
-"""`make demo`: the main job end to end on the embedded default model.
+"""`make demo`: image-to-video with the shipped mini Wan2.2 MoE (``models/mini``), end to end on CPU.
 
-Until the shipped mini model exists (issue [5 of 8]) this runs the TINY configuration through the public API:
-two random experts are written in the official Wan2.2 checkpoint layout, loaded back with `wanjax.load_dit`, checked,
-and a short image-to-video generation (tiny random VAE, random text features) runs through the real pipeline
-(official FlowUniPC schedule, expert switch at t = 900, CFG) and is written as an mp4.
+Loads ``models/mini`` (official Wan2.2 layout: two DiT experts, Wan2.1-architecture VAE, UMT5 encoder, tokenizer)
+through `WanI2VPipeline.from_pretrained`, takes the first frame and caption of a held-out procedural clip (a
+(shape, colour) pair never seen in training), generates a video with the real pipeline (official FlowUniPC schedule,
+high-noise expert for t >= 900, CFG) and writes ``out/demo.mp4`` plus ``out/demo_strip.png`` (rows: the held-out
+clip, the BF16 generation, and - once the quantization hook is filled - the W4A4 generation).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import wanjax
-from wanjax.io.export import save_dit
-from wanjax.model.vae import VAEConfig, WanVAE
-from wanjax.pipeline import GenerationConfig, WanI2VPipeline
 from wanjax.video_io import save_mp4
 
-DEMO_VAE = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
+
+
+def quantize_for_demo(pipe):
+    """QUANTIZATION HOOK for the W4A4 half of the demo (issue [3 of 8]): return a pipeline whose experts are
+    calibrated and quantized with the default recipe, or None to skip. The demo then generates the same image,
+    caption, seed and noise with it and adds its row (and PSNR vs BF16) to the outputs."""
+    return None
 
 
 def main(argv=None):
+    from wanjax.track import motion_direction
+    from wanjax.train.cli import load_pipeline
+    from wanjax.train.evaluate import heldout_set, psnr
+    from wanjax.train.report import strip_png
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--out", default="out/demo.mp4")
-    ap.add_argument("--frames", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guide", type=float, default=3.5)
+    ap.add_argument("--clip", type=int, default=0, help="which held-out clip to use")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     print(f"wanjax {wanjax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform}")
-    cfg = wanjax.TINY
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, seed in (("high_noise_model", 1), ("low_noise_model", 2)):
-            m = wanjax.WanDiT(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
-            save_dit(m, os.path.join(tmp, name), layout="official")
-        t0 = time.perf_counter()
-        high = wanjax.load_dit(os.path.join(tmp, "high_noise_model"), dtype=jnp.float32)
-        low = wanjax.load_dit(os.path.join(tmp, "low_noise_model"), dtype=jnp.float32)
-        print(f"loaded two experts from the official layout in {time.perf_counter() - t0:.2f}s "
-              f"({sum(x.size for x in jax.tree.leaves(nnx.state(high, nnx.Param))):,} params each)")
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, 3, 8, 12, cfg.in_dim)), jnp.float32)
-    ctx = jnp.asarray(rng.standard_normal((2, 7, cfg.text_dim)), jnp.float32)
-    fwd = nnx.jit(lambda m, x, t, c: m(x, t, c))
+    if not os.path.isdir(os.path.join(args.model, "high_noise_model")):
+        raise SystemExit(f"{args.model}: the mini model is not there (expected the official layout with "
+                         "high_noise_model/); train it with `python -m wanjax.train run` + `assemble`")
     t0 = time.perf_counter()
-    v = jax.block_until_ready(fwd(high, x, jnp.array([950.0]), ctx[:1]))
-    t1 = time.perf_counter()
-    jax.block_until_ready(fwd(high, x, jnp.array([950.0]), ctx[:1]))
-    print(f"forward: x {tuple(x.shape)} -> v {tuple(v.shape)} {v.dtype}; first call {t1 - t0:.2f}s, "
-          f"then {time.perf_counter() - t1:.4f}s; finite={bool(jnp.isfinite(v).all())}")
-    pipe = WanI2VPipeline(high, low, WanVAE(DEMO_VAE, rngs=nnx.Rngs(3)))
-    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    gen = GenerationConfig(num_frames=args.frames, max_area=64 * 96, steps=args.steps)
-    out = pipe.generate(image, context=ctx, gen=gen)
-    print(f"generated {out.frames.shape} uint8 frames; experts per step: "
-          f"{''.join('H' if e == 'high' else 'L' for e in out.experts)}; timings "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in out.seconds.items()))
-    path = save_mp4(out.frames, args.out, fps=gen.fps)
-    print(f"wrote {path}")
+    pipe = load_pipeline(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
+    videos, caps, colours, dirs = heldout_set(args.clip + 1, seed=1000)
+    truth, caption = videos[args.clip], caps[args.clip]
+    print(f"held-out caption: {caption!r}")
+    gen = dict(num_frames=truth.shape[0], max_area=truth.shape[1] * truth.shape[2], steps=args.steps,
+               guide_scale=(args.guide, args.guide), seed=args.seed)
+    out = pipe.generate(truth[0], caption, **gen)
+    d = motion_direction(out.frames, colours[args.clip])[0]
+    print(f"BF16: {out.frames.shape} frames; experts per step "
+          f"{''.join('H' if e == 'high' else 'L' for e in out.experts)}; frame-0 PSNR vs the condition "
+          f"{psnr(out.frames[0], truth[0]):.2f} dB; tracked motion {d!r} (caption says {dirs[args.clip]!r}); "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in out.seconds.items()))
+    rows = [truth, out.frames]
+    qpipe = quantize_for_demo(pipe)
+    if qpipe is not None:
+        qout = qpipe.generate(truth[0], caption, **gen)
+        print(f"W4A4: PSNR vs BF16 {psnr(qout.frames, out.frames):.2f} dB")
+        rows.append(qout.frames)
+    path = save_mp4(np.concatenate(rows, axis=2), args.out, fps=16)
+    strip = strip_png(rows, os.path.splitext(args.out)[0] + "_strip.png")
+    print(f"wrote {path} (side by side: held-out clip | generated) and {strip}")
 
 
 if __name__ == "__main__":
