@@ -229,6 +229,9 @@ class QLinear(nnx.Module):
     return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.act_clip.ndim != 1:
+      raise ValueError(f"QLinear {self.path!r} is stacked (tables {tuple(self.act_clip.shape)}); it runs per block "
+                       "inside the model's scan (or index one layer out of the stacked state first)")
     b = current_bin()
     if b is None:
       if self.config.nbins != 1:

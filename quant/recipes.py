@@ -148,8 +148,11 @@ class GPTQ:
   """GPTQ of the (residual) weight.
 
   ``hessian="quantized"``: from the sampled rows as the layer sees them, fake-quantized with the recipe's
-  activation quantizer at clip 1 (the seed's choice); ``"raw"``: the captured ``X^T X`` transformed by the
-  smoothing / rotation (falls back to the rows without quantization when no Hessian was captured).
+  activation quantizer at clip 1 (the seed's choice, here on the sampled rows rather than all tokens);
+  ``"raw"``: the captured ``X^T X`` of the raw inputs transformed by the smoothing / rotation (falls back to the
+  rows without quantization when no Hessian was captured); ``"captured"``: the captured Hessian used as is (when
+  calibration already applied the smoothing + activation QDQ through its ``hessian_transform``: the seed's
+  all-token Hessian).
   ``balance_bins=True`` (rows-based Hessians only): each bin's rows are scaled to unit mean square before the sum,
   so every timestep bin weighs the same in the reconstruction objective (otherwise the high-energy bins dominate).
   """
@@ -163,11 +166,16 @@ class GPTQ:
   stage = "quantizer"
 
   def __post_init__(self):
-    if self.hessian not in ("quantized", "raw"):
-      raise ValueError(f"GPTQ: hessian must be 'quantized' or 'raw', got {self.hessian!r}")
+    if self.hessian not in ("quantized", "raw", "captured"):
+      raise ValueError(f"GPTQ: hessian must be 'quantized', 'raw' or 'captured', got {self.hessian!r}")
 
   def layer_hessian(self, params: dict, ctx: LayerContext):
     """The Hessian of the inputs the quantized matmul sees, ``[K, K]``."""
+    if self.hessian == "captured":
+      if ctx.hessian is None:
+        raise ValueError(f"GPTQ(hessian='captured'): no Hessian was captured for {ctx.expert} {ctx.path}"
+                         f"[{ctx.index}]")
+      return jnp.asarray(ctx.hessian, jnp.float32)
     if self.hessian == "raw" and ctx.hessian is not None:
       h = jnp.asarray(ctx.hessian, jnp.float32)
       if "smooth" in params:
