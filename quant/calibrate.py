@@ -9,7 +9,8 @@ every block, so it is captured once per expert (``context.cross_attn.kv``). With
 `mx_act_quant_transform`, the seed's "Hessian from activation-quantized smoothed inputs", where each layer has its
 own smoothing vector) every layer gets its own entry (``blocks.{i}.self_attn.q``, ...).
 
-Calibration forwards are conditional-only by default, as the seed (``cfg_mode="cond"``: the trajectory is sampled
+Statistics are those of the matmul operand ``x.astype(layer.dtype)`` (bf16 in production; exact products in the
+fp32-accumulated ``X^T X``). Calibration forwards are conditional-only by default, as the seed (``cfg_mode="cond"``: the trajectory is sampled
 with the conditional velocity, and only conditional rows are captured); ``cfg_mode="both"`` samples with CFG and
 captures the conditional and unconditional rows.
 
