@@ -66,7 +66,8 @@ class CalibrationSource:
   wanjax.quant.stats.LayerStats`` and a ``bins`` attribute, a ``TimestepBins``) to :class:`StatsSource`.
 
   Per layer it stacks the bins of the expert (in ``bins.expert_bins(expert)`` order): abs-max ``[B, K]``, the
-  sampled rows ``[B, n, K]`` (n = the smallest filled reservoir) and the Hessian summed over the bins. The Hessian
+  sampled rows ``[B, n, K]`` (n = the smallest filled reservoir) and the Hessian summed over the bins (or the
+  per-expert one, bin ``"all"``, of a ``hessian_per_bin=False`` calibration). The Hessian
   is used by ``GPTQ(hessian="raw")`` only and must then be of the plain layer inputs (no ``hessian_transform``).
   """
 
@@ -85,7 +86,14 @@ class CalibrationSource:
     rows = np.stack([np.asarray(s.samples[:n], np.float32) for s in sts])
     absmax = np.stack([np.asarray(s.absmax, np.float32) for s in sts])
     hs = [s.hessian for s in sts]
-    hessian = None if any(h is None for h in hs) else np.sum([np.asarray(h, np.float32) for h in hs], axis=0)
+    if all(h is not None for h in hs):
+      hessian = np.sum([np.asarray(h, np.float32) for h in hs], axis=0)
+    else:  # calibrated with hessian_per_bin=False: one per-expert Hessian under the bin name "all"
+      try:
+        hessian = self.calib.get(expert, index, layer, "all").hessian
+      except KeyError:
+        hessian = None
+      hessian = None if hessian is None else np.asarray(hessian, np.float32)
     return LayerInputs(absmax=absmax, rows=rows, hessian=hessian)
 
 
