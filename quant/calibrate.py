@@ -290,8 +290,7 @@ def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None,
     orig = pipe._velocity
     xs, ts, names = [], [], []
 
-    def recorder(params, x, y_, ctx, t, guide):
-        expert = "high" if params is pipe._params_high else "low"
+    def recorder(expert, params, x, y_, ctx, t, guide):
         xs.append(np.asarray(x, np.float32))
         ts.append(float(t))
         names.append(expert)
@@ -301,13 +300,7 @@ def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None,
             return cond_jit(params, x, y_, ctx, t, guide)
         return orig(params, x, y_, ctx, t, guide)
 
-    # the denoise loop calls ``self._velocity``; it is swapped for the recorder for this call only (the pipeline
-    # has no public hook for it yet)
-    pipe._velocity = recorder
-    try:
-        pipe.denoise(y, context, gen, noise=noise, progress=progress)
-    finally:
-        pipe._velocity = orig
+    pipe.denoise(y, context, gen, noise=noise, progress=progress, velocity_fn=recorder)
     return np.stack(xs), np.asarray(ts), names
 
 

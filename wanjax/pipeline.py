@@ -204,11 +204,13 @@ class WanI2VPipeline:
         return "high" if t >= boundary * self.cfg.num_train_timesteps else "low"
 
     def denoise(self, y: jax.Array, context: jax.Array, gen: GenerationConfig, noise: jax.Array | None = None,
-                progress: bool = True) -> tuple[jax.Array, list[str]]:
+                progress: bool = True, velocity_fn: Callable | None = None) -> tuple[jax.Array, list[str]]:
         """The denoise loop: official FlowUniPC/Euler schedule, expert switch at the boundary, CFG per expert.
 
         ``context``: [2, L, D] (positive, negative). ``noise``: the starting latent [1, F_lat, h, w, 16] (drawn from
-        ``gen.seed`` when None). Returns the final latents and the expert used at each step.
+        ``gen.seed`` when None). ``velocity_fn(expert, params, x, y, context, t, guide) -> v`` replaces the guided
+        velocity (calibration records the trajectory through it). Returns the final latents and the expert used at
+        each step.
         """
         sched = flow_schedule(gen.steps, shift=gen.shift)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
@@ -226,6 +228,8 @@ class WanI2VPipeline:
             experts.append(name)
             params = self.expert_params(name)
             guide = guide_high if name == "high" else guide_low
+            if velocity_fn is not None:
+                return velocity_fn(name, params, x, y, context, jnp.float32(t), jnp.float32(guide))
             return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
 
         def callback(i, t, x):
