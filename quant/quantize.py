@@ -31,7 +31,7 @@ from wanjax.quant.qlinear import QLinear, QLinearConfig
 from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input
 from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
 
-__all__ = ["CalibrationSource", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
+__all__ = ["sqnr_csv", "CalibrationSource", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
            "quantize_layer"]
 
 
@@ -237,6 +237,20 @@ def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "l
     out[name], reports[name] = quantize_expert(model, recipe, stats, expert=name, mode=mode, progress=progress,
                                                paths=BLOCK_LINEARS if paths is None else tuple(paths))
   return out, reports
+
+
+def sqnr_csv(reports: Mapping, bin_names: Mapping | None = None) -> str:
+  """The layer SQNR of ``quantize``'s reports as CSV: ``expert,layer,block,bin,sqnr_db`` (one row per layer, block
+  and bin; ``bin_names``: ``{expert: names}``, else bin indices)."""
+  lines = ["expert,layer,block,bin,sqnr_db"]
+  for e, r in reports.items():
+    for path, s in r["sqnr_db"].items():
+      s = np.asarray(s)
+      for l in range(s.shape[0]):
+        for b in range(s.shape[1]):
+          name = bin_names[e][b] if bin_names else b
+          lines.append(f"{e},{path},{l},{name},{s[l, b]:.3f}")
+  return "\n".join(lines) + "\n"
 
 
 def _bar(total, desc, enabled):

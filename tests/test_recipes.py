@@ -11,7 +11,7 @@ from flax import nnx
 from wanjax.config import TINY
 from wanjax.model.dit import WanDiT
 from wanjax.quant.apply import active_bin, attach_to_pipeline, get_submodule, qlinears
-from wanjax.quant.quantize import CalibrationSource, LayerInputs, quantize, quantize_layer
+from wanjax.quant.quantize import CalibrationSource, LayerInputs, quantize, quantize_layer, sqnr_csv
 from wanjax.quant.recipes import (GPTQ, RECIPES, RTN, ClipSearch, LowRank, Recipe, Smooth, get_recipe,
                                   recipe_from_dict, recipe_to_dict)
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
@@ -244,6 +244,9 @@ def test_calibrate_quantize_denoise_default_recipe(tmp_path):
   for e in ("high", "low"):
     s = np.stack(list(reports[e]["sqnr_db"].values()))
     assert s.shape == (10, TINY.num_layers, 3) and np.all(s > 15), (e, s.min())
+  csv = sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}).splitlines()
+  assert csv[0] == "expert,layer,block,bin,sqnr_db" and len(csv) == 1 + 2 * 10 * TINY.num_layers * 3
+  assert csv[1].startswith("high,blocks.self_attn.q,0,high_early,")
   attach_to_pipeline(pipe, q["high"], q["low"], stats.bins)
   out, experts = pipe.denoise(y, ctx, gen, progress=False)
   assert experts == ["high"] * 3 + ["low"] * 5

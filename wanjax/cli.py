@@ -132,7 +132,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from wanjax.pipeline import GenerationConfig, WanI2VPipeline
     from wanjax.quant.artifact import save_artifact
     from wanjax.quant.calibrate import CalibConfig, CalibSample, CalibStats, calibrate
-    from wanjax.quant.quantize import CalibrationSource, quantize
+    from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
     from wanjax.quant.recipes import get_recipe, recipe_to_dict
 
     def fail(msg):
@@ -194,7 +194,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                for e, r in reports.items()}
     out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
                         report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite)
-    print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s")
+    csv_path = f"{out}.sqnr.csv"
+    with open(csv_path, "w") as f:
+        f.write(sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}))
+    print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s; layer SQNR per bin: {csv_path}")
     return 0
 
 
