@@ -1,0 +1,398 @@
+"""The ``wanjax eval`` driver: every recipe (and the default recipe's ablations) side by side against BF16.
+
+    results = run_eval(pipe, eval_samples, calib_samples, gen, "report/", recipes=["rtn", "default"])
+
+What it does, in order (all on the pipeline given, e.g. ``WanI2VPipeline.from_pretrained("models/mini")``):
+
+1. checks that the evaluation and calibration sets are disjoint (no shared clip / image, no shared prompt);
+2. captures the calibration set's layer inputs with ONE bin per sampling step (`wanjax.quant.calibrate`, online,
+   conditional-only trajectory as the seed, one Hessian per expert), and the evaluation set's the same way
+   (CFG trajectory: the rows the evaluated generation really sees); `wanjax.evaluation.sqnr.RebinnedSource`
+   regroups them into the bins each variant uses (seed bins = 3 per expert; 1 or 6 per expert for the ablation);
+3. generates every evaluation sample with the BF16 pipeline (fixed noise from the sample's seed);
+4. per variant (a named recipe, or an ablation of ``default``): quantizes both experts on the calibration
+   statistics, attaches them to the pipeline (per-bin tables, traced bin), generates the same samples with the same
+   noise and measures: PSNR / SSIM of the decoded frames vs BF16, relative L2 of the final latents, the I2V task
+   metrics (frame-0 PSNR vs the condition image, motion-direction accuracy with `wanjax.track`), weight bytes,
+   quantize / denoise wall time, and the per-layer SQNR per (expert, bin) on the EVALUATION set's captured inputs;
+5. writes ``results.json``, PNG plots and ``report.md`` (`wanjax.evaluation.report`).
+
+Evaluation-set file (``--eval-set``; the calibration set ``--calib-set`` has the same format): a JSON list (or
+JSON lines) of objects, each either a procedural clip or an image:
+
+    [{"clip_seed": 1000},                                   # held-out procedural clip 0 of seed 1000
+     {"clip_seed": 7, "split": "train", "seed": 3},         # a training-split clip, noise seed 3
+     {"image": "cat.png", "prompt": "a cat surfing", "seed": 0, "colour": "red", "direction": "left"}]
+
+``clip_seed`` renders ``wanjax.data.procedural.make_clips(1, split, clip_seed, directional_only=True)`` at the
+generation size (split default ``"heldout"``; its first frame is the condition image, its caption the prompt unless
+``prompt`` is given; colour and direction feed the motion metric). ``image`` + ``prompt`` take any image;
+``colour`` / ``direction`` are optional there (no direction accuracy without them). ``seed``: the noise seed
+(default 0). A calibration set drawn from the ``"train"`` split and an evaluation set from ``"heldout"`` have
+disjoint captions by construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wanjax.evaluation.metrics import psnr, relative_l2, ssim
+from wanjax.evaluation.sqnr import RebinnedSource, SharedExpertSource, activation_ranges, layer_sqnr_table, step_bins
+
+__all__ = ["ABLATIONS", "EvalSample", "Variant", "ablation_variants", "check_disjoint", "load_samples",
+           "recipe_variants", "run_eval"]
+
+
+@dataclasses.dataclass
+class EvalSample:
+    """One evaluation (or calibration) sample.
+
+    Attributes:
+      name: label (``"heldout:1000"``, the image path, ...).
+      image: condition image (uint8 ``[H, W, 3]`` or a path).
+      prompt: caption (None only with a precomputed ``context``).
+      seed: noise seed.
+      colour, direction: the object's colour / planted motion direction (motion metric), or None.
+      context: optional precomputed text context ``[2, L, D]`` (positive, negative).
+      key: identity used by the disjointness check (clip id or image path).
+    """
+
+    name: str
+    image: Any
+    prompt: str | None = None
+    seed: int = 0
+    colour: str | None = None
+    direction: str | None = None
+    context: Any = None
+    key: str | None = None
+
+
+def _read_entries(path: str) -> list[dict]:
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: neither a JSON list nor JSON lines: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+        raise ValueError(f"{path}: expected a non-empty JSON list of objects, got {type(data).__name__}")
+    return data
+
+
+def load_samples(path: str, num_frames: int, size: int) -> list[EvalSample]:
+    """Reads an eval/calibration set file (format in the module docstring); clips are rendered at ``size``."""
+    from wanjax.data import procedural
+    from wanjax.video_io import to_uint8
+
+    out = []
+    for i, d in enumerate(_read_entries(path)):
+        seed = int(d.get("seed", 0))
+        if "clip_seed" in d:
+            split = d.get("split", "heldout")
+            if split not in procedural.SPLITS:
+                raise ValueError(f"{path}[{i}]: split must be one of {sorted(procedural.SPLITS)}, got {split!r}")
+            clips, caps, params = procedural.make_clips(1, split, int(d["clip_seed"]), num_frames, size,
+                                                        directional_only=True)
+            key = f"{split}:{int(d['clip_seed'])}"
+            out.append(EvalSample(name=key, image=to_uint8(clips[0, 0]), prompt=d.get("prompt", caps[0]), seed=seed,
+                                  colour=params["colour_name"][0], direction=params["motion_name"][0].split()[1],
+                                  key=key))
+        elif "image" in d:
+            if "prompt" not in d:
+                raise ValueError(f"{path}[{i}]: an 'image' entry needs a 'prompt', got keys {sorted(d)}")
+            img = d["image"] if os.path.isabs(d["image"]) else os.path.join(os.path.dirname(path), d["image"])
+            out.append(EvalSample(name=d["image"], image=img, prompt=d["prompt"], seed=seed, colour=d.get("colour"),
+                                  direction=d.get("direction"), key=os.path.abspath(img)))
+        else:
+            raise ValueError(f"{path}[{i}]: each entry needs 'clip_seed' or 'image' (+ 'prompt'), got keys {sorted(d)}")
+    return out
+
+
+def check_disjoint(eval_samples: Sequence[EvalSample], calib_samples: Sequence[EvalSample]) -> dict:
+    """Raises ``ValueError`` if the sets share a clip / image or a prompt; returns a summary for the report."""
+    ek = {s.key or s.name for s in eval_samples}
+    ck = {s.key or s.name for s in calib_samples}
+    if ek & ck:
+        raise ValueError(f"evaluation and calibration sets share inputs: {sorted(ek & ck)}")
+    ep = {s.prompt for s in eval_samples if s.prompt is not None}
+    cp = {s.prompt for s in calib_samples if s.prompt is not None}
+    if ep & cp:
+        raise ValueError(f"evaluation and calibration sets share prompts: {sorted(ep & cp)}")
+    return {"eval": sorted(ek), "calib": sorted(ck), "shared_inputs": 0, "shared_prompts": 0}
+
+
+# ------------------------------------------------------------------------------------------------ variants
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A quantization run: recipe + which bins (``"seed"``: 3 per expert; ``"1"``; ``"6"``) + shared calibration."""
+
+    name: str
+    recipe: Any
+    bins: str = "seed"
+    shared: bool = False
+    group: str = "recipe"
+    what: str = ""
+
+
+def recipe_variants(names: Sequence[str]) -> list[Variant]:
+    """One variant per named recipe (``wanjax.quant.recipes.RECIPES``)."""
+    from wanjax.quant.recipes import get_recipe
+
+    return [Variant(n, get_recipe(n), what=get_recipe(n).notes) for n in names]
+
+
+def _swap(recipe, cls, new):
+    return tuple(new if isinstance(t, cls) else t for t in recipe.transforms)
+
+
+def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
+    """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
+    from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, ClipSearch, LowRank,
+                                      Smooth, get_recipe)
+    from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
+
+    d = get_recipe("default")
+    sm = next(t for t in d.transforms if isinstance(t, Smooth))
+    cs = next(t for t in d.transforms if isinstance(t, ClipSearch))
+    R = dataclasses.replace
+
+    def rank(r):
+        ts = tuple(t for t in d.transforms if not isinstance(t, LowRank)) if r == 0 else _swap(d, LowRank, LowRank(r))
+        ts = tuple(R(t, search_rank=r) if isinstance(t, Smooth) else t for t in ts)
+        return R(d, name=f"default-rank{r}", transforms=ts)
+
+    def fmt(name, w, a, clip):
+        return R(d, name=name, weight=w, act=a, transforms=_swap(d, ClipSearch, clip))
+
+    table = {
+        "no_lowrank": (rank(0), "seed", False, "no low-rank branch (rank 0; alpha search without the branch)"),
+        "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", False, "RTN instead of GPTQ"),
+        "one_clip": (R(d, name="default-oneclip", transforms=_swap(d, ClipSearch, R(cs, per_bin=False))), "seed",
+                     False, "one clip per layer for all timesteps"),
+        "shared_calib": (d, "seed", True, "one calibration shared by both experts (pooled statistics)"),
+        "bins1": (d, "1", False, "1 bin per expert"),
+        "bins6": (d, "6", False, "6 bins per expert"),
+        "rank16": (rank(16), "seed", False, "rank 16"),
+        "rank64": (rank(64), "seed", False, "rank 64"),
+        "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
+                         cs), "seed", False, "INT4 W/A in groups of 64"),
+        "mxfp4": (fmt("default-mxfp4", WeightQuantSpec("mxfp4", scale_rule="ocp_floor"),
+                      ActQuantSpec("mxfp4", scale_rule="safe_ceil"), ClipSearch(SEED_CLIPS, SEED_EXP_OFFSETS)),
+                  "seed", False, "MXFP4 W/A (seed scale rules, clip x exponent-offset search)"),
+        "nvfp4": (fmt("default-nvfp4", WeightQuantSpec("nvfp4"), ActQuantSpec("nvfp4"), ClipSearch(INT_CLIPS, (0,))),
+                  "seed", False, "NVFP4 W/A"),
+        "static": (R(d, name="default-static", act_mode="static"), "seed", False,
+                   "static per-bin activation scales (searched) instead of dynamic per-token"),
+    }
+    del sm
+    names = list(table) if names is None else list(names)
+    bad = [n for n in names if n not in table]
+    if bad:
+        raise KeyError(f"unknown ablations {bad}; expected some of {list(table)}")
+    return [Variant(n, table[n][0], table[n][1], table[n][2], "ablation", table[n][3]) for n in names]
+
+
+#: Ablation names, in report order.
+ABLATIONS = ("no_lowrank", "no_gptq", "one_clip", "shared_calib", "bins1", "bins6", "rank16", "rank64", "int4_g64",
+             "mxfp4", "nvfp4", "static")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _bytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def _block_linear_bytes(model) -> int:
+    from wanjax.quant.apply import BLOCK_LINEARS, get_submodule
+
+    return sum(_bytes(nnx.state(get_submodule(model, p))) for p in BLOCK_LINEARS)
+
+
+def _bin_layouts(gen) -> dict:
+    from wanjax.quant.bins import seed_bins, uniform_bins
+    from wanjax.sampling import flow_schedule
+
+    sched = flow_schedule(gen.steps, shift=gen.shift)
+    fine = step_bins(sched, gen.boundary)
+    n = {e: len(fine.expert_bins(e)) for e in ("high", "low")}
+    return fine, {"seed": lambda: seed_bins(sched, gen.boundary),
+                  "1": lambda: uniform_bins(sched, 1, gen.boundary),
+                  "6": lambda: uniform_bins(sched, {e: min(6, n[e]) for e in n}, gen.boundary)}
+
+
+def _prepare(pipe, s: EvalSample, gen):
+    from wanjax import conditioning
+    from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+    from wanjax.video_io import to_uint8
+
+    ctx = s.context
+    if ctx is None:
+        ctx = pipe.encode_text([s.prompt, DEFAULT_NEGATIVE_PROMPT])
+    y, _ = pipe.prepare_condition(s.image, gen.num_frames, gen.max_area)
+    cond = to_uint8(conditioning.preprocess_image(s.image, gen.max_area)[None])[0]
+    noise = jax.random.normal(jax.random.key(s.seed), y.shape[:-1] + (pipe.cfg.out_dim,), jnp.float32)
+    return {"y": jnp.asarray(y), "ctx": jnp.asarray(ctx), "cond": cond, "noise": noise}
+
+
+def _generate(pipe, prep, gen):
+    from wanjax.video_io import to_uint8
+
+    t0 = time.perf_counter()
+    lat, _ = pipe.denoise(prep["y"], prep["ctx"], gen, noise=prep["noise"], progress=False)
+    lat = jax.block_until_ready(lat)
+    dt = time.perf_counter() - t0
+    frames = to_uint8(np.asarray(pipe.decode(lat)))
+    return np.asarray(lat, np.float32), frames, dt
+
+
+def _task(frames, prep, s: EvalSample) -> dict:
+    from wanjax.track import motion_direction
+
+    out = {"frame0_psnr": psnr(frames[0], prep["cond"])}
+    if s.colour is not None and s.direction is not None:
+        got = motion_direction(frames, s.colour)[0]
+        out.update(direction=got, direction_ok=float(got == s.direction))
+    return out
+
+
+def _summ(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r]
+        out[k] = float(np.mean(vals))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[EvalSample], gen, out_dir: str, *,
+             recipes: Sequence[str] = ("rtn", "smoothquant", "quarot", "svdquant", "seed", "default", "w8a8"),
+             ablations: Sequence[str] | bool = False, reservoir: int = 256, eval_reservoir: int = 128,
+             plot_layers: Sequence[str] = ("self_attn.q", "ffn.fc2"), heatmaps: bool = True,
+             log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Evaluates ``recipes`` (and ablations of ``default``: True for all of `ABLATIONS`, or a list of names) on
+    ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples``. Writes ``out_dir/report.md``,
+    ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
+    from wanjax.evaluation import plots
+    from wanjax.evaluation.report import write_report
+    from wanjax.pipeline import WanI2VPipeline
+    from wanjax.quant.apply import attach_to_pipeline
+    from wanjax.quant.calibrate import CalibConfig, CalibSample, calibrate
+    from wanjax.quant.quantize import quantize
+
+    t_start = time.perf_counter()
+    eval_samples, calib_samples = list(eval_samples), list(calib_samples)
+    if not eval_samples or not calib_samples:
+        raise ValueError(f"run_eval: need evaluation and calibration samples, got {len(eval_samples)} and "
+                         f"{len(calib_samples)}")
+    disjoint = check_disjoint(eval_samples, calib_samples)
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    fine, layouts = _bin_layouts(gen)
+    variants = recipe_variants(recipes)
+    if ablations:
+        variants += ablation_variants(None if ablations is True else ablations)
+
+    log(f"eval: preparing {len(eval_samples)} eval + {len(calib_samples)} calibration samples")
+    preps = [_prepare(pipe, s, gen) for s in eval_samples]
+    cpreps = [_prepare(pipe, s, gen) for s in calib_samples]
+    t0 = time.perf_counter()
+    calib = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(calib_samples, cpreps)],
+                      CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False),
+                      work_dir=os.path.join(out_dir, "work", "calib"), mode="online", progress=progress)
+    t_calib = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cap = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(eval_samples, preps)],
+                    CalibConfig(gen=gen, bins=fine, reservoir=eval_reservoir, hessian=False, cfg_mode="both"),
+                    work_dir=os.path.join(out_dir, "work", "eval_capture"), mode="online", progress=progress)
+    t_capture = time.perf_counter() - t0
+    log(f"eval: calibration {t_calib:.1f} s, eval-set capture {t_capture:.1f} s")
+
+    split = {"high": pipe._params_high, "low": pipe._params_low}
+    ref_models = {e: nnx.merge(pipe.graphdef, split[e]) for e in ("high", "low")}
+    refs, bf16_rows = [], []
+    for s, p in zip(eval_samples, preps):
+        lat, frames, dt = _generate(pipe, p, gen)
+        refs.append((lat, frames))
+        bf16_rows.append({"denoise_s": dt, **_task(frames, p, s)})
+    bf16 = {"name": "bf16", "group": "reference", "per_sample": bf16_rows, **_summ(bf16_rows),
+            "weight_bytes": _bytes(split), "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values())}
+    log(f"eval: bf16 {bf16['denoise_s']:.1f} s/clip, frame-0 PSNR {bf16['frame0_psnr']:.2f} dB")
+
+    sources: dict = {}
+    results = []
+    for v in variants:
+        bins = layouts[v.bins]()
+        if v.bins not in sources:
+            sources[v.bins] = (RebinnedSource(calib, bins), RebinnedSource(cap, bins))
+        src, eval_src = sources[v.bins]
+        if v.shared:
+            src = SharedExpertSource(src)
+        t0 = time.perf_counter()
+        q, reps = quantize(ref_models, v.recipe, src, progress=progress)
+        t_quant = time.perf_counter() - t0
+        qp = WanI2VPipeline(ref_models["high"], ref_models["low"], pipe.vae)
+        attach_to_pipeline(qp, q["high"], q["low"], bins)
+        rows = []
+        for s, p, (lat_ref, fr_ref) in zip(eval_samples, preps, refs):
+            lat, frames, dt = _generate(qp, p, gen)
+            rows.append({"psnr": psnr(frames, fr_ref), "ssim": ssim(frames, fr_ref, data_range=255.0),
+                         "latent_rel_l2": relative_l2(lat, lat_ref), "denoise_s": dt, **_task(frames, p, s)})
+        sq_eval = {e: layer_sqnr_table(q[e], ref_models[e], eval_src, e) for e in ("high", "low")}
+        sq_calib = {e: reps[e]["sqnr_db"] for e in ("high", "low")}
+        r = {"name": v.name, "group": v.group, "recipe": v.recipe.name, "bins": v.bins, "shared": v.shared,
+             "what": v.what, "bin_names": {e: list(bins.expert_bins(e)) for e in ("high", "low")},
+             "per_sample": rows, **_summ(rows), "quantize_s": t_quant,
+             "weight_bytes": _bytes({e: nnx.state(q[e]) for e in q}),
+             "block_linear_bytes": sum(_block_linear_bytes(m) for m in q.values()),
+             "sqnr_eval_mean": float(np.mean([np.mean(list(t.values())) for t in sq_eval.values()])),
+             "sqnr_eval_min": float(np.min([np.min(list(t.values())) for t in sq_eval.values()])),
+             "sqnr_calib_mean": float(np.mean([np.mean(list(t.values())) for t in sq_calib.values()])),
+             "sqnr_eval": {e: {p: np.asarray(a).tolist() for p, a in t.items()} for e, t in sq_eval.items()}}
+        if heatmaps and v.group == "recipe":
+            r["plots"] = [os.path.relpath(plots.sqnr_heatmap(sq_eval[e], bins.expert_bins(e),
+                                                             f"{v.name}: layer SQNR (dB), {e}-noise expert, eval set",
+                                                             os.path.join(out_dir, "plots", f"sqnr_{v.name}_{e}.png")),
+                                          out_dir) for e in ("high", "low")]
+        results.append(r)
+        log(f"eval: {v.name:14s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  latent rel-L2 {r['latent_rel_l2']:.4f}"
+            f"  SQNR {r['sqnr_eval_mean']:5.1f} dB  quantize {t_quant:.1f} s  denoise {r['denoise_s']:.1f} s/clip")
+
+    L = pipe.cfg.num_layers
+    blocks = sorted({0, L // 2, L - 1})
+    act_plots = {}
+    for e in ("high", "low"):
+        rng = activation_ranges(cap, e, [(b, l) for b in blocks for l in plot_layers])
+        act_plots[e] = os.path.relpath(plots.activation_range_plot(
+            rng, f"{e}-noise expert: layer input range over timesteps (eval set, BF16)",
+            os.path.join(out_dir, "plots", f"act_range_{e}.png")), out_dir)
+    out = {"gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
+           "eval_set": [s.name for s in eval_samples], "calib_set": [s.name for s in calib_samples],
+           "disjoint": disjoint, "bf16": bf16, "variants": results, "act_range_plots": act_plots,
+           "step_bins": fine.table(), "seconds": {"calibrate": t_calib, "eval_capture": t_capture,
+                                                 "total": time.perf_counter() - t_start},
+           "platform": jax.devices()[0].platform, "jax": jax.__version__}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(out, f, indent=1, default=_json_default)
+    write_report(out, out_dir)
+    return out
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
