@@ -1,7 +1,7 @@
 """Command line: ``wanjax <subcommand> ...``.
 
 One function per subcommand (``cmd_<name>(args) -> int``), registered in `build_parser`. Implemented: ``convert``,
-``generate``, ``quantize``.
+``generate``, ``quantize``, ``eval``.
 """
 from __future__ import annotations
 
@@ -219,6 +219,78 @@ def _add_quantize(sub) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``wanjax eval``: every recipe side by side against BF16 on an evaluation set disjoint from the calibration
+    set (PSNR/SSIM of decoded frames, latent rel-L2, task metrics, weight bytes, wall time, per-layer SQNR heat maps,
+    activation-range plots; ``--ablations`` adds the default recipe's ablations) -> ``OUT/report.md``.
+
+    ``--eval-set`` / ``--calib-set``: JSON list (or JSON lines) of ``{"clip_seed": int, "split": "heldout"}``
+    (a procedural clip: its first frame and caption) or ``{"image": path, "prompt": text}``, each with an optional
+    noise ``"seed"`` (format: `wanjax.evaluation.run`)."""
+    import jax.numpy as jnp
+
+    from wanjax.evaluation.run import ABLATIONS, load_samples, run_eval
+    from wanjax.io.errors import CheckpointError
+    from wanjax.pipeline import GenerationConfig
+    from wanjax.quant.recipes import RECIPES
+    from wanjax.train.cli import load_pipeline
+
+    def fail(msg):
+        print(f"wanjax eval: error: {msg}", file=sys.stderr)
+        return 2
+
+    recipes = [r for r in args.recipes.split(",") if r]
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad or not recipes:
+        return fail(f"--recipes: unknown {bad}; expected a comma list of {sorted(RECIPES)}")
+    ablations = False
+    if args.ablations:
+        ablations = True if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+        if ablations is not True and any(a not in ABLATIONS for a in ablations):
+            return fail(f"--ablations: expected 'all' or a comma list of {list(ABLATIONS)}, got {args.ablations!r}")
+    try:
+        evs = load_samples(args.eval_set, args.frames, args.size)[:args.max_clips or None]
+        cal = load_samples(args.calib_set, args.frames, args.size)
+    except (OSError, ValueError, KeyError) as e:
+        return fail(e)
+    t0 = time.perf_counter()
+    try:
+        pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+    except (CheckpointError, FileNotFoundError) as e:
+        return fail(e)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    guide = tuple(float(g) for g in args.guide.split(","))
+    gen = GenerationConfig(num_frames=args.frames, max_area=args.size * args.size, steps=args.steps,
+                           shift=args.shift, guide_scale=guide * 2 if len(guide) == 1 else guide)
+    try:
+        run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir)
+    except ValueError as e:
+        return fail(e)
+    print(f"wrote {args.out}/report.md")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="compare quantization recipes side by side against BF16 (report.md + plots)",
+                       description=cmd_eval.__doc__)
+    p.add_argument("--model", required=True, help="model dir (official or diffusers layout), e.g. models/mini")
+    p.add_argument("--recipes", default="rtn,smoothquant,quarot,svdquant,seed,default,w8a8")
+    p.add_argument("--eval-set", required=True, help="evaluation samples (JSON list; see wanjax.evaluation.run)")
+    p.add_argument("--calib-set", required=True, help="calibration samples, disjoint from --eval-set (same format)")
+    p.add_argument("--out", required=True, help="report directory (report.md, results.json, plots/)")
+    p.add_argument("--ablations", nargs="?", const="all", default=None,
+                   help="also run the default recipe's ablations: all, or a comma list")
+    p.add_argument("--max-clips", type=int, default=0, help="use only the first N evaluation samples (0: all)")
+    p.add_argument("--frames", type=int, default=17, help="4n+1 frames (default 17, the mini model's)")
+    p.add_argument("--size", type=int, default=128, help="square frame edge in pixels (default 128, the mini model's)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--guide", default="3.5", help="guidance 'G' or 'LOW,HIGH'")
+    p.add_argument("--reservoir", type=int, default=256, help="calibration rows kept per (layer input, step)")
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wanjax`` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="wanjax", description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization")
@@ -226,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_generate(sub)
     _add_quantize(sub)
+    _add_eval(sub)
     return parser
 
 

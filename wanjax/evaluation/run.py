@@ -107,7 +107,7 @@ def load_samples(path: str, num_frames: int, size: int) -> list[EvalSample]:
             clips, caps, params = procedural.make_clips(1, split, int(d["clip_seed"]), num_frames, size,
                                                         directional_only=True)
             key = f"{split}:{int(d['clip_seed'])}"
-            out.append(EvalSample(name=key, image=to_uint8(clips[0, 0]), prompt=d.get("prompt", caps[0]), seed=seed,
+            out.append(EvalSample(name=key, image=to_uint8(clips[0, :1])[0], prompt=d.get("prompt", caps[0]), seed=seed,
                                   colour=params["colour_name"][0], direction=params["motion_name"][0].split()[1],
                                   key=key))
         elif "image" in d:
