@@ -20,7 +20,6 @@ import functools
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.model.layers import Linear
@@ -157,8 +156,3 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
   pipe._params_high, pipe._params_low = p_high, p_low
   pipe._velocity = jax.jit(functools.partial(_binned_velocity, g_high, bins))
   pipe.quant_bins = bins
-
-
-def bin_array(index) -> jax.Array:
-  """``index`` as an int32 scalar (convenience for passing a bin to a jitted function)."""
-  return jnp.asarray(index, jnp.int32)
