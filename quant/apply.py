@@ -139,8 +139,13 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
 
   ``bins`` is the `wanjax.quant.bins.TimestepBins` the tables were calibrated with; inside the jitted guided
   velocity the bin of each expert is ``bins.local_lookup(t)`` (traced), so one compilation serves every step of
-  both experts. Modifies ``pipe`` in place (its expert parameters, graph definition and jitted velocity).
+  both experts. Modifies ``pipe`` in place (its expert parameters, graph definition and jitted velocity; both
+  experts are placed on the device, the pipeline's ``expert_placement="swap"`` still moves them at the boundary).
+  Unsharded pipelines only (``NotImplementedError`` with a mesh).
   """
+  if getattr(pipe, "mesh", None) is not None:
+    raise NotImplementedError("attach_to_pipeline: sharded pipelines (mesh=...) are not supported yet; the jitted "
+                              "velocity installed here is unsharded")
   g_high, p_high = nnx.split(high)
   g_low, p_low = nnx.split(low)
   if g_high != g_low:
