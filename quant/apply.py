@@ -157,7 +157,5 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
       if q.config.nbins != n_exp:
         raise ValueError(f"attach_to_pipeline: {name} expert layer {q.path!r} has {q.config.nbins} bins, the "
                          f"bins give {n_exp} for that expert")
-  pipe.graphdef = g_high
-  pipe._params_high, pipe._params_low = p_high, p_low
-  pipe._velocity = jax.jit(functools.partial(_binned_velocity, g_high, bins))
+  pipe.replace_experts(high, low, velocity=lambda g: jax.jit(functools.partial(_binned_velocity, g, bins)))
   pipe.quant_bins = bins

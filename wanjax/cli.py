@@ -80,6 +80,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"wanjax generate: error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    if args.quant:
+        from wanjax.quant.artifact import ArtifactError, attach_artifact
+
+        try:
+            manifest = attach_artifact(pipe, args.quant, mode=args.quant_mode)
+        except (ArtifactError, FileNotFoundError, ValueError) as e:
+            print(f"wanjax generate: error: --quant {args.quant}: {e}", file=sys.stderr)
+            return 2
+        print(f"using the quantized experts of {args.quant} (recipe {manifest.get('recipe', {}).get('name', '?')})")
     gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift,
                            guide_scale=guide, solver=args.solver, seed=args.seed, fps=args.fps)
     try:
@@ -112,6 +121,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--quant", default=None, help="a quantized-model dir written by `wanjax quantize`")
+    p.add_argument("--quant-mode", default=None, choices=("fake", "real"),
+                   help="run the quantized layers simulated ('fake') or on the low-bit kernels ('real')")
     p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
                                                  "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context")
     p.set_defaults(func=cmd_generate)

@@ -119,6 +119,29 @@ class WanI2VPipeline:
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)        # host memory until the boundary
 
+    def replace_experts(self, high: nnx.Module, low: nnx.Module, velocity: Callable | None = None) -> None:
+        """Denoise with other experts from now on (e.g. quantized ones from `wanjax.quant`).
+
+        ``high`` and ``low`` must share one module graph. ``velocity(graphdef) -> fn(params, x, y, ctx, t, guide)``
+        builds the jitted guided velocity (default: the plain one); the expert placement policy is kept.
+        """
+        if self.mesh is not None:
+            raise NotImplementedError("replace_experts: sharded pipelines (mesh=...) are not supported yet")
+        g_high, p_high = nnx.split(high)
+        g_low, p_low = nnx.split(low)
+        if g_high != g_low:
+            raise ValueError("replace_experts: the two experts must have the same structure; their graphs differ")
+        self.graphdef = g_high
+        self._params_high, self._params_low = p_high, p_low
+        if velocity is None:
+            self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g_high, params, x, y, ctx,
+                                                                                          t, guide))
+        else:
+            self._velocity = velocity(g_high)
+        self._resident = "high"
+        if self.expert_placement == "swap":
+            self._params_low = jax.device_get(self._params_low)
+
     def _choose_placement(self, placement: str) -> str:
         if placement not in ("auto", "device", "swap"):
             raise ValueError(f"expert_placement must be 'auto', 'device' or 'swap', got {placement!r}")
