@@ -137,7 +137,8 @@ def check_disjoint(eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
 # ------------------------------------------------------------------------------------------------ variants
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A quantization run: recipe + which bins (``"seed"``: 3 per expert; ``"1"``; ``"6"``) + shared calibration."""
+    """A quantization run: recipe + which bins (``"seed"``: 3 per expert; ``"1"``; ``"6"``: 6 per expert, or the
+    smaller expert's step count if that is less: both experts need the same count) + shared calibration."""
 
     name: str
     recipe: Any
@@ -230,7 +231,7 @@ def _bin_layouts(gen) -> dict:
     n = {e: len(fine.expert_bins(e)) for e in ("high", "low")}
     return fine, {"seed": lambda: seed_bins(sched, gen.boundary),
                   "1": lambda: uniform_bins(sched, 1, gen.boundary),
-                  "6": lambda: uniform_bins(sched, {e: min(6, n[e]) for e in n}, gen.boundary)}
+                  "6": lambda: uniform_bins(sched, min(6, *n.values()), gen.boundary)}
 
 
 def _prepare(pipe, s: EvalSample, gen):
@@ -301,6 +302,9 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     disjoint = check_disjoint(eval_samples, calib_samples)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     fine, layouts = _bin_layouts(gen)
+    recipes = list(recipes)
+    if ablations and "default" not in recipes:
+        recipes.append("default")                 # the reference of the ablations
     variants = recipe_variants(recipes)
     if ablations:
         variants += ablation_variants(None if ablations is True else ablations)
