@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 __all__ = ["targets", "write_report"]
 
 _MB = 1024.0 ** 2
@@ -89,7 +91,7 @@ def write_report(results: dict, out_dir: str) -> str:
                   _HEAD]
         if d is not None:
             lines.append(_row(d, b).replace(f"| {d['name']} |", "| default (reference) |", 1))
-        lines += [_row(v, b) + f" <!-- {v['what']} -->" for v in abl]
+        lines += [_row(v, b) for v in abl]
         lines += ["", "| ablation | what changed | PSNR change vs default (dB) |", "|---|---|---|"]
         for v in abl:
             delta = "-" if d is None else f"{v['psnr'] - d['psnr']:+.2f}"
@@ -98,6 +100,17 @@ def write_report(results: dict, out_dir: str) -> str:
     if t:
         lines += ["", "## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {x['target']} | {x['measured']} | {'yes' if x['met'] else 'NO'} |" for x in t]
+    rec = [v for v in results["variants"] if v["group"] == "recipe" and v["bins"] == "seed"]
+    if rec:
+        names = [f"{e}:{n}" for e in ("high", "low") for n in rec[0]["bin_names"][e]]
+        lines += ["", "## Mean layer SQNR per expert and bin (dB, evaluation set)", "",
+                  "| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for v in rec:
+            cells = []
+            for e in ("high", "low"):
+                m = np.mean([np.asarray(a, np.float64) for a in v["sqnr_eval"][e].values()], axis=(0, 1))
+                cells += [f"{x:.1f}" for x in m]
+            lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## Per-layer SQNR heat maps (evaluation set, per expert x bin)", ""]
     for v in results["variants"]:
         for p in v.get("plots", []):
