@@ -195,6 +195,7 @@ def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
     dt = time.perf_counter() - t0
     log(f"dataset: {x0.shape[0]} clips -> x0 {tuple(x0.shape)}, y {tuple(y.shape)}, {len(uniq)} captions; "
         f"latent std {float(jnp.std(x0.astype(jnp.float32))):.3f}; {dt:.1f}s")
+    log(f"dataset: {len(set(cap_idx.tolist()))} distinct captions among the encoded clips")
     log.data["stages"]["dataset"] = {"clips": int(x0.shape[0]), "captions": len(set(cap_idx.tolist())), "seconds": dt,
                                      "latent_shape": list(x0.shape[1:])}
     return x0, y, jnp.asarray(cap_idx), ctx, neg.astype(jnp.float32)
