@@ -15,6 +15,7 @@ from wanjax.model.vae import VAEConfig, init_vae
 from wanjax.train import dit as D
 from wanjax.train import text as T
 from wanjax.train import vae as V
+from wanjax.pipeline import WanI2VPipeline
 from wanjax.train.export_components import save_t5_pth, save_vae_pth, vae_config_from_official_state
 
 TINY_VAE = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
@@ -129,7 +130,7 @@ def test_train_export_load_generate_smoke(tmp_path):
     for p in ("high_noise_model/config.json", "low_noise_model/diffusion_pytorch_model.safetensors.index.json",
               "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/tokenizer.json"):
         assert (dst / p).exists(), p
-    pipe = cli.load_pipeline(str(dst), dtype=jnp.float32)
+    pipe = WanI2VPipeline.from_pretrained(str(dst), dtype=jnp.float32)
     assert pipe.cfg.text_len == 16 and pipe.vae.cfg == TINY_VAE.replace(
         latents_mean=pipe.vae.cfg.latents_mean, latents_std=pipe.vae.cfg.latents_std)
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -245,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wanjax.io.errors import CheckpointError
     from wanjax.pipeline import GenerationConfig
     from wanjax.quant.recipes import RECIPES
-    from wanjax.train.cli import load_pipeline
+    from wanjax.pipeline import WanI2VPipeline
 
     def fail(msg):
         print(f"wanjax eval: error: {msg}", file=sys.stderr)
@@ -267,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return fail(e)
     t0 = time.perf_counter()
     try:
-        pipe = load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     except (CheckpointError, FileNotFoundError) as e:
         return fail(e)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")

@@ -30,7 +30,7 @@ def quantize_for_demo(pipe):
 
 def main(argv=None):
     from wanjax.track import motion_direction
-    from wanjax.train.cli import load_pipeline
+    from wanjax.pipeline import WanI2VPipeline
     from wanjax.train.evaluate import heldout_set, psnr
     from wanjax.train.report import strip_png
 
@@ -47,7 +47,7 @@ def main(argv=None):
         raise SystemExit(f"{args.model}: the mini model is not there (expected the official layout with "
                          "high_noise_model/); train it with `python -m wanjax.train run` + `assemble`")
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model)
+    pipe = WanI2VPipeline.from_pretrained(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
     videos, caps, colours, dirs = heldout_set(args.clip + 1, seed=1000)
     truth, caption = videos[args.clip], caps[args.clip]

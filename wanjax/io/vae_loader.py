@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -275,12 +276,56 @@ def vae_config_from_dict(d: Mapping[str, Any], source: str = "<config>") -> VAEC
         raise ValueError(f"{source}: {err}") from None
 
 
+def vae_config_from_official_state(sd: Mapping[str, Any], **overrides) -> VAEConfig:
+    """The `VAEConfig` implied by the shapes of an official-layout (``Wan2.1_VAE.pth``) state dict.
+
+    Reads the base width from ``encoder.conv1``, z from ``conv2`` (post-quant conv), and walks
+    ``encoder.downsamples.N`` (residual blocks carry ``residual.2.weight``; resamples ``resample.1.weight``, plus
+    ``time_conv.weight`` when they also halve time) for the level widths, residual blocks per level and temporal
+    down-sampling. Latent mean/std are not stored in the file: they keep the Wan2.1 values unless overridden.
+    """
+    def shape(k):
+        if k not in sd:
+            raise KeyError(f"official VAE state dict: missing key {k!r} (needed to infer the config)")
+        return tuple(sd[k].shape)
+
+    base = shape("encoder.conv1.weight")[0]
+    z = shape("conv2.weight")[0]
+    idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.downsamples\.(\d+)\.", k)] if m})
+    if not idx:
+        raise KeyError("official VAE state dict: no 'encoder.downsamples.N' keys")
+    levels: list[list[int]] = [[]]
+    temporal: list[bool] = []
+    for i in idx:
+        p = f"encoder.downsamples.{i}."
+        if p + "residual.2.weight" in sd:
+            levels[-1].append(shape(p + "residual.2.weight")[0])
+        elif p + "resample.1.weight" in sd:
+            temporal.append(p + "time_conv.weight" in sd)
+            levels.append([])
+        else:
+            raise KeyError(f"official VAE state dict: {p[:-1]!r} is neither a residual block nor a resample")
+    nres = {len(lv) for lv in levels}
+    if len(nres) != 1:
+        raise ValueError(f"official VAE state dict: levels have different numbers of residual blocks {nres}")
+    mult = []
+    for lv in levels:
+        if lv[-1] % base:
+            raise ValueError(f"official VAE state dict: level width {lv[-1]} is not a multiple of base {base}")
+        mult.append(lv[-1] // base)
+    kw: dict[str, Any] = dict(base_dim=base, z_dim=z, dim_mult=tuple(mult), num_res_blocks=nres.pop(),
+                              temporal_downsample=tuple(temporal))
+    kw.update(overrides)
+    return VAEConfig(**kw)
+
+
 def load_vae(path: str | os.PathLike, cfg: VAEConfig | None = None, *, dtype=jnp.float32,
              param_dtype=jnp.float32) -> WanVAE:
     """Build a `WanVAE` and load weights from ``Wan2.1_VAE.pth`` (official) or a diffusers ``vae/`` folder.
 
     For a folder, the config comes from its ``config.json`` (``cfg`` must then be None or equal);
-    for a ``.pth`` file, ``cfg`` defaults to the published Wan2.1 VAE config.
+    for a ``.pth`` file, ``cfg`` defaults to the config implied by the tensor shapes (`vae_config_from_official_state`:
+    the published Wan2.1 VAE for ``Wan2.1_VAE.pth``, smaller widths for e.g. the shipped mini model).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -300,7 +345,11 @@ def load_vae(path: str | os.PathLike, cfg: VAEConfig | None = None, *, dtype=jnp
         cfg = file_cfg
     elif os.path.isfile(path):
         sd, source = read_official_pth(path), path
-        cfg = cfg or VAEConfig()
+        if cfg is None:
+            try:
+                cfg = vae_config_from_official_state(sd)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{path}: cannot infer the VAE config from the tensor shapes: {e}") from None
     else:
         raise FileNotFoundError(f"{path}: no such VAE file or folder")
     return load_vae_state_dict(abstract_vae(cfg, dtype=dtype, param_dtype=param_dtype), sd, source=source)

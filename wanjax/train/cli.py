@@ -37,7 +37,8 @@ from wanjax.model.vae import VAEConfig, encode_video
 from wanjax.train import dit as D
 from wanjax.train import text as T
 from wanjax.train import vae as V
-from wanjax.train.export_components import save_t5_pth, save_vae_pth, vae_config_from_official_state
+from wanjax.pipeline import WanI2VPipeline
+from wanjax.train.export_components import save_t5_pth, save_vae_pth
 
 OFFICIAL_NAMES = {"high": "high_noise_model", "low": "low_noise_model", "vae": "Wan2.1_VAE.pth",
                   "t5": "models_t5_umt5-xxl-enc-bf16.pth", "tok": os.path.join("google", "umt5-xxl")}
@@ -292,7 +293,9 @@ def cmd_run(args):
     log(f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; wrote "
         f"{vae_path}")
     # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
-    vae_eval = _reload_vae(vae_path, jnp.bfloat16)
+    from wanjax.io.vae_loader import load_vae
+
+    vae_eval = load_vae(vae_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     log.data["stages"]["vae"]["latent_stats"] = {"mean": m.tolist(), "std": s.tolist()}
     log.save()
     # (3) data
@@ -325,7 +328,7 @@ def cmd_run(args):
     elif args.eval_n > 0:
         adir = os.path.join(aux, "_assembled")
         assemble(args.out, adir, aux=aux, log=log)
-        pipe = load_pipeline(adir)
+        pipe = WanI2VPipeline.from_pretrained(adir)
         samples = {}
         for guide in args.eval_guides:
             from wanjax.train.evaluate import evaluate
@@ -348,13 +351,6 @@ def cmd_run(args):
     log.data["total_seconds"] = time.perf_counter() - log.t0
     log.save()
     log(f"done in {log.data['total_seconds']:.1f}s")
-
-
-def _reload_vae(path: str, dtype):
-    from wanjax.io.vae_loader import load_vae, read_official_pth
-
-    cfg = vae_config_from_official_state(read_official_pth(path))
-    return load_vae(path, cfg, dtype=dtype, param_dtype=dtype)
 
 
 def assemble(src: str, dst: str, aux: str | None = None, preset: str = "mini", log=None) -> str:
@@ -401,28 +397,6 @@ def assemble(src: str, dst: str, aux: str | None = None, preset: str = "mini", l
     return dst
 
 
-def load_pipeline(path: str, dtype=jnp.bfloat16):
-    """`WanI2VPipeline.from_pretrained(path)`; if the installed VAE loader cannot size a non-default VAE from a
-    ``.pth`` yet, the same parts are loaded with the VAE config inferred from the tensor shapes."""
-    from wanjax.io.errors import CheckpointError
-    from wanjax.pipeline import WanI2VPipeline
-
-    try:
-        return WanI2VPipeline.from_pretrained(path, dtype=dtype)
-    except CheckpointError:
-        pass
-    from wanjax.io.dit_loader import load_dit
-    from wanjax.io.t5_loader import load_t5_encoder
-    from wanjax.text import PromptTokenizer
-
-    high = load_dit(os.path.join(path, OFFICIAL_NAMES["high"]), dtype=dtype)
-    low = load_dit(os.path.join(path, OFFICIAL_NAMES["low"]), dtype=dtype)
-    vae = _reload_vae(os.path.join(path, OFFICIAL_NAMES["vae"]), dtype)
-    t5 = load_t5_encoder(os.path.join(path, OFFICIAL_NAMES["t5"]), dtype=dtype, param_dtype=dtype)
-    tok = PromptTokenizer(os.path.join(path, OFFICIAL_NAMES["tok"]), text_len=high.cfg.text_len)
-    return WanI2VPipeline(high, low, vae, t5, tok)
-
-
 def cmd_evaluate(args):
     """Held-out evaluation of an official-layout model folder; writes eval.json, samples.npz and a PNG strip."""
     from wanjax.train.evaluate import evaluate, psnr, heldout_set
@@ -430,7 +404,7 @@ def cmd_evaluate(args):
 
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model)
+    pipe = WanI2VPipeline.from_pretrained(args.model)
     res_all = {"model": args.model, "load_seconds": time.perf_counter() - t0, "runs": []}
     # VAE reconstruction on held-out clips (bf16, as the pipeline runs it)
     if args.vae_clips:

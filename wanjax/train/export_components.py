@@ -2,8 +2,8 @@
 
 * `vae_state_dict(vae)` / `save_vae_pth(vae, path)`: ``Wan2.1_VAE.pth`` keys (``encoder.conv1.weight``, ...) and
   PyTorch shapes, from `wanjax.io.vae_loader.vae_key_table`; read back by `wanjax.io.vae_loader.load_vae`.
-* `vae_config_from_official_state(sd)`: the `VAEConfig` implied by the tensor shapes of such a file (base width,
-  z, levels, residual blocks, temporal down-sampling), needed for VAEs other than the published one.
+* `vae_config_from_official_state(sd)` (re-exported from `wanjax.io.vae_loader`): the `VAEConfig` implied by the
+  tensor shapes of such a file.
 * `t5_state_dict(encoder)` / `save_t5_pth(encoder, path)`: ``models_t5_umt5-xxl-enc-bf16.pth`` keys
   (``token_embedding.weight``, ``blocks.N.attn.q.weight``, ...); read back by `wanjax.io.t5_loader.load_t5_encoder`.
 
@@ -12,16 +12,14 @@ Writing ``.pth`` needs torch (imported lazily); files are written to a temp name
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
 from wanjax.io.t5_loader import _LAYER_KEYS, _LAYER_PREFIX, OFFICIAL
-from wanjax.io.vae_loader import vae_key_table
-from wanjax.model.vae import VAEConfig
+from wanjax.io.vae_loader import vae_config_from_official_state, vae_key_table  # noqa: F401 (re-export)
 
 __all__ = ["vae_state_dict", "save_vae_pth", "vae_config_from_official_state", "t5_state_dict", "save_t5_pth"]
 
@@ -67,49 +65,6 @@ def _save_pth(sd: Mapping[str, np.ndarray], path: str | os.PathLike, dtype: str)
 def save_vae_pth(vae, path: str | os.PathLike, dtype: str = "bfloat16") -> str:
     """Write ``vae`` as an official ``Wan2.1_VAE.pth`` state dict (tensors cast to ``dtype``); returns the path."""
     return _save_pth(vae_state_dict(vae), path, dtype)
-
-
-def vae_config_from_official_state(sd: Mapping[str, Any], **overrides) -> VAEConfig:
-    """The `VAEConfig` implied by the shapes of an official-layout (``Wan2.1_VAE.pth``) state dict.
-
-    Reads the base width from ``encoder.conv1``, z from ``conv2`` (post-quant conv), and walks
-    ``encoder.downsamples.N`` (residual blocks carry ``residual.2.weight``; resamples ``resample.1.weight``, plus
-    ``time_conv.weight`` when they also halve time) for the level widths, residual blocks per level and temporal
-    down-sampling. Latent mean/std are not stored in the file: they keep the Wan2.1 values unless overridden.
-    """
-    def shape(k):
-        if k not in sd:
-            raise KeyError(f"official VAE state dict: missing key {k!r} (needed to infer the config)")
-        return tuple(sd[k].shape)
-
-    base = shape("encoder.conv1.weight")[0]
-    z = shape("conv2.weight")[0]
-    idx = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.downsamples\.(\d+)\.", k)] if m})
-    if not idx:
-        raise KeyError("official VAE state dict: no 'encoder.downsamples.N' keys")
-    levels: list[list[int]] = [[]]
-    temporal: list[bool] = []
-    for i in idx:
-        p = f"encoder.downsamples.{i}."
-        if p + "residual.2.weight" in sd:
-            levels[-1].append(shape(p + "residual.2.weight")[0])
-        elif p + "resample.1.weight" in sd:
-            temporal.append(p + "time_conv.weight" in sd)
-            levels.append([])
-        else:
-            raise KeyError(f"official VAE state dict: {p[:-1]!r} is neither a residual block nor a resample")
-    nres = {len(lv) for lv in levels}
-    if len(nres) != 1:
-        raise ValueError(f"official VAE state dict: levels have different numbers of residual blocks {nres}")
-    mult = []
-    for lv in levels:
-        if lv[-1] % base:
-            raise ValueError(f"official VAE state dict: level width {lv[-1]} is not a multiple of base {base}")
-        mult.append(lv[-1] // base)
-    kw: dict[str, Any] = dict(base_dim=base, z_dim=z, dim_mult=tuple(mult), num_res_blocks=nres.pop(),
-                              temporal_downsample=tuple(temporal))
-    kw.update(overrides)
-    return VAEConfig(**kw)
 
 
 def t5_state_dict(encoder) -> dict[str, np.ndarray]:
