@@ -76,6 +76,10 @@ def write_report(results: dict, out_dir: str) -> str:
              "motion-direction accuracy (`wanjax.track`) are the mini model's I2V task metrics. Weights: bytes of "
              "both experts' arrays as stored (4-bit codes packed two per byte); denoise time is the fake-quant "
              "simulation on this machine (median over clips; the first clip includes compilation), not a kernel speed. Per-variant numbers are means over the evaluation clips (PSNR: mean of per-clip PSNR).", "",
+             *([] if results.get("complete", True) else
+               [f"**Partial report**: {len(results['variants'])} of the planned variants ran "
+                f"({', '.join(v['name'] for v in results['variants'])}; planned: "
+                f"{', '.join(results.get('planned', []))}).", ""]),
              "## Recipes", "", _HEAD,
              f"| bf16 (reference) | inf | 1 | 0 | - | - | {b['frame0_psnr']:.2f} | "
              f"{b['direction_ok'] if 'direction_ok' in b else '-'} | {b['weight_bytes'] / _MB:.2f} "

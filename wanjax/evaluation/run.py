@@ -288,7 +288,6 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples``. Writes ``out_dir/report.md``,
     ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
     from wanjax.evaluation import plots
-    from wanjax.evaluation.report import write_report
     from wanjax.pipeline import WanI2VPipeline
     from wanjax.quant.apply import attach_to_pipeline
     from wanjax.quant.calibrate import CalibConfig, CalibSample, calibrate
@@ -335,8 +334,22 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
             "weight_bytes": _bytes(split), "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values())}
     log(f"eval: bf16 {bf16['denoise_s']:.1f} s/clip, frame-0 PSNR {bf16['frame0_psnr']:.2f} dB")
 
+    L = pipe.cfg.num_layers
+    blocks = sorted({0, L // 2, L - 1})
+    act_plots = {}
+    for e in ("high", "low"):
+        rng = activation_ranges(cap, e, [(b, l) for b in blocks for l in plot_layers])
+        act_plots[e] = os.path.relpath(plots.activation_range_plot(
+            rng, f"{e}-noise expert: layer input range over timesteps (eval set, BF16)",
+            os.path.join(out_dir, "plots", f"act_range_{e}.png")), out_dir)
+    out = {"gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
+           "eval_set": [s.name for s in eval_samples], "calib_set": [s.name for s in calib_samples],
+           "disjoint": disjoint, "bf16": bf16, "variants": [], "act_range_plots": act_plots,
+           "step_bins": fine.table(), "seconds": {"calibrate": t_calib, "eval_capture": t_capture, "total": 0.0},
+           "platform": jax.devices()[0].platform, "jax": jax.__version__, "complete": False,
+           "planned": [v.name for v in variants]}
     sources: dict = {}
-    results = []
+    results = out["variants"]
     for v in variants:
         bins = layouts[v.bins]()
         if v.bins not in sources:
@@ -371,27 +384,22 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
                                                              os.path.join(out_dir, "plots", f"sqnr_{v.name}_{e}.png")),
                                           out_dir) for e in ("high", "low")]
         results.append(r)
+        _save(out, out_dir, t_start)            # a partial report after every variant
         log(f"eval: {v.name:14s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  latent rel-L2 {r['latent_rel_l2']:.4f}"
             f"  SQNR {r['sqnr_eval_mean']:5.1f} dB  quantize {t_quant:.1f} s  denoise {r['denoise_s']:.1f} s/clip")
 
-    L = pipe.cfg.num_layers
-    blocks = sorted({0, L // 2, L - 1})
-    act_plots = {}
-    for e in ("high", "low"):
-        rng = activation_ranges(cap, e, [(b, l) for b in blocks for l in plot_layers])
-        act_plots[e] = os.path.relpath(plots.activation_range_plot(
-            rng, f"{e}-noise expert: layer input range over timesteps (eval set, BF16)",
-            os.path.join(out_dir, "plots", f"act_range_{e}.png")), out_dir)
-    out = {"gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
-           "eval_set": [s.name for s in eval_samples], "calib_set": [s.name for s in calib_samples],
-           "disjoint": disjoint, "bf16": bf16, "variants": results, "act_range_plots": act_plots,
-           "step_bins": fine.table(), "seconds": {"calibrate": t_calib, "eval_capture": t_capture,
-                                                 "total": time.perf_counter() - t_start},
-           "platform": jax.devices()[0].platform, "jax": jax.__version__}
+    out["complete"] = True
+    _save(out, out_dir, t_start)
+    return out
+
+
+def _save(out: dict, out_dir: str, t_start: float) -> None:
+    from wanjax.evaluation.report import write_report
+
+    out["seconds"]["total"] = time.perf_counter() - t_start
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=_json_default)
     write_report(out, out_dir)
-    return out
 
 
 def _json_default(o):
