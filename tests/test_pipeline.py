@@ -83,6 +83,8 @@ def test_errors(pipe):
         p.generate(_image(), "a prompt", gen=GEN, progress=False)
     with pytest.raises(FileNotFoundError, match="official layout"):
         WanI2VPipeline.from_pretrained("/nonexistent")
+    frames = p(_image(), context=_ctx(), gen=GEN, progress=False)          # __call__ -> uint8 frames
+    assert frames.dtype == np.uint8 and frames.shape[0] == GEN.num_frames
     bad = WanDiT(TINY.replace(num_layers=1), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="share config"):
         WanI2VPipeline(p_high := pipe[1], bad, p.vae)
@@ -100,3 +102,14 @@ def test_expert_swap_gives_the_same_video(pipe):
     assert p.expert_placement == "device"                   # auto on CPU
     with pytest.raises(ValueError, match="expert_placement"):
         WanI2VPipeline(high, low, p.vae, expert_placement="gpu")
+
+
+def test_incomplete_model_folder_lists_what_is_missing(tmp_path):
+    (tmp_path / "high_noise_model").mkdir()
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as e:
+        WanI2VPipeline.from_pretrained(tmp_path)
+    msg = str(e.value)
+    for part in ("low_noise_model", "models_t5_umt5-xxl-enc-bf16.pth", "umt5-xxl"):
+        assert part in msg
+    assert "Wan2.1_VAE.pth" not in msg.split("missing")[1]

@@ -6,6 +6,8 @@ Public API (stable):
   a ``*.safetensors.index.json``, a single ``.safetensors`` file (official / diffusers / ComfyUI keys) or a
   converted orbax cache; returns a `WanDiT` callable as ``dit(x, t, context)``.
 * `convert(src, dst)` - write an orbax cache of converted params (faster to load than re-converting).
+* `I2VPipeline.from_pretrained(dir)` (= `wanjax.pipeline.WanI2VPipeline`): image-to-video with both experts;
+  ``pipe(image, prompt)`` returns uint8 frames [F, H, W, 3], ``pipe.generate(...)`` the full `I2VOutput`.
 * `WanDiT`, `WanConfig` and the presets `I2V_A14B`, `TINY`; `config_from_json`.
 """
 from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_json
@@ -17,6 +19,8 @@ _LAZY = {
     "convert": ("wanjax.io.orbax_cache", "convert"),
     "CheckpointError": ("wanjax.io.errors", "CheckpointError"),
     "WanDiT": ("wanjax.model.dit", "WanDiT"),
+    "I2VPipeline": ("wanjax.pipeline", "WanI2VPipeline"),
+    "GenerationConfig": ("wanjax.pipeline", "GenerationConfig"),
 }
 
 

@@ -116,7 +116,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--size", default="480p", help="max area: 480p, 720p, WxH or an int (aspect ratio from the image)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guide", default="3.5,3.5", help="guidance 'LOW,HIGH' (low-noise, high-noise expert) or 'G'")
+    p.add_argument("--guidance", "--guide", dest="guide", default="3.5,3.5", help="guidance 'LOW,HIGH' (low-noise, high-noise expert) or 'G'")
     p.add_argument("--solver", default="unipc", choices=("unipc", "euler"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=16)

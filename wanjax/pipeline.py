@@ -187,10 +187,10 @@ class WanI2VPipeline:
             parts = {"high": "transformer", "low": "transformer_2", "vae": "vae", "t5": "text_encoder",
                      "tok": "tokenizer"}
         p = {k: os.path.join(path, v) for k, v in parts.items()}
-        for k, v in p.items():
-            if not os.path.exists(v):
-                raise FileNotFoundError(f"{path}: missing {parts[k]!r} ({k}) of the "
-                                        f"{'official' if official else 'diffusers'} layout")
+        missing = [parts[k] for k, v in p.items() if not os.path.exists(v)]
+        if missing:
+            raise FileNotFoundError(f"{path}: incomplete {'official' if official else 'diffusers'} layout, missing "
+                                    f"{missing}")
         high = load_dit(p["high"], dtype=dtype)
         low = load_dit(p["low"], dtype=dtype)
         vae = load_vae(p["vae"], dtype=dtype)
@@ -309,7 +309,9 @@ class WanI2VPipeline:
         return I2VOutput(frames=frames, latents=np.asarray(latents), timesteps=np.asarray(sched.timesteps),
                          experts=experts, seconds=times)
 
-    __call__ = generate
+    def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, **kw) -> np.ndarray:
+        """``pipe(image, prompt, ...)``: `generate` returning only the uint8 frames [F, H, W, 3]."""
+        return self.generate(image, prompt, negative_prompt, **kw).frames
 
 
 def _progress(total: int, enabled: bool):
