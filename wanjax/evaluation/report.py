@@ -37,7 +37,12 @@ def targets(results: dict) -> list[dict]:
         b, d = results["bf16"], v["default"]
         for k, name in (("frame0_psnr", "frame-0 PSNR vs condition"), ("direction_ok", "motion-direction accuracy")):
             if k in b and k in d:
-                rel = (d[k] - b[k]) / max(abs(b[k]), 1e-12)
+                if b[k] == 0:
+                    out.append({"target": f"default {name} within 2 % of BF16",
+                                "measured": f"BF16 {b[k]:.3f}, default {d[k]:.3f}: not decidable (BF16 scores 0)",
+                                "met": None})
+                    continue
+                rel = (d[k] - b[k]) / abs(b[k])
                 out.append({"target": f"default {name} within 2 % of BF16",
                             "measured": f"BF16 {b[k]:.3f}, default {d[k]:.3f} ({100 * rel:+.1f} %)",
                             "met": abs(rel) <= 0.02 or d[k] >= b[k]})
@@ -103,7 +108,8 @@ def write_report(results: dict, out_dir: str) -> str:
     t = targets(results)
     if t:
         lines += ["", "## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {x['target']} | {x['measured']} | {'yes' if x['met'] else 'NO'} |" for x in t]
+        lines += [f"| {x['target']} | {x['measured']} | "
+                  f"{'n/a' if x['met'] is None else 'yes' if x['met'] else 'NO'} |" for x in t]
     rec = [v for v in results["variants"] if v["group"] == "recipe" and v["bins"] == "seed"]
     if rec:
         names = [f"{e}:{n}" for e in ("high", "low") for n in rec[0]["bin_names"][e]]
