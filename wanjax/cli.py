@@ -45,13 +45,38 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``wanjax generate``: image + prompt -> mp4 with the two experts (official defaults: 81 frames, 40 steps,
-    shift 5.0, guidance 3.5/3.5, 480p max area, FlowUniPC)."""
+def _open_pipeline(args: argparse.Namespace, command: str):
+    """`WanI2VPipeline.from_pretrained(args.model)` with ``--dtype`` and ``--mesh``; prints the error and returns
+    None on a bad model dir or mesh."""
     import jax.numpy as jnp
 
     from wanjax.io.errors import CheckpointError
-    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
+    from wanjax.pipeline import WanI2VPipeline
+
+    mesh = None
+    if getattr(args, "mesh", None):
+        from wanjax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
+        except ValueError as e:
+            print(f"wanjax {command}: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
+            return None
+    t0 = time.perf_counter()
+    try:
+        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
+                                              mesh=mesh)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"wanjax {command}: error: {e}", file=sys.stderr)
+        return None
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``wanjax generate``: image + prompt -> mp4 with the two experts (official defaults: 81 frames, 40 steps,
+    shift 5.0, guidance 3.5/3.5, 480p max area, FlowUniPC)."""
+    from wanjax.pipeline import GenerationConfig
     from wanjax.video_io import save_mp4, save_pngs
 
     try:
@@ -63,23 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"wanjax generate: error: --guide expects 'G' or 'LOW,HIGH', got {args.guide!r}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    mesh = None
-    if args.mesh:
-        from wanjax.sharding import make_mesh
-
-        try:
-            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
-        except ValueError as e:
-            print(f"wanjax generate: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
-            return 2
-    try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
-                                              mesh=mesh)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"wanjax generate: error: {e}", file=sys.stderr)
+    pipe = _open_pipeline(args, "generate")
+    if pipe is None:
         return 2
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
     if args.quant:
         from wanjax.quant.artifact import ArtifactError, attach_artifact
 
@@ -138,10 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import json
     import os
 
-    import jax.numpy as jnp
-
-    from wanjax.io.errors import CheckpointError
-    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
+    from wanjax.pipeline import GenerationConfig
     from wanjax.quant.artifact import save_artifact
     from wanjax.quant.calibrate import CalibConfig, CalibSample, CalibStats, calibrate
     from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
@@ -176,22 +184,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             return fail(f"{args.calib}: no calibration samples")
     elif not os.path.isfile(os.path.join(args.stats, "manifest.json")):
         return fail(f"{args.stats}: not a calibration directory (no manifest.json)")
-    t0 = time.perf_counter()
-    mesh = None
-    if args.mesh:
-        from wanjax.sharding import make_mesh
-
-        try:
-            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
-        except ValueError as e:
-            print(f"wanjax generate: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
-            return 2
-    try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
-                                              mesh=mesh)
-    except (CheckpointError, FileNotFoundError) as e:
-        return fail(e)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    pipe = _open_pipeline(args, "quantize")
+    if pipe is None:
+        return 2
     if samples:
         gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift)
         work_dir = args.work_dir or f"{os.path.abspath(args.out)}.calib"
