@@ -32,6 +32,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from wanjax.io.atomic import publish_dir
 from wanjax.quant.apply import qlinears, quantize_model
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 
@@ -148,13 +149,7 @@ def save_artifact(qdir: str | os.PathLike, experts: dict[str, nnx.Module], *, re
       json.dump(manifest, f, indent=1, sort_keys=True)
       f.flush()
       os.fsync(f.fileno())
-    if os.path.exists(qdir):
-      old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(qdir)}-", dir=parent)
-      os.rename(qdir, os.path.join(old, "x"))
-      os.rename(tmp, qdir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, qdir)
+    publish_dir(tmp, qdir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

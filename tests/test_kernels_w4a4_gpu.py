@@ -14,21 +14,13 @@ import jax.numpy as jnp
 
 from wanjax.kernels import reference as ref
 from wanjax.kernels.w4a4_gpu import W4A4Config, fit_epilogue, w4a4_matmul_gpu, w4a4_matmul_gpu_any_m
+from kernel_inputs import w4a4_inputs
 
 # small tiles so that the interpreter stays fast; CTA tile = 64 x 128
 SMALL = W4A4Config(tile_m=64, tile_n=64, tile_k=128, stages=2, num_sms=3)
 
 
-def _inputs(seed, m, k, n, r):
-  rng = np.random.default_rng(seed)
-  qx = jnp.asarray(rng.integers(-7, 8, (m, k)), jnp.int8)
-  qw = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
-  sx = jnp.asarray(rng.uniform(0.01, 0.1, m), jnp.float32)
-  sw = jnp.asarray(rng.uniform(0.01, 0.1, n), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  x_lr = jnp.asarray(rng.standard_normal((m, r)), jnp.bfloat16) if r else None
-  up = jnp.asarray(rng.standard_normal((r, n)) * 0.3, jnp.bfloat16) if r else None
-  return qx, qw, sx, sw, bias, x_lr, up
+_inputs = w4a4_inputs
 
 
 def _rel(a, b):

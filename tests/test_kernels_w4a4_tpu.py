@@ -12,21 +12,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from wanjax.kernels import reference as ref
 from wanjax.kernels.w4a4_tpu import TPUConfig, w4a4_matmul_tpu
+from kernel_inputs import w4a4_inputs
 
 SMALL = TPUConfig(bm=64, bn=128, bk=256)
 INTERP = pltpu.InterpretParams(uninitialized_memory="nan")
 
 
-def _inputs(seed, m, k, n, r):
-  rng = np.random.default_rng(seed)
-  qx = jnp.asarray(rng.integers(-7, 8, (m, k)), jnp.int8)
-  qw = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
-  sx = jnp.asarray(rng.uniform(0.01, 0.1, m), jnp.float32)
-  sw = jnp.asarray(rng.uniform(0.01, 0.1, n), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  x_lr = jnp.asarray(rng.standard_normal((m, r)), jnp.bfloat16) if r else None
-  up = jnp.asarray(rng.standard_normal((r, n)) * 0.3, jnp.bfloat16) if r else None
-  return qx, qw, sx, sw, bias, x_lr, up
+_inputs = w4a4_inputs
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from wanjax.config import WanConfig
+from wanjax.io.atomic import publish_dir
 from wanjax.io.dit_loader import (ORBAX_MARKER, build_model, flatten_tree, read_safetensors_params, resolve,
                                   target_tree, unflatten_tree)
 from wanjax.io.errors import CheckpointError
@@ -81,13 +82,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(dst):   # overwrite: move the old one aside first, so dst is never half-written
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        publish_dir(tmp, dst)   # overwrite: the old one is moved aside first, so dst is never half-written
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
