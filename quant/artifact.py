@@ -209,14 +209,18 @@ def _build_expert(meta: dict, tensors: dict[str, np.ndarray]) -> nnx.Module:
 
   cfg = config_from_dict(meta["config"], source="artifact manifest")
   dtype = jnp.dtype(meta["dtype"])
-  abstract = nnx.eval_shape(lambda: WanDiT(cfg, dtype=dtype, param_dtype=jnp.float32,
-                                           scan_layers=meta["scan_layers"], rngs=nnx.Rngs(0)))
-  qlayers = {}
-  for path, lm in meta["layers"].items():
-    arrays = {f: tensors.get(f"{path}.{f}") for f in _QFIELDS}
-    qlayers[path] = QLinear(QLinearConfig(**lm["config"]), dtype=jnp.dtype(lm["dtype"]), mode=lm["mode"],
-                            path=path, **arrays)
-  model = quantize_model(abstract, qlayers)
+
+  def skeleton():  # shapes only (nnx.eval_shape): every tensor is put on the device once, by `fill` below
+    qlayers = {}
+    for path, lm in meta["layers"].items():
+      arrays = {f: tensors.get(f"{path}.{f}") for f in _QFIELDS}
+      arrays = {f: None if a is None else jnp.zeros(a.shape, a.dtype) for f, a in arrays.items()}
+      qlayers[path] = QLinear(QLinearConfig(**lm["config"]), dtype=jnp.dtype(lm["dtype"]), mode=lm["mode"],
+                              path=path, **arrays)
+    return quantize_model(WanDiT(cfg, dtype=dtype, param_dtype=jnp.float32, scan_layers=meta["scan_layers"],
+                                 rngs=nnx.Rngs(0)), qlayers)
+
+  model = nnx.eval_shape(skeleton)
   state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
   used = set()
