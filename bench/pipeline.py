@@ -1086,6 +1086,9 @@ def summarize(results: dict) -> dict:
     p = ph.get("pipeline", {})
     out["pipeline_peak_bytes"] = p.get("peak_bytes")
     out["pipeline_meets_24GB"] = p.get("meets_target")
+    steps = ((p.get("stages") or {}).get("denoise") or {}).get("steps") or []
+    warm = [st["s"] for st in steps[1:] if isinstance(st, dict) and "s" in st]   # the first step compiles
+    out["pipeline_cfg_step_warm_s"] = statistics.median(warm) if warm else None
     return out
 
 
@@ -1126,8 +1129,9 @@ def table(results: dict) -> str:
                          f"{_fmt((s.get('bytes_in_use') or 0) / 1e9 or None, '.1f')} | "
                          f"{_fmt((s.get('peak_bytes_in_use') or 0) / 1e9 or None, '.1f')} |")
         pk = p.get("peak_bytes")
+        step = results["summary"].get("pipeline_cfg_step_warm_s")
         lines.append(f"\npipeline peak: {_fmt(pk / 1e9 if pk else None, '.1f')} GB (target <= 24 GB: "
-                     f"{p.get('meets_target')})")
+                     f"{p.get('meets_target')}); one guided step ({p.get('cfg_mode')}, warm): {_fmt(step)} s")
     return "\n".join(lines)
 
 

@@ -161,11 +161,12 @@ def test_table_reports_failed_and_skipped_phases():
       "bf16": {"res": {"480p": {"compile_s": 9.0, "median_s": 2.8, "peak_bytes_in_use": 33e9, "attention": "cudnn"}}},
       "w4a4": {"res": {"480p": {"error": "XlaRuntimeError: boom"}}},
       "diffusers": {"skipped": "no wheel"},
-      "pipeline": {"stages": {"t5": {"s": 1.0, "bytes_in_use": 1e9, "peak_bytes_in_use": 12e9}},
-                   "peak_bytes": 20e9, "meets_target": True}}}
+      "pipeline": {"stages": {"t5": {"s": 1.0, "bytes_in_use": 1e9, "peak_bytes_in_use": 12e9},
+                              "denoise": {"steps": [{"s": 30.0}, {"s": 4.5}]}},
+                   "peak_bytes": 20e9, "meets_target": True, "cfg_mode": "batch2"}}}
   results["summary"] = bp.summarize(results)
   text = bp.table(results)
   assert "| 480p ours BF16 (cudnn attention) | 9.0 | 2.800 | 1.00 | - | 33.0 |" in text
   assert "failed/skipped: XlaRuntimeError: boom" in text
-  assert "pipeline peak: 20.0 GB (target <= 24 GB: True)" in text
+  assert "pipeline peak: 20.0 GB (target <= 24 GB: True); one guided step (batch2, warm): 4.500 s" in text
   assert results["summary"]["480p"]["targets"]["w4a4_vs_bf16_ge_1.4"] is None
