@@ -278,7 +278,25 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None) -> d
   if mode is not None:
     experts = {k: set_mode(v, mode) for k, v in experts.items()}
   attach_to_pipeline(pipe, experts["high"], experts["low"], TimestepBins.from_dict(manifest["bins"]))
+  apply_recipe_attention(manifest.get("recipe"))
   return manifest
+
+
+def apply_recipe_attention(recipe: dict | None) -> str | None:
+  """Sets the attention backend a recipe asks for (``recipe["attention"]``, e.g. ``"cudnn_fp8"``) process-wide via
+  `wanjax.model.attention.set_attention_backend`, when running on a GPU (elsewhere the default backend stays, with
+  a warning). Returns the backend set, or None."""
+  from wanjax.model.attention import set_attention_backend
+
+  name = (recipe or {}).get("attention")
+  if not name:
+    return None
+  if jax.default_backend() != "gpu":
+    warnings.warn(f"the recipe asks for attention {name!r}, which needs a GPU; keeping the default backend on "
+                  f"{jax.default_backend()!r}")
+    return None
+  set_attention_backend(name)
+  return name
 
 
 def layer_bits_per_weight(q: QLinear, include_lowrank: bool = False) -> float:

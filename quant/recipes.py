@@ -51,6 +51,9 @@ __all__ = [
     "recipe_to_dict",
 ]
 
+#: Attention settings a recipe may carry (None: the default backend).
+RECIPE_ATTENTION = (None, "cudnn_fp8")
+
 #: The seed's activation clip grid and MX exponent offsets (15 candidates for MXFP4).
 SEED_CLIPS = (0.6, 0.7, 0.8, 0.9, 1.0)
 SEED_EXP_OFFSETS = (-1, 0, 1)
@@ -246,6 +249,9 @@ class Recipe:
     act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats).
     transforms: weight transforms, then one quantizer (GPTQ / RTN), then table transforms.
     notes: free text (where the settings come from).
+    attention: optional attention backend to run the quantized experts with (``"cudnn_fp8"``: cuDNN FP8 flash
+      attention, see `wanjax.model.attention`); None keeps the default (bf16 cuDNN on GPU). Applied by
+      ``attach_artifact`` on a GPU.
   """
 
   name: str
@@ -254,6 +260,7 @@ class Recipe:
   transforms: tuple
   act_mode: str = "dynamic"
   notes: str = ""
+  attention: str | None = None
 
   def __post_init__(self):
     stages = [getattr(t, "stage", None) for t in self.transforms]
@@ -269,6 +276,8 @@ class Recipe:
                        f"transforms; got {[type(t).__name__ for t in self.transforms]}")
     if self.act_mode not in ("dynamic", "static"):
       raise ValueError(f"Recipe {self.name!r}: act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
+    if self.attention not in RECIPE_ATTENTION:
+      raise ValueError(f"Recipe {self.name!r}: attention must be one of {RECIPE_ATTENTION}, got {self.attention!r}")
 
   def act_spec(self) -> ActQuantSpec | None:
     """The activation quantizer at clip 1 / offset 0 (used for quantized-input Hessians and alpha search)."""
@@ -282,7 +291,7 @@ class Recipe:
 def recipe_to_dict(r: Recipe) -> dict:
   """JSON-friendly form of a recipe (stored in artifacts)."""
   return {
-      "name": r.name, "act_mode": r.act_mode, "notes": r.notes,
+      "name": r.name, "act_mode": r.act_mode, "notes": r.notes, "attention": r.attention,
       "weight": dataclasses.asdict(r.weight),
       "act": None if r.act is None else dataclasses.asdict(r.act),
       "transforms": [{"type": type(t).__name__, **{k: (list(v) if isinstance(v, tuple) else v)
@@ -302,7 +311,8 @@ def recipe_from_dict(d: dict) -> Recipe:
     ts.append(cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in t.items()}))
   return Recipe(name=d["name"], weight=WeightQuantSpec(**d["weight"]),
                 act=None if d["act"] is None else ActQuantSpec(**d["act"]), transforms=tuple(ts),
-                act_mode=d.get("act_mode", "dynamic"), notes=d.get("notes", ""))
+                act_mode=d.get("act_mode", "dynamic"), notes=d.get("notes", ""),
+                attention=d.get("attention"))
 
 
 _INT4 = WeightQuantSpec("int4")

@@ -100,6 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"wanjax generate: error: --quant {args.quant}: {e}", file=sys.stderr)
             return 2
         print(f"using the quantized experts of {args.quant} (recipe {manifest.get('recipe', {}).get('name', '?')})")
+    if getattr(args, "attention", None):  # after --quant: an explicit backend wins over the recipe's
+        from wanjax.model.attention import set_attention_backend
+
+        set_attention_backend(args.attention)
     gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift,
                            guide_scale=guide, solver=args.solver, seed=args.seed, fps=args.fps)
     try:
@@ -133,6 +137,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
     p.add_argument("--quant", default=None, help="a quantized-model dir written by `wanjax quantize`")
+    p.add_argument("--attention", default=None, choices=("cudnn", "cudnn_fp8", "chunked", "xla", "tpu"),
+                   help="attention backend (default: automatic, or the --quant recipe's; cudnn_fp8: cuDNN FP8 flash "
+                        "attention, Hopper GPUs)")
     p.add_argument("--quant-mode", default=None, choices=("fake", "real"),
                    help="run the quantized layers simulated ('fake') or on the low-bit kernels ('real')")
     p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "

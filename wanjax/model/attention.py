@@ -8,6 +8,11 @@ Backends (q, k, v are [B, S, N, D]; no mask; scale 1/sqrt(D)):
 * ``"tpu"``     - the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu.flash_attention``).
 * ``"xla"``     - ``jax.nn.dot_product_attention`` with XLA's default implementation (materializes S x S; short
   sequences only, e.g. cross-attention over 512 text tokens).
+* ``"cudnn_fp8"`` - cuDNN FP8 (e4m3) flash attention (`cudnn_fp8_attention`; Hopper or newer, never automatic):
+  q, k, v cast to float8_e4m3fn with per-tensor scales from their abs-max, softmax probabilities and the output
+  in e4m3 as well; output returned in ``q.dtype``.
+* ``"fp8_reference"`` - `fp8_attention_reference`: the same FP8 numerics in plain jnp (materializes S x S; any
+  platform; used to predict the FP8 error on CPU).
 
 Selection is automatic (`default_backend`) and can be overridden per call (``backend=``), process-wide with
 `set_attention_backend`, or by the environment variable ``WANJAX_ATTENTION``.
@@ -27,7 +32,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("cudnn", "chunked", "tpu", "xla")
+BACKENDS = ("cudnn", "chunked", "tpu", "xla", "cudnn_fp8", "fp8_reference")
 _OVERRIDE: str | None = None
 _HOOK: contextvars.ContextVar = contextvars.ContextVar("wanjax_attention_hook", default=None)
 
@@ -81,6 +86,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None =
         return chunked_attention(q, k, v)
     if backend == "tpu":
         return _tpu_attention(q, k, v)
+    if backend == "cudnn_fp8":
+        return cudnn_fp8_attention(q, k, v)
+    if backend == "fp8_reference":
+        return fp8_attention_reference(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -151,3 +160,139 @@ def _tpu_attention(q, k, v):
     o = tpu_fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                sm_scale=scale)
     return o.transpose(0, 2, 1, 3)
+
+
+# ------------------------------------------------------------------------------------------------ FP8 attention
+#: largest finite float8_e4m3fn value
+FP8_MAX = 448.0
+#: ``scale_s``: the softmax probabilities (<= 1) are multiplied by this before the e4m3 cast (max 1 -> 448)
+FP8_P_SCALE = FP8_MAX
+#: the output is cast to e4m3 with ``scale_o = FP8_MAX / (FP8_O_HEADROOM * amax(v))``: |o| <= amax(v) up to the
+#: rounding of the probabilities, so 2x headroom keeps it from saturating
+FP8_O_HEADROOM = 2.0
+_FP8_SCALE_KEYS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o", "descale_o")
+
+
+def _amax(x):
+    return jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), jnp.float32(1e-30))
+
+
+def fp8_attention_scales(q, k, v) -> dict:
+    """Per-tensor FP8 scale factors of one attention call, float32 scalars of shape ``(1, 1, 1, 1)``.
+
+    ``scale_x = FP8_MAX / amax(x)`` maps ``x`` onto the e4m3 range (``x * scale_x`` is cast), ``descale_x =
+    amax(x) / FP8_MAX`` undoes it; ``scale_s`` / ``descale_s`` for the probabilities (``FP8_P_SCALE``),
+    ``scale_o`` / ``descale_o`` for the output. (cuDNN's FP8 attention takes whole-tensor scales only: no per-head
+    scales through this API.)
+    """
+    one = lambda a: jnp.reshape(jnp.asarray(a, jnp.float32), (1, 1, 1, 1))
+    aq, ak, av = _amax(q), _amax(k), _amax(v)
+    out = {"scale_q": one(FP8_MAX / aq), "scale_k": one(FP8_MAX / ak), "scale_v": one(FP8_MAX / av),
+           "descale_q": one(aq / FP8_MAX), "descale_k": one(ak / FP8_MAX), "descale_v": one(av / FP8_MAX),
+           "scale_s": one(FP8_P_SCALE), "descale_s": one(1.0 / FP8_P_SCALE)}
+    out["scale_o"] = one(FP8_MAX / (FP8_O_HEADROOM * av))
+    out["descale_o"] = one(FP8_O_HEADROOM * av / FP8_MAX)
+    return out
+
+
+def to_fp8(x, scale):
+    """``x * scale`` saturated to +-FP8_MAX and cast (round to nearest even) to float8_e4m3fn."""
+    y = x.astype(jnp.float32) * jnp.reshape(scale, ())
+    return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _fp8_check(q, k, v):
+    d = q.shape[-1]
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"cudnn_fp8 attention expects [B, S, N, D] q/k/v, got {q.shape}, {k.shape}, {v.shape}")
+    if d % 16 or d > 256 or k.shape[-1] != d or v.shape[-1] != d:
+        raise NotImplementedError(f"cudnn_fp8 attention needs one head dim, a multiple of 16 and <= 256 (cuDNN FP8 "
+                                  f"flash attention); got q/k/v head dims {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if q.shape[2] != k.shape[2]:
+        raise NotImplementedError(f"cudnn_fp8 attention: q and k/v head counts differ ({q.shape[2]} vs {k.shape[2]})")
+
+
+def _require_fp8_gpu():
+    platform = jax.default_backend()
+    if platform != "gpu":
+        raise RuntimeError(f"attention backend 'cudnn_fp8' needs an NVIDIA GPU (Hopper sm_90 or newer, cuDNN >= 9.1); "
+                           f"this process runs on {platform!r}. Use 'cudnn'/'chunked', or 'fp8_reference' for the "
+                           f"same FP8 numerics in plain jnp.")
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if cc is not None and tuple(int(x) for x in str(cc).split(".")[:2]) < (9, 0):
+        raise RuntimeError(f"attention backend 'cudnn_fp8' needs compute capability >= 9.0 (Hopper); "
+                           f"{getattr(dev, 'device_kind', dev)} has {cc}")
+
+
+def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True):
+    """cuDNN FP8 flash attention (forward only) on [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``.
+
+    Numerics (cuDNN's SDPA-FP8 graph, ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(...,
+    use_fp8=True)``, custom call ``__cudnn$fmhaSoftmaxF8``): q, k, v are cast to e4m3 with the per-tensor scales
+    of `fp8_attention_scales`; ``S = (q8 k8^T) * descale_q * descale_k / sqrt(D)`` in fp32; ``P = softmax(S)``;
+    ``P * scale_s`` is cast to e4m3; ``O = (P8 v8) * descale_s * descale_v * scale_o`` is cast to e4m3 (the
+    kernel's output dtype is the input dtype); we return ``O8 * descale_o`` in ``q.dtype``.
+    `fp8_attention_reference` is the same computation in jnp. The scale computation (three abs-max reductions
+    and casts) is plain XLA around the custom call.
+
+    ``check_platform=False`` skips the GPU check (only for lowering tests on a CPU host).
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    _fp8_check(q, k, v)
+    if check_platform:
+        _require_fp8_gpu()
+    sc = fp8_attention_scales(q, k, v)
+    zero = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    params = {key: zero for key in fa.fp8_params_keys}     # backward-only entries are unused by the forward
+    params.update({key: sc[key] for key in _FP8_SCALE_KEYS})
+    o8, _amax_s, _amax_o = fa.dot_product_attention(
+        to_fp8(q, sc["scale_q"]), to_fp8(k, sc["scale_k"]), to_fp8(v, sc["scale_v"]), fp8_params=params,
+        scale=1.0 / math.sqrt(q.shape[-1]), mask_type=fa.MaskType.NO_MASK, qkv_layout="BTNH", use_fp8=True)
+    return (o8.astype(jnp.float32) * jnp.reshape(sc["descale_o"], ())).astype(q.dtype)
+
+
+def fp8_attention_reference(q, k, v, *, p_mode: str = "unnormalized", scales: dict | None = None,
+                            quantize_output: bool = True):
+    """The FP8 attention numerics of `cudnn_fp8_attention` in plain jnp (fp32 math; materializes S x S).
+
+    q, k, v are quantized to e4m3 and dequantized with the same per-tensor scales (``scales`` from
+    `fp8_attention_scales` of the FULL tensors, e.g. when ``q`` is a subset of the query rows; default: computed
+    from the arguments). The probabilities are rounded to e4m3 after multiplying by ``scale_s``:
+
+    * ``p_mode="unnormalized"`` (flash-attention style, the default prediction): ``exp(s - rowmax)`` (max 1) is
+      rounded, and ``P8 v`` is divided by the fp32 row sum of the unrounded exponentials;
+    * ``p_mode="normalized"`` (the cuDNN graph's literal reading): the normalized softmax is rounded (small
+      probabilities at long sequences fall into the e4m3 subnormals).
+
+    Which one cuDNN's kernel does is not documented; bench/attention_fp8.py compares both predictions with the
+    kernel. ``quantize_output``: round the output to e4m3 with ``scale_o`` as the kernel does.
+    """
+    if p_mode not in ("unnormalized", "normalized"):
+        raise ValueError(f"p_mode must be 'unnormalized' or 'normalized', got {p_mode!r}")
+    sc = fp8_attention_scales(q, k, v) if scales is None else scales
+    f32 = jnp.float32
+    deq = lambda x, s, d: to_fp8(x, sc[s]).astype(f32) * jnp.reshape(sc[d], ())
+    qd, kd, vd = deq(q, "scale_q", "descale_q"), deq(k, "scale_k", "descale_k"), deq(v, "scale_v", "descale_v")
+    s = jnp.einsum("bqnd,bknd->bnqk", qd, kd, precision="highest") / math.sqrt(q.shape[-1])
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    if p_mode == "unnormalized":
+        p8 = deq(e, "scale_s", "descale_s")
+        o = jnp.einsum("bnqk,bknd->bnqd", p8, vd, precision="highest") / l
+    else:
+        p8 = deq(e / l, "scale_s", "descale_s")
+        o = jnp.einsum("bnqk,bknd->bnqd", p8, vd, precision="highest")
+    o = o.transpose(0, 2, 1, 3)
+    if quantize_output:
+        o = deq(o, "scale_o", "descale_o")
+    return o.astype(q.dtype)
+
+
+def reference_attention_f32(q, k, v):
+    """Exact softmax attention in fp32 (materializes S x S): the yardstick of the FP8 error measurements."""
+    f32 = jnp.float32
+    s = jnp.einsum("bqnd,bknd->bnqk", q.astype(f32), k.astype(f32), precision="highest") / math.sqrt(q.shape[-1])
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bnqk,bknd->bqnd", p, v.astype(f32), precision="highest")
