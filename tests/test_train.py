@@ -137,3 +137,19 @@ def test_train_export_load_generate_smoke(tmp_path):
     o = pipe.generate(img, "a red square moves left", num_frames=5, max_area=32 * 32, steps=2, progress=False)
     assert o.frames.shape == (5, 32, 32, 3) and o.frames.dtype == np.uint8
     assert o.experts == ["high", "low"]
+
+
+def test_vae_loss_chroma_term_and_ratio():
+    """The chroma term adds ``chroma_weight * chroma_l1`` to the loss; ``chroma_ratio`` is 0 for grey output."""
+    grey = jnp.broadcast_to(jnp.linspace(-1, 1, 16)[None, None, :, None, None], (1, 5, 16, 16, 3))
+    np.testing.assert_allclose(np.asarray(V.chroma(grey)), 0.0, atol=1e-7)
+    col = grey * jnp.array([1.0, -0.5, 0.2])
+    assert float(jnp.abs(V.chroma(col)).max()) > 0.1
+    vae = init_vae(TINY_VAE, seed=4)
+    key = jax.random.key(0)
+    l0, m0 = V.vae_loss(vae, col, key, chroma_weight=0.0)
+    l1, m1 = V.vae_loss(vae, col, key, chroma_weight=1.5)
+    np.testing.assert_allclose(float(l1), float(l0) + 1.5 * float(m1["chroma_l1"]), rtol=1e-5)
+    assert np.isfinite(float(m0["chroma_ratio"])) and float(m0["chroma_ratio"]) > 0
+    # a decoder that outputs grey has ratio 0: measured on the chroma of a grey reconstruction
+    assert float(jnp.std(V.chroma(grey)) / jnp.std(V.chroma(col))) < 1e-6

@@ -56,7 +56,8 @@ class Preset:
 
 
 PRESETS = {
-    "mini": Preset(V.MINI_VAE, D.MINI_DIT, T.MINI_T5, 128, 17, 9),
+    # the VAE trains on 64x64 crops of full 17-frame clips: every causal-cache step the pipeline decodes is trained
+    "mini": Preset(V.MINI_VAE, D.MINI_DIT, T.MINI_T5, 128, 17, 17, 64),
     # what a 2-core CPU can train in about half an hour (used when no accelerator time was left): the same
     # architectures, narrower: VAE base 8 with one residual block per level, DiT dim 128 = 1 head x 128 (RoPE split
     # 44/42/42 as the real model), 4 layers
@@ -117,7 +118,7 @@ def train_vae(pre: Preset, args, log: Log):
             return full(p)[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop]
     else:
         render = _renderer(pre.size, pre.vae_frames)
-    trainer = V.Trainer(vae, kl_weight=args.kl_weight)
+    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma)
     curve, t_start, n = [], time.perf_counter(), 0
     for i in range(args.vae_steps):
         idx = rng.integers(0, args.vae_pool, args.vae_batch)
@@ -132,13 +133,15 @@ def train_vae(pre: Preset, args, log: Log):
             t_start = time.perf_counter()
         if i % args.log_every == 0 or i == args.vae_steps - 1:
             m = {k: float(v) for k, v in m.items()}
-            curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"]])
-            log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f}")
+            curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"], m["chroma_ratio"]])
+            log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f} "
+                f"chroma l1 {m['chroma_l1']:.4f} ratio {m['chroma_ratio']:.3f}")
         if time.perf_counter() - t_start > args.vae_time:
             log(f"vae: time budget {args.vae_time}s reached after {n} steps")
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
-                                 "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight}
+                                 "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
+                                 "chroma_weight": args.vae_chroma}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -453,6 +456,9 @@ def main(argv=None):
     r.add_argument("--vae-lr", type=float, default=1e-3)
     r.add_argument("--vae-pool", type=int, default=4096)
     r.add_argument("--kl-weight", type=float, default=1e-6)
+    r.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
+                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
+                   "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
     r.add_argument("--stats-clips", type=int, default=256)
     r.add_argument("--n-train", type=int, default=8192)
     r.add_argument("--enc-batch", type=int, default=64)
