@@ -1,6 +1,7 @@
 """W4A4 kernel benchmark on an H100 (run on the GPU machine; CPU prints a notice and exits).
 
     PYTHONPATH=. python -m bench.kernels [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--out DIR] [--sweep 5120x5120]
+    PYTHONPATH=. python -m bench.kernels --g128 [--ms 32760] [--shapes ...] [--sweep 5120x5120]   (group-scaled GEMM)
 
 Per (M, K, N), side by side in one process:
   xla_bf16           x_bf16 [M,K] @ w_bf16 [K,N]                         (the baseline)
@@ -16,6 +17,14 @@ timed by wall clock with rotated inputs (3 input sets) as a cross-check. Correct
 same run before timing: the integer accumulation bit-exactly (f32 output, unit scales) against XLA's int8 dot, which is
 itself checked against the int32-upcast reference on a slice of rows; the full epilogue against the f32 reference to
 <= 1e-2 relative (Frobenius); the output buffer is poisoned with NaN through the allocator first.
+
+``--g128`` benchmarks the group-scaled GEMM instead (kernels/w4a4_g128_gpu.py: int4 weights with one scale per channel
+and group of 128 along K), per (M, K, N): xla_bf16 (baseline), xla_g128 (the dispatcher's XLA fallback: a loop over the
+groups), pallas_g128_r0 / _r32 (the kernel alone), pallas_int8w_r32 (the per-channel kernel, for comparison) and
+e2e_linear_g128_r32 (act quant + weight unpack + g128 GEMM + low-rank + bias, bf16 -> bf16; also by wall clock).
+Checks before timing: the group accumulation bit-exactly (unit token scales, power-of-two group scales, f32 output:
+every partial sum is exact) against the XLA group loop, which is itself checked against the int32-upcast reference on
+a slice of rows; the full epilogue to <= 1e-2 relative; outputs poisoned first. Results: kernels_w4a4_g128.json.
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ try:  # installed package (wanjax.kernels) or the source folder on sys.path (ker
   from wanjax.kernels import reference as ref  # noqa: E402
   from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
   from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
+  from wanjax.kernels.w4a4_g128_gpu import G128_CONFIG, w4a4_g128_matmul_gpu  # noqa: E402
 except Exception:  # pragma: no cover
   from kernels import reference as ref  # noqa: E402
   from kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
   from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
+  from kernels.w4a4_g128_gpu import G128_CONFIG, w4a4_g128_matmul_gpu  # noqa: E402
 
 ITERS = 25
 R = 32
@@ -301,12 +312,121 @@ def run_shape(m, k, n, sweep, log):
   return res
 
 
+def run_shape_g128(m, k, n, sweep, log):
+  """Group-scaled (g128) W4A4 GEMM vs XLA bf16 at one (M, K, N); see the module docstring."""
+  import dataclasses
+  res = {"M": m, "K": k, "N": n, "group": 128, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
+  ops = 2.0 * m * k * n
+  inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+  x, smooth, down, up, bias, w_bf16 = (inp[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16_kn"))
+  w_packed, s_w = jax.jit(ref.quantize_weight_int4_grouped)(w_bf16.T)  # [N, K/2], [N, K/128]
+  q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
+  q_w = jax.jit(ref.unpack_int4)(w_packed)
+  jax.block_until_ready((q_x, s_x, x_lr, q_w, s_w))
+  res["weight_bytes"] = {"bf16": 2 * n * k, "packed_int4_plus_group_scales": n * k // 2 + 4 * n * (k // 128)}
+
+  def rec(name, fn, *args, check=None):
+    try:
+      if check is not None:
+        res["checks"][name] = check()
+        log(f"  check {name}: {res['checks'][name]}")
+      t = cupti_ms(fn, *args)
+      res["times_ms"][name] = t
+      log(f"  {name:34s} {t:8.3f} ms  {ops / t / 1e9:8.1f} T(FL)OPS")
+    except Exception as e:  # keep going; report
+      res["errors"][name] = f"{type(e).__name__}: {str(e)[:2000]}"
+      log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:600]}")
+      traceback.print_exc()
+
+  nt = (((1,), (1,)), ((), ()))
+  int8_dot = lambda a, b: lax.dot_general(a, b, nt, preferred_element_type=jnp.int32)
+  xla_acc = jax.jit(lambda qx, qw, sw: ref.group_scaled_acc(qx, qw, sw, 128, int_dot=int8_dot))
+  ones_m = jnp.ones((m,), jnp.float32)
+  ones_n = jnp.ones((n,), jnp.float32)
+  # power-of-two group scales: every partial sum of the f32 group accumulation is exact
+  sw_pow2 = jnp.exp2(-jax.random.randint(jax.random.key(3), (n, k // 128), 0, 4).astype(jnp.float32))
+  acc_pow2 = xla_acc(q_x, q_w, sw_pow2)
+  rows = slice(0, 256)
+  acc_ref_rows = jax.jit(lambda qx, qw, sw: ref.group_scaled_acc(qx, qw, sw, 128))(q_x[rows], q_w, sw_pow2)
+  res["checks"]["xla_g128_vs_int32_ref_rows0-255_exact"] = bool(jnp.array_equal(acc_pow2[rows], acc_ref_rows))
+  del acc_ref_rows
+  y_ref = jax.jit(lambda qx, qw, *a: ref.w4a4_epilogue(xla_acc(qx, qw, a[1]), a[0], ones_n, *a[2:],
+                                                      out_dtype=jnp.float32))(q_x, q_w, s_x, s_w, x_lr, up, bias)
+
+  bf16_dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  rec("xla_bf16", bf16_dot, x, w_bf16)
+  xla_g128 = jax.jit(lambda qx, sx, qw, sw, xl, u, b: ref.w4a4_epilogue(
+      xla_acc(qx, qw, sw), sx, jnp.ones((qw.shape[0],), jnp.float32), xl, u, b))
+  rec("xla_g128_r32", xla_g128, q_x, s_x, q_w, s_w, x_lr, up, bias)
+
+  def gemm(r, cfg, out_dtype=jnp.bfloat16):
+    @jax.jit
+    def f(qx, sx, w, sw, xl, u, b):
+      return w4a4_g128_matmul_gpu(qx, sx, w, sw, xl if r else None, u if r else None, b, out_dtype=out_dtype,
+                                  config=cfg)
+    return f
+
+  def exact_check(cfg):
+    f = gemm(0, cfg, jnp.float32)
+    poison((m, n), jnp.float32)
+    return bool(jnp.array_equal(f(q_x, ones_m, q_w, sw_pow2, None, None, None), acc_pow2))
+
+  def epi_check(r, cfg):
+    f = gemm(r, cfg)
+    poison((m, n), jnp.bfloat16)
+    out = f(q_x, s_x, q_w, s_w, x_lr, up, bias)
+    exp = y_ref if r else jax.jit(lambda *a: ref.w4a4_epilogue(*a, out_dtype=jnp.float32))(
+        xla_acc(q_x, q_w, s_w), s_x, ones_n, None, None, bias)
+    return rel_err(out, exp)
+
+  variants = [("pallas_g128_r0", 0, G128_CONFIG, True), ("pallas_g128_r32", R, G128_CONFIG, True),
+              ("pallas_g128_r32_chunk", R, dataclasses.replace(G128_CONFIG, lowrank_mode="chunk"), False)]
+  if sweep:
+    for st, gw, tm in [(2, 4, 128), (4, 4, 128), (3, 1, 128), (3, 8, 128), (3, 4, 64), (3, 4, 192)]:
+      variants.append((f"pallas_g128_r32_s{st}_g{gw}_m{tm}", R,
+                       dataclasses.replace(G128_CONFIG, stages=st, grid_tile_width=gw, tile_m=tm), True))
+  for name, r, cfg, checked in variants:
+    chk = None
+    if checked:
+      chk = lambda cfg=cfg, r=r: {"group_acc_bit_exact": exact_check(cfg) if r == 0 else None,
+                                  "epilogue_relerr": epi_check(r, cfg)}
+    rec(name, gemm(r, cfg), q_x, s_x, q_w, s_w, x_lr, up, bias, check=chk)
+  # the per-channel kernel on the same operands (per-channel scale = mean group scale), for comparison
+  sw_ch = jnp.mean(s_w, axis=1)
+  rec("pallas_int8w_r32_per_channel", jax.jit(
+      lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8")),
+      q_x, s_x, q_w, sw_ch, x_lr, up, bias)
+
+  @jax.jit
+  def e2e(x_, wp, sw, sm, dn, u, b):
+    qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
+    return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b)
+
+  e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
+  rec("e2e_linear_g128_r32", e2e, *e2e_args, check=lambda: rel_err(e2e(*e2e_args), y_ref))
+  try:
+    xs = [x] + [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
+                for i in range(2)]
+    res["wall_ms"]["xla_bf16"] = wall_ms(bf16_dot, [(xi, w_bf16) for xi in xs])
+    res["wall_ms"]["e2e_linear_g128_r32"] = wall_ms(e2e, [(xi, *e2e_args[1:]) for xi in xs])
+    log(f"  wall (rotated inputs): {res['wall_ms']}")
+    del xs
+  except Exception as e:
+    res["errors"]["wall"] = str(e)[:500]
+  t = res["times_ms"]
+  res["tops"] = {kk: ops / v / 1e9 for kk, v in t.items()}
+  if "xla_bf16" in t:
+    res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items()}
+  return res
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--ms", default="32760")
   ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
   ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
   ap.add_argument("--sweep", default="", help="comma list of KxN shapes on which to sweep extra tile configs")
+  ap.add_argument("--g128", action="store_true", help="benchmark the group-scaled (g128) GEMM instead")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -329,14 +449,14 @@ def main(argv=None):
     for sh in a.shapes.split(","):
       k, n = (int(v) for v in sh.split("x"))
       log(f"== M={m} K={k} N={n}")
-      results.append(run_shape(m, k, n, sh in a.sweep.split(","), log))
-      with open(os.path.join(a.out, "kernels_w4a4.json"), "w") as fh:
+      results.append((run_shape_g128 if a.g128 else run_shape)(m, k, n, sh in a.sweep.split(","), log))
+      with open(os.path.join(a.out, "kernels_w4a4_g128.json" if a.g128 else "kernels_w4a4.json"), "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
   # short table
   log("\nM      K      N      | bf16 ms | int8 ms | pallas best (name) ms x | e2e best (name) ms x")
   for r in results:
     t = r["times_ms"]
-    pal = {kk: v for kk, v in t.items() if kk.startswith("pallas")}
+    pal = {kk: v for kk, v in t.items() if kk.startswith("pallas_g128" if a.g128 else "pallas")}
     best = min(pal, key=pal.get) if pal else None
     b = t.get("xla_bf16", float("nan"))
     e2e = {kk: v for kk, v in t.items() if kk.startswith("e2e")}

@@ -85,15 +85,61 @@ def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
   return reference.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
 
 
+def _group_of(s_w, n: int, k: int, group_size: int | None) -> int | None:
+  """The weight-scale group along K (None = per channel), checked against the shape of ``s_w``."""
+  if group_size is None or group_size == k:
+    if s_w.shape not in ((n,), (n, 1)):
+      raise ValueError(f"W4A4 per-channel scales must be [N={n}] (or pass group_size), got {s_w.shape}")
+    return None
+  if k % group_size or s_w.shape != (n, k // group_size):
+    raise ValueError(f"W4A4 group_size={group_size}: K={k} must be a multiple of it and s_w [N={n}, "
+                     f"{k // group_size if group_size else '?'}], got s_w {s_w.shape}")
+  return group_size
+
+
+def _xla_grouped_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size):
+  # exact int32 product per group (int8 x int8 dot), f32 accumulation of the scaled groups in order
+  int_dot = lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = reference.group_scaled_acc(q_x, _int8_weights(w_packed), s_w, group_size, int_dot=int_dot)
+  return reference.w4a4_epilogue(acc, s_x, jnp.ones((acc.shape[1],), jnp.float32), x_lr, up, bias, out_dtype)
+
+
+def _grouped_matmul(be, q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size):
+  n, k = _weights_nk(w_packed)
+  if be == "reference":
+    return reference.w4a4_g128_reference(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype,
+                                         group_size=group_size)
+  r = 0 if x_lr is None else x_lr.shape[1]
+  if be == "pallas" and _platform() == "gpu" and group_size == 128 and pallas_supports_g128(n, k) and not r % 16:
+    from .w4a4_g128_gpu import w4a4_g128_matmul_gpu_any_m
+    return w4a4_g128_matmul_gpu_any_m(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype=out_dtype)
+  return _xla_grouped_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
+
+
+def pallas_supports_g128(n: int, k: int) -> bool:
+  """Whether the group-scaled (g128) Mosaic GPU GEMM tiles this (N, K) (default config)."""
+  from .w4a4_g128_gpu import G128_CONFIG as cfg
+  return n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0
+
+
 def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,
-                backend: str | None = None):
+                backend: str | None = None, group_size: int | None = None):
   """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], s_w [N], weights ``w_packed`` either packed
   uint8 [N, K/2] or already unpacked int8 [N, K] (int4 values; twice the memory, no per-call unpack).
 
   Optional low-rank branch x_lr [M, r] / up [r, N] and bias [N]. Returns [M, N] ``out_dtype``.
+
+  ``group_size`` (e.g. 128): group-scaled weights, ``s_w`` f32 [N, K/group_size] (one scale per channel and group
+  along K). The "pallas" backend runs the g128 Mosaic GPU kernel (``kernels.w4a4_g128_gpu``, int8 weights: packed
+  codes are unpacked by one XLA pass) for group_size 128 on a GPU; other group sizes, the TPU and "xla" use an XLA
+  loop over the groups (exact int32 per group, f32 accumulation); "reference" the int32-upcast reference.
   """
   be = select_backend(backend)
   n, k = _weights_nk(w_packed)
+  group_size = _group_of(s_w, n, k, group_size)
+  if group_size is not None:
+    return _grouped_matmul(be, q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
+  s_w = s_w.reshape(n)
   if be == "reference":
     return reference.w4a4_epilogue(reference.int_matmul_nt(q_x, _int8_weights(w_packed)), s_x, s_w, x_lr, up, bias,
                                    out_dtype)
@@ -134,14 +180,15 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
 
 
 def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,
-                out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "xla"):
+                out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "xla",
+                group_size: int | None = None):
   """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
 
   Args:
     x: activations [..., K] (any float dtype).
     w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention), or int8 [N, K] int4 values
       (pre-unpacked once at load time: fastest on H100, 1 byte/parameter instead of 0.5).
-    s_w: f32 [N] per-channel weight scales.
+    s_w: f32 [N] per-channel weight scales, or f32 [N, K/group_size] with ``group_size``.
     smooth: optional [K] smoothing divisor (activations are divided by it; fold it into the weights beforehand).
     down, up: optional low-rank branch, [K, r] and [r, N].
     bias: optional [N].
@@ -150,6 +197,7 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
     out_dtype: output dtype (bf16 default).
     backend: "reference" | "xla" | "pallas" | None (see module docstring).
     act_quant_impl: "xla" (default) or "pallas" (see :func:`act_quant`).
+    group_size: None (per-channel ``s_w``) or the weight-scale group along K (see :func:`w4a4_matmul`).
   """
   lead = x.shape[:-1]
   k = x.shape[-1]
@@ -159,5 +207,5 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
   x2 = x.reshape(-1, k)
   q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, backend=backend, act_quant_impl=act_quant_impl)
   y = w4a4_matmul(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
-                  backend=backend)
+                  backend=backend, group_size=group_size)
   return y.reshape(*lead, w_packed.shape[0])

@@ -180,3 +180,63 @@ def w4a4_linear(
   """Reference W4A4 linear layer end to end: act quant (+ low-rank down) then the W4A4 GEMM."""
   q, s, x_lr = act_quant(x, smooth, down, clip, static_scale)
   return w4a4_matmul(q, s, w_packed, s_w, x_lr, up, bias, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# group-scaled weights (one scale per output channel and group of `group_size` along K)
+# ----------------------------------------------------------------------------------------------------------------
+def quantize_weight_int4_grouped(w: jax.Array, group_size: int = 128, qmax: int = INT4_QMAX):
+  """Symmetric int4 RTN of ``w`` [N, K] with one scale per (channel, group of ``group_size`` along K)
+  -> (packed uint8 [N, K/2], s_w f32 [N, K/group_size])."""
+  n, k = w.shape
+  if k % group_size:
+    raise ValueError(f"quantize_weight_int4_grouped: K={k} is not a multiple of group_size={group_size}")
+  wg = w.astype(jnp.float32).reshape(n, k // group_size, group_size)
+  amax = jnp.max(jnp.abs(wg), axis=2)
+  s = jnp.where(amax > 0, amax / qmax, 1.0)
+  q = jnp.clip(jnp.round(wg / s[..., None]), -qmax, qmax).astype(jnp.int8).reshape(n, k)
+  return pack_int4(q), s
+
+
+def int_matmul_nt_grouped(q_x: jax.Array, q_w: jax.Array, group_size: int = 128) -> jax.Array:
+  """Exact int32 per-group products: [G, M, N] with [g] = q_x[:, group g] @ q_w[:, group g]^T (G = K/group_size)."""
+  m, k = q_x.shape
+  n = q_w.shape[0]
+  g = k // group_size
+  xg = q_x.astype(jnp.int32).reshape(m, g, group_size)
+  wg = q_w.astype(jnp.int32).reshape(n, g, group_size)
+  return lax.dot_general(xg, wg, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+
+
+def group_scaled_acc(q_x, q_w, s_w, group_size: int = 128, int_dot=int_matmul_nt):
+  """f32 [M, N] = sum_g f32(q_x[:, g] @ q_w[:, g]^T) * s_w[:, g], groups accumulated in order g = 0, 1, ... (the
+  kernel's order). ``int_dot`` computes one group's exact int32 product (default: the int32-upcast reference dot)."""
+  m, k = q_x.shape
+  n = q_w.shape[0]
+  ng = k // group_size
+  if k % group_size or s_w.shape != (n, ng):
+    raise ValueError(f"group_scaled_acc: K={k} must be a multiple of group_size={group_size} and s_w [N={n}, {ng}], "
+                     f"got s_w {s_w.shape}")
+  xg = jnp.moveaxis(q_x.reshape(m, ng, group_size), 1, 0)  # [G, M, g]
+  wg = jnp.moveaxis(q_w.reshape(n, ng, group_size), 1, 0)  # [G, N, g]
+  swt = s_w.astype(jnp.float32).T  # [G, N]
+
+  def step(acc, xs):
+    xq, wq, s = xs
+    return acc + int_dot(xq, wq).astype(jnp.float32) * s[None, :], None
+
+  acc, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32), (xg, wg, swt))
+  return acc
+
+
+def w4a4_g128_reference(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, out_dtype=jnp.bfloat16, group_size=128):
+  """Reference group-scaled W4A4 GEMM::
+
+      out[m, n] = s_x[m] * sum_g s_w[n, g] * (sum_{k in g} q_x[m, k] q_w[n, k]) + (x_lr @ up)[m, n] + bias[n]
+
+  q_x int8 [M, K] (int4 values), s_x [M], w packed uint8 [N, K/2] or int8 [N, K] (int4 values), s_w [N, K/group_size],
+  x_lr [M, r], up [r, N], bias [N]. f32 math (exact int32 per group), cast to ``out_dtype``.
+  """
+  q_w = unpack_int4(w) if w.dtype == jnp.uint8 else w
+  acc = group_scaled_acc(q_x, q_w, s_w, group_size)
+  return w4a4_epilogue(acc, s_x, jnp.ones((q_w.shape[0],), jnp.float32), x_lr, up, bias, out_dtype)

@@ -119,8 +119,9 @@ def smem_bytes(cfg: W4A4Config, r: int, out_itemsize: int, weights: str, epi_n: 
   return pipe + out + lr
 
 
-def fit_epilogue(cfg: W4A4Config, r: int, out_itemsize: int, weights: str) -> tuple[int, int]:
-  """(epi_tile_n, out_slots): the configured ones, or the largest that fit in shared memory."""
+def fit_epilogue(cfg: W4A4Config, r: int, out_itemsize: int, weights: str, extra_bytes: int = 0) -> tuple[int, int]:
+  """(epi_tile_n, out_slots): the configured ones, or the largest that fit in shared memory (next to
+  ``extra_bytes`` of other buffers)."""
   slack = 2048  # barriers and alignment
   cands = [(e, s) for s in (2, 1) for e in (64, 32, 16)]
   cands.sort(key=lambda es: (-(es[0] * es[1] >= 64), -es[1], -es[0]))
@@ -129,11 +130,12 @@ def fit_epilogue(cfg: W4A4Config, r: int, out_itemsize: int, weights: str) -> tu
   if cfg.out_slots is not None:
     cands = [(e, s) for e, s in cands if s == cfg.out_slots]
   for e, s in cands:
-    if smem_bytes(cfg, r, out_itemsize, weights, e, s) + slack <= SMEM_BYTES:
+    if smem_bytes(cfg, r, out_itemsize, weights, e, s) + extra_bytes + slack <= SMEM_BYTES:
       return e, s
   e, s = cands[-1]
-  raise ValueError(f"w4a4_matmul_gpu: config {cfg} needs {smem_bytes(cfg, r, out_itemsize, weights, e, s)} B of "
-                   f"shared memory (> {SMEM_BYTES}); use fewer stages or smaller tiles")
+  need = smem_bytes(cfg, r, out_itemsize, weights, e, s) + extra_bytes
+  raise ValueError(f"w4a4_matmul_gpu: config {cfg} needs {need} B of shared memory (> {SMEM_BYTES}); use fewer "
+                   "stages or smaller tiles")
 
 
 def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str, lowrank_mode: str):
@@ -242,6 +244,21 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  _epilogue = make_epilogue(tile_m=tile_m, tile_n=tile_n, epi_n=epi_n, out_slots=out_slots, r=r,
+                            lowrank_mode=lowrank_mode, transposed=transposed)
+
+  return kernel
+
+
+def make_epilogue(*, tile_m: int, tile_n: int, epi_n: int, out_slots: int, r: int, lowrank_mode: str,
+                  transposed: bool):
+  """The fused epilogue of one compute warpgroup's accumulator tile (shared with ``kernels.w4a4_g128_gpu``).
+
+  Returned function: ``(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar, sx_gmem, sw_gmem,
+  bias_gmem, out_gmem)``: f32(acc) * s_x[m] (* s_w[n] unless ``sw_gmem`` is None) + bias + low-rank, written to
+  ``out_gmem`` through ``out_smem`` in chunks of ``epi_n``.
+  """
+
   def _epilogue(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar,
                 sx_gmem, sw_gmem, bias_gmem, out_gmem):
     # Row/col vectors in the accumulator's reduced layouts.
@@ -249,10 +266,11 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str
     tok_layout = plgpu.Layout.WGMMA.reduce(1 - tok_axis)  # keeps the token axis
     ch_layout = plgpu.Layout.WGMMA.reduce(1 - ch_axis)
     sx = plgpu.load(sx_gmem.at[m_sl], layout=tok_layout, optimized=False)
-    sw = plgpu.load(sw_gmem.at[n_wg_sl], layout=ch_layout, optimized=False)
     y = acc.astype(jnp.float32)
     y = y * lax.broadcast_in_dim(sx, y.shape, [tok_axis])
-    y = y * lax.broadcast_in_dim(sw, y.shape, [ch_axis])
+    if sw_gmem is not None:  # None: the channel scales are already in acc (group-scaled kernel)
+      sw = plgpu.load(sw_gmem.at[n_wg_sl], layout=ch_layout, optimized=False)
+      y = y * lax.broadcast_in_dim(sw, y.shape, [ch_axis])
     if bias_gmem is not None:
       b = plgpu.load(bias_gmem.at[n_wg_sl], layout=ch_layout, optimized=False)
       y = y + lax.broadcast_in_dim(b, y.shape, [ch_axis])
@@ -295,7 +313,7 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str
         plgpu.copy_smem_to_gmem(
             out_smem.at[wg, slot], out_gmem.at[m_sl, pl.ds(n_wg0 + j * epi_n, epi_n)])
 
-  return kernel
+  return _epilogue
 
 
 def _lowrank_chunk(a_smem, b_smem):

@@ -27,9 +27,9 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.quant.formats`` math); ``mode="real"`` calls
-``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; needs int4 per-channel weights and int4 per-token
-activations, the formats the kernels implement). The timestep bin is read from :func:`active_bin` (a traced int32 is
-fine, so changing bins never recompiles); a layer with a single bin needs no bin.
+``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; needs int4 weights per channel or in groups of 128 along K and
+int4 per-token activations, the formats the kernels implement). The timestep bin is read from :func:`active_bin` (a
+traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs no bin.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ _A_FMTS = ("int4", "int8", "mxfp4", "nvfp4", None)
 MODES = ("fake", "real")
 ACT_MODES = ("dynamic", "static")
 _QMAX = {"int4": 7.0, "int8": 127.0}
+REAL_W_GROUP = 128  # the group-scaled int4 weights mode="real" runs (kernels/w4a4_g128_gpu.py), besides per channel
 
 
 @contextlib.contextmanager
@@ -141,8 +142,9 @@ class QLinearConfig:
 
   def real_mode_problem(self) -> str | None:
     """Why ``mode="real"`` cannot run this layer (None if it can)."""
-    if self.w_fmt != "int4" or self.w_group != self.in_features:
-      return f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel"
+    if self.w_fmt != "int4" or self.w_group not in (self.in_features, REAL_W_GROUP):
+      return (f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
+              f"groups of {REAL_W_GROUP} along K")
     if self.a_fmt != "int4" or self.a_group is not None:
       return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
     return None
@@ -289,9 +291,12 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
     if signs is not None:  # rotation happens after smoothing: do both here, the kernel sees the rotated input
       x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
       smooth = None
-    y = dispatch.w4a4_linear(x2, a["qweight"], a["wscale"][:, 0], smooth=smooth, down=a.get("down"), up=a.get("up"),
+    group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
+    wscale = a["wscale"][:, 0] if group is None else a["wscale"]
+    y = dispatch.w4a4_linear(x2, a["qweight"], wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
                              bias=a.get("bias"), clip=clip,
-                             static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype)
+                             static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
+                             group_size=group)
     return y.reshape(*lead, c.out_features)
   xr = x2.astype(jnp.float32)
   if smooth is not None:
