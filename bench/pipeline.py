@@ -1,7 +1,9 @@
-"""Denoising step of one full-size expert: BF16 vs W4A4 (real kernels) vs diffusers BF16, plus pipeline memory.
+"""Denoising step of one full-size expert: BF16 vs W4A4 (real kernels) vs diffusers BF16, plus the pipeline.
 
     python -m bench.pipeline [--res 480p[,720p]] [--iters 5] [--quick] [--skip-bf16] [--skip-w4a4]
                              [--skip-artifact] [--skip-diffusers] [--skip-pipeline] [--skip-t5] [--skip-vae]
+                             [--pipeline-experts w4a4,bf16] [--pipeline-steps 40] [--pipeline-placement auto]
+                             [--pipeline-budget-s S] [--budget-s S]
 
 Everything runs with random weights of the exact full-size shapes (speed and memory do not depend on the values):
 
@@ -18,11 +20,14 @@ Everything runs with random weights of the exact full-size shapes (speed and mem
 * ``diffusers`` diffusers ``WanTransformer3DModel`` BF16 (modules of ``_keep_in_fp32_modules`` in fp32, as
                 ``from_pretrained(torch_dtype=bfloat16)`` loads it), default attention (torch SDPA), random init
                 made on the device, eager (``--diffusers-compile`` adds ``torch.compile``).
-* ``pipeline``  peak memory of the 480p I2V pipeline with both W4A4 experts resident, in stage order: UMT5-XXL
-                encode of (prompt, negative) and release -> both experts + VAE on the device -> VAE encode of the
-                condition -> denoise steps through ``WanI2VPipeline.denoise`` (CFG batch 2, one step per expert) ->
-                chunked VAE decode. ``peak_bytes_in_use`` never resets in JAX, so the number after each stage is
-                the peak so far.
+* ``pipeline``  the 480p I2V pipeline (:mod:`bench.pipeline_phase`) with both W4A4 experts, in stage order:
+                UMT5-XXL encode of (prompt, negative) and release -> both experts + VAE -> VAE encode of the
+                condition -> ``--pipeline-steps`` guided steps through ``WanI2VPipeline.denoise`` (CFG batch 2; 2
+                steps: one per expert; 40: a full generation) -> chunked VAE decode; time of each stage and step
+                (warm step time per expert), peak memory so far after each stage, full generation wall time.
+                ``--pipeline-experts w4a4,bf16`` adds the phase ``pipeline_bf16``: the same with both BF16 experts
+                (``--pipeline-placement auto`` swaps the inactive expert to host memory when the two do not fit).
+                The denoise loop stops cleanly at the phase's time budget and extrapolates the rest (labelled).
 
 Each phase runs in its own subprocess (``--phase NAME``), so that its ``peak_bytes_in_use`` is its own and the torch
 phase starts after JAX has released the GPU; the default BFC allocator with preallocation is kept
@@ -56,15 +61,19 @@ import zlib
 
 import numpy as np
 
+from bench.pipeline_phase import (PIPELINE_PHASES, encode_text_stage, phase_pipeline,  # noqa: F401 (re-exported)
+                                  phase_pipeline_bf16, pipeline_summary, pipeline_tables)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: latent (F, H, W) and pixel (frames, height, width) per resolution name
 RES = {"480p": ((21, 60, 104), (81, 480, 832)),
        "720p": ((21, 90, 160), (81, 720, 1280)),
        "tiny": ((3, 8, 12), (9, 64, 96))}
-PHASES = ("bf16", "w4a4", "diffusers", "pipeline")
-#: share of --budget-s each phase may use at most (the run as a whole never exceeds the budget)
-PHASE_SHARE = {"bf16": 0.3, "w4a4": 0.5, "diffusers": 0.3, "pipeline": 0.45}
+PHASES = ("bf16", "w4a4", "diffusers", "pipeline", "pipeline_bf16")
+#: share of --budget-s each phase may use at least, if the run has the time (a phase also gets what the phases after
+#: it do not need by their shares; the run as a whole never exceeds the budget)
+PHASE_SHARE = {"bf16": 0.3, "w4a4": 0.5, "diffusers": 0.3, "pipeline": 0.45, "pipeline_bf16": 0.45}
 MEMORY_TARGET_BYTES = 24e9
 DIFFUSERS_SITE = "/tmp/wanjax_bench_site"
 
@@ -685,179 +694,6 @@ def artifact_load_and_check(qdir: str, fwd, graphdef, cfg, res: str, ref_out) ->
     return rec
 
 
-def _t5_config(cfg):
-    import jax.numpy as jnp
-
-    from wanjax.model.t5 import UMT5_XXL, T5Config
-
-    if cfg.text_dim == UMT5_XXL.dim:
-        return UMT5_XXL.replace(text_len=cfg.text_len)
-    return T5Config(vocab_size=300, dim=cfg.text_dim, dim_attn=cfg.text_dim, dim_ffn=2 * cfg.text_dim, num_heads=4,
-                    num_layers=2, text_len=cfg.text_len, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-
-
-def _vae_config(cfg):
-    from wanjax.config import I2V_A14B
-    from wanjax.model.vae import WAN21_VAE
-
-    return WAN21_VAE if cfg == I2V_A14B else WAN21_VAE.replace(base_dim=4)
-
-
-def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
-    """UMT5 encoder (full UMT5-XXL for the full config) with random weights: encode 2 random prompts of
-    ``text_len`` tokens (positive, negative), then release it. Returns (context [2, L, D], record)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from wanjax.model.t5 import UMT5Encoder
-
-    tcfg = _t5_config(cfg)
-    t0 = time.perf_counter()
-    enc = fill_random(nnx.eval_shape(lambda: UMT5Encoder(tcfg, rngs=nnx.Rngs(0))), seed + 100)
-    graphdef, state = nnx.split(enc)
-    del enc
-    jax.block_until_ready(state)
-    rec = {"params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))), "weight_bytes": state_bytes(state),
-           "init_s": time.perf_counter() - t0}
-    ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, tcfg.vocab_size, (2, cfg.text_len)), jnp.int32)
-    mask = jnp.ones((2, cfg.text_len), jnp.int32)
-    t0 = time.perf_counter()
-    ctx = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
-    ctx = jax.block_until_ready(ctx)
-    rec["encode_first_call_s"] = time.perf_counter() - t0
-    rec["finite"] = bool(jnp.isfinite(ctx.astype(jnp.float32)).all())
-    rec["before_release"] = memory()
-    del state
-    rec["after_release"] = memory()
-    return ctx, rec
-
-
-def _cfg_two_pass_velocity(graphdef, bins, params, x, y, ctx, t, guide):
-    """Guided velocity with the conditional and unconditional passes run one after the other at batch 1."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from wanjax.quant.qlinear import active_bin
-
-    model = nnx.merge(graphdef, params)
-    inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
-    tt = jnp.full((x.shape[0],), t, jnp.float32)
-    with active_bin(bins.local_lookup(t)):
-        v_c = model(inp, tt, ctx[:1])
-        v_u = model(inp, tt, ctx[1:2])
-    return v_u + guide * (v_c - v_u)
-
-
-def phase_pipeline(args, workdir: str) -> dict:
-    """Peak memory of the I2V pipeline with both W4A4 experts resident, stage by stage (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
-
-    from bench.common import device_facts
-    from wanjax.model.vae import init_vae
-    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
-    from wanjax.quant.apply import attach_to_pipeline
-
-    rec = PhaseRecord(workdir, "pipeline")
-    rec.update(device_facts())
-    cfg = get_config(args.config)
-    res = args.res[0]
-    latent, (frames, height, width) = RES[res]
-    rec.update(res=res, cfg_mode=args.cfg_mode, steps=args.pipeline_steps, stages={}, target_bytes=MEMORY_TARGET_BYTES,
-               order="T5 encode + release -> experts + VAE -> VAE encode -> denoise (CFG) -> VAE decode")
-    st = rec["stages"]
-
-    def stage(name, fn):
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            st[name] = (st.get(name) or {}) | {"s": time.perf_counter() - t0} | memory()
-        except Exception as e:
-            st[name] = {"error": _error(e)} | memory()
-            out = None
-        log(f"pipeline {name}:", _brief(st[name]))
-        rec.save()
-        return out
-
-    if args.skip_t5:
-        ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
-    else:
-        def t5():
-            c, r = encode_text_stage(cfg, args.seed)
-            st["t5"] = r
-            return c
-        ctx = stage("t5", t5)
-        if ctx is None:
-            ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
-    bins = default_bins()
-    nbins = len(bins.expert_bins("high"))
-
-    def experts():
-        high = build_w4a4_expert(cfg, seed=args.seed, nbins=nbins, rank=args.rank)
-        low = build_w4a4_expert(cfg, seed=args.seed + 1, nbins=nbins, rank=args.rank)
-        vae = init_vae(_vae_config(cfg), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        pipe = WanI2VPipeline(high, low, vae, expert_placement="device")
-        attach_to_pipeline(pipe, high, low, bins)
-        if args.cfg_mode == "twopass":
-            pipe.replace_experts(high, low, velocity=lambda g: jax.jit(
-                functools.partial(_cfg_two_pass_velocity, g, bins)))
-        st["experts"] = {"expert_bytes": state_bytes((pipe.expert_params("high"), pipe.expert_params("low")))}
-        return pipe
-
-    pipe = stage("experts", experts)
-    if pipe is None:
-        return rec
-    image = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    max_area = height * width + height + width  # the official size rule floors 480x832 at "480p" to 464x832
-
-    def vae_encode():
-        y, hw = pipe.prepare_condition(image, frames, max_area)
-        if tuple(hw) != (height, width) or tuple(y.shape[1:4]) != tuple(latent):
-            raise ValueError(f"condition is {tuple(y.shape)} for {hw}, expected latent {latent}")
-        return jax.block_until_ready(y)
-
-    if args.skip_vae:
-        f, h, w = latent
-        y = jnp.zeros((1, f, h, w, cfg.in_dim - cfg.out_dim), jnp.float32)
-    else:
-        y = stage("vae_encode", vae_encode)
-        if y is None:
-            return rec
-    steps = []
-
-    def timed_velocity(name, params, x, yy, c, t, guide):
-        t0 = time.perf_counter()
-        v = jax.block_until_ready(pipe._velocity(params, x, yy, c, t, guide))
-        steps.append({"expert": name, "t": float(t), "s": time.perf_counter() - t0} | memory())
-        return v
-
-    def denoise():
-        gen = GenerationConfig(num_frames=frames, steps=args.pipeline_steps)
-        lat, used = pipe.denoise(y, ctx, gen, progress=False, velocity_fn=timed_velocity)
-        st["denoise"] = {"steps": steps, "experts_used": used}
-        jax.block_until_ready(lat)
-        try:  # XLA's own account of one guided step (the executable is cached: no second compilation)
-            st["denoise"]["step_memory_analysis"] = _memory_analysis(pipe._velocity.lower(
-                pipe.expert_params("low"), lat, y, ctx, jnp.float32(900.0), jnp.float32(3.5)).compile())
-        except Exception as e:
-            st["denoise"]["step_memory_analysis"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
-        return lat
-
-    lat = stage("denoise", denoise)
-    if lat is not None and not args.skip_vae:
-        def vae_decode():
-            video = jax.block_until_ready(pipe.decode(lat))
-            st["vae_decode"] = {"shape": list(video.shape), "finite": bool(jnp.isfinite(video).all())}
-        stage("vae_decode", vae_decode)
-    peaks = [s.get("peak_bytes_in_use") for s in st.values() if isinstance(s, dict)]
-    peaks = [p for p in peaks if p is not None]
-    rec["peak_bytes"] = max(peaks) if peaks else None
-    rec["meets_target"] = None if rec["peak_bytes"] is None else rec["peak_bytes"] <= MEMORY_TARGET_BYTES
-    rec.save()
-    return rec
-
-
 # ------------------------------------------------------------------------------------------------ diffusers
 def import_diffusers(wheel_dir: str = os.path.join(ROOT, ".whl"), target: str = DIFFUSERS_SITE):
     """``(diffusers module, None)``, installing the carried wheels of ``wheel_dir`` into ``target`` (no index, no
@@ -1001,7 +837,8 @@ def phase_diffusers(args, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-PHASE_FNS = {"bf16": phase_bf16, "w4a4": phase_w4a4, "diffusers": phase_diffusers, "pipeline": phase_pipeline}
+PHASE_FNS = {"bf16": phase_bf16, "w4a4": phase_w4a4, "diffusers": phase_diffusers, "pipeline": phase_pipeline,
+             "pipeline_bf16": phase_pipeline_bf16}
 
 
 def _brief(r: dict) -> dict:
@@ -1012,8 +849,10 @@ def _brief(r: dict) -> dict:
 
 def _run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dict:
     """Run ``python -m bench.pipeline --phase PHASE`` with output streamed through; kill its process group after
-    ``timeout`` seconds. Returns the phase's JSON (partial if it died) plus rc / timeout / log tail."""
-    cmd = [sys.executable, "-m", "bench.pipeline", *argv, "--phase", phase, "--workdir", workdir]
+    ``timeout`` seconds (the child is told the deadline: ``--deadline``, epoch seconds). Returns the phase's JSON
+    (partial if it died) plus rc / timeout / log tail."""
+    cmd = [sys.executable, "-m", "bench.pipeline", *argv, "--phase", phase, "--workdir", workdir,
+           "--deadline", f"{time.time() + max(timeout, 1.0):.3f}"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     tail = collections.deque(maxlen=40)
@@ -1049,8 +888,10 @@ def _run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dic
     return rec
 
 
-def _run_inprocess(phase: str, args, workdir: str) -> dict:
+def _run_inprocess(phase: str, args, workdir: str, timeout: float | None = None) -> dict:
     t0 = time.perf_counter()
+    if timeout is not None:   # the phase's deadline (the pipeline phases stop their denoise loop at it)
+        args = argparse.Namespace(**{**vars(args), "deadline": time.time() + timeout})
     try:
         rec = dict(PHASE_FNS[phase](args, workdir))
     except Exception as e:
@@ -1083,12 +924,12 @@ def summarize(results: dict) -> dict:
                             "w4a4_vs_diffusers_ge_1.5": None if s["w4a4_speedup_vs_diffusers"] is None
                             else s["w4a4_speedup_vs_diffusers"] >= 1.5}
         out[res] = s
-    p = ph.get("pipeline", {})
-    out["pipeline_peak_bytes"] = p.get("peak_bytes")
-    out["pipeline_meets_24GB"] = p.get("meets_target")
-    steps = ((p.get("stages") or {}).get("denoise") or {}).get("steps") or []
-    warm = [st["s"] for st in steps[1:] if isinstance(st, dict) and "s" in st]   # the first step compiles
-    out["pipeline_cfg_step_warm_s"] = statistics.median(warm) if warm else None
+    p = pipeline_summary(ph.get("pipeline", {}))     # the W4A4 pipeline (the keys of earlier result files)
+    out["pipeline_peak_bytes"] = p["peak_bytes"]
+    out["pipeline_meets_24GB"] = p["meets_24GB"]
+    out["pipeline_cfg_step_warm_s"] = p["step_warm_s"]
+    out["pipelines"] = {v: pipeline_summary(ph[name]) for v, name in PIPELINE_PHASES.items()
+                        if ph.get(name) and "stages" in ph[name]}
     return out
 
 
@@ -1118,20 +959,7 @@ def table(results: dict) -> str:
             comp = r.get("compile_s", r.get("first_call_s"))
             lines.append(f"| {res} {name} | {_fmt(comp, '.1f')} | {m:.3f} | {_fmt(b / m if b else None, '.2f')} | "
                          f"{_fmt(d / m if d else None, '.2f')} | {_fmt((r.get(pk) or 0) / 1e9 or None, '.1f')} |")
-    p = ph.get("pipeline")
-    if p:
-        lines += ["", "| pipeline stage (both W4A4 experts) | s | in use GB | peak so far GB |", "|---|---|---|---|"]
-        for name, s in p.get("stages", {}).items():
-            if not isinstance(s, dict):
-                continue
-            note = f" (error: {s['error'].splitlines()[0][:60]})" if s.get("error") else ""
-            lines.append(f"| {name}{note} | {_fmt(s.get('s'), '.1f')} | "
-                         f"{_fmt((s.get('bytes_in_use') or 0) / 1e9 or None, '.1f')} | "
-                         f"{_fmt((s.get('peak_bytes_in_use') or 0) / 1e9 or None, '.1f')} |")
-        pk = p.get("peak_bytes")
-        step = results["summary"].get("pipeline_cfg_step_warm_s")
-        lines.append(f"\npipeline peak: {_fmt(pk / 1e9 if pk else None, '.1f')} GB (target <= 24 GB: "
-                     f"{p.get('meets_target')}); one guided step ({p.get('cfg_mode')}, warm): {_fmt(step)} s")
+    lines += pipeline_tables(results)
     return "\n".join(lines)
 
 
@@ -1149,21 +977,47 @@ def parse_args(argv=None):
     ap.add_argument("--diffusers-compile", action="store_true", help="also time torch.compile(diffusers model)")
     ap.add_argument("--cfg-mode", default="batch2", choices=["batch2", "twopass"],
                     help="pipeline phase: CFG as the pipeline does it (batch 2) or cond/uncond one after the other")
-    ap.add_argument("--pipeline-steps", type=int, default=2, help="denoise steps (2: one per expert)")
+    ap.add_argument("--pipeline-experts", default="w4a4",
+                    help="pipeline phases to run, in the order given: comma list of " + ", ".join(PIPELINE_PHASES))
+    ap.add_argument("--pipeline-steps", type=int, default=2,
+                    help="denoise steps (2: one per expert; 40: the official full generation)")
+    ap.add_argument("--pipeline-placement", default="auto", choices=["auto", "device", "swap"],
+                    help="WanI2VPipeline expert_placement (auto: swap when both experts take > 60%% of the device)")
+    ap.add_argument("--pipeline-budget-s", type=float, default=None,
+                    help="time budget of each pipeline phase (default: its share of --budget-s); the denoise loop "
+                         "stops cleanly before a step that would not fit and extrapolates the rest")
     ap.add_argument("--budget-s", type=float, default=500.0, help="wall-time budget of the whole run")
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--name", default=None, help="result name (default pipeline_<res>)")
     ap.add_argument("--inprocess", action="store_true", help="run all phases in this process (CPU tests)")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.res = [r.strip() for r in args.res.split(",") if r.strip()]
     bad = [r for r in args.res if r not in RES]
     if bad:
         ap.error(f"--res: unknown {bad}; expected {list(RES)}")
+    experts = [e.strip() for e in args.pipeline_experts.split(",") if e.strip()]
+    if not experts or [e for e in experts if e not in PIPELINE_PHASES] or len(set(experts)) != len(experts):
+        ap.error(f"--pipeline-experts: {args.pipeline_experts!r}; expected a comma list of {list(PIPELINE_PHASES)}")
+    args.pipeline_experts = experts
+    if args.pipeline_steps < 1:
+        ap.error("--pipeline-steps must be >= 1")
     if args.quick:
         args.iters, args.iters_720p, args.skip_artifact, args.skip_t5 = 2, 1, True, True
     return args
+
+
+def _skipped(args, phase: str) -> bool:
+    return args.skip_pipeline if phase in PIPELINE_PHASES.values() else getattr(args, f"skip_{phase}")
+
+
+def phase_timeout(phase: str, left: float, budget: float, later: list[str]) -> float:
+    """Seconds ``phase`` may run: at least its share of the budget, and what the ``later`` phases do not need by
+    their shares; never past the budget (``left`` seconds are left of it)."""
+    keep = sum(PHASE_SHARE[p] for p in later) * budget
+    return min(left - 5, max(PHASE_SHARE[phase] * budget, left - keep))
 
 
 def main(argv=None) -> dict | None:
@@ -1179,7 +1033,7 @@ def main(argv=None) -> dict | None:
     workdir = tempfile.mkdtemp(prefix="wanjax_bench_pipeline_")
     results = {"name": name, "config": args.config, "res": args.res,
                "tokens": {r: RES[r][0][0] * RES[r][0][1] * RES[r][0][2] // 4 for r in args.res},
-               "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir")},
+               "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir", "deadline")},
                "notes": ["random weights of the exact shapes; speed and memory do not depend on the values",
                          "each phase in its own process: peak_bytes_in_use (JAX BFC allocator, preallocation on) and "
                          "torch.cuda.max_memory_allocated are that phase's own",
@@ -1188,18 +1042,19 @@ def main(argv=None) -> dict | None:
                          "no calibration"],
                "phases": {}}
     child_argv = [a for a in argv if a != "--inprocess"]
+    order = ["bf16", "w4a4", "diffusers"] + [PIPELINE_PHASES[e] for e in args.pipeline_experts]
     try:
-        for phase in PHASES:
-            if getattr(args, f"skip_{phase}"):
-                results["phases"][phase] = {"skipped": "--skip-" + phase}
+        for n, phase in enumerate(order):
+            if _skipped(args, phase):
+                results["phases"][phase] = {"skipped": "--skip-" + ("pipeline" if "pipeline" in phase else phase)}
                 continue
             left = args.budget_s - (time.perf_counter() - t_start)
             if left < 20:
                 results["phases"][phase] = {"skipped": f"time budget spent ({args.budget_s:.0f}s)"}
                 continue
-            timeout = min(left - 5, PHASE_SHARE[phase] * args.budget_s)
+            timeout = phase_timeout(phase, left, args.budget_s, [p for p in order[n + 1:] if not _skipped(args, p)])
             log(f"phase {phase} (up to {timeout:.0f}s)")
-            rec = (_run_inprocess(phase, args, workdir) if args.inprocess
+            rec = (_run_inprocess(phase, args, workdir, timeout) if args.inprocess
                    else _run_child(phase, child_argv, workdir, timeout))
             results["phases"][phase] = rec
             for key in ("device", "platform", "jax", "jaxlib", "git_commit"):
@@ -1227,4 +1082,5 @@ def _write(results: dict, name: str, results_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("bench.pipeline", sys.modules[__name__])   # bench.pipeline_phase uses this module
     main()

@@ -1,5 +1,6 @@
 """bench/pipeline.py on CPU with the TINY config: the W4A4 skeleton, the on-device builder (RTN of the bf16 expert's
-weights), real vs fake per layer, the artifact round trip and the result JSON (bf16 + w4a4 phases in process)."""
+weights), real vs fake per layer, the artifact round trip and the result JSON (bf16 + w4a4 phases in process), the
+pipeline phase with BF16 experts (expert swap, per-expert warm steps, clean stop at the time budget, extrapolation)."""
 import json
 import math
 import os
@@ -168,5 +169,91 @@ def test_table_reports_failed_and_skipped_phases():
   text = bp.table(results)
   assert "| 480p ours BF16 (cudnn attention) | 9.0 | 2.800 | 1.00 | - | 33.0 |" in text
   assert "failed/skipped: XlaRuntimeError: boom" in text
-  assert "pipeline peak: 20.0 GB (target <= 24 GB: True); one guided step (batch2, warm): 4.500 s" in text
+  assert ("pipeline peak (W4A4 experts): 20.0 GB (target <= 24 GB: True); one guided step (batch2, warm): 4.500 s"
+          in text)
   assert results["summary"]["480p"]["targets"]["w4a4_vs_bf16_ge_1.4"] is None
+
+
+def _pipeline_run(out, *extra):
+  mp = pytest.MonkeyPatch()
+  mp.setenv("WANJAX_KERNELS", "reference")
+  mp.delenv("OUT", raising=False)
+  try:
+    return bp.main(["--config", "TINY", "--res", "tiny", "--inprocess", "--skip-bf16", "--skip-w4a4",
+                    "--skip-diffusers", "--skip-t5", "--skip-vae", "--pipeline-experts", "bf16",
+                    "--results-dir", str(out), *extra])
+  finally:
+    mp.undo()
+
+
+def test_pipeline_bf16_variant_with_expert_swap(tmp_path):
+  """Both BF16 experts, the inactive one in host memory (placement "swap"): 3 steps (high, high, low); per-expert warm
+  step times, the swaps timed, a generation row in the table."""
+  results = _pipeline_run(tmp_path, "--pipeline-steps", "3", "--pipeline-placement", "swap")
+  ph = results["phases"]
+  assert set(ph) == {"bf16", "w4a4", "diffusers", "pipeline_bf16"}   # the W4A4 pipeline was not asked for
+  p = ph["pipeline_bf16"]
+  assert "error" not in p, p.get("error")
+  assert p["experts"] == "bf16" and p["placement"] == "swap" and p["stages"]["experts"]["placement"] == "swap"
+  den = p["stages"]["denoise"]
+  assert not den["stopped_early"] and den["steps_done"] == den["steps_planned"] == 3
+  assert [s["expert"] for s in den["steps"]] == den["experts_used"] == ["high", "high", "low"]
+  assert [s["warm"] for s in den["steps"]] == [False, True, True] and den["extra_warm_steps"] == []
+  assert [w["to"] for w in den["swaps"]] == ["low"] and den["swaps"][0]["s"] > 0
+  for e in ("high", "low"):
+    assert den["per_expert"][e]["warm_median_s"] > 0
+  g = p["generation"]
+  assert not g["extrapolated"] and g["not_included"] == ["t5", "vae_decode", "vae_encode"]
+  assert g["s"] == pytest.approx(den["loop_s"])
+  s = results["summary"]["pipelines"]["bf16"]
+  assert s["denoise_s"] == pytest.approx(den["loop_s"]) and s["denoise_extrapolated_s"] is None
+  assert s["step_warm_s_by_expert"]["low"] == pytest.approx(den["per_expert"]["low"]["warm_median_s"])
+  assert results["summary"]["pipeline_peak_bytes"] is None      # the W4A4 pipeline's keys: not run
+  assert "| pipeline stage (both BF16 experts, swap) |" in results["table"]
+  row = [line for line in results["table"].splitlines() if line.startswith("| BF16 experts | swap |")]
+  assert len(row) == 1 and "(3/3)" in row[0] and "EXTRAPOLATED" not in row[0], row
+  with open(os.path.join(tmp_path, "pipeline_tiny.json")) as f:
+    assert json.load(f)["settings"]["pipeline_experts"] == ["bf16"]
+
+
+def test_pipeline_stops_cleanly_at_its_budget_and_extrapolates(tmp_path):
+  """A budget that fits no second step: the loop stops after the first, the 2 high-noise steps (of 4) are reported,
+  the rest extrapolated and labelled as such (no warm step fits: the compile step is the basis)."""
+  results = _pipeline_run(tmp_path, "--pipeline-steps", "4", "--pipeline-budget-s", "0.001")
+  p = results["phases"]["pipeline_bf16"]
+  assert "error" not in p, p.get("error")
+  den = p["stages"]["denoise"]
+  assert den["stopped_early"] and den["steps_done"] == 1 and "time budget" in den["stop_reason"]
+  assert sorted(den["extra_warm_steps_skipped"]) == ["high", "low"]
+  ex = den["extrapolation"]
+  assert ex["steps_left"] == 3 and ex["steps_left_by_expert"] == {"high": 1, "low": 2} and "EXTRAPOLATED" in ex["note"]
+  assert set(ex["basis"].values()) == {"first step (compile included)"}
+  assert den["extrapolated_s"] == pytest.approx(den["loop_s"] + 3 * den["steps"][0]["s"])
+  assert p["generation"]["extrapolated"] and "EXTRAPOLATED" in p["generation"]["note"]
+  row = [line for line in results["table"].splitlines() if line.startswith("| BF16 experts |")][0]
+  assert "EXTRAPOLATED (1/4 run" in row
+
+
+def test_step_estimate_and_extrapolation_with_swaps():
+  from bench import pipeline_phase as pp
+  steps = [{"expert": "high", "s": 20.0, "warm": False}, {"expert": "high", "s": 6.0, "warm": True},
+           {"expert": "high", "s": 6.2, "warm": True}]
+  assert pp.step_estimate(steps, "high") == (6.1, "high warm median")
+  assert pp.step_estimate(steps, "low") == (6.1, "other expert's warm median")
+  assert pp.step_estimate(steps[:1], "low") == (20.0, "first step (compile included)")
+  ex = pp.extrapolate(["high"] * 4 + ["low"] * 3, 3, steps, [{"s": 2.0}], "swap", "high")
+  assert ex["steps_left_by_expert"] == {"high": 1, "low": 3} and ex["swaps_left"] == 1
+  assert ex["steps_left_s"] == pytest.approx(4 * 6.1 + 2.0)
+  assert pp.extrapolate(["high", "low"], 1, steps, [], "device", "high")["swaps_left"] == 0
+
+
+def test_pipeline_experts_option():
+  assert bp.parse_args([]).pipeline_experts == ["w4a4"]
+  assert bp.parse_args(["--pipeline-experts", "w4a4,bf16"]).pipeline_experts == ["w4a4", "bf16"]
+  for bad in ("fp8", "bf16,bf16", ""):
+    with pytest.raises(SystemExit):
+      bp.parse_args(["--pipeline-experts", bad])
+  # a phase gets its share, and whatever the phases after it do not need by theirs
+  assert bp.phase_timeout("pipeline", 540.0, 540.0, ["pipeline_bf16"]) == pytest.approx(540 * 0.55)
+  assert bp.phase_timeout("pipeline_bf16", 250.0, 540.0, []) == pytest.approx(245.0)
+  assert bp.phase_timeout("bf16", 500.0, 500.0, ["w4a4", "diffusers", "pipeline"]) == pytest.approx(150.0)
