@@ -20,8 +20,9 @@ itself checked against the int32-upcast reference on a slice of rows; the full e
 
 ``--g128`` benchmarks the group-scaled GEMM instead (kernels/w4a4_g128_gpu.py: int4 weights with one scale per channel
 and group of 128 along K), per (M, K, N): xla_bf16 (baseline), xla_g128 (the dispatcher's XLA fallback: a loop over the
-groups), pallas_g128_r0 / _r32 (the kernel alone), pallas_int8w_r32 (the per-channel kernel, for comparison) and
-e2e_linear_g128_r32 (act quant + weight unpack + g128 GEMM + low-rank + bias, bf16 -> bf16; also by wall clock).
+groups), pallas_g128_r0 / _r32 (the kernel alone; ``_overlap``: G128Config(overlap_rescale=True)), pallas_int8w_r32
+(the per-channel kernel, for comparison) and e2e_linear_g128_r32[_overlap] (act quant + weight unpack + g128 GEMM +
+low-rank + bias, bf16 -> bf16; also by wall clock).
 Checks before timing: the group accumulation bit-exactly (unit token scales, power-of-two group scales, f32 output:
 every partial sum is exact) against the XLA group loop, which is itself checked against the int32-upcast reference on
 a slice of rows; the full epilogue to <= 1e-2 relative; outputs poisoned first. Results: kernels_w4a4_g128.json.
@@ -379,12 +380,16 @@ def run_shape_g128(m, k, n, sweep, log):
         xla_acc(q_x, q_w, s_w), s_x, ones_n, None, None, bias)
     return rel_err(out, exp)
 
+  ov = dataclasses.replace(G128_CONFIG, overlap_rescale=True)
   variants = [("pallas_g128_r0", 0, G128_CONFIG, True), ("pallas_g128_r32", R, G128_CONFIG, True),
+              ("pallas_g128_r0_overlap", 0, ov, True), ("pallas_g128_r32_overlap", R, ov, True),
               ("pallas_g128_r32_chunk", R, dataclasses.replace(G128_CONFIG, lowrank_mode="chunk"), False)]
   if sweep:
-    for st, gw, tm in [(2, 4, 128), (4, 4, 128), (3, 1, 128), (3, 8, 128), (3, 4, 64), (3, 4, 192)]:
-      variants.append((f"pallas_g128_r32_s{st}_g{gw}_m{tm}", R,
-                       dataclasses.replace(G128_CONFIG, stages=st, grid_tile_width=gw, tile_m=tm), True))
+    for st, gw, tm, o in [(2, 4, 128, False), (4, 4, 128, False), (3, 1, 128, False), (3, 8, 128, False),
+                          (3, 4, 64, False), (3, 4, 192, False), (4, 4, 128, True), (3, 8, 128, True)]:
+      variants.append((f"pallas_g128_r32_s{st}_g{gw}_m{tm}{'_overlap' if o else ''}", R,
+                       dataclasses.replace(G128_CONFIG, stages=st, grid_tile_width=gw, tile_m=tm, overlap_rescale=o),
+                       True))
   for name, r, cfg, checked in variants:
     chk = None
     if checked:
@@ -397,18 +402,24 @@ def run_shape_g128(m, k, n, sweep, log):
       lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8")),
       q_x, s_x, q_w, sw_ch, x_lr, up, bias)
 
-  @jax.jit
-  def e2e(x_, wp, sw, sm, dn, u, b):
-    qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
-    return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b)
+  def make_e2e(cfg):
+    @jax.jit
+    def e2e(x_, wp, sw, sm, dn, u, b):
+      qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
+      return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b, config=cfg)
+    return e2e
 
   e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
+  e2e = make_e2e(G128_CONFIG)
   rec("e2e_linear_g128_r32", e2e, *e2e_args, check=lambda: rel_err(e2e(*e2e_args), y_ref))
+  e2e_ov = make_e2e(ov)
+  rec("e2e_linear_g128_r32_overlap", e2e_ov, *e2e_args, check=lambda: rel_err(e2e_ov(*e2e_args), y_ref))
   try:
     xs = [x] + [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
                 for i in range(2)]
     res["wall_ms"]["xla_bf16"] = wall_ms(bf16_dot, [(xi, w_bf16) for xi in xs])
     res["wall_ms"]["e2e_linear_g128_r32"] = wall_ms(e2e, [(xi, *e2e_args[1:]) for xi in xs])
+    res["wall_ms"]["e2e_linear_g128_r32_overlap"] = wall_ms(e2e_ov, [(xi, *e2e_args[1:]) for xi in xs])
     log(f"  wall (rotated inputs): {res['wall_ms']}")
     del xs
   except Exception as e:

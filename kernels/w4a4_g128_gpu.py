@@ -21,9 +21,10 @@ thread, so the default per-warpgroup tile is 128 x 64 (CTA tile 128 x 128; 128 r
 128 x 128 per warpgroup would need 256.
 
 Weights are int8 [N, K] holding int4 values (the dispatcher unpacks packed uint8 codes with one XLA pass). Not built:
-the int4-in-registers (register-A ``wgmma``) variant of the per-channel kernel, and overlapping the int32 -> f32
-rescale of step g with the ``wgmma`` of step g+1 (each step waits for its ``wgmma`` before rescaling, as the
-per-channel kernel does; the two compute warpgroups interleave).
+the int4-in-registers (register-A ``wgmma``) variant of the per-channel kernel. By default each step waits for its
+``wgmma`` before rescaling (as the per-channel kernel does; the two compute warpgroups interleave);
+``G128Config(overlap_rescale=True)`` instead rescales the previous group's int32 result while the current group's
+``wgmma`` runs (one more register tile). Which is faster is unmeasured.
 
 Status: checked in the Mosaic GPU interpreter and by lowering for CUDA on CPU; **never run on a GPU**, no timings
 (``python -m bench.kernels --g128`` times it against XLA bf16).
@@ -31,6 +32,7 @@ Status: checked in the Mosaic GPU interpreter and by lowering for CUDA on CPU; *
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,8 +46,22 @@ from .w4a4_gpu import (H100_NUM_SMS, W4A4Config, _interpret_params, _num_sms, _s
 
 GROUP = 128
 
+
+@dataclasses.dataclass(frozen=True)
+class G128Config(W4A4Config):
+  """Tiling of the g128 GEMM (the fields of :class:`kernels.w4a4_gpu.W4A4Config`, tile_k = 128 = group) plus:
+
+  overlap_rescale: False = each step waits for its ``wgmma``, then rescales its int32 result into the f32 carry;
+    True = each step issues its ``wgmma`` first and rescales the previous step's int32 result (carried in registers)
+    while the tensor cores run, then waits (one more tile_m x tile_n int32 tile of registers: 3 register tiles,
+    192 registers per thread at 128 x 64). Unmeasured which is faster.
+  """
+
+  overlap_rescale: bool = False
+
+
 # Per compute warpgroup 128 x 64 (see the module docstring: register budget of the two accumulators).
-G128_CONFIG = W4A4Config(tile_m=128, tile_n=64, tile_k=GROUP, stages=3, num_sms=H100_NUM_SMS)
+G128_CONFIG = G128Config(tile_m=128, tile_n=64, tile_k=GROUP, stages=3, num_sms=H100_NUM_SMS)
 
 
 def _sw_bytes(cfg: W4A4Config) -> int:
@@ -99,6 +115,10 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, lowrank_mode
   if r:
     lr_tf = _swizzled(r * 2, 2)
   ch_layout = plgpu.Layout.WGMMA.reduce(0)  # keeps the channel axis of a (tile_m, tile_n) tile
+  overlap = getattr(cfg, "overlap_rescale", False)
+
+  def _rescale_add(acc, part_i32, sw):
+    return acc + part_i32.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc.shape, [1])
   epilogue = make_epilogue(tile_m=tile_m, tile_n=tile_n, epi_n=epi_n, out_slots=out_slots, r=r,
                            lowrank_mode=lowrank_mode, transposed=False)
 
@@ -154,20 +174,37 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, lowrank_mode
             plgpu.copy_gmem_to_smem(xlr_gmem.at[m_sl], xlr_smem.at[wg], lr_bar.at[2 * wg])
             plgpu.copy_gmem_to_smem(up_gmem.at[:, n_wg_sl], up_smem.at[wg], lr_bar.at[2 * wg + 1])
           acc0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-          acc = eval_pipeline(acc0)
+          if overlap:
+            prev0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.int32), plgpu.Layout.WGMMA)
+            sw0 = plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), ch_layout)
+            acc, prev, prev_sw = eval_pipeline((acc0, prev0, sw0))
+            acc = _rescale_add(acc, prev, prev_sw)  # the last group
+          else:
+            acc = eval_pipeline(acc0)
           epilogue(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar,
                    sx_gmem, None, bias_gmem, out_gmem)
 
-        def mma_body(_, x_smem, w_smem, sw_smem, acc):
+        def mma_body(_, x_smem, w_smem, sw_smem, carry):
           sw = plgpu.load(sw_smem.at[0, pl.ds(wg * tile_n, tile_n)], layout=ch_layout, optimized=False)
+          w_wg = w_smem.at[pl.ds(wg * tile_n, tile_n)]
+          if not overlap:
+            def group_product(acc_ref):
+              plgpu.wgmma(acc_ref, x_smem, w_wg.T)
+              plgpu.wgmma_wait(0)
+              return acc_ref[...]
 
-          def group_product(acc_ref):
-            plgpu.wgmma(acc_ref, x_smem, w_smem.at[pl.ds(wg * tile_n, tile_n)].T)
+            part = pl.run_scoped(group_product, plgpu.ACC((tile_m, tile_n), jnp.int32))
+            return _rescale_add(carry, part, sw)
+          acc, prev, prev_sw = carry
+
+          def group_product_overlapped(acc_ref):
+            plgpu.wgmma(acc_ref, x_smem, w_wg.T)
+            new_acc = _rescale_add(acc, prev, prev_sw)  # previous group, while this group's wgmma runs
             plgpu.wgmma_wait(0)
-            return acc_ref[...]
+            return new_acc, acc_ref[...]
 
-          part = pl.run_scoped(group_product, plgpu.ACC((tile_m, tile_n), jnp.int32))
-          return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc.shape, [1])
+          acc, part = pl.run_scoped(group_product_overlapped, plgpu.ACC((tile_m, tile_n), jnp.int32))
+          return acc, part, sw
 
         get_pipeline(mma_body, compute_context)(
             x_gmem.at[m_sl, :], w_gmem.at[n_cta_sl, :], swt_gmem.at[:, n_cta_sl], allocations=pipeline_allocs,
@@ -188,7 +225,7 @@ def w4a4_g128_matmul_gpu(
     bias: jax.Array | None = None,
     *,
     out_dtype=jnp.bfloat16,
-    config: W4A4Config = G128_CONFIG,
+    config: W4A4Config = G128_CONFIG,  # a G128Config (or a plain W4A4Config: overlap_rescale=False)
     interpret=False,
 ) -> jax.Array:
   """Mosaic GPU group-scaled (g128) W4A4 GEMM.
