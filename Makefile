@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m wanjax.demo
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 tests
+	JAX_PLATFORMS=cpu OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -15,6 +15,14 @@ def test_wheel_contents(tmp_path):
     for pkg in ("wanjax/__init__.py", "wanjax/quant/__init__.py", "wanjax/kernels/__init__.py",
                 "wanjax/model/dit.py", "wanjax/io/dit_loader.py", "wanjax/sampling/unipc.py"):
         assert pkg in names, pkg
+    # every package of the source tree is in the wheel (a non-editable install must not lose subpackages)
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    src = {"wanjax/" + str(p.parent.relative_to(root / "wanjax")).replace(".", "").strip("/")
+           for p in (root / "wanjax").rglob("__init__.py")}
+    for pkg in sorted(src):
+        assert (pkg.rstrip("/") + "/__init__.py") in names, f"package {pkg} missing from the wheel"
+    assert "wanjax/evaluation/sets/eval_mini.json" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"wanjax"}, tops
     # the wheel imports on its own (zip import; wanjax.config needs no third-party package)
