@@ -10,6 +10,10 @@ Backends:
   TPU), epilogue in f32. Fast everywhere, exact integer accumulation.
 * ``"reference"``: ``kernels.reference`` (int32-upcast dot; the ground truth, slow on accelerators).
 
+MXFP4 W4A4 (``mxfp4_linear`` / ``mxfp4_matmul``): "pallas" runs ``kernels.mxfp4_gpu`` (FP8 re-encoding + FP8
+``wgmma``) on a GPU, "xla" an exact bf16 dequantization and a bf16 dot with f32 accumulation, "reference" the f32
+HIGHEST dot.
+
 Default: "pallas" on a CUDA GPU of compute capability 9.x, else "xla". Override with the environment variable
 ``WANJAX_KERNELS=reference|xla|pallas`` or the ``backend=`` argument.
 """
@@ -209,3 +213,138 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
   y = w4a4_matmul(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
                   backend=backend, group_size=group_size)
   return y.reshape(*lead, w_packed.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------------ MXFP4
+MXFP4_BLOCK = 32
+MX_NAN_EXP = 128  # E8M0 code 255 (a block with a non-finite input) as an exponent
+
+
+def mxfp4_decode(codes, scales, block: int = MXFP4_BLOCK):
+  """MXFP4 codes -> (E2M1 element values f32 [R, K], block exponents int32 [R, K/block]).
+
+  ``codes``: uint8 E2M1 codes, packed two per byte ``[R, K/2]`` (``formats_pack``) or one per byte ``[R, K]`` (told
+  apart by their width against ``scales``, K = scales.shape[-1] * block); ``scales``: uint8 E8M0 codes
+  ``[R, K/block]`` (exponent = code - 127; code 255 = NaN block, exponent 128).
+  """
+  from wanjax.quant.formats_codecs import e2m1_decode
+  from wanjax.quant.formats_pack import unpack_nibbles
+
+  codes = jnp.asarray(codes)
+  scales = jnp.asarray(scales)
+  k = scales.shape[-1] * block
+  if codes.shape[-1] * 2 == k:
+    codes = unpack_nibbles(codes, signed=False)
+  if codes.shape[-1] != k or codes.shape[:-1] != scales.shape[:-1]:
+    raise ValueError(f"mxfp4_decode: codes [R, K/2] (packed) or [R, K] and E8M0 scales [R, K/{block}] expected, got "
+                     f"{codes.shape} and {scales.shape}")
+  return e2m1_decode(codes), scales.astype(jnp.int32) - 127
+
+
+def mxfp4_act_quant(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
+                    block: int = MXFP4_BLOCK):
+  """MXFP4 activation quantization of ``x [M, K]`` (after ``/ smooth``): (values f32 [M, K], exps int32 [M, K/block]).
+
+  Exactly ``wanjax.quant.formats.quantize_mxfp4`` (``nonfinite="nan"``: a block with a non-finite input gets exponent
+  128, which makes its output row NaN as in fake mode); ``clip`` and ``exp_offset`` may be traced.
+  """
+  from wanjax.quant.formats_fp4 import quantize_mxfp4
+
+  xs = reference.smooth_act(x, smooth)
+  qt = quantize_mxfp4(xs, scale_rule=scale_rule, exp_offset=exp_offset, clip=clip, block_size=block, nonfinite="nan")
+  return mxfp4_decode(qt.codes, qt.scales, block)
+
+
+def _mx_dequant(v, e, block, dtype):
+  """Exact ``v * 2**e`` per block (two half-exponent factors: no subnormal intermediate), cast to ``dtype`` (exact
+  for bf16/f32: E2M1 values times a power of two need 2 significant bits)."""
+  from .mxfp4_gpu import exp2_exact
+
+  r, k = v.shape
+  e = jnp.minimum(e, 127)[..., None]
+  half = e >> 1
+  out = v.reshape(r, k // block, block) * exp2_exact(half) * exp2_exact(e - half)
+  return out.reshape(r, k).astype(dtype)
+
+
+def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,
+                 backend: str | None = None, block: int = MXFP4_BLOCK, interpret: bool = False, config=None):
+  """MXFP4 x MXFP4 GEMM on decoded operands: ``x = xv * 2**xe`` [M, K], ``w = wv * 2**we`` [N, K] (per block of 32
+  along K), ``out = x @ w^T + x_lr @ up + bias`` -> ``(out [M, N] out_dtype, inexact_rows int32)``.
+
+  Backends: "reference": exact f32 dequantization, f32 dot at HIGHEST precision; "xla": exact bf16 dequantization
+  (every MXFP4 value is a bf16) and a bf16 x bf16 -> f32 dot (tensor cores on GPU; products exact, f32
+  accumulation); "pallas" on a GPU with N % 256 == K % 128 == 0, r % 16 == 0 and block 32: ``kernels.mxfp4_gpu``
+  (each row re-encoded to e4m3 with a power-of-two row scale, FP8 ``wgmma``; M zero-padded to a multiple of 8 and
+  at least one tile), else "xla". The kernel path is checked by lowering for CUDA on CPU only, never run on a GPU.
+
+  ``inexact_rows``: rows of x plus rows of w that the FP8 re-encoding could not represent exactly (block exponents
+  more than 8 binades below the row's largest); always 0 on the exact "reference" / "xla" paths.
+  Blocks with exponent 128 (E8M0 NaN) make their output row (x) or column (w) NaN, as ``formats.dequantize``.
+  ``interpret`` / ``config`` (tests): run the "pallas" kernel path in the Mosaic GPU interpreter with that tiling.
+  """
+  be = select_backend(backend)
+  (m, k), n = xv.shape, wv.shape[0]
+  if wv.shape[1] != k or xe.shape != (m, k // block) or we.shape != (n, k // block):
+    raise ValueError(f"mxfp4_matmul: xv [M, K], xe [M, K/{block}], wv [N, K], we [N, K/{block}] expected, got "
+                     f"{xv.shape}, {xe.shape}, {wv.shape}, {we.shape}")
+  r = 0 if x_lr is None else x_lr.shape[1]
+  inexact = jnp.int32(0)
+  if (be == "pallas" and (interpret or _platform() == "gpu") and block == 32 and not r % 16
+      and (config is not None or pallas_supports(n, k))):
+    from .mxfp4_gpu import mxfp4_matmul_gpu
+    from .w4a4_gpu import DEFAULT_CONFIG
+    # the Mosaic GPU GEMM needs M >= tile_m and (lowering for CUDA) M % 8 == 0: pad with zero rows (exact, not
+    # counted), cut them off after
+    mp = max((config or DEFAULT_CONFIG).tile_m, -(-m // 8) * 8)
+    pad = ((0, mp - m), (0, 0))
+    xv_p, xe_p = jnp.pad(xv, pad), jnp.pad(xe, pad, constant_values=-126)
+    x_lr_p = None if x_lr is None else jnp.pad(x_lr, pad)
+    y, bad_x, bad_w = mxfp4_matmul_gpu(xv_p, xe_p, wv, we, x_lr_p, up, bias, out_dtype=jnp.float32, config=config,
+                                       interpret=interpret)
+    y = y[:m]
+    inexact = (bad_x + bad_w).astype(jnp.int32)
+  else:
+    dt = jnp.float32 if be == "reference" else jnp.bfloat16
+    prec = lax.Precision.HIGHEST if be == "reference" else None
+    acc = lax.dot_general(_mx_dequant(xv, xe, block, dt), _mx_dequant(wv, we, block, dt), (((1,), (1,)), ((), ())),
+                          precision=prec, preferred_element_type=jnp.float32)
+    y = reference.w4a4_epilogue(acc, jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32), x_lr, up, bias,
+                                jnp.float32)
+  nan_x = jnp.any(xe >= MX_NAN_EXP, axis=1)
+  nan_w = jnp.any(we >= MX_NAN_EXP, axis=1)
+  y = jnp.where(nan_x[:, None] | nan_w[None, :], jnp.float32(jnp.nan), y)
+  return y.astype(out_dtype), inexact
+
+
+def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=None, clip=1.0, exp_offset=0,
+                 scale_rule: str = "safe_ceil", out_dtype=jnp.bfloat16, backend: str | None = None,
+                 return_inexact: bool = False):
+  """MXFP4 W4A4 linear end to end on ``x [..., K]``: MXFP4 activation quantization, low-rank down, MXFP4 GEMM.
+
+  Args:
+    x: activations [..., K] (any float dtype).
+    w_codes: uint8 MXFP4 weight codes, packed [N, K/2] (``formats_pack`` layout) or [N, K].
+    w_scales: uint8 E8M0 weight scale codes [N, K/32].
+    smooth: optional [K] smoothing divisor; down, up: optional low-rank branch [K, r] / [r, N]; bias: optional [N].
+    clip, exp_offset: the activation block abs-max multiplier and MX exponent offset of the active timestep bin
+      (scalars, may be traced).
+    scale_rule: activation scale rule ("safe_ceil", the seed's, or "ocp_floor").
+    out_dtype: output dtype; backend: see :func:`mxfp4_matmul`.
+    return_inexact: also return the number of rows the FP8 re-encoding rounded (kernel path only; 0 elsewhere).
+
+  ``x_lr = bf16(bf16(x / smooth) @ bf16(down))`` as for the INT4 path. In production the weights would be decoded
+  (and for the kernel re-encoded) once at load time; here they are decoded per call.
+  """
+  lead = x.shape[:-1]
+  k = x.shape[-1]
+  wv, we = mxfp4_decode(w_codes, w_scales)
+  if wv.shape[1] != k:
+    raise ValueError(f"mxfp4_linear: weights have K={wv.shape[1]}, activations K={k}")
+  x2 = x.reshape(-1, k)
+  xv, xe = mxfp4_act_quant(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
+  x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
+  y, inexact = mxfp4_matmul(xv, xe, wv, we, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
+                            backend=backend)
+  y = y.reshape(*lead, wv.shape[0])
+  return (y, inexact) if return_inexact else y

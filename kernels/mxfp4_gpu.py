@@ -28,6 +28,13 @@ MX_BLOCK = 32
 MAX_EXACT_SHIFT = 8  # e4m3 holds e2m1 * 2**-d exactly for d <= 8
 
 
+def exp2_exact(n: jax.Array) -> jax.Array:
+  """Exact float32 ``2**n`` for integer ``n`` in [-126, 127] from the exponent bits (``jnp.exp2`` is not exact on
+  CPU: it is off by ulps for most |n| >= 13 and gives 0 for n = -126). Values outside are clamped."""
+  n = jnp.clip(jnp.asarray(n).astype(jnp.int32), -126, 127)
+  return lax.bitcast_convert_type((n + 127) << 23, jnp.float32)
+
+
 def reencode_rows(values: jax.Array, block_exp: jax.Array, block: int = MX_BLOCK):
   """MXFP4 rows -> (fp8 e4m3 [R, K], row exponent int32 [R], number of rows not exactly representable).
 
@@ -42,7 +49,8 @@ def reencode_rows(values: jax.Array, block_exp: jax.Array, block: int = MX_BLOCK
   e = block_exp.astype(jnp.int32)
   row_exp = jnp.max(e, axis=1)
   shift = (e - row_exp[:, None])  # <= 0
-  y = values.astype(jnp.float32).reshape(r, k // block, block) * jnp.exp2(shift.astype(jnp.float32))[..., None]
+  shift = jnp.maximum(shift, -126)  # 2**-126 and below flush every E2M1 value out of e4m3 anyway (counted inexact)
+  y = values.astype(jnp.float32).reshape(r, k // block, block) * exp2_exact(shift)[..., None]
   y = y.reshape(r, k)
   f8 = y.astype(jnp.float8_e4m3fn)
   inexact_rows = jnp.sum(jnp.any(f8.astype(jnp.float32) != y, axis=1).astype(jnp.int32))
@@ -52,8 +60,10 @@ def reencode_rows(values: jax.Array, block_exp: jax.Array, block: int = MX_BLOCK
 def dequantize(values, block_exp, block: int = MX_BLOCK):
   """Exact f32 value of MXFP4 rows: values * 2**block_exp (per block)."""
   r, k = values.shape
-  s = jnp.exp2(block_exp.astype(jnp.float32))
-  return (values.astype(jnp.float32).reshape(r, k // block, block) * s[..., None]).reshape(r, k)
+  e = block_exp.astype(jnp.int32)[..., None]
+  half = e >> 1  # two halves: exact also where 2**e alone would be subnormal (the result stays normal)
+  v = values.astype(jnp.float32).reshape(r, k // block, block)
+  return (v * exp2_exact(half) * exp2_exact(e - half)).reshape(r, k)
 
 
 def mxfp4_matmul_reference(xv, xe, wv, we, x_lr=None, up=None, bias=None, out_dtype=jnp.bfloat16):
@@ -76,6 +86,6 @@ def mxfp4_matmul_gpu(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype
   from .w4a4_gpu import DEFAULT_CONFIG, w4a4_matmul_gpu
   x8, ex, bad_x = reencode_rows(xv, xe)
   w8, ew, bad_w = reencode_rows(wv, we)
-  out = w4a4_matmul_gpu(x8, jnp.exp2(ex.astype(jnp.float32)), w8, jnp.exp2(ew.astype(jnp.float32)), x_lr, up, bias,
+  out = w4a4_matmul_gpu(x8, exp2_exact(ex), w8, exp2_exact(ew), x_lr, up, bias,
                         out_dtype=out_dtype, weights="fp8", config=config or DEFAULT_CONFIG, interpret=interpret)
   return out, bad_x, bad_w

@@ -27,9 +27,11 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.quant.formats`` math); ``mode="real"`` calls
-``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; needs int4 weights per channel or in groups of 128 along K and
-int4 per-token activations, the formats the kernels implement). The timestep bin is read from :func:`active_bin` (a
-traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs no bin.
+``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
+per-token activations) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
+the bin's ``act_exp_offset`` applied as in fake mode): the formats the kernels implement. The timestep bin is read
+from :func:`active_bin` (a traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs
+no bin.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ MODES = ("fake", "real")
 ACT_MODES = ("dynamic", "static")
 _QMAX = {"int4": 7.0, "int8": 127.0}
 REAL_W_GROUP = 128  # the group-scaled int4 weights mode="real" runs (kernels/w4a4_g128_gpu.py), besides per channel
+REAL_MX_BLOCK = 32  # the MXFP4 block mode="real" runs (kernels.dispatch.mxfp4_linear), weights and activations
 
 
 @contextlib.contextmanager
@@ -142,9 +145,14 @@ class QLinearConfig:
 
   def real_mode_problem(self) -> str | None:
     """Why ``mode="real"`` cannot run this layer (None if it can)."""
+    if self.w_fmt == "mxfp4" and self.w_group == REAL_MX_BLOCK:
+      if self.a_fmt != "mxfp4" or (self.a_group or REAL_MX_BLOCK) != REAL_MX_BLOCK:
+        return (f"weights are mxfp4 but activations are {self.a_fmt} with group {self.a_group}; the MXFP4 kernels "
+                f"need mxfp4 activations in blocks of {REAL_MX_BLOCK}")
+      return None
     if self.w_fmt != "int4" or self.w_group not in (self.in_features, REAL_W_GROUP):
       return (f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
-              f"groups of {REAL_W_GROUP} along K")
+              f"groups of {REAL_W_GROUP} along K, or mxfp4 in blocks of {REAL_MX_BLOCK} (with mxfp4 activations)")
     if self.a_fmt != "int4" or self.a_group is not None:
       return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
     return None
@@ -274,9 +282,12 @@ def _dot(a, b, dtype):
 
 
 def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, static_scale=None, *,
-                  dtype=jnp.bfloat16, mode: str = "fake") -> jax.Array:
+                  dtype=jnp.bfloat16, mode: str = "fake", return_inexact: bool = False):
   """The QLinear forward as a pure function of its config, arrays ``a`` (one layer, no leading L) and one bin's
-  table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search."""
+  table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search.
+
+  ``return_inexact=True`` returns ``(y, inexact_rows)``: for real-mode MXFP4 on the GPU kernel, the number of
+  activation plus weight rows its FP8 re-encoding rounded (``kernels.dispatch.mxfp4_matmul``); 0 otherwise."""
   k = c.in_features
   if x.shape[-1] != k:
     raise ValueError(f"QLinear: input last dim must be in_features={k}, got shape {tuple(x.shape)}")
@@ -291,13 +302,20 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
     if signs is not None:  # rotation happens after smoothing: do both here, the kernel sees the rotated input
       x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
       smooth = None
-    group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
-    wscale = a["wscale"][:, 0] if group is None else a["wscale"]
-    y = dispatch.w4a4_linear(x2, a["qweight"], wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
-                             bias=a.get("bias"), clip=clip,
-                             static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
-                             group_size=group)
-    return y.reshape(*lead, c.out_features)
+    inexact = jnp.int32(0)
+    if c.w_fmt == "mxfp4":
+      y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], smooth=smooth, down=a.get("down"),
+                                         up=a.get("up"), bias=a.get("bias"), clip=clip, exp_offset=exp_offset,
+                                         scale_rule=c.a_scale_rule, out_dtype=dtype, return_inexact=True)
+    else:
+      group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
+      wscale = a["wscale"][:, 0] if group is None else a["wscale"]
+      y = dispatch.w4a4_linear(x2, a["qweight"], wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
+                               bias=a.get("bias"), clip=clip,
+                               static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
+                               group_size=group)
+    y = y.reshape(*lead, c.out_features)
+    return (y, inexact) if return_inexact else y
   xr = x2.astype(jnp.float32)
   if smooth is not None:
     xr = xr / smooth.astype(jnp.float32)
@@ -310,4 +328,5 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
     y = y + _dot(x_lr, a["up"], dtype)
   if a.get("bias") is not None:
     y = y + a["bias"].astype(jnp.float32)
-  return y.astype(dtype).reshape(*lead, c.out_features)
+  y = y.astype(dtype).reshape(*lead, c.out_features)
+  return (y, jnp.int32(0)) if return_inexact else y

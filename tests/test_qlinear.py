@@ -138,10 +138,11 @@ def test_real_mode_matches_fake_to_bf16(rot, static, monkeypatch):
 
 
 def test_real_mode_refuses_unsupported_formats():
-  cfg = QLinearConfig(64, 32, "mxfp4", 32, "mxfp4", 32)
-  qt = formats.quantize_mxfp4(jnp.ones((32, 64))).pack()
+  cfg = QLinearConfig(64, 32, "nvfp4", 16, "nvfp4", 16)  # mxfp4 runs in real mode (tests/test_qlinear_mxfp4_real.py)
+  qt = formats.quantize_nvfp4(jnp.ones((32, 64))).pack()
   with pytest.raises(ValueError, match="mode='real' unavailable.*int4 per output channel"):
-    QLinear(cfg, qweight=qt.codes, wscale=qt.scales, act_clip=np.ones(1, np.float32), mode="real", path="x")
+    QLinear(cfg, qweight=qt.codes, wscale=qt.scales, wtensor_scale=qt.tensor_scale, act_clip=np.ones(1, np.float32),
+            mode="real", path="x")
 
 
 def test_constructor_errors_name_the_layer():

@@ -1,0 +1,238 @@
+"""QLinear mode="real" for MXFP4 weights + MXFP4 activations (the seed recipe's formats) through
+``kernels.dispatch.mxfp4_linear``: real vs fake on one layer (bins with different clip / exponent offset, smoothing,
+low-rank r in {0, 16}, bias) and on a TINY WanDiT, and the error for formats real mode does not run (nvfp4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wanjax.config import TINY
+from wanjax.kernels import dispatch
+from wanjax.model.dit import WanDiT
+from wanjax.quant import formats
+from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
+from wanjax.quant.qlinear import QLinear, QLinearConfig, qlinear_apply
+from wanjax.quant.recipes import get_recipe
+
+SEED = get_recipe("seed")
+W_RULE, A_RULE = SEED.weight.scale_rule, SEED.act.scale_rule  # ocp_floor / safe_ceil
+CLIPS = (1.0, 0.7, 0.9)
+OFFSETS = (0, 1, -1)
+
+
+def test_seed_recipe_formats_are_what_real_mode_runs():
+  assert (SEED.weight.fmt, SEED.act.fmt) == ("mxfp4", "mxfp4")
+  assert QLinearConfig(64, 32, "mxfp4", 32, "mxfp4", None, a_scale_rule=A_RULE).real_mode_problem() is None
+
+
+def make_mx_layer(k=96, n=40, r=16, nbins=3, seed=0, rot=False):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  w[:, 5] *= 40.0  # a wide-range column: blocks of one row with very different exponents
+  qt = formats.quantize_mxfp4(jnp.asarray(w), scale_rule=W_RULE).pack()
+  cfg = QLinearConfig(k, n, "mxfp4", 32, "mxfp4", 32, a_scale_rule=A_RULE, nbins=nbins)
+  a = dict(qweight=qt.codes, wscale=qt.scales, bias=rng.standard_normal(n).astype(np.float32),
+           smooth=rng.uniform(0.5, 2.0, k).astype(np.float32),
+           rot_signs=np.where(rng.random(k) < 0.5, -1.0, 1.0).astype(np.float32) if rot else None,
+           down=jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16) if r else None,
+           up=jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16) if r else None,
+           act_clip=np.array(CLIPS[:nbins], np.float32), act_exp_offset=np.array(OFFSETS[:nbins], np.int32))
+  return cfg, a
+
+
+def _apply(cfg, a, x, b, mode, dtype=jnp.bfloat16):
+  q = QLinear(cfg, dtype=dtype, mode=mode, path="t", **a)
+  with active_bin(b):
+    return np.asarray(q(jnp.asarray(x)).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("r,rot", [(0, False), (16, False), (16, True)])
+def test_real_matches_fake_single_layer(r, rot, monkeypatch):
+  cfg, a = make_mx_layer(r=r, rot=rot)
+  rng = np.random.default_rng(1)
+  x = (rng.standard_normal((3, 7, 96)) * np.exp(rng.standard_normal((1, 1, 96)))).astype(np.float32)
+  x[0, 0, :32] *= 1e-3  # a block far below the rest of its row
+  fakes = []
+  for b in range(3):
+    fake = _apply(cfg, a, x, b, "fake")
+    fakes.append(fake)
+    scale = np.abs(fake).max()
+    for be in ("reference", "xla"):
+      monkeypatch.setenv("WANJAX_KERNELS", be)
+      real = _apply(cfg, a, x, b, "real")
+      assert real.shape == fake.shape == (3, 7, 40)
+      # same QDQ operands, exact products: only the f32 summation order and the final bf16 rounding differ
+      np.testing.assert_allclose(real, fake, rtol=2 ** -7, atol=2 ** -8 * scale, err_msg=f"bin {b} backend {be}")
+      assert np.mean(real == fake) > 0.9
+  # the bins differ (clip and exponent offset), so the per-bin table reaches the real path
+  assert not np.allclose(fakes[0], fakes[1]) and not np.allclose(fakes[0], fakes[2])
+
+
+def test_dispatch_mxfp4_linear_matches_formats_and_reports_inexact_rows():
+  cfg, a = make_mx_layer(r=16)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((5, 96)), jnp.float32)
+  y, bad = dispatch.mxfp4_linear(x, a["qweight"], a["wscale"], smooth=jnp.asarray(a["smooth"]), down=a["down"],
+                                 up=a["up"], bias=jnp.asarray(a["bias"]), clip=0.7, exp_offset=1,
+                                 out_dtype=jnp.float32, backend="reference", return_inexact=True)
+  assert int(bad) == 0  # exact paths never round; the GPU kernel path counts its re-encoded rows
+  xq = formats.quantize_dequantize(x / a["smooth"], "mxfp4", scale_rule=A_RULE, exp_offset=1, clip=0.7)
+  w = formats.dequantize(formats.QuantizedTensor(codes=a["qweight"], scales=a["wscale"], fmt="mxfp4", group_size=32,
+                                                 packed=True))
+  lr = (x / a["smooth"]).astype(jnp.bfloat16).astype(jnp.float32) @ a["down"].astype(jnp.float32)
+  ref = np.asarray(xq, np.float64) @ np.asarray(w, np.float64).T + np.asarray(
+      lr.astype(jnp.bfloat16), np.float64) @ np.asarray(a["up"].astype(jnp.float32), np.float64) + a["bias"]
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+  # qlinear_apply exposes the count too (0 on CPU)
+  yq, n_bad = qlinear_apply(cfg, {kk: (None if v is None else jnp.asarray(v)) for kk, v in a.items()}, x, 1.0, 0,
+                            mode="real", return_inexact=True)
+  assert yq.shape == (5, 40) and int(n_bad) == 0
+  # a non-finite activation block gives a NaN row, as fake mode
+  xn = x.at[2, 3].set(jnp.inf)
+  yn = dispatch.mxfp4_linear(xn, a["qweight"], a["wscale"], backend="xla", out_dtype=jnp.float32)
+  assert np.isnan(np.asarray(yn)[2]).all() and np.isfinite(np.asarray(yn)[[0, 1, 3, 4]]).all()
+
+
+def test_real_mode_refuses_nvfp4_and_mixed_formats():
+  qt = formats.quantize_nvfp4(jnp.ones((32, 64))).pack()
+  cfg = QLinearConfig(64, 32, "nvfp4", 16, "nvfp4", 16)
+  with pytest.raises(ValueError, match="'x': mode='real' unavailable: weights are nvfp4.*int4 per output channel"):
+    QLinear(cfg, qweight=qt.codes, wscale=qt.scales, wtensor_scale=qt.tensor_scale, act_clip=np.ones(1, np.float32),
+            mode="real", path="x")
+  mx = formats.quantize_mxfp4(jnp.ones((32, 64))).pack()
+  with pytest.raises(ValueError, match="weights are mxfp4 but activations are int4"):
+    QLinear(QLinearConfig(64, 32, "mxfp4", 32, "int4", None), qweight=mx.codes, wscale=mx.scales,
+            act_clip=np.ones(1, np.float32), mode="real", path="y")
+
+
+# ---------------------------------------------------------------------------------------------- TINY WanDiT
+@jax.jit
+def _quant_weights(kern, smooth):
+  """[L, K, N] kernel with the smoothing folded in -> packed MXFP4 codes [L, N, K/2], E8M0 scales [L, N, K/32]."""
+  qt = formats.quantize_mxfp4(jnp.swapaxes(kern * smooth[:, :, None], 1, 2), scale_rule=W_RULE).pack()
+  return qt.codes, qt.scales
+
+
+def seed_qlayers(model, nbins=3, r=16):
+  """Stacked MXFP4 QLinears in the seed recipe's formats (weights ocp_floor, activations safe_ceil) with smoothing,
+  a rank-r bf16 branch, bias, and per-bin clip / exponent offset tables."""
+  rng = np.random.default_rng(5)
+  out = {}
+  for path in BLOCK_LINEARS:
+    lin = get_submodule(model, path)
+    kern = jnp.asarray(lin.kernel[...], jnp.float32)                      # [L, K, N]
+    L, k, n = kern.shape
+    smooth = jnp.asarray(rng.uniform(0.5, 2.0, (L, k)), jnp.float32)
+    codes, scales = _quant_weights(kern, smooth)
+    cfg = QLinearConfig(k, n, "mxfp4", 32, "mxfp4", 32, a_scale_rule=A_RULE, nbins=nbins)
+    out[path] = QLinear(
+        cfg, qweight=codes, wscale=scales, smooth=smooth,
+        down=jnp.asarray(rng.standard_normal((L, k, r)) * 0.05, jnp.bfloat16),
+        up=jnp.asarray(rng.standard_normal((L, r, n)) * 0.05, jnp.bfloat16),
+        act_clip=jnp.tile(jnp.array(CLIPS[:nbins], jnp.float32), (L, 1)),
+        act_exp_offset=jnp.tile(jnp.array(OFFSETS[:nbins], jnp.int32), (L, 1)),
+        bias=None if lin.bias is None else lin.bias[...], mode="fake", path=path)
+  return out
+
+
+def tiny_model():
+  """TINY WanDiT (bf16 compute, f32 params) with numpy-random parameters: abstract init + fill (0.5 s instead of
+  ~8 s for the initializers on a loaded CPU). Kernels ~ N(0, 1/fan_in), biases and modulation ~ N(0, 0.01), norm
+  scales ~ 1 + N(0, 0.01)."""
+  abstract = nnx.eval_shape(lambda: WanDiT(TINY, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(3)
+
+  def fill(path, a):
+    name = str(path[-2] if len(path) > 1 and "value" in str(path[-1]) else path[-1])
+    if "kernel" in name:
+      v = rng.standard_normal(a.shape) / np.sqrt(a.shape[-2])
+    elif "bias" in name or "modulation" in name:
+      v = 0.1 * rng.standard_normal(a.shape)
+    else:
+      v = 1.0 + 0.1 * rng.standard_normal(a.shape)
+    return jnp.asarray(v, a.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, params), rest)
+
+
+def _forward(graphdef, state, b, x, t, ctx):
+  m = nnx.merge(graphdef, state)
+  with active_bin(b):
+    return m(x, t, ctx)
+
+
+run = jax.jit(_forward, static_argnums=0)
+
+
+def test_tiny_seed_formats_real_matches_fake(monkeypatch):
+  monkeypatch.setenv("WANJAX_KERNELS", "xla")
+  # bf16 model: fake mode then rounds the low-rank input x_lr to bf16 as the kernels do
+  model = tiny_model()
+  qm = quantize_model(model, seed_qlayers(model))
+  real = set_mode(qm, "real")
+  assert {q.mode for q in qlinears(real).values()} == {"real"}
+  assert {q.config.w_fmt for q in qlinears(real).values()} == {"mxfp4"}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
+  t = jnp.array([700.0])
+  gf, sf = nnx.split(qm)
+  gr, sr = nnx.split(real)
+  for b in (0, 2):
+    y_f = np.asarray(run(gf, sf, jnp.int32(b), x, t, ctx), np.float32)
+    y_r = np.asarray(run(gr, sr, jnp.int32(b), x, t, ctx), np.float32)
+    assert np.isfinite(y_r).all()
+    rel = np.linalg.norm(y_r - y_f) / np.linalg.norm(y_f)
+    assert rel < 2 ** -8, f"bin {b}: real vs fake relative error {rel:.3g}"
+  assert not np.allclose(run(gf, sf, jnp.int32(0), x, t, ctx), run(gf, sf, jnp.int32(1), x, t, ctx))
+
+
+# ---------------------------------------------------------------------------------------- the GPU kernel path
+# (the FP8 GEMM itself is checked in the Mosaic GPU interpreter by tests/test_kernels_mxfp4.py; ~10 s, not repeated)
+def test_kernel_path_plumbing_pads_m_and_counts_inexact_rows(monkeypatch):
+  """The "pallas" branch of ``mxfp4_matmul`` with the GEMM replaced by the exact reference plus the re-encoding
+  counts: odd M is zero-padded (padding rows exact, not counted) and cut off; rows with a block more than 8 binades
+  below their row maximum are counted."""
+  from wanjax.kernels import mxfp4_gpu
+  from wanjax.kernels.w4a4_gpu import DEFAULT_CONFIG
+
+  seen = {}
+
+  def fake_gpu(xv, xe, wv, we, x_lr, up, bias, *, out_dtype, config=None, interpret=False):
+    seen["m"] = xv.shape[0]
+    out = mxfp4_gpu.mxfp4_matmul_reference(xv, xe, wv, we, x_lr, up, bias, out_dtype=out_dtype)
+    return out, mxfp4_gpu.reencode_rows(xv, xe)[2], mxfp4_gpu.reencode_rows(wv, we)[2]
+
+  monkeypatch.setattr(mxfp4_gpu, "mxfp4_matmul_gpu", fake_gpu)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  rng = np.random.default_rng(7)
+  m, k, n, r = 37, 128, 256, 16
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  w[3, :32] *= 2.0 ** -12  # one weight row with a block 12 binades below its max: not exact in e4m3
+  qt = formats.quantize_mxfp4(jnp.asarray(w), scale_rule=W_RULE).pack()
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  x[[1, 4], 32:64] *= 2.0 ** -14  # two such activation rows
+  down = jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16)
+  up = jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16)
+  kw = dict(down=down, up=up, bias=jnp.asarray(rng.standard_normal(n), jnp.float32), clip=0.9, exp_offset=-1,
+            out_dtype=jnp.float32, return_inexact=True)
+  lin = jax.jit(lambda xx, be: dispatch.mxfp4_linear(xx, qt.codes, qt.scales, backend=be, **kw), static_argnums=1)
+  y, bad = lin(jnp.asarray(x), "pallas")
+  assert seen["m"] == DEFAULT_CONFIG.tile_m and int(bad) == 3
+  y_ref, bad_ref = lin(jnp.asarray(x), "reference")
+  assert int(bad_ref) == 0
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6 * float(jnp.abs(y_ref).max()))
+
+
+def test_kernel_path_lowers_for_cuda_at_odd_m(monkeypatch):
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  S = jax.ShapeDtypeStruct
+  m, k, n, r = 300, 256, 256, 16  # M % 8 != 0 does not lower unpadded
+  args = (S((m, k), jnp.bfloat16), S((n, k // 2), jnp.uint8), S((n, k // 32), jnp.uint8), S((k,), jnp.float32),
+          S((k, r), jnp.bfloat16), S((r, n), jnp.bfloat16), S((n,), jnp.float32))
+  f = lambda x, w, s, sm, d, u, b: dispatch.mxfp4_linear(x, w, s, smooth=sm, down=d, up=u, bias=b, clip=0.8,
+                                                         exp_offset=1, backend="pallas", return_inexact=True)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "wgmma" in text and "e4m3" in text
