@@ -419,12 +419,15 @@ def w4a4_matmul_gpu(
 
 
 def w4a4_matmul_gpu_any_m(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, **kw):
-  """As :func:`w4a4_matmul_gpu`, zero-padding M up to one tile when M < tile_m (decode-size inputs)."""
+  """As :func:`w4a4_matmul_gpu` for any M: zero rows are appended up to one tile when M < tile_m (decode-size
+  inputs) and up to a multiple of 8 otherwise (the kernel does not lower for CUDA when M % 8 != 0, e.g. the 31,668
+  tokens of the official 480p size rule at batch 1); the padded rows are sliced off."""
   cfg = kw.get("config", DEFAULT_CONFIG)
   m = q_x.shape[0]
-  if m >= cfg.tile_m:
+  target = max(cfg.tile_m, -(-m // 8) * 8)
+  if target == m:
     return w4a4_matmul_gpu(q_x, s_x, w, s_w, x_lr, up, bias, **kw)
-  pad = cfg.tile_m - m
+  pad = target - m
   q_x = jnp.pad(q_x, ((0, pad), (0, 0)))
   s_x = jnp.pad(s_x, (0, pad), constant_values=1.0)
   if x_lr is not None:

@@ -107,3 +107,17 @@ def test_lowers_for_cuda(weights, r, mode, k, n):
   f = lambda *a: w4a4_matmul_gpu(*a, weights=weights, config=cfg)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "wgmma" in text
+
+
+@pytest.mark.parametrize("m", [300, 31668])
+def test_any_m_lowers_for_cuda_when_m_not_multiple_of_8(m):
+  """M % 8 != 0 (31,668 = the official 480p size rule's token count at batch 1) pads rows and lowers for CUDA."""
+  from wanjax.kernels.w4a4_gpu import w4a4_matmul_gpu_any_m
+  k, n, r = 512, 256, 16
+  S = jax.ShapeDtypeStruct
+  args = [S((m, k), jnp.int8), S((m,), jnp.float32), S((n, k // 2), jnp.uint8), S((n,), jnp.float32),
+          S((m, r), jnp.bfloat16), S((r, n), jnp.bfloat16), S((n,), jnp.float32)]
+  f = lambda *a: w4a4_matmul_gpu_any_m(*a, weights="int4")
+  lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "wgmma" in lowered.as_text()
+  assert lowered.out_info.shape == (m, n)
