@@ -292,38 +292,12 @@ def parse_args(argv=None):
 
 
 def _run_attn_child(argv, workdir, timeout) -> dict:
-    """bench.pipeline._run_child's process handling, for this module's ``--phase attn``."""
-    import subprocess
-    import threading
-
+    """This module's ``--phase attn`` in a child process (bench.pipeline.stream_child); its JSON + rc / log tail."""
     cmd = [sys.executable, "-m", "bench.attention_fp8", *argv, "--phase", "attn", "--workdir", workdir]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([bp.ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=bp.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
-    tail = []
-
-    def pump():
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail.append(line.rstrip())
-            del tail[:-15]
-
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    timed_out = False
-    try:
-        rc = proc.wait(timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, 9)
-        rc = proc.wait()
-    th.join(timeout=10)
+    rc, timed_out, wall_s, tail = bp.stream_child(cmd, timeout)
     path = os.path.join(workdir, "attn.json")
     rec = json.load(open(path)) if os.path.exists(path) else {}
-    rec.update(returncode=rc, timed_out=timed_out, wall_s=time.perf_counter() - t0)
+    rec.update(returncode=rc, timed_out=timed_out, wall_s=wall_s)
     if rc != 0:
         rec["error_phase"] = f"timed out after {timeout:.0f}s" if timed_out else f"exit code {rc}"
         rec["log_tail"] = tail

@@ -109,14 +109,9 @@ def make_inputs(key, m, k, n, r=R):
   return dict(x=x, w_packed=w_packed, s_w=s_w, smooth=smooth, down=down, up=up, bias=bias, w_bf16_kn=w_bf16_kn)
 
 
-def run_shape(m, k, n, sweep, log):
-  res = {"M": m, "K": k, "N": n, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
-  ops = 2.0 * m * k * n
-  inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
-  x, w_packed, s_w, smooth, down, up, bias = (inp[a] for a in ("x", "w_packed", "s_w", "smooth", "down", "up", "bias"))
-  q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None)
-  q_w = jax.jit(ref.unpack_int4)(w_packed)
-  jax.block_until_ready((q_x, s_x, x_lr, q_w))
+def _recorder(res: dict, ops: float, log):
+  """``rec(name, fn, *args, check=None)``: run ``check`` (stored in ``res["checks"]``), time ``fn(*args)`` with
+  CUPTI into ``res["times_ms"]``; an exception is stored in ``res["errors"]`` and the benchmark goes on."""
 
   def rec(name, fn, *args, check=None):
     try:
@@ -130,6 +125,20 @@ def run_shape(m, k, n, sweep, log):
       res["errors"][name] = f"{type(e).__name__}: {str(e)[:2000]}"
       log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:600]}")
       traceback.print_exc()
+
+  return rec
+
+
+def run_shape(m, k, n, sweep, log):
+  res = {"M": m, "K": k, "N": n, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
+  ops = 2.0 * m * k * n
+  inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+  x, w_packed, s_w, smooth, down, up, bias = (inp[a] for a in ("x", "w_packed", "s_w", "smooth", "down", "up", "bias"))
+  q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None)
+  q_w = jax.jit(ref.unpack_int4)(w_packed)
+  jax.block_until_ready((q_x, s_x, x_lr, q_w))
+
+  rec = _recorder(res, ops, log)
 
   nt = (((1,), (1,)), ((), ()))
   xla_int8 = jax.jit(lambda a, b: lax.dot_general(a, b, nt, preferred_element_type=jnp.int32))
@@ -326,18 +335,7 @@ def run_shape_g128(m, k, n, sweep, log):
   jax.block_until_ready((q_x, s_x, x_lr, q_w, s_w))
   res["weight_bytes"] = {"bf16": 2 * n * k, "packed_int4_plus_group_scales": n * k // 2 + 4 * n * (k // 128)}
 
-  def rec(name, fn, *args, check=None):
-    try:
-      if check is not None:
-        res["checks"][name] = check()
-        log(f"  check {name}: {res['checks'][name]}")
-      t = cupti_ms(fn, *args)
-      res["times_ms"][name] = t
-      log(f"  {name:34s} {t:8.3f} ms  {ops / t / 1e9:8.1f} T(FL)OPS")
-    except Exception as e:  # keep going; report
-      res["errors"][name] = f"{type(e).__name__}: {str(e)[:2000]}"
-      log(f"  {name}: ERROR {type(e).__name__}: {str(e)[:600]}")
-      traceback.print_exc()
+  rec = _recorder(res, ops, log)
 
   nt = (((1,), (1,)), ((), ()))
   int8_dot = lambda a, b: lax.dot_general(a, b, nt, preferred_element_type=jnp.int32)

@@ -847,12 +847,9 @@ def _brief(r: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
 
 
-def _run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dict:
-    """Run ``python -m bench.pipeline --phase PHASE`` with output streamed through; kill its process group after
-    ``timeout`` seconds (the child is told the deadline: ``--deadline``, epoch seconds). Returns the phase's JSON
-    (partial if it died) plus rc / timeout / log tail."""
-    cmd = [sys.executable, "-m", "bench.pipeline", *argv, "--phase", phase, "--workdir", workdir,
-           "--deadline", f"{time.time() + max(timeout, 1.0):.3f}"]
+def stream_child(cmd: list[str], timeout: float) -> tuple[int, bool, float, list[str]]:
+    """Run ``cmd`` (a ``python -m bench...`` child) from the repo root with its output streamed through; kill its
+    process group after ``timeout`` seconds. Returns (return code, timed out, wall seconds, last 15 log lines)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     tail = collections.deque(maxlen=40)
@@ -876,15 +873,25 @@ def _run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dic
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
     reader.join(timeout=10)
+    return rc, timed_out, time.perf_counter() - t0, list(tail)[-15:]
+
+
+def _run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dict:
+    """Run ``python -m bench.pipeline --phase PHASE`` with output streamed through; kill its process group after
+    ``timeout`` seconds (the child is told the deadline: ``--deadline``, epoch seconds). Returns the phase's JSON
+    (partial if it died) plus rc / timeout / log tail."""
+    cmd = [sys.executable, "-m", "bench.pipeline", *argv, "--phase", phase, "--workdir", workdir,
+           "--deadline", f"{time.time() + max(timeout, 1.0):.3f}"]
+    rc, timed_out, wall_s, tail = stream_child(cmd, timeout)
     path = os.path.join(workdir, f"{phase}.json")
     rec = {}
     if os.path.exists(path):
         with open(path) as f:
             rec = json.load(f)
-    rec.update(returncode=rc, timed_out=timed_out, wall_s=time.perf_counter() - t0, timeout_s=timeout)
+    rec.update(returncode=rc, timed_out=timed_out, wall_s=wall_s, timeout_s=timeout)
     if rc != 0:
         rec["error"] = rec.get("error") or (f"timed out after {timeout:.0f}s" if timed_out else f"exit code {rc}")
-        rec["log_tail"] = list(tail)[-15:]
+        rec["log_tail"] = tail
     return rec
 
 
