@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import wanjax
-from wanjax.video_io import save_mp4
+from wanjax.video_io import gif_bytes, save_mp4, side_by_side
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
@@ -110,10 +110,11 @@ def main(argv=None):
                    f"| generate time | {times['BF16 generate']:.1f} s | {sum(qout.seconds.values()):.1f} s |"]
     else:
         report += [f"| DiT weights, both experts | {bf16_bytes / 1e6:.2f} MB | (skipped) |"]
-    path = save_mp4(np.concatenate(rows, axis=2), args.out, fps=16)
+    side = side_by_side(rows, gap=0)
+    path = save_mp4(side, args.out, fps=16)
     stem = os.path.splitext(args.out)[0]
     strip = strip_png(rows, stem + "_strip.png")
-    gif = _save_gif(np.concatenate(rows, axis=2), stem + ".gif")
+    gif = _save_gif(side, stem + ".gif")
     report += ["", f"frame-0 PSNR of the BF16 video vs the condition: {psnr(out.frames[0], truth[0]):.2f} dB; "
                "side by side: held-out clip | BF16 | W4A4", ""]
     with open(stem + "_report.md", "w") as f:
@@ -126,9 +127,11 @@ def _weight_bytes(pipe) -> int:
 
 
 def _save_gif(frames: np.ndarray, path: str, fps: int = 16) -> str:
-    import imageio.v2 as imageio
-
-    imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
+    """`wanjax.video_io.gif_bytes` written atomically (temp file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(gif_bytes(frames, fps=fps))
+    os.replace(tmp, path)
     return path
 
 if __name__ == "__main__":
