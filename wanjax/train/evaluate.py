@@ -61,3 +61,35 @@ def evaluate(pipe, n: int = 16, seed: int = 1000, steps: int = 20, guide=(3.5, 3
             "psnr_frame0": psnrs, "direction_accuracy": acc, "directions": dirs, "tracked": got, "captions": caps,
             "seconds": time.perf_counter() - t0, "videos": np.stack(kept) if kept else None,
             "truth": videos[:keep]}
+
+
+def vae_check(vae, n: int = 16, seed: int = 1000, batch: int = 4) -> dict:
+    """How much of a held-out clip survives the VAE round trip ``decode(encode(x))`` — what the task metric needs.
+
+    On ``n`` held-out directional clips: PSNR of the reconstruction, ``chroma_ratio`` (std of the reconstruction's
+    chroma over the input's: 0 for grey output, 1 for faithful colour), and the tracker's direction accuracy on the
+    reconstructions against the planted directions (``tracker_on_truth`` is the same on the inputs: the ceiling).
+    Returns a dict (plain floats/lists) and the first reconstruction under ``"example"`` ([2, F, H, W, 3] uint8:
+    input, reconstruction)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from wanjax.track import direction_accuracy
+    from wanjax.train.vae import chroma
+
+    videos, _, colours, dirs = heldout_set(n, seed)
+    roundtrip = nnx.jit(lambda v, a: v.decode(v.encode(a)))
+    recs = []
+    for i in range(0, n, batch):
+        x = jnp.asarray(videos[i:i + batch].astype(np.float32) / 127.5 - 1.0)
+        recs.append(np.asarray(jax.device_get(roundtrip(vae, x)), np.float32))
+    rec = np.concatenate(recs)
+    r8 = to_uint8_batch(rec)
+    x = videos.astype(np.float32) / 127.5 - 1.0
+    c_in, c_out = np.asarray(chroma(x)), np.asarray(chroma(rec))
+    acc, got = direction_accuracy(r8, colours, dirs)
+    acc_truth, _ = direction_accuracy(videos, colours, dirs)
+    return {"n": n, "psnr": psnr(r8, videos), "chroma_ratio": float(c_out.std() / max(c_in.std(), 1e-6)),
+            "tracker_on_recon": acc, "tracker_on_truth": acc_truth, "tracked": got, "directions": dirs,
+            "example": np.stack([videos[0], r8[0]])}
