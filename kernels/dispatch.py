@@ -276,7 +276,8 @@ def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp
   (every MXFP4 value is a bf16) and a bf16 x bf16 -> f32 dot (tensor cores on GPU; products exact, f32
   accumulation); "pallas" on a GPU with N % 256 == K % 128 == 0, r % 16 == 0 and block 32: ``kernels.mxfp4_gpu``
   (each row re-encoded to e4m3 with a power-of-two row scale, FP8 ``wgmma``; M zero-padded to a multiple of 8 and
-  at least one tile), else "xla". The kernel path is checked by lowering for CUDA on CPU only, never run on a GPU.
+  at least one tile), else "xla". The kernel path ran on an H200 (2026-12-01, ``python -m bench.mxfp4``): 4.7e-6 rel-L2 against "reference",
+  no rows rounded; 1.16x BF16 end to end at 5120 -> 13824 (docs/BENCHMARKS.md).
 
   ``inexact_rows``: rows of x plus rows of w that the FP8 re-encoding could not represent exactly (block exponents
   more than 8 binades below the row's largest); always 0 on the exact "reference" / "xla" paths.
