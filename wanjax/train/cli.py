@@ -464,6 +464,21 @@ def cmd_vae(args):
     return check
 
 
+def _vae_args(p):
+    """The seed and VAE-training options shared by ``run`` and ``vae``."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", type=int, default=1, help="bf16 compute while training (params stay fp32)")
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-time", type=float, default=75.0, help="VAE training time budget (s)")
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-pool", type=int, default=4096)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
+                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
+                   "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m wanjax.train", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -471,17 +486,7 @@ def main(argv=None):
     r.add_argument("--out", required=True)
     r.add_argument("--aux", default=None, help="folder for the tokenizer and config files (default: --out)")
     r.add_argument("--preset", default="mini", choices=sorted(PRESETS))
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--bf16", type=int, default=1, help="bf16 compute while training (params stay fp32)")
-    r.add_argument("--vae-steps", type=int, default=2000)
-    r.add_argument("--vae-time", type=float, default=75.0, help="VAE training time budget (s)")
-    r.add_argument("--vae-batch", type=int, default=8)
-    r.add_argument("--vae-lr", type=float, default=1e-3)
-    r.add_argument("--vae-pool", type=int, default=4096)
-    r.add_argument("--kl-weight", type=float, default=1e-6)
-    r.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
-                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
-                   "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
+    _vae_args(r)
     r.add_argument("--stats-clips", type=int, default=256)
     r.add_argument("--n-train", type=int, default=8192)
     r.add_argument("--enc-batch", type=int, default=64)
@@ -507,15 +512,7 @@ def main(argv=None):
     v = sub.add_parser("vae", help="train only the VAE and check it on held-out clips (PSNR, colour, tracker)")
     v.add_argument("--out", required=True)
     v.add_argument("--preset", default="mini", choices=sorted(PRESETS))
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--bf16", type=int, default=1)
-    v.add_argument("--vae-steps", type=int, default=2000)
-    v.add_argument("--vae-time", type=float, default=75.0)
-    v.add_argument("--vae-batch", type=int, default=8)
-    v.add_argument("--vae-lr", type=float, default=1e-3)
-    v.add_argument("--vae-pool", type=int, default=4096)
-    v.add_argument("--kl-weight", type=float, default=1e-6)
-    v.add_argument("--vae-chroma", type=float, default=0.0)
+    _vae_args(v)
     v.add_argument("--log-every", type=int, default=100)
     v.add_argument("--check-n", type=int, default=16)
     v.add_argument("--check-seed", type=int, default=1000)
