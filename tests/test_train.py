@@ -166,3 +166,21 @@ def test_vae_check_measures_colour_and_tracking():
     assert res["n"] == 2 and len(res["tracked"]) == 2
     assert res["psnr"] < 20.0 and res["chroma_ratio"] >= 0.0
     assert res["example"].shape[0] == 2 and res["example"].dtype == np.uint8
+
+
+def test_patch_colour_and_latent_colour_term():
+    """`patch_colour` averages frame 0 alone and then groups of 4 frames, over each latent pixel's patch; the colour
+    term adds ``colour_weight * latent_colour_l1`` to the loss."""
+    rng = np.random.default_rng(0)
+    video = jnp.asarray(rng.uniform(-1, 1, (2, 9, 16, 24, 3)), jnp.float32)
+    pc = np.asarray(V.patch_colour(video, (2, 3, 2, 3, 16)))
+    v = np.asarray(video)
+    assert pc.shape == (2, 3, 2, 3, 3)
+    np.testing.assert_allclose(pc[1, 0, 1, 2], v[1, 0, 8:16, 16:24].mean((0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(pc[0, 2, 0, 1], v[0, 5:9, 0:8, 8:16].mean((0, 1, 2)), rtol=1e-5)
+    vae = init_vae(TINY_VAE, seed=4)
+    key = jax.random.key(0)
+    l0, m0 = V.vae_loss(vae, video, key)
+    l1, m1 = V.vae_loss(vae, video, key, colour_weight=2.0)
+    np.testing.assert_allclose(float(l1), float(l0) + 2.0 * float(m1["latent_colour_l1"]), rtol=1e-5)
+    assert float(m1["latent_colour_l1"]) > 0

@@ -118,7 +118,7 @@ def train_vae(pre: Preset, args, log: Log):
             return full(p)[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop]
     else:
         render = _renderer(pre.size, pre.vae_frames)
-    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma)
+    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma, colour_weight=args.vae_colour)
     curve, t_start, n = [], time.perf_counter(), 0
     for i in range(args.vae_steps):
         idx = rng.integers(0, args.vae_pool, args.vae_batch)
@@ -141,7 +141,7 @@ def train_vae(pre: Preset, args, log: Log):
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
                                  "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
-                                 "chroma_weight": args.vae_chroma}
+                                 "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -477,6 +477,9 @@ def _vae_args(p):
     p.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
                    "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
                    "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
+    p.add_argument("--vae-colour", type=float, default=0.0, help="weight of the latent colour term (first three "
+                   "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). 1.0 kept colour in "
+                   "CPU probes where the plain loss lost it at the 8x down-sampling level")
 
 
 def main(argv=None):

@@ -41,10 +41,32 @@ def chroma(video: jax.Array) -> jax.Array:
     return video - jnp.mean(video, axis=-1, keepdims=True)
 
 
+def patch_colour(video: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
+    """Mean RGB of the pixels behind each latent element: ``[B, F_lat, h, w, 3]`` for ``video [B, F, H, W, 3]``.
+
+    Latent frame 0 covers video frame 0, latent frame ``j >= 1`` the frames ``4j-3 .. 4j`` (the encoder's chunks);
+    spatially each latent pixel covers one ``H/h x W/w`` patch."""
+    b, f, hh, ww, c = video.shape
+    _, fl, h, w = latent_shape[:4]
+    sh, sw = hh // h, ww // w
+    first = video[:, :1]
+    groups = [first]
+    if fl > 1:
+        rest = video[:, 1:].reshape(b, fl - 1, ENCODE_CHUNK, hh, ww, c).mean(axis=2)
+        groups.append(rest)
+    frames = jnp.concatenate(groups, axis=1)                              # [B, F_lat, H, W, 3]
+    return frames.reshape(b, fl, h, sh, w, sw, c).mean(axis=(3, 5))
+
+
 def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6,
-             chroma_weight: float = 0.0) -> tuple[jax.Array, dict]:
+             chroma_weight: float = 0.0, colour_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """L1 + L2 reconstruction + ``chroma_weight`` * L1 of the chroma (`chroma`) + ``kl_weight`` * KL (mean per
-    latent element); returns (loss, metrics).
+    latent element) + ``colour_weight`` * L1 between the first three raw latent channels (``mu``) and the mean colour
+    of each latent element's patch (`patch_colour`); returns (loss, metrics).
+
+    The colour term keeps colour in the latent: on 2026-12-01 CPU probes the reduced VAE lost colour at the third
+    (8x) down-sampling level and kept it with this term (chroma ratio 0.06 -> 0.82, docs/MODEL_CARD.md). It pins
+    three latent channels to the patch colour up to the later affine `fold_latent_stats`, which is exact.
 
     The mini VAE settles on grey reconstructions (on the procedural clips grey costs only ~0.05 of L1): both H200
     runs of 2026-12-01 ended grey, the second one with ``chroma_weight=2``. The metric ``chroma_ratio`` (std of the
@@ -56,16 +78,19 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     l2 = jnp.mean(jnp.square(rec - video))
     lc = jnp.mean(jnp.abs(chroma(rec) - chroma(video)))
     kl = 0.5 * jnp.mean(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
-    loss = l1 + l2 + chroma_weight * lc + kl_weight * kl
+    lcol = jnp.mean(jnp.abs(mu[..., :3] - patch_colour(video, mu.shape)))
+    loss = l1 + l2 + chroma_weight * lc + kl_weight * kl + colour_weight * lcol
     ratio = jnp.std(chroma(rec)) / jnp.maximum(jnp.std(chroma(video)), 1e-6)
-    return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "chroma_l1": lc, "chroma_ratio": ratio}
+    return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "chroma_l1": lc, "chroma_ratio": ratio,
+                  "latent_colour_l1": lcol}
 
 
 class Trainer:
     """Functional trainer: ``params``/``opt_state`` pytrees and one jitted step
     ``(params, opt_state, video, key, lr) -> (params, opt_state, metrics)`` (AdamW; ``lr`` traced)."""
 
-    def __init__(self, vae: WanVAE, kl_weight: float = 1e-6, weight_decay: float = 1e-4, chroma_weight: float = 0.0):
+    def __init__(self, vae: WanVAE, kl_weight: float = 1e-6, weight_decay: float = 1e-4, chroma_weight: float = 0.0,
+                 colour_weight: float = 0.0):
         self.graphdef, self.params, self.rest = nnx.split(vae, nnx.Param, ...)
         self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99),
                               optax.add_decayed_weights(weight_decay))
@@ -74,7 +99,7 @@ class Trainer:
 
         def step(params, opt_state, video, key, lr):
             def loss_fn(p):
-                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight)
+                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
