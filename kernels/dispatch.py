@@ -256,15 +256,12 @@ def mxfp4_act_quant(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str =
 
 
 def _mx_dequant(v, e, block, dtype):
-  """Exact ``v * 2**e`` per block (two half-exponent factors: no subnormal intermediate), cast to ``dtype`` (exact
-  for bf16/f32: E2M1 values times a power of two need 2 significant bits)."""
-  from .mxfp4_gpu import exp2_exact
+  """Exact ``v * 2**e`` per block (``mxfp4_gpu.dequantize``; NaN-block exponents clamped to 127, their rows are
+  set to NaN after the dot), cast to ``dtype`` (exact for bf16/f32: E2M1 values times a power of two need 2
+  significant bits)."""
+  from .mxfp4_gpu import dequantize
 
-  r, k = v.shape
-  e = jnp.minimum(e, 127)[..., None]
-  half = e >> 1
-  out = v.reshape(r, k // block, block) * exp2_exact(half) * exp2_exact(e - half)
-  return out.reshape(r, k).astype(dtype)
+  return dequantize(v, jnp.minimum(e, 127), block).astype(dtype)
 
 
 def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,

@@ -57,7 +57,8 @@ class G128Config(W4A4Config):
   overlap_rescale: False = each step waits for its ``wgmma``, then rescales its int32 result into the f32 carry;
     True = each step issues its ``wgmma`` first and rescales the previous step's int32 result (carried in registers)
     while the tensor cores run, then waits (one more tile_m x tile_n int32 tile of registers: 3 register tiles,
-    192 registers per thread at 128 x 64). Unmeasured which is faster.
+    192 registers per thread at 128 x 64). Measured faster on an H200 (1.830 vs 1.996 ms at M = 32,760,
+    K = N = 5120, r = 32).
   """
 
   overlap_rescale: bool = False

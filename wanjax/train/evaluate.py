@@ -80,13 +80,10 @@ def vae_check(vae, n: int = 16, seed: int = 1000, batch: int = 4) -> dict:
 
     videos, _, colours, dirs = heldout_set(n, seed)
     roundtrip = nnx.jit(lambda v, a: v.decode(v.encode(a)))
-    recs = []
-    for i in range(0, n, batch):
-        x = jnp.asarray(videos[i:i + batch].astype(np.float32) / 127.5 - 1.0)
-        recs.append(np.asarray(jax.device_get(roundtrip(vae, x)), np.float32))
-    rec = np.concatenate(recs)
-    r8 = to_uint8_batch(rec)
     x = videos.astype(np.float32) / 127.5 - 1.0
+    rec = np.concatenate([np.asarray(jax.device_get(roundtrip(vae, jnp.asarray(x[i:i + batch]))), np.float32)
+                          for i in range(0, n, batch)])
+    r8 = to_uint8_batch(rec)
     c_in, c_out = np.asarray(chroma(x)), np.asarray(chroma(rec))
     acc, got = direction_accuracy(r8, colours, dirs)
     acc_truth, _ = direction_accuracy(videos, colours, dirs)
