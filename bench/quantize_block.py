@@ -1,6 +1,7 @@
 """Time to quantize one full-size DiT block (its 10 Linears) with a recipe, extrapolated to both experts.
 
-    PYTHONPATH=. python -m bench.quantize_block [--recipe default,seed] [--bins 3] [--rows 2048] [--config I2V_A14B]
+    PYTHONPATH=. python -m bench.quantize_block [--recipe default,seed,default-svd] [--bins 3] [--rows 2048]
+        [--config I2V_A14B] [--layers PATHS]
 
 Per Linear of ``wanjax.quant.apply.BLOCK_LINEARS`` at the config's shapes (I2V_A14B: q/k/v/o and the cross-attention
 projections 5120 -> 5120, ffn.fc1 5120 -> 13824, ffn.fc2 13824 -> 5120), with random weights N(0, 0.02²) and
@@ -10,6 +11,8 @@ bins — :func:`wanjax.quant.quantize.quantize_layer` runs the whole recipe (smo
 the per-bin clip search, the layer SQNR), each layer timed to completion after one untimed warm-up of the same
 shape (compilation excluded; reported separately). The sum over the 10 layers times ``num_layers`` blocks times 2
 experts is the extrapolated quantization time of the model (the goal: ≤ 1 hour for both experts on one H100).
+A third, synchronised run per layer gives the seconds of each step (``stages_s``: every transform, ``pack``,
+``sqnr``). ``NAME-svd`` is recipe NAME with exact SVDs in place of randomized ones (`resolve_recipe`).
 Calibration itself (capturing the statistics) is the sampler's forward passes, timed by ``bench.pipeline``.
 
 Results: ``quantize_block.json`` (bench/results and $OUT) and a table.
@@ -49,8 +52,25 @@ def synthetic_inputs(key, k: int, bins: int, rows: int):
     return LayerInputs(absmax=np.asarray(jnp.max(jnp.abs(x), axis=1)), rows=np.asarray(x), hessian=np.asarray(h))
 
 
+def resolve_recipe(name: str):
+    """A named recipe, or ``NAME-svd``: that recipe with every low-rank step (the branch and the smoothing search's
+    in-loop branch) computed by the exact SVD instead of the randomized one (the speed / fidelity comparison)."""
+    import dataclasses
+
+    from wanjax.quant.recipes import LowRank, Smooth, get_recipe
+
+    if not name.endswith("-svd"):
+        return get_recipe(name)
+    r = get_recipe(name[: -len("-svd")])
+    ts = tuple(dataclasses.replace(t, method="svd") if isinstance(t, LowRank)
+               else dataclasses.replace(t, lowrank_method="svd") if isinstance(t, Smooth) else t for t in r.transforms)
+    return dataclasses.replace(r, name=name, transforms=ts)
+
+
 def time_layer(recipe: str, path: str, k: int, n: int, inputs, seed: int) -> dict:
     from wanjax.quant.quantize import quantize_layer
+
+    recipe = resolve_recipe(recipe)
 
     kw, kb = jax.random.split(jax.random.key(seed))
     w = jax.random.normal(kw, (k, n), jnp.float32) * 0.02
@@ -67,7 +87,9 @@ def time_layer(recipe: str, path: str, k: int, n: int, inputs, seed: int) -> dic
     t0 = time.perf_counter()
     info = run()
     warm = time.perf_counter() - t0
-    return {"path": path, "K": k, "N": n, "first_s": first, "warm_s": warm,
+    stages: dict = {}
+    quantize_layer(recipe, w, b, inputs, path=path, index=0, expert="high", timings=stages)
+    return {"path": path, "K": k, "N": n, "first_s": first, "warm_s": warm, "stages_s": stages,
             "sqnr_db_per_bin": [float(v) for v in np.asarray(info["sqnr_db"])]}
 
 
@@ -78,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=2048, help="sampled rows per bin (calibration default reservoir)")
     ap.add_argument("--config", default="I2V_A14B", choices=("I2V_A14B", "TINY"))
     ap.add_argument("--layers", default="", help="comma list of paths to time (default: all 10)")
+    ap.add_argument("--name", default="quantize_block", help="result file name (bench/results/NAME.json)")
     a = ap.parse_args(argv)
     from bench.pipeline import ensure_package_layout
 
@@ -95,14 +118,15 @@ def main(argv=None) -> int:
         rows = []
         for i, (path, (k, n)) in enumerate(shapes.items()):
             r = time_layer(recipe, path, k, n, inputs[k], seed=i)
+            prof = " ".join(f"{name} {t:.2f}" for name, t in r["stages_s"].items())
             print(f"[bench.quantize_block] {recipe} {path} {k}x{n}: first {r['first_s']:.2f}s warm {r['warm_s']:.2f}s "
-                  f"SQNR {min(r['sqnr_db_per_bin']):.1f}..{max(r['sqnr_db_per_bin']):.1f} dB", flush=True)
+                  f"SQNR {min(r['sqnr_db_per_bin']):.2f}..{max(r['sqnr_db_per_bin']):.2f} dB ({prof})", flush=True)
             rows.append(r)
         block = sum(r["warm_s"] for r in rows)
         total = block * cfg.num_layers * 2 * (10 / len(rows))
         out["recipes"][recipe] = {"layers": rows, "block_warm_s": block, "both_experts_extrapolated_s": total,
                                   "layers_timed": len(rows)}
-    write_result("quantize_block", out)
+    write_result(a.name, out)
     print("\n| recipe | one block (10 Linears), warm | first call (compile incl.) | both experts, extrapolated | goal ≤ 1 h |")
     print("|---|---|---|---|---|")
     for recipe, r in out["recipes"].items():

@@ -18,8 +18,11 @@ The per-block layers are stacked back to ``[L, ...]`` and put into the model wit
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from typing import Mapping, Protocol
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -135,11 +138,14 @@ def _xin_absmax(params, ctx):
 
 
 def quantize_layer(recipe: Recipe, kernel, bias, inputs: LayerInputs, *, path: str = "", index: int = 0,
-                   expert: str = "", param_dtype=jnp.bfloat16) -> tuple[QLinearConfig, dict, dict]:
+                   expert: str = "", param_dtype=jnp.bfloat16,
+                   timings: dict | None = None) -> tuple[QLinearConfig, dict, dict]:
   """Runs ``recipe`` on one layer (kernel ``[K, N]``, bias ``[N]`` or None) with its statistics.
 
   Returns ``(config, arrays, info)``: the QLinear config and arrays (no leading L) and ``info = {"sqnr_db": [B],
-  "search": search info or None}``.
+  "search": search info or None}``. With a ``timings`` dict, each step (every transform by class name, ``pack``,
+  ``sqnr``) is run to completion and its wall seconds are added under its name (a profile; slower, as it
+  synchronises after every step).
   """
   recipe = get_recipe(recipe)
   w = jnp.asarray(kernel, jnp.float32)
@@ -150,10 +156,11 @@ def quantize_layer(recipe: Recipe, kernel, bias, inputs: LayerInputs, *, path: s
                      hessian=None if inputs.hessian is None else jnp.asarray(inputs.hessian, jnp.float32),
                      recipe=recipe)
   params = {"kernel": w} if bias is None else {"kernel": w, "bias": jnp.asarray(bias)}
+  step = functools.partial(_timed, timings)
   for t in recipe.stage("weight") + recipe.stage("quantizer"):
-    params = t(params, ctx)
+    params = step(type(t).__name__, t, params, ctx)
   config = layer_config(recipe, k, n, nb)
-  arrays = pack_layer(params, config, ctx, param_dtype)
+  arrays = step("pack", pack_layer, params, config, ctx, param_dtype)
   ref_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
   search_info = None
   for t in recipe.stage("table"):
@@ -162,10 +169,20 @@ def quantize_layer(recipe: Recipe, kernel, bias, inputs: LayerInputs, *, path: s
     base = None
     if config.act_mode == "static":
       base = static_base_scale(config, _xin_absmax(params, ctx))
-    arrays, search_info = search_tables(config, arrays, ctx.rows, w, ref_bias, t.clips, t.exp_offsets,
-                                        per_bin=t.per_bin, base=base)
-  sqnr = layer_sqnr(config, arrays, ctx.rows, w, ref_bias)
+    arrays, search_info = step(type(t).__name__, search_tables, config, arrays, ctx.rows, w, ref_bias, t.clips,
+                               t.exp_offsets, per_bin=t.per_bin, base=base)
+  sqnr = step("sqnr", layer_sqnr, config, arrays, ctx.rows, w, ref_bias)
   return config, arrays, {"sqnr_db": sqnr, "search": search_info}
+
+
+def _timed(timings: dict | None, name: str, fn, *args, **kw):
+  """``fn(*args, **kw)``; with a ``timings`` dict, run to completion and add its wall seconds under ``name``."""
+  if timings is None:
+    return fn(*args, **kw)
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kw))
+  timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+  return out
 
 
 def _stack(arrays_list: list[dict]) -> dict:

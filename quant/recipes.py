@@ -30,7 +30,7 @@ import numpy as np
 
 from wanjax.quant.gptq import gptq
 from wanjax.quant.linalg import hessian_from_rows
-from wanjax.quant.lowrank import lowrank
+from wanjax.quant.lowrank import LOWRANK_METHODS, lowrank
 from wanjax.quant.rotate import rotate, rotate_activations, rotate_hessian
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, rtn
 from wanjax.quant.smooth import DEFAULT_ALPHAS, smooth, smooth_hessian, smooth_search
@@ -102,21 +102,27 @@ class Smooth:
   """SmoothQuant smoothing ``s = a^alpha / w^(1-alpha)`` from the abs-max over all bins of the expert.
 
   ``alpha`` fixed, or ``search=True``: per layer over ``alphas`` by the quantized layer's output error on the
-  sampled rows (with a low-rank branch of ``search_rank`` in the loop).
+  sampled rows (with a low-rank branch of ``search_rank`` in the loop, computed by ``lowrank_method``: ``"svd"``
+  exact or ``"randomized"``, see ``wanjax.quant.lowrank``).
   """
 
   alpha: float = 0.5
   search: bool = False
   alphas: tuple = DEFAULT_ALPHAS
   search_rank: int = 0
+  lowrank_method: str = "svd"
   stage = "weight"
+
+  def __post_init__(self):
+    if self.lowrank_method not in LOWRANK_METHODS:
+      raise ValueError(f"Smooth: lowrank_method must be one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     a = jnp.max(jnp.asarray(ctx.absmax, jnp.float32), axis=0)
     if not self.search:
       return smooth(params, a, self.alpha)
     out, _ = smooth_search(params, a, ctx.all_rows, ctx.recipe.weight, ctx.recipe.act_spec(), alphas=self.alphas,
-                           rank=self.search_rank)
+                           rank=self.search_rank, lowrank_method=self.lowrank_method)
     return out
 
 
@@ -136,14 +142,21 @@ class Rotate:
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-  """SVDQuant low-rank branch of rank ``rank`` (16-bit ``down``/``up``), taken on the smoothed/rotated weight."""
+  """SVDQuant low-rank branch of rank ``rank`` (16-bit ``down``/``up``), taken on the smoothed/rotated weight;
+  ``method``: ``"svd"`` (exact thin SVD, the seed's) or ``"randomized"`` (subspace iteration: a few matmuls instead
+  of a full SVD, the fast choice for 5120 x 13824 kernels; see ``wanjax.quant.lowrank``)."""
 
   rank: int = 32
+  method: str = "svd"
   stage = "weight"
+
+  def __post_init__(self):
+    if self.method not in LOWRANK_METHODS:
+      raise ValueError(f"LowRank: method must be one of {LOWRANK_METHODS}, got {self.method!r}")
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     k, n = params["kernel"].shape
-    return lowrank(params, min(self.rank, k, n), jnp.bfloat16)
+    return lowrank(params, min(self.rank, k, n), jnp.bfloat16, method=self.method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,14 +358,16 @@ RECIPES: dict[str, Recipe] = {
                          "static group scales), per-expert per-bin clip x exponent-offset search (15 candidates), "
                          "cross-attention unsearched."),
     "default": Recipe("default", _INT4, _A_INT4,
-                      (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32), LowRank(32),
+                      (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
+                       LowRank(32, method="randomized"),
                        GPTQ(hessian="quantized", balance_bins=True), ClipSearch(INT_CLIPS, (0,))),
                       notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
                             "path), smoothing with alpha searched per layer (rank-32 branch in the loop), bf16 "
                             "rank-32 low-rank branch, GPTQ with the quantized-input Hessian (bins balanced), per-bin "
                             "clip search on every layer. Picked by layer SQNR on TINY planted-outlier layers: alpha "
                             "search +4.6..4.9 dB over alpha 0.5, rank 32 +3.3..3.7 dB over 16, balanced GPTQ "
-                            "+0.15 dB over RTN (docs/QUANTIZATION.md)."),
+                            "+0.15 dB over RTN (docs/QUANTIZATION.md). Low-rank branches by randomized subspace iteration "
+                            "(7 exact 5120x5120 SVDs per layer made it take 14.5 s per layer on an H200, 2026-12-01)."),
 }
 
 

@@ -92,7 +92,7 @@ def _smooth_core(w, a, alpha, eps):
   return w * s[:, None], s
 
 
-@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "rank", "lowrank_dtype"))
+@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "rank", "lowrank_dtype", "lowrank_method"))
 def smoothed_output_error(
     kernel: jax.Array,
     rows: jax.Array,
@@ -101,11 +101,13 @@ def smoothed_output_error(
     a_spec: ActQuantSpec | None,
     rank: int = 0,
     lowrank_dtype=jnp.bfloat16,
+    lowrank_method: str = "svd",
 ) -> jax.Array:
   """Relative output error ``||X W - y_q||^2 / ||X W||^2`` of the smoothed, quantized layer on rows ``X [n, K]``.
 
   ``y_q = Qa(X / s) @ Qw(s W - L) + (X / s) @ L`` with ``L = down @ up`` the rank-``rank`` branch of ``s W``
-  (none when ``rank == 0``), ``Qw`` RTN with ``w_spec`` and ``Qa`` dynamic per-token fake quant with ``a_spec``.
+  (none when ``rank == 0``; ``lowrank_method`` as :func:`wanjax.quant.lowrank.lowrank`), ``Qw`` RTN with ``w_spec``
+  and ``Qa`` dynamic per-token fake quant with ``a_spec``.
   """
   w = jnp.asarray(kernel, jnp.float32)
   x = jnp.asarray(rows, jnp.float32)
@@ -113,7 +115,7 @@ def smoothed_output_error(
   xs = x / s
   p = {"kernel": w * s[:, None]}
   if rank:
-    p = lowrank(p, rank, lowrank_dtype)
+    p = lowrank(p, rank, lowrank_dtype, method=lowrank_method)
   y = mm(fake_quant_act(xs, a_spec), fake_quant_kernel(p["kernel"], w_spec))
   if rank:
     y = y + mm(mm(xs, p["down"].astype(jnp.float32)), p["up"].astype(jnp.float32))
@@ -130,6 +132,7 @@ def smooth_search(
     rank: int = 0,
     eps: float = 1e-8,
     lowrank_dtype=jnp.bfloat16,
+    lowrank_method: str = "svd",
 ) -> tuple[dict, dict]:
   """Smoothing with ``alpha`` chosen per layer from ``alphas`` by :func:`smoothed_output_error` on ``rows``.
 
@@ -140,6 +143,7 @@ def smooth_search(
     w_spec, a_spec: the quantizers the layer will use (RTN stands in for GPTQ during the search).
     alphas: static grid (default 0.05 .. 0.95).
     rank: include a low-rank branch of this rank in the objective (0: none).
+    lowrank_method: ``"svd"`` (exact) or ``"randomized"`` for that branch (see ``wanjax.quant.lowrank``).
 
   Returns:
     ``(new_params, info)``: params as :func:`smooth` at the best alpha; ``info = {"alpha": scalar,
@@ -159,17 +163,19 @@ def smooth_search(
   check_finite_eager("smooth_search", "rows", x)
 
   errors, best, s = _search(w, a, x, w_spec=w_spec, a_spec=a_spec, alphas=tuple(float(v) for v in grid), rank=rank,
-                            eps=float(eps), lowrank_dtype=jnp.dtype(lowrank_dtype))
+                            eps=float(eps), lowrank_dtype=jnp.dtype(lowrank_dtype), lowrank_method=lowrank_method)
   return {**params, "kernel": w * s[:, None], "smooth": s}, {"alpha": best, "errors": errors}
 
 
-@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "alphas", "rank", "eps", "lowrank_dtype"))
-def _search(w, a, x, *, w_spec, a_spec, alphas, rank, eps, lowrank_dtype):
+@functools.partial(jax.jit, static_argnames=("w_spec", "a_spec", "alphas", "rank", "eps", "lowrank_dtype",
+                                             "lowrank_method"))
+def _search(w, a, x, *, w_spec, a_spec, alphas, rank, eps, lowrank_dtype, lowrank_method):
   """(errors per alpha, best alpha, its scales); jitted so repeated layers of one shape compile once."""
   grid = jnp.asarray(alphas, jnp.float32)
 
   def err(alpha):
-    return smoothed_output_error(w, x, smoothing_scales(a, w, alpha, eps), w_spec, a_spec, rank, lowrank_dtype)
+    return smoothed_output_error(w, x, smoothing_scales(a, w, alpha, eps), w_spec, a_spec, rank, lowrank_dtype,
+                                 lowrank_method)
 
   errors = jax.lax.map(err, grid)
   best = grid[jnp.argmin(errors)]

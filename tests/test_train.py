@@ -184,3 +184,29 @@ def test_patch_colour_and_latent_colour_term():
     l1, m1 = V.vae_loss(vae, video, key, colour_weight=2.0)
     np.testing.assert_allclose(float(l1), float(l0) + 2.0 * float(m1["latent_colour_l1"]), rtol=1e-5)
     assert float(m1["latent_colour_l1"]) > 0
+
+
+def test_zero_residual_init_starts_from_the_shortcuts():
+    """`zero_residual_init` zeroes exactly the last layer of each residual / attention branch: every block is then its
+    shortcut, every other parameter equals the default init of the same seed, and the zeroed layers get gradients."""
+    from wanjax.model.vae_layers import AttentionBlock, ResidualBlock
+
+    cfg = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    ref = _flat(V.new_vae(cfg, seed=3))
+    vae = V.new_vae(cfg, seed=3, zero_residual=True)
+    got = _flat(vae)
+    zeroed = {k for k in got if not np.array_equal(got[k], ref[k])}
+    assert zeroed and all(k.endswith(("conv2/kernel", "proj_kernel")) for k in zeroed), sorted(zeroed)
+    assert all(not np.any(got[k]) for k in got if k.endswith(("conv2/kernel", "conv2/bias", "proj_kernel", "proj_bias")))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 1, 8, 8, 8)), jnp.float32)
+    blocks = [m for _, m in nnx.iter_graph(vae) if isinstance(m, (ResidualBlock, AttentionBlock))]
+    assert any(isinstance(b, AttentionBlock) for b in blocks)
+    for b in blocks:
+        xin = x[..., :(b.norm1 if isinstance(b, ResidualBlock) else b.norm).gamma.shape[0]]
+        short = xin if not isinstance(b, ResidualBlock) or b.conv_shortcut is None else b.conv_shortcut(xin)[0]
+        np.testing.assert_allclose(np.asarray(b(xin)[0]), np.asarray(short), rtol=1e-6, atol=1e-6)
+    video = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (1, 1, 16, 16, 3)), jnp.float32)
+    graphdef, params, rest = nnx.split(vae, nnx.Param, ...)
+    grads = jax.grad(lambda p: V.vae_loss(nnx.merge(graphdef, p, rest), video, jax.random.key(0))[0])(params)
+    g = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+    assert all(np.any(g[k]) for k in zeroed), [k for k in zeroed if not np.any(g[k])]
