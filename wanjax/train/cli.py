@@ -105,7 +105,8 @@ def _take(arr: dict, idx) -> dict:
 
 
 def train_vae(pre: Preset, args, log: Log):
-    vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+                    zero_residual=bool(args.vae_zero_residual))
     pool, _ = _param_pool(args.vae_pool, args.seed + 1, pre.vae_frames, pre.size)
     pool = {k: jnp.asarray(v) for k, v in pool.items()}
     rng = np.random.default_rng(args.seed + 2)
@@ -141,7 +142,8 @@ def train_vae(pre: Preset, args, log: Log):
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
                                  "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
-                                 "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour}
+                                 "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour,
+                                 "zero_residual": bool(args.vae_zero_residual)}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -480,6 +482,9 @@ def _vae_args(p):
     p.add_argument("--vae-colour", type=float, default=0.0, help="weight of the latent colour term (first three "
                    "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). 1.0 kept colour in "
                    "CPU probes where the plain loss lost it at the 8x down-sampling level")
+    p.add_argument("--vae-zero-residual", type=int, default=0, help="1: zero-init the last layer of every residual "
+                   "and attention branch of the VAE (train.vae.zero_residual_init), so training starts from the "
+                   "plain conv chain")
 
 
 def main(argv=None):

@@ -116,9 +116,32 @@ class Trainer:
         return nnx.merge(self.graphdef, jax.tree.map(lambda a: jnp.array(a, copy=True), self.params), self.rest)
 
 
-def new_vae(cfg: VAEConfig = MINI_VAE, seed: int = 0, dtype=jnp.float32) -> WanVAE:
-    """Random-init VAE with fp32 parameters and ``dtype`` compute."""
-    return init_vae(cfg, seed=seed, dtype=dtype, param_dtype=jnp.float32)
+def new_vae(cfg: VAEConfig = MINI_VAE, seed: int = 0, dtype=jnp.float32, zero_residual: bool = False) -> WanVAE:
+    """Random-init VAE with fp32 parameters and ``dtype`` compute; ``zero_residual`` applies `zero_residual_init`."""
+    vae = init_vae(cfg, seed=seed, dtype=dtype, param_dtype=jnp.float32)
+    return zero_residual_init(vae) if zero_residual else vae
+
+
+def zero_residual_init(vae: WanVAE) -> WanVAE:
+    """Zero the last layer of every residual branch (``ResidualBlock.conv2`` and ``AttentionBlock.proj``) so that
+    at initialisation every residual block is its shortcut and every attention block the identity (SkipInit-style;
+    the architecture and the checkpoint layout are unchanged, the branches learn from zero). Modifies ``vae`` in
+    place and returns it."""
+    from wanjax.model.vae_layers import AttentionBlock, ResidualBlock
+
+    n = 0
+    for _, m in nnx.iter_graph(vae):
+        if isinstance(m, ResidualBlock):
+            m.conv2.kernel[...] = jnp.zeros_like(m.conv2.kernel[...])
+            m.conv2.bias[...] = jnp.zeros_like(m.conv2.bias[...])
+            n += 1
+        elif isinstance(m, AttentionBlock):
+            m.proj_kernel[...] = jnp.zeros_like(m.proj_kernel[...])
+            m.proj_bias[...] = jnp.zeros_like(m.proj_bias[...])
+            n += 1
+    if n == 0:
+        raise ValueError("zero_residual_init: the VAE has no residual or attention blocks")
+    return vae
 
 
 def fold_latent_stats(vae: WanVAE, mean: np.ndarray, std: np.ndarray) -> WanVAE:
