@@ -126,7 +126,9 @@ def train_vae(pre: Preset, args, log: Log):
         video = render(_take(pool, jnp.asarray(idx)))
         prog = max(i / args.vae_steps, (time.perf_counter() - t_start) / args.vae_time if i else 0.0)
         m = trainer.step(video, jax.random.fold_in(jax.random.key(args.seed * 100 + 7), i),
-                         D.lr_at(i, args.vae_lr, prog, warmup=100))
+                         D.lr_at(i, args.vae_lr, prog, warmup=100), train_branches=i >= args.vae_branch_freeze)
+        if i == args.vae_branch_freeze and i:
+            log(f"vae step {i}: residual/attention branches released (--vae-branch-freeze)")
         n = i + 1
         if i == 0:
             jax.block_until_ready(m)
@@ -136,14 +138,16 @@ def train_vae(pre: Preset, args, log: Log):
             m = {k: float(v) for k, v in m.items()}
             curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"], m["chroma_ratio"]])
             log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f} "
-                f"chroma l1 {m['chroma_l1']:.4f} ratio {m['chroma_ratio']:.3f}")
+                f"chroma l1 {m['chroma_l1']:.4f} ratio {m['chroma_ratio']:.3f} latent chroma l1 "
+                f"{m['latent_chroma_l1']:.4f} (grey {m['grey_latent_chroma_l1']:.4f})")
         if time.perf_counter() - t_start > args.vae_time:
             log(f"vae: time budget {args.vae_time}s reached after {n} steps")
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
                                  "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
                                  "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour,
-                                 "zero_residual": bool(args.vae_zero_residual)}
+                                 "zero_residual": bool(args.vae_zero_residual),
+                                 "branch_freeze_steps": args.vae_branch_freeze}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -485,6 +489,9 @@ def _vae_args(p):
     p.add_argument("--vae-zero-residual", type=int, default=0, help="1: zero-init the last layer of every residual "
                    "and attention branch of the VAE (train.vae.zero_residual_init), so training starts from the "
                    "plain conv chain")
+    p.add_argument("--vae-branch-freeze", type=int, default=0, help="hold the last layer of every residual / "
+                   "attention branch fixed for this many VAE steps (with --vae-zero-residual 1: train the plain conv "
+                   "chain first, then release the branches)")
 
 
 def main(argv=None):

@@ -62,7 +62,9 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
              chroma_weight: float = 0.0, colour_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """L1 + L2 reconstruction + ``chroma_weight`` * L1 of the chroma (`chroma`) + ``kl_weight`` * KL (mean per
     latent element) + ``colour_weight`` * L1 between the first three raw latent channels (``mu``) and the mean colour
-    of each latent element's patch (`patch_colour`); returns (loss, metrics).
+    of each latent element's patch (`patch_colour`); returns (loss, metrics). Metrics include the chroma part of
+    that latent error (``latent_chroma_l1``) beside its value for a latent without colour (``grey_latent_chroma_l1``):
+    equal values mean the latent carries no colour.
 
     The colour term keeps colour in the latent: on 2026-12-01 CPU probes the reduced VAE lost colour at the third
     (8x) down-sampling level and kept it with this term (chroma ratio 0.06 -> 0.82, docs/MODEL_CARD.md). It pins
@@ -78,11 +80,14 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     l2 = jnp.mean(jnp.square(rec - video))
     lc = jnp.mean(jnp.abs(chroma(rec) - chroma(video)))
     kl = 0.5 * jnp.mean(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
-    lcol = jnp.mean(jnp.abs(mu[..., :3] - patch_colour(video, mu.shape)))
+    pc = patch_colour(video, mu.shape)
+    lcol = jnp.mean(jnp.abs(mu[..., :3] - pc))
+    lcol_chroma = jnp.mean(jnp.abs(chroma(mu[..., :3]) - chroma(pc)))
     loss = l1 + l2 + chroma_weight * lc + kl_weight * kl + colour_weight * lcol
     ratio = jnp.std(chroma(rec)) / jnp.maximum(jnp.std(chroma(video)), 1e-6)
     return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "chroma_l1": lc, "chroma_ratio": ratio,
-                  "latent_colour_l1": lcol}
+                  "latent_colour_l1": lcol, "latent_chroma_l1": lcol_chroma,
+                  "grey_latent_chroma_l1": jnp.mean(jnp.abs(chroma(pc)))}
 
 
 class Trainer:
@@ -96,20 +101,27 @@ class Trainer:
                               optax.add_decayed_weights(weight_decay))
         self.opt_state = self.tx.init(self.params)
         graphdef, rest, tx = self.graphdef, self.rest, self.tx
+        branch = branch_mask(self.params)
 
-        def step(params, opt_state, video, key, lr):
+        def step(params, opt_state, video, key, lr, gate):
             def loss_fn(p):
                 return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            grads = jax.tree.map(lambda g, b: g * gate if b else g, grads, branch)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u, b: u * gate if b else u, updates, branch)
             params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
             return params, opt_state, metrics
 
         self._step = jax.jit(step, donate_argnums=(0, 1))
 
-    def step(self, video, key, lr: float) -> dict:
-        self.params, self.opt_state, m = self._step(self.params, self.opt_state, video, key, jnp.float32(lr))
+    def step(self, video, key, lr: float, train_branches: bool = True) -> dict:
+        """One AdamW step; ``train_branches=False`` holds the last layer of every residual / attention branch
+        (`branch_mask`) fixed (its gradient and update are zeroed; with `zero_residual_init` the model is then the
+        plain conv chain of the shortcuts). The flag is traced: switching it does not recompile."""
+        self.params, self.opt_state, m = self._step(self.params, self.opt_state, video, key, jnp.float32(lr),
+                                                    jnp.float32(1.0 if train_branches else 0.0))
         return m
 
     def model(self) -> WanVAE:
@@ -120,6 +132,18 @@ def new_vae(cfg: VAEConfig = MINI_VAE, seed: int = 0, dtype=jnp.float32, zero_re
     """Random-init VAE with fp32 parameters and ``dtype`` compute; ``zero_residual`` applies `zero_residual_init`."""
     vae = init_vae(cfg, seed=seed, dtype=dtype, param_dtype=jnp.float32)
     return zero_residual_init(vae) if zero_residual else vae
+
+
+_BRANCH_LAST = ("conv2/kernel", "conv2/bias", "proj_kernel", "proj_bias")
+
+
+def branch_mask(params) -> Any:
+    """Pytree of bools like ``params`` (an ``nnx.State`` of a VAE): True for the last layer of each residual branch
+    (``ResidualBlock.conv2``) and attention branch (``AttentionBlock.proj``), the layers `zero_residual_init` zeroes."""
+    def is_branch(path, _):
+        return "/".join(str(k.key) for k in path if hasattr(k, "key")).endswith(_BRANCH_LAST)
+
+    return jax.tree_util.tree_map_with_path(is_branch, params)
 
 
 def zero_residual_init(vae: WanVAE) -> WanVAE:
