@@ -210,3 +210,34 @@ def test_zero_residual_init_starts_from_the_shortcuts():
     grads = jax.grad(lambda p: V.vae_loss(nnx.merge(graphdef, p, rest), video, jax.random.key(0))[0])(params)
     g = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
     assert all(np.any(g[k]) for k in zeroed), [k for k in zeroed if not np.any(g[k])]
+
+
+def test_branch_freeze_holds_the_zeroed_layers_and_colour_on_sample():
+    """``Trainer.step(train_branches=False)`` leaves the branch-final layers at zero (the model stays the plain conv
+    chain) while everything else trains; releasing them moves them. The colour term on the sampled latent differs
+    from the one on its mean by the sampling noise; a bad ``colour_on`` is refused."""
+    cfg = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    tr = V.Trainer(V.new_vae(cfg, seed=0, zero_residual=True), colour_weight=1.0)
+    video = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 1, 16, 16, 3)), jnp.float32)
+    start = _flat(tr.model())
+    for i in range(2):
+        tr.step(video, jax.random.key(i), 1e-3, train_branches=False)
+    frozen = _flat(tr.model())
+    mask = {"/".join(str(k.key) for k in p if hasattr(k, "key")): b
+            for p, b in jax.tree_util.tree_leaves_with_path(V.branch_mask(tr.params))}
+    assert sum(mask.values()) > 0
+    for k, v in frozen.items():
+        if mask[k]:
+            assert not np.any(v), k
+    assert any(not np.array_equal(frozen[k], start[k]) for k in frozen if not mask[k])
+    tr.step(video, jax.random.key(5), 1e-3, train_branches=True)
+    released = _flat(tr.model())
+    assert any(np.any(released[k]) for k in released if mask[k] and k.endswith("kernel"))
+    vae = tr.model()
+    key = jax.random.key(3)
+    _, ms = V.vae_loss(vae, video, key, colour_weight=1.0)
+    _, mm = V.vae_loss(vae, video, key, colour_weight=1.0, colour_on="mean")
+    assert float(ms["latent_colour_l1"]) != float(mm["latent_colour_l1"])
+    assert 0.5 < float(ms["colour_sigma"]) < 2.0
+    with pytest.raises(ValueError, match="colour_on must be"):
+        V.vae_loss(vae, video, key, colour_on="z")

@@ -59,7 +59,8 @@ def patch_colour(video: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
 
 
 def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6,
-             chroma_weight: float = 0.0, colour_weight: float = 0.0) -> tuple[jax.Array, dict]:
+             chroma_weight: float = 0.0, colour_weight: float = 0.0,
+             colour_on: str = "sample") -> tuple[jax.Array, dict]:
     """L1 + L2 reconstruction + ``chroma_weight`` * L1 of the chroma (`chroma`) + ``kl_weight`` * KL (mean per
     latent element) + ``colour_weight`` * L1 between the first three raw latent channels (``mu``) and the mean colour
     of each latent element's patch (`patch_colour`); returns (loss, metrics). Metrics include the chroma part of
@@ -81,13 +82,16 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     lc = jnp.mean(jnp.abs(chroma(rec) - chroma(video)))
     kl = 0.5 * jnp.mean(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
     pc = patch_colour(video, mu.shape)
-    lcol = jnp.mean(jnp.abs(mu[..., :3] - pc))
+    if colour_on not in ("sample", "mean"):
+        raise ValueError(f"vae_loss: colour_on must be 'sample' or 'mean', got {colour_on!r}")
+    lcol = jnp.mean(jnp.abs((z if colour_on == "sample" else mu)[..., :3] - pc))
     lcol_chroma = jnp.mean(jnp.abs(chroma(mu[..., :3]) - chroma(pc)))
     loss = l1 + l2 + chroma_weight * lc + kl_weight * kl + colour_weight * lcol
     ratio = jnp.std(chroma(rec)) / jnp.maximum(jnp.std(chroma(video)), 1e-6)
     return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "chroma_l1": lc, "chroma_ratio": ratio,
                   "latent_colour_l1": lcol, "latent_chroma_l1": lcol_chroma,
-                  "grey_latent_chroma_l1": jnp.mean(jnp.abs(chroma(pc)))}
+                  "grey_latent_chroma_l1": jnp.mean(jnp.abs(chroma(pc))),
+                  "colour_sigma": jnp.mean(jnp.exp(0.5 * logvar[..., :3]))}
 
 
 class Trainer:
@@ -95,7 +99,7 @@ class Trainer:
     ``(params, opt_state, video, key, lr) -> (params, opt_state, metrics)`` (AdamW; ``lr`` traced)."""
 
     def __init__(self, vae: WanVAE, kl_weight: float = 1e-6, weight_decay: float = 1e-4, chroma_weight: float = 0.0,
-                 colour_weight: float = 0.0):
+                 colour_weight: float = 0.0, colour_on: str = "sample"):
         self.graphdef, self.params, self.rest = nnx.split(vae, nnx.Param, ...)
         self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99),
                               optax.add_decayed_weights(weight_decay))
@@ -105,7 +109,8 @@ class Trainer:
 
         def step(params, opt_state, video, key, lr, gate):
             def loss_fn(p):
-                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight)
+                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight,
+                                colour_on)
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             grads = jax.tree.map(lambda g, b: g * gate if b else g, grads, branch)
