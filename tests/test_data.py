@@ -83,3 +83,26 @@ def test_tracker_static_and_missing():
     assert track.motion_direction(grey, "red")[0] == "none"
     with pytest.raises(ValueError, match="colour"):
         track.object_mask(grey, "black")
+
+
+def test_template_tracker_needs_no_colour():
+    """The colour-free tracker follows the object on the clips and on their grey versions (started from the
+    object's mask in the colour first frame), and sees no motion in a frozen clip."""
+    v, _, p = P.make_clips(12, "heldout", seed=1000, directional_only=True)
+    dirs = [m.split()[1] for m in p["motion_name"]]
+    ok_colour = ok_grey = 0
+    for clip, colour, d in zip(v, p["colour_name"], dirs):
+        m0 = track.object_mask(clip[:1], colour)[0]
+        grey = np.repeat(clip.mean(-1, keepdims=True), 3, -1)
+        assert track.motion_direction(grey, colour)[0] == "none"        # the hue tracker cannot see it
+        ok_colour += track.template_direction(clip, m0)[0] == d
+        ok_grey += track.template_direction(grey, m0)[0] == d
+        assert track.template_direction(np.repeat(clip[:1], 17, 0), m0)[0] == "none"
+    assert ok_colour == 12
+    assert ok_grey >= 11           # grey loses contrast where object and background have equal luma
+    # lost object -> NaN from there on; bad mask shape -> clear error
+    m0 = track.object_mask(v[0][:1], p["colour_name"][0])[0]
+    path = track.template_track(np.concatenate([v[0][:3], np.zeros_like(v[0][3:]) - 1]), m0)
+    assert np.isfinite(path[:3]).all() and np.isnan(path[3:]).all()
+    with pytest.raises(ValueError, match="mask0 shape"):
+        track.template_track(v[0], np.ones((8, 8), bool))

@@ -105,7 +105,12 @@ def main(argv=None):
         print(f"W4A4: PSNR vs BF16 {q_psnr:.2f} dB, SSIM {q_ssim:.4f}; DiT weights {bf16_bytes / 1e6:.2f} MB (BF16) "
               f"-> {q_bytes / 1e6:.2f} MB (W4A4, incl. low-rank branches, scales and per-bin tables)")
         rows.append(qout.frames)
-        report += [f"| DiT weights, both experts | {bf16_bytes / 1e6:.2f} MB | {q_bytes / 1e6:.2f} MB |",
+        qd = motion_direction(qout.frames, colours[args.clip])[0]
+        print(f"W4A4: frame-0 PSNR vs the condition {psnr(qout.frames[0], truth[0]):.2f} dB; tracked motion {qd!r}")
+        report += [f"| frame-0 PSNR vs the condition | {psnr(out.frames[0], truth[0]):.2f} dB | "
+                   f"{psnr(qout.frames[0], truth[0]):.2f} dB |",
+                   f"| tracked motion (caption: {dirs[args.clip]!r}) | {d!r} | {qd!r} |",
+                   f"| DiT weights, both experts | {bf16_bytes / 1e6:.2f} MB | {q_bytes / 1e6:.2f} MB |",
                    f"| PSNR / SSIM vs BF16 | — | {q_psnr:.2f} dB / {q_ssim:.4f} |",
                    f"| generate time | {times['BF16 generate']:.1f} s | {sum(qout.seconds.values()):.1f} s |"]
     else:

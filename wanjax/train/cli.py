@@ -105,21 +105,32 @@ def _take(arr: dict, idx) -> dict:
 
 
 def train_vae(pre: Preset, args, log: Log):
-    vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
-                    zero_residual=bool(args.vae_zero_residual))
-    pool, _ = _param_pool(args.vae_pool, args.seed + 1, pre.vae_frames, pre.size)
+    if args.vae_from:
+        from wanjax.io.vae_loader import load_vae
+
+        vae = load_vae(args.vae_from, pre.vae, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+                       param_dtype=jnp.float32)
+        log(f"vae: started from {args.vae_from}")
+    else:
+        vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+                        zero_residual=bool(args.vae_zero_residual))
+    frames = args.vae_frames or pre.vae_frames
+    if (frames - 1) % 4:
+        raise ValueError(f"--vae-frames must be 4n+1 (the VAE's causal chunks), got {frames}")
+    pool, _ = _param_pool(args.vae_pool, args.seed + 1, frames, pre.size)
     pool = {k: jnp.asarray(v) for k, v in pool.items()}
     rng = np.random.default_rng(args.seed + 2)
     crop = pre.vae_crop
     if crop:
-        full = _renderer(pre.size, pre.vae_frames)
+        full = _renderer(pre.size, frames)
 
         def render(p):   # a random crop (offsets multiple of 8) per batch
             o = rng.integers(0, (pre.size - crop) // 8 + 1, 2) * 8
             return full(p)[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop]
     else:
-        render = _renderer(pre.size, pre.vae_frames)
-    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma, colour_weight=args.vae_colour)
+        render = _renderer(pre.size, frames)
+    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma, colour_weight=args.vae_colour,
+                        colour_on=args.vae_colour_on)
     curve, t_start, n = [], time.perf_counter(), 0
     for i in range(args.vae_steps):
         idx = rng.integers(0, args.vae_pool, args.vae_batch)
@@ -139,15 +150,16 @@ def train_vae(pre: Preset, args, log: Log):
             curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"], m["chroma_ratio"]])
             log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f} "
                 f"chroma l1 {m['chroma_l1']:.4f} ratio {m['chroma_ratio']:.3f} latent chroma l1 "
-                f"{m['latent_chroma_l1']:.4f} (grey {m['grey_latent_chroma_l1']:.4f})")
+                f"{m['latent_chroma_l1']:.4f} (grey {m['grey_latent_chroma_l1']:.4f}) sigma {m['colour_sigma']:.3f}")
         if time.perf_counter() - t_start > args.vae_time:
             log(f"vae: time budget {args.vae_time}s reached after {n} steps")
             break
     log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
-                                 "frames": pre.vae_frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
+                                 "frames": frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
                                  "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour,
                                  "zero_residual": bool(args.vae_zero_residual),
-                                 "branch_freeze_steps": args.vae_branch_freeze}
+                                 "branch_freeze_steps": args.vae_branch_freeze, "colour_on": args.vae_colour_on,
+                                 "from": args.vae_from}
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -348,7 +360,7 @@ def cmd_run(args):
                                                                / len(args.eval_guides))))
             vids, truth = res.pop("videos"), res.pop("truth")
             log(f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
-                f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
+                f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} (hue {res['direction_accuracy_hue']:.3f}) "
                 f"({res['seconds']:.1f}s)")
             log.data.setdefault("eval", []).append(res)
             samples[f"videos_g{guide:g}"] = vids
@@ -434,7 +446,7 @@ def cmd_evaluate(args):
         samples["truth"] = truth
         samples["captions"] = np.array(res["captions"][: len(vids)])
         print(f"guide {g}: n {res['n']}, PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
-              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f}, "
+              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} (hue {res['direction_accuracy_hue']:.3f}), "
               f"{res['seconds']:.1f}s", flush=True)
         res_all["runs"].append(res)
         rows = []
@@ -459,12 +471,15 @@ def cmd_vae(args):
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; preset {args.preset}, VAE only")
     log.data["args"] = vars(args)
     vae = train_vae(pre, args, log)
+    log(f"vae: wrote {save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES['vae']), dtype='float32')} (fp32, "
+        "for --vae-from)")
     V.cast_params(vae, jnp.bfloat16)
     check = vae_check(vae, n=args.check_n, seed=args.check_seed)
     example = check.pop("example")
     log.data["vae_check"] = check
     log(f"vae check (held-out, n {check['n']}): PSNR {check['psnr']:.2f} dB, chroma ratio {check['chroma_ratio']:.3f}, "
-        f"tracker on reconstructions {check['tracker_on_recon']:.3f} (on inputs {check['tracker_on_truth']:.3f})")
+        f"tracker on reconstructions {check['tracker_on_recon']:.3f} (on inputs {check['tracker_on_truth']:.3f}), "
+        f"template tracker {check['template_on_recon']:.3f} (on inputs {check['template_on_truth']:.3f})")
     strip_png(list(example), os.path.join(args.out, "vae_recon.png"))
     log.save()
     return check
@@ -483,16 +498,22 @@ def _vae_args(p):
     p.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
                    "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
                    "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
-    p.add_argument("--vae-colour", type=float, default=0.0, help="weight of the latent colour term (first three "
-                   "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). 1.0 kept colour in "
-                   "CPU probes where the plain loss lost it at the 8x down-sampling level")
-    p.add_argument("--vae-zero-residual", type=int, default=0, help="1: zero-init the last layer of every residual "
-                   "and attention branch of the VAE (train.vae.zero_residual_init), so training starts from the "
-                   "plain conv chain")
-    p.add_argument("--vae-branch-freeze", type=int, default=0, help="hold the last layer of every residual / "
-                   "attention branch fixed for this many VAE steps (with --vae-zero-residual 1: train the plain conv "
-                   "chain first, then release the branches)")
-
+    p.add_argument("--vae-colour", type=float, default=1.0, help="weight of the latent colour term (first three "
+                   "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). Without it (0) the "
+                   "mini VAE decodes grey (docs/MODEL_CARD.md)")
+    p.add_argument("--vae-zero-residual", type=int, default=1, help="1 (default): zero-init the last layer of every "
+                   "residual and attention branch of the VAE (train.vae.zero_residual_init), so training starts from "
+                   "the plain conv chain")
+    p.add_argument("--vae-colour-on", default="sample", choices=("sample", "mean"), help="the latent colour "
+                   "term compares the sampled latent (default: it also keeps the sampling noise of the colour "
+                   "channels small) or its mean with the patch colour")
+    p.add_argument("--vae-from", default=None, help="start the VAE from this official .pth (e.g. the one a `vae` "
+                   "run writes); with --vae-steps 0 it is used as it is")
+    p.add_argument("--vae-frames", type=int, default=0, help="frames per VAE training clip (4n+1; 0: the preset's)")
+    p.add_argument("--vae-branch-freeze", type=int, default=10 ** 9, help="hold the last layer of every residual "
+                   "/ attention branch fixed for this many VAE steps (default: all of them, so with "
+                   "--vae-zero-residual 1 the branches stay zero: the recipe that keeps colour; releasing them "
+                   "early lost it in the runs of docs/MODEL_CARD.md)")
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m wanjax.train", description=__doc__.splitlines()[0])
