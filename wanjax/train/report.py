@@ -20,7 +20,7 @@ def loss_curves_png(log_path: str, out_png: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     if curves.get("vae"):
         c = np.asarray(curves["vae"])
-        axes[0].plot(c[:, 0], c[:, 1], label="L1 + L2 + KL")
+        axes[0].plot(c[:, 0], c[:, 1], label="total (L1 + L2 + KL + colour terms)")
         axes[0].plot(c[:, 0], c[:, 2], label="L1", alpha=0.7)
         axes[0].set_yscale("log")
         axes[0].set_xlabel("VAE step")
