@@ -51,10 +51,8 @@ def test_from_pretrained():
 @pytest.mark.skipif(FRAME0_PSNR_MIN is None, reason="no measured threshold shipped")
 def test_generates_heldout_clip_keeping_the_first_frame():
     from wanjax.pipeline import WanI2VPipeline
-    from wanjax.train.evaluate import heldout_set, psnr
-
     from wanjax.track import motion_direction, template_direction
-    from wanjax.train.evaluate import condition_mask
+    from wanjax.train.evaluate import condition_mask, heldout_set, psnr
     from wanjax.train.vae import chroma
 
     pipe = WanI2VPipeline.from_pretrained(MINI)

@@ -11,7 +11,7 @@ import numpy as np
 
 from wanjax.data.procedural import COLOURS, colour_hue
 
-__all__ = ["rgb_to_hsv", "object_mask", "track_centroids", "motion_direction", "direction_accuracy", "luma",
+__all__ = ["rgb_to_hsv", "object_mask", "track_centroids", "motion_direction", "direction_accuracy",
            "template_track", "template_direction"]
 
 
@@ -78,14 +78,6 @@ def direction_accuracy(videos, colours, directions, **kw) -> tuple[float, list[s
     if not got:
         raise ValueError("direction_accuracy: no videos")
     return float(np.mean([g == d for g, d in zip(got, directions)])), got
-
-
-def luma(video) -> np.ndarray:
-    """Rec. 601 luma [F, H, W] in [0, 1] of a video [F, H, W, 3] (uint8, or float in [-1, 1] / [0, 1])."""
-    v = _to_unit(video)
-    if v.ndim != 4 or v.shape[-1] != 3:
-        raise ValueError(f"luma: expected a video [F, H, W, 3], got shape {v.shape}")
-    return v @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def template_track(video, mask0: np.ndarray, search: int = 8, margin: int = 1, min_score: float = 0.5) -> np.ndarray:

@@ -360,8 +360,8 @@ def cmd_run(args):
                                                                / len(args.eval_guides))))
             vids, truth = res.pop("videos"), res.pop("truth")
             log(f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
-                f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} (hue {res['direction_accuracy_hue']:.3f}) "
-                f"({res['seconds']:.1f}s)")
+                f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
+                f"(hue {res['direction_accuracy_hue']:.3f}) ({res['seconds']:.1f}s)")
             log.data.setdefault("eval", []).append(res)
             samples[f"videos_g{guide:g}"] = vids
             samples["truth"] = truth
@@ -446,8 +446,8 @@ def cmd_evaluate(args):
         samples["truth"] = truth
         samples["captions"] = np.array(res["captions"][: len(vids)])
         print(f"guide {g}: n {res['n']}, PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
-              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} (hue {res['direction_accuracy_hue']:.3f}), "
-              f"{res['seconds']:.1f}s", flush=True)
+              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
+              f"(hue {res['direction_accuracy_hue']:.3f}), {res['seconds']:.1f}s", flush=True)
         res_all["runs"].append(res)
         rows = []
         for i in range(len(vids)):
@@ -514,6 +514,7 @@ def _vae_args(p):
                    "/ attention branch fixed for this many VAE steps (default: all of them, so with "
                    "--vae-zero-residual 1 the branches stay zero: the recipe that keeps colour; releasing them "
                    "early lost it in the runs of docs/MODEL_CARD.md)")
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m wanjax.train", description=__doc__.splitlines()[0])

@@ -62,10 +62,11 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
              chroma_weight: float = 0.0, colour_weight: float = 0.0,
              colour_on: str = "sample") -> tuple[jax.Array, dict]:
     """L1 + L2 reconstruction + ``chroma_weight`` * L1 of the chroma (`chroma`) + ``kl_weight`` * KL (mean per
-    latent element) + ``colour_weight`` * L1 between the first three raw latent channels (``mu``) and the mean colour
-    of each latent element's patch (`patch_colour`); returns (loss, metrics). Metrics include the chroma part of
-    that latent error (``latent_chroma_l1``) beside its value for a latent without colour (``grey_latent_chroma_l1``):
-    equal values mean the latent carries no colour.
+    latent element) + ``colour_weight`` * L1 between the first three raw latent channels (the sampled latent with
+    ``colour_on="sample"``, its mean ``mu`` with ``"mean"``) and the mean colour of each latent element's patch
+    (`patch_colour`); returns (loss, metrics). Metrics include the chroma part of that latent error
+    (``latent_chroma_l1``) beside its value for a latent without colour (``grey_latent_chroma_l1``): equal values
+    mean the latent carries no colour; ``colour_sigma`` is the mean sampling sigma of those three channels.
 
     The colour term keeps colour in the latent: on 2026-12-01 CPU probes the reduced VAE lost colour at the third
     (8x) down-sampling level and kept it with this term (chroma ratio 0.06 -> 0.82, docs/MODEL_CARD.md). It pins
