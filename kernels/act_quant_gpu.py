@@ -123,3 +123,102 @@ def act_quant_pallas(x, smooth=None, down=None, clip=1.0, static_scale=None, qma
       d = d / smooth.astype(jnp.float32)[:, None]
     x_lr = reference.lowrank_down(x, d, None)
   return q, s, x_lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused single kernel (Triton backend): per-token scale, codes AND the rank-r down projection, K walked in chunks.
+# ----------------------------------------------------------------------------------------------------------------
+def _chunk_for(k: int, prefer: int = 512) -> int | None:
+  """Largest power-of-two chunk <= ``prefer`` (and >= 64) dividing K, or None."""
+  c = prefer
+  while c >= 64:
+    if k % c == 0:
+      return c
+    c //= 2
+  return None
+
+
+def fused_supports(m: int, k: int, r: int, block_rows: int = 16, chunk: int = 512) -> bool:
+  """Whether :func:`act_quant_lowrank_pallas` handles this shape: M >= block_rows, a power-of-two chunk (>= 64)
+  dividing K, and r = 0 or a power of two >= 16 (Triton's ``dot`` needs power-of-two sides of at least 16)."""
+  return m >= block_rows and _chunk_for(k, chunk) is not None and (r == 0 or (r >= 16 and r & (r - 1) == 0))
+
+
+def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static):
+  """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
+  pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
+  (its overlap rows are recomputed with identical values), so no row mask is needed."""
+  import jax.experimental.pallas as pl
+  r0 = jnp.minimum(pl.program_id(0) * bm, m - bm)
+  rows = pl.ds(r0, bm)
+  nk = k // ck
+
+  def x_s(j):
+    xc = x_ref[rows, pl.ds(j * ck, ck)]
+    return xc, xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
+
+  def pass1(j, carry):
+    amax, acc = carry
+    xc, xs = x_s(j)
+    amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
+    if r:
+      acc = acc + jnp.dot(xc.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
+    return amax, acc
+
+  acc0 = jnp.zeros((bm, max(r, 16)), jnp.float32)
+  amax, acc = jax.lax.fori_loop(0, nk, pass1, (jnp.zeros((bm,), jnp.float32), acc0))
+  c = cs_ref[0]
+  s = jnp.full((bm,), c, jnp.float32) if static else amax * c / jnp.float32(qmax)
+  s = jnp.where(s > 0, s, jnp.float32(1.0))
+
+  def pass2(j, carry):
+    _, xs = x_s(j)
+    t = jnp.clip(xs / s[:, None], -qmax, qmax)
+    f = jnp.floor(t)  # round half to even from floor (Pallas Triton has no `round`)
+    d = t - f
+    odd = f - 2.0 * jnp.floor(f * 0.5)
+    q_ref[rows, pl.ds(j * ck, ck)] = (f + jnp.where(d > 0.5, 1.0, jnp.where(d == 0.5, odd, 0.0))).astype(jnp.int8)
+    return carry
+
+  jax.lax.fori_loop(0, nk, pass2, 0)
+  s_ref[rows] = s
+  if r:
+    lr_ref[rows, :] = acc.astype(lr_ref.dtype)
+
+
+def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=None,
+                             qmax: int = reference.INT4_QMAX, *, block_rows: int = 16, chunk: int = 512,
+                             num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+  """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
+  x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
+
+  Same math as ``act_quant_fused(..., fold_smooth=True)``: codes and scales of ``reference.quantize_act_int4``
+  (Triton's f32 division is not correctly rounded, so rare exact rounding ties may differ by one code), and
+  ``x_lr = bf16(x) @ bf16(down / smooth)`` with f32 accumulation in another order. Requires
+  :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps`` and ``num_stages`` are tuning knobs.
+  """
+  import jax.experimental.pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  m, k = x.shape
+  r = 0 if down is None else down.shape[1]
+  ck = _chunk_for(k, chunk)
+  if not fused_supports(m, k, r, block_rows, chunk):
+    raise ValueError(f"act_quant_lowrank_pallas: unsupported shape M={m}, K={k}, r={r} (needs M >= {block_rows}, a "
+                     f"power-of-two chunk >= 64 dividing K, r = 0 or a power of two >= 16)")
+  static = static_scale is not None
+  cs = jnp.reshape(jnp.asarray(static_scale if static else clip, jnp.float32), (1,))
+  sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
+  if r:
+    dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
+  else:
+    dn = jnp.zeros((k, 16), jnp.bfloat16)
+  kern = functools.partial(_fused_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax, static=static)
+  q, s, lr = pl.pallas_call(
+      kern,
+      grid=(pl.cdiv(m, block_rows),),
+      out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
+                 jax.ShapeDtypeStruct((m, max(r, 16)), jnp.bfloat16)],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(x, sm, dn, cs)
+  return q, s, (lr if r else None)

@@ -20,6 +20,8 @@ Caveat: Hopper's FP8 ``wgmma`` accumulates with reduced precision (DeepSeek meas
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -91,3 +93,60 @@ def mxfp4_matmul_gpu(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype
   out = w4a4_matmul_gpu(x8, exp2_exact(ex), w8, exp2_exact(ew), x_lr, up, bias,
                         out_dtype=out_dtype, weights="fp8", config=config or DEFAULT_CONFIG, interpret=interpret)
   return out, bad_x, bad_w
+
+
+# ------------------------------------------------------------------------------ load-time weights, fused activations
+def _e2m1_values(codes):
+  """E2M1 code -> value with arithmetic (no table gather, so XLA fuses it): magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6."""
+  idx = (codes & 7).astype(jnp.float32)
+  mag = jnp.where(idx <= 4, idx * 0.5, jnp.where(idx == 5, 3.0, jnp.where(idx == 6, 4.0, 6.0)))
+  return jnp.where((codes & 8) != 0, -mag, mag)
+
+
+def _rows_to_fp8(values, block_exp, bad_rows, block):
+  """(e4m3 [R, K], row scale f32 [R] = 2**max block exp, NaN on ``bad_rows``, inexact row count)."""
+  f8, row_exp, inexact = reencode_rows(values, block_exp, block)
+  return f8, jnp.where(bad_rows, jnp.float32(jnp.nan), exp2_exact(row_exp)), inexact
+
+
+@jax.jit
+def prepare_weights(codes, scales):
+  """MXFP4 weights -> what the FP8 kernel reads, computed once at load time (pure function).
+
+  Args:
+    codes: uint8 E2M1 codes [N, K/2] (``formats_pack`` nibble layout) or [N, K].
+    scales: uint8 E8M0 scale codes [N, K/32] (255 = NaN block).
+  Returns:
+    (w8 float8_e4m3fn [N, K], s_w f32 [N] (2**row exponent; NaN for a row with a NaN block), inexact_rows int32:
+    finite rows the e4m3 re-encoding rounded).
+  """
+  from .dispatch import mxfp4_decode
+  values, exps = mxfp4_decode(codes, scales, MX_BLOCK)
+  nan_block = exps >= 128
+  r, k = values.shape
+  values = jnp.where(nan_block[..., None], 0.0, values.reshape(r, k // MX_BLOCK, MX_BLOCK)).reshape(r, k)
+  exps = jnp.where(nan_block, -126, exps)  # the row is NaN anyway: its NaN blocks must not shift the others
+  return _rows_to_fp8(values, exps, jnp.any(nan_block, axis=1), MX_BLOCK)
+
+
+@functools.partial(jax.jit, static_argnames=("scale_rule", "block"))
+def act_to_fp8(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil", block: int = MX_BLOCK):
+  """MXFP4 activation quantization straight into the FP8 kernel's operand: (x8 e4m3 [M, K], s_x f32 [M],
+  inexact_rows int32).
+
+  The same numbers as ``dispatch.mxfp4_act_quant`` followed by :func:`reencode_rows` (block exponents, E2M1 rounding
+  and E8M0 range of ``wanjax.quant.formats.quantize_mxfp4`` with ``nonfinite="nan"``; a row with a non-finite input
+  gets a NaN scale), written as one chain of element-wise ops after two small reductions (block abs-max, row max)
+  so XLA fuses it into few passes over x with no f32 intermediate in memory.
+  """
+  from wanjax.quant.formats_codecs import e2m1_encode, ldexp_exact
+  from wanjax.quant.formats_fp4 import E2M1_MAX, _group_amax, mx_shared_exponent
+
+  m, k = x.shape
+  xg = reference.smooth_act(x, smooth).reshape(m, k // block, block)
+  amax, bad = _group_amax(xg)
+  e = mx_shared_exponent(amax, scale_rule, exp_offset, clip)
+  y = jnp.clip(ldexp_exact(xg, -e[..., None]), -E2M1_MAX, E2M1_MAX)
+  v = jnp.where(bad[..., None], 0.0, _e2m1_values(e2m1_encode(y)))
+  e = jnp.where(bad, -126, e)  # a non-finite block makes its row NaN; it must not shift the row's other blocks
+  return _rows_to_fp8(v.reshape(m, k), e, jnp.any(bad, axis=1), block)

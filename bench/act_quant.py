@@ -1,0 +1,135 @@
+"""Activation quantization of the W4A4 linear on the GPU, and the linear end to end with each implementation.
+
+    PYTHONPATH=. python -m bench.act_quant [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--sweep]
+
+Per (M, K, N), one process, CUPTI device time (median of 25 calls after a warm-up, ``bench.kernels.cupti_ms``):
+
+* ``aq_xla_fold``   the XLA act quant with the smoothing folded into ``down`` (the dispatcher's "xla" impl);
+* ``aq_pallas``     the single-pass Pallas quantizer + the XLA rank-32 GEMM ("pallas" impl);
+* ``aq_fused_*``    ``act_quant_lowrank_pallas``: one Pallas kernel for codes, scales and the rank-32 projection
+                    ("fused" impl), at the default tuning and (``--sweep``) a few block / chunk / warp settings;
+* ``e2e_<impl>``    ``dispatch.w4a4_linear`` end to end (act quant + weight unpack + Mosaic GPU GEMM + low-rank +
+                    bias, bf16 -> bf16), packed int4 weights as stored; ``_w8``: weights stored unpacked (int8);
+* ``xla_bf16``      ``x @ w`` in bf16, the baseline of every ratio.
+
+Checks before timing, on the device: each act quant's codes against the XLA impl (fraction of differing codes: Triton's
+f32 division is not correctly rounded, so exact ties may differ), scales (max relative difference) and x_lr (relative
+Frobenius); each end-to-end output against the f32 reference of the same quantized layer. Results:
+``act_quant.json`` in ``$OUT`` (or bench/results); a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import device_facts, write_result
+
+SWEEP = [(16, 256, 4, 2), (32, 512, 4, 2), (32, 512, 8, 2), (16, 512, 8, 3), (64, 256, 8, 2), (16, 1024, 4, 1)]
+
+
+def run_shape(m, k, n, sweep, log):
+  from bench.kernels import cupti_ms, make_inputs, rel_err
+  from kernels import dispatch
+  from kernels import reference as ref
+  from kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, act_quant_pallas
+
+  inp = make_inputs(jax.random.key(m + k + n), m, k, n)
+  x, smooth, down = inp["x"], inp["smooth"], inp["down"]
+  res = {"M": m, "K": k, "N": n, "times_ms": {}, "checks": {}, "errors": {}}
+
+  def rec(name, fn, *args):
+    try:
+      res["times_ms"][name] = cupti_ms(fn, *args)
+      log(f"  {name:28s} {res['times_ms'][name]:8.3f} ms")
+    except Exception as e:  # report and go on
+      res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  {name}: ERROR {res['errors'][name][:300]}")
+
+  bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  rec("xla_bf16", bf16, x, inp["w_bf16_kn"])
+
+  q0, s0, lr0 = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
+  variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
+              "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
+              "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None))}
+  for bm, ck, warps, stages in (SWEEP if sweep else []):
+    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}"] = jax.jit(functools.partial(
+        lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
+        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages))
+  for name, fn in variants.items():
+    try:
+      q, s, lr = fn(x, smooth, down)
+      res["checks"][name] = {"code_mismatch_frac": float(jnp.mean((q != q0).astype(jnp.float32))),
+                             "scale_max_reldiff": float(jnp.max(jnp.abs(s / s0 - 1))),
+                             "x_lr_relerr": rel_err(lr, lr0)}
+      log(f"  check {name}: {res['checks'][name]}")
+    except Exception as e:
+      res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  check {name}: ERROR {res['errors'][f'check_{name}'][:300]}")
+      continue
+    rec(name, fn, x, smooth, down)
+
+  w8 = ref.unpack_int4(inp["w_packed"])
+  y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
+                            s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
+  for impl in ("xla", "pallas", "fused"):
+    for tag, w in (("", inp["w_packed"]), ("_w8", w8)):
+      f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
+          a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
+      args = (x, w, inp["s_w"], smooth, down, inp["up"], inp["bias"])
+      try:
+        res["checks"][f"e2e_{impl}{tag}_relerr"] = rel_err(f(*args), y_ref)
+      except Exception as e:
+        res["errors"][f"e2e_{impl}{tag}"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        continue
+      rec(f"e2e_{impl}{tag}", f, *args)
+  t = res["times_ms"]
+  if "xla_bf16" in t:
+    res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items() if kk.startswith("e2e")}
+  # the floor of an act quant pass: read x (bf16) once, write the int8 codes once
+  res["act_quant_min_bytes"] = m * k * 3
+  return res
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--ms", default="32760")
+  ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
+  ap.add_argument("--sweep", action="store_true")
+  a = ap.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
+    return 0
+  from bench.pipeline import ensure_package_layout
+  ensure_package_layout()
+
+  def log(msg):
+    print(f"[bench.act_quant] {msg}", flush=True)
+
+  rows = []
+  for m in (int(v) for v in a.ms.split(",")):
+    for shape in a.shapes.split(","):
+      k, n = (int(v) for v in shape.split("x"))
+      log(f"M={m} K={k} N={n}")
+      rows.append(run_shape(m, k, n, a.sweep, log))
+      write_result("act_quant", {"device": device_facts(), "rows": rows})
+  print("\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
+        "e2e fused, int8 w |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    t = r["times_ms"]
+    g = lambda kk: t.get(kk, float("nan"))
+    sp = lambda kk: f"{g(kk):.3f} ({g('xla_bf16') / g(kk):.2f}x)"
+    print(f"| {r['M']} | {r['K']} | {r['N']} | {g('xla_bf16'):.3f} | {g('aq_xla_fold'):.3f} | {g('aq_pallas'):.3f} | "
+          f"{g('aq_fused'):.3f} | {r['act_quant_min_bytes'] / g('aq_fused') / 1e6:.0f} | {sp('e2e_xla')} | "
+          f"{sp('e2e_pallas')} | {sp('e2e_fused')} | {sp('e2e_fused_w8')} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

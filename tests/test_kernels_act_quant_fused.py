@@ -1,0 +1,81 @@
+"""kernels/act_quant_gpu.act_quant_lowrank_pallas: the one-kernel activation quantization (codes, scales and the
+rank-r down projection in one Pallas Triton kernel), run in the Pallas interpreter against the XLA/reference path.
+
+Triton lowering needs a GPU to compile, so this kernel is not lowered on CPU; it ran on the H200 (bench.act_quant).
+"""
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+from wanjax.kernels import dispatch
+from wanjax.kernels import reference as ref
+from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, fused_supports
+
+
+def _inputs(m, k, r, seed):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 5, (m, 1)), jnp.bfloat16)
+  x = x.at[:, 3].multiply(30.0)  # an outlier channel
+  smooth = jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)
+  down = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16) if r else None
+  return x, smooth, down
+
+
+@pytest.mark.parametrize("m,k,r,static", [(37, 512, 32, None), (16, 13824, 16, None), (21, 384, 0, 0.3),
+                                          (40, 640, 64, None), (50, 5120, 32, None)])
+def test_fused_kernel_interpreter_matches_reference(m, k, r, static):
+  """M not a multiple of the 16-row block (the last block is shifted back), K = 13824 / 5120 / odd chunkings,
+  r in {0, 16, 32, 64}: codes identical, scales within an ulp, x_lr within bf16 rounding of the folded XLA GEMM."""
+  x, smooth, down = _inputs(m, k, r, m * k + r)
+  q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, static, interpret=True)
+  q0, s0 = ref.quantize_act_int4(x, smooth, 0.9, static)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
+  if r == 0:
+    assert lr is None
+    return
+  _, _, lr0 = act_quant_fused(x, smooth, down, 0.9, static, fold_smooth=True)
+  lr, lr0, lr_ref = (np.asarray(a, np.float32) for a in (lr, lr0, ref.lowrank_down(x, down, smooth)))
+  assert np.linalg.norm(lr - lr0) <= 1e-2 * np.linalg.norm(lr0)
+  assert np.linalg.norm(lr - lr_ref) <= 1e-2 * np.linalg.norm(lr_ref)
+
+
+def test_fused_kernel_zero_rows_and_no_smooth():
+  x = jnp.zeros((16, 256), jnp.bfloat16).at[1, 5].set(3.0)
+  q, s, _ = act_quant_lowrank_pallas(x, None, None, 1.0, None, interpret=True)
+  assert np.asarray(s)[0] == 1.0 and np.asarray(q)[0].tolist() == [0] * 256  # all-zero row: scale 1, codes 0
+  assert np.asarray(q)[1, 5] == 7 and np.isclose(np.asarray(s)[1], 3.0 / 7)
+
+
+def test_fused_supports_and_errors():
+  assert fused_supports(32760, 5120, 32) and fused_supports(32760, 13824, 0)
+  assert not fused_supports(8, 5120, 32)        # fewer rows than one block
+  assert not fused_supports(64, 5120, 24)       # r not a power of two
+  assert not fused_supports(64, 100, 16)        # no power-of-two chunk >= 64 divides K
+  x, smooth, down = _inputs(8, 256, 16, 0)
+  with pytest.raises(ValueError, match="unsupported shape M=8"):
+    act_quant_lowrank_pallas(x, smooth, down, interpret=True)
+
+
+def test_dispatch_routes_fused_impl(monkeypatch):
+  """act_quant_impl='fused' runs the one-kernel path (here through its interpreter) where it supports the shape,
+  and falls back to the XLA function where it does not."""
+  from wanjax.kernels import act_quant_gpu
+  calls = []
+  orig = act_quant_gpu.act_quant_lowrank_pallas
+
+  def spy(*a, **kw):
+    calls.append(a[0].shape)
+    return orig(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
+  x, smooth, down = _inputs(20, 256, 16, 1)
+  q, s, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="fused")
+  assert calls == [(20, 256)]
+  q0, s0 = ref.quantize_act_int4(x, smooth, 0.9)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+  x, smooth, down = _inputs(5, 256, 16, 2)  # M < 16: XLA fallback
+  q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="fused")
+  assert calls == [(20, 256)]
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
