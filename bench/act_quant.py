@@ -29,10 +29,12 @@ import numpy as np
 
 from bench.common import device_facts, write_result
 
-SWEEP = [(16, 256, 4, 2), (32, 512, 4, 2), (32, 512, 8, 2), (16, 512, 8, 3), (64, 256, 8, 2), (16, 1024, 4, 1)]
+SWEEP = [(64, 256, 8, 3, True), (64, 256, 8, 3, False), (64, 256, 8, 4, True), (64, 256, 8, 5, True),
+         (64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 6, True), (64, 512, 8, 3, True),
+         (32, 256, 8, 4, True), (32, 128, 4, 4, True), (128, 128, 8, 4, True), (64, 256, 4, 4, True)]
 
 
-def run_shape(m, k, n, sweep, log):
+def run_shape(m, k, n, sweep, log, mx=False, e2e=True):
   from bench.kernels import cupti_ms, make_inputs, rel_err
   from kernels import dispatch
   from kernels import reference as ref
@@ -57,10 +59,13 @@ def run_shape(m, k, n, sweep, log):
   variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None))}
-  for bm, ck, warps, stages in (SWEEP if sweep else []):
-    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}"] = jax.jit(functools.partial(
+  for bm, ck, warps, stages, hint in (SWEEP if sweep else []):
+    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_l2' if hint else ''}"] = jax.jit(functools.partial(
         lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
-        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages))
+        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, l2_hint=hint))
+  if mx:  # MXFP4: the activation quantization straight into FP8 (mxfp4_gpu.act_to_fp8), alone
+    from kernels.mxfp4_gpu import act_to_fp8
+    rec("aq_mxfp4_to_fp8", jax.jit(lambda a, b: act_to_fp8(a, b)), x, smooth)
   for name, fn in variants.items():
     try:
       q, s, lr = fn(x, smooth, down)
@@ -77,7 +82,7 @@ def run_shape(m, k, n, sweep, log):
   w8 = ref.unpack_int4(inp["w_packed"])
   y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
                             s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
-  for impl in ("xla", "pallas", "fused"):
+  for impl in (("xla", "pallas", "fused") if e2e else ()):
     for tag, w in (("", inp["w_packed"]), ("_w8", w8)):
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
           a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
@@ -101,6 +106,9 @@ def main(argv=None):
   ap.add_argument("--ms", default="32760")
   ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
   ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--name", default="act_quant", help="result file name (without .json)")
+  ap.add_argument("--mxfp4", action="store_true", help="also time mxfp4_gpu.act_to_fp8")
+  ap.add_argument("--no-e2e", action="store_true", help="act quant only (no end-to-end linears)")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
@@ -116,8 +124,8 @@ def main(argv=None):
     for shape in a.shapes.split(","):
       k, n = (int(v) for v in shape.split("x"))
       log(f"M={m} K={k} N={n}")
-      rows.append(run_shape(m, k, n, a.sweep, log))
-      write_result("act_quant", {"device": device_facts(), "rows": rows})
+      rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e))
+      write_result(a.name, {"device": device_facts(), "rows": rows})
   print("\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
         "e2e fused, int8 w |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -138,13 +138,18 @@ def _chunk_for(k: int, prefer: int = 512) -> int | None:
   return None
 
 
-def fused_supports(m: int, k: int, r: int, block_rows: int = 16, chunk: int = 512) -> bool:
+# Tuning of the fused kernel measured on an H200 at M = 32,760 (docs/BENCHMARKS.md, "Activation quantization"):
+# 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
+FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
+
+
+def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
   """Whether :func:`act_quant_lowrank_pallas` handles this shape: M >= block_rows, a power-of-two chunk (>= 64)
   dividing K, and r = 0 or a power of two >= 16 (Triton's ``dot`` needs power-of-two sides of at least 16)."""
   return m >= block_rows and _chunk_for(k, chunk) is not None and (r == 0 or (r >= 16 and r & (r - 1) == 0))
 
 
-def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static):
+def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static, l2_hint):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -153,13 +158,18 @@ def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, 
   rows = pl.ds(r0, bm)
   nk = k // ck
 
-  def x_s(j):
-    xc = x_ref[rows, pl.ds(j * ck, ck)]
+  def x_s(j, policy):
+    sl = x_ref.at[rows, pl.ds(j * ck, ck)]
+    if l2_hint:  # keep the row block in L2 between the two passes, drop it after the second
+      from jax.experimental.pallas import triton as pltriton
+      xc = pltriton.load(sl, eviction_policy=policy)
+    else:
+      xc = sl[...]
     return xc, xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
 
   def pass1(j, carry):
     amax, acc = carry
-    xc, xs = x_s(j)
+    xc, xs = x_s(j, "evict_last")
     amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
     if r:
       acc = acc + jnp.dot(xc.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
@@ -172,7 +182,7 @@ def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, 
   s = jnp.where(s > 0, s, jnp.float32(1.0))
 
   def pass2(j, carry):
-    _, xs = x_s(j)
+    _, xs = x_s(j, "evict_first")
     t = jnp.clip(xs / s[:, None], -qmax, qmax)
     f = jnp.floor(t)  # round half to even from floor (Pallas Triton has no `round`)
     d = t - f
@@ -187,15 +197,18 @@ def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, 
 
 
 def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=None,
-                             qmax: int = reference.INT4_QMAX, *, block_rows: int = 16, chunk: int = 512,
-                             num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                             qmax: int = reference.INT4_QMAX, *, block_rows: int = FUSED_BLOCK_ROWS,
+                             chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
+                             num_stages: int = FUSED_STAGES, l2_hint: bool = False,
+                             interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
   Same math as ``act_quant_fused(..., fold_smooth=True)``: codes and scales of ``reference.quantize_act_int4``
   (Triton's f32 division is not correctly rounded, so rare exact rounding ties may differ by one code), and
   ``x_lr = bf16(x) @ bf16(down / smooth)`` with f32 accumulation in another order. Requires
-  :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps`` and ``num_stages`` are tuning knobs.
+  :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps``, ``num_stages`` and ``l2_hint`` (L2 eviction
+  hints on the two passes' loads) are tuning knobs.
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -212,7 +225,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
-  kern = functools.partial(_fused_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax, static=static)
+  kern = functools.partial(_fused_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax, static=static,
+                           l2_hint=l2_hint)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(pl.cdiv(m, block_rows),),

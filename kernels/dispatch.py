@@ -166,12 +166,20 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
 
 
 def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None,
-              act_quant_impl: str = "xla"):
+              act_quant_impl: str = "fused"):
   """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None).
 
-  ``act_quant_impl="pallas"`` (pallas backend only) uses the single-pass Pallas quantizer (Triton backend): 11%
-  faster at K=5120 and 4% slower at K=13824 on the H100 (docs/BENCHMARKS.md, "Kernels"); its f32 division is not
-  IEEE-exact, so ~1e-7 of the codes differ by one from the reference at rounding ties. Default: the XLA function.
+  Implementations on the "pallas" backend (on a GPU; elsewhere and on other backends the XLA function runs):
+
+  * ``"fused"`` (default): one Pallas Triton kernel for codes, scales and the rank-r projection
+    (``act_quant_gpu.act_quant_lowrank_pallas``), where :func:`act_quant_gpu.fused_supports` the shape (M >= 64,
+    r = 0 or a power of two >= 16), else ``"xla"``. Fastest measured on an H200 at M = 32,760: 0.35 ms at K = 5120
+    and 0.92 ms at K = 13824 against 0.40 / 1.08 ms for "xla" (docs/BENCHMARKS.md, "Activation quantization").
+  * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM (0.38 / 1.17 ms).
+  * ``"xla"``: one jitted XLA function, smoothing folded into ``down`` (0.40 / 1.08 ms).
+
+  Triton's f32 division is not IEEE-exact, so in the two Pallas impls ~5e-8 of the codes differ by one from the
+  reference at exact rounding ties; scales agree to an ulp.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
@@ -181,7 +189,8 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
   if be == "pallas" and act_quant_impl == "pallas":
     return act_quant_pallas(x, smooth, down, clip, static_scale)
   r = 0 if down is None else down.shape[1]
-  if be == "pallas" and act_quant_impl == "fused" and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
+  if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
+      and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r)):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
   # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
@@ -189,7 +198,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
 
 
 def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,
-                out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "xla",
+                out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "fused",
                 group_size: int | None = None):
   """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
 
@@ -205,7 +214,7 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
     static_scale: optional static activation scale (scalar, may be traced) replacing the dynamic one.
     out_dtype: output dtype (bf16 default).
     backend: "reference" | "xla" | "pallas" | None (see module docstring).
-    act_quant_impl: "xla" (default) or "pallas" (see :func:`act_quant`).
+    act_quant_impl: "fused" (default), "pallas" or "xla" (see :func:`act_quant`).
     group_size: None (per-channel ``s_w``) or the weight-scale group along K (see :func:`w4a4_matmul`).
   """
   lead = x.shape[:-1]

@@ -22,13 +22,13 @@ def _inputs(m, k, r, seed):
   return x, smooth, down
 
 
-@pytest.mark.parametrize("m,k,r,static", [(37, 512, 32, None), (16, 13824, 16, None), (21, 384, 0, 0.3),
-                                          (40, 640, 64, None), (50, 5120, 32, None)])
-def test_fused_kernel_interpreter_matches_reference(m, k, r, static):
+@pytest.mark.parametrize("m,k,r,static,bm", [(37, 512, 32, None, 16), (16, 13824, 16, None, 16),
+                                             (21, 384, 0, 0.3, 16), (40, 640, 64, None, 32), (70, 5120, 32, None, 64)])
+def test_fused_kernel_interpreter_matches_reference(m, k, r, static, bm):
   """M not a multiple of the 16-row block (the last block is shifted back), K = 13824 / 5120 / odd chunkings,
   r in {0, 16, 32, 64}: codes identical, scales within an ulp, x_lr within bf16 rounding of the folded XLA GEMM."""
   x, smooth, down = _inputs(m, k, r, m * k + r)
-  q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, static, interpret=True)
+  q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, static, block_rows=bm, interpret=True)
   q0, s0 = ref.quantize_act_int4(x, smooth, 0.9, static)
   np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
   np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
@@ -42,7 +42,7 @@ def test_fused_kernel_interpreter_matches_reference(m, k, r, static):
 
 
 def test_fused_kernel_zero_rows_and_no_smooth():
-  x = jnp.zeros((16, 256), jnp.bfloat16).at[1, 5].set(3.0)
+  x = jnp.zeros((64, 256), jnp.bfloat16).at[1, 5].set(3.0)
   q, s, _ = act_quant_lowrank_pallas(x, None, None, 1.0, None, interpret=True)
   assert np.asarray(s)[0] == 1.0 and np.asarray(q)[0].tolist() == [0] * 256  # all-zero row: scale 1, codes 0
   assert np.asarray(q)[1, 5] == 7 and np.isclose(np.asarray(s)[1], 3.0 / 7)
@@ -50,7 +50,8 @@ def test_fused_kernel_zero_rows_and_no_smooth():
 
 def test_fused_supports_and_errors():
   assert fused_supports(32760, 5120, 32) and fused_supports(32760, 13824, 0)
-  assert not fused_supports(8, 5120, 32)        # fewer rows than one block
+  assert not fused_supports(63, 5120, 32)       # fewer rows than one block (64 by default)
+  assert fused_supports(16, 5120, 32, block_rows=16)
   assert not fused_supports(64, 5120, 24)       # r not a power of two
   assert not fused_supports(64, 100, 16)        # no power-of-two chunk >= 64 divides K
   x, smooth, down = _inputs(8, 256, 16, 0)
@@ -70,12 +71,34 @@ def test_dispatch_routes_fused_impl(monkeypatch):
     return orig(*a, **{**kw, "interpret": True})
 
   monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
-  x, smooth, down = _inputs(20, 256, 16, 1)
-  q, s, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="fused")
-  assert calls == [(20, 256)]
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  x, smooth, down = _inputs(70, 256, 16, 1)
+  q, s, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")  # "fused" is the default impl
+  assert calls == [(70, 256)]
   q0, s0 = ref.quantize_act_int4(x, smooth, 0.9)
   np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
-  x, smooth, down = _inputs(5, 256, 16, 2)  # M < 16: XLA fallback
+  x, smooth, down = _inputs(5, 256, 16, 2)  # M < one block: XLA fallback
   q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="fused")
-  assert calls == [(20, 256)]
+  assert calls == [(70, 256)]
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
+
+
+def test_fused_kernel_l2_hint_same_numbers():
+  x, smooth, down = _inputs(33, 1024, 32, 9)
+  a = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=32, chunk=256, interpret=True)
+  b = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=32, chunk=256, l2_hint=True, interpret=True)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(v, np.float32))
+
+
+def test_fused_not_used_off_gpu(monkeypatch):
+  """On CPU (and TPU) the default impl runs the XLA function even with backend='pallas'."""
+  from wanjax.kernels import act_quant_gpu
+
+  def boom(*a, **kw):
+    raise AssertionError("the Triton kernel must not run off GPU")
+
+  monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", boom)
+  x, smooth, down = _inputs(70, 256, 16, 4)
+  q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")
   np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
