@@ -10,7 +10,9 @@ def test_run_shape_cpu_small():
     assert res["checks"]["xla_rel_l2_vs_reference"] < 1e-6
     assert res["checks"]["pallas_rel_l2_vs_reference"] < 1e-6
     assert res["checks"]["pallas_inexact_rows"] == 0
-    assert set(res["median_ms"]) == {"reference", "xla", "pallas", "bf16"}
+    assert res["checks"]["pallas_prepared_rel_l2_vs_reference"] < 1e-6   # weights re-encoded once (prepare_weights)
+    assert res["checks"]["pallas_prepared_inexact_rows"] == 0 and res["checks"]["prepared_weight_inexact_rows"] == 0
+    assert set(res["median_ms"]) == {"reference", "xla", "pallas", "pallas_prepared", "pallas_prepared_bf16out", "bf16"}
 
 
 def test_main_without_gpu_is_a_notice(capsys):
