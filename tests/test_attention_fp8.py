@@ -189,3 +189,23 @@ def test_cli_generate_attention_option():
   args = build_parser().parse_args(["generate", "--model", "M", "--image", "I", "--prompt", "P", "--attention",
                                     "cudnn_fp8"])
   assert args.attention == "cudnn_fp8"
+
+
+def test_p_scale_override_reaches_the_scales():
+  """``p_scale`` replaces FP8_P_SCALE in the scale dict (the kernel's P rounding was probed with it on the H200:
+  bench/attention_fp8_pscale.py; scales above 448 saturate the unnormalized probabilities)."""
+  from wanjax.model import attention as A
+  q = jnp.ones((1, 4, 2, 16), jnp.float32)
+  sc = A.fp8_attention_scales(q, q, q, 448.0 * 16)
+  assert float(sc["scale_s"].reshape(())) == 7168.0 and np.isclose(float(sc["descale_s"].reshape(())), 1 / 7168.0)
+  assert float(A.fp8_attention_scales(q, q, q)["scale_s"].reshape(())) == A.FP8_P_SCALE
+  # the unnormalized model saturates at max(P) = 1 once the scale exceeds 448: its error jumps, the normalized one
+  # (P <= 1 spread over the keys) does not
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 256, 2, 16)), jnp.float32) for _ in range(3))
+  ref = A.reference_attention_f32(q, k, v)
+  err = lambda o: float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref))
+  big = A.fp8_attention_scales(q, k, v, 448.0 * 4)
+  e_u = err(A.fp8_attention_reference(q, k, v, p_mode="unnormalized", scales=big))
+  e_n = err(A.fp8_attention_reference(q, k, v, p_mode="normalized", scales=big))
+  assert e_u > 0.3 and e_n < 0.1, (e_u, e_n)   # measured 0.50 / 0.06

@@ -177,19 +177,20 @@ def _amax(x):
     return jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), jnp.float32(1e-30))
 
 
-def fp8_attention_scales(q, k, v) -> dict:
+def fp8_attention_scales(q, k, v, p_scale: float | None = None) -> dict:
     """Per-tensor FP8 scale factors of one attention call, float32 scalars of shape ``(1, 1, 1, 1)``.
 
     ``scale_x = FP8_MAX / amax(x)`` maps ``x`` onto the e4m3 range (``x * scale_x`` is cast), ``descale_x =
     amax(x) / FP8_MAX`` undoes it; ``scale_s`` / ``descale_s`` for the probabilities (``FP8_P_SCALE``),
     ``scale_o`` / ``descale_o`` for the output. (cuDNN's FP8 attention takes whole-tensor scales only: no per-head
-    scales through this API.)
+    scales through this API.) ``p_scale`` overrides ``FP8_P_SCALE``.
     """
+    ps = FP8_P_SCALE if p_scale is None else float(p_scale)
     one = lambda a: jnp.reshape(jnp.asarray(a, jnp.float32), (1, 1, 1, 1))
     aq, ak, av = _amax(q), _amax(k), _amax(v)
     out = {"scale_q": one(FP8_MAX / aq), "scale_k": one(FP8_MAX / ak), "scale_v": one(FP8_MAX / av),
            "descale_q": one(aq / FP8_MAX), "descale_k": one(ak / FP8_MAX), "descale_v": one(av / FP8_MAX),
-           "scale_s": one(FP8_P_SCALE), "descale_s": one(1.0 / FP8_P_SCALE)}
+           "scale_s": one(ps), "descale_s": one(1.0 / ps)}
     out["scale_o"] = one(FP8_MAX / (FP8_O_HEADROOM * av))
     out["descale_o"] = one(FP8_O_HEADROOM * av / FP8_MAX)
     return out
@@ -225,7 +226,7 @@ def _require_fp8_gpu():
                            f"{getattr(dev, 'device_kind', dev)} has {cc}")
 
 
-def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True):
+def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True, p_scale: float | None = None):
     """cuDNN FP8 flash attention (forward only) on [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``.
 
     Numerics (cuDNN's SDPA-FP8 graph, ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(...,
@@ -236,14 +237,15 @@ def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True):
     `fp8_attention_reference` is the same computation in jnp. The scale computation (three abs-max reductions
     and casts) is plain XLA around the custom call.
 
-    ``check_platform=False`` skips the GPU check (only for lowering tests on a CPU host).
+    ``check_platform=False`` skips the GPU check (only for lowering tests on a CPU host). ``p_scale``: the
+    probabilities' scale before their e4m3 cast (default ``FP8_P_SCALE``).
     """
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     _fp8_check(q, k, v)
     if check_platform:
         _require_fp8_gpu()
-    sc = fp8_attention_scales(q, k, v)
+    sc = fp8_attention_scales(q, k, v, p_scale)
     zero = jnp.zeros((1, 1, 1, 1), jnp.float32)
     params = {key: zero for key in fa.fp8_params_keys}     # backward-only entries are unused by the forward
     params.update({key: sc[key] for key in _FP8_SCALE_KEYS})
