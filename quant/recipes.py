@@ -361,20 +361,21 @@ RECIPES: dict[str, Recipe] = {
                      (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
                       LowRank(32, method="randomized"),
                       GPTQ(hessian="quantized", balance_bins=True), ClipSearch(INT_CLIPS, (0,))),
-                     notes="the default plus GPTQ with the quantized-input Hessian (bins balanced) and a clip "
-                           "searched per timestep bin on every layer (the default until 2026-12-02). For models "
-                           "whose activation ranges drift over the timesteps; on the mini model adding these back "
-                           "changes PSNR by less than 0.3 dB (docs/QUALITY.md), so the default drops them."),
+                     notes="the default with a clip searched per timestep bin on every layer instead of one per "
+                           "layer (the default until 2026-12-02). For models whose activation ranges drift over "
+                           "the timesteps; on the mini model per-bin clips add 0.04 dB PSNR (8 clips, "
+                           "docs/QUALITY.md), below the 0.3 dB the default's components must earn."),
     "default": Recipe("default", _INT4, _A_INT4,
                       (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
-                       LowRank(32, method="randomized"), RTN(), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
+                       LowRank(32, method="randomized"),
+                       GPTQ(hessian="quantized", balance_bins=True), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
                       notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
                             "path), smoothing with alpha searched per layer (rank-32 branch in the loop), bf16 "
-                            "rank-32 low-rank branch (randomized subspace iteration), RTN of the residual, one clip "
-                            "per layer searched over all timesteps; each expert calibrated on its own activations. "
-                            "GPTQ and per-bin clips were dropped from the default on 2026-12-02 by the issue's rule "
-                            "(a kept component's removal must cost >= 0.3 dB PSNR on the mini model; theirs cost "
-                            "0.20 and 0.00 dB on 8 clips): they are in the recipe 'binned'."),
+                            "rank-32 low-rank branch (randomized subspace iteration), GPTQ with the quantized-input "
+                            "Hessian (timestep bins balanced), one activation clip per layer searched over all "
+                            "timesteps; each expert calibrated on its own activations. Per-bin clips were dropped "
+                            "on 2026-12-02 by the rule that each kept component must earn >= 0.3 dB PSNR on the mini "
+                            "model (they earned 0.04 dB on 8 clips); they are in the recipe 'binned'."),
 }
 
 

@@ -117,17 +117,17 @@ def test_rebinned_source_groups_steps_into_bins():
 def test_variants_are_valid_recipes():
     vs = ablation_variants()
     assert [v.name for v in vs] == list(ABLATIONS)
-    assert {v.bins for v in vs} == {"seed", "6"} and sum(v.shared for v in vs) == 1
+    assert {v.bins for v in vs} == {"seed", "1", "6"} and sum(v.shared for v in vs) == 1
     by = {v.name: v.recipe for v in vs}
     assert not any(type(t).__name__ == "LowRank" for t in by["no_lowrank"].transforms)
     kinds = lambda name: [type(t).__name__ for t in by[name].transforms]
-    assert "RTN" in kinds("no_lowrank") and "GPTQ" not in kinds("no_lowrank")   # the default quantizes by RTN
-    assert "GPTQ" in kinds("gptq") and "RTN" not in kinds("gptq")
+    assert "GPTQ" in kinds("no_lowrank") and "RTN" not in kinds("no_lowrank")   # the default quantizes by GPTQ
+    assert "RTN" in kinds("no_gptq") and "GPTQ" not in kinds("no_gptq")
     clip = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "ClipSearch")
-    assert clip("per_bin_clips").per_bin and not clip("rank64").per_bin
+    assert clip("per_bin_clips").per_bin and not clip("rank64").per_bin and not clip("no_gptq").per_bin
     smooth = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "Smooth")
     assert not smooth("no_alpha_search").search and smooth("rank16").search
-    assert by["binned"].name == "binned" and "GPTQ" in kinds("binned") and clip("binned").per_bin
+    assert by["per_bin_clips"].name == "binned" and "GPTQ" in kinds("per_bin_clips")
     assert by["mxfp4"].weight.fmt == "mxfp4" and by["static"].act_mode == "static"
     assert [v.name for v in recipe_variants(["rtn", "w8a8"])] == ["rtn", "w8a8"]
     with pytest.raises(KeyError, match="unknown ablations"):
