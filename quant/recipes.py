@@ -363,7 +363,7 @@ RECIPES: dict[str, Recipe] = {
                       GPTQ(hessian="quantized", balance_bins=True), ClipSearch(INT_CLIPS, (0,))),
                      notes="the default with a clip searched per timestep bin on every layer instead of one per "
                            "layer (the default until 2026-12-02). For models whose activation ranges drift over "
-                           "the timesteps; on the mini model per-bin clips add 0.04 dB PSNR (8 clips, "
+                           "the timesteps; on the mini model per-bin clips add 0.15 dB PSNR (8 clips, "
                            "docs/QUALITY.md), below the 0.3 dB the default's components must earn."),
     "default": Recipe("default", _INT4, _A_INT4,
                       (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
@@ -375,7 +375,7 @@ RECIPES: dict[str, Recipe] = {
                             "Hessian (timestep bins balanced), one activation clip per layer searched over all "
                             "timesteps; each expert calibrated on its own activations. Per-bin clips were dropped "
                             "on 2026-12-02 by the rule that each kept component must earn >= 0.3 dB PSNR on the mini "
-                            "model (they earned 0.04 dB on 8 clips); they are in the recipe 'binned'."),
+                            "model (they earned 0.15 dB on 8 clips); they are in the recipe 'binned'."),
 }
 
 
