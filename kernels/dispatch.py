@@ -345,9 +345,22 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
     out_dtype: output dtype; backend: see :func:`mxfp4_matmul`.
     return_inexact: also return the number of rows the FP8 re-encoding rounded (kernel path only; 0 elsewhere).
 
-  ``x_lr = bf16(bf16(x / smooth) @ bf16(down))`` as for the INT4 path. In production the weights would be decoded
-  (and for the kernel re-encoded) once at load time; here they are decoded per call.
+  ``x_lr = bf16(bf16(x / smooth) @ bf16(down))`` as for the INT4 path. On the GPU kernel path the weights are
+  re-encoded to FP8 inside the call (``mxfp4_gpu.prepare_weights``) and the activations quantized straight into FP8
+  (:func:`mxfp4_linear_fp8`); to re-encode the weights once at load time call those two directly.
   """
+  be = select_backend(backend)
+  n, k = w_scales.shape[0], w_scales.shape[-1] * MXFP4_BLOCK
+  r = 0 if down is None else down.shape[1]
+  if be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16 and x.shape[-1] == k:
+    # the kernel path: weights re-encoded to FP8 inside the call (prepare_weights; ideally once at load time) and
+    # activations quantized straight into FP8 (same numbers as below, no f32 intermediates in memory)
+    from .mxfp4_gpu import prepare_weights
+    w8, s_w, bad_w = prepare_weights(w_codes, w_scales)
+    y, bad_x = mxfp4_linear_fp8(x, w8, s_w, smooth=smooth, down=down, up=up, bias=bias, clip=clip,
+                                exp_offset=exp_offset, scale_rule=scale_rule, out_dtype=out_dtype, backend=be,
+                                return_inexact=True)
+    return (y, bad_x + bad_w) if return_inexact else y
   lead = x.shape[:-1]
   k = x.shape[-1]
   wv, we = mxfp4_decode(w_codes, w_scales)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from wanjax.config import TINY
 from wanjax.kernels import dispatch
+from wanjax.kernels import reference as ref
 from wanjax.model.dit import WanDiT
 from wanjax.quant import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
@@ -218,9 +219,15 @@ def test_kernel_path_plumbing_pads_m_and_counts_inexact_rows(monkeypatch):
   up = jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16)
   kw = dict(down=down, up=up, bias=jnp.asarray(rng.standard_normal(n), jnp.float32), clip=0.9, exp_offset=-1,
             out_dtype=jnp.float32, return_inexact=True)
-  lin = jax.jit(lambda xx, be: dispatch.mxfp4_linear(xx, qt.codes, qt.scales, backend=be, **kw), static_argnums=1)
-  y, bad = lin(jnp.asarray(x), "pallas")
+  def lin_matmul(xx, be):  # mxfp4_linear's per-call path spelled out, so that the "pallas" branch is mxfp4_matmul's
+    xv, xe = dispatch.mxfp4_act_quant(xx, None, kw["clip"], kw["exp_offset"])
+    wv, we = dispatch.mxfp4_decode(qt.codes, qt.scales)
+    x_lr = ref.lowrank_down(xx, down, None)
+    return dispatch.mxfp4_matmul(xv, xe, wv, we, x_lr, up, kw["bias"], out_dtype=jnp.float32, backend=be)
+
+  y, bad = jax.jit(lin_matmul, static_argnums=1)(jnp.asarray(x), "pallas")
   assert seen["m"] == DEFAULT_CONFIG.tile_m and int(bad) == 3
+  lin = jax.jit(lambda xx, be: dispatch.mxfp4_linear(xx, qt.codes, qt.scales, backend=be, **kw), static_argnums=1)
   y_ref, bad_ref = lin(jnp.asarray(x), "reference")
   assert int(bad_ref) == 0
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6 * float(jnp.abs(y_ref).max()))
@@ -236,3 +243,40 @@ def test_kernel_path_lowers_for_cuda_at_odd_m(monkeypatch):
                                                          exp_offset=1, backend="pallas", return_inexact=True)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "wgmma" in text and "e4m3" in text
+
+
+def test_linear_kernel_route_prepares_fp8_and_counts_inexact_rows(monkeypatch):
+  """On the GPU, ``mxfp4_linear`` re-encodes the weights with ``prepare_weights`` and the activations with
+  ``act_to_fp8`` and calls the FP8 GEMM (replaced here by its f32 math); same output as "reference", inexact rows
+  of both operands counted."""
+  from wanjax.kernels import w4a4_gpu
+
+  seen = {}
+
+  def fake_gemm(x8, s_x, w8, s_w, x_lr=None, up=None, bias=None, *, out_dtype, weights):
+    seen["weights"], seen["dtypes"] = weights, (x8.dtype, w8.dtype)
+    acc = jnp.dot(x8.astype(jnp.float32), w8.astype(jnp.float32).T, precision="highest")
+    return ref.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
+
+  monkeypatch.setattr(w4a4_gpu, "w4a4_matmul_gpu_any_m", fake_gemm)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  rng = np.random.default_rng(8)
+  m, k, n, r = 37, 128, 256, 16
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  w[3, :32] *= 2.0 ** -12
+  qt = formats.quantize_mxfp4(jnp.asarray(w), scale_rule=W_RULE).pack()
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  x[[1, 4], 32:64] *= 2.0 ** -14
+  kw = dict(down=jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16),
+            up=jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16),
+            bias=jnp.asarray(rng.standard_normal(n), jnp.float32), clip=0.9, exp_offset=-1, out_dtype=jnp.float32,
+            return_inexact=True)
+  y, bad = dispatch.mxfp4_linear(jnp.asarray(x), qt.codes, qt.scales, backend="pallas", **kw)
+  assert seen == {"weights": "fp8", "dtypes": (jnp.float8_e4m3fn, jnp.float8_e4m3fn)} and int(bad) == 3
+  y_ref, _ = dispatch.mxfp4_linear(jnp.asarray(x), qt.codes, qt.scales, backend="reference", **kw)
+  y, y_ref = np.asarray(y), np.asarray(y_ref)
+  exact = np.ones(y.shape, bool)
+  exact[[1, 4]] = False   # the rounded rows and column differ from the exact reference by the e4m3 rounding
+  exact[:, 3] = False
+  np.testing.assert_allclose(y[exact], y_ref[exact], rtol=1e-5, atol=1e-5 * float(np.abs(y_ref).max()))
+  assert np.abs(y - y_ref).max() < 1e-2 * np.abs(y_ref).max()
