@@ -7,14 +7,18 @@ quant (``act_quant_lowrank_pallas``), the Mosaic GPU GEMM with the rank-r epilog
 ``dispatch.w4a4_linear`` end to end (packed weights), each against XLA bf16 in the same run; the end-to-end output is
 checked against the f32 reference on 512 rows. Result: ``rank64.json`` in ``$OUT`` (or the current folder).
 """
+import json
+import os
 import sys
 
-if __name__ == "__main__":
-  import jax
+import jax
+import jax.numpy as jnp
+
+
+def main() -> int:
   if jax.default_backend() != "gpu":
     print("bench.rank: no GPU; nothing to time")
-    sys.exit(0)
-  import jax, jax.numpy as jnp, json, os
+    return 0
   from bench.pipeline import ensure_package_layout
   ensure_package_layout()
   from bench.kernels import cupti_ms, make_inputs, rel_err
@@ -49,3 +53,8 @@ if __name__ == "__main__":
   print("| K x N | bf16 | act quant r32 / r64 | GEMM r32 / r64 | e2e r32 / r64 (x bf16) |")
   for r in out["rows"]:
     print(f"| {r['K']}x{r['N']} | {r['bf16']:.3f} | {r['aq_r32']:.3f} / {r['aq_r64']:.3f} | {r['gemm_r32']:.3f} / {r['gemm_r64']:.3f} | {r['e2e_r32']:.3f} ({r['bf16']/r['e2e_r32']:.2f}x) / {r['e2e_r64']:.3f} ({r['bf16']/r['e2e_r64']:.2f}x) |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

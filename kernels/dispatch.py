@@ -69,6 +69,11 @@ def pallas_supports(n: int, k: int) -> bool:
   return n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0
 
 
+def _gpu_gemm(be: str, n: int, k: int, r: int) -> bool:
+  """Whether backend ``be`` runs the Mosaic GPU GEMM here: "pallas" on a GPU, a tiled (N, K), r % 16 == 0."""
+  return be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16
+
+
 # Below this many tokens the per-call XLA unpack of packed weights costs more than the in-register int4 unpack
 # (measured on H100: M=4096 e2e 0.239 ms int4-in-registers vs 0.277 ms unpack+int8; M=32760 1.738 vs 1.630 ms).
 INT8_UNPACK_MIN_M = 16384
@@ -352,7 +357,7 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
   be = select_backend(backend)
   n, k = w_scales.shape[0], w_scales.shape[-1] * MXFP4_BLOCK
   r = 0 if down is None else down.shape[1]
-  if be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16 and x.shape[-1] == k:
+  if _gpu_gemm(be, n, k, r) and x.shape[-1] == k:
     # the kernel path: weights re-encoded to FP8 inside the call (prepare_weights; ideally once at load time) and
     # activations quantized straight into FP8 (same numbers as below, no f32 intermediates in memory)
     from .mxfp4_gpu import prepare_weights
@@ -403,7 +408,7 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
   x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
   u = up if x_lr is not None else None
   r = 0 if x_lr is None else x_lr.shape[1]
-  if be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16:
+  if _gpu_gemm(be, n, k, r):
     from .w4a4_gpu import w4a4_matmul_gpu_any_m
     y = w4a4_matmul_gpu_any_m(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, weights="fp8")
   else:

@@ -96,13 +96,6 @@ def mxfp4_matmul_gpu(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype
 
 
 # ------------------------------------------------------------------------------ load-time weights, fused activations
-def _e2m1_values(codes):
-  """E2M1 code -> value with arithmetic (no table gather, so XLA fuses it): magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6."""
-  idx = (codes & 7).astype(jnp.float32)
-  mag = jnp.where(idx <= 4, idx * 0.5, jnp.where(idx == 5, 3.0, jnp.where(idx == 6, 4.0, 6.0)))
-  return jnp.where((codes & 8) != 0, -mag, mag)
-
-
 def _rows_to_fp8(values, block_exp, bad_rows, block):
   """(e4m3 [R, K], row scale f32 [R] = 2**max block exp, NaN on ``bad_rows``, inexact row count)."""
   f8, row_exp, inexact = reencode_rows(values, block_exp, block)
@@ -139,7 +132,7 @@ def act_to_fp8(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "saf
   gets a NaN scale), written as one chain of element-wise ops after two small reductions (block abs-max, row max)
   so XLA fuses it into few passes over x with no f32 intermediate in memory.
   """
-  from wanjax.quant.formats_codecs import e2m1_encode, ldexp_exact
+  from wanjax.quant.formats_codecs import e2m1_decode, e2m1_encode, ldexp_exact
   from wanjax.quant.formats_fp4 import E2M1_MAX, _group_amax, mx_shared_exponent
 
   m, k = x.shape
@@ -147,6 +140,6 @@ def act_to_fp8(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "saf
   amax, bad = _group_amax(xg)
   e = mx_shared_exponent(amax, scale_rule, exp_offset, clip)
   y = jnp.clip(ldexp_exact(xg, -e[..., None]), -E2M1_MAX, E2M1_MAX)
-  v = jnp.where(bad[..., None], 0.0, _e2m1_values(e2m1_encode(y)))
+  v = jnp.where(bad[..., None], 0.0, e2m1_decode(e2m1_encode(y)))
   e = jnp.where(bad, -126, e)  # a non-finite block makes its row NaN; it must not shift the row's other blocks
   return _rows_to_fp8(v.reshape(m, k), e, jnp.any(bad, axis=1), block)
