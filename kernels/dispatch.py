@@ -78,6 +78,12 @@ def _gpu_gemm(be: str, n: int, k: int, r: int) -> bool:
 # (measured on H100: M=4096 e2e 0.239 ms int4-in-registers vs 0.277 ms unpack+int8; M=32760 1.738 vs 1.630 ms).
 INT8_UNPACK_MIN_M = 16384
 
+# Below this many rows the fused act-quant kernel (one 64-row block per program, two passes over K) runs less than
+# one wave over the SMs and its per-block latency (~0.1 ms at K = 5120) dominates; XLA's fusions are faster there.
+# Seen in a full-size 480p step (H200): the cross-attention k/v projections of the 512 text tokens took 0.109 ms
+# each with the fused kernel. The crossover is measured by ``python -m bench.act_quant --ms ... --no-e2e``.
+FUSED_ACT_QUANT_MIN_M = 8192
+
 
 def _weights_nk(w) -> tuple[int, int]:
   if w.ndim != 2 or w.dtype not in (jnp.uint8, jnp.int8):
@@ -178,7 +184,8 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
 
   * ``"fused"`` (default): one Pallas Triton kernel for codes, scales and the rank-r projection
     (``act_quant_gpu.act_quant_lowrank_pallas``), where :func:`act_quant_gpu.fused_supports` the shape (M >= 64,
-    r = 0 or a power of two >= 16), else ``"xla"``. Fastest measured on an H200 at M = 32,760: 0.35 ms at K = 5120
+    r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks),
+    else ``"xla"``. Fastest measured on an H200 at M = 32,760: 0.35 ms at K = 5120
     and 0.92 ms at K = 13824 against 0.40 / 1.08 ms for "xla" (docs/BENCHMARKS.md, "Activation quantization").
   * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM (0.38 / 1.17 ms).
   * ``"xla"``: one jitted XLA function, smoothing folded into ``down`` (0.40 / 1.08 ms).
@@ -194,7 +201,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
   if be == "pallas" and act_quant_impl == "pallas":
     return act_quant_pallas(x, smooth, down, clip, static_scale)
   r = 0 if down is None else down.shape[1]
-  if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
+  if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu" and x.shape[0] >= FUSED_ACT_QUANT_MIN_M
       and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r)):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;

@@ -72,6 +72,7 @@ def test_dispatch_routes_fused_impl(monkeypatch):
 
   monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
   monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 64)  # the real threshold (8192 rows) is too big to interpret
   x, smooth, down = _inputs(70, 256, 16, 1)
   q, s, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")  # "fused" is the default impl
   assert calls == [(70, 256)]
@@ -79,6 +80,11 @@ def test_dispatch_routes_fused_impl(monkeypatch):
   np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
   x, smooth, down = _inputs(5, 256, 16, 2)  # M < one block: XLA fallback
   q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas", act_quant_impl="fused")
+  assert calls == [(70, 256)]
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
+  monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 128)  # below the row threshold: XLA as well
+  x, smooth, down = _inputs(70, 256, 16, 3)
+  q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")
   assert calls == [(70, 256)]
   np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
 

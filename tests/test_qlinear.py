@@ -132,9 +132,30 @@ def test_real_mode_matches_fake_to_bf16(rot, static, monkeypatch):
     scale = np.abs(fake).max()
     assert real.shape == fake.shape == (3, 11, 64)
     np.testing.assert_allclose(real, fake, atol=2 ** -7 * scale, rtol=2 ** -7)
-    # and both near the exact fp32 reference
-    ref = np_forward_int4(cfg, a, x.reshape(-1, 128), b).reshape(fake.shape)
+    # and both near the exact fp32 reference of the input as a bf16 Linear sees it (rounded to bf16 first)
+    x16 = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+    ref = np_forward_int4(cfg, a, x16.reshape(-1, 128), b).reshape(fake.shape)
     np.testing.assert_allclose(real, ref, atol=2 ** -6 * scale)
+
+
+@pytest.mark.parametrize("dtype,expect", [(jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32)])
+def test_real_mode_hands_the_kernels_the_compute_dtype(dtype, expect, monkeypatch):
+  """An fp32 input (the model's fp32 residual stream after norm/modulation) reaches the kernels in the compute
+  dtype: 2 bytes per element for the activation quantization in a bf16 model, as a bf16 Linear's matmul sees it."""
+  from wanjax.kernels import dispatch
+  seen = []
+  orig = dispatch.w4a4_linear
+
+  def spy(x, *args, **kw):
+    seen.append(x.dtype)
+    return orig(x, *args, **kw)
+
+  monkeypatch.setenv("WANJAX_KERNELS", "reference")
+  monkeypatch.setattr(dispatch, "w4a4_linear", spy)
+  cfg, a = make_int4_layer(k=64, n=32)
+  x = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32)
+  fake_apply(cfg, a, x, 0, dtype=dtype, mode="real")
+  assert seen == [jnp.dtype(expect)]
 
 
 def test_real_mode_refuses_unsupported_formats():

@@ -1,0 +1,204 @@
+"""Where a full-size expert step spends its time, and the W4A4/BF16 step ratio measured interleaved in one process.
+
+    python -m bench.step_profile [--res 480p] [--rounds 8] [--profile-layers 40] [--skip-ab] [--name NAME]
+
+Both experts of :mod:`bench.pipeline` (random bf16 weights of the exact shapes; the W4A4 expert built from them by
+RTN with the ``default`` recipe's real-mode structure) are held on the device together, and four jitted forwards
+are compiled: {BF16, W4A4} x {cuDNN BF16 attention, cuDNN FP8 attention}.
+
+* **Per-kernel breakdown** (CUPTI, ``jax.experimental.mosaic.gpu.profiler.measure(aggregate=False)``): one
+  forward of each variant; kernels grouped by name and by class (attention, W4A4 GEMM, activation quantization,
+  cuBLAS GEMM, fusions/other), total ms per class.
+The first variant of ``--variants`` is the baseline of the ratios and of the output rel-L2.
+
+* **Interleaved A/B**: ``--rounds`` rounds, each running every variant once (order rotated per round), wall clock
+  per forward; the medians and the per-round ratios come out of the same rounds, so clock or thermal drift during
+  the call hits all variants alike (the separate-process ratios of ``bench.pipeline`` moved 1.38-1.42x between
+  calls).
+
+Result: ``bench/results/<name>.json`` (and ``$OUT``), a table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VARIANTS = (("bf16", "cudnn"), ("w4a4", "cudnn"), ("bf16", "cudnn_fp8"), ("w4a4", "cudnn_fp8"))
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def kernel_class(name: str) -> str:
+    """Coarse class of a GPU kernel from its name (cuDNN / cuBLAS / Triton / Mosaic / XLA fusion names)."""
+    n = name.lower()
+    if any(s in n for s in ("cudnn", "fmha", "flash", "sdpa", "attn")):
+        return "attention"
+    if "act_quant" in n or "quant_lowrank" in n:
+        return "act_quant"
+    if any(s in n for s in ("w4a4", "mosaic", "wg_kernel")):
+        return "w4a4_gemm"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")):
+        return "cublas_gemm"
+    if "triton" in n:
+        return "triton_other"
+    return "fusion_other"
+
+
+def breakdown(per_kernel) -> dict:
+    """[(name, ms), ...] -> totals by class and the 25 most expensive kernel names (count, total ms)."""
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, ms in per_kernel:
+        by_name[name].append(float(ms))
+    classes: dict[str, float] = collections.defaultdict(float)
+    for name, ts in by_name.items():
+        classes[kernel_class(name)] += sum(ts)
+    top = sorted(((sum(ts), len(ts), name) for name, ts in by_name.items()), reverse=True)[:25]
+    return {"total_ms": sum(classes.values()), "classes_ms": dict(classes),
+            "top": [{"name": n[:160], "count": c, "total_ms": t} for t, c, n in top]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--res", default="480p", choices=("480p", "720p", "tiny"))
+    p.add_argument("--rounds", type=int, default=8, help="interleaved A/B rounds (each runs every variant once)")
+    p.add_argument("--skip-ab", action="store_true", help="only the per-kernel breakdown")
+    p.add_argument("--skip-profile", action="store_true", help="only the interleaved A/B")
+    p.add_argument("--variants", default=",".join(f"{e}/{a}" for e, a in VARIANTS),
+                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4; attention: cudnn|cudnn_fp8)")
+    p.add_argument("--config", default="I2V_A14B")
+    p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench.common import device_facts, write_result
+    from bench.pipeline import (RES, build_w4a4_expert, default_bins, dit_inputs, ensure_package_layout,
+                                get_config, make_forward, random_bf16_expert, rel_l2)
+
+    ensure_package_layout()
+    from wanjax.model.attention import set_attention_backend
+
+    args = parse_args(argv)
+    cfg = get_config(args.config)
+    if args.num_layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
+    variants = [tuple(v.split("/")) for v in args.variants.split(",") if v]
+    res = {"settings": vars(args), **device_facts(), "num_layers": cfg.num_layers, "latent_fhw": list(RES[args.res][0]),
+           "variants": {}, "errors": {}}
+    name = args.name or f"step_profile_{args.res}"
+
+    experts = {}
+    t0 = time.perf_counter()
+    if any(e == "bf16" for e, _ in variants):
+        experts["bf16"] = nnx.split(random_bf16_expert(cfg, seed=0))
+    if any(e == "w4a4" for e, _ in variants):
+        nbins = len(default_bins().expert_bins("high"))
+        experts["w4a4"] = nnx.split(build_w4a4_expert(cfg, seed=0, nbins=nbins))
+    jax.block_until_ready([s for _, s in experts.values()])
+    res["build_s"] = time.perf_counter() - t0
+    log(f"built {list(experts)} in {res['build_s']:.1f}s")
+
+    inputs = dit_inputs(cfg, RES[args.res][0])
+    compiled = {}
+    for expert, attn in variants:
+        key = f"{expert}/{attn}"
+        graphdef, state = experts[expert]
+        set_attention_backend(attn)
+        try:
+            t0 = time.perf_counter()
+            compiled[key] = make_forward(graphdef).lower(state, *inputs).compile()
+            res["variants"][key] = {"compile_s": time.perf_counter() - t0}
+        except Exception as e:
+            res["errors"][key] = f"{type(e).__name__}: {str(e)[:800]}"
+            log(f"{key}: compile failed {e}")
+        finally:
+            set_attention_backend(None)
+    outs = {}
+    for key, fn in compiled.items():
+        state = experts[key.split("/")[0]][1]
+        outs[key] = np.asarray(jax.device_get(fn(state, *inputs)))
+    base_key = next(iter(compiled), None)          # the first variant is the baseline (BF16 / cuDNN by default)
+    res["baseline"] = base_key
+    ref = outs.get(base_key)
+    for key, out in outs.items():
+        res["variants"][key]["finite"] = bool(np.isfinite(out).all())
+        if ref is not None:
+            res["variants"][key]["rel_l2_vs_bf16"] = rel_l2(out, ref)
+
+    if not args.skip_profile:
+        from jax.experimental.mosaic.gpu import profiler
+        for key in compiled:
+            expert, attn = key.split("/")
+            graphdef, state = experts[expert]
+            set_attention_backend(attn)                    # measure() traces the forward again
+            try:
+                _, per_kernel = profiler.measure(make_forward(graphdef), aggregate=False)(state, *inputs)
+                res["variants"][key]["kernels"] = b = breakdown(per_kernel)
+                log(f"{key}: {b['total_ms']:.1f} ms of kernels; " +
+                    ", ".join(f"{c} {t:.1f}" for c, t in sorted(b["classes_ms"].items(), key=lambda x: -x[1])))
+                for row in b["top"][:12]:
+                    log(f"    {row['total_ms']:8.2f} ms  x{row['count']:<4d} {row['name'][:110]}")
+            except Exception as e:
+                res["errors"][f"profile {key}"] = f"{type(e).__name__}: {str(e)[:800]}"
+                log(f"{key}: profile failed {e}")
+            finally:
+                set_attention_backend(None)
+        write_result(name, res, (args.results_dir,))
+
+    if not args.skip_ab and compiled:
+        keys = list(compiled)
+        for key in keys:                                   # one warm call each before the rounds
+            jax.block_until_ready(compiled[key](experts[key.split("/")[0]][1], *inputs))
+        times = {k: [] for k in keys}
+        for r in range(args.rounds):
+            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            for key in order:
+                state = experts[key.split("/")[0]][1]
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[key](state, *inputs))
+                times[key].append(time.perf_counter() - t0)
+        for key in keys:
+            res["variants"][key].update(all_s=times[key], median_s=statistics.median(times[key]),
+                                        min_s=min(times[key]))
+        if base_key in times:
+            base = times[base_key]
+            for key in keys:
+                ratios = [b / t for b, t in zip(base, times[key])]
+                res["variants"][key]["speedup_vs_bf16"] = {
+                    "of_medians": statistics.median(base) / statistics.median(times[key]),
+                    "per_round_median": statistics.median(ratios), "per_round_min": min(ratios),
+                    "per_round_max": max(ratios)}
+        write_result(name, res, (args.results_dir,))
+
+    log(f"\n| variant | compile s | median s | x vs baseline (medians) | per-round min-max | rel-L2 vs baseline |")
+    log("|---|---|---|---|---|---|")
+    for key, v in res["variants"].items():
+        sp = v.get("speedup_vs_bf16", {})
+        log(f"| {key} | {v.get('compile_s', 0):.1f} | {v.get('median_s', float('nan')):.3f} | "
+            f"{sp.get('of_medians', float('nan')):.3f} | {sp.get('per_round_min', float('nan')):.3f}-"
+            f"{sp.get('per_round_max', float('nan')):.3f} | {v.get('rel_l2_vs_bf16', float('nan')):.3f} |")
+    if res["errors"]:
+        log("errors:", res["errors"])
+    return res
+
+
+if __name__ == "__main__":
+    main()
