@@ -65,6 +65,7 @@ def gptq_quantize_kernel(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = True,
+    weight_clips: tuple[float, ...] = (),
     max_damp_tries: int = 6,
     linalg_dtype=None,
 ) -> tuple[QuantizedTensor, jax.Array, dict]:
@@ -80,6 +81,9 @@ def gptq_quantize_kernel(
     static_groups: True (seed): all scales computed from the un-updated weights before the pass. False: each
       group's scales are computed from the already-updated weights when the pass reaches the group (group must
       divide the block; not combinable with act_order). Per-channel scales are always computed up front.
+    weight_clips: shrink factors (e.g. ``(1.0, 0.95, ..., 0.75)``) searched per output channel before the pass
+      (int formats with per-channel scales only): each channel's scale is ``clip * absmax / qmax`` for the clip
+      with the least ``diag(H)``-weighted round-to-nearest error ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: abs-max.
     max_damp_tries: Cholesky retries with 10x damping each.
     linalg_dtype: dtype of the Cholesky work (see ``wanjax.quant.linalg``).
 
@@ -93,22 +97,33 @@ def gptq_quantize_kernel(
     raise ValueError(f"{fn}: kernel must be [K, N] (vmap for stacked kernels), got shape {tuple(w.shape)}")
   h = jnp.asarray(hessian)
   _check_args(fn, w.shape[0], spec, block_size, act_order, static_groups, h)
+  weight_clips = tuple(float(c) for c in weight_clips)
+  if weight_clips and (spec.fmt not in ("int4", "int8") or spec.group(w.shape[0]) != w.shape[0]):
+    raise ValueError(f"{fn}: weight_clips needs int4/int8 weights with per-channel scales, got {spec.fmt} "
+                     f"group {spec.group(w.shape[0])} (K={w.shape[0]})")
+  if any(not 0.0 < c <= 1.0 for c in weight_clips):
+    raise ValueError(f"{fn}: weight_clips must lie in (0, 1], got {weight_clips}")
   check_finite_eager(fn, "kernel", w)
   check_finite_eager(fn, "hessian", h)
   return _gptq_core(w, h, spec=spec, block_size=block_size, percdamp=float(percdamp), act_order=bool(act_order),
-                    static_groups=bool(static_groups), max_damp_tries=int(max_damp_tries),
+                    static_groups=bool(static_groups), weight_clips=weight_clips,
+                    max_damp_tries=int(max_damp_tries),
                     linalg_dtype=jnp.dtype(resolve_linalg_dtype(linalg_dtype)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "percdamp", "act_order", "static_groups",
+                                             "weight_clips",
                                              "max_damp_tries", "linalg_dtype"))
-def _gptq_core(w, h, *, spec, block_size, percdamp, act_order, static_groups, max_damp_tries, linalg_dtype):
+def _gptq_core(w, h, *, spec, block_size, percdamp, act_order, static_groups, max_damp_tries, linalg_dtype,
+               weight_clips=()):
   """The GPTQ pass (arguments validated by :func:`gptq_quantize_kernel`); jitted so eager calls compile once."""
   k, n = w.shape
   g, dynamic, b = _check_args("gptq", k, spec, block_size, act_order, static_groups, h)
 
   # Scales from the un-updated weights (before dead-channel zeroing, as the GPTQ reference).
   scales0, ts = weight_scales(w.T, spec)
+  if weight_clips:
+    scales0 = _searched_channel_scales(w, scales0, jnp.diagonal(h).astype(jnp.float32), spec, weight_clips)
   dead = jnp.diagonal(h) <= 0
   w = jnp.where(dead[:, None], 0.0, w)
   if act_order:
@@ -191,6 +206,20 @@ def _gptq_core(w, h, *, spec, block_size, percdamp, act_order, static_groups, ma
   scales = s_all[:, : k // g] if dynamic else scales0
   qt = QuantizedTensor(codes=codes.T, scales=scales, tensor_scale=ts, fmt=spec.fmt, group_size=g)
   return qt, q, {"damp_tries": tries}
+
+
+def _searched_channel_scales(w, scales0, hdiag, spec, clips):
+  """Per output channel, the abs-max scale times the clip of ``clips`` with the least ``hdiag``-weighted RTN error
+  (``w [K, N]``, ``scales0 [N, 1]``); ties go to the first clip in ``clips``."""
+  weight = jnp.maximum(hdiag, 0.0)[:, None]
+  errs = []
+  for c in clips:
+    s = scales0 * c                                                     # [N, 1]
+    _, q = quantize_elements(w, s.T, None, spec)                        # [K, N]
+    errs.append(jnp.sum(weight * (w - q) ** 2, axis=0))                 # [N]
+  best = jnp.argmin(jnp.stack(errs), axis=0)                            # [N]
+  factors = jnp.asarray(clips, jnp.float32)[best]
+  return (scales0 * factors[:, None]).astype(scales0.dtype)
 
 
 def gptq(

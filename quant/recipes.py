@@ -179,6 +179,7 @@ class GPTQ:
   percdamp: float = 0.01
   act_order: bool = False
   static_groups: bool = True
+  weight_clips: tuple[float, ...] = ()
   stage = "quantizer"
 
   def __post_init__(self):
@@ -208,7 +209,8 @@ class GPTQ:
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     return gptq(params, self.layer_hessian(params, ctx), ctx.recipe.weight, block_size=self.block_size,
-                percdamp=self.percdamp, act_order=self.act_order, static_groups=self.static_groups)
+                percdamp=self.percdamp, act_order=self.act_order, static_groups=self.static_groups,
+                weight_clips=self.weight_clips)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +335,8 @@ _A_INT4 = ActQuantSpec("int4")
 #: Finer clip grid for int4 per-token activations (a clip acts continuously there, unlike MX power-of-two scales).
 #: Alpha grid of the default recipe's smoothing search (6 SVD-in-the-loop evaluations per layer).
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: Per-channel weight clip grid of GPTQ's optional scale search (``GPTQ(weight_clips=...)``).
+WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 INT_CLIPS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 RECIPES: dict[str, Recipe] = {

@@ -129,6 +129,9 @@ def test_variants_are_valid_recipes():
     assert not smooth("no_alpha_search").search and smooth("rank16").search
     assert by["per_bin_clips"].name == "binned" and "GPTQ" in kinds("per_bin_clips")
     assert by["mxfp4"].weight.fmt == "mxfp4" and by["static"].act_mode == "static"
+    gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")
+    assert gptq("gptq_act_order").act_order and not gptq("rank64").act_order
+    assert gptq("gptq_wclip").weight_clips and not gptq("gptq_act_order").weight_clips
     assert [v.name for v in recipe_variants(["rtn", "w8a8"])] == ["rtn", "w8a8"]
     with pytest.raises(KeyError, match="unknown ablations"):
         ablation_variants(["nope"])

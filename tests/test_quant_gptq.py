@@ -139,6 +139,38 @@ def test_gptq_beats_rtn_on_correlated_outlier_inputs(spec):
     assert _rel(xe, w, kq_dyn) < 0.7 * e_rtn
 
 
+def test_weight_clip_search():
+  """weight_clips: (1.0,) is the abs-max scale bit for bit; a grid picks per channel the scale with the least
+  diag(H)-weighted RTN error (checked against a numpy search), and with a diagonal Hessian (no error feedback)
+  the result is that RTN, so its weighted error is never above abs-max RTN's."""
+  rng = np.random.default_rng(11)
+  k, n = K, N
+  w = (rng.standard_t(3, size=(k, n)) * 0.05).astype(np.float32)      # heavy tails: clipping pays
+  hd = rng.uniform(0.5, 3.0, size=k).astype(np.float32)
+  h = np.diag(hd)
+  spec = WeightQuantSpec("int4")
+  q0, k0, _ = run_gptq(w, h, spec)
+  q1, k1, _ = run_gptq(w, h, spec, weight_clips=(1.0,))
+  np.testing.assert_array_equal(np.asarray(q1.codes), np.asarray(q0.codes))
+  np.testing.assert_array_equal(np.asarray(q1.scales), np.asarray(q0.scales))
+  clips = (1.0, 0.9, 0.8, 0.7, 0.6)
+  qc, kc, _ = run_gptq(w, h, spec, weight_clips=clips)
+  amax = np.abs(w).max(0) / 7.0                                           # [N]
+  best = []
+  for j in range(n):
+    errs = [np.sum(hd * (w[:, j] - np.clip(np.round(w[:, j] / (amax[j] * c)), -7, 7) * amax[j] * c) ** 2)
+            for c in clips]
+    best.append(clips[int(np.argmin(errs))])
+  np.testing.assert_allclose(np.asarray(qc.scales)[:, 0], amax * np.asarray(best, np.float32), rtol=1e-6)
+  assert len(set(best)) > 1                                               # the search is not trivial here
+  werr = lambda kq: np.sum(hd[:, None] * (w - np.asarray(kq)) ** 2, axis=0)
+  assert np.all(werr(kc) <= werr(k0) * (1 + 1e-6)) and np.sum(werr(kc)) < 0.95 * np.sum(werr(k0))
+  with pytest.raises(ValueError, match="per-channel scales"):
+    run_gptq(w, h, WeightQuantSpec("int4", group_size=32), weight_clips=clips)
+  with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+    run_gptq(w, h, spec, weight_clips=(1.2,))
+
+
 def test_damping_handles_singular_hessian():
   rng = np.random.default_rng(3)
   k, n = K, N

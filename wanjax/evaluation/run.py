@@ -161,13 +161,14 @@ def _swap(recipe, cls, new):
 
 def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
-    from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, ClipSearch, LowRank,
-                                      Smooth, get_recipe)
+    from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, WEIGHT_CLIPS, ClipSearch,
+                                      LowRank, Smooth, get_recipe)
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
     sm = next(t for t in d.transforms if isinstance(t, Smooth))
     cs = next(t for t in d.transforms if isinstance(t, ClipSearch))
+    gq = next(t for t in d.transforms if isinstance(t, GPTQ))
     R = dataclasses.replace
 
     def rank(r):
@@ -192,6 +193,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                                                  "'binned')"),
         "per_bin_clips_bins6": (binned, "6", False, "a clip searched per timestep bin, 6 bins per expert"),
         # other choices
+        "gptq_act_order": (R(d, name="default-actorder", transforms=_swap(d, GPTQ, R(gq, act_order=True))), "seed",
+                           False, "GPTQ with act-order (input channels by descending Hessian diagonal)"),
+        "gptq_wclip": (R(d, name="default-wclip", transforms=_swap(d, GPTQ, R(gq, weight_clips=WEIGHT_CLIPS))),
+                       "seed", False, "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)"),
         "rank16": (rank(16), "seed", False, "rank 16"),
         "rank64": (rank(64), "seed", False, "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
@@ -213,7 +218,7 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
 
 #: Ablation names, in report order.
 ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "shared_calib", "bins1", "per_bin_clips",
-             "per_bin_clips_bins6", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
+             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
