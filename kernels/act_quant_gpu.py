@@ -153,7 +153,8 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
   return m >= block_rows and _chunk_for(k, chunk) is not None and (r == 0 or (r >= 16 and r & (r - 1) == 0))
 
 
-def _fused_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static, l2_hint):
+def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
+                              l2_hint):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -229,8 +230,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
-  kern = functools.partial(_fused_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax, static=static,
-                           l2_hint=l2_hint)
+  kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
+                           static=static, l2_hint=l2_hint)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(pl.cdiv(m, block_rows),),
