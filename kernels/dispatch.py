@@ -79,10 +79,11 @@ def _gpu_gemm(be: str, n: int, k: int, r: int) -> bool:
 INT8_UNPACK_MIN_M = 16384
 
 # Below this many rows the fused act-quant kernel (one 64-row block per program, two passes over K) runs less than
-# one wave over the SMs and its per-block latency (~0.1 ms at K = 5120) dominates; XLA's fusions are faster there.
-# Seen in a full-size 480p step (H200): the cross-attention k/v projections of the 512 text tokens took 0.109 ms
-# each with the fused kernel. The crossover is measured by ``python -m bench.act_quant --ms ... --no-e2e``.
-FUSED_ACT_QUANT_MIN_M = 8192
+# about a wave over the SMs and its per-block latency (~0.1 ms at K = 5120) dominates; XLA's fusions are faster.
+# H200, K = 5120, r = 32 (bench/results/act_quant_small_m.json): M = 512 / 4096 / 8192 / 16384 / 32760 took
+# 0.097 / 0.109 / 0.115 / 0.176 / 0.354 ms fused vs 0.015 / 0.057 / 0.110 / 0.210 / 0.398 ms XLA. In a 480p step
+# this sends the cross-attention k/v projections of the 512 text tokens to XLA.
+FUSED_ACT_QUANT_MIN_M = 16384
 
 
 def _weights_nk(w) -> tuple[int, int]:

@@ -72,7 +72,7 @@ def test_dispatch_routes_fused_impl(monkeypatch):
 
   monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
   monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
-  monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 64)  # the real threshold (8192 rows) is too big to interpret
+  monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 64)  # the real threshold (16384 rows) is too big to interpret
   x, smooth, down = _inputs(70, 256, 16, 1)
   q, s, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")  # "fused" is the default impl
   assert calls == [(70, 256)]
