@@ -1,6 +1,7 @@
 """Where a full-size expert step spends its time, and the W4A4/BF16 step ratio measured interleaved in one process.
 
-    python -m bench.step_profile [--res 480p] [--rounds 8] [--profile-layers 40] [--skip-ab] [--name NAME]
+    python -m bench.step_profile [--res 480p] [--rounds 8] [--variants bf16/cudnn,...] [--num-layers N]
+                                 [--skip-ab] [--skip-profile] [--name NAME]
 
 Both experts of :mod:`bench.pipeline` (random bf16 weights of the exact shapes; the W4A4 expert built from them by
 RTN with the ``default`` recipe's real-mode structure) are held on the device together, and four jitted forwards
@@ -9,12 +10,13 @@ are compiled: {BF16, W4A4} x {cuDNN BF16 attention, cuDNN FP8 attention}.
 * **Per-kernel breakdown** (CUPTI, ``jax.experimental.mosaic.gpu.profiler.measure(aggregate=False)``): one
   forward of each variant; kernels grouped by name and by class (attention, W4A4 GEMM, activation quantization,
   cuBLAS GEMM, fusions/other), total ms per class.
-The first variant of ``--variants`` is the baseline of the ratios and of the output rel-L2.
-
 * **Interleaved A/B**: ``--rounds`` rounds, each running every variant once (order rotated per round), wall clock
   per forward; the medians and the per-round ratios come out of the same rounds, so clock or thermal drift during
   the call hits all variants alike (the separate-process ratios of ``bench.pipeline`` moved 1.38-1.42x between
   calls).
+
+The first variant of ``--variants`` is the baseline of the ratios and of the output rel-L2 (the JSON keys say
+``_vs_bf16``: the default baseline is BF16 / cuDNN).
 
 Result: ``bench/results/<name>.json`` (and ``$OUT``), a table at the end.
 """
@@ -43,7 +45,7 @@ def kernel_class(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("cudnn", "fmha", "flash", "sdpa", "attn")):
         return "attention"
-    if "act_quant" in n or "quant_lowrank" in n:
+    if "act_quant" in n:                       # kernels/act_quant_gpu.py: _act_quant_lowrank_kernel
         return "act_quant"
     if any(s in n for s in ("w4a4", "mosaic", "wg_kernel")):
         return "w4a4_gemm"
@@ -116,6 +118,9 @@ def main(argv=None) -> dict:
     res["build_s"] = time.perf_counter() - t0
     log(f"built {list(experts)} in {res['build_s']:.1f}s")
 
+    def state_of(key):                                 # "w4a4/cudnn_fp8" -> the W4A4 expert's state
+        return experts[key.split("/")[0]][1]
+
     inputs = dit_inputs(cfg, RES[args.res][0])
     compiled = {}
     for expert, attn in variants:
@@ -133,8 +138,7 @@ def main(argv=None) -> dict:
             set_attention_backend(None)
     outs = {}
     for key, fn in compiled.items():
-        state = experts[key.split("/")[0]][1]
-        outs[key] = np.asarray(jax.device_get(fn(state, *inputs)))
+        outs[key] = np.asarray(jax.device_get(fn(state_of(key), *inputs)))
     base_key = next(iter(compiled), None)          # the first variant is the baseline (BF16 / cuDNN by default)
     res["baseline"] = base_key
     ref = outs.get(base_key)
@@ -166,12 +170,12 @@ def main(argv=None) -> dict:
     if not args.skip_ab and compiled:
         keys = list(compiled)
         for key in keys:                                   # one warm call each before the rounds
-            jax.block_until_ready(compiled[key](experts[key.split("/")[0]][1], *inputs))
+            jax.block_until_ready(compiled[key](state_of(key), *inputs))
         times = {k: [] for k in keys}
         for r in range(args.rounds):
             order = keys[r % len(keys):] + keys[:r % len(keys)]
             for key in order:
-                state = experts[key.split("/")[0]][1]
+                state = state_of(key)
                 t0 = time.perf_counter()
                 jax.block_until_ready(compiled[key](state, *inputs))
                 times[key].append(time.perf_counter() - t0)

@@ -82,8 +82,9 @@ def gptq_quantize_kernel(
       group's scales are computed from the already-updated weights when the pass reaches the group (group must
       divide the block; not combinable with act_order). Per-channel scales are always computed up front.
     weight_clips: shrink factors (e.g. ``(1.0, 0.95, ..., 0.75)``) searched per output channel before the pass
-      (int formats with per-channel scales only): each channel's scale is ``clip * absmax / qmax`` for the clip
-      with the least ``diag(H)``-weighted round-to-nearest error ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: abs-max.
+      (int formats with per-channel scales only): each channel's scale is the spec's scale (``spec.clip * absmax /
+      qmax``) times the factor with the least ``diag(H)``-weighted round-to-nearest error
+      ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: the spec's scale as is.
     max_damp_tries: Cholesky retries with 10x damping each.
     linalg_dtype: dtype of the Cholesky work (see ``wanjax.quant.linalg``).
 
