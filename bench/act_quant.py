@@ -29,12 +29,69 @@ import numpy as np
 
 from bench.common import device_facts, write_result
 
-SWEEP = [(64, 256, 8, 3, True), (64, 256, 8, 3, False), (64, 256, 8, 4, True), (64, 256, 8, 5, True),
-         (64, 128, 8, 3, True), (64, 128, 8, 4, True), (64, 128, 8, 6, True), (64, 512, 8, 3, True),
-         (32, 256, 8, 4, True), (32, 128, 4, 4, True), (128, 128, 8, 4, True), (64, 256, 4, 4, True)]
+# (block rows, chunk, warps, stages, pass 2 reversed); the earlier sweeps (block / chunk / warps / stages / L2 hints)
+# are in bench/results/act_quant_sweep{1,2}.json
+SWEEP = [(64, 256, 8, 3, True), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 1024, 4, 3, True),
+         (16, 512, 4, 3, True), (64, 128, 8, 3, True)]
+MX_SWEEP = [(64, 256, 8, 3, False), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 512, 4, 3, True)]
 
 
-def run_shape(m, k, n, sweep, log, mx=False, e2e=True):
+def run_mxfp4(inp, res, rec, log, sweep, e2e):
+  """MXFP4: the XLA ``act_to_fp8`` against the Triton ``act_to_fp8_pallas`` (checks, then times), and the MXFP4
+  linear end to end on weights prepared once, with each activation side."""
+  from bench.kernels import rel_err
+  from kernels import dispatch
+  from kernels import reference as ref
+  from kernels.mxfp4_act_gpu import act_to_fp8_pallas
+  from kernels.mxfp4_gpu import act_to_fp8, prepare_weights
+  from wanjax.quant.formats_fp4 import quantize_mxfp4
+  from wanjax.quant.formats_pack import pack_nibbles
+
+  x, smooth, down = inp["x"], inp["smooth"], inp["down"]
+  rec("aq_mxfp4_to_fp8", jax.jit(lambda a, b: act_to_fp8(a, b)), x, smooth)
+  x8_0, s0, bad0 = act_to_fp8(x, smooth)
+  lr0 = jax.jit(lambda a, b, c: ref.lowrank_down(a, c, b))(x, smooth, down)
+  variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
+  for bm, ck, warps, stages, rev in (MX_SWEEP if sweep else []):
+    variants[f"aq_mxfp4_pallas_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}"] = dict(
+        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev)
+  for name, kw in variants.items():
+    kw = dict(kw)
+    dn = None if kw.pop("rank0", False) else down
+    fn = jax.jit(functools.partial(lambda a, b, c, **k2: act_to_fp8_pallas(a, b, c, **k2), **kw))
+    try:
+      x8, s, bad, lr = fn(x, smooth, dn)
+      res["checks"][name] = {
+          "fp8_mismatch_frac": float(jnp.mean((x8.astype(jnp.float32) != x8_0.astype(jnp.float32)))),
+          "scale_equal": bool(jnp.all(s == s0)), "inexact_rows": [int(bad), int(bad0)],
+          "x_lr_relerr": None if lr is None else rel_err(lr, lr0)}
+      log(f"  check {name}: {res['checks'][name]}")
+    except Exception as e:
+      res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  check {name}: ERROR {res['errors'][f'check_{name}'][:300]}")
+      continue
+    rec(name, fn, x, smooth, dn)
+  if not e2e:
+    return
+  qt = quantize_mxfp4(inp["w_bf16_kn"].T.astype(jnp.float32), scale_rule="ocp_floor")
+  w8, s_w, _ = prepare_weights(pack_nibbles(qt.codes), qt.scales)
+  y = {}
+  for impl in ("xla", "fused"):
+    f = jax.jit(lambda a, w, sw, sm, dn, u, b, impl=impl: dispatch.mxfp4_linear_fp8(
+        a, w, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
+    args = (x, w8, s_w, smooth, down, inp["up"], inp["bias"])
+    try:
+      y[impl] = f(*args)
+    except Exception as e:
+      res["errors"][f"e2e_mxfp4_{impl}"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  e2e_mxfp4_{impl}: ERROR {res['errors'][f'e2e_mxfp4_{impl}'][:300]}")
+      continue
+    rec(f"e2e_mxfp4_{impl}", f, *args)
+  if len(y) == 2:
+    res["checks"]["e2e_mxfp4_fused_vs_xla_relerr"] = rel_err(y["fused"], y["xla"])
+
+
+def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused")):
   from bench.kernels import cupti_ms, make_inputs, rel_err
   from kernels import dispatch
   from kernels import reference as ref
@@ -59,13 +116,12 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True):
   variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None))}
-  for bm, ck, warps, stages, hint in (SWEEP if sweep else []):
-    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_l2' if hint else ''}"] = jax.jit(functools.partial(
+  for bm, ck, warps, stages, rev in (SWEEP if sweep else []):
+    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}"] = jax.jit(functools.partial(
         lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
-        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, l2_hint=hint))
-  if mx:  # MXFP4: the activation quantization straight into FP8 (mxfp4_gpu.act_to_fp8), alone
-    from kernels.mxfp4_gpu import act_to_fp8
-    rec("aq_mxfp4_to_fp8", jax.jit(lambda a, b: act_to_fp8(a, b)), x, smooth)
+        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev))
+  if mx:
+    run_mxfp4(inp, res, rec, log, sweep, e2e)
   for name, fn in variants.items():
     try:
       q, s, lr = fn(x, smooth, down)
@@ -82,7 +138,7 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True):
   w8 = ref.unpack_int4(inp["w_packed"])
   y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
                             s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
-  for impl in (("xla", "pallas", "fused") if e2e else ()):
+  for impl in (e2e_impls if e2e else ()):
     for tag, w in (("", inp["w_packed"]), ("_w8", w8)):
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
           a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
@@ -96,6 +152,7 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True):
   t = res["times_ms"]
   if "xla_bf16" in t:
     res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items() if kk.startswith("e2e")}
+    log(f"  speedups: {res['speedup_vs_xla_bf16']}")
   # the floor of an act quant pass: read x (bf16) once, write the int8 codes once
   res["act_quant_min_bytes"] = m * k * 3
   return res
@@ -107,8 +164,9 @@ def main(argv=None):
   ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120")
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--name", default="act_quant", help="result file name (without .json)")
-  ap.add_argument("--mxfp4", action="store_true", help="also time mxfp4_gpu.act_to_fp8")
+  ap.add_argument("--mxfp4", action="store_true", help="also the MXFP4 activation side (XLA and Triton) and linear")
   ap.add_argument("--no-e2e", action="store_true", help="act quant only (no end-to-end linears)")
+  ap.add_argument("--e2e-impls", default="xla,pallas,fused", help="INT4 act quant impls timed end to end")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
@@ -124,7 +182,7 @@ def main(argv=None):
     for shape in a.shapes.split(","):
       k, n = (int(v) for v in shape.split("x"))
       log(f"M={m} K={k} N={n}")
-      rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e))
+      rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(","))))
       write_result(a.name, {"device": device_facts(), "rows": rows})
   print("\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
         "e2e fused, int8 w |")

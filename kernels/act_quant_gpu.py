@@ -154,7 +154,7 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint):
+                              l2_hint, reverse=False):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -186,7 +186,8 @@ def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_re
   s = jnp.full((bm,), c, jnp.float32) if static else amax * c / jnp.float32(qmax)
   s = jnp.where(s > 0, s, jnp.float32(1.0))
 
-  def pass2(j, carry):
+  def pass2(i, carry):
+    j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
     _, xs = x_s(j, "evict_first")
     t = jnp.clip(xs / s[:, None], -qmax, qmax)
     f = jnp.floor(t)  # round half to even from floor (Pallas Triton has no `round`)
@@ -205,15 +206,15 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                              qmax: int = reference.INT4_QMAX, *, block_rows: int = FUSED_BLOCK_ROWS,
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
-                             interpret: bool = False):
+                             reverse: bool = False, interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
   Same math as ``act_quant_fused(..., fold_smooth=True)``: codes and scales of ``reference.quantize_act_int4``
   (Triton's f32 division is not correctly rounded, so rare exact rounding ties may differ by one code), and
   ``x_lr = bf16(x) @ bf16(down / smooth)`` with f32 accumulation in another order. Requires
-  :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps``, ``num_stages`` and ``l2_hint`` (L2 eviction
-  hints on the two passes' loads) are tuning knobs.
+  :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps``, ``num_stages``, ``l2_hint`` (L2 eviction
+  hints on the two passes' loads) and ``reverse`` (pass 2 walks K backwards) are tuning knobs.
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -231,7 +232,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
-                           static=static, l2_hint=l2_hint)
+                           static=static, l2_hint=l2_hint, reverse=reverse)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(pl.cdiv(m, block_rows),),

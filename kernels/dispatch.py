@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import reference
-from . import act_quant_gpu
+from . import act_quant_gpu, mxfp4_act_gpu
 from .act_quant_gpu import act_quant_fused, act_quant_pallas
 
 BACKENDS = ("reference", "xla", "pallas")
@@ -344,7 +344,7 @@ def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp
 
 def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=None, clip=1.0, exp_offset=0,
                  scale_rule: str = "safe_ceil", out_dtype=jnp.bfloat16, backend: str | None = None,
-                 return_inexact: bool = False):
+                 return_inexact: bool = False, act_quant_impl: str = "fused"):
   """MXFP4 W4A4 linear end to end on ``x [..., K]``: MXFP4 activation quantization, low-rank down, MXFP4 GEMM.
 
   Args:
@@ -357,6 +357,7 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
     scale_rule: activation scale rule ("safe_ceil", the seed's, or "ocp_floor").
     out_dtype: output dtype; backend: see :func:`mxfp4_matmul`.
     return_inexact: also return the number of rows the FP8 re-encoding rounded (kernel path only; 0 elsewhere).
+    act_quant_impl: the kernel path's activation side, "fused" or "xla" (see :func:`mxfp4_linear_fp8`).
 
   ``x_lr = bf16(bf16(x / smooth) @ bf16(down))`` as for the INT4 path. On the GPU kernel path the weights are
   re-encoded to FP8 inside the call (``mxfp4_gpu.prepare_weights``) and the activations quantized straight into FP8
@@ -372,7 +373,7 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
     w8, s_w, bad_w = prepare_weights(w_codes, w_scales)
     y, bad_x = mxfp4_linear_fp8(x, w8, s_w, smooth=smooth, down=down, up=up, bias=bias, clip=clip,
                                 exp_offset=exp_offset, scale_rule=scale_rule, out_dtype=out_dtype, backend=be,
-                                return_inexact=True)
+                                return_inexact=True, act_quant_impl=act_quant_impl)
     return (y, bad_x + bad_w) if return_inexact else y
   lead = x.shape[:-1]
   k = x.shape[-1]
@@ -390,7 +391,7 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
 
 def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, exp_offset=0,
                      scale_rule: str = "safe_ceil", out_dtype=jnp.bfloat16, backend: str | None = None,
-                     return_inexact: bool = False):
+                     return_inexact: bool = False, act_quant_impl: str = "fused"):
   """MXFP4 W4A4 linear on weights prepared once at load time by ``kernels.mxfp4_gpu.prepare_weights``.
 
   ``x [..., K]`` is MXFP4-quantized (block exponents with ``scale_rule`` / ``exp_offset`` / ``clip``, E2M1 elements)
@@ -402,7 +403,13 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
   "xla": exact bf16 upcast of both FP8 operands, bf16 tensor-core dot with f32 accumulation; "reference": f32
   HIGHEST dot. The per-call work is the activation quantization and the GEMM only (no weight decoding).
   ``return_inexact``: also return the activation rows the FP8 re-encoding rounded (weights: count at load time).
+  ``act_quant_impl``: "fused" (default) runs the activation side as one Triton kernel
+  (``mxfp4_act_gpu.act_to_fp8_pallas``, which also computes x_lr as ``bf16(x) @ bf16(down / smooth)``) on a GPU with
+  the "pallas" backend, M >= ``FUSED_ACT_QUANT_MIN_M`` and a supported shape; otherwise, or with "xla", the XLA
+  ``act_to_fp8`` and a separate low-rank GEMM run.
   """
+  if act_quant_impl not in ("fused", "xla"):
+    raise ValueError(f"mxfp4_linear_fp8: act_quant_impl must be 'fused' or 'xla', got {act_quant_impl!r}")
   from .mxfp4_gpu import act_to_fp8
 
   be = select_backend(backend)
@@ -412,8 +419,16 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
     raise ValueError(f"mxfp4_linear_fp8: w8 float8_e4m3fn [N, K={k}] and s_w [N] expected (from "
                      f"mxfp4_gpu.prepare_weights), got w8 {w8.dtype} {w8.shape}, s_w {s_w.shape}")
   x2 = x.reshape(-1, k)
-  x8, s_x, inexact = act_to_fp8(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
-  x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
+  r_dn = 0 if down is None else down.shape[1]
+  if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu" and x2.shape[0] >= FUSED_ACT_QUANT_MIN_M
+      and mxfp4_act_gpu.supports(x2.shape[0], k, r_dn)):
+    # one Triton kernel: block exponents, E2M1 rounding, e4m3 re-encoding and the rank-r projection
+    # (x_lr = bf16(x) @ bf16(down / smooth): bf16 rounding away from the reference's bf16(x / smooth) @ down)
+    x8, s_x, inexact, x_lr = mxfp4_act_gpu.act_to_fp8_pallas(x2, smooth, down, clip, exp_offset,
+                                                             scale_rule=scale_rule)
+  else:
+    x8, s_x, inexact = act_to_fp8(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
+    x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
   u = up if x_lr is not None else None
   r = 0 if x_lr is None else x_lr.shape[1]
   if _gpu_gemm(be, n, k, r):
