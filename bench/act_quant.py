@@ -33,6 +33,7 @@ from bench.common import device_facts, write_result
 # are in bench/results/act_quant_sweep{1,2}.json
 SWEEP = [(64, 256, 8, 3, True), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 1024, 4, 3, True),
          (16, 512, 4, 3, True), (64, 128, 8, 3, True)]
+QUANT_ROWS_SWEEP = [(1, 4), (2, 8), (4, 8), (4, 16), (8, 16)]
 MX_SWEEP = [(64, 256, 8, 3, False), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 512, 4, 3, True)]
 
 
@@ -122,6 +123,12 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
         block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
+  if sweep:  # the parts of a two-kernel design: the single-pass quantizer alone (rows in registers), the rank-r GEMM
+    from kernels.act_quant_gpu import quantize_rows_pallas
+    for bm, warps in QUANT_ROWS_SWEEP:
+      rec(f"quant_rows_b{bm}_w{warps}", jax.jit(functools.partial(
+          lambda a, b, **kw: quantize_rows_pallas(a, b, 1.0, None, **kw), block_rows=bm, num_warps=warps)), x, smooth)
+    rec("lowrank_gemm_xla", jax.jit(lambda a, c: ref.lowrank_down(a, c, None)), x, down)
   for name, fn in variants.items():
     try:
       q, s, lr = fn(x, smooth, down)
