@@ -31,9 +31,11 @@ from bench.common import device_facts, write_result
 
 # (block rows, chunk, warps, stages, pass 2 reversed); the earlier sweeps (block / chunk / warps / stages / L2 hints)
 # are in bench/results/act_quant_sweep{1,2}.json
-SWEEP = [(64, 256, 8, 3, True), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 1024, 4, 3, True),
-         (16, 512, 4, 3, True), (64, 128, 8, 3, True)]
-QUANT_ROWS_SWEEP = [(1, 4), (2, 8), (4, 8), (4, 16), (8, 16)]
+# (block rows, chunk, warps, stages, pass 2 reversed, persistent programs or 0)
+SWEEP = [(64, 256, 8, 3, True, 0), (32, 256, 8, 3, True, 0), (16, 512, 4, 3, True, 0),
+         (64, 256, 8, 3, True, 132), (64, 256, 8, 3, True, 264), (32, 256, 8, 3, True, 132),
+         (32, 256, 8, 3, True, 264), (32, 512, 8, 3, True, 264), (16, 512, 4, 3, True, 264), (16, 512, 4, 3, True, 528)]
+QUANT_ROWS_SWEEP = [(1, 4), (4, 8), (8, 16)]
 MX_SWEEP = [(64, 256, 8, 3, False), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 512, 4, 3, True)]
 
 
@@ -117,10 +119,11 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None))}
-  for bm, ck, warps, stages, rev in (SWEEP if sweep else []):
-    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}"] = jax.jit(functools.partial(
-        lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
-        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev))
+  for bm, ck, warps, stages, rev, progs in (SWEEP if sweep else []):
+    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"] = (
+        jax.jit(functools.partial(lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
+                                  block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
+                                  programs=progs)))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
   if sweep:  # the parts of a two-kernel design: the single-pass quantizer alone (rows in registers), the rank-r GEMM

@@ -154,12 +154,35 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint, reverse=False):
+                              l2_hint, reverse=False, programs=0):
+  """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
+  blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
+  Trailing iterations past the last block redo the last block (identical values)."""
+  import jax.experimental.pallas as pl
+  body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
+                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse)
+  nblocks = -(-m // bm)
+  if not programs:
+    body(jnp.minimum(pl.program_id(0) * bm, m - bm))
+    return
+
+  pid = pl.program_id(0)  # read outside the loop (the interpreter cannot discharge it inside)
+
+  def step(t, carry):
+    b = jnp.minimum(pid + t * programs, nblocks - 1)
+    body(jnp.minimum(b * bm, m - bm))
+    return carry
+
+  jax.lax.fori_loop(0, -(-nblocks // programs), step, 0)
+
+
+def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax, static,
+                    l2_hint, reverse):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
   import jax.experimental.pallas as pl
-  r0 = jnp.minimum(pl.program_id(0) * bm, m - bm)
+  del m
   rows = pl.ds(r0, bm)
   nk = k // ck
 
@@ -206,7 +229,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                              qmax: int = reference.INT4_QMAX, *, block_rows: int = FUSED_BLOCK_ROWS,
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
-                             reverse: bool = False, interpret: bool = False):
+                             reverse: bool = False, programs: int = 0, interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
@@ -214,7 +237,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   (Triton's f32 division is not correctly rounded, so rare exact rounding ties may differ by one code), and
   ``x_lr = bf16(x) @ bf16(down / smooth)`` with f32 accumulation in another order. Requires
   :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps``, ``num_stages``, ``l2_hint`` (L2 eviction
-  hints on the two passes' loads) and ``reverse`` (pass 2 walks K backwards) are tuning knobs.
+  hints on the two passes' loads), ``reverse`` (pass 2 walks K backwards) and ``programs`` (> 0: a persistent grid
+  of that many programs walking the row blocks) are tuning knobs.
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -231,11 +255,13 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
+  nblocks = pl.cdiv(m, block_rows)
+  progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
-                           static=static, l2_hint=l2_hint, reverse=reverse)
+                           static=static, l2_hint=l2_hint, reverse=reverse, programs=progs)
   q, s, lr = pl.pallas_call(
       kern,
-      grid=(pl.cdiv(m, block_rows),),
+      grid=(progs or nblocks,),
       out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
                  jax.ShapeDtypeStruct((m, max(r, 16)), jnp.bfloat16)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -108,3 +108,15 @@ def test_fused_not_used_off_gpu(monkeypatch):
   x, smooth, down = _inputs(70, 256, 16, 4)
   q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, backend="pallas")
   np.testing.assert_array_equal(np.asarray(q), np.asarray(ref.quantize_act_int4(x, smooth, 0.9)[0]))
+
+
+@pytest.mark.parametrize("programs,reverse", [(2, False), (3, True), (50, True)])
+def test_fused_kernel_persistent_grid_and_reverse_same_numbers(programs, reverse):
+  """A persistent grid (fewer programs than row blocks, the last one redone by trailing iterations; or more
+  programs than blocks) and pass 2 walked backwards give the default kernel's numbers."""
+  x, smooth, down = _inputs(70, 512, 16, 11)
+  a = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=16, chunk=128, interpret=True)
+  b = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=16, chunk=128, programs=programs,
+                               reverse=reverse, interpret=True)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(v, np.float32))
