@@ -36,7 +36,8 @@ SWEEP = [(64, 256, 8, 3, True, 0), (32, 256, 8, 3, True, 0), (16, 512, 4, 3, Tru
          (64, 256, 8, 3, True, 132), (64, 256, 8, 3, True, 264), (32, 256, 8, 3, True, 132),
          (32, 256, 8, 3, True, 264), (32, 512, 8, 3, True, 264), (16, 512, 4, 3, True, 264), (16, 512, 4, 3, True, 528)]
 QUANT_ROWS_SWEEP = [(1, 4), (4, 8), (8, 16)]
-MX_SWEEP = [(64, 256, 8, 3, False), (32, 256, 8, 3, True), (32, 512, 8, 3, True), (16, 512, 4, 3, True)]
+MX_SWEEP = [(64, 256, 8, 3, False, 0), (32, 256, 8, 3, True, 0), (16, 512, 4, 3, True, 0), (64, 256, 8, 3, True, 264),
+            (32, 256, 8, 3, True, 264), (16, 512, 4, 3, True, 528)]
 
 
 def run_mxfp4(inp, res, rec, log, sweep, e2e):
@@ -55,9 +56,9 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   x8_0, s0, bad0 = act_to_fp8(x, smooth)
   lr0 = jax.jit(lambda a, b, c: ref.lowrank_down(a, c, b))(x, smooth, down)
   variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
-  for bm, ck, warps, stages, rev in (MX_SWEEP if sweep else []):
-    variants[f"aq_mxfp4_pallas_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}"] = dict(
-        block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev)
+  for bm, ck, warps, stages, rev, progs in (MX_SWEEP if sweep else []):
+    variants[f"aq_mxfp4_pallas_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"] = (
+        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs))
   for name, kw in variants.items():
     kw = dict(kw)
     dn = None if kw.pop("rank0", False) else down

@@ -65,9 +65,29 @@ def supports(m: int, k: int, r: int, block_rows: int = BLOCK_ROWS, chunk: int = 
 
 
 def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, *, m, k, bm, ck, r, safe_ceil,
-            reverse):
+            reverse, programs):
+  """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0) a persistent grid walking blocks pid,
+  pid + programs, ... (trailing iterations redo the last block with identical values)."""
   import jax.experimental.pallas as pl
-  r0 = jnp.minimum(pl.program_id(0) * bm, m - bm)  # the last block is shifted back to end at row M
+  body = functools.partial(_rows, x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, k=k, bm=bm,
+                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse)
+  nblocks = -(-m // bm)
+  pid = pl.program_id(0)
+  if not programs:
+    body(jnp.minimum(pid * bm, m - bm))  # the last block is shifted back to end at row M
+    return
+
+  def step(t, carry):
+    body(jnp.minimum(jnp.minimum(pid + t * programs, nblocks - 1) * bm, m - bm))
+    return carry
+
+  lax.fori_loop(0, -(-nblocks // programs), step, 0)
+
+
+def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, r0, *, k, bm, ck, r, safe_ceil,
+          reverse):
+  """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes)."""
+  import jax.experimental.pallas as pl
   rows = pl.ds(r0, bm)
   nk, nb = k // ck, ck // MX_BLOCK
   clip, off = clip_ref[0], off_ref[0]
@@ -117,7 +137,8 @@ def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_
 
 def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
                       block_rows: int = BLOCK_ROWS, chunk: int = CHUNK, num_warps: int = WARPS,
-                      num_stages: int = STAGES, reverse: bool = True, interpret: bool = False):
+                      num_stages: int = STAGES, reverse: bool = True, programs: int = 0,
+                      interpret: bool = False):
   """MXFP4 activation quantization into the FP8 kernel's operand in one Pallas (Triton) kernel.
 
   Args:
@@ -125,8 +146,8 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
       projection (r = 0 or a power of two >= 16).
     clip, exp_offset: block abs-max multiplier and MX exponent offset (scalars, may be traced).
     scale_rule: "safe_ceil" (the seed's, no saturation) or "ocp_floor".
-    block_rows, chunk, num_warps, num_stages, reverse: tuning (see the module docstring); ``reverse`` walks pass 2
-      backwards over K.
+    block_rows, chunk, num_warps, num_stages, reverse, programs: tuning (see the module docstring); ``reverse``
+      walks pass 2 backwards over K, ``programs`` > 0 runs a persistent grid of that many programs.
   Returns:
     (x8 float8_e4m3fn [M, K], s_x f32 [M], inexact_rows int32 (finite rows the e4m3 re-encoding rounded),
     x_lr bf16 [M, r] = bf16(x) @ bf16(down / smooth) or None).
@@ -150,11 +171,13 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
   dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16) if r else jnp.zeros((k, 16), jnp.bfloat16)
   clip_a = jnp.reshape(jnp.asarray(clip, jnp.float32), (1,))
   off_a = jnp.reshape(jnp.asarray(exp_offset, jnp.int32), (1,))
+  nblocks = pl.cdiv(m, block_rows)
+  progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_kernel, m=m, k=k, bm=block_rows, ck=chunk, r=r, safe_ceil=scale_rule == "safe_ceil",
-                           reverse=reverse)
+                           reverse=reverse, programs=progs)
   x8, s, bad, lr = pl.pallas_call(
       kern,
-      grid=(pl.cdiv(m, block_rows),),
+      grid=(progs or nblocks,),
       out_shape=[jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m,), jnp.float32),
                  jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m, max(r, 16)), jnp.bfloat16)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

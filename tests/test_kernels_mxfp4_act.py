@@ -27,16 +27,17 @@ def _f32(a):
   return np.asarray(jnp.asarray(a).astype(jnp.float32))
 
 
-@pytest.mark.parametrize("m,k,r,rule,off,bm,ck,rev", [
-    (37, 512, 32, "safe_ceil", 0, 16, 128, True),      # M not a multiple of the block: last block shifted back
-    (16, 13824, 16, "safe_ceil", 0, 16, 256, False),   # the FFN-down K
-    (21, 384, 0, "ocp_floor", 1, 16, 128, True),       # no low-rank branch, the OCP rule with an exponent offset
-    (40, 640, 64, "safe_ceil", -1, 32, 64, False)])
-def test_kernel_interpreter_matches_xla(m, k, r, rule, off, bm, ck, rev):
+@pytest.mark.parametrize("m,k,r,rule,off,bm,ck,rev,progs", [
+    (37, 512, 32, "safe_ceil", 0, 16, 128, True, 0),      # M not a multiple of the block: last block shifted back
+    (16, 13824, 16, "safe_ceil", 0, 16, 256, False, 0),   # the FFN-down K
+    (21, 384, 0, "ocp_floor", 1, 16, 128, True, 0),       # no low-rank branch, the OCP rule with an exponent offset
+    (40, 640, 64, "safe_ceil", -1, 32, 64, False, 0),
+    (70, 256, 16, "safe_ceil", 0, 16, 128, True, 2)])     # persistent grid: 2 programs walk 5 row blocks
+def test_kernel_interpreter_matches_xla(m, k, r, rule, off, bm, ck, rev, progs):
   """e4m3 values and row scales identical to the XLA path, same inexact-row count, x_lr within bf16 rounding."""
   x, smooth, down = _inputs(m, k, r, m * k + r)
   x8, s, bad, lr = act_to_fp8_pallas(x, smooth, down, 0.9, off, scale_rule=rule, block_rows=bm, chunk=ck,
-                                     reverse=rev, interpret=True)
+                                     reverse=rev, programs=progs, interpret=True)
   x8_0, s0, bad0 = act_to_fp8(x, smooth, 0.9, off, scale_rule=rule)
   assert x8.dtype == jnp.float8_e4m3fn and x8.shape == (m, k)
   np.testing.assert_array_equal(_f32(x8), _f32(x8_0))

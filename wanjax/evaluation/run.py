@@ -197,6 +197,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                            False, "GPTQ with act-order (input channels by descending Hessian diagonal)"),
         "gptq_wclip": (R(d, name="default-wclip", transforms=_swap(d, GPTQ, R(gq, weight_clips=WEIGHT_CLIPS))),
                        "seed", False, "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)"),
+        "exact_svd": (R(d, name="default-svd", transforms=tuple(
+            R(t, method="svd") if isinstance(t, LowRank) else R(t, lowrank_method="svd") if isinstance(t, Smooth)
+            else t for t in d.transforms)), "seed", False,
+            "low-rank branch (and the alpha search's) by exact SVD instead of randomized subspace iteration"),
         "rank16": (rank(16), "seed", False, "rank 16"),
         "rank64": (rank(64), "seed", False, "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
@@ -218,7 +222,7 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
 
 #: Ablation names, in report order.
 ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "shared_calib", "bins1", "per_bin_clips",
-             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
+             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
