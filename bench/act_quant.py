@@ -31,13 +31,18 @@ from bench.common import device_facts, write_result
 
 # (block rows, chunk, warps, stages, pass 2 reversed); the earlier sweeps (block / chunk / warps / stages / L2 hints)
 # are in bench/results/act_quant_sweep{1,2}.json
-# (block rows, chunk, warps, stages, pass 2 reversed, persistent programs or 0)
-SWEEP = [(64, 256, 8, 3, True, 0), (32, 256, 8, 3, True, 0), (16, 512, 4, 3, True, 0),
-         (64, 256, 8, 3, True, 132), (64, 256, 8, 3, True, 264), (32, 256, 8, 3, True, 132),
-         (32, 256, 8, 3, True, 264), (32, 512, 8, 3, True, 264), (16, 512, 4, 3, True, 264), (16, 512, 4, 3, True, 528)]
-QUANT_ROWS_SWEEP = [(1, 4), (4, 8), (8, 16)]
-MX_SWEEP = [(64, 256, 8, 3, False, 0), (32, 256, 8, 3, True, 0), (16, 512, 4, 3, True, 0), (64, 256, 8, 3, True, 264),
-            (32, 256, 8, 3, True, 264), (16, 512, 4, 3, True, 528)]
+# (block rows, chunk, warps, stages, pass 2 reversed, persistent programs or 0, fast); the earlier sweeps (block /
+# chunk / warps / stages / L2 hints / reversed pass 2 / persistent grids) are in
+# bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
+SWEEP = [(64, 256, 8, 3, False, 0, True), (64, 128, 8, 3, False, 0, True), (64, 256, 8, 4, False, 0, True),
+         (128, 256, 8, 3, False, 0, True), (64, 256, 4, 3, False, 0, True)]
+MX_SWEEP = [(64, 256, 8, 3, False, 0, False), (64, 256, 8, 3, False, 0, True), (64, 128, 8, 3, False, 0, True),
+            (128, 256, 8, 3, False, 0, True)]
+
+
+def _tag(bm, ck, warps, stages, rev, progs, fast):
+  return (f"b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"
+          f"{'_fast' if fast else ''}")
 
 
 def run_mxfp4(inp, res, rec, log, sweep, e2e):
@@ -56,9 +61,10 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   x8_0, s0, bad0 = act_to_fp8(x, smooth)
   lr0 = jax.jit(lambda a, b, c: ref.lowrank_down(a, c, b))(x, smooth, down)
   variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
-  for bm, ck, warps, stages, rev, progs in (MX_SWEEP if sweep else []):
-    variants[f"aq_mxfp4_pallas_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"] = (
-        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs))
+  for bm, ck, warps, stages, rev, progs, fast in (MX_SWEEP if sweep else []):
+    variants[f"aq_mxfp4_pallas_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
+        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs, fast=fast))
+  variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)
   for name, kw in variants.items():
     kw = dict(kw)
     dn = None if kw.pop("rank0", False) else down
@@ -119,20 +125,14 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   q0, s0, lr0 = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
   variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
-              "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None))}
-  for bm, ck, warps, stages, rev, progs in (SWEEP if sweep else []):
-    variants[f"aq_fused_b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"] = (
+              "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None, fast=False))}
+  for bm, ck, warps, stages, rev, progs, fast in (SWEEP if sweep else []):
+    variants[f"aq_fused_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         jax.jit(functools.partial(lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
                                   block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
-                                  programs=progs)))
+                                  programs=progs, fast=fast)))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
-  if sweep:  # the parts of a two-kernel design: the single-pass quantizer alone (rows in registers), the rank-r GEMM
-    from kernels.act_quant_gpu import quantize_rows_pallas
-    for bm, warps in QUANT_ROWS_SWEEP:
-      rec(f"quant_rows_b{bm}_w{warps}", jax.jit(functools.partial(
-          lambda a, b, **kw: quantize_rows_pallas(a, b, 1.0, None, **kw), block_rows=bm, num_warps=warps)), x, smooth)
-    rec("lowrank_gemm_xla", jax.jit(lambda a, c: ref.lowrank_down(a, c, None)), x, down)
   for name, fn in variants.items():
     try:
       q, s, lr = fn(x, smooth, down)
@@ -149,8 +149,12 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   w8 = ref.unpack_int4(inp["w_packed"])
   y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
                             s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
-  for impl in (e2e_impls if e2e else ()):
-    for tag, w in (("", inp["w_packed"]), ("_w8", w8)):
+  from kernels import act_quant_gpu
+  fast0 = act_quant_gpu.FUSED_FAST
+  for impl, fast in [(i, fa) for i in (e2e_impls if e2e else ()) for fa in ((False, True) if i == "fused" else (fast0,))]:
+    for tag, w in ((("_fast" if fast and impl == "fused" else ""), inp["w_packed"]),
+                   (("_fast" if fast and impl == "fused" else "") + "_w8", w8)):
+      act_quant_gpu.FUSED_FAST = fast  # read when the jitted function is traced (its first call, just below)
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
           a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
       args = (x, w, inp["s_w"], smooth, down, inp["up"], inp["bias"])
@@ -159,6 +163,8 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
       except Exception as e:
         res["errors"][f"e2e_{impl}{tag}"] = f"{type(e).__name__}: {str(e)[:1500]}"
         continue
+      finally:
+        act_quant_gpu.FUSED_FAST = fast0
       rec(f"e2e_{impl}{tag}", f, *args)
   t = res["times_ms"]
   if "xla_bf16" in t:

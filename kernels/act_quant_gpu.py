@@ -142,9 +142,14 @@ def _chunk_for(k: int, prefer: int = 512) -> int | None:
   return None
 
 
+# Adding then subtracting 1.5 * 2**23 rounds an f32 of magnitude < 2**22 to the nearest integer, ties to even.
+_RNE_MAGIC = 12582912.0
+
 # Tuning of the fused kernel measured on an H200 at M = 32,760 (docs/BENCHMARKS.md, "Activation quantization"):
 # 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
 FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
+# The dispatcher's choice of act_quant_lowrank_pallas(fast=...)
+FUSED_FAST = True
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
@@ -154,13 +159,13 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint, reverse=False, programs=0):
+                              l2_hint, reverse=False, programs=0, fast=False):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
   blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
   Trailing iterations past the last block redo the last block (identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
-                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse)
+                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast)
   nblocks = -(-m // bm)
   if not programs:
     body(jnp.minimum(pl.program_id(0) * bm, m - bm))
@@ -177,7 +182,7 @@ def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_re
 
 
 def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax, static,
-                    l2_hint, reverse):
+                    l2_hint, reverse, fast):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -193,6 +198,8 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
       xc = pltriton.load(sl, eviction_policy=policy)
     else:
       xc = sl[...]
+    if fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
+      return xc, xc.astype(jnp.float32) * sm_ref[pl.ds(j * ck, ck)][None, :]
     return xc, xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
 
   def pass1(j, carry):
@@ -209,9 +216,15 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
   s = jnp.full((bm,), c, jnp.float32) if static else amax * c / jnp.float32(qmax)
   s = jnp.where(s > 0, s, jnp.float32(1.0))
 
+  inv = 1.0 / s
+
   def pass2(i, carry):
     j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
     _, xs = x_s(j, "evict_first")
+    if fast:  # one multiply by the row's reciprocal scale, round half to even by the 1.5 * 2**23 trick
+      t = jnp.clip(xs * inv[:, None], -qmax, qmax)
+      q_ref[rows, pl.ds(j * ck, ck)] = ((t + cs_ref[1]) - cs_ref[1]).astype(jnp.int8)
+      return carry
     t = jnp.clip(xs / s[:, None], -qmax, qmax)
     f = jnp.floor(t)  # round half to even from floor (Pallas Triton has no `round`)
     d = t - f
@@ -229,7 +242,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                              qmax: int = reference.INT4_QMAX, *, block_rows: int = FUSED_BLOCK_ROWS,
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
-                             reverse: bool = False, programs: int = 0, interpret: bool = False):
+                             reverse: bool = False, programs: int = 0, fast: bool = False,
+                             interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
@@ -238,7 +252,10 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   ``x_lr = bf16(x) @ bf16(down / smooth)`` with f32 accumulation in another order. Requires
   :func:`fused_supports`; ``block_rows``, ``chunk``, ``num_warps``, ``num_stages``, ``l2_hint`` (L2 eviction
   hints on the two passes' loads), ``reverse`` (pass 2 walks K backwards) and ``programs`` (> 0: a persistent grid
-  of that many programs walking the row blocks) are tuning knobs.
+  of that many programs walking the row blocks) are tuning knobs. ``fast``: multiply by ``1 / smooth`` and by the
+  row's ``1 / s`` instead of dividing, and round by the 1.5 * 2**23 trick (fewer instructions per element; codes
+  can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
+  ulp).
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -249,16 +266,20 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     raise ValueError(f"act_quant_lowrank_pallas: unsupported shape M={m}, K={k}, r={r} (needs M >= {block_rows}, a "
                      f"power-of-two chunk >= 64 dividing K, r = 0 or a power of two >= 16)")
   static = static_scale is not None
-  cs = jnp.reshape(jnp.asarray(static_scale if static else clip, jnp.float32), (1,))
+  # [clip or static scale, 1.5 * 2**23]: the rounding constant comes in at run time so that no compiler (XLA's
+  # simplifier in the interpreter) folds (t + M) - M into t
+  cs = jnp.stack([jnp.asarray(static_scale if static else clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC)])
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
   if r:
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
+  if fast:
+    sm = 1.0 / sm
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
-                           static=static, l2_hint=l2_hint, reverse=reverse, programs=progs)
+                           static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),

@@ -29,6 +29,7 @@ SCALE_RULES = ("safe_ceil", "ocp_floor")
 
 # Tuning defaults (the INT4 kernel's, kernels.act_quant_gpu): 64-row blocks, K in chunks of 256, 8 warps, 3 stages.
 BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 256, 8, 3
+FAST = True  # the dispatcher's choice of act_to_fp8_pallas(fast=...)
 
 
 def _exp2(n):
@@ -57,6 +58,19 @@ def _e2m1_round(y):
   return jnp.where(y < 0, -v, v)
 
 
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (u + M) - M rounds an f32 of magnitude < 2**22 to an integer, ties to even
+
+
+def _e2m1_round_fast(y, magic=_RNE_MAGIC):
+  """:func:`_e2m1_round` by rounding on the grid of y's binade: steps of 0.5 below 2, 1 below 4, 2 up to 6; ties to
+  even multiples of the step are exactly E2M1's ties to the even code. ``magic`` (1.5 * 2**23) should be a run-time
+  value inside jitted code: XLA folds ``(u + C) - C`` for a constant C."""
+  mag = jnp.abs(y)
+  step = jnp.where(mag < 2.0, 0.5, jnp.where(mag < 4.0, 1.0, 2.0))
+  v = ((mag * (1.0 / step) + magic) - magic) * step
+  return jnp.where(y < 0, -v, v)
+
+
 def supports(m: int, k: int, r: int, block_rows: int = BLOCK_ROWS, chunk: int = CHUNK) -> bool:
   """Whether :func:`act_to_fp8_pallas` handles this shape: M >= block_rows, chunk (a power of two, a multiple of
   32) dividing K, r = 0 or a power of two >= 16."""
@@ -65,12 +79,12 @@ def supports(m: int, k: int, r: int, block_rows: int = BLOCK_ROWS, chunk: int = 
 
 
 def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, *, m, k, bm, ck, r, safe_ceil,
-            reverse, programs):
+            reverse, programs, fast):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0) a persistent grid walking blocks pid,
   pid + programs, ... (trailing iterations redo the last block with identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_rows, x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, k=k, bm=bm,
-                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse)
+                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse, fast=fast)
   nblocks = -(-m // bm)
   pid = pl.program_id(0)
   if not programs:
@@ -85,17 +99,18 @@ def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_
 
 
 def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, r0, *, k, bm, ck, r, safe_ceil,
-          reverse):
+          reverse, fast):
   """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes)."""
   import jax.experimental.pallas as pl
   rows = pl.ds(r0, bm)
   nk, nb = k // ck, ck // MX_BLOCK
-  clip, off = clip_ref[0], off_ref[0]
+  clip, off, magic = clip_ref[0], off_ref[0], clip_ref[1]
 
   def blocks(j):
     """Chunk j: (raw x [bm, ck], smoothed x [bm, nb, 32] f32, block exponent [bm, nb], bad block [bm, nb])."""
     xc = x_ref[rows, pl.ds(j * ck, ck)]
-    xs = (xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]).reshape(bm, nb, MX_BLOCK)
+    sm = sm_ref[pl.ds(j * ck, ck)][None, :]  # 1 / smooth with `fast` (a multiply, not a division)
+    xs = (xc.astype(jnp.float32) * sm if fast else xc.astype(jnp.float32) / sm).reshape(bm, nb, MX_BLOCK)
     fin = jnp.isfinite(xs)
     amax = jnp.max(jnp.where(fin, jnp.abs(xs), 0.0), axis=2)
     bad = jnp.max(jnp.where(fin, 0, 1), axis=2) > 0
@@ -120,7 +135,7 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     neg = -e[..., None]
     half = neg >> 1  # 2**-e applied in two halves: exact wherever the result is a normal f32
     y = jnp.clip(xs * _exp2(half) * _exp2(neg - half), -E2M1_MAX, E2M1_MAX)
-    v = jnp.where(bad[..., None], 0.0, _e2m1_round(y))
+    v = jnp.where(bad[..., None], 0.0, _e2m1_round_fast(y, magic) if fast else _e2m1_round(y))
     shift = jnp.maximum(e - row_e[:, None], -126)
     y8 = v * _exp2(shift)[..., None]
     f8 = y8.astype(jnp.float8_e4m3fn)
@@ -137,7 +152,7 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
 
 def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
                       block_rows: int = BLOCK_ROWS, chunk: int = CHUNK, num_warps: int = WARPS,
-                      num_stages: int = STAGES, reverse: bool = True, programs: int = 0,
+                      num_stages: int = STAGES, reverse: bool = False, programs: int = 0, fast: bool = False,
                       interpret: bool = False):
   """MXFP4 activation quantization into the FP8 kernel's operand in one Pallas (Triton) kernel.
 
@@ -147,7 +162,9 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
     clip, exp_offset: block abs-max multiplier and MX exponent offset (scalars, may be traced).
     scale_rule: "safe_ceil" (the seed's, no saturation) or "ocp_floor".
     block_rows, chunk, num_warps, num_stages, reverse, programs: tuning (see the module docstring); ``reverse``
-      walks pass 2 backwards over K, ``programs`` > 0 runs a persistent grid of that many programs.
+      walks pass 2 backwards over K, ``programs`` > 0 runs a persistent grid of that many programs; ``fast``
+      multiplies by ``1 / smooth`` instead of dividing (block exponents can then differ where x / smooth lies
+      within an ulp of a power of two) and rounds to E2M1 by the 1.5 * 2**23 trick (same results).
   Returns:
     (x8 float8_e4m3fn [M, K], s_x f32 [M], inexact_rows int32 (finite rows the e4m3 re-encoding rounded),
     x_lr bf16 [M, r] = bf16(x) @ bf16(down / smooth) or None).
@@ -169,12 +186,14 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
                      f"multiple of the chunk {chunk}, r = 0 or a power of two >= 16)")
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
   dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16) if r else jnp.zeros((k, 16), jnp.bfloat16)
-  clip_a = jnp.reshape(jnp.asarray(clip, jnp.float32), (1,))
+  if fast:
+    sm = 1.0 / sm
+  clip_a = jnp.stack([jnp.asarray(clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC)])  # [clip, run-time 1.5*2**23]
   off_a = jnp.reshape(jnp.asarray(exp_offset, jnp.int32), (1,))
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_kernel, m=m, k=k, bm=block_rows, ck=chunk, r=r, safe_ceil=scale_rule == "safe_ceil",
-                           reverse=reverse, programs=progs)
+                           reverse=reverse, programs=progs, fast=fast)
   x8, s, bad, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),
