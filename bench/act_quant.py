@@ -34,15 +34,18 @@ from bench.common import device_facts, write_result
 # (block rows, chunk, warps, stages, pass 2 reversed, persistent programs or 0, fast); the earlier sweeps (block /
 # chunk / warps / stages / L2 hints / reversed pass 2 / persistent grids) are in
 # bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
-SWEEP = [(64, 256, 8, 3, False, 0, True), (64, 128, 8, 3, False, 0, True), (64, 256, 8, 4, False, 0, True),
-         (128, 256, 8, 3, False, 0, True), (64, 256, 4, 3, False, 0, True)]
-MX_SWEEP = [(64, 256, 8, 3, False, 0, False), (64, 256, 8, 3, False, 0, True), (64, 128, 8, 3, False, 0, True),
-            (128, 256, 8, 3, False, 0, True)]
+SWEEP = [(64, 256, 8, 3, False, 0, True), (64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "lazy"),
+         (64, 128, 8, 3, False, 0, "lazy"), (64, 256, 8, 3, False, 0, "int_lazy"), (64, 128, 8, 3, False, 0, "int_lazy"),
+         (64, 256, 8, 2, False, 0, "int_lazy"), (64, 512, 8, 2, False, 0, "int_lazy"), (32, 256, 4, 3, False, 0, "int")]
+# option sets of the fused kernel timed end to end (act_quant_gpu.FUSED_OPTIONS)
+E2E_OPTIONS = ({"fast": False}, {"fast": True}, {"fast": True, "int_round": True, "lazy_max": True})
+MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (64, 64, 8, 3, False, 0, True), (64, 128, 4, 3, False, 0, True),
+            (32, 128, 4, 3, False, 0, True), (64, 128, 8, 4, False, 0, True)]
 
 
 def _tag(bm, ck, warps, stages, rev, progs, fast):
   return (f"b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"
-          f"{'_fast' if fast else ''}")
+          f"{('_' + fast) if isinstance(fast, str) else '_fast' if fast else ''}")
 
 
 def run_mxfp4(inp, res, rec, log, sweep, e2e):
@@ -64,7 +67,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   for bm, ck, warps, stages, rev, progs, fast in (MX_SWEEP if sweep else []):
     variants[f"aq_mxfp4_pallas_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs, fast=fast))
-  variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)
+  variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)  # at the default tuning
   for name, kw in variants.items():
     kw = dict(kw)
     dn = None if kw.pop("rank0", False) else down
@@ -130,7 +133,8 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
     variants[f"aq_fused_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         jax.jit(functools.partial(lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
                                   block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
-                                  programs=progs, fast=fast)))
+                                  programs=progs, fast=bool(fast), int_round="int" in str(fast),
+                                  lazy_max="lazy" in str(fast))))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
   for name, fn in variants.items():
@@ -150,11 +154,11 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
                             s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
   from kernels import act_quant_gpu
-  fast0 = act_quant_gpu.FUSED_FAST
-  for impl, fast in [(i, fa) for i in (e2e_impls if e2e else ()) for fa in ((False, True) if i == "fused" else (fast0,))]:
-    for tag, w in ((("_fast" if fast and impl == "fused" else ""), inp["w_packed"]),
-                   (("_fast" if fast and impl == "fused" else "") + "_w8", w8)):
-      act_quant_gpu.FUSED_FAST = fast  # read when the jitted function is traced (its first call, just below)
+  opts0 = act_quant_gpu.FUSED_OPTIONS
+  for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
+    otag = "_" + "_".join(k for k, v in opts.items() if v) if impl == "fused" and any(opts.values()) else ""
+    for tag, w in ((otag, inp["w_packed"]), (otag + "_w8", w8)):
+      act_quant_gpu.FUSED_OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
           a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
       args = (x, w, inp["s_w"], smooth, down, inp["up"], inp["bias"])
@@ -164,7 +168,7 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
         res["errors"][f"e2e_{impl}{tag}"] = f"{type(e).__name__}: {str(e)[:1500]}"
         continue
       finally:
-        act_quant_gpu.FUSED_FAST = fast0
+        act_quant_gpu.FUSED_OPTIONS = opts0
       rec(f"e2e_{impl}{tag}", f, *args)
   t = res["times_ms"]
   if "xla_bf16" in t:

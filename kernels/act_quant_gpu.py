@@ -144,12 +144,13 @@ def _chunk_for(k: int, prefer: int = 512) -> int | None:
 
 # Adding then subtracting 1.5 * 2**23 rounds an f32 of magnitude < 2**22 to the nearest integer, ties to even.
 _RNE_MAGIC = 12582912.0
+_RNE_MAGIC_BITS = 0x4B400000  # its float32 bit pattern
 
 # Tuning of the fused kernel measured on an H200 at M = 32,760 (docs/BENCHMARKS.md, "Activation quantization"):
 # 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
 FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
-# The dispatcher's choice of act_quant_lowrank_pallas(fast=...)
-FUSED_FAST = True
+# The dispatcher's keyword options of act_quant_lowrank_pallas
+FUSED_OPTIONS = {"fast": True}
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
@@ -159,13 +160,14 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint, reverse=False, programs=0, fast=False):
+                              l2_hint, reverse=False, programs=0, fast=False, lazy_max=False, int_round=False):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
   blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
   Trailing iterations past the last block redo the last block (identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
-                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast)
+                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast,
+                           lazy_max=lazy_max, int_round=int_round)
   nblocks = -(-m // bm)
   if not programs:
     body(jnp.minimum(pl.program_id(0) * bm, m - bm))
@@ -182,7 +184,7 @@ def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_re
 
 
 def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax, static,
-                    l2_hint, reverse, fast):
+                    l2_hint, reverse, fast, lazy_max, int_round):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -205,13 +207,19 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
   def pass1(j, carry):
     amax, acc = carry
     xc, xs = x_s(j, "evict_last")
-    amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
+    if lazy_max:  # element-wise running maximum; one cross-thread row reduction after the loop
+      amax = jnp.maximum(amax, jnp.abs(xs))
+    else:
+      amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
     if r:
       acc = acc + jnp.dot(xc.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
     return amax, acc
 
   acc0 = jnp.zeros((bm, max(r, 16)), jnp.float32)
-  amax, acc = jax.lax.fori_loop(0, nk, pass1, (jnp.zeros((bm,), jnp.float32), acc0))
+  amax0 = jnp.zeros((bm, ck) if lazy_max else (bm,), jnp.float32)
+  amax, acc = jax.lax.fori_loop(0, nk, pass1, (amax0, acc0))
+  if lazy_max:
+    amax = jnp.max(amax, axis=1)
   c = cs_ref[0]
   s = jnp.full((bm,), c, jnp.float32) if static else amax * c / jnp.float32(qmax)
   s = jnp.where(s > 0, s, jnp.float32(1.0))
@@ -221,6 +229,11 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
   def pass2(i, carry):
     j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
     _, xs = x_s(j, "evict_first")
+    if fast and int_round:  # t + 1.5 * 2**23 holds round(t) in its low mantissa bits: read them as an integer,
+      # then clamp to the code range (same as clipping to the integer bounds first)
+      u = jax.lax.bitcast_convert_type(xs * inv[:, None] + cs_ref[1], jnp.int32) - _RNE_MAGIC_BITS
+      q_ref[rows, pl.ds(j * ck, ck)] = jnp.clip(u, -qmax, qmax).astype(jnp.int8)
+      return carry
     if fast:  # one multiply by the row's reciprocal scale, round half to even by the 1.5 * 2**23 trick
       t = jnp.clip(xs * inv[:, None], -qmax, qmax)
       q_ref[rows, pl.ds(j * ck, ck)] = ((t + cs_ref[1]) - cs_ref[1]).astype(jnp.int8)
@@ -243,7 +256,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
                              reverse: bool = False, programs: int = 0, fast: bool = False,
-                             interpret: bool = False):
+                             lazy_max: bool = False, int_round: bool = False, interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
@@ -279,7 +292,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
-                           static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast)
+                           static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast,
+                           lazy_max=lazy_max, int_round=int_round)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),

@@ -205,7 +205,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
   if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu" and x.shape[0] >= FUSED_ACT_QUANT_MIN_M
       and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r)):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale,
-                                                  fast=act_quant_gpu.FUSED_FAST)
+                                                  **act_quant_gpu.FUSED_OPTIONS)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
   # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
   return act_quant_fused(x, smooth, down, clip, static_scale, fold_smooth=(be == "pallas"))

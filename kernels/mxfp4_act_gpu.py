@@ -27,8 +27,8 @@ E2M1_MAX = 6.0
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 SCALE_RULES = ("safe_ceil", "ocp_floor")
 
-# Tuning defaults (the INT4 kernel's, kernels.act_quant_gpu): 64-row blocks, K in chunks of 256, 8 warps, 3 stages.
-BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 256, 8, 3
+# Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages (H200 sweep, bench/results/act_quant_v4_fast.json).
+BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 128, 8, 3
 FAST = True  # the dispatcher's choice of act_to_fp8_pallas(fast=...)
 
 
@@ -66,8 +66,10 @@ def _e2m1_round_fast(y, magic=_RNE_MAGIC):
   even multiples of the step are exactly E2M1's ties to the even code. ``magic`` (1.5 * 2**23) should be a run-time
   value inside jitted code: XLA folds ``(u + C) - C`` for a constant C."""
   mag = jnp.abs(y)
-  step = jnp.where(mag < 2.0, 0.5, jnp.where(mag < 4.0, 1.0, 2.0))
-  v = ((mag * (1.0 / step) + magic) - magic) * step
+  lo, mid = mag < 2.0, mag < 4.0
+  step = jnp.where(lo, 0.5, jnp.where(mid, 1.0, 2.0))
+  inv_step = jnp.where(lo, 2.0, jnp.where(mid, 1.0, 0.5))  # selected, not divided (a division costs a MUFU op)
+  v = ((mag * inv_step + magic) - magic) * step
   return jnp.where(y < 0, -v, v)
 
 
