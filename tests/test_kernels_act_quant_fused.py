@@ -120,3 +120,22 @@ def test_fused_kernel_persistent_grid_and_reverse_same_numbers(programs, reverse
                                reverse=reverse, interpret=True)
   for u, v in zip(a, b):
     np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(v, np.float32))
+
+
+@pytest.mark.parametrize("opts", [{"fast": True}, {"fast": True, "int_round": True},
+                                  {"fast": True, "lazy_max": True}, {"fast": True, "int_round": True, "lazy_max": True}])
+@pytest.mark.parametrize("clip,static", [(0.9, None), (0.5, None), (1.0, 0.05)])
+def test_fast_variants_match_reference(opts, clip, static):
+  """The reduced-instruction variants (reciprocal multiplies, rounding by 1.5 * 2**23 in the float or the integer
+  domain, element-wise running max) give the reference's codes and scales on these inputs, including a clip < 1
+  (codes saturate at +-7) and a static scale; exact rounding ties go to the even code."""
+  x, smooth, down = _inputs(37, 512, 16, 21)
+  q, s, lr = act_quant_lowrank_pallas(x, smooth, down, clip, static, block_rows=16, chunk=128, interpret=True, **opts)
+  q0, s0 = ref.quantize_act_int4(x, smooth, clip, static)
+  assert np.mean(np.asarray(q) != np.asarray(q0)) <= 1e-4  # reciprocal multiply: an ulp away from the division
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
+  if clip < 1:
+    assert np.abs(np.asarray(q)).max() == 7
+  ties = jnp.asarray([[2.5, -2.5, 3.5, 0.5, -0.5, 7.0, 9.0, -1.5] + [0.0] * 120] * 16, jnp.float32)
+  q, _, _ = act_quant_lowrank_pallas(ties, None, None, 1.0, 1.0, block_rows=16, chunk=128, interpret=True, **opts)
+  assert np.asarray(q)[0, :8].tolist() == [2, -2, 4, 0, 0, 7, 7, -2]
