@@ -13,9 +13,10 @@ scale, round half-even to int4 values in int8, low-rank down projection ``x_lr =
   at K=5120, 4 % slower at K=13824 (docs/BENCHMARKS.md, "Kernels"); Triton's f32 division is not correctly rounded,
   so ~1e-7 of the codes differ by one from the reference at exact rounding ties.
 * :func:`act_quant_lowrank_pallas` - everything in one Pallas (Triton) kernel: per 64-row block, one pass over K for
-  the abs-max and the rank-r projection on the tensor cores, a second (L2-resident) pass for the codes. The
-  dispatcher's default on a GPU: 0.35 ms at K=5120 and 0.92 ms at K=13824 (M=32,760, H200), against 0.40 / 1.08 ms
-  for the XLA version (docs/BENCHMARKS.md, "Activation quantization").
+  the abs-max and the rank-r projection on the tensor cores, a second pass for the codes. The dispatcher's default on
+  a GPU, with ``fast=True`` (reciprocal multiplies, rounding by 1.5 * 2**23): 0.27 ms at K=5120 and 0.70 ms at
+  K=13824 (M=32,760, H200), against 0.35 / 0.92 ms without ``fast`` and 0.40 / 1.08 ms for the XLA version; the
+  kernel is bound by instruction issue, not HBM (docs/BENCHMARKS.md, "instruction-bound").
 """
 
 from __future__ import annotations

@@ -186,13 +186,15 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
   * ``"fused"`` (default): one Pallas Triton kernel for codes, scales and the rank-r projection
     (``act_quant_gpu.act_quant_lowrank_pallas``), where :func:`act_quant_gpu.fused_supports` the shape (M >= 64,
     r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks),
-    else ``"xla"``. Fastest measured on an H200 at M = 32,760: 0.35 ms at K = 5120
-    and 0.92 ms at K = 13824 against 0.40 / 1.08 ms for "xla" (docs/BENCHMARKS.md, "Activation quantization").
+    else ``"xla"``, with ``act_quant_gpu.FUSED_OPTIONS`` (``fast``: reciprocal multiplies instead of divisions).
+    Fastest measured on an H200 at M = 32,760: 0.27 ms at K = 5120 and 0.70 ms at K = 13824 against 0.40 / 1.08 ms
+    for "xla" (docs/BENCHMARKS.md, "instruction-bound").
   * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM (0.38 / 1.17 ms).
   * ``"xla"``: one jitted XLA function, smoothing folded into ``down`` (0.40 / 1.08 ms).
 
-  Triton's f32 division is not IEEE-exact, so in the two Pallas impls ~5e-8 of the codes differ by one from the
-  reference at exact rounding ties; scales agree to an ulp.
+  Triton's f32 division is not IEEE-exact and ``fast`` multiplies by reciprocals, so in the Pallas impls a few in
+  1e7 codes may differ by one from the reference where x / s lies within an ulp or two of a rounding boundary;
+  scales agree to an ulp.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
