@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
+from kernel_inputs import act_inputs
+
 from wanjax.kernels import dispatch
 from wanjax.kernels import reference as ref
 from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, fused_supports
 
 
-def _inputs(m, k, r, seed):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 5, (m, 1)), jnp.bfloat16)
-  x = x.at[:, 3].multiply(30.0)  # an outlier channel
-  smooth = jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)
-  down = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16) if r else None
-  return x, smooth, down
+_inputs = act_inputs
 
 
 @pytest.mark.parametrize("m,k,r,static,bm", [(37, 512, 32, None, 16), (16, 13824, 16, None, 16),
