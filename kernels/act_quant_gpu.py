@@ -151,7 +151,7 @@ _RNE_MAGIC_BITS = 0x4B400000  # its float32 bit pattern
 # 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
 FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
 # The dispatcher's keyword options of act_quant_lowrank_pallas
-FUSED_OPTIONS = {"fast": True}
+FUSED_OPTIONS = {"fast": True, "int_round": True}  # 0.260 / 0.678 ms vs 0.271 / 0.706 with fast alone (H200)
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
