@@ -187,7 +187,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
     (``act_quant_gpu.act_quant_lowrank_pallas``), where :func:`act_quant_gpu.fused_supports` the shape (M >= 64,
     r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks),
     else ``"xla"``, with ``act_quant_gpu.FUSED_OPTIONS`` (``fast``: reciprocal multiplies instead of divisions).
-    Fastest measured on an H200 at M = 32,760: 0.27 ms at K = 5120 and 0.70 ms at K = 13824 against 0.40 / 1.08 ms
+    Fastest measured on an H200 at M = 32,760: 0.26 ms at K = 5120 and 0.68 ms at K = 13824 against 0.40 / 1.08 ms
     for "xla" (docs/BENCHMARKS.md, "instruction-bound").
   * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM (0.38 / 1.17 ms).
   * ``"xla"``: one jitted XLA function, smoothing folded into ``down`` (0.40 / 1.08 ms).

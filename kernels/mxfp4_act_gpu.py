@@ -20,22 +20,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wanjax.quant.formats_codecs import _E2M1_THRESHOLDS
+from wanjax.quant.formats_codecs import exp2_int as _exp2  # exact f32 2**n from the exponent bits
+
+from .act_quant_gpu import _RNE_MAGIC
+
 MX_BLOCK = 32
 E2M1_MAX = 6.0
-# (threshold, inclusive): |y| passing a threshold moves one E2M1 magnitude up; the inclusive ones round ties to the
-# even code (same table as wanjax.quant.formats_codecs)
-_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 SCALE_RULES = ("safe_ceil", "ocp_floor")
 
 # Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages (H200 sweeps, bench/results/act_quant_v4_fast.json and
 # act_quant_v5_fast2.json: chunk 64 measured within 4 %).
 BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 128, 8, 3
 FAST = True  # the dispatcher's choice of act_to_fp8_pallas(fast=...)
-
-
-def _exp2(n):
-  """Exact f32 2**n for int32 n in [-126, 127], from the exponent bits."""
-  return lax.bitcast_convert_type((n + 127) << 23, jnp.float32)
 
 
 def _block_exponent(amax, clip, exp_offset, safe_ceil: bool):
@@ -53,13 +50,12 @@ def _e2m1_round(y):
   """Nearest E2M1 value of ``y`` (|y| <= 6), ties to the even code; the sign of y is kept."""
   mag = jnp.abs(y)
   idx = jnp.zeros(y.shape, jnp.float32)
-  for t, inclusive in _E2M1_STEPS:
+  for t, inclusive in _E2M1_THRESHOLDS:
     idx = idx + ((mag >= t) if inclusive else (mag > t)).astype(jnp.float32)
   v = jnp.where(idx <= 4.0, idx * 0.5, jnp.where(idx == 5.0, 3.0, jnp.where(idx == 6.0, 4.0, 6.0)))
   return jnp.where(y < 0, -v, v)
 
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (u + M) - M rounds an f32 of magnitude < 2**22 to an integer, ties to even
 
 
 def _e2m1_round_fast(y, magic=_RNE_MAGIC):
