@@ -34,11 +34,11 @@ from bench.common import device_facts, write_result
 # (block rows, chunk, warps, stages, pass 2 reversed, persistent programs or 0, fast); the earlier sweeps (block /
 # chunk / warps / stages / L2 hints / reversed pass 2 / persistent grids) are in
 # bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
-SWEEP = [(64, 256, 8, 3, False, 0, True), (64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "lazy"),
-         (64, 128, 8, 3, False, 0, "lazy"), (64, 256, 8, 3, False, 0, "int_lazy"), (64, 128, 8, 3, False, 0, "int_lazy"),
-         (64, 256, 8, 2, False, 0, "int_lazy"), (64, 512, 8, 2, False, 0, "int_lazy"), (32, 256, 4, 3, False, 0, "int")]
+# ("nosm": no smoothing vector, as when it is folded into the producer of x)
+SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"), (64, 128, 8, 3, False, 0, "int_nosm"),
+         (64, 256, 4, 3, False, 0, "int_nosm")]
 # option sets of the fused kernel timed end to end (act_quant_gpu.FUSED_OPTIONS)
-E2E_OPTIONS = ({"fast": False}, {"fast": True}, {"fast": True, "int_round": True, "lazy_max": True})
+E2E_OPTIONS = ({"fast": True, "int_round": True},)
 MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (64, 64, 8, 3, False, 0, True), (64, 128, 4, 3, False, 0, True),
             (32, 128, 4, 3, False, 0, True), (64, 128, 8, 4, False, 0, True)]
 
@@ -131,18 +131,21 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None, fast=False))}
   for bm, ck, warps, stages, rev, progs, fast in (SWEEP if sweep else []):
     variants[f"aq_fused_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
-        jax.jit(functools.partial(lambda a, b, c, **kw: act_quant_lowrank_pallas(a, b, c, 1.0, None, **kw),
+        jax.jit(functools.partial(lambda a, b, c, nosm=False, **kw: act_quant_lowrank_pallas(
+            a, None if nosm else b, c, 1.0, None, **kw), nosm="nosm" in str(fast),
                                   block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
                                   programs=progs, fast=bool(fast), int_round="int" in str(fast),
                                   lazy_max="lazy" in str(fast))))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
+  qn, sn, lrn = act_quant_fused(x, None, down, 1.0, None)  # the reference without smoothing
   for name, fn in variants.items():
     try:
       q, s, lr = fn(x, smooth, down)
-      res["checks"][name] = {"code_mismatch_frac": float(jnp.mean((q != q0).astype(jnp.float32))),
-                             "scale_max_reldiff": float(jnp.max(jnp.abs(s / s0 - 1))),
-                             "x_lr_relerr": rel_err(lr, lr0)}
+      qr, sr, lrr = (qn, sn, lrn) if "nosm" in name else (q0, s0, lr0)
+      res["checks"][name] = {"code_mismatch_frac": float(jnp.mean((q != qr).astype(jnp.float32))),
+                             "scale_max_reldiff": float(jnp.max(jnp.abs(s / sr - 1))),
+                             "x_lr_relerr": rel_err(lr, lrr)}
       log(f"  check {name}: {res['checks'][name]}")
     except Exception as e:
       res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
@@ -170,6 +173,17 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
       finally:
         act_quant_gpu.FUSED_OPTIONS = opts0
       rec(f"e2e_{impl}{tag}", f, *args)
+  if sweep and e2e and "fused" in e2e_impls:  # the linear when the smoothing is folded into the producer of x
+    y_n = ref.w4a4_epilogue(jax.lax.dot_general(qn, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
+                            sn, inp["s_w"], lrn, inp["up"], inp["bias"], jnp.float32)
+    f = jax.jit(lambda a, wq, sw, dn, u, b: dispatch.w4a4_linear(a, wq, sw, smooth=None, down=dn, up=u, bias=b,
+                                                                 backend="pallas", act_quant_impl="fused"))
+    args = (x, w8, inp["s_w"], down, inp["up"], inp["bias"])
+    try:
+      res["checks"]["e2e_fused_nosmooth_w8_relerr"] = rel_err(f(*args), y_n)
+      rec("e2e_fused_nosmooth_w8", f, *args)
+    except Exception as e:
+      res["errors"]["e2e_fused_nosmooth_w8"] = f"{type(e).__name__}: {str(e)[:1500]}"
   t = res["times_ms"]
   if "xla_bf16" in t:
     res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items() if kk.startswith("e2e")}

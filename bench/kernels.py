@@ -131,7 +131,7 @@ def _recorder(res: dict, ops: float, log):
   return rec
 
 
-def run_shape(m, k, n, sweep, log):
+def run_shape(m, k, n, sweep, log, epi_sweep=False):
   res = {"M": m, "K": k, "N": n, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
   ops = 2.0 * m * k * n
   inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
@@ -247,6 +247,11 @@ def run_shape(m, k, n, sweep, log):
                                     ("int4", R, 3, 8, True)]:
       variants.append((f"pallas_{w_}w_r{r_}_s{st}_g{gw}{'N' if minor_n else 'M'}", w_, r_,
                        W4A4Config(stages=st, grid_tile_width=gw, grid_minor_n=minor_n), False))
+  if epi_sweep:  # the rank-32 epilogue's shared-memory squeeze: epilogue chunk / buffers vs pipeline stages / tile_k
+    for st, tk, epi, slots in [(3, 128, 64, 1), (2, 128, 64, 2), (3, 128, 16, 2), (4, 64, None, None),
+                               (5, 64, None, None), (6, 64, None, None)]:
+      variants.append((f"pallas_int8w_r{R}_s{st}_k{tk}_e{epi}x{slots}", "int8", R,
+                       W4A4Config(stages=st, tile_k=tk, epi_tile_n=epi, out_slots=slots), True))
   for name, weights, r, cfg, checked in variants:
     wv = q_w if weights == "int8" else w_packed
     chk = None
@@ -440,6 +445,7 @@ def main(argv=None):
   ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
   ap.add_argument("--sweep", default="", help="comma list of KxN shapes on which to sweep extra tile configs")
   ap.add_argument("--g128", action="store_true", help="benchmark the group-scaled (g128) GEMM instead")
+  ap.add_argument("--epi-sweep", action="store_true", help="also time rank-32 epilogue / pipeline configs")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -462,7 +468,10 @@ def main(argv=None):
     for sh in a.shapes.split(","):
       k, n = (int(v) for v in sh.split("x"))
       log(f"== M={m} K={k} N={n}")
-      results.append((run_shape_g128 if a.g128 else run_shape)(m, k, n, sh in a.sweep.split(","), log))
+      if a.g128:
+        results.append(run_shape_g128(m, k, n, sh in a.sweep.split(","), log))
+      else:
+        results.append(run_shape(m, k, n, sh in a.sweep.split(","), log, a.epi_sweep))
       with open(os.path.join(a.out, "kernels_w4a4_g128.json" if a.g128 else "kernels_w4a4.json"), "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)
   # short table

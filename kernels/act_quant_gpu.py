@@ -161,14 +161,15 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint, reverse=False, programs=0, fast=False, lazy_max=False, int_round=False):
+                              l2_hint, reverse=False, programs=0, fast=False, lazy_max=False, int_round=False,
+                              use_smooth=True):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
   blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
   Trailing iterations past the last block redo the last block (identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
                            ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast,
-                           lazy_max=lazy_max, int_round=int_round)
+                           lazy_max=lazy_max, int_round=int_round, use_smooth=use_smooth)
   nblocks = -(-m // bm)
   if not programs:
     body(jnp.minimum(pl.program_id(0) * bm, m - bm))
@@ -185,7 +186,7 @@ def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_re
 
 
 def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax, static,
-                    l2_hint, reverse, fast, lazy_max, int_round):
+                    l2_hint, reverse, fast, lazy_max, int_round, use_smooth=True):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -201,6 +202,8 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
       xc = pltriton.load(sl, eviction_policy=policy)
     else:
       xc = sl[...]
+    if not use_smooth:  # no smoothing vector (e.g. folded into the producer of x): no per-element multiply
+      return xc, xc.astype(jnp.float32)
     if fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
       return xc, xc.astype(jnp.float32) * sm_ref[pl.ds(j * ck, ck)][None, :]
     return xc, xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
@@ -269,7 +272,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   of that many programs walking the row blocks) are tuning knobs. ``fast``: multiply by ``1 / smooth`` and by the
   row's ``1 / s`` instead of dividing, and round by the 1.5 * 2**23 trick (fewer instructions per element; codes
   can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
-  ulp).
+  ulp). ``smooth=None`` (smoothing folded into the producer of x, or a recipe without it) skips the per-element
+  smoothing multiply in both passes.
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -294,7 +298,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
                            static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast,
-                           lazy_max=lazy_max, int_round=int_round)
+                           lazy_max=lazy_max, int_round=int_round, use_smooth=smooth is not None)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),

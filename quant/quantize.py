@@ -5,7 +5,8 @@
 For every expert, every path of ``BLOCK_LINEARS`` and every block index ``l``:
 
 1. ``params = {"kernel": W_l [K, N] f32, "bias": b_l}``; the weight transforms of the recipe (smooth, rotate,
-   low-rank) and its quantizer (GPTQ / RTN) turn it into ``{kernel, qweight, smooth?, rot_signs?, down?, up?, bias}``;
+   low-rank), its quantizer (GPTQ / RTN) and its refit transforms (low-rank refit) turn it into
+   ``{kernel, qweight, smooth?, rot_signs?, down?, up?, bias}``;
 2. :func:`pack_layer` turns that into the QLinear arrays (packed codes, native scales, bin tables at clip 1);
 3. the table transforms (clip search) fill the per-bin tables from the bin's sampled rows;
 4. the layer SQNR per bin is recorded in the report.
@@ -157,8 +158,13 @@ def quantize_layer(recipe: Recipe, kernel, bias, inputs: LayerInputs, *, path: s
                      recipe=recipe)
   params = {"kernel": w} if bias is None else {"kernel": w, "bias": jnp.asarray(bias)}
   step = functools.partial(_timed, timings)
-  for t in recipe.stage("weight") + recipe.stage("quantizer"):
+  for t in recipe.stage("weight"):
     params = step(type(t).__name__, t, params, ctx)
+  residual = params["kernel"]  # what the quantizer is given (the refit transforms need it)
+  for t in recipe.stage("quantizer"):
+    params = step(type(t).__name__, t, params, ctx)
+  for t in recipe.stage("refit"):
+    params = step(type(t).__name__, t, params, ctx, residual)
   config = layer_config(recipe, k, n, nb)
   arrays = step("pack", pack_layer, params, config, ctx, param_dtype)
   ref_bias = None if bias is None else jnp.asarray(bias, jnp.float32)

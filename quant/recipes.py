@@ -5,6 +5,8 @@ of transforms applied to every quantized layer, in order:
 
 * weight transforms (``params, LayerContext -> params``, pure): :class:`Smooth`, :class:`Rotate`, :class:`LowRank`,
   then exactly one quantizer, :class:`GPTQ` or :class:`RTN`;
+* refit transforms (``params, LayerContext, residual -> params``): :class:`LowRankRefit` (the low-rank branch refit
+  to the quantized residual's error);
 * table transforms (``arrays -> arrays`` on the packed layer): :class:`ClipSearch` (per-bin activation clip /
   MX exponent offset / static scale).
 
@@ -31,6 +33,7 @@ import numpy as np
 from wanjax.quant.gptq import gptq
 from wanjax.quant.linalg import hessian_from_rows
 from wanjax.quant.lowrank import LOWRANK_METHODS, lowrank
+from wanjax.quant.refit import REFIT_TARGETS, refit_lowrank
 from wanjax.quant.rotate import rotate, rotate_activations, rotate_hessian
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, rtn
 from wanjax.quant.smooth import DEFAULT_ALPHAS, smooth, smooth_hessian, smooth_search
@@ -42,6 +45,7 @@ __all__ = [
     "ClipSearch",
     "LayerContext",
     "LowRank",
+    "LowRankRefit",
     "Recipe",
     "Rotate",
     "Smooth",
@@ -223,6 +227,31 @@ class RTN:
     return rtn(params, ctx.recipe.weight)
 
 
+@dataclasses.dataclass(frozen=True)
+class LowRankRefit:
+  """Refits the low-rank branch after the quantizer to what the quantized residual misses on the calibration rows
+  (``wanjax.quant.refit``): ``target="output"`` fits the weight and activation quantization error of the 4-bit path,
+  ``"weight"`` the weight error only; ``balance_bins`` weighs every timestep bin alike (as GPTQ's option). Runs after
+  the quantizer (it is called with the residual the quantizer was given); the branch keeps its shape and dtype."""
+
+  target: str = "output"
+  percdamp: float = 0.01
+  balance_bins: bool = True
+  stage = "refit"
+
+  def __post_init__(self):
+    if self.target not in REFIT_TARGETS:
+      raise ValueError(f"LowRankRefit: target must be one of {REFIT_TARGETS}, got {self.target!r}")
+
+  def __call__(self, params: dict, ctx: LayerContext, residual) -> dict:
+    x = layer_input(params, ctx.rows)  # [B, n, K]
+    if self.balance_bins:
+      x = x * jax.lax.rsqrt(jnp.maximum(jnp.mean(x * x, axis=(1, 2), keepdims=True), 1e-30))
+    out, _ = refit_lowrank(params, residual, x.reshape(-1, x.shape[-1]), ctx.recipe.act_spec(), target=self.target,
+                           percdamp=self.percdamp)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- table transforms
 @dataclasses.dataclass(frozen=True)
 class ClipSearch:
@@ -248,8 +277,8 @@ class ClipSearch:
 
 
 # ------------------------------------------------------------------------------------------------------- recipes
-_TRANSFORMS = {c.__name__: c for c in (Smooth, Rotate, LowRank, GPTQ, RTN, ClipSearch)}
-_STAGES = {"weight": 0, "quantizer": 1, "table": 2}
+_TRANSFORMS = {c.__name__: c for c in (Smooth, Rotate, LowRank, GPTQ, RTN, LowRankRefit, ClipSearch)}
+_STAGES = {"weight": 0, "quantizer": 1, "refit": 2, "table": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +291,8 @@ class Recipe:
     act: activation quantizer (``ActQuantSpec``: format, group, MX scale rule; clip/offset come from the per-bin
       tables) or None for weight-only.
     act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats).
-    transforms: weight transforms, then one quantizer (GPTQ / RTN), then table transforms.
+    transforms: weight transforms, then one quantizer (GPTQ / RTN), then refit transforms (LowRankRefit), then
+      table transforms.
     notes: free text (where the settings come from).
     attention: optional attention backend to run the quantized experts with (``"cudnn_fp8"``: cuDNN FP8 flash
       attention, see `wanjax.model.attention`); None keeps the default (bf16 cuDNN on GPU). Applied by
@@ -287,7 +317,7 @@ class Recipe:
                        f"{stages.count('quantizer')} in {[type(t).__name__ for t in self.transforms]}")
     order = [_STAGES[s] for s in stages]
     if order != sorted(order):
-      raise ValueError(f"Recipe {self.name!r}: order must be weight transforms, then the quantizer, then table "
+      raise ValueError(f"Recipe {self.name!r}: order must be weight transforms, then the quantizer, then refit and table "
                        f"transforms; got {[type(t).__name__ for t in self.transforms]}")
     if self.act_mode not in ("dynamic", "static"):
       raise ValueError(f"Recipe {self.name!r}: act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
@@ -299,7 +329,7 @@ class Recipe:
     return None if self.act is None else dataclasses.replace(self.act, clip=1.0, exp_offset=0)
 
   def stage(self, name: str) -> tuple:
-    """The transforms of stage ``name`` (``"weight"``, ``"quantizer"``, ``"table"``)."""
+    """The transforms of stage ``name`` (``"weight"``, ``"quantizer"``, ``"refit"``, ``"table"``)."""
     return tuple(t for t in self.transforms if t.stage == name)
 
 

@@ -135,3 +135,16 @@ def test_fast_variants_match_reference(opts, clip, static):
   ties = jnp.asarray([[2.5, -2.5, 3.5, 0.5, -0.5, 7.0, 9.0, -1.5] + [0.0] * 120] * 16, jnp.float32)
   q, _, _ = act_quant_lowrank_pallas(ties, None, None, 1.0, 1.0, block_rows=16, chunk=128, interpret=True, **opts)
   assert np.asarray(q)[0, :8].tolist() == [2, -2, 4, 0, 0, 7, 7, -2]
+
+
+@pytest.mark.parametrize("opts", [{}, {"fast": True, "int_round": True}])
+def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
+  """smooth=None (smoothing folded into the producer of x): the kernel's codes, scales and projection equal the
+  reference without smoothing, at an odd M with the last block shifted back."""
+  x, _, down = _inputs(45, 512, 32, 31)
+  q, s, lr = act_quant_lowrank_pallas(x, None, down, 0.8, None, block_rows=16, chunk=128, interpret=True, **opts)
+  q0, s0 = ref.quantize_act_int4(x, None, 0.8)
+  assert np.mean(np.asarray(q) != np.asarray(q0)) <= 1e-4
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
+  np.testing.assert_allclose(np.asarray(lr, np.float32), np.asarray(ref.lowrank_down(x, down, None), np.float32),
+                             rtol=2e-2, atol=2e-2)

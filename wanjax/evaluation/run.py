@@ -162,7 +162,7 @@ def _swap(recipe, cls, new):
 def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
     from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, WEIGHT_CLIPS, ClipSearch,
-                                      LowRank, Smooth, get_recipe)
+                                      LowRank, LowRankRefit, Smooth, get_recipe)
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
@@ -175,6 +175,11 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         ts = tuple(t for t in d.transforms if not isinstance(t, LowRank)) if r == 0 else _swap(d, LowRank, LowRank(r))
         ts = tuple(R(t, search_rank=r) if isinstance(t, Smooth) else t for t in ts)
         return R(d, name=f"default-rank{r}", transforms=ts)
+
+    def refit(t):
+        ts = [x for x in d.transforms if not isinstance(x, LowRankRefit)]
+        i = next(j for j, x in enumerate(ts) if isinstance(x, ClipSearch))
+        return R(d, name=f"default-refit-{t.target}", transforms=tuple(ts[:i] + [t] + ts[i:]))
 
     def fmt(name, w, a, clip):
         return R(d, name=name, weight=w, act=a, transforms=_swap(d, ClipSearch, clip))
@@ -201,6 +206,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             R(t, method="svd") if isinstance(t, LowRank) else R(t, lowrank_method="svd") if isinstance(t, Smooth)
             else t for t in d.transforms)), "seed", False,
             "low-rank branch (and the alpha search's) by exact SVD instead of randomized subspace iteration"),
+        "lowrank_refit": (refit(LowRankRefit()), "seed", False, "low-rank branch refit after GPTQ to the 4-bit "
+                          "path's output error on the calibration rows (weight + activation quantization)"),
+        "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed", False,
+                                 "low-rank branch refit after GPTQ to the weight quantization error only"),
         "rank16": (rank(16), "seed", False, "rank 16"),
         "rank64": (rank(64), "seed", False, "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
@@ -222,7 +231,8 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
 
 #: Ablation names, in report order.
 ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "shared_calib", "bins1", "per_bin_clips",
-             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
+             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
+             "lowrank_refit", "lowrank_refit_weight", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
