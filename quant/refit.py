@@ -81,14 +81,14 @@ def refit_lowrank(params: dict, residual, x, act_spec: ActQuantSpec | None, *, t
 @functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def _refit(x, residual, qw, down, up, act_spec, with_act, percdamp):
   r = down.shape[1]
-  w = residual + mm(down.astype(jnp.float32), up.astype(jnp.float32))
+  l_old = mm(down.astype(jnp.float32), up.astype(jnp.float32))
+  w = residual + l_old
   xq = fake_quant_act(x, act_spec) if with_act else x
   t = mm(x, w) - mm(xq, qw)                                     # what the 4-bit path misses, [n, N]
   xb = x.astype(jnp.bfloat16).astype(jnp.float32)               # the branch's input is bf16 at run time
   h = mm(xb.T, xb)
   dg = jnp.diag(h)
   lam = percdamp * dg + 1e-6 * jnp.mean(dg) + 1e-30             # per-channel ridge (scale-free), dead channels
-  l_old = mm(down.astype(jnp.float32), up.astype(jnp.float32))
   c = jnp.linalg.cholesky(h + jnp.diag(lam))                    # H + diag(lam) = C C^T, C lower
   m = jax.scipy.linalg.solve_triangular(c, mm(xb.T, t) + lam[:, None] * l_old, lower=True)
   u, s, vt = jnp.linalg.svd(m, full_matrices=False)
