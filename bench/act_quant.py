@@ -35,12 +35,27 @@ from bench.common import device_facts, write_result
 # chunk / warps / stages / L2 hints / reversed pass 2 / persistent grids) are in
 # bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
 # ("nosm": no smoothing vector, as when it is folded into the producer of x)
-SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"), (64, 128, 8, 3, False, 0, "int_nosm"),
-         (64, 256, 4, 3, False, 0, "int_nosm")]
+# ("res": resident, x read once with the row block's K chunks kept in registers; only where K <= RESIDENT_MAX_K)
+SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"),
+         (16, 256, 16, 1, False, 0, "res"), (16, 512, 16, 1, False, 0, "res"), (16, 1024, 16, 1, False, 0, "res"),
+         (16, 256, 8, 1, False, 0, "res"), (32, 256, 16, 1, False, 0, "res"), (16, 256, 4, 1, False, 0, "res"),
+         (16, 256, 16, 1, False, 0, "res_nosm")]
+RESIDENT_MAX_K = 8192
 # option sets of the fused kernel timed end to end (act_quant_gpu.FUSED_OPTIONS)
-E2E_OPTIONS = ({"fast": True, "int_round": True},)
-MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (64, 64, 8, 3, False, 0, True), (64, 128, 4, 3, False, 0, True),
-            (32, 128, 4, 3, False, 0, True), (64, 128, 8, 4, False, 0, True)]
+E2E_OPTIONS = ({"fast": True, "int_round": True},
+               {"resident": True, "block_rows": 16, "num_warps": 16, "num_stages": 1},
+               {"resident": True, "block_rows": 16, "num_warps": 8, "num_stages": 1})
+MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (16, 128, 16, 1, False, 0, "res"), (16, 256, 16, 1, False, 0, "res"),
+            (16, 128, 8, 1, False, 0, "res"), (32, 128, 16, 1, False, 0, "res")]
+# option sets of the MXFP4 Triton kernel timed end to end (mxfp4_act_gpu.OPTIONS)
+MX_E2E_OPTIONS = ({"fast": True}, {"fast": True, "resident": True, "block_rows": 16, "num_warps": 16, "num_stages": 1})
+
+
+def _otag(opts):
+  """Name suffix of an option set: the true flags, then block_rows / num_warps values."""
+  flags = [k for k, v in opts.items() if v is True]
+  nums = [f"{k[0]}{v}" for k, v in opts.items() if not isinstance(v, bool)]
+  return ("_" + "_".join(flags + nums)) if flags or nums else ""
 
 
 def _tag(bm, ck, warps, stages, rev, progs, fast):
@@ -65,8 +80,11 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   lr0 = jax.jit(lambda a, b, c: ref.lowrank_down(a, c, b))(x, smooth, down)
   variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
   for bm, ck, warps, stages, rev, progs, fast in (MX_SWEEP if sweep else []):
+    if "res" in str(fast) and x.shape[1] > RESIDENT_MAX_K:
+      continue
     variants[f"aq_mxfp4_pallas_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
-        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs, fast=fast))
+        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs,
+             fast=bool(fast), resident="res" in str(fast)))
   variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)  # at the default tuning
   for name, kw in variants.items():
     kw = dict(kw)
@@ -88,20 +106,28 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
     return
   qt = quantize_mxfp4(inp["w_bf16_kn"].T.astype(jnp.float32), scale_rule="ocp_floor")
   w8, s_w, _ = prepare_weights(pack_nibbles(qt.codes), qt.scales)
-  y = {}
-  for impl in ("xla", "fused"):
+  from kernels import mxfp4_act_gpu
+  y, opts0 = {}, mxfp4_act_gpu.OPTIONS
+  runs = [("xla", opts0)] + [("fused", o) for o in MX_E2E_OPTIONS
+                             if not (o.get("resident") and x.shape[1] > RESIDENT_MAX_K)]
+  for impl, opts in runs:
+    name = f"e2e_mxfp4_{impl}" + (_otag({kk: v for kk, v in opts.items() if kk != "fast"}) if impl == "fused" else "")
+    mxfp4_act_gpu.OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
     f = jax.jit(lambda a, w, sw, sm, dn, u, b, impl=impl: dispatch.mxfp4_linear_fp8(
         a, w, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
     args = (x, w8, s_w, smooth, down, inp["up"], inp["bias"])
     try:
-      y[impl] = f(*args)
+      y[name] = f(*args)
     except Exception as e:
-      res["errors"][f"e2e_mxfp4_{impl}"] = f"{type(e).__name__}: {str(e)[:1500]}"
-      log(f"  e2e_mxfp4_{impl}: ERROR {res['errors'][f'e2e_mxfp4_{impl}'][:300]}")
+      res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  {name}: ERROR {res['errors'][name][:300]}")
       continue
-    rec(f"e2e_mxfp4_{impl}", f, *args)
-  if len(y) == 2:
-    res["checks"]["e2e_mxfp4_fused_vs_xla_relerr"] = rel_err(y["fused"], y["xla"])
+    finally:
+      mxfp4_act_gpu.OPTIONS = opts0
+    rec(name, f, *args)
+  for name in y:
+    if name != "e2e_mxfp4_xla":
+      res["checks"][f"{name}_vs_xla_relerr"] = rel_err(y[name], y["e2e_mxfp4_xla"])
 
 
 def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused")):
@@ -130,12 +156,14 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None, fast=False))}
   for bm, ck, warps, stages, rev, progs, fast in (SWEEP if sweep else []):
+    if "res" in str(fast) and k > RESIDENT_MAX_K:
+      continue
     variants[f"aq_fused_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         jax.jit(functools.partial(lambda a, b, c, nosm=False, **kw: act_quant_lowrank_pallas(
             a, None if nosm else b, c, 1.0, None, **kw), nosm="nosm" in str(fast),
                                   block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
                                   programs=progs, fast=bool(fast), int_round="int" in str(fast),
-                                  lazy_max="lazy" in str(fast))))
+                                  lazy_max="lazy" in str(fast), resident="res" in str(fast))))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
   qn, sn, lrn = act_quant_fused(x, None, down, 1.0, None)  # the reference without smoothing
@@ -159,7 +187,9 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   from kernels import act_quant_gpu
   opts0 = act_quant_gpu.FUSED_OPTIONS
   for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
-    otag = "_" + "_".join(k for k, v in opts.items() if v) if impl == "fused" and any(opts.values()) else ""
+    if opts.get("resident") and k > RESIDENT_MAX_K:
+      continue
+    otag = _otag(opts) if impl == "fused" else ""
     for tag, w in ((otag, inp["w_packed"]), (otag + "_w8", w8)):
       act_quant_gpu.FUSED_OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
@@ -229,6 +259,11 @@ def main(argv=None):
     print(f"| {r['M']} | {r['K']} | {r['N']} | {g('xla_bf16'):.3f} | {g('aq_xla_fold'):.3f} | {g('aq_pallas'):.3f} | "
           f"{g('aq_fused'):.3f} | {r['act_quant_min_bytes'] / g('aq_fused') / 1e6:.0f} | {sp('e2e_xla')} | "
           f"{sp('e2e_pallas')} | {sp('e2e_fused')} | {sp('e2e_fused_w8')} |")
+  for r in rows:  # every variant, for the sweeps
+    t = r["times_ms"]
+    print(f"\nM={r['M']} K={r['K']} N={r['N']}: " + "; ".join(
+        f"{kk} {v:.3f}" + (f" ({t['xla_bf16'] / v:.2f}x)" if kk.startswith("e2e") and "xla_bf16" in t else "")
+        for kk, v in t.items()))
   return 0
 
 

@@ -428,7 +428,7 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
     # one Triton kernel: block exponents, E2M1 rounding, e4m3 re-encoding and the rank-r projection
     # (x_lr = bf16(x) @ bf16(down / smooth): bf16 rounding away from the reference's bf16(x / smooth) @ down)
     x8, s_x, inexact, x_lr = mxfp4_act_gpu.act_to_fp8_pallas(x2, smooth, down, clip, exp_offset,
-                                                             scale_rule=scale_rule, fast=mxfp4_act_gpu.FAST)
+                                                             scale_rule=scale_rule, **mxfp4_act_gpu.OPTIONS)
   else:
     x8, s_x, inexact = act_to_fp8(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
     x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)

@@ -32,7 +32,8 @@ SCALE_RULES = ("safe_ceil", "ocp_floor")
 # Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages (H200 sweeps, bench/results/act_quant_v4_fast.json and
 # act_quant_v5_fast2.json: chunk 64 measured within 4 %).
 BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 128, 8, 3
-FAST = True  # the dispatcher's choice of act_to_fp8_pallas(fast=...)
+# the dispatcher's keyword options of act_to_fp8_pallas (block_rows, chunk, num_warps, ... may be added)
+OPTIONS = {"fast": True}
 
 
 def _block_exponent(amax, clip, exp_offset, safe_ceil: bool):
@@ -78,12 +79,12 @@ def supports(m: int, k: int, r: int, block_rows: int = BLOCK_ROWS, chunk: int = 
 
 
 def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, *, m, k, bm, ck, r, safe_ceil,
-            reverse, programs, fast):
+            reverse, programs, fast, resident=False):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0) a persistent grid walking blocks pid,
   pid + programs, ... (trailing iterations redo the last block with identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_rows, x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, k=k, bm=bm,
-                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse, fast=fast)
+                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse, fast=fast, resident=resident)
   nblocks = -(-m // bm)
   pid = pl.program_id(0)
   if not programs:
@@ -98,16 +99,18 @@ def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_
 
 
 def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, r0, *, k, bm, ck, r, safe_ceil,
-          reverse, fast):
-  """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes)."""
+          reverse, fast, resident=False):
+  """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes).
+  ``resident``: both passes unrolled over the K chunks at trace time, each chunk (bf16) and its block exponents
+  kept live in registers from pass 1 to pass 2, so x is read from HBM once and never re-read."""
   import jax.experimental.pallas as pl
   rows = pl.ds(r0, bm)
   nk, nb = k // ck, ck // MX_BLOCK
   clip, off, magic = clip_ref[0], off_ref[0], clip_ref[1]
 
-  def blocks(j):
+  def blocks(j, xc=None):
     """Chunk j: (raw x [bm, ck], smoothed x [bm, nb, 32] f32, block exponent [bm, nb], bad block [bm, nb])."""
-    xc = x_ref[rows, pl.ds(j * ck, ck)]
+    xc = x_ref[rows, pl.ds(j * ck, ck)] if xc is None else xc
     sm = sm_ref[pl.ds(j * ck, ck)][None, :]  # 1 / smooth with `fast` (a multiply, not a division)
     xs = (xc.astype(jnp.float32) * sm if fast else xc.astype(jnp.float32) / sm).reshape(bm, nb, MX_BLOCK)
     fin = jnp.isfinite(xs)
@@ -116,9 +119,9 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     e = jnp.where(bad, -126, _block_exponent(amax, clip, off, safe_ceil))
     return xc, xs, e, bad
 
-  def pass1(j, carry):
+  def pass1(j, carry, xc=None):
     row_e, row_bad, acc = carry
-    xc, _, e, bad = blocks(j)
+    xc, _, e, bad = blocks(j, xc)
     row_e = jnp.maximum(row_e, jnp.max(e, axis=1))
     row_bad = jnp.maximum(row_bad, jnp.max(bad.astype(jnp.int32), axis=1))
     if r:
@@ -126,11 +129,19 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     return row_e, row_bad, acc
 
   init = (jnp.full((bm,), -126, jnp.int32), jnp.zeros((bm,), jnp.int32), jnp.zeros((bm, max(r, 16)), jnp.float32))
-  row_e, row_bad, acc = lax.fori_loop(0, nk, pass1, init)
+  if resident:
+    kept, carry = [], init
+    for j in range(nk):
+      xc = x_ref[rows, pl.ds(j * ck, ck)]
+      kept.append(xc)
+      carry = pass1(j, carry, xc)
+    row_e, row_bad, acc = carry
+  else:
+    row_e, row_bad, acc = lax.fori_loop(0, nk, pass1, init)
 
-  def pass2(i, inexact):
+  def pass2(i, inexact, xc=None):
     j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
-    _, xs, e, bad = blocks(j)
+    _, xs, e, bad = blocks(j, xc)
     neg = -e[..., None]
     half = neg >> 1  # 2**-e applied in two halves: exact wherever the result is a normal f32
     y = jnp.clip(xs * _exp2(half) * _exp2(neg - half), -E2M1_MAX, E2M1_MAX)
@@ -142,7 +153,12 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     q_ref[rows, pl.ds(j * ck, ck)] = f8.reshape(bm, ck)
     return jnp.maximum(inexact, miss)
 
-  inexact = lax.fori_loop(0, nk, pass2, jnp.zeros((bm,), jnp.int32))
+  if resident:  # pass 2 recomputes the block exponents from the kept chunk (cheaper than keeping them live)
+    inexact = jnp.zeros((bm,), jnp.int32)
+    for j in range(nk):
+      inexact = pass2(j, inexact, kept[j])
+  else:
+    inexact = lax.fori_loop(0, nk, pass2, jnp.zeros((bm,), jnp.int32))
   s_ref[rows] = jnp.where(row_bad > 0, jnp.float32(jnp.nan), _exp2(row_e))
   bad_ref[rows] = jnp.where(row_bad > 0, 0, inexact)
   if r:
@@ -152,7 +168,7 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
 def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
                       block_rows: int = BLOCK_ROWS, chunk: int = CHUNK, num_warps: int = WARPS,
                       num_stages: int = STAGES, reverse: bool = False, programs: int = 0, fast: bool = False,
-                      interpret: bool = False):
+                      resident: bool = False, interpret: bool = False):
   """MXFP4 activation quantization into the FP8 kernel's operand in one Pallas (Triton) kernel.
 
   Args:
@@ -163,7 +179,8 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
     block_rows, chunk, num_warps, num_stages, reverse, programs: tuning (see the module docstring); ``reverse``
       walks pass 2 backwards over K, ``programs`` > 0 runs a persistent grid of that many programs; ``fast``
       multiplies by ``1 / smooth`` instead of dividing (block exponents can then differ where x / smooth lies
-      within an ulp of a power of two) and rounds to E2M1 by the 1.5 * 2**23 trick (same results).
+      within an ulp of a power of two) and rounds to E2M1 by the 1.5 * 2**23 trick (same results); ``resident``
+      (with ``reverse`` False) reads each row block once, keeping its K chunks in registers (small block_rows x K).
   Returns:
     (x8 float8_e4m3fn [M, K], s_x f32 [M], inexact_rows int32 (finite rows the e4m3 re-encoding rounded),
     x_lr bf16 [M, r] = bf16(x) @ bf16(down / smooth) or None).
@@ -192,7 +209,8 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_kernel, m=m, k=k, bm=block_rows, ck=chunk, r=r, safe_ceil=scale_rule == "safe_ceil",
-                           reverse=reverse, programs=progs, fast=fast)
+                           reverse=reverse and not resident, programs=progs, fast=fast,
+                           resident=resident)
   x8, s, bad, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),
