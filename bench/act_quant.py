@@ -35,20 +35,15 @@ from bench.common import device_facts, write_result
 # chunk / warps / stages / L2 hints / reversed pass 2 / persistent grids) are in
 # bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
 # ("nosm": no smoothing vector, as when it is folded into the producer of x)
-# ("res": resident, x read once with the row block's K chunks kept in registers; only where K <= RESIDENT_MAX_K)
-SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"),
-         (16, 256, 16, 1, False, 0, "res"), (16, 512, 16, 1, False, 0, "res"), (16, 1024, 16, 1, False, 0, "res"),
-         (16, 256, 8, 1, False, 0, "res"), (32, 256, 16, 1, False, 0, "res"), (16, 256, 4, 1, False, 0, "res"),
-         (16, 256, 16, 1, False, 0, "res_nosm")]
-RESIDENT_MAX_K = 8192
+# (the register-resident single sweep, 0.8-3.7 ms, is in act_quant_v7_resident.log; removed after commit ee48566)
+SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"), (64, 128, 8, 3, False, 0, "int_nosm"),
+         (64, 256, 4, 3, False, 0, "int_nosm")]
 # option sets of the fused kernel timed end to end (act_quant_gpu.FUSED_OPTIONS)
-E2E_OPTIONS = ({"fast": True, "int_round": True},
-               {"resident": True, "block_rows": 16, "num_warps": 16, "num_stages": 1},
-               {"resident": True, "block_rows": 16, "num_warps": 8, "num_stages": 1})
-MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (16, 128, 16, 1, False, 0, "res"), (16, 256, 16, 1, False, 0, "res"),
-            (16, 128, 8, 1, False, 0, "res"), (32, 128, 16, 1, False, 0, "res")]
+E2E_OPTIONS = ({"fast": True, "int_round": True},)
+MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (64, 64, 8, 3, False, 0, True), (64, 128, 4, 3, False, 0, True),
+            (32, 128, 4, 3, False, 0, True), (64, 128, 8, 4, False, 0, True)]
 # option sets of the MXFP4 Triton kernel timed end to end (mxfp4_act_gpu.OPTIONS)
-MX_E2E_OPTIONS = ({"fast": True}, {"fast": True, "resident": True, "block_rows": 16, "num_warps": 16, "num_stages": 1})
+MX_E2E_OPTIONS = ({"fast": True},)
 
 
 def _otag(opts):
@@ -80,11 +75,9 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   lr0 = jax.jit(lambda a, b, c: ref.lowrank_down(a, c, b))(x, smooth, down)
   variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
   for bm, ck, warps, stages, rev, progs, fast in (MX_SWEEP if sweep else []):
-    if "res" in str(fast) and x.shape[1] > RESIDENT_MAX_K:
-      continue
     variants[f"aq_mxfp4_pallas_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs,
-             fast=bool(fast), resident="res" in str(fast)))
+             fast=fast))
   variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)  # at the default tuning
   for name, kw in variants.items():
     kw = dict(kw)
@@ -108,8 +101,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   w8, s_w, _ = prepare_weights(pack_nibbles(qt.codes), qt.scales)
   from kernels import mxfp4_act_gpu
   y, opts0 = {}, mxfp4_act_gpu.OPTIONS
-  runs = [("xla", opts0)] + [("fused", o) for o in MX_E2E_OPTIONS
-                             if not (o.get("resident") and x.shape[1] > RESIDENT_MAX_K)]
+  runs = [("xla", opts0)] + [("fused", o) for o in MX_E2E_OPTIONS]
   for impl, opts in runs:
     name = f"e2e_mxfp4_{impl}" + (_otag({kk: v for kk, v in opts.items() if kk != "fast"}) if impl == "fused" else "")
     mxfp4_act_gpu.OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
@@ -156,14 +148,12 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
               "aq_pallas": jax.jit(lambda a, b, c: act_quant_pallas(a, b, c, 1.0, None)),
               "aq_fused": jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None, fast=False))}
   for bm, ck, warps, stages, rev, progs, fast in (SWEEP if sweep else []):
-    if "res" in str(fast) and k > RESIDENT_MAX_K:
-      continue
     variants[f"aq_fused_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
         jax.jit(functools.partial(lambda a, b, c, nosm=False, **kw: act_quant_lowrank_pallas(
             a, None if nosm else b, c, 1.0, None, **kw), nosm="nosm" in str(fast),
                                   block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev,
                                   programs=progs, fast=bool(fast), int_round="int" in str(fast),
-                                  lazy_max="lazy" in str(fast), resident="res" in str(fast))))
+                                  lazy_max="lazy" in str(fast))))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
   qn, sn, lrn = act_quant_fused(x, None, down, 1.0, None)  # the reference without smoothing
@@ -187,8 +177,6 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   from kernels import act_quant_gpu
   opts0 = act_quant_gpu.FUSED_OPTIONS
   for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
-    if opts.get("resident") and k > RESIDENT_MAX_K:
-      continue
     otag = _otag(opts) if impl == "fused" else ""
     for tag, w in ((otag, inp["w_packed"]), (otag + "_w8", w8)):
       act_quant_gpu.FUSED_OPTIONS = opts  # read when the jitted function is traced (its first call, just below)

@@ -162,13 +162,12 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
 
 def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
                               l2_hint, reverse=False, programs=0, fast=False, lazy_max=False, int_round=False,
-                              use_smooth=True, resident=False):
+                              use_smooth=True):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
   blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
   Trailing iterations past the last block redo the last block (identical values)."""
   import jax.experimental.pallas as pl
-  rows_fn = _act_quant_rows_resident if resident else _act_quant_rows
-  body = functools.partial(rows_fn, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
+  body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
                            ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast,
                            lazy_max=lazy_max, int_round=int_round, use_smooth=use_smooth)
   nblocks = -(-m // bm)
@@ -256,48 +255,12 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
     lr_ref[rows, :] = acc.astype(lr_ref.dtype)
 
 
-def _act_quant_rows_resident(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax,
-                             static, l2_hint, reverse, fast, lazy_max, int_round, use_smooth=True):
-  """Rows [r0, r0 + bm) in one pass over HBM: the K chunks are unrolled at trace time and each stays in registers
-  (bf16) between the abs-max / projection sweep and the code sweep, so x is read once and never re-read from L2.
-  Always the ``fast`` + ``int_round`` arithmetic; needs bm * K small enough for the register file (e.g. 16 x 5120
-  at 16 warps: 80 registers per thread)."""
-  import jax.experimental.pallas as pl
-  del m, l2_hint, reverse, fast, lazy_max, int_round
-  rows = pl.ds(r0, bm)
-  chunks, amax = [], jnp.zeros((bm,), jnp.float32)
-  acc = jnp.zeros((bm, max(r, 16)), jnp.float32)
-  for j in range(k // ck):  # unrolled: static slices, every chunk kept live
-    xc = x_ref[rows, pl.ds(j * ck, ck)]
-    xs = xc.astype(jnp.float32)
-    if use_smooth:
-      xs = xs * sm_ref[pl.ds(j * ck, ck)][None, :]
-    amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
-    if r:
-      acc = acc + jnp.dot(xc.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
-    chunks.append(xc)
-  c = cs_ref[0]
-  s = jnp.full((bm,), c, jnp.float32) if static else amax * c / jnp.float32(qmax)
-  s = jnp.where(s > 0, s, jnp.float32(1.0))
-  inv = 1.0 / s
-  for j, xc in enumerate(chunks):
-    xs = xc.astype(jnp.float32)
-    if use_smooth:
-      xs = xs * sm_ref[pl.ds(j * ck, ck)][None, :]
-    u = jax.lax.bitcast_convert_type(xs * inv[:, None] + cs_ref[1], jnp.int32) - _RNE_MAGIC_BITS
-    q_ref[rows, pl.ds(j * ck, ck)] = jnp.clip(u, -qmax, qmax).astype(jnp.int8)
-  s_ref[rows] = s
-  if r:
-    lr_ref[rows, :] = acc.astype(lr_ref.dtype)
-
-
 def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=None,
                              qmax: int = reference.INT4_QMAX, *, block_rows: int = FUSED_BLOCK_ROWS,
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
                              reverse: bool = False, programs: int = 0, fast: bool = False,
-                             lazy_max: bool = False, int_round: bool = False, resident: bool = False,
-                             interpret: bool = False):
+                             lazy_max: bool = False, int_round: bool = False, interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
@@ -310,8 +273,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   row's ``1 / s`` instead of dividing, and round by the 1.5 * 2**23 trick (fewer instructions per element; codes
   can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
   ulp). ``smooth=None`` (smoothing folded into the producer of x, or a recipe without it) skips the per-element
-  smoothing multiply in both passes. ``resident``: one sweep over HBM, each row block's K chunks unrolled and kept
-  in registers for the code sweep (implies ``fast`` and ``int_round``; for small ``block_rows`` x K).
+  smoothing multiply in both passes.
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -330,15 +292,13 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
-  fast = fast or resident
   if fast:
     sm = 1.0 / sm
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
                            static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast,
-                           lazy_max=lazy_max, int_round=int_round, use_smooth=smooth is not None,
-                           resident=resident)
+                           lazy_max=lazy_max, int_round=int_round, use_smooth=smooth is not None)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),

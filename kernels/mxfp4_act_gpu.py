@@ -79,12 +79,12 @@ def supports(m: int, k: int, r: int, block_rows: int = BLOCK_ROWS, chunk: int = 
 
 
 def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, *, m, k, bm, ck, r, safe_ceil,
-            reverse, programs, fast, resident=False):
+            reverse, programs, fast):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0) a persistent grid walking blocks pid,
   pid + programs, ... (trailing iterations redo the last block with identical values)."""
   import jax.experimental.pallas as pl
   body = functools.partial(_rows, x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, k=k, bm=bm,
-                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse, fast=fast, resident=resident)
+                           ck=ck, r=r, safe_ceil=safe_ceil, reverse=reverse, fast=fast)
   nblocks = -(-m // bm)
   pid = pl.program_id(0)
   if not programs:
@@ -99,18 +99,16 @@ def _kernel(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_
 
 
 def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_ref, r0, *, k, bm, ck, r, safe_ceil,
-          reverse, fast, resident=False):
-  """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes).
-  ``resident``: both passes unrolled over the K chunks at trace time, each chunk (bf16) and its block exponents
-  kept live in registers from pass 1 to pass 2, so x is read from HBM once and never re-read."""
+          reverse, fast):
+  """Rows [r0, r0 + bm): pass 1 (block exponents, row maximum, x_lr), pass 2 (E2M1 rounding, e4m3 codes)."""
   import jax.experimental.pallas as pl
   rows = pl.ds(r0, bm)
   nk, nb = k // ck, ck // MX_BLOCK
   clip, off, magic = clip_ref[0], off_ref[0], clip_ref[1]
 
-  def blocks(j, xc=None):
+  def blocks(j):
     """Chunk j: (raw x [bm, ck], smoothed x [bm, nb, 32] f32, block exponent [bm, nb], bad block [bm, nb])."""
-    xc = x_ref[rows, pl.ds(j * ck, ck)] if xc is None else xc
+    xc = x_ref[rows, pl.ds(j * ck, ck)]
     sm = sm_ref[pl.ds(j * ck, ck)][None, :]  # 1 / smooth with `fast` (a multiply, not a division)
     xs = (xc.astype(jnp.float32) * sm if fast else xc.astype(jnp.float32) / sm).reshape(bm, nb, MX_BLOCK)
     fin = jnp.isfinite(xs)
@@ -119,9 +117,9 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     e = jnp.where(bad, -126, _block_exponent(amax, clip, off, safe_ceil))
     return xc, xs, e, bad
 
-  def pass1(j, carry, xc=None):
+  def pass1(j, carry):
     row_e, row_bad, acc = carry
-    xc, _, e, bad = blocks(j, xc)
+    xc, _, e, bad = blocks(j)
     row_e = jnp.maximum(row_e, jnp.max(e, axis=1))
     row_bad = jnp.maximum(row_bad, jnp.max(bad.astype(jnp.int32), axis=1))
     if r:
@@ -129,19 +127,11 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     return row_e, row_bad, acc
 
   init = (jnp.full((bm,), -126, jnp.int32), jnp.zeros((bm,), jnp.int32), jnp.zeros((bm, max(r, 16)), jnp.float32))
-  if resident:
-    kept, carry = [], init
-    for j in range(nk):
-      xc = x_ref[rows, pl.ds(j * ck, ck)]
-      kept.append(xc)
-      carry = pass1(j, carry, xc)
-    row_e, row_bad, acc = carry
-  else:
-    row_e, row_bad, acc = lax.fori_loop(0, nk, pass1, init)
+  row_e, row_bad, acc = lax.fori_loop(0, nk, pass1, init)
 
-  def pass2(i, inexact, xc=None):
+  def pass2(i, inexact):
     j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
-    _, xs, e, bad = blocks(j, xc)
+    _, xs, e, bad = blocks(j)
     neg = -e[..., None]
     half = neg >> 1  # 2**-e applied in two halves: exact wherever the result is a normal f32
     y = jnp.clip(xs * _exp2(half) * _exp2(neg - half), -E2M1_MAX, E2M1_MAX)
@@ -153,12 +143,7 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
     q_ref[rows, pl.ds(j * ck, ck)] = f8.reshape(bm, ck)
     return jnp.maximum(inexact, miss)
 
-  if resident:  # pass 2 recomputes the block exponents from the kept chunk (cheaper than keeping them live)
-    inexact = jnp.zeros((bm,), jnp.int32)
-    for j in range(nk):
-      inexact = pass2(j, inexact, kept[j])
-  else:
-    inexact = lax.fori_loop(0, nk, pass2, jnp.zeros((bm,), jnp.int32))
+  inexact = lax.fori_loop(0, nk, pass2, jnp.zeros((bm,), jnp.int32))
   s_ref[rows] = jnp.where(row_bad > 0, jnp.float32(jnp.nan), _exp2(row_e))
   bad_ref[rows] = jnp.where(row_bad > 0, 0, inexact)
   if r:
@@ -168,7 +153,7 @@ def _rows(x_ref, sm_ref, dn_ref, clip_ref, off_ref, q_ref, s_ref, bad_ref, lr_re
 def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
                       block_rows: int = BLOCK_ROWS, chunk: int = CHUNK, num_warps: int = WARPS,
                       num_stages: int = STAGES, reverse: bool = False, programs: int = 0, fast: bool = False,
-                      resident: bool = False, interpret: bool = False):
+                      interpret: bool = False):
   """MXFP4 activation quantization into the FP8 kernel's operand in one Pallas (Triton) kernel.
 
   Args:
@@ -179,8 +164,7 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
     block_rows, chunk, num_warps, num_stages, reverse, programs: tuning (see the module docstring); ``reverse``
       walks pass 2 backwards over K, ``programs`` > 0 runs a persistent grid of that many programs; ``fast``
       multiplies by ``1 / smooth`` instead of dividing (block exponents can then differ where x / smooth lies
-      within an ulp of a power of two) and rounds to E2M1 by the 1.5 * 2**23 trick (same results); ``resident``
-      (with ``reverse`` False) reads each row block once, keeping its K chunks in registers (small block_rows x K).
+      within an ulp of a power of two) and rounds to E2M1 by the 1.5 * 2**23 trick (same results).
   Returns:
     (x8 float8_e4m3fn [M, K], s_x f32 [M], inexact_rows int32 (finite rows the e4m3 re-encoding rounded),
     x_lr bf16 [M, r] = bf16(x) @ bf16(down / smooth) or None).
@@ -209,8 +193,7 @@ def act_to_fp8_pallas(x, smooth=None, down=None, clip=1.0, exp_offset=0, *, scal
   nblocks = pl.cdiv(m, block_rows)
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_kernel, m=m, k=k, bm=block_rows, ck=chunk, r=r, safe_ceil=scale_rule == "safe_ceil",
-                           reverse=reverse and not resident, programs=progs, fast=fast,
-                           resident=resident)
+                           reverse=reverse, programs=progs, fast=fast)
   x8, s, bad, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),

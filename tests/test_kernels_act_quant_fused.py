@@ -119,8 +119,7 @@ def test_fused_kernel_persistent_grid_and_reverse_same_numbers(programs, reverse
 
 
 @pytest.mark.parametrize("opts", [{"fast": True}, {"fast": True, "int_round": True},
-                                  {"fast": True, "lazy_max": True}, {"fast": True, "int_round": True, "lazy_max": True},
-                                  {"resident": True}])
+                                  {"fast": True, "lazy_max": True}, {"fast": True, "int_round": True, "lazy_max": True}])
 @pytest.mark.parametrize("clip,static", [(0.9, None), (0.5, None), (1.0, 0.05)])
 def test_fast_variants_match_reference(opts, clip, static):
   """The reduced-instruction variants (reciprocal multiplies, rounding by 1.5 * 2**23 in the float or the integer
@@ -138,7 +137,7 @@ def test_fast_variants_match_reference(opts, clip, static):
   assert np.asarray(q)[0, :8].tolist() == [2, -2, 4, 0, 0, 7, 7, -2]
 
 
-@pytest.mark.parametrize("opts", [{}, {"fast": True, "int_round": True}, {"resident": True}])
+@pytest.mark.parametrize("opts", [{}, {"fast": True, "int_round": True}])
 def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
   """smooth=None (smoothing folded into the producer of x): the kernel's codes, scales and projection equal the
   reference without smoothing, at an odd M with the last block shifted back."""
@@ -149,22 +148,3 @@ def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
   np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
   np.testing.assert_allclose(np.asarray(lr, np.float32), np.asarray(ref.lowrank_down(x, down, None), np.float32),
                              rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("m,k,r,bm,ck", [(37, 5120, 32, 16, 256), (70, 640, 0, 32, 128), (16, 13824, 16, 16, 512)])
-def test_resident_single_sweep_matches_two_pass(m, k, r, bm, ck):
-  """The register-resident variant (each row block's K chunks unrolled and kept live, x read once) gives the
-  two-pass fast kernel's codes, scales and projection at K = 5120 / 13824 and an M that is not a multiple of the
-  block (last block shifted back)."""
-  x, smooth, down = _inputs(m, k, r, 7 * m + k)
-  a = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=bm, chunk=ck, fast=True, int_round=True,
-                               interpret=True)
-  b = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=bm, chunk=ck, resident=True, interpret=True)
-  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
-  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
-  if r:
-    np.testing.assert_allclose(np.asarray(a[2], np.float32), np.asarray(b[2], np.float32), rtol=1e-2, atol=1e-2)
-  else:
-    assert b[2] is None
-  q0, s0 = ref.quantize_act_int4(x, smooth, 0.9)
-  assert np.mean(np.asarray(b[0]) != np.asarray(q0)) <= 1e-4
