@@ -20,6 +20,7 @@ Frobenius); each end-to-end output against the f32 reference of the same quantiz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 
@@ -53,6 +54,18 @@ def _otag(opts):
   return ("_" + "_".join(flags + nums)) if flags or nums else ""
 
 
+@contextlib.contextmanager
+def _options(module, attr, opts):
+  """A kernel module's dispatcher options set to ``opts`` for the duration (they are read when a jitted function
+  is traced, i.e. at its first call inside the block), then restored."""
+  old = getattr(module, attr)
+  setattr(module, attr, opts)
+  try:
+    yield
+  finally:
+    setattr(module, attr, old)
+
+
 def _tag(bm, ck, warps, stages, rev, progs, fast):
   return (f"b{bm}_c{ck}_w{warps}_s{stages}{'_rev' if rev else ''}{f'_p{progs}' if progs else ''}"
           f"{('_' + fast) if isinstance(fast, str) else '_fast' if fast else ''}")
@@ -76,8 +89,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   variants = {"aq_mxfp4_pallas": dict(), "aq_mxfp4_pallas_r0": dict(rank0=True)}
   for bm, ck, warps, stages, rev, progs, fast in (MX_SWEEP if sweep else []):
     variants[f"aq_mxfp4_pallas_{_tag(bm, ck, warps, stages, rev, progs, fast)}"] = (
-        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs,
-             fast=fast))
+        dict(block_rows=bm, chunk=ck, num_warps=warps, num_stages=stages, reverse=rev, programs=progs, fast=fast))
   variants["aq_mxfp4_pallas_r0_fast"] = dict(rank0=True, fast=True)  # at the default tuning
   for name, kw in variants.items():
     kw = dict(kw)
@@ -100,22 +112,20 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   qt = quantize_mxfp4(inp["w_bf16_kn"].T.astype(jnp.float32), scale_rule="ocp_floor")
   w8, s_w, _ = prepare_weights(pack_nibbles(qt.codes), qt.scales)
   from kernels import mxfp4_act_gpu
-  y, opts0 = {}, mxfp4_act_gpu.OPTIONS
-  runs = [("xla", opts0)] + [("fused", o) for o in MX_E2E_OPTIONS]
+  y = {}
+  runs = [("xla", mxfp4_act_gpu.OPTIONS)] + [("fused", o) for o in MX_E2E_OPTIONS]
   for impl, opts in runs:
     name = f"e2e_mxfp4_{impl}" + (_otag({kk: v for kk, v in opts.items() if kk != "fast"}) if impl == "fused" else "")
-    mxfp4_act_gpu.OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
     f = jax.jit(lambda a, w, sw, sm, dn, u, b, impl=impl: dispatch.mxfp4_linear_fp8(
         a, w, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
     args = (x, w8, s_w, smooth, down, inp["up"], inp["bias"])
     try:
-      y[name] = f(*args)
+      with _options(mxfp4_act_gpu, "OPTIONS", opts):
+        y[name] = f(*args)
     except Exception as e:
       res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
       log(f"  {name}: ERROR {res['errors'][name][:300]}")
       continue
-    finally:
-      mxfp4_act_gpu.OPTIONS = opts0
     rec(name, f, *args)
   for name in y:
     if name != "e2e_mxfp4_xla":
@@ -179,17 +189,15 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
     otag = _otag(opts) if impl == "fused" else ""
     for tag, w in ((otag, inp["w_packed"]), (otag + "_w8", w8)):
-      act_quant_gpu.FUSED_OPTIONS = opts  # read when the jitted function is traced (its first call, just below)
       f = jax.jit(lambda a, wq, sw, sm, dn, u, b, impl=impl: dispatch.w4a4_linear(
           a, wq, sw, smooth=sm, down=dn, up=u, bias=b, backend="pallas", act_quant_impl=impl))
       args = (x, w, inp["s_w"], smooth, down, inp["up"], inp["bias"])
       try:
-        res["checks"][f"e2e_{impl}{tag}_relerr"] = rel_err(f(*args), y_ref)
+        with _options(act_quant_gpu, "FUSED_OPTIONS", opts):
+          res["checks"][f"e2e_{impl}{tag}_relerr"] = rel_err(f(*args), y_ref)
       except Exception as e:
         res["errors"][f"e2e_{impl}{tag}"] = f"{type(e).__name__}: {str(e)[:1500]}"
         continue
-      finally:
-        act_quant_gpu.FUSED_OPTIONS = opts0
       rec(f"e2e_{impl}{tag}", f, *args)
   if sweep and e2e and "fused" in e2e_impls:  # the linear when the smoothing is folded into the producer of x
     y_n = ref.w4a4_epilogue(jax.lax.dot_general(qn, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
