@@ -30,12 +30,13 @@ from flax import nnx
 
 from wanjax.quant import formats
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
+from wanjax.quant.bins import EXPERTS
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input
 from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
 
-__all__ = ["sqnr_csv", "CalibrationSource", "LayerInputs", "StatsSource", "pack_layer", "quantize", "quantize_expert",
-           "quantize_layer"]
+__all__ = ["sqnr_csv", "CalibrationSource", "LayerInputs", "SharedExpertSource", "StatsSource", "pack_layer", "quantize",
+           "quantize_expert", "quantize_layer"]
 
 
 @dataclasses.dataclass
@@ -98,6 +99,25 @@ class CalibrationSource:
         hessian = None
       hessian = None if hessian is None else np.asarray(hessian, np.float32)
     return LayerInputs(absmax=absmax, rows=rows, hessian=hessian)
+
+
+class SharedExpertSource:
+  """One calibration for both experts (a recipe's ``calibration="shared"``): per bin ``j`` both experts get the
+  pooled statistics of the high- and low-noise expert's bin ``j`` (abs-max max, every second row of each, Hessians
+  summed), so the row count stays that of one expert. Both experts need the same number of bins."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def layer(self, expert: str, path: str, index: int) -> LayerInputs:
+    a, b = (self.source.layer(e, path, index) for e in EXPERTS)
+    if a.rows.shape[0] != b.rows.shape[0]:
+      raise ValueError(f"SharedExpertSource: {path}[{index}]: high has {a.rows.shape[0]} bins, low "
+                       f"{b.rows.shape[0]}; pooling needs the same count (calibrate both experts with as many bins)")
+    n = min(a.rows.shape[1], b.rows.shape[1])
+    rows = np.concatenate([a.rows[:, :n:2], b.rows[:, 1:n:2]], axis=1)
+    hessian = None if a.hessian is None or b.hessian is None else a.hessian + b.hessian
+    return LayerInputs(absmax=np.maximum(a.absmax, b.absmax), rows=rows, hessian=hessian)
 
 
 def layer_config(recipe: Recipe, k: int, n: int, nbins: int) -> QLinearConfig:
@@ -240,7 +260,9 @@ def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "l
 
   Args:
     pipe_or_experts: a `WanI2VPipeline` (its ``high``/``low`` experts) or ``{expert name: WanDiT}``.
-    stats: a :class:`StatsSource` (statistics per expert / layer / block / bin).
+    stats: a :class:`StatsSource` (statistics per expert / layer / block / bin); with the recipe's
+      ``calibration="shared"`` both experts are quantized from the two experts' pooled statistics
+      (:class:`SharedExpertSource`).
     experts: which experts to quantize (pipeline input).
     mode: ``"fake"`` or ``"real"`` for the returned models.
     paths: the layers to quantize (default ``BLOCK_LINEARS``, all ten of every block).
@@ -248,6 +270,9 @@ def quantize(pipe_or_experts, recipe, stats: StatsSource, *, experts=("high", "l
   Returns:
     ``({name: quantized WanDiT}, {name: report})``.
   """
+  recipe = get_recipe(recipe)
+  if recipe.calibration == "shared":
+    stats = SharedExpertSource(stats)
   if isinstance(pipe_or_experts, Mapping):
     models = dict(pipe_or_experts)
   else:

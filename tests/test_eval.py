@@ -13,7 +13,8 @@ from wanjax.config import TINY
 from wanjax.evaluation.metrics import gaussian_window, psnr, relative_l2, ssim
 from wanjax.evaluation.run import (ABLATIONS, EvalSample, ablation_variants, check_disjoint, load_samples,
                                    recipe_variants, run_eval)
-from wanjax.evaluation.sqnr import RebinnedSource, SharedExpertSource, step_bins
+from wanjax.evaluation.sqnr import RebinnedSource, step_bins
+from wanjax.quant.quantize import SharedExpertSource
 from wanjax.quant.bins import seed_bins, uniform_bins
 from wanjax.quant.stats import LayerStats
 from wanjax.sampling import flow_schedule
@@ -112,13 +113,20 @@ def test_rebinned_source_groups_steps_into_bins():
     assert np.any(hi.rows[..., 0] > 100) and np.any(hi.rows[..., 0] < 100)       # rows of both experts
     with pytest.raises(ValueError, match="lies in"):
         RebinnedSource(FakeCalib(seed_bins(sched)), fine)
+    uneven = RebinnedSource(FakeCalib(fine), uniform_bins(sched, {"high": 1, "low": 2}))
+    with pytest.raises(ValueError, match="high has 1 bins, low 2; pooling needs the same count"):
+        SharedExpertSource(uneven).layer("high", "blocks.ffn.fc2", 0)
 
 
 def test_variants_are_valid_recipes():
     vs = ablation_variants()
     assert [v.name for v in vs] == list(ABLATIONS)
-    assert {v.bins for v in vs} == {"seed", "1", "6"} and sum(v.shared for v in vs) == 1
+    assert {v.bins for v in vs} == {"seed", "6"}
     by = {v.name: v.recipe for v in vs}
+    assert {n for n, r in by.items() if r.calibration == "per_expert"} == {"per_expert_calib", "per_bin_clips",
+                                                                           "per_bin_clips_bins6"}
+    gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")
+    assert gptq("bin_balance").balance_bins and not gptq("rank64").balance_bins
     assert not any(type(t).__name__ == "LowRank" for t in by["no_lowrank"].transforms)
     kinds = lambda name: [type(t).__name__ for t in by[name].transforms]
     assert "GPTQ" in kinds("no_lowrank") and "RTN" not in kinds("no_lowrank")   # the default quantizes by GPTQ

@@ -157,6 +157,30 @@ def test_recipe_validation_and_round_trip():
     get_recipe("nope")
   with pytest.raises(ValueError, match="hessian must be"):
     GPTQ(hessian="x")
+  with pytest.raises(ValueError, match="calibration must be one of"):
+    Recipe("bad", WeightQuantSpec(), ActQuantSpec(), (RTN(),), calibration="pooled")
+  assert recipe_from_dict({k: v for k, v in recipe_to_dict(RECIPES["rtn"]).items() if k != "calibration"}
+                          ).calibration == "per_expert"   # artifacts written before the field
+
+
+def test_shared_calibration_pools_both_experts(tiny1):
+  """calibration="shared": both experts are quantized from the pooled statistics, so one model given as both
+  experts is quantized identically; "per_expert" quantizes it from each expert's own (different) statistics."""
+  model = tiny1[0]
+  base = get_recipe("svdquant")
+  got = {}
+  for policy in ("per_expert", "shared"):
+    q, _ = quantize({"high": model, "low": model}, dataclasses.replace(base, calibration=policy),
+                    SynthStats(model), progress=False, paths=SUBSET)
+    got[policy] = {e: qlinears(q[e])[SUBSET[0]].arrays() for e in q}
+  per, sh = got["per_expert"], got["shared"]
+  assert not np.array_equal(np.asarray(per["high"]["smooth"]), np.asarray(per["low"]["smooth"]))
+  for key in ("qweight", "smooth", "up", "act_clip"):
+    np.testing.assert_array_equal(np.asarray(sh["high"][key]), np.asarray(sh["low"][key]))
+  # smoothing is per channel in the abs-max, and pooling takes the larger of the two experts' abs-max
+  a_hi, a_lo = (SynthStats(model).layer(e, SUBSET[0], 0).absmax.max(0) for e in ("high", "low"))
+  np.testing.assert_array_equal(np.asarray(sh["high"]["smooth"]),
+                                np.where(a_hi >= a_lo, np.asarray(per["high"]["smooth"]), np.asarray(per["low"]["smooth"])))
 
 
 def test_inputs_unchanged_and_deterministic(planted_layer):

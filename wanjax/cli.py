@@ -277,7 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gen = GenerationConfig(num_frames=args.frames, max_area=args.size * args.size, steps=args.steps,
                            shift=args.shift, guide_scale=guide * 2 if len(guide) == 1 else guide)
     try:
-        run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir)
+        run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir,
+                 calib_seed=args.calib_seed)
     except ValueError as e:
         return fail(e)
     print(f"wrote {args.out}/report.md")
@@ -301,6 +302,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--guide", default="3.5", help="guidance 'G' or 'LOW,HIGH'")
     p.add_argument("--reservoir", type=int, default=256, help="calibration rows kept per (layer input, step)")
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="seed of the calibration reservoir's row draw (repeat runs with other seeds for the spread)")
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
     p.set_defaults(func=cmd_eval)
 

@@ -1,7 +1,7 @@
 """Quantization quality, measured side by side (``wanjax eval``).
 
 * `metrics`: PSNR, SSIM, relative L2 (numpy).
-* `sqnr`: statistics regrouped per timestep bin (`RebinnedSource`, `SharedExpertSource`), per-layer SQNR of a
+* `sqnr`: statistics regrouped per timestep bin (`RebinnedSource`), per-layer SQNR of a
   quantized expert on captured inputs, activation ranges over timesteps.
 * `plots`: SQNR heat maps (layer x bin per expert) and activation-range plots (matplotlib, PNG).
 * `report`: ``report.md`` with tables and the plots.

@@ -78,6 +78,8 @@ def write_report(results: dict, out_dir: str) -> str:
              f"{results['platform']}, jax {results['jax']}.", "",
              f"Evaluation set ({len(results['eval_set'])}): {', '.join(results['eval_set'])}  ",
              f"Calibration set ({len(results['calib_set'])}): {', '.join(results['calib_set'])}  ",
+             *([f"Calibration reservoir: {results['calib']['reservoir']} rows per layer input and step, drawn with "
+                f"seed {results['calib']['seed']}.  "] if "calib" in results else []),
              "The two sets are **disjoint**: no shared clip/image and no shared prompt (checked by the driver).", "",
              "Every quantized run uses the same noise (per-sample seed) and condition as the BF16 run it is compared "
              "with. PSNR/SSIM: decoded uint8 frames vs the BF16 frames (all frames); latent rel-L2: "

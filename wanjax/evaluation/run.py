@@ -8,7 +8,7 @@ What it does, in order (all on the pipeline given, e.g. ``WanI2VPipeline.from_pr
 2. captures the calibration set's layer inputs with ONE bin per sampling step (`wanjax.quant.calibrate`, online,
    conditional-only trajectory as the seed, one Hessian per expert), and the evaluation set's the same way
    (CFG trajectory: the rows the evaluated generation really sees); `wanjax.evaluation.sqnr.RebinnedSource`
-   regroups them into the bins each variant uses (seed bins = 3 per expert; 1 or 6 per expert for the ablation);
+   regroups them into the bins each variant uses (seed bins = 3 per expert; 6 per expert for one ablation);
 3. generates every evaluation sample with the BF16 pipeline (fixed noise from the sample's seed);
 4. per variant (a named recipe, or an ablation of ``default``): quantizes both experts on the calibration
    statistics, attaches them to the pipeline (per-bin tables, traced bin), generates the same samples with the same
@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from wanjax.evaluation.metrics import psnr, relative_l2, ssim
-from wanjax.evaluation.sqnr import RebinnedSource, SharedExpertSource, activation_ranges, layer_sqnr_table, step_bins
+from wanjax.evaluation.sqnr import RebinnedSource, activation_ranges, layer_sqnr_table, step_bins
 
 __all__ = ["ABLATIONS", "EvalSample", "Variant", "ablation_variants", "check_disjoint", "load_samples",
            "recipe_variants", "run_eval"]
@@ -137,13 +137,13 @@ def check_disjoint(eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
 # ------------------------------------------------------------------------------------------------ variants
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A quantization run: recipe + which bins (``"seed"``: 3 per expert; ``"1"``; ``"6"``: 6 per expert, or the
-    smaller expert's step count if that is less: both experts need the same count) + shared calibration."""
+    """A quantization run: recipe (its ``calibration`` says per-expert or pooled statistics) + which bins
+    (``"seed"``: 3 per expert; ``"6"``: 6 per expert, or the smaller expert's step count if that is less: both
+    experts need the same count)."""
 
     name: str
     recipe: Any
     bins: str = "seed"
-    shared: bool = False
     group: str = "recipe"
     what: str = ""
 
@@ -187,57 +187,59 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     binned = get_recipe("binned")
     table = {
         # removal of a kept component
-        "no_lowrank": (rank(0), "seed", False, "no low-rank branch (rank 0; alpha search without the branch)"),
+        "no_lowrank": (rank(0), "seed", "no low-rank branch (rank 0; alpha search without the branch)"),
         "no_alpha_search": (R(d, name="default-alpha05", transforms=_swap(d, Smooth, R(sm, search=False, alpha=0.5))),
-                            "seed", False, "smoothing alpha fixed at 0.5 instead of searched per layer"),
-        "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", False, "RTN instead of GPTQ"),
-        "shared_calib": (d, "seed", True, "one calibration shared by both experts (pooled statistics)"),
-        "bins1": (d, "1", False, "1 timestep bin per expert (GPTQ's bin balancing has nothing to balance)"),
-        # what the component dropped from the default would add back
-        "per_bin_clips": (binned, "seed", False, "a clip searched per timestep bin, 3 bins per expert (recipe "
-                                                 "'binned')"),
-        "per_bin_clips_bins6": (binned, "6", False, "a clip searched per timestep bin, 6 bins per expert"),
+                            "seed", "smoothing alpha fixed at 0.5 instead of searched per layer"),
+        "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", "RTN instead of GPTQ"),
+        # what a component dropped from the default would add back
+        "per_expert_calib": (R(d, name="default-per-expert", calibration="per_expert"), "seed",
+                             "each expert calibrated on its own activations (the seed's per-expert policy)"),
+        "bin_balance": (R(d, name="default-bin-balance", transforms=_swap(d, GPTQ, R(gq, balance_bins=True))), "seed",
+                        "GPTQ with the 3 timestep bins per expert weighted alike (bins balanced)"),
+        "per_bin_clips": (binned, "seed", "recipe 'binned': per-expert calibration, GPTQ bins balanced and a clip "
+                                          "searched per timestep bin, 3 bins per expert"),
+        "per_bin_clips_bins6": (binned, "6", "recipe 'binned' with 6 bins per expert"),
         # other choices
         "gptq_act_order": (R(d, name="default-actorder", transforms=_swap(d, GPTQ, R(gq, act_order=True))), "seed",
-                           False, "GPTQ with act-order (input channels by descending Hessian diagonal)"),
+                           "GPTQ with act-order (input channels by descending Hessian diagonal)"),
         "gptq_wclip": (R(d, name="default-wclip", transforms=_swap(d, GPTQ, R(gq, weight_clips=WEIGHT_CLIPS))),
-                       "seed", False, "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)"),
+                       "seed", "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)"),
         "exact_svd": (R(d, name="default-svd", transforms=tuple(
             R(t, method="svd") if isinstance(t, LowRank) else R(t, lowrank_method="svd") if isinstance(t, Smooth)
-            else t for t in d.transforms)), "seed", False,
+            else t for t in d.transforms)), "seed",
             "low-rank branch (and the alpha search's) by exact SVD instead of randomized subspace iteration"),
-        "lowrank_refit": (refit(LowRankRefit()), "seed", False, "low-rank branch refit after GPTQ to the 4-bit "
+        "lowrank_refit": (refit(LowRankRefit()), "seed", "low-rank branch refit after GPTQ to the 4-bit "
                           "path's output error on the calibration rows (weight + activation quantization)"),
-        "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed", False,
+        "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed",
                                  "low-rank branch refit after GPTQ to the weight quantization error only"),
-        "rank16": (rank(16), "seed", False, "rank 16"),
-        "rank64": (rank(64), "seed", False, "rank 64"),
+        "rank16": (rank(16), "seed", "rank 16"),
+        "rank64": (rank(64), "seed", "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
-                         cs), "seed", False, "INT4 W/A in groups of 64"),
+                         cs), "seed", "INT4 W/A in groups of 64"),
         "mxfp4": (fmt("default-mxfp4", WeightQuantSpec("mxfp4", scale_rule="ocp_floor"),
                       ActQuantSpec("mxfp4", scale_rule="safe_ceil"), ClipSearch(SEED_CLIPS, SEED_EXP_OFFSETS)),
-                  "seed", False, "MXFP4 W/A (seed scale rules, clip x exponent-offset search)"),
+                  "seed", "MXFP4 W/A (seed scale rules, clip x exponent-offset search)"),
         "nvfp4": (fmt("default-nvfp4", WeightQuantSpec("nvfp4"), ActQuantSpec("nvfp4"), ClipSearch(INT_CLIPS, (0,))),
-                  "seed", False, "NVFP4 W/A"),
+                  "seed", "NVFP4 W/A"),
         "static": (R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
-                   "seed", False, "static per-bin activation scales (searched) instead of dynamic per-token"),
+                   "seed", "static per-bin activation scales (searched) instead of dynamic per-token"),
     }
     names = list(table) if names is None else list(names)
     bad = [n for n in names if n not in table]
     if bad:
         raise KeyError(f"unknown ablations {bad}; expected some of {list(table)}")
-    return [Variant(n, table[n][0], table[n][1], table[n][2], "ablation", table[n][3]) for n in names]
+    return [Variant(n, table[n][0], table[n][1], "ablation", table[n][2]) for n in names]
 
 
 #: Ablation names, in report order.
-ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "shared_calib", "bins1", "per_bin_clips",
+ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "per_expert_calib", "bin_balance", "per_bin_clips",
              "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
              "lowrank_refit", "lowrank_refit_weight", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
-REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
-            "shared_calib": "per-expert calibration", "bins1": "timestep bins (GPTQ bin balancing)"}
-ADDITIONS = {"per_bin_clips": "per-bin clips (recipe binned)"}
+REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ"}
+ADDITIONS = {"per_expert_calib": "per-expert calibration", "bin_balance": "timestep bins (GPTQ bin balancing)",
+             "per_bin_clips": "the seed's per-expert, per-bin policy (recipe binned)"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -259,7 +261,6 @@ def _bin_layouts(gen) -> dict:
     fine = step_bins(sched, gen.boundary)
     n = {e: len(fine.expert_bins(e)) for e in ("high", "low")}
     return fine, {"seed": lambda: seed_bins(sched, gen.boundary),
-                  "1": lambda: uniform_bins(sched, 1, gen.boundary),
                   "6": lambda: uniform_bins(sched, min(6, *n.values()), gen.boundary)}
 
 
@@ -311,11 +312,12 @@ def _summ(rows: list[dict]) -> dict:
 def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[EvalSample], gen, out_dir: str, *,
              recipes: Sequence[str] = ("rtn", "smoothquant", "quarot", "svdquant", "seed", "default", "w8a8"),
              ablations: Sequence[str] | bool = False, reservoir: int = 256, eval_reservoir: int = 128,
+             calib_seed: int = 0,
              plot_layers: Sequence[str] = ("self_attn.q", "ffn.fc2"), heatmaps: bool = True,
              log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Evaluates ``recipes`` (and ablations of ``default``: True for all of `ABLATIONS`, or a list of names) on
-    ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples``. Writes ``out_dir/report.md``,
-    ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
+    ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples`` (``reservoir`` rows per layer input and
+    step drawn with ``calib_seed``). Writes ``out_dir/report.md``, ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
     from wanjax.evaluation import plots
     from wanjax.pipeline import WanI2VPipeline
     from wanjax.quant.apply import attach_to_pipeline
@@ -342,7 +344,8 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     cpreps = [_prepare(pipe, s, gen) for s in calib_samples]
     t0 = time.perf_counter()
     calib = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(calib_samples, cpreps)],
-                      CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False),
+                      CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False,
+                                  seed=calib_seed),
                       work_dir=os.path.join(out_dir, "work", "calib"), mode="online", progress=progress)
     t_calib = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -373,7 +376,7 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
             os.path.join(out_dir, "plots", f"act_range_{e}.png")), out_dir)
     out = {"gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
            "eval_set": [s.name for s in eval_samples], "calib_set": [s.name for s in calib_samples],
-           "disjoint": disjoint, "bf16": bf16, "variants": [], "act_range_plots": act_plots,
+           "disjoint": disjoint, "calib": {"reservoir": reservoir, "seed": calib_seed}, "bf16": bf16, "variants": [], "act_range_plots": act_plots,
            "step_bins": fine.table(), "seconds": {"calibrate": t_calib, "eval_capture": t_capture, "total": 0.0},
            "platform": jax.devices()[0].platform, "jax": jax.__version__, "complete": False,
            "planned": [v.name for v in variants]}
@@ -384,8 +387,6 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         if v.bins not in sources:
             sources[v.bins] = (RebinnedSource(calib, bins), RebinnedSource(cap, bins))
         src, eval_src = sources[v.bins]
-        if v.shared:
-            src = SharedExpertSource(src)
         t0 = time.perf_counter()
         q, reps = quantize(ref_models, v.recipe, src, progress=progress)
         t_quant = time.perf_counter() - t0
@@ -398,7 +399,8 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
                          "latent_rel_l2": relative_l2(lat, lat_ref), "denoise_s": dt, **_task(frames, p, s)})
         sq_eval = {e: layer_sqnr_table(q[e], ref_models[e], eval_src, e) for e in ("high", "low")}
         sq_calib = {e: reps[e]["sqnr_db"] for e in ("high", "low")}
-        r = {"name": v.name, "group": v.group, "recipe": v.recipe.name, "bins": v.bins, "shared": v.shared,
+        r = {"name": v.name, "group": v.group, "recipe": v.recipe.name, "bins": v.bins,
+             "calibration": v.recipe.calibration,
              "what": v.what, "bin_names": {e: list(bins.expert_bins(e)) for e in ("high", "low")},
              "per_sample": rows, **_summ(rows), "quantize_s": t_quant,
              "weight_bytes": _bytes({e: nnx.state(q[e]) for e in q}),

@@ -16,7 +16,7 @@ from wanjax.quant.bins import EXPERTS, TimestepBins, uniform_bins
 from wanjax.quant.quantize import LayerInputs
 from wanjax.quant.search import layer_sqnr
 
-__all__ = ["RebinnedSource", "SharedExpertSource", "activation_ranges", "layer_sqnr_table", "step_bins"]
+__all__ = ["RebinnedSource", "activation_ranges", "layer_sqnr_table", "step_bins"]
 
 
 def step_bins(schedule, boundary: float = 0.900) -> TimestepBins:
@@ -95,25 +95,6 @@ class RebinnedSource:
         out = LayerInputs(absmax=np.stack(absmax), rows=rows, hessian=hessian)
         self._cache[key] = out
         return out
-
-
-class SharedExpertSource:
-    """One calibration for both experts (the "no per-expert policy" ablation): per local bin ``j`` both experts
-    get the pooled statistics of the high- and low-noise expert's bin ``j`` (abs-max max, every second row of
-    each, Hessians summed). Both experts need the same number of bins."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def layer(self, expert: str, path: str, index: int) -> LayerInputs:
-        a, b = (self.source.layer(e, path, index) for e in EXPERTS)
-        if a.rows.shape[0] != b.rows.shape[0]:
-            raise ValueError(f"SharedExpertSource: {path}[{index}]: high has {a.rows.shape[0]} bins, low "
-                             f"{b.rows.shape[0]}; pooling needs the same count")
-        n = min(a.rows.shape[1], b.rows.shape[1])
-        rows = np.concatenate([a.rows[:, :n:2], b.rows[:, 1:n:2]], axis=1)
-        hessian = None if a.hessian is None or b.hessian is None else a.hessian + b.hessian
-        return LayerInputs(absmax=np.maximum(a.absmax, b.absmax), rows=rows, hessian=hessian)
 
 
 def layer_sqnr_table(qmodel, ref_model, source, expert: str) -> dict[str, np.ndarray]:
