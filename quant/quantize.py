@@ -223,7 +223,8 @@ def quantize_expert(model: nnx.Module, recipe, stats: StatsSource, *, expert: st
                     paths=BLOCK_LINEARS, mode: str = "fake", progress: bool = True) -> tuple[nnx.Module, dict]:
   """Quantizes the block Linears ``paths`` of one expert; returns ``(quantized model, report)``.
 
-  ``report = {"expert", "recipe", "sqnr_db": {path: [L, B]}}``. The input model is not modified.
+  ``report = {"expert", "recipe", "sqnr_db": {path: [L, B]}}``. The input model is not modified. ``stats`` is used
+  as given: the recipe's ``calibration="shared"`` pooling is applied by :func:`quantize`, which sees both experts.
   """
   recipe = get_recipe(recipe)
   nl = model.cfg.num_layers
