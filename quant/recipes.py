@@ -102,6 +102,22 @@ def layer_input(params: dict, x):
   return x
 
 
+def _path_ranks(ranks, owner: str) -> tuple:
+  """Validated ``((regex, rank), ...)`` per-path rank overrides (lists from JSON become tuples)."""
+  out = []
+  for item in ranks:
+    if len(item) != 2 or not isinstance(item[0], str) or int(item[1]) < 0:
+      raise ValueError(f"{owner}: ranks must be (regex, rank >= 0) pairs, got {item!r}")
+    re.compile(item[0])
+    out.append((item[0], int(item[1])))
+  return tuple(out)
+
+
+def rank_for(path: str, rank: int, ranks: tuple) -> int:
+  """The rank of layer ``path``: the first ``(regex, rank)`` of ``ranks`` whose regex matches it, else ``rank``."""
+  return next((r for pat, r in ranks if re.search(pat, path)), rank)
+
+
 # ------------------------------------------------------------------------------------------------ weight transforms
 @dataclasses.dataclass(frozen=True)
 class Smooth:
@@ -109,7 +125,7 @@ class Smooth:
 
   ``alpha`` fixed, or ``search=True``: per layer over ``alphas`` by the quantized layer's output error on the
   sampled rows (with a low-rank branch of ``search_rank`` in the loop, computed by ``lowrank_method``: ``"svd"``
-  exact or ``"randomized"``, see ``wanjax.quant.lowrank``).
+  exact or ``"randomized"``, see ``wanjax.quant.lowrank``; ``search_ranks``: per-path overrides as ``LowRank.ranks``).
   """
 
   alpha: float = 0.5
@@ -117,18 +133,21 @@ class Smooth:
   alphas: tuple = DEFAULT_ALPHAS
   search_rank: int = 0
   lowrank_method: str = "svd"
+  search_ranks: tuple = ()
   stage = "weight"
 
   def __post_init__(self):
     if self.lowrank_method not in LOWRANK_METHODS:
       raise ValueError(f"Smooth: lowrank_method must be one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
+    object.__setattr__(self, "search_ranks", _path_ranks(self.search_ranks, "Smooth"))
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     a = jnp.max(jnp.asarray(ctx.absmax, jnp.float32), axis=0)
     if not self.search:
       return smooth(params, a, self.alpha)
     out, _ = smooth_search(params, a, ctx.all_rows, ctx.recipe.weight, ctx.recipe.act_spec(), alphas=self.alphas,
-                           rank=self.search_rank, lowrank_method=self.lowrank_method)
+                           rank=rank_for(ctx.path, self.search_rank, self.search_ranks),
+                           lowrank_method=self.lowrank_method)
     return out
 
 
@@ -150,19 +169,25 @@ class Rotate:
 class LowRank:
   """SVDQuant low-rank branch of rank ``rank`` (16-bit ``down``/``up``), taken on the smoothed/rotated weight;
   ``method``: ``"svd"`` (exact thin SVD, the seed's) or ``"randomized"`` (subspace iteration: a few matmuls instead
-  of a full SVD, the fast choice for 5120 x 13824 kernels; see ``wanjax.quant.lowrank``)."""
+  of a full SVD, the fast choice for 5120 x 13824 kernels; see ``wanjax.quant.lowrank``). ``ranks``: per-path
+  overrides ``((regex, rank), ...)``, the first regex found in the layer path (e.g. ``"ffn\\.fc[12]"``) wins."""
 
   rank: int = 32
   method: str = "svd"
+  ranks: tuple = ()
   stage = "weight"
 
   def __post_init__(self):
     if self.method not in LOWRANK_METHODS:
       raise ValueError(f"LowRank: method must be one of {LOWRANK_METHODS}, got {self.method!r}")
+    object.__setattr__(self, "ranks", _path_ranks(self.ranks, "LowRank"))
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     k, n = params["kernel"].shape
-    return lowrank(params, min(self.rank, k, n), jnp.bfloat16, method=self.method)
+    r = rank_for(ctx.path, self.rank, self.ranks)
+    if r == 0:
+      return params
+    return lowrank(params, min(r, k, n), jnp.bfloat16, method=self.method)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Recipes end to end on TINY with synthetic statistics; SQNR ordering on a planted-outlier layer; clip search."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,22 @@ def test_lowrank_method_choice_and_profile(planted_layer):
     LowRank(16, method="qr")
   with pytest.raises(ValueError, match="Smooth: lowrank_method must be one of"):
     Smooth(lowrank_method="qr")
+
+
+def test_per_path_ranks(planted_layer):
+  """LowRank.ranks / Smooth.search_ranks: the first regex found in the layer path sets its rank (0: no branch)."""
+  from wanjax.quant.recipes import rank_for
+
+  w, inp = planted_layer
+  ranks = ((r"ffn\.fc2", 16), (r"attn\.", 0))
+  r = dataclasses.replace(get_recipe("svdquant"), transforms=(
+      Smooth(search=True, alphas=(0.5, 0.6), search_rank=32, search_ranks=ranks), LowRank(32, ranks=ranks), RTN(),
+      ClipSearch((1.0,), (0,), per_bin=False)))
+  shape = lambda path: (lambda a: None if a["down"] is None else a["down"].shape)(
+      quantize_layer(r, w, None, inp, path=path)[1])
+  assert shape("blocks.ffn.fc2") == (128, 16) and shape("blocks.ffn.fc1") == (128, 32)
+  assert shape("blocks.self_attn.q") is None
+  assert rank_for("blocks.cross_attn.k", 32, ranks) == 0 and rank_for("blocks.ffn.fc1", 32, ranks) == 32
+  assert recipe_from_dict(json.loads(json.dumps(recipe_to_dict(r)))) == r      # JSON lists become pairs again
+  with pytest.raises(ValueError, match="ranks must be"):
+    LowRank(32, ranks=(("fc2",),))

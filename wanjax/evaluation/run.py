@@ -212,6 +212,11 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                           "path's output error on the calibration rows (weight + activation quantization)"),
         "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed",
                                  "low-rank branch refit after GPTQ to the weight quantization error only"),
+        "rank_ffn64_attn16": (R(d, name="default-rank-ffn64-attn16", transforms=tuple(
+            R(t, ranks=RANK_FFN64_ATTN16) if isinstance(t, LowRank) else
+            R(t, search_ranks=RANK_FFN64_ATTN16) if isinstance(t, Smooth) else t for t in d.transforms)), "seed",
+            "rank 64 on ffn.fc1/fc2 and 16 on the 8 attention projections: the rank-32 budget sum r (K + N) moved "
+            "to the FFN (equal on the mini model and at full size)"),
         "rank16": (rank(16), "seed", "rank 16"),
         "rank64": (rank(64), "seed", "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
@@ -231,10 +236,13 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     return [Variant(n, table[n][0], table[n][1], "ablation", table[n][2]) for n in names]
 
 
+#: Per-path ranks of the ablation ``rank_ffn64_attn16`` (``LowRank.ranks``).
+RANK_FFN64_ATTN16 = ((r"ffn\.fc[12]", 64), (r"attn\.", 16))
+
 #: Ablation names, in report order.
 ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "per_expert_calib", "bin_balance", "per_bin_clips",
              "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
-             "lowrank_refit", "lowrank_refit_weight", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
+             "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ"}
