@@ -9,11 +9,11 @@
 # stops each run after S seconds (its finished variants are kept).
 set -u
 out=$1; seeds=$2; shift 2
-[ -e wanjax/quant ] || ln -s ../quant wanjax/quant        # the source layout maps wanjax.quant -> quant/
-[ -e wanjax/kernels ] || ln -s ../kernels wanjax/kernels
+# `wanjax eval` from a plain checkout: bench.pipeline.ensure_package_layout registers wanjax.quant / wanjax.kernels
+cli='import sys; from bench.pipeline import ensure_package_layout; ensure_package_layout(); from wanjax.cli import main; sys.exit(main(sys.argv[1:]))'
 mkdir -p "$out"
 for s in $seeds; do
-  timeout "${EVAL_TIMEOUT:-0}" python3 -m wanjax.cli eval --model models/mini --calib-set wanjax/evaluation/sets/calib_mini.json --steps 20 \
+  PYTHONPATH=. timeout "${EVAL_TIMEOUT:-0}" python3 -c "$cli" eval --model models/mini --calib-set wanjax/evaluation/sets/calib_mini.json --steps 20 \
       --calib-seed "$s" --out "/tmp/eval_seed$s" "$@" >"$out/eval_seed$s.log" 2>&1
   # results.json is rewritten after every variant: a run cut short still leaves its finished variants
   [ -f "/tmp/eval_seed$s/results.json" ] && cp "/tmp/eval_seed$s/results.json" "$out/s$s.json"

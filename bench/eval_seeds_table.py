@@ -13,13 +13,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 
 def load_runs(paths: list[str]) -> list[dict]:
-    """``[{"seed", "paths", "psnr": {variant: dB}}]`` sorted by seed, runs of one seed merged (a variant measured
+    """``[{"seed", "sources": [{path, platform, jax}], "psnr": {variant: dB}}]`` sorted by seed, runs of one seed merged (a variant measured
     twice must agree to 0.01 dB); raises ValueError on mixed evaluation sets or calibration settings."""
     by_seed: dict[int, dict] = {}
     sets, reservoirs = set(), set()
@@ -30,8 +29,8 @@ def load_runs(paths: list[str]) -> list[dict]:
             raise ValueError(f"{p}: no 'calib' entry (written by a wanjax eval older than --calib-seed)")
         sets.add(tuple(r["eval_set"]))
         reservoirs.add(r["calib"]["reservoir"])
-        run = by_seed.setdefault(r["calib"]["seed"], {"seed": r["calib"]["seed"], "paths": [], "psnr": {}})
-        run["paths"].append(p)
+        run = by_seed.setdefault(r["calib"]["seed"], {"seed": r["calib"]["seed"], "sources": [], "psnr": {}})
+        run["sources"].append({"path": p, "platform": r.get("platform"), "jax": r.get("jax")})
         for v in r["variants"]:
             old = run["psnr"].setdefault(v["name"], v["psnr"])
             if abs(old - v["psnr"]) > 0.01:
@@ -88,13 +87,11 @@ def main(argv=None) -> int:
     summary = summarize(runs, a.ref)
     print(markdown(runs, summary, a.ref))
     if a.json:
-        doc = {"ref": a.ref, "runs": [{k: r[k] for k in ("seed", "paths")} for r in runs],
-               "variants": summary}
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.json)), suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make the result private
-        os.replace(tmp, a.json)
+        from bench.common import write_result
+
+        doc = {"ref": a.ref, "runs": [{k: r[k] for k in ("seed", "sources")} for r in runs], "variants": summary}
+        name = os.path.basename(a.json)
+        write_result(name[:-5] if name.endswith(".json") else name, doc, (os.path.dirname(a.json) or ".",))
     return 0
 
 
