@@ -32,7 +32,7 @@ from wanjax.quant import formats
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
 from wanjax.quant.bins import EXPERTS
 from wanjax.quant.qlinear import QLinear, QLinearConfig
-from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input
+from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input, rotation_block
 from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
 
 __all__ = ["sqnr_csv", "CalibrationSource", "LayerInputs", "SharedExpertSource", "StatsSource", "pack_layer", "quantize",
@@ -126,7 +126,7 @@ def layer_config(recipe: Recipe, k: int, n: int, nbins: int) -> QLinearConfig:
   return QLinearConfig(in_features=k, out_features=n, w_fmt=w.fmt, w_group=w.group(k),
                        a_fmt=None if a is None else a.fmt, a_group=None if a is None else a.group_size,
                        a_scale_rule="safe_ceil" if a is None else a.scale_rule, act_mode=recipe.act_mode,
-                       nbins=nbins)
+                       nbins=nbins, rot_block=rotation_block(recipe))
 
 
 def pack_layer(params: dict, config: QLinearConfig, ctx: LayerContext, param_dtype) -> dict:
@@ -153,7 +153,7 @@ def pack_layer(params: dict, config: QLinearConfig, ctx: LayerContext, param_dty
 def _xin_absmax(params, ctx):
   """``[B, K]`` abs-max of the matmul input per bin: exact from the abs-max without rotation, from rows with it."""
   if "rot_signs" in params:
-    return jnp.max(jnp.abs(layer_input(params, ctx.rows)), axis=1)
+    return jnp.max(jnp.abs(layer_input(params, ctx.rows, rotation_block(ctx.recipe))), axis=1)
   a = jnp.asarray(ctx.absmax, jnp.float32)
   return a / params["smooth"] if "smooth" in params else a
 

@@ -51,6 +51,7 @@ __all__ = [
     "Smooth",
     "get_recipe",
     "layer_input",
+    "rotation_block",
     "recipe_from_dict",
     "recipe_to_dict",
 ]
@@ -92,14 +93,20 @@ class LayerContext:
     return r.reshape(-1, r.shape[-1])
 
 
-def layer_input(params: dict, x):
-  """What the quantized matmul sees for raw input ``x [..., K]``: ``rotate(x / smooth)`` (each if present)."""
+def layer_input(params: dict, x, rot_block: int | None = None):
+  """What the quantized matmul sees for raw input ``x [..., K]``: ``rotate(x / smooth)`` (each if present;
+  ``rot_block``: the Hadamard block, see :func:`rotation_block`)."""
   x = jnp.asarray(x, jnp.float32)
   if "smooth" in params:
     x = x / params["smooth"]
   if "rot_signs" in params:
-    x = rotate_activations(x, params["rot_signs"])
+    x = rotate_activations(x, params["rot_signs"], rot_block)
   return x
+
+
+def rotation_block(recipe: "Recipe") -> int | None:
+  """The Hadamard block size of the recipe's :class:`Rotate` (None: none, or the largest power of two dividing K)."""
+  return next((t.block_size for t in recipe.transforms if isinstance(t, Rotate)), None)
 
 
 def _path_ranks(ranks, owner: str) -> tuple:
@@ -153,16 +160,19 @@ class Smooth:
 
 @dataclasses.dataclass(frozen=True)
 class Rotate:
-  """Block Hadamard rotation of the input (QuaRot); random signs from ``seed`` (None: no signs)."""
+  """Block Hadamard rotation of the input (QuaRot); random signs from ``seed`` (None: no signs); ``block_size``:
+  the Hadamard block (a power of two dividing every rotated layer's K; None: the largest power of two dividing K,
+  1024 at K = 5120 and 512 at K = 13824). The fused GPU act-quant kernel rotates in-kernel for blocks of 64-256."""
 
   seed: int | None = 0
+  block_size: int | None = None
   stage = "weight"
 
   def __call__(self, params: dict, ctx: LayerContext) -> dict:
     if self.seed is None:
-      return rotate(params, None)
+      return rotate(params, None, self.block_size)
     tag = int(np.frombuffer(ctx.path.encode(), np.uint8).astype(np.int64).sum()) * 1000 + ctx.index
-    return rotate(params, jax.random.fold_in(jax.random.key(self.seed), tag))
+    return rotate(params, jax.random.fold_in(jax.random.key(self.seed), tag), self.block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,10 +239,10 @@ class GPTQ:
       if "smooth" in params:
         h = smooth_hessian(h, params["smooth"])
       if "rot_signs" in params:
-        h = rotate_hessian(h, params["rot_signs"])
+        h = rotate_hessian(h, params["rot_signs"], rotation_block(ctx.recipe))
       return h
     spec = ctx.recipe.act_spec() if self.hessian == "quantized" else None
-    x = layer_input(params, ctx.rows)  # [B, n, K]
+    x = layer_input(params, ctx.rows, rotation_block(ctx.recipe))  # [B, n, K]
     if self.balance_bins:
       x = x * jax.lax.rsqrt(jnp.maximum(jnp.mean(x * x, axis=(1, 2), keepdims=True), 1e-30))
     h, _ = hessian_from_rows(x, None, spec)
@@ -271,7 +281,7 @@ class LowRankRefit:
       raise ValueError(f"LowRankRefit: target must be one of {REFIT_TARGETS}, got {self.target!r}")
 
   def __call__(self, params: dict, ctx: LayerContext, residual) -> dict:
-    x = layer_input(params, ctx.rows)  # [B, n, K]
+    x = layer_input(params, ctx.rows, rotation_block(ctx.recipe))  # [B, n, K]
     if self.balance_bins:
       x = x * jax.lax.rsqrt(jnp.maximum(jnp.mean(x * x, axis=(1, 2), keepdims=True), 1e-30))
     out, _ = refit_lowrank(params, residual, x.reshape(-1, x.shape[-1]), ctx.recipe.act_spec(), target=self.target,

@@ -299,3 +299,26 @@ def test_per_path_ranks(planted_layer):
   assert recipe_from_dict(json.loads(json.dumps(recipe_to_dict(r)))) == r      # JSON lists become pairs again
   with pytest.raises(ValueError, match="ranks must be"):
     LowRank(32, ranks=(("fc2",),))
+
+
+def test_rotate_block_size_reaches_the_layer_config_and_the_matmul_input():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from wanjax.quant.quantize import layer_config
+  from wanjax.quant.recipes import (GPTQ, LayerContext, Recipe, Rotate, layer_input, recipe_from_dict,
+                                    recipe_to_dict, rotation_block)
+  from wanjax.quant.rotate import hadamard_matrix
+  from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
+
+  rec = Recipe("r", WeightQuantSpec("int4"), ActQuantSpec("int4"), (Rotate(0, 64), GPTQ()))
+  assert rotation_block(rec) == 64 and rotation_block(recipe_from_dict(recipe_to_dict(rec))) == 64
+  assert layer_config(rec, 256, 128, 3).rot_block == 64
+  k = 256
+  rows = np.array(jax.random.normal(jax.random.key(1), (1, 8, k)))
+  ctx = LayerContext("blocks.ffn.fc1", 0, "high", np.abs(rows).max(1), rows, None, rec)
+  p = Rotate(0, 64)({"kernel": jax.random.normal(jax.random.key(0), (k, 16)), "bias": jnp.zeros(16)}, ctx)
+  q = np.kron(np.eye(k // 64), hadamard_matrix(64)) * np.asarray(p["rot_signs"])[:, None]   # Q = diag(d) blockdiag(H)
+  np.testing.assert_allclose(layer_input(p, rows[0], 64), rows[0] @ q, atol=1e-5)
+  assert not np.allclose(layer_input(p, rows[0]), rows[0] @ q, atol=1e-3)   # the default block (256) differs

@@ -162,7 +162,7 @@ def _swap(recipe, cls, new):
 def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
     from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, WEIGHT_CLIPS, ClipSearch,
-                                      LowRank, LowRankRefit, Smooth, get_recipe)
+                                      LowRank, LowRankRefit, Rotate, Smooth, get_recipe)
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
@@ -175,6 +175,15 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         ts = tuple(t for t in d.transforms if not isinstance(t, LowRank)) if r == 0 else _swap(d, LowRank, LowRank(r))
         ts = tuple(R(t, search_rank=r) if isinstance(t, Smooth) else t for t in ts)
         return R(d, name=f"default-rank{r}", transforms=ts)
+
+    def path_ranks(tag, ranks):
+        ts = tuple(R(t, ranks=ranks) if isinstance(t, LowRank) else R(t, search_ranks=ranks) if isinstance(t, Smooth)
+                   else t for t in d.transforms)
+        return R(d, name=f"default-rank-{tag}", transforms=ts)
+
+    def rotated(block):
+        ts = tuple(x for t in d.transforms for x in ((t, Rotate(0, block)) if isinstance(t, Smooth) else (t,)))
+        return R(d, name="default-rotate" + ("" if block is None else f"-b{block}"), transforms=ts)
 
     def refit(t):
         ts = [x for x in d.transforms if not isinstance(x, LowRankRefit)]
@@ -212,11 +221,17 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                           "path's output error on the calibration rows (weight + activation quantization)"),
         "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed",
                                  "low-rank branch refit after GPTQ to the weight quantization error only"),
-        "rank_ffn64_attn16": (R(d, name="default-rank-ffn64-attn16", transforms=tuple(
-            R(t, ranks=RANK_FFN64_ATTN16) if isinstance(t, LowRank) else
-            R(t, search_ranks=RANK_FFN64_ATTN16) if isinstance(t, Smooth) else t for t in d.transforms)), "seed",
-            "rank 64 on ffn.fc1/fc2 and 16 on the 8 attention projections: the rank-32 budget sum r (K + N) moved "
-            "to the FFN (equal on the mini model, 97 % of it at full size)"),
+        "rank_ffn64_attn16": (path_ranks("ffn64-attn16", RANK_FFN64_ATTN16), "seed",
+                              "rank 64 on ffn.fc1/fc2 and 16 on the 8 attention projections: the rank-32 budget "
+                              "sum r (K + N) moved to the FFN (equal on the mini model, 97 % of it at full size)"),
+        "rank_ffn96_attn0": (path_ranks("ffn96-attn0", RANK_FFN96_ATTN0), "seed",
+                             "rank 96 on ffn.fc1/fc2 and no branch on the attention projections: the whole rank-32 "
+                             "budget in the FFN (equal on the mini model, 95 % of it at full size)"),
+        "rotate": (rotated(None), "seed", "random-sign block Hadamard rotation of the smoothed input (QuaRot; "
+                                          "block: the largest power of two dividing K) before the low-rank branch "
+                                          "and GPTQ"),
+        "rotate_b128": (rotated(128), "seed", "as rotate, Hadamard blocks of 128"),
+        "rotate_b64": (rotated(64), "seed", "as rotate, Hadamard blocks of 64"),
         "rank16": (rank(16), "seed", "rank 16"),
         "rank64": (rank(64), "seed", "rank 64"),
         "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
@@ -236,13 +251,15 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     return [Variant(n, table[n][0], table[n][1], "ablation", table[n][2]) for n in names]
 
 
-#: Per-path ranks of the ablation ``rank_ffn64_attn16`` (``LowRank.ranks``).
+#: Per-path ranks of the ablations ``rank_ffn64_attn16`` and ``rank_ffn96_attn0`` (``LowRank.ranks``).
 RANK_FFN64_ATTN16 = ((r"ffn\.fc[12]", 64), (r"attn\.", 16))
+RANK_FFN96_ATTN0 = ((r"ffn\.fc[12]", 96), (r"attn\.", 0))
 
 #: Ablation names, in report order.
 ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "per_expert_calib", "bin_balance", "per_bin_clips",
              "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
-             "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
+             "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16",
+             "rank_ffn96_attn0", "rotate", "rotate_b128", "rotate_b64", "rank16", "rank64", "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ"}
