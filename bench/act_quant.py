@@ -132,10 +132,43 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
       res["checks"][f"{name}_vs_xla_relerr"] = rel_err(y[name], y["e2e_mxfp4_xla"])
 
 
-def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused")):
+def run_rotation(inp, res, rec, log):
+  """Act quant with the input rotated (QuaRot blocks, after the smoothing): the fused kernel rotating in-kernel
+  (``rot_signs``, Hadamard blocks = chunk of 256 / 128 / 64) against the XLA f32 Walsh-Hadamard pass + the fused
+  kernel on its output (``QLinear`` real mode's path); codes checked against the f32 rotation's."""
+  from bench.kernels import rel_err
+  from kernels import act_quant_gpu
+  from kernels.act_quant_gpu import act_quant_lowrank_pallas
+  from wanjax.quant.rotate import random_signs, rotate_activations
+  x, smooth, down = inp["x"], inp["smooth"], inp["down"]
+  signs = random_signs(jax.random.key(7), x.shape[1])
+  for b in (256, 128, 64):
+    ref_fn = jax.jit(lambda a, sm, sg, b=b: rotate_activations(a.astype(jnp.float32) / sm, sg, b))
+    xr = ref_fn(x, smooth, signs)
+    q0, s0, lr0 = act_quant_lowrank_pallas(xr, None, down, 1.0, None, **act_quant_gpu.FUSED_OPTIONS)
+    xla = jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
+        rotate_activations(a.astype(jnp.float32) / sm, sg, b), None, dn, 1.0, None, **act_quant_gpu.FUSED_OPTIONS))
+    fused = jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
+        a, sm, dn, 1.0, None, chunk=b, rot_signs=sg, **act_quant_gpu.FUSED_OPTIONS))
+    try:
+      q, s_, lr = fused(x, smooth, signs, down)
+      res["checks"][f"aq_fused_rot{b}"] = {"code_mismatch_frac": float(jnp.mean((q != q0).astype(jnp.float32))),
+                                           "code_maxdiff": int(jnp.max(jnp.abs(q.astype(jnp.int32) - q0))),
+                                           "scale_max_reldiff": float(jnp.max(jnp.abs(s_ / s0 - 1))),
+                                           "x_lr_relerr": rel_err(lr, lr0)}
+      log(f"  check aq_fused_rot{b}: {res['checks'][f'aq_fused_rot{b}']}")
+    except Exception as e:
+      res["errors"][f"check_aq_fused_rot{b}"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      log(f"  check aq_fused_rot{b}: ERROR {str(e)[:300]}")
+    rec(f"aq_fused_rot{b}", fused, x, smooth, signs, down)
+    rec(f"aq_xla_rot{b}_then_fused", xla, x, smooth, signs, down)
+
+
+def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused"), rotation=False):
   from bench.kernels import cupti_ms, make_inputs, rel_err
   from kernels import dispatch
   from kernels import reference as ref
+  from kernels import act_quant_gpu
   from kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, act_quant_pallas
 
   inp = make_inputs(jax.random.key(m + k + n), m, k, n)
@@ -166,6 +199,10 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
                                   lazy_max="lazy" in str(fast))))
   if mx:
     run_mxfp4(inp, res, rec, log, sweep, e2e)
+  if rotation:
+    variants["aq_fused_fast"] = jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None,
+                                                                                  **act_quant_gpu.FUSED_OPTIONS))
+    run_rotation(inp, res, rec, log)
   qn, sn, lrn = act_quant_fused(x, None, down, 1.0, None)  # the reference without smoothing
   for name, fn in variants.items():
     try:
@@ -184,7 +221,6 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
   w8 = ref.unpack_int4(inp["w_packed"])
   y_ref = ref.w4a4_epilogue(jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
                             s0, inp["s_w"], lr0, inp["up"], inp["bias"], jnp.float32)
-  from kernels import act_quant_gpu
   opts0 = act_quant_gpu.FUSED_OPTIONS
   for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
     otag = _otag(opts) if impl == "fused" else ""
@@ -228,6 +264,8 @@ def main(argv=None):
   ap.add_argument("--mxfp4", action="store_true", help="also the MXFP4 activation side (XLA and Triton) and linear")
   ap.add_argument("--no-e2e", action="store_true", help="act quant only (no end-to-end linears)")
   ap.add_argument("--e2e-impls", default="xla,pallas,fused", help="INT4 act quant impls timed end to end")
+  ap.add_argument("--rotate", action="store_true", help="also the act quant of a rotated input (in-kernel Hadamard "
+                                                        "blocks of 256/128/64 vs an XLA rotation pass)")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
@@ -243,7 +281,8 @@ def main(argv=None):
     for shape in a.shapes.split(","):
       k, n = (int(v) for v in shape.split("x"))
       log(f"M={m} K={k} N={n}")
-      rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(","))))
+      rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(",")),
+                            a.rotate))
       write_result(a.name, {"device": device_facts(), "rows": rows})
   print("\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
         "e2e fused, int8 w |")

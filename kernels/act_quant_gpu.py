@@ -22,6 +22,7 @@ scale, round half-even to int4 values in int8, low-rank down projection ``x_lr =
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -160,16 +161,16 @@ def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, c
   return m >= block_rows and _chunk_for(k, chunk) is not None and (r == 0 or (r >= 16 and r & (r - 1) == 0))
 
 
-def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax, static,
-                              l2_hint, reverse=False, programs=0, fast=False, lazy_max=False, int_round=False,
-                              use_smooth=True):
+def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, had_ref, q_ref, s_ref, lr_ref, *, m, k, bm, ck, r, qmax,
+                              static, l2_hint, reverse=False, programs=0, fast=False, lazy_max=False,
+                              int_round=False, use_smooth=True, rotate=False):
   """Row blocks of ``bm`` rows: one per program, or (``programs`` > 0, a persistent grid of that many programs)
   blocks pid, pid + programs, ... so that fewer blocks are in flight at once (their pass-2 re-reads then fit in L2).
   Trailing iterations past the last block redo the last block (identical values)."""
   import jax.experimental.pallas as pl
-  body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, m=m, k=k, bm=bm,
-                           ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast,
-                           lazy_max=lazy_max, int_round=int_round, use_smooth=use_smooth)
+  body = functools.partial(_act_quant_rows, x_ref, sm_ref, dn_ref, cs_ref, had_ref, q_ref, s_ref, lr_ref, m=m, k=k,
+                           bm=bm, ck=ck, r=r, qmax=qmax, static=static, l2_hint=l2_hint, reverse=reverse, fast=fast,
+                           lazy_max=lazy_max, int_round=int_round, use_smooth=use_smooth, rotate=rotate)
   nblocks = -(-m // bm)
   if not programs:
     body(jnp.minimum(pl.program_id(0) * bm, m - bm))
@@ -185,8 +186,8 @@ def _act_quant_lowrank_kernel(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_re
   jax.lax.fori_loop(0, -(-nblocks // programs), step, 0)
 
 
-def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax, static,
-                    l2_hint, reverse, fast, lazy_max, int_round, use_smooth=True):
+def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, had_ref, q_ref, s_ref, lr_ref, r0, *, m, k, bm, ck, r, qmax,
+                    static, l2_hint, reverse, fast, lazy_max, int_round, use_smooth=True, rotate=False):
   """Rows [r0, r0 + bm): pass 1 over K (abs-max of x / smooth, and bf16(x) @ down_folded on the tensor cores),
   pass 2 over K (re-read x, mostly from L2, and write the codes). The last block is shifted back to end at row M
   (its overlap rows are recomputed with identical values), so no row mask is needed."""
@@ -203,10 +204,14 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
     else:
       xc = sl[...]
     if not use_smooth:  # no smoothing vector (e.g. folded into the producer of x): no per-element multiply
-      return xc, xc.astype(jnp.float32)
-    if fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
-      return xc, xc.astype(jnp.float32) * sm_ref[pl.ds(j * ck, ck)][None, :]
-    return xc, xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
+      xs = xc.astype(jnp.float32)
+    elif fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
+      xs = xc.astype(jnp.float32) * sm_ref[pl.ds(j * ck, ck)][None, :]
+    else:
+      xs = xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
+    if rotate:  # the chunk is one Hadamard block: bf16(x * signs / smooth) @ (+-1 matrix), scaled by 1 / sqrt(ck)
+      xs = jnp.dot(xs.astype(jnp.bfloat16), had_ref[...], preferred_element_type=jnp.float32) * cs_ref[2]
+    return xc, xs
 
   def pass1(j, carry):
     amax, acc = carry
@@ -215,8 +220,9 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, q_ref, s_ref, lr_ref, r0, *, 
       amax = jnp.maximum(amax, jnp.abs(xs))
     else:
       amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
-    if r:
-      acc = acc + jnp.dot(xc.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
+    if r:  # without rotation x itself meets down / smooth; with it the rotated input meets down
+      a = xs if rotate else xc
+      acc = acc + jnp.dot(a.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
     return amax, acc
 
   acc0 = jnp.zeros((bm, max(r, 16)), jnp.float32)
@@ -260,7 +266,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                              chunk: int = FUSED_CHUNK, num_warps: int = FUSED_WARPS,
                              num_stages: int = FUSED_STAGES, l2_hint: bool = False,
                              reverse: bool = False, programs: int = 0, fast: bool = False,
-                             lazy_max: bool = False, int_round: bool = False, interpret: bool = False):
+                             lazy_max: bool = False, int_round: bool = False, rot_signs=None,
+                             interpret: bool = False):
   """One Pallas (Triton) kernel for the whole activation quantization: (q_x int8 [M, K], s_x f32 [M],
   x_lr bf16 [M, r] or None), x read from HBM once (the second pass over a row block hits L2).
 
@@ -273,7 +280,11 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   row's ``1 / s`` instead of dividing, and round by the 1.5 * 2**23 trick (fewer instructions per element; codes
   can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
   ulp). ``smooth=None`` (smoothing folded into the producer of x, or a recipe without it) skips the per-element
-  smoothing multiply in both passes.
+  smoothing multiply in both passes. ``rot_signs`` ([K] +-1): the input is also rotated after the smoothing, as
+  ``quant.rotate.rotate_activations`` with Hadamard blocks of ``chunk`` (64-256): each chunk of
+  ``bf16(x * signs / smooth)`` is multiplied on the tensor cores by the +-1 Hadamard matrix and scaled by
+  ``1 / sqrt(chunk)`` (f32 accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves
+  a value across a rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing).
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -284,11 +295,23 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
     raise ValueError(f"act_quant_lowrank_pallas: unsupported shape M={m}, K={k}, r={r} (needs M >= {block_rows}, a "
                      f"power-of-two chunk >= 64 dividing K, r = 0 or a power of two >= 16)")
   static = static_scale is not None
-  # [clip or static scale, 1.5 * 2**23]: the rounding constant comes in at run time so that no compiler (XLA's
+  rotate = rot_signs is not None
+  if rotate and (ck != chunk or not 64 <= chunk <= 256):
+    raise ValueError(f"act_quant_lowrank_pallas: rotation needs a Hadamard block (chunk) of 64-256 dividing K={k}, "
+                     f"got chunk={chunk}")
+  # [clip or static scale, 1.5 * 2**23, 1 / sqrt(chunk)]: the rounding constant comes in at run time so that no compiler (XLA's
   # simplifier in the interpreter) folds (t + M) - M into t
-  cs = jnp.stack([jnp.asarray(static_scale if static else clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC)])
+  cs = jnp.stack([jnp.asarray(static_scale if static else clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC),
+                  jnp.float32(1.0 / math.sqrt(ck))])
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
-  if r:
+  if rotate:  # signs / smooth as one per-channel factor (sm divides x; signs are +-1, their own inverse)
+    sm = sm * jnp.asarray(rot_signs, jnp.float32)
+    had = jnp.asarray(_hadamard_pm1(ck), jnp.bfloat16)
+  else:
+    had = jnp.zeros((16, 16), jnp.bfloat16)
+  if r and rotate:
+    dn = down.astype(jnp.bfloat16)
+  elif r:
     dn = (down.astype(jnp.float32) / sm[:, None]).astype(jnp.bfloat16)
   else:
     dn = jnp.zeros((k, 16), jnp.bfloat16)
@@ -298,7 +321,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   progs = min(programs, nblocks) if programs > 0 else 0
   kern = functools.partial(_act_quant_lowrank_kernel, m=m, k=k, bm=block_rows, ck=ck, r=r, qmax=qmax,
                            static=static, l2_hint=l2_hint, reverse=reverse, programs=progs, fast=fast,
-                           lazy_max=lazy_max, int_round=int_round, use_smooth=smooth is not None)
+                           lazy_max=lazy_max, int_round=int_round, use_smooth=smooth is not None or rotate,
+                           rotate=rotate)
   q, s, lr = pl.pallas_call(
       kern,
       grid=(progs or nblocks,),
@@ -306,5 +330,14 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                  jax.ShapeDtypeStruct((m, max(r, 16)), jnp.bfloat16)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-  )(x, sm, dn, cs)
+  )(x, sm, dn, cs, had)
   return q, s, (lr if r else None)
+
+
+def _hadamard_pm1(n: int):
+  """The unnormalized +-1 Sylvester Hadamard matrix ``[n, n]`` (exact in bf16)."""
+  import numpy as np
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h

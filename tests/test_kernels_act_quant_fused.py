@@ -148,3 +148,29 @@ def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
   np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=3e-7)
   np.testing.assert_allclose(np.asarray(lr, np.float32), np.asarray(ref.lowrank_down(x, down, None), np.float32),
                              rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m,k,r,chunk", [(70, 512, 32, 256), (37, 384, 16, 128), (64, 256, 0, 64)])
+def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk):
+  """In-kernel rotation (``rot_signs``): the input rotated as ``quant.rotate.rotate_activations`` with Hadamard
+  blocks of ``chunk`` after the smoothing; codes as the f32 reference's except where bf16 rounding of x / smooth
+  moves a value across a rounding boundary (a few in 1e3), scales and x_lr within bf16 rounding."""
+  from wanjax.quant.rotate import random_signs, rotate_activations
+  import jax
+  x, smooth, down = _inputs(m, k, max(r, 16), m * k + r)
+  down = down if r else None
+  signs = random_signs(jax.random.key(3), k)
+  q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=16, chunk=chunk, rot_signs=signs,
+                                      interpret=True)
+  xr = rotate_activations(x.astype(jnp.float32) / smooth, signs, chunk)
+  q0, s0 = ref.quantize_act_int4(xr, None, 0.9)
+  q, q0 = np.asarray(q, np.int32), np.asarray(q0, np.int32)
+  assert np.abs(q - q0).max() <= 1 and np.mean(q != q0) < 5e-3
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=1e-2)
+  if r:
+    lr0 = np.asarray(ref.lowrank_down(xr, down, None), np.float32)
+    assert np.linalg.norm(np.asarray(lr, np.float32) - lr0) <= 1e-2 * np.linalg.norm(lr0)
+  else:
+    assert lr is None
+  with pytest.raises(ValueError, match="Hadamard block"):
+    act_quant_lowrank_pallas(x, smooth, None, block_rows=16, rot_signs=signs, chunk=512, interpret=True)
