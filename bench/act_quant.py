@@ -132,11 +132,19 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
       res["checks"][f"{name}_vs_xla_relerr"] = rel_err(y[name], y["e2e_mxfp4_xla"])
 
 
+def aq_check(got, want) -> dict:
+  """How an act quant's ``(codes, scales, x_lr)`` differ from a reference's."""
+  from bench.kernels import rel_err
+  (q, s, lr), (qr, sr, lrr) = got, want
+  return {"code_mismatch_frac": float(jnp.mean((q != qr).astype(jnp.float32))),
+          "code_maxdiff": int(jnp.max(jnp.abs(q.astype(jnp.int32) - qr.astype(jnp.int32)))),
+          "scale_max_reldiff": float(jnp.max(jnp.abs(s / sr - 1))), "x_lr_relerr": rel_err(lr, lrr)}
+
+
 def run_rotation(inp, res, rec, log):
   """Act quant with the input rotated (QuaRot blocks, after the smoothing): the fused kernel rotating in-kernel
   (``rot_signs``, Hadamard blocks = chunk of 256 / 128 / 64) against the XLA f32 Walsh-Hadamard pass + the fused
   kernel on its output (``QLinear`` real mode's path); codes checked against the f32 rotation's."""
-  from bench.kernels import rel_err
   from kernels import act_quant_gpu
   from kernels.act_quant_gpu import act_quant_lowrank_pallas
   from wanjax.quant.rotate import random_signs, rotate_activations
@@ -152,10 +160,7 @@ def run_rotation(inp, res, rec, log):
         a, sm, dn, 1.0, None, chunk=b, rot_signs=sg, **act_quant_gpu.FUSED_OPTIONS))
     try:
       q, s_, lr = fused(x, smooth, signs, down)
-      res["checks"][f"aq_fused_rot{b}"] = {"code_mismatch_frac": float(jnp.mean((q != q0).astype(jnp.float32))),
-                                           "code_maxdiff": int(jnp.max(jnp.abs(q.astype(jnp.int32) - q0))),
-                                           "scale_max_reldiff": float(jnp.max(jnp.abs(s_ / s0 - 1))),
-                                           "x_lr_relerr": rel_err(lr, lr0)}
+      res["checks"][f"aq_fused_rot{b}"] = aq_check((q, s_, lr), (q0, s0, lr0))
       log(f"  check aq_fused_rot{b}: {res['checks'][f'aq_fused_rot{b}']}")
     except Exception as e:
       res["errors"][f"check_aq_fused_rot{b}"] = f"{type(e).__name__}: {str(e)[:1500]}"
@@ -208,9 +213,7 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
     try:
       q, s, lr = fn(x, smooth, down)
       qr, sr, lrr = (qn, sn, lrn) if "nosm" in name else (q0, s0, lr0)
-      res["checks"][name] = {"code_mismatch_frac": float(jnp.mean((q != qr).astype(jnp.float32))),
-                             "scale_max_reldiff": float(jnp.max(jnp.abs(s / sr - 1))),
-                             "x_lr_relerr": rel_err(lr, lrr)}
+      res["checks"][name] = aq_check((q, s, lr), (qr, sr, lrr))
       log(f"  check {name}: {res['checks'][name]}")
     except Exception as e:
       res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
