@@ -285,6 +285,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   ``bf16(x * signs / smooth)`` is multiplied on the tensor cores by the +-1 Hadamard matrix and scaled by
   ``1 / sqrt(chunk)`` (f32 accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves
   a value across a rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing).
+  On the H200, blocks of 64 and 128 compile (0.50 ms at K = 5120, M = 32,760, twice the unrotated kernel); 256 asks
+  for more shared memory than the card has at this tuning (docs/BENCHMARKS.md, "Act quant of a rotated input").
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -299,8 +301,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   if rotate and (ck != chunk or not 64 <= chunk <= 256):
     raise ValueError(f"act_quant_lowrank_pallas: rotation needs a Hadamard block (chunk) of 64-256 dividing K={k}, "
                      f"got chunk={chunk}")
-  # [clip or static scale, 1.5 * 2**23, 1 / sqrt(chunk)]: the rounding constant comes in at run time so that no compiler (XLA's
-  # simplifier in the interpreter) folds (t + M) - M into t
+  # [clip or static scale, 1.5 * 2**23, 1 / sqrt(chunk)]: the rounding constant comes in at run time so that no
+  # compiler (XLA's simplifier in the interpreter) folds (t + M) - M into t
   cs = jnp.stack([jnp.asarray(static_scale if static else clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC),
                   jnp.float32(1.0 / math.sqrt(ck))])
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
