@@ -26,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import reference
 
@@ -308,7 +309,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
   if rotate:  # signs / smooth as one per-channel factor (sm divides x; signs are +-1, their own inverse)
     sm = sm * jnp.asarray(rot_signs, jnp.float32)
-    had = jnp.asarray(_hadamard_pm1(ck), jnp.bfloat16)
+    from wanjax.quant.rotate import hadamard_matrix
+    had = jnp.asarray(np.sign(hadamard_matrix(ck)), jnp.bfloat16)  # the +-1 matrix (exact in bf16)
   else:
     had = jnp.zeros((16, 16), jnp.bfloat16)
   if r and rotate:
@@ -334,12 +336,3 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
       interpret=interpret,
   )(x, sm, dn, cs, had)
   return q, s, (lr if r else None)
-
-
-def _hadamard_pm1(n: int):
-  """The unnormalized +-1 Sylvester Hadamard matrix ``[n, n]`` (exact in bf16)."""
-  import numpy as np
-  h = np.ones((1, 1), np.float32)
-  while h.shape[0] < n:
-    h = np.block([[h, h], [h, -h]])
-  return h
