@@ -141,32 +141,45 @@ def aq_check(got, want) -> dict:
           "scale_max_reldiff": float(jnp.max(jnp.abs(s / sr - 1))), "x_lr_relerr": rel_err(lr, lrr)}
 
 
+# (block_rows, num_warps, num_stages) tried for each rotation block; the first is the dispatcher's default tuning
+ROT_SWEEP = ((64, 8, 3), (64, 8, 2), (64, 8, 1), (32, 8, 2), (32, 4, 2), (32, 4, 1), (16, 4, 2))
+ROT_BLOCKS = (1024, 512, 256, 128, 64)
+
+
 def run_rotation(inp, res, rec, log):
   """Act quant with the input rotated (QuaRot blocks, after the smoothing): the fused kernel rotating in-kernel
-  (``rot_signs``, Hadamard blocks = chunk of 256 / 128 / 64) against the XLA f32 Walsh-Hadamard pass + the fused
-  kernel on its output (``QLinear`` real mode's path); codes checked against the f32 rotation's."""
+  (``rot_signs``, Hadamard blocks = chunk, :data:`ROT_BLOCKS` dividing K, tunings :data:`ROT_SWEEP`) against the
+  XLA f32 Walsh-Hadamard pass + the fused kernel on its output; codes checked against the f32 rotation's."""
   from kernels import act_quant_gpu
   from kernels.act_quant_gpu import act_quant_lowrank_pallas
   from wanjax.quant.rotate import random_signs, rotate_activations
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
-  for b in (256, 128, 64):
+  for b in (b for b in ROT_BLOCKS if x.shape[1] % b == 0):
     ref_fn = jax.jit(lambda a, sm, sg, b=b: rotate_activations(a.astype(jnp.float32) / sm, sg, b))
     xr = ref_fn(x, smooth, signs)
     q0, s0, lr0 = act_quant_lowrank_pallas(xr, None, down, 1.0, None, **act_quant_gpu.FUSED_OPTIONS)
-    xla = jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
-        rotate_activations(a.astype(jnp.float32) / sm, sg, b), None, dn, 1.0, None, **act_quant_gpu.FUSED_OPTIONS))
-    fused = jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
-        a, sm, dn, 1.0, None, chunk=b, rot_signs=sg, **act_quant_gpu.FUSED_OPTIONS))
-    try:
-      q, s_, lr = fused(x, smooth, signs, down)
-      res["checks"][f"aq_fused_rot{b}"] = aq_check((q, s_, lr), (q0, s0, lr0))
-      log(f"  check aq_fused_rot{b}: {res['checks'][f'aq_fused_rot{b}']}")
-    except Exception as e:
-      res["errors"][f"check_aq_fused_rot{b}"] = f"{type(e).__name__}: {str(e)[:1500]}"
-      log(f"  check aq_fused_rot{b}: ERROR {str(e)[:300]}")
-    rec(f"aq_fused_rot{b}", fused, x, smooth, signs, down)
-    rec(f"aq_xla_rot{b}_then_fused", xla, x, smooth, signs, down)
+    del xr
+    if b == 256:
+      rec(f"aq_xla_rot{b}_then_fused", jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
+          rotate_activations(a.astype(jnp.float32) / sm, sg, b), None, dn, 1.0, None, **act_quant_gpu.FUSED_OPTIONS)),
+          x, smooth, signs, down)
+    for i, (bm, warps, stages) in enumerate(ROT_SWEEP):
+      name = f"aq_fused_rot{b}" + ("" if i == 0 else f"_bm{bm}w{warps}s{stages}")
+      fused = jax.jit(lambda a, sm, sg, dn, b=b, bm=bm, w=warps, st=stages: act_quant_lowrank_pallas(
+          a, sm, dn, 1.0, None, chunk=b, rot_signs=sg, block_rows=bm, num_warps=w, num_stages=st,
+          **act_quant_gpu.FUSED_OPTIONS))
+      try:
+        q, s_, lr = fused(x, smooth, signs, down)
+        if i == 0:
+          res["checks"][name] = aq_check((q, s_, lr), (q0, s0, lr0))
+          log(f"  check {name}: {res['checks'][name]}")
+        del q, s_, lr
+      except Exception as e:
+        res["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
+        log(f"  {name}: ERROR {str(e)[:300]}")
+        continue
+      rec(name, fused, x, smooth, signs, down)
 
 
 def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused"), rotation=False):
@@ -268,7 +281,7 @@ def main(argv=None):
   ap.add_argument("--no-e2e", action="store_true", help="act quant only (no end-to-end linears)")
   ap.add_argument("--e2e-impls", default="xla,pallas,fused", help="INT4 act quant impls timed end to end")
   ap.add_argument("--rotate", action="store_true", help="also the act quant of a rotated input (in-kernel Hadamard "
-                                                        "blocks of 256/128/64 vs an XLA rotation pass)")
+                                                        "blocks of 64-1024, tunings swept, vs an XLA rotation pass)")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")

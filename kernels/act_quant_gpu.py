@@ -154,6 +154,15 @@ _RNE_MAGIC_BITS = 0x4B400000  # its float32 bit pattern
 FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
 # The dispatcher's keyword options of act_quant_lowrank_pallas
 FUSED_OPTIONS = {"fast": True, "int_round": True}  # 0.260 / 0.678 ms vs 0.271 / 0.706 with fast alone (H200)
+# In-kernel rotation: Hadamard blocks of 64 up to ROT_MAX_BLOCK columns, multiplied on the tensor cores in pieces of
+# at most ROT_PIECE columns (a 128 x 128 +-1 matrix, 32 KB of bf16; a dense 256 x 256 one did not fit in shared
+# memory), larger blocks mixing their pieces with f32 butterflies first
+ROT_PIECE, ROT_MAX_BLOCK = 128, 1024
+
+
+def rotation_options(block: int) -> dict:
+  """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``."""
+  return dict(FUSED_OPTIONS)
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
@@ -197,37 +206,57 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, had_ref, q_ref, s_ref, lr_ref
   rows = pl.ds(r0, bm)
   nk = k // ck
 
+  # the chunk is loaded in `npieces` column pieces of `hp`: one piece without rotation; with it, pieces of at most
+  # ROT_PIECE columns (the +-1 matrix in had_ref is hp x hp), mixed across pieces by a Walsh-Hadamard butterfly
+  npieces = ck // min(ck, ROT_PIECE) if rotate else 1
+  hp = ck // npieces
+
   def x_s(j, policy):
-    sl = x_ref.at[rows, pl.ds(j * ck, ck)]
-    if l2_hint:  # keep the row block in L2 between the two passes, drop it after the second
-      from jax.experimental.pallas import triton as pltriton
-      xc = pltriton.load(sl, eviction_policy=policy)
-    else:
-      xc = sl[...]
-    if not use_smooth:  # no smoothing vector (e.g. folded into the producer of x): no per-element multiply
-      xs = xc.astype(jnp.float32)
-    elif fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
-      xs = xc.astype(jnp.float32) * sm_ref[pl.ds(j * ck, ck)][None, :]
-    else:
-      xs = xc.astype(jnp.float32) / sm_ref[pl.ds(j * ck, ck)][None, :]
-    if rotate:  # the chunk is one Hadamard block: bf16(x * signs / smooth) @ (+-1 matrix), scaled by 1 / sqrt(ck)
-      xs = jnp.dot(xs.astype(jnp.bfloat16), had_ref[...], preferred_element_type=jnp.float32) * cs_ref[2]
-    return xc, xs
+    """Chunk j as pieces: (offsets, raw pieces, smoothed (and rotated) f32 pieces)."""
+    offs = [j * ck + p * hp for p in range(npieces)]
+    xcs, xss = [], []
+    for o in offs:
+      sl = x_ref.at[rows, pl.ds(o, hp)]
+      if l2_hint:  # keep the row block in L2 between the two passes, drop it after the second
+        from jax.experimental.pallas import triton as pltriton
+        xc = pltriton.load(sl, eviction_policy=policy)
+      else:
+        xc = sl[...]
+      if not use_smooth:  # no smoothing vector (e.g. folded into the producer of x): no per-element multiply
+        xs = xc.astype(jnp.float32)
+      elif fast:  # sm_ref holds 1 / smooth: a multiply instead of a division (MUFU) per element
+        xs = xc.astype(jnp.float32) * sm_ref[pl.ds(o, hp)][None, :]
+      else:
+        xs = xc.astype(jnp.float32) / sm_ref[pl.ds(o, hp)][None, :]
+      xcs.append(xc)
+      xss.append(xs)
+    if rotate:  # the chunk is one Hadamard block, H_ck = kron(H_npieces, H_hp) (Sylvester): butterflies across the
+      # pieces in f32, then bf16(piece) @ (+-1 matrix of hp) on the tensor cores, scaled by 1 / sqrt(ck)
+      h = 1
+      while h < npieces:
+        for a in range(npieces):
+          if not a & h:
+            xss[a], xss[a + h] = xss[a] + xss[a + h], xss[a] - xss[a + h]
+        h *= 2
+      xss = [jnp.dot(t.astype(jnp.bfloat16), had_ref[...], preferred_element_type=jnp.float32) * cs_ref[2]
+             for t in xss]
+    return offs, xcs, xss
 
   def pass1(j, carry):
     amax, acc = carry
-    xc, xs = x_s(j, "evict_last")
-    if lazy_max:  # element-wise running maximum; one cross-thread row reduction after the loop
-      amax = jnp.maximum(amax, jnp.abs(xs))
-    else:
-      amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
-    if r:  # without rotation x itself meets down / smooth; with it the rotated input meets down
-      a = xs if rotate else xc
-      acc = acc + jnp.dot(a.astype(jnp.bfloat16), dn_ref[pl.ds(j * ck, ck), :], preferred_element_type=jnp.float32)
+    offs, xcs, xss = x_s(j, "evict_last")
+    for o, xc, xs in zip(offs, xcs, xss):
+      if lazy_max:  # element-wise running maximum; one cross-thread row reduction after the loop
+        amax = jnp.maximum(amax, jnp.abs(xs))
+      else:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(xs), axis=1))
+      if r:  # without rotation x itself meets down / smooth; with it the rotated input meets down
+        a = xs if rotate else xc
+        acc = acc + jnp.dot(a.astype(jnp.bfloat16), dn_ref[pl.ds(o, hp), :], preferred_element_type=jnp.float32)
     return amax, acc
 
   acc0 = jnp.zeros((bm, max(r, 16)), jnp.float32)
-  amax0 = jnp.zeros((bm, ck) if lazy_max else (bm,), jnp.float32)
+  amax0 = jnp.zeros((bm, hp) if lazy_max else (bm,), jnp.float32)
   amax, acc = jax.lax.fori_loop(0, nk, pass1, (amax0, acc0))
   if lazy_max:
     amax = jnp.max(amax, axis=1)
@@ -237,23 +266,25 @@ def _act_quant_rows(x_ref, sm_ref, dn_ref, cs_ref, had_ref, q_ref, s_ref, lr_ref
 
   inv = 1.0 / s
 
-  def pass2(i, carry):
-    j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
-    _, xs = x_s(j, "evict_first")
+  def codes(xs):
     if fast and int_round:  # t + 1.5 * 2**23 holds round(t) in its low mantissa bits: read them as an integer,
       # then clamp to the code range (same as clipping to the integer bounds first)
       u = jax.lax.bitcast_convert_type(xs * inv[:, None] + cs_ref[1], jnp.int32) - _RNE_MAGIC_BITS
-      q_ref[rows, pl.ds(j * ck, ck)] = jnp.clip(u, -qmax, qmax).astype(jnp.int8)
-      return carry
+      return jnp.clip(u, -qmax, qmax).astype(jnp.int8)
     if fast:  # one multiply by the row's reciprocal scale, round half to even by the 1.5 * 2**23 trick
       t = jnp.clip(xs * inv[:, None], -qmax, qmax)
-      q_ref[rows, pl.ds(j * ck, ck)] = ((t + cs_ref[1]) - cs_ref[1]).astype(jnp.int8)
-      return carry
+      return ((t + cs_ref[1]) - cs_ref[1]).astype(jnp.int8)
     t = jnp.clip(xs / s[:, None], -qmax, qmax)
     f = jnp.floor(t)  # round half to even from floor (Pallas Triton has no `round`)
     d = t - f
     odd = f - 2.0 * jnp.floor(f * 0.5)
-    q_ref[rows, pl.ds(j * ck, ck)] = (f + jnp.where(d > 0.5, 1.0, jnp.where(d == 0.5, odd, 0.0))).astype(jnp.int8)
+    return (f + jnp.where(d > 0.5, 1.0, jnp.where(d == 0.5, odd, 0.0))).astype(jnp.int8)
+
+  def pass2(i, carry):
+    j = nk - 1 - i if reverse else i  # reverse: the chunks pass 1 read last are the likeliest still in L2
+    offs, _, xss = x_s(j, "evict_first")
+    for o, xs in zip(offs, xss):
+      q_ref[rows, pl.ds(o, hp)] = codes(xs)
     return carry
 
   jax.lax.fori_loop(0, nk, pass2, 0)
@@ -282,12 +313,12 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
   ulp). ``smooth=None`` (smoothing folded into the producer of x, or a recipe without it) skips the per-element
   smoothing multiply in both passes. ``rot_signs`` ([K] +-1): the input is also rotated after the smoothing, as
-  ``quant.rotate.rotate_activations`` with Hadamard blocks of ``chunk`` (64-256): each chunk of
-  ``bf16(x * signs / smooth)`` is multiplied on the tensor cores by the +-1 Hadamard matrix and scaled by
-  ``1 / sqrt(chunk)`` (f32 accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves
-  a value across a rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing).
-  On the H200, blocks of 64 and 128 compile (0.50 ms at K = 5120, M = 32,760, twice the unrotated kernel); 256 asks
-  for more shared memory than the card has at this tuning (docs/BENCHMARKS.md, "Act quant of a rotated input").
+  ``quant.rotate.rotate_activations`` with Hadamard blocks of ``chunk`` (64 to ``ROT_MAX_BLOCK``): the chunk's
+  pieces of ``x * signs / smooth`` (``ROT_PIECE`` columns each) are mixed by f32 butterflies, rounded to bf16,
+  multiplied on the tensor cores by the +-1 Hadamard matrix of a piece and scaled by ``1 / sqrt(chunk)`` (f32
+  accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves a value across a
+  rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing). Measured on the
+  H200: docs/BENCHMARKS.md, "Act quant of a rotated input".
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -299,9 +330,9 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
                      f"power-of-two chunk >= 64 dividing K, r = 0 or a power of two >= 16)")
   static = static_scale is not None
   rotate = rot_signs is not None
-  if rotate and (ck != chunk or not 64 <= chunk <= 256):
-    raise ValueError(f"act_quant_lowrank_pallas: rotation needs a Hadamard block (chunk) of 64-256 dividing K={k}, "
-                     f"got chunk={chunk}")
+  if rotate and (ck != chunk or not 64 <= chunk <= ROT_MAX_BLOCK):
+    raise ValueError(f"act_quant_lowrank_pallas: rotation needs a Hadamard block (chunk) of 64-{ROT_MAX_BLOCK} "
+                     f"dividing K={k}, got chunk={chunk}")
   # [clip or static scale, 1.5 * 2**23, 1 / sqrt(chunk)]: the rounding constant comes in at run time so that no
   # compiler (XLA's simplifier in the interpreter) folds (t + M) - M into t
   cs = jnp.stack([jnp.asarray(static_scale if static else clip, jnp.float32).reshape(()), jnp.float32(_RNE_MAGIC),
@@ -310,7 +341,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   if rotate:  # signs / smooth as one per-channel factor (sm divides x; signs are +-1, their own inverse)
     sm = sm * jnp.asarray(rot_signs, jnp.float32)
     from wanjax.quant.rotate import hadamard_matrix
-    had = jnp.asarray(np.sign(hadamard_matrix(ck)), jnp.bfloat16)  # the +-1 matrix (exact in bf16)
+    had = jnp.asarray(np.sign(hadamard_matrix(min(ck, ROT_PIECE))), jnp.bfloat16)  # +-1 matrix (exact in bf16)
   else:
     had = jnp.zeros((16, 16), jnp.bfloat16)
   if r and rotate:

@@ -177,8 +177,8 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
                                weights="int8")
 
 
-def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend: str | None = None,
-              act_quant_impl: str = "fused"):
+def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_signs=None, rot_block: int | None = None,
+              backend: str | None = None, act_quant_impl: str = "fused"):
   """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None).
 
   Implementations on the "pallas" backend (on a GPU; elsewhere and on other backends the XLA function runs):
@@ -195,17 +195,31 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
   Triton's f32 division is not IEEE-exact and ``fast`` multiplies by reciprocals, so in the Pallas impls a few in
   1e7 codes may differ by one from the reference where x / s lies within an ulp or two of a rounding boundary;
   scales agree to an ulp.
+
+  ``rot_signs`` ([K] +-1, optional): the smoothed input is rotated before quantization and before ``down``, as
+  ``quant.rotate.rotate_activations(x / smooth, rot_signs, rot_block)`` (``rot_block`` None: the largest power of
+  two dividing K). The "fused" impl rotates inside the kernel for blocks of 64 to ``act_quant_gpu.ROT_MAX_BLOCK``
+  (bf16 tensor-core products: a few codes in 1e3 differ by one from the f32 rotation's); otherwise an XLA f32
+  Walsh-Hadamard pass runs first and the unrotated path quantizes its output.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
     raise ValueError(f"act_quant_impl must be one of {ACT_QUANT_IMPLS}, got {act_quant_impl!r}")
+  r = 0 if down is None else down.shape[1]
+  fused_gpu = (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
+               and x.shape[0] >= FUSED_ACT_QUANT_MIN_M)
+  if rot_signs is not None:
+    from wanjax.quant.rotate import hadamard_block_size, rotate_activations
+    b = hadamard_block_size(x.shape[1], rot_block)
+    if fused_gpu and 64 <= b <= act_quant_gpu.ROT_MAX_BLOCK and act_quant_gpu.fused_supports(*x.shape, r, chunk=b):
+      return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b,
+                                                    **act_quant_gpu.rotation_options(b))
+    x, smooth = rotate_activations(reference.smooth_act(x, smooth), rot_signs, b), None
   if be == "reference":
     return reference.act_quant(x, smooth, down, clip, static_scale)
   if be == "pallas" and act_quant_impl == "pallas":
     return act_quant_pallas(x, smooth, down, clip, static_scale)
-  r = 0 if down is None else down.shape[1]
-  if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu" and x.shape[0] >= FUSED_ACT_QUANT_MIN_M
-      and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r)):
+  if fused_gpu and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale,
                                                   **act_quant_gpu.FUSED_OPTIONS)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
@@ -215,7 +229,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, backend
 
 def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None, clip=1.0, static_scale=None,
                 out_dtype=jnp.bfloat16, backend: str | None = None, act_quant_impl: str = "fused",
-                group_size: int | None = None):
+                group_size: int | None = None, rot_signs=None, rot_block: int | None = None):
   """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
 
   Args:
@@ -232,6 +246,8 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
     backend: "reference" | "xla" | "pallas" | None (see module docstring).
     act_quant_impl: "fused" (default), "pallas" or "xla" (see :func:`act_quant`).
     group_size: None (per-channel ``s_w``) or the weight-scale group along K (see :func:`w4a4_matmul`).
+    rot_signs, rot_block: optional Hadamard rotation of the smoothed input (see :func:`act_quant`; fold its
+      transpose into the weights beforehand, as ``quant.rotate.rotate``).
   """
   lead = x.shape[:-1]
   k = x.shape[-1]
@@ -239,7 +255,8 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
     raise ValueError(f"w4a4_linear: w_packed must be uint8 [N, K/2={k // 2}] or int8 [N, K={k}], got "
                      f"{w_packed.dtype} {w_packed.shape}")
   x2 = x.reshape(-1, k)
-  q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, backend=backend, act_quant_impl=act_quant_impl)
+  q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, rot_signs=rot_signs, rot_block=rot_block,
+                         backend=backend, act_quant_impl=act_quant_impl)
   y = w4a4_matmul(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
                   backend=backend, group_size=group_size)
   return y.reshape(*lead, w_packed.shape[0])

@@ -308,11 +308,11 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
 
     if c.real_mode_problem():
       raise ValueError(f"QLinear: mode='real' unavailable: {c.real_mode_problem()}")
-    if signs is not None:  # rotation happens after smoothing: do both here, the kernel sees the rotated input
-      x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
-      smooth = None
     inexact = jnp.int32(0)
     if c.w_fmt == "mxfp4":
+      if signs is not None:  # rotation after the smoothing, as an XLA pass; the MXFP4 kernels see the rotated input
+        x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
+        smooth = None
       y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], smooth=smooth, down=a.get("down"),
                                          up=a.get("up"), bias=a.get("bias"), clip=clip, exp_offset=exp_offset,
                                          scale_rule=c.a_scale_rule, out_dtype=dtype, return_inexact=True)
@@ -322,7 +322,7 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
       y = dispatch.w4a4_linear(x2, a["qweight"], wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
                                bias=a.get("bias"), clip=clip,
                                static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
-                               group_size=group)
+                               group_size=group, rot_signs=signs, rot_block=c.rot_block)
     y = y.reshape(*lead, c.out_features)
     return (y, inexact) if return_inexact else y
   xr = x2.astype(jnp.float32)

@@ -150,18 +150,21 @@ def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
                              rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("m,k,r,chunk", [(70, 512, 32, 256), (37, 384, 16, 128), (64, 256, 0, 64)])
-def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk):
+@pytest.mark.parametrize("m,k,r,chunk,opts", [(70, 512, 32, 256, {}), (37, 384, 16, 128, {}), (64, 256, 0, 64, {}),
+                                              (40, 1024, 16, 512, {"fast": True, "int_round": True}),
+                                              (33, 2048, 0, 1024, {"fast": True, "int_round": True})])
+def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk, opts):
   """In-kernel rotation (``rot_signs``): the input rotated as ``quant.rotate.rotate_activations`` with Hadamard
-  blocks of ``chunk`` after the smoothing; codes as the f32 reference's except where bf16 rounding of x / smooth
-  moves a value across a rounding boundary (a few in 1e3), scales and x_lr within bf16 rounding."""
+  blocks of ``chunk`` after the smoothing (blocks over 128 as butterflies across pieces of 128); codes as the f32
+  reference's except where bf16 rounding of x / smooth moves a value across a rounding boundary (a few in 1e3),
+  scales and x_lr within bf16 rounding."""
   from wanjax.quant.rotate import random_signs, rotate_activations
   import jax
   x, smooth, down = _inputs(m, k, max(r, 16), m * k + r)
   down = down if r else None
   signs = random_signs(jax.random.key(3), k)
   q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=16, chunk=chunk, rot_signs=signs,
-                                      interpret=True)
+                                      interpret=True, **opts)
   xr = rotate_activations(x.astype(jnp.float32) / smooth, signs, chunk)
   q0, s0 = ref.quantize_act_int4(xr, None, 0.9)
   q, q0 = np.asarray(q, np.int32), np.asarray(q0, np.int32)
@@ -173,4 +176,4 @@ def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk):
   else:
     assert lr is None
   with pytest.raises(ValueError, match="Hadamard block"):
-    act_quant_lowrank_pallas(x, smooth, None, block_rows=16, rot_signs=signs, chunk=512, interpret=True)
+    act_quant_lowrank_pallas(x, smooth, None, block_rows=16, rot_signs=signs, chunk=2 * k, interpret=True)

@@ -185,3 +185,25 @@ def test_pallas_on_tpu_routes_to_tpu_kernel(monkeypatch):
   exp = ref.w4a4_linear(x, wp, sw, smooth, down, up, bias, out_dtype=jnp.float32)
   rel = np.linalg.norm(np.asarray(y) - np.asarray(exp)) / np.linalg.norm(np.asarray(exp))
   assert rel <= 1e-2  # x_lr via the folded smoothing (bf16 rounding)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("block", [None, 64])
+def test_rotated_input_equals_quantizing_the_rotated_input(backend, block):
+  """``rot_signs``: act quant and the linear of x equal those of ``rotate_activations(x / smooth)`` with no smoothing
+  (on CPU every backend takes the XLA rotation pass; the GPU kernel's in-kernel rotation is tested in
+  tests/test_kernels_act_quant_fused.py)."""
+  from wanjax.quant.rotate import random_signs, rotate_activations
+  x, wp, sw, smooth, down, up, bias = _layer(5, 45, 256, 64, 16)
+  signs = random_signs(jax.random.key(1), 256)
+  xr = rotate_activations(ref.smooth_act(x, smooth), signs, block)
+  got = dispatch.act_quant(x, smooth, down, 0.9, rot_signs=signs, rot_block=block, backend=backend)
+  want = dispatch.act_quant(xr, None, down, 0.9, backend=backend)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  y = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, rot_signs=signs, rot_block=block,
+                           out_dtype=jnp.float32, backend=backend)
+  y0 = dispatch.w4a4_linear(xr, wp, sw, down=down, up=up, bias=bias, out_dtype=jnp.float32, backend=backend)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+  with pytest.raises(ValueError, match="power of two dividing K"):
+    dispatch.act_quant(x, smooth, down, rot_signs=signs, rot_block=96, backend=backend)
