@@ -177,3 +177,51 @@ def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk, opts):
     assert lr is None
   with pytest.raises(ValueError, match="Hadamard block"):
     act_quant_lowrank_pallas(x, smooth, None, block_rows=16, rot_signs=signs, chunk=2 * k, interpret=True)
+
+
+def test_dispatch_rotates_in_the_kernel_where_the_block_fits(monkeypatch):
+  """``rot_signs`` on the GPU path: blocks of 64-1024 go into the kernel (chunk = block, signs passed); a block of
+  32 is rotated by the XLA pass first and the kernel quantizes its output unrotated."""
+  from wanjax.kernels import act_quant_gpu
+  from wanjax.quant.rotate import random_signs, rotate_activations
+  import jax
+  calls = []
+  orig = act_quant_gpu.act_quant_lowrank_pallas
+
+  def spy(*a, **kw):
+    calls.append((kw.get("rot_signs") is not None, kw.get("chunk")))
+    return orig(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 64)
+  x, smooth, down = _inputs(70, 512, 16, 5)
+  signs = random_signs(jax.random.key(2), 512)
+  for block, expect in ((None, (True, 512)), (128, (True, 128)), (32, (False, None))):
+    q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, rot_signs=signs, rot_block=block, backend="pallas")
+    assert calls[-1] == expect
+    q0, _ = ref.quantize_act_int4(rotate_activations(x.astype(jnp.float32) / smooth, signs, block), None, 0.9)
+    q, q0 = np.asarray(q, np.int32), np.asarray(q0, np.int32)
+    assert np.abs(q - q0).max() <= 1 and np.mean(q != q0) < 5e-3
+
+
+@pytest.mark.parametrize("block", [None, 256, 1024])
+def test_fused_kernel_lowers_to_triton_for_an_h100(block):
+  """The Pallas -> Triton lowering of the fused kernel (unrotated, and rotating in blocks of 256 / 1024 as
+  butterflies over 128-column pieces) at the Wan shape, for an abstract H100 on CPU: catches lowering errors without
+  a GPU (Triton's own compilation, shared-memory limits included, runs only on the device)."""
+  import jax
+  from wanjax.kernels.act_quant_gpu import FUSED_OPTIONS
+  m, k, r = 32760, 5120, 32
+  args = [jax.ShapeDtypeStruct(s, d) for s, d in (((m, k), jnp.bfloat16), ((k,), jnp.float32),
+                                                   ((k, r), jnp.bfloat16), ((k,), jnp.float32))]
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+
+  def f(x, sm, dn, sg):
+    return act_quant_lowrank_pallas(x, sm, dn, 1.0, None, chunk=block or 256, rot_signs=None if block is None else sg,
+                                    **FUSED_OPTIONS)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text.lower()
