@@ -102,7 +102,8 @@ class QLinearConfig:
     a_group: activation group along K (None = one scale per token for int formats; block size for FP4).
     a_scale_rule: mxfp4 activation scale rule (``"safe_ceil"``, the seed's, or ``"ocp_floor"``).
     act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats only).
-    rot_block: Hadamard block size (None: the largest power of two dividing K, as ``quant.rotate``).
+    rot_block: largest Hadamard block (None: the largest power of two dividing K; see
+      ``quant.rotate.hadamard_block_size``).
     nbins: number of timestep bins (leading axis of the bin tables).
   """
 

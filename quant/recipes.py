@@ -161,8 +161,9 @@ class Smooth:
 @dataclasses.dataclass(frozen=True)
 class Rotate:
   """Block Hadamard rotation of the input (QuaRot); random signs from ``seed`` (None: no signs); ``block_size``:
-  the Hadamard block (a power of two dividing every rotated layer's K; None: the largest power of two dividing K,
-  1024 at K = 5120 and 512 at K = 13824). The fused GPU act-quant kernel rotates in-kernel for blocks of 64-256."""
+  the largest Hadamard block (a power of two; each layer uses the largest power of two dividing its K, capped by
+  it; None: no cap, 1024 at K = 5120 and 512 at K = 13824). The fused GPU act-quant kernel rotates in-kernel for
+  blocks of 64-1024 (``kernels.dispatch.act_quant``)."""
 
   seed: int | None = 0
   block_size: int | None = None
@@ -410,6 +411,8 @@ _A_INT4 = ActQuantSpec("int4")
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: Per-channel weight clip grid of GPTQ's optional scale search (``GPTQ(weight_clips=...)``).
 WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+#: Largest Hadamard block of the default recipe's rotation (the largest power of two dividing K, up to this).
+DEFAULT_ROT_BLOCK = 256
 INT_CLIPS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 RECIPES: dict[str, Recipe] = {
@@ -445,19 +448,27 @@ RECIPES: dict[str, Recipe] = {
                            "earns the 0.3 dB the default's components must earn (docs/QUALITY.md)."),
     "default": Recipe("default", _INT4, _A_INT4,
                       (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
-                       LowRank(32, method="randomized"),
+                       Rotate(0, DEFAULT_ROT_BLOCK), LowRank(32, method="randomized"),
                        GPTQ(hessian="quantized"), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
                       calibration="shared",
                       notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
-                            "path), smoothing with alpha searched per layer (rank-32 branch in the loop), bf16 "
-                            "rank-32 low-rank branch (randomized subspace iteration), GPTQ with the quantized-input "
-                            "Hessian, one activation clip per layer searched over all timesteps, both experts "
-                            "calibrated on their pooled activations. Dropped by the rule that each kept component "
-                            "must earn >= 0.3 dB PSNR on the mini model (docs/QUALITY.md): per-bin clips "
-                            "(2026-12-02), per-expert calibration and GPTQ's timestep-bin balancing (2026-12-04, "
-                            "24 clips: adding them back gains +0.03 dB over 5 calibration draws and +0.15 dB over "
-                            "3); all three are in the recipe 'binned'."),
+                            "path), smoothing with alpha searched per layer (rank-32 branch in the loop), a "
+                            "random-sign block Hadamard rotation of the smoothed input (blocks of up to 256; rotated "
+                            "inside the fused act-quant kernel), bf16 rank-32 low-rank branch on the rotated input "
+                            "(randomized subspace iteration), GPTQ with the quantized-input Hessian, one activation "
+                            "clip per layer searched over all timesteps, both experts calibrated on their pooled "
+                            "activations. The rotation joined on 2026-12-05 (+1.25 dB over 4 calibration draws on "
+                            "the mini model). Dropped by the rule that each kept component must earn >= 0.3 dB PSNR "
+                            "on the mini model (docs/QUALITY.md): per-bin clips (2026-12-02), per-expert calibration "
+                            "and GPTQ's timestep-bin balancing (2026-12-04); all three are in the recipe 'binned'."),
 }
+#: The default without its rotation (the default until 2026-12-05): the fastest INT4 path (no rotation in the act
+#: quant), 1.25 dB below the default on the mini model.
+RECIPES["fast"] = dataclasses.replace(
+    RECIPES["default"], name="fast", transforms=tuple(t for t in RECIPES["default"].transforms
+                                                      if not isinstance(t, Rotate)),
+    notes="the default without the Hadamard rotation (the default until 2026-12-05): the act quant does not rotate, "
+          "so the linears run faster on the GPU, at 1.25 dB less PSNR on the mini model (docs/QUALITY.md).")
 
 
 def get_recipe(name_or_recipe) -> Recipe:

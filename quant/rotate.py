@@ -2,7 +2,7 @@
 
 The rotation is ``Q = diag(d) @ blockdiag(H_b, ..., H_b)`` with ``H_b`` the normalized Sylvester Walsh-Hadamard
 matrix of size ``b`` (symmetric, orthogonal: ``H_b H_b = I``), ``b`` the largest power of two dividing K
-(5120 -> 1024, 13824 -> 512) unless given, and ``d`` an optional random +-1 sign vector (all ones otherwise).
+(5120 -> 1024, 13824 -> 512), at most ``block_size`` if given, and ``d`` an optional random +-1 sign vector (all ones otherwise).
 ``Q`` is orthogonal, so ``(x Q)(Q^T W) = x W`` exactly in real arithmetic:
 
 * weight side (offline): ``kernel <- Q^T kernel`` (:func:`rotate`);
@@ -37,17 +37,18 @@ __all__ = [
 
 
 def hadamard_block_size(k: int, block_size: int | None = None) -> int:
-  """Block size of the block-diagonal Hadamard for input size ``k``: ``block_size`` if given (a power of two
-  dividing ``k``), else the largest power of two dividing ``k``."""
+  """Block size of the block-diagonal Hadamard for input size ``k``: the largest power of two dividing ``k``, at most
+  ``block_size`` if given (a power of two: the largest block wanted; 256 gives 256 at K = 5120 and 64 at K = 192)."""
   k = int(k)
   if k <= 0:
     raise ValueError(f"hadamard_block_size: K must be positive, got {k}")
   if block_size is None:
     return k & -k
   b = int(block_size)
-  if b <= 0 or b & (b - 1) or k % b:
-    raise ValueError(f"hadamard_block_size: block_size must be a power of two dividing K={k}, got {block_size!r}")
-  return b
+  if b <= 0 or b & (b - 1):
+    raise ValueError(f"hadamard_block_size: block_size must be a power of two (the largest block for K={k}), got "
+                     f"{block_size!r}")
+  return min(b, k & -k)
 
 
 def hadamard_matrix(n: int, dtype=np.float32) -> np.ndarray:
@@ -65,7 +66,8 @@ def apply_hadamard(x: jax.Array, block_size: int | None = None) -> jax.Array:
 
   Args:
     x: ``[..., K]``.
-    block_size: power of two dividing K; default the largest such (see :func:`hadamard_block_size`).
+    block_size: the largest block (a power of two); default: the largest power of two dividing K (see
+      :func:`hadamard_block_size`).
   """
   x = jnp.asarray(x, jnp.float32)
   return _fwht(x, hadamard_block_size(x.shape[-1], block_size))
@@ -115,8 +117,8 @@ def rotate(params: dict, key: jax.Array | None = None, block_size: int | None = 
     params: ``{"kernel": [K, N], "bias": [N], ...}`` (vmap over stacked kernels; pass a batch of keys for
       per-layer signs). If the layer is smoothed, smooth BEFORE rotating (run time: ``x / s`` then rotate).
     key: PRNG key for random signs; ``None`` for no signs (plain block Hadamard, ``d = 1``).
-    block_size: Hadamard block (default: the largest power of two dividing K). The activation side must use the
-      same value; it is not stored (the default is a function of K).
+    block_size: largest Hadamard block (default: the largest power of two dividing K; see
+      :func:`hadamard_block_size`). The activation side must use the same value; it is not stored.
 
   Returns:
     New dict with the rotated float32 ``"kernel"`` and ``"rot_signs"``; other keys (bias) unchanged.
