@@ -20,6 +20,7 @@ from bench import pipeline as bp  # noqa: E402
 from wanjax.config import TINY, config_from_dict  # noqa: E402
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, qlinears  # noqa: E402
 from wanjax.quant.qlinear import qlinear_apply  # noqa: E402
+from wanjax.quant.rotate import hadamard_block_size, hadamard_matrix  # noqa: E402
 
 NBINS = 3  # the seed's bins: 3 per expert
 
@@ -42,6 +43,7 @@ def run(tmp_path_factory):
 
 
 def test_skeleton_is_abstract_default_structure_in_real_mode():
+  assert all(q.rot_signs is None for q in qlinears(bp.quantized_skeleton(TINY, nbins=NBINS, recipe="fast")).values())
   sk = bp.quantized_skeleton(TINY, nbins=NBINS, rank=32)
   qs = qlinears(sk)
   assert sorted(qs) == sorted(BLOCK_LINEARS)
@@ -54,7 +56,8 @@ def test_skeleton_is_abstract_default_structure_in_real_mode():
     want = {"qweight": ((L, n, k // 2), jnp.uint8), "wscale": ((L, n, 1), jnp.float32),
             "smooth": ((L, k), jnp.float32), "down": ((L, k, r), jnp.bfloat16), "up": ((L, r, n), jnp.bfloat16),
             "bias": ((L, n), jnp.bfloat16), "act_clip": ((L, NBINS), jnp.float32),
-            "act_exp_offset": ((L, NBINS), jnp.int32), "wtensor_scale": None, "rot_signs": None, "act_scale": None}
+            "act_exp_offset": ((L, NBINS), jnp.int32), "wtensor_scale": None, "rot_signs": ((L, k), jnp.float32),
+            "act_scale": None}
     for name, spec in want.items():
       var = getattr(q, name)
       if spec is None:
@@ -89,12 +92,17 @@ def test_w4a4_expert_is_rtn_of_the_bf16_expert(experts):
     a = q.arrays()
     np.testing.assert_array_equal(np.asarray(lin.bias[...]).view(np.uint16), np.asarray(a["bias"]).view(np.uint16))
     for layer in range(TINY.num_layers):
-      w_eff = (np_unpack_int4(np.asarray(a["qweight"][layer])) * np.asarray(a["wscale"][layer])).T   # s W - D U
+      w_eff = (np_unpack_int4(np.asarray(a["qweight"][layer])) * np.asarray(a["wscale"][layer])).T  # Q^T sW - DU
       lowrank = np.asarray(a["down"][layer], np.float32) @ np.asarray(a["up"][layer], np.float32)
-      w_hat = (w_eff + lowrank) / np.asarray(a["smooth"][layer])[:, None]
+      k = w_eff.shape[0]
+      d = np.asarray(a["rot_signs"][layer])
+      assert set(np.unique(d)) == {-1.0, 1.0}
+      b = hadamard_block_size(k, q.config.rot_block)
+      qm = d[:, None] * np.kron(np.eye(k // b), hadamard_matrix(b))          # Q = diag(d) blockdiag(H), orthogonal
       w = np.asarray(lin.kernel[layer], np.float32)
-      err = np.linalg.norm(w_hat - w) / np.linalg.norm(w)
-      assert err < 0.15, (path, layer, err)             # int4 RTN per output channel of the same weights
+      target = qm.T @ (w * np.asarray(a["smooth"][layer])[:, None])       # what the layer holds: Q^T (s W)
+      err = np.linalg.norm(w_eff + lowrank - target) / np.linalg.norm(target)
+      assert err < 0.15, (path, layer, err)             # int4 RTN per output channel of the same weights (~0.11)
       assert np.linalg.norm(lowrank) > 0.02 * np.linalg.norm(w)   # the low-rank branch is not empty
   # the layers kept in 16/32 bit are the bf16 expert's
   for name in ("patch_embedding.kernel", "time_projection.kernel", "head.head.kernel"):

@@ -322,3 +322,8 @@ def test_rotate_block_size_reaches_the_layer_config_and_the_matmul_input():
   q = np.kron(np.eye(k // 64), hadamard_matrix(64)) * np.asarray(p["rot_signs"])[:, None]   # Q = diag(d) blockdiag(H)
   np.testing.assert_allclose(layer_input(p, rows[0], 64), rows[0] @ q, atol=1e-5)
   assert not np.allclose(layer_input(p, rows[0]), rows[0] @ q, atol=1e-3)   # the default block (256) differs
+  # the block is a cap: 512 on K = 256 rotates in one block of 256; a block that is not a power of two is refused
+  p2 = Rotate(0, 512)({"kernel": jax.random.normal(jax.random.key(0), (k, 16)), "bias": jnp.zeros(16)}, ctx)
+  np.testing.assert_allclose(layer_input(p2, rows[0], 512), layer_input(p2, rows[0], None), atol=0)
+  with pytest.raises(ValueError, match="must be a power of two"):
+    Rotate(0, 96)({"kernel": jax.random.normal(jax.random.key(0), (k, 16)), "bias": jnp.zeros(16)}, ctx)
