@@ -161,8 +161,20 @@ ROT_PIECE, ROT_MAX_BLOCK = 128, 1024
 
 
 def rotation_options(block: int) -> dict:
-  """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``."""
-  return dict(FUSED_OPTIONS)
+  """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``.
+
+  Blocks of 64 / 128 use the unrotated kernel's tuning (measured on the H200: 0.50 ms at K = 5120). Larger blocks
+  hold more per pipeline stage in shared memory (x pieces, the 128 x 128 +-1 matrix, the ``down`` rows: about
+  80 KB per stage at 256, 128 KB at 512), so they get fewer stages (and, at 1024, 32-row blocks) to stay within
+  the H100's 227 KB; these settings are sized from that count (a dense 256 x 256 matrix at 3 stages asked for
+  477 KB), not yet compiled on a GPU (``python -m bench.act_quant --rotate`` sweeps them)."""
+  if block <= 128:
+    return dict(FUSED_OPTIONS)
+  if block == 256:
+    return {**FUSED_OPTIONS, "num_stages": 2}
+  if block == 512:
+    return {**FUSED_OPTIONS, "num_stages": 1}
+  return {**FUSED_OPTIONS, "num_stages": 1, "block_rows": 32}
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:

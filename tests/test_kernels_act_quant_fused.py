@@ -205,13 +205,14 @@ def test_dispatch_rotates_in_the_kernel_where_the_block_fits(monkeypatch):
     assert np.abs(q - q0).max() <= 1 and np.mean(q != q0) < 5e-3
 
 
-@pytest.mark.parametrize("block", [None, 256, 1024])
+@pytest.mark.parametrize("block", [None, 256, 512, 1024])
 def test_fused_kernel_lowers_to_triton_for_an_h100(block):
-  """The Pallas -> Triton lowering of the fused kernel (unrotated, and rotating in blocks of 256 / 1024 as
-  butterflies over 128-column pieces) at the Wan shape, for an abstract H100 on CPU: catches lowering errors without
-  a GPU (Triton's own compilation, shared-memory limits included, runs only on the device)."""
+  """The Pallas -> Triton lowering of the fused kernel (unrotated, and rotating in blocks of 256-1024 as butterflies
+  over 128-column pieces, with the dispatcher's ``rotation_options``) at the Wan shape, for an abstract H100 on
+  CPU: catches lowering errors without a GPU (Triton's own compilation, shared-memory limits included, runs only on
+  the device)."""
   import jax
-  from wanjax.kernels.act_quant_gpu import FUSED_OPTIONS
+  from wanjax.kernels.act_quant_gpu import FUSED_OPTIONS, rotation_options
   m, k, r = 32760, 5120, 32
   args = [jax.ShapeDtypeStruct(s, d) for s, d in (((m, k), jnp.bfloat16), ((k,), jnp.float32),
                                                    ((k, r), jnp.bfloat16), ((k,), jnp.float32))]
@@ -220,7 +221,7 @@ def test_fused_kernel_lowers_to_triton_for_an_h100(block):
 
   def f(x, sm, dn, sg):
     return act_quant_lowrank_pallas(x, sm, dn, 1.0, None, chunk=block or 256, rot_signs=None if block is None else sg,
-                                    **FUSED_OPTIONS)
+                                    **(FUSED_OPTIONS if block is None else rotation_options(block)))
 
   with jax.sharding.use_abstract_mesh(mesh):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
