@@ -135,6 +135,12 @@ def test_variants_are_valid_recipes():
     assert clip("per_bin_clips").per_bin and not clip("rank64").per_bin and not clip("no_gptq").per_bin
     smooth = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "Smooth")
     assert not smooth("no_alpha_search").search and smooth("rank16").search
+    assert "Smooth" not in kinds("no_smoothing") and kinds("no_smoothing")[0] == "Rotate"
+    rot = lambda name: [t.block_size for t in by[name].transforms if type(t).__name__ == "Rotate"]
+    assert "Rotate" not in kinds("no_rotation") and rot("rank16") == [256] and rot("rotate_max") == [None]
+    from wanjax.quant.recipes import get_recipe
+    assert rot("rotate_b128") == [128]
+    assert kinds("rotate_b64") == [type(t).__name__ for t in get_recipe("default").transforms]
     assert by["per_bin_clips"].name == "binned" and "GPTQ" in kinds("per_bin_clips")
     assert by["mxfp4"].weight.fmt == "mxfp4" and by["static"].act_mode == "static"
     gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")

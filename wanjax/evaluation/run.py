@@ -200,6 +200,9 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         "no_alpha_search": (R(d, name="default-alpha05", transforms=_swap(d, Smooth, R(sm, search=False, alpha=0.5))),
                             "seed", "smoothing alpha fixed at 0.5 instead of searched per layer"),
         "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", "RTN instead of GPTQ"),
+        "no_smoothing": (R(d, name="default-nosmooth", transforms=tuple(t for t in d.transforms
+                                                                         if not isinstance(t, Smooth))), "seed",
+                         "no smoothing at all (the rotation, low-rank branch and GPTQ on the raw input)"),
         # what a component dropped from the default would add back
         "per_expert_calib": (R(d, name="default-per-expert", calibration="per_expert"), "seed",
                              "each expert calibrated on its own activations (the seed's per-expert policy)"),
@@ -258,15 +261,15 @@ RANK_FFN64_ATTN16 = ((r"ffn\.fc[12]", 64), (r"attn\.", 16))
 RANK_FFN96_ATTN0 = ((r"ffn\.fc[12]", 96), (r"attn\.", 0))
 
 #: Ablation names, in report order.
-ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "per_expert_calib", "bin_balance", "per_bin_clips",
-             "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
+ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "no_smoothing", "per_expert_calib", "bin_balance",
+             "per_bin_clips", "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
              "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16",
              "rank_ffn96_attn0", "no_rotation", "rotate_max", "rotate_b128", "rotate_b64", "rank16", "rank64",
              "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
-            "no_rotation": "Hadamard rotation"}
+            "no_smoothing": "smoothing", "no_rotation": "Hadamard rotation"}
 ADDITIONS = {"per_expert_calib": "per-expert calibration", "bin_balance": "timestep bins (GPTQ bin balancing)",
              "per_bin_clips": "the seed's per-expert, per-bin policy (recipe binned)"}
 
