@@ -100,11 +100,12 @@ def write_report(results: dict, out_dir: str) -> str:
     lines += [_row(v, b) for v in results["variants"] if v["group"] == "recipe"]
     abl = [v for v in results["variants"] if v["group"] == "ablation"]
     if abl:
+        from wanjax.quant.recipes import get_recipe
+
         d = _by_name(results).get("default")
         lines += ["", "## Ablations of `default`", "",
-                  "Each row changes one thing of the default recipe (INT4 per-channel W / per-token A, searched "
-                  "smoothing, rank-32 branch, GPTQ with bins balanced, one clip per layer, seed bins = 3 per "
-                  "expert, per-expert calibration). Ablations that ran: " + ", ".join(v["name"] for v in abl) + ".", "",
+                  "Each row changes one thing of the default recipe (" + get_recipe("default").notes + "). Ablations "
+                  "that ran: " + ", ".join(v["name"] for v in abl) + ".", "",
                   _HEAD]
         if d is not None:
             lines.append(_row(d, b).replace(f"| {d['name']} |", "| default (reference) |", 1))
