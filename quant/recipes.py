@@ -447,29 +447,31 @@ RECIPES: dict[str, Recipe] = {
                            "or timesteps differ in their activation ranges; on the mini model none of the three "
                            "earns the 0.3 dB the default's components must earn (docs/QUALITY.md)."),
     "default": Recipe("default", _INT4, _A_INT4,
-                      (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
-                       Rotate(0, DEFAULT_ROT_BLOCK), LowRank(32, method="randomized"),
+                      (Smooth(0.5), Rotate(0, DEFAULT_ROT_BLOCK), LowRank(32, method="randomized"),
                        GPTQ(hessian="quantized"), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
                       calibration="shared",
                       notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
-                            "path), smoothing with alpha searched per layer (rank-32 branch in the loop), a "
-                            "random-sign block Hadamard rotation of the smoothed input (blocks of up to 256; rotated "
-                            "inside the fused act-quant kernel), bf16 rank-32 low-rank branch on the rotated input "
-                            "(randomized subspace iteration), GPTQ with the quantized-input Hessian, one activation "
-                            "clip per layer searched over all timesteps, both experts calibrated on their pooled "
-                            "activations. The rotation joined on 2026-12-05 (+1.25 dB over 4 calibration draws on "
-                            "the mini model). Dropped by the rule that each kept component must earn >= 0.3 dB PSNR "
-                            "on the mini model (docs/QUALITY.md): per-bin clips (2026-12-02), per-expert calibration "
-                            "and GPTQ's timestep-bin balancing (2026-12-04); all three are in the recipe 'binned'."),
+                            "path), smoothing alpha 0.5, a random-sign block Hadamard rotation of the smoothed input "
+                            "(blocks of up to 256; rotated inside the fused act-quant kernel), bf16 rank-32 "
+                            "low-rank branch on the rotated input (randomized subspace iteration), GPTQ with the "
+                            "quantized-input Hessian, one activation clip per layer searched over all timesteps, both "
+                            "experts calibrated on their pooled activations. Since 2026-12-05 the rotation is in "
+                            "(+1.25 dB on the mini model) and the per-layer alpha search is out (with the rotation "
+                            "it lost 0.2 dB against alpha 0.5). Dropped by the rule that each kept component must "
+                            "earn >= 0.3 dB PSNR on the mini model (docs/QUALITY.md): per-bin clips (2026-12-02), "
+                            "per-expert calibration and GPTQ's timestep-bin balancing (2026-12-04; all three are in "
+                            "the recipe 'binned'), the alpha search (2026-12-05; in 'fast')."),
+    "fast": Recipe("fast", _INT4, _A_INT4,
+                   (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
+                    LowRank(32, method="randomized"), GPTQ(hessian="quantized"),
+                    ClipSearch(INT_CLIPS, (0,), per_bin=False)),
+                   calibration="shared",
+                   notes="the default of 2026-12-04, without the rotation: smoothing with alpha searched per layer "
+                         "(rank-32 branch in the loop), rank-32 branch, GPTQ with the quantized-input Hessian, one "
+                         "clip per layer, both experts from pooled statistics. The act quant does not rotate, so "
+                         "the linears run faster on the GPU, at 1.3 dB less PSNR than the default on the mini model "
+                         "(docs/QUALITY.md)."),
 }
-#: The default without its rotation (the default until 2026-12-05): the fastest INT4 path (no rotation in the act
-#: quant), 1.25 dB below the default on the mini model.
-RECIPES["fast"] = dataclasses.replace(
-    RECIPES["default"], name="fast", transforms=tuple(t for t in RECIPES["default"].transforms
-                                                      if not isinstance(t, Rotate)),
-    notes="the default without the Hadamard rotation (the default until 2026-12-05): the act quant does not rotate, "
-          "so the linears run faster on the GPU, at 1.25 dB less PSNR on the mini model (docs/QUALITY.md).")
-
 
 def get_recipe(name_or_recipe) -> Recipe:
   """A named recipe (``RECIPES``) or a :class:`Recipe` passed through; ``KeyError`` lists the names."""

@@ -121,6 +121,8 @@ def test_rebinned_source_groups_steps_into_bins():
 def test_variants_are_valid_recipes():
     vs = ablation_variants()
     assert [v.name for v in vs] == list(ABLATIONS)
+    with pytest.raises(KeyError, match="no_alpha_search"):   # renamed: the default no longer searches alpha
+        ablation_variants(["no_alpha_search"])
     assert {v.bins for v in vs} == {"seed", "6"}
     by = {v.name: v.recipe for v in vs}
     assert {n for n, r in by.items() if r.calibration == "per_expert"} == {"per_expert_calib", "per_bin_clips",
@@ -134,10 +136,11 @@ def test_variants_are_valid_recipes():
     clip = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "ClipSearch")
     assert clip("per_bin_clips").per_bin and not clip("rank64").per_bin and not clip("no_gptq").per_bin
     smooth = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "Smooth")
-    assert not smooth("no_alpha_search").search and smooth("rank16").search
+    assert smooth("alpha_search").search and not smooth("rank16").search and smooth("fast").search
     assert "Smooth" not in kinds("no_smoothing") and kinds("no_smoothing")[0] == "Rotate"
     rot = lambda name: [t.block_size for t in by[name].transforms if type(t).__name__ == "Rotate"]
     assert "Rotate" not in kinds("no_rotation") and rot("rank16") == [256] and rot("rotate_max") == [None]
+    assert not smooth("no_rotation").search and rot("fast") == [] and by["fast"].name == "fast"
     from wanjax.quant.recipes import get_recipe
     assert rot("rotate_b128") == [128]
     assert kinds("rotate_b64") == [type(t).__name__ for t in get_recipe("default").transforms]

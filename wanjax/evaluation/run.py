@@ -161,12 +161,11 @@ def _swap(recipe, cls, new):
 
 def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
-    from wanjax.quant.recipes import (GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS, WEIGHT_CLIPS, ClipSearch,
-                                      LowRank, LowRankRefit, Rotate, Smooth, get_recipe)
+    from wanjax.quant.recipes import (DEFAULT_ALPHA_GRID, GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS,
+                                      WEIGHT_CLIPS, ClipSearch, LowRank, LowRankRefit, Rotate, Smooth, get_recipe)
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
-    sm = next(t for t in d.transforms if isinstance(t, Smooth))
     cs = next(t for t in d.transforms if isinstance(t, ClipSearch))
     gq = next(t for t in d.transforms if isinstance(t, GPTQ))
     R = dataclasses.replace
@@ -196,9 +195,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     binned = get_recipe("binned")
     table = {
         # removal of a kept component
-        "no_lowrank": (rank(0), "seed", "no low-rank branch (rank 0; alpha search without the branch)"),
-        "no_alpha_search": (R(d, name="default-alpha05", transforms=_swap(d, Smooth, R(sm, search=False, alpha=0.5))),
-                            "seed", "smoothing alpha fixed at 0.5 instead of searched per layer"),
+        "no_lowrank": (rank(0), "seed", "no low-rank branch (rank 0)"),
+        "no_rotation": (R(d, name="default-norot", transforms=tuple(t for t in d.transforms
+                                                                    if not isinstance(t, Rotate))), "seed",
+                        "no Hadamard rotation (smoothing alpha 0.5, rank-32 branch, GPTQ, one clip)"),
         "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", "RTN instead of GPTQ"),
         "no_smoothing": (R(d, name="default-nosmooth", transforms=tuple(t for t in d.transforms
                                                                          if not isinstance(t, Smooth))), "seed",
@@ -230,8 +230,12 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         "rank_ffn96_attn0": (path_ranks("ffn96-attn0", RANK_FFN96_ATTN0), "seed",
                              "rank 96 on ffn.fc1/fc2 and no branch on the attention projections: the whole rank-32 "
                              "budget in the FFN (equal on the mini model, 95 % of it at full size)"),
-        "no_rotation": (get_recipe("fast"), "seed", "no Hadamard rotation (the recipe 'fast', the default until "
-                                                    "2026-12-05)"),
+        "alpha_search": (R(d, name="default-alpha-search", transforms=_swap(d, Smooth, Smooth(
+            search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"))), "seed",
+                         "smoothing alpha searched per layer (rank-32 branch in the loop; the default until "
+                         "2026-12-05) instead of 0.5"),
+        "fast": (get_recipe("fast"), "seed", "recipe 'fast' (the default until 2026-12-05): alpha searched, no "
+                                             "rotation"),
         "rotate_max": (rotated(None), "seed", "rotation blocks as large as K allows (the largest power of two "
                                               "dividing K: 1024 / 512 at full size; 256 on the mini model, as the "
                                               "default)"),
@@ -249,7 +253,7 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         "static": (R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
                    "seed", "static per-bin activation scales (searched) instead of dynamic per-token"),
     }
-    names = list(table) if names is None else list(names)
+    names = list(ABLATIONS) if names is None else list(names)
     bad = [n for n in names if n not in table]
     if bad:
         raise KeyError(f"unknown ablations {bad}; expected some of {list(table)}")
@@ -261,16 +265,17 @@ RANK_FFN64_ATTN16 = ((r"ffn\.fc[12]", 64), (r"attn\.", 16))
 RANK_FFN96_ATTN0 = ((r"ffn\.fc[12]", 96), (r"attn\.", 0))
 
 #: Ablation names, in report order.
-ABLATIONS = ("no_lowrank", "no_alpha_search", "no_gptq", "no_smoothing", "per_expert_calib", "bin_balance",
-             "per_bin_clips", "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
+ABLATIONS = ("no_lowrank", "no_gptq", "no_smoothing", "no_rotation", "alpha_search", "per_expert_calib",
+             "bin_balance", "per_bin_clips", "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
              "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16",
-             "rank_ffn96_attn0", "no_rotation", "rotate_max", "rotate_b128", "rotate_b64", "rank16", "rank64",
+             "rank_ffn96_attn0", "fast", "rotate_max", "rotate_b128", "rotate_b64", "rank16", "rank64",
              "int4_g64", "mxfp4", "nvfp4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
-REMOVALS = {"no_lowrank": "low-rank branch", "no_alpha_search": "per-layer alpha search", "no_gptq": "GPTQ",
-            "no_smoothing": "smoothing", "no_rotation": "Hadamard rotation"}
-ADDITIONS = {"per_expert_calib": "per-expert calibration", "bin_balance": "timestep bins (GPTQ bin balancing)",
+REMOVALS = {"no_lowrank": "low-rank branch", "no_gptq": "GPTQ", "no_smoothing": "smoothing",
+            "no_rotation": "Hadamard rotation"}
+ADDITIONS = {"alpha_search": "the per-layer alpha search", "per_expert_calib": "per-expert calibration",
+             "bin_balance": "timestep bins (GPTQ bin balancing)",
              "per_bin_clips": "the seed's per-expert, per-bin policy (recipe binned)"}
 
 
