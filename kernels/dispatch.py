@@ -199,8 +199,8 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   ``rot_signs`` ([K] +-1, optional): the smoothed input is rotated before quantization and before ``down``, as
   ``quant.rotate.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
   dividing K, at most ``rot_block``). The "fused" impl rotates inside the kernel for blocks of 64 to
-  ``act_quant_gpu.ROT_MAX_BLOCK`` (bf16 tensor-core products: a few codes in 1e3 differ by one from the f32 rotation's); otherwise an XLA f32
-  Walsh-Hadamard pass runs first and the unrotated path quantizes its output.
+  ``act_quant_gpu.ROT_MAX_BLOCK`` (bf16 tensor-core products: a few codes in 1e3 differ by one from the f32
+  rotation's); otherwise an XLA f32 Walsh-Hadamard pass runs first and the unrotated path quantizes its output.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:

@@ -2,7 +2,8 @@
 
 The rotation is ``Q = diag(d) @ blockdiag(H_b, ..., H_b)`` with ``H_b`` the normalized Sylvester Walsh-Hadamard
 matrix of size ``b`` (symmetric, orthogonal: ``H_b H_b = I``), ``b`` the largest power of two dividing K
-(5120 -> 1024, 13824 -> 512), at most ``block_size`` if given, and ``d`` an optional random +-1 sign vector (all ones otherwise).
+(5120 -> 1024, 13824 -> 512), at most ``block_size`` if given, and ``d`` an optional random +-1 sign vector (all
+ones otherwise).
 ``Q`` is orthogonal, so ``(x Q)(Q^T W) = x W`` exactly in real arithmetic:
 
 * weight side (offline): ``kernel <- Q^T kernel`` (:func:`rotate`);

@@ -219,7 +219,8 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="calibrate and quantize both experts (W4A4) into an artifact directory",
                        description=cmd_quantize.__doc__)
     p.add_argument("--model", required=True, help="model dir in the official or diffusers layout")
-    p.add_argument("--recipe", default="default", help="rtn, w8a8, smoothquant, quarot, svdquant, seed, binned, fast, default")
+    p.add_argument("--recipe", default="default",
+                   help="rtn, w8a8, smoothquant, quarot, svdquant, seed, binned, fast, default")
     p.add_argument("--calib", default=None, help="calibration samples (.jsonl: image, prompt, seed per line)")
     p.add_argument("--stats", default=None, help="reuse the work dir of an earlier calibration instead of --calib")
     p.add_argument("--work-dir", default=None, help="calibration statistics / progress (default: OUT.calib)")
