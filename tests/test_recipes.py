@@ -257,11 +257,12 @@ def test_calibrate_quantize_denoise_default_recipe(tmp_path):
 def test_lowrank_method_choice_and_profile(planted_layer):
   """The randomized low-rank steps (default and binned share them) lose at most 0.1 dB against exact SVDs on the
   planted layer with per-bin clips ("binned"; with the default's single clip the loss measured 0.03 / 0.08 / 0.12 dB
-  on 2026-12-02, the clip search amplifying small differences); bad method names are refused; ``timings`` profiles
-  every step without changing the result."""
+  on 2026-12-02, the clip search amplifying small differences; "binned" shares the smoothing search and low-rank
+  steps of "fast", the default of 2026-12-04); bad method names are refused; ``timings`` profiles every step without
+  changing the result."""
   w, inp = planted_layer
   d = get_recipe("binned")
-  assert [t for t in get_recipe("default").transforms if isinstance(t, (LowRank, Smooth))] == \
+  assert [t for t in get_recipe("fast").transforms if isinstance(t, (LowRank, Smooth))] == \
       [t for t in d.transforms if isinstance(t, (LowRank, Smooth))]
   assert any(isinstance(t, LowRank) and t.method == "randomized" for t in d.transforms)
   exact = dataclasses.replace(d, name="exact", transforms=tuple(
