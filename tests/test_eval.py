@@ -146,6 +146,9 @@ def test_variants_are_valid_recipes():
     assert kinds("rotate_b64") == [type(t).__name__ for t in get_recipe("default").transforms]
     assert by["per_bin_clips"].name == "binned" and "GPTQ" in kinds("per_bin_clips")
     assert by["mxfp4"].weight.fmt == "mxfp4" and by["static"].act_mode == "static"
+    assert (by["w4a8"].weight.fmt, by["w4a8"].act.fmt, by["w8a4"].weight.fmt, by["w8a4"].act.fmt) == \
+        ("int4", "int8", "int8", "int4")
+    assert kinds("w4a8") == kinds("w8a4") == kinds("rotate_b64")   # only the formats change
     gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")
     assert gptq("gptq_act_order").act_order and not gptq("rank64").act_order
     assert gptq("gptq_wclip").weight_clips and not gptq("gptq_act_order").weight_clips

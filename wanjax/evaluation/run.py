@@ -250,6 +250,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                   "seed", "MXFP4 W/A (seed scale rules, clip x exponent-offset search)"),
         "nvfp4": (fmt("default-nvfp4", WeightQuantSpec("nvfp4"), ActQuantSpec("nvfp4"), ClipSearch(INT_CLIPS, (0,))),
                   "seed", "NVFP4 W/A"),
+        "w4a8": (fmt("default-w4a8", d.weight, ActQuantSpec("int8"), cs), "seed",
+                 "INT8 per-token activations, INT4 weights (what the 4-bit activations cost)"),
+        "w8a4": (fmt("default-w8a4", WeightQuantSpec("int8"), d.act, cs), "seed",
+                 "INT8 per-channel weights, INT4 activations (what the 4-bit weights cost)"),
         "static": (R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
                    "seed", "static per-bin activation scales (searched) instead of dynamic per-token"),
     }
@@ -269,7 +273,7 @@ ABLATIONS = ("no_lowrank", "no_gptq", "no_smoothing", "no_rotation", "alpha_sear
              "bin_balance", "per_bin_clips", "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
              "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16",
              "rank_ffn96_attn0", "fast", "rotate_max", "rotate_b128", "rotate_b64", "rank16", "rank64",
-             "int4_g64", "mxfp4", "nvfp4", "static")
+             "int4_g64", "mxfp4", "nvfp4", "w4a8", "w8a4", "static")
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
 REMOVALS = {"no_lowrank": "low-rank branch", "no_gptq": "GPTQ", "no_smoothing": "smoothing",
