@@ -149,10 +149,11 @@ ROT_BLOCKS = (1024, 512, 256, 128, 64)
 def run_rotation(inp, res, rec, log):
   """Act quant with the input rotated (QuaRot blocks, after the smoothing): the fused kernel rotating in-kernel
   (``rot_signs``, Hadamard blocks = chunk, :data:`ROT_BLOCKS` dividing K, tunings :data:`ROT_SWEEP`) against the
-  XLA f32 Walsh-Hadamard pass + the fused kernel on its output; codes checked against the f32 rotation's."""
+  XLA passes + the fused kernel on their output (the f32 Walsh-Hadamard transform, and ``rotate_activations_mxu``,
+  the run-time form of the XLA paths); codes checked against the f32 rotation's."""
   from kernels import act_quant_gpu
   from kernels.act_quant_gpu import act_quant_lowrank_pallas
-  from wanjax.quant.rotate import random_signs, rotate_activations
+  from wanjax.quant.rotate import random_signs, rotate_activations, rotate_activations_mxu
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
   for b in (b for b in ROT_BLOCKS if x.shape[1] % b == 0):
@@ -164,6 +165,9 @@ def run_rotation(inp, res, rec, log):
       rec(f"aq_xla_rot{b}_then_fused", jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
           rotate_activations(a.astype(jnp.float32) / sm, sg, b), None, dn, 1.0, None, **act_quant_gpu.FUSED_OPTIONS)),
           x, smooth, signs, down)
+      rec(f"aq_xla_mxu_rot{b}_then_fused", jax.jit(lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
+          rotate_activations_mxu(a.astype(jnp.float32) / sm, sg, b), None, dn, 1.0, None,
+          **act_quant_gpu.FUSED_OPTIONS)), x, smooth, signs, down)
     for i, (bm, warps, stages) in enumerate(ROT_SWEEP):
       name = f"aq_fused_rot{b}" + ("" if i == 0 else f"_bm{bm}w{warps}s{stages}")
       fused = jax.jit(lambda a, sm, sg, dn, b=b, bm=bm, w=warps, st=stages: act_quant_lowrank_pallas(

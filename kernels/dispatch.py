@@ -200,7 +200,9 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   ``quant.rotate.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
   dividing K, at most ``rot_block``). The "fused" impl rotates inside the kernel for blocks of 64 to
   ``act_quant_gpu.ROT_MAX_BLOCK`` (bf16 tensor-core products: a few codes in 1e3 differ by one from the f32
-  rotation's); otherwise an XLA f32 Walsh-Hadamard pass runs first and the unrotated path quantizes its output.
+  rotation's); otherwise ``quant.rotate.rotate_activations_mxu`` rotates first (the kernel's numerics as one
+  batched bf16 product on the tensor cores / MXU; on every backend, the reference included) and the unrotated path
+  quantizes its output.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
@@ -209,12 +211,12 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   fused_gpu = (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
                and x.shape[0] >= FUSED_ACT_QUANT_MIN_M)
   if rot_signs is not None:
-    from wanjax.quant.rotate import hadamard_block_size, rotate_activations
+    from wanjax.quant.rotate import hadamard_block_size, rotate_activations_mxu
     b = hadamard_block_size(x.shape[1], rot_block)
     if fused_gpu and 64 <= b <= act_quant_gpu.ROT_MAX_BLOCK and act_quant_gpu.fused_supports(*x.shape, r, chunk=b):
       return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b,
                                                     **act_quant_gpu.rotation_options(b))
-    x, smooth = rotate_activations(reference.smooth_act(x, smooth), rot_signs, b), None
+    x, smooth = rotate_activations_mxu(reference.smooth_act(x, smooth), rot_signs, b), None
   if be == "reference":
     return reference.act_quant(x, smooth, down, clip, static_scale)
   if be == "pallas" and act_quant_impl == "pallas":

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.quant import formats
-from wanjax.quant.rotate import rotate_activations
+from wanjax.quant.rotate import rotate_activations_mxu
 
 __all__ = [
     "QLinear",
@@ -312,7 +312,8 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
     inexact = jnp.int32(0)
     if c.w_fmt == "mxfp4":
       if signs is not None:  # rotation after the smoothing, as an XLA pass; the MXFP4 kernels see the rotated input
-        x2 = rotate_activations(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block)
+        x2 = rotate_activations_mxu(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs,
+                                    c.rot_block)
         smooth = None
       y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], smooth=smooth, down=a.get("down"),
                                          up=a.get("up"), bias=a.get("bias"), clip=clip, exp_offset=exp_offset,
@@ -329,8 +330,8 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
   xr = x2.astype(jnp.float32)
   if smooth is not None:
     xr = xr / smooth.astype(jnp.float32)
-  if signs is not None:
-    xr = rotate_activations(xr, signs, c.rot_block)
+  if signs is not None:  # the run-time numerics of the rotation (the kernels'), not the float32 transform
+    xr = rotate_activations_mxu(xr, signs, c.rot_block)
   xq = act_qdq(c, xr, clip, exp_offset, static_scale)
   y = _dot(xq, _dequant_weight(c, a).T, dtype)
   if a.get("down") is not None:

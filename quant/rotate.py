@@ -13,7 +13,9 @@ ones otherwise).
   (recompute it from rotated rows).
 
 :func:`apply_hadamard` is a fast Walsh-Hadamard transform built from reshapes (``log2 b`` butterfly stages,
-O(K log b) adds), in float32.
+O(K log b) adds), in float32: the definition, used for calibration, fake quantization and references.
+:func:`rotate_activations_mxu` is the run-time form of the quantized linears (the numerics of the fused GPU act-quant
+kernel, as one matrix product on the tensor cores / MXU instead of ``log2 b`` passes over the activations).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "random_signs",
     "rotate",
     "rotate_activations",
+    "rotate_activations_mxu",
     "rotate_hessian",
 ]
 
@@ -96,6 +99,42 @@ def random_signs(key: jax.Array, k: int) -> jax.Array:
 def rotate_activations(x: jax.Array, signs: jax.Array, block_size: int | None = None) -> jax.Array:
   """Activation side ``x Q = apply_hadamard(x * signs)`` for ``x [..., K]``."""
   return apply_hadamard(jnp.asarray(x, jnp.float32) * jnp.asarray(signs, jnp.float32), block_size)
+
+
+#: Columns of the dense +-1 Hadamard factor of :func:`rotate_activations_mxu` (larger blocks are butterflies of it).
+MXU_PIECE = 128
+
+
+def rotate_activations_mxu(x: jax.Array, signs: jax.Array, block_size: int | None = None) -> jax.Array:
+  """``x Q`` as the quantized linears compute it at run time: float32 ``[..., K]``, equal to
+  :func:`rotate_activations` up to the bf16 rounding of the product's input.
+
+  The Hadamard block ``b`` factors as ``H_b = H_p (x) H_h`` (Sylvester order, ``h = min(b, MXU_PIECE)``,
+  ``p = b / h``): ``x * signs`` is mixed across its ``p`` pieces of ``h`` columns by float32 butterflies, rounded to
+  bf16 and multiplied by the +-1 matrix of ``H_h`` (exact in bf16) with float32 accumulation, then scaled by
+  ``1 / sqrt(b)``. These are the numerics of the fused GPU kernel's in-kernel rotation
+  (``kernels.act_quant_gpu``, ``rot_signs``) as one batched matrix product, which runs on the tensor cores / MXU
+  where the float32 transform is ``log2 b`` passes over the activations.
+  """
+  x = jnp.asarray(x, jnp.float32) * jnp.asarray(signs, jnp.float32)
+  b = hadamard_block_size(x.shape[-1], block_size)
+  return _rotate_mxu(x, b, min(b, MXU_PIECE))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rotate_mxu(x: jax.Array, b: int, h: int) -> jax.Array:
+  k, lead = x.shape[-1], x.shape[:-1]
+  p = b // h
+  y = x.reshape(*lead, k // b, p, h)
+  step = 1
+  while step < p:  # f32 Walsh-Hadamard butterflies over the piece axis (size p)
+    z = y.reshape(*lead, k // b, p // (2 * step), 2, step, h)
+    a, c = z[..., 0, :, :], z[..., 1, :, :]
+    y = jnp.stack([a + c, a - c], axis=-3).reshape(*lead, k // b, p, h)
+    step *= 2
+  pm1 = jnp.asarray(np.sign(hadamard_matrix(h)), jnp.bfloat16)
+  y = jnp.einsum("...ph,hj->...pj", y.astype(jnp.bfloat16), pm1, preferred_element_type=jnp.float32)
+  return y.reshape(*lead, k) * jnp.float32(1.0 / np.sqrt(b))
 
 
 @functools.partial(jax.jit, static_argnums=2)

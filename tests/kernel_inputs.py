@@ -25,3 +25,21 @@ def act_inputs(m, k, r, seed):
     smooth = jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)
     down = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16) if r else None
     return x, smooth, down
+
+
+def np_rotate_runtime(x, signs, b, piece=128):
+    """numpy model of the run-time rotation (``quant.rotate.rotate_activations_mxu``, the fused kernel's numerics):
+    ``x * signs`` in blocks of ``b``, the pieces of ``min(b, piece)`` columns mixed by the +-1 Hadamard of their count
+    (float64, rounded to float32), rounded to bf16, times the +-1 Hadamard of a piece (float64), ``/ sqrt(b)``."""
+    import ml_dtypes
+
+    from wanjax.quant.rotate import hadamard_matrix
+
+    h = min(b, piece)
+    p = b // h
+    xs = np.asarray(x, np.float32) * np.asarray(signs, np.float32)
+    lead, k = xs.shape[:-1], xs.shape[-1]
+    y = xs.reshape(*lead, k // b, p, h).astype(np.float64)
+    y = np.einsum("qp,...ph->...qh", np.sign(hadamard_matrix(p, np.float64)), y).astype(np.float32)
+    y = y.astype(ml_dtypes.bfloat16).astype(np.float64) @ np.sign(hadamard_matrix(h, np.float64))
+    return (y / np.sqrt(b)).reshape(*lead, k).astype(np.float32)

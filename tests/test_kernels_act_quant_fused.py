@@ -154,23 +154,30 @@ def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
                                               (40, 1024, 16, 512, {"fast": True, "int_round": True}),
                                               (33, 2048, 0, 1024, {"fast": True, "int_round": True})])
 def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk, opts):
-  """In-kernel rotation (``rot_signs``): the input rotated as ``quant.rotate.rotate_activations`` with Hadamard
-  blocks of ``chunk`` after the smoothing (blocks over 128 as butterflies across pieces of 128); codes as the f32
-  reference's except where bf16 rounding of x / smooth moves a value across a rounding boundary (a few in 1e3),
-  scales and x_lr within bf16 rounding."""
-  from wanjax.quant.rotate import random_signs, rotate_activations
+  """In-kernel rotation (``rot_signs``): the input rotated with Hadamard blocks of ``chunk`` after the smoothing
+  (blocks over 128 as butterflies across pieces of 128). In the interpreter, codes and scales are those of
+  ``quant.rotate.rotate_activations_mxu`` (the run-time rotation of the XLA paths) exactly; against the f32 transform
+  ``rotate_activations`` the codes differ by one where bf16 rounding moves a value across a rounding boundary (a few
+  in 1e3), scales and x_lr within bf16 rounding."""
+  from wanjax.quant.rotate import random_signs, rotate_activations, rotate_activations_mxu
   import jax
   x, smooth, down = _inputs(m, k, max(r, 16), m * k + r)
   down = down if r else None
   signs = random_signs(jax.random.key(3), k)
   q, s, lr = act_quant_lowrank_pallas(x, smooth, down, 0.9, None, block_rows=16, chunk=chunk, rot_signs=signs,
                                       interpret=True, **opts)
+  xm = rotate_activations_mxu(x.astype(jnp.float32) / smooth, signs, chunk)
+  qm, sm = ref.quantize_act_int4(xm, None, 0.9)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(qm))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(sm))
   xr = rotate_activations(x.astype(jnp.float32) / smooth, signs, chunk)
   q0, s0 = ref.quantize_act_int4(xr, None, 0.9)
   q, q0 = np.asarray(q, np.int32), np.asarray(q0, np.int32)
-  assert np.abs(q - q0).max() <= 1 and np.mean(q != q0) < 5e-3
+  assert np.abs(q - q0).max() <= 1 and 0 < np.mean(q != q0) < 5e-3
   np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=1e-2)
   if r:
+    lrm = np.asarray(ref.lowrank_down(xm, down, None), np.float32)
+    assert np.linalg.norm(np.asarray(lr, np.float32) - lrm) <= 1e-2 * np.linalg.norm(lrm)
     lr0 = np.asarray(ref.lowrank_down(xr, down, None), np.float32)
     assert np.linalg.norm(np.asarray(lr, np.float32) - lr0) <= 1e-2 * np.linalg.norm(lr0)
   else:

@@ -190,13 +190,13 @@ def test_pallas_on_tpu_routes_to_tpu_kernel(monkeypatch):
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
 @pytest.mark.parametrize("block", [None, 64])
 def test_rotated_input_equals_quantizing_the_rotated_input(backend, block):
-  """``rot_signs``: act quant and the linear of x equal those of ``rotate_activations(x / smooth)`` with no smoothing
-  (on CPU every backend takes the XLA rotation pass; the GPU kernel's in-kernel rotation is tested in
-  tests/test_kernels_act_quant_fused.py)."""
-  from wanjax.quant.rotate import random_signs, rotate_activations
+  """``rot_signs``: act quant and the linear of x equal those of ``rotate_activations_mxu(x / smooth)`` (the run-time
+  rotation) with no smoothing (on CPU every backend takes the XLA rotation pass; the GPU kernel's in-kernel rotation
+  is tested in tests/test_kernels_act_quant_fused.py)."""
+  from wanjax.quant.rotate import random_signs, rotate_activations_mxu
   x, wp, sw, smooth, down, up, bias = _layer(5, 45, 256, 64, 16)
   signs = random_signs(jax.random.key(1), 256)
-  xr = rotate_activations(ref.smooth_act(x, smooth), signs, block)
+  xr = rotate_activations_mxu(ref.smooth_act(x, smooth), signs, block)
   got = dispatch.act_quant(x, smooth, down, 0.9, rot_signs=signs, rot_block=block, backend=backend)
   want = dispatch.act_quant(xr, None, down, 0.9, backend=backend)
   for g, w in zip(got, want):

@@ -12,7 +12,7 @@ from wanjax.model.layers import Linear
 from wanjax.quant import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
 from wanjax.quant.qlinear import QLinear, QLinearConfig
-from wanjax.quant.rotate import hadamard_matrix
+from kernel_inputs import np_rotate_runtime
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
 
@@ -70,9 +70,8 @@ def np_forward_int4(cfg, a, x, b):
   xs = np.asarray(x, np.float32)
   if a["smooth"] is not None:
     xs = xs / a["smooth"]
-  if a["rot_signs"] is not None:
-    h = hadamard_matrix(cfg.in_features & -cfg.in_features)
-    xs = ((xs * a["rot_signs"]).astype(np.float64) @ h.astype(np.float64)).astype(np.float32)
+  if a["rot_signs"] is not None:  # the run-time rotation (bf16 products, as the kernels), not the f32 transform
+    xs = np_rotate_runtime(xs, np.asarray(a["rot_signs"]), cfg.in_features & -cfg.in_features)
   if cfg.act_mode == "static":
     s = np.float32(a["act_scale"][b])
     xq = np.clip(np.round(xs / s), -7, 7) * s

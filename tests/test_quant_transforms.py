@@ -19,6 +19,7 @@ from wanjax.quant.rotate import (
     random_signs,
     rotate,
     rotate_activations,
+    rotate_activations_mxu,
     rotate_hessian,
 )
 from wanjax.quant.rtn import (
@@ -197,6 +198,25 @@ def test_fwht_equals_dense_and_is_orthogonal(k, block):
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(apply_hadamard(got, block)), x, atol=1e-5)
   assert jax.jit(apply_hadamard, static_argnums=1)(jnp.asarray(x), block).shape == x.shape
+
+
+@pytest.mark.parametrize("k,block", [(192, None), (512, 256), (2048, None), (384, 128), (256, 32)])
+def test_runtime_rotation_is_the_bf16_product_form(k, block):
+  """``rotate_activations_mxu`` (run time: fake and real mode, the kernels' numerics) = the numpy model of
+  butterflies over 128-column pieces, bf16 rounding and a +-1 product (float64) to float32 accumulation; within
+  bf16 rounding of the float32 transform; non-power-of-two blocks refused as there."""
+  from kernel_inputs import np_rotate_runtime
+  b = hadamard_block_size(k, block)
+  x = (_rng(k).normal(size=(2, 9, k)) * _rng(1).uniform(0.1, 30, size=k)).astype(np.float32)
+  d = np.asarray(random_signs(jax.random.key(k), k))
+  got = np.asarray(rotate_activations_mxu(jnp.asarray(x), jnp.asarray(d), block))
+  assert got.dtype == np.float32 and got.shape == x.shape
+  np.testing.assert_allclose(got, np_rotate_runtime(x, d, b), rtol=1e-5, atol=1e-5 * np.abs(got).max())
+  exact = np.asarray(rotate_activations(jnp.asarray(x), jnp.asarray(d), block))
+  rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  assert 0 < rel < 2 ** -8, rel   # bf16 rounding of the product's input: differs, but only at that level
+  with pytest.raises(ValueError, match="must be a power of two"):
+    rotate_activations_mxu(jnp.asarray(x), jnp.asarray(d), 96)
 
 
 def test_rotation_is_exact_identity_and_rotates_hessian():
