@@ -141,8 +141,9 @@ def aq_check(got, want) -> dict:
           "scale_max_reldiff": float(jnp.max(jnp.abs(s / sr - 1))), "x_lr_relerr": rel_err(lr, lrr)}
 
 
-# (block_rows, num_warps, num_stages) tried for each rotation block; the first is the dispatcher's default tuning
-ROT_SWEEP = ((64, 8, 3), (64, 8, 2), (64, 8, 1), (32, 8, 2), (32, 4, 2), (32, 4, 1), (16, 4, 2))
+# (block_rows, num_warps, num_stages) tried for each rotation block; the first is the unrotated kernel's tuning
+# (its codes are checked); act_quant_gpu.rotation_options holds the dispatcher's per block
+ROT_SWEEP = ((64, 8, 3), (64, 8, 2), (64, 8, 1), (64, 4, 3), (64, 4, 2), (64, 4, 1), (32, 4, 2), (16, 4, 2))
 ROT_BLOCKS = (1024, 512, 256, 128, 64)
 
 

@@ -158,23 +158,27 @@ FUSED_OPTIONS = {"fast": True, "int_round": True}  # 0.260 / 0.678 ms vs 0.271 /
 # at most ROT_PIECE columns (a 128 x 128 +-1 matrix, 32 KB of bf16; a dense 256 x 256 one did not fit in shared
 # memory), larger blocks mixing their pieces with f32 butterflies first
 ROT_PIECE, ROT_MAX_BLOCK = 128, 1024
+# The dispatcher rotates in the kernel only up to this block: measured on an H100 at M = 32,760
+# (bench/results/act_quant_rotation_sweep.json), the kernel at 1024 (one stage; the 3- and 2-stage forms exceed
+# shared memory, 32-row blocks spill) took 6.7 ms at K = 5120 against 1.47 ms for the XLA rotation pass + the
+# unrotated kernel, while blocks of 64-512 take 0.50-0.88 ms
+ROT_DISPATCH_MAX_BLOCK = 512
 
 
 def rotation_options(block: int) -> dict:
   """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``.
 
-  Blocks of 64 / 128 use the unrotated kernel's tuning (measured on the H200: 0.50 ms at K = 5120). Larger blocks
-  hold more per pipeline stage in shared memory (x pieces, the 128 x 128 +-1 matrix, the ``down`` rows: about
-  80 KB per stage at 256, 128 KB at 512), so they get fewer stages (and, at 1024, 32-row blocks) to stay within
-  the H100's 227 KB; these settings are sized from that count (a dense 256 x 256 matrix at 3 stages asked for
-  477 KB), not yet compiled on a GPU (``python -m bench.act_quant --rotate`` sweeps them)."""
-  if block <= 128:
+  Swept on an H100 at M = 32,760 (``python -m bench.act_quant --rotate`` and bench/results/act_quant_rotation_sweep2
+  .json; the unrotated kernel: 0.32 / 0.83 ms at K = 5120 / 13824): blocks of 128-512 run best with 4 warps and 2
+  pipeline stages (256: 0.347 / 0.918 ms against 0.507 / 1.32 with the unrotated kernel's 8 warps and 3 stages;
+  128: 0.388 / 1.03; 512: 0.714 / 1.91, where 3 stages ask for 264 KB of shared memory); blocks of 64 keep the
+  unrotated tuning (0.52 ms, 4 warps untimed); 1024 fits only one stage (6.7 ms at 8 warps, so the dispatcher
+  leaves it to the XLA pass, :data:`ROT_DISPATCH_MAX_BLOCK`)."""
+  if block <= 64:
     return dict(FUSED_OPTIONS)
-  if block == 256:
-    return {**FUSED_OPTIONS, "num_stages": 2}
-  if block == 512:
-    return {**FUSED_OPTIONS, "num_stages": 1}
-  return {**FUSED_OPTIONS, "num_stages": 1, "block_rows": 32}
+  if block <= 512:
+    return {**FUSED_OPTIONS, "num_warps": 4, "num_stages": 2}
+  return {**FUSED_OPTIONS, "num_stages": 1}
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:

@@ -199,10 +199,10 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   ``rot_signs`` ([K] +-1, optional): the smoothed input is rotated before quantization and before ``down``, as
   ``quant.rotate.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
   dividing K, at most ``rot_block``). The "fused" impl rotates inside the kernel for blocks of 64 to
-  ``act_quant_gpu.ROT_MAX_BLOCK`` (bf16 tensor-core products: a few codes in 1e3 differ by one from the f32
-  rotation's); otherwise ``quant.rotate.rotate_activations_mxu`` rotates first (the kernel's numerics as one
-  batched bf16 product on the tensor cores / MXU; on every backend, the reference included) and the unrotated path
-  quantizes its output.
+  ``act_quant_gpu.ROT_DISPATCH_MAX_BLOCK`` (512, where it beat the XLA pass on an H100; bf16 tensor-core products:
+  a few codes in 1e3 differ by one from the f32 rotation's); otherwise ``quant.rotate.rotate_activations_mxu``
+  rotates first (the kernel's numerics as one batched bf16 product on the tensor cores / MXU; on every backend, the
+  reference included) and the unrotated path quantizes its output.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
@@ -213,7 +213,8 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   if rot_signs is not None:
     from wanjax.quant.rotate import hadamard_block_size, rotate_activations_mxu
     b = hadamard_block_size(x.shape[1], rot_block)
-    if fused_gpu and 64 <= b <= act_quant_gpu.ROT_MAX_BLOCK and act_quant_gpu.fused_supports(*x.shape, r, chunk=b):
+    in_kernel = 64 <= b <= act_quant_gpu.ROT_DISPATCH_MAX_BLOCK
+    if fused_gpu and in_kernel and act_quant_gpu.fused_supports(*x.shape, r, chunk=b):
       return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b,
                                                     **act_quant_gpu.rotation_options(b))
     x, smooth = rotate_activations_mxu(reference.smooth_act(x, smooth), rot_signs, b), None
