@@ -298,11 +298,12 @@ def random_bf16_expert(cfg, seed: int = 0, dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------ W4A4 expert
-def quantized_skeleton(cfg, *, nbins: int, rank: int = 32, recipe="default", dtype=None, mode: str = "real"):
+def quantized_skeleton(cfg, *, nbins: int, rank: int = 32, recipe="default", dtype=None, mode: str = "real",
+                       rotate: bool = True):
     """The abstract (shape-only, ``nnx.eval_shape``) quantized expert: every ``BLOCK_LINEARS`` layer a stacked
     ``QLinear`` with the recipe's formats (``quant.quantize.layer_config``), a smoothing vector, rotation signs if
     the recipe rotates, a rank-``rank`` bf16 low-rank branch (none if 0), the Linear's bias and ``nbins``-entry
-    tables; costs no device memory."""
+    tables; costs no device memory. ``rotate=False`` leaves the rotation out of a rotating recipe (what it costs)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -314,7 +315,7 @@ def quantized_skeleton(cfg, *, nbins: int, rank: int = 32, recipe="default", dty
 
     dtype = dtype or jnp.bfloat16
     rec = get_recipe(recipe)
-    rotates = any(isinstance(t, Rotate) for t in rec.transforms)
+    rotates = rotate and any(isinstance(t, Rotate) for t in rec.transforms)
 
     def make():
         model = WanDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
@@ -383,7 +384,8 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
     return jax.jit(build)
 
 
-def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real"):
+def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real",
+                      rotate: bool = True):
     """A W4A4 expert of ``default``-recipe structure quantized (RTN, no calibration) from the random bf16 expert of
     the same ``seed`` (:func:`random_bf16_expert`), made on the device layer stack by layer stack."""
     import jax
@@ -392,7 +394,7 @@ def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: s
     from wanjax.quant.apply import get_submodule
     from wanjax.quant.rotate import hadamard_block_size
 
-    skeleton = quantized_skeleton(cfg, nbins=nbins, rank=rank, mode=mode)
+    skeleton = quantized_skeleton(cfg, nbins=nbins, rank=rank, mode=mode, rotate=rotate)
     cache: dict[str, dict] = {}
 
     def quantized(name, leaf):

@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-ab", action="store_true", help="only the per-kernel breakdown")
     p.add_argument("--skip-profile", action="store_true", help="only the interleaved A/B")
     p.add_argument("--variants", default=",".join(f"{e}/{a}" for e, a in VARIANTS),
-                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4; attention: cudnn|cudnn_fp8)")
+                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot, the last without the "
+                        "default recipe's input rotation; attention: cudnn|cudnn_fp8)")
     p.add_argument("--config", default="I2V_A14B")
     p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
     p.add_argument("--name", default=None)
@@ -111,9 +112,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if any(e == "bf16" for e, _ in variants):
         experts["bf16"] = nnx.split(random_bf16_expert(cfg, seed=0))
-    if any(e == "w4a4" for e, _ in variants):
-        nbins = len(default_bins().expert_bins("high"))
-        experts["w4a4"] = nnx.split(build_w4a4_expert(cfg, seed=0, nbins=nbins))
+    nbins = len(default_bins().expert_bins("high"))
+    for name, rotate in (("w4a4", True), ("w4a4norot", False)):
+        if any(e == name for e, _ in variants):
+            experts[name] = nnx.split(build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate))
     jax.block_until_ready([s for _, s in experts.values()])
     res["build_s"] = time.perf_counter() - t0
     log(f"built {list(experts)} in {res['build_s']:.1f}s")
