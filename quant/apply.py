@@ -31,6 +31,7 @@ __all__ = [
     "attach_to_pipeline",
     "current_bin",
     "get_submodule",
+    "prepare_kernel_weights",
     "qlinears",
     "quantize_model",
     "set_mode",
@@ -124,6 +125,43 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
   new = _copy(model)
   for q in qlinears(new).values():
     _set_mode_one(q, mode)
+  return new
+
+
+def prepare_kernel_weights(model: nnx.Module) -> nnx.Module:
+  """A new model whose MXFP4 QLinears also hold their weights as the GPU kernel reads them (pure; once, at load).
+
+  Each layer with MXFP4 weights that real mode runs gets ``kweight`` (float8_e4m3fn [..., N, K]: every row
+  re-encoded to e4m3 under one power-of-two scale, ``kernels.mxfp4_gpu.prepare_weights``) and ``kscale`` (f32
+  [..., N]). Real mode then calls ``kernels.dispatch.mxfp4_linear_fp8`` and skips the per-call decode and
+  re-encoding of the codes (measured on an H200 at M = 32,760: 1.43-1.93x BF16 per layer instead of 1.09-1.35x,
+  docs/BENCHMARKS.md); the numbers are the same. The codes stay (fake mode and artifacts use them), so these layers
+  take 1 byte a parameter more. Other layers are left as they are. Weight rows the re-encoding rounds (a block more
+  than 8 binades below its row's largest) are counted and reported in one warning; their outputs are the same as
+  the per-call path's, which rounds them alike.
+  """
+  import warnings
+
+  from wanjax.kernels.mxfp4_gpu import prepare_weights
+  from wanjax.quant.qlinear import QVar
+
+  new = _copy(model)
+  inexact = {}
+  for path, q in qlinears(new).items():
+    c = q.config
+    if c.w_fmt != "mxfp4" or c.real_mode_problem():
+      continue
+    codes, scales = q.qweight[...], q.wscale[...]
+    lead = codes.shape[:-2]
+    w8, s8, bad = prepare_weights(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]))
+    # nnx.data: the attributes were None (static) until now
+    q.kweight = nnx.data(QVar(w8.reshape(*lead, c.out_features, c.in_features)))
+    q.kscale = nnx.data(QVar(s8.reshape(*lead, c.out_features)))
+    if int(bad):
+      inexact[path] = int(bad)
+  if inexact:
+    warnings.warn(f"prepare_kernel_weights: the e4m3 re-encoding rounds weight rows (layer: rows) {inexact}; "
+                  "real mode rounds them alike with or without the prepared weights", stacklevel=2)
   return new
 
 

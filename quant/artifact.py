@@ -71,6 +71,10 @@ def _canonical(d: dict) -> bytes:
   return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
+# arrays derived at load time (``apply.prepare_kernel_weights``): never written, so that an artifact holds one copy
+DERIVED = ("kweight", "kscale")
+
+
 def _flat_state(model: nnx.Module) -> dict[str, np.ndarray]:
   pure = nnx.to_pure_dict(nnx.state(model))
   out = {}
@@ -80,7 +84,7 @@ def _flat_state(model: nnx.Module) -> dict[str, np.ndarray]:
       key = f"{prefix}.{k}" if prefix else str(k)
       if isinstance(v, dict):
         walk(v, key)
-      elif v is not None:
+      elif v is not None and str(k) not in DERIVED:
         out[key] = v
   walk(pure, "")
   return out
@@ -265,11 +269,13 @@ def load_artifact(qdir: str | os.PathLike, experts=None) -> tuple[dict[str, nnx.
   return out, manifest
 
 
-def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None) -> dict:
+def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None, *, prepare_kernels: bool = True) -> dict:
   """Loads the ``high`` / ``low`` experts of ``qdir`` into ``pipe`` (a `WanI2VPipeline`, e.g. for
   ``wanjax generate --quant QDIR``) with the artifact's timestep bins; ``mode`` optionally switches every QLinear
-  (``"real"``: the W4A4 kernels). Returns the manifest."""
-  from wanjax.quant.apply import attach_to_pipeline, set_mode
+  (``"real"``: the W4A4 kernels). In real mode, ``prepare_kernels`` re-encodes MXFP4 weights once for the FP8
+  kernel (``apply.prepare_kernel_weights``: faster, 1 byte a parameter more; INT4 layers are unchanged).
+  Returns the manifest."""
+  from wanjax.quant.apply import attach_to_pipeline, prepare_kernel_weights, set_mode
   from wanjax.quant.bins import TimestepBins
 
   experts, manifest = load_artifact(qdir, ("high", "low"))
@@ -277,6 +283,8 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None) -> d
     raise ArtifactError(f"{qdir}: the artifact has no timestep bins; it cannot drive the two-expert sampler")
   if mode is not None:
     experts = {k: set_mode(v, mode) for k, v in experts.items()}
+  if mode == "real" and prepare_kernels:
+    experts = {k: prepare_kernel_weights(v) for k, v in experts.items()}
   attach_to_pipeline(pipe, experts["high"], experts["low"], TimestepBins.from_dict(manifest["bins"]))
   apply_recipe_attention(manifest.get("recipe"))
   return manifest

@@ -18,6 +18,11 @@ variable            shape / dtype                  meaning
 ``act_clip``        f32 [B]                         per timestep bin: clip ratio of the dynamic abs-max
 ``act_exp_offset``  int32 [B]                       per bin: MX exponent offset (mxfp4 activations; 0 otherwise)
 ``act_scale``       f32 [B] or None                 per bin: static activation scale (``act_mode="static"``)
+``kweight``         float8_e4m3fn [N, K] or None    mxfp4 only: the weights as the GPU kernel reads them (each
+                                                    row re-encoded to e4m3), made once by
+                                                    ``quant.apply.prepare_kernel_weights``; real mode then skips
+                                                    the per-call re-encoding (1 byte a parameter on top of codes)
+``kscale``          f32 [N] or None                 with ``kweight``: the power-of-two row scales (NaN rows)
 =================== ============================== ==========================================================
 
 The forward (``x`` of any float dtype, ``[..., K]``)::
@@ -168,12 +173,30 @@ def _check_shape(path, name, arr, expected):
                      f"axis), got {got}")
 
 
+def _check_kernel_weights(c: QLinearConfig, path: str, kweight, kscale) -> None:
+  """``kweight`` / ``kscale`` (kernel-ready MXFP4 weights): together, mxfp4 layers only, e4m3 [N, K] and f32 [N]."""
+  if kweight is None and kscale is None:
+    return
+  if kweight is None or kscale is None:
+    raise ValueError(f"QLinear {path!r}: kweight and kscale come together (got kweight={kweight is not None}, "
+                     f"kscale={kscale is not None})")
+  if c.w_fmt != "mxfp4":
+    raise ValueError(f"QLinear {path!r}: kweight (FP8 re-encoded weights) is for mxfp4 weights, the layer's are "
+                     f"{c.w_fmt}")
+  if jnp.dtype(kweight.dtype) != jnp.float8_e4m3fn or jnp.dtype(kscale.dtype) != jnp.float32:
+    raise ValueError(f"QLinear {path!r}: kweight must be float8_e4m3fn and kscale float32 (from "
+                     f"kernels.mxfp4_gpu.prepare_weights), got {kweight.dtype} and {kscale.dtype}")
+  _check_shape(path, "kweight", kweight, (c.out_features, c.in_features))
+  _check_shape(path, "kscale", kscale, (c.out_features,))
+
+
 class QLinear(nnx.Module):
   """Quantized linear layer; see the module docstring for the variables and the forward.
 
   Args:
     config: :class:`QLinearConfig`.
-    qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias: arrays as in the module table.
+    qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias, kweight, kscale: arrays as in the module
+      table.
     act_clip, act_exp_offset, act_scale: per-bin tables ``[B]`` (``act_exp_offset`` defaults to zeros;
       ``act_scale`` is required iff ``config.act_mode == "static"``).
     dtype: compute dtype of the matmul operands and of the result (as ``Linear.dtype``).
@@ -183,7 +206,7 @@ class QLinear(nnx.Module):
 
   def __init__(self, config: QLinearConfig, *, qweight, wscale, act_clip, wtensor_scale=None, smooth=None,
                rot_signs=None, down=None, up=None, bias=None, act_exp_offset=None, act_scale=None,
-               dtype=jnp.bfloat16, mode: str = "fake", path: str = ""):
+               kweight=None, kscale=None, dtype=jnp.bfloat16, mode: str = "fake", path: str = ""):
     c = config
     k, n = c.in_features, c.out_features
     _check_shape(path, "qweight", qweight, (n, k // 2) if c.packed else (n, k))
@@ -204,6 +227,7 @@ class QLinear(nnx.Module):
                        f"{c.act_mode!r}, act_scale given: {act_scale is not None})")
     if (wtensor_scale is None) == (c.w_fmt == "nvfp4"):
       raise ValueError(f"QLinear {path!r}: wtensor_scale is required iff w_fmt='nvfp4'")
+    _check_kernel_weights(c, path, kweight, kscale)
     if act_exp_offset is None:
       act_exp_offset = jnp.zeros(jnp.shape(act_clip), jnp.int32)
     _check_shape(path, "act_exp_offset", act_exp_offset, (c.nbins,))
@@ -228,6 +252,8 @@ class QLinear(nnx.Module):
     self.act_clip = var(jnp.asarray(act_clip, jnp.float32))
     self.act_exp_offset = var(jnp.asarray(act_exp_offset, jnp.int32))
     self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
+    self.kweight = var(kweight)
+    self.kscale = var(kscale)
     self.in_features, self.out_features = k, n
     self.dtype = dtype
     self.mode = mode
@@ -236,7 +262,7 @@ class QLinear(nnx.Module):
   def arrays(self) -> dict:
     """The layer's arrays by name (None where absent), e.g. for :func:`qlinear_apply`."""
     names = ("qweight", "wscale", "wtensor_scale", "smooth", "rot_signs", "down", "up", "bias", "act_clip",
-             "act_exp_offset", "act_scale")
+             "act_exp_offset", "act_scale", "kweight", "kscale")
     return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -297,7 +323,8 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
   table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search.
 
   ``return_inexact=True`` returns ``(y, inexact_rows)``: for real-mode MXFP4 on the GPU kernel, the number of
-  activation plus weight rows its FP8 re-encoding rounded (``kernels.dispatch.mxfp4_matmul``); 0 otherwise."""
+  activation plus weight rows its FP8 re-encoding rounded (``kernels.dispatch.mxfp4_matmul``; with ``kweight`` the
+  activation rows only, the weight rows were counted by ``prepare_kernel_weights``); 0 otherwise."""
   k = c.in_features
   if x.shape[-1] != k:
     raise ValueError(f"QLinear: input last dim must be in_features={k}, got shape {tuple(x.shape)}")
@@ -315,9 +342,12 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
         x2 = rotate_activations_mxu(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs,
                                     c.rot_block)
         smooth = None
-      y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], smooth=smooth, down=a.get("down"),
-                                         up=a.get("up"), bias=a.get("bias"), clip=clip, exp_offset=exp_offset,
-                                         scale_rule=c.a_scale_rule, out_dtype=dtype, return_inexact=True)
+      mx = dict(smooth=smooth, down=a.get("down"), up=a.get("up"), bias=a.get("bias"), clip=clip,
+                exp_offset=exp_offset, scale_rule=c.a_scale_rule, out_dtype=dtype, return_inexact=True)
+      if a.get("kweight") is not None:  # prepared at load time: no per-call re-encoding (weight rows counted then)
+        y, inexact = dispatch.mxfp4_linear_fp8(x2, a["kweight"], a["kscale"], **mx)
+      else:
+        y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], **mx)
     else:
       group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
       wscale = a["wscale"][:, 0] if group is None else a["wscale"]

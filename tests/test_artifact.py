@@ -91,6 +91,17 @@ def test_round_trip_is_bit_exact(qtiny, tmp_path):
   np.testing.assert_array_equal(fwd(st), fwd(st2))
 
 
+def test_prepared_kernel_weights_are_derived_not_written(qtiny, tmp_path):
+  from wanjax.quant.apply import prepare_kernel_weights
+
+  prepared = prepare_kernel_weights(qtiny)
+  qs = qlinears(prepared)
+  assert qs["blocks.self_attn.q"].kweight is not None  # the MXFP4 layer; INT4 / NVFP4 / INT8 ones are left alone
+  assert all(q.kweight is None for p, q in qs.items() if p != "blocks.self_attn.q")
+  loaded, _ = load_artifact(save_artifact(tmp_path / "q", {"high": prepared}))
+  assert [p for p, _ in flat(loaded["high"])] == [p for p, _ in flat(qtiny)]
+
+
 def test_tampering_and_corruption_are_detected(qtiny, tmp_path):
   qdir = save_artifact(tmp_path / "q", {"high": qtiny})
   path = os.path.join(qdir, "high.safetensors")

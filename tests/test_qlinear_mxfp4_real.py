@@ -280,3 +280,115 @@ def test_linear_kernel_route_prepares_fp8_and_counts_inexact_rows(monkeypatch):
   exact[:, 3] = False
   np.testing.assert_allclose(y[exact], y_ref[exact], rtol=1e-5, atol=1e-5 * float(np.abs(y_ref).max()))
   assert np.abs(y - y_ref).max() < 1e-2 * np.abs(y_ref).max()
+
+
+# ------------------------------------------------------------------------ weights prepared once (kweight / kscale)
+def _plain_mx_layer(k=128, n=48, r=16, seed=11, low_block_row=None):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  if low_block_row is not None:
+    w[low_block_row, :32] *= 2.0 ** -12  # a block 12 binades below its row's largest: e4m3 rounds this row
+  qt = formats.quantize_mxfp4(jnp.asarray(w), scale_rule=W_RULE).pack()
+  cfg = QLinearConfig(k, n, "mxfp4", 32, "mxfp4", 32, a_scale_rule=A_RULE, nbins=3)
+  a = dict(qweight=qt.codes, wscale=qt.scales, bias=rng.standard_normal(n).astype(np.float32),
+           smooth=rng.uniform(0.5, 2.0, k).astype(np.float32),
+           rot_signs=np.where(rng.random(k) < 0.5, -1.0, 1.0).astype(np.float32),
+           down=jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16),
+           up=jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16),
+           act_clip=np.array(CLIPS, np.float32), act_exp_offset=np.array(OFFSETS, np.int32))
+  return cfg, a
+
+
+def test_prepared_weights_give_the_same_output_without_per_call_reencoding(monkeypatch):
+  from wanjax.kernels import mxfp4_gpu
+  from wanjax.quant.apply import prepare_kernel_weights
+
+  monkeypatch.setenv("WANJAX_KERNELS", "xla")
+  cfg, a = _plain_mx_layer()
+  plain = QLinear(cfg, mode="real", path="t", **a)
+  prepared = prepare_kernel_weights(plain)
+  assert plain.kweight is None and prepared.kweight[...].dtype == jnp.float8_e4m3fn
+  assert prepared.kweight.shape == (48, 128) and prepared.kscale.shape == (48,)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 9, 128)) * np.exp(rng.standard_normal(128)), jnp.float32)
+  for b in range(3):
+    with active_bin(b):
+      y0 = np.asarray(plain(x).astype(jnp.float32))
+      y1 = np.asarray(prepared(x).astype(jnp.float32))
+    scale = np.abs(y0).max()
+    np.testing.assert_allclose(y1, y0, rtol=2 ** -7, atol=2 ** -8 * scale, err_msg=f"bin {b}")
+    assert np.mean(y1 == y0) > 0.9
+  # prepared layers never decode / re-encode the codes per call
+  def boom(*_a, **_k):
+    raise AssertionError("per-call re-encoding ran")
+  monkeypatch.setattr(mxfp4_gpu, "prepare_weights", boom)
+  monkeypatch.setattr(dispatch, "mxfp4_linear", boom)
+  with active_bin(1):
+    assert np.isfinite(np.asarray(prepared(x).astype(jnp.float32))).all()
+
+
+def test_prepared_weights_on_the_gpu_route_call_the_fp8_gemm(monkeypatch):
+  """With the GPU route forced (the FP8 GEMM replaced by its f32 math), a prepared layer hands the stored e4m3
+  weights to the FP8 kernel and matches the unprepared layer, whose route re-encodes per call."""
+  from wanjax.kernels import w4a4_gpu
+  from wanjax.quant.apply import prepare_kernel_weights
+
+  seen = []
+
+  def fake_gemm(x8, s_x, w8, s_w, x_lr=None, up=None, bias=None, *, out_dtype, weights):
+    seen.append((weights, w8.dtype))
+    acc = jnp.dot(x8.astype(jnp.float32), w8.astype(jnp.float32).T, precision="highest")
+    return ref.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
+
+  monkeypatch.setattr(w4a4_gpu, "w4a4_matmul_gpu_any_m", fake_gemm)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+  monkeypatch.setenv("WANJAX_KERNELS", "pallas")
+  cfg, a = _plain_mx_layer(k=256, n=256, low_block_row=3)
+  plain = QLinear(cfg, mode="real", path="blocks.ffn.fc1", **a)
+  with pytest.warns(UserWarning, match=r"rounds weight rows .*'blocks.ffn.fc1': 1"):
+    prepared = prepare_kernel_weights(plain)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((37, 256)), jnp.float32)
+  with active_bin(2):
+    y0 = np.asarray(plain(x).astype(jnp.float32))
+    y1 = np.asarray(prepared(x).astype(jnp.float32))
+  assert seen == [("fp8", jnp.float8_e4m3fn)] * 2
+  np.testing.assert_array_equal(y1, y0)  # same e4m3 operands and scales, same GEMM math
+
+
+def test_kernel_weights_bad_inputs():
+  cfg, a = _plain_mx_layer()
+  w8 = jnp.zeros((48, 128), jnp.float8_e4m3fn)
+  s8 = jnp.ones((48,), jnp.float32)
+  with pytest.raises(ValueError, match="kweight and kscale come together"):
+    QLinear(cfg, path="t", kweight=w8, **a)
+  with pytest.raises(ValueError, match="must be float8_e4m3fn and kscale float32"):
+    QLinear(cfg, path="t", kweight=w8.astype(jnp.bfloat16), kscale=s8, **a)
+  with pytest.raises(ValueError, match=r"kweight must have shape \(48, 128\)"):
+    QLinear(cfg, path="t", kweight=w8[:, :64], kscale=s8, **a)
+  icfg = QLinearConfig(128, 48, "int4", None, "int4", None)
+  with pytest.raises(ValueError, match="for mxfp4 weights, the layer's are int4"):
+    QLinear(icfg, qweight=jnp.zeros((48, 64), jnp.uint8), wscale=jnp.ones((48, 1)), act_clip=jnp.ones(1),
+            kweight=w8, kscale=s8, path="t")
+
+
+def test_tiny_model_prepared_real_matches_real(monkeypatch):
+  from wanjax.quant.apply import prepare_kernel_weights
+
+  monkeypatch.setenv("WANJAX_KERNELS", "xla")
+  model = tiny_model()
+  real = quantize_model(model, seed_qlayers(model), mode="real")
+  prepared = prepare_kernel_weights(real)
+  for q in qlinears(prepared).values():
+    L = q.qweight.shape[0]
+    assert q.kweight.shape == (L, q.out_features, q.in_features) and q.kscale.shape == (L, q.out_features)
+  assert all(q.kweight is None for q in qlinears(real).values())  # the input model is not modified
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
+  t = jnp.array([700.0])
+  gr, sr = nnx.split(real)
+  gp, sp = nnx.split(prepared)
+  y_r = np.asarray(run(gr, sr, jnp.int32(1), x, t, ctx), np.float32)
+  y_p = np.asarray(run(gp, sp, jnp.int32(1), x, t, ctx), np.float32)
+  assert np.isfinite(y_p).all()
+  assert np.linalg.norm(y_p - y_r) / np.linalg.norm(y_r) < 2 ** -8
