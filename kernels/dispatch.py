@@ -5,9 +5,10 @@ Backends:
 * ``"pallas"``: Mosaic GPU kernels (Hopper: H100/H200): fused act quant + int8-``wgmma`` W4A4 GEMM with the fused
   scale/bias/low-rank epilogue. Needs N % 256 == 0 and K % 128 == 0 (all Wan2.2 linears); other shapes use "xla".
   On a TPU it selects the Pallas TPU kernel (``w4a4_tpu``; verified only in the interpreter, never on a TPU, hence
-  not the TPU default).
+  not the TPU default), in its int8 mode on v5e/v5p/v6e and its FP8 mode from TPU7x on (:func:`tpu_mode`).
 * ``"xla"``: the same math with XLA ops: int8 x int8 -> int32 ``dot_general`` (cuBLASLt IMMA on GPU, int8 MXU on
-  TPU), epilogue in f32. Fast everywhere, exact integer accumulation.
+  TPU; on TPU7x, which has no integer MXU, an e4m3 x e4m3 -> f32 dot of the same int4 values), epilogue in f32.
+  Fast everywhere, exact integer accumulation.
 * ``"reference"``: ``kernels.reference`` (int32-upcast dot; the ground truth, slow on accelerators).
 
 MXFP4 W4A4 (``mxfp4_linear`` / ``mxfp4_matmul``): "pallas" runs ``kernels.mxfp4_gpu`` (FP8 re-encoding + FP8
@@ -51,6 +52,29 @@ def _is_hopper() -> bool:
     return False
   cc = getattr(dev, "compute_capability", "")
   return str(cc).startswith("9")
+
+
+def tpu_generation(kind: str | None = None) -> int | None:
+  """The TPU generation from a device kind ("TPU v5 lite" -> 5, "TPU v6e" -> 6, "TPU7x" -> 7); None if it is not a
+  TPU kind. ``kind`` defaults to the first device's. (The TPU7x string is assumed from its name; no TPU ran here.)"""
+  import re
+
+  if kind is None:
+    try:
+      kind = jax.devices()[0].device_kind
+    except RuntimeError:  # pragma: no cover
+      return None
+  hit = re.match(r"\s*TPU\s*v?(\d+)", str(kind), re.IGNORECASE)
+  return int(hit.group(1)) if hit else None
+
+
+def tpu_mode(w_dtype, kind: str | None = None) -> str:
+  """The ``w4a4_tpu`` mode for weights of ``w_dtype`` on this TPU: "fp8" from TPU7x on (its MXU has FP8 but no
+  integer modes), else "int8" for int8 weights and "int4" for packed ones (int8 MXU mode of v5e/v5p/v6e)."""
+  gen = tpu_generation(kind)
+  if gen is not None and gen >= 7:
+    return "fp8"
+  return "int8" if w_dtype == jnp.int8 else "int4"
 
 
 def select_backend(backend: str | None = None) -> str:
@@ -99,7 +123,12 @@ def _int8_weights(w):
 
 def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
   q_w = _int8_weights(w_packed)
-  acc = lax.dot_general(q_x, q_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  if _platform() == "tpu" and tpu_mode(q_w.dtype) == "fp8":
+    # TPU7x has no integer MXU: int4 values are exact in e4m3 and their f32 sums exact below 2**24 (w4a4_tpu "fp8")
+    f8 = jnp.float8_e4m3fn
+    acc = lax.dot_general(q_x.astype(f8), q_w.astype(f8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  else:
+    acc = lax.dot_general(q_x, q_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
   return reference.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
 
 
@@ -164,8 +193,9 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
   r = 0 if x_lr is None else x_lr.shape[1]
   if be == "pallas" and _platform() == "tpu":
     from .w4a4_tpu import w4a4_matmul_tpu
-    mode = "int8" if w_packed.dtype == jnp.int8 else "int4"
-    return w4a4_matmul_tpu(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype=out_dtype, mode=mode)
+    mode = tpu_mode(w_packed.dtype)
+    w = _int8_weights(w_packed) if mode == "fp8" else w_packed  # fp8: int4 values in int8, converted in VMEM
+    return w4a4_matmul_tpu(q_x, s_x, w, s_w, x_lr, up, bias, out_dtype=out_dtype, mode=mode)
   if be == "xla" or not pallas_supports(n, k) or r % 16:
     return _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
   from .w4a4_gpu import w4a4_matmul_gpu_any_m
@@ -457,6 +487,9 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
   if _gpu_gemm(be, n, k, r):
     from .w4a4_gpu import w4a4_matmul_gpu_any_m
     y = w4a4_matmul_gpu_any_m(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, weights="fp8")
+  elif be == "pallas" and _platform() == "tpu" and tpu_mode(w8.dtype) == "fp8":
+    from .w4a4_tpu import w4a4_matmul_tpu  # TPU7x: the FP8 MXU on the same e4m3 rows and row scales
+    y = w4a4_matmul_tpu(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, mode="fp8")
   else:
     dt, prec = (jnp.float32, lax.Precision.HIGHEST) if be == "reference" else (jnp.bfloat16, None)
     acc = lax.dot_general(x8.astype(dt), w8.astype(dt), (((1,), (1,)), ((), ())), precision=prec,

@@ -13,7 +13,12 @@ bias, the rank-r bf16 product) runs at the last one. Operands:
 * ``mode="native_int4"``: activations and weights both ``jnp.int4`` and one int4 x int4 -> int32 dot (the native int4
   MXU mode of v5e/v5p/v6e, 4x bf16). Lowers for TPU; XLA:CPU cannot run int4 dots, so the interpreter cannot check it.
 
-TPU7x has no integer MXU modes (FP8 only): there use the XLA path or an FP8 variant (not written).
+* ``mode="fp8"``: both operands as float8_e4m3fn, one e4m3 x e4m3 -> f32 dot (for TPU7x, whose MXU has FP8 but no
+  integer modes). int8 operands holding int4 values are converted in VMEM (every value in [-8, 7] is exact in e4m3);
+  e4m3 operands are taken as they are, e.g. MXFP4 rows re-encoded by ``mxfp4_gpu.prepare_weights`` /
+  ``act_to_fp8`` with their power-of-two row scales as ``s_x`` / ``s_w``. The accumulator is f32: for int4 values
+  every product is an integer of at most 64 and every partial sum stays below 2**24 for K < 262,144, so the
+  accumulation is exact, the same numbers as the int32 modes.
 
 Status: verified in the Pallas interpreter on CPU (``interpret=True``) against the reference and lowered for the
 "tpu" platform on CPU; **never run on a real TPU** (none was available).
@@ -31,6 +36,7 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 NT = (((1,), (1,)), ((), ()))
+MODES = ("int8", "int4", "native_int4", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +64,20 @@ def _kernel(*refs, nk, r, has_bias, mode):
   o_ref, acc_ref = rest
   kk = pl.program_id(2)
 
+  acc_dtype = jnp.float32 if mode == "fp8" else jnp.int32
+
   @pl.when(kk == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, acc_dtype)
 
   x = x_ref[...]
   w = w_ref[...]
   if mode == "int4":
     w = w.astype(jnp.int8)
-  acc_ref[...] += lax.dot_general(x, w, NT, preferred_element_type=jnp.int32)
+  elif mode == "fp8":  # int4 values held in int8 are exact in e4m3; e4m3 operands pass through
+    x = x.astype(jnp.float8_e4m3fn)
+    w = w.astype(jnp.float8_e4m3fn)
+  acc_ref[...] += lax.dot_general(x, w, NT, preferred_element_type=acc_dtype)
 
   @pl.when(kk == nk - 1)
   def _epilogue():
@@ -84,24 +95,28 @@ def w4a4_matmul_tpu(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, *, out_dtyp
   """Pallas TPU W4A4 GEMM.
 
   Args:
-    q_x: int8 [M, K] (int4 values); any M (the last M block is partial).
-    s_x: f32 [M]; w: int8 [N, K] ("int8"), or packed uint8 [N, K/2] / ``jnp.int4`` [N, K] ("int4", "native_int4");
+    q_x: int8 [M, K] (int4 values), or float8_e4m3fn [M, K] ("fp8" only); any M (the last M block is partial).
+    s_x: f32 [M]; w: int8 [N, K] ("int8"), packed uint8 [N, K/2] / ``jnp.int4`` [N, K] ("int4", "native_int4"),
+      int8 (int4 values) or float8_e4m3fn [N, K] ("fp8");
     s_w: f32 [N]; x_lr, up: optional bf16 [M, r], [r, N]; bias: optional f32 [N].
-    mode: "int8" | "int4" | "native_int4" (see module docstring).
+    mode: "int8" | "int4" | "native_int4" | "fp8" (see module docstring).
     config: block sizes; N must be a multiple of bn and K of bk (blocks shrink to N or K when those are smaller);
       None = :func:`auto_config`.
     interpret: run in the Pallas interpreter (CPU).
   """
-  if mode not in ("int8", "int4", "native_int4"):
-    raise ValueError(f"w4a4_matmul_tpu: mode must be 'int8', 'int4' or 'native_int4', got {mode!r}")
-  if mode != "int8" and w.dtype == jnp.uint8:
+  if mode not in MODES:
+    raise ValueError(f"w4a4_matmul_tpu: mode must be one of {MODES}, got {mode!r}")
+  if mode in ("int4", "native_int4") and w.dtype == jnp.uint8:
     from .reference import packed_as_int4
     w = packed_as_int4(w)
-  want = jnp.int8 if mode == "int8" else jnp.int4
-  if w.dtype != want:
-    raise ValueError(f"w4a4_matmul_tpu(mode={mode!r}): weights must be {jnp.dtype(want).name}, got {w.dtype}")
-  if q_x.dtype != jnp.int8:
-    raise ValueError(f"w4a4_matmul_tpu: q_x must be int8, got {q_x.dtype}")
+  fp8_ok = (jnp.int8, jnp.float8_e4m3fn)
+  want = {"int8": (jnp.int8,), "fp8": fp8_ok}.get(mode, (jnp.int4,))
+  if w.dtype not in want:
+    raise ValueError(f"w4a4_matmul_tpu(mode={mode!r}): weights must be {' or '.join(jnp.dtype(d).name for d in want)}"
+                     f", got {w.dtype}")
+  if q_x.dtype not in (fp8_ok if mode == "fp8" else (jnp.int8,)):
+    raise ValueError(f"w4a4_matmul_tpu(mode={mode!r}): q_x must be int8{' or float8_e4m3fn' if mode == 'fp8' else ''}"
+                     f", got {q_x.dtype}")
   m, k = q_x.shape
   n = w.shape[0]
   if w.shape[1] != k:
@@ -136,7 +151,7 @@ def w4a4_matmul_tpu(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, *, out_dtyp
       in_specs=in_specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
+      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32 if mode == "fp8" else jnp.int32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
   )(*args)

@@ -187,6 +187,49 @@ def test_pallas_on_tpu_routes_to_tpu_kernel(monkeypatch):
   assert rel <= 1e-2  # x_lr via the folded smoothing (bf16 rounding)
 
 
+def test_tpu_generation_and_mode():
+  gen = dispatch.tpu_generation
+  assert [gen(k) for k in ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6e", "TPU7x", "tpu v7", "cpu", "NVIDIA H100")] \
+      == [4, 5, 5, 6, 7, 7, None, None]
+  assert dispatch.tpu_mode(jnp.int8, "TPU v5 lite") == "int8" and dispatch.tpu_mode(jnp.uint8, "TPU v6e") == "int4"
+  assert dispatch.tpu_mode(jnp.uint8, "TPU7x") == dispatch.tpu_mode(jnp.int8, "TPU7x") == "fp8"
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_tpu7x_runs_w4a4_on_fp8_with_the_same_numbers(monkeypatch, backend):
+  """On a TPU without integer MXU modes (TPU7x) both backends take the e4m3 x e4m3 -> f32 product of the int4 values
+  (Pallas: the TPU kernel's "fp8" mode, here in the interpreter); the accumulation is exact, so the output equals
+  the int8 path's."""
+  from wanjax.kernels import w4a4_tpu
+  seen = {}
+  orig = w4a4_tpu.w4a4_matmul_tpu
+
+  def spy(*a, **kw):
+    seen["mode"], seen["w"] = kw["mode"], a[2].dtype
+    return orig(*a, **{**kw, "interpret": True})
+
+  x, wp, sw, smooth, down, up, bias = _layer(13, 40, 256, 128, 16)
+  monkeypatch.setattr(w4a4_tpu, "w4a4_matmul_tpu", spy)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+  monkeypatch.setattr(dispatch, "tpu_generation", lambda kind=None: 6)  # v6e: the integer path
+  exp = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32,
+                             backend=backend)
+  assert seen.pop("mode", "int4") == "int4"
+  seen.clear()
+  monkeypatch.setattr(dispatch, "tpu_generation", lambda kind=None: 7)
+  dots = []
+  real_dot = dispatch.lax.dot_general
+  monkeypatch.setattr(dispatch.lax, "dot_general", lambda a, b, *r, **k: dots.append((a.dtype, b.dtype))
+                      or real_dot(a, b, *r, **k))
+  y = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32,
+                           backend=backend)
+  if backend == "pallas":
+    assert seen == {"mode": "fp8", "w": jnp.int8}
+  else:
+    assert (jnp.float8_e4m3fn, jnp.float8_e4m3fn) in dots and seen == {}
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(exp))
+
+
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
 @pytest.mark.parametrize("block", [None, 64])
 def test_rotated_input_equals_quantizing_the_rotated_input(backend, block):
@@ -207,3 +250,35 @@ def test_rotated_input_equals_quantizing_the_rotated_input(backend, block):
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
   with pytest.raises(ValueError, match="must be a power of two"):
     dispatch.act_quant(x, smooth, down, rot_signs=signs, rot_block=96, backend=backend)
+
+
+def test_tpu7x_runs_prepared_mxfp4_on_the_fp8_kernel(monkeypatch):
+  """``mxfp4_linear_fp8`` with the "pallas" backend on a TPU7x hands the e4m3 rows and row scales to the TPU kernel's
+  "fp8" mode (interpreter here): the same output as the "xla" backend's exact bf16 products."""
+  from wanjax.kernels import w4a4_tpu
+  from wanjax.kernels.mxfp4_gpu import prepare_weights
+  from wanjax.quant import formats
+
+  seen = {}
+  orig = w4a4_tpu.w4a4_matmul_tpu
+
+  def spy(*a, **kw):
+    seen["mode"], seen["dtypes"] = kw["mode"], (a[0].dtype, a[2].dtype)
+    return orig(*a, **{**kw, "interpret": True})
+
+  rng = np.random.default_rng(3)
+  m, k, n, r = 40, 256, 128, 16
+  qt = formats.quantize_mxfp4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), scale_rule="ocp_floor").pack()
+  w8, s8, _ = prepare_weights(qt.codes, qt.scales)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  kw = dict(smooth=jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32),
+            down=jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16),
+            up=jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16),
+            bias=jnp.asarray(rng.standard_normal(n), jnp.float32), clip=0.9, out_dtype=jnp.float32)
+  exp = dispatch.mxfp4_linear_fp8(x, w8, s8, backend="xla", **kw)
+  monkeypatch.setattr(w4a4_tpu, "w4a4_matmul_tpu", spy)
+  monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+  monkeypatch.setattr(dispatch, "tpu_generation", lambda kind=None: 7)
+  y = dispatch.mxfp4_linear_fp8(x, w8, s8, backend="pallas", **kw)
+  assert seen == {"mode": "fp8", "dtypes": (jnp.float8_e4m3fn, jnp.float8_e4m3fn)}
+  np.testing.assert_allclose(np.asarray(y), np.asarray(exp), rtol=1e-5, atol=1e-5 * float(jnp.abs(exp).max()))
