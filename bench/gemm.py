@@ -24,7 +24,7 @@ smoothing U(0.5, 2), rank-32 branch, bias):
 
 Times: on a GPU the median device time over ``--iters`` calls (CUPTI, all kernels of one call, after a warm-up
 call), and for every path the median wall clock over ``--iters`` calls cycling through 3 input sets (fresh
-activations each call, as the issue asks). Elsewhere (CPU) only wall clock: a smoke run of the code paths, whose
+activations each call, as the issue asks; ``bench.kernels.cupti_ms`` / ``wall_ms``). Elsewhere (CPU) only wall clock: a smoke run of the code paths, whose
 times mean nothing. Ratios are against ``xla_bf16`` of the same (M, K, N) in the same process.
 Checks before timing: the INT8 dot bit-exact against the int32 reference on the first rows; each quantized path's
 output against the same path's ``backend="reference"`` on the first rows (rel-L2, f32 reference; the act quant is
@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import device_facts, write_result  # noqa: E402
+from bench.kernels import cupti_ms, rel_err, wall_ms  # noqa: E402  (CUPTI median, rotated-input wall clock)
 
 R = 32
 ROT_BLOCK = 256
@@ -77,35 +76,6 @@ def _layout():
 
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
-
-
-def cupti_ms(f, args, iters):
-  """Median device time (ms) of all kernels of one ``f(*args)`` over ``iters`` calls, after a warm-up call."""
-  from jax.experimental.mosaic.gpu import profiler
-  jax.block_until_ready(f(*args))
-  _, times = profiler.measure(f, iterations=iters)(*args)
-  return float(statistics.median(times))
-
-
-def wall_ms(f, arg_sets, iters):
-  """Median wall time (ms) of ``f`` over ``iters`` calls cycling through ``arg_sets``, after one call on each."""
-  for a in arg_sets:
-    jax.block_until_ready(f(*a))
-  ts = []
-  for i in range(iters):
-    a = arg_sets[i % len(arg_sets)]
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return float(statistics.median(ts))
-
-
-def rel_l2(out, exp) -> float:
-  out = np.asarray(out, np.float64)
-  exp = np.asarray(exp, np.float64)
-  if out.shape != exp.shape or not np.all(np.isfinite(out)):
-    return float("inf")
-  return float(np.linalg.norm(out - exp) / max(np.linalg.norm(exp), 1e-30))
 
 
 def make_layer(key, m: int, k: int, n: int) -> dict:
@@ -208,11 +178,11 @@ def run_shape(m: int, k: int, n: int, iters: int, log, paths=None) -> dict:
         ref_args = (tuple(a[:rows] for a in qsets[0]) + rargs) if quantized else (L["xs"][0][:rows], *rargs)
         y_ref = rf(*ref_args)
         y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
-        res["checks"][f"{name}_rel_l2_vs_reference"] = rel_l2(head, y_ref.astype(jnp.float32))
+        res["checks"][f"{name}_rel_l2_vs_reference"] = rel_err(head, y_ref.astype(jnp.float32))
       res["checks"][f"{name}_finite"] = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
       del out, head
       if gpu:
-        res["device_ms"][name] = cupti_ms(f, sets[0], iters)
+        res["device_ms"][name] = cupti_ms(f, *sets[0], iters=iters)
       res["wall_ms"][name] = wall_ms(f, sets, iters)
       t = res["device_ms"].get(name, res["wall_ms"][name])
       log(f"  {name:16s} {t:9.3f} ms  {ops / t / 1e9:8.1f} TOPS  wall {res['wall_ms'][name]:9.3f} ms")

@@ -51,9 +51,9 @@ def test_a_failing_path_is_recorded(monkeypatch, tmp_path):
     assert sorted(res["wall_ms"]) == ["e2e_w4a4", "xla_bf16"]
 
 
-def test_rel_l2_and_unknown_path():
-    assert gemm.rel_l2(np.ones(4), np.ones(4)) == 0.0
-    assert gemm.rel_l2(np.array([1.0, np.nan]), np.ones(2)) == float("inf")
-    assert gemm.rel_l2(np.array([2.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(1.0)
+def test_rel_err_and_unknown_path():
+    assert gemm.rel_err(np.ones(4), np.ones(4)) == 0.0
+    assert gemm.rel_err(np.array([1.0, np.nan]), np.ones(2)) == float("inf")
+    assert gemm.rel_err(np.array([2.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="unknown paths"):
         gemm.main(["--paths", "nope"])

@@ -167,6 +167,14 @@ def _forward(graphdef, state, b, x, t, ctx):
 run = jax.jit(_forward, static_argnums=0)
 
 
+def tiny_inputs():
+  """(latent x, timestep t, text context) for one TINY forward."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
+  return x, jnp.array([700.0]), ctx
+
+
 def test_tiny_seed_formats_real_matches_fake(monkeypatch):
   monkeypatch.setenv("WANJAX_KERNELS", "xla")
   # bf16 model: fake mode then rounds the low-rank input x_lr to bf16 as the kernels do
@@ -175,10 +183,7 @@ def test_tiny_seed_formats_real_matches_fake(monkeypatch):
   real = set_mode(qm, "real")
   assert {q.mode for q in qlinears(real).values()} == {"real"}
   assert {q.config.w_fmt for q in qlinears(real).values()} == {"mxfp4"}
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
-  ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
-  t = jnp.array([700.0])
+  x, t, ctx = tiny_inputs()
   gf, sf = nnx.split(qm)
   gr, sr = nnx.split(real)
   for b in (0, 2):
@@ -382,10 +387,7 @@ def test_tiny_model_prepared_real_matches_real(monkeypatch):
     L = q.qweight.shape[0]
     assert q.kweight.shape == (L, q.out_features, q.in_features) and q.kscale.shape == (L, q.out_features)
   assert all(q.kweight is None for q in qlinears(real).values())  # the input model is not modified
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
-  ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
-  t = jnp.array([700.0])
+  x, t, ctx = tiny_inputs()
   gr, sr = nnx.split(real)
   gp, sp = nnx.split(prepared)
   y_r = np.asarray(run(gr, sr, jnp.int32(1), x, t, ctx), np.float32)
