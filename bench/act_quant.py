@@ -37,8 +37,9 @@ from bench.common import device_facts, write_result
 # bench/results/act_quant_sweep{1,2}.json and act_quant_v3_sweep.json
 # ("nosm": no smoothing vector, as when it is folded into the producer of x)
 # (the register-resident single sweep, 0.8-3.7 ms, is in act_quant_v7_resident.log; removed after commit ee48566)
+# (the last two: the rotated kernel's tuning of 2026-12-05, 4 warps / 2 stages, not yet timed without rotation)
 SWEEP = [(64, 256, 8, 3, False, 0, "int"), (64, 256, 8, 3, False, 0, "int_nosm"), (64, 128, 8, 3, False, 0, "int_nosm"),
-         (64, 256, 4, 3, False, 0, "int_nosm")]
+         (64, 256, 4, 3, False, 0, "int_nosm"), (64, 256, 4, 2, False, 0, "int"), (64, 256, 8, 2, False, 0, "int")]
 # option sets of the fused kernel timed end to end (act_quant_gpu.FUSED_OPTIONS)
 E2E_OPTIONS = ({"fast": True, "int_round": True},)
 MX_SWEEP = [(64, 128, 8, 3, False, 0, True), (64, 64, 8, 3, False, 0, True), (64, 128, 4, 3, False, 0, True),
