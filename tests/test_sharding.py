@@ -16,7 +16,7 @@ from wanjax.sharding import (AXES, batch_axes, bytes_per_device, make_mesh, para
                              sequence_parallel_attention, shard_dit, shard_params, ulysses_attention,
                              ulysses_heads_ok)
 from wanjax.parallel.ring import ring_attention
-from wanjax.parallel.rules import path_str
+from wanjax.parallel.rules import logical_to_spec, path_str
 
 MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (2, 2, 2, 1), (1, 2, 2, 2), (1, 1, 2, 4), (8, 1, 1, 1)]
 WIDE = TINY.replace(dim=128, num_heads=8, ffn_dim=256)      # more heads; head_dim 16
@@ -235,6 +235,29 @@ def test_w4a4_shape_tree_rules_and_memory():
     assert 7.8e9 < total_bytes(q) < 8.0e9 and 28.6e9 < total_bytes(bf16) < 28.7e9
     per = bytes_per_device(q, make_mesh(1, 1, 8, 1))
     assert total_bytes(q) / 8 <= per <= 1.2 * total_bytes(q) / 8
+
+
+@pytest.mark.parametrize("recipe", ["default", "seed"])
+def test_real_qlinear_state_at_full_size_has_rules(recipe):
+    """The state of a full-size expert quantized into real ``QLinear`` layers (abstract: ``nnx.eval_shape``), INT4
+    with rotation (default) and MXFP4 (seed: E8M0 scales [N, K/32], 0.8 M per layer): every leaf has a rule and
+    valid specs on every mesh; the weight codes and scales shard like the float kernel's N / K."""
+    from bench.pipeline import quantized_skeleton
+
+    state = nnx.state(quantized_skeleton(I2V_A14B, nbins=3, recipe=recipe))
+    mesh = make_mesh(1, 2, 2, 2)
+    specs = param_specs(state, mesh)
+    _check_valid(specs, state, mesh)
+    q = specs["blocks"]["self_attn"]["q"]
+    fc = ("fsdp", "context")
+    assert q["qweight"].get_value() == P(None, "tensor", fc)
+    assert q["wscale"].get_value() == (P(None, "tensor", fc) if recipe == "seed" else P(None, "tensor", None))
+    for leaf, shape, spec in [("kweight", (40, 5120, 5120), P(None, "tensor", fc)),
+                              ("kscale", (40, 5120), P(None, "tensor"))]:
+        assert logical_to_spec(param_logical_axes(f"blocks.self_attn.q.{leaf}", shape), shape, mesh) == spec
+    for shape in MESHES:
+        m = make_mesh(*shape)
+        _check_valid(param_specs(state, m), state, m)
 
 
 def test_memory_plan_without_devices(capsys):

@@ -66,6 +66,10 @@ LINEAR_LEAF_AXES: dict[str, tuple[str | None, ...]] = {
     "qweight.scales": ("N", "K"),
     "qweight.tensor_scale": (),
     "scale": ("N",),
+    "wscale": ("N", "K"),             # QLinear's weight scales [N, K/g] (per channel: [N, 1])
+    "wtensor_scale": (),
+    "kweight": ("N", "K"),            # QLinear's kernel-ready MXFP4 weights (e4m3 [N, K]) and row scales
+    "kscale": ("N",),
     "down": ("K", None),
     "up": (None, "N"),
     "smooth": ("K",),
