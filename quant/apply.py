@@ -20,6 +20,7 @@ import functools
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.model.layers import Linear
@@ -128,37 +129,52 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
   return new
 
 
-def prepare_kernel_weights(model: nnx.Module) -> nnx.Module:
-  """A new model whose MXFP4 QLinears also hold their weights as the GPU kernel reads them (pure; once, at load).
+def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Module:
+  """A new model whose QLinears also hold their weights as the GPU kernels read them (pure; once, at load time).
 
   Each layer with MXFP4 weights that real mode runs gets ``kweight`` (float8_e4m3fn [..., N, K]: every row
   re-encoded to e4m3 under one power-of-two scale, ``kernels.mxfp4_gpu.prepare_weights``) and ``kscale`` (f32
   [..., N]). Real mode then calls ``kernels.dispatch.mxfp4_linear_fp8`` and skips the per-call decode and
   re-encoding of the codes (measured on an H200 at M = 32,760: 1.43-1.93x BF16 per layer instead of 1.09-1.35x,
-  docs/BENCHMARKS.md); the numbers are the same. The codes stay (fake mode and artifacts use them), so these layers
-  take 1 byte a parameter more. Other layers are left as they are. Weight rows the re-encoding rounds (a block more
-  than 8 binades below its row's largest) are counted and reported in one warning; their outputs are the same as
-  the per-call path's, which rounds them alike.
+  docs/BENCHMARKS.md); the numbers are the same. Weight rows the re-encoding rounds (a block more than 8 binades
+  below its row's largest) are counted and reported in one warning; their outputs are the same as the per-call
+  path's, which rounds them alike.
+
+  ``int4=True`` also gives per-channel INT4 layers ``kweight`` = the codes unpacked to int8 [..., N, K] and
+  ``kscale`` = their scales [..., N]: the GEMM then reads int8 weights without the per-call unpacking the dispatcher
+  does at M >= ``dispatch.INT8_UNPACK_MIN_M`` (H200, M = 32,760, one measurement: 1.409 / 3.604 / 3.603 ms with
+  int8-stored weights against 1.473 / 3.379 / 3.988 ms packed at 5120x5120 / 5120x13824 / 13824x5120, so not a clear
+  gain; ``python -m bench.gemm`` times both). Below that M the dispatcher's in-register unpacking of packed codes is
+  the faster path, which prepared layers then skip. Off by default.
+
+  The codes stay (fake mode and artifacts use them), so prepared layers take 1 byte a parameter more. Other layers
+  are left as they are.
   """
   import warnings
 
   from wanjax.kernels.mxfp4_gpu import prepare_weights
+  from wanjax.kernels.reference import unpack_int4
   from wanjax.quant.qlinear import QVar
 
   new = _copy(model)
   inexact = {}
   for path, q in qlinears(new).items():
     c = q.config
-    if c.w_fmt != "mxfp4" or c.real_mode_problem():
+    if c.real_mode_problem():
       continue
     codes, scales = q.qweight[...], q.wscale[...]
     lead = codes.shape[:-2]
-    w8, s8, bad = prepare_weights(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]))
+    if c.w_fmt == "mxfp4":
+      w8, s8, bad = prepare_weights(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]))
+      if int(bad):
+        inexact[path] = int(bad)
+    elif int4 and c.w_fmt == "int4" and c.w_group == c.in_features:
+      w8, s8 = unpack_int4(codes), scales[..., 0].astype(jnp.float32)
+    else:
+      continue
     # nnx.data: the attributes were None (static) until now
     q.kweight = nnx.data(QVar(w8.reshape(*lead, c.out_features, c.in_features)))
     q.kscale = nnx.data(QVar(s8.reshape(*lead, c.out_features)))
-    if int(bad):
-      inexact[path] = int(bad)
   if inexact:
     warnings.warn(f"prepare_kernel_weights: the e4m3 re-encoding rounds weight rows (layer: rows) {inexact}; "
                   "real mode rounds them alike with or without the prepared weights", stacklevel=2)

@@ -18,11 +18,13 @@ variable            shape / dtype                  meaning
 ``act_clip``        f32 [B]                         per timestep bin: clip ratio of the dynamic abs-max
 ``act_exp_offset``  int32 [B]                       per bin: MX exponent offset (mxfp4 activations; 0 otherwise)
 ``act_scale``       f32 [B] or None                 per bin: static activation scale (``act_mode="static"``)
-``kweight``         float8_e4m3fn [N, K] or None    mxfp4 only: the weights as the GPU kernel reads them (each
-                                                    row re-encoded to e4m3), made once by
-                                                    ``quant.apply.prepare_kernel_weights``; real mode then skips
-                                                    the per-call re-encoding (1 byte a parameter on top of codes)
-``kscale``          f32 [N] or None                 with ``kweight``: the power-of-two row scales (NaN rows)
+``kweight``         float8_e4m3fn [N, K] (mxfp4),   the weights as the GPU kernel reads them, made once by
+                    int8 [N, K] (int4 per channel)  ``quant.apply.prepare_kernel_weights``: MXFP4 rows re-encoded
+                    or None                         to e4m3, or int4 codes unpacked to int8; real mode then skips
+                                                    the per-call re-encoding / unpacking (1 byte a parameter on
+                                                    top of the codes)
+``kscale``          f32 [N] or None                 with ``kweight``: the row scales (MXFP4: powers of two, NaN
+                                                    rows; int4: ``wscale``)
 =================== ============================== ==========================================================
 
 The forward (``x`` of any float dtype, ``[..., K]``)::
@@ -173,19 +175,25 @@ def _check_shape(path, name, arr, expected):
                      f"axis), got {got}")
 
 
+# weight format -> the dtype of its kernel-ready weights (``kweight``)
+KERNEL_WEIGHT_DTYPES = {"mxfp4": jnp.float8_e4m3fn, "int4": jnp.int8}
+
+
 def _check_kernel_weights(c: QLinearConfig, path: str, kweight, kscale) -> None:
-  """``kweight`` / ``kscale`` (kernel-ready MXFP4 weights): together, mxfp4 layers only, e4m3 [N, K] and f32 [N]."""
+  """``kweight`` / ``kscale`` (kernel-ready weights): together; mxfp4 (e4m3) or per-channel int4 (int8) layers only;
+  [N, K] and f32 [N]."""
   if kweight is None and kscale is None:
     return
   if kweight is None or kscale is None:
     raise ValueError(f"QLinear {path!r}: kweight and kscale come together (got kweight={kweight is not None}, "
                      f"kscale={kscale is not None})")
-  if c.w_fmt != "mxfp4":
-    raise ValueError(f"QLinear {path!r}: kweight (FP8 re-encoded weights) is for mxfp4 weights, the layer's are "
-                     f"{c.w_fmt}")
-  if jnp.dtype(kweight.dtype) != jnp.float8_e4m3fn or jnp.dtype(kscale.dtype) != jnp.float32:
-    raise ValueError(f"QLinear {path!r}: kweight must be float8_e4m3fn and kscale float32 (from "
-                     f"kernels.mxfp4_gpu.prepare_weights), got {kweight.dtype} and {kscale.dtype}")
+  if c.w_fmt not in KERNEL_WEIGHT_DTYPES or (c.w_fmt == "int4" and c.w_group != c.in_features):
+    raise ValueError(f"QLinear {path!r}: kweight (kernel-ready weights) is for mxfp4 or per-channel int4 weights, "
+                     f"the layer's are {c.w_fmt} with group {c.w_group}")
+  want = KERNEL_WEIGHT_DTYPES[c.w_fmt]
+  if jnp.dtype(kweight.dtype) != want or jnp.dtype(kscale.dtype) != jnp.float32:
+    raise ValueError(f"QLinear {path!r}: kweight must be {jnp.dtype(want).name} and kscale float32 for {c.w_fmt} "
+                     f"weights (from quant.apply.prepare_kernel_weights), got {kweight.dtype} and {kscale.dtype}")
   _check_shape(path, "kweight", kweight, (c.out_features, c.in_features))
   _check_shape(path, "kscale", kscale, (c.out_features,))
 
@@ -351,7 +359,10 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
     else:
       group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
       wscale = a["wscale"][:, 0] if group is None else a["wscale"]
-      y = dispatch.w4a4_linear(x2, a["qweight"], wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
+      w = a["qweight"]
+      if a.get("kweight") is not None:  # int4 codes unpacked to int8 once at load time
+        w, wscale = a["kweight"], a["kscale"]
+      y = dispatch.w4a4_linear(x2, w, wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
                                bias=a.get("bias"), clip=clip,
                                static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
                                group_size=group, rot_signs=signs, rot_block=c.rot_block)

@@ -366,14 +366,42 @@ def test_kernel_weights_bad_inputs():
   s8 = jnp.ones((48,), jnp.float32)
   with pytest.raises(ValueError, match="kweight and kscale come together"):
     QLinear(cfg, path="t", kweight=w8, **a)
-  with pytest.raises(ValueError, match="must be float8_e4m3fn and kscale float32"):
+  with pytest.raises(ValueError, match="must be float8_e4m3fn and kscale float32 for mxfp4 weights"):
     QLinear(cfg, path="t", kweight=w8.astype(jnp.bfloat16), kscale=s8, **a)
   with pytest.raises(ValueError, match=r"kweight must have shape \(48, 128\)"):
     QLinear(cfg, path="t", kweight=w8[:, :64], kscale=s8, **a)
   icfg = QLinearConfig(128, 48, "int4", None, "int4", None)
-  with pytest.raises(ValueError, match="for mxfp4 weights, the layer's are int4"):
-    QLinear(icfg, qweight=jnp.zeros((48, 64), jnp.uint8), wscale=jnp.ones((48, 1)), act_clip=jnp.ones(1),
-            kweight=w8, kscale=s8, path="t")
+  iargs = dict(qweight=jnp.zeros((48, 64), jnp.uint8), wscale=jnp.ones((48, 1)), act_clip=jnp.ones(1), path="t")
+  with pytest.raises(ValueError, match="kweight must be int8 and kscale float32 for int4 weights"):
+    QLinear(icfg, kweight=w8, kscale=s8, **iargs)
+  gcfg = QLinearConfig(256, 48, "int4", 128, "int4", None)
+  with pytest.raises(ValueError, match="for mxfp4 or per-channel int4 weights, the layer's are int4 with group 128"):
+    QLinear(gcfg, qweight=jnp.zeros((48, 128), jnp.uint8), wscale=jnp.ones((48, 2)), act_clip=jnp.ones(1),
+            kweight=jnp.zeros((48, 256), jnp.int8), kscale=s8, path="t")
+
+
+def test_int4_layers_prepared_as_int8_give_the_same_output(monkeypatch):
+  """``prepare_kernel_weights(int4=True)``: per-channel INT4 layers hold their codes unpacked to int8 and the GEMM
+  reads those (the same integers: outputs equal); without ``int4=True`` INT4 layers are left alone."""
+  from wanjax.quant.apply import prepare_kernel_weights
+
+  rng = np.random.default_rng(6)
+  k, n = 128, 64
+  qt = formats.quantize_int4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32)).pack()
+  cfg = QLinearConfig(k, n, "int4", None, "int4", None)
+  layer = QLinear(cfg, qweight=qt.codes, wscale=qt.scales, act_clip=jnp.asarray([0.9]),
+                  smooth=jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32),
+                  down=jnp.asarray(rng.standard_normal((k, 16)) * 0.1, jnp.bfloat16),
+                  up=jnp.asarray(rng.standard_normal((16, n)) * 0.1, jnp.bfloat16), mode="real", path="t")
+  assert prepare_kernel_weights(layer).kweight is None
+  prepared = prepare_kernel_weights(layer, int4=True)
+  assert prepared.kweight[...].dtype == jnp.int8 and prepared.kscale.shape == (n,)
+  np.testing.assert_array_equal(prepared.kweight[...], ref.unpack_int4(qt.codes))
+  x = jnp.asarray(rng.standard_normal((3, 20, k)), jnp.float32)
+  for be in ("xla", "reference"):
+    monkeypatch.setenv("WANJAX_KERNELS", be)
+    np.testing.assert_array_equal(np.asarray(prepared(x).astype(jnp.float32)),
+                                  np.asarray(layer(x).astype(jnp.float32)))
 
 
 def test_tiny_model_prepared_real_matches_real(monkeypatch):

@@ -68,7 +68,7 @@ LINEAR_LEAF_AXES: dict[str, tuple[str | None, ...]] = {
     "scale": ("N",),
     "wscale": ("N", "K"),             # QLinear's weight scales [N, K/g] (per channel: [N, 1])
     "wtensor_scale": (),
-    "kweight": ("N", "K"),            # QLinear's kernel-ready MXFP4 weights (e4m3 [N, K]) and row scales
+    "kweight": ("N", "K"),            # QLinear's kernel-ready weights (e4m3 / int8 [N, K]) and row scales
     "kscale": ("N",),
     "down": ("K", None),
     "up": (None, "N"),
