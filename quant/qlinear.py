@@ -36,7 +36,8 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 QDQ and the weight dequantization are bit-exact ``wanjax.quant.formats`` math); ``mode="real"`` calls
 ``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
 per-token activations) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
-the bin's ``act_exp_offset`` applied as in fake mode): the formats the kernels implement. The timestep bin is read
+the bin's ``act_exp_offset`` applied as in fake mode; ``mxfp4_linear_fp8`` on ``kweight``, or int8 ``kweight`` for
+``w4a4_linear``, where ``prepare_kernel_weights`` stored them): the formats the kernels implement. The timestep bin is read
 from :func:`active_bin` (a traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs
 no bin.
 """
