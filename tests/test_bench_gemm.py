@@ -57,3 +57,16 @@ def test_rel_err_and_unknown_path():
     assert gemm.rel_err(np.array([2.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="unknown paths"):
         gemm.main(["--paths", "nope"])
+
+
+def test_table_uses_device_times_and_marks_errors():
+    wb = {"bf16": 2 * 2 ** 20, "int4_packed+scales": 2 ** 19, "lowrank_r32": 2 ** 16}
+    row = {"M": 32760, "K": 5120, "N": 5120, "device_ms": {"xla_bf16": 2.0, "e2e_w4a4": 1.25},
+           "wall_ms": {"xla_bf16": 9.0, "e2e_w4a4": 9.0}, "errors": {"e2e_g128": "boom"}, "weight_bytes": wb}
+    text = gemm.table({"rows": [row]})
+    assert text.startswith("| path (ms, x vs XLA bf16; device time) | M=32760, 5120x5120 |")
+    lines = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert lines[dict(gemm.PATHS)["e2e_w4a4"]].endswith("| 1.250 · 1.60x |")
+    assert lines[dict(gemm.PATHS)["e2e_g128"]].endswith("| error |")
+    assert lines[dict(gemm.PATHS)["e2e_mxfp4"]].endswith("| - |")
+    assert "bf16 2.0 MiB, int4 packed + scales 0.5 MiB" in text
