@@ -68,11 +68,16 @@ def tpu_generation(kind: str | None = None) -> int | None:
   return int(hit.group(1)) if hit else None
 
 
+def _tpu_fp8_only(kind: str | None = None) -> bool:
+  """Whether this TPU's MXU has FP8 but no integer modes (TPU7x on)."""
+  gen = tpu_generation(kind)
+  return gen is not None and gen >= 7
+
+
 def tpu_mode(w_dtype, kind: str | None = None) -> str:
   """The ``w4a4_tpu`` mode for weights of ``w_dtype`` on this TPU: "fp8" from TPU7x on (its MXU has FP8 but no
   integer modes), else "int8" for int8 weights and "int4" for packed ones (int8 MXU mode of v5e/v5p/v6e)."""
-  gen = tpu_generation(kind)
-  if gen is not None and gen >= 7:
+  if _tpu_fp8_only(kind):
     return "fp8"
   return "int8" if w_dtype == jnp.int8 else "int4"
 
@@ -123,7 +128,7 @@ def _int8_weights(w):
 
 def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
   q_w = _int8_weights(w_packed)
-  if _platform() == "tpu" and tpu_mode(q_w.dtype) == "fp8":
+  if _platform() == "tpu" and _tpu_fp8_only():
     # TPU7x has no integer MXU: int4 values are exact in e4m3 and their f32 sums exact below 2**24 (w4a4_tpu "fp8")
     f8 = jnp.float8_e4m3fn
     acc = lax.dot_general(q_x.astype(f8), q_w.astype(f8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -487,7 +492,7 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
   if _gpu_gemm(be, n, k, r):
     from .w4a4_gpu import w4a4_matmul_gpu_any_m
     y = w4a4_matmul_gpu_any_m(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, weights="fp8")
-  elif be == "pallas" and _platform() == "tpu" and tpu_mode(w8.dtype) == "fp8":
+  elif be == "pallas" and _platform() == "tpu" and _tpu_fp8_only():
     from .w4a4_tpu import w4a4_matmul_tpu  # TPU7x: the FP8 MXU on the same e4m3 rows and row scales
     y = w4a4_matmul_tpu(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, mode="fp8")
   else:

@@ -359,10 +359,10 @@ def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, s
         y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], **mx)
     else:
       group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
-      wscale = a["wscale"][:, 0] if group is None else a["wscale"]
-      w = a["qweight"]
       if a.get("kweight") is not None:  # int4 codes unpacked to int8 once at load time
         w, wscale = a["kweight"], a["kscale"]
+      else:
+        w, wscale = a["qweight"], (a["wscale"][:, 0] if group is None else a["wscale"])
       y = dispatch.w4a4_linear(x2, w, wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
                                bias=a.get("bias"), clip=clip,
                                static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
