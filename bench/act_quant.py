@@ -188,7 +188,43 @@ def run_rotation(inp, res, rec, log):
       rec(name, fused, x, smooth, signs, down)
 
 
-def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused"), rotation=False):
+SMALL_M_BLOCK_ROWS = (64, 32, 16)
+
+
+def run_small_m(inp, res, rec, log):
+  """Where the fused kernel should take over from XLA at small M (``dispatch.FUSED_ACT_QUANT_MIN_M`` and
+  ``FUSED_ROT_ACT_QUANT_MIN_M``): the dispatcher's XLA paths (forced) against the fused kernel at block rows
+  :data:`SMALL_M_BLOCK_ROWS`, unrotated and rotating in Hadamard blocks of 256 (the default recipe); codes of each
+  kernel checked against its XLA path."""
+  from kernels import act_quant_gpu, dispatch
+  from kernels.act_quant_gpu import act_quant_lowrank_pallas
+  from wanjax.quant.rotate import random_signs
+  x, smooth, down = inp["x"], inp["smooth"], inp["down"]
+  signs = random_signs(jax.random.key(7), x.shape[1])
+  for rot in (None, signs):
+    tag = "" if rot is None else "_rot256"
+    xla = jax.jit(lambda a, sm, dn, sg: dispatch.act_quant(a, sm, dn, rot_signs=sg, rot_block=256,
+                                                           backend="xla"))
+    ref_out = xla(x, smooth, down, rot)
+    rec(f"aq_dispatch_xla{tag}", xla, x, smooth, down, rot)
+    opts = act_quant_gpu.FUSED_OPTIONS if rot is None else act_quant_gpu.rotation_options(256)
+    for bm in SMALL_M_BLOCK_ROWS:
+      kw = {**opts, "block_rows": bm}
+      if rot is not None:
+        kw["chunk"] = 256
+      f = jax.jit(lambda a, sm, dn, sg, kw=kw: act_quant_lowrank_pallas(a, sm, dn, 1.0, None, rot_signs=sg, **kw))
+      name = f"aq_fused{tag}_bm{bm}"
+      try:
+        res["checks"][name] = aq_check(f(x, smooth, down, rot), ref_out)
+      except Exception as e:
+        res["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
+        log(f"  {name}: ERROR {str(e)[:300]}")
+        continue
+      rec(name, f, x, smooth, down, rot)
+
+
+def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused"), rotation=False,
+              small_m=False):
   from bench.kernels import cupti_ms, make_inputs, rel_err
   from kernels import dispatch
   from kernels import reference as ref
@@ -209,6 +245,10 @@ def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas
 
   bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
   rec("xla_bf16", bf16, x, inp["w_bf16_kn"])
+  if small_m:
+    run_small_m(inp, res, rec, log)
+    res["act_quant_min_bytes"] = m * k * 3
+    return res
 
   q0, s0, lr0 = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
   variants = {"aq_xla_fold": jax.jit(lambda a, b, c: act_quant_fused(a, b, c, 1.0, None, fold_smooth=True)),
@@ -288,6 +328,9 @@ def main(argv=None):
   ap.add_argument("--e2e-impls", default="xla,pallas,fused", help="INT4 act quant impls timed end to end")
   ap.add_argument("--rotate", action="store_true", help="also the act quant of a rotated input (in-kernel Hadamard "
                                                         "blocks of 64-1024, tunings swept, vs an XLA rotation pass)")
+  ap.add_argument("--small-m", action="store_true", help="only the small-M crossover: the dispatcher's XLA act "
+                                                         "quant vs the fused kernel at 64/32/16-row blocks, unrotated "
+                                                         "and rotating (blocks of 256)")
   a = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
@@ -304,7 +347,7 @@ def main(argv=None):
       k, n = (int(v) for v in shape.split("x"))
       log(f"M={m} K={k} N={n}")
       rows.append(run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(",")),
-                            a.rotate))
+                            a.rotate, a.small_m))
       write_result(a.name, {"device": device_facts(), "rows": rows})
   print("\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
         "e2e fused, int8 w |")

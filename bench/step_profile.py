@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-ab", action="store_true", help="only the per-kernel breakdown")
     p.add_argument("--skip-profile", action="store_true", help="only the interleaved A/B")
     p.add_argument("--variants", default=",".join(f"{e}/{a}" for e, a in VARIANTS),
-                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot, the last without the "
+                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
                         "default recipe's input rotation; attention: cudnn|cudnn_fp8)")
     p.add_argument("--config", default="I2V_A14B")
     p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
@@ -113,9 +113,13 @@ def main(argv=None) -> dict:
     if any(e == "bf16" for e, _ in variants):
         experts["bf16"] = nnx.split(random_bf16_expert(cfg, seed=0))
     nbins = len(default_bins().expert_bins("high"))
-    for name, rotate in (("w4a4", True), ("w4a4norot", False)):
-        if any(e == name for e, _ in variants):
-            experts[name] = nnx.split(build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate))
+    for ename, rotate in (("w4a4", True), ("w4a4norot", False), ("w4a4i8", True)):
+        if any(e == ename for e, _ in variants):
+            model = build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate)
+            if ename == "w4a4i8":                     # INT4 codes stored unpacked as int8 (2x weight bytes)
+                from wanjax.quant.apply import prepare_kernel_weights
+                model = prepare_kernel_weights(model, int4=True)
+            experts[ename] = nnx.split(model)
     jax.block_until_ready([s for _, s in experts.values()])
     res["build_s"] = time.perf_counter() - t0
     log(f"built {list(experts)} in {res['build_s']:.1f}s")
