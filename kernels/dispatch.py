@@ -113,6 +113,9 @@ INT8_UNPACK_MIN_M = 16384
 # 0.097 / 0.109 / 0.115 / 0.176 / 0.354 ms fused vs 0.015 / 0.057 / 0.110 / 0.210 / 0.398 ms XLA. In a 480p step
 # this sends the cross-attention k/v projections of the 512 text tokens to XLA.
 FUSED_ACT_QUANT_MIN_M = 16384
+# The same threshold for a rotated input (the default recipe): there the XLA path is a rotation pass writing f32
+# [M, K] plus the XLA act quant reading it, so the fused kernel, which rotates in registers, wins from fewer rows.
+FUSED_ROT_ACT_QUANT_MIN_M = 16384
 
 
 def _weights_nk(w) -> tuple[int, int]:
@@ -220,7 +223,8 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
 
   * ``"fused"`` (default): one Pallas Triton kernel for codes, scales and the rank-r projection
     (``act_quant_gpu.act_quant_lowrank_pallas``), where :func:`act_quant_gpu.fused_supports` the shape (M >= 64,
-    r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks),
+    r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks;
+    ``FUSED_ROT_ACT_QUANT_MIN_M`` with ``rot_signs``),
     else ``"xla"``, with ``act_quant_gpu.FUSED_OPTIONS`` (``fast``: reciprocal multiplies instead of divisions).
     Fastest measured on an H200 at M = 32,760: 0.26 ms at K = 5120 and 0.68 ms at K = 13824 against 0.40 / 1.08 ms
     for "xla" (docs/BENCHMARKS.md, "instruction-bound").
@@ -243,13 +247,13 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   if act_quant_impl not in ACT_QUANT_IMPLS:
     raise ValueError(f"act_quant_impl must be one of {ACT_QUANT_IMPLS}, got {act_quant_impl!r}")
   r = 0 if down is None else down.shape[1]
-  fused_gpu = (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
-               and x.shape[0] >= FUSED_ACT_QUANT_MIN_M)
+  fused_gpu = be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
   if rot_signs is not None:
     from wanjax.quant.rotate import hadamard_block_size, rotate_activations_mxu
     b = hadamard_block_size(x.shape[1], rot_block)
     in_kernel = 64 <= b <= act_quant_gpu.ROT_DISPATCH_MAX_BLOCK
-    if fused_gpu and in_kernel and act_quant_gpu.fused_supports(*x.shape, r, chunk=b):
+    if (fused_gpu and in_kernel and x.shape[0] >= FUSED_ROT_ACT_QUANT_MIN_M
+        and act_quant_gpu.fused_supports(*x.shape, r, chunk=b)):
       return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b,
                                                     **act_quant_gpu.rotation_options(b))
     x, smooth = rotate_activations_mxu(reference.smooth_act(x, smooth), rot_signs, b), None
@@ -257,7 +261,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
     return reference.act_quant(x, smooth, down, clip, static_scale)
   if be == "pallas" and act_quant_impl == "pallas":
     return act_quant_pallas(x, smooth, down, clip, static_scale)
-  if fused_gpu and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
+  if fused_gpu and x.shape[0] >= FUSED_ACT_QUANT_MIN_M and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale,
                                                   **act_quant_gpu.FUSED_OPTIONS)
   # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;

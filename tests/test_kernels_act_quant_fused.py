@@ -203,9 +203,14 @@ def test_dispatch_rotates_in_the_kernel_where_the_block_fits(monkeypatch):
   monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", spy)
   monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
   monkeypatch.setattr(dispatch, "FUSED_ACT_QUANT_MIN_M", 64)
+  monkeypatch.setattr(dispatch, "FUSED_ROT_ACT_QUANT_MIN_M", 64)
   x, smooth, down = _inputs(70, 1024, 16, 5)
   signs = random_signs(jax.random.key(2), 1024)
-  for block, expect in ((None, (False, None)), (512, (True, 512)), (128, (True, 128)), (32, (False, None))):
+  cases = [(None, (False, None)), (512, (True, 512)), (128, (True, 128)), (32, (False, None))]
+  for block, expect in cases + [("rot_threshold", (False, None))]:
+    if block == "rot_threshold":  # fewer rows than the rotation's own threshold: XLA rotation, unrotated kernel
+      monkeypatch.setattr(dispatch, "FUSED_ROT_ACT_QUANT_MIN_M", 128)
+      block = 256
     q, _, _ = dispatch.act_quant(x, smooth, down, 0.9, rot_signs=signs, rot_block=block, backend="pallas")
     assert calls[-1] == expect
     q0, _ = ref.quantize_act_int4(rotate_activations(x.astype(jnp.float32) / smooth, signs, block), None, 0.9)
