@@ -70,3 +70,23 @@ def test_table_uses_device_times_and_marks_errors():
     assert lines[dict(gemm.PATHS)["e2e_g128"]].endswith("| error |")
     assert lines[dict(gemm.PATHS)["e2e_mxfp4"]].endswith("| - |")
     assert "bf16 2.0 MiB, int4 packed + scales 0.5 MiB" in text
+
+
+def test_gpu_branch_runs_references_on_the_host(monkeypatch):
+    """With a GPU the reference checks run on the host CPU (device_put of their inputs); here the GPU branch is
+    forced on the CPU (CUPTI replaced) and every reference must still be computed and agree."""
+    import jax
+    put = []
+    real_put = jax.device_put
+
+    def spy(x, device=None, *a, **kw):
+        put.append(device)
+        return real_put(x, device, *a, **kw)
+
+    monkeypatch.setattr(gemm, "_on_gpu", lambda: True)
+    monkeypatch.setattr(gemm, "cupti_ms", lambda f, *a, iters=0: 1.0)
+    monkeypatch.setattr(jax, "device_put", spy)
+    res = gemm.run_shape(64, 256, 512, 2, lambda m: None, paths={"xla_bf16", "e2e_w4a4", "e2e_g128"})
+    assert res["errors"] == {} and res["device_ms"] == {"xla_bf16": 1.0, "e2e_w4a4": 1.0, "e2e_g128": 1.0}
+    assert put.count(jax.devices("cpu")[0]) == 2
+    assert res["checks"]["e2e_g128_rel_l2_vs_reference"] <= 1e-2
