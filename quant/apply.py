@@ -141,11 +141,12 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
   path's, which rounds them alike.
 
   ``int4=True`` also gives per-channel INT4 layers ``kweight`` = the codes unpacked to int8 [..., N, K] and
-  ``kscale`` = their scales [..., N]: the GEMM then reads int8 weights without the per-call unpacking the dispatcher
-  does at M >= ``dispatch.INT8_UNPACK_MIN_M`` (H200, M = 32,760, one measurement: 1.409 / 3.604 / 3.603 ms with
-  int8-stored weights against 1.473 / 3.379 / 3.988 ms packed at 5120x5120 / 5120x13824 / 13824x5120, so not a clear
-  gain; ``python -m bench.gemm`` times both). Below that M the dispatcher's in-register unpacking of packed codes is
-  the faster path, which prepared layers then skip. Off by default.
+  ``kscale`` = their scales [..., N]: the GEMM then reads int8 weights, skipping the per-call XLA unpacking the
+  dispatcher does at M >= ``dispatch.INT8_UNPACK_MIN_M`` and the in-register unpacking below it. Measured per linear
+  end to end (``python -m bench.gemm``, H200, 2026-12-06, ms int8-stored vs packed): M = 4,096 0.196 / 0.437 / 0.485
+  vs 0.227 / 0.525 / 0.570; M = 32,760 1.310 / 3.096 / 3.504 vs 1.376 / 3.280 / 3.484; M = 75,600 3.167 / 7.952 /
+  8.387 vs 3.234 / 8.034 / 8.441 (5120x5120 / 5120x13824 / 13824x5120); an earlier single measurement at M = 32,760
+  was mixed. Off by default (``wanjax generate --int8-weights`` turns it on).
 
   The codes stay (fake mode and artifacts use them), so prepared layers take 1 byte a parameter more. Other layers
   are left as they are.

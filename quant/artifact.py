@@ -269,12 +269,17 @@ def load_artifact(qdir: str | os.PathLike, experts=None) -> tuple[dict[str, nnx.
   return out, manifest
 
 
-def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None, *, prepare_kernels: bool = True) -> dict:
+def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None, *, prepare_kernels: bool = True,
+                    int8_weights: bool = False) -> dict:
   """Loads the ``high`` / ``low`` experts of ``qdir`` into ``pipe`` (a `WanI2VPipeline`, e.g. for
   ``wanjax generate --quant QDIR``) with the artifact's timestep bins; ``mode`` optionally switches every QLinear
   (``"real"``: the W4A4 kernels). In real mode, ``prepare_kernels`` re-encodes MXFP4 weights once for the FP8
-  kernel (``apply.prepare_kernel_weights``: faster, 1 byte a parameter more; INT4 layers are unchanged).
-  Returns the manifest."""
+  kernel (``apply.prepare_kernel_weights``: faster, 1 byte a parameter more); ``int8_weights`` also keeps the
+  per-channel INT4 codes unpacked to int8 for the GEMM (``prepare_kernel_weights(int4=True)``: 1 byte a parameter
+  more, equal or faster per linear on an H200, docs/BENCHMARKS.md). Returns the manifest."""
+  if int8_weights and not (mode == "real" and prepare_kernels):
+    raise ValueError(f"int8_weights needs mode='real' and prepare_kernels=True (the kernels read them), got "
+                     f"mode={mode!r}, prepare_kernels={prepare_kernels}")
   from wanjax.quant.apply import attach_to_pipeline, prepare_kernel_weights, set_mode
   from wanjax.quant.bins import TimestepBins
 
@@ -284,7 +289,7 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = None, *, p
   if mode is not None:
     experts = {k: set_mode(v, mode) for k, v in experts.items()}
   if mode == "real" and prepare_kernels:
-    experts = {k: prepare_kernel_weights(v) for k, v in experts.items()}
+    experts = {k: prepare_kernel_weights(v, int4=int8_weights) for k, v in experts.items()}
   attach_to_pipeline(pipe, experts["high"], experts["low"], TimestepBins.from_dict(manifest["bins"]))
   apply_recipe_attention(manifest.get("recipe"))
   return manifest

@@ -20,7 +20,7 @@ from wanjax.quant.recipes import RECIPES, recipe_to_dict
 FMTS = {"blocks.self_attn.q": "mxfp4", "blocks.self_attn.k": "nvfp4", "blocks.ffn.fc2": "int8"}
 
 
-def mixed_qlayers(model, nbins=3):
+def mixed_qlayers(model, nbins=3, fmts=None):
   """One QLinear per block path: int4 with smoothing + low-rank by default, MXFP4 / NVFP4 / INT8 for a few."""
   out = {}
   rng = np.random.default_rng(0)
@@ -28,7 +28,7 @@ def mixed_qlayers(model, nbins=3):
     lin = get_submodule(model, path)
     kern = jnp.swapaxes(jnp.asarray(lin.kernel[...], jnp.float32), 1, 2)   # [L, N, K]
     L, n, k = kern.shape
-    fmt = FMTS.get(path, "int4")
+    fmt = (FMTS if fmts is None else fmts).get(path, "int4")
     extra = {}
     if fmt == "mxfp4":
       qt = formats.quantize_mxfp4(kern).pack()
@@ -194,3 +194,37 @@ def test_attach_artifact_drives_the_pipeline(qtiny, tmp_path):
   no_bins = save_artifact(tmp_path / "nb", {"high": qtiny, "low": qtiny})
   with pytest.raises(ArtifactError, match="no timestep bins"):
     attach_artifact(pipe, no_bins)
+
+
+def test_attach_artifact_int8_weights(tmp_path, capsys):
+  """Real mode with int8_weights: per-channel INT4 layers get int8 codes (kweight) and the same velocities as
+  without; the option needs real mode, and the CLI says so before loading anything."""
+  from wanjax.cli import main
+  from wanjax.pipeline import WanI2VPipeline
+  from wanjax.quant.artifact import attach_artifact
+  from wanjax.quant.bins import seed_bins
+  from wanjax.sampling import flow_schedule
+
+  bins = seed_bins(flow_schedule(12, shift=5.0))
+  model = WanDiT(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  qreal = quantize_model(model, mixed_qlayers(model, fmts={"blocks.self_attn.q": "mxfp4"}))  # all runnable in real mode
+  qdir = save_artifact(tmp_path / "q", {"high": qreal, "low": qreal}, bins=bins.to_dict())
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 1, 4, 4, TINY.out_dim)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((1, 1, 4, 4, TINY.in_dim - TINY.out_dim)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((2, 5, TINY.text_dim)), jnp.float32)
+  out = {}
+  for int8 in (False, True):
+    base = WanDiT(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+    pipe = WanI2VPipeline(base, base, vae=None)
+    attach_artifact(pipe, qdir, mode="real", int8_weights=int8)
+    kw = {jax.tree_util.keystr(k): v.dtype for k, v in
+          jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(pipe._params_high))[0] if "kweight" in str(k)}
+    assert any(d == jnp.dtype(jnp.float8_e4m3fn) for d in kw.values())  # the MXFP4 layer, prepared either way
+    assert any(d == jnp.dtype(jnp.int8) for d in kw.values()) == int8  # the per-channel INT4 layers
+    out[int8] = pipe._velocity(pipe._params_high, x, y, ctx, jnp.float32(990.0), jnp.float32(3.5))
+  np.testing.assert_array_equal(np.asarray(out[False]), np.asarray(out[True]))
+  with pytest.raises(ValueError, match="int8_weights needs mode='real'"):
+    attach_artifact(pipe, qdir, mode="fake", int8_weights=True)
+  assert main(["generate", "--model", "M", "--image", "i.png", "--prompt", "p", "--int8-weights"]) == 2
+  assert "--int8-weights needs --quant DIR and --quant-mode real" in capsys.readouterr().err

@@ -88,6 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"wanjax generate: error: --guide expects 'G' or 'LOW,HIGH', got {args.guide!r}", file=sys.stderr)
         return 2
+    if args.int8_weights and not (args.quant and args.quant_mode == "real"):
+        print("wanjax generate: error: --int8-weights needs --quant DIR and --quant-mode real", file=sys.stderr)
+        return 2
     pipe = _open_pipeline(args, "generate")
     if pipe is None:
         return 2
@@ -95,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from wanjax.quant.artifact import ArtifactError, attach_artifact
 
         try:
-            manifest = attach_artifact(pipe, args.quant, mode=args.quant_mode)
+            manifest = attach_artifact(pipe, args.quant, mode=args.quant_mode, int8_weights=args.int8_weights)
         except (ArtifactError, FileNotFoundError, ValueError) as e:
             print(f"wanjax generate: error: --quant {args.quant}: {e}", file=sys.stderr)
             return 2
@@ -142,6 +145,9 @@ def _add_generate(sub) -> None:
                         "attention, Hopper GPUs)")
     p.add_argument("--quant-mode", default=None, choices=("fake", "real"),
                    help="run the quantized layers simulated ('fake') or on the low-bit kernels ('real')")
+    p.add_argument("--int8-weights", action="store_true",
+                   help="with --quant-mode real: also keep the INT4 weights unpacked to int8 for the GEMM (1 byte a "
+                        "parameter more; equal or faster per linear, docs/BENCHMARKS.md)")
     p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
                                                  "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context")
     p.set_defaults(func=cmd_generate)
