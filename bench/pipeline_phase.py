@@ -28,7 +28,6 @@ from each expert's warm step time (plus the remaining swaps): ``denoise.extrapol
 """
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 import time
@@ -286,8 +285,8 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         if experts == "w4a4":
             attach_to_pipeline(pipe, high, low, bins)
         if args.cfg_mode == "twopass":
-            pipe.replace_experts(high, low, velocity=lambda g: jax.jit(
-                functools.partial(_cfg_two_pass_velocity, g, bins)))
+            pipe.replace_experts(high, low, velocity=lambda g, params, x, y, ctx, t, guide, constrain=None:
+                                 _cfg_two_pass_velocity(g, bins, params, x, y, ctx, t, guide))
         jax.block_until_ready(pipe._params_high)
         rec["placement"] = pipe.expert_placement
         return pipe

@@ -182,11 +182,11 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
   return new
 
 
-def _binned_velocity(graphdef, bins, params, x, y, ctx, t, guide):
+def _binned_velocity(bins, graphdef, params, x, y, ctx, t, guide, constrain=None):
   from wanjax.pipeline import _guided_velocity
 
   with active_bin(bins.local_lookup(t)):
-    return _guided_velocity(graphdef, params, x, y, ctx, t, guide)
+    return _guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=constrain)
 
 
 def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
@@ -196,11 +196,20 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
   velocity the bin of each expert is ``bins.local_lookup(t)`` (traced), so one compilation serves every step of
   both experts. Modifies ``pipe`` in place (its expert parameters, graph definition and jitted velocity; both
   experts are placed on the device, the pipeline's ``expert_placement="swap"`` still moves them at the boundary).
-  Unsharded pipelines only (``NotImplementedError`` with a mesh).
+  On a sharded pipeline (``mesh=``) the quantized parameters are sharded by the rule table and the velocity is
+  jitted for the mesh (GSPMD partitions the XLA dots of fake mode and of real mode's "xla" kernel backend). The
+  Pallas kernels have no partitioning rule yet, so real-mode layers under a mesh with the "pallas" backend on a GPU
+  raise ``NotImplementedError`` (set ``WANJAX_KERNELS=xla``, or use fake mode).
   """
-  if getattr(pipe, "mesh", None) is not None:
-    raise NotImplementedError("attach_to_pipeline: sharded pipelines (mesh=...) are not supported yet; the jitted "
-                              "velocity installed here is unsharded")
+  mesh = getattr(pipe, "mesh", None)
+  if mesh is not None and any(q.mode == "real" for m in (high, low) for q in qlinears(m).values()):
+    from wanjax.kernels import dispatch
+
+    if dispatch.select_backend() == "pallas" and dispatch._platform() == "gpu":
+      raise NotImplementedError(
+          "attach_to_pipeline: real-mode layers on a mesh with the 'pallas' kernel backend: the Pallas GPU kernels "
+          "have no partitioning rule yet; set WANJAX_KERNELS=xla (XLA's int8 dots, partitioned by GSPMD) or use "
+          "mode='fake'")
   g_high, p_high = nnx.split(high)
   g_low, p_low = nnx.split(low)
   if g_high != g_low:
@@ -212,5 +221,5 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
       if q.config.nbins != n_exp:
         raise ValueError(f"attach_to_pipeline: {name} expert layer {q.path!r} has {q.config.nbins} bins, the "
                          f"bins give {n_exp} for that expert")
-  pipe.replace_experts(high, low, velocity=lambda g: jax.jit(functools.partial(_binned_velocity, g, bins)))
+  pipe.replace_experts(high, low, velocity=functools.partial(_binned_velocity, bins))
   pipe.quant_bins = bins

@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             manifest = attach_artifact(pipe, args.quant, mode=args.quant_mode, int8_weights=args.int8_weights)
-        except (ArtifactError, FileNotFoundError, ValueError) as e:
+        except (ArtifactError, FileNotFoundError, ValueError, NotImplementedError) as e:
             print(f"wanjax generate: error: --quant {args.quant}: {e}", file=sys.stderr)
             return 2
         print(f"using the quantized experts of {args.quant} (recipe {manifest.get('recipe', {}).get('name', '?')})")

@@ -102,42 +102,49 @@ class WanI2VPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.release_text_encoder = release_text_encoder
-        g = self.graphdef
         self.mesh = mesh
-        if mesh is None:
-            self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g, params, x, y, ctx, t,
-                                                                                          guide))
-        else:
-            from wanjax import sharding
-
-            self._params_high = sharding.shard_params(self._params_high, mesh)
-            self._params_low = sharding.shard_params(self._params_low, mesh)
-            self._velocity = sharding.sharded_velocity(_guided_velocity, g, mesh, mode=attention_mode)
+        self.attention_mode = attention_mode
+        if mesh is not None:
+            self._params_high, self._params_low = self._shard(self._params_high), self._shard(self._params_low)
+        self._velocity = self._jit_velocity(_guided_velocity)
         self.expert_placement = "device" if mesh is not None else self._choose_placement(expert_placement)
         self.swaps = 0
         self._resident = "high"
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)        # host memory until the boundary
 
+    def _shard(self, params):
+        from wanjax import sharding
+
+        return sharding.shard_params(params, self.mesh)
+
+    def _jit_velocity(self, velocity_fn: Callable) -> Callable:
+        """``velocity_fn(graphdef, params, x, y, ctx, t, guide, constrain=None)`` jitted for this pipeline: plain
+        ``jax.jit`` on one device, `wanjax.sharding.sharded_velocity` on a mesh."""
+        g = self.graphdef
+        if self.mesh is None:
+            return jax.jit(lambda params, x, y, ctx, t, guide: velocity_fn(g, params, x, y, ctx, t, guide))
+        from wanjax import sharding
+
+        return sharding.sharded_velocity(velocity_fn, g, self.mesh, mode=self.attention_mode)
+
     def replace_experts(self, high: nnx.Module, low: nnx.Module, velocity: Callable | None = None) -> None:
         """Denoise with other experts from now on (e.g. quantized ones from `wanjax.quant`).
 
-        ``high`` and ``low`` must share one module graph. ``velocity(graphdef) -> fn(params, x, y, ctx, t, guide)``
-        builds the jitted guided velocity (default: the plain one); the expert placement policy is kept.
+        ``high`` and ``low`` must share one module graph. ``velocity`` is the guided velocity
+        ``fn(graphdef, params, x, y, ctx, t, guide, constrain=None)`` (default: the plain one), jitted here; with a
+        mesh the experts' parameters are sharded by the rule table and the velocity is jitted for the mesh. The
+        expert placement policy is kept.
         """
-        if self.mesh is not None:
-            raise NotImplementedError("replace_experts: sharded pipelines (mesh=...) are not supported yet")
         g_high, p_high = nnx.split(high)
         g_low, p_low = nnx.split(low)
         if g_high != g_low:
             raise ValueError("replace_experts: the two experts must have the same structure; their graphs differ")
+        if self.mesh is not None:
+            p_high, p_low = self._shard(p_high), self._shard(p_low)
         self.graphdef = g_high
         self._params_high, self._params_low = p_high, p_low
-        if velocity is None:
-            self._velocity = jax.jit(lambda params, x, y, ctx, t, guide: _guided_velocity(g_high, params, x, y, ctx,
-                                                                                          t, guide))
-        else:
-            self._velocity = velocity(g_high)
+        self._velocity = self._jit_velocity(_guided_velocity if velocity is None else velocity)
         self._resident = "high"
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)
