@@ -28,6 +28,7 @@ from each expert's warm step time (plus the remaining swaps): ``denoise.extrapol
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -101,8 +102,9 @@ def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
     return ctx, rec
 
 
-def _cfg_two_pass_velocity(graphdef, bins, params, x, y, ctx, t, guide):
-    """Guided velocity with the conditional and unconditional passes run one after the other at batch 1."""
+def _cfg_two_pass_velocity(bins, graphdef, params, x, y, ctx, t, guide, constrain=None):
+    """Guided velocity with the conditional and unconditional passes run one after the other at batch 1 (the
+    signature of ``WanI2VPipeline.replace_experts``'s ``velocity`` once ``bins`` is bound; unsharded only)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -285,8 +287,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         if experts == "w4a4":
             attach_to_pipeline(pipe, high, low, bins)
         if args.cfg_mode == "twopass":
-            pipe.replace_experts(high, low, velocity=lambda g, params, x, y, ctx, t, guide, constrain=None:
-                                 _cfg_two_pass_velocity(g, bins, params, x, y, ctx, t, guide))
+            pipe.replace_experts(high, low, velocity=functools.partial(_cfg_two_pass_velocity, bins))
         jax.block_until_ready(pipe._params_high)
         rec["placement"] = pipe.expert_placement
         return pipe

@@ -34,6 +34,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 VARIANTS = (("bf16", "cudnn"), ("w4a4", "cudnn"), ("bf16", "cudnn_fp8"), ("w4a4", "cudnn_fp8"))
+# the W4A4 experts --variants can name: (input rotation of the default recipe, INT4 codes stored unpacked to int8)
+W4A4_EXPERTS = {"w4a4": (True, False), "w4a4norot": (False, False), "w4a4i8": (True, True)}
 
 
 def log(*a):
@@ -98,6 +100,7 @@ def main(argv=None) -> dict:
 
     ensure_package_layout()
     from wanjax.model.attention import set_attention_backend
+    from wanjax.quant.apply import prepare_kernel_weights
 
     args = parse_args(argv)
     cfg = get_config(args.config)
@@ -113,13 +116,10 @@ def main(argv=None) -> dict:
     if any(e == "bf16" for e, _ in variants):
         experts["bf16"] = nnx.split(random_bf16_expert(cfg, seed=0))
     nbins = len(default_bins().expert_bins("high"))
-    for ename, rotate in (("w4a4", True), ("w4a4norot", False), ("w4a4i8", True)):
+    for ename, (rotate, int8) in W4A4_EXPERTS.items():
         if any(e == ename for e, _ in variants):
             model = build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate)
-            if ename == "w4a4i8":                     # INT4 codes stored unpacked as int8 (2x weight bytes)
-                from wanjax.quant.apply import prepare_kernel_weights
-                model = prepare_kernel_weights(model, int4=True)
-            experts[ename] = nnx.split(model)
+            experts[ename] = nnx.split(prepare_kernel_weights(model, int4=True) if int8 else model)
     jax.block_until_ready([s for _, s in experts.values()])
     res["build_s"] = time.perf_counter() - t0
     log(f"built {list(experts)} in {res['build_s']:.1f}s")

@@ -22,6 +22,7 @@ Default: "pallas" on a CUDA GPU of compute capability 9.x, else "xla". Override 
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,6 @@ def _is_hopper() -> bool:
 def tpu_generation(kind: str | None = None) -> int | None:
   """The TPU generation from a device kind ("TPU v5 lite" -> 5, "TPU v6e" -> 6, "TPU7x" -> 7); None if it is not a
   TPU kind. ``kind`` defaults to the first device's. (The TPU7x string is assumed from its name; no TPU ran here.)"""
-  import re
-
   if kind is None:
     try:
       kind = jax.devices()[0].device_kind
