@@ -20,27 +20,13 @@ import numpy as np
 from flax import nnx
 
 from wanjax import conditioning
+from wanjax.generation_config import GenerationConfig  # noqa: F401  (re-exported)
 from wanjax.model.dit import WanDiT
 from wanjax.sampling import flow_schedule, sample
 from wanjax.video_io import to_uint8
 
 #: Official default negative prompt (``sample_neg_prompt`` in Wan2.2's shared config).
 DEFAULT_NEGATIVE_PROMPT = conditioning.NEGATIVE_PROMPT
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """Sampling settings; defaults are the official Wan2.2-I2V-A14B ones."""
-
-    num_frames: int = 81
-    max_area: Any = "480p"            # "480p" (480*832), "720p" (720*1280), "WxH" or an int area
-    steps: int = 40
-    shift: float = 5.0
-    guide_scale: tuple[float, float] = (3.5, 3.5)   # (low-noise expert, high-noise expert), as the official config
-    boundary: float = 0.900
-    solver: str = "unipc"
-    seed: int = 0
-    fps: int = 16
 
 
 @dataclasses.dataclass
