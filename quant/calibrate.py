@@ -566,7 +566,9 @@ def _trajectories(pipe, samples, cfg, work_dir, progress, on_unit):
         xs, ts, experts = record_trajectory(pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode,
                                             progress=progress)
         _check_trajectory(cfg, ts, experts)
-        _atomic_savez(path, xs=xs, ts=ts, y=np.asarray(y), ctx=np.asarray(ctx))
+        # np.savez cannot round-trip bfloat16 (it reads back as raw '|V2'): store f32 + the dtype name
+        _atomic_savez(path, xs=np.asarray(xs, np.float32), ts=ts, y=np.asarray(y, np.float32),
+                      ctx=np.asarray(jnp.asarray(ctx, jnp.float32)), ctx_dtype=np.asarray(str(ctx.dtype)))
         if on_unit:
             on_unit("trajectory", f"sample_{k:05d}")
 
@@ -643,6 +645,8 @@ def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid
         for path in traj_paths:
             with np.load(path) as z:
                 xs, ts, y, ctx = z["xs"], z["ts"], jnp.asarray(z["y"]), jnp.asarray(z["ctx"])
+                if "ctx_dtype" in z.files:
+                    ctx = ctx.astype(str(z["ctx_dtype"]))
             for i in steps:
                 h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
                 for j in range(g0, g1):

@@ -1,0 +1,21 @@
+"""Cheap non-finite checks of parameter trees: one jitted reduction, one transfer of a boolean per tensor."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.jit
+def _nonfinite_flags(tree):
+    return jax.tree.map(lambda a: ~jnp.all(jnp.isfinite(a)) if jnp.issubdtype(a.dtype, jnp.inexact)
+                        else jnp.zeros((), bool), tree)
+
+
+def nonfinite_leaves(tree) -> list[str]:
+    """Key paths (``a/b/0/c``) of the floating leaves of ``tree`` that hold a NaN or an Inf; ``[]`` if none."""
+    flags = jax.device_get(_nonfinite_flags(tree))
+    bad = []
+    for path, flag in jax.tree_util.tree_flatten_with_path(flags)[0]:
+        if bool(flag):
+            bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path))
+    return bad
