@@ -23,7 +23,7 @@ import numpy as np
 __all__ = [
     "NEGATIVE_PROMPT", "SIZE_PRESETS", "VAE_STRIDE", "PATCH_SIZE",
     "max_area_from_size", "i2v_size", "check_num_frames", "num_latent_frames",
-    "load_image", "image_to_array", "bicubic_resize", "preprocess_image", "i2v_video",
+    "ALPHA_BACKGROUND", "load_image", "image_to_array", "bicubic_resize", "preprocess_image", "i2v_video",
     "i2v_mask", "concat_condition",
 ]
 
@@ -97,31 +97,119 @@ def num_latent_frames(num_frames: int) -> int:
     return (check_num_frames(num_frames) - 1) // VAE_STRIDE[0] + 1
 
 
-def load_image(path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``[H, W, 3]`` (PIL, ``.convert("RGB")`` as the official ``generate.py``)."""
+#: Background that transparent pixels are composited over (alpha images): white, as a viewer shows them.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _describe(name) -> str:
+    return f"image {name}" if name else "image"
+
+
+def _composite(rgba: np.ndarray, background) -> np.ndarray:
+    """uint8 [H, W, 4] (straight alpha) over an RGB ``background`` -> uint8 [H, W, 3]."""
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    bg = np.asarray(background, np.float32).reshape(1, 1, 3)
+    out = rgba[..., :3].astype(np.float32) * a + bg * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(g: np.ndarray) -> np.ndarray:
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def _pil_to_rgb(im, name=None, background=ALPHA_BACKGROUND) -> np.ndarray:
+    """Any PIL image -> uint8 RGB ``[H, W, 3]`` with the values meant (see `load_image`)."""
+    mode = im.mode
+    what = _describe(name)
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in _SIXTEEN_BIT or mode == "I":
+        a = np.asarray(im)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(f"{what}: mode 'I' (32-bit integer) with values in [{int(a.min())}, {int(a.max())}]; "
+                             "expected 16-bit values in [0, 65535] (or save it as 8-bit RGB / grayscale)")
+        g = np.rint(a.astype(np.float64) / 257.0).astype(np.uint8)      # 65535 -> 255, 32768 -> 128
+        return _gray_to_rgb(g)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if not np.all(np.isfinite(a)) or (a.size and (a.min() < 0.0 or a.max() > 1.0)):
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if np.any(np.isfinite(a)) else (np.nan, np.nan)
+            raise ValueError(f"{what}: mode 'F' (32-bit float) with values in [{lo:g}, {hi:g}]"
+                             f"{' and NaN/Inf' if not np.all(np.isfinite(a)) else ''}; expected finite values in "
+                             "[0, 1] (or save it as 8-bit RGB / grayscale)")
+        return _gray_to_rgb(np.rint(a * 255.0).astype(np.uint8))
+    has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
+    if has_alpha:
+        if mode == "La":                    # premultiplied L + alpha: Pillow converts only via LA
+            im = im.convert("LA")
+        try:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{what}: cannot convert mode {mode!r} with transparency to RGB: {e}") from e
+        return _composite(rgba, background)
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)       # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{what}: mode {mode!r} cannot be converted to RGB ({e}); expected an RGB, grayscale, "
+                         "palette, CMYK or 16-bit grayscale image") from e
+
+
+def load_image(path, background=ALPHA_BACKGROUND) -> np.ndarray:
+    """Read an image file as uint8 RGB ``[H, W, 3]``, whatever mode Pillow reads it in.
+
+    8-bit RGB, grayscale (``L``), 1-bit, palette (``P``), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's
+    ``convert("RGB")`` (as the official ``generate.py``). 16-bit grayscale (``I;16*``; ``I`` with values in
+    [0, 65535]): scaled to 8 bits (``round(v / 257)``, so mid grey stays mid grey; Pillow's own conversion clips
+    to white). 32-bit float (``F``): values in [0, 1] scaled by 255, anything else refused. Transparency
+    (``RGBA``, ``LA``, ``PA``, a palette or grey with a transparent colour): composited over ``background``
+    (white by default, `ALPHA_BACKGROUND`; the official code drops the alpha channel, which shows the colour stored
+    under transparent pixels, often black). Animated files: the first frame. EXIF orientation is not applied (as
+    the official code). A missing file raises ``FileNotFoundError``; an unreadable one or an unsupported mode
+    ``ValueError`` naming the file and mode.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"image not found: {path}" + (" (a directory)" if os.path.isdir(path) else ""))
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - pillow is in the 'video' extra
         raise ImportError("reading images needs Pillow: pip install 'wanjax[video]'") from e
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        im = Image.open(path)
+        im.load()
     except Exception as e:  # PIL raises several types for bad files
         raise ValueError(f"cannot read image {path}: {e}") from e
+    with im:
+        return _pil_to_rgb(im, path, background)
 
 
-def image_to_array(image) -> np.ndarray:
-    """A PIL image or uint8 ``[H, W, 3]`` array to float32 ``[H, W, 3]`` in [-1, 1] (``to_tensor``, -0.5, /0.5)."""
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
-        image = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    arr = np.asarray(image)
+def image_to_array(image, background=ALPHA_BACKGROUND) -> np.ndarray:
+    """An image to float32 ``[H, W, 3]`` in [-1, 1] (``to_tensor``, -0.5, /0.5).
+
+    ``image``: a PIL image in any mode (converted as `load_image`), or an array: uint8 or uint16 (scaled by
+    1/257), ``[H, W]`` grayscale, ``[H, W, 1]``, ``[H, W, 3]`` RGB or ``[H, W, 4]`` RGBA (composited over
+    ``background``). Other shapes and dtypes (e.g. float arrays, whose range is ambiguous) raise ``ValueError``.
+    """
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL.Image
+        arr = _pil_to_rgb(image, getattr(image, "filename", None) or None, background)
+    else:
+        arr = np.asarray(image)
+        if arr.dtype == np.uint16:
+            arr = np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"image: expected dtype uint8 (0..255) or uint16, got {arr.dtype} (shape {arr.shape})")
+        if arr.ndim == 2:
+            arr = _gray_to_rgb(arr)
+        elif arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = _gray_to_rgb(arr[..., 0])
+        elif arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = _composite(arr, background)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"image: expected an RGB image [H, W, 3], got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image: expected dtype uint8 (0..255), got {arr.dtype}")
+        raise ValueError(f"image: expected an RGB image [H, W, 3] (or grayscale [H, W] / [H, W, 1], RGBA "
+                         f"[H, W, 4]), got shape {arr.shape}")
     x = arr.astype(np.float32) / np.float32(255.0)
     return (x - np.float32(0.5)) / np.float32(0.5)
 
