@@ -99,7 +99,7 @@ def test_other_modes_convert_like_pillow(tmp_path, mode):
     if mode in ("1", "L", "CMYK"):
         ext = {"1": "png", "L": "png", "CMYK": "jpg"}[mode]
         back = load_image(_save(tmp_path, im, f"x.{ext}"))
-        assert back[0, 0].min() > 240 and back[0, 1].max() < 15
+        assert back[0, 0].min() > 230 and back[0, 1].max() < 30   # CMYK goes through a lossy JPEG
 
 
 def test_arrays_grey_uint16_and_refusals():
