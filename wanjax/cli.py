@@ -2,42 +2,282 @@
 
 One function per subcommand (``cmd_<name>(args) -> int``), registered in `build_parser`. Implemented: ``convert``,
 ``generate``, ``quantize``, ``eval``.
+
+Conventions shared by every subcommand:
+
+* Every setting and every input and output path is checked before any model is loaded; a problem is one line
+  ``wanjax <cmd>: error: ...`` on stderr and exit status 2 (Ctrl-C: one line, exit status 130). ``--debug`` (before
+  or after the subcommand) also prints the traceback.
+* Sampling settings (``--frames``, ``--size``, ``--steps``, ``--shift``, ``--guidance``, ``--fps``, ...) default to
+  the model's ``generation_config.json``, else the official Wan2.2-I2V-A14B defaults
+  (`wanjax.generation_config.GenerationConfig.for_model`); the resolved settings are printed at start.
+  ``--size`` is a maximum pixel area everywhere: ``480p``, ``720p``, ``WxH`` or a bare ``N`` meaning ``NxN``.
+* An existing output is refused without ``--overwrite``, and an output that is, contains or lies inside an input is
+  refused even with it (nothing given as input is ever deleted).
+* JAX's persistent compilation cache is on (``$WANJAX_CACHE_DIR``, default ``~/.cache/wanjax/jax_compile``); opt out
+  with ``--no-compile-cache`` or ``WANJAX_COMPILE_CACHE=0``.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
+import os
+import re
+import shutil
 import sys
 import time
 
 _DTYPES = ("bfloat16", "float32", "float16")
+_QUANT_MODES = ("auto", "fake", "real")
+_FROM_MODEL = "default: from the model's generation_config.json, else {}"
+
+#: Environment variables of the compilation cache (`setup_compile_cache`).
+CACHE_DIR_ENV = "WANJAX_CACHE_DIR"
+COMPILE_CACHE_ENV = "WANJAX_COMPILE_CACHE"
 
 
+class CLIError(Exception):
+    """A user error: printed as the one line ``wanjax <cmd>: error: <message>``, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+def default_cache_dir() -> str:
+    """Where the CLI keeps JAX's compilation cache: ``$WANJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/wanjax/jax_compile``
+    (``~/.cache/wanjax/jax_compile``)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return os.path.expanduser(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wanjax", "jax_compile")
+
+
+def setup_compile_cache(enabled: bool = True) -> str | None:
+    """Turn on JAX's persistent compilation cache (a repeated run skips compiling); returns its directory, or None
+    when disabled (``enabled=False`` or ``WANJAX_COMPILE_CACHE=0``) or when JAX already has a cache dir configured
+    (``JAX_COMPILATION_CACHE_DIR``: kept, its path returned). Every program compiled in 0.1 s or more is cached,
+    whatever its size (JAX's defaults, 1 s, skip most of the small CPU programs)."""
+    if not enabled or os.environ.get(COMPILE_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import jax
+
+    have = jax.config.jax_compilation_cache_dir
+    path = have or default_cache_dir()
+    if not have:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            print(f"wanjax: warning: compilation cache {path} not usable ({e}); running without it", file=sys.stderr)
+            return None
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def parse_size(text: str, flag: str = "--size") -> str:
+    """``--size``: ``480p`` / ``720p`` / ``WxH`` (maximum area W*H; the aspect ratio comes from the image) or a bare
+    ``N`` meaning ``NxN``; returns the normalized string (``"128x128"``) or raises `CLIError`."""
+    from wanjax.conditioning import max_area_from_size
+
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+", s):
+        s = f"{int(s)}x{int(s)}"
+    try:
+        max_area_from_size(s)
+    except ValueError as e:
+        raise CLIError(f"{flag} {text!r}: expected 480p, 720p, WxH (e.g. 832x480) or N (NxN); {e}") from None
+    return s
+
+
+def _area_edge(size: str) -> int:
+    """Square edge (a multiple of 16) of about the area of ``size``: procedural clips are rendered square."""
+    from wanjax.conditioning import max_area_from_size
+
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if m and m.group(1) == m.group(2):
+        return int(m.group(1))
+    return max(16, int(math.isqrt(max_area_from_size(size))) // 16 * 16)
+
+
+def _parse_guidance(args) -> tuple[float | None, float | None]:
+    """``--guidance G`` or ``LOW,HIGH`` (low-noise expert, high-noise expert), refined by ``--guidance-low`` /
+    ``--guidance-high``; None where not given."""
+    low = high = None
+    g = getattr(args, "guidance", None)
+    if g is not None:
+        try:
+            vals = [float(v) for v in str(g).split(",")]
+            if len(vals) not in (1, 2):
+                raise ValueError
+        except ValueError:
+            raise CLIError(f"--guidance expects 'G' or 'LOW,HIGH' (low-noise expert, high-noise expert), got "
+                           f"{g!r}") from None
+        low, high = (vals[0], vals[-1])
+    if getattr(args, "guidance_low", None) is not None:
+        low = args.guidance_low
+    if getattr(args, "guidance_high", None) is not None:
+        high = args.guidance_high
+    for name, v in (("low", low), ("high", high)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise CLIError(f"--guidance ({name}-noise expert): expected a finite number >= 0, got {v!r}")
+    return low, high
+
+
+def resolve_generation(args, command: str):
+    """The `GenerationConfig` of a run: the flags given (None = not given) over the model's
+    ``generation_config.json`` over the official defaults; every value checked (flags by flag name first, then the
+    resolved config: a bad ``generation_config.json`` is named). Raises `CLIError`."""
+    from wanjax.conditioning import check_num_frames
+    from wanjax.generation_config import GENERATION_CONFIG_FILE, GenerationConfig
+
+    frames = getattr(args, "frames", None)
+    if frames is not None:
+        try:
+            check_num_frames(frames)
+        except ValueError as e:
+            raise CLIError(f"--frames {frames}: {e}") from None
+    for flag, v in (("--steps", getattr(args, "steps", None)), ("--fps", getattr(args, "fps", None))):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag}: expected a positive integer, got {v}")
+    shift = getattr(args, "shift", None)
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise CLIError(f"--shift: expected a finite number > 0, got {shift!r}")
+    size = parse_size(args.size) if getattr(args, "size", None) is not None else None
+    low, high = _parse_guidance(args)
+    over = dict(num_frames=frames, max_area=size, steps=getattr(args, "steps", None), shift=shift,
+                guidance_low=low, guidance_high=high, solver=getattr(args, "solver", None),
+                seed=getattr(args, "seed", None), fps=getattr(args, "fps", None))
+    src = os.path.join(args.model, GENERATION_CONFIG_FILE)
+    try:
+        gen = GenerationConfig.for_model(args.model, **over)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    if hasattr(gen, "validate"):
+        try:
+            gen.validate(source=f"settings (flags over {src})" if os.path.isfile(src) else "settings")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if not isinstance(gen.fps, int) or gen.fps < 1:
+        raise CLIError(f"fps: expected a positive integer (from {src}), got {gen.fps!r}")
+    return gen
+
+
+def _print_settings(gen, model: str) -> None:
+    from wanjax.generation_config import GENERATION_CONFIG_FILE
+
+    src = os.path.join(model, GENERATION_CONFIG_FILE)
+    where = f"flags over {src}" if os.path.isfile(src) else "flags over the official Wan2.2 defaults"
+    print(f"settings ({where}): {gen.describe()}", flush=True)
+
+
+def _check_model_dir(model: str) -> None:
+    if not os.path.exists(model):
+        raise CLIError(f"--model {model}: no such directory")
+    if not os.path.isdir(model):
+        raise CLIError(f"--model {model}: expected a model directory (official or diffusers layout), got a file")
+
+
+def _check_image(path: str, flag: str = "--image") -> None:
+    """Exists, is a file and decodes as an image (`wanjax.conditioning.load_image`)."""
+    from wanjax.conditioning import load_image
+
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path}: no such file")
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag} {path}: expected an image file, got a directory")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{flag} {path}: not readable (permission denied)")
+    try:
+        load_image(path)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"{flag} {path}: {e}") from None
+
+
+def _writable_parent(path: str, flag: str) -> None:
+    """The nearest existing ancestor of ``path``'s parent must be a writable directory (it is created if missing)."""
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise CLIError(f"{flag} {path}: {d} is a file, not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path}: directory {d} is not writable")
+
+
+def _check_overlap(dst: str, *sources, flag: str) -> None:
+    from wanjax.io.atomic import check_not_overlapping
+
+    try:
+        check_not_overlapping(dst, *sources, what=flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_out_file(path: str, exts: tuple[str, ...], overwrite: bool, sources: tuple, flag: str = "--out") -> None:
+    """An output file: a known extension, not a directory, a writable (or creatable) parent, refused if it exists
+    without ``--overwrite``, never one of the inputs."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in exts:
+        raise CLIError(f"{flag} {path}: expected a file name ending in {' or '.join(exts)}, got "
+                       f"{repr(ext) if ext else 'no extension'}")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: is a directory; expected a file name ending in {' or '.join(exts)}")
+    _check_overlap(path, *sources, flag=flag)
+    if os.path.exists(path) and not overwrite:
+        raise CLIError(f"{flag} {path} exists (pass --overwrite to replace it)")
+    _writable_parent(path, flag)
+
+
+def _check_out_dir(path: str, overwrite: bool, sources: tuple, flag: str, reuse=None) -> None:
+    """An output directory: not a file, refused if it exists (unless ``--overwrite``, or ``reuse(path)`` says it is
+    an earlier run's to resume), never an input or around one, writable parent."""
+    _check_overlap(path, *sources, flag=flag)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CLIError(f"{flag} {path}: exists and is a file, expected a directory")
+        if not overwrite and not (reuse and reuse(path)) and os.listdir(path):
+            raise CLIError(f"{flag} {path} exists (pass --overwrite to replace it)")
+    _writable_parent(path, flag)
+
+
+def _supports(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _stage(msg: str) -> float:
+    print(f"{msg} ...", flush=True)
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     """``wanjax convert SRC DST``: safetensors checkpoint (any supported layout) -> orbax cache directory."""
     import jax.numpy as jnp
 
-    from wanjax.io.errors import CheckpointError
     from wanjax.io.orbax_cache import convert
 
-    t0 = time.perf_counter()
-    try:
-        out = convert(args.src, args.dst, jnp.dtype(args.dtype), ignore_unknown=args.ignore_unknown,
-                      overwrite=args.overwrite, compress=args.compress)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"wanjax convert: error: {e}", file=sys.stderr)
-        return 2
+    if not os.path.exists(args.src):
+        raise CLIError(f"{args.src}: no such checkpoint file or directory")
+    _check_out_dir(args.dst, True, (args.src,), "DST")         # overlap / file / parent; existence: convert's own
+    t0 = _stage(f"converting {args.src}")
+    out = convert(args.src, args.dst, jnp.dtype(args.dtype), ignore_unknown=args.ignore_unknown,
+                  overwrite=args.overwrite, compress=args.compress)
     print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a DiT checkpoint (official / diffusers / ComfyUI safetensors) "
-                                       "into a fast-loading orbax cache",
-                       description=cmd_convert.__doc__)
+def _add_convert(sub, common) -> None:
+    p = sub.add_parser("convert", parents=[common], help="convert a DiT checkpoint (official / diffusers / ComfyUI "
+                       "safetensors) into a fast-loading orbax cache", description=cmd_convert.__doc__)
     p.add_argument("src", help="expert dir, diffusers transformer dir, *.safetensors.index.json or .safetensors file")
-    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("dst", help="output directory (must not exist unless --overwrite; never the source or around it)")
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
-                   help="storage dtype of the large weights (modulation, norms, time embedding, head stay fp32)")
+                   help="storage dtype of the large weights (modulation, norms, time embedding, head stay fp32; "
+                        "default: %(default)s)")
     p.add_argument("--ignore-unknown", action="store_true", help="skip tensors that are not DiT parameters")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--compress", action="store_true",
@@ -45,201 +285,395 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def _open_pipeline(args: argparse.Namespace, command: str):
-    """`WanI2VPipeline.from_pretrained(args.model)` with ``--dtype`` and ``--mesh``; prints the error and returns
-    None on a bad model dir or mesh."""
+# ----------------------------------------------------------------------------------------------- shared
+def _make_mesh(args):
+    if not getattr(args, "mesh", None):
+        return None
+    from wanjax.sharding import make_mesh
+
+    try:
+        return make_mesh(*(int(v) for v in args.mesh.split(",")))
+    except ValueError as e:
+        raise CLIError(f"--mesh {args.mesh!r}: {e}") from None
+
+
+def _open_pipeline(args: argparse.Namespace, *, release_text_encoder: bool, mesh=None):
+    """`WanI2VPipeline.from_pretrained(args.model)` with ``--dtype`` (and a mesh); a line before and after.
+
+    ``release_text_encoder``: drop the text encoder after its first use (``generate``: one prompt); ``quantize`` and
+    ``eval`` encode one prompt per sample and must keep it."""
     import jax.numpy as jnp
 
-    from wanjax.io.errors import CheckpointError
     from wanjax.pipeline import WanI2VPipeline
 
-    mesh = None
-    if getattr(args, "mesh", None):
-        from wanjax.sharding import make_mesh
-
-        try:
-            mesh = make_mesh(*(int(v) for v in args.mesh.split(",")))
-        except ValueError as e:
-            print(f"wanjax {command}: error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
-            return None
-    t0 = time.perf_counter()
-    try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=True,
-                                              mesh=mesh)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"wanjax {command}: error: {e}", file=sys.stderr)
-        return None
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
+    t0 = _stage(f"loading {args.model} ({args.dtype})")
+    pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype),
+                                          release_text_encoder=release_text_encoder, mesh=mesh)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
     return pipe
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``wanjax generate``: image + prompt -> mp4 with the two experts (official defaults: 81 frames, 40 steps,
-    shift 5.0, guidance 3.5/3.5, 480p max area, FlowUniPC)."""
-    from wanjax.pipeline import GenerationConfig
-    from wanjax.video_io import save_mp4, save_pngs
-
+def resolve_quant_mode(mode: str) -> tuple[str, str]:
+    """``--quant-mode``: ``wanjax.quant.artifact.resolve_quant_mode`` where it exists, else ``auto`` -> ``real`` on
+    a Hopper-or-newer NVIDIA GPU or a TPU, ``fake`` elsewhere; returns ``(mode, one-line reason)``."""
     try:
-        guide = tuple(float(g) for g in args.guide.split(","))
-        if len(guide) == 1:
-            guide = guide * 2
-        if len(guide) != 2:
-            raise ValueError
-    except ValueError:
-        print(f"wanjax generate: error: --guide expects 'G' or 'LOW,HIGH', got {args.guide!r}", file=sys.stderr)
-        return 2
-    if args.int8_weights and not (args.quant and args.quant_mode == "real"):
-        print("wanjax generate: error: --int8-weights needs --quant DIR and --quant-mode real", file=sys.stderr)
-        return 2
-    pipe = _open_pipeline(args, "generate")
-    if pipe is None:
-        return 2
-    if args.quant:
-        from wanjax.quant.artifact import ArtifactError, attach_artifact
+        from wanjax.quant.artifact import resolve_quant_mode as resolve
+    except ImportError:
+        resolve = None
+    if resolve is not None:
+        return resolve(mode)
+    if mode != "auto":
+        return mode, "as asked (--quant-mode)"
+    import jax
 
+    dev = jax.devices()[0]
+    if dev.platform == "tpu":
+        return "real", "TPU: the Pallas TPU low-bit kernels"
+    if dev.platform == "gpu":
+        cc = getattr(dev, "compute_capability", None)
         try:
-            manifest = attach_artifact(pipe, args.quant, mode=args.quant_mode, int8_weights=args.int8_weights)
-        except (ArtifactError, FileNotFoundError, ValueError, NotImplementedError) as e:
-            print(f"wanjax generate: error: --quant {args.quant}: {e}", file=sys.stderr)
-            return 2
-        print(f"using the quantized experts of {args.quant} (recipe {manifest.get('recipe', {}).get('name', '?')})")
+            ok = cc is not None and float(cc) >= 9.0
+        except (TypeError, ValueError):
+            ok = False
+        if ok:
+            return "real", f"NVIDIA GPU with compute capability {cc}: the Mosaic-GPU W4A4 kernels"
+        return "fake", f"GPU {dev.device_kind} (compute capability {cc}) has no W4A4 kernel: simulated W4A4"
+    return "fake", f"no low-bit kernels on {dev.platform}: simulated W4A4 (same numerics, not faster)"
+
+
+# ----------------------------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``wanjax generate``: image + prompt -> mp4 (or GIF) with the two experts.
+
+    Settings default to the model's ``generation_config.json`` (e.g. models/mini: 17 frames, 128x128, 20 steps),
+    else the official ones (81 frames, 480p max area, 40 steps, shift 5.0, guidance 3.5/3.5, FlowUniPC). Everything
+    is checked before the model is loaded; the video is written to a temporary file, verified, then renamed."""
+    import numpy as np
+
+    from wanjax.video_io import VIDEO_EXTENSIONS, save_pngs, save_video, to_uint8
+
+    qmode = args.quant_mode or "auto"
+    if args.int8_weights and not (args.quant and qmode in ("real", "auto")):
+        raise CLIError("--int8-weights needs --quant DIR and --quant-mode real")
+    gen = resolve_generation(args, "generate")
+    _check_model_dir(args.model)
+    sources = (args.model, args.image, args.quant)
+    _check_out_file(args.out, VIDEO_EXTENSIONS, args.overwrite, sources)
+    if args.png_dir:
+        _check_out_dir(args.png_dir, args.overwrite, sources + (args.out,), "--png-dir")
+    _check_image(args.image)
+    if args.quant:
+        if not os.path.isfile(os.path.join(args.quant, "manifest.json")):
+            raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
+                           "with `wanjax quantize`")
+        qmode, why = resolve_quant_mode(qmode)
+        if args.int8_weights and qmode != "real":
+            raise CLIError(f"--int8-weights needs --quant DIR and --quant-mode real (auto chose {qmode}: {why})")
+    if args.force and not args.quant:
+        raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
+    mesh = _make_mesh(args)
+    _print_settings(gen, args.model)
+
+    pipe = _open_pipeline(args, release_text_encoder=True, mesh=mesh)
+    if args.quant:
+        from wanjax.quant.artifact import attach_artifact
+
+        kw = {"int8_weights": args.int8_weights} if args.int8_weights else {}
+        if args.force:
+            if _supports(attach_artifact, "force"):
+                kw["force"] = True
+            else:
+                print("wanjax generate: warning: --force ignored (this attach_artifact has no model check to "
+                      "override)", file=sys.stderr)
+        mode_arg = args.quant_mode or "auto"
+        if mode_arg == "auto" and not _auto_supported(attach_artifact):
+            mode_arg = qmode                              # resolved here: attach_artifact knows fake / real only
+        t0 = _stage(f"attaching {args.quant} (quant mode {qmode}: {why})")
+        manifest = attach_artifact(pipe, args.quant, mode=mode_arg, **kw)
+        print(f"using the quantized experts of {args.quant} (recipe "
+              f"{manifest.get('recipe', {}).get('name', '?')}, {qmode} mode) in {time.perf_counter() - t0:.1f} s")
     if getattr(args, "attention", None):  # after --quant: an explicit backend wins over the recipe's
         from wanjax.model.attention import set_attention_backend
 
         set_attention_backend(args.attention)
-    gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift,
-                           guide_scale=guide, solver=args.solver, seed=args.seed, fps=args.fps)
-    try:
-        out = pipe.generate(args.image, args.prompt, args.negative_prompt, gen)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"wanjax generate: error: {e}", file=sys.stderr)
-        return 2
-    save_mp4(out.frames, args.out, fps=args.fps)
+
+    import jax
+
+    from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+
+    times = {}
+    t0 = _stage("encoding the prompt (text encoder)")
+    context = pipe.encode_text([args.prompt, args.negative_prompt or DEFAULT_NEGATIVE_PROMPT])
+    times["text"] = time.perf_counter() - t0
+    t0 = _stage("encoding the image (VAE)")
+    y, (h, w) = pipe.prepare_condition(args.image, gen.num_frames, gen.max_area)
+    jax.block_until_ready(y)
+    times["vae_encode"] = time.perf_counter() - t0
+    t0 = _stage(f"denoising: {gen.steps} steps, {gen.num_frames} frames at {w}x{h}")
+    latents, _ = pipe.denoise(y, context, gen, progress=not args.no_progress)
+    jax.block_until_ready(latents)
+    times["denoise"] = time.perf_counter() - t0
+    t0 = _stage("decoding (VAE)")
+    frames = to_uint8(np.asarray(pipe.decode(latents)))
+    times["vae_decode"] = time.perf_counter() - t0
+    save_video(frames, args.out, fps=gen.fps)
     if args.png_dir:
-        save_pngs(out.frames, args.png_dir)
-    print(f"wrote {args.out}: {out.frames.shape[0]} frames {out.frames.shape[2]}x{out.frames.shape[1]}; "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in out.seconds.items()))
+        save_pngs(frames, args.png_dir)
+        print(f"wrote {frames.shape[0]} PNG frames to {args.png_dir}")
+    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {gen.fps} fps; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     return 0
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="image-to-video generation with both experts", description=cmd_generate.__doc__)
-    p.add_argument("--model", required=True, help="model dir in the official or diffusers layout")
-    p.add_argument("--image", required=True, help="first frame (any image file)")
+def _auto_supported(attach_artifact) -> bool:
+    """Whether ``attach_artifact`` resolves ``mode="auto"`` itself (the quant module defines `resolve_quant_mode`)."""
+    import wanjax.quant.artifact as art
+
+    return hasattr(art, "resolve_quant_mode")
+
+
+def _add_sampling_flags(p, *, guidance: bool = True, solver: bool = False, seed: bool = False,
+                        fps: bool = False) -> None:
+    """The sampling flags, each defaulting to None: resolved by `resolve_generation` (flag > the model's
+    generation_config.json > official)."""
+    p.add_argument("--frames", type=int, default=None, help="number of frames, 4n+1 (" + _FROM_MODEL.format(81) + ")")
+    p.add_argument("--size", default=None,
+                   help="maximum pixel area: 480p, 720p, WxH (e.g. 832x480) or N for NxN; the aspect ratio comes "
+                        "from the image (" + _FROM_MODEL.format("480p") + ")")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (" + _FROM_MODEL.format(40) + ")")
+    p.add_argument("--shift", type=float, default=None, help="flow shift (" + _FROM_MODEL.format(5.0) + ")")
+    if guidance:
+        p.add_argument("--guide", dest="guidance", default=None, help=argparse.SUPPRESS)   # old name
+        p.add_argument("--guidance", dest="guidance", default=None, metavar="G|LOW,HIGH",
+                       help="classifier-free guidance: one scale, or LOW,HIGH = low-noise expert, high-noise expert ("
+                            + _FROM_MODEL.format("3.5,3.5") + ")")
+        p.add_argument("--guidance-low", type=float, default=None, metavar="G",
+                       help="guidance of the low-noise expert (overrides --guidance's)")
+        p.add_argument("--guidance-high", type=float, default=None, metavar="G",
+                       help="guidance of the high-noise expert (overrides --guidance's)")
+    if solver:
+        p.add_argument("--solver", default=None, choices=("unipc", "euler"), help=_FROM_MODEL.format("unipc"))
+    if seed:
+        p.add_argument("--seed", type=int, default=None, help="noise seed (" + _FROM_MODEL.format(0) + ")")
+    if fps:
+        p.add_argument("--fps", type=int, default=None,
+                       help="frames per second of the video, a positive integer (" + _FROM_MODEL.format(16) + ")")
+
+
+def _add_generate(sub, common) -> None:
+    p = sub.add_parser("generate", parents=[common], help="image-to-video generation with both experts",
+                       description=cmd_generate.__doc__)
+    p.add_argument("--model", required=True, help="model dir in the official or diffusers layout, e.g. models/mini")
+    p.add_argument("--image", required=True, help="first frame (any image file Pillow reads)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official negative prompt")
-    p.add_argument("--out", default="out.mp4")
+    p.add_argument("--out", default="out.mp4", help="video file, .mp4 or .gif (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --png-dir's frames) if they exist")
     p.add_argument("--png-dir", default=None, help="also write the frames as PNGs here")
-    p.add_argument("--frames", type=int, default=81, help="4n+1 frames (default 81)")
-    p.add_argument("--size", default="480p", help="max area: 480p, 720p, WxH or an int (aspect ratio from the image)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guidance", "--guide", dest="guide", default="3.5,3.5", help="guidance 'LOW,HIGH' (low-noise, high-noise expert) or 'G'")
-    p.add_argument("--solver", default="unipc", choices=("unipc", "euler"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    _add_sampling_flags(p, solver=True, seed=True, fps=True)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.add_argument("--quant", default=None, help="a quantized-model dir written by `wanjax quantize`")
+    p.add_argument("--quant-mode", default="auto", choices=_QUANT_MODES,
+                   help="with --quant: 'real' runs the low-bit kernels, 'fake' simulates W4A4 in bf16/fp32, 'auto' "
+                        "picks real where kernels exist (Hopper GPU, TPU) and says which (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="with --quant: use an artifact even if it was made from another model (warns)")
     p.add_argument("--attention", default=None, choices=("cudnn", "cudnn_fp8", "chunked", "xla", "tpu"),
                    help="attention backend (default: automatic, or the --quant recipe's; cudnn_fp8: cuDNN FP8 flash "
                         "attention, Hopper GPUs)")
-    p.add_argument("--quant-mode", default=None, choices=("fake", "real"),
-                   help="run the quantized layers simulated ('fake') or on the low-bit kernels ('real')")
     p.add_argument("--int8-weights", action="store_true",
                    help="with --quant-mode real: also keep the INT4 weights unpacked to int8 for the GEMM (1 byte a "
                         "parameter more; equal or faster per linear, docs/BENCHMARKS.md)")
     p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
                                                  "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     p.set_defaults(func=cmd_generate)
+
+
+# ----------------------------------------------------------------------------------------------- quantize
+def _read_calib_file(path: str) -> list:
+    """``--calib FILE.jsonl``: one ``{"image", "prompt", "seed"?, "negative_prompt"?}`` per line; relative image
+    paths are relative to the file; every image is checked here."""
+    import json
+
+    from wanjax.quant.calibrate import CalibSample
+
+    if not os.path.isfile(path):
+        raise CLIError(f"--calib {path}: no such file")
+    samples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--calib {path}: cannot read ({e})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{i}: not a JSON object ({e})") from None
+        if not isinstance(d, dict) or "image" not in d or "prompt" not in d:
+            raise CLIError(f"{path}:{i}: each line needs 'image' and 'prompt', got "
+                           f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+        img = d["image"] if os.path.isabs(d["image"]) else os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                          d["image"])
+        if not os.path.exists(img) and os.path.exists(d["image"]):
+            img = d["image"]                        # relative to the working directory (the old behaviour)
+        _check_image(img, flag=f"{path}:{i}: image")
+        try:
+            seed = int(d.get("seed", 0))
+        except (TypeError, ValueError):
+            raise CLIError(f"{path}:{i}: key 'seed': expected an integer, got {d.get('seed')!r}") from None
+        samples.append(CalibSample(image=img, prompt=str(d["prompt"]), negative_prompt=d.get("negative_prompt"),
+                                   seed=seed))
+    if not samples:
+        raise CLIError(f"{path}: no calibration samples")
+    return samples
+
+
+def _is_calib_work_dir(path: str) -> bool:
+    import json
+
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            return str(json.load(f).get("format", "")).startswith("wanjax.calibration")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``wanjax quantize``: calibrate both experts (or reuse a calibration directory) and write a W4A4 artifact.
 
     ``--calib FILE.jsonl`` holds one JSON object per line: ``{"image": path, "prompt": text, "seed": int}``
-    (``negative_prompt`` optional); statistics go to ``--work-dir`` (resumable). ``--stats DIR`` reuses the
-    ``work_dir`` of an earlier calibration instead."""
-    import json
-    import os
-
-    from wanjax.pipeline import GenerationConfig
-    from wanjax.quant.artifact import save_artifact
-    from wanjax.quant.calibrate import CalibConfig, CalibSample, CalibStats, calibrate
-    from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
-    from wanjax.quant.recipes import get_recipe, recipe_to_dict
-
-    def fail(msg):
-        print(f"wanjax quantize: error: {msg}", file=sys.stderr)
-        return 2
+    (``negative_prompt`` optional; image paths relative to the file). Statistics go to a work dir (``--work-dir``,
+    default ``OUT.calib``), resumable: re-running the same command continues an interrupted calibration. The default
+    work dir is removed once the artifact is written (``--keep-calib`` keeps it); it is always kept when the run
+    fails. ``--stats DIR`` reuses the work dir of an earlier calibration instead."""
+    from wanjax.quant.recipes import get_recipe
 
     if (args.calib is None) == (args.stats is None):
-        return fail("give exactly one of --calib FILE.jsonl (calibrate now) or --stats DIR (reuse a calibration)")
+        raise CLIError("give exactly one of --calib FILE.jsonl (calibrate now) or --stats DIR (reuse a calibration)")
     try:
         recipe = get_recipe(args.recipe)
     except KeyError as e:
-        return fail(e.args[0])
-    if os.path.exists(args.out) and not args.overwrite:
-        return fail(f"{args.out} exists (pass --overwrite to replace it)")
-    samples = []
+        raise CLIError(e.args[0]) from None
+    samples = _read_calib_file(args.calib) if args.calib is not None else None
+    _check_model_dir(args.model)
+    own_work = args.calib is not None and args.work_dir is None
+    work_dir = (args.work_dir or f"{os.path.abspath(args.out)}.calib") if args.calib is not None else None
+    _check_out_dir(args.out, args.overwrite, (args.model, args.stats, args.calib, work_dir), "--out")
+    if work_dir is not None:
+        _check_overlap(work_dir, args.model, args.calib, flag="--work-dir")
+        if os.path.exists(work_dir) and (not os.path.isdir(work_dir) or os.listdir(work_dir)) \
+                and not _is_calib_work_dir(work_dir):
+            raise CLIError(f"--work-dir {work_dir}: exists and is not a calibration work dir (no manifest.json of "
+                           "format wanjax.calibration); choose another --work-dir")
+        _writable_parent(work_dir, "--work-dir")
     if args.calib is not None:
+        from wanjax.quant.calibrate import CalibConfig
+
+        gen = resolve_generation(args, "quantize")
         try:
-            with open(args.calib) as f:
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        d = json.loads(line)
-                        if "image" not in d or "prompt" not in d:
-                            return fail(f"{args.calib}:{i}: each line needs 'image' and 'prompt', got {sorted(d)}")
-                        samples.append(CalibSample(image=d["image"], prompt=d["prompt"],
-                                                   negative_prompt=d.get("negative_prompt"), seed=int(d.get("seed", 0))))
-        except (OSError, json.JSONDecodeError) as e:
-            return fail(f"{args.calib}: {e}")
-        if not samples:
-            return fail(f"{args.calib}: no calibration samples")
-    elif not os.path.isfile(os.path.join(args.stats, "manifest.json")):
-        return fail(f"{args.stats}: not a calibration directory (no manifest.json)")
-    pipe = _open_pipeline(args, "quantize")
-    if pipe is None:
-        return 2
-    if samples:
-        gen = GenerationConfig(num_frames=args.frames, max_area=args.size, steps=args.steps, shift=args.shift)
-        work_dir = args.work_dir or f"{os.path.abspath(args.out)}.calib"
-        t0 = time.perf_counter()
-        stats = calibrate(pipe, samples, CalibConfig(gen=gen), work_dir=work_dir)
-        print(f"calibrated on {len(samples)} samples in {time.perf_counter() - t0:.1f} s -> {work_dir}")
+            CalibConfig(gen=gen).resolved()            # the timestep bins must fit the steps
+        except ValueError as e:
+            raise CLIError(f"--steps {gen.steps}: {e}") from None
+        _print_settings(gen, args.model)
+    elif not os.path.isdir(args.stats) or not os.path.isfile(os.path.join(args.stats, "manifest.json")):
+        raise CLIError(f"--stats {args.stats}: not a calibration directory (no manifest.json)")
+
+    pipe = _open_pipeline(args, release_text_encoder=False)
+    if samples is not None:
+        try:
+            stats = _calibrate(pipe, samples, gen, work_dir, restart=args.restart)
+            _write_artifact(args, pipe, recipe, stats)
+        except BaseException:
+            if os.path.isdir(work_dir):
+                print(f"wanjax quantize: calibration progress kept in {work_dir} (run the same command again to "
+                      "resume)", file=sys.stderr)
+            raise
+        if own_work and not args.keep_calib:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            print(f"removed the calibration work dir {work_dir} (--keep-calib keeps it)")
+        else:
+            print(f"kept the calibration work dir {work_dir} (reuse it with --stats)")
     else:
-        stats = CalibStats(args.stats)
-    t0 = time.perf_counter()
+        from wanjax.quant.calibrate import CalibStats
+
+        _write_artifact(args, pipe, recipe, CalibStats(args.stats))
+    return 0
+
+
+def _calibrate(pipe, samples, gen, work_dir: str, restart: bool):
+    from wanjax.quant.calibrate import CalibConfig, calibrate
+
+    kw = {}
+    if restart:
+        if _supports(calibrate, "restart"):
+            kw["restart"] = True
+        elif os.path.isdir(work_dir) and _is_calib_work_dir(work_dir):
+            shutil.rmtree(work_dir)                    # this calibrate() cannot restart by itself
+            print(f"--restart: removed the earlier calibration in {work_dir}")
+    resumed = os.path.isfile(os.path.join(work_dir, "manifest.json"))
+    t0 = _stage(f"calibrating on {len(samples)} samples -> {work_dir}"
+                + (" (resuming the earlier run there)" if resumed and not restart else ""))
+    try:
+        stats = calibrate(pipe, samples, CalibConfig(gen=gen), work_dir=work_dir, **kw)
+    except ValueError as e:
+        if type(e).__name__ == "CalibrationMismatchError" or "different settings" in str(e):
+            raise CLIError(f"{e} (pass --restart to discard it and calibrate again)") from None
+        raise
+    print(f"calibrated on {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
+    return stats
+
+
+def _write_artifact(args, pipe, recipe, stats) -> str:
+    from wanjax.quant.artifact import save_artifact
+    from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
+    from wanjax.quant.recipes import recipe_to_dict
+
+    t0 = _stage(f"quantizing both experts (recipe {recipe.name})")
     qexperts, reports = quantize(pipe, recipe, CalibrationSource(stats), mode="fake")
     summary = {e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
                for e, r in reports.items()}
     out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
                         report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite)
     csv_path = f"{out}.sqnr.csv"
-    with open(csv_path, "w") as f:
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w") as f:
         f.write(sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}))
+    os.replace(tmp, csv_path)
     print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s; layer SQNR per bin: {csv_path}")
-    return 0
+    return out
 
 
-def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="calibrate and quantize both experts (W4A4) into an artifact directory",
-                       description=cmd_quantize.__doc__)
+def _recipe_help() -> str:
+    from wanjax.quant.recipes import RECIPES
+
+    return "quantization recipe, one of: " + ", ".join(RECIPES) + " (default: %(default)s)"
+
+
+def _add_quantize(sub, common) -> None:
+    p = sub.add_parser("quantize", parents=[common], help="calibrate and quantize both experts (W4A4) into an "
+                       "artifact directory", description=cmd_quantize.__doc__)
     p.add_argument("--model", required=True, help="model dir in the official or diffusers layout")
-    p.add_argument("--recipe", default="default",
-                   help="rtn, w8a8, smoothquant, quarot, svdquant, seed, binned, fast, default")
+    p.add_argument("--recipe", default="default", help=_recipe_help())
     p.add_argument("--calib", default=None, help="calibration samples (.jsonl: image, prompt, seed per line)")
     p.add_argument("--stats", default=None, help="reuse the work dir of an earlier calibration instead of --calib")
-    p.add_argument("--work-dir", default=None, help="calibration statistics / progress (default: OUT.calib)")
+    p.add_argument("--work-dir", default=None,
+                   help="calibration statistics and progress, resumable (default: OUT.calib, removed when the "
+                        "artifact is written unless --keep-calib; a --work-dir given is always kept)")
+    p.add_argument("--keep-calib", action="store_true", help="keep the default work dir OUT.calib after success")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an earlier calibration in the work dir made from other samples or settings")
     p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--size", default="480p")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    _add_sampling_flags(p, guidance=False)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.set_defaults(func=cmd_quantize)
 
 
+# ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     """``wanjax eval``: every recipe side by side against BF16 on an evaluation set disjoint from the calibration
     set (PSNR/SSIM of decoded frames, latent rel-L2, task metrics, weight bytes, wall time, per-layer SQNR heat maps,
@@ -247,89 +681,138 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ``--eval-set`` / ``--calib-set``: JSON list (or JSON lines) of ``{"clip_seed": int, "split": "heldout"}``
     (a procedural clip: its first frame and caption) or ``{"image": path, "prompt": text}``, each with an optional
-    noise ``"seed"`` (format: `wanjax.evaluation.run`)."""
-    import jax.numpy as jnp
-
-    from wanjax.evaluation.run import ABLATIONS, load_samples, run_eval
-    from wanjax.io.errors import CheckpointError
-    from wanjax.pipeline import GenerationConfig
+    noise ``"seed"`` (format: `wanjax.evaluation.run`). Settings default to the model's generation_config.json."""
+    from wanjax.evaluation.run import ABLATIONS, check_disjoint, check_settings, load_samples, plan_variants, run_eval
     from wanjax.quant.recipes import RECIPES
-    from wanjax.pipeline import WanI2VPipeline
-
-    def fail(msg):
-        print(f"wanjax eval: error: {msg}", file=sys.stderr)
-        return 2
 
     recipes = [r for r in args.recipes.split(",") if r]
     bad = [r for r in recipes if r not in RECIPES]
     if bad or not recipes:
-        return fail(f"--recipes: unknown {bad}; expected a comma list of {sorted(RECIPES)}")
+        raise CLIError(f"--recipes: unknown {bad}; expected a comma list of {list(RECIPES)}")
     ablations = False
     if args.ablations:
         ablations = True if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
         if ablations is not True and any(a not in ABLATIONS for a in ablations):
-            return fail(f"--ablations: expected 'all' or a comma list of {list(ABLATIONS)}, got {args.ablations!r}")
+            raise CLIError(f"--ablations: expected 'all' or a comma list of {list(ABLATIONS)}, got {args.ablations!r}")
+    if args.max_clips < 0:
+        raise CLIError(f"--max-clips: expected 0 (all) or a positive integer, got {args.max_clips}")
+    if args.reservoir < 1:
+        raise CLIError(f"--reservoir: expected a positive integer, got {args.reservoir}")
+    _check_model_dir(args.model)
+    for flag, path in (("--eval-set", args.eval_set), ("--calib-set", args.calib_set)):
+        if not os.path.isfile(path):
+            raise CLIError(f"{flag} {path}: no such file")
+    gen = resolve_generation(args, "eval")
     try:
-        evs = load_samples(args.eval_set, args.frames, args.size)[:args.max_clips or None]
-        cal = load_samples(args.calib_set, args.frames, args.size)
-    except (OSError, ValueError, KeyError) as e:
-        return fail(e)
-    t0 = time.perf_counter()
-    try:
-        pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-    except (CheckpointError, FileNotFoundError) as e:
-        return fail(e)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
-    guide = tuple(float(g) for g in args.guide.split(","))
-    gen = GenerationConfig(num_frames=args.frames, max_area=args.size * args.size, steps=args.steps,
-                           shift=args.shift, guide_scale=guide * 2 if len(guide) == 1 else guide)
-    try:
-        run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir,
-                 calib_seed=args.calib_seed)
+        check_settings(gen, plan_variants(recipes, ablations))
     except ValueError as e:
-        return fail(e)
+        raise CLIError(f"--steps: {e}") from None
+    _check_out_dir(args.out, args.overwrite, (args.model, args.eval_set, args.calib_set), "--out",
+                   reuse=lambda d: os.path.isfile(os.path.join(d, "results.json")) or os.path.isdir(
+                       os.path.join(d, "work")))
+    edge = _area_edge(gen.max_area)
+    try:
+        evs = load_samples(args.eval_set, gen.num_frames, edge)[:args.max_clips or None]
+        cal = load_samples(args.calib_set, gen.num_frames, edge)
+        for flag, ss in (("--eval-set", evs), ("--calib-set", cal)):
+            for s in ss:
+                if isinstance(s.image, str):
+                    _check_image(s.image, flag=f"{flag} image")
+        check_disjoint(evs, cal)
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(str(e)) from None
+    _print_settings(gen, args.model)
+    pipe = _open_pipeline(args, release_text_encoder=False)
+    run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir,
+             calib_seed=args.calib_seed, log=lambda s: print(s, flush=True))
     print(f"wrote {args.out}/report.md")
     return 0
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="compare quantization recipes side by side against BF16 (report.md + plots)",
-                       description=cmd_eval.__doc__)
+def _add_eval(sub, common) -> None:
+    from wanjax.quant.recipes import RECIPES
+
+    p = sub.add_parser("eval", parents=[common], help="compare quantization recipes side by side against BF16 "
+                       "(report.md + plots)", description=cmd_eval.__doc__)
     p.add_argument("--model", required=True, help="model dir (official or diffusers layout), e.g. models/mini")
-    p.add_argument("--recipes", default="rtn,smoothquant,quarot,svdquant,seed,default,w8a8")
+    p.add_argument("--recipes", default="rtn,smoothquant,quarot,svdquant,seed,default,w8a8",
+                   help="comma list of recipes from: " + ", ".join(RECIPES) + " (default: %(default)s)")
     p.add_argument("--eval-set", required=True, help="evaluation samples (JSON list; see wanjax.evaluation.run)")
     p.add_argument("--calib-set", required=True, help="calibration samples, disjoint from --eval-set (same format)")
-    p.add_argument("--out", required=True, help="report directory (report.md, results.json, plots/)")
+    p.add_argument("--out", required=True, help="report directory (report.md, results.json, plots/); an earlier "
+                                                "report dir there is resumed")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing --out that is not a report dir")
     p.add_argument("--ablations", nargs="?", const="all", default=None,
                    help="also run the default recipe's ablations: all, or a comma list")
     p.add_argument("--max-clips", type=int, default=0, help="use only the first N evaluation samples (0: all)")
-    p.add_argument("--frames", type=int, default=17, help="4n+1 frames (default 17, the mini model's)")
-    p.add_argument("--size", type=int, default=128, help="square frame edge in pixels (default 128, the mini model's)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guide", default="3.5", help="guidance 'G' or 'LOW,HIGH'")
-    p.add_argument("--reservoir", type=int, default=256, help="calibration rows kept per (layer input, step)")
+    _add_sampling_flags(p)
+    p.add_argument("--reservoir", type=int, default=256,
+                   help="calibration rows kept per (layer input, step) (default: %(default)s)")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="seed of the calibration reservoir's row draw (repeat runs with other seeds for the spread)")
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.set_defaults(func=cmd_eval)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def _common_flags(top: bool) -> argparse.ArgumentParser:
+    """``--debug`` / ``--no-compile-cache``, accepted before and after the subcommand (SUPPRESS in the
+    subcommands so that they do not reset the global value)."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error", **d)
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"do not use JAX's persistent compilation cache (${CACHE_DIR_ENV}, default "
+                        f"~/.cache/wanjax/jax_compile; also {COMPILE_CACHE_ENV}=0)", **d)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``wanjax`` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="wanjax", description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization")
+    import wanjax
+
+    parser = argparse.ArgumentParser(prog="wanjax", parents=[_common_flags(True)],
+                                     description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization")
+    parser.add_argument("--version", action="version", version=f"wanjax {wanjax.__version__}")
+    common = _common_flags(False)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_convert(sub)
-    _add_generate(sub)
-    _add_quantize(sub)
-    _add_eval(sub)
+    _add_convert(sub, common)
+    _add_generate(sub, common)
+    _add_quantize(sub, common)
+    _add_eval(sub, common)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split("\n")).strip() or repr(e)
+    if isinstance(e, CLIError):
+        return msg
+    return f"{type(e).__name__}: {msg}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``wanjax`` console script."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Entry point of the ``wanjax`` console script; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:                      # argparse's own errors (exit 2), --help and --version (0)
+        return int(e.code or 0) if isinstance(e.code, (int, type(None))) else 2
+    cmd = f"wanjax {args.command}"
+    try:
+        cache = setup_compile_cache(not args.no_compile_cache)
+        if cache and args.debug:
+            print(f"compilation cache: {cache}", file=sys.stderr)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

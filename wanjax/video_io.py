@@ -1,8 +1,13 @@
-"""Writing generated videos: mp4 through imageio-ffmpeg, optional PNG frames; atomic (temp file then rename).
+"""Writing generated videos: mp4 (ffmpeg from imageio-ffmpeg) or GIF, checked and atomic (temp file, verified, then
+renamed), optional PNG frames.
 Showing them in notebooks: `side_by_side`, `gif_bytes`, `video_html` (an inline animated GIF)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+from typing import Callable
 
 import numpy as np
 
@@ -15,26 +20,187 @@ def to_uint8(video) -> np.ndarray:
     return np.clip(np.rint((v + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
-    """Write uint8 frames [F, H, W, 3] to an H.264 mp4 at ``fps``; returns the path."""
-    import imageio.v2 as imageio
+class VideoWriteError(OSError):
+    """The video writer failed or produced a file that does not hold the frames (nothing is left at the path)."""
 
+
+#: Output file extensions `save_video` can write.
+VIDEO_EXTENSIONS = (".mp4", ".gif")
+
+
+def _uint8_frames(frames) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = to_uint8(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"expected frames [F, H, W, 3] with F, H, W >= 1, got shape {frames.shape}")
+    return frames
+
+
+def _check_fps(fps) -> int:
+    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps <= 0:
+        raise ValueError(f"fps: expected a positive integer, got {fps!r}")
+    return int(fps)
+
+
+def _run_quiet(cmd: list[str], stdin_bytes: bytes | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for ffmpeg without ``preexec_fn`` (imageio-ffmpeg passes ``os.setpgrp``, which makes
+    CPython run the fork handlers: JAX's "os.fork() was called" warning, and no vfork). ``process_group=0`` keeps
+    the child out of our terminal's process group as ``setpgrp`` did (Ctrl-C reaches only us), without a fork hook."""
+    kw = {"process_group": 0} if os.name == "posix" else {}
+    return subprocess.run(cmd, input=stdin_bytes, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, **kw)
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _write_mp4_file(frames: np.ndarray, path: str, fps: int) -> None:
+    """H.264 (libx264, yuv420p, crf 10: imageio's quality 8) through an ffmpeg subprocess fed raw RGB on stdin."""
+    f, h, w, _ = frames.shape
+    cmd = [_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
+           "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           "-crf", "10"]
+    if h % 2 or w % 2:                            # yuv420p needs even sides: pad one black row / column
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+    cmd += ["-f", "mp4", path]
+    r = _run_quiet(cmd, np.ascontiguousarray(frames).tobytes())
+    if r.returncode != 0:
+        err = r.stderr.decode(errors="replace").strip().splitlines()
+        raise VideoWriteError(f"{path}: ffmpeg failed with exit status {r.returncode}"
+                              + (f": {err[-1]}" if err else ""))
+
+
+def _mp4_boxes(path: str) -> dict[str, int]:
+    """Top-level MP4 boxes ``{type: size}``; raises `VideoWriteError` if a box runs past the end of the file."""
+    size = os.path.getsize(path)
+    boxes, pos = {}, 0
+    with open(path, "rb") as fh:
+        while pos < size:
+            fh.seek(pos)
+            head = fh.read(16)
+            if len(head) < 8:
+                raise VideoWriteError(f"{path}: truncated MP4 box header at byte {pos} of {size}")
+            n, kind = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if n == 1 and len(head) == 16:
+                n = int.from_bytes(head[8:16], "big")
+            elif n == 0:
+                n = size - pos
+            if n < 8 or pos + n > size:
+                raise VideoWriteError(f"{path}: MP4 box {kind!r} at byte {pos} claims {n} bytes, the file has "
+                                      f"{size - pos} left (truncated or corrupt)")
+            boxes[kind] = boxes.get(kind, 0) + n
+            pos += n
+    return boxes
+
+
+def count_mp4_frames(path: str | os.PathLike) -> int:
+    """Video frames in an mp4 (ffmpeg stream copy, no decode); raises `VideoWriteError` if ffmpeg cannot read it."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    r = _run_quiet([_ffmpeg_exe(), "-v", "error", "-stats", "-i", path, "-map", "0:v:0", "-c", "copy", "-f", "null",
+                    "-"])
+    text = r.stderr.decode(errors="replace")
+    found = re.findall(r"frame=\s*(\d+)", text)
+    if r.returncode != 0 or not found:
+        lines = [ln for ln in text.strip().splitlines() if "frame=" not in ln]
+        raise VideoWriteError(f"{path}: not a readable video (ffmpeg exit status {r.returncode}"
+                              + (f": {lines[-1]}" if lines else "") + ")")
+    return int(found[-1])
+
+
+def check_mp4(path: str | os.PathLike, num_frames: int) -> None:
+    """Raise `VideoWriteError` unless ``path`` is a complete mp4 (``ftyp``, ``moov`` and ``mdat`` boxes inside the
+    file) holding ``num_frames`` video frames."""
+    path = os.fspath(path)
+    boxes = _mp4_boxes(path)
+    missing = [b for b in ("ftyp", "moov", "mdat") if b not in boxes]
+    if missing:
+        raise VideoWriteError(f"{path}: incomplete MP4, no {missing} box (found {sorted(boxes)})")
+    got = count_mp4_frames(path)
+    if got != num_frames:
+        raise VideoWriteError(f"{path}: expected {num_frames} frames in the written video, got {got}")
+
+
+def check_gif(path: str | os.PathLike, num_frames: int, fps: int) -> None:
+    """Raise `VideoWriteError` unless ``path`` is a readable GIF lasting ``num_frames / fps`` seconds (identical
+    consecutive frames may be merged by the encoder, so the duration is checked, not the frame count)."""
+    from PIL import Image
+
+    path = os.fspath(path)
     try:
-        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                macro_block_size=1, ffmpeg_log_level="error") as w:
-            for f in frames:
-                w.append_data(f)
+        with Image.open(path) as im:
+            total = 0.0
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                im.load()
+                total += float(im.info.get("duration", 0))
+    except Exception as e:  # PIL raises several types for bad files
+        raise VideoWriteError(f"{path}: not a readable GIF ({e})") from e
+    want = 1000.0 * num_frames / fps
+    if abs(total - want) > 10.0 * num_frames + 1:  # GIF delays are in units of 10 ms
+        raise VideoWriteError(f"{path}: expected a GIF of {want:.0f} ms ({num_frames} frames at {fps} fps), got "
+                              f"{total:.0f} ms")
+
+
+def _atomic_write(path: str, write: Callable[[str], None], check: Callable[[str], None]) -> str:
+    """``write(tmp)`` then ``check(tmp)`` on a temporary sibling of ``path``, then rename; the temporary file is
+    removed on any error or interrupt, so ``path`` is either the complete new file or untouched."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp" + os.path.splitext(path)[1], dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        check(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; publish with the usual mode
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
     return path
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
+    """Write frames [F, H, W, 3] (uint8, or float in [-1, 1]) to an H.264 mp4 at ``fps``; returns the path.
+
+    Atomic and checked: written to a temporary sibling, verified (complete MP4 boxes, ``F`` frames readable by
+    ffmpeg), then renamed; a failed write raises `VideoWriteError` and leaves nothing at ``path``. ffmpeg is started
+    without a fork hook (no JAX "os.fork()" warning)."""
+    frames, fps, path = _uint8_frames(frames), _check_fps(fps), os.fspath(path)
+    return _atomic_write(path, lambda tmp: _write_mp4_file(frames, tmp, fps),
+                         lambda tmp: check_mp4(tmp, frames.shape[0]))
+
+
+def save_gif(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
+    """Write frames [F, H, W, 3] as a looping animated GIF at ``fps`` (atomic and checked, as `save_mp4`)."""
+    frames, fps, path = _uint8_frames(frames), _check_fps(fps), os.fspath(path)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(gif_bytes(frames, fps=fps))
+
+    return _atomic_write(path, write, lambda tmp: check_gif(tmp, frames.shape[0], fps))
+
+
+def save_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
+    """`save_mp4` or `save_gif` by the extension of ``path`` (`VIDEO_EXTENSIONS`); other extensions raise
+    ``ValueError``."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext == ".mp4":
+        return save_mp4(frames, path, fps)
+    if ext == ".gif":
+        return save_gif(frames, path, fps)
+    raise ValueError(f"{os.fspath(path)}: expected a video file name ending in {' or '.join(VIDEO_EXTENSIONS)}, got "
+                     f"{ext or 'no extension'!r}")
 
 
 def save_pngs(frames: np.ndarray, folder: str | os.PathLike) -> list[str]:

@@ -47,8 +47,8 @@ from flax import nnx
 from wanjax.evaluation.metrics import psnr, relative_l2, ssim
 from wanjax.evaluation.sqnr import RebinnedSource, activation_ranges, layer_sqnr_table, step_bins
 
-__all__ = ["ABLATIONS", "EvalSample", "Variant", "ablation_variants", "check_disjoint", "load_samples",
-           "recipe_variants", "run_eval"]
+__all__ = ["ABLATIONS", "EvalSample", "Variant", "ablation_variants", "check_disjoint", "check_settings",
+           "load_samples", "plan_variants", "recipe_variants", "run_eval"]
 
 
 @dataclasses.dataclass
@@ -349,6 +349,42 @@ def _summ(rows: list[dict]) -> dict:
     return out
 
 
+def plan_variants(recipes: Sequence[str], ablations: Sequence[str] | bool = False) -> list[Variant]:
+    """The variants `run_eval` runs for ``recipes`` and ``ablations`` (``default`` added as the ablations'
+    reference); unknown names raise ``KeyError`` listing the valid ones."""
+    recipes = list(recipes)
+    if ablations and "default" not in recipes:
+        recipes.append("default")                 # the reference of the ablations
+    variants = recipe_variants(recipes)
+    if ablations:
+        variants += ablation_variants(None if ablations is True else ablations)
+    return variants
+
+
+def check_settings(gen, variants: Sequence[Variant]) -> None:
+    """Raise ``ValueError`` (before any model work) if ``gen``'s schedule cannot hold the bins a variant needs:
+    the seed bins need 3 steps per expert, the one-bin-per-step capture one; the message names the steps, the
+    boundary and the variant."""
+    try:
+        _, layouts = _bin_layouts(gen)
+    except ValueError as e:
+        raise ValueError(f"{gen.steps} steps (shift {gen.shift:g}, boundary {gen.boundary:g}): {e}") from None
+    for kind in sorted({v.bins for v in variants}):
+        try:
+            layouts[kind]()
+        except ValueError as e:
+            names = [v.name for v in variants if v.bins == kind]
+            raise ValueError(f"{gen.steps} steps (shift {gen.shift:g}, boundary {gen.boundary:g}) cannot hold the "
+                             f"timestep bins of {names}: {e}") from None
+
+
+def _eta(done: int, total: int, t0: float) -> str:
+    if done <= 0:
+        return ""
+    left = (time.perf_counter() - t0) / done * (total - done)
+    return f", ETA {left:.0f} s" if left >= 1 else ""
+
+
 # ------------------------------------------------------------------------------------------------ the driver
 def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[EvalSample], gen, out_dir: str, *,
              recipes: Sequence[str] = ("rtn", "smoothquant", "quarot", "svdquant", "seed", "default", "w8a8"),
@@ -371,18 +407,20 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         raise ValueError(f"run_eval: need evaluation and calibration samples, got {len(eval_samples)} and "
                          f"{len(calib_samples)}")
     disjoint = check_disjoint(eval_samples, calib_samples)
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    variants = plan_variants(recipes, ablations)
+    check_settings(gen, variants)                 # before any model work: bins vs steps
     fine, layouts = _bin_layouts(gen)
-    recipes = list(recipes)
-    if ablations and "default" not in recipes:
-        recipes.append("default")                 # the reference of the ablations
-    variants = recipe_variants(recipes)
-    if ablations:
-        variants += ablation_variants(None if ablations is True else ablations)
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
 
-    log(f"eval: preparing {len(eval_samples)} eval + {len(calib_samples)} calibration samples")
-    preps = [_prepare(pipe, s, gen) for s in eval_samples]
-    cpreps = [_prepare(pipe, s, gen) for s in calib_samples]
+    n_prep = len(eval_samples) + len(calib_samples)
+    log(f"eval: preparing {len(eval_samples)} eval + {len(calib_samples)} calibration samples (text encoder, VAE)")
+    t0 = time.perf_counter()
+    preps, cpreps = [], []
+    for i, s in enumerate(list(eval_samples) + list(calib_samples)):
+        (preps if i < len(eval_samples) else cpreps).append(_prepare(pipe, s, gen))
+        log(f"eval: prepared {i + 1}/{n_prep} {s.name}{_eta(i + 1, n_prep, t0)}")
+    log(f"eval: calibrating on {len(calib_samples)} samples, then capturing the eval set's layer inputs "
+        f"({gen.steps} steps each)")
     t0 = time.perf_counter()
     calib = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(calib_samples, cpreps)],
                       CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False,
@@ -399,10 +437,12 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     split = {"high": pipe._params_high, "low": pipe._params_low}
     ref_models = {e: nnx.merge(pipe.graphdef, split[e]) for e in ("high", "low")}
     refs, bf16_rows = [], []
-    for s, p in zip(eval_samples, preps):
+    t0 = time.perf_counter()
+    for i, (s, p) in enumerate(zip(eval_samples, preps)):
         lat, frames, dt = _generate(pipe, p, gen)
         refs.append((lat, frames))
         bf16_rows.append({"denoise_s": dt, **_task(frames, p, s)})
+        log(f"eval: bf16 clip {i + 1}/{len(eval_samples)} {s.name} {dt:.1f} s{_eta(i + 1, len(eval_samples), t0)}")
     bf16 = {"name": "bf16", "group": "reference", "per_sample": bf16_rows, **_summ(bf16_rows),
             "weight_bytes": _bytes(split), "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values())}
     log(f"eval: bf16 {bf16['denoise_s']:.1f} s/clip, frame-0 PSNR {bf16['frame0_psnr']:.2f} dB")
@@ -423,7 +463,9 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
            "planned": [v.name for v in variants]}
     sources: dict = {}
     results = out["variants"]
-    for v in variants:
+    t_variants = time.perf_counter()
+    for k, v in enumerate(variants):
+        log(f"eval: variant {k + 1}/{len(variants)} {v.name}: quantizing")
         bins = layouts[v.bins]()
         if v.bins not in sources:
             sources[v.bins] = (RebinnedSource(calib, bins), RebinnedSource(cap, bins))
@@ -434,10 +476,12 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         qp = WanI2VPipeline(ref_models["high"], ref_models["low"], pipe.vae)
         attach_to_pipeline(qp, q["high"], q["low"], bins)
         rows = []
-        for s, p, (lat_ref, fr_ref) in zip(eval_samples, preps, refs):
+        for i, (s, p, (lat_ref, fr_ref)) in enumerate(zip(eval_samples, preps, refs)):
             lat, frames, dt = _generate(qp, p, gen)
             rows.append({"psnr": psnr(frames, fr_ref), "ssim": ssim(frames, fr_ref, data_range=255.0),
                          "latent_rel_l2": relative_l2(lat, lat_ref), "denoise_s": dt, **_task(frames, p, s)})
+            log(f"eval: variant {k + 1}/{len(variants)} {v.name}: clip {i + 1}/{len(eval_samples)} {s.name} "
+                f"{dt:.1f} s")
         sq_eval = {e: layer_sqnr_table(q[e], ref_models[e], eval_src, e) for e in ("high", "low")}
         sq_calib = {e: reps[e]["sqnr_db"] for e in ("high", "low")}
         r = {"name": v.name, "group": v.group, "recipe": v.recipe.name, "bins": v.bins,
@@ -458,7 +502,8 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         results.append(r)
         _save(out, out_dir, t_start)            # a partial report after every variant
         log(f"eval: {v.name:14s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  latent rel-L2 {r['latent_rel_l2']:.4f}"
-            f"  SQNR {r['sqnr_eval_mean']:5.1f} dB  quantize {t_quant:.1f} s  denoise {r['denoise_s']:.1f} s/clip")
+            f"  SQNR {r['sqnr_eval_mean']:5.1f} dB  quantize {t_quant:.1f} s  denoise {r['denoise_s']:.1f} s/clip"
+            f"  [{k + 1}/{len(variants)}{_eta(k + 1, len(variants), t_variants)}]")
 
     out["complete"] = True
     _save(out, out_dir, t_start)
