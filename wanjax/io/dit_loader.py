@@ -21,6 +21,7 @@ import glob
 import math
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -31,7 +32,8 @@ from flax import nnx
 from wanjax.config import WanConfig, config_from_json
 from wanjax.io import keymap
 from wanjax.io.errors import CheckpointError
-from wanjax.io.safetensors_stream import iter_chunks, read_index, scan
+from wanjax.io.finite import nonfinite_leaves
+from wanjax.io.safetensors_stream import iter_chunks, read_header, read_index, scan
 from wanjax.io.validate import validate
 
 ORBAX_MARKER = "wanjax_dit.json"
@@ -71,30 +73,81 @@ def _index_source(path: str) -> CheckpointSource:
     return CheckpointSource(path, "safetensors", files, index, path, _sibling_config(os.path.dirname(path) or "."))
 
 
+#: Extensions of other checkpoint formats that an expert dir should not hold next to its safetensors (ignored with a
+#: warning naming them).
+OTHER_CHECKPOINT_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+
+
+def _holds_dit_weights(path: str) -> bool:
+    """Whether the safetensors file ``path`` holds any Wan DiT parameter (header only); False if unreadable."""
+    try:
+        return any(keymap.is_dit_key(k) for k in read_header(path))
+    except CheckpointError:
+        return False
+
+
+def _resolve_dir(path: str) -> CheckpointSource:
+    marker = os.path.join(path, ORBAX_MARKER)
+    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    names = lambda ps: [os.path.basename(p) for p in ps]   # noqa: E731
+    if os.path.isfile(marker):
+        if indexes or files:
+            raise CheckpointError(
+                f"{path}: ambiguous: holds both a converted wanjax cache ({ORBAX_MARKER}, params/) and safetensors "
+                f"checkpoint file(s) {names(indexes + files)[:8]}; move one of them out of the directory (pass "
+                "the *.safetensors.index.json or .safetensors file itself to load the safetensors)")
+        return CheckpointSource(path, "orbax")
+    others = sorted(f for f in os.listdir(path) if f.lower().endswith(OTHER_CHECKPOINT_EXTS)
+                    and os.path.isfile(os.path.join(path, f)))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: ambiguous: several index files, pass one of them explicitly: "
+                              f"{names(indexes)}")
+    if indexes:
+        src = _index_source(indexes[0])
+        used = {os.path.realpath(f) for f in src.files}
+        stray = [f for f in files if os.path.realpath(f) not in used]
+        second = [f for f in stray if _holds_dit_weights(f)]
+        if second:
+            raise CheckpointError(
+                f"{path}: ambiguous: two checkpoints: the index {os.path.basename(indexes[0])} (shards "
+                f"{names(src.files)[:4]}{' ...' if len(src.files) > 4 else ''}) and {names(second)}, which the "
+                "index does not list but which hold Wan DiT weights; pass the index json or the .safetensors file "
+                "itself, or remove the one you do not want", [f"{f}: not in {indexes[0]}" for f in second])
+        for f in stray + [os.path.join(path, o) for o in others]:
+            warnings.warn(f"{path}: ignoring {os.path.basename(f)}: not part of the checkpoint "
+                          f"{os.path.basename(indexes[0])}", stacklevel=3)
+        return src
+    if len(files) == 1:
+        for o in others:
+            warnings.warn(f"{path}: ignoring {o}: not part of the checkpoint {os.path.basename(files[0])}",
+                          stacklevel=3)
+        return CheckpointSource(path, "safetensors", (files[0],), config_path=_sibling_config(path))
+    hints = [d for d in ("high_noise_model", "low_noise_model", "transformer", "transformer_2")
+             if os.path.isdir(os.path.join(path, d))]
+    hint = f" (it has expert sub-directories: pass one of {hints})" if hints else ""
+    if files:
+        raise CheckpointError(f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to "
+                              f"tell how they fit together: {names(files)[:8]}")
+    if others and not hints:
+        raise CheckpointError(f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found, only "
+                              f"{others[:8]} (formats wanjax does not load: convert them to safetensors)")
+    raise CheckpointError(f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found{hint}")
+
+
 def resolve(path: str | os.PathLike) -> CheckpointSource:
-    """Work out what ``path`` is (see the module docstring); `CheckpointError` / ``FileNotFoundError`` if unusable."""
+    """Work out what ``path`` is (see the module docstring); `CheckpointError` / ``FileNotFoundError`` if unusable.
+
+    A directory must hold exactly one checkpoint: a converted cache together with safetensors files, two index
+    files, or an index plus a ``.safetensors`` file it does not list that holds DiT weights (a second checkpoint)
+    are refused naming both; other files the index does not list, and files of other checkpoint formats
+    (``.bin``, ``.pth``, ``.gguf`` ...), are ignored with a warning naming them.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, ORBAX_MARKER)):
-            return CheckpointSource(path, "orbax")
-        indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
-        if len(indexes) > 1:
-            raise CheckpointError(f"{path}: several index files, pass one of them explicitly: "
-                                  f"{[os.path.basename(i) for i in indexes]}")
-        if indexes:
-            return _index_source(indexes[0])
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if len(files) == 1:
-            return CheckpointSource(path, "safetensors", (files[0],), config_path=_sibling_config(path))
-        hints = [d for d in ("high_noise_model", "low_noise_model", "transformer", "transformer_2")
-                 if os.path.isdir(os.path.join(path, d))]
-        hint = f" (it has expert sub-directories: pass one of {hints})" if hints else ""
-        if files:
-            raise CheckpointError(f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to "
-                                  f"tell how they fit together: {[os.path.basename(f) for f in files[:8]]}")
-        raise CheckpointError(f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found{hint}")
+        return _resolve_dir(path)
     if path.endswith(".json"):
         return _index_source(path)
     if path.endswith(".safetensors"):
@@ -174,6 +227,13 @@ def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config
     Returns ``(config, {path: np.ndarray})`` in the wanjax layout, each leaf in the model's dtype for ``dtype``
     (the fp32 policy of `WanDiT` for modulation, norms, time embedding and head).
     """
+    cfg, bufs, _ = _read_safetensors(src, dtype, config=config, ignore_unknown=ignore_unknown)
+    return cfg, bufs
+
+
+def _read_safetensors(src: CheckpointSource, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
+                      ignore_unknown: bool = False) -> tuple[WanConfig, Flat, dict]:
+    """`read_safetensors_params` plus ``{official key: TensorInfo}`` of the tensors read (file and on-disk key)."""
     infos = scan(list(src.files), src.index, src.index_path)
     layout, comfy = keymap.detect_layout([t.key for t in infos], src.path)
     if config is None:
@@ -211,7 +271,59 @@ def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config
         want = config.num_layers if p[0] == "blocks" else 1
         if n != want:
             raise RuntimeError(f"internal: parameter {'/'.join(p)} filled {n} times, expected {want}")
-    return config, bufs
+    return config, bufs, chosen
+
+
+def nonfinite_problems(params, cfg: WanConfig, where=None) -> list[str]:
+    """One line per official tensor of ``params`` (wanjax pure dict or flat ``{path: array}``, host or device)
+    that holds a NaN or an Inf; ``[]`` when all are finite.
+
+    The common case costs one jitted reduction over the whole tree and one small transfer
+    (`wanjax.io.finite.nonfinite_leaves`); only a bad leaf is looked at again, per layer, to name the tensors.
+    ``where(official_key) -> str``: the prefix of a line (the file and on-disk key); default the official key.
+    """
+    tree = unflatten_tree(params) if params and isinstance(next(iter(params)), tuple) else params
+    bad = nonfinite_leaves(tree)
+    if not bad:
+        return []
+    by_path: dict[keymap.Path, list[tuple[int | None, str]]] = {}
+    for key in keymap.official_shapes(cfg):
+        t = keymap.official_to_wanjax(key)
+        by_path.setdefault(t.path, []).append((t.layer, key))
+    flat = flatten_tree(tree)
+    out = []
+    for sp in bad:
+        path = tuple(sp.split("/"))
+        leaf = flat[path]
+        axes = tuple(range(1, leaf.ndim))
+        stacked = path[0] == "blocks"
+        nan = np.asarray(jax.device_get(jnp.isnan(leaf).any(axis=axes if stacked else None))).reshape(-1)
+        inf = np.asarray(jax.device_get(jnp.isinf(leaf).any(axis=axes if stacked else None))).reshape(-1)
+        for layer, key in by_path.get(path, [(None, "/".join(path))]):
+            i = layer if stacked and layer is not None else 0
+            if nan[i] or inf[i]:
+                kinds = " and ".join(k for k, f in (("NaN", nan[i]), ("Inf", inf[i])) if f)
+                name = where(key) if where else repr(key)
+                out.append(f"{name}: holds {kinds} (loaded as {jnp.dtype(leaf.dtype).name})")
+    return out
+
+
+def raise_if_nonfinite(params, cfg: WanConfig, source: str, where=None) -> None:
+    """`CheckpointError` naming ``source`` and every tensor with a NaN/Inf (see `nonfinite_problems`)."""
+    problems = nonfinite_problems(params, cfg, where)
+    if problems:
+        raise CheckpointError(f"{source}: {len(problems)} tensor(s) hold non-finite values (NaN/Inf); the "
+                              "checkpoint is corrupt or was saved from a diverged model:\n  " + "\n  ".join(problems),
+                              problems)
+
+
+def _disk_where(chosen: dict):
+    def where(key: str) -> str:
+        t = chosen.get(key)
+        if t is None:
+            return repr(key)
+        return f"{t.file}: key {t.key!r}" + ("" if t.key == key else f" (official {key!r})")
+    return where
 
 
 def build_model(cfg: WanConfig, dtype, params: Flat, sharding: jax.sharding.Sharding | None = None):
@@ -233,7 +345,8 @@ def build_model(cfg: WanConfig, dtype, params: Flat, sharding: jax.sharding.Shar
 
 
 def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-             ignore_unknown: bool = False, sharding: jax.sharding.Sharding | None = None):
+             ignore_unknown: bool = False, sharding: jax.sharding.Sharding | None = None, check_finite: bool = True,
+             verify: bool = True):
     """Load one Wan2.2 DiT expert as a `wanjax.model.dit.WanDiT`.
 
     Args:
@@ -244,6 +357,8 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
       config: override the config read from ``config.json`` / inferred from shapes.
       ignore_unknown: skip tensors that are not parameters of the model instead of raising.
       sharding: placement of every parameter (default: the default device), e.g. replicated over a mesh.
+      check_finite: refuse parameters holding NaN/Inf (one jitted reduction over the loaded tree).
+      verify: for a cache, check the sha256 of its files against its metadata before restoring.
 
     Raises `wanjax.io.errors.CheckpointError` for unusable checkpoints (message names file, key, expected, got).
     """
@@ -251,6 +366,10 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
     src = resolve(path)
     if src.kind == "orbax":
         from wanjax.io.orbax_cache import load_cached
-        return load_cached(src.path, dtype, config=config, sharding=sharding)
-    cfg, params = read_safetensors_params(src, dtype, config=config, ignore_unknown=ignore_unknown)
-    return build_model(cfg, dtype, params, sharding)
+        return load_cached(src.path, dtype, config=config, sharding=sharding, check_finite=check_finite,
+                           verify=verify)
+    cfg, params, chosen = _read_safetensors(src, dtype, config=config, ignore_unknown=ignore_unknown)
+    model = build_model(cfg, dtype, params, sharding)
+    if check_finite:
+        raise_if_nonfinite(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, src.path, _disk_where(chosen))
+    return model

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from flax import nnx
 
 from wanjax.config import WanConfig, diffusers_config_dict, official_config_dict
 from wanjax.io import keymap
+from wanjax.io.atomic import make_temp_dir, publish_dir
 
 _STEM = "diffusion_pytorch_model"
 
@@ -44,7 +44,7 @@ def export_state_dict(model_or_params, cfg: WanConfig | None = None, layout: str
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
     if isinstance(model_or_params, nnx.Module):
         cfg = cfg or model_or_params.cfg
-        params = nnx.state(model_or_params, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     else:
         params = model_or_params
         if cfg is None:
@@ -81,9 +81,7 @@ def save_dit(model, out_dir: str | os.PathLike, layout: str = "official", dtype=
         cur[k] = v
         size += v.nbytes
     shards.append(cur)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    tmp = make_temp_dir(out_dir, "tmp-export")
     try:
         n = len(shards)
         weight_map = {}
@@ -97,9 +95,9 @@ def save_dit(model, out_dir: str | os.PathLike, layout: str = "official", dtype=
         conf = official_config_dict(cfg) if layout == "official" else diffusers_config_dict(cfg)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(conf, f, indent=2)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite")
+        publish_dir(tmp, out_dir)   # umask modes (mkdtemp makes 0700); an empty out_dir is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -162,6 +162,19 @@ def detect_layout(keys, source: str = "<checkpoint>") -> tuple[str, bool]:
     return ("diffusers" if n_diff else "official"), comfy
 
 
+def is_dit_key(key: str) -> bool:
+    """Whether ``key`` names a Wan2.2 DiT parameter in any layout (official, diffusers, with or without the ComfyUI
+    prefix); used to tell a stray second checkpoint from an unrelated file."""
+    name = strip_comfy_prefix(key)
+    for fn in (official_to_diffusers, diffusers_to_official):
+        try:
+            fn(name)
+            return True
+        except KeyError:
+            pass
+    return False
+
+
 def to_official(key: str, layout: str, comfy: bool) -> str | None:
     """Map an on-disk key of the given layout to its official name; None when it is not a DiT parameter."""
     if comfy:
