@@ -46,7 +46,8 @@ The result is a `CalibStats` (lazy reader over ``work_dir``)::
     st = stats.get("high", 3, "ffn.fc2", "high_mid")          # LayerStats: absmax, hessian, count, samples
     h = stats.expert_total("low", "blocks.0.self_attn.qkv")    # all bins of an expert merged
 
-A resumed run must use the same samples (their number and the settings are checked, not their content).
+A resumed run must use the same samples, settings and model: the work dir records a content hash of every sample and
+the model's fingerprint, and a mismatch raises `CalibrationMismatchError` naming it (``restart=True`` starts over).
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ from wanjax.quant.bins import EXPERTS, TimestepBins, seed_bins
 from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, TARGET_LAYERS, CalibStats, init_stats, input_name,  # noqa: F401
                                 save_stats, stat_name, to_host, update_stats)
 
-__all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "calibrate", "input_name", "stat_name",
-           "mx_act_quant_transform", "record_trajectory"]
+__all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "CalibrationMismatchError", "calibrate",
+           "input_name", "stat_name", "mx_act_quant_transform", "record_trajectory", "sample_fingerprint"]
 
 F32 = jnp.float32
 _FIRST_OF_SHARED = {"self_attn.qkv": "self_attn.q", "cross_attn.kv": "cross_attn.k"}
@@ -326,20 +327,165 @@ def _prepare(pipe, sample: CalibSample, gen, cfg_mode):
     return jnp.asarray(y, F32), ctx
 
 
-def _write_manifest(work_dir, cfg: CalibConfig, n_samples: int, model_cfg):
+# ------------------------------------------------------------------------------------------- provenance
+class CalibrationMismatchError(ValueError):
+    """A calibration work dir holds a run of other samples, settings or model than the one asked for (resuming
+    would mix them); the message names what differs. ``calibrate(..., restart=True)`` starts over instead."""
+
+
+def _sha(*parts: bytes) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+def _array_digest(a) -> str:
+    a = np.ascontiguousarray(np.asarray(jax.device_get(a)))
+    return _sha(a.dtype.name.encode(), json.dumps(list(a.shape)).encode(), a.tobytes())
+
+
+def _image_digest(image, index: int) -> str | None:
+    """Content hash of a sample image: the file's bytes for a path, mode + size + pixels for a PIL image, dtype +
+    shape + bytes for an array (the name of a file does not matter, its content does)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"calibration sample {index}: image {path!r} does not exist or is not a file")
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):     # PIL.Image
+        return "pil:" + _sha(str(image.mode).encode(), json.dumps(list(image.size)).encode(), image.tobytes())
+    return "array:" + _array_digest(image)
+
+
+def sample_fingerprint(sample: CalibSample, index: int = 0) -> dict:
+    """Content hashes of one calibration sample: ``{"image", "prompt", "negative_prompt", "y", "context"}`` (None
+    where not given) and its ``seed``."""
+    def text(s):
+        return None if s is None else _sha(s.encode())
+
+    return {"image": _image_digest(sample.image, index), "prompt": text(sample.prompt),
+            "negative_prompt": text(sample.negative_prompt),
+            "y": None if sample.y is None else _array_digest(sample.y),
+            "context": None if sample.context is None else _array_digest(sample.context), "seed": int(sample.seed)}
+
+
+def _dict_diff(have, want, prefix="") -> list[str]:
+    """``["a.b: old -> new", ...]`` between two JSON trees."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(have) | set(want), key=str):
+            out += _dict_diff(have.get(k), want.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if have != want:
+        def short(v):
+            r = json.dumps(v, default=str)
+            return r if len(r) <= 60 else r[:57] + "..."
+        return [f"{prefix}: {short(have)} -> {short(want)}"]
+    return []
+
+
+def _sample_diff(have: list, want: list) -> list[str]:
+    if len(have) != len(want):
+        return [f"{len(have)} samples -> {len(want)}"]
+    out = []
+    for i, (a, b) in enumerate(zip(have, want)):
+        fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if fields:
+            seed = f" ({a.get('seed')} -> {b.get('seed')})" if "seed" in fields else ""
+            out.append(f"sample {i}: {', '.join(fields)}{seed}")
+    return out
+
+
+def _model_fingerprint(pipe, experts):
+    """The fingerprint of the pipeline's experts (`wanjax.quant.artifact.model_fingerprint`), or None for a
+    pipeline-like object without experts to fingerprint (quantized experts, test stubs)."""
+    from wanjax.quant.artifact import model_fingerprint
+
+    try:
+        return model_fingerprint(pipe, experts=tuple(experts))
+    except (TypeError, ValueError):
+        return None
+
+
+def _clear_work_dir(work_dir: str) -> None:
+    """Remove what a calibration run wrote (manifest, trajectories, statistics, temp files); nothing else."""
+    import shutil
+
+    for sub in ("stats", "traj"):
+        shutil.rmtree(os.path.join(work_dir, sub), ignore_errors=True)
+    for name in ("manifest.json", "manifest.json.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(work_dir, name))
+
+
+def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], pipe, restart: bool = False):
+    """Record (or, resuming, check) what defines this run: settings, model config and fingerprint, and a content
+    hash per sample. A mismatch raises `CalibrationMismatchError` naming what differs, unless ``restart``, which
+    clears the work dir's earlier run first."""
+    import warnings
+
+    hashes = [sample_fingerprint(s, i) for i, s in enumerate(samples)]        # before any work: missing images
+    path = os.path.join(work_dir, "manifest.json")
+    if restart:
+        _clear_work_dir(work_dir)
     os.makedirs(os.path.join(work_dir, "stats"), exist_ok=True)
     os.makedirs(os.path.join(work_dir, "traj"), exist_ok=True)
-    want = json.loads(json.dumps(dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=n_samples,
-                                      model=model_cfg.to_dict()), default=str))
-    path = os.path.join(work_dir, "manifest.json")
+    fp = _model_fingerprint(pipe, cfg.experts)
+    want = json.loads(json.dumps(dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=len(samples),
+                                      model=pipe.cfg.to_dict(), sample_hashes=hashes, model_fingerprint=fp),
+                                 default=str))
     if os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ValueError(f"{work_dir}: existing calibration run has different settings ({diff}); use a new "
-                             "work_dir or delete it to start over")
-        return
+        settings = _dict_diff({k: have.get(k) for k in ("format", "config", "model")},
+                              {k: want[k] for k in ("format", "config", "model")})
+        if have.get("samples") != want["samples"]:
+            settings.append(f"samples: {have.get('samples')} -> {want['samples']}")
+        kinds, details = [], []
+        if settings:
+            kinds.append("settings")
+            details += settings
+        upgrade = []
+        if "sample_hashes" not in have:
+            upgrade.append("sample hashes")
+        elif not settings:
+            diff = _sample_diff(have["sample_hashes"], hashes)
+            if diff:
+                kinds.append("samples")
+                details += diff
+        if have.get("model_fingerprint") is None or fp is None:
+            if fp is not None:
+                upgrade.append("model fingerprint")
+        else:
+            from wanjax.quant.artifact import _fingerprint_problem
+
+            problem = _fingerprint_problem(have["model_fingerprint"], fp)
+            if problem:
+                kinds.append("model weights")
+                details.append(problem)
+        if kinds:
+            shown = details[:6] + ([f"... {len(details) - 6} more"] if len(details) > 6 else [])
+            raise CalibrationMismatchError(
+                f"{work_dir}: existing calibration run has different {' and '.join(kinds)} ({'; '.join(shown)}); "
+                "resuming would mix them: pass restart=True (wanjax quantize --restart) to discard its statistics "
+                "and start over, or use another work dir")
+        if not upgrade:
+            return
+        warnings.warn(f"{work_dir}: the existing calibration run records no {' / '.join(upgrade)} (an older wanjax): "
+                      "cannot check that it used the same samples / model; resuming it and recording them now",
+                      stacklevel=3)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(want, f, indent=1)
@@ -359,20 +505,27 @@ def _atomic_savez(path, **arrays):
 
 # ------------------------------------------------------------------------------------------------ drivers
 def calibrate(pipe, samples: Sequence[CalibSample], cfg: CalibConfig | None = None, *, work_dir: str | os.PathLike,
-              mode: str = "stream", progress: bool = True, on_unit: Callable[[str, str], None] | None = None
-              ) -> CalibStats:
+              mode: str = "stream", progress: bool = True, on_unit: Callable[[str, str], None] | None = None,
+              restart: bool = False) -> CalibStats:
     """Calibrate ``pipe``'s experts on ``samples``; statistics go to ``work_dir`` (resumable), returned as a reader.
 
     Args:
       pipe: a `wanjax.pipeline.WanI2VPipeline` (the real sampler and both experts).
       samples: `CalibSample` s (image + prompt, or precomputed y / context).
       cfg: `CalibConfig` (default: the seed's settings: 40 steps, shift 5, 6 bins, conditional-only).
-      work_dir: progress and results; re-running with the same ``work_dir`` and settings resumes (finished
-        trajectories and (expert, block group, bin) units are skipped); different settings are an error.
+      work_dir: progress and results; re-running with the same ``work_dir``, samples, settings and model resumes
+        (finished trajectories and (expert, block group, bin) units are skipped). The work dir's ``manifest.json``
+        records the settings, the model config and fingerprint (`wanjax.quant.artifact.model_fingerprint`) and a
+        content hash per sample (image file bytes / pixels / array bytes, prompt, negative prompt, seed,
+        precomputed y / context: `sample_fingerprint`); any difference raises `CalibrationMismatchError` naming it
+        (e.g. ``sample 1: image, prompt``). A work dir of an older wanjax without sample hashes resumes with a
+        warning.
       mode: ``"stream"`` (block groups, resumable; the full model) or ``"online"`` (everything in memory during
         the sampler run; small models).
       progress: tqdm bars.
       on_unit: called as ``on_unit(kind, unit_id)`` after each unit is saved (``kind``: "trajectory" / "stats").
+      restart: discard an earlier run in ``work_dir`` (its manifest, trajectories and statistics; nothing else)
+        and start over instead of resuming or raising `CalibrationMismatchError`.
     """
     cfg = (cfg or CalibConfig()).resolved()
     samples = list(samples)
@@ -381,7 +534,7 @@ def calibrate(pipe, samples: Sequence[CalibSample], cfg: CalibConfig | None = No
     if mode not in ("stream", "online"):
         raise ValueError(f"calibrate: mode must be 'stream' or 'online', got {mode!r}")
     work_dir = os.fspath(work_dir)
-    _write_manifest(work_dir, cfg, len(samples), pipe.cfg)
+    _write_manifest(work_dir, cfg, samples, pipe, restart=restart)
     if mode == "online":
         _run_online(pipe, samples, cfg, work_dir, progress, on_unit)
     else:
