@@ -6,8 +6,10 @@ Public API (stable):
   a ``*.safetensors.index.json``, a single ``.safetensors`` file (official / diffusers / ComfyUI keys) or a
   converted orbax cache; returns a `WanDiT` callable as ``dit(x, t, context)``.
 * `convert(src, dst)` - write an orbax cache of converted params (faster to load than re-converting).
-* `I2VPipeline.from_pretrained(dir)` (= `wanjax.pipeline.WanI2VPipeline`): image-to-video with both experts;
-  ``pipe(image, prompt)`` returns uint8 frames [F, H, W, 3], ``pipe.generate(...)`` the full `I2VOutput`.
+* `I2VPipeline.from_pretrained(dir_or_repo_id)` (= `wanjax.pipeline.WanI2VPipeline`): image-to-video with both
+  experts; ``pipe(image, prompt)`` returns uint8 frames [F, H, W, 3], ``pipe.generate(...)`` the full `I2VOutput`;
+  settings default to the model's own (``pipe.generation_defaults``, a `GenerationConfig`).
+* `NonFiniteError` - raised when a NaN/Inf appears during generation (names the expert, step and layer).
 * `WanDiT`, `WanConfig` and the presets `I2V_A14B`, `TINY`; `config_from_json`.
 """
 from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_json
@@ -20,7 +22,8 @@ _LAZY = {
     "CheckpointError": ("wanjax.io.errors", "CheckpointError"),
     "WanDiT": ("wanjax.model.dit", "WanDiT"),
     "I2VPipeline": ("wanjax.pipeline", "WanI2VPipeline"),
-    "GenerationConfig": ("wanjax.pipeline", "GenerationConfig"),
+    "GenerationConfig": ("wanjax.generation_config", "GenerationConfig"),
+    "NonFiniteError": ("wanjax.nonfinite", "NonFiniteError"),
 }
 
 

@@ -3,14 +3,25 @@
 One jitted function (the classifier-free-guided forward of one expert) takes the expert's parameters as an argument,
 so a single compilation serves both experts; the loop is `wanjax.sampling.sample`, the project's one denoise loop.
 
-    pipe = WanI2VPipeline.from_pretrained("Wan2.2-I2V-A14B")        # official layout (or diffusers layout)
-    out = pipe("input.jpg", "a cat surfing", seed=0)                  # 81 frames, 40 steps, shift 5, guide 3.5/3.5
-    save_mp4(out.frames, "out.mp4", fps=16)
+    pipe = WanI2VPipeline.from_pretrained("models/mini")             # a local dir (official or diffusers layout)
+    frames = pipe("input.jpg", "a cat surfing")                       # uint8 [F, H, W, 3], the model's own defaults
+    out = pipe.generate("input.jpg", "a cat surfing", seed=1, num_inference_steps=10)   # I2VOutput
+    save_mp4(out.frames, "out.mp4", fps=out.gen.fps)                 # wanjax.video_io.save_mp4
+
+Settings: ``generate(gen=None)`` starts from ``pipe.generation_defaults`` (official defaults < a diffusers layout's
+``boundary_ratio`` / ``flow_shift`` < the model's ``generation_config.json``, see `wanjax.generation_config`), then
+applies keyword overrides: `GenerationConfig` fields, ``guidance_low`` / ``guidance_high``, or the diffusers names
+(``num_inference_steps``, ``height``/``width``, ``guidance_scale``/``guidance_scale_2``, ``output_type``). Settings
+are validated before any work (`GenerationConfig.validate`); a NaN/Inf in the latent stops the loop with a
+`NonFiniteError` naming the expert, the step and the first layer that produced it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -20,8 +31,9 @@ import numpy as np
 from flax import nnx
 
 from wanjax import conditioning
-from wanjax.generation_config import GenerationConfig  # noqa: F401  (re-exported)
+from wanjax.generation_config import GenerationConfig, apply_overrides  # noqa: F401  (re-exported)
 from wanjax.model.dit import WanDiT
+from wanjax.nonfinite import NonFiniteError, all_finite, check_finite_params, locate_nonfinite  # noqa: F401
 from wanjax.sampling import flow_schedule, sample
 from wanjax.video_io import to_uint8
 
@@ -29,15 +41,29 @@ from wanjax.video_io import to_uint8
 DEFAULT_NEGATIVE_PROMPT = conditioning.NEGATIVE_PROMPT
 
 
+#: ``output_type`` values of `WanI2VPipeline.generate`.
+OUTPUT_TYPES = (None, "uint8", "np", "pil", "latent")
+
+#: Keyword arguments of `WanI2VPipeline.generate` besides the settings (listed in its TypeError).
+GENERATE_ARGS = ("image", "prompt", "negative_prompt", "gen", "context", "noise", "progress", "output_type")
+
+
 @dataclasses.dataclass
 class I2VOutput:
-    """Result of a generation: uint8 frames [F, H, W, 3], final latents, and what ran at each step."""
+    """Result of a generation.
 
-    frames: np.ndarray
+    ``frames``: by ``output_type``: uint8 [F, H, W, 3] (default, ``"uint8"``), float32 [F, H, W, 3] in [0, 1]
+    (``"np"``, as diffusers), a list of ``PIL.Image`` (``"pil"``), or ``None`` (``"latent"``: the VAE decode is
+    skipped). ``latents``: the final latents [1, F_lat, h, w, 16] (channels-last). ``timesteps`` and ``experts``:
+    what ran at each step; ``seconds``: time per stage; ``gen``: the resolved settings.
+    """
+
+    frames: Any
     latents: np.ndarray
     timesteps: np.ndarray
     experts: list[str]
     seconds: dict[str, float]
+    gen: GenerationConfig | None = None
 
 
 def _guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=None):
@@ -98,6 +124,10 @@ class WanI2VPipeline:
         self._resident = "high"
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)        # host memory until the boundary
+        #: Settings `generate` starts from (`from_pretrained` reads the model's own; else the official defaults).
+        self.generation_defaults = GenerationConfig()
+        #: The local model directory `from_pretrained` loaded (a Hub snapshot for a repo id); None otherwise.
+        self.model_dir: str | None = None
 
     def _shard(self, params):
         from wanjax import sharding
@@ -120,12 +150,15 @@ class WanI2VPipeline:
         ``high`` and ``low`` must share one module graph. ``velocity`` is the guided velocity
         ``fn(graphdef, params, x, y, ctx, t, guide, constrain=None)`` (default: the plain one), jitted here; with a
         mesh the experts' parameters are sharded by the rule table and the velocity is jitted for the mesh. The
-        expert placement policy is kept.
+        expert placement policy is kept. A NaN/Inf in either expert's parameters (float weights, scales, tables)
+        raises `wanjax.io.errors.CheckpointError` naming the expert and the parameter.
         """
         g_high, p_high = nnx.split(high)
         g_low, p_low = nnx.split(low)
         if g_high != g_low:
             raise ValueError("replace_experts: the two experts must have the same structure; their graphs differ")
+        check_finite_params(p_high, "replace_experts: high-noise expert")
+        check_finite_params(p_low, "replace_experts: low-noise expert")
         if self.mesh is not None:
             p_high, p_low = self._shard(p_high), self._shard(p_low)
         self.graphdef = g_high
@@ -158,22 +191,31 @@ class WanI2VPipeline:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.bfloat16, **kw) -> "WanI2VPipeline":
-        """Load from the official layout (``high_noise_model/``, ``low_noise_model/``, ``Wan2.1_VAE.pth``,
-        ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``) or the diffusers layout (``transformer/``,
-        ``transformer_2/``, ``vae/``, ``text_encoder/``, ``tokenizer/``)."""
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, revision: str | None = None,
+                        cache_dir: str | None = None, progress: bool = False, **kw) -> "WanI2VPipeline":
+        """Load a pipeline from a model directory or a Hugging Face Hub repo id.
+
+        ``path_or_repo_id``: a local directory in the official layout (``high_noise_model/``, ``low_noise_model/``,
+        ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``) or the diffusers layout
+        (``transformer/``, ``transformer_2/``, ``vae/``, ``text_encoder/``, ``tokenizer/``); or, when no such local
+        path exists and it looks like ``"org/name"``, a Hub repo downloaded with ``huggingface_hub.snapshot_download``
+        (``revision``, ``cache_dir``; needs the network, or the files already in the Hub cache). A directory holding
+        both layouts is refused (move one away). ``progress`` prints one line per component loaded.
+
+        Sets ``pipe.model_dir`` (the local directory) and ``pipe.generation_defaults`` (`GenerationConfig.for_model`:
+        the official defaults, a diffusers layout's ``boundary_ratio`` / ``flow_shift``, the model's
+        ``generation_config.json``), validated before any weight is read. Every expert, the VAE and the text encoder
+        are checked for NaN/Inf weights (`wanjax.io.errors.CheckpointError` naming the component and parameter).
+        Other keyword arguments go to the constructor (``release_text_encoder``, ``mesh``, ``expert_placement``...).
+        """
         from wanjax.io.dit_loader import load_dit
         from wanjax.io.t5_loader import load_t5_encoder
         from wanjax.io.vae_loader import load_vae
         from wanjax.text import PromptTokenizer
 
-        path = os.fspath(path)
-        official = os.path.isdir(os.path.join(path, "high_noise_model"))
-        diffusers = os.path.isdir(os.path.join(path, "transformer"))
-        if not (official or diffusers):
-            raise FileNotFoundError(f"{path}: expected the official layout (high_noise_model/, low_noise_model/, ...) "
-                                    "or the diffusers layout (transformer/, transformer_2/, ...); found neither")
-        if official:
+        path = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+        layout = model_layout(path)
+        if layout == "official":
             parts = {"high": "high_noise_model", "low": "low_noise_model", "vae": "Wan2.1_VAE.pth",
                      "t5": "models_t5_umt5-xxl-enc-bf16.pth", "tok": os.path.join("google", "umt5-xxl")}
         else:
@@ -182,14 +224,21 @@ class WanI2VPipeline:
         p = {k: os.path.join(path, v) for k, v in parts.items()}
         missing = [parts[k] for k, v in p.items() if not os.path.exists(v)]
         if missing:
-            raise FileNotFoundError(f"{path}: incomplete {'official' if official else 'diffusers'} layout, missing "
-                                    f"{missing}")
-        high = load_dit(p["high"], dtype=dtype)
-        low = load_dit(p["low"], dtype=dtype)
-        vae = load_vae(p["vae"], dtype=dtype)
-        t5 = load_t5_encoder(p["t5"], dtype=dtype, param_dtype=dtype)
-        tok = PromptTokenizer(p["tok"], text_len=high.cfg.text_len)
-        return cls(high, low, vae, t5, tok, **kw)
+            raise FileNotFoundError(f"{path}: incomplete {layout} layout, missing {missing}")
+        defaults = GenerationConfig.for_model(path).validate(source=f"{path} (generation defaults)")
+        what = {"high": "high-noise expert", "low": "low-noise expert", "vae": "VAE", "t5": "text encoder"}
+        loaded = {}
+        for k, fn in (("high", lambda q: load_dit(q, dtype=dtype)), ("low", lambda q: load_dit(q, dtype=dtype)),
+                      ("vae", lambda q: load_vae(q, dtype=dtype)),
+                      ("t5", lambda q: load_t5_encoder(q, dtype=dtype, param_dtype=dtype))):
+            with _stage(f"loading {what[k]} ({parts[k]})", progress):
+                loaded[k] = fn(p[k])
+                check_finite_params(nnx.state(loaded[k], nnx.Param), f"{p[k]}: {what[k]}")
+        tok = PromptTokenizer(p["tok"], text_len=loaded["high"].cfg.text_len)
+        pipe = cls(loaded["high"], loaded["low"], loaded["vae"], loaded["t5"], tok, **kw)
+        pipe.model_dir = path
+        pipe.generation_defaults = defaults
+        return pipe
 
     # ---------------------------------------------------------------- stages
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
@@ -227,6 +276,10 @@ class WanI2VPipeline:
         ``gen.seed`` when None). ``velocity_fn(expert, params, x, y, context, t, guide) -> v`` replaces the guided
         velocity (calibration records the trajectory through it). Returns the final latents and the expert used at
         each step.
+
+        After every step the latent is checked for NaN/Inf (one jitted reduction, one scalar transfer); a non-finite
+        latent raises `NonFiniteError` naming the expert, the step, ``t`` and the first layer that produced it (found
+        by re-running that step's forward block by block, `wanjax.nonfinite.locate_nonfinite`).
         """
         sched = flow_schedule(gen.steps, shift=gen.shift)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
@@ -234,8 +287,11 @@ class WanI2VPipeline:
             else jnp.asarray(noise, jnp.float32)
         if x.shape != shape:
             raise ValueError(f"noise shape {x.shape} does not match the latent shape {shape}")
+        if noise is not None and not all_finite(x):
+            raise ValueError("noise: contains NaN or Inf")
         guide_low, guide_high = gen.guide_scale
         experts: list[str] = []
+        inputs: dict[str, Any] = {}
         bar = _progress(gen.steps, progress)
 
         def model_fn(x, t, i):
@@ -244,20 +300,52 @@ class WanI2VPipeline:
             experts.append(name)
             params = self.expert_params(name)
             guide = guide_high if name == "high" else guide_low
+            inputs.update(x=x, guide=guide)                    # kept (no copy, no sync) for the failure report
             if velocity_fn is not None:
                 return velocity_fn(name, params, x, y, context, jnp.float32(t), jnp.float32(guide))
             return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
 
         def callback(i, t, x):
+            if not all_finite(x):                              # the one sync per step (the bar needed it anyway)
+                if bar is not None:
+                    bar.close()
+                self._raise_nonfinite(i, t, experts[-1], inputs["x"], y, context, inputs["guide"], gen)
             if bar is not None:
-                jax.block_until_ready(x)
                 bar.set_postfix_str(f"t={t} expert={experts[-1]}")
                 bar.update(1)
 
-        x = sample(model_fn, x, sched, gen.solver, unroll=True, callback=callback)
-        if bar is not None:
-            bar.close()
+        try:
+            x = sample(model_fn, x, sched, gen.solver, unroll=True, callback=callback)
+        finally:
+            if bar is not None:
+                bar.close()
         return x, experts
+
+    def _raise_nonfinite(self, i: int, t: int, name: str, x, y, context, guide: float, gen: GenerationConfig):
+        """Locate the first non-finite stage of step ``i`` (a debug re-run of that forward) and raise."""
+        cm = None
+        bins = getattr(self, "quant_bins", None)
+        if bins is not None:                                   # quantized experts need their timestep bin active
+            from wanjax.quant.qlinear import active_bin
+
+            cm = lambda: active_bin(bins.local_lookup(jnp.float32(t)))  # noqa: E731
+        note, layer = "", None
+        try:
+            found = locate_nonfinite(self.graphdef, self.expert_params(name), x, y, context, jnp.float32(t),
+                                     jnp.float32(guide), context=cm)
+        except Exception as e:                                 # the report must not hide the original failure
+            found, note = None, f"; the layer could not be located ({type(e).__name__}: {e})"
+        if found is not None:
+            layer, detail = found
+            where = f"first produced by {layer}" + (f" ({detail})" if detail else "")
+        elif not note:
+            where = f"the model output was finite: the {gen.solver} solver step produced it"
+        else:
+            where = "source unknown"
+        expert = "high-noise" if name == "high" else "low-noise"
+        raise NonFiniteError(f"non-finite latent (NaN/Inf) after denoise step {i + 1} of {gen.steps} (index {i}, "
+                             f"t={t}, {expert} expert '{name}'): {where}{note}", stage="denoise", expert=name, step=i,
+                             t=int(t), layer=layer)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE)."""
@@ -270,41 +358,160 @@ class WanI2VPipeline:
     # ---------------------------------------------------------------- all together
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None,
                  gen: GenerationConfig | None = None, *, context: jax.Array | None = None,
-                 noise: jax.Array | None = None, progress: bool = True, **overrides) -> I2VOutput:
-        """Generate a video from an image (path, PIL image or uint8 [H, W, 3]) and a prompt.
+                 noise: jax.Array | None = None, progress: bool = True, output_type: str | None = None,
+                 **overrides) -> I2VOutput:
+        """Generate a video from an image (path, PIL image in any mode, or a uint8 array) and a prompt.
 
-        ``overrides`` update fields of ``gen`` (e.g. ``steps=20, seed=1``). ``context`` ([2, L, D]: positive,
-        negative) skips the text encoder.
+        Settings: ``gen`` (default ``self.generation_defaults``, the model's own) updated by ``overrides``: any
+        `GenerationConfig` field (``num_frames``, ``max_area``, ``steps``, ``shift``, ``boundary``, ``solver``,
+        ``seed``, ``fps``), ``guidance_low`` / ``guidance_high`` (``guide_scale=(low, high)`` also works), or the
+        diffusers names ``num_inference_steps``, ``height`` + ``width`` (-> ``max_area = height * width``; the output
+        keeps the image's aspect ratio, sides multiples of 16), ``guidance_scale`` (high-noise expert, and low-noise
+        too unless ``guidance_scale_2`` is given) and ``guidance_scale_2`` (low-noise expert). The resolved settings
+        are validated before any work (`GenerationConfig.validate`); an unknown name raises ``TypeError`` listing the
+        valid ones. diffusers' ``generator`` is refused: pass ``seed``.
+
+        ``output_type``: ``None`` / ``"uint8"`` (uint8 frames), ``"np"`` (float32 in [0, 1], as diffusers), ``"pil"``
+        (list of PIL images) or ``"latent"`` (no VAE decode; ``frames`` is None, see ``latents``). ``context``
+        ([2, L, D]: positive, negative) skips the text encoder. ``progress`` prints a line per stage (text encoder,
+        VAE encode, VAE decode) and a progress bar for the denoise loop. Raises `NonFiniteError` if a NaN/Inf appears.
         """
-        gen = dataclasses.replace(gen or GenerationConfig(), **overrides)
-        conditioning.check_num_frames(gen.num_frames)
+        if "generator" in overrides:
+            raise TypeError("generator= (a torch.Generator in diffusers) is not supported: wanjax draws the noise with "
+                            "jax.random from an integer seed; pass seed=<int> (or noise=<latent>)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        gen = apply_overrides(gen if gen is not None else self.generation_defaults, overrides,
+                              also_valid=GENERATE_ARGS).validate()
+        if context is None and prompt is None:
+            raise ValueError("generate() needs a prompt (or a precomputed context)")
+        if isinstance(image, (str, os.PathLike)):
+            image = conditioning.load_image(image)             # a bad file fails here, before any model runs
+        conditioning.i2v_size(conditioning.image_to_array(image).shape[:2], gen.max_area)
         times = {}
         t0 = time.perf_counter()
         if context is None:
-            if prompt is None:
-                raise ValueError("generate() needs a prompt (or a precomputed context)")
             neg = DEFAULT_NEGATIVE_PROMPT if not negative_prompt else negative_prompt
-            context = self.encode_text([prompt, neg])
+            with _stage("text encoder (2 prompts)", progress):
+                context = self.encode_text([prompt, neg])
+                ok = all_finite(context)
+            if not ok:
+                raise NonFiniteError("the text encoder produced NaN/Inf features (check its weights)", stage="text")
         times["text"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        y, _ = self.prepare_condition(image, gen.num_frames, gen.max_area)
-        jax.block_until_ready(y)
+        with _stage(f"VAE encode ({gen.num_frames} frames)", progress):
+            y, hw = self.prepare_condition(image, gen.num_frames, gen.max_area)
+            ok = all_finite(y)
+        if not ok:
+            raise NonFiniteError("the VAE encoder produced NaN/Inf from the image (check the VAE weights)",
+                                 stage="vae_encode")
         times["vae_encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         latents, experts = self.denoise(y, context, gen, noise=noise, progress=progress)
         jax.block_until_ready(latents)
         times["denoise"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        video = self.decode(latents)
-        frames = to_uint8(np.asarray(video))
-        times["vae_decode"] = time.perf_counter() - t0
+        frames = None
+        if output_type != "latent":
+            t0 = time.perf_counter()
+            with _stage(f"VAE decode ({gen.num_frames} frames, {hw[1]}x{hw[0]})", progress):
+                video = self.decode(latents)
+                ok = all_finite(video)
+            if not ok:
+                raise NonFiniteError("the VAE decoder produced NaN/Inf from finite latents (check the VAE weights)",
+                                     stage="vae_decode")
+            frames = _format_frames(np.asarray(video), output_type)
+            times["vae_decode"] = time.perf_counter() - t0
         sched = flow_schedule(gen.steps, shift=gen.shift)
         return I2VOutput(frames=frames, latents=np.asarray(latents), timesteps=np.asarray(sched.timesteps),
-                         experts=experts, seconds=times)
+                         experts=experts, seconds=times, gen=gen)
 
-    def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, **kw) -> np.ndarray:
-        """``pipe(image, prompt, ...)``: `generate` returning only the uint8 frames [F, H, W, 3]."""
-        return self.generate(image, prompt, negative_prompt, **kw).frames
+    def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, **kw):
+        """``pipe(image, prompt, ...)``: `generate` returning only the frames (uint8 [F, H, W, 3] by default), or
+        the latents with ``output_type="latent"``."""
+        out = self.generate(image, prompt, negative_prompt, **kw)
+        return out.latents if kw.get("output_type") == "latent" else out.frames
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """``"org/name"`` as the Hugging Face Hub spells repo ids (one slash, no ``..`` or ``--``)."""
+    return bool(_REPO_ID.fullmatch(name)) and ".." not in name and "--" not in name and not name.endswith(".git")
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                      cache_dir: str | None = None) -> str:
+    """A local model directory for ``path_or_repo_id``: the path itself if it exists, else a Hub snapshot
+    (``huggingface_hub.snapshot_download``) when it looks like ``"org/name"``. Raises ``FileNotFoundError`` naming
+    the path / repo id and the cause (no such directory; not a directory; download failed: offline, unknown repo,
+    gated, ...)."""
+    name = os.fspath(path_or_repo_id)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path}: is a file; expected a model directory (official or diffusers layout)")
+    if not looks_like_repo_id(name):
+        raise FileNotFoundError(f"{path}: no such directory; expected a model directory in the official layout "
+                                "(high_noise_model/, low_noise_model/, ...) or the diffusers layout (transformer/, "
+                                "transformer_2/, ...), or a Hugging Face repo id 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise FileNotFoundError(f"{name!r}: not a local directory, and downloading it as a Hugging Face repo id needs "
+                                "huggingface_hub (pip install huggingface_hub)") from e
+    try:
+        return snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir)
+    except Exception as e:                                    # network, auth, unknown repo or revision, offline mode
+        raise FileNotFoundError(f"{name!r}: not a local directory, and downloading it from the Hugging Face Hub "
+                                f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (check the "
+                                "repo id, the network / HF_HUB_OFFLINE, and a token for gated repos; or pass a local "
+                                "directory)") from e
+
+
+def model_layout(path: str) -> str:
+    """``"official"`` or ``"diffusers"`` for a model directory; a directory holding both (or neither) is refused
+    with an error naming what was found."""
+    official = [d for d in ("high_noise_model", "low_noise_model") if os.path.isdir(os.path.join(path, d))]
+    diffusers = [d for d in ("transformer", "transformer_2") if os.path.isdir(os.path.join(path, d))]
+    if official and diffusers:
+        raise ValueError(f"{path}: holds two model layouts, the official one ({', '.join(d + '/' for d in official)}) "
+                         f"and the diffusers one ({', '.join(d + '/' for d in diffusers)}); cannot tell which to "
+                         "load: move one of them to its own directory")
+    if official:
+        return "official"
+    if diffusers:
+        return "diffusers"
+    raise FileNotFoundError(f"{path}: expected the official layout (high_noise_model/, low_noise_model/, ...) or the "
+                            "diffusers layout (transformer/, transformer_2/, ...); found neither")
+
+
+def _format_frames(video: np.ndarray, output_type: str | None):
+    """Decoded video [F, H, W, 3] in [-1, 1] -> frames of ``output_type``."""
+    if output_type in (None, "uint8"):
+        return to_uint8(video)
+    if output_type == "np":
+        return np.clip((video.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    from PIL import Image
+
+    return [Image.fromarray(f) for f in to_uint8(video)]
+
+
+@contextlib.contextmanager
+def _stage(label: str, enabled: bool):
+    """One line on stderr for a stage: ``wanjax: <label> ... 1.2 s``."""
+    if not enabled:
+        yield
+        return
+    print(f"wanjax: {label} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _progress(total: int, enabled: bool):
