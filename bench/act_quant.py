@@ -80,8 +80,8 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
   from kernels import reference as ref
   from kernels.mxfp4_act_gpu import act_to_fp8_pallas
   from kernels.mxfp4_gpu import act_to_fp8, prepare_weights
-  from wanjax.quant.formats_fp4 import quantize_mxfp4
-  from wanjax.quant.formats_pack import pack_nibbles
+  from wanjax.numerics.fp4 import quantize_mxfp4
+  from wanjax.numerics.pack import pack_nibbles
 
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   rec("aq_mxfp4_to_fp8", jax.jit(lambda a, b: act_to_fp8(a, b)), x, smooth)
@@ -155,7 +155,7 @@ def run_rotation(inp, res, rec, log):
   the run-time form of the XLA paths); codes checked against the f32 rotation's."""
   from kernels import act_quant_gpu
   from kernels.act_quant_gpu import act_quant_lowrank_pallas
-  from wanjax.quant.rotate import random_signs, rotate_activations, rotate_activations_mxu
+  from wanjax.numerics.hadamard import random_signs, rotate_activations, rotate_activations_mxu
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
   for b in (b for b in ROT_BLOCKS if x.shape[1] % b == 0):
@@ -198,7 +198,7 @@ def run_small_m(inp, res, rec, log):
   kernel checked against its XLA path."""
   from kernels import act_quant_gpu, dispatch
   from kernels.act_quant_gpu import act_quant_lowrank_pallas
-  from wanjax.quant.rotate import random_signs
+  from wanjax.numerics.hadamard import random_signs
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
   for rot in (None, signs):

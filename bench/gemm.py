@@ -85,9 +85,9 @@ def make_layer(key, m: int, k: int, n: int) -> dict:
   from bench.kernels import make_inputs
   from wanjax.kernels import reference as ref
   from wanjax.kernels.mxfp4_gpu import prepare_weights
-  from wanjax.quant.formats_fp4 import quantize_mxfp4
-  from wanjax.quant.formats_pack import pack_nibbles
-  from wanjax.quant.rotate import random_signs
+  from wanjax.numerics.fp4 import quantize_mxfp4
+  from wanjax.numerics.pack import pack_nibbles
+  from wanjax.numerics.hadamard import random_signs
 
   inp = make_inputs(key, m, k, n, R)
   w_nk = inp["w_bf16_kn"].T.astype(jnp.float32)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m bench.mxfp4 [--ms 32760] [--shapes 5120x5120,5120x13824] [--iters 20]
 
 Per (M, K, N), one process: random activations ``x [M, K]`` (bf16, a few outlier channels) and weights ``w [N, K]``
-quantized to MXFP4 with ``wanjax.quant.formats_fp4.quantize_mxfp4`` (the seed's weight rule), a rank-32 low-rank
+quantized to MXFP4 with ``wanjax.numerics.fp4.quantize_mxfp4`` (the seed's weight rule), a rank-32 low-rank
 branch and a bias, then :func:`kernels.dispatch.mxfp4_linear` (activation quantization + GEMM + epilogue, jitted):
 
 * ``reference`` exact f32 dequantization, f32 dot at HIGHEST precision (the ground truth of the quantized linear);
@@ -35,8 +35,8 @@ def _layout():
 
 
 def make_layer(key, m: int, k: int, n: int, r: int = 32):
-    from wanjax.quant.formats_fp4 import quantize_mxfp4
-    from wanjax.quant.formats_pack import pack_nibbles
+    from wanjax.numerics.fp4 import quantize_mxfp4
+    from wanjax.numerics.pack import pack_nibbles
 
     ks = jax.random.split(key, 6)
     x = jax.random.normal(ks[0], (m, k), jnp.float32)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
   from kernels import reference as ref
   from kernels.act_quant_gpu import FUSED_OPTIONS, act_quant_lowrank_pallas
   from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu
-  from wanjax.quant.rotate import random_signs, rotate_activations
+  from wanjax.numerics.hadamard import random_signs, rotate_activations
   out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "M": M, "rows": []}
   for (k, n), ranks in parse_ranks(args.ranks).items():
     bf16 = None

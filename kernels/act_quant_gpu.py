@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.numerics.hadamard import hadamard_matrix
+
 from . import reference
 
 
@@ -329,7 +331,7 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   can differ from the reference by one where x / s lies within an ulp or two of a rounding boundary, scales by an
   ulp). ``smooth=None`` (smoothing folded into the producer of x, or a recipe without it) skips the per-element
   smoothing multiply in both passes. ``rot_signs`` ([K] +-1): the input is also rotated after the smoothing, as
-  ``quant.rotate.rotate_activations`` with Hadamard blocks of ``chunk`` (64 to ``ROT_MAX_BLOCK``): the chunk's
+  ``numerics.hadamard.rotate_activations`` with Hadamard blocks of ``chunk`` (64 to ``ROT_MAX_BLOCK``): the chunk's
   pieces of ``x * signs / smooth`` (``ROT_PIECE`` columns each) are mixed by f32 butterflies, rounded to bf16,
   multiplied on the tensor cores by the +-1 Hadamard matrix of a piece and scaled by ``1 / sqrt(chunk)`` (f32
   accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves a value across a
@@ -356,7 +358,6 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   sm = jnp.ones((k,), jnp.float32) if smooth is None else smooth.astype(jnp.float32)
   if rotate:  # signs / smooth as one per-channel factor (sm divides x; signs are +-1, their own inverse)
     sm = sm * jnp.asarray(rot_signs, jnp.float32)
-    from wanjax.quant.rotate import hadamard_matrix
     had = jnp.asarray(np.sign(hadamard_matrix(min(ck, ROT_PIECE))), jnp.bfloat16)  # +-1 matrix (exact in bf16)
   else:
     had = jnp.zeros((16, 16), jnp.bfloat16)

@@ -17,6 +17,10 @@ HIGHEST dot.
 
 Default: "pallas" on a CUDA GPU of compute capability 9.x, else "xla". Override with the environment variable
 ``WANJAX_KERNELS=reference|xla|pallas`` or the ``backend=`` argument.
+
+This module only routes (backend, platform, shape and size thresholds -> which implementation runs); the
+implementations are in ``w4a4_linear`` (INT4 GEMM variants), ``mxfp4_linear`` (MXFP4 glue), ``xla_paths`` (the XLA
+paths), ``act_quant_gpu`` / ``mxfp4_act_gpu`` (activation quantizers) and the kernel modules.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from . import reference
-from . import act_quant_gpu, mxfp4_act_gpu
+from wanjax.numerics.hadamard import hadamard_block_size
+
+from . import act_quant_gpu, mxfp4_act_gpu, mxfp4_linear as mx, reference, w4a4_linear as w4, xla_paths as xp
 from .act_quant_gpu import act_quant_fused, act_quant_pallas
+from .mxfp4_linear import MXFP4_BLOCK, MX_NAN_EXP  # noqa: F401  (the block the MXFP4 entry points take)
 
 BACKENDS = ("reference", "xla", "pallas")
 ACT_QUANT_IMPLS = ("xla", "pallas", "fused")
@@ -117,59 +122,6 @@ FUSED_ACT_QUANT_MIN_M = 16384
 FUSED_ROT_ACT_QUANT_MIN_M = 16384
 
 
-def _weights_nk(w) -> tuple[int, int]:
-  if w.ndim != 2 or w.dtype not in (jnp.uint8, jnp.int8):
-    raise ValueError(f"W4A4 weights must be packed uint8 [N, K/2] or int8 [N, K] (int4 values), got "
-                     f"{w.dtype} {w.shape}")
-  return w.shape[0], w.shape[1] * (2 if w.dtype == jnp.uint8 else 1)
-
-
-def _int8_weights(w):
-  return w if w.dtype == jnp.int8 else reference.unpack_int4(w)
-
-
-def _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype):
-  q_w = _int8_weights(w_packed)
-  if _platform() == "tpu" and _tpu_fp8_only():
-    # TPU7x has no integer MXU: int4 values are exact in e4m3 and their f32 sums exact below 2**24 (w4a4_tpu "fp8")
-    f8 = jnp.float8_e4m3fn
-    acc = lax.dot_general(q_x.astype(f8), q_w.astype(f8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  else:
-    acc = lax.dot_general(q_x, q_w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-  return reference.w4a4_epilogue(acc, s_x, s_w, x_lr, up, bias, out_dtype)
-
-
-def _group_of(s_w, n: int, k: int, group_size: int | None) -> int | None:
-  """The weight-scale group along K (None = per channel), checked against the shape of ``s_w``."""
-  if group_size is None or group_size == k:
-    if s_w.shape not in ((n,), (n, 1)):
-      raise ValueError(f"W4A4 per-channel scales must be [N={n}] (or pass group_size), got {s_w.shape}")
-    return None
-  if k % group_size or s_w.shape != (n, k // group_size):
-    raise ValueError(f"W4A4 group_size={group_size}: K={k} must be a multiple of it and s_w [N={n}, "
-                     f"{k // group_size if group_size else '?'}], got s_w {s_w.shape}")
-  return group_size
-
-
-def _xla_grouped_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size):
-  # exact int32 product per group (int8 x int8 dot), f32 accumulation of the scaled groups in order
-  int_dot = lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-  acc = reference.group_scaled_acc(q_x, _int8_weights(w_packed), s_w, group_size, int_dot=int_dot)
-  return reference.w4a4_epilogue(acc, s_x, jnp.ones((acc.shape[1],), jnp.float32), x_lr, up, bias, out_dtype)
-
-
-def _grouped_matmul(be, q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size):
-  n, k = _weights_nk(w_packed)
-  if be == "reference":
-    return reference.w4a4_g128_reference(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype,
-                                         group_size=group_size)
-  r = 0 if x_lr is None else x_lr.shape[1]
-  if be == "pallas" and _platform() == "gpu" and group_size == 128 and pallas_supports_g128(n, k) and not r % 16:
-    from .w4a4_g128_gpu import w4a4_g128_matmul_gpu_any_m
-    return w4a4_g128_matmul_gpu_any_m(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype=out_dtype)
-  return _xla_grouped_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
-
-
 def pallas_supports_g128(n: int, k: int) -> bool:
   """Whether the group-scaled (g128) Mosaic GPU GEMM tiles this (N, K) (default config)."""
   from .w4a4_g128_gpu import G128_CONFIG as cfg
@@ -189,29 +141,27 @@ def w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr=None, up=None, bias=None, *, out_d
   loop over the groups (exact int32 per group, f32 accumulation); "reference" the int32-upcast reference.
   """
   be = select_backend(backend)
-  n, k = _weights_nk(w_packed)
-  group_size = _group_of(s_w, n, k, group_size)
+  n, k = w4.weights_nk(w_packed)
+  group_size = w4.group_of(s_w, n, k, group_size)
+  r = 0 if x_lr is None else x_lr.shape[1]
   if group_size is not None:
-    return _grouped_matmul(be, q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
+    if be == "reference":
+      return w4.grouped_reference_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
+    if be == "pallas" and _platform() == "gpu" and group_size == 128 and pallas_supports_g128(n, k) and not r % 16:
+      return w4.g128_gpu_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
+    return xp.w4a4_grouped_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, group_size)
   s_w = s_w.reshape(n)
   if be == "reference":
-    return reference.w4a4_epilogue(reference.int_matmul_nt(q_x, _int8_weights(w_packed)), s_x, s_w, x_lr, up, bias,
-                                   out_dtype)
-  r = 0 if x_lr is None else x_lr.shape[1]
+    return w4.reference_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
   if be == "pallas" and _platform() == "tpu":
-    from .w4a4_tpu import w4a4_matmul_tpu
-    mode = tpu_mode(w_packed.dtype)
-    w = _int8_weights(w_packed) if mode == "fp8" else w_packed  # fp8: int4 values in int8, converted in VMEM
-    return w4a4_matmul_tpu(q_x, s_x, w, s_w, x_lr, up, bias, out_dtype=out_dtype, mode=mode)
+    return w4.tpu_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, mode=tpu_mode(w_packed.dtype))
   if be == "xla" or not pallas_supports(n, k) or r % 16:
-    return _xla_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype)
-  from .w4a4_gpu import w4a4_matmul_gpu_any_m
-  if w_packed.dtype == jnp.uint8 and q_x.shape[0] < INT8_UNPACK_MIN_M:
-    # small M: keep the weights packed and unpack int4 -> int8 in registers inside the kernel
-    return w4a4_matmul_gpu_any_m(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype=out_dtype, weights="int4")
-  # large M: one XLA pass unpacks the weights (~0.02-0.05 ms by bytes), then the faster int8-operand kernel
-  return w4a4_matmul_gpu_any_m(q_x, s_x, _int8_weights(w_packed), s_w, x_lr, up, bias, out_dtype=out_dtype,
-                               weights="int8")
+    return xp.w4a4_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype,
+                          fp8_mxu=_platform() == "tpu" and _tpu_fp8_only())
+  # small M: keep the weights packed and unpack int4 -> int8 in registers inside the kernel; large M: one XLA pass
+  # unpacks the weights, then the faster int8-operand kernel
+  return w4.gpu_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype,
+                       in_registers=w_packed.dtype == jnp.uint8 and q_x.shape[0] < INT8_UNPACK_MIN_M)
 
 
 def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_signs=None, rot_block: int | None = None,
@@ -235,10 +185,10 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   scales agree to an ulp.
 
   ``rot_signs`` ([K] +-1, optional): the smoothed input is rotated before quantization and before ``down``, as
-  ``quant.rotate.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
+  ``numerics.hadamard.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
   dividing K, at most ``rot_block``). The "fused" impl rotates inside the kernel for blocks of 64 to
   ``act_quant_gpu.ROT_DISPATCH_MAX_BLOCK`` (512, where it beat the XLA pass on an H100; bf16 tensor-core products:
-  a few codes in 1e3 differ by one from the f32 rotation's); otherwise ``quant.rotate.rotate_activations_mxu``
+  a few codes in 1e3 differ by one from the f32 rotation's); otherwise ``numerics.hadamard.rotate_activations_mxu``
   rotates first (the kernel's numerics as one batched bf16 product on the tensor cores / MXU; on every backend, the
   reference included) and the unrotated path quantizes its output.
   """
@@ -248,14 +198,13 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   r = 0 if down is None else down.shape[1]
   fused_gpu = be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu"
   if rot_signs is not None:
-    from wanjax.quant.rotate import hadamard_block_size, rotate_activations_mxu
     b = hadamard_block_size(x.shape[1], rot_block)
     in_kernel = 64 <= b <= act_quant_gpu.ROT_DISPATCH_MAX_BLOCK
     if (fused_gpu and in_kernel and x.shape[0] >= FUSED_ROT_ACT_QUANT_MIN_M
         and act_quant_gpu.fused_supports(*x.shape, r, chunk=b)):
       return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b,
                                                     **act_quant_gpu.rotation_options(b))
-    x, smooth = rotate_activations_mxu(reference.smooth_act(x, smooth), rot_signs, b), None
+    x, smooth = xp.rotate_smoothed(x, smooth, rot_signs, b), None
   if be == "reference":
     return reference.act_quant(x, smooth, down, clip, static_scale)
   if be == "pallas" and act_quant_impl == "pallas":
@@ -292,9 +241,7 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
   """
   lead = x.shape[:-1]
   k = x.shape[-1]
-  if _weights_nk(w_packed)[1] != k:
-    raise ValueError(f"w4a4_linear: w_packed must be uint8 [N, K/2={k // 2}] or int8 [N, K={k}], got "
-                     f"{w_packed.dtype} {w_packed.shape}")
+  w4.check_linear_input(x, w_packed)
   x2 = x.reshape(-1, k)
   q, s, x_lr = act_quant(x2, smooth, down, clip, static_scale, rot_signs=rot_signs, rot_block=rot_block,
                          backend=backend, act_quant_impl=act_quant_impl)
@@ -304,54 +251,6 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
 
 
 # ------------------------------------------------------------------------------------------------------ MXFP4
-MXFP4_BLOCK = 32
-MX_NAN_EXP = 128  # E8M0 code 255 (a block with a non-finite input) as an exponent
-
-
-def mxfp4_decode(codes, scales, block: int = MXFP4_BLOCK):
-  """MXFP4 codes -> (E2M1 element values f32 [R, K], block exponents int32 [R, K/block]).
-
-  ``codes``: uint8 E2M1 codes, packed two per byte ``[R, K/2]`` (``formats_pack``) or one per byte ``[R, K]`` (told
-  apart by their width against ``scales``, K = scales.shape[-1] * block); ``scales``: uint8 E8M0 codes
-  ``[R, K/block]`` (exponent = code - 127; code 255 = NaN block, exponent 128).
-  """
-  from wanjax.quant.formats_codecs import e2m1_decode
-  from wanjax.quant.formats_pack import unpack_nibbles
-
-  codes = jnp.asarray(codes)
-  scales = jnp.asarray(scales)
-  k = scales.shape[-1] * block
-  if codes.shape[-1] * 2 == k:
-    codes = unpack_nibbles(codes, signed=False)
-  if codes.shape[-1] != k or codes.shape[:-1] != scales.shape[:-1]:
-    raise ValueError(f"mxfp4_decode: codes [R, K/2] (packed) or [R, K] and E8M0 scales [R, K/{block}] expected, got "
-                     f"{codes.shape} and {scales.shape}")
-  return e2m1_decode(codes), scales.astype(jnp.int32) - 127
-
-
-def mxfp4_act_quant(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "safe_ceil",
-                    block: int = MXFP4_BLOCK):
-  """MXFP4 activation quantization of ``x [M, K]`` (after ``/ smooth``): (values f32 [M, K], exps int32 [M, K/block]).
-
-  Exactly ``wanjax.quant.formats.quantize_mxfp4`` (``nonfinite="nan"``: a block with a non-finite input gets exponent
-  128, which makes its output row NaN as in fake mode); ``clip`` and ``exp_offset`` may be traced.
-  """
-  from wanjax.quant.formats_fp4 import quantize_mxfp4
-
-  xs = reference.smooth_act(x, smooth)
-  qt = quantize_mxfp4(xs, scale_rule=scale_rule, exp_offset=exp_offset, clip=clip, block_size=block, nonfinite="nan")
-  return mxfp4_decode(qt.codes, qt.scales, block)
-
-
-def _mx_dequant(v, e, block, dtype):
-  """Exact ``v * 2**e`` per block (``mxfp4_gpu.dequantize``; NaN-block exponents clamped to 127, their rows are
-  set to NaN after the dot), cast to ``dtype`` (exact for bf16/f32: E2M1 values times a power of two need 2
-  significant bits)."""
-  from .mxfp4_gpu import dequantize
-
-  return dequantize(v, jnp.minimum(e, 127), block).astype(dtype)
-
-
 def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp.bfloat16,
                  backend: str | None = None, block: int = MXFP4_BLOCK, interpret: bool = False, config=None):
   """MXFP4 x MXFP4 GEMM on decoded operands: ``x = xv * 2**xe`` [M, K], ``w = wv * 2**we`` [N, K] (per block of 32
@@ -370,37 +269,16 @@ def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp
   ``interpret`` / ``config`` (tests): run the "pallas" kernel path in the Mosaic GPU interpreter with that tiling.
   """
   be = select_backend(backend)
-  (m, k), n = xv.shape, wv.shape[0]
-  if wv.shape[1] != k or xe.shape != (m, k // block) or we.shape != (n, k // block):
-    raise ValueError(f"mxfp4_matmul: xv [M, K], xe [M, K/{block}], wv [N, K], we [N, K/{block}] expected, got "
-                     f"{xv.shape}, {xe.shape}, {wv.shape}, {we.shape}")
+  mx.check_operands(xv, xe, wv, we, block)
+  n, k = wv.shape
   r = 0 if x_lr is None else x_lr.shape[1]
   inexact = jnp.int32(0)
   if (be == "pallas" and (interpret or _platform() == "gpu") and block == 32 and not r % 16
       and (config is not None or pallas_supports(n, k))):
-    from .mxfp4_gpu import mxfp4_matmul_gpu
-    from .w4a4_gpu import DEFAULT_CONFIG
-    # the Mosaic GPU GEMM needs M >= tile_m and (lowering for CUDA) M % 8 == 0: pad with zero rows (exact, not
-    # counted), cut them off after
-    mp = max((config or DEFAULT_CONFIG).tile_m, -(-m // 8) * 8)
-    pad = ((0, mp - m), (0, 0))
-    xv_p, xe_p = jnp.pad(xv, pad), jnp.pad(xe, pad, constant_values=-126)
-    x_lr_p = None if x_lr is None else jnp.pad(x_lr, pad)
-    y, bad_x, bad_w = mxfp4_matmul_gpu(xv_p, xe_p, wv, we, x_lr_p, up, bias, out_dtype=jnp.float32, config=config,
-                                       interpret=interpret)
-    y = y[:m]
-    inexact = (bad_x + bad_w).astype(jnp.int32)
+    y, inexact = mx.pallas_matmul(xv, xe, wv, we, x_lr, up, bias, config=config, interpret=interpret)
   else:
-    dt = jnp.float32 if be == "reference" else jnp.bfloat16
-    prec = lax.Precision.HIGHEST if be == "reference" else None
-    acc = lax.dot_general(_mx_dequant(xv, xe, block, dt), _mx_dequant(wv, we, block, dt), (((1,), (1,)), ((), ())),
-                          precision=prec, preferred_element_type=jnp.float32)
-    y = reference.w4a4_epilogue(acc, jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32), x_lr, up, bias,
-                                jnp.float32)
-  nan_x = jnp.any(xe >= MX_NAN_EXP, axis=1)
-  nan_w = jnp.any(we >= MX_NAN_EXP, axis=1)
-  y = jnp.where(nan_x[:, None] | nan_w[None, :], jnp.float32(jnp.nan), y)
-  return y.astype(out_dtype), inexact
+    y = xp.mxfp4_matmul(xv, xe, wv, we, x_lr, up, bias, block, exact=be == "reference")
+  return mx.nan_rows(y, xe, we).astype(out_dtype), inexact
 
 
 def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=None, clip=1.0, exp_offset=0,
@@ -410,7 +288,7 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
 
   Args:
     x: activations [..., K] (any float dtype).
-    w_codes: uint8 MXFP4 weight codes, packed [N, K/2] (``formats_pack`` layout) or [N, K].
+    w_codes: uint8 MXFP4 weight codes, packed [N, K/2] (``numerics.pack`` layout) or [N, K].
     w_scales: uint8 E8M0 weight scale codes [N, K/32].
     smooth: optional [K] smoothing divisor; down, up: optional low-rank branch [K, r] / [r, N]; bias: optional [N].
     clip, exp_offset: the activation block abs-max multiplier and MX exponent offset of the active timestep bin
@@ -438,11 +316,11 @@ def mxfp4_linear(x, w_codes, w_scales, *, smooth=None, down=None, up=None, bias=
     return (y, bad_x + bad_w) if return_inexact else y
   lead = x.shape[:-1]
   k = x.shape[-1]
-  wv, we = mxfp4_decode(w_codes, w_scales)
+  wv, we = mx.mxfp4_decode(w_codes, w_scales)
   if wv.shape[1] != k:
     raise ValueError(f"mxfp4_linear: weights have K={wv.shape[1]}, activations K={k}")
   x2 = x.reshape(-1, k)
-  xv, xe = mxfp4_act_quant(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
+  xv, xe = mx.mxfp4_act_quant(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
   x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
   y, inexact = mxfp4_matmul(xv, xe, wv, we, x_lr, up if x_lr is not None else None, bias, out_dtype=out_dtype,
                             backend=backend)
@@ -471,37 +349,24 @@ def mxfp4_linear_fp8(x, w8, s_w, *, smooth=None, down=None, up=None, bias=None, 
   """
   if act_quant_impl not in ("fused", "xla"):
     raise ValueError(f"mxfp4_linear_fp8: act_quant_impl must be 'fused' or 'xla', got {act_quant_impl!r}")
-  from .mxfp4_gpu import act_to_fp8
-
   be = select_backend(backend)
   lead, k = x.shape[:-1], x.shape[-1]
   n = w8.shape[0]
-  if w8.ndim != 2 or w8.shape[1] != k or w8.dtype != jnp.float8_e4m3fn or s_w.shape != (n,):
-    raise ValueError(f"mxfp4_linear_fp8: w8 float8_e4m3fn [N, K={k}] and s_w [N] expected (from "
-                     f"mxfp4_gpu.prepare_weights), got w8 {w8.dtype} {w8.shape}, s_w {s_w.shape}")
+  mx.check_fp8_weights(w8, s_w, k)
   x2 = x.reshape(-1, k)
   r_dn = 0 if down is None else down.shape[1]
   if (be == "pallas" and act_quant_impl == "fused" and _platform() == "gpu" and x2.shape[0] >= FUSED_ACT_QUANT_MIN_M
       and mxfp4_act_gpu.supports(x2.shape[0], k, r_dn)):
-    # one Triton kernel: block exponents, E2M1 rounding, e4m3 re-encoding and the rank-r projection
-    # (x_lr = bf16(x) @ bf16(down / smooth): bf16 rounding away from the reference's bf16(x / smooth) @ down)
-    x8, s_x, inexact, x_lr = mxfp4_act_gpu.act_to_fp8_pallas(x2, smooth, down, clip, exp_offset,
-                                                             scale_rule=scale_rule, **mxfp4_act_gpu.OPTIONS)
+    x8, s_x, inexact, x_lr = mx.act_to_fp8_fused(x2, smooth, down, clip, exp_offset, scale_rule)
   else:
-    x8, s_x, inexact = act_to_fp8(x2, smooth, clip, exp_offset, scale_rule=scale_rule)
-    x_lr = None if down is None else reference.lowrank_down(x2, down, smooth)
+    x8, s_x, inexact, x_lr = mx.act_to_fp8_xla(x2, smooth, down, clip, exp_offset, scale_rule)
   u = up if x_lr is not None else None
   r = 0 if x_lr is None else x_lr.shape[1]
   if _gpu_gemm(be, n, k, r):
-    from .w4a4_gpu import w4a4_matmul_gpu_any_m
-    y = w4a4_matmul_gpu_any_m(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, weights="fp8")
+    y = mx.fp8_gpu_matmul(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype)
   elif be == "pallas" and _platform() == "tpu" and _tpu_fp8_only():
-    from .w4a4_tpu import w4a4_matmul_tpu  # TPU7x: the FP8 MXU on the same e4m3 rows and row scales
-    y = w4a4_matmul_tpu(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype=out_dtype, mode="fp8")
+    y = mx.fp8_tpu_matmul(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype)
   else:
-    dt, prec = (jnp.float32, lax.Precision.HIGHEST) if be == "reference" else (jnp.bfloat16, None)
-    acc = lax.dot_general(x8.astype(dt), w8.astype(dt), (((1,), (1,)), ((), ())), precision=prec,
-                          preferred_element_type=jnp.float32)
-    y = reference.w4a4_epilogue(acc, s_x, s_w, x_lr, u, bias, out_dtype)
+    y = xp.fp8_matmul(x8, s_x, w8, s_w, x_lr, u, bias, out_dtype, exact=be == "reference")
   y = y.reshape(*lead, n)
   return (y, inexact) if return_inexact else y

@@ -1,7 +1,7 @@
 """MXFP4 activation quantization straight into the FP8 GEMM's operand, as one Pallas (Triton) kernel.
 
 Same numbers as :func:`kernels.mxfp4_gpu.act_to_fp8` (the XLA version): per block of 32 elements along K, the shared
-exponent of ``wanjax.quant.formats_fp4.mx_shared_exponent`` (from the bits of ``amax * clip``), E2M1 rounding (ties to
+exponent of ``wanjax.numerics.fp4.mx_shared_exponent`` (from the bits of ``amax * clip``), E2M1 rounding (ties to
 the even code, saturating at 6), then each token re-encoded as e4m3 values times one power-of-two row scale
 ``2**max_block_exp`` (exact while a block's exponent is within 8 of the row's largest; rows with a rounded element are
 counted). A block with a non-finite input gets exponent -126 and zero elements, and its row a NaN scale.
@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from wanjax.quant.formats_codecs import _E2M1_THRESHOLDS
-from wanjax.quant.formats_codecs import exp2_int as _exp2  # exact f32 2**n from the exponent bits
+from wanjax.numerics.codecs import E2M1_THRESHOLDS as _E2M1_THRESHOLDS
+from wanjax.numerics.codecs import exp2_int as _exp2  # exact f32 2**n from the exponent bits
+from wanjax.numerics.table import E2M1_MAX, MX_BLOCK_SIZE as MX_BLOCK
 
 from .act_quant_gpu import _RNE_MAGIC
 
-MX_BLOCK = 32
-E2M1_MAX = 6.0
 SCALE_RULES = ("safe_ceil", "ocp_floor")
 
 # Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages (H200 sweeps, bench/results/act_quant_v4_fast.json and

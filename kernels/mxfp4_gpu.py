@@ -8,8 +8,8 @@ re-encoded with the row scale 2**max_block_exp: element -> e2m1 * 2**(e_block - 
 block's exponent is within 8 of the row's largest; blocks further below are rounded by the e4m3 cast (counted and
 reported by :func:`reencode_rows`). The GEMM is then fp8 x fp8 -> f32 with scales 2**e_row_x[m] * 2**e_row_w[n].
 
-Inputs here are the decoded E2M1 element values (f32) and the integer block exponents; ``wanjax.quant.formats``
-produces both from its MXFP4 ``QuantizedTensor``.
+Inputs here are the decoded E2M1 element values (f32) and the integer block exponents; ``wanjax.numerics.fp4``
+produces both (``quantize_mxfp4``, then ``mxfp4_decode``).
 
 Status: reference and re-encoding verified on CPU; the FP8 GEMM is the int8 kernel with f32 accumulation, checked in
 the Mosaic GPU interpreter and lowered for CUDA on CPU, and run on an H200 (2026-12-01, ``python -m bench.mxfp4``):
@@ -26,9 +26,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wanjax.numerics.codecs import e2m1_decode, e2m1_encode, ldexp_exact
+from wanjax.numerics.fp4 import mx_shared_exponent, mxfp4_decode
+from wanjax.numerics.groups import group_amax as _group_amax
+from wanjax.numerics.table import E2M1_MAX, MX_BLOCK_SIZE as MX_BLOCK
+
 from . import reference
 
-MX_BLOCK = 32
 MAX_EXACT_SHIFT = 8  # e4m3 holds e2m1 * 2**-d exactly for d <= 8
 
 
@@ -107,13 +111,12 @@ def prepare_weights(codes, scales):
   """MXFP4 weights -> what the FP8 kernel reads, computed once at load time (pure function).
 
   Args:
-    codes: uint8 E2M1 codes [N, K/2] (``formats_pack`` nibble layout) or [N, K].
+    codes: uint8 E2M1 codes [N, K/2] (``numerics.pack`` nibble layout) or [N, K].
     scales: uint8 E8M0 scale codes [N, K/32] (255 = NaN block).
   Returns:
     (w8 float8_e4m3fn [N, K], s_w f32 [N] (2**row exponent; NaN for a row with a NaN block), inexact_rows int32:
     finite rows the e4m3 re-encoding rounded).
   """
-  from .dispatch import mxfp4_decode
   values, exps = mxfp4_decode(codes, scales, MX_BLOCK)
   nan_block = exps >= 128
   r, k = values.shape
@@ -127,14 +130,11 @@ def act_to_fp8(x, smooth=None, clip=1.0, exp_offset=0, *, scale_rule: str = "saf
   """MXFP4 activation quantization straight into the FP8 kernel's operand: (x8 e4m3 [M, K], s_x f32 [M],
   inexact_rows int32).
 
-  The same numbers as ``dispatch.mxfp4_act_quant`` followed by :func:`reencode_rows` (block exponents, E2M1 rounding
-  and E8M0 range of ``wanjax.quant.formats.quantize_mxfp4`` with ``nonfinite="nan"``; a row with a non-finite input
+  The same numbers as ``mxfp4_linear.mxfp4_act_quant`` followed by :func:`reencode_rows` (block exponents, E2M1 rounding
+  and E8M0 range of ``wanjax.numerics.fp4.quantize_mxfp4`` with ``nonfinite="nan"``; a row with a non-finite input
   gets a NaN scale), written as one chain of element-wise ops after two small reductions (block abs-max, row max)
   so XLA fuses it into few passes over x with no f32 intermediate in memory.
   """
-  from wanjax.quant.formats_codecs import e2m1_decode, e2m1_encode, ldexp_exact
-  from wanjax.quant.formats_fp4 import E2M1_MAX, _group_amax, mx_shared_exponent
-
   m, k = x.shape
   xg = reference.smooth_act(x, smooth).reshape(m, k // block, block)
   amax, bad = _group_amax(xg)

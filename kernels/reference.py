@@ -1,6 +1,6 @@
 """Plain-jnp references for the W4A4 kernels (the ground truth every fast kernel is tested against).
 
-Conventions (shared with ``wanjax.quant.formats``):
+Conventions (shared with ``wanjax.numerics``, which owns the int4 packing and the format table):
 
 * int4 values are two's-complement codes in [-8, 7]; symmetric quantization uses [-7, 7].
 * Packed weights: ``uint8`` array ``[N, K // 2]`` (K-major per output channel n). Byte ``j`` of a row holds
@@ -28,44 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-INT4_QMAX = 7  # symmetric int4 grid [-7, 7]
+from wanjax.numerics.pack import pack_int4, packed_as_int4, unpack_int4  # noqa: F401  (public names of the references)
+from wanjax.numerics.table import INT4_QMAX  # symmetric int4 grid [-7, 7]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# int4 packing
-# ----------------------------------------------------------------------------------------------------------------
-def pack_int4(q: jax.Array) -> jax.Array:
-  """Packs int4 codes ``q`` (any integer dtype, values in [-8, 7], shape [..., K] with K even) into uint8 [..., K/2].
-
-  Byte j holds element 2j in the low nibble and element 2j+1 in the high nibble.
-  """
-  if q.shape[-1] % 2:
-    raise ValueError(f"pack_int4: last dimension must be even, got shape {q.shape}")
-  u = q.astype(jnp.int32) & 0xF
-  lo = u[..., 0::2]
-  hi = u[..., 1::2]
-  return (lo | (hi << 4)).astype(jnp.uint8)
-
-
-def unpack_int4(p: jax.Array) -> jax.Array:
-  """Inverse of :func:`pack_int4`: uint8 [..., K/2] -> int8 [..., K] with values in [-8, 7]."""
-  if p.dtype != jnp.uint8:
-    raise ValueError(f"unpack_int4: expected uint8 packed codes, got {p.dtype}")
-  b = p.astype(jnp.int32)
-  lo = ((b & 0xF) ^ 8) - 8  # sign-extend a nibble
-  hi = ((b >> 4) ^ 8) - 8
-  out = jnp.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
-  return out.astype(jnp.int8)
-
-
-def packed_as_int4(p: jax.Array) -> jax.Array:
-  """Reinterprets packed uint8 [N, K/2] as a ``jnp.int4`` array [N, K] (same bits; no arithmetic).
-
-  Only valid where XLA stores int4 packed (GPU/TPU); on CPU use :func:`unpack_int4`.
-  """
-  n, kh = p.shape
-  return lax.bitcast_convert_type(p, jnp.int4).reshape(n, 2 * kh)
-
+# int4 packing (pack_int4 / unpack_int4 / packed_as_int4) is owned by wanjax.numerics.pack: re-exported here, the
+# references' public names.
 
 # ----------------------------------------------------------------------------------------------------------------
 # weight quantization (for tests and benchmarks; the production quantizer lives in wanjax.quant)

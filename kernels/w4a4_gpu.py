@@ -375,7 +375,7 @@ def w4a4_matmul_gpu(
     raise ValueError(f"w4a4_matmul_gpu: weights must be 'int8', 'int4' or 'fp8', got {weights!r}")
   if weights == "int4":
     if w.dtype == jnp.uint8:
-      from .reference import packed_as_int4
+      from wanjax.numerics.pack import packed_as_int4
       w = packed_as_int4(w)
     if w.dtype != jnp.int4:
       raise ValueError(f"w4a4_matmul_gpu(weights='int4'): expected packed uint8 or jnp.int4 weights, got {w.dtype}")

@@ -107,7 +107,7 @@ def w4a4_matmul_tpu(q_x, s_x, w, s_w, x_lr=None, up=None, bias=None, *, out_dtyp
   if mode not in MODES:
     raise ValueError(f"w4a4_matmul_tpu: mode must be one of {MODES}, got {mode!r}")
   if mode in ("int4", "native_int4") and w.dtype == jnp.uint8:
-    from .reference import packed_as_int4
+    from wanjax.numerics.pack import packed_as_int4
     w = packed_as_int4(w)
   fp8_ok = (jnp.int8, jnp.float8_e4m3fn)
   want = {"int8": (jnp.int8,), "fp8": fp8_ok}.get(mode, (jnp.int4,))

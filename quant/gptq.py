@@ -14,7 +14,7 @@ group's scale from the already-updated weights when the pass reaches it, as the 
 
 Numerics: the column loop runs in float32 with ``Precision.HIGHEST`` matmuls; the Cholesky work in
 ``linalg_dtype`` (see ``wanjax.quant.linalg``: float64 under x64 mode, else float32). The result's codes are
-produced with exactly the element rule of ``wanjax.quant.formats`` and the returned dequantized kernel equals
+produced with exactly the element rule of ``wanjax.numerics.formats`` and the returned dequantized kernel equals
 ``dequantize(qweight).T`` bit for bit.
 """
 
@@ -26,7 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wanjax.quant.formats import QuantizedTensor
+from wanjax.numerics.table import INT_FORMATS
+from wanjax.numerics.tensor import QuantizedTensor
 from wanjax.quant.linalg import gptq_inverse_factor, mm, resolve_linalg_dtype
 from wanjax.quant.rtn import (
     WeightQuantSpec,
@@ -99,7 +100,7 @@ def gptq_quantize_kernel(
   h = jnp.asarray(hessian)
   _check_args(fn, w.shape[0], spec, block_size, act_order, static_groups, h)
   weight_clips = tuple(float(c) for c in weight_clips)
-  if weight_clips and (spec.fmt not in ("int4", "int8") or spec.group(w.shape[0]) != w.shape[0]):
+  if weight_clips and (spec.fmt not in INT_FORMATS or spec.group(w.shape[0]) != w.shape[0]):
     raise ValueError(f"{fn}: weight_clips needs int4/int8 weights with per-channel scales, got {spec.fmt} "
                      f"group {spec.group(w.shape[0])} (K={w.shape[0]})")
   if any(not 0.0 < c <= 1.0 for c in weight_clips):
@@ -153,7 +154,7 @@ def _gptq_core(w, h, *, spec, block_size, percdamp, act_order, static_groups, ma
   sub = g if dynamic else b  # columns per scale refresh inside a block
   group_spec = dataclasses.replace(spec, group_size=g) if dynamic else spec
   n_blocks = kp // b
-  code_dtype = jnp.int8 if spec.fmt in ("int4", "int8") else jnp.uint8
+  code_dtype = jnp.int8 if spec.fmt in INT_FORMATS else jnp.uint8
 
   def block_body(bi, carry):
     w, q_all, c_all, s_all = carry

@@ -6,7 +6,7 @@ scan slices it away before ``__call__`` runs):
 =================== ============================== ==========================================================
 variable            shape / dtype                  meaning
 =================== ============================== ==========================================================
-``qweight``         uint8 [N, K/2] (4-bit, packed)  weight codes (``formats_pack`` layout, K-major); int8 [N, K]
+``qweight``         uint8 [N, K/2] (4-bit, packed)  weight codes (``numerics.pack`` layout, K-major); int8 [N, K]
                     or int8 [N, K] (int8 weights)   for 8-bit weights
 ``wscale``          [N, K/g]                        weight scales in the format's native dtype (f32 int, uint8
                                                     E8M0 mxfp4, float8_e4m3fn nvfp4); per channel: [N, 1]
@@ -33,7 +33,7 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
     y   = QDQ_act(x_r; table[bin]) @ dequant(W)^T + (x_r @ down) @ up + bias
 
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
-QDQ and the weight dequantization are bit-exact ``wanjax.quant.formats`` math); ``mode="real"`` calls
+QDQ and the weight dequantization are bit-exact ``wanjax.numerics.formats`` math); ``mode="real"`` calls
 ``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
 per-token activations) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
 the bin's ``act_exp_offset`` applied as in fake mode; ``mxfp4_linear_fp8`` on ``kweight``, or int8 ``kweight`` for
@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wanjax.quant import formats
-from wanjax.quant.rotate import rotate_activations_mxu
+from wanjax.numerics import formats
+from wanjax.numerics.hadamard import rotate_activations_mxu
+from wanjax.numerics.table import INT_FORMATS, INT_QMAX, LINEAR_FORMATS
 
 __all__ = [
     "QLinear",
@@ -66,11 +67,11 @@ __all__ = [
 
 _ACTIVE_BIN: contextvars.ContextVar = contextvars.ContextVar("wanjax_quant_active_bin", default=None)
 
-_W_FMTS = ("int4", "int8", "mxfp4", "nvfp4")
-_A_FMTS = ("int4", "int8", "mxfp4", "nvfp4", None)
+_W_FMTS = LINEAR_FORMATS
+_A_FMTS = LINEAR_FORMATS + (None,)
 MODES = ("fake", "real")
 ACT_MODES = ("dynamic", "static")
-_QMAX = {"int4": 7.0, "int8": 127.0}
+_QMAX = {f: float(q) for f, q in INT_QMAX.items()}  # {"int4": 7.0, "int8": 127.0}
 REAL_W_GROUP = 128  # the group-scaled int4 weights mode="real" runs (kernels/w4a4_g128_gpu.py), besides per channel
 REAL_MX_BLOCK = 32  # the MXFP4 block mode="real" runs (kernels.dispatch.mxfp4_linear), weights and activations
 
@@ -111,7 +112,7 @@ class QLinearConfig:
     a_scale_rule: mxfp4 activation scale rule (``"safe_ceil"``, the seed's, or ``"ocp_floor"``).
     act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats only).
     rot_block: largest Hadamard block (None: the largest power of two dividing K; see
-      ``quant.rotate.hadamard_block_size``).
+      ``numerics.hadamard.hadamard_block_size``).
     nbins: number of timestep bins (leading axis of the bin tables).
   """
 
@@ -133,7 +134,7 @@ class QLinearConfig:
       raise ValueError(f"QLinearConfig: a_fmt must be one of {_A_FMTS}, got {self.a_fmt!r}")
     if self.act_mode not in ACT_MODES:
       raise ValueError(f"QLinearConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
-    if self.act_mode == "static" and self.a_fmt not in ("int4", "int8"):
+    if self.act_mode == "static" and self.a_fmt not in INT_FORMATS:
       raise ValueError(f"QLinearConfig: act_mode='static' needs a_fmt int4/int8, got {self.a_fmt!r}")
     if self.act_mode == "static" and self.a_group is not None:
       raise ValueError("QLinearConfig: act_mode='static' uses one scale per bin (a_group must be None), got "
@@ -304,7 +305,7 @@ def act_qdq(c: QLinearConfig, x: jax.Array, clip, exp_offset, static_scale) -> j
     s = jnp.asarray(static_scale, jnp.float32)
     s = jnp.where(s > 0, s, jnp.float32(1.0))
     return jnp.clip(jnp.round(x / s), -qmax, qmax) * s  # the kernels' static rule (kernels/reference.py)
-  if c.a_fmt in ("int4", "int8"):
+  if c.a_fmt in INT_FORMATS:
     return formats.quantize_dequantize(x, c.a_fmt, group_size=c.a_group, clip=clip, nonfinite="nan")
   if c.a_fmt == "mxfp4":
     return formats.quantize_dequantize(x, "mxfp4", scale_rule=c.a_scale_rule, exp_offset=exp_offset, clip=clip,

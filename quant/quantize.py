@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
 from wanjax.quant.bins import EXPERTS
 from wanjax.quant.qlinear import QLinear, QLinearConfig

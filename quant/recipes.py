@@ -34,7 +34,8 @@ from wanjax.quant.gptq import gptq
 from wanjax.quant.linalg import hessian_from_rows
 from wanjax.quant.lowrank import LOWRANK_METHODS, lowrank
 from wanjax.quant.refit import REFIT_TARGETS, refit_lowrank
-from wanjax.quant.rotate import rotate, rotate_activations, rotate_hessian
+from wanjax.numerics.hadamard import rotate_activations
+from wanjax.quant.rotate import rotate, rotate_hessian
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, rtn
 from wanjax.quant.smooth import DEFAULT_ALPHAS, smooth, smooth_hessian, smooth_search
 

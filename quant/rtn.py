@@ -4,9 +4,9 @@ Layout conventions (the same in every transform of ``wanjax.quant``):
 
 * A Linear's params are a dict ``{"kernel": [K, N], "bias": [N], ...}`` with the kernel stored ``[in, out]`` as in
   ``wanjax/model/layers.py``. Transforms return a NEW dict (input never mutated) and keep keys they do not own.
-* ``wanjax.quant.formats`` quantizes along the LAST axis of ``[N, K]`` weights, i.e. per output channel / per group
+* ``wanjax.numerics.formats`` quantizes along the LAST axis of ``[N, K]`` weights, i.e. per output channel / per group
   of consecutive input channels. So a kernel ``[K, N]`` is quantized as ``kernel.T`` and the resulting
-  :class:`~wanjax.quant.formats_types.QuantizedTensor` (key ``"qweight"``) has codes ``[N, K]`` and scales
+  :class:`~wanjax.numerics.tensor.QuantizedTensor` (key ``"qweight"``) has codes ``[N, K]`` and scales
   ``[N, K // group_size]`` - the layout the kernels pack.
 * After RTN / GPTQ, ``"kernel"`` holds the dequantized (fake-quantized) float32 weight ``[K, N]``, exactly
   ``dequantize(qweight).T``, so fake-quant forward passes and error measurements need nothing else.
@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wanjax.quant import formats
-from wanjax.quant.formats_codecs import E2M1_MAX, e2m1_decode, e2m1_encode, ldexp_exact
+from wanjax.numerics import formats
+from wanjax.numerics.codecs import E2M1_MAX, e2m1_decode, e2m1_encode, ldexp_exact
+from wanjax.numerics.table import FORMAT_TABLE, INT_FORMATS, INT_QMAX, LINEAR_FORMATS
 
 __all__ = [
     "ActQuantSpec",
@@ -40,9 +41,9 @@ __all__ = [
 ]
 
 _F32_TINY = float(jnp.finfo(jnp.float32).tiny)
-_WEIGHT_FORMATS = ("int4", "int8", "mxfp4", "nvfp4")
-_ACT_FORMATS = ("int4", "int8", "mxfp4", "nvfp4")
-_DEFAULT_BLOCK = {"mxfp4": formats.MX_BLOCK_SIZE, "nvfp4": formats.NVFP4_BLOCK_SIZE}
+_WEIGHT_FORMATS = LINEAR_FORMATS
+_ACT_FORMATS = LINEAR_FORMATS
+_DEFAULT_BLOCK = {f.name: f.block for f in FORMAT_TABLE.values() if f.kind == "fp4"}  # mxfp4 32, nvfp4 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +147,8 @@ def check_finite_eager(fn: str, name: str, x) -> None:
 def _quantize_rows(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None):
   """formats quantizer for ``[N, K]`` rows (non-finite policy "nan": finiteness is checked once at API entry)."""
   g = spec.group(w_nk.shape[-1])
-  if spec.fmt in ("int4", "int8"):
-    return formats.quantize_int(w_nk, 4 if spec.fmt == "int4" else 8, group_size=spec.group_size, clip=spec.clip,
+  if spec.fmt in INT_FORMATS:
+    return formats.quantize_int(w_nk, FORMAT_TABLE[spec.fmt].bits, group_size=spec.group_size, clip=spec.clip,
                                 nonfinite="nan")
   if spec.fmt == "mxfp4":
     return formats.quantize_mxfp4(w_nk, scale_rule=spec.scale_rule, clip=spec.clip, block_size=g, nonfinite="nan")
@@ -155,7 +156,7 @@ def _quantize_rows(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None):
 
 
 def weight_scales(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None) -> tuple[jax.Array, jax.Array | None]:
-  """Format-native scales of ``w_nk [N, K]`` exactly as ``wanjax.quant.formats`` computes them.
+  """Format-native scales of ``w_nk [N, K]`` exactly as ``wanjax.numerics.formats`` computes them.
 
   Returns ``(scales [N, K // g], tensor_scale)``: float32 for int formats, uint8 E8M0 codes for mxfp4, float8_e4m3fn
   for nvfp4 (with the float32 tensor scale; ``tensor_scale`` fixes it instead of deriving it from ``w_nk``).
@@ -167,14 +168,14 @@ def weight_scales(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None) -> 
 def quantize_elements(x: jax.Array, scales: jax.Array, tensor_scale, spec: WeightQuantSpec):
   """Quantizes ``x`` element-wise with given format-native ``scales`` (broadcast against ``x``).
 
-  Reproduces the element rule of ``wanjax.quant.formats`` bit for bit (reciprocal-multiply for int / nvfp4,
+  Reproduces the element rule of ``wanjax.numerics.formats`` bit for bit (reciprocal-multiply for int / nvfp4,
   exact power-of-two shift for mxfp4), so RTN with scales from :func:`weight_scales` equals ``formats.quantize``.
 
   Returns ``(codes, dequantized float32)``: int8 codes for int formats, uint8 E2M1 codes for FP4 formats.
   """
   x = jnp.asarray(x, jnp.float32)
-  if spec.fmt in ("int4", "int8"):
-    qmax = 7.0 if spec.fmt == "int4" else 127.0
+  if spec.fmt in INT_FORMATS:
+    qmax = float(INT_QMAX[spec.fmt])
     s = jnp.asarray(scales, jnp.float32)
     q = jnp.clip(jnp.round(x * (1.0 / s)), -qmax, qmax)
     return q.astype(jnp.int8), q * s
@@ -207,7 +208,7 @@ def fake_quant_act(x: jax.Array, spec: ActQuantSpec | None) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   if spec is None:
     return x
-  if spec.fmt in ("int4", "int8"):
+  if spec.fmt in INT_FORMATS:
     return formats.quantize_dequantize(x, spec.fmt, group_size=spec.group_size, clip=spec.clip, nonfinite="nan")
   if spec.fmt == "mxfp4":
     return formats.quantize_dequantize(x, "mxfp4", scale_rule=spec.scale_rule, exp_offset=spec.exp_offset,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.numerics.table import INT_QMAX
 from wanjax.quant.linalg import mm
 from wanjax.quant.qlinear import QLinearConfig, qlinear_apply
 
@@ -75,7 +76,7 @@ def candidate_errors(config: QLinearConfig, arrays: dict, rows, kernel, bias, cl
 def static_base_scale(config: QLinearConfig, xin_absmax) -> jax.Array:
   """Per-bin static scale at clip 1: ``max |x_in| / qmax`` from ``xin_absmax [B, K]`` (abs-max of what the matmul
   sees, i.e. after smoothing / rotation)."""
-  qmax = {"int4": 7.0, "int8": 127.0}[config.a_fmt]
+  qmax = float(INT_QMAX[config.a_fmt])
   return jnp.max(jnp.asarray(xin_absmax, jnp.float32), axis=-1) / qmax
 
 

@@ -28,12 +28,12 @@ def act_inputs(m, k, r, seed):
 
 
 def np_rotate_runtime(x, signs, b, piece=128):
-    """numpy model of the run-time rotation (``quant.rotate.rotate_activations_mxu``, the fused kernel's numerics):
+    """numpy model of the run-time rotation (``numerics.hadamard.rotate_activations_mxu``, the fused kernel's numerics):
     ``x * signs`` in blocks of ``b``, the pieces of ``min(b, piece)`` columns mixed by the +-1 Hadamard of their count
     (float64, rounded to float32), rounded to bf16, times the +-1 Hadamard of a piece (float64), ``/ sqrt(b)``."""
     import ml_dtypes
 
-    from wanjax.quant.rotate import hadamard_matrix
+    from wanjax.numerics.hadamard import hadamard_matrix
 
     h = min(b, piece)
     p = b // h

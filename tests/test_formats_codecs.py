@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from wanjax.quant import formats as F
+from wanjax.numerics import formats as F
 
 
 def _ml_e2m1_codes(y):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wanjax.quant import formats as F
+from wanjax.numerics import formats as F
 
 CASES = [
     ("int4", {"group_size": 32}),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanjax.quant import formats as F
+from wanjax.numerics import formats as F
 
 
 def _ref_exponent(amax, rule, offset=0, clip=1.0):

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from wanjax.quant import formats as F
+from wanjax.numerics import formats as F
 
 E4M3 = ml_dtypes.float8_e4m3fn
 

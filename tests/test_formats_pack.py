@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wanjax.quant import formats as F
+from wanjax.numerics import formats as F
 
 
 def test_hand_written_byte_layout():

@@ -156,10 +156,10 @@ def test_no_smooth_skips_the_multiply_and_matches_reference(opts):
 def test_fused_kernel_rotation_matches_the_f32_rotation(m, k, r, chunk, opts):
   """In-kernel rotation (``rot_signs``): the input rotated with Hadamard blocks of ``chunk`` after the smoothing
   (blocks over 128 as butterflies across pieces of 128). In the interpreter, codes and scales are those of
-  ``quant.rotate.rotate_activations_mxu`` (the run-time rotation of the XLA paths) exactly; against the f32 transform
+  ``numerics.hadamard.rotate_activations_mxu`` (the run-time rotation of the XLA paths) exactly; against the f32 transform
   ``rotate_activations`` the codes differ by one where bf16 rounding moves a value across a rounding boundary (a few
   in 1e3), scales and x_lr within bf16 rounding."""
-  from wanjax.quant.rotate import random_signs, rotate_activations, rotate_activations_mxu
+  from wanjax.numerics.hadamard import random_signs, rotate_activations, rotate_activations_mxu
   import jax
   x, smooth, down = _inputs(m, k, max(r, 16), m * k + r)
   down = down if r else None
@@ -191,7 +191,7 @@ def test_dispatch_rotates_in_the_kernel_where_the_block_fits(monkeypatch):
   and 1024 (slower in the kernel on the H100) are rotated by the XLA pass first and the kernel quantizes its
   output unrotated."""
   from wanjax.kernels import act_quant_gpu
-  from wanjax.quant.rotate import random_signs, rotate_activations
+  from wanjax.numerics.hadamard import random_signs, rotate_activations
   import jax
   calls = []
   orig = act_quant_gpu.act_quant_lowrank_pallas

@@ -5,7 +5,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from wanjax.kernels import dispatch
+from wanjax.kernels import dispatch, xla_paths
 from wanjax.kernels import reference as ref
 from wanjax.kernels.act_quant_gpu import act_quant_fused
 
@@ -218,8 +218,8 @@ def test_tpu7x_runs_w4a4_on_fp8_with_the_same_numbers(monkeypatch, backend):
   seen.clear()
   monkeypatch.setattr(dispatch, "tpu_generation", lambda kind=None: 7)
   dots = []
-  real_dot = dispatch.lax.dot_general
-  monkeypatch.setattr(dispatch.lax, "dot_general", lambda a, b, *r, **k: dots.append((a.dtype, b.dtype))
+  real_dot = xla_paths.lax.dot_general
+  monkeypatch.setattr(xla_paths.lax, "dot_general", lambda a, b, *r, **k: dots.append((a.dtype, b.dtype))
                       or real_dot(a, b, *r, **k))
   y = dispatch.w4a4_linear(x, wp, sw, smooth=smooth, down=down, up=up, bias=bias, out_dtype=jnp.float32,
                            backend=backend)
@@ -236,7 +236,7 @@ def test_rotated_input_equals_quantizing_the_rotated_input(backend, block):
   """``rot_signs``: act quant and the linear of x equal those of ``rotate_activations_mxu(x / smooth)`` (the run-time
   rotation) with no smoothing (on CPU every backend takes the XLA rotation pass; the GPU kernel's in-kernel rotation
   is tested in tests/test_kernels_act_quant_fused.py)."""
-  from wanjax.quant.rotate import random_signs, rotate_activations_mxu
+  from wanjax.numerics.hadamard import random_signs, rotate_activations_mxu
   x, wp, sw, smooth, down, up, bias = _layer(5, 45, 256, 64, 16)
   signs = random_signs(jax.random.key(1), 256)
   xr = rotate_activations_mxu(ref.smooth_act(x, smooth), signs, block)
@@ -257,7 +257,7 @@ def test_tpu7x_runs_prepared_mxfp4_on_the_fp8_kernel(monkeypatch):
   "fp8" mode (interpreter here): the same output as the "xla" backend's exact bf16 products."""
   from wanjax.kernels import w4a4_tpu
   from wanjax.kernels.mxfp4_gpu import prepare_weights
-  from wanjax.quant import formats
+  from wanjax.numerics import formats
 
   seen = {}
   orig = w4a4_tpu.w4a4_matmul_tpu

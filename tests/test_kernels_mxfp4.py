@@ -67,8 +67,8 @@ def test_fp8_gemm_lowers_for_cuda():
 
 
 def _mx_layer(m=24, k=256, n=256, r=16, seed=3):
-  from wanjax.quant.formats_fp4 import quantize_mxfp4
-  from wanjax.quant.formats_pack import pack_nibbles
+  from wanjax.numerics.fp4 import quantize_mxfp4
+  from wanjax.numerics.pack import pack_nibbles
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 4, (m, 1)), jnp.bfloat16).at[:, 7].multiply(40.0)
   qt = quantize_mxfp4(jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.float32), scale_rule="ocp_floor")
@@ -82,7 +82,7 @@ def _mx_layer(m=24, k=256, n=256, r=16, seed=3):
 @pytest.mark.parametrize("scale_rule,exp_offset", [("safe_ceil", 0), ("ocp_floor", -1)])
 def test_act_to_fp8_equals_quantize_then_reencode(scale_rule, exp_offset):
   """The fused activation path gives exactly the FP8 rows and scales of MXFP4 quantization + re-encoding."""
-  from wanjax.kernels.dispatch import mxfp4_act_quant
+  from wanjax.kernels.mxfp4_linear import mxfp4_act_quant
   from wanjax.kernels.mxfp4_gpu import act_to_fp8, exp2_exact
   x, _, _, smooth, *_ = _mx_layer()
   x8, s_x, bad = act_to_fp8(x, smooth, 0.8, exp_offset, scale_rule=scale_rule)
@@ -94,7 +94,7 @@ def test_act_to_fp8_equals_quantize_then_reencode(scale_rule, exp_offset):
 
 
 def test_prepare_weights_exact_and_nan_rows():
-  from wanjax.kernels.dispatch import mxfp4_decode
+  from wanjax.numerics.fp4 import mxfp4_decode
   from wanjax.kernels.mxfp4_gpu import prepare_weights
   _, codes, scales, *_ = _mx_layer()
   scales = scales.at[5, 2].set(255)  # an E8M0 NaN block: that output channel must become NaN

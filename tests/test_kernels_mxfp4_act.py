@@ -84,8 +84,8 @@ def test_linear_fp8_routes_fused_kernel(monkeypatch):
   XLA one here (N = 256 runs on "xla"-like math once _gpu_gemm is false off a GPU)."""
   from wanjax.kernels import mxfp4_act_gpu
   from wanjax.kernels.mxfp4_gpu import prepare_weights
-  from wanjax.quant.formats_fp4 import quantize_mxfp4
-  from wanjax.quant.formats_pack import pack_nibbles
+  from wanjax.numerics.fp4 import quantize_mxfp4
+  from wanjax.numerics.pack import pack_nibbles
 
   calls = []
   orig = mxfp4_act_gpu.act_to_fp8_pallas

@@ -182,7 +182,7 @@ def test_dispatch_linear_g128_vs_reference():
 
 def test_qlinear_real_mode_g128_matches_fake(monkeypatch):
   backend = "xla"  # the CPU default (reference: same dispatcher path as test_dispatch_group_size)
-  from wanjax.quant import formats
+  from wanjax.numerics import formats
   from wanjax.quant.apply import active_bin
   from wanjax.quant.qlinear import QLinear, QLinearConfig
   monkeypatch.setenv("WANJAX_KERNELS", backend)

@@ -9,7 +9,7 @@ from flax import nnx
 from wanjax.config import TINY
 from wanjax.model.dit import WanDiT
 from wanjax.model.layers import Linear
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 from kernel_inputs import np_rotate_runtime

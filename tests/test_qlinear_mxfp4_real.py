@@ -12,7 +12,7 @@ from wanjax.config import TINY
 from wanjax.kernels import dispatch
 from wanjax.kernels import reference as ref
 from wanjax.model.dit import WanDiT
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
 from wanjax.quant.qlinear import QLinear, QLinearConfig, qlinear_apply
 from wanjax.quant.recipes import get_recipe

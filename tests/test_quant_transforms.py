@@ -9,19 +9,18 @@ import jax
 import jax.numpy as jnp
 import scipy.linalg
 
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.linalg import hessian_from_rows, resolve_linalg_dtype
 from wanjax.quant.lowrank import lowrank, svd_lowrank
-from wanjax.quant.rotate import (
+from wanjax.numerics.hadamard import (
     apply_hadamard,
     hadamard_block_size,
     hadamard_matrix,
     random_signs,
-    rotate,
     rotate_activations,
     rotate_activations_mxu,
-    rotate_hessian,
 )
+from wanjax.quant.rotate import rotate, rotate_hessian
 from wanjax.quant.rtn import (
     ActQuantSpec,
     WeightQuantSpec,

@@ -1,4 +1,4 @@
-"""Argument validation and the non-finite input policy shared by the quantizers in ``wanjax.quant.formats``.
+"""Argument validation and the non-finite input policy shared by the quantizers in ``wanjax.numerics.formats``.
 
 Non-finite policy (argument ``nonfinite`` of every quantizer):
 

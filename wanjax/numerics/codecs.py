@@ -1,7 +1,7 @@
 """Element codecs shared by the quantization formats: E2M1 (FP4), E8M0 (MX scale), FP8 e4m3, exact powers of two.
 
 All functions are pure ``jnp`` and jit-friendly. Nothing here knows about groups or scales; see
-``wanjax.quant.formats`` for the formats built on top of these codecs.
+``wanjax.numerics.formats`` for the formats built on top of these codecs.
 
 E2M1 codes (OCP MX v1.0, 4 bits): bit 3 = sign, bits 2-1 = exponent (bias 1), bit 0 = mantissa.
 Code ``c`` and ``c | 8`` are the positive / negative value of the magnitude index ``c & 7``::
@@ -18,8 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.numerics.table import E2M1_MAX, FP8_E4M3_MAX
+
 __all__ = [
     "E2M1_MAX",
+    "E2M1_THRESHOLDS",
     "E2M1_VALUES",
     "E8M0_NAN_CODE",
     "FP8_E4M3_MAX",
@@ -37,10 +40,6 @@ __all__ = [
 E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
 )
-#: Largest E2M1 magnitude.
-E2M1_MAX = 6.0
-#: Largest finite float8_e4m3fn magnitude.
-FP8_E4M3_MAX = 448.0
 #: E8M0 code reserved for NaN (OCP MX).
 E8M0_NAN_CODE = 255
 
@@ -53,7 +52,7 @@ E8M0_NAN_CODE = 255
 #   2.5 : 2 | 3    -> tie to 2   (index 4)              '>'
 #   3.5 : 3 | 4    -> tie to 4   (index 6)              '>='
 #   5.0 : 4 | 6    -> tie to 4   (index 6)              '>'
-_E2M1_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+E2M1_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
 def e2m1_encode(y: jax.Array) -> jax.Array:
@@ -65,7 +64,7 @@ def e2m1_encode(y: jax.Array) -> jax.Array:
   y = jnp.asarray(y, jnp.float32)
   mag = jnp.abs(y)
   idx = jnp.zeros(y.shape, jnp.uint8)
-  for threshold, inclusive in _E2M1_THRESHOLDS:
+  for threshold, inclusive in E2M1_THRESHOLDS:
     passed = (mag >= threshold) if inclusive else (mag > threshold)
     idx = idx + passed.astype(jnp.uint8)
   sign = jnp.signbit(y).astype(jnp.uint8) << 3

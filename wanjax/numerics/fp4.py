@@ -1,8 +1,8 @@
 """FP4 (E2M1) block formats: MXFP4 (OCP MX, E8M0 scale per 32) and NVFP4 (e4m3 scale per 16 + fp32 tensor scale).
 
-Both quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor` with uint8
-E2M1 codes (see ``formats_codecs``). Elements are ``x / scale`` rounded to the E2M1 grid half-to-even and saturated
-at +-6.
+Both quantize along the last axis (K) and return a :class:`~wanjax.numerics.tensor.QuantizedTensor` with
+uint8 E2M1 codes (see ``wanjax.numerics.codecs``). Elements are ``x / scale`` rounded to the E2M1 grid half-to-even
+and saturated at +-6. ``mxfp4_decode`` turns MXFP4 codes into the kernels' operands (E2M1 values, block exponents).
 """
 
 from __future__ import annotations
@@ -13,53 +13,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count, is_traced
-from wanjax.quant.formats_codecs import (
-    E2M1_MAX,
-    E8M0_NAN_CODE,
-    FP8_E4M3_MAX,
-    e2m1_decode,
-    e2m1_encode,
-    e8m0_encode,
-    floor_log2,
-    fp8_e4m3_encode,
-    ldexp_exact,
-)
-from wanjax.quant.formats_types import QuantizedTensor
+from wanjax.numerics.checks import check_choice, check_finite, check_positive, group_count, is_traced
+from wanjax.numerics.codecs import (E8M0_NAN_CODE, e2m1_decode, e2m1_encode, e8m0_encode, floor_log2, fp8_e4m3_encode,
+                                    ldexp_exact)
+from wanjax.numerics.dequant import dequantize_mxfp4, dequantize_nvfp4
+from wanjax.numerics.groups import F32_TINY as _F32_TINY
+from wanjax.numerics.groups import group_amax as _group_amax
+from wanjax.numerics.groups import split_groups as _split_groups
+from wanjax.numerics.pack import unpack_nibbles
+from wanjax.numerics.table import E2M1_MAX, FP8_E4M3_MAX, MX_BLOCK_SIZE, MX_SCALE_RULES, NVFP4_BLOCK_SIZE
+from wanjax.numerics.tensor import QuantizedTensor
 
 __all__ = [
     "MX_BLOCK_SIZE",
     "MX_EXP_MAX",
     "MX_EXP_MIN",
+    "MX_NAN_EXP",
     "MX_SCALE_RULES",
     "NVFP4_BLOCK_SIZE",
     "dequantize_mxfp4",
     "dequantize_nvfp4",
     "mx_shared_exponent",
+    "mxfp4_decode",
     "nvfp4_tensor_scale",
     "quantize_mxfp4",
     "quantize_nvfp4",
 ]
 
-MX_BLOCK_SIZE = 32
-NVFP4_BLOCK_SIZE = 16
-#: Scale rules of the seed (arXiv 2605.27003 code): weights use ocp_floor, activations safe_ceil.
-MX_SCALE_RULES = ("ocp_floor", "safe_ceil")
 #: Range of shared exponents we produce: E8M0 codes 1..254. Code 0 (2**-127, a float32 subnormal) is never produced.
 MX_EXP_MIN = -126
 MX_EXP_MAX = 127
+#: E8M0 NaN code 255 (a block with a non-finite input) as an exponent, as :func:`mxfp4_decode` returns it.
+MX_NAN_EXP = E8M0_NAN_CODE - 127
 
-_F32_TINY = float(jnp.finfo(jnp.float32).tiny)
 _FP8_E4M3_MIN_SUBNORMAL = 2.0**-9
-
-
-def _split_groups(x: jax.Array, n_groups: int, group_size: int) -> jax.Array:
-  return jnp.asarray(x, jnp.float32).reshape(*x.shape[:-1], n_groups, group_size)
-
-
-def _group_amax(xg: jax.Array) -> tuple[jax.Array, jax.Array]:
-  finite = jnp.isfinite(xg)
-  return jnp.max(jnp.where(finite, jnp.abs(xg), 0.0), axis=-1), ~jnp.all(finite, axis=-1)
 
 
 def mx_shared_exponent(
@@ -134,16 +121,22 @@ def _quantize_mxfp4_core(x, exp_offset, clip, scale_rule, block_size):
   return codes.reshape(x.shape), scales
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize_mxfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """``E2M1(code) * 2**(scale_code - 127)`` (exact for normal results; scale code 255 gives NaN), cast to ``dtype``."""
-  codes = jnp.asarray(q.codes)
-  n_groups = codes.shape[-1] // q.group_size
-  vals = e2m1_decode(codes).reshape(*codes.shape[:-1], n_groups, q.group_size)
-  sc = jnp.asarray(q.scales).astype(jnp.int32)
-  out = ldexp_exact(vals, (sc - 127)[..., None])
-  out = jnp.where((sc == E8M0_NAN_CODE)[..., None], jnp.float32(jnp.nan), out)
-  return out.reshape(codes.shape).astype(dtype)
+def mxfp4_decode(codes, scales, block: int = MX_BLOCK_SIZE):
+  """MXFP4 codes -> (E2M1 element values f32 [R, K], block exponents int32 [R, K/block]).
+
+  ``codes``: uint8 E2M1 codes, packed two per byte ``[R, K/2]`` (``wanjax.numerics.pack``) or one per byte
+  ``[R, K]`` (told apart by their width against ``scales``, K = scales.shape[-1] * block); ``scales``: uint8 E8M0
+  codes ``[R, K/block]`` (exponent = code - 127; code 255 = NaN block, exponent ``MX_NAN_EXP`` = 128).
+  """
+  codes = jnp.asarray(codes)
+  scales = jnp.asarray(scales)
+  k = scales.shape[-1] * block
+  if codes.shape[-1] * 2 == k:
+    codes = unpack_nibbles(codes, signed=False)
+  if codes.shape[-1] != k or codes.shape[:-1] != scales.shape[:-1]:
+    raise ValueError(f"mxfp4_decode: codes [R, K/2] (packed) or [R, K] and E8M0 scales [R, K/{block}] expected, got "
+                     f"{codes.shape} and {scales.shape}")
+  return e2m1_decode(codes), scales.astype(jnp.int32) - 127
 
 
 def nvfp4_tensor_scale(x: jax.Array, clip: jax.Array | float = 1.0) -> jax.Array:
@@ -203,13 +196,3 @@ def _quantize_nvfp4_core(x, tensor_scale, clip, block_size):
   y = jnp.clip(xg * (1.0 / eff)[..., None], -E2M1_MAX, E2M1_MAX)
   codes = jnp.where(bad[..., None], jnp.uint8(0), e2m1_encode(y))
   return codes.reshape(x.shape), s_b, ts
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize_nvfp4(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """``E2M1(code) * (float(s_b) * tensor_scale)`` per block, cast to ``dtype``."""
-  codes = jnp.asarray(q.codes)
-  n_groups = codes.shape[-1] // q.group_size
-  vals = e2m1_decode(codes).reshape(*codes.shape[:-1], n_groups, q.group_size)
-  eff = jnp.asarray(q.scales).astype(jnp.float32) * q.tensor_scale
-  return (vals * eff[..., None]).reshape(codes.shape).astype(dtype)

@@ -1,6 +1,6 @@
 """Linear-scale formats: symmetric INT4 / INT8 (per channel or per group) and FP8 e4m3 (per tensor or per channel).
 
-All quantize along the last axis (K) and return a :class:`~wanjax.quant.formats_types.QuantizedTensor`.
+All quantize along the last axis (K) and return a :class:`~wanjax.numerics.tensor.QuantizedTensor`.
 Scale rule: ``scale = float32(amax * clip) * float32(1 / qmax)`` with ``amax`` the group's abs-max and ``qmax`` 7
 (int4), 127 (int8) or 448 (fp8 e4m3). A group whose scale would be 0 (all-zero group) or subnormal gets scale 1.0,
 so every scale is a normal positive float32 and the group dequantizes to exact zeros.
@@ -20,9 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wanjax.quant.formats_checks import check_choice, check_finite, check_positive, group_count
-from wanjax.quant.formats_codecs import FP8_E4M3_MAX, fp8_e4m3_encode
-from wanjax.quant.formats_types import QuantizedTensor
+from wanjax.numerics.checks import check_choice, check_finite, check_positive, group_count
+from wanjax.numerics.codecs import fp8_e4m3_encode
+from wanjax.numerics.dequant import dequantize_fp8, dequantize_int
+from wanjax.numerics.groups import F32_TINY as _F32_TINY
+from wanjax.numerics.groups import group_amax as _group_amax
+from wanjax.numerics.groups import split_groups as _split_groups
+from wanjax.numerics.table import FP8_E4M3_MAX, INT_QMAX
+from wanjax.numerics.tensor import QuantizedTensor
 
 __all__ = [
     "dequantize_fp8",
@@ -33,29 +38,16 @@ __all__ = [
     "quantize_int8",
 ]
 
-_F32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32, 2**-126
-
 
 def _recip32(v: float) -> np.float32:
   """float32(1 / v), rounded once (numpy IEEE division)."""
   return np.float32(1.0) / np.float32(v)
 
 
-def _split_groups(x: jax.Array, n_groups: int, group_size: int) -> jax.Array:
-  return jnp.asarray(x, jnp.float32).reshape(*x.shape[:-1], n_groups, group_size)
-
-
 def _safe_scale(scale: jax.Array, bad: jax.Array) -> jax.Array:
   """Replaces 0 / subnormal scales by 1.0 and poisons groups holding non-finite input with NaN."""
   scale = jnp.where(scale >= _F32_TINY, scale, jnp.float32(1.0))
   return jnp.where(bad, jnp.float32(jnp.nan), scale)
-
-
-def _group_amax(xg: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(abs-max over the last axis ignoring non-finite values, whether the group holds a non-finite value)."""
-  finite = jnp.isfinite(xg)
-  amax = jnp.max(jnp.where(finite, jnp.abs(xg), 0.0), axis=-1)
-  return amax, ~jnp.all(finite, axis=-1)
 
 
 def quantize_int(
@@ -92,7 +84,7 @@ def quantize_int(
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
 def _quantize_int_core(x, clip, bits, group_size):
-  qmax = float(2 ** (bits - 1) - 1)
+  qmax = float(INT_QMAX[f"int{bits}"])
   xg = _split_groups(x, x.shape[-1] // group_size, group_size)
   amax, bad = _group_amax(xg)
   scale = _safe_scale(amax * jnp.asarray(clip, jnp.float32) * _recip32(qmax), bad)
@@ -109,15 +101,6 @@ def quantize_int4(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedT
 def quantize_int8(x, group_size=None, clip=1.0, nonfinite="raise") -> QuantizedTensor:
   """Symmetric INT8, codes in [-127, 127], per channel by default; see ``quantize_int``."""
   return quantize_int(x, 8, group_size=group_size, clip=clip, nonfinite=nonfinite)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize_int(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """``codes * scale`` per group for an unpacked int4/int8 ``QuantizedTensor``, cast to ``dtype``."""
-  codes = jnp.asarray(q.codes)
-  n_groups = codes.shape[-1] // q.group_size
-  vals = codes.astype(jnp.float32).reshape(*codes.shape[:-1], n_groups, q.group_size) * q.scales[..., None]
-  return vals.reshape(codes.shape).astype(dtype)
 
 
 def quantize_fp8(
@@ -153,10 +136,3 @@ def _quantize_fp8_core(x, clip, per_tensor):
   # tensor: scale () broadcasts; channel: scale [..., 1] broadcasts over K.
   codes = fp8_e4m3_encode(jnp.where(bad, 0.0, xf * (1.0 / scale)))
   return codes, scale
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize_fp8(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """``codes * scale`` for an FP8 ``QuantizedTensor``, cast to ``dtype``."""
-  # scales () (per tensor) or [..., 1] (per channel) broadcast over the codes [..., K].
-  return (jnp.asarray(q.codes).astype(jnp.float32) * q.scales).astype(dtype)

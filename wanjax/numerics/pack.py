@@ -1,4 +1,4 @@
-"""Packing of 4-bit codes two per byte, in the layout shared with ``wanjax.kernels.reference``.
+"""Packing of 4-bit codes two per byte: the one owner of the nibble layout (formats, kernels and their references).
 
 Layout: codes ``[..., K]`` -> bytes ``uint8 [..., K/2]`` along the last (K) axis, so a weight ``[N, K]`` packs to
 ``[N, K/2]`` (K-major). Byte ``j`` holds element ``k = 2j`` in the LOW nibble (bits 3..0) and ``k = 2j + 1`` in the
@@ -15,10 +15,29 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from wanjax.quant.formats_checks import is_traced
+from wanjax.numerics.checks import is_traced
 
-__all__ = ["pack_nibbles", "unpack_nibbles"]
+__all__ = ["pack_int4", "pack_nibbles", "packed_as_int4", "unpack_int4", "unpack_nibbles"]
+
+
+def _pack(codes):
+  """The nibble layout itself (plain jnp, traceable; no checks): low nibble = even k, high nibble = odd k."""
+  nib = codes.astype(jnp.int32) & 0xF
+  return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(jnp.uint8)
+
+
+def _unpack(packed, signed: bool):
+  """Inverse of :func:`_pack` (plain jnp, traceable; no checks); ``signed`` sign-extends the nibbles to int8."""
+  b = packed.astype(jnp.int32)
+  low = b & 0xF
+  high = b >> 4  # b is a byte (0..255): its high nibble needs no mask
+  if signed:
+    low = (low ^ 8) - 8  # sign-extend a nibble
+    high = (high ^ 8) - 8
+  out = jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+  return out.astype(jnp.int8 if signed else jnp.uint8)
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:
@@ -46,10 +65,7 @@ def _min_max(codes):
   return jnp.min(codes.astype(jnp.int32)), jnp.max(codes.astype(jnp.int32))
 
 
-@jax.jit
-def _pack_core(codes):
-  nib = codes.astype(jnp.int32) & 0xF
-  return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(jnp.uint8)
+_pack_core = jax.jit(_pack)
 
 
 def unpack_nibbles(packed: jax.Array, signed: bool) -> jax.Array:
@@ -66,13 +82,31 @@ def unpack_nibbles(packed: jax.Array, signed: bool) -> jax.Array:
   return _unpack_core(packed, signed=bool(signed))
 
 
-@functools.partial(jax.jit, static_argnames=("signed",))
-def _unpack_core(packed, signed):
-  b = packed.astype(jnp.int32)
-  low = b & 0xF
-  high = (b >> 4) & 0xF
-  if signed:
-    low = (low ^ 8) - 8
-    high = (high ^ 8) - 8
-  out = jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-  return out.astype(jnp.int8 if signed else jnp.uint8)
+_unpack_core = functools.partial(jax.jit, static_argnames=("signed",))(_unpack)
+
+
+# ------------------------------------------------------------------- int4 as the kernels use it (traced inline)
+def pack_int4(q: jax.Array) -> jax.Array:
+  """Packs int4 codes ``q`` (any integer dtype, values in [-8, 7], shape [..., K] with K even) into uint8 [..., K/2].
+
+  The layout of :func:`pack_nibbles` without its range check and its own jit (inlined into the caller's trace).
+  """
+  if q.shape[-1] % 2:
+    raise ValueError(f"pack_int4: last dimension must be even, got shape {q.shape}")
+  return _pack(q)
+
+
+def unpack_int4(p: jax.Array) -> jax.Array:
+  """Inverse of :func:`pack_int4`: uint8 [..., K/2] -> int8 [..., K] with values in [-8, 7]."""
+  if p.dtype != jnp.uint8:
+    raise ValueError(f"unpack_int4: expected uint8 packed codes, got {p.dtype}")
+  return _unpack(p, signed=True)
+
+
+def packed_as_int4(p: jax.Array) -> jax.Array:
+  """Reinterprets packed uint8 [N, K/2] as a ``jnp.int4`` array [N, K] (same bits; no arithmetic).
+
+  Only valid where XLA stores int4 packed (GPU/TPU); on CPU use :func:`unpack_int4`.
+  """
+  n, kh = p.shape
+  return lax.bitcast_convert_type(p, jnp.int4).reshape(n, 2 * kh)
