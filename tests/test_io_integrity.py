@@ -316,3 +316,29 @@ def test_finite_check_is_one_jitted_call(tmp_path, monkeypatch):
     load_dit(convert(d, tmp_path / "c"))
     assert calls == [1, 1, 1]   # safetensors load, convert, cache load: one call each
     assert hasattr(real, "lower")   # a jitted function: the whole tree in one XLA computation
+
+
+def test_nonfinite_leaves_semantics():
+    from wanjax.io.finite import nonfinite_leaves
+    tree = {"ok": {"big": jnp.full((4, 3), 3e38, jnp.float32), "neg0": jnp.full((5,), -0.0, jnp.bfloat16),
+                   "ints": jnp.arange(4), "half": jnp.full((2, 2), 6e4, jnp.float16)},
+            "bad": [jnp.ones((3, 3), jnp.bfloat16).at[1, 2].set(jnp.nan), jnp.ones(7, jnp.float16).at[6].set(-jnp.inf),
+                    jnp.zeros((2, 2), jnp.float32).at[0, 0].set(jnp.inf)]}
+    assert sorted(nonfinite_leaves(tree)) == ["bad/0", "bad/1", "bad/2"]
+
+
+def test_stale_temp_dirs_of_dead_processes_removed(tmp_path):
+    import socket
+    import subprocess
+    from wanjax.io.atomic import make_temp_dir
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".cache.tmp-{host}-{dead.pid}-abc"          # a convert killed mid-write on this host
+    live = tmp_path / f".cache.tmp-{host}-{os.getppid()}-def"        # a running one
+    other = tmp_path / f".cache.tmp-otherhost-{dead.pid}-ghi"        # another host's (shared filesystem)
+    mine = tmp_path / ".cache.notes"
+    for d in (stale, live, other, mine):
+        d.mkdir()
+    t = make_temp_dir(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, mine.name, os.path.basename(t)])

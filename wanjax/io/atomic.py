@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 
@@ -35,12 +37,56 @@ def normalize_modes(root: str) -> None:
             os.chmod(p, fmode | (os.stat(p).st_mode & 0o111 & ~mask))
 
 
+#: The ``tag`` values of the temporary directories that `remove_stale_temps` may remove.
+TEMP_TAGS = ("tmp", "old", "tmp-export")
+
+
+def _temp_tag() -> str:
+    return f"{socket.gethostname().replace(os.sep, '_')}-{os.getpid()}"
+
+
 def make_temp_dir(dst: str | os.PathLike, tag: str = "tmp") -> str:
-    """A fresh hidden temporary directory beside ``dst`` (same filesystem, so `publish_dir` can rename it)."""
+    """A fresh hidden temporary directory beside ``dst`` (same filesystem, so `publish_dir` can rename it), named
+    ``.<name>.<tag>-<host>-<pid>-<random>`` so that `remove_stale_temps` can tell whose it is."""
+    if tag not in TEMP_TAGS:
+        raise ValueError(f"make_temp_dir: tag must be one of {TEMP_TAGS}, got {tag!r}")
     dst = os.path.abspath(os.fspath(dst))
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.{tag}-", dir=parent)
+    remove_stale_temps(dst)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.{tag}-{_temp_tag()}-", dir=parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # e.g. EPERM: it exists
+        return True
+    return True
+
+
+def remove_stale_temps(dst: str | os.PathLike) -> list[str]:
+    """Remove the temporary siblings of ``dst`` (from `make_temp_dir` / `publish_dir`) left by a process of this
+    host that no longer runs (killed mid-write); returns their paths. Another host's, or a live process's, are
+    kept."""
+    dst = os.path.abspath(os.fspath(dst))
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    pat = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(map(re.escape, TEMP_TAGS))})-"
+                     rf"{re.escape(socket.gethostname().replace(os.sep, '_'))}-(\d+)-[^/]+$")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pat.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p = os.path.join(parent, name)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def publish_dir(tmp: str, dst: str, *, inputs=(), what: str = "output") -> str:
@@ -57,7 +103,8 @@ def publish_dir(tmp: str, dst: str, *, inputs=(), what: str = "output") -> str:
     if not os.path.lexists(dst):
         os.rename(tmp, dst)
         return dst
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(os.path.abspath(dst)))
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-{_temp_tag()}-",
+                           dir=os.path.dirname(os.path.abspath(dst)))
     aside = os.path.join(old, "x")
     os.rename(dst, aside)
     try:

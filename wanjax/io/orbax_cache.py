@@ -74,8 +74,11 @@ def _cache_files(root: str) -> list[str]:
 def _hash_files(root: str, rels: list[str]) -> dict[str, str]:
     """``{rel: sha256}``; files are hashed on several threads (hashlib releases the GIL on large buffers)."""
     workers = max(1, min(HASH_THREADS, len(rels)))
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         return dict(zip(rels, pool.map(lambda r: _sha256_file(os.path.join(root, r)), rels)))
+    finally:   # on Ctrl-C do not wait for the files still queued
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _canonical(meta: dict) -> bytes:
