@@ -25,8 +25,9 @@ Two source layouts are supported:
       encoder.final_layer_norm.weight
 
 Torch Linear weights ``[out, in]`` become NNX kernels ``[in, out]``; per-layer tensors are stacked on a leading
-``num_layers`` axis. The ``.pth`` file is read with ``torch.load(weights_only=True, mmap=True)``; torch is only
-imported for that path. Safetensors files are read with a small memory-mapped reader (bf16 included).
+``num_layers`` axis. The ``.pth`` file is read without torch by `wanjax.io.pth.read_pth` (a restricted unpickler:
+tensors only, memory-mapped, no code from the file runs). Safetensors files are read with a small memory-mapped
+reader (bf16 included).
 
 Public API: `load_t5_encoder`, `params_from_state_dict`, `encoder_from_params`, `config_from_official_state`,
 `config_from_hf_dict`, `read_official_pth`, `read_safetensors`, `OFFICIAL`, `HF`.
@@ -45,6 +46,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from wanjax.io.pth import read_pth
 from wanjax.model.t5 import UMT5_XXL, T5Config, UMT5Encoder
 
 OFFICIAL = "official"
@@ -74,33 +76,11 @@ _NORM_KEY = {OFFICIAL: "norm.weight", HF: "encoder.final_layer_norm.weight"}
 def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an official ``.pth`` state dict (e.g. ``models_t5_umt5-xxl-enc-bf16.pth``) as numpy arrays.
 
-    Uses ``torch.load(weights_only=True, mmap=True)``; bf16 tensors are viewed (zero-copy) as
-    ``ml_dtypes.bfloat16``.
+    No torch needed: `wanjax.io.pth.read_pth` (a restricted unpickler over the zip checkpoint that builds tensors
+    only and never runs code from the file). Tensors keep their stored dtype (bf16 as ``ml_dtypes.bfloat16``) and
+    are memory-mapped views of the file where torch stored them uncompressed (as it does).
     """
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"{path}: reading an official .pth checkpoint needs PyTorch, which is not installed. "
-                          "Install torch, or use the diffusers layout (text_encoder/*.safetensors), or "
-                          "convert the checkpoint once with `wanjax convert`.") from None
-    try:
-        sd = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - re-raise with the file name
-        raise ValueError(f"{path}: could not read the .pth file with torch.load(weights_only=True): {e}") from e
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(sd).__name__}")
-    out = {}
-    for k, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is a {type(t).__name__}, expected a tensor")
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            out[k] = t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[k] = t.numpy()
-    return out
+    return read_pth(path)
 
 
 _ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,

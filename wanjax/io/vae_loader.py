@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from wanjax.io.errors import CheckpointError
+from wanjax.io.pth import read_pth
 from wanjax.model.vae import VAEConfig, WanVAE, abstract_vae
 
 OFFICIAL = "official"
@@ -218,26 +219,14 @@ def _as_numpy(v: Any, key: str, source: str) -> np.ndarray:
 
 
 def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read ``Wan2.1_VAE.pth`` with ``torch.load(weights_only=True)`` (torch imported lazily)."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"{path}: reading the official .pth VAE needs PyTorch, which is not installed. Install "
-                          "torch, or use the diffusers layout (vae/config.json + diffusion_pytorch_model.safetensors) "
-                          "or a folder written by `wanjax convert`.") from None
+    """Read ``Wan2.1_VAE.pth`` as numpy arrays (stored dtype; bf16 as ``ml_dtypes.bfloat16``) without torch.
+
+    `wanjax.io.pth.read_pth`: a restricted unpickler over the zip checkpoint that builds tensors only and runs no
+    code from the file; raises `CheckpointError` naming the file for anything else.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: VAE checkpoint not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}). wanjax never "
-                              "unpickles arbitrary objects; use the diffusers layout (vae/ safetensors) or convert "
-                              "the file.") from err
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(sd).__name__}")
-    return {k: _as_numpy(v, k, str(path)) for k, v in sd.items()}
+    return read_pth(path)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
