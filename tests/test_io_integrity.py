@@ -342,3 +342,18 @@ def test_stale_temp_dirs_of_dead_processes_removed(tmp_path):
         d.mkdir()
     t = make_temp_dir(tmp_path / "cache")
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, mine.name, os.path.basename(t)])
+
+
+def test_overwrite_replaces_only_a_cache(tmp_path):
+    src = _expert(tmp_path / "e")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    (tmp_path / "f.txt").write_text("keep")
+    for dst in (other, tmp_path / "f.txt"):
+        with pytest.raises(CheckpointError, match="is not a wanjax cache"):
+            convert(src, dst, overwrite=True)
+    assert (other / "a.jpg").read_bytes() == b"x" and (tmp_path / "f.txt").read_text() == "keep"
+    c = convert(src, tmp_path / "c")
+    convert(src, c, jnp.float32, overwrite=True)   # an earlier cache is replaced
+    assert json.load(open(os.path.join(c, "wanjax_dit.json")))["param_dtype"] == "float32"

@@ -107,6 +107,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         raise CheckpointError(str(e)) from None
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst}: destination exists (pass overwrite=True / --overwrite to replace it)")
+    if os.path.lexists(dst) and not (os.path.isdir(dst) and (not os.listdir(dst)
+                                                             or os.path.isfile(os.path.join(dst, ORBAX_MARKER)))):
+        raise CheckpointError(f"{dst}: destination exists and is not a wanjax cache (no {ORBAX_MARKER}); "
+                              "overwrite only replaces an earlier cache or an empty directory: remove it yourself "
+                              "or choose another destination")
     if source.kind == "orbax":
         raise CheckpointError(f"{os.fspath(src)}: already a converted wanjax cache; nothing to convert")
     tmp = make_temp_dir(dst)
