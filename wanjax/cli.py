@@ -69,6 +69,12 @@ def setup_compile_cache(enabled: bool = True) -> str | None:
             print(f"wanjax: warning: compilation cache {path} not usable ({e}); running without it", file=sys.stderr)
             return None
         jax.config.update("jax_compilation_cache_dir", path)
+        try:      # JAX decides once per process whether to use the cache: let an earlier decision be made again
+            from jax.experimental.compilation_cache import compilation_cache
+
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):  # pragma: no cover - older / newer JAX
+            pass
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
@@ -313,15 +319,24 @@ def _open_pipeline(args: argparse.Namespace, *, release_text_encoder: bool, mesh
     return pipe
 
 
-def resolve_quant_mode(mode: str) -> tuple[str, str]:
-    """``--quant-mode``: ``wanjax.quant.artifact.resolve_quant_mode`` where it exists, else ``auto`` -> ``real`` on
-    a Hopper-or-newer NVIDIA GPU or a TPU, ``fake`` elsewhere; returns ``(mode, one-line reason)``."""
+def resolve_quant_mode(mode: str, qdir: str | None = None, mesh=None) -> tuple[str, str]:
+    """``--quant-mode``: ``wanjax.quant.artifact.resolve_quant_mode`` (told the artifact's layer formats and the
+    mesh) where it exists, else ``auto`` -> ``real`` on a Hopper-or-newer NVIDIA GPU or a TPU, ``fake`` elsewhere;
+    returns ``(mode, one-line reason)``."""
     try:
         from wanjax.quant.artifact import resolve_quant_mode as resolve
     except ImportError:
         resolve = None
     if resolve is not None:
-        return resolve(mode)
+        kw = {}
+        if qdir is not None and _supports(resolve, "layers"):
+            from wanjax.quant.artifact import read_manifest
+
+            kw["layers"] = {f"{e}:{p}": c for e, m in read_manifest(qdir).get("experts", {}).items()
+                            for p, c in m.get("layers", {}).items()}
+        if mesh is not None and _supports(resolve, "mesh"):
+            kw["mesh"] = mesh
+        return resolve(mode, **kw)
     if mode != "auto":
         return mode, "as asked (--quant-mode)"
     import jax
@@ -366,12 +381,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not os.path.isfile(os.path.join(args.quant, "manifest.json")):
             raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
                            "with `wanjax quantize`")
-        qmode, why = resolve_quant_mode(qmode)
-        if args.int8_weights and qmode != "real":
-            raise CLIError(f"--int8-weights needs --quant DIR and --quant-mode real (auto chose {qmode}: {why})")
     if args.force and not args.quant:
         raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
     mesh = _make_mesh(args)
+    if args.quant:
+        qmode, why = resolve_quant_mode(qmode, args.quant, mesh)
+        if args.int8_weights and qmode != "real":
+            raise CLIError(f"--int8-weights needs --quant DIR and --quant-mode real (auto chose {qmode}: {why})")
     _print_settings(gen, args.model)
 
     pipe = _open_pipeline(args, release_text_encoder=True, mesh=mesh)
@@ -636,8 +652,13 @@ def _write_artifact(args, pipe, recipe, stats) -> str:
     qexperts, reports = quantize(pipe, recipe, CalibrationSource(stats), mode="fake")
     summary = {e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
                for e, r in reports.items()}
+    kw = {}
+    if _supports(save_artifact, "source"):
+        kw["source"] = pipe                       # the model's fingerprint: generate --quant checks it
+    if _supports(save_artifact, "inputs"):
+        kw["inputs"] = tuple(p for p in (args.model, args.stats, args.calib, args.work_dir) if p)
     out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
-                        report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite)
+                        report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite, **kw)
     csv_path = f"{out}.sqnr.csv"
     tmp = csv_path + ".tmp"
     with open(tmp, "w") as f:
@@ -798,6 +819,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:                      # argparse's own errors (exit 2), --help and --version (0)
         return int(e.code or 0) if isinstance(e.code, (int, type(None))) else 2
     cmd = f"wanjax {args.command}"
+    import warnings
+
+    show = warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if args.debug:
+            return show(message, category, filename, lineno, file, line)
+        print(f"{cmd}: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         cache = setup_compile_cache(not args.no_compile_cache)
         if cache and args.debug:
@@ -813,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":
