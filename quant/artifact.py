@@ -154,11 +154,14 @@ def _hash_signs(shape) -> jax.Array:
   return jnp.where((h >> 7) & 1, 1.0, -1.0).astype(jnp.float32)
 
 
-@jax.jit
-def _tensor_stats(w):
+def _stats(w):
   """float32 ``[sum |w|, sum w^2, sum w * s]`` with ``s`` the hashed signs of :func:`_hash_signs`."""
   x = w.astype(jnp.float32)
   return jnp.stack([jnp.sum(jnp.abs(x)), jnp.sum(x * x), jnp.sum(x * _hash_signs(x.shape))])
+
+
+_tensor_stats = jax.jit(_stats)                                        # one host tensor at a time
+_tree_stats = jax.jit(lambda d: {k: _stats(v) for k, v in d.items()})  # all device-resident tensors in one program
 
 
 def _expert_states(src) -> dict:
@@ -188,9 +191,9 @@ def model_fingerprint(pipe_or_experts, experts=None) -> dict:
   """A cheap, dtype-tolerant fingerprint of unquantized experts: ``{expert: {"digest": str, "tensors": {name:
   [shape, sum |w|, sum w^2, sum w * s]}}}`` plus ``"method"``.
 
-  Per tensor one jitted float32 reduction (sum of absolute values, of squares, and of the values times a fixed
-  +-1 pattern hashed from the element index), one tensor at a time, so an expert kept in host memory is not put on
-  the device whole. Compared by :func:`compare_fingerprints` with tolerances, not by hash equality, so the same
+  Per tensor three float32 reductions (sum of absolute values, of squares, and of the values times a fixed +-1
+  pattern hashed from the element index): one jitted program for the tensors on the device, one tensor at a time
+  for tensors in host memory (an expert swapped out is not put on the device whole). Compared by :func:`compare_fingerprints` with tolerances, not by hash equality, so the same
   checkpoint loaded at float32 or bfloat16 matches while another model of the same config does not (see
   ``FINGERPRINT_RTOL`` / ``FINGERPRINT_ZTOL``); ``digest`` (a hash of the names, shapes and 2-digit-rounded sums) is
   for messages only. Cost: one read of the weights (milliseconds per expert on an accelerator).
@@ -209,10 +212,12 @@ def model_fingerprint(pipe_or_experts, experts=None) -> dict:
     if any(k.endswith(".qweight") for k in flat):
       raise ValueError(f"model_fingerprint: expert {name!r} is already quantized; fingerprint the BF16 model it "
                        "was quantized from")
+    on_device = {k: v for k, v in flat.items() if isinstance(v, jax.Array)}
+    stats = jax.device_get(_tree_stats(on_device)) if on_device else {}
     tensors = {}
     for key in sorted(flat):
       v = flat[key]
-      st = np.asarray(jax.device_get(_tensor_stats(v)), np.float64)
+      st = np.asarray(stats[key] if key in stats else jax.device_get(_tensor_stats(v)), np.float64)
       tensors[key] = [list(v.shape), *(float(x) for x in st)]
     out["experts"][name] = {"digest": _digest(tensors), "tensors": tensors}
   return out

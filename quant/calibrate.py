@@ -72,7 +72,7 @@ from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, TARGET_LAYERS, CalibStat
                                 save_stats, stat_name, to_host, update_stats)
 
 __all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "CalibrationMismatchError", "calibrate",
-           "input_name", "stat_name", "mx_act_quant_transform", "record_trajectory", "sample_fingerprint"]
+           "check_calibration_model", "input_name", "stat_name", "mx_act_quant_transform", "record_trajectory", "sample_fingerprint"]
 
 F32 = jnp.float32
 _FIRST_OF_SHARED = {"self_attn.qkv": "self_attn.q", "cross_attn.kv": "cross_attn.k"}
@@ -490,6 +490,33 @@ def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], 
     with open(tmp, "w") as f:
         json.dump(want, f, indent=1)
     os.replace(tmp, path)
+
+
+def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
+    """Raise `CalibrationMismatchError` if the calibration in ``work_dir`` (e.g. ``wanjax quantize --stats DIR``)
+    was run on another model than ``pipe``'s: another model config, or weights whose fingerprint differs
+    (`wanjax.quant.artifact.model_fingerprint`). A work dir of an older wanjax without a fingerprint is checked by
+    its config only."""
+    work_dir = os.fspath(work_dir)
+    path = os.path.join(work_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{work_dir}: no manifest.json (not a calibration directory)")
+    with open(path) as f:
+        have = json.load(f)
+    details = _dict_diff({"model": have.get("model")}, json.loads(json.dumps({"model": pipe.cfg.to_dict()},
+                                                                             default=str)))
+    recorded = have.get("model_fingerprint")
+    if recorded is not None and not details:
+        fp = _model_fingerprint(pipe, tuple(recorded["experts"]))
+        if fp is not None:
+            from wanjax.quant.artifact import _fingerprint_problem
+
+            problem = _fingerprint_problem(recorded, fp)
+            if problem:
+                details.append(problem)
+    if details:
+        raise CalibrationMismatchError(f"{work_dir}: the calibration statistics were collected on another model "
+                                       f"({'; '.join(details[:4])}); calibrate this model instead")
 
 
 def _atomic_savez(path, **arrays):

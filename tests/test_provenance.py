@@ -21,7 +21,8 @@ from wanjax.quant.apply import qlinears, quantize_model
 from wanjax.quant.artifact import (ArtifactError, attach_artifact, compare_fingerprints, load_artifact,
                                    model_fingerprint, resolve_quant_mode, save_artifact)
 from wanjax.quant.bins import seed_bins
-from wanjax.quant.calibrate import CalibConfig, CalibrationMismatchError, CalibSample, calibrate
+from wanjax.quant.calibrate import (CalibConfig, CalibrationMismatchError, CalibSample, calibrate,
+                                    check_calibration_model)
 from wanjax.quant.recipes import RECIPES, recipe_to_dict
 from wanjax.sampling import flow_schedule
 
@@ -110,6 +111,9 @@ def test_calibration_records_samples_and_refuses_others(fpipe, tmp_path):
                               nnx.merge(fpipe.graphdef, fpipe._params_low), vae=None)
   with pytest.raises(CalibrationMismatchError, match=r"different model weights \(expert 'high'"):
     calibrate(other_pipe, _samples(tmp_path), CAL, work_dir=work, progress=False)
+  check_calibration_model(work, fpipe)                         # --stats DIR reused with the same model
+  with pytest.raises(CalibrationMismatchError, match=r"collected on another model \(expert 'high'"):
+    check_calibration_model(work, other_pipe)
 
   # restart: the earlier run's statistics and trajectories go, the new samples are recorded
   (work / "stats" / "stale.npz").write_bytes(b"x")
