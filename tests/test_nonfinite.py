@@ -109,19 +109,23 @@ def test_weights_checked_at_load_and_on_replace(monkeypatch, tmp_path, tiny):
 
 
 def test_nan_from_the_vae_or_text_encoder_is_reported(monkeypatch, tiny):
+    """The stage methods check their own output, so callers of the stages (the CLI) are covered too."""
     pipe = WanI2VPipeline(tiny, tiny, vae=None)
     ctx = jnp.zeros((2, 3, TINY.text_dim))
     gen = dataclasses.replace(GEN, max_area=16 * 16, steps=1)
-    y = jnp.concatenate([jnp.ones((1, 2, 2, 2, 4)), jnp.zeros((1, 2, 2, 2, 16))], -1)
-    monkeypatch.setattr(pipe, "prepare_condition", lambda *a: (y, (16, 16)))
-    monkeypatch.setattr(pipe, "decode", lambda lat: jnp.full((5, 16, 16, 3), jnp.nan))
-    with pytest.raises(NonFiniteError, match="VAE decoder") as e:
-        pipe.generate(np.zeros((16, 16, 3), np.uint8), context=ctx, gen=gen, progress=False)
+    img = np.zeros((16, 16, 3), np.uint8)
+    lat = jnp.zeros((1, 2, 2, 2, 16))
+    monkeypatch.setattr("wanjax.model.vae.encode_video", lambda vae, v: lat)
+    monkeypatch.setattr("wanjax.model.vae.decode_video", lambda vae, z: jnp.full((1, 5, 16, 16, 3), jnp.nan))
+    with pytest.raises(NonFiniteError, match="VAE decoder produced NaN/Inf from finite latents") as e:
+        pipe.generate(img, context=ctx, gen=gen, progress=False)
     assert e.value.stage == "vae_decode"
-    monkeypatch.setattr(pipe, "prepare_condition", lambda *a: (y * jnp.nan, (16, 16)))
+    monkeypatch.setattr("wanjax.model.vae.encode_video", lambda vae, v: lat * jnp.nan)
     with pytest.raises(NonFiniteError, match="VAE encoder") as e:
-        pipe.generate(np.zeros((16, 16, 3), np.uint8), context=ctx, gen=gen, progress=False)
-    monkeypatch.setattr(pipe, "encode_text", lambda prompts: jnp.full((2, 3, TINY.text_dim), jnp.inf))
+        pipe.prepare_condition(img, 5, 16 * 16)
+    assert e.value.stage == "vae_encode"
+    pipe.text_encoder = pipe.tokenizer = object()
+    monkeypatch.setattr("wanjax.text.encode_prompts", lambda *a, **k: (jnp.full((2, 3, TINY.text_dim), jnp.inf), 0))
     with pytest.raises(NonFiniteError, match="text encoder") as e:
-        pipe.generate(np.zeros((16, 16, 3), np.uint8), "a prompt", gen=gen, progress=False)
+        pipe.generate(img, "a prompt", gen=gen, progress=False)
     assert e.value.stage == "text"

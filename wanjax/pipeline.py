@@ -242,7 +242,7 @@ class WanI2VPipeline:
 
     # ---------------------------------------------------------------- stages
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
-        """Prompts -> context [B, text_len, text_dim] (zero-padded as Wan does)."""
+        """Prompts -> context [B, text_len, text_dim] (zero-padded as Wan does); `NonFiniteError` if not finite."""
         from wanjax.text import encode_prompts
 
         if self.text_encoder is None or self.tokenizer is None:
@@ -251,18 +251,24 @@ class WanI2VPipeline:
         ctx, _ = encode_prompts(self.text_encoder, self.tokenizer, list(prompts), pad_to=self.cfg.text_len)
         if self.release_text_encoder:
             self.text_encoder = None
+        if not all_finite(ctx):
+            raise NonFiniteError("the text encoder produced NaN/Inf features (check its weights)", stage="text")
         return ctx
 
     def prepare_condition(self, image, num_frames: int, max_area) -> tuple[jax.Array, tuple[int, int]]:
-        """Image -> y [1, F_lat, h, w, 20] (4 mask + 16 VAE latent channels) and the pixel size (H, W)."""
+        """Image -> y [1, F_lat, h, w, 20] (4 mask + 16 VAE latent channels) and the pixel size (H, W);
+        `NonFiniteError` if the VAE encoder gives NaN/Inf."""
         from wanjax.model.vae import encode_video
 
         img = conditioning.preprocess_image(image, max_area)                  # [H, W, 3] in [-1, 1]
         video = conditioning.i2v_video(img, num_frames)                       # [F, H, W, 3]
         lat = encode_video(self.vae, jnp.asarray(video)[None])               # [1, F_lat, h, w, 16]
         mask = conditioning.i2v_mask(num_frames, lat.shape[2], lat.shape[3])
-        y = conditioning.concat_condition(jnp.asarray(mask), lat)
-        return y.astype(jnp.float32), img.shape[:2]
+        y = conditioning.concat_condition(jnp.asarray(mask), lat).astype(jnp.float32)
+        if not all_finite(y):
+            raise NonFiniteError("the VAE encoder produced NaN/Inf from the image (check the VAE weights)",
+                                 stage="vae_encode")
+        return y, img.shape[:2]
 
     def expert_for(self, t: int, boundary: float) -> str:
         """``"high"`` if ``t >= boundary * num_train_timesteps`` else ``"low"`` (as the official code)."""
@@ -348,12 +354,18 @@ class WanI2VPipeline:
                              t=int(t), layer=layer)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE)."""
+        """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE); `NonFiniteError`
+        if the result holds NaN/Inf."""
         from wanjax.model.vae import decode_video
 
         if self.mesh is not None:          # latents live on the mesh; the VAE runs on one device
             latents = jax.device_put(latents, jax.tree.leaves(nnx.state(self.vae))[0].sharding)
-        return decode_video(self.vae, latents)[0]
+        video = decode_video(self.vae, latents)[0]
+        if not all_finite(video):
+            raise NonFiniteError("the VAE decoder produced NaN/Inf" + (" from finite latents (check the VAE weights)"
+                                 if all_finite(latents) else " (its input latents are not finite)"),
+                                 stage="vae_decode")
+        return video
 
     # ---------------------------------------------------------------- all together
     def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None,
@@ -394,17 +406,10 @@ class WanI2VPipeline:
             neg = DEFAULT_NEGATIVE_PROMPT if not negative_prompt else negative_prompt
             with _stage("text encoder (2 prompts)", progress):
                 context = self.encode_text([prompt, neg])
-                ok = all_finite(context)
-            if not ok:
-                raise NonFiniteError("the text encoder produced NaN/Inf features (check its weights)", stage="text")
         times["text"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with _stage(f"VAE encode ({gen.num_frames} frames)", progress):
             y, hw = self.prepare_condition(image, gen.num_frames, gen.max_area)
-            ok = all_finite(y)
-        if not ok:
-            raise NonFiniteError("the VAE encoder produced NaN/Inf from the image (check the VAE weights)",
-                                 stage="vae_encode")
         times["vae_encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         latents, experts = self.denoise(y, context, gen, noise=noise, progress=progress)
@@ -415,10 +420,6 @@ class WanI2VPipeline:
             t0 = time.perf_counter()
             with _stage(f"VAE decode ({gen.num_frames} frames, {hw[1]}x{hw[0]})", progress):
                 video = self.decode(latents)
-                ok = all_finite(video)
-            if not ok:
-                raise NonFiniteError("the VAE decoder produced NaN/Inf from finite latents (check the VAE weights)",
-                                     stage="vae_decode")
             frames = _format_frames(np.asarray(video), output_type)
             times["vae_decode"] = time.perf_counter() - t0
         sched = flow_schedule(gen.steps, shift=gen.shift)
