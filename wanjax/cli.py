@@ -372,15 +372,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--int8-weights needs --quant DIR and --quant-mode real")
     gen = resolve_generation(args, "generate")
     _check_model_dir(args.model)
+    _check_image(args.image)
+    if args.quant and not os.path.isfile(os.path.join(args.quant, "manifest.json")):
+        raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one with "
+                       "`wanjax quantize`")
     sources = (args.model, args.image, args.quant)
     _check_out_file(args.out, VIDEO_EXTENSIONS, args.overwrite, sources)
     if args.png_dir:
         _check_out_dir(args.png_dir, args.overwrite, sources + (args.out,), "--png-dir")
-    _check_image(args.image)
-    if args.quant:
-        if not os.path.isfile(os.path.join(args.quant, "manifest.json")):
-            raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
-                           "with `wanjax quantize`")
     if args.force and not args.quant:
         raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
     mesh = _make_mesh(args)
@@ -576,6 +575,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(e.args[0]) from None
     samples = _read_calib_file(args.calib) if args.calib is not None else None
     _check_model_dir(args.model)
+    if args.stats is not None and not (os.path.isdir(args.stats) and _is_calib_work_dir(args.stats)):
+        raise CLIError(f"--stats {args.stats}: not a calibration directory (no manifest.json of format "
+                       "wanjax.calibration)")
     own_work = args.calib is not None and args.work_dir is None
     work_dir = (args.work_dir or f"{os.path.abspath(args.out)}.calib") if args.calib is not None else None
     _check_out_dir(args.out, args.overwrite, (args.model, args.stats, args.calib, work_dir), "--out")
@@ -595,8 +597,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(f"--steps {gen.steps}: {e}") from None
         _print_settings(gen, args.model)
-    elif not os.path.isdir(args.stats) or not os.path.isfile(os.path.join(args.stats, "manifest.json")):
-        raise CLIError(f"--stats {args.stats}: not a calibration directory (no manifest.json)")
 
     pipe = _open_pipeline(args, release_text_encoder=False)
     if samples is not None:
