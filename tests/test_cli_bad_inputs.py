@@ -124,6 +124,24 @@ def test_generate_read_only_directory(capsys, tmp_path, image):
         ro.chmod(0o700)
 
 
+def test_generate_bad_artifact_and_int8_weights_in_fake_mode(capsys, tmp_path, image, monkeypatch):
+    import wanjax.quant.artifact as art
+
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    msg = _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q)))
+    assert f"--quant {q}: " in msg and "artifact format 'something else'" in msg
+    monkeypatch.setattr(art, "read_manifest", lambda qdir: {"experts": {}})
+    monkeypatch.setattr(cli, "resolve_quant_mode", lambda mode, manifest=None, mesh=None: (
+        ("fake", "no low-bit kernels for cpu: simulated W4A4") if mode == "auto" else (mode, "asked")))
+    msg = _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q), "--int8-weights"))
+    assert msg.endswith("--int8-weights needs --quant DIR and --quant-mode real (auto chose fake: no low-bit kernels "
+                        "for cpu: simulated W4A4)")
+    assert "--int8-weights needs" in _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q),
+                                                       "--int8-weights", "--quant-mode", "fake"))
+
+
 def test_generate_bad_generation_config(capsys, tmp_path, image):
     model = tmp_path / "model"
     model.mkdir()

@@ -319,20 +319,18 @@ def _open_pipeline(args: argparse.Namespace, *, release_text_encoder: bool, mesh
     return pipe
 
 
-def resolve_quant_mode(mode: str, qdir: str | None = None, mesh=None) -> tuple[str, str]:
-    """``--quant-mode``: ``wanjax.quant.artifact.resolve_quant_mode`` (told the artifact's layer formats and the
-    mesh) where it exists, else ``auto`` -> ``real`` on a Hopper-or-newer NVIDIA GPU or a TPU, ``fake`` elsewhere;
-    returns ``(mode, one-line reason)``."""
+def resolve_quant_mode(mode: str, manifest: dict | None = None, mesh=None) -> tuple[str, str]:
+    """``--quant-mode``: ``wanjax.quant.artifact.resolve_quant_mode`` (told the artifact's layer formats from its
+    ``manifest`` and the mesh) where it exists, else ``auto`` -> ``real`` on a Hopper-or-newer NVIDIA GPU or a TPU,
+    ``fake`` elsewhere; returns ``(mode, one-line reason)``."""
     try:
         from wanjax.quant.artifact import resolve_quant_mode as resolve
     except ImportError:
         resolve = None
     if resolve is not None:
         kw = {}
-        if qdir is not None and _supports(resolve, "layers"):
-            from wanjax.quant.artifact import read_manifest
-
-            kw["layers"] = {f"{e}:{p}": c for e, m in read_manifest(qdir).get("experts", {}).items()
+        if manifest is not None and _supports(resolve, "layers"):
+            kw["layers"] = {f"{e}:{p}": c for e, m in manifest.get("experts", {}).items()
                             for p, c in m.get("layers", {}).items()}
         if mesh is not None and _supports(resolve, "mesh"):
             kw["mesh"] = mesh
@@ -373,9 +371,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = resolve_generation(args, "generate")
     _check_model_dir(args.model)
     _check_image(args.image)
-    if args.quant and not os.path.isfile(os.path.join(args.quant, "manifest.json")):
-        raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one with "
-                       "`wanjax quantize`")
+    manifest = None
+    if args.quant:
+        if not os.path.isfile(os.path.join(args.quant, "manifest.json")):
+            raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
+                           "with `wanjax quantize`")
+        from wanjax.quant.artifact import ArtifactError, read_manifest
+
+        try:
+            manifest = read_manifest(args.quant)         # format and checksum, before any model is loaded
+        except (ArtifactError, OSError) as e:
+            raise CLIError(f"--quant {args.quant}: {e}") from None
     sources = (args.model, args.image, args.quant)
     _check_out_file(args.out, VIDEO_EXTENSIONS, args.overwrite, sources)
     if args.png_dir:
@@ -384,7 +390,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
     mesh = _make_mesh(args)
     if args.quant:
-        qmode, why = resolve_quant_mode(qmode, args.quant, mesh)
+        qmode, why = resolve_quant_mode(qmode, manifest, mesh)
         if args.int8_weights and qmode != "real":
             raise CLIError(f"--int8-weights needs --quant DIR and --quant-mode real (auto chose {qmode}: {why})")
     _print_settings(gen, args.model)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import wanjax
-from wanjax.video_io import gif_bytes, save_mp4, side_by_side
+from wanjax.video_io import save_gif, save_mp4, side_by_side
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
@@ -75,7 +75,8 @@ def main(argv=None):
     print(f"wanjax {wanjax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform}")
     if not os.path.isdir(os.path.join(args.model, "high_noise_model")):
         raise SystemExit(f"{args.model}: the mini model is not there (expected the official layout with "
-                         "high_noise_model/); train it with `python -m wanjax.train run` + `assemble`")
+                         "high_noise_model/). It ships in the repository's models/mini: pass --model DIR pointing at "
+                         "a copy, or train one with `python -m wanjax.train run` + `assemble`")
     t0 = time.perf_counter()
     pipe = WanI2VPipeline.from_pretrained(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
@@ -119,7 +120,7 @@ def main(argv=None):
     path = save_mp4(side, args.out, fps=16)
     stem = os.path.splitext(args.out)[0]
     strip = strip_png(rows, stem + "_strip.png")
-    gif = _save_gif(side, stem + ".gif")
+    gif = save_gif(side, stem + ".gif", fps=16)
     report += ["", f"frame-0 PSNR of the BF16 video vs the condition: {psnr(out.frames[0], truth[0]):.2f} dB; "
                "side by side: held-out clip | BF16 | W4A4", ""]
     with open(stem + "_report.md", "w") as f:
@@ -130,14 +131,6 @@ def main(argv=None):
 def _weight_bytes(pipe) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves((pipe._params_high, pipe._params_low)))
 
-
-def _save_gif(frames: np.ndarray, path: str, fps: int = 16) -> str:
-    """`wanjax.video_io.gif_bytes` written atomically (temp file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(gif_bytes(frames, fps=fps))
-    os.replace(tmp, path)
-    return path
 
 if __name__ == "__main__":
     main()
