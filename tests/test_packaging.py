@@ -156,3 +156,15 @@ def test_installed_import_names(tmp_path):
             "assert u.find_spec('kernels') is None and u.find_spec('quant') is None; "
             "assert wanjax.quant.__name__ == 'wanjax.quant'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_mini_model_card_metadata():
+    import yaml
+
+    text = (MINI / "README.md").read_text()
+    assert text.startswith("---\n"), "models/mini/README.md must open with YAML metadata"
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "wanjax"
+    assert meta["pipeline_tag"] == "image-to-video" and "wan2.2" in meta["tags"]
+    gen = __import__("json").loads((MINI / "generation_config.json").read_text())
+    assert f"{gen['num_frames']} frames" in text and gen["max_area"] in text  # the card states the settings
