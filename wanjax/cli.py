@@ -620,9 +620,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         else:
             print(f"kept the calibration work dir {work_dir} (reuse it with --stats)")
     else:
-        from wanjax.quant.calibrate import CalibStats
+        import wanjax.quant.calibrate as qc
 
-        _write_artifact(args, pipe, recipe, CalibStats(args.stats))
+        if hasattr(qc, "check_calibration_model"):      # statistics of another model would quantize it wrongly
+            try:
+                qc.check_calibration_model(args.stats, pipe)
+            except ValueError as e:
+                raise CLIError(f"--stats {args.stats}: {e}") from None
+        _write_artifact(args, pipe, recipe, qc.CalibStats(args.stats))
     return 0
 
 

@@ -22,6 +22,18 @@ from wanjax.video_io import save_gif, save_mp4, side_by_side
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
 
+def _default_model() -> str:
+    """The shipped mini model (`wanjax.mini.mini_model_path`: installed wheel or checkout), else `DEFAULT_MODEL`."""
+    try:
+        from wanjax.mini import mini_model_path
+    except ImportError:
+        return DEFAULT_MODEL
+    try:
+        return mini_model_path()
+    except FileNotFoundError:
+        return DEFAULT_MODEL
+
+
 def quantize_for_demo(pipe, gen: dict, clips: int = 2, recipe: str = "default"):
     """Calibrate both experts on ``clips`` training clips (first frame + caption; disjoint from the held-out
     evaluation clip), quantize them to W4A4 with ``recipe`` and attach them to ``pipe`` (in place; returned).
@@ -64,7 +76,7 @@ def main(argv=None):
     from wanjax.train.report import strip_png
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", default=None, help="model dir (default: the shipped mini model)")
     ap.add_argument("--out", default="out/demo.mp4")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guide", type=float, default=3.5)
@@ -72,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-quant", action="store_true", help="skip the W4A4 half of the demo")
     args = ap.parse_args(argv)
+    args.model = args.model or _default_model()
     print(f"wanjax {wanjax.__version__} | jax {jax.__version__} on {jax.devices()[0].platform}")
     if not os.path.isdir(os.path.join(args.model, "high_noise_model")):
         raise SystemExit(f"{args.model}: the mini model is not there (expected the official layout with "
