@@ -279,7 +279,7 @@ def compare_fingerprints(recorded: dict, current: dict) -> dict[str, list[str]]:
   return out
 
 
-def _fingerprint_problem(recorded: dict, current: dict) -> str | None:
+def _fingerprint_problem(recorded: dict, current: dict, recorded_as: str = "artifact made from") -> str | None:
   """One message for an ArtifactError / warning, or None when ``current`` matches ``recorded``."""
   diff = compare_fingerprints(recorded, current)
   if not diff:
@@ -288,7 +288,7 @@ def _fingerprint_problem(recorded: dict, current: dict) -> str | None:
   for e, d in diff.items():
     got = current["experts"].get(e, {}).get("digest")
     n = len(d)
-    parts.append(f"expert {e!r}: artifact made from {recorded['experts'][e].get('digest')}, this model is {got}; "
+    parts.append(f"expert {e!r}: {recorded_as} {recorded['experts'][e].get('digest')}, this model is {got}; "
                  f"{n} difference{'s' if n > 1 else ''}, first: {'; '.join(d[:2])}")
   return "; ".join(parts)
 
@@ -757,7 +757,7 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = "auto", *,
   from wanjax.quant.apply import attach_to_pipeline, prepare_kernel_weights, set_mode
   from wanjax.quant.bins import TimestepBins
 
-  experts, manifest = load_artifact(qdir, ("high", "low"))
+  manifest = read_manifest(qdir)          # the cheap checks first: nothing is read or replaced for a wrong model
   if manifest.get("bins") is None:
     raise ArtifactError(f"{qdir}: the artifact has no timestep bins; it cannot drive the two-expert sampler")
   recorded = manifest.get("model_fingerprint")
@@ -777,6 +777,7 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = "auto", *,
         if not force:
           raise ArtifactError(msg + " (force=True / --force attaches it anyway)")
         warnings.warn(msg + " (attached anyway: force=True)", stacklevel=2)
+  experts, manifest = load_artifact(qdir, ("high", "low"))
   layers = {p: lm for m in manifest["experts"].values() for p, lm in m["layers"].items()}
   chosen, reason = resolve_quant_mode(mode, layers=layers, mesh=getattr(pipe, "mesh", None))
   if int8_weights and chosen != "real":

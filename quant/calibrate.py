@@ -471,7 +471,7 @@ def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], 
         else:
             from wanjax.quant.artifact import _fingerprint_problem
 
-            problem = _fingerprint_problem(have["model_fingerprint"], fp)
+            problem = _fingerprint_problem(have["model_fingerprint"], fp, "calibrated on")
             if problem:
                 kinds.append("model weights")
                 details.append(problem)
@@ -511,7 +511,7 @@ def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
         if fp is not None:
             from wanjax.quant.artifact import _fingerprint_problem
 
-            problem = _fingerprint_problem(recorded, fp)
+            problem = _fingerprint_problem(recorded, fp, "calibrated on")
             if problem:
                 details.append(problem)
     if details:
