@@ -69,6 +69,9 @@ def test_nan_guidance_is_refused_up_front_and_caught_in_the_loop(mini):
         for kw in (dict(guidance_low=float("nan")), dict(guidance_scale=float("inf")), dict(shift=float("nan"))):
             with pytest.raises(ValueError, match="expected a finite number"):
                 pipe.generate(np.zeros((64, 64, 3), np.uint8), "p", progress=False, **kw)
+        for kw in (dict(context=ctx * jnp.nan), dict(context=ctx, noise=jnp.full((1, 2, 8, 8, 16), jnp.inf))):
+            with pytest.raises(ValueError, match="contains NaN or Inf"):
+                pipe.generate(np.zeros((64, 64, 3), np.uint8), progress=False, **kw)
     finally:
         del pipe.prepare_condition
     assert calls == []                                                            # refused before any work

@@ -397,6 +397,9 @@ class WanI2VPipeline:
                               also_valid=GENERATE_ARGS).validate()
         if context is None and prompt is None:
             raise ValueError("generate() needs a prompt (or a precomputed context)")
+        for name, arr in (("context", context), ("noise", noise)):
+            if arr is not None and not all_finite(jnp.asarray(arr)):
+                raise ValueError(f"{name}: contains NaN or Inf")
         if isinstance(image, (str, os.PathLike)):
             image = conditioning.load_image(image)             # a bad file fails here, before any model runs
         conditioning.i2v_size(conditioning.image_to_array(image).shape[:2], gen.max_area)
