@@ -36,7 +36,6 @@ re-run (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +43,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from .w4a4_gpu import (H100_NUM_SMS, W4A4Config, _interpret_params, _num_sms, _snake, _swizzled, fit_epilogue,
-                       make_epilogue)
+from .w4a4_gpu import (H100_NUM_SMS, W4A4Config, _interpret_params, _num_sms, _swizzled, build_gemm_kernel,
+                       fit_epilogue, make_epilogue)
 
 GROUP = 128
 
@@ -105,19 +104,17 @@ def _check_shapes(q_x, w, s_x, s_w, bias, x_lr, up, cfg):
 
 
 def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, lowrank_mode: str):
+  """The group-scaled kernel on the shared scaffolding (``w4a4_gpu.build_gemm_kernel``): per K step (one group of
+  128) an int32 ``wgmma`` into a scoped ``ACC``, promoted into an f32 register accumulator with that group's scales
+  (``overlap_rescale``: the previous group's promotion runs while this group's ``wgmma`` does)."""
   tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
-  cta_m, cta_n = tile_m, 2 * tile_n
-  m_iters = pl.cdiv(m, cta_m)
-  n_iters = n // cta_n
-  k_iters = k // tile_k
 
   x_tf = _swizzled(tile_k, 1)
   out_itemsize = jnp.dtype(out_dtype).itemsize
   epi_n, out_slots = fit_epilogue(cfg, r, out_itemsize, "int8", extra_bytes=_sw_bytes(cfg))
   epi_shape = (tile_m, epi_n)
   out_tf = _swizzled(epi_n * out_itemsize, out_itemsize)
-  if r:
-    lr_tf = _swizzled(r * 2, 2)
+  lr_tf = _swizzled(r * 2, 2) if r else None
   ch_layout = plgpu.Layout.WGMMA.reduce(0)  # keeps the channel axis of a (tile_m, tile_n) tile
   overlap = getattr(cfg, "overlap_rescale", False)
 
@@ -126,97 +123,42 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, lowrank_mode
   epilogue = make_epilogue(tile_m=tile_m, tile_n=tile_n, epi_n=epi_n, out_slots=out_slots, r=r,
                            lowrank_mode=lowrank_mode, transposed=False)
 
-  def kernel(x_gmem, w_gmem, sx_gmem, swt_gmem, *rest):
-    rest = list(rest)
-    bias_gmem = rest.pop(0) if has_bias else None
-    xlr_gmem = rest.pop(0) if r else None
-    up_gmem = rest.pop(0) if r else None
-    (out_gmem,) = rest
+  def accumulate(eval_pipeline, finish):
+    acc0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+    if overlap:
+      prev0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.int32), plgpu.Layout.WGMMA)
+      sw0 = plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), ch_layout)
+      acc, prev, prev_sw = eval_pipeline((acc0, prev0, sw0))
+      acc = _rescale_add(acc, prev, prev_sw)  # the last group
+    else:
+      acc = eval_pipeline(acc0)
+    finish(acc)
 
-    def get_pipeline(body, compute_context):
-      return plgpu.emit_pipeline_warp_specialized(
-          body,
-          grid=(k_iters,),
-          memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM),  # s_w^T row of group kk
-          ],
-          wg_axis="wg",
-          num_compute_wgs=2,
-          max_concurrent_steps=cfg.stages,
-          compute_context=compute_context,
-      )
+  def mma_body(wg, _, x_smem, w_smem, sw_smem, carry):
+    sw = plgpu.load(sw_smem.at[0, pl.ds(wg * tile_n, tile_n)], layout=ch_layout, optimized=False)
+    w_wg = w_smem.at[pl.ds(wg * tile_n, tile_n)]
+    if not overlap:
+      def group_product(acc_ref):
+        plgpu.wgmma(acc_ref, x_smem, w_wg.T)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
 
-    ignore = lambda *_, **__: None
-    scoped = dict(
-        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem, swt_gmem),
-        out_smem=plgpu.SMEM((2, out_slots, *epi_shape), out_dtype, transforms=out_tf),
-    )
-    if r:
-      scoped["xlr_smem"] = plgpu.SMEM((2, cta_m, r), jnp.bfloat16, transforms=lr_tf)  # one per compute WG
-      scoped["up_smem"] = plgpu.SMEM((2, r, tile_n), jnp.bfloat16, transforms=lr_tf)
-      scoped["lr_bar"] = plgpu.Barrier(num_barriers=4)
+      part = pl.run_scoped(group_product, plgpu.ACC((tile_m, tile_n), jnp.int32))
+      return _rescale_add(carry, part, sw)
+    acc, prev, prev_sw = carry
 
-    @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
-    def _scope(pipeline_allocs, out_smem, xlr_smem=None, up_smem=None, lr_bar=None):
-      wg = lax.axis_index("wg")
+    def group_product_overlapped(acc_ref):
+      plgpu.wgmma(acc_ref, x_smem, w_wg.T)
+      new_acc = _rescale_add(acc, prev, prev_sw)  # previous group, while this group's wgmma runs
+      plgpu.wgmma_wait(0)
+      return new_acc, acc_ref[...]
 
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _tile_loop(info: plgpu.NDLoopInfo):
-        (lin,) = info.index
-        mi, ni = _snake(lin, m_iters, n_iters, cfg)
-        m0 = jnp.minimum(mi * cta_m, m - cta_m)  # last M tile shifted back to end at row m
-        m_sl = pl.ds(m0, cta_m)
-        n_cta_sl = pl.ds(ni * cta_n, cta_n)
-        n_wg0 = ni * cta_n + wg * tile_n
-        n_wg_sl = pl.ds(n_wg0, tile_n)
+    acc, part = pl.run_scoped(group_product_overlapped, plgpu.ACC((tile_m, tile_n), jnp.int32))
+    return acc, part, sw
 
-        def compute_context(eval_pipeline):
-          if r:
-            plgpu.copy_gmem_to_smem(xlr_gmem.at[m_sl], xlr_smem.at[wg], lr_bar.at[2 * wg])
-            plgpu.copy_gmem_to_smem(up_gmem.at[:, n_wg_sl], up_smem.at[wg], lr_bar.at[2 * wg + 1])
-          acc0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-          if overlap:
-            prev0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.int32), plgpu.Layout.WGMMA)
-            sw0 = plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), ch_layout)
-            acc, prev, prev_sw = eval_pipeline((acc0, prev0, sw0))
-            acc = _rescale_add(acc, prev, prev_sw)  # the last group
-          else:
-            acc = eval_pipeline(acc0)
-          epilogue(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar,
-                   sx_gmem, None, bias_gmem, out_gmem)
-
-        def mma_body(_, x_smem, w_smem, sw_smem, carry):
-          sw = plgpu.load(sw_smem.at[0, pl.ds(wg * tile_n, tile_n)], layout=ch_layout, optimized=False)
-          w_wg = w_smem.at[pl.ds(wg * tile_n, tile_n)]
-          if not overlap:
-            def group_product(acc_ref):
-              plgpu.wgmma(acc_ref, x_smem, w_wg.T)
-              plgpu.wgmma_wait(0)
-              return acc_ref[...]
-
-            part = pl.run_scoped(group_product, plgpu.ACC((tile_m, tile_n), jnp.int32))
-            return _rescale_add(carry, part, sw)
-          acc, prev, prev_sw = carry
-
-          def group_product_overlapped(acc_ref):
-            plgpu.wgmma(acc_ref, x_smem, w_wg.T)
-            new_acc = _rescale_add(acc, prev, prev_sw)  # previous group, while this group's wgmma runs
-            plgpu.wgmma_wait(0)
-            return new_acc, acc_ref[...]
-
-          acc, part = pl.run_scoped(group_product_overlapped, plgpu.ACC((tile_m, tile_n), jnp.int32))
-          return acc, part, sw
-
-        get_pipeline(mma_body, compute_context)(
-            x_gmem.at[m_sl, :], w_gmem.at[n_cta_sl, :], swt_gmem.at[:, n_cta_sl], allocations=pipeline_allocs,
-        )
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-  return kernel
+  return build_gemm_kernel(m, n, k, r, has_bias, out_dtype, cfg, x_tf=x_tf, w_tf=x_tf, out_tf=out_tf,
+                           epi_shape=epi_shape, out_slots=out_slots, lr_tf=lr_tf, epilogue=epilogue,
+                           accumulate=accumulate, mma_body=mma_body, pipelined_sw=True)
 
 
 def w4a4_g128_matmul_gpu(

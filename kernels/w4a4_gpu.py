@@ -138,12 +138,104 @@ def fit_epilogue(cfg: W4A4Config, r: int, out_itemsize: int, weights: str, extra
                    "stages or smaller tiles")
 
 
-def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str, lowrank_mode: str):
+def build_gemm_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, *, x_tf, w_tf, out_tf, epi_shape,
+                      out_slots, lr_tf, epilogue, accumulate, mma_body, pipelined_sw: bool = False):
+  """The Hopper GEMM scaffolding shared by the per-channel (this module) and the group-scaled
+  (``kernels.w4a4_g128_gpu``) kernels: persistent snake over the (M, N) tiles, one TMA warpgroup and two compute
+  warpgroups (``emit_pipeline_warp_specialized`` over K), SMEM for the epilogue and the low-rank operands, the
+  low-rank TMA copies, the epilogue call.
+
+  Kernel operands: ``(x, w, s_x, s_w[, bias][, x_lr, up], out)``. The variant points:
+
+  * ``accumulate(eval_pipeline, finish)``: runs the K pipeline on the variant's accumulator (an ``ACC`` ref, or a
+    register carry promoted per group) and calls ``finish(acc)`` (the epilogue) with the f32/int32 tile;
+  * ``mma_body(wg, step, x_smem, w_smem[, sw_smem], carry)``: one K step of a compute warpgroup;
+  * ``pipelined_sw``: s_w^T [K/128, N] is pipelined with the operands (one row of group scales per K step) and the
+    epilogue applies only s_x; otherwise the epilogue reads the per-channel ``s_w`` from GMEM.
+  """
   tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_m, cta_n = tile_m, 2 * tile_n
   m_iters = pl.cdiv(m, cta_m)
   n_iters = n // cta_n
   k_iters = k // tile_k
+
+  def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, *rest):
+    rest = list(rest)
+    bias_gmem = rest.pop(0) if has_bias else None
+    xlr_gmem = rest.pop(0) if r else None
+    up_gmem = rest.pop(0) if r else None
+    (out_gmem,) = rest
+
+    def get_pipeline(body, compute_context):
+      in_specs = [
+          plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
+          plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tf, memory_space=plgpu.SMEM),
+      ]
+      if pipelined_sw:
+        in_specs.append(plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM))  # s_w^T row kk
+      return plgpu.emit_pipeline_warp_specialized(
+          body,
+          grid=(k_iters,),
+          memory_registers=40,
+          in_specs=in_specs,
+          wg_axis="wg",
+          num_compute_wgs=2,
+          max_concurrent_steps=cfg.stages,
+          compute_context=compute_context,
+      )
+
+    ignore = lambda *_, **__: None
+    piped = (x_gmem, w_gmem, sw_gmem) if pipelined_sw else (x_gmem, w_gmem)
+    scoped = dict(
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*piped),
+        out_smem=plgpu.SMEM((2, out_slots, *epi_shape), out_dtype, transforms=out_tf),
+    )
+    if r:
+      scoped["xlr_smem"] = plgpu.SMEM((2, cta_m, r), jnp.bfloat16, transforms=lr_tf)  # one per compute WG
+      scoped["up_smem"] = plgpu.SMEM((2, r, tile_n), jnp.bfloat16, transforms=lr_tf)  # wgmma: same swizzle for both
+      scoped["lr_bar"] = plgpu.Barrier(num_barriers=4)
+
+    @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
+    def _scope(pipeline_allocs, out_smem, xlr_smem=None, up_smem=None, lr_bar=None):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tile_loop(info: plgpu.NDLoopInfo):
+        (lin,) = info.index
+        mi, ni = _snake(lin, m_iters, n_iters, cfg)
+        # Shift the last M tile back so it ends at row m (no out-of-bounds rows).
+        m0 = jnp.minimum(mi * cta_m, m - cta_m)
+        m_sl = pl.ds(m0, cta_m)
+        n_cta_sl = pl.ds(ni * cta_n, cta_n)
+        n_wg0 = ni * cta_n + wg * tile_n
+        n_wg_sl = pl.ds(n_wg0, tile_n)
+
+        def finish(acc):
+          epilogue(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar,
+                   sx_gmem, None if pipelined_sw else sw_gmem, bias_gmem, out_gmem)
+
+        def compute_context(eval_pipeline):
+          if r:
+            plgpu.copy_gmem_to_smem(xlr_gmem.at[m_sl], xlr_smem.at[wg], lr_bar.at[2 * wg])
+            plgpu.copy_gmem_to_smem(up_gmem.at[:, n_wg_sl], up_smem.at[wg], lr_bar.at[2 * wg + 1])
+          accumulate(eval_pipeline, finish)
+
+        def body(*args):
+          return mma_body(wg, *args)
+
+        operands = (x_gmem.at[m_sl, :], w_gmem.at[n_cta_sl, :])
+        if pipelined_sw:
+          operands += (sw_gmem.at[:, n_cta_sl],)
+        get_pipeline(body, compute_context)(*operands, allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return kernel
+
+
+def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str, lowrank_mode: str):
+  """The per-channel kernel: one ``ACC`` accumulator over all of K (int32, or f32 for FP8), scales in the epilogue."""
+  tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
   transposed = weights == "int4"
 
   x_tf = _swizzled(tile_k, 1)
@@ -163,91 +255,32 @@ def _build_kernel(m, n, k, r, has_bias, out_dtype, cfg: W4A4Config, weights: str
   else:
     epi_shape = (tile_m, epi_n)
     out_tf = _swizzled(epi_n * out_itemsize, out_itemsize)
-  if r:
-    xlr_tf = _swizzled(r * 2, 2)
-    up_tf = xlr_tf  # Mosaic wgmma wants both operands with the same swizzle
+  lr_tf = _swizzled(r * 2, 2) if r else None  # Mosaic wgmma wants both low-rank operands with the same swizzle
+  acc_shape = (tile_n, tile_m) if transposed else (tile_m, tile_n)
+  acc_dtype = jnp.float32 if weights == "fp8" else jnp.int32
 
-  def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, *rest):
-    rest = list(rest)
-    bias_gmem = rest.pop(0) if has_bias else None
-    xlr_gmem = rest.pop(0) if r else None
-    up_gmem = rest.pop(0) if r else None
-    (out_gmem,) = rest
+  def accumulate(eval_pipeline, finish):
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, acc_dtype))
+    def _acc_scope(acc_ref):
+      eval_pipeline(acc_ref)
+      acc = acc_ref[...]
+      finish(acc)
 
-    def get_pipeline(body, compute_context):
-      return plgpu.emit_pipeline_warp_specialized(
-          body,
-          grid=(k_iters,),
-          memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
-              plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tf, memory_space=plgpu.SMEM),
-          ],
-          wg_axis="wg",
-          num_compute_wgs=2,
-          max_concurrent_steps=cfg.stages,
-          compute_context=compute_context,
-      )
+  def mma_body(wg, _, x_smem, w_smem, acc_ref):
+    w_wg = w_smem.at[pl.ds(wg * tile_n, tile_n)]
+    if transposed:
+      w_regs = plgpu.load(w_wg, layout=plgpu.Layout.WGMMA_8BIT, optimized=True).astype(jnp.int8)
+      plgpu.wgmma(acc_ref, w_regs, x_smem.T)
+    else:
+      plgpu.wgmma(acc_ref, x_smem, w_wg.T)
+    plgpu.wgmma_wait(0)
+    return acc_ref
 
-    ignore = lambda *_, **__: None
-    scoped = dict(
-        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        out_smem=plgpu.SMEM((2, out_slots, *epi_shape), out_dtype, transforms=out_tf),
-    )
-    if r:
-      scoped["xlr_smem"] = plgpu.SMEM((2, cta_m, r), jnp.bfloat16, transforms=xlr_tf)  # one per compute WG
-      scoped["up_smem"] = plgpu.SMEM((2, r, tile_n), jnp.bfloat16, transforms=up_tf)
-      scoped["lr_bar"] = plgpu.Barrier(num_barriers=4)
-
-    @functools.partial(pl.run_scoped, **scoped, collective_axes="wg")
-    def _scope(pipeline_allocs, out_smem, xlr_smem=None, up_smem=None, lr_bar=None):
-      wg = lax.axis_index("wg")
-
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _tile_loop(info: plgpu.NDLoopInfo):
-        (lin,) = info.index
-        mi, ni = _snake(lin, m_iters, n_iters, cfg)
-        # Shift the last M tile back so it ends at row m (no out-of-bounds rows).
-        m0 = jnp.minimum(mi * cta_m, m - cta_m)
-        m_sl = pl.ds(m0, cta_m)
-        n_cta_sl = pl.ds(ni * cta_n, cta_n)
-        n_wg0 = ni * cta_n + wg * tile_n
-        n_wg_sl = pl.ds(n_wg0, tile_n)
-
-        def compute_context(eval_pipeline):
-          if r:
-            plgpu.copy_gmem_to_smem(xlr_gmem.at[m_sl], xlr_smem.at[wg], lr_bar.at[2 * wg])
-            plgpu.copy_gmem_to_smem(up_gmem.at[:, n_wg_sl], up_smem.at[wg], lr_bar.at[2 * wg + 1])
-          acc_shape = (tile_n, tile_m) if transposed else (tile_m, tile_n)
-
-          acc_dtype = jnp.float32 if weights == "fp8" else jnp.int32
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, acc_dtype))
-          def _acc_scope(acc_ref):
-            eval_pipeline(acc_ref)
-            acc = acc_ref[...]
-            _epilogue(acc, wg, m0, m_sl, n_wg0, n_wg_sl, out_smem, xlr_smem, up_smem, lr_bar,
-                      sx_gmem, sw_gmem, bias_gmem, out_gmem)
-
-        def mma_body(_, x_smem, w_smem, acc_ref):
-          w_wg = w_smem.at[pl.ds(wg * tile_n, tile_n)]
-          if transposed:
-            w_regs = plgpu.load(w_wg, layout=plgpu.Layout.WGMMA_8BIT, optimized=True).astype(jnp.int8)
-            plgpu.wgmma(acc_ref, w_regs, x_smem.T)
-          else:
-            plgpu.wgmma(acc_ref, x_smem, w_wg.T)
-          plgpu.wgmma_wait(0)
-          return acc_ref
-
-        get_pipeline(mma_body, compute_context)(
-            x_gmem.at[m_sl, :], w_gmem.at[n_cta_sl, :], allocations=pipeline_allocs,
-        )
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-  _epilogue = make_epilogue(tile_m=tile_m, tile_n=tile_n, epi_n=epi_n, out_slots=out_slots, r=r,
-                            lowrank_mode=lowrank_mode, transposed=transposed)
-
-  return kernel
+  epilogue = make_epilogue(tile_m=tile_m, tile_n=tile_n, epi_n=epi_n, out_slots=out_slots, r=r,
+                           lowrank_mode=lowrank_mode, transposed=transposed)
+  return build_gemm_kernel(m, n, k, r, has_bias, out_dtype, cfg, x_tf=x_tf, w_tf=w_tf, out_tf=out_tf,
+                           epi_shape=epi_shape, out_slots=out_slots, lr_tf=lr_tf, epilogue=epilogue,
+                           accumulate=accumulate, mma_body=mma_body)
 
 
 def make_epilogue(*, tile_m: int, tile_n: int, epi_n: int, out_slots: int, r: int, lowrank_mode: str,

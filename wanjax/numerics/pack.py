@@ -32,9 +32,10 @@ def _unpack(packed, signed: bool):
   """Inverse of :func:`_pack` (plain jnp, traceable; no checks); ``signed`` sign-extends the nibbles to int8."""
   b = packed.astype(jnp.int32)
   low = b & 0xF
-  high = b >> 4  # b is a byte (0..255): its high nibble needs no mask
   if signed:
     low = (low ^ 8) - 8  # sign-extend a nibble
+  high = b >> 4  # b is a byte (0..255): its high nibble needs no mask
+  if signed:
     high = (high ^ 8) - 8
   out = jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
   return out.astype(jnp.int8 if signed else jnp.uint8)
