@@ -346,7 +346,7 @@ def build_model(cfg: WanConfig, dtype, params: Flat, sharding: jax.sharding.Shar
 
 def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
              ignore_unknown: bool = False, sharding: jax.sharding.Sharding | None = None, check_finite: bool = True,
-             verify: bool = True):
+             verify: bool | None = None):
     """Load one Wan2.2 DiT expert as a `wanjax.model.dit.WanDiT`.
 
     Args:
@@ -358,7 +358,8 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
       ignore_unknown: skip tensors that are not parameters of the model instead of raising.
       sharding: placement of every parameter (default: the default device), e.g. replicated over a mesh.
       check_finite: refuse parameters holding NaN/Inf (one jitted reduction over the loaded tree).
-      verify: for a cache, check the sha256 of its files against its metadata before restoring.
+      verify: for a cache, check the sha256 of its files against its metadata before restoring (default: on,
+        unless ``WANJAX_VERIFY_CACHE=0``).
 
     Raises `wanjax.io.errors.CheckpointError` for unusable checkpoints (message names file, key, expected, got).
     """

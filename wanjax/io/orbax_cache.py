@@ -225,14 +225,27 @@ def verify_cache(path: str | os.PathLike, meta: dict | None = None) -> None:
                       stacklevel=2)
 
 
+#: Environment variable: ``0`` / ``false`` / ``no`` / ``off`` skips the checksum verification of caches by default.
+VERIFY_ENV = "WANJAX_VERIFY_CACHE"
+
+
+def verify_by_default() -> bool:
+    """Whether `load_cached` verifies checksums when not told (``$WANJAX_VERIFY_CACHE``, default on)."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-                sharding: jax.sharding.Sharding | None = None, verify: bool = True, check_finite: bool = True):
+                sharding: jax.sharding.Sharding | None = None, verify: bool | None = None,
+                check_finite: bool = True):
     """Restore a `WanDiT` from a cache written by `convert` (parameters cast to ``dtype``'s policy if needed),
     each parameter placed with ``sharding`` (default: the default device).
 
     ``verify``: check the sha256 of every cache file first (`verify_cache`; costs one extra read of the cache,
-    hashed on several threads). ``check_finite``: refuse parameters holding NaN/Inf (one jitted reduction).
+    hashed on several threads); default: on, unless the environment sets ``WANJAX_VERIFY_CACHE=0``.
+    ``check_finite``: refuse parameters holding NaN/Inf (one jitted reduction).
     """
+    if verify is None:
+        verify = verify_by_default()
     path = os.path.abspath(os.fspath(path))
     cfg, meta = read_cache_meta(path)
     if config is not None and config != cfg:
