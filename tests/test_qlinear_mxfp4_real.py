@@ -201,7 +201,7 @@ def test_kernel_path_plumbing_pads_m_and_counts_inexact_rows(monkeypatch):
   """The "pallas" branch of ``mxfp4_matmul`` with the GEMM replaced by the exact reference plus the re-encoding
   counts: odd M is zero-padded (padding rows exact, not counted) and cut off; rows with a block more than 8 binades
   below their row maximum are counted."""
-  from wanjax.kernels import mxfp4_gpu
+  from wanjax.kernels import mxfp4_gpu, mxfp4_linear
   from wanjax.kernels.w4a4_gpu import DEFAULT_CONFIG
 
   seen = {}
@@ -225,8 +225,8 @@ def test_kernel_path_plumbing_pads_m_and_counts_inexact_rows(monkeypatch):
   kw = dict(down=down, up=up, bias=jnp.asarray(rng.standard_normal(n), jnp.float32), clip=0.9, exp_offset=-1,
             out_dtype=jnp.float32, return_inexact=True)
   def lin_matmul(xx, be):  # mxfp4_linear's per-call path spelled out, so that the "pallas" branch is mxfp4_matmul's
-    xv, xe = dispatch.mxfp4_act_quant(xx, None, kw["clip"], kw["exp_offset"])
-    wv, we = dispatch.mxfp4_decode(qt.codes, qt.scales)
+    xv, xe = mxfp4_linear.mxfp4_act_quant(xx, None, kw["clip"], kw["exp_offset"])
+    wv, we = mxfp4_linear.mxfp4_decode(qt.codes, qt.scales)
     x_lr = ref.lowrank_down(xx, down, None)
     return dispatch.mxfp4_matmul(xv, xe, wv, we, x_lr, up, kw["bias"], out_dtype=jnp.float32, backend=be)
 
