@@ -356,9 +356,9 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
     import jax
     import jax.numpy as jnp
 
-    from wanjax.quant import formats
+    from wanjax.numerics import formats
 
-    from wanjax.quant.rotate import apply_hadamard
+    from wanjax.numerics.hadamard import apply_hadamard
 
     def one(seeds, layer):
         s_w, s_s, s_r, s_d, s_u = seeds
@@ -392,7 +392,7 @@ def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: s
     import jax.numpy as jnp
 
     from wanjax.quant.apply import get_submodule
-    from wanjax.quant.rotate import hadamard_block_size
+    from wanjax.numerics.hadamard import hadamard_block_size
 
     skeleton = quantized_skeleton(cfg, nbins=nbins, rank=rank, mode=mode, rotate=rotate)
     cache: dict[str, dict] = {}

@@ -171,10 +171,10 @@ def mx_act_quant_transform(smooth: dict | None = None, fmt: str = "mxfp4", **qua
     """A ``hessian_transform`` giving ``QDQ(x / s)``, the seed's GPTQ Hessian input.
 
     ``smooth``: ``{expert: {layer: s [num_layers, K]}}`` smoothing vectors stacked over blocks (missing: s = 1).
-    ``quant_kwargs`` go to `wanjax.quant.formats.quantize_dequantize` (default for MXFP4: the seed's activation rule
+    ``quant_kwargs`` go to `wanjax.numerics.formats.quantize_dequantize` (default for MXFP4: the seed's activation rule
     ``scale_rule="safe_ceil"``, clip 1.0, offset 0).
     """
-    from wanjax.quant import formats
+    from wanjax.numerics import formats
 
     kw = dict(quant_kwargs)
     if fmt == "mxfp4":

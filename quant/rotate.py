@@ -23,29 +23,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# compat: remove the re-exported primitives (apply_hadamard, hadamard_matrix, rotate_activations_mxu, MXU_PIECE) when
-# bench/pipeline.py, tests/test_bench_pipeline.py and tests/test_recipes.py import wanjax.numerics.hadamard
-from wanjax.numerics.hadamard import (  # noqa: F401
-    MXU_PIECE,
-    apply_hadamard,
-    hadamard_block_size,
-    hadamard_matrix,
-    random_signs,
-    rotate_activations,
-    rotate_activations_mxu,
-)
+from wanjax.numerics.hadamard import hadamard_block_size, random_signs, rotate_activations
 from wanjax.quant.rtn import check_finite_eager, check_linear_params
 
-__all__ = [
-    "apply_hadamard",
-    "hadamard_block_size",
-    "hadamard_matrix",
-    "random_signs",
-    "rotate",
-    "rotate_activations",
-    "rotate_activations_mxu",
-    "rotate_hessian",
-]
+__all__ = ["rotate", "rotate_hessian"]
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from wanjax.config import TINY
 from wanjax.model.dit import WanDiT
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model
 from wanjax.quant.artifact import ArtifactError, layer_bits_per_weight, load_artifact, read_manifest, save_artifact
 from wanjax.quant.qlinear import QLinear, QLinearConfig

@@ -20,7 +20,7 @@ from bench import pipeline as bp  # noqa: E402
 from wanjax.config import TINY, config_from_dict  # noqa: E402
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, qlinears  # noqa: E402
 from wanjax.quant.qlinear import qlinear_apply  # noqa: E402
-from wanjax.quant.rotate import hadamard_block_size, hadamard_matrix  # noqa: E402
+from wanjax.numerics.hadamard import hadamard_block_size, hadamard_matrix  # noqa: E402
 
 NBINS = 3  # the seed's bins: 3 per expert
 

@@ -17,7 +17,7 @@ from wanjax.config import TINY
 from wanjax.model.dit import WanDiT, current_layer_index
 from wanjax.model.layers import linear_interceptor
 from wanjax.pipeline import GenerationConfig, WanI2VPipeline
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.calibrate import (CONTEXT_NAME, CalibConfig, CalibSample, CalibStats, calibrate,
                                     mx_act_quant_transform, record_trajectory, stat_name)
 from wanjax.quant.stats import (LayerStats, _reservoir, init_stats, load_stats, merge_stats, save_stats,

@@ -12,7 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from wanjax.quant import formats
+from wanjax.numerics import formats
 from wanjax.quant.gptq import gptq, gptq_quantize_kernel
 from wanjax.quant.linalg import gptq_inverse_factor, hessian_from_rows
 from wanjax.quant.lowrank import lowrank

@@ -311,7 +311,7 @@ def test_rotate_block_size_reaches_the_layer_config_and_the_matmul_input():
   from wanjax.quant.quantize import layer_config
   from wanjax.quant.recipes import (GPTQ, LayerContext, Recipe, Rotate, layer_input, recipe_from_dict,
                                     recipe_to_dict, rotation_block)
-  from wanjax.quant.rotate import hadamard_matrix
+  from wanjax.numerics.hadamard import hadamard_matrix
   from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
   rec = Recipe("r", WeightQuantSpec("int4"), ActQuantSpec("int4"), (Rotate(0, 64), GPTQ()))

@@ -105,7 +105,7 @@ def test_rule_table_full_size_specs_and_memory():
 
 def test_quantized_leaves_follow_the_float_axes():
     """A quantized Linear (packed codes [L, N, K/2], scales, low-rank down/up, smoothing) shards along its N/K."""
-    from wanjax.quant.formats_types import QuantizedTensor
+    from wanjax.numerics.tensor import QuantizedTensor
 
     L, K, N, r = 2, 64, 128, 8
     sd = jax.ShapeDtypeStruct

@@ -175,8 +175,8 @@ def load_image(path, background=ALPHA_BACKGROUND) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {path}" + (" (a directory)" if os.path.isdir(path) else ""))
     try:
         from PIL import Image
-    except ImportError as e:  # pragma: no cover - pillow is in the 'video' extra
-        raise ImportError("reading images needs Pillow: pip install 'wanjax[video]'") from e
+    except ImportError as e:  # pragma: no cover - pillow is a core dependency
+        raise ImportError("reading images needs Pillow (a core dependency of wanjax): pip install pillow") from e
     try:
         im = Image.open(path)
         im.load()

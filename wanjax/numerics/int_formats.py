@@ -45,8 +45,8 @@ def _recip32(v: float) -> np.float32:
 
 
 def _safe_scale(scale: jax.Array, bad: jax.Array) -> jax.Array:
-  """Replaces 0 / subnormal scales by 1.0 and poisons groups holding non-finite input with NaN."""
-  scale = jnp.where(scale >= _F32_TINY, scale, jnp.float32(1.0))
+  """Replaces 0 / subnormal scales by 1.0 (a NaN scale, e.g. from a NaN clip, stays NaN) and poisons groups holding non-finite input with NaN."""
+  scale = jnp.where(scale < _F32_TINY, jnp.float32(1.0), scale)  # NaN stays NaN: never repaired silently
   return jnp.where(bad, jnp.float32(jnp.nan), scale)
 
 
