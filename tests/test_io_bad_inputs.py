@@ -177,7 +177,8 @@ def test_duplicate_key_across_shards(tmp_path):
 
 def load_dit_files(d, files):
     """Scan/validate an explicit file list (an index-free multi-file set) through the loader internals."""
-    from wanjax.io.dit_loader import CheckpointSource, read_safetensors_params
+    from wanjax.io.dit_params import read_safetensors_params
+    from wanjax.io.dit_source import CheckpointSource
     src = CheckpointSource(str(d), "safetensors", tuple(str(d / f) for f in files))
     return read_safetensors_params(src, jnp.float32, config=CFG)
 

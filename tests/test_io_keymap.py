@@ -11,7 +11,7 @@ import pytest
 from test_io_common import diffusers_model, state_dict, tiny_cfg
 from wanjax.config import I2V_A14B
 from wanjax.io import keymap
-from wanjax.io.dit_loader import target_tree
+from wanjax.io.dit_params import target_tree
 
 
 def test_rename_examples():

@@ -107,7 +107,7 @@ def test_config_inferred_from_shapes(tmp_path):
 
 def test_chunked_reading_gives_same_params(tmp_path, sd, monkeypatch):
     """Row-block reads of large tensors (forced tiny here) and frequent re-mapping give identical parameters."""
-    import wanjax.io.dit_loader as dl
+    import wanjax.io.dit_params as dl
     p = write_checkpoint(sd, str(tmp_path / "m.safetensors"), layout="official")
     monkeypatch.setattr(dl, "CHUNK_BYTES", 200)
     monkeypatch.setattr(dl, "REOPEN_BYTES", 1000)
@@ -134,7 +134,8 @@ def test_streaming_host_memory(tmp_path, monkeypatch):
 
     from safetensors.numpy import save_file
 
-    import wanjax.io.dit_loader as dl
+    import wanjax.io.dit_params as dl
+    from wanjax.io.dit_source import resolve
     cfg = tiny_cfg(dim=256, heads=2, layers=4, ffn=1024, text_dim=256, freq=64)
     rng = np.random.default_rng(0)
     p = str(tmp_path / "m.safetensors")
@@ -144,7 +145,7 @@ def test_streaming_host_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(dl, "CHUNK_BYTES", 128 << 10)
     tracemalloc.start()
     try:
-        _, bufs = dl.read_safetensors_params(dl.resolve(p), jnp.bfloat16, config=cfg)
+        _, bufs = dl.read_safetensors_params(resolve(p), jnp.bfloat16, config=cfg)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from wanjax.config import WanConfig
-    from wanjax.io.dit_loader import target_tree
+    from wanjax.io.dit_params import target_tree
     kw = dict(PRESETS[a.preset], **({"num_layers": a.layers} if a.layers else {}))
     cfg = WanConfig(**kw)
     steps = [s for s in a.steps.split(",") if s]

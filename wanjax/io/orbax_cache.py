@@ -31,8 +31,9 @@ import orbax.checkpoint as ocp
 
 from wanjax.config import WanConfig
 from wanjax.io.atomic import check_not_overlapping, make_temp_dir, publish_dir
-from wanjax.io.dit_loader import (ORBAX_MARKER, _disk_where, _read_safetensors, build_model, flatten_tree,
-                                  raise_if_nonfinite, resolve, target_tree, unflatten_tree)
+from wanjax.io.dit_params import (build_model, disk_where, flatten_tree, raise_if_nonfinite, stream_safetensors,
+                                  target_tree, unflatten_tree)
+from wanjax.io.dit_source import ORBAX_MARKER, resolve
 from wanjax.io.errors import CheckpointError
 
 FORMAT = "wanjax-dit"
@@ -116,7 +117,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         raise CheckpointError(f"{os.fspath(src)}: already a converted wanjax cache; nothing to convert")
     tmp = make_temp_dir(dst)
     try:
-        cfg, params, chosen = _read_safetensors(source, dtype, config=config, ignore_unknown=ignore_unknown)
+        cfg, params, chosen = stream_safetensors(source, dtype, config=config, ignore_unknown=ignore_unknown)
         # Hand orbax host-side jax arrays (one leaf moved and freed at a time): with numpy leaves orbax makes extra
         # full copies (measured 2.8x the converted size at peak vs ~1.7x this way).
         try:
@@ -126,7 +127,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         if cpu is not None:
             params = {p: jax.device_put(params.pop(p), cpu).block_until_ready() for p in list(params)}
             if check_finite:   # one jitted reduction on the host CPU (numpy leaves: checked again at load)
-                raise_if_nonfinite(params, cfg, source.path, _disk_where(chosen))
+                raise_if_nonfinite(params, cfg, source.path, disk_where(chosen))
         with _checkpointer(compress) as ckpt:
             ckpt.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(unflatten_tree(params)))
         del params
