@@ -3,20 +3,22 @@
 Three implementations of ``kernels.reference.act_quant`` (smoothing divide, per-token abs-max x clip or a static
 scale, round half-even to int4 values in int8, low-rank down projection ``x_lr = bf16(x / smooth) @ down``):
 
-* :func:`act_quant_fused` - one jitted XLA function (the default). On the H100 XLA makes it a row-reduction pass and
-  a quantize pass over x plus one rank-r GEMM over x. It follows the reference's op sequence: on the H100 the codes
-  were identical to the CPU reference on the rows compared and the scales within 1 ulp (XLA backends may fold the
-  constant divide differently). ``fold_smooth=True`` computes x_lr as ``bf16(x) @ bf16(down / smooth)`` so the
-  GEMM reads x directly (15 % faster on the H100; x_lr changes by bf16 rounding only).
+* :func:`act_quant_fused` - one jitted XLA function (the default). On a GPU XLA makes it a row-reduction pass and a
+  quantize pass over x plus one rank-r GEMM over x. It follows the reference's op sequence: checked on a GPU, the
+  codes were identical to the CPU reference on the rows compared and the scales within 1 ulp (XLA backends may fold
+  the constant divide differently). ``fold_smooth=True`` computes x_lr as ``bf16(x) @ bf16(down / smooth)`` so the
+  GEMM reads x directly instead of a smoothed copy (faster; x_lr changes by bf16 rounding only).
 * :func:`act_quant_pallas` - a single-pass Pallas quantizer (:func:`quantize_rows_pallas`, Triton backend: one row
-  block in registers, read x once, write the codes once) plus the folded XLA GEMM. 11 % faster than the XLA version
-  at K=5120, 4 % slower at K=13824 (docs/BENCHMARKS.md, "Kernels"); Triton's f32 division is not correctly rounded,
-  so ~1e-7 of the codes differ by one from the reference at exact rounding ties.
+  block in registers, read x once, write the codes once) plus the folded XLA GEMM. Faster than the XLA version at
+  K=5120, slower at K=13824 (docs/BENCHMARKS.md, "Kernels"); Triton's f32 division is not correctly rounded, so
+  ~1e-7 of the codes differ by one from the reference at exact rounding ties.
 * :func:`act_quant_lowrank_pallas` - everything in one Pallas (Triton) kernel: per 64-row block, one pass over K for
   the abs-max and the rank-r projection on the tensor cores, a second pass for the codes. The dispatcher's default on
-  a GPU, with ``fast=True`` (reciprocal multiplies, rounding by 1.5 * 2**23): 0.27 ms at K=5120 and 0.70 ms at
-  K=13824 (M=32,760, H200), against 0.35 / 0.92 ms without ``fast`` and 0.40 / 1.08 ms for the XLA version; the
-  kernel is bound by instruction issue, not HBM (docs/BENCHMARKS.md, "instruction-bound").
+  a GPU, with ``fast=True`` (reciprocal multiplies, rounding by 1.5 * 2**23), the fastest of the three. The kernel
+  is bound by instruction issue, not HBM, which is why ``fast`` and ``int_round`` pay (docs/BENCHMARKS.md, "The
+  activation-quantization kernels are instruction-bound").
+
+Timings of all three: docs/BENCHMARKS.md ("Activation quantization ..." and the sections after it).
 """
 
 from __future__ import annotations
@@ -151,31 +153,31 @@ def _chunk_for(k: int, prefer: int = 512) -> int | None:
 _RNE_MAGIC = 12582912.0
 _RNE_MAGIC_BITS = 0x4B400000  # its float32 bit pattern
 
-# Tuning of the fused kernel measured on an H200 at M = 32,760 (docs/BENCHMARKS.md, "Activation quantization"):
-# 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
+# Tuning of the fused kernel, chosen by the sweeps in docs/BENCHMARKS.md ("Activation quantization, and the linear
+# end to end with each implementation"): 64-row blocks, K in chunks of 256, 8 warps, 3 software-pipeline stages.
+# (Several comments here and in dispatch.py cite measurements: docs/BENCHMARKS.md, "Numbers formerly in docstrings".)
 FUSED_BLOCK_ROWS, FUSED_CHUNK, FUSED_WARPS, FUSED_STAGES = 64, 256, 8, 3
 # The dispatcher's keyword options of act_quant_lowrank_pallas
-FUSED_OPTIONS = {"fast": True, "int_round": True}  # 0.260 / 0.678 ms vs 0.271 / 0.706 with fast alone (H200)
+FUSED_OPTIONS = {"fast": True, "int_round": True}  # int_round: faster than fast alone (BENCHMARKS, "instruction-bound")
 # In-kernel rotation: Hadamard blocks of 64 up to ROT_MAX_BLOCK columns, multiplied on the tensor cores in pieces of
 # at most ROT_PIECE columns (a 128 x 128 +-1 matrix, 32 KB of bf16; a dense 256 x 256 one did not fit in shared
 # memory), larger blocks mixing their pieces with f32 butterflies first
 ROT_PIECE, ROT_MAX_BLOCK = 128, 1024
-# The dispatcher rotates in the kernel only up to this block: measured on an H100 at M = 32,760
-# (bench/results/act_quant_rotation_sweep.json), the kernel at 1024 (one stage; the 3- and 2-stage forms exceed
-# shared memory, 32-row blocks spill) took 6.7 ms at K = 5120 against 1.47 ms for the XLA rotation pass + the
-# unrotated kernel, while blocks of 64-512 take 0.50-0.88 ms
+# The dispatcher rotates in the kernel only up to this block: at 1024 the kernel fits only one pipeline stage (the
+# 3- and 2-stage forms exceed shared memory, 32-row blocks spill) and is several times slower than the XLA rotation
+# pass + the unrotated kernel, while blocks of 64-512 beat that pass (docs/BENCHMARKS.md, "Act quant of a rotated
+# input", the sweep of blocks of 128-1024)
 ROT_DISPATCH_MAX_BLOCK = 512
 
 
 def rotation_options(block: int) -> dict:
   """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``.
 
-  Swept on an H100 at M = 32,760 (``python -m bench.act_quant --rotate`` and bench/results/act_quant_rotation_sweep2
-  .json; the unrotated kernel: 0.32 / 0.83 ms at K = 5120 / 13824): blocks of 128-512 run best with 4 warps and 2
-  pipeline stages (256: 0.347 / 0.918 ms against 0.507 / 1.32 with the unrotated kernel's 8 warps and 3 stages;
-  128: 0.388 / 1.03; 512: 0.714 / 1.91, where 3 stages ask for 264 KB of shared memory); blocks of 64 keep the
-  unrotated tuning (0.52 ms, 4 warps untimed); 1024 fits only one stage (6.7 ms at 8 warps, so the dispatcher
-  leaves it to the XLA pass, :data:`ROT_DISPATCH_MAX_BLOCK`)."""
+  Chosen by the sweep ``python -m bench.act_quant --rotate`` (docs/BENCHMARKS.md, "Act quant of a rotated input"):
+  blocks of 128-512 run best with 4 warps and 2 pipeline stages (the unrotated kernel's 8 warps and 3 stages are
+  limited by the tensor-core product's registers there; at 512, 3 stages do not fit in shared memory); blocks of 64
+  keep the unrotated tuning; 1024 fits only one stage (slow, so the dispatcher leaves it to the XLA pass,
+  :data:`ROT_DISPATCH_MAX_BLOCK`)."""
   if block <= 64:
     return dict(FUSED_OPTIONS)
   if block <= 512:
@@ -335,8 +337,8 @@ def act_quant_lowrank_pallas(x, smooth=None, down=None, clip=1.0, static_scale=N
   pieces of ``x * signs / smooth`` (``ROT_PIECE`` columns each) are mixed by f32 butterflies, rounded to bf16,
   multiplied on the tensor cores by the +-1 Hadamard matrix of a piece and scaled by ``1 / sqrt(chunk)`` (f32
   accumulation; the codes can differ from the f32 rotation's where the bf16 rounding moves a value across a
-  rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing). Measured on the
-  H200: docs/BENCHMARKS.md, "Act quant of a rotated input".
+  rounding boundary), and ``down`` applies to the rotated input (not folded with the smoothing). Timings:
+  docs/BENCHMARKS.md, "Act quant of a rotated input".
   """
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import triton as pltriton

@@ -107,15 +107,15 @@ def _gpu_gemm(be: str, n: int, k: int, r: int) -> bool:
   return be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16
 
 
-# Below this many tokens the per-call XLA unpack of packed weights costs more than the in-register int4 unpack
-# (measured on H100: M=4096 e2e 0.239 ms int4-in-registers vs 0.277 ms unpack+int8; M=32760 1.738 vs 1.630 ms).
+# Below this many tokens the per-call XLA unpack of packed weights costs more than the in-register int4 unpack;
+# above it the unpack + int8-operand kernel is faster end to end (docs/BENCHMARKS.md, "Numbers formerly in
+# docstrings").
 INT8_UNPACK_MIN_M = 16384
 
 # Below this many rows the fused act-quant kernel (one 64-row block per program, two passes over K) runs less than
-# about a wave over the SMs and its per-block latency (~0.1 ms at K = 5120) dominates; XLA's fusions are faster.
-# H200, K = 5120, r = 32 (bench/results/act_quant_small_m.json): M = 512 / 4096 / 8192 / 16384 / 32760 took
-# 0.097 / 0.109 / 0.115 / 0.176 / 0.354 ms fused vs 0.015 / 0.057 / 0.110 / 0.210 / 0.398 ms XLA. In a 480p step
-# this sends the cross-attention k/v projections of the 512 text tokens to XLA.
+# about a wave over the SMs and its per-block latency dominates; XLA's fusions are faster (the crossover by M:
+# docs/BENCHMARKS.md, "Numbers formerly in docstrings"). In a 480p step this sends the cross-attention k/v
+# projections of the 512 text tokens to XLA.
 FUSED_ACT_QUANT_MIN_M = 16384
 # The same threshold for a rotated input (the default recipe): there the XLA path is a rotation pass writing f32
 # [M, K] plus the XLA act quant reading it, so the fused kernel, which rotates in registers, wins from fewer rows.
@@ -175,10 +175,10 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
     r = 0 or a power of two >= 16) and M >= ``FUSED_ACT_QUANT_MIN_M`` (fewer rows: less than a wave of blocks;
     ``FUSED_ROT_ACT_QUANT_MIN_M`` with ``rot_signs``),
     else ``"xla"``, with ``act_quant_gpu.FUSED_OPTIONS`` (``fast``: reciprocal multiplies instead of divisions).
-    Fastest measured on an H200 at M = 32,760: 0.26 ms at K = 5120 and 0.68 ms at K = 13824 against 0.40 / 1.08 ms
-    for "xla" (docs/BENCHMARKS.md, "instruction-bound").
-  * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM (0.38 / 1.17 ms).
-  * ``"xla"``: one jitted XLA function, smoothing folded into ``down`` (0.40 / 1.08 ms).
+    The fastest of the three at the 480p and 720p token counts (docs/BENCHMARKS.md, "The activation-quantization
+    kernels are instruction-bound").
+  * ``"pallas"``: the single-pass Pallas quantizer plus the folded XLA rank-r GEMM.
+  * ``"xla"``: one jitted XLA function, smoothing folded into ``down``.
 
   Triton's f32 division is not IEEE-exact and ``fast`` multiplies by reciprocals, so in the Pallas impls a few in
   1e7 codes may differ by one from the reference where x / s lies within an ulp or two of a rounding boundary;
@@ -187,10 +187,10 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   ``rot_signs`` ([K] +-1, optional): the smoothed input is rotated before quantization and before ``down``, as
   ``numerics.hadamard.rotate_activations(x / smooth, rot_signs, rot_block)`` (the block: the largest power of two
   dividing K, at most ``rot_block``). The "fused" impl rotates inside the kernel for blocks of 64 to
-  ``act_quant_gpu.ROT_DISPATCH_MAX_BLOCK`` (512, where it beat the XLA pass on an H100; bf16 tensor-core products:
-  a few codes in 1e3 differ by one from the f32 rotation's); otherwise ``numerics.hadamard.rotate_activations_mxu``
-  rotates first (the kernel's numerics as one batched bf16 product on the tensor cores / MXU; on every backend, the
-  reference included) and the unrotated path quantizes its output.
+  ``act_quant_gpu.ROT_DISPATCH_MAX_BLOCK`` (512, the largest block where it beat the XLA pass; bf16 tensor-core
+  products: a few codes in 1e3 differ by one from the f32 rotation's); otherwise
+  ``numerics.hadamard.rotate_activations_mxu`` rotates first (the kernel's numerics as one batched bf16 product on
+  the tensor cores / MXU; on every backend, the reference included) and the unrotated path quantizes its output.
   """
   be = select_backend(backend)
   if act_quant_impl not in ACT_QUANT_IMPLS:
@@ -212,7 +212,7 @@ def act_quant(x, smooth=None, down=None, clip=1.0, static_scale=None, *, rot_sig
   if fused_gpu and x.shape[0] >= FUSED_ACT_QUANT_MIN_M and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
     return act_quant_gpu.act_quant_lowrank_pallas(x, smooth, down, clip, static_scale,
                                                   **act_quant_gpu.FUSED_OPTIONS)
-  # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (measured 15% faster on H100;
+  # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (faster, docs/BENCHMARKS.md "Kernels";
   # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
   return act_quant_fused(x, smooth, down, clip, static_scale, fold_smooth=(be == "pallas"))
 
@@ -225,7 +225,7 @@ def w4a4_linear(x, w_packed, s_w, *, smooth=None, down=None, up=None, bias=None,
   Args:
     x: activations [..., K] (any float dtype).
     w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention), or int8 [N, K] int4 values
-      (pre-unpacked once at load time: fastest on H100, 1 byte/parameter instead of 0.5).
+      (pre-unpacked once at load time: the fastest GEMM operand, 1 byte/parameter instead of 0.5).
     s_w: f32 [N] per-channel weight scales, or f32 [N, K/group_size] with ``group_size``.
     smooth: optional [K] smoothing divisor (activations are divided by it; fold it into the weights beforehand).
     down, up: optional low-rank branch, [K, r] and [r, N].
@@ -260,12 +260,12 @@ def mxfp4_matmul(xv, xe, wv, we, x_lr=None, up=None, bias=None, *, out_dtype=jnp
   (every MXFP4 value is a bf16) and a bf16 x bf16 -> f32 dot (tensor cores on GPU; products exact, f32
   accumulation); "pallas" on a GPU with N % 256 == K % 128 == 0, r % 16 == 0 and block 32: ``kernels.mxfp4_gpu``
   (each row re-encoded to e4m3 with a power-of-two row scale, FP8 ``wgmma``; M zero-padded to a multiple of 8 and
-  at least one tile), else "xla". The kernel path ran on an H200 (2026-12-01, ``python -m bench.mxfp4``): 4.7e-6 rel-L2 against "reference",
-  no rows rounded; 1.16x BF16 end to end at 5120 -> 13824 (docs/BENCHMARKS.md).
+  at least one tile), else "xla". The kernel path's accuracy against "reference" and its speed on a GPU:
+  docs/BENCHMARKS.md, "MXFP4 on the GPU".
 
   ``inexact_rows``: rows of x plus rows of w that the FP8 re-encoding could not represent exactly (block exponents
   more than 8 binades below the row's largest); always 0 on the exact "reference" / "xla" paths.
-  Blocks with exponent 128 (E8M0 NaN) make their output row (x) or column (w) NaN, as ``formats.dequantize``.
+  Blocks with exponent 128 (E8M0 NaN) make their output row (x) or column (w) NaN, as ``numerics.formats.dequantize``.
   ``interpret`` / ``config`` (tests): run the "pallas" kernel path in the Mosaic GPU interpreter with that tiling.
   """
   be = select_backend(backend)

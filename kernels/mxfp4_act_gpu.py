@@ -9,7 +9,8 @@ counted). A block with a non-finite input gets exponent -126 and zero elements, 
 Per ``block_rows`` tokens the kernel walks K twice in chunks: pass 1 finds the block abs-maxes, the row's largest
 block exponent and (``down`` given) the rank-r projection ``bf16(x) @ bf16(down / smooth)`` on the tensor cores; pass
 2 re-reads the chunk, rounds to E2M1 and writes the e4m3 codes. The XLA version needs separate passes over x for the
-block reduction, the row reduction and the element pass (0.70 ms at M = 32,760, K = 5120 on an H200).
+block reduction, the row reduction and the element pass (timings of both: docs/BENCHMARKS.md, "The
+activation-quantization kernels are instruction-bound").
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .act_quant_gpu import _RNE_MAGIC
 
 SCALE_RULES = ("safe_ceil", "ocp_floor")
 
-# Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages (H200 sweeps, bench/results/act_quant_v4_fast.json and
-# act_quant_v5_fast2.json: chunk 64 measured within 4 %).
+# Tuning defaults: 64-row blocks, K in chunks of 128, 8 warps, 3 stages, chosen by the sweeps in docs/BENCHMARKS.md
+# ("The activation-quantization kernels are instruction-bound"; chunk 64 measured about as fast).
 BLOCK_ROWS, CHUNK, WARPS, STAGES = 64, 128, 8, 3
 # the dispatcher's keyword options of act_to_fp8_pallas (block_rows, chunk, num_warps, ... may be added)
 OPTIONS = {"fast": True}

@@ -12,9 +12,9 @@ Inputs here are the decoded E2M1 element values (f32) and the integer block expo
 produces both (``quantize_mxfp4``, then ``mxfp4_decode``).
 
 Status: reference and re-encoding verified on CPU; the FP8 GEMM is the int8 kernel with f32 accumulation, checked in
-the Mosaic GPU interpreter and lowered for CUDA on CPU, and run on an H200 (2026-12-01, ``python -m bench.mxfp4``):
-end to end through ``dispatch.mxfp4_linear``, 4.7e-6 rel-L2 against the exact f32 reference at M = 32,760 (no row
-rounded), 1.16x BF16 at 5120 -> 13824 and 0.88x at 5120 -> 5120 (weights re-encoded on every call).
+the Mosaic GPU interpreter and lowered for CUDA on CPU, and run on a GPU end to end through
+``dispatch.mxfp4_linear`` against the exact f32 reference (accuracy, rounded rows and timings: docs/BENCHMARKS.md,
+"MXFP4 on the GPU" and "MXFP4 with the weights re-encoded once").
 Caveat: Hopper's FP8 ``wgmma`` accumulates with reduced precision (DeepSeek measured ~14 kept mantissa bits).
 """
 

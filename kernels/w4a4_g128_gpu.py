@@ -24,13 +24,13 @@ Weights are int8 [N, K] holding int4 values (the dispatcher unpacks packed uint8
 the int4-in-registers (register-A ``wgmma``) variant of the per-channel kernel. By default each step waits for its
 ``wgmma`` before rescaling (as the per-channel kernel does; the two compute warpgroups interleave);
 ``G128Config(overlap_rescale=True)`` instead rescales the previous group's int32 result while the current group's
-``wgmma`` runs (one more register tile): measured faster (1.830 vs 1.996 ms, H200, M = 32,760, K = N = 5120, r = 32).
+``wgmma`` runs (one more register tile): faster where measured (docs/BENCHMARKS.md, "Group-scaled g128 GEMM").
 
-Status: checked in the Mosaic GPU interpreter and by lowering for CUDA on CPU; run once on an H200 (2026-12-01,
-``python -m bench.kernels --g128``): GEMM alone 1.21x XLA bf16, end to end 0.97x; epilogue error 1.66e-3 against the
-f32 reference (as the per-channel kernel). That run's bit-exactness check of the group sums said False, but it built
-its power-of-two scales with ``jnp.exp2`` (not exact on XLA:GPU); the check now uses exact powers of two and awaits a
-re-run (docs/BENCHMARKS.md).
+Status: checked in the Mosaic GPU interpreter and by lowering for CUDA on CPU, and run on a GPU (``python -m
+bench.kernels --g128``): the int32 group sums bit-exact against the reference (with exactly built power-of-two test
+scales), the epilogue as accurate as the per-channel kernel's. The per-group rescale of the accumulator halves the
+per-channel kernel's throughput, so this kernel is correct but not a speed path on Hopper (timings:
+docs/BENCHMARKS.md, "Group-scaled g128 GEMM").
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class G128Config(W4A4Config):
   overlap_rescale: False = each step waits for its ``wgmma``, then rescales its int32 result into the f32 carry;
     True = each step issues its ``wgmma`` first and rescales the previous step's int32 result (carried in registers)
     while the tensor cores run, then waits (one more tile_m x tile_n int32 tile of registers: 3 register tiles,
-    192 registers per thread at 128 x 64). Measured faster on an H200 (1.830 vs 1.996 ms at M = 32,760,
-    K = N = 5120, r = 32).
+    192 registers per thread at 128 x 64). Faster where measured (docs/BENCHMARKS.md, "Group-scaled g128
+    GEMM").
   """
 
   overlap_rescale: bool = False

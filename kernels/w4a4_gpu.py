@@ -52,7 +52,7 @@ class W4A4Config:
   # SMEM budget next to the pipeline buffers.
   epi_tile_n: int | None = None
   out_slots: int | None = None
-  grid_tile_width: int = 4  # measured on H100: 4 beats 1 by ~25% at Wan shapes (L2 reuse of the snake order)
+  grid_tile_width: int = 4  # chosen by the tile-width sweep (BENCHMARKS.md, "Kernels"): L2 reuse of the snake order
   grid_minor_n: bool = True
   num_sms: int = H100_NUM_SMS
   # How the low-rank term x_lr @ up joins the result: "init" = a bf16 wgmma accumulating onto the scaled f32 tile

@@ -73,7 +73,7 @@ def grouped_reference_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype,
 
 def gpu_matmul(q_x, s_x, w_packed, s_w, x_lr, up, bias, out_dtype, *, in_registers: bool):
   """The Mosaic GPU GEMM: ``in_registers`` keeps packed weights packed (int4 unpacked in registers inside the
-  kernel), else the weights are unpacked to int8 first (one XLA pass, ~0.02-0.05 ms by bytes) for the faster
+  kernel), else the weights are unpacked to int8 first (one XLA pass over the weights) for the faster
   int8-operand kernel."""
   from .w4a4_gpu import w4a4_matmul_gpu_any_m
   if in_registers:

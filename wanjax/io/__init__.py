@@ -2,6 +2,11 @@
 
 Public API: `load_dit` (any published layout or a converted cache -> `WanDiT`), `convert` (-> orbax cache),
 `CheckpointError` (raised for unusable checkpoints). orbax is imported only when a cache is written or read.
+
+DiT modules, bottom up: `safetensors_stream` (headers, chunked reads) / `keymap` (official, diffusers, ComfyUI and
+wanjax names) / `validate`; `dit_source` (what a path is); `dit_params` (the parameter tree, streaming conversion,
+NaN/Inf check, model assembly); then `dit_loader` (`load_dit`, dispatching) and `orbax_cache` (`convert`,
+`load_cached`), which both build on the two below and not on each other ("where is" table: docs/ARCHITECTURE.md).
 """
 from wanjax.io.dit_loader import load_dit
 from wanjax.io.errors import CheckpointError
