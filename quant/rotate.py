@@ -13,7 +13,8 @@ ones otherwise).
   (recompute it from rotated rows).
 
 :func:`apply_hadamard`, :func:`rotate_activations`, :func:`rotate_activations_mxu` and the other primitives live in
-``wanjax.numerics.hadamard`` (re-exported here); this module holds the transforms of a Linear's params and statistics.
+``wanjax.numerics.hadamard`` (import them from there); this module holds the transforms of a Linear's params and
+statistics.
 """
 
 from __future__ import annotations
