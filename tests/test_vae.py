@@ -248,12 +248,14 @@ class _NotATensor:  # pickled as an arbitrary object: weights_only loading must 
 
 
 def test_pth_without_torch(monkeypatch, tmp_path):
+    """The official .pth is read without torch (wanjax.io.pth): with torch blocked, a missing file is still a clear
+    FileNotFoundError, not an ImportError."""
     import sys
 
     from wanjax.io.vae_loader import read_official_pth
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(ImportError, match="needs PyTorch.*diffusers layout"):
+    with pytest.raises(FileNotFoundError, match="VAE checkpoint not found"):
         read_official_pth(tmp_path / "Wan2.1_VAE.pth")
 
 
@@ -287,7 +289,7 @@ def test_bad_inputs(pair, tmp_path):
         load_vae(tmp_path / "vae")
     pickled = tmp_path / "pickle.pth"
     torch.save({"encoder.conv1.weight": torch.zeros(1), "extra": _NotATensor()}, pickled)
-    with pytest.raises(CheckpointError, match=r"pickle\.pth: cannot be read with torch\.load\(weights_only=True\)"):
+    with pytest.raises(CheckpointError, match=r"pickle\.pth: data\.pkl refers to the global .*_NotATensor.*refusing"):
         load_vae(pickled, TINY)
     with pytest.raises(FileNotFoundError, match="no such VAE file or folder"):
         load_vae(tmp_path / "nope.pth")

@@ -24,6 +24,7 @@ _LAZY = {
     "I2VPipeline": ("wanjax.pipeline", "WanI2VPipeline"),
     "GenerationConfig": ("wanjax.generation_config", "GenerationConfig"),
     "NonFiniteError": ("wanjax.nonfinite", "NonFiniteError"),
+    "mini_model_path": ("wanjax.mini", "mini_model_path"),
 }
 
 
