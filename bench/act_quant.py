@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m bench.act_quant [--ms 32760] [--shapes 5120x5120,5120x13824,13824x5120] [--sweep]
 
-Per (M, K, N), one process, CUPTI device time (median of 25 calls after a warm-up, ``bench.kernels.cupti_ms``):
+Per (M, K, N), one process, CUPTI device time (median of 25 calls after a warm-up, ``bench.timing.cupti_ms``):
 
 * ``aq_xla_fold``   the XLA act quant with the smoothing folded into ``down`` (the dispatcher's "xla" impl);
 * ``aq_pallas``     the single-pass Pallas quantizer + the XLA rank-32 GEMM ("pallas" impl);
@@ -26,7 +26,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench.common import device_facts, write_result
 
@@ -75,11 +74,11 @@ def _tag(bm, ck, warps, stages, rev, progs, fast):
 def run_mxfp4(inp, res, rec, log, sweep, e2e):
   """MXFP4: the XLA ``act_to_fp8`` against the Triton ``act_to_fp8_pallas`` (checks, then times), and the MXFP4
   linear end to end on weights prepared once, with each activation side."""
-  from bench.kernels import rel_err
-  from kernels import dispatch
-  from kernels import reference as ref
-  from kernels.mxfp4_act_gpu import act_to_fp8_pallas
-  from kernels.mxfp4_gpu import act_to_fp8, prepare_weights
+  from bench.common import rel_err
+  from wanjax.kernels import dispatch
+  from wanjax.kernels import reference as ref
+  from wanjax.kernels.mxfp4_act_gpu import act_to_fp8_pallas
+  from wanjax.kernels.mxfp4_gpu import act_to_fp8, prepare_weights
   from wanjax.numerics.fp4 import quantize_mxfp4
   from wanjax.numerics.pack import pack_nibbles
 
@@ -112,7 +111,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
     return
   qt = quantize_mxfp4(inp["w_bf16_kn"].T.astype(jnp.float32), scale_rule="ocp_floor")
   w8, s_w, _ = prepare_weights(pack_nibbles(qt.codes), qt.scales)
-  from kernels import mxfp4_act_gpu
+  from wanjax.kernels import mxfp4_act_gpu
   y = {}
   runs = [("xla", mxfp4_act_gpu.OPTIONS)] + [("fused", o) for o in MX_E2E_OPTIONS]
   for impl, opts in runs:
@@ -135,7 +134,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
 
 def aq_check(got, want) -> dict:
   """How an act quant's ``(codes, scales, x_lr)`` differ from a reference's."""
-  from bench.kernels import rel_err
+  from bench.common import rel_err
   (q, s, lr), (qr, sr, lrr) = got, want
   return {"code_mismatch_frac": float(jnp.mean((q != qr).astype(jnp.float32))),
           "code_maxdiff": int(jnp.max(jnp.abs(q.astype(jnp.int32) - qr.astype(jnp.int32)))),
@@ -153,8 +152,8 @@ def run_rotation(inp, res, rec, log):
   (``rot_signs``, Hadamard blocks = chunk, :data:`ROT_BLOCKS` dividing K, tunings :data:`ROT_SWEEP`) against the
   XLA passes + the fused kernel on their output (the f32 Walsh-Hadamard transform, and ``rotate_activations_mxu``,
   the run-time form of the XLA paths); codes checked against the f32 rotation's."""
-  from kernels import act_quant_gpu
-  from kernels.act_quant_gpu import act_quant_lowrank_pallas
+  from wanjax.kernels import act_quant_gpu
+  from wanjax.kernels.act_quant_gpu import act_quant_lowrank_pallas
   from wanjax.numerics.hadamard import random_signs, rotate_activations, rotate_activations_mxu
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
@@ -196,8 +195,8 @@ def run_small_m(inp, res, rec, log):
   ``FUSED_ROT_ACT_QUANT_MIN_M``): the dispatcher's XLA paths (forced) against the fused kernel at block rows
   :data:`SMALL_M_BLOCK_ROWS`, unrotated and rotating in Hadamard blocks of 256 (the default recipe); codes of each
   kernel checked against its XLA path."""
-  from kernels import act_quant_gpu, dispatch
-  from kernels.act_quant_gpu import act_quant_lowrank_pallas
+  from wanjax.kernels import act_quant_gpu, dispatch
+  from wanjax.kernels.act_quant_gpu import act_quant_lowrank_pallas
   from wanjax.numerics.hadamard import random_signs
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
   signs = random_signs(jax.random.key(7), x.shape[1])
@@ -225,11 +224,13 @@ def run_small_m(inp, res, rec, log):
 
 def run_shape(m, k, n, sweep, log, mx=False, e2e=True, e2e_impls=("xla", "pallas", "fused"), rotation=False,
               small_m=False):
-  from bench.kernels import cupti_ms, make_inputs, rel_err
-  from kernels import dispatch
-  from kernels import reference as ref
-  from kernels import act_quant_gpu
-  from kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, act_quant_pallas
+  from bench.common import rel_err
+  from bench.kernels import make_inputs
+  from bench.timing import cupti_ms
+  from wanjax.kernels import dispatch
+  from wanjax.kernels import reference as ref
+  from wanjax.kernels import act_quant_gpu
+  from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, act_quant_pallas
 
   inp = make_inputs(jax.random.key(m + k + n), m, k, n)
   x, smooth, down = inp["x"], inp["smooth"], inp["down"]
@@ -335,7 +336,7 @@ def main(argv=None):
   if jax.default_backend() != "gpu":
     print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
     return 0
-  from bench.pipeline import ensure_package_layout
+  from bench.layout import ensure_package_layout
   ensure_package_layout()
 
   def log(msg):

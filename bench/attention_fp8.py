@@ -34,6 +34,12 @@ import traceback
 import numpy as np
 
 from bench import pipeline as bp
+from bench.dit_step import RES, get_config
+from bench.layout import ROOT, ensure_package_layout
+from bench.phase_runner import PhaseRecord, brief, stream_child
+from bench.random_weights import random_array
+from wanjax.io.jsonio import to_jsonable
+from wanjax.metrics import relative_l2
 
 FWD_VARIANTS = (  # name, bench.pipeline phase, FP8 attention?
     ("bf16", "bf16", False),
@@ -65,7 +71,7 @@ def _inputs(cfg, tokens: int, case: str, seed: int = 0):
     import jax.numpy as jnp
 
     shape = (1, tokens, cfg.num_heads, cfg.head_dim)
-    q, k, v = (bp.random_array(seed + i, shape, jnp.bfloat16) for i in range(3))
+    q, k, v = (random_array(seed + i, shape, jnp.bfloat16) for i in range(3))
     if case in ("outlier_heads", "outlier_heads_v"):
         n_out = max(1, cfg.num_heads // 8)
         mult = jnp.ones((cfg.num_heads, 1), jnp.bfloat16).at[:n_out].set(10)
@@ -79,13 +85,14 @@ def phase_attn(args, workdir: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bench.common import device_facts, time_fn
+    from bench.common import device_facts
+    from bench.timing import time_fn
     from wanjax.model import attention as A
 
-    rec = bp.PhaseRecord(workdir, "attn")
+    rec = PhaseRecord(workdir, "attn")
     rec.update(device_facts())
-    cfg = bp.get_config(args.config)
-    f, h, w = bp.RES[args.res][0]
+    cfg = get_config(args.config)
+    f, h, w = RES[args.res][0]
     tokens = f * h * w // 4
     b16, b8 = backends()
     flops = 4.0 * tokens * tokens * cfg.num_heads * cfg.head_dim
@@ -129,12 +136,9 @@ def phase_attn(args, workdir: str) -> dict:
             jax.block_until_ready(ref)
 
             def errs(out):
-                d = (out.astype(jnp.float32) - ref).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-                num = jnp.sqrt(jnp.sum(d * d, axis=(0, 1, 3)))
-                den = jnp.sqrt(jnp.sum(ref * ref, axis=(0, 1, 3)))
-                per_head = np.asarray(num / den)
-                total = float(jnp.sqrt(jnp.sum(d * d)) / jnp.sqrt(jnp.sum(ref * ref)))
-                return {"rel_l2": total, "rel_l2_max_head": float(per_head.max()),
+                o, r = np.asarray(out.astype(jnp.float32)), np.asarray(ref)
+                per_head = relative_l2(o, r, axis=(0, 1, 3))
+                return {"rel_l2": relative_l2(o, r), "rel_l2_max_head": float(per_head.max()),
                         "rel_l2_median_head": float(np.median(per_head))}
 
             for b in (b16, b8):
@@ -174,9 +178,9 @@ def run_forward(name: str, phase: str, fp8: bool, args, root: str, ref_npy: str 
         os.environ["WANJAX_ATTENTION"] = backends()[1] if args.inprocess else "cudnn_fp8"
     try:
         if args.inprocess:
-            rec = bp._run_inprocess(phase, bp.parse_args(_pipeline_argv(args)), workdir)
+            rec = bp.run_inprocess(phase, bp.parse_args(_pipeline_argv(args)), workdir)
         else:
-            rec = bp._run_child(phase, _pipeline_argv(args), workdir, timeout)
+            rec = bp.run_child(phase, _pipeline_argv(args), workdir, timeout)
     finally:
         os.environ.pop("WANJAX_ATTENTION", None)
         if old is not None:
@@ -190,7 +194,7 @@ def run_forward(name: str, phase: str, fp8: bool, args, root: str, ref_npy: str 
         out["log_tail"] = rec.get("log_tail")
     npy = os.path.join(workdir, f"{phase}_{args.res}.npy")
     if phase == "bf16" and os.path.exists(npy) and ref_npy and os.path.exists(ref_npy) and npy != ref_npy:
-        out["rel_l2_vs_bf16"] = bp.rel_l2(np.load(npy), np.load(ref_npy))
+        out["rel_l2_vs_bf16"] = relative_l2(np.load(npy), np.load(ref_npy), floor=1e-30)
     return out
 
 
@@ -275,7 +279,7 @@ def summarize(res: dict) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="I2V_A14B", choices=["I2V_A14B", "TINY"])
-    ap.add_argument("--res", default="480p", choices=list(bp.RES))
+    ap.add_argument("--res", default="480p", choices=list(RES))
     ap.add_argument("--iters", type=int, default=10, help="timed calls of the attention op")
     ap.add_argument("--fwd-iters", type=int, default=4, help="timed forwards per variant (after one warm-up)")
     ap.add_argument("--rows", type=int, default=512, help="query rows for the error vs fp32 attention")
@@ -284,7 +288,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-attn", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--budget-s", type=float, default=280.0, help="wall-time budget of the whole run")
-    ap.add_argument("--results-dir", default=os.path.join(bp.ROOT, "bench", "results"))
+    ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--inprocess", action="store_true", help="all phases in this process (CPU tests)")
     ap.add_argument("--phase", choices=["attn"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -294,7 +298,7 @@ def parse_args(argv=None):
 def _run_attn_child(argv, workdir, timeout) -> dict:
     """This module's ``--phase attn`` in a child process (bench.pipeline.stream_child); its JSON + rc / log tail."""
     cmd = [sys.executable, "-m", "bench.attention_fp8", *argv, "--phase", "attn", "--workdir", workdir]
-    rc, timed_out, wall_s, tail = bp.stream_child(cmd, timeout)
+    rc, timed_out, wall_s, tail = stream_child(cmd, timeout)
     path = os.path.join(workdir, "attn.json")
     rec = json.load(open(path)) if os.path.exists(path) else {}
     rec.update(returncode=rc, timed_out=timed_out, wall_s=wall_s)
@@ -307,12 +311,12 @@ def _run_attn_child(argv, workdir, timeout) -> dict:
 def main(argv=None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    bp.ensure_package_layout()
+    ensure_package_layout()
     if args.phase == "attn":
         phase_attn(args, args.workdir)
         return None
     t_start = time.perf_counter()
-    f, h, w = bp.RES[args.res][0]
+    f, h, w = RES[args.res][0]
     res = {"name": f"attention_fp8_{args.res}", "config": args.config, "res": args.res, "tokens": f * h * w // 4,
            "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir")},
            "notes": ["FP8 attention: cuDNN SDPA-FP8 forward (jax._src.cudnn.fused_attention_stablehlo."
@@ -333,7 +337,7 @@ def main(argv=None) -> dict | None:
         res["summary"] = summarize(res)
         res["table"] = table(res)
         res["wall_s"] = time.perf_counter() - t_start
-        write_result(name, json.loads(json.dumps(res, default=bp._json_default)), out_dirs=(args.results_dir,))
+        write_result(name, to_jsonable(res), out_dirs=(args.results_dir,))
 
     try:
         if not args.skip_attn:
@@ -366,7 +370,7 @@ def main(argv=None) -> dict | None:
                     res["forward"][vname] = run_forward(vname, phase, fp8, args, root, ref_npy, timeout)
                 except Exception as e:
                     res["forward"][vname] = {"error": _err(e)}
-                log(vname, bp._brief(res["forward"][vname]))
+                log(vname, brief(res["forward"][vname]))
                 save()
     finally:
         shutil.rmtree(root, ignore_errors=True)

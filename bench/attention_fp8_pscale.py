@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.metrics import relative_l2
+
 
 def main() -> int:
   if jax.default_backend() != "gpu":
@@ -35,8 +37,8 @@ def main() -> int:
     o, ref = np.asarray(o, np.float64), np.asarray(ref, np.float64)
     if not np.all(np.isfinite(o)):
       return float("nan")
-    ph = np.linalg.norm(per_head(o - ref), axis=1) / np.linalg.norm(per_head(ref), axis=1)
-    return [float(np.linalg.norm(o - ref) / np.linalg.norm(ref)), float(ph.max()), float(np.median(ph))]
+    ph = relative_l2(per_head(o), per_head(ref), axis=1)
+    return [relative_l2(o, ref), float(ph.max()), float(np.median(ph))]
 
   out = {}
   for case in ("normal", "heads_x10", "qk_x3"):

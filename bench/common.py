@@ -1,14 +1,21 @@
-"""Shared helpers for benchmarks: timing, device facts, result files."""
+"""Shared helpers for benchmarks: device facts and memory, result files, the output check metric.
+
+Timers live in `bench.timing`; the package layout of an uninstalled checkout in `bench.layout`.
+"""
 from __future__ import annotations
 
-import json
+import functools
 import os
-import statistics
 import subprocess
-import time
 
 import jax
-import numpy as np
+
+from wanjax.io.atomic import write_json_atomic
+from wanjax.metrics import relative_l2
+
+#: the kernel benchmarks' output check: relative L2 (float64, reference norm floored at 1e-30), ``inf`` when the
+#: output has a NaN or Inf
+rel_err = functools.partial(relative_l2, floor=1e-30, nonfinite="inf")
 
 
 def device_facts() -> dict:
@@ -26,41 +33,27 @@ def _git_commit() -> str | None:
         return os.environ.get("WANJAX_COMMIT")
 
 
-def block(x):
-    return jax.block_until_ready(x)
-
-
-def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> dict:
-    """Median / min / all wall times (seconds) of ``fn(*args)`` after warm-up, blocking on the result."""
-    for _ in range(warmup):
-        block(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        block(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "iters": iters, "all_s": ts}
-
-
 def peak_memory_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
+def memory() -> dict:
+    """``bytes_in_use`` / ``peak_bytes_in_use`` of device 0 (None on CPU)."""
+    s = jax.devices()[0].memory_stats() or {}
+    return {"bytes_in_use": s.get("bytes_in_use"), "peak_bytes_in_use": s.get("peak_bytes_in_use")}
+
+
+def state_bytes(tree) -> int:
+    """Bytes of all array leaves of ``tree``."""
+    return int(sum(a.nbytes for a in jax.tree.leaves(tree)))
+
+
 def write_result(name: str, payload: dict, out_dirs=("bench/results",)) -> None:
-    """Write ``<dir>/<name>.json`` for each dir (also $OUT when set, so it comes back from the GPU machine)."""
+    """Write ``<dir>/<name>.json`` atomically for each dir (also $OUT when set, so it comes back from the GPU
+    machine); numpy values are converted (`wanjax.io.jsonio.json_default`)."""
     dirs = list(out_dirs)
     if os.environ.get("OUT"):
         dirs.append(os.environ["OUT"])
     for d in dirs:
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{name}.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, default=_np_default)
-        os.replace(tmp, os.path.join(d, f"{name}.json"))
-
-
-def _np_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o))
+        write_json_atomic(os.path.join(d, f"{name}.json"), payload, indent=2)

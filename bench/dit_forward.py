@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.common import device_facts, peak_memory_bytes, time_fn, write_result
+from bench.common import device_facts, peak_memory_bytes, write_result
+from bench.timing import time_fn
 from wanjax.config import I2V_A14B, TINY
 from wanjax.model import attention as attn_mod
 from wanjax.model.dit import WanDiT

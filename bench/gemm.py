@@ -24,7 +24,7 @@ smoothing U(0.5, 2), rank-32 branch, bias):
 
 Times: on a GPU the median device time over ``--iters`` calls (CUPTI, all kernels of one call, after a warm-up
 call), and for every path the median wall clock over ``--iters`` calls cycling through 3 input sets (fresh
-activations each call, as the issue asks; ``bench.kernels.cupti_ms`` / ``wall_ms``). Elsewhere (CPU) only wall clock: a smoke run of the code paths, whose
+activations each call, as the issue asks; ``bench.timing.cupti_ms`` / ``wall_ms``). Elsewhere (CPU) only wall clock: a smoke run of the code paths, whose
 times mean nothing. Ratios are against ``xla_bf16`` of the same (M, K, N) in the same process.
 Checks before timing: the INT8 dot bit-exact against the int32 reference on the first rows; each quantized path's
 output against the same path's ``backend="reference"`` on the first rows, computed on the host CPU when timing on a
@@ -36,20 +36,16 @@ Results: ``<name>.json`` in bench/results (and $OUT), rewritten after every shap
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.common import device_facts, write_result  # noqa: E402
-from bench.kernels import cupti_ms, rel_err, wall_ms  # noqa: E402  (CUPTI median, rotated-input wall clock)
+from bench.common import device_facts, rel_err, write_result
+from bench.layout import ensure_package_layout
+from bench.timing import cupti_ms, wall_ms  # CUPTI median, rotated-input wall clock
 
 R = 32
 ROT_BLOCK = 256
@@ -71,7 +67,6 @@ PATHS = (
 
 
 def _layout():
-  from bench.pipeline import ensure_package_layout
   ensure_package_layout()
 
 

@@ -33,62 +33,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from bench.common import rel_err
+from bench.layout import ensure_package_layout
+from bench.timing import ITERS, cupti_kernels, cupti_ms, wall_ms
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+ensure_package_layout()   # wanjax.kernels from a plain checkout (PYTHONPATH=., no install)
+from wanjax.kernels import reference as ref  # noqa: E402
+from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
+from wanjax.kernels.mxfp4_gpu import exp2_exact  # noqa: E402
+from wanjax.kernels.w4a4_g128_gpu import G128_CONFIG, w4a4_g128_matmul_gpu  # noqa: E402
+from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
 
-try:  # installed package (wanjax.kernels) or the source folder on sys.path (kernels)
-  from wanjax.kernels import reference as ref  # noqa: E402
-  from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
-  from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
-  from wanjax.kernels.w4a4_g128_gpu import G128_CONFIG, w4a4_g128_matmul_gpu  # noqa: E402
-  from wanjax.kernels.mxfp4_gpu import exp2_exact  # noqa: E402
-except Exception:  # pragma: no cover
-  from kernels import reference as ref  # noqa: E402
-  from kernels.act_quant_gpu import act_quant_fused, act_quant_pallas, quantize_rows_pallas  # noqa: E402
-  from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu  # noqa: E402
-  from kernels.w4a4_g128_gpu import G128_CONFIG, w4a4_g128_matmul_gpu  # noqa: E402
-  from kernels.mxfp4_gpu import exp2_exact  # noqa: E402
-
-ITERS = 25
 R = 32
-
-
-def cupti_ms(f, *args, iters=ITERS):
-  from jax.experimental.mosaic.gpu import profiler
-  jax.block_until_ready(f(*args))
-  _, times = profiler.measure(f, iterations=iters)(*args)
-  return float(statistics.median(times))
-
-
-def wall_ms(f, arg_sets, iters=ITERS):
-  jax.block_until_ready(f(*arg_sets[0]))
-  ts = []
-  for i in range(iters):
-    a = arg_sets[i % len(arg_sets)]
-    t = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    ts.append((time.perf_counter() - t) * 1e3)
-  return float(statistics.median(ts))
-
-
-def rel_err(out, exp):
-  out = np.asarray(out, np.float64)
-  exp = np.asarray(exp, np.float64)
-  if not np.all(np.isfinite(out)):
-    return float("inf")
-  return float(np.linalg.norm(out - exp) / max(np.linalg.norm(exp), 1e-30))
 
 
 def poison(shape, dtype):
@@ -193,8 +158,7 @@ def run_shape(m, k, n, sweep, log, epi_sweep=False):
   for name, (fn, args) in aq_variants.items():
     rec(name, fn, *args)
     try:
-      from jax.experimental.mosaic.gpu import profiler
-      _, per_kernel = profiler.measure(fn, aggregate=False)(*args)
+      per_kernel = cupti_kernels(fn, *args)
       res.setdefault("kernels_breakdown", {})[name] = per_kernel
       log(f"    kernels: {per_kernel}")
     except Exception as e:

@@ -14,7 +14,7 @@ branch and a bias, then :func:`kernels.dispatch.mxfp4_linear` (activation quanti
 * ``bf16``      the unquantized ``x @ w^T`` in bf16 (the baseline the speed ratio is against).
 
 Reported: rel-L2 (Frobenius) of ``xla`` and ``pallas`` against ``reference``, the rows the FP8 re-encoding rounded,
-and median wall times (``bench.common.time_fn``; decode of the weight codes is inside the timed call, as in
+and median wall times (``bench.timing.time_fn``; decode of the weight codes is inside the timed call, as in
 ``QLinear`` real mode). Results: ``kernels_mxfp4.json`` in ``$OUT`` (or bench/results).
 """
 from __future__ import annotations
@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import device_facts, time_fn, write_result
+from bench.common import device_facts, write_result
+from bench.layout import ensure_package_layout
+from bench.timing import time_fn
+from wanjax.metrics import relative_l2
 
 
 def _layout():
-    from bench.pipeline import ensure_package_layout
     ensure_package_layout()
 
 
@@ -51,7 +53,7 @@ def make_layer(key, m: int, k: int, n: int, r: int = 32):
 
 
 def run_shape(m, k, n, iters, log):
-    from kernels.dispatch import mxfp4_linear
+    from wanjax.kernels.dispatch import mxfp4_linear
 
     L = make_layer(jax.random.key(m + 3 * k + 7 * n), m, k, n)
     res = {"M": m, "K": k, "N": n, "checks": {}, "median_ms": {}, "errors": {}}
@@ -75,8 +77,8 @@ def run_shape(m, k, n, iters, log):
             log(f"  {be}: ERROR {res['errors'][be][:400]}")
     # weights re-encoded to FP8 once ("at load time"), activations quantized straight into FP8 per call
     try:
-        from kernels.dispatch import mxfp4_linear_fp8
-        from kernels.mxfp4_gpu import prepare_weights
+        from wanjax.kernels.dispatch import mxfp4_linear_fp8
+        from wanjax.kernels.mxfp4_gpu import prepare_weights
 
         w8, s_w, bad_w = prepare_weights(L["codes"], L["scales"])
         res["checks"]["prepared_weight_inexact_rows"] = int(bad_w)
@@ -102,8 +104,7 @@ def run_shape(m, k, n, iters, log):
         for be in ("xla", "pallas", "pallas_prepared"):
             if be in outs:
                 out = outs[be]
-                err = (float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out))
-                       else float("inf"))
+                err = relative_l2(out, ref, nonfinite="inf")
                 res["checks"][f"{be}_rel_l2_vs_reference"] = err
                 log(f"  {be} vs reference rel-L2 {err:.3e}")
     return res

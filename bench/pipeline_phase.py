@@ -35,18 +35,20 @@ import time
 
 import numpy as np
 
+from bench.common import device_facts, memory, state_bytes
+from bench.dit_step import RES, get_config, memory_analysis
+from bench.phase_runner import PhaseRecord, brief, error_text, log
+from bench.random_weights import fill_random, random_array, random_bf16_expert
+from bench.w4a4_expert import build_w4a4_expert, default_bins
+
+#: the device memory the pipeline should fit in (its peak is compared with it)
+MEMORY_TARGET_BYTES = 24e9
 #: --pipeline-experts variant -> phase name
 PIPELINE_PHASES = {"w4a4": "pipeline", "bf16": "pipeline_bf16"}
 #: the time kept for the VAE decode after the denoise loop, in units of the VAE encode's time
 DECODE_RESERVE = 1.2
 #: seconds a phase run as a child stops before its orchestrator deadline (result file, process exit)
 DEADLINE_MARGIN_S = 10.0
-
-
-def _bp():
-    from bench import pipeline
-
-    return pipeline
 
 
 class OutOfTime(Exception):
@@ -80,15 +82,14 @@ def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
 
     from wanjax.model.t5 import UMT5Encoder
 
-    bp = _bp()
     tcfg = _t5_config(cfg)
     t0 = time.perf_counter()
-    enc = bp.fill_random(nnx.eval_shape(lambda: UMT5Encoder(tcfg, rngs=nnx.Rngs(0))), seed + 100)
+    enc = fill_random(nnx.eval_shape(lambda: UMT5Encoder(tcfg, rngs=nnx.Rngs(0))), seed + 100)
     graphdef, state = nnx.split(enc)
     del enc
     jax.block_until_ready(state)
     rec = {"params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))),
-           "weight_bytes": bp.state_bytes(state), "init_s": time.perf_counter() - t0}
+           "weight_bytes": state_bytes(state), "init_s": time.perf_counter() - t0}
     ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, tcfg.vocab_size, (2, cfg.text_len)), jnp.int32)
     mask = jnp.ones((2, cfg.text_len), jnp.int32)
     t0 = time.perf_counter()
@@ -96,9 +97,9 @@ def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
     ctx = jax.block_until_ready(ctx)
     rec["encode_first_call_s"] = time.perf_counter() - t0
     rec["finite"] = bool(jnp.isfinite(ctx.astype(jnp.float32)).all())
-    rec["before_release"] = bp.memory()
+    rec["before_release"] = memory()
     del state
-    rec["after_release"] = bp.memory()
+    rec["after_release"] = memory()
     return ctx, rec
 
 
@@ -218,24 +219,22 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from bench.common import device_facts
     from wanjax.model.vae import init_vae
     from wanjax.pipeline import GenerationConfig, WanI2VPipeline
     from wanjax.quant.apply import attach_to_pipeline
     from wanjax.sampling import flow_schedule
 
-    bp = _bp()
     t_phase = time.perf_counter()
     deadline = _deadline(args, t_phase)
     phase = PIPELINE_PHASES[experts]
-    rec = bp.PhaseRecord(workdir, phase)
+    rec = PhaseRecord(workdir, phase)
     rec.update(device_facts())
-    cfg = bp.get_config(args.config)
+    cfg = get_config(args.config)
     res = args.res[0]
-    latent, (frames, height, width) = bp.RES[res]
+    latent, (frames, height, width) = RES[res]
     label = {"w4a4": "W4A4", "bf16": "BF16"}[experts]
     rec.update(experts=experts, res=res, cfg_mode=args.cfg_mode, steps=args.pipeline_steps, stages={},
-               target_bytes=bp.MEMORY_TARGET_BYTES,
+               target_bytes=MEMORY_TARGET_BYTES,
                time_budget_s=None if deadline is None else deadline - t_phase,
                skipped_stages=["t5"] * args.skip_t5 + ["vae_encode", "vae_decode"] * args.skip_vae,
                order="T5 encode + release -> experts + VAE -> VAE encode -> denoise (CFG) -> VAE decode")
@@ -245,16 +244,16 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         t0 = time.perf_counter()
         try:
             out = fn()
-            st[name] = (st.get(name) or {}) | {"s": time.perf_counter() - t0} | bp.memory()
+            st[name] = (st.get(name) or {}) | {"s": time.perf_counter() - t0} | memory()
         except Exception as e:
-            st[name] = (st.get(name) or {}) | {"error": bp._error(e)} | bp.memory()
+            st[name] = (st.get(name) or {}) | {"error": error_text(e)} | memory()
             out = None
-        bp.log(f"{phase} {name}:", bp._brief(st[name]))
+        log(f"{phase} {name}:", brief(st[name]))
         rec.save()
         return out
 
     if args.skip_t5:
-        ctx = bp.random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
+        ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
     else:
         def t5():
             c, r = encode_text_stage(cfg, args.seed)
@@ -262,21 +261,21 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
             return c
         ctx = stage("t5", t5)
         if ctx is None:
-            ctx = bp.random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
-    bins = bp.default_bins()
+            ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
+    bins = default_bins()
     nbins = len(bins.expert_bins("high"))
 
     def build(seed):
         if experts == "w4a4":
-            return bp.build_w4a4_expert(cfg, seed=seed, nbins=nbins, rank=args.rank)
-        return bp.random_bf16_expert(cfg, seed=seed)
+            return build_w4a4_expert(cfg, seed=seed, nbins=nbins, rank=args.rank)
+        return random_bf16_expert(cfg, seed=seed)
 
     def make_experts():
         low = build(args.seed + 1)
         low_state = nnx.state(low)
         jax.block_until_ready(low_state)
         placement = resolve_placement(args.pipeline_placement, low_state)
-        st["experts"] = {"expert_bytes": 2 * bp.state_bytes(low_state), "placement_requested":
+        st["experts"] = {"expert_bytes": 2 * state_bytes(low_state), "placement_requested":
                          args.pipeline_placement, "placement": placement}
         del low_state
         if placement == "swap":      # the low-noise expert waits on the host: the two never share the device
@@ -324,7 +323,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         params = fetch(name)
         if pipe.swaps != before:
             jax.block_until_ready(params)
-            swaps.append({"to": name, "s": time.perf_counter() - t0} | bp.memory())
+            swaps.append({"to": name, "s": time.perf_counter() - t0} | memory())
         return params
 
     pipe.expert_params = timed_expert_params
@@ -337,7 +336,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         t0 = time.perf_counter()
         v = jax.block_until_ready(pipe._velocity(params, x, yy, c, t, guide))
         steps.append({"i": len(steps), "expert": name, "t": float(t), "s": time.perf_counter() - t0,
-                      "warm": bool(steps), "in_loop": in_loop} | bp.memory())
+                      "warm": bool(steps), "in_loop": in_loop} | memory())
         return v
 
     def timed_velocity(name, params, x, yy, c, t, guide):
@@ -349,7 +348,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         last["x"] = x
         v = timed_step(name, params, x, yy, c, t, guide, True)
         if len(steps) == 1 or len(steps) % 5 == 0:
-            bp.log(f"{phase} step {len(steps)}/{len(planned)} {name}: {steps[-1]['s']:.2f}s")
+            log(f"{phase} step {len(steps)}/{len(planned)} {name}: {steps[-1]['s']:.2f}s")
             rec.save()
         return v
 
@@ -362,7 +361,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         except OutOfTime as e:
             lat, used = last["x"], [s["expert"] for s in steps]
             den.update(stopped_early=True, stop_reason=str(e))
-            bp.log(f"{phase}: denoise stopped cleanly after {len(steps)} of {len(planned)} steps: {e}")
+            log(f"{phase}: denoise stopped cleanly after {len(steps)} of {len(planned)} steps: {e}")
         den.update(loop_s=time.perf_counter() - t0, steps_done=len(steps), experts_used=used)
         for name in ("high", "low"):       # a warm step of each expert (its loop steps may all have compiled)
             if any(s["expert"] == name and s["warm"] for s in steps):
@@ -383,7 +382,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
                 den["extrapolated_s"] = den["loop_s"] + den["extrapolation"]["steps_left_s"]
         try:  # XLA's own account of one guided step (the executable is cached: no second compilation)
             resident = getattr(pipe, "_resident", "high")
-            den["step_memory_analysis"] = bp._memory_analysis(pipe._velocity.lower(
+            den["step_memory_analysis"] = memory_analysis(pipe._velocity.lower(
                 pipe.expert_params(resident), lat, y, ctx, jnp.float32(900.0), jnp.float32(3.5)).compile())
         except Exception as e:
             den["step_memory_analysis"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
@@ -400,10 +399,10 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     peaks = [s.get("peak_bytes_in_use") for s in st.values() if isinstance(s, dict)]
     peaks = [p for p in peaks if p is not None]
     rec["peak_bytes"] = max(peaks) if peaks else None
-    rec["meets_target"] = None if rec["peak_bytes"] is None else rec["peak_bytes"] <= bp.MEMORY_TARGET_BYTES
+    rec["meets_target"] = None if rec["peak_bytes"] is None else rec["peak_bytes"] <= MEMORY_TARGET_BYTES
     rec["generation"] = generation_time(rec)
     rec["phase_s"] = time.perf_counter() - t_phase
-    bp.log(f"{phase} ({label} experts, {rec.get('placement')}): generation", rec["generation"])
+    log(f"{phase} ({label} experts, {rec.get('placement')}): generation", rec["generation"])
     rec.save()
     return rec
 

@@ -3,7 +3,7 @@ the linear time of one DiT block for per-path rank mixes.
 
     PYTHONPATH=. python -m bench.rank [--ranks 5120x5120=0,16,32,64 --ranks 5120x13824=32,64 ...] [--name rank]
 
-M = 32,760 (480p, 81 frames), the three Wan2.2 linear shapes; CUPTI device-time medians (``bench.kernels.cupti_ms``)
+M = 32,760 (480p, 81 frames), the three Wan2.2 linear shapes; CUPTI device-time medians (``bench.timing.cupti_ms``)
 of the fused act quant (``act_quant_lowrank_pallas`` with the dispatcher's options), the Mosaic GPU GEMM with the
 rank-r epilogue (int8 weights), and ``dispatch.w4a4_linear`` end to end (packed weights), each against XLA bf16 in
 the same run; the end-to-end output is checked against the f32 reference on 512 rows. Rank 0 means no branch.
@@ -14,8 +14,6 @@ cross-attention k / v over the 512 text tokens are left out (< 1 % of the block)
 bench/results and ``$OUT`` (``bench.common.write_result``).
 """
 import argparse
-import json
-import os
 import sys
 
 import jax
@@ -74,14 +72,15 @@ def main(argv=None) -> int:
   if jax.default_backend() != "gpu":
     print("bench.rank: no GPU; nothing to time")
     return 0
-  from bench.pipeline import ensure_package_layout
+  from bench.layout import ensure_package_layout
   ensure_package_layout()
-  from bench.common import write_result
-  from bench.kernels import cupti_ms, make_inputs, rel_err
-  from kernels import dispatch
-  from kernels import reference as ref
-  from kernels.act_quant_gpu import FUSED_OPTIONS, act_quant_lowrank_pallas
-  from kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu
+  from bench.common import rel_err, write_result
+  from bench.kernels import make_inputs
+  from bench.timing import cupti_ms
+  from wanjax.kernels import dispatch
+  from wanjax.kernels import reference as ref
+  from wanjax.kernels.act_quant_gpu import FUSED_OPTIONS, act_quant_lowrank_pallas
+  from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu
   from wanjax.numerics.hadamard import random_signs, rotate_activations
   out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "M": M, "rows": []}
   for (k, n), ranks in parse_ranks(args.ranks).items():

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench.layout import ROOT
 
 VARIANTS = (("bf16", "cudnn"), ("w4a4", "cudnn"), ("bf16", "cudnn_fp8"), ("w4a4", "cudnn_fp8"))
 # the W4A4 experts --variants can name: (input rotation of the default recipe, INT4 codes stored unpacked to int8)
@@ -95,8 +93,12 @@ def main(argv=None) -> dict:
     from flax import nnx
 
     from bench.common import device_facts, write_result
-    from bench.pipeline import (RES, build_w4a4_expert, default_bins, dit_inputs, ensure_package_layout,
-                                get_config, make_forward, random_bf16_expert, rel_l2)
+    from bench.dit_step import RES, dit_inputs, get_config, make_forward
+    from bench.layout import ensure_package_layout
+    from bench.random_weights import random_bf16_expert
+    from bench.timing import cupti_kernels, interleaved
+    from bench.w4a4_expert import build_w4a4_expert, default_bins
+    from wanjax.metrics import relative_l2
 
     ensure_package_layout()
     from wanjax.model.attention import set_attention_backend
@@ -151,16 +153,15 @@ def main(argv=None) -> dict:
     for key, out in outs.items():
         res["variants"][key]["finite"] = bool(np.isfinite(out).all())
         if ref is not None:
-            res["variants"][key]["rel_l2_vs_bf16"] = rel_l2(out, ref)
+            res["variants"][key]["rel_l2_vs_bf16"] = relative_l2(out, ref, floor=1e-30)
 
     if not args.skip_profile:
-        from jax.experimental.mosaic.gpu import profiler
         for key in compiled:
             expert, attn = key.split("/")
             graphdef, state = experts[expert]
             set_attention_backend(attn)                    # measure() traces the forward again
             try:
-                _, per_kernel = profiler.measure(make_forward(graphdef), aggregate=False)(state, *inputs)
+                per_kernel = cupti_kernels(make_forward(graphdef), state, *inputs)
                 res["variants"][key]["kernels"] = b = breakdown(per_kernel)
                 log(f"{key}: {b['total_ms']:.1f} ms of kernels; " +
                     ", ".join(f"{c} {t:.1f}" for c, t in sorted(b["classes_ms"].items(), key=lambda x: -x[1])))
@@ -177,14 +178,8 @@ def main(argv=None) -> dict:
         keys = list(compiled)
         for key in keys:                                   # one warm call each before the rounds
             jax.block_until_ready(compiled[key](state_of(key), *inputs))
-        times = {k: [] for k in keys}
-        for r in range(args.rounds):
-            order = keys[r % len(keys):] + keys[:r % len(keys)]
-            for key in order:
-                state = state_of(key)
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled[key](state, *inputs))
-                times[key].append(time.perf_counter() - t0)
+        times = interleaved({key: functools.partial(compiled[key], state_of(key), *inputs) for key in keys},
+                            args.rounds)
         for key in keys:
             res["variants"][key].update(all_s=times[key], median_s=statistics.median(times[key]),
                                         min_s=min(times[key]))
@@ -198,7 +193,7 @@ def main(argv=None) -> dict:
                     "per_round_max": max(ratios)}
         write_result(name, res, (args.results_dir,))
 
-    log(f"\n| variant | compile s | median s | x vs baseline (medians) | per-round min-max | rel-L2 vs baseline |")
+    log("\n| variant | compile s | median s | x vs baseline (medians) | per-round min-max | rel-L2 vs baseline |")
     log("|---|---|---|---|---|---|")
     for key, v in res["variants"].items():
         sp = v.get("speedup_vs_bf16", {})

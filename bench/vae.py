@@ -11,7 +11,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from bench.common import device_facts, peak_memory_bytes, time_fn, write_result
+from bench.common import device_facts, peak_memory_bytes, write_result
+from bench.timing import time_fn
 from wanjax.model.vae import WAN21_VAE, decode_video, encode_video, init_vae
 
 

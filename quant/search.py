@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.metrics import sqnr_db
 from wanjax.numerics.table import INT_QMAX
 from wanjax.quant.linalg import mm
 from wanjax.quant.qlinear import QLinearConfig, qlinear_apply
@@ -112,7 +113,7 @@ def search_tables(config: QLinearConfig, arrays: dict, rows, kernel, bias, clips
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _sqnr(config, arrays, rows, kernel, bias):
+def _sqnr_energies(config, arrays, rows, kernel, bias):
   def per_bin(xb):
     x, clip, off, sc = xb
     y_ref = _reference(x, kernel, bias)
@@ -127,6 +128,5 @@ def _sqnr(config, arrays, rows, kernel, bias):
 def layer_sqnr(config: QLinearConfig, arrays: dict, rows, kernel, bias) -> np.ndarray:
   """SQNR in dB per bin ``[B]``: ``10 log10(sum ||y_ref||^2 / sum ||y_q - y_ref||^2)`` on rows ``[B, n, K]``,
   each bin with its own table entries (fake mode, float32 operands)."""
-  sig, err = _sqnr(config, arrays, jnp.asarray(rows, jnp.float32), kernel, bias)
-  sig, err = np.asarray(sig, np.float64), np.asarray(err, np.float64)
-  return 10.0 * np.log10(np.maximum(sig, 1e-300) / np.maximum(err, 1e-300))
+  sig, err = _sqnr_energies(config, arrays, jnp.asarray(rows, jnp.float32), kernel, bias)
+  return sqnr_db(sig, err)

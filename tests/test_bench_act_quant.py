@@ -7,9 +7,9 @@ from bench.kernels import make_inputs
 
 
 def test_small_m_section_runs_and_checks(monkeypatch):
-  from bench.pipeline import ensure_package_layout
+  from bench.layout import ensure_package_layout
   ensure_package_layout()
-  from kernels import act_quant_gpu
+  from wanjax.kernels import act_quant_gpu
 
   real = act_quant_gpu.act_quant_lowrank_pallas
   monkeypatch.setattr(act_quant_gpu, "act_quant_lowrank_pallas", lambda *a, **kw: real(*a, **{**kw, "interpret": True}))

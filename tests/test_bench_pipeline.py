@@ -4,7 +4,6 @@ pipeline phase with BF16 experts (expert swap, per-expert warm steps, clean stop
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,22 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from bench import pipeline as bp  # noqa: E402
-from wanjax.config import TINY, config_from_dict  # noqa: E402
-from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, qlinears  # noqa: E402
-from wanjax.quant.qlinear import qlinear_apply  # noqa: E402
-from wanjax.numerics.hadamard import hadamard_block_size, hadamard_matrix  # noqa: E402
+from bench import diffusers_phase, pipeline as bp, pipeline_report, random_weights as rw, w4a4_expert
+from wanjax.config import TINY, config_from_dict
+from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, qlinears
+from wanjax.quant.qlinear import qlinear_apply
+from wanjax.numerics.hadamard import hadamard_block_size, hadamard_matrix
 
 NBINS = 3  # the seed's bins: 3 per expert
 
 
 @pytest.fixture(scope="module")
 def experts():
-  return bp.random_bf16_expert(TINY, seed=0), bp.build_w4a4_expert(TINY, seed=0, nbins=NBINS, rank=32)
+  return rw.random_bf16_expert(TINY, seed=0), w4a4_expert.build_w4a4_expert(TINY, seed=0, nbins=NBINS, rank=32)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +38,8 @@ def run(tmp_path_factory):
 
 
 def test_skeleton_is_abstract_default_structure_in_real_mode():
-  assert all(q.rot_signs is None for q in qlinears(bp.quantized_skeleton(TINY, nbins=NBINS, recipe="fast")).values())
-  sk = bp.quantized_skeleton(TINY, nbins=NBINS, rank=32)
+  assert all(q.rot_signs is None for q in qlinears(w4a4_expert.quantized_skeleton(TINY, nbins=NBINS, recipe="fast")).values())
+  sk = w4a4_expert.quantized_skeleton(TINY, nbins=NBINS, rank=32)
   qs = qlinears(sk)
   assert sorted(qs) == sorted(BLOCK_LINEARS)
   L = TINY.num_layers
@@ -69,12 +64,12 @@ def test_skeleton_is_abstract_default_structure_in_real_mode():
 
 
 def test_hash_draws_agree_host_device_and_per_layer():
-  dev = np.asarray(jax.jit(lambda s: bp._draw(s, (37, 64), jnp.bfloat16, "kernel"))(np.uint32(12345)))
-  host = bp._draw(np.uint32(12345), (37, 64), jnp.bfloat16, "kernel", xp=np)
+  dev = np.asarray(jax.jit(lambda s: rw._draw(s, (37, 64), jnp.bfloat16, "kernel"))(np.uint32(12345)))
+  host = rw._draw(np.uint32(12345), (37, 64), jnp.bfloat16, "kernel", xp=np)
   np.testing.assert_array_equal(dev.view(np.uint16), host.view(np.uint16))
   assert 0.1 < float(np.std(host.astype(np.float32))) * 8 < 1.5   # std ~ 1/sqrt(64)
-  stacked = bp._stacked_kernel_fn(3, 16, 8, np.dtype(jnp.bfloat16))(np.uint32(7))
-  layer1 = jax.jit(lambda s: bp.layer_kernel(s, jnp.uint32(1), 16, 8, jnp.bfloat16))(np.uint32(7))
+  stacked = rw.stacked_kernel_fn(3, 16, 8, np.dtype(jnp.bfloat16))(np.uint32(7))
+  layer1 = jax.jit(lambda s: rw.layer_kernel(s, jnp.uint32(1), 16, 8, jnp.bfloat16))(np.uint32(7))
   np.testing.assert_array_equal(np.asarray(stacked[1]).view(np.uint16), np.asarray(layer1).view(np.uint16))
   assert not np.array_equal(np.asarray(stacked[0]), np.asarray(stacked[1]))
 
@@ -121,7 +116,7 @@ def test_real_mode_matches_fake_per_layer_to_bf16(experts, monkeypatch):
   for path in ("blocks.ffn.fc2",):   # K != N; every layer shares the code path
     q = get_submodule(w4a4, path)
     a = {k: None if v is None else v[1] for k, v in q.arrays().items()}   # block 1
-    x = bp.random_array(3, (2, 9, q.in_features), jnp.bfloat16)
+    x = rw.random_array(3, (2, 9, q.in_features), jnp.bfloat16)
     y = {m: np.asarray(jax.jit(lambda a, x, m=m: qlinear_apply(q.config, a, x, a["act_clip"][2], mode=m))(a, x),
                        np.float32) for m in ("real", "fake")}
     scale = np.abs(y["fake"]).max()
@@ -130,7 +125,7 @@ def test_real_mode_matches_fake_per_layer_to_bf16(experts, monkeypatch):
 
 
 def test_diffusers_kwargs_map_back_to_the_config():
-  kw = bp.diffusers_kwargs(TINY)
+  kw = diffusers_phase.diffusers_kwargs(TINY)
   back = config_from_dict({"_class_name": "WanTransformer3DModel", **kw})
   assert back == TINY.replace(text_len=back.text_len)   # text_len is not a diffusers argument
   assert kw["image_dim"] is None and kw["added_kv_proj_dim"] is None and kw["cross_attn_norm"] is True
@@ -146,7 +141,7 @@ def test_run_writes_results_with_both_phases(run):
   ph = saved["phases"]
   assert ph["diffusers"] == {"skipped": "--skip-diffusers"} and ph["pipeline"] == {"skipped": "--skip-pipeline"}
   bf, q = ph["bf16"], ph["w4a4"]
-  assert bf["params"] == sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(bp.random_bf16_expert(TINY))))
+  assert bf["params"] == sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(rw.random_bf16_expert(TINY))))
   assert q["kernel_backend"] == "reference" and q["nbins_per_expert"] == NBINS and q["rank"] == 32
   assert 0 < q["weight_bytes"] and 0 < bf["weight_bytes"]
   for r in (bf["res"]["tiny"], q["res"]["tiny"]):
@@ -173,8 +168,8 @@ def test_table_reports_failed_and_skipped_phases():
       "pipeline": {"stages": {"t5": {"s": 1.0, "bytes_in_use": 1e9, "peak_bytes_in_use": 12e9},
                               "denoise": {"steps": [{"s": 30.0}, {"s": 4.5}]}},
                    "peak_bytes": 20e9, "meets_target": True, "cfg_mode": "batch2"}}}
-  results["summary"] = bp.summarize(results)
-  text = bp.table(results)
+  results["summary"] = pipeline_report.summarize(results)
+  text = pipeline_report.table(results)
   assert "| 480p ours BF16 (cudnn attention) | 9.0 | 2.800 | 1.00 | - | 33.0 |" in text
   assert "failed/skipped: XlaRuntimeError: boom" in text
   assert ("pipeline peak (W4A4 experts): 20.0 GB (target <= 24 GB: True); one guided step (batch2, warm): 4.500 s"

@@ -115,7 +115,8 @@ def test_generate_quant_mode_and_force_reach_attach_artifact(setup, monkeypatch,
 
 
 def test_eval_checks_bins_against_steps_up_front():
-    from wanjax.evaluation.run import check_settings, plan_variants
+    from wanjax.evaluation.run import check_settings
+    from wanjax.evaluation.variants import plan_variants
     from wanjax.generation_config import GenerationConfig
 
     variants = plan_variants(["rtn"], ["per_bin_clips_bins6"])

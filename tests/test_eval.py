@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 
 from wanjax.config import TINY
-from wanjax.evaluation.metrics import gaussian_window, psnr, relative_l2, ssim
-from wanjax.evaluation.run import (ABLATIONS, EvalSample, ablation_variants, check_disjoint, load_samples,
-                                   recipe_variants, run_eval)
+from wanjax.metrics import gaussian_window, psnr, relative_l2, sqnr_db, ssim
+from wanjax.evaluation.run import EvalSample, check_disjoint, load_samples, run_eval
+from wanjax.evaluation.variants import ABLATIONS, ablation_variants, recipe_variants
 from wanjax.evaluation.sqnr import RebinnedSource, step_bins
 from wanjax.quant.quantize import SharedExpertSource
 from wanjax.quant.bins import seed_bins, uniform_bins
@@ -59,18 +59,33 @@ def test_ssim_matches_torch_reference_and_properties():
 
 
 def test_psnr_and_relative_l2():
-    from wanjax.train.evaluate import psnr as task_psnr
-
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     b = np.clip(a.astype(np.int32) + rng.integers(-5, 6, a.shape), 0, 255).astype(np.uint8)
-    assert psnr(a, b) == pytest.approx(task_psnr(a, b), abs=1e-9)
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)   # the former train.evaluate.psnr, inline
+    assert psnr(a, b) == pytest.approx(10.0 * np.log10(255.0 ** 2 / mse), abs=1e-9)
+    assert psnr(a, b, data_range=255.0) == psnr(a, b)
     assert psnr(a, a) == float("inf")
     x = np.zeros((4,)) + 1.0
     assert psnr(x, x + 0.1, data_range=1.0) == pytest.approx(20.0)
     assert relative_l2(np.array([3.0, 4.0]) * 1.1, np.array([3.0, 4.0])) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="all zeros"):
         relative_l2(np.ones(3), np.zeros(3))
+
+
+def test_relative_l2_options_and_sqnr():
+    """The benchmarks' variants of relative L2 (floor, inf for a non-finite output, per-slice) and SQNR in dB."""
+    ref = np.array([[3.0, 4.0], [0.0, 1.0]])
+    out = ref * np.array([[1.1], [1.5]])
+    assert relative_l2(np.ones(3), np.zeros(3), floor=1e-30) == pytest.approx(np.sqrt(3) / 1e-30)
+    assert relative_l2(np.array([np.nan, 1.0]), np.ones(2), nonfinite="inf") == float("inf")
+    assert np.isnan(relative_l2(np.array([np.nan, 1.0]), np.ones(2)))
+    np.testing.assert_allclose(relative_l2(out, ref, axis=1), [0.1, 0.5])
+    assert relative_l2(out, ref) == pytest.approx(float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
+    with pytest.raises(ValueError, match="nonfinite"):
+        relative_l2(out, ref, nonfinite="zero")
+    np.testing.assert_allclose(sqnr_db(np.array([100.0, 1.0]), np.array([1.0, 1.0])), [20.0, 0.0])
+    assert sqnr_db(1.0, 0.0) == pytest.approx(3000.0)          # an exact layer: large and finite (floor 1e-300)
 
 
 # ----------------------------------------------------------------------------------------- statistics regrouping

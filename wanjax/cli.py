@@ -714,7 +714,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ``--eval-set`` / ``--calib-set``: JSON list (or JSON lines) of ``{"clip_seed": int, "split": "heldout"}``
     (a procedural clip: its first frame and caption) or ``{"image": path, "prompt": text}``, each with an optional
     noise ``"seed"`` (format: `wanjax.evaluation.run`). Settings default to the model's generation_config.json."""
-    from wanjax.evaluation.run import ABLATIONS, check_disjoint, check_settings, load_samples, plan_variants, run_eval
+    from wanjax.evaluation.run import check_disjoint, check_settings, load_samples, run_eval
+    from wanjax.evaluation.variants import ABLATIONS, plan_variants
     from wanjax.quant.recipes import RECIPES
 
     recipes = [r for r in args.recipes.split(",") if r]

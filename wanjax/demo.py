@@ -10,6 +10,7 @@ the default recipe).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -72,9 +73,11 @@ def quantize_for_demo(pipe, gen: dict, clips: int = 2, recipe: str = "default"):
 def main(argv=None):
     from wanjax.track import motion_direction
     from wanjax.pipeline import WanI2VPipeline
-    from wanjax.train.evaluate import heldout_set, psnr
+    from wanjax import metrics
+    from wanjax.train.evaluate import heldout_set
     from wanjax.train.report import strip_png
 
+    psnr = functools.partial(metrics.psnr, data_range=255.0)   # uint8 frames: peak 255
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: the shipped mini model)")
     ap.add_argument("--out", default="out/demo.mp4")
@@ -111,7 +114,7 @@ def main(argv=None):
     times = {"BF16 generate": sum(out.seconds.values())}
     qpipe = None if args.no_quant else quantize_for_demo(pipe, gen)
     if qpipe is not None:
-        from wanjax.evaluation.metrics import ssim
+        from wanjax.metrics import ssim
 
         qout = qpipe.generate(truth[0], caption, **gen)
         q_psnr, q_ssim = psnr(qout.frames, out.frames), ssim(qout.frames, out.frames, data_range=255.0)

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from wanjax.evaluation.variants import ADDITIONS, REMOVALS
+
 __all__ = ["targets", "write_report"]
 
 _MB = 1024.0 ** 2
@@ -27,8 +29,6 @@ def targets(results: dict) -> list[dict]:
         d = v["default"]["psnr"] - v["svdquant"]["psnr"]
         out.append({"target": "default >= 1.5 dB PSNR above svdquant",
                     "measured": f"{d:+.2f} dB", "met": d >= 1.5})
-    from wanjax.evaluation.run import ADDITIONS, REMOVALS
-
     for ab, comp in REMOVALS.items():
         if "default" in v and ab in v:
             d = v["default"]["psnr"] - v[ab]["psnr"]

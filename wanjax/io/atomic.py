@@ -1,6 +1,13 @@
-"""Atomic publication of a directory written under a temporary name."""
+"""Atomic publication of a file or a directory written under a temporary name.
+
+Files: `atomic_write` (a context manager yielding an open file), `atomic_path` (yielding a temporary path, for
+writers that take a file name: imageio, ``torch.save``, ``np.savez``), `write_json_atomic`. Directories:
+`make_temp_dir` + `publish_dir`.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -138,3 +145,57 @@ def check_not_overlapping(dst: str | os.PathLike, *sources: str | os.PathLike | 
             continue
         raise ValueError(f"{what} {os.fspath(dst)} {rel} the input {os.fspath(src)}: refusing to write there (it "
                          "would delete or change the input); choose another output path")
+
+
+# ------------------------------------------------------------------------------------------------------ files
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, fsync: bool = True):
+    """Yield a fresh temporary path beside ``path`` (same directory, so the rename is atomic; ``suffix`` ends its
+    name, e.g. ``".tmp.mp4"`` for a writer that picks the format by extension). When the block exits normally the
+    file written there gets the mode of a plain ``open(..., "w")`` (``0o666 & ~umask``), is fsynced (``fsync``) and
+    renamed onto ``path``; on any error or interrupt it is removed and ``path`` is untouched. The parent directory
+    is created if missing."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = None, fsync: bool = True):
+    """``with atomic_write(path) as f: f.write(...)``: ``f`` is open (``mode``: ``"w"`` or ``"wb"``) on a temporary
+    sibling of ``path`` that replaces ``path`` only when the block exits normally (flushed, fsynced, renamed); on
+    an error the temporary file is removed and ``path`` keeps its old content (see `atomic_path`)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    if encoding is None and mode == "w":
+        encoding = "utf-8"
+    with atomic_path(path, fsync=False) as tmp:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int | None = 1, sort_keys: bool = False,
+                      fsync: bool = True) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically (`atomic_write`); numpy values are converted
+    (`wanjax.io.jsonio.json_default`). Returns the path."""
+    from wanjax.io.jsonio import json_default
+
+    with atomic_write(path, "w", fsync=fsync) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=json_default)
+    return os.fspath(path)

@@ -420,7 +420,8 @@ def assemble(src: str, dst: str, aux: str | None = None, preset: str = "mini", l
 
 def cmd_evaluate(args):
     """Held-out evaluation of an official-layout model folder; writes eval.json, samples.npz and a PNG strip."""
-    from wanjax.train.evaluate import evaluate, psnr, heldout_set
+    from wanjax.metrics import psnr
+    from wanjax.train.evaluate import evaluate, heldout_set
     from wanjax.train.report import strip_png
 
     os.makedirs(args.out, exist_ok=True)
@@ -434,7 +435,7 @@ def cmd_evaluate(args):
         rec = nnx.jit(lambda v, a: v.decode(v.encode(a)))(pipe.vae, x)
         from wanjax.video_io import to_uint8
         r8 = np.stack([to_uint8(np.asarray(r)) for r in rec])
-        res_all["vae_recon_psnr"] = psnr(r8, vids)
+        res_all["vae_recon_psnr"] = psnr(r8, vids, data_range=255.0)
         print(f"VAE held-out reconstruction PSNR {res_all['vae_recon_psnr']:.2f} dB", flush=True)
         strip_png([vids[0], r8[0]], os.path.join(args.out, "vae_recon.png"))
     samples = {}

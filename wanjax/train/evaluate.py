@@ -13,14 +13,9 @@ import time
 import numpy as np
 
 from wanjax.data import procedural
+from wanjax.metrics import psnr
 from wanjax.track import motion_direction, object_mask, template_direction
 from wanjax.video_io import to_uint8
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images/videos (peak 255)."""
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
 
 
 def heldout_set(n: int, seed: int = 1000, num_frames: int = procedural.NUM_FRAMES, size: int = procedural.SIZE):
@@ -60,7 +55,7 @@ def evaluate(pipe, n: int = 16, seed: int = 1000, steps: int = 20, guide=(3.5, 3
     for i in range(n):
         out = pipe.generate(videos[i, 0], caps[i], num_frames=num_frames, max_area=size * size, steps=steps,
                             guide_scale=tuple(guide), seed=seed + i, shift=shift, progress=False)
-        psnrs.append(psnr(out.frames[0], videos[i, 0]))
+        psnrs.append(psnr(out.frames[0], videos[i, 0], data_range=255.0))
         got.append(template_direction(out.frames, condition_mask(videos[i], colours[i]))[0])
         got_hue.append(motion_direction(out.frames, colours[i])[0])
         if i < keep:
@@ -106,7 +101,7 @@ def vae_check(vae, n: int = 16, seed: int = 1000, batch: int = 4) -> dict:
     acc_truth, _ = direction_accuracy(videos, colours, dirs)
     tacc, tgot = template_accuracy(r8, videos, colours, dirs)
     tacc_truth, _ = template_accuracy(videos, videos, colours, dirs)
-    return {"n": n, "psnr": psnr(r8, videos), "chroma_ratio": float(c_out.std() / max(c_in.std(), 1e-6)),
+    return {"n": n, "psnr": psnr(r8, videos, data_range=255.0), "chroma_ratio": float(c_out.std() / max(c_in.std(), 1e-6)),
             "tracker_on_recon": acc, "tracker_on_truth": acc_truth, "tracked": got, "directions": dirs,
             "template_on_recon": tacc, "template_on_truth": tacc_truth, "template_tracked": tgot,
             "example": np.stack([videos[0], r8[0]])}
