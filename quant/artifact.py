@@ -293,30 +293,6 @@ def _fingerprint_problem(recorded: dict, current: dict, recorded_as: str = "arti
   return "; ".join(parts)
 
 
-def _umask() -> int:
-  """The process umask (read from /proc where possible: ``os.umask`` has to set it to read it)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  old = os.umask(0o022)
-  os.umask(old)
-  return old
-
-
-def _normal_modes(root: str) -> None:
-  """Give ``root`` (a ``mkdtemp`` directory: 0700) and everything below it the modes of a normally created file or
-  directory: ``0o777 & ~umask`` for directories, ``0o666 & ~umask`` for files."""
-  mask = _umask()
-  for d, dirs, files in os.walk(root):
-    os.chmod(d, 0o777 & ~mask)
-    for f in files:
-      os.chmod(os.path.join(d, f), 0o666 & ~mask)
-
-
 def _source_paths(source) -> list:
   """Paths a source object says it was loaded from (attributes some loaders set), for the overlap check."""
   out = []
@@ -397,8 +373,7 @@ def save_artifact(qdir: str | os.PathLike, experts: dict[str, nnx.Module], *, re
       json.dump(manifest, f, indent=1, sort_keys=True)
       f.flush()
       os.fsync(f.fileno())
-    _normal_modes(tmp)
-    publish_dir(tmp, qdir)
+    publish_dir(tmp, qdir)                 # modes normalized to the umask (mkdtemp makes 0700), then renamed
   finally:
     if os.path.exists(tmp):               # not published: an error or an interrupt (KeyboardInterrupt included)
       shutil.rmtree(tmp, ignore_errors=True)

@@ -453,10 +453,12 @@ def _auto_supported(attach_artifact) -> bool:
     return hasattr(art, "resolve_quant_mode")
 
 
-def _add_sampling_flags(p, *, guidance: bool = True, solver: bool = False, seed: bool = False,
-                        fps: bool = False) -> None:
-    """The sampling flags, each defaulting to None: resolved by `resolve_generation` (flag > the model's
-    generation_config.json > official)."""
+def add_generation_flags(p, *, guidance: bool = True, solver: bool = False, seed: bool = False,
+                         fps: bool = False) -> None:
+    """The generation flags every command (and script) with generation settings shares: ``--frames``, ``--size``
+    (one meaning everywhere: the maximum pixel area, `parse_size`), ``--steps``, ``--shift``, and as asked
+    ``--guidance`` / ``--guidance-low`` / ``--guidance-high``, ``--solver``, ``--seed``, ``--fps``. Each defaults to
+    None and is resolved by `resolve_generation` (flag > the model's generation_config.json > official)."""
     p.add_argument("--frames", type=int, default=None, help="number of frames, 4n+1 (" + _FROM_MODEL.format(81) + ")")
     p.add_argument("--size", default=None,
                    help="maximum pixel area: 480p, 720p, WxH (e.g. 832x480) or N for NxN; the aspect ratio comes "
@@ -491,7 +493,7 @@ def _add_generate(sub, common) -> None:
     p.add_argument("--out", default="out.mp4", help="video file, .mp4 or .gif (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --png-dir's frames) if they exist")
     p.add_argument("--png-dir", default=None, help="also write the frames as PNGs here")
-    _add_sampling_flags(p, solver=True, seed=True, fps=True)
+    add_generation_flags(p, solver=True, seed=True, fps=True)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.add_argument("--quant", default=None, help="a quantized-model dir written by `wanjax quantize`")
     p.add_argument("--quant-mode", default="auto", choices=_QUANT_MODES,
@@ -655,6 +657,7 @@ def _calibrate(pipe, samples, gen, work_dir: str, restart: bool):
 
 
 def _write_artifact(args, pipe, recipe, stats) -> str:
+    from wanjax.io.atomic import atomic_write
     from wanjax.quant.artifact import save_artifact
     from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
     from wanjax.quant.recipes import recipe_to_dict
@@ -671,10 +674,8 @@ def _write_artifact(args, pipe, recipe, stats) -> str:
     out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
                         report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite, **kw)
     csv_path = f"{out}.sqnr.csv"
-    tmp = csv_path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(csv_path) as f:
         f.write(sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}))
-    os.replace(tmp, csv_path)
     print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s; layer SQNR per bin: {csv_path}")
     return out
 
@@ -700,7 +701,7 @@ def _add_quantize(sub, common) -> None:
                    help="discard an earlier calibration in the work dir made from other samples or settings")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
-    _add_sampling_flags(p, guidance=False)
+    add_generation_flags(p, guidance=False)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.set_defaults(func=cmd_quantize)
 
@@ -778,7 +779,7 @@ def _add_eval(sub, common) -> None:
     p.add_argument("--ablations", nargs="?", const="all", default=None,
                    help="also run the default recipe's ablations: all, or a comma list")
     p.add_argument("--max-clips", type=int, default=0, help="use only the first N evaluation samples (0: all)")
-    _add_sampling_flags(p)
+    add_generation_flags(p)
     p.add_argument("--reservoir", type=int, default=256,
                    help="calibration rows kept per (layer input, step) (default: %(default)s)")
     p.add_argument("--calib-seed", type=int, default=0,

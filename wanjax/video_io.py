@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from typing import Callable
 
 import numpy as np
+
+from wanjax.io.atomic import atomic_path
 
 
 def to_uint8(video) -> np.ndarray:
@@ -145,28 +146,13 @@ def check_gif(path: str | os.PathLike, num_frames: int, fps: int) -> None:
 
 
 def _atomic_write(path: str, write: Callable[[str], None], check: Callable[[str], None]) -> str:
-    """``write(tmp)`` then ``check(tmp)`` on a temporary sibling of ``path``, then rename; the temporary file is
-    removed on any error or interrupt, so ``path`` is either the complete new file or untouched."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp" + os.path.splitext(path)[1], dir=d)
-    os.close(fd)
-    try:
+    """``write(tmp)`` then ``check(tmp)`` on a temporary sibling of ``path`` (`wanjax.io.atomic.atomic_path`, with
+    the extension of ``path`` so the writer picks the format), then rename; the temporary file is removed on any
+    error or interrupt, so ``path`` is either the complete new file or untouched."""
+    with atomic_path(path, suffix=".tmp" + os.path.splitext(path)[1], fsync=False) as tmp:
         write(tmp)
         check(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; publish with the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
@@ -214,9 +200,8 @@ def save_pngs(frames: np.ndarray, folder: str | os.PathLike) -> list[str]:
     paths = []
     for i, f in enumerate(frames):
         p = os.path.join(folder, f"frame_{i:05d}.png")
-        tmp = p + ".tmp.png"
-        imageio.imwrite(tmp, f)
-        os.replace(tmp, p)
+        with atomic_path(p, suffix=".tmp.png", fsync=False) as tmp:
+            imageio.imwrite(tmp, f)
         paths.append(p)
     return paths
 

@@ -108,9 +108,9 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                              "budget in the FFN (equal on the mini model, 95 % of it at full size)"),
         "alpha_search": (R(d, name="default-alpha-search", transforms=_swap(d, Smooth, Smooth(
             search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"))), "seed",
-                         "smoothing alpha searched per layer (rank-32 branch in the loop; the default until "
-                         "2026-12-05) instead of 0.5"),
-        "fast": (get_recipe("fast"), "seed", "recipe 'fast' (the default until 2026-12-05): alpha searched, no "
+                         "smoothing alpha searched per layer (rank-32 branch in the loop; the former default) "
+                         "instead of 0.5"),
+        "fast": (get_recipe("fast"), "seed", "recipe 'fast' (the former default): alpha searched, no "
                                              "rotation"),
         "rotate_max": (rotated(None), "seed", "rotation blocks as large as K allows (the largest power of two "
                                               "dividing K: 1024 / 512 at full size; 256 on the mini model, as the "

@@ -497,8 +497,8 @@ def _vae_args(p):
     p.add_argument("--vae-pool", type=int, default=4096)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
-                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions; 2.0 did not "
-                   "prevent them on the H200 run of 2026-12-01 (docs/MODEL_CARD.md)")
+                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions, which this term alone "
+                   "has not prevented (docs/MODEL_CARD.md)")
     p.add_argument("--vae-colour", type=float, default=1.0, help="weight of the latent colour term (first three "
                    "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). Without it (0) the "
                    "mini VAE decodes grey (docs/MODEL_CARD.md)")

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from wanjax.io.atomic import atomic_path
 from wanjax.io.t5_loader import _LAYER_KEYS, _LAYER_PREFIX, OFFICIAL
 from wanjax.io.vae_loader import vae_config_from_official_state, vae_key_table  # noqa: F401 (re-export)
 
@@ -51,14 +52,8 @@ def _save_pth(sd: Mapping[str, np.ndarray], path: str | os.PathLike, dtype: str)
     tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     tensors = {k: torch.from_numpy(np.array(v, np.float32, copy=True)).to(tdt) for k, v in sd.items()}
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path, fsync=False) as tmp:
         torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -68,12 +68,12 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     (``latent_chroma_l1``) beside its value for a latent without colour (``grey_latent_chroma_l1``): equal values
     mean the latent carries no colour; ``colour_sigma`` is the mean sampling sigma of those three channels.
 
-    The colour term keeps colour in the latent: on 2026-12-01 CPU probes the reduced VAE lost colour at the third
-    (8x) down-sampling level and kept it with this term (chroma ratio 0.06 -> 0.82, docs/MODEL_CARD.md). It pins
-    three latent channels to the patch colour up to the later affine `fold_latent_stats`, which is exact.
+    The colour term keeps colour in the latent: without it the reduced VAE loses colour at the third (8x)
+    down-sampling level (measurements: docs/MODEL_CARD.md). It pins three latent channels to the patch colour up to
+    the later affine `fold_latent_stats`, which is exact.
 
-    The mini VAE settles on grey reconstructions (on the procedural clips grey costs only ~0.05 of L1): both H200
-    runs of 2026-12-01 ended grey, the second one with ``chroma_weight=2``. The metric ``chroma_ratio`` (std of the
+    The mini VAE tends to settle on grey reconstructions (on the procedural clips grey costs only a small part of
+    the L1 loss), and ``chroma_weight`` alone does not prevent it. The metric ``chroma_ratio`` (std of the
     reconstruction's chroma / std of the input's) shows it: ~0 for grey output, 1 for faithful colour."""
     mu, logvar = encode_moments(vae, video)
     z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, jnp.float32)
