@@ -13,6 +13,13 @@ Backends (q, k, v are [B, S, N, D]; no mask; scale 1/sqrt(D)):
   in e4m3 as well; output returned in ``q.dtype``.
 * ``"fp8_reference"`` - `fp8_attention_reference`: the same FP8 numerics in plain jnp (materializes S x S; any
   platform; used to predict the FP8 error on CPU).
+* ``"attn8"`` - accurate 8-bit attention (INT8 QK^T with per-block scales after smoothing K, FP8 PV with per-channel
+  V scales and two-level FP32 accumulation; ``wanjax.kernels.attention8``; never automatic). For self-attention
+  only: a call whose key length differs from its query length (cross-attention over the text tokens) runs on the
+  automatic backend instead, and so does any call passing ``self_attention=False``. The model layer may not import
+  kernels, so the implementation is registered from above: ``register_attention_backend("attn8",
+  wanjax.kernels.attention8.attention8)`` (until then selecting it raises a RuntimeError saying so). That function
+  runs the jnp reference on CPU, the Pallas TPU kernel on TPU and refuses on GPUs until its Hopper kernel has run.
 
 Selection is automatic (`default_backend`) and can be overridden per call (``backend=``), process-wide with
 `set_attention_backend`, or by the environment variable ``WANJAX_ATTENTION``.
@@ -32,8 +39,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("cudnn", "chunked", "tpu", "xla", "cudnn_fp8", "fp8_reference")
+BACKENDS = ("cudnn", "chunked", "tpu", "xla", "cudnn_fp8", "fp8_reference", "attn8")
+#: backends implemented outside the model layer and registered with `register_attention_backend`
+PLUGGABLE = ("attn8",)
 _OVERRIDE: str | None = None
+_REGISTERED: dict = {}
 _HOOK: contextvars.ContextVar = contextvars.ContextVar("wanjax_attention_hook", default=None)
 
 
@@ -45,6 +55,17 @@ def attention_hook(fn):
         yield
     finally:
         _HOOK.reset(token)
+
+
+def register_attention_backend(name: str, fn) -> None:
+    """Provide the implementation ``fn(q, k, v) -> o`` of a pluggable backend (``PLUGGABLE``; ``fn=None`` removes
+    it). The app layer registers ``"attn8"`` with ``wanjax.kernels.attention8.attention8``."""
+    if name not in PLUGGABLE:
+        raise ValueError(f"register_attention_backend: {name!r} is not pluggable; expected one of {PLUGGABLE}")
+    if fn is None:
+        _REGISTERED.pop(name, None)
+    else:
+        _REGISTERED[name] = fn
 
 
 def set_attention_backend(name: str | None) -> None:
@@ -62,6 +83,10 @@ def default_backend(q_len: int, kv_len: int, dtype) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"WANJAX_ATTENTION={forced!r}; expected one of {BACKENDS}")
         return forced
+    return _automatic_backend(q_len, kv_len, dtype)
+
+
+def _automatic_backend(q_len: int, kv_len: int, dtype) -> str:
     platform = jax.default_backend()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
@@ -72,12 +97,21 @@ def default_backend(q_len: int, kv_len: int, dtype) -> str:
     return "chunked"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None) -> jax.Array:
-    """Softmax attention over [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None,
+              self_attention: bool | None = None) -> jax.Array:
+    """Softmax attention over [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``.
+
+    ``self_attention``: whether q, k, v come from the same tokens (None: assumed when the query and key lengths
+    agree); only the ``"attn8"`` backend looks at it (cross-attention stays on the automatic backend)."""
     if backend is None and (hook := _HOOK.get()) is not None:
         return hook(q, k, v)
     if backend is None:
         backend = default_backend(q.shape[1], k.shape[1], q.dtype)
+    if backend == "attn8":
+        if self_attention is False or (self_attention is None and q.shape[1] != k.shape[1]):
+            backend = _automatic_backend(q.shape[1], k.shape[1], q.dtype)
+        else:
+            return _registered("attn8")(q, k, v).astype(q.dtype)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if backend == "xla":
@@ -91,6 +125,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None =
     if backend == "fp8_reference":
         return fp8_attention_reference(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _registered(name):
+    fn = _REGISTERED.get(name)
+    if fn is None:
+        raise RuntimeError(f"attention backend {name!r} is not registered in this process: its implementation lives in "
+                           f"wanjax.kernels (which the model layer may not import); call wanjax.model.attention."
+                           f"register_attention_backend({name!r}, wanjax.kernels.attention8.attention8) first")
+    return fn
 
 
 def _xla_attention(q, k, v):
