@@ -20,14 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import device_facts, write_result
+from bench.layout import ensure_package_layout
 from bench.timing import cupti_ms
-from wanjax.kernels import attention8_gpu as G
-from wanjax.kernels import attention8_reference as R
+
+ensure_package_layout()  # the GPU machine runs an uninstalled checkout (PYTHONPATH=.)
+
+from wanjax.kernels import attention8_gpu as G  # noqa: E402
+from wanjax.kernels import attention8_reference as R  # noqa: E402
+from wanjax.metrics import relative_l2  # noqa: E402
 
 
 def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return relative_l2(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
 def _qkv(s, n, d, seed=0):
