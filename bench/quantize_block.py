@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m bench.quantize_block [--recipe default,seed,default-svd] [--bins 3] [--rows 2048]
         [--config I2V_A14B] [--layers PATHS]
 
-Per Linear of ``wanjax.quant.apply.BLOCK_LINEARS`` at the config's shapes (I2V_A14B: q/k/v/o and the cross-attention
+Per Linear of ``wanjax.model.names.BLOCK_LINEARS`` at the config's shapes (I2V_A14B: q/k/v/o and the cross-attention
 projections 5120 -> 5120, ffn.fc1 5120 -> 13824, ffn.fc2 13824 -> 5120), with random weights N(0, 0.02²) and
 synthetic calibration statistics — ``--rows`` sampled input rows per bin (N(0, 1) with 8 outlier channels ×50, the
 activation shape the recipes are built for), their per-bin channel abs-max and the Hessian sum ``X^T X`` over all
@@ -28,16 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import device_facts, write_result
+from wanjax.model.names import BLOCK_LINEARS, block_linear_shapes
 
 
 def layer_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """``path -> (K, N)`` of the 10 block Linears."""
-    d, f = cfg.dim, cfg.ffn_dim
-    shapes = {p: (d, d) for p in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")}
-    shapes["ffn.fc1"] = (d, f)
-    shapes["ffn.fc2"] = (f, d)
-    return {f"blocks.{k}": v for k, v in shapes.items()}
+    """``path -> (K, N)`` of the 10 block Linears (`wanjax.model.names.block_linear_shapes`)."""
+    return block_linear_shapes(cfg)
 
 
 def synthetic_inputs(key, k: int, bins: int, rows: int):
@@ -123,7 +119,7 @@ def main(argv=None) -> int:
                   f"SQNR {min(r['sqnr_db_per_bin']):.2f}..{max(r['sqnr_db_per_bin']):.2f} dB ({prof})", flush=True)
             rows.append(r)
         block = sum(r["warm_s"] for r in rows)
-        total = block * cfg.num_layers * 2 * (10 / len(rows))
+        total = block * cfg.num_layers * 2 * (len(BLOCK_LINEARS) / len(rows))
         out["recipes"][recipe] = {"layers": rows, "block_warm_s": block, "both_experts_extrapolated_s": total,
                                   "layers_timed": len(rows)}
     write_result(a.name, out)

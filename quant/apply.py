@@ -1,8 +1,9 @@
 """Model surgery: put :class:`~wanjax.quant.qlinear.QLinear` layers into a `WanDiT` in place of its block Linears.
 
-Only the 10 Linears of the scanned blocks are replaced (``BLOCK_LINEARS``: self-attention q/k/v/o, cross-attention
-q/k/v/o, FFN fc1/fc2, each stacked over the L blocks, i.e. 400 layers of a 40-block expert). Everything else (patch,
-text and time embeddings, time projection, modulation, norms, head, attention core) stays as it is, as the seed.
+Only the 10 Linears of the scanned blocks are replaced (``BLOCK_LINEARS``, owned by `wanjax.model.names`:
+self-attention q/k/v/o, cross-attention q/k/v/o, FFN fc1/fc2, each stacked over the L blocks, i.e. 400 layers of a
+40-block expert). Everything else (patch, text and time embeddings, time projection, modulation, norms, head,
+attention core) stays as it is, as the seed.
 
 The timestep bin is a traced integer given at call time::
 
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.model.layers import Linear
+from wanjax.model.names import BLOCK_LINEARS  # re-exported: the paths of the layers quantize_model replaces
 from wanjax.quant.qlinear import MODES, QLinear, active_bin, current_bin
+from wanjax.sampling.guidance import guided_velocity
 
 __all__ = [
     "BLOCK_LINEARS",
@@ -37,12 +40,6 @@ __all__ = [
     "quantize_model",
     "set_mode",
 ]
-
-#: Paths (``Linear.path``) of the quantized layers of a WanDiT: the 10 Linears of every block.
-BLOCK_LINEARS = tuple(f"blocks.{n}" for n in (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-    "ffn.fc1", "ffn.fc2"))
 
 
 def get_submodule(model: nnx.Module, path: str):
@@ -135,18 +132,14 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
   Each layer with MXFP4 weights that real mode runs gets ``kweight`` (float8_e4m3fn [..., N, K]: every row
   re-encoded to e4m3 under one power-of-two scale, ``kernels.mxfp4_gpu.prepare_weights``) and ``kscale`` (f32
   [..., N]). Real mode then calls ``kernels.dispatch.mxfp4_linear_fp8`` and skips the per-call decode and
-  re-encoding of the codes (measured on an H200 at M = 32,760: 1.43-1.93x BF16 per layer instead of 1.09-1.35x,
-  docs/BENCHMARKS.md); the numbers are the same. Weight rows the re-encoding rounds (a block more than 8 binades
-  below its row's largest) are counted and reported in one warning; their outputs are the same as the per-call
-  path's, which rounds them alike.
+  re-encoding of the codes, which is faster (docs/BENCHMARKS.md); the numbers are the same. Weight rows the
+  re-encoding rounds (a block more than 8 binades below its row's largest) are counted and reported in one warning;
+  their outputs are the same as the per-call path's, which rounds them alike.
 
   ``int4=True`` also gives per-channel INT4 layers ``kweight`` = the codes unpacked to int8 [..., N, K] and
   ``kscale`` = their scales [..., N]: the GEMM then reads int8 weights, skipping the per-call XLA unpacking the
-  dispatcher does at M >= ``dispatch.INT8_UNPACK_MIN_M`` and the in-register unpacking below it. Measured per linear
-  end to end (``python -m bench.gemm``, H200, 2026-12-06, ms int8-stored vs packed): M = 4,096 0.196 / 0.437 / 0.485
-  vs 0.227 / 0.525 / 0.570; M = 32,760 1.310 / 3.096 / 3.504 vs 1.376 / 3.280 / 3.484; M = 75,600 3.167 / 7.952 /
-  8.387 vs 3.234 / 8.034 / 8.441 (5120x5120 / 5120x13824 / 13824x5120); an earlier single measurement at M = 32,760
-  was mixed. Off by default (``wanjax generate --int8-weights`` turns it on).
+  dispatcher does at M >= ``dispatch.INT8_UNPACK_MIN_M`` and the in-register unpacking below it (per-linear timings:
+  docs/BENCHMARKS.md, ``python -m bench.gemm``). Off by default (``wanjax generate --int8-weights`` turns it on).
 
   The codes stay (fake mode and artifacts use them), so prepared layers take 1 byte a parameter more. Other layers
   are left as they are.
@@ -183,10 +176,9 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
 
 
 def _binned_velocity(bins, graphdef, params, x, y, ctx, t, guide, constrain=None):
-  from wanjax.pipeline import _guided_velocity
-
+  """`wanjax.sampling.guided_velocity` with the timestep bin of ``t`` active (traced: one compilation)."""
   with active_bin(bins.local_lookup(t)):
-    return _guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=constrain)
+    return guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=constrain)
 
 
 def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:

@@ -2,7 +2,8 @@
 the statistics of `wanjax.quant.stats` (channel abs-max, Hessian sum ``X^T X`` + row count, a bounded reservoir of
 input rows) through `wanjax.model.layers.linear_interceptor` - no edits to model code.
 
-Targets: the 10 block linears of each expert (``self_attn.{q,k,v,o}``, ``cross_attn.{q,k,v,o}``, ``ffn.{fc1,fc2}``).
+Targets: the 10 block linears of each expert (`wanjax.model.names.BLOCK_LINEARS`: ``self_attn.{q,k,v,o}``,
+``cross_attn.{q,k,v,o}``, ``ffn.{fc1,fc2}``).
 Inputs shared by several layers are captured once: q/k/v of self-attention read one input
 (``blocks.{i}.self_attn.qkv``) and cross-attention k/v read the embedded text context, which is the same array in
 every block, so it is captured once per expert (``context.cross_attn.kv``). With a ``hessian_transform`` (e.g.
@@ -66,12 +67,15 @@ from flax import nnx
 
 from wanjax.model.dit import current_layer_index
 from wanjax.model.layers import linear_interceptor
+from wanjax.model.names import BLOCK_LINEAR_NAMES
 from wanjax.model.rope import rope_cos_sin
 from wanjax.quant.bins import EXPERTS, TimestepBins, seed_bins
-from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, TARGET_LAYERS, CalibStats, init_stats, input_name,  # noqa: F401
+from wanjax.quant.rtn import ActQuantSpec
+from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, CalibStats, init_stats, input_name,  # noqa: F401
                                 save_stats, stat_name, to_host, update_stats)
+from wanjax.sampling.guidance import cfg_batch, cfg_combine, guided_velocity
 
-__all__ = ["TARGET_LAYERS", "CalibConfig", "CalibSample", "CalibStats", "CalibrationMismatchError", "calibrate",
+__all__ = ["CalibConfig", "CalibSample", "CalibStats", "CalibrationMismatchError", "calibrate",
            "check_calibration_model", "input_name", "stat_name", "mx_act_quant_transform", "record_trajectory", "sample_fingerprint"]
 
 F32 = jnp.float32
@@ -82,7 +86,7 @@ _CONTEXT_SALT = 0x7FFFFFF
 def _block_inputs(cfg, per_layer: bool) -> dict[str, int]:
     """Per-block captured inputs (local name -> K), without the shared context entry."""
     out = {}
-    for layer in TARGET_LAYERS:
+    for layer in BLOCK_LINEAR_NAMES:
         local = input_name(layer, per_layer)
         if local != "cross_attn.kv":
             out[local] = cfg.ffn_dim if layer == "ffn.fc2" else cfg.dim
@@ -107,7 +111,8 @@ class CalibConfig:
     """Calibration settings.
 
     Attributes:
-      gen: sampler settings (`wanjax.pipeline.GenerationConfig`: frames, area, steps, shift, boundary, guidance...).
+      gen: sampler settings (`wanjax.generation_config.GenerationConfig`: frames, area, steps, shift, boundary,
+        guidance...).
       bins: timestep bins (default: the seed's 6 bins over ``gen``'s schedule).
       cfg_mode: ``"cond"`` (seed: conditional-only forwards) or ``"both"`` (CFG trajectory, cond + uncond rows).
       experts: which experts to calibrate.
@@ -141,7 +146,7 @@ class CalibConfig:
     seed: int = 0
 
     def resolved(self):
-        from wanjax.pipeline import GenerationConfig
+        from wanjax.generation_config import GenerationConfig
         from wanjax.sampling import flow_schedule
 
         gen = self.gen or GenerationConfig()
@@ -167,25 +172,26 @@ class CalibConfig:
                     if self.hessian_transform is not None else None, seed=self.seed)
 
 
-def mx_act_quant_transform(smooth: dict | None = None, fmt: str = "mxfp4", **quant_kwargs) -> Callable:
+def mx_act_quant_transform(smooth: dict | None = None, spec: ActQuantSpec | str = "mxfp4", **spec_fields) -> Callable:
     """A ``hessian_transform`` giving ``QDQ(x / s)``, the seed's GPTQ Hessian input.
 
     ``smooth``: ``{expert: {layer: s [num_layers, K]}}`` smoothing vectors stacked over blocks (missing: s = 1).
-    ``quant_kwargs`` go to `wanjax.numerics.formats.quantize_dequantize` (default for MXFP4: the seed's activation rule
-    ``scale_rule="safe_ceil"``, clip 1.0, offset 0).
+    ``spec``: the activation quantizer, a `wanjax.quant.rtn.ActQuantSpec` or a format name completed by
+    ``spec_fields`` (``ActQuantSpec(spec, **spec_fields)``). Default: MXFP4 with the seed's activation rule
+    (``scale_rule="safe_ceil"``, clip 1.0, offset 0). The quantizer checks its input for NaN/Inf (the formats'
+    ``nonfinite="raise"``), so a non-finite calibration input fails instead of entering the Hessian.
     """
-    from wanjax.numerics import formats
-
-    kw = dict(quant_kwargs)
-    if fmt == "mxfp4":
-        kw.setdefault("scale_rule", "safe_ceil")
+    if not isinstance(spec, ActQuantSpec):
+        spec = ActQuantSpec(spec, **spec_fields)
+    elif spec_fields:
+        spec = dataclasses.replace(spec, **spec_fields)
 
     def fn(expert, block_index, layer, x):
         s = (smooth or {}).get(expert, {}).get(layer)
         xs = x.astype(F32)
         if s is not None:
             xs = xs / jnp.asarray(s, F32)[block_index]
-        return formats.quantize_dequantize(xs, fmt, **kw)
+        return spec.qdq(xs, nonfinite="raise")
 
     return fn
 
@@ -222,7 +228,7 @@ class _Capture:
         if not module.path.startswith("blocks."):
             return y
         layer = module.path[len("blocks."):]
-        if layer not in TARGET_LAYERS:
+        if layer not in BLOCK_LINEAR_NAMES:
             return y
         if self.block_index is not None:
             i = self.block_index
@@ -270,12 +276,13 @@ def _bin_key(cfg: CalibConfig, expert: str, bin_name: str):
     return jax.random.fold_in(jax.random.key(cfg.seed), _salt(f"{expert}/{bin_name}"))
 
 
-def _model_inputs(x, y, ctx, cond_only: bool):
-    """Batched model input (cond[, uncond]) as the guided forward builds it."""
-    inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+def _model_inputs(x, y, ctx, t, cond_only: bool):
+    """``(inputs, timesteps, context)`` of one forward: the conditional rows only, or (cond, uncond) batched as
+    `wanjax.sampling.guided_velocity` batches them (`wanjax.sampling.cfg_batch`)."""
     if cond_only:
-        return inp, ctx[:1]
-    return jnp.concatenate([inp, inp], 0), ctx
+        inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+        return inp, jnp.full((inp.shape[0],), t, F32), ctx[:1]
+    return cfg_batch(x, y, ctx, t)
 
 
 # ------------------------------------------------------------------------------------------- trajectories
@@ -314,9 +321,9 @@ def _prepare(pipe, sample: CalibSample, gen, cfg_mode):
     if ctx is None:
         if sample.prompt is None:
             raise ValueError("calibration sample needs a prompt (or a precomputed context)")
-        from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
+        from wanjax.conditioning import NEGATIVE_PROMPT
 
-        ctx = pipe.encode_text([sample.prompt, sample.negative_prompt or DEFAULT_NEGATIVE_PROMPT])
+        ctx = pipe.encode_text([sample.prompt, sample.negative_prompt or NEGATIVE_PROMPT])
     ctx = jnp.asarray(ctx)
     if ctx.ndim != 3 or ctx.shape[0] not in (1, 2):
         raise ValueError(f"calibration context must be [2, L, D] (positive, negative) or [1, L, D], got {ctx.shape}")
@@ -669,13 +676,10 @@ def _plain_fn(g, cond_only: bool):
     """Jitted velocity without capture: conditional-only, or CFG-guided."""
 
     def plain(params, x, y, ctx, t, guide):
-        model = nnx.merge(g, params)
-        inp, c = _model_inputs(x, y, ctx, cond_only)
-        v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
         if not cond_only:
-            b = x.shape[0]
-            v = v[b:] + guide * (v[:b] - v[b:])
-        return v
+            return guided_velocity(g, params, x, y, ctx, t, guide)
+        inp, tb, c = _model_inputs(x, y, ctx, t, cond_only)
+        return nnx.merge(g, params)(inp, tb, c)
 
     return jax.jit(plain)
 
@@ -688,13 +692,12 @@ def _online_fn(g, cfg: CalibConfig):
     def fwd(params, acc, hacc, x, y, ctx, t, guide, key, expert):
         model = nnx.merge(g, params)
         model.scan_layers = False
-        inp, c = _model_inputs(x, y, ctx, cond_only)
+        inp, tb, c = _model_inputs(x, y, ctx, t, cond_only)
         cap = _Capture(acc, key, expert, cfg, hacc=hacc)
         with linear_interceptor(cap):
-            v = model(inp, jnp.full((inp.shape[0],), t, F32), c)
+            v = model(inp, tb, c)
         if not cond_only:
-            b = x.shape[0]
-            v = v[b:] + guide * (v[:b] - v[b:])
+            v = cfg_combine(v, guide)
         return v, cap.acc, cap.hacc
 
     return jax.jit(fwd, static_argnames=("expert",), donate_argnames=("acc", "hacc"))
@@ -711,7 +714,7 @@ def _prefix_fn(g, cond_only: bool):
 
     def prefix(params, x, y, ctx, t, n_blocks):
         model = nnx.merge(g, params)
-        inp, c = _model_inputs(x, y, ctx, cond_only)
+        inp, _, c = _model_inputs(x, y, ctx, t, cond_only)
         h, e0, ctx_e, rope = _embed(model, inp, t, c)
 
         def body(i, h):

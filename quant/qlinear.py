@@ -54,7 +54,8 @@ from flax import nnx
 
 from wanjax.numerics import formats
 from wanjax.numerics.hadamard import rotate_activations_mxu
-from wanjax.numerics.table import INT_FORMATS, INT_QMAX, LINEAR_FORMATS
+from wanjax.numerics.table import INT_FORMATS, LINEAR_FORMATS
+from wanjax.quant.rtn import ActQuantSpec
 
 __all__ = [
     "QLinear",
@@ -71,7 +72,6 @@ _W_FMTS = LINEAR_FORMATS
 _A_FMTS = LINEAR_FORMATS + (None,)
 MODES = ("fake", "real")
 ACT_MODES = ("dynamic", "static")
-_QMAX = {f: float(q) for f, q in INT_QMAX.items()}  # {"int4": 7.0, "int8": 127.0}
 REAL_W_GROUP = 128  # the group-scaled int4 weights mode="real" runs (kernels/w4a4_g128_gpu.py), besides per channel
 REAL_MX_BLOCK = 32  # the MXFP4 block mode="real" runs (kernels.dispatch.mxfp4_linear), weights and activations
 
@@ -102,6 +102,9 @@ class QVar(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class QLinearConfig:
   """Static description of a quantized linear (hashable; part of the graph definition, not of the state).
+
+  The activation quantizer is stored as the flat ``a_*`` fields (the format artifacts serialize) and used as one
+  `wanjax.quant.rtn.ActQuantSpec`: :attr:`act_spec` (``act_fields`` builds the fields from a spec).
 
   Attributes:
     in_features, out_features: K and N.
@@ -147,6 +150,23 @@ class QLinearConfig:
     if self.in_features % g:
       raise ValueError(f"QLinearConfig: w_group={g} does not divide in_features={self.in_features}")
     object.__setattr__(self, "w_group", g)
+
+  @property
+  def act_spec(self) -> ActQuantSpec | None:
+    """The activation quantizer of the layer (`wanjax.quant.rtn.ActQuantSpec` from the ``a_*`` fields; None for
+    weight-only layers). Its clip / exponent offset / static scale come from the per-bin tables at call time; with
+    ``act_mode="static"`` the table's scale goes to ``ActQuantSpec.qdq(static_scale=...)``."""
+    if self.a_fmt is None:
+      return None
+    return ActQuantSpec(self.a_fmt, self.a_group, scale_rule=self.a_scale_rule)
+
+  @staticmethod
+  def act_fields(spec: ActQuantSpec | None) -> dict:
+    """The ``a_*`` fields (``a_fmt``, ``a_group``, ``a_scale_rule``) that describe ``spec``; the inverse of
+    :attr:`act_spec` (the fields are what artifacts serialize)."""
+    if spec is None:
+      return {"a_fmt": None, "a_group": None, "a_scale_rule": "safe_ceil"}
+    return {"a_fmt": spec.fmt, "a_group": spec.group_size, "a_scale_rule": spec.scale_rule}
 
   @property
   def packed(self) -> bool:
@@ -297,21 +317,16 @@ def _dequant_weight(c: QLinearConfig, a: dict) -> jax.Array:
 
 
 def act_qdq(c: QLinearConfig, x: jax.Array, clip, exp_offset, static_scale) -> jax.Array:
-  """Activation fake quantization of ``x [M, K]`` (float32) with one bin's table entries (may be traced)."""
-  if c.a_fmt is None:
+  """Activation fake quantization of ``x [M, K]`` (float32) with one bin's table entries (may be traced):
+  ``c.act_spec.qdq``, with the static scale when ``c.act_mode == "static"``."""
+  spec = c.act_spec
+  if spec is None:
     return x
   if c.act_mode == "static":
-    qmax = _QMAX[c.a_fmt]
-    s = jnp.asarray(static_scale, jnp.float32)
-    s = jnp.where(s > 0, s, jnp.float32(1.0))
-    return jnp.clip(jnp.round(x / s), -qmax, qmax) * s  # the kernels' static rule (kernels/reference.py)
-  if c.a_fmt in INT_FORMATS:
-    return formats.quantize_dequantize(x, c.a_fmt, group_size=c.a_group, clip=clip, nonfinite="nan")
-  if c.a_fmt == "mxfp4":
-    return formats.quantize_dequantize(x, "mxfp4", scale_rule=c.a_scale_rule, exp_offset=exp_offset, clip=clip,
-                                       block_size=c.a_group or formats.MX_BLOCK_SIZE, nonfinite="nan")
-  return formats.quantize_dequantize(x, "nvfp4", clip=clip, block_size=c.a_group or formats.NVFP4_BLOCK_SIZE,
-                                     nonfinite="nan")
+    if static_scale is None:
+      raise ValueError("QLinear: act_mode='static' needs the bin's static activation scale (act_scale)")
+    return spec.qdq(x, static_scale=static_scale)
+  return spec.qdq(x, clip=clip, exp_offset=exp_offset)
 
 
 def _dot(a, b, dtype):

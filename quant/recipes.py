@@ -444,30 +444,28 @@ RECIPES: dict[str, Recipe] = {
                       GPTQ(hessian="quantized", balance_bins=True), ClipSearch(INT_CLIPS, (0,))),
                      notes="the seed's per-expert, per-timestep-bin policy on the default's INT4 path: each expert "
                            "calibrated on its own activations, GPTQ with the timestep bins balanced, a clip searched "
-                           "per timestep bin on every layer (the default until 2026-12-02). For models whose experts "
-                           "or timesteps differ in their activation ranges; on the mini model none of the three "
-                           "earns the 0.3 dB the default's components must earn (docs/QUALITY.md)."),
+                           "per timestep bin on every layer. For models whose experts or timesteps differ in their "
+                           "activation ranges; on the mini model none of the three earns the 0.3 dB the default's "
+                           "components must earn (docs/QUALITY.md)."),
     "default": Recipe("default", _INT4, _A_INT4,
                       (Smooth(0.5), Rotate(0, DEFAULT_ROT_BLOCK), LowRank(32, method="randomized"),
                        GPTQ(hessian="quantized"), ClipSearch(INT_CLIPS, (0,), per_bin=False)),
                       calibration="shared",
-                      notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast H100 kernel "
+                      notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast GPU kernel "
                             "path), smoothing alpha 0.5, a random-sign block Hadamard rotation of the smoothed input "
                             "(blocks of up to 256; rotated inside the fused act-quant kernel), bf16 rank-32 "
                             "low-rank branch on the rotated input (randomized subspace iteration), GPTQ with the "
                             "quantized-input Hessian, one activation clip per layer searched over all timesteps, both "
-                            "experts calibrated on their pooled activations. Since 2026-12-05 the rotation is in "
-                            "(+1.25 dB on the mini model) and the per-layer alpha search is out (with the rotation "
-                            "it lost 0.2 dB against alpha 0.5). Dropped by the rule that each kept component must "
-                            "earn >= 0.3 dB PSNR on the mini model (docs/QUALITY.md): per-bin clips (2026-12-02), "
-                            "per-expert calibration and GPTQ's timestep-bin balancing (2026-12-04; all three are in "
-                            "the recipe 'binned'), the alpha search (2026-12-05; in 'fast')."),
+                            "experts calibrated on their pooled activations. Each kept component earns >= 0.3 dB PSNR "
+                            "on the mini model (docs/QUALITY.md); per-bin clips, per-expert calibration and GPTQ's "
+                            "timestep-bin balancing did not (they are in the recipe 'binned'), nor did the per-layer "
+                            "alpha search once the rotation was in (it is in 'fast')."),
     "fast": Recipe("fast", _INT4, _A_INT4,
                    (Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
                     LowRank(32, method="randomized"), GPTQ(hessian="quantized"),
                     ClipSearch(INT_CLIPS, (0,), per_bin=False)),
                    calibration="shared",
-                   notes="the default of 2026-12-04, without the rotation: smoothing with alpha searched per layer "
+                   notes="the default before the rotation: smoothing with alpha searched per layer "
                          "(rank-32 branch in the loop), rank-32 branch, GPTQ with the quantized-input Hessian, one "
                          "clip per layer, both experts from pooled statistics. The act quant does not rotate, so "
                          "the linears run faster on the GPU, at 1.3 dB less PSNR than the default on the mini model "

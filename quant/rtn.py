@@ -86,7 +86,16 @@ class WeightQuantSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ActQuantSpec:
-  """Dynamic per-token activation fake quantization (along K of ``x [..., K]``).
+  """How activations are quantized (along K of ``x [..., K]``): the one activation-quantizer description.
+
+  Recipes hold one (``Recipe.act``), a quantized layer's config builds one from its ``a_*`` fields
+  (``wanjax.quant.qlinear.QLinearConfig.act_spec``), and calibration's quantized-input Hessian uses one
+  (``wanjax.quant.calibrate.mx_act_quant_transform``); all of them quantize through :meth:`qdq`.
+
+  Dynamic (default): one scale per token (or per group / FP4 block) from the abs-max times ``clip``. Static (int
+  formats, a layer with ``act_mode="static"``): :meth:`qdq` is given one calibrated scale per timestep bin
+  (``static_scale``) instead. The per-bin tables of a quantized layer (clip, MX exponent offset, static scale) are
+  passed to :meth:`qdq` at call time and may be traced; ``clip`` / ``exp_offset`` here are the defaults.
 
   Attributes:
     fmt: ``"int4"``, ``"int8"``, ``"mxfp4"`` or ``"nvfp4"``.
@@ -111,6 +120,34 @@ class ActQuantSpec:
       raise ValueError(f"ActQuantSpec: clip must be finite and > 0, got {self.clip!r}")
     if self.scale_rule not in formats.MX_SCALE_RULES:
       raise ValueError(f"ActQuantSpec: scale_rule must be one of {formats.MX_SCALE_RULES}, got {self.scale_rule!r}")
+
+  def qdq(self, x: jax.Array, *, clip=None, exp_offset=None, static_scale=None, nonfinite: str = "nan") -> jax.Array:
+    """Fake quantization ``dequantize(quantize(x))`` of ``x [..., K]`` (computed in ``x``'s dtype; callers pass
+    float32).
+
+    Args:
+      clip: clip ratio (default ``self.clip``); may be traced (a bin's table entry).
+      exp_offset: mxfp4 exponent offset (default ``self.exp_offset``); may be traced. Ignored by other formats.
+      static_scale: a static activation scale (int formats): ``clip(round(x / s), -qmax, qmax) * s`` with ``s``
+        replaced by 1 where it is not > 0, the kernels' static rule (``kernels/reference.py``); ``clip`` is then
+        unused. None: the dynamic rule of ``wanjax.numerics.formats``.
+      nonfinite: the formats' non-finite policy (``"nan"``: no check, NaN groups stay NaN).
+    """
+    clip = self.clip if clip is None else clip
+    if static_scale is not None:
+      if self.fmt not in INT_FORMATS:
+        raise ValueError(f"ActQuantSpec.qdq: a static scale needs an int format, got {self.fmt!r}")
+      qmax = float(INT_QMAX[self.fmt])
+      s = jnp.asarray(static_scale, jnp.float32)
+      s = jnp.where(s > 0, s, jnp.float32(1.0))
+      return jnp.clip(jnp.round(x / s), -qmax, qmax) * s
+    if self.fmt in INT_FORMATS:
+      return formats.quantize_dequantize(x, self.fmt, group_size=self.group_size, clip=clip, nonfinite=nonfinite)
+    if self.fmt == "mxfp4":
+      return formats.quantize_dequantize(x, "mxfp4", scale_rule=self.scale_rule,
+                                         exp_offset=self.exp_offset if exp_offset is None else exp_offset, clip=clip,
+                                         block_size=self.group_size, nonfinite=nonfinite)
+    return formats.quantize_dequantize(x, "nvfp4", clip=clip, block_size=self.group_size, nonfinite=nonfinite)
 
 
 def check_linear_params(fn: str, params) -> tuple[int, int]:
@@ -206,14 +243,7 @@ def fake_quant_kernel(kernel: jax.Array, spec: WeightQuantSpec) -> jax.Array:
 def fake_quant_act(x: jax.Array, spec: ActQuantSpec | None) -> jax.Array:
   """Dynamic per-token fake quantization of activations ``x [..., K]`` (float32); ``spec=None`` returns ``x``."""
   x = jnp.asarray(x, jnp.float32)
-  if spec is None:
-    return x
-  if spec.fmt in INT_FORMATS:
-    return formats.quantize_dequantize(x, spec.fmt, group_size=spec.group_size, clip=spec.clip, nonfinite="nan")
-  if spec.fmt == "mxfp4":
-    return formats.quantize_dequantize(x, "mxfp4", scale_rule=spec.scale_rule, exp_offset=spec.exp_offset,
-                                       clip=spec.clip, block_size=spec.group_size, nonfinite="nan")
-  return formats.quantize_dequantize(x, "nvfp4", clip=spec.clip, block_size=spec.group_size, nonfinite="nan")
+  return x if spec is None else spec.qdq(x)
 
 
 def rtn(params: dict, spec: WeightQuantSpec) -> dict:

@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.model.names import BLOCK_LINEAR_NAMES
 from wanjax.quant.bins import TimestepBins
 
 __all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "hessian_mean", "stride_rows",
-           "save_stats", "load_stats", "to_host", "TARGET_LAYERS", "CONTEXT_NAME", "ALL_BINS", "input_name",
+           "save_stats", "load_stats", "to_host", "CONTEXT_NAME", "ALL_BINS", "input_name",
            "stat_name", "CalibStats"]
 
 F32 = jnp.float32
@@ -276,8 +277,6 @@ def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStat
 
 
 # ------------------------------------------------------------------------------------- names and reader
-TARGET_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "ffn.fc1", "ffn.fc2")
 _SHARED = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
            "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
 CONTEXT_NAME = "context.cross_attn.kv"
@@ -286,8 +285,8 @@ ALL_BINS = "all"            # bin name of per-expert Hessians (``hessian_per_bin
 
 def input_name(layer: str, per_layer: bool = False) -> str:
     """Name of the captured input of block layer ``layer`` (e.g. ``"self_attn.k"`` -> ``"self_attn.qkv"``)."""
-    if layer not in TARGET_LAYERS:
-        raise ValueError(f"unknown block layer {layer!r}; expected one of {TARGET_LAYERS}")
+    if layer not in BLOCK_LINEAR_NAMES:
+        raise ValueError(f"unknown block layer {layer!r}; expected one of {BLOCK_LINEAR_NAMES}")
     return layer if per_layer else _SHARED.get(layer, layer)
 
 

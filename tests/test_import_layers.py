@@ -68,16 +68,6 @@ ALLOWED = {
 
 #: (importer, imported) edges that break a rule today and are scheduled to go; each with its reason.
 KNOWN_VIOLATIONS = {
-    # quant -> app: quant/apply.py uses the pipeline's private _guided_velocity (to become a public guided_velocity
-    # in wanjax/sampling, issue 31)
-    ("wanjax.quant.apply", "wanjax.pipeline"),
-    # quant -> app: quant/calibrate.py takes GenerationConfig / DEFAULT_NEGATIVE_PROMPT from the pipeline (they live
-    # in wanjax.generation_config / wanjax.conditioning; the import moves there, issue 31)
-    ("wanjax.quant.calibrate", "wanjax.pipeline"),
-    # cycle bench.pipeline <-> bench.pipeline_phase (bench/pipeline.py is split by concern, issue 31)
-    ("bench.pipeline_phase", "bench.pipeline"),
-    # cycle wanjax.evaluation.report <-> wanjax.evaluation.run (issue 31)
-    ("wanjax.evaluation.report", "wanjax.evaluation.run"),
     # cycle wanjax.io.dit_loader <-> wanjax.io.orbax_cache: the cache takes loader internals (issue 31)
     ("wanjax.io.dit_loader", "wanjax.io.orbax_cache"),
 }

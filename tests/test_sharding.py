@@ -242,7 +242,7 @@ def test_real_qlinear_state_at_full_size_has_rules(recipe):
     """The state of a full-size expert quantized into real ``QLinear`` layers (abstract: ``nnx.eval_shape``), INT4
     with rotation (default) and MXFP4 (seed: E8M0 scales [N, K/32], 0.8 M per layer): every leaf has a rule and
     valid specs on every mesh; the weight codes and scales shard like the float kernel's N / K."""
-    from bench.pipeline import quantized_skeleton
+    from bench.w4a4_expert import quantized_skeleton
 
     state = nnx.state(quantized_skeleton(I2V_A14B, nbins=3, recipe=recipe))
     mesh = make_mesh(1, 2, 2, 2)

@@ -124,12 +124,14 @@ def locate_nonfinite(graphdef, params, x, y, ctx, t, guide,
     ``"guidance"``, and ``detail`` a short explanation (the non-finite parameters of the block, the guidance scale;
     may be empty); ``None`` if the whole forward is finite.
 
-    Mirrors `wanjax.pipeline._guided_velocity` (cond and uncond batched as 2B). ``context`` is an optional context
+    Runs `wanjax.sampling.guided_velocity` in stages: the same batching (`wanjax.sampling.guidance.cfg_batch`,
+    cond and uncond as 2B) and guidance (`cfg_combine`). ``context`` is an optional context
     manager factory entered around the re-run (e.g. the active timestep bin of quantized experts). Blocks run one at
     a time (jitted, the index traced), the failing block again eagerly with every linear layer checked.
     """
     from wanjax.model.dit import sinusoidal_embedding
     from wanjax.model.rope import rope_cos_sin
+    from wanjax.sampling.guidance import cfg_batch, cfg_combine
 
     model = nnx.merge(graphdef, params)
     x = jnp.asarray(x, F32)
@@ -141,10 +143,7 @@ def locate_nonfinite(graphdef, params, x, y, ctx, t, guide,
     with cm:
         cfg = model.cfg
         b, f, hh, ww, _ = x.shape
-        inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
-        inp2 = jnp.concatenate([inp, inp], 0)
-        tb = jnp.full((2 * b,), t, F32)
-        c = jnp.repeat(ctx, b, axis=0) if b > 1 else ctx
+        inp2, tb, c = cfg_batch(x, y, ctx, t)
         tokens = model.patch_embedding(model.patchify(inp2)).astype(F32)
         if not all_finite(tokens):
             return "patch_embedding", ""
@@ -178,7 +177,7 @@ def locate_nonfinite(graphdef, params, x, y, ctx, t, guide,
         if not all_finite(out):
             return "head", ""
         v = model.unpatchify(out, grid).astype(F32)
-        guided = v[b:] + guide * (v[:b] - v[b:])
+        guided = cfg_combine(v, guide)
         if not all_finite(guided):
             return "guidance", f"the cond/uncond outputs were finite; guidance scale {float(guide):g}"
     return None

@@ -1,7 +1,8 @@
 """Image-to-video generation with the two Wan2.2 experts: encode -> denoise (expert switch, CFG) -> decode.
 
-One jitted function (the classifier-free-guided forward of one expert) takes the expert's parameters as an argument,
-so a single compilation serves both experts; the loop is `wanjax.sampling.sample`, the project's one denoise loop.
+One jitted function (`wanjax.sampling.guided_velocity`, the classifier-free-guided forward of one expert) takes the
+expert's parameters as an argument, so a single compilation serves both experts; the loop is
+`wanjax.sampling.sample`, the project's one denoise loop.
 
     pipe = WanI2VPipeline.from_pretrained("models/mini")             # a local dir (official or diffusers layout)
     frames = pipe("input.jpg", "a cat surfing")                       # uint8 [F, H, W, 3], the model's own defaults
@@ -35,6 +36,7 @@ from wanjax.generation_config import GenerationConfig, apply_overrides  # noqa: 
 from wanjax.model.dit import WanDiT
 from wanjax.nonfinite import NonFiniteError, all_finite, check_finite_params, locate_nonfinite  # noqa: F401
 from wanjax.sampling import flow_schedule, sample
+from wanjax.sampling.guidance import guided_velocity
 from wanjax.video_io import to_uint8
 
 #: Official default negative prompt (``sample_neg_prompt`` in Wan2.2's shared config).
@@ -64,22 +66,6 @@ class I2VOutput:
     experts: list[str]
     seconds: dict[str, float]
     gen: GenerationConfig | None = None
-
-
-def _guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain=None):
-    """Classifier-free-guided velocity of one expert at (x, t). ctx: [2, L, D] = (cond, uncond), batched as 2B.
-
-    ``constrain`` (mesh runs): applied to each batched model input, e.g. to split (cond, uncond) over "data"."""
-    model = nnx.merge(graphdef, params)
-    inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
-    b = x.shape[0]
-    args = (jnp.concatenate([inp, inp], 0), jnp.full((2 * b,), t, jnp.float32),
-            jnp.repeat(ctx, b, axis=0) if b > 1 else ctx)
-    if constrain is not None:
-        args = tuple(constrain(a) for a in args)
-    v = model(*args)
-    v_cond, v_uncond = v[:b], v[b:]
-    return v_uncond + guide * (v_cond - v_uncond)
 
 
 class WanI2VPipeline:
@@ -118,7 +104,7 @@ class WanI2VPipeline:
         self.attention_mode = attention_mode
         if mesh is not None:
             self._params_high, self._params_low = self._shard(self._params_high), self._shard(self._params_low)
-        self._velocity = self._jit_velocity(_guided_velocity)
+        self._velocity = self._jit_velocity(guided_velocity)
         self.expert_placement = "device" if mesh is not None else self._choose_placement(expert_placement)
         self.swaps = 0
         self._resident = "high"
@@ -148,8 +134,9 @@ class WanI2VPipeline:
         """Denoise with other experts from now on (e.g. quantized ones from `wanjax.quant`).
 
         ``high`` and ``low`` must share one module graph. ``velocity`` is the guided velocity
-        ``fn(graphdef, params, x, y, ctx, t, guide, constrain=None)`` (default: the plain one), jitted here; with a
-        mesh the experts' parameters are sharded by the rule table and the velocity is jitted for the mesh. The
+        ``fn(graphdef, params, x, y, ctx, t, guide, constrain=None)`` (default: `wanjax.sampling.guided_velocity`),
+        jitted here; with a mesh the experts' parameters are sharded by the rule table and the velocity is jitted for
+        the mesh. The
         expert placement policy is kept. A NaN/Inf in either expert's parameters (float weights, scales, tables)
         raises `wanjax.io.errors.CheckpointError` naming the expert and the parameter.
         """
@@ -163,7 +150,7 @@ class WanI2VPipeline:
             p_high, p_low = self._shard(p_high), self._shard(p_low)
         self.graphdef = g_high
         self._params_high, self._params_low = p_high, p_low
-        self._velocity = self._jit_velocity(_guided_velocity if velocity is None else velocity)
+        self._velocity = self._jit_velocity(guided_velocity if velocity is None else velocity)
         self._resident = "high"
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)

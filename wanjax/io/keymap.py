@@ -23,6 +23,7 @@ import numpy as np
 
 from wanjax.config import WanConfig
 from wanjax.io.errors import CheckpointError
+from wanjax.model.names import BLOCK_LINEAR_NAMES
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -245,10 +246,10 @@ _TOP_MODULES: dict[str, Path] = {
     "time_embedding.0": ("time_embedding", "fc1"), "time_embedding.2": ("time_embedding", "fc2"),
     "time_projection.1": ("time_projection",), "head.head": ("head", "head"),
 }
-_BLOCK_LINEARS: dict[str, Path] = {
-    **{f"{a}.{p}": (a, p) for a in ("self_attn", "cross_attn") for p in "qkvo"},
-    "ffn.0": ("ffn", "fc1"), "ffn.2": ("ffn", "fc2"),
-}
+#: Official module names of the block Linears whose wanjax name differs (the FFN is an nn.Sequential there).
+_OFFICIAL_BLOCK_NAMES = {"ffn.fc1": "ffn.0", "ffn.fc2": "ffn.2"}
+#: official module name inside a block -> path of the `BLOCK_LINEARS` layer inside the block
+_BLOCK_LINEARS: dict[str, Path] = {_OFFICIAL_BLOCK_NAMES.get(n, n): tuple(n.split(".")) for n in BLOCK_LINEAR_NAMES}
 _BLOCK_NORMS: dict[str, Path] = {
     **{f"{a}.{n}": (a, n) for a in ("self_attn", "cross_attn") for n in ("norm_q", "norm_k")},
     "norm3": ("norm3",),

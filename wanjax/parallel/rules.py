@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from wanjax.model.names import BLOCK_LINEARS
+
 Logical = tuple  # tuple[str | None, ...]
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
@@ -42,6 +44,13 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "act_embed": (),
 }
 
+#: (K, N) logical axes of a block Linear (`wanjax.model.names.BLOCK_LINEARS`) by its last name: the attention
+#: projections q/k/v map embed -> heads and o back, the FFN embed -> mlp -> embed.
+BLOCK_LINEAR_AXES: dict[str, tuple[str | None, str | None]] = {
+    "q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"), "o": ("heads", "embed"),
+    "fc1": ("embed", "mlp"), "fc2": ("mlp", "embed"),
+}
+
 #: (regex on the Linear's path, (K logical axis, N logical axis)); first match wins.
 LINEAR_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"patch_embedding", (None, "embed")),
@@ -50,10 +59,7 @@ LINEAR_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"time_embedding\.fc1", (None, "embed")),
     (r"time_embedding\.fc2", ("mlp", "embed")),
     (r"time_projection", ("embed", "mlp")),
-    (r"blocks\.(self_attn|cross_attn)\.(q|k|v)", ("embed", "heads")),
-    (r"blocks\.(self_attn|cross_attn)\.o", ("heads", "embed")),
-    (r"blocks\.ffn\.fc1", ("embed", "mlp")),
-    (r"blocks\.ffn\.fc2", ("mlp", "embed")),
+    *((re.escape(p), BLOCK_LINEAR_AXES[p.rpartition(".")[2]]) for p in BLOCK_LINEARS),
     (r"head\.head", ("embed", None)),
 )
 

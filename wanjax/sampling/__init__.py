@@ -8,6 +8,10 @@ Solvers are pure functions over a small state pytree, so one jitted step serves 
     state = unipc_init(sched.sigmas, x.shape)
     for i, t in enumerate(sched.timesteps):
         x, state = unipc_step(state, i, model(x, t), x)
+
+The guided velocity of one expert (classifier-free guidance, cond and uncond batched as 2B) is
+`guided_velocity` (`wanjax.sampling.guidance`): the ``velocity_fn`` the pipeline, calibration and the quantized
+experts denoise with. It is imported on first use (it needs flax), so ``import wanjax.sampling`` stays light.
 """
 from wanjax.sampling.euler import EulerState, euler_init, euler_step
 from wanjax.sampling.loop import SOLVERS, get_solver, sample
@@ -20,4 +24,15 @@ __all__ = [
     "UniPCState", "unipc_coefficients", "unipc_init", "unipc_step",
     "EulerState", "euler_init", "euler_step",
     "SOLVERS", "get_solver", "sample",
+    "guided_velocity", "cfg_batch", "cfg_combine",
 ]
+
+_LAZY = {"guided_velocity", "cfg_batch", "cfg_combine"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from wanjax.sampling import guidance
+
+        return getattr(guidance, name)
+    raise AttributeError(f"module 'wanjax.sampling' has no attribute {name!r}")
