@@ -173,7 +173,7 @@ def fill_random(abstract_module, base_seed: int, overrides=None):
 
 def block_linear_of(name: str) -> str | None:
     """The ``BLOCK_LINEARS`` path a dotted leaf name belongs to (``blocks.ffn.fc1.kernel`` -> ``blocks.ffn.fc1``)."""
-    from wanjax.quant.apply import BLOCK_LINEARS
+    from wanjax.model.names import BLOCK_LINEARS
 
     head = name.rsplit(".", 1)[0]
     return head if head in BLOCK_LINEARS else None

@@ -714,7 +714,7 @@ def attach_artifact(pipe, qdir: str | os.PathLike, mode: str | None = "auto", *,
     prepare_kernels: in real mode, re-encode MXFP4 weights once for the FP8 kernel
       (``apply.prepare_kernel_weights``: faster, 1 byte a parameter more).
     int8_weights: in real mode, also keep the per-channel INT4 codes unpacked to int8 for the GEMM
-      (``prepare_kernel_weights(int4=True)``: 1 byte a parameter more, equal or faster per linear on an H200,
+      (``prepare_kernel_weights(int4=True)``: 1 byte a parameter more; faster per linear where measured, docs/BENCHMARKS.md,
       docs/BENCHMARKS.md). With ``mode="fake"`` a ``ValueError``; with ``"auto"`` choosing fake, ignored with a
       warning.
     force: attach even when the artifact was made from another model (its recorded fingerprint differs from the
@@ -778,7 +778,7 @@ def apply_recipe_attention(recipe: dict | None) -> str | None:
   name = (recipe or {}).get("attention")
   if not name:
     return None
-  if jax.default_backend() != "gpu":
+  if name != "attn8" and jax.default_backend() != "gpu":     # attn8 also runs on CPU (reference) and TPU
     warnings.warn(f"the recipe asks for attention {name!r}, which needs a GPU; keeping the default backend on "
                   f"{jax.default_backend()!r}")
     return None

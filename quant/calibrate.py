@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wanjax.io.atomic import atomic_write, write_json_atomic
 from wanjax.model.dit import current_layer_index
 from wanjax.model.layers import linear_interceptor
 from wanjax.model.names import BLOCK_LINEAR_NAMES
@@ -432,9 +433,11 @@ def _clear_work_dir(work_dir: str) -> None:
 
     for sub in ("stats", "traj"):
         shutil.rmtree(os.path.join(work_dir, sub), ignore_errors=True)
-    for name in ("manifest.json", "manifest.json.tmp"):
+    import glob
+
+    for p in [os.path.join(work_dir, "manifest.json"), *glob.glob(os.path.join(work_dir, ".manifest.json.*.tmp"))]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(work_dir, name))
+            os.remove(p)
 
 
 def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], pipe, restart: bool = False):
@@ -493,10 +496,7 @@ def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], 
         warnings.warn(f"{work_dir}: the existing calibration run records no {' / '.join(upgrade)} (an older wanjax): "
                       "cannot check that it used the same samples / model; resuming it and recording them now",
                       stacklevel=3)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(want, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, want, indent=1)
 
 
 def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
@@ -527,12 +527,8 @@ def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
 
 
 def _atomic_savez(path, **arrays):
-    tmp = path + ".tmp.npz"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 

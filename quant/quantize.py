@@ -124,9 +124,8 @@ def layer_config(recipe: Recipe, k: int, n: int, nbins: int) -> QLinearConfig:
   """The QLinearConfig a recipe gives a ``K -> N`` layer with ``nbins`` bins."""
   w, a = recipe.weight, recipe.act
   return QLinearConfig(in_features=k, out_features=n, w_fmt=w.fmt, w_group=w.group(k),
-                       a_fmt=None if a is None else a.fmt, a_group=None if a is None else a.group_size,
-                       a_scale_rule="safe_ceil" if a is None else a.scale_rule, act_mode=recipe.act_mode,
-                       nbins=nbins, rot_block=rotation_block(recipe))
+                       **QLinearConfig.act_fields(a), act_mode=recipe.act_mode, nbins=nbins,
+                       rot_block=rotation_block(recipe))
 
 
 def pack_layer(params: dict, config: QLinearConfig, ctx: LayerContext, param_dtype) -> dict:

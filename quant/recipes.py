@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 #: Attention settings a recipe may carry (None: the default backend).
-RECIPE_ATTENTION = (None, "cudnn_fp8")
+RECIPE_ATTENTION = (None, "cudnn_fp8", "attn8")
 #: Calibration policies: each expert from its own statistics, or both from the pooled statistics.
 RECIPE_CALIBRATION = ("per_expert", "shared")
 

@@ -26,12 +26,12 @@ import dataclasses
 import glob
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wanjax.io.atomic import atomic_write
 from wanjax.model.names import BLOCK_LINEAR_NAMES
 from wanjax.quant.bins import TimestepBins
 
@@ -228,17 +228,8 @@ def save_stats(path: str | os.PathLike, stats: dict[str, LayerStats], meta: dict
     arrays["__header__"] = np.frombuffer(header.encode(), np.uint8)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStats], dict]:

@@ -67,10 +67,7 @@ ALLOWED = {
 }
 
 #: (importer, imported) edges that break a rule today and are scheduled to go; each with its reason.
-KNOWN_VIOLATIONS = {
-    # cycle wanjax.io.dit_loader <-> wanjax.io.orbax_cache: the cache takes loader internals (issue 31)
-    ("wanjax.io.dit_loader", "wanjax.io.orbax_cache"),
-}
+KNOWN_VIOLATIONS: set = set()
 
 
 # ------------------------------------------------------------------------------------------------------ the checker

@@ -501,9 +501,11 @@ def _add_generate(sub, common) -> None:
                         "picks real where kernels exist (Hopper GPU, TPU) and says which (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="with --quant: use an artifact even if it was made from another model (warns)")
-    p.add_argument("--attention", default=None, choices=("cudnn", "cudnn_fp8", "chunked", "xla", "tpu"),
+    p.add_argument("--attention", default=None, choices=("cudnn", "cudnn_fp8", "attn8", "chunked", "xla", "tpu"),
                    help="attention backend (default: automatic, or the --quant recipe's; cudnn_fp8: cuDNN FP8 flash "
-                        "attention, Hopper GPUs)")
+                        "attention, Hopper GPUs; attn8: 8-bit attention with fine-grained scales, self-attention "
+                        "only: the jnp reference on CPU, the Pallas kernel on TPU; refused on GPUs until its kernel "
+                        "has been verified there)")
     p.add_argument("--int8-weights", action="store_true",
                    help="with --quant-mode real: also keep the INT4 weights unpacked to int8 for the GEMM (1 byte a "
                         "parameter more; equal or faster per linear, docs/BENCHMARKS.md)")

@@ -33,11 +33,16 @@ from flax import nnx
 
 from wanjax import conditioning
 from wanjax.generation_config import GenerationConfig, apply_overrides  # noqa: F401  (re-exported)
+from wanjax.kernels.attention8 import attention8
+from wanjax.model.attention import register_attention_backend
 from wanjax.model.dit import WanDiT
 from wanjax.nonfinite import NonFiniteError, all_finite, check_finite_params, locate_nonfinite  # noqa: F401
 from wanjax.sampling import flow_schedule, sample
 from wanjax.sampling.guidance import guided_velocity
 from wanjax.video_io import to_uint8
+
+# "attn8" (8-bit attention) lives in kernels/, which the model layer may not import: the app layer plugs it in.
+register_attention_backend("attn8", attention8)
 
 #: Official default negative prompt (``sample_neg_prompt`` in Wan2.2's shared config).
 DEFAULT_NEGATIVE_PROMPT = conditioning.NEGATIVE_PROMPT

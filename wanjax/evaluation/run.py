@@ -142,7 +142,8 @@ def _bytes(tree) -> int:
 
 
 def _block_linear_bytes(model) -> int:
-    from wanjax.quant.apply import BLOCK_LINEARS, get_submodule
+    from wanjax.model.names import BLOCK_LINEARS
+    from wanjax.quant.apply import get_submodule
 
     return sum(_bytes(nnx.state(get_submodule(model, p))) for p in BLOCK_LINEARS)
 

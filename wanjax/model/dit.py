@@ -83,7 +83,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        o = attention(q, k, v)
+        o = attention(q, k, v, self_attention=ctx is None)   # cross-attention never takes a self-only backend
         return self.o(o.reshape(b, s, -1))
 
 
