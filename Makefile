@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv venv-core clean
+.PHONY: demo test lint venv venv-core clean
 
 $(CORE_STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || (echo "Python 3.12 not found: install it or pass PYTHON=/path/to/python3.12" && exit 1)
@@ -28,7 +28,11 @@ venv: $(STAMP)
 demo: $(CORE_STAMP)
 	$(PY) -m wanjax.demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) lint
 	JAX_PLATFORMS=cpu OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 clean:

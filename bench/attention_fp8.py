@@ -153,7 +153,7 @@ def phase_attn(args, workdir: str) -> dict:
                     e[f"predicted_{m}"] = errs(pred(qr, k, v, sc))
                 except Exception as ex:
                     e[f"predicted_{m}"] = {"error": _err(ex)}
-            del ref
+            ref = None  # free the reference (the closures above read it; a `del` would unbind it)
         except Exception as ex:
             e["error"] = _err(ex)
         log("error", case, e)

@@ -126,7 +126,7 @@ def phase_diffusers(args, workdir: str) -> dict:
                 r["finite"] = bool(torch.isfinite(out["v"]).all())
                 if device == "cuda":
                     r["peak_bytes"] = int(torch.cuda.max_memory_allocated())
-                del out
+                out = None  # free the output (fwd closes over it)
             except Exception as e:
                 r["error"] = error_text(e)
             log(f"diffusers {res} {name}:", brief(r))

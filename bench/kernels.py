@@ -243,7 +243,7 @@ def run_shape(m, k, n, sweep, log, epi_sweep=False):
     y_mx_ref = jax.jit(lambda *a: mx.mxfp4_matmul_reference(*a, out_dtype=jnp.float32))(xv, xe, wv, we, x_lr, up, bias)
     rec("pallas_mxfp4_fp8_r32", fp8_gemm, x8, sxm, w8, swm, x_lr, up, bias,
         check=lambda: rel_err(fp8_gemm(x8, sxm, w8, swm, x_lr, up, bias), y_mx_ref))
-    del xv, wv, x8, w8
+    xv = wv = x8 = w8 = None  # free them (the check closure reads x8 / w8)
   except Exception as e:
     res["errors"]["mxfp4"] = f"{type(e).__name__}: {str(e)[:1500]}"
     log(f"  mxfp4 ERROR {e}")

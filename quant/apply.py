@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

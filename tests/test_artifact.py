@@ -15,7 +15,6 @@ from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model
 from wanjax.quant.artifact import ArtifactError, layer_bits_per_weight, load_artifact, read_manifest, save_artifact
 from wanjax.quant.qlinear import QLinear, QLinearConfig
-from wanjax.quant.recipes import RECIPES, recipe_to_dict
 
 FMTS = {"blocks.self_attn.q": "mxfp4", "blocks.self_attn.k": "nvfp4", "blocks.ffn.fc2": "int8"}
 

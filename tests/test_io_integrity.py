@@ -10,7 +10,6 @@ import warnings
 
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 

@@ -87,7 +87,7 @@ def test_errors(pipe):
     assert frames.dtype == np.uint8 and frames.shape[0] == GEN.num_frames
     bad = WanDiT(TINY.replace(num_layers=1), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="share config"):
-        WanI2VPipeline(p_high := pipe[1], bad, p.vae)
+        WanI2VPipeline(pipe[1], bad, p.vae)
 
 
 def test_expert_swap_gives_the_same_video(pipe):

@@ -10,7 +10,6 @@ handled): image resize filter, sigma schedule, guidance-scale order, noise layou
 """
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 import numpy as np

@@ -16,7 +16,7 @@ from wanjax.numerics import formats
 from wanjax.quant.gptq import gptq, gptq_quantize_kernel
 from wanjax.quant.linalg import gptq_inverse_factor, hessian_from_rows
 from wanjax.quant.lowrank import lowrank
-from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, fake_quant_act, rtn, weight_scales
+from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec, fake_quant_act, rtn
 from wanjax.quant.smooth import smooth, smooth_hessian
 
 K, N = 128, 32  # shared test shape

@@ -1,5 +1,4 @@
 """Whole I2V generation on a mesh of 8 host CPU devices vs single device (tiny random components, fp32)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 bad-input errors, tokenizer wrapper, encode_prompts, full-size parameter count. CPU, fp32, tiny configs."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -17,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from wanjax.io import t5_loader  # noqa: E402
 from wanjax.io.t5_loader import (encoder_from_params, load_t5_encoder,  # noqa: E402
                                  params_from_state_dict)
-from wanjax.model.t5 import (TINY_T5, UMT5_XXL, T5Config, UMT5Encoder,  # noqa: E402
+from wanjax.model.t5 import (TINY_T5, UMT5_XXL, UMT5Encoder,  # noqa: E402
                              relative_position_buckets)
 from wanjax.text import (PromptTokenizer, clean_prompt, encode_prompts,  # noqa: E402
                          find_tokenizer_dir)

@@ -14,7 +14,6 @@ Layout is channels-last: ``x`` [B, F, H, W, in_dim] -> velocity [B, F, H, W, out
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from typing import Any
