@@ -11,6 +11,7 @@ as CUPTI medians in the same process. TOPS = 4 * S^2 * D * N / t. Writes bench/r
 
 Written on a CPU host: the kernel has NOT run on a GPU yet (see kernels/attention8_gpu.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def check(s, n=2, d=128, cfg=G.GPUConfig()):
     got = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))(x)
     want = jax.jit(lambda x: R.attention8_core(x, pc))(x)
     exact = jax.jit(R.attention_f32)(q, k, v)
-    out = {"s": s, "kernel_vs_reference": _rel(got, want), "kernel_vs_exact": _rel(got, exact),
-                  "reference_vs_exact": _rel(want, exact)}
+    out = {
+        "s": s,
+        "kernel_vs_reference": _rel(got, want),
+        "kernel_vs_exact": _rel(got, exact),
+        "reference_vs_exact": _rel(want, exact),
+    }
     print("check", out, flush=True)
     return out
 
@@ -79,17 +84,37 @@ def main(argv=None):
         flops = 4.0 * s * s * d * n
         o8 = full(q[:, :, :2], k[:, :, :2], v[:, :, :2])
         ob = cudnn(q[:, :, :2], k[:, :, :2], v[:, :, :2])
-        row = {"s": s, "tops": flops / (t_full * 1e-3) / 1e12, "x_vs_cudnn_bf16": t_bf16 / t_full,
-                      "rel_l2": _rel(o8.astype(jnp.float32), ob.astype(jnp.float32)), "ms_attn8": t_full, "ms_prepass": t_pre,
-                      "ms_kernel": t_core, "ms_cudnn_bf16": t_bf16, "tops_kernel_only": flops / (t_core * 1e-3) / 1e12,
-                      "tops_cudnn_bf16": flops / (t_bf16 * 1e-3) / 1e12}
+        row = {
+            "s": s,
+            "tops": flops / (t_full * 1e-3) / 1e12,
+            "x_vs_cudnn_bf16": t_bf16 / t_full,
+            "rel_l2": _rel(o8.astype(jnp.float32), ob.astype(jnp.float32)),
+            "ms_attn8": t_full,
+            "ms_prepass": t_pre,
+            "ms_kernel": t_core,
+            "ms_cudnn_bf16": t_bf16,
+            "tops_kernel_only": flops / (t_core * 1e-3) / 1e12,
+            "tops_cudnn_bf16": flops / (t_bf16 * 1e-3) / 1e12,
+        }
         print(row, flush=True)
         rows.append(row)
-    write_result("attention8_h100", {"device": device_facts(), "b": 1, "n": n, "d": d, "config": vars(cfg) if hasattr(
-            cfg, "__dict__") else str(cfg), "checks": checks, "rows": rows,
-            "s": [r["s"] for r in rows], "tops": [r["tops"] for r in rows],
-            "x_vs_cudnn_bf16": [r["x_vs_cudnn_bf16"] for r in rows], "rel_l2": [r["rel_l2"] for r in rows],
-            "rel_l2_note": "attn8 (pre-pass + kernel) vs cuDNN BF16 on heads 0-1"})
+    write_result(
+        "attention8_h100",
+        {
+            "device": device_facts(),
+            "b": 1,
+            "n": n,
+            "d": d,
+            "config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg),
+            "checks": checks,
+            "rows": rows,
+            "s": [r["s"] for r in rows],
+            "tops": [r["tops"] for r in rows],
+            "x_vs_cudnn_bf16": [r["x_vs_cudnn_bf16"] for r in rows],
+            "rel_l2": [r["rel_l2"] for r in rows],
+            "rel_l2_note": "attn8 (pre-pass + kernel) vs cuDNN BF16 on heads 0-1",
+        },
+    )
 
 
 if __name__ == "__main__":

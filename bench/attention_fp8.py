@@ -20,6 +20,7 @@ On CPU (``--config TINY --res tiny --inprocess``) ``cudnn`` is replaced by ``xla
 ``fp8_reference``, so that everything but the cuDNN calls runs. Result: ``<results-dir>/attention_fp8_<res>.json``
 (and ``$OUT``) and a markdown table at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,14 @@ def phase_attn(args, workdir: str) -> dict:
     tokens = f * h * w // 4
     b16, b8 = backends()
     flops = 4.0 * tokens * tokens * cfg.num_heads * cfg.head_dim
-    rec.update(tokens=tokens, shape=[1, tokens, cfg.num_heads, cfg.head_dim], backends=[b16, b8], timing={},
-               error={}, rows=args.rows)
+    rec.update(
+        tokens=tokens,
+        shape=[1, tokens, cfg.num_heads, cfg.head_dim],
+        backends=[b16, b8],
+        timing={},
+        error={},
+        rows=args.rows,
+    )
     rec.save()
     fns = {b: jax.jit(lambda q, k, v, b=b: A.attention(q, k, v, backend=b)) for b in (b16, b8)}
 
@@ -138,8 +145,11 @@ def phase_attn(args, workdir: str) -> dict:
             def errs(out):
                 o, r = np.asarray(out.astype(jnp.float32)), np.asarray(ref)
                 per_head = relative_l2(o, r, axis=(0, 1, 3))
-                return {"rel_l2": relative_l2(o, r), "rel_l2_max_head": float(per_head.max()),
-                        "rel_l2_median_head": float(np.median(per_head))}
+                return {
+                    "rel_l2": relative_l2(o, r),
+                    "rel_l2_max_head": float(per_head.max()),
+                    "rel_l2_median_head": float(np.median(per_head)),
+                }
 
             for b in (b16, b8):
                 try:
@@ -163,8 +173,19 @@ def phase_attn(args, workdir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ forward phases
 def _pipeline_argv(args) -> list[str]:
-    return ["--config", args.config, "--res", args.res, "--iters", str(args.fwd_iters), "--skip-artifact",
-            "--rank", str(args.rank), "--seed", "0"]
+    return [
+        "--config",
+        args.config,
+        "--res",
+        args.res,
+        "--iters",
+        str(args.fwd_iters),
+        "--skip-artifact",
+        "--rank",
+        str(args.rank),
+        "--seed",
+        "0",
+    ]
 
 
 def run_forward(name: str, phase: str, fp8: bool, args, root: str, ref_npy: str | None, timeout: float) -> dict:
@@ -187,8 +208,13 @@ def run_forward(name: str, phase: str, fp8: bool, args, root: str, ref_npy: str 
             os.environ["WANJAX_ATTENTION"] = old
     r = dict((rec.get("res") or {}).get(args.res) or {})
     r.pop("all_s", None)
-    out = {"phase": phase, "attention_env": "cudnn_fp8" if fp8 else None, **r,
-           "wall_s": rec.get("wall_s"), "returncode": rec.get("returncode")}
+    out = {
+        "phase": phase,
+        "attention_env": "cudnn_fp8" if fp8 else None,
+        **r,
+        "wall_s": rec.get("wall_s"),
+        "returncode": rec.get("returncode"),
+    }
     if rec.get("error") and not r.get("error"):
         out["error"] = rec["error"]
         out["log_tail"] = rec.get("log_tail")
@@ -208,9 +234,13 @@ def table(res: dict) -> str:
     a = res.get("attn") or {}
     if a:
         b16, b8 = a.get("backends", ["cudnn", "cudnn_fp8"])
-        lines += [f"self-attention alone, q/k/v {a.get('shape')} bf16",
-                  "", "| attention | median ms | TFLOP/s | × vs bf16 | rel-L2 N(0,1) | rel-L2 outlier heads q,k,v x10 | "
-                      "max-head rel-L2 (same) | rel-L2 outlier heads v x10 |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"self-attention alone, q/k/v {a.get('shape')} bf16",
+            "",
+            "| attention | median ms | TFLOP/s | × vs bf16 | rel-L2 N(0,1) | rel-L2 outlier heads q,k,v x10 | "
+            "max-head rel-L2 (same) | rel-L2 outlier heads v x10 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         t16 = (a.get("timing", {}).get(b16) or {}).get("median_s")
         for b in (b16, b8):
             t = a.get("timing", {}).get(b) or {}
@@ -223,31 +253,41 @@ def table(res: dict) -> str:
                 retry = next((v for kk, v in t.items() if kk.startswith("retry_tokens")), None)
                 if retry and retry.get("median_s"):
                     tcell += f" (T=32768: {retry['median_s'] * 1e3:.1f} ms)"
-                lines.append(f"| {b} | {tcell} | - | - | {_fmt(e1.get('rel_l2'), '.4f')} | "
-                             f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
-                             f"{_fmt(e3.get('rel_l2'), '.4f')} |")
+                lines.append(
+                    f"| {b} | {tcell} | - | - | {_fmt(e1.get('rel_l2'), '.4f')} | "
+                    f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
+                    f"{_fmt(e3.get('rel_l2'), '.4f')} |"
+                )
                 continue
             m = t.get("median_s")
-            lines.append(f"| {b} | {_fmt(m * 1e3 if m else None, '.2f')} | {_fmt(t.get('tflops'), '.0f')} | "
-                         f"{_fmt(t16 / m if t16 and m else None, '.2f')} | {_fmt(e1.get('rel_l2'), '.4f')} | "
-                         f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
-                         f"{_fmt(e3.get('rel_l2'), '.4f')} |")
+            lines.append(
+                f"| {b} | {_fmt(m * 1e3 if m else None, '.2f')} | {_fmt(t.get('tflops'), '.0f')} | "
+                f"{_fmt(t16 / m if t16 and m else None, '.2f')} | {_fmt(e1.get('rel_l2'), '.4f')} | "
+                f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
+                f"{_fmt(e3.get('rel_l2'), '.4f')} |"
+            )
         for mode in ("unnormalized", "normalized"):
             k = f"predicted_{mode}"
             e1 = (a.get("error", {}).get("randn") or {}).get(k) or {}
             e2 = (a.get("error", {}).get("outlier_heads") or {}).get(k) or {}
             e3 = (a.get("error", {}).get("outlier_heads_v") or {}).get(k) or {}
-            lines.append(f"| jnp FP8 model, P {mode} | - | - | - | {_fmt(e1.get('rel_l2'), '.4f')} | "
-                         f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
-                         f"{_fmt(e3.get('rel_l2'), '.4f')} |")
+            lines.append(
+                f"| jnp FP8 model, P {mode} | - | - | - | {_fmt(e1.get('rel_l2'), '.4f')} | "
+                f"{_fmt(e2.get('rel_l2'), '.4f')} | {_fmt(e2.get('rel_l2_max_head'), '.4f')} | "
+                f"{_fmt(e3.get('rel_l2'), '.4f')} |"
+            )
         if a.get("error_phase"):
             lines.append(f"\nattn phase error: {a['error_phase'][:200]}")
     f = res.get("forward") or {}
     if f:
         b = (f.get("bf16") or {}).get("median_s")
-        lines += ["", f"full-size expert forward ({res.get('config')}, {res.get('res')}, {res.get('tokens')} tokens)",
-                  "", "| variant | attention | compile s | median s | × vs BF16 | rel-L2 vs BF16 | peak GB |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"full-size expert forward ({res.get('config')}, {res.get('res')}, {res.get('tokens')} tokens)",
+            "",
+            "| variant | attention | compile s | median s | × vs BF16 | rel-L2 vs BF16 | peak GB |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in f.items():
             attn = r.get("attention_env") or "default (cudnn)"
             if r.get("error") or r.get("median_s") is None:
@@ -256,13 +296,17 @@ def table(res: dict) -> str:
                 continue
             m = r["median_s"]
             pk = r.get("peak_bytes_in_use")
-            lines.append(f"| {name} | {attn} | {_fmt(r.get('compile_s'), '.1f')} | {m:.3f} | "
-                         f"{_fmt(b / m if b else None, '.2f')} | {_fmt(r.get('rel_l2_vs_bf16'), '.4f')} | "
-                         f"{_fmt(pk / 1e9 if pk else None, '.1f')} |")
+            lines.append(
+                f"| {name} | {attn} | {_fmt(r.get('compile_s'), '.1f')} | {m:.3f} | "
+                f"{_fmt(b / m if b else None, '.2f')} | {_fmt(r.get('rel_l2_vs_bf16'), '.4f')} | "
+                f"{_fmt(pk / 1e9 if pk else None, '.1f')} |"
+            )
         s = res.get("summary") or {}
-        lines.append(f"\nW4A4 + cudnn_fp8 vs BF16: {_fmt(s.get('w4a4_fp8_speedup_vs_bf16'), '.2f')}× "
-                     f"(target ≥ 1.4: {s.get('meets_1.4x')}); W4A4 + bf16 attention: "
-                     f"{_fmt(s.get('w4a4_speedup_vs_bf16'), '.2f')}×")
+        lines.append(
+            f"\nW4A4 + cudnn_fp8 vs BF16: {_fmt(s.get('w4a4_fp8_speedup_vs_bf16'), '.2f')}× "
+            f"(target ≥ 1.4: {s.get('meets_1.4x')}); W4A4 + bf16 attention: "
+            f"{_fmt(s.get('w4a4_speedup_vs_bf16'), '.2f')}×"
+        )
     return "\n".join(lines)
 
 
@@ -317,14 +361,21 @@ def main(argv=None) -> dict | None:
         return None
     t_start = time.perf_counter()
     f, h, w = RES[args.res][0]
-    res = {"name": f"attention_fp8_{args.res}", "config": args.config, "res": args.res, "tokens": f * h * w // 4,
-           "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir")},
-           "notes": ["FP8 attention: cuDNN SDPA-FP8 forward (jax._src.cudnn.fused_attention_stablehlo."
-                     "dot_product_attention(use_fp8=True)), e4m3 q/k/v with per-tensor abs-max scales, P x 448 and "
-                     "the output in e4m3 (wanjax.model.attention.cudnn_fp8_attention)",
-                     "errors: rel-L2 vs exact fp32 attention on --rows query rows (all keys)",
-                     "forward: random full-size weights, bench.pipeline phases bf16 / w4a4 (real kernels, RTN, "
-                     "default-recipe structure), each in its own process"]}
+    res = {
+        "name": f"attention_fp8_{args.res}",
+        "config": args.config,
+        "res": args.res,
+        "tokens": f * h * w // 4,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir")},
+        "notes": [
+            "FP8 attention: cuDNN SDPA-FP8 forward (jax._src.cudnn.fused_attention_stablehlo."
+            "dot_product_attention(use_fp8=True)), e4m3 q/k/v with per-tensor abs-max scales, P x 448 and "
+            "the output in e4m3 (wanjax.model.attention.cudnn_fp8_attention)",
+            "errors: rel-L2 vs exact fp32 attention on --rows query rows (all keys)",
+            "forward: random full-size weights, bench.pipeline phases bf16 / w4a4 (real kernels, RTN, "
+            "default-recipe structure), each in its own process",
+        ],
+    }
     root = tempfile.mkdtemp(prefix="wanjax_bench_attn_fp8_")
     name = res["name"]
 
@@ -347,8 +398,9 @@ def main(argv=None) -> dict | None:
                     os.makedirs(os.path.join(root, "attn"), exist_ok=True)
                     res["attn"] = dict(phase_attn(args, os.path.join(root, "attn")))
                 else:
-                    res["attn"] = _run_attn_child([a for a in argv if a != "--inprocess"], root,
-                                                  min(PHASE_CAP_S["attn"], left() - 5))
+                    res["attn"] = _run_attn_child(
+                        [a for a in argv if a != "--inprocess"], root, min(PHASE_CAP_S["attn"], left() - 5)
+                    )
             except Exception as e:
                 res["attn"] = {"error_phase": _err(e)}
             for key in ("device", "platform", "jax", "jaxlib", "git_commit"):
@@ -361,8 +413,10 @@ def main(argv=None) -> dict | None:
             ref_npy = os.path.join(root, "bf16", f"bf16_{args.res}.npy")
             for vname, phase, fp8 in wanted:
                 if left() < 30:
-                    res["forward"][vname] = {"skipped": f"time budget spent ({args.budget_s:.0f}s)",
-                                             "attention_env": "cudnn_fp8" if fp8 else None}
+                    res["forward"][vname] = {
+                        "skipped": f"time budget spent ({args.budget_s:.0f}s)",
+                        "attention_env": "cudnn_fp8" if fp8 else None,
+                    }
                     continue
                 timeout = min(PHASE_CAP_S[vname], left() - 5)
                 log(f"forward {vname} (bench.pipeline phase {phase}, fp8 attention {fp8}, up to {timeout:.0f}s)")

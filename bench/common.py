@@ -2,6 +2,7 @@
 
 Timers live in `bench.timing`; the package layout of an uninstalled checkout in `bench.layout`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,15 +21,20 @@ rel_err = functools.partial(relative_l2, floor=1e-30, nonfinite="inf")
 
 def device_facts() -> dict:
     d = jax.devices()[0]
-    return {"device": getattr(d, "device_kind", str(d)), "platform": d.platform, "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-            "git_commit": _git_commit()}
+    return {
+        "device": getattr(d, "device_kind", str(d)),
+        "platform": d.platform,
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "git_commit": _git_commit(),
+    }
 
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return os.environ.get("WANJAX_COMMIT")
 

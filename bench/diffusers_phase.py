@@ -1,4 +1,5 @@
 """The diffusers phase of `bench.pipeline`: diffusers ``WanTransformer3DModel`` BF16 (torch SDPA), same shapes."""
+
 from __future__ import annotations
 
 import glob
@@ -28,8 +29,24 @@ def import_diffusers(wheel_dir: str = os.path.join(ROOT, ".whl"), target: str = 
     if not wheels:
         return None, f"diffusers is not importable ({first}) and there is no wheel in {wheel_dir}/"
     log(f"diffusers not importable ({first}); installing {[os.path.basename(w) for w in wheels]} into {target}")
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                           "--upgrade", "--target", target, *wheels], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--upgrade",
+            "--target",
+            target,
+            *wheels,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         return None, f"pip install of {wheel_dir}/*.whl failed: {proc.stderr[-800:]}"
     sys.path.insert(0, target)
@@ -42,11 +59,23 @@ def import_diffusers(wheel_dir: str = os.path.join(ROOT, ".whl"), target: str = 
 
 def diffusers_kwargs(cfg) -> dict:
     """``WanTransformer3DModel`` arguments of a wanjax config (the Wan2.2 I2V expert: no image branch)."""
-    return dict(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-                ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=None, added_kv_proj_dim=None,
-                rope_max_seq_len=cfg.rope_max_seq_len)
+    return dict(
+        patch_size=tuple(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=cfg.rope_max_seq_len,
+    )
 
 
 def build_diffusers_model(diffusers, cfg, device):
@@ -69,7 +98,6 @@ def build_diffusers_model(diffusers, cfg, device):
     return model.eval().requires_grad_(False)
 
 
-
 def phase_diffusers(args, workdir: str) -> dict:
     """diffusers ``WanTransformer3DModel`` BF16 forward (torch SDPA) at each resolution, same shapes as ours."""
     rec = PhaseRecord(workdir, "diffusers")
@@ -83,23 +111,36 @@ def phase_diffusers(args, workdir: str) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = get_config(args.config)
-    rec.update(diffusers=diffusers.__version__, torch=torch.__version__, device=device,
-               gpu=torch.cuda.get_device_name(0) if device == "cuda" else None, res={})
+    rec.update(
+        diffusers=diffusers.__version__,
+        torch=torch.__version__,
+        device=device,
+        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
+        res={},
+    )
     if device == "cuda":
-        rec["sdpa_enabled"] = {"flash": torch.backends.cuda.flash_sdp_enabled(),
-                               "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                               "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                               "math": torch.backends.cuda.math_sdp_enabled()}
+        rec["sdpa_enabled"] = {
+            "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+            "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+            "math": torch.backends.cuda.math_sdp_enabled(),
+        }
     t0 = time.perf_counter()
     model = build_diffusers_model(diffusers, cfg, device)
     if device == "cuda":
         torch.cuda.synchronize()
-    rec.update(init_s=time.perf_counter() - t0, params=sum(p.numel() for p in model.parameters()),
-               weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-               attention_backend=str(getattr(model.blocks[0].attn1.processor, "_attention_backend", None)
-                                     or "default (native torch SDPA)"))
-    log(f"diffusers {rec['diffusers']}: {rec['params']:,} params, {rec['weight_bytes'] / 1e9:.2f} GB, "
-        f"init {rec['init_s']:.1f}s on {device}")
+    rec.update(
+        init_s=time.perf_counter() - t0,
+        params=sum(p.numel() for p in model.parameters()),
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        attention_backend=str(
+            getattr(model.blocks[0].attn1.processor, "_attention_backend", None) or "default (native torch SDPA)"
+        ),
+    )
+    log(
+        f"diffusers {rec['diffusers']}: {rec['params']:,} params, {rec['weight_bytes'] / 1e9:.2f} GB, "
+        f"init {rec['init_s']:.1f}s on {device}"
+    )
     rec.save()
     variants = [("eager", model)]
     if args.diffusers_compile:
@@ -132,4 +173,3 @@ def phase_diffusers(args, workdir: str) -> dict:
             log(f"diffusers {res} {name}:", brief(r))
             rec.save()
     return rec
-

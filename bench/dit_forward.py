@@ -5,6 +5,7 @@
 Reports compile time, median forward time and peak GPU memory per attention backend, plus the attention op alone.
 Writes bench/results/dit_forward_<res>.json (and $OUT/ when set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def random_state(abstract_state, seed=0):
         for k, a in zip(keys, leaves):
             fan_in = a.shape[-2] if len(a.shape) >= 2 else 1
             std = 1.0 / math.sqrt(max(fan_in, 1)) if len(a.shape) >= 2 else 0.02
-            out.append((jax.random.normal(k, a.shape, jnp.float32 if a.dtype == jnp.float32 else jnp.bfloat16)
-                        * std).astype(a.dtype))
+            out.append(
+                (jax.random.normal(k, a.shape, jnp.float32 if a.dtype == jnp.float32 else jnp.bfloat16) * std).astype(
+                    a.dtype
+                )
+            )
         return out
 
     return jax.tree.unflatten(treedef, make(jax.random.key(seed)))
@@ -64,8 +68,16 @@ def main():
     x = jax.random.normal(key, (1, f, h, w, cfg.in_dim), jnp.float32)
     ctx = jax.random.normal(jax.random.fold_in(key, 1), (1, cfg.text_len, cfg.text_dim), jnp.bfloat16)
     t = jnp.array([900.0])
-    results = {"config": args.config, "res": args.res, "latent_fhw": [f, h, w], "tokens": tokens,
-               "params": nparams, "weight_bytes": wbytes, "init_s": init_s, "variants": {}}
+    results = {
+        "config": args.config,
+        "res": args.res,
+        "latent_fhw": [f, h, w],
+        "tokens": tokens,
+        "params": nparams,
+        "weight_bytes": wbytes,
+        "init_s": init_s,
+        "variants": {},
+    }
     print(f"params {nparams:,}  weights {wbytes / 1e9:.2f} GB  tokens {tokens}  init {init_s:.1f}s", flush=True)
 
     for name in args.variants.split(","):

@@ -1,4 +1,5 @@
 """One denoising forward of an expert: the benchmark resolutions, inputs, the jitted forward and its timing."""
+
 from __future__ import annotations
 
 import time
@@ -10,9 +11,11 @@ from bench.random_weights import random_array
 from bench.timing import time_fn
 
 #: latent (F, H, W) and pixel (frames, height, width) per resolution name
-RES = {"480p": ((21, 60, 104), (81, 480, 832)),
-       "720p": ((21, 90, 160), (81, 720, 1280)),
-       "tiny": ((3, 8, 12), (9, 64, 96))}
+RES = {
+    "480p": ((21, 60, 104), (81, 480, 832)),
+    "720p": ((21, 90, 160), (81, 720, 1280)),
+    "tiny": ((3, 8, 12), (9, 64, 96)),
+}
 
 
 def get_config(name: str):
@@ -45,12 +48,14 @@ def dit_inputs(cfg, latent_fhw, seed: int = 1):
     return x, jnp.array([900.0], jnp.float32), ctx, jnp.int32(0)
 
 
-
 def memory_analysis(compiled) -> dict | None:
     try:
         m = compiled.memory_analysis()
-        return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                 "temp_size_in_bytes", "alias_size_in_bytes") if hasattr(m, k)}
+        return {
+            k: int(getattr(m, k))
+            for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+            if hasattr(m, k)
+        }
     except Exception:  # not every backend reports it
         return None
 

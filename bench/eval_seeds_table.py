@@ -7,6 +7,7 @@ deviation over the seeds, and each variant's paired difference to a reference va
 Runs of one evaluation set and reservoir size only (the script checks); runs of the same seed are merged (a variant
 measured in both must agree); a variant missing at a seed is left blank there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,15 @@ def load_runs(paths: list[str]) -> list[dict]:
         for v in r["variants"]:
             old = run["psnr"].setdefault(v["name"], v["psnr"])
             if abs(old - v["psnr"]) > 0.01:
-                raise ValueError(f"{p}: {v['name']} at seed {run['seed']} measured {v['psnr']:.2f} dB, another "
-                                 f"run of that seed {old:.2f} dB")
+                raise ValueError(
+                    f"{p}: {v['name']} at seed {run['seed']} measured {v['psnr']:.2f} dB, another "
+                    f"run of that seed {old:.2f} dB"
+                )
     if len(sets) > 1 or len(reservoirs) > 1:
-        raise ValueError(f"the runs use {len(sets)} evaluation sets and reservoirs {sorted(reservoirs)}; compare "
-                         "runs of one set and one reservoir size")
+        raise ValueError(
+            f"the runs use {len(sets)} evaluation sets and reservoirs {sorted(reservoirs)}; compare "
+            "runs of one set and one reservoir size"
+        )
     return [by_seed[s] for s in sorted(by_seed)]
 
 
@@ -51,11 +56,18 @@ def summarize(runs: list[dict], ref: str) -> dict:
         vals = [r["psnr"].get(n) for r in runs]
         got = np.array([v for v in vals if v is not None])
         diff = np.array([r["psnr"][n] - r["psnr"][ref] for r in runs if n in r["psnr"] and ref in r["psnr"]])
-        out[n] = {"psnr": vals, "mean": float(got.mean()), "sd": float(got.std(ddof=1)) if got.size > 1 else None,
-                  "diff_ref": {"n": int(diff.size), "mean": float(diff.mean()) if diff.size else None,
-                               "sd": float(diff.std(ddof=1)) if diff.size > 1 else None,
-                               "min": float(diff.min()) if diff.size else None,
-                               "max": float(diff.max()) if diff.size else None}}
+        out[n] = {
+            "psnr": vals,
+            "mean": float(got.mean()),
+            "sd": float(got.std(ddof=1)) if got.size > 1 else None,
+            "diff_ref": {
+                "n": int(diff.size),
+                "mean": float(diff.mean()) if diff.size else None,
+                "sd": float(diff.std(ddof=1)) if diff.size > 1 else None,
+                "min": float(diff.min()) if diff.size else None,
+                "max": float(diff.max()) if diff.size else None,
+            },
+        }
     return out
 
 
@@ -63,7 +75,11 @@ def markdown(runs: list[dict], summary: dict, ref: str) -> str:
     def f(x, d=2):
         return "-" if x is None else f"{x:+.{d}f}" if d < 0 else f"{x:.{d}f}"
 
-    head = "| variant | " + " | ".join(f"seed {r['seed']}" for r in runs) + f" | mean | sd | vs {ref} (mean, sd, min..max) |"
+    head = (
+        "| variant | "
+        + " | ".join(f"seed {r['seed']}" for r in runs)
+        + f" | mean | sd | vs {ref} (mean, sd, min..max) |"
+    )
     lines = [head, "|" + "---|" * (len(runs) + 4)]
     for n, s in summary.items():
         d = s["diff_ref"]

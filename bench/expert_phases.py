@@ -1,5 +1,6 @@
 """The single-expert phases of `bench.pipeline`: one denoising forward of the BF16 expert and of the W4A4 expert
 (real kernels) at each resolution, and the W4A4 artifact round trip (save, load, one forward compared bit-exactly)."""
+
 from __future__ import annotations
 
 import glob
@@ -38,8 +39,13 @@ def phase_bf16(args, workdir: str) -> dict:
     graphdef, state = nnx.split(model)
     del model
     jax.block_until_ready(state)
-    rec.update(init_s=time.perf_counter() - t0, params=int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))),
-               weight_bytes=state_bytes(state), after_init=memory(), res={})
+    rec.update(
+        init_s=time.perf_counter() - t0,
+        params=int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))),
+        weight_bytes=state_bytes(state),
+        after_init=memory(),
+        res={},
+    )
     log(f"bf16: {rec['params']:,} params, {rec['weight_bytes'] / 1e9:.2f} GB, init {rec['init_s']:.1f}s")
     rec.save()
     fwd = make_forward(graphdef)
@@ -47,8 +53,11 @@ def phase_bf16(args, workdir: str) -> dict:
         latent = RES[res][0]
         inputs = dit_inputs(cfg, latent)
         tok = latent[0] * latent[1] * latent[2] // 4
-        rec["res"][res] = r = {"latent_fhw": list(latent), "tokens": tok,
-                               "attention": attn_mod.default_backend(tok, tok, jax.numpy.bfloat16)}
+        rec["res"][res] = r = {
+            "latent_fhw": list(latent),
+            "tokens": tok,
+            "attention": attn_mod.default_backend(tok, tok, jax.numpy.bfloat16),
+        }
         try:
             out_rec, out, _ = time_forward(fwd, state, inputs, res_iters(args, res))
             r.update(out_rec)
@@ -78,11 +87,18 @@ def phase_w4a4(args, workdir: str) -> dict:
     model = build_w4a4_expert(cfg, seed=args.seed, nbins=nbins, rank=args.rank)
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
-    rec.update(build_s=time.perf_counter() - t0, weight_bytes=state_bytes(state), after_build=memory(),
-               kernel_backend=select_backend(), rank=args.rank, nbins_per_expert=nbins, res={},
-               weights="random: the bf16 phase's weights (same seed and keys) x random smoothing U(0.5,2), minus "
-                       "random bf16 rank-r factors, RTN int4 per output channel; act_clip 1; not calibrated, so "
-                       "the rel-L2 vs bf16 measures RTN W4A4 on random layers, not the recipe's quality")
+    rec.update(
+        build_s=time.perf_counter() - t0,
+        weight_bytes=state_bytes(state),
+        after_build=memory(),
+        kernel_backend=select_backend(),
+        rank=args.rank,
+        nbins_per_expert=nbins,
+        res={},
+        weights="random: the bf16 phase's weights (same seed and keys) x random smoothing U(0.5,2), minus "
+        "random bf16 rank-r factors, RTN int4 per output channel; act_clip 1; not calibrated, so "
+        "the rel-L2 vs bf16 measures RTN W4A4 on random layers, not the recipe's quality",
+    )
     log(f"w4a4: built in {rec['build_s']:.1f}s, {rec['weight_bytes'] / 1e9:.2f} GB, kernels {rec['kernel_backend']}")
     rec.save()
     fwd = make_forward(graphdef)
@@ -125,11 +141,14 @@ def artifact_save(model, qdir: str, bins) -> dict:
     from wanjax.quant.recipes import get_recipe, recipe_to_dict
 
     recipe = recipe_to_dict(get_recipe("default")) | {
-        "notes": "bench.pipeline: default-recipe structure with random weights (RTN, random smoothing/low-rank)"}
+        "notes": "bench.pipeline: default-recipe structure with random weights (RTN, random smoothing/low-rank)"
+    }
     t0 = time.perf_counter()
     save_artifact(qdir, {"high": model}, recipe=recipe, bins=bins.to_dict(), report={"bench": "random weights"})
-    return {"save_s": time.perf_counter() - t0,
-            "bytes_on_disk": sum(os.path.getsize(p) for p in glob.glob(os.path.join(qdir, "*")))}
+    return {
+        "save_s": time.perf_counter() - t0,
+        "bytes_on_disk": sum(os.path.getsize(p) for p in glob.glob(os.path.join(qdir, "*"))),
+    }
 
 
 def artifact_load_and_check(qdir: str, fwd, graphdef, cfg, res: str, ref_out) -> dict:
@@ -168,4 +187,3 @@ def artifact_load_and_check(qdir: str, fwd, graphdef, cfg, res: str, ref_out) ->
         rec["rel_l2_vs_in_memory"] = relative_l2(out, ref_out, floor=1e-30)
     rec["after_forward"] = memory()
     return rec
-

@@ -33,6 +33,7 @@ per row, so the rows agree exactly in the math); outputs finite. Reported beside
 bytes of each path's weights (codes + scales; low-rank branch, smoothing and bias separately).
 Results: ``<name>.json`` in bench/results (and $OUT), rewritten after every shape (a timeout keeps what ran).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,199 +68,271 @@ PATHS = (
 
 
 def _layout():
-  ensure_package_layout()
+    ensure_package_layout()
 
 
 def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+    return jax.default_backend() == "gpu"
 
 
 def make_layer(key, m: int, k: int, n: int) -> dict:
-  """Inputs of one linear in every stored format: the bf16 weight, packed INT4 / int8 / g128 / MXFP4 codes and
-  FP8-prepared MXFP4, scales, smoothing, rotation signs, rank-32 branch, bias; ``xs``: ``INPUT_SETS`` activations."""
-  from bench.kernels import make_inputs
-  from wanjax.kernels import reference as ref
-  from wanjax.kernels.mxfp4_gpu import prepare_weights
-  from wanjax.numerics.fp4 import quantize_mxfp4
-  from wanjax.numerics.pack import pack_nibbles
-  from wanjax.numerics.hadamard import random_signs
+    """Inputs of one linear in every stored format: the bf16 weight, packed INT4 / int8 / g128 / MXFP4 codes and
+    FP8-prepared MXFP4, scales, smoothing, rotation signs, rank-32 branch, bias; ``xs``: ``INPUT_SETS`` activations."""
+    from bench.kernels import make_inputs
+    from wanjax.kernels import reference as ref
+    from wanjax.kernels.mxfp4_gpu import prepare_weights
+    from wanjax.numerics.fp4 import quantize_mxfp4
+    from wanjax.numerics.pack import pack_nibbles
+    from wanjax.numerics.hadamard import random_signs
 
-  inp = make_inputs(key, m, k, n, R)
-  w_nk = inp["w_bf16_kn"].T.astype(jnp.float32)
-  xs = [inp["x"]] + [jax.random.normal(jax.random.fold_in(key, 100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
-                     for i in range(INPUT_SETS - 1)]
-  mx = quantize_mxfp4(w_nk, scale_rule="ocp_floor")
-  codes = pack_nibbles(mx.codes)
-  w8, s8, bad_w = prepare_weights(codes, mx.scales)
-  g_packed, g_scales = ref.quantize_weight_int4_grouped(w_nk, 128)
-  return dict(xs=xs, w_bf16=inp["w_bf16_kn"], w_packed=inp["w_packed"], s_w=inp["s_w"],
-              w_int8=ref.unpack_int4(inp["w_packed"]), smooth=inp["smooth"], down=inp["down"], up=inp["up"],
-              bias=inp["bias"], signs=random_signs(jax.random.fold_in(key, 7), k), mx_codes=codes,
-              mx_scales=mx.scales, w8=w8, s8=s8, mx_inexact_weight_rows=int(bad_w), g_packed=g_packed,
-              g_scales=g_scales)
+    inp = make_inputs(key, m, k, n, R)
+    w_nk = inp["w_bf16_kn"].T.astype(jnp.float32)
+    xs = [inp["x"]] + [
+        jax.random.normal(jax.random.fold_in(key, 100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
+        for i in range(INPUT_SETS - 1)
+    ]
+    mx = quantize_mxfp4(w_nk, scale_rule="ocp_floor")
+    codes = pack_nibbles(mx.codes)
+    w8, s8, bad_w = prepare_weights(codes, mx.scales)
+    g_packed, g_scales = ref.quantize_weight_int4_grouped(w_nk, 128)
+    return dict(
+        xs=xs,
+        w_bf16=inp["w_bf16_kn"],
+        w_packed=inp["w_packed"],
+        s_w=inp["s_w"],
+        w_int8=ref.unpack_int4(inp["w_packed"]),
+        smooth=inp["smooth"],
+        down=inp["down"],
+        up=inp["up"],
+        bias=inp["bias"],
+        signs=random_signs(jax.random.fold_in(key, 7), k),
+        mx_codes=codes,
+        mx_scales=mx.scales,
+        w8=w8,
+        s8=s8,
+        mx_inexact_weight_rows=int(bad_w),
+        g_packed=g_packed,
+        g_scales=g_scales,
+    )
 
 
 def weight_bytes(L: dict) -> dict:
-  """Bytes of each path's stored weights (codes + scales) and of the parts every quantized path adds."""
-  nb = lambda *a: int(sum(v.nbytes for v in a))
-  return {"bf16": nb(L["w_bf16"]), "int4_packed+scales": nb(L["w_packed"], L["s_w"]),
-          "int8_stored+scales": nb(L["w_int8"], L["s_w"]), "g128_packed+scales": nb(L["g_packed"], L["g_scales"]),
-          "mxfp4_codes+scales": nb(L["mx_codes"], L["mx_scales"]), "fp8_prepared+scales": nb(L["w8"], L["s8"]),
-          "lowrank_r32": nb(L["down"], L["up"]), "smooth+bias": nb(L["smooth"], L["bias"]),
-          "rotation_signs": nb(L["signs"])}
+    """Bytes of each path's stored weights (codes + scales) and of the parts every quantized path adds."""
+    nb = lambda *a: int(sum(v.nbytes for v in a))
+    return {
+        "bf16": nb(L["w_bf16"]),
+        "int4_packed+scales": nb(L["w_packed"], L["s_w"]),
+        "int8_stored+scales": nb(L["w_int8"], L["s_w"]),
+        "g128_packed+scales": nb(L["g_packed"], L["g_scales"]),
+        "mxfp4_codes+scales": nb(L["mx_codes"], L["mx_scales"]),
+        "fp8_prepared+scales": nb(L["w8"], L["s8"]),
+        "lowrank_r32": nb(L["down"], L["up"]),
+        "smooth+bias": nb(L["smooth"], L["bias"]),
+        "rotation_signs": nb(L["signs"]),
+    }
 
 
 def path_fns(L: dict, backend: str | None) -> dict:
-  """name -> (jitted fn, args without x, needs quantized activations): the benchmarked calls on ``backend``."""
-  from wanjax.kernels import dispatch
+    """name -> (jitted fn, args without x, needs quantized activations): the benchmarked calls on ``backend``."""
+    from wanjax.kernels import dispatch
 
-  def lin(**kw):
-    return jax.jit(lambda x, w, s, sm, dn, u, b, *extra: dispatch.w4a4_linear(
-        x, w, s, smooth=sm, down=dn, up=u, bias=b, backend=backend,
-        **kw, **({"rot_signs": extra[0], "rot_block": ROT_BLOCK} if extra else {})))
+    def lin(**kw):
+        return jax.jit(
+            lambda x, w, s, sm, dn, u, b, *extra: dispatch.w4a4_linear(
+                x,
+                w,
+                s,
+                smooth=sm,
+                down=dn,
+                up=u,
+                bias=b,
+                backend=backend,
+                **kw,
+                **({"rot_signs": extra[0], "rot_block": ROT_BLOCK} if extra else {}),
+            )
+        )
 
-  common = (L["smooth"], L["down"], L["up"], L["bias"])
-  gemm = jax.jit(lambda qx, sx, xl, w, s, u, b: dispatch.w4a4_matmul(qx, sx, w, s, xl, u, b, backend=backend))
-  nt = (((1,), (1,)), ((), ()))
-  return {
-      "xla_bf16": (jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
-                   (L["w_bf16"],), False),
-      "xla_int8": (jax.jit(lambda qx, sx, xl, w: jax.lax.dot_general(qx, w, nt, preferred_element_type=jnp.int32)),
-                   (L["w_int8"],), True),
-      "gemm_w4a4": (gemm, (L["w_packed"], L["s_w"], L["up"], L["bias"]), True),
-      "gemm_w4a4_int8w": (gemm, (L["w_int8"], L["s_w"], L["up"], L["bias"]), True),
-      "e2e_w4a4": (lin(), (L["w_packed"], L["s_w"], *common), False),
-      "e2e_w4a4_rot": (lin(), (L["w_packed"], L["s_w"], *common, L["signs"]), False),
-      "e2e_w4a4_int8w": (lin(), (L["w_int8"], L["s_w"], *common), False),
-      "e2e_mxfp4": (jax.jit(lambda x, w, s, sm, dn, u, b: dispatch.mxfp4_linear_fp8(
-          x, w, s, smooth=sm, down=dn, up=u, bias=b, backend=backend)), (L["w8"], L["s8"], *common), False),
-      "e2e_mxfp4_codes": (jax.jit(lambda x, c, s, sm, dn, u, b: dispatch.mxfp4_linear(
-          x, c, s, smooth=sm, down=dn, up=u, bias=b, backend=backend)), (L["mx_codes"], L["mx_scales"], *common),
-          False),
-      "e2e_g128": (lin(group_size=128), (L["g_packed"], L["g_scales"], *common), False),
-  }
+    common = (L["smooth"], L["down"], L["up"], L["bias"])
+    gemm = jax.jit(lambda qx, sx, xl, w, s, u, b: dispatch.w4a4_matmul(qx, sx, w, s, xl, u, b, backend=backend))
+    nt = (((1,), (1,)), ((), ()))
+    return {
+        "xla_bf16": (
+            jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
+            (L["w_bf16"],),
+            False,
+        ),
+        "xla_int8": (
+            jax.jit(lambda qx, sx, xl, w: jax.lax.dot_general(qx, w, nt, preferred_element_type=jnp.int32)),
+            (L["w_int8"],),
+            True,
+        ),
+        "gemm_w4a4": (gemm, (L["w_packed"], L["s_w"], L["up"], L["bias"]), True),
+        "gemm_w4a4_int8w": (gemm, (L["w_int8"], L["s_w"], L["up"], L["bias"]), True),
+        "e2e_w4a4": (lin(), (L["w_packed"], L["s_w"], *common), False),
+        "e2e_w4a4_rot": (lin(), (L["w_packed"], L["s_w"], *common, L["signs"]), False),
+        "e2e_w4a4_int8w": (lin(), (L["w_int8"], L["s_w"], *common), False),
+        "e2e_mxfp4": (
+            jax.jit(
+                lambda x, w, s, sm, dn, u, b: dispatch.mxfp4_linear_fp8(
+                    x, w, s, smooth=sm, down=dn, up=u, bias=b, backend=backend
+                )
+            ),
+            (L["w8"], L["s8"], *common),
+            False,
+        ),
+        "e2e_mxfp4_codes": (
+            jax.jit(
+                lambda x, c, s, sm, dn, u, b: dispatch.mxfp4_linear(
+                    x, c, s, smooth=sm, down=dn, up=u, bias=b, backend=backend
+                )
+            ),
+            (L["mx_codes"], L["mx_scales"], *common),
+            False,
+        ),
+        "e2e_g128": (lin(group_size=128), (L["g_packed"], L["g_scales"], *common), False),
+    }
 
 
 def run_shape(m: int, k: int, n: int, iters: int, log, paths=None) -> dict:
-  """All paths at one (M, K, N): checks, then times; an error in one path is recorded and the others go on."""
-  from wanjax.kernels import dispatch
+    """All paths at one (M, K, N): checks, then times; an error in one path is recorded and the others go on."""
+    from wanjax.kernels import dispatch
 
-  res = {"M": m, "K": k, "N": n, "rank": R, "rot_block": ROT_BLOCK, "device_ms": {}, "wall_ms": {}, "checks": {},
-         "errors": {}}
-  ops = 2.0 * m * k * n
-  L = make_layer(jax.random.key(m + 7 * k + 13 * n), m, k, n)
-  res["weight_bytes"] = weight_bytes(L)
-  res["checks"]["mxfp4_prepared_inexact_weight_rows"] = L["mx_inexact_weight_rows"]
-  # the activations of the GEMM-alone paths, quantized once per input set by the dispatcher's act quant
-  aq = jax.jit(lambda x, sm, dn: dispatch.act_quant(x, sm, dn))
-  qsets = [aq(x, L["smooth"], L["down"]) for x in L["xs"]]
-  rows = min(m, CHECK_ROWS)
-  fns = path_fns(L, None)
-  refs = path_fns(L, "reference")
-  gpu = _on_gpu()
-  for name, (f, args, quantized) in fns.items():
-    if paths and name not in paths:
-      continue
-    try:
-      sets = [(*q, *args) for q in qsets] if quantized else [(x, *args) for x in L["xs"]]
-      out = f(*sets[0])
-      out = out[0] if isinstance(out, tuple) else out
-      head = out[:rows]
-      if name == "xla_int8":
-        from wanjax.kernels import reference as ref
-        exact = ref.int_matmul_nt(qsets[0][0][:rows], L["w_int8"])
-        res["checks"][f"{name}_exact_vs_int32_reference"] = bool(jnp.array_equal(head, exact))
-      elif name != "xla_bf16":
-        rf, rargs, _ = refs[name]
-        ref_args = (tuple(a[:rows] for a in qsets[0]) + rargs) if quantized else (L["xs"][0][:rows], *rargs)
-        if gpu:  # on the host: an independent backend, and XLA GPU took 2.5-3 min to compile g128's int32 scan
-          ref_args = jax.device_put(ref_args, jax.devices("cpu")[0])
-        y_ref = rf(*ref_args)
-        y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
-        res["checks"][f"{name}_rel_l2_vs_reference"] = rel_err(np.asarray(head, np.float32),
-                                                               np.asarray(y_ref, np.float32))
-      res["checks"][f"{name}_finite"] = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-      del out, head
-      if gpu:
-        res["device_ms"][name] = cupti_ms(f, *sets[0], iters=iters)
-      res["wall_ms"][name] = wall_ms(f, sets, iters)
-      t = res["device_ms"].get(name, res["wall_ms"][name])
-      log(f"  {name:16s} {t:9.3f} ms  {ops / t / 1e9:8.1f} TOPS  wall {res['wall_ms'][name]:9.3f} ms")
-    except Exception as e:  # report and go on
-      res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
-      log(f"  {name}: ERROR {res['errors'][name][:400]}")
-      traceback.print_exc()
-  for key in ("device_ms", "wall_ms"):
-    t = res[key]
-    if "xla_bf16" in t:
-      res[f"speedup_{key}"] = {p: t["xla_bf16"] / v for p, v in t.items()}
-  t = res["device_ms"] or res["wall_ms"]
-  res["tops"] = {p: ops / v / 1e9 for p, v in t.items()}
-  return res
+    res = {
+        "M": m,
+        "K": k,
+        "N": n,
+        "rank": R,
+        "rot_block": ROT_BLOCK,
+        "device_ms": {},
+        "wall_ms": {},
+        "checks": {},
+        "errors": {},
+    }
+    ops = 2.0 * m * k * n
+    L = make_layer(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+    res["weight_bytes"] = weight_bytes(L)
+    res["checks"]["mxfp4_prepared_inexact_weight_rows"] = L["mx_inexact_weight_rows"]
+    # the activations of the GEMM-alone paths, quantized once per input set by the dispatcher's act quant
+    aq = jax.jit(lambda x, sm, dn: dispatch.act_quant(x, sm, dn))
+    qsets = [aq(x, L["smooth"], L["down"]) for x in L["xs"]]
+    rows = min(m, CHECK_ROWS)
+    fns = path_fns(L, None)
+    refs = path_fns(L, "reference")
+    gpu = _on_gpu()
+    for name, (f, args, quantized) in fns.items():
+        if paths and name not in paths:
+            continue
+        try:
+            sets = [(*q, *args) for q in qsets] if quantized else [(x, *args) for x in L["xs"]]
+            out = f(*sets[0])
+            out = out[0] if isinstance(out, tuple) else out
+            head = out[:rows]
+            if name == "xla_int8":
+                from wanjax.kernels import reference as ref
+
+                exact = ref.int_matmul_nt(qsets[0][0][:rows], L["w_int8"])
+                res["checks"][f"{name}_exact_vs_int32_reference"] = bool(jnp.array_equal(head, exact))
+            elif name != "xla_bf16":
+                rf, rargs, _ = refs[name]
+                ref_args = (tuple(a[:rows] for a in qsets[0]) + rargs) if quantized else (L["xs"][0][:rows], *rargs)
+                if gpu:  # on the host: an independent backend, and XLA GPU took 2.5-3 min to compile g128's int32 scan
+                    ref_args = jax.device_put(ref_args, jax.devices("cpu")[0])
+                y_ref = rf(*ref_args)
+                y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
+                res["checks"][f"{name}_rel_l2_vs_reference"] = rel_err(
+                    np.asarray(head, np.float32), np.asarray(y_ref, np.float32)
+                )
+            res["checks"][f"{name}_finite"] = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+            del out, head
+            if gpu:
+                res["device_ms"][name] = cupti_ms(f, *sets[0], iters=iters)
+            res["wall_ms"][name] = wall_ms(f, sets, iters)
+            t = res["device_ms"].get(name, res["wall_ms"][name])
+            log(f"  {name:16s} {t:9.3f} ms  {ops / t / 1e9:8.1f} TOPS  wall {res['wall_ms'][name]:9.3f} ms")
+        except Exception as e:  # report and go on
+            res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
+            log(f"  {name}: ERROR {res['errors'][name][:400]}")
+            traceback.print_exc()
+    for key in ("device_ms", "wall_ms"):
+        t = res[key]
+        if "xla_bf16" in t:
+            res[f"speedup_{key}"] = {p: t["xla_bf16"] / v for p, v in t.items()}
+    t = res["device_ms"] or res["wall_ms"]
+    res["tops"] = {p: ops / v / 1e9 for p, v in t.items()}
+    return res
 
 
 def table(payload: dict) -> str:
-  """Markdown: one row per path, one column per (M, K, N): ``ms · x vs bf16`` (device time where measured)."""
-  rows = payload["rows"]
-  timed = "device" if any(r["device_ms"] for r in rows) else "wall"
-  head = "| path (ms, x vs XLA bf16; " + timed + " time) | " + " | ".join(
-      f"M={r['M']}, {r['K']}x{r['N']}" for r in rows) + " |"
-  out = [head, "|---" * (len(rows) + 1) + "|"]
-  for name, label in PATHS:
-    cells = []
-    for r in rows:
-      t = r[f"{timed}_ms"]
-      if name in t:
-        sp = t["xla_bf16"] / t[name] if "xla_bf16" in t else float("nan")
-        cells.append(f"{t[name]:.3f} · {sp:.2f}x")
-      else:
-        cells.append("error" if name in r["errors"] else "-")
-    out.append(f"| {label} | " + " | ".join(cells) + " |")
-  mem = [f"{r['K']}x{r['N']}: bf16 {r['weight_bytes']['bf16'] / 2**20:.1f} MiB, int4 packed + scales "
-         f"{r['weight_bytes']['int4_packed+scales'] / 2**20:.1f} MiB (+ rank 32 {r['weight_bytes']['lowrank_r32'] / 2**20:.2f})"
-         for r in rows if r["M"] == rows[0]["M"]]
-  return "\n".join(out) + "\n\nWeights: " + "; ".join(mem)
+    """Markdown: one row per path, one column per (M, K, N): ``ms · x vs bf16`` (device time where measured)."""
+    rows = payload["rows"]
+    timed = "device" if any(r["device_ms"] for r in rows) else "wall"
+    head = (
+        "| path (ms, x vs XLA bf16; "
+        + timed
+        + " time) | "
+        + " | ".join(f"M={r['M']}, {r['K']}x{r['N']}" for r in rows)
+        + " |"
+    )
+    out = [head, "|---" * (len(rows) + 1) + "|"]
+    for name, label in PATHS:
+        cells = []
+        for r in rows:
+            t = r[f"{timed}_ms"]
+            if name in t:
+                sp = t["xla_bf16"] / t[name] if "xla_bf16" in t else float("nan")
+                cells.append(f"{t[name]:.3f} · {sp:.2f}x")
+            else:
+                cells.append("error" if name in r["errors"] else "-")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    mem = [
+        f"{r['K']}x{r['N']}: bf16 {r['weight_bytes']['bf16'] / 2**20:.1f} MiB, int4 packed + scales "
+        f"{r['weight_bytes']['int4_packed+scales'] / 2**20:.1f} MiB (+ rank 32 {r['weight_bytes']['lowrank_r32'] / 2**20:.2f})"
+        for r in rows
+        if r["M"] == rows[0]["M"]
+    ]
+    return "\n".join(out) + "\n\nWeights: " + "; ".join(mem)
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--ms", default="32760", help="comma list of token counts M (the issue: 4096,32760,75600)")
-  ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120", help="comma list of KxN")
-  ap.add_argument("--iters", type=int, default=25, help="timed calls per path (>= 20 in the issue)")
-  ap.add_argument("--paths", default="", help="comma list of paths to run (default: all)")
-  ap.add_argument("--name", default="gemm", help="result file name (without .json)")
-  ap.add_argument("--results-dir", default="bench/results", help="where <name>.json goes (also $OUT when set)")
-  ap.add_argument("--table", default="", help="print the markdown table of this result JSON and exit")
-  a = ap.parse_args(argv)
-  if a.table:
-    import json
-    with open(a.table) as fh:
-      print(table(json.load(fh)))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="32760", help="comma list of token counts M (the issue: 4096,32760,75600)")
+    ap.add_argument("--shapes", default="5120x5120,5120x13824,13824x5120", help="comma list of KxN")
+    ap.add_argument("--iters", type=int, default=25, help="timed calls per path (>= 20 in the issue)")
+    ap.add_argument("--paths", default="", help="comma list of paths to run (default: all)")
+    ap.add_argument("--name", default="gemm", help="result file name (without .json)")
+    ap.add_argument("--results-dir", default="bench/results", help="where <name>.json goes (also $OUT when set)")
+    ap.add_argument("--table", default="", help="print the markdown table of this result JSON and exit")
+    a = ap.parse_args(argv)
+    if a.table:
+        import json
+
+        with open(a.table) as fh:
+            print(table(json.load(fh)))
+        return 0
+    _layout()
+    paths = set(p for p in a.paths.split(",") if p)
+    unknown = paths - {p for p, _ in PATHS}
+    if unknown:
+        raise SystemExit(f"bench.gemm: unknown paths {sorted(unknown)}; choose from {[p for p, _ in PATHS]}")
+    if not _on_gpu():
+        print("bench.gemm: no GPU; wall-clock smoke run of the XLA paths (times mean nothing)", flush=True)
+
+    def log(msg):
+        print(f"[bench.gemm] {msg}", flush=True)
+
+    payload = {"device": device_facts(), "settings": vars(a), "rows": []}
+    for m in (int(v) for v in a.ms.split(",")):
+        for shape in a.shapes.split(","):
+            k, n = (int(v) for v in shape.split("x"))
+            log(f"M={m} K={k} N={n}")
+            payload["rows"].append(run_shape(m, k, n, a.iters, log, paths))
+            write_result(a.name, payload, out_dirs=(a.results_dir,))
+    print(table(payload))
+    bad = {f"M={r['M']} {r['K']}x{r['N']}": r["errors"] for r in payload["rows"] if r["errors"]}
+    if bad:
+        print(f"bench.gemm: errors: {bad}")
     return 0
-  _layout()
-  paths = set(p for p in a.paths.split(",") if p)
-  unknown = paths - {p for p, _ in PATHS}
-  if unknown:
-    raise SystemExit(f"bench.gemm: unknown paths {sorted(unknown)}; choose from {[p for p, _ in PATHS]}")
-  if not _on_gpu():
-    print("bench.gemm: no GPU; wall-clock smoke run of the XLA paths (times mean nothing)", flush=True)
-
-  def log(msg):
-    print(f"[bench.gemm] {msg}", flush=True)
-
-  payload = {"device": device_facts(), "settings": vars(a), "rows": []}
-  for m in (int(v) for v in a.ms.split(",")):
-    for shape in a.shapes.split(","):
-      k, n = (int(v) for v in shape.split("x"))
-      log(f"M={m} K={k} N={n}")
-      payload["rows"].append(run_shape(m, k, n, a.iters, log, paths))
-      write_result(a.name, payload, out_dirs=(a.results_dir,))
-  print(table(payload))
-  bad = {f"M={r['M']} {r['K']}x{r['N']}": r["errors"] for r in payload["rows"] if r["errors"]}
-  if bad:
-    print(f"bench.gemm: errors: {bad}")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

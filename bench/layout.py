@@ -5,6 +5,7 @@
 package-dir), which a plain checkout (``PYTHONPATH=.``, the GPU machine) lacks: `ensure_package_layout` registers
 them from those folders. Every bench entry point calls it before importing ``wanjax.quant`` / ``wanjax.kernels``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ def ensure_package_layout() -> None:
         except ModuleNotFoundError:
             pass
         folder = os.path.join(ROOT, sub)
-        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
-                                                      submodule_search_locations=[folder])
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)

@@ -17,6 +17,7 @@ Reported: rel-L2 (Frobenius) of ``xla`` and ``pallas`` against ``reference``, th
 and median wall times (``bench.timing.time_fn``; decode of the weight codes is inside the timed call, as in
 ``QLinear`` real mode). Results: ``kernels_mxfp4.json`` in ``$OUT`` (or bench/results).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def make_layer(key, m: int, k: int, n: int, r: int = 32):
 
     ks = jax.random.split(key, 6)
     x = jax.random.normal(ks[0], (m, k), jnp.float32)
-    x = x.at[:, :8].multiply(20.0).astype(jnp.bfloat16)          # a few outlier channels, as real activations
+    x = x.at[:, :8].multiply(20.0).astype(jnp.bfloat16)  # a few outlier channels, as real activations
     w = jax.random.normal(ks[1], (n, k), jnp.float32) * 0.02
     qt = quantize_mxfp4(w, scale_rule="ocp_floor")
     codes = pack_nibbles(qt.codes)
@@ -59,8 +60,11 @@ def run_shape(m, k, n, iters, log):
     res = {"M": m, "K": k, "N": n, "checks": {}, "median_ms": {}, "errors": {}}
 
     def fn(backend):
-        return jax.jit(lambda x, c, s, d, u, b: mxfp4_linear(x, c, s, down=d, up=u, bias=b, out_dtype=jnp.float32,
-                                                             backend=backend, return_inexact=True))
+        return jax.jit(
+            lambda x, c, s, d, u, b: mxfp4_linear(
+                x, c, s, down=d, up=u, bias=b, out_dtype=jnp.float32, backend=backend, return_inexact=True
+            )
+        )
 
     args = (L["x"], L["codes"], L["scales"], L["down"], L["up"], L["bias"])
     outs = {}
@@ -84,8 +88,11 @@ def run_shape(m, k, n, iters, log):
         res["checks"]["prepared_weight_inexact_rows"] = int(bad_w)
         pargs = (L["x"], w8, s_w, L["down"], L["up"], L["bias"])
         for tag, od in (("pallas_prepared", jnp.float32), ("pallas_prepared_bf16out", jnp.bfloat16)):
-            f = jax.jit(lambda x, w, sw, d, u, b, od=od: mxfp4_linear_fp8(
-                x, w, sw, down=d, up=u, bias=b, out_dtype=od, backend="pallas", return_inexact=True))
+            f = jax.jit(
+                lambda x, w, sw, d, u, b, od=od: mxfp4_linear_fp8(
+                    x, w, sw, down=d, up=u, bias=b, out_dtype=od, backend="pallas", return_inexact=True
+                )
+            )
             y, inexact = f(*pargs)
             if od == jnp.float32:
                 outs[tag] = np.asarray(y, np.float64)
@@ -131,18 +138,22 @@ def main(argv=None):
             log(f"M={m} K={k} N={n}")
             rows.append(run_shape(m, k, n, a.iters, log))
     write_result("kernels_mxfp4", {"device": device_facts(), "rows": rows})
-    print("\n| M | K | N | bf16 ms | xla ms | pallas ms | pallas/bf16 speed | pallas rel-L2 | xla rel-L2 | inexact rows |"
-          " prepared ms (f32 / bf16 out) | prepared bf16-out speed | prepared rel-L2 |")
+    print(
+        "\n| M | K | N | bf16 ms | xla ms | pallas ms | pallas/bf16 speed | pallas rel-L2 | xla rel-L2 | inexact rows |"
+        " prepared ms (f32 / bf16 out) | prepared bf16-out speed | prepared rel-L2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, c = r["median_ms"], r["checks"]
         sp = t["bf16"] / t["pallas"] if "pallas" in t else float("nan")
-        print(f"| {r['M']} | {r['K']} | {r['N']} | {t.get('bf16', float('nan')):.3f} | {t.get('xla', float('nan')):.3f}"
-              f" | {t.get('pallas', float('nan')):.3f} | {sp:.2f}x | {c.get('pallas_rel_l2_vs_reference', float('nan')):.2e}"
-              f" | {c.get('xla_rel_l2_vs_reference', float('nan')):.2e} | {c.get('pallas_inexact_rows', '-')} |"
-              f" {t.get('pallas_prepared', float('nan')):.3f} / {t.get('pallas_prepared_bf16out', float('nan')):.3f} |"
-              f" {t['bf16'] / t.get('pallas_prepared_bf16out', float('nan')):.2f}x |"
-              f" {c.get('pallas_prepared_rel_l2_vs_reference', float('nan')):.2e} |")
+        print(
+            f"| {r['M']} | {r['K']} | {r['N']} | {t.get('bf16', float('nan')):.3f} | {t.get('xla', float('nan')):.3f}"
+            f" | {t.get('pallas', float('nan')):.3f} | {sp:.2f}x | {c.get('pallas_rel_l2_vs_reference', float('nan')):.2e}"
+            f" | {c.get('xla_rel_l2_vs_reference', float('nan')):.2e} | {c.get('pallas_inexact_rows', '-')} |"
+            f" {t.get('pallas_prepared', float('nan')):.3f} / {t.get('pallas_prepared_bf16out', float('nan')):.3f} |"
+            f" {t['bf16'] / t.get('pallas_prepared_bf16out', float('nan')):.2f}x |"
+            f" {c.get('pallas_prepared_rel_l2_vs_reference', float('nan')):.2e} |"
+        )
     return 0
 
 

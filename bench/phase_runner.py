@@ -1,5 +1,6 @@
 """Running benchmark phases: each in its own process (its own peak memory; torch after JAX has released the GPU)
 or in this one (CPU tests), with a result file that survives a crash or a timeout of the phase."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,17 @@ def error_text(e: BaseException) -> str:
 
 def brief(r: dict) -> dict:
     """The headline entries of a result record (for the log)."""
-    keep = ("compile_s", "median_s", "first_call_s", "peak_bytes_in_use", "peak_bytes", "rel_l2_vs_bf16", "finite",
-            "error", "s")
+    keep = (
+        "compile_s",
+        "median_s",
+        "first_call_s",
+        "peak_bytes_in_use",
+        "peak_bytes",
+        "rel_l2_vs_bf16",
+        "finite",
+        "error",
+        "s",
+    )
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
 
 
@@ -53,8 +63,16 @@ def stream_child(cmd: list[str], timeout: float) -> tuple[int, bool, float, list
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     tail = collections.deque(maxlen=40)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
 
     def pump():
         for line in proc.stdout:
@@ -79,8 +97,18 @@ def run_child(module: str, phase: str, argv: list[str], workdir: str, timeout: f
     """Run ``python -m MODULE ARGV --phase PHASE`` with output streamed through; kill its process group after
     ``timeout`` seconds (the child is told the deadline: ``--deadline``, epoch seconds). Returns the phase's JSON
     ``<workdir>/<phase>.json`` (partial if it died) plus rc / timeout / log tail."""
-    cmd = [sys.executable, "-m", module, *argv, "--phase", phase, "--workdir", workdir,
-           "--deadline", f"{time.time() + max(timeout, 1.0):.3f}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        *argv,
+        "--phase",
+        phase,
+        "--workdir",
+        workdir,
+        "--deadline",
+        f"{time.time() + max(timeout, 1.0):.3f}",
+    ]
     rc, timed_out, wall_s, tail = stream_child(cmd, timeout)
     path = os.path.join(workdir, f"{phase}.json")
     rec = {}
@@ -98,7 +126,7 @@ def run_inprocess(fn, phase: str, args, workdir: str, timeout: float | None = No
     """``fn(args, workdir)`` (the phase ``phase``) in this process, with ``args.deadline`` set from ``timeout``; an
     exception is recorded in the result (the phase's partial JSON) instead of raised."""
     t0 = time.perf_counter()
-    if timeout is not None:   # the phase's deadline (the pipeline phases stop their denoise loop at it)
+    if timeout is not None:  # the phase's deadline (the pipeline phases stop their denoise loop at it)
         args = argparse.Namespace(**{**vars(args), "deadline": time.time() + timeout})
     try:
         rec = dict(fn(args, workdir))

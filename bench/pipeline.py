@@ -43,6 +43,7 @@ Modules: this one orchestrates (flags, phase order, time budget); `bench.random_
 (the pipeline phases), `bench.phase_runner` (child processes, result records), `bench.pipeline_report` (summary,
 tables).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,13 @@ PHASES = ("bf16", "w4a4", "diffusers", "pipeline", "pipeline_bf16")
 #: share of --budget-s each phase may use at least, if the run has the time (a phase also gets what the phases after
 #: it do not need by their shares; the run as a whole never exceeds the budget)
 PHASE_SHARE = {"bf16": 0.3, "w4a4": 0.5, "diffusers": 0.3, "pipeline": 0.45, "pipeline_bf16": 0.45}
-PHASE_FNS = {"bf16": phase_bf16, "w4a4": phase_w4a4, "diffusers": phase_diffusers, "pipeline": phase_pipeline,
-             "pipeline_bf16": phase_pipeline_bf16}
+PHASE_FNS = {
+    "bf16": phase_bf16,
+    "w4a4": phase_w4a4,
+    "diffusers": phase_diffusers,
+    "pipeline": phase_pipeline,
+    "pipeline_bf16": phase_pipeline_bf16,
+}
 
 
 def run_child(phase: str, argv: list[str], workdir: str, timeout: float) -> dict:
@@ -91,17 +97,36 @@ def parse_args(argv=None):
     for p in ("bf16", "w4a4", "artifact", "diffusers", "pipeline", "t5", "vae"):
         ap.add_argument(f"--skip-{p}", action="store_true")
     ap.add_argument("--diffusers-compile", action="store_true", help="also time torch.compile(diffusers model)")
-    ap.add_argument("--cfg-mode", default="batch2", choices=["batch2", "twopass"],
-                    help="pipeline phase: CFG as the pipeline does it (batch 2) or cond/uncond one after the other")
-    ap.add_argument("--pipeline-experts", default="w4a4",
-                    help="pipeline phases to run, in the order given: comma list of " + ", ".join(PIPELINE_PHASES))
-    ap.add_argument("--pipeline-steps", type=int, default=2,
-                    help="denoise steps (2: one per expert; 40: the official full generation)")
-    ap.add_argument("--pipeline-placement", default="auto", choices=["auto", "device", "swap"],
-                    help="WanI2VPipeline expert_placement (auto: swap when both experts take > 60%% of the device)")
-    ap.add_argument("--pipeline-budget-s", type=float, default=None,
-                    help="time budget of each pipeline phase (default: its share of --budget-s); the denoise loop "
-                         "stops cleanly before a step that would not fit and extrapolates the rest")
+    ap.add_argument(
+        "--cfg-mode",
+        default="batch2",
+        choices=["batch2", "twopass"],
+        help="pipeline phase: CFG as the pipeline does it (batch 2) or cond/uncond one after the other",
+    )
+    ap.add_argument(
+        "--pipeline-experts",
+        default="w4a4",
+        help="pipeline phases to run, in the order given: comma list of " + ", ".join(PIPELINE_PHASES),
+    )
+    ap.add_argument(
+        "--pipeline-steps",
+        type=int,
+        default=2,
+        help="denoise steps (2: one per expert; 40: the official full generation)",
+    )
+    ap.add_argument(
+        "--pipeline-placement",
+        default="auto",
+        choices=["auto", "device", "swap"],
+        help="WanI2VPipeline expert_placement (auto: swap when both experts take > 60%% of the device)",
+    )
+    ap.add_argument(
+        "--pipeline-budget-s",
+        type=float,
+        default=None,
+        help="time budget of each pipeline phase (default: its share of --budget-s); the denoise loop "
+        "stops cleanly before a step that would not fit and extrapolates the rest",
+    )
     ap.add_argument("--budget-s", type=float, default=500.0, help="wall-time budget of the whole run")
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--name", default=None, help="result name (default pipeline_<res>)")
@@ -147,16 +172,22 @@ def main(argv=None) -> dict | None:
     t_start = time.perf_counter()
     name = args.name or "pipeline_" + "_".join(args.res)
     workdir = tempfile.mkdtemp(prefix="wanjax_bench_pipeline_")
-    results = {"name": name, "config": args.config, "res": args.res,
-               "tokens": {r: RES[r][0][0] * RES[r][0][1] * RES[r][0][2] // 4 for r in args.res},
-               "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir", "deadline")},
-               "notes": ["random weights of the exact shapes; speed and memory do not depend on the values",
-                         "each phase in its own process: peak_bytes_in_use (JAX BFC allocator, preallocation on) and "
-                         "torch.cuda.max_memory_allocated are that phase's own",
-                         "W4A4: default-recipe structure (int4 per-channel weights, int4 per-token activations, "
-                         "smoothing, rank-r bf16 low-rank, bias, per-bin clip tables), RTN of the bf16 weights, "
-                         "no calibration"],
-               "phases": {}}
+    results = {
+        "name": name,
+        "config": args.config,
+        "res": args.res,
+        "tokens": {r: RES[r][0][0] * RES[r][0][1] * RES[r][0][2] // 4 for r in args.res},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "workdir", "deadline")},
+        "notes": [
+            "random weights of the exact shapes; speed and memory do not depend on the values",
+            "each phase in its own process: peak_bytes_in_use (JAX BFC allocator, preallocation on) and "
+            "torch.cuda.max_memory_allocated are that phase's own",
+            "W4A4: default-recipe structure (int4 per-channel weights, int4 per-token activations, "
+            "smoothing, rank-r bf16 low-rank, bias, per-bin clip tables), RTN of the bf16 weights, "
+            "no calibration",
+        ],
+        "phases": {},
+    }
     child_argv = [a for a in argv if a != "--inprocess"]
     order = ["bf16", "w4a4", "diffusers"] + [PIPELINE_PHASES[e] for e in args.pipeline_experts]
     try:
@@ -168,10 +199,13 @@ def main(argv=None) -> dict | None:
             if left < 20:
                 results["phases"][phase] = {"skipped": f"time budget spent ({args.budget_s:.0f}s)"}
                 continue
-            timeout = phase_timeout(phase, left, args.budget_s, [p for p in order[n + 1:] if not _skipped(args, p)])
+            timeout = phase_timeout(phase, left, args.budget_s, [p for p in order[n + 1 :] if not _skipped(args, p)])
             log(f"phase {phase} (up to {timeout:.0f}s)")
-            rec = (run_inprocess(phase, args, workdir, timeout) if args.inprocess
-                   else run_child(phase, child_argv, workdir, timeout))
+            rec = (
+                run_inprocess(phase, args, workdir, timeout)
+                if args.inprocess
+                else run_child(phase, child_argv, workdir, timeout)
+            )
             results["phases"][phase] = rec
             for key in ("device", "platform", "jax", "jaxlib", "git_commit"):
                 if key in rec:
@@ -189,7 +223,6 @@ def main(argv=None) -> dict | None:
     print("\n" + results["table"], flush=True)
     log(f"done in {results['wall_s']:.0f}s -> {os.path.join(args.results_dir, name)}.json")
     return results
-
 
 
 def _write(results: dict, name: str, results_dir: str) -> None:

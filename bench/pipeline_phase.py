@@ -26,6 +26,7 @@ from each expert's warm step time (plus the remaining swaps): ``denoise.extrapol
 ``generation.extrapolated``, never mixed with the measured numbers.
 ``peak_bytes_in_use`` never resets in JAX, so the number after each stage is the peak so far.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,8 +63,17 @@ def _t5_config(cfg):
 
     if cfg.text_dim == UMT5_XXL.dim:
         return UMT5_XXL.replace(text_len=cfg.text_len)
-    return T5Config(vocab_size=300, dim=cfg.text_dim, dim_attn=cfg.text_dim, dim_ffn=2 * cfg.text_dim, num_heads=4,
-                    num_layers=2, text_len=cfg.text_len, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    return T5Config(
+        vocab_size=300,
+        dim=cfg.text_dim,
+        dim_attn=cfg.text_dim,
+        dim_ffn=2 * cfg.text_dim,
+        num_heads=4,
+        num_layers=2,
+        text_len=cfg.text_len,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
 
 
 def _vae_config(cfg):
@@ -88,8 +98,11 @@ def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
     graphdef, state = nnx.split(enc)
     del enc
     jax.block_until_ready(state)
-    rec = {"params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))),
-           "weight_bytes": state_bytes(state), "init_s": time.perf_counter() - t0}
+    rec = {
+        "params": int(sum(math.prod(a.shape) for a in jax.tree.leaves(state))),
+        "weight_bytes": state_bytes(state),
+        "init_s": time.perf_counter() - t0,
+    }
     ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, tcfg.vocab_size, (2, cfg.text_len)), jnp.int32)
     mask = jnp.ones((2, cfg.text_len), jnp.int32)
     t0 = time.perf_counter()
@@ -170,14 +183,19 @@ def per_expert(steps: list[dict]) -> dict:
     for name in ("high", "low"):
         mine = [s for s in steps if s.get("expert") == name]
         warm = [s["s"] for s in mine if s.get("warm")]
-        out[name] = {"steps": sum(1 for s in mine if s.get("in_loop")), "warm_s": warm,
-                     "warm_median_s": statistics.median(warm) if warm else None,
-                     "first_s": mine[0]["s"] if mine else None, "first_compiles": bool(mine and not mine[0]["warm"])}
+        out[name] = {
+            "steps": sum(1 for s in mine if s.get("in_loop")),
+            "warm_s": warm,
+            "warm_median_s": statistics.median(warm) if warm else None,
+            "first_s": mine[0]["s"] if mine else None,
+            "first_compiles": bool(mine and not mine[0]["warm"]),
+        }
     return out
 
 
-def extrapolate(planned: list[str], done: int, steps: list[dict], swaps: list[dict], placement: str,
-                resident: str | None) -> dict:
+def extrapolate(
+    planned: list[str], done: int, steps: list[dict], swaps: list[dict], placement: str, resident: str | None
+) -> dict:
     """The denoise time of the ``planned`` steps (expert per step) not run, from the measured step times."""
     rest = planned[done:]
     est, basis = 0.0, {}
@@ -196,11 +214,16 @@ def extrapolate(planned: list[str], done: int, steps: list[dict], swaps: list[di
     swap_s = statistics.median([w["s"] for w in swaps]) if swaps else None
     if n_swaps:
         est += swap_s or 0.0
-    return {"steps_left": len(rest), "steps_left_by_expert": {e: rest.count(e) for e in ("high", "low")},
-            "steps_left_s": est, "basis": basis, "swaps_left": n_swaps,
-            "swap_s_basis": swap_s if n_swaps else None,
-            "note": "EXTRAPOLATED, not measured: the steps not run at the measured warm step time of their expert"
-                    + ("" if not n_swaps or swap_s else "; the remaining swap is not counted (none measured)")}
+    return {
+        "steps_left": len(rest),
+        "steps_left_by_expert": {e: rest.count(e) for e in ("high", "low")},
+        "steps_left_s": est,
+        "basis": basis,
+        "swaps_left": n_swaps,
+        "swap_s_basis": swap_s if n_swaps else None,
+        "note": "EXTRAPOLATED, not measured: the steps not run at the measured warm step time of their expert"
+        + ("" if not n_swaps or swap_s else "; the remaining swap is not counted (none measured)"),
+    }
 
 
 def phase_pipeline(args, workdir: str) -> dict:
@@ -233,11 +256,17 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     res = args.res[0]
     latent, (frames, height, width) = RES[res]
     label = {"w4a4": "W4A4", "bf16": "BF16"}[experts]
-    rec.update(experts=experts, res=res, cfg_mode=args.cfg_mode, steps=args.pipeline_steps, stages={},
-               target_bytes=MEMORY_TARGET_BYTES,
-               time_budget_s=None if deadline is None else deadline - t_phase,
-               skipped_stages=["t5"] * args.skip_t5 + ["vae_encode", "vae_decode"] * args.skip_vae,
-               order="T5 encode + release -> experts + VAE -> VAE encode -> denoise (CFG) -> VAE decode")
+    rec.update(
+        experts=experts,
+        res=res,
+        cfg_mode=args.cfg_mode,
+        steps=args.pipeline_steps,
+        stages={},
+        target_bytes=MEMORY_TARGET_BYTES,
+        time_budget_s=None if deadline is None else deadline - t_phase,
+        skipped_stages=["t5"] * args.skip_t5 + ["vae_encode", "vae_decode"] * args.skip_vae,
+        order="T5 encode + release -> experts + VAE -> VAE encode -> denoise (CFG) -> VAE decode",
+    )
     st = rec["stages"]
 
     def stage(name, fn):
@@ -255,10 +284,12 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     if args.skip_t5:
         ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
     else:
+
         def t5():
             c, r = encode_text_stage(cfg, args.seed)
             st["t5"] = r
             return c
+
         ctx = stage("t5", t5)
         if ctx is None:
             ctx = random_array(5, (2, cfg.text_len, cfg.text_dim), jnp.bfloat16)
@@ -275,10 +306,13 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         low_state = nnx.state(low)
         jax.block_until_ready(low_state)
         placement = resolve_placement(args.pipeline_placement, low_state)
-        st["experts"] = {"expert_bytes": 2 * state_bytes(low_state), "placement_requested":
-                         args.pipeline_placement, "placement": placement}
+        st["experts"] = {
+            "expert_bytes": 2 * state_bytes(low_state),
+            "placement_requested": args.pipeline_placement,
+            "placement": placement,
+        }
         del low_state
-        if placement == "swap":      # the low-noise expert waits on the host: the two never share the device
+        if placement == "swap":  # the low-noise expert waits on the host: the two never share the device
             low = _to_host(low)
         high = build(args.seed)
         vae = init_vae(_vae_config(cfg), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -313,12 +347,16 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     gen = GenerationConfig(num_frames=frames, steps=args.pipeline_steps)
     planned = [pipe.expert_for(int(t), gen.boundary) for t in flow_schedule(gen.steps, shift=gen.shift).timesteps]
     steps, swaps, last = [], [], {}
-    den = st["denoise"] = {"steps": steps, "steps_planned": len(planned),
-                           "planned_by_expert": {e: planned.count(e) for e in ("high", "low")}, "swaps": swaps}
+    den = st["denoise"] = {
+        "steps": steps,
+        "steps_planned": len(planned),
+        "planned_by_expert": {e: planned.count(e) for e in ("high", "low")},
+        "swaps": swaps,
+    }
     reserve = 2.0 + (0.0 if args.skip_vae else DECODE_RESERVE * (st.get("vae_encode") or {}).get("s", 0.0))
     fetch = pipe.expert_params
 
-    def timed_expert_params(name):            # times the swaps (host <-> device) on their own
+    def timed_expert_params(name):  # times the swaps (host <-> device) on their own
         before, t0 = pipe.swaps, time.perf_counter()
         params = fetch(name)
         if pipe.swaps != before:
@@ -335,16 +373,27 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     def timed_step(name, params, x, yy, c, t, guide, in_loop: bool):
         t0 = time.perf_counter()
         v = jax.block_until_ready(pipe._velocity(params, x, yy, c, t, guide))
-        steps.append({"i": len(steps), "expert": name, "t": float(t), "s": time.perf_counter() - t0,
-                      "warm": bool(steps), "in_loop": in_loop} | memory())
+        steps.append(
+            {
+                "i": len(steps),
+                "expert": name,
+                "t": float(t),
+                "s": time.perf_counter() - t0,
+                "warm": bool(steps),
+                "in_loop": in_loop,
+            }
+            | memory()
+        )
         return v
 
     def timed_velocity(name, params, x, yy, c, t, guide):
         if steps:
             ok, est = fits(name)
             if not ok:
-                raise OutOfTime(f"step {len(steps) + 1} of {len(planned)} ({name}, ~{est:.1f}s) and the VAE decode "
-                                f"(~{reserve:.1f}s) would end past the phase's time budget")
+                raise OutOfTime(
+                    f"step {len(steps) + 1} of {len(planned)} ({name}, ~{est:.1f}s) and the VAE decode "
+                    f"(~{reserve:.1f}s) would end past the phase's time budget"
+                )
         last["x"] = x
         v = timed_step(name, params, x, yy, c, t, guide, True)
         if len(steps) == 1 or len(steps) % 5 == 0:
@@ -363,7 +412,7 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
             den.update(stopped_early=True, stop_reason=str(e))
             log(f"{phase}: denoise stopped cleanly after {len(steps)} of {len(planned)} steps: {e}")
         den.update(loop_s=time.perf_counter() - t0, steps_done=len(steps), experts_used=used)
-        for name in ("high", "low"):       # a warm step of each expert (its loop steps may all have compiled)
+        for name in ("high", "low"):  # a warm step of each expert (its loop steps may all have compiled)
             if any(s["expert"] == name and s["warm"] for s in steps):
                 continue
             ok, _ = fits(name)
@@ -376,25 +425,33 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         den["per_expert"] = per_expert(steps)
         if den["stopped_early"]:
             loop_steps = [s for s in steps if s["in_loop"]]
-            den["extrapolation"] = extrapolate(planned, len(loop_steps), steps, swaps, pipe.expert_placement,
-                                               getattr(pipe, "_resident", None))
+            den["extrapolation"] = extrapolate(
+                planned, len(loop_steps), steps, swaps, pipe.expert_placement, getattr(pipe, "_resident", None)
+            )
             if "steps_left_s" in den["extrapolation"]:
                 den["extrapolated_s"] = den["loop_s"] + den["extrapolation"]["steps_left_s"]
         try:  # XLA's own account of one guided step (the executable is cached: no second compilation)
             resident = getattr(pipe, "_resident", "high")
-            den["step_memory_analysis"] = memory_analysis(pipe._velocity.lower(
-                pipe.expert_params(resident), lat, y, ctx, jnp.float32(900.0), jnp.float32(3.5)).compile())
+            den["step_memory_analysis"] = memory_analysis(
+                pipe._velocity.lower(
+                    pipe.expert_params(resident), lat, y, ctx, jnp.float32(900.0), jnp.float32(3.5)
+                ).compile()
+            )
         except Exception as e:
             den["step_memory_analysis"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
         return lat
 
     lat = stage("denoise", denoise)
     if lat is not None and not args.skip_vae:
+
         def vae_decode():
             video = jax.block_until_ready(pipe.decode(lat))
-            st["vae_decode"] = {"shape": list(video.shape), "finite": bool(jnp.isfinite(video).all()),
-                                "input": "the latent after the last step run" if den.get("stopped_early")
-                                else "the final latent"}
+            st["vae_decode"] = {
+                "shape": list(video.shape),
+                "finite": bool(jnp.isfinite(video).all()),
+                "input": "the latent after the last step run" if den.get("stopped_early") else "the final latent",
+            }
+
         stage("vae_decode", vae_decode)
     peaks = [s.get("peak_bytes_in_use") for s in st.values() if isinstance(s, dict)]
     peaks = [p for p in peaks if p is not None]
@@ -416,21 +473,30 @@ def generation_time(p: dict) -> dict:
     den = st.get("denoise") or {}
     stopped = bool(den.get("stopped_early"))
     skipped = set(p.get("skipped_stages") or [])
-    parts = {"t5": (st.get("t5") or {}).get("encode_first_call_s"), "vae_encode": (st.get("vae_encode") or {}).get("s"),
-             "denoise": den.get("extrapolated_s") if stopped else den.get("loop_s"),
-             "vae_decode": (st.get("vae_decode") or {}).get("s")}
+    parts = {
+        "t5": (st.get("t5") or {}).get("encode_first_call_s"),
+        "vae_encode": (st.get("vae_encode") or {}).get("s"),
+        "denoise": den.get("extrapolated_s") if stopped else den.get("loop_s"),
+        "vae_decode": (st.get("vae_decode") or {}).get("s"),
+    }
     missing = [k for k, v in parts.items() if v is None and k not in skipped]
-    out = {"steps": den.get("steps_planned"), "steps_run": den.get("steps_done"), "extrapolated": stopped,
-           "parts_s": {k: v for k, v in parts.items() if k not in skipped},
-           "s": None if missing else sum(v for k, v in parts.items() if k not in skipped),
-           "excludes": "weight creation/loading (random weights here), VAE/T5 init"}
+    out = {
+        "steps": den.get("steps_planned"),
+        "steps_run": den.get("steps_done"),
+        "extrapolated": stopped,
+        "parts_s": {k: v for k, v in parts.items() if k not in skipped},
+        "s": None if missing else sum(v for k, v in parts.items() if k not in skipped),
+        "excludes": "weight creation/loading (random weights here), VAE/T5 init",
+    }
     if skipped:
         out["not_included"] = sorted(skipped)
     if missing:
         out["missing"] = missing
     if stopped:
-        out["note"] = (f"EXTRAPOLATED: {den.get('steps_done')} of {den.get('steps_planned')} denoise steps measured "
-                       f"({_f(den.get('loop_s'))} s), the rest at the warm step time of their expert")
+        out["note"] = (
+            f"EXTRAPOLATED: {den.get('steps_done')} of {den.get('steps_planned')} denoise steps measured "
+            f"({_f(den.get('loop_s'))} s), the rest at the warm step time of their expert"
+        )
     return out
 
 
@@ -443,24 +509,32 @@ def pipeline_summary(p: dict) -> dict:
     st = p.get("stages") or {}
     den = st.get("denoise") or {}
     loop = [s for s in den.get("steps") or [] if isinstance(s, dict) and s.get("in_loop", True)]
-    warm = [s["s"] for s in loop[1:] if "s" in s]   # the first step compiles
+    warm = [s["s"] for s in loop[1:] if "s" in s]  # the first step compiles
     per = den.get("per_expert") or {}
     g = p.get("generation") or {}
-    return {"experts": p.get("experts"), "placement": p.get("placement"), "cfg_mode": p.get("cfg_mode"),
-            "steps_planned": den.get("steps_planned"), "steps_done": den.get("steps_done"),
-            "stopped_early": den.get("stopped_early"),
-            "t5_encode_s": (st.get("t5") or {}).get("encode_first_call_s"),
-            "vae_encode_s": (st.get("vae_encode") or {}).get("s"),
-            "vae_decode_s": (st.get("vae_decode") or {}).get("s"),
-            "first_step_s": loop[0].get("s") if loop else None,
-            "step_warm_s": statistics.median(warm) if warm else None,
-            "step_warm_s_by_expert": {e: (per.get(e) or {}).get("warm_median_s") for e in ("high", "low")},
-            "swap_s": [w.get("s") for w in den.get("swaps") or []],
-            "denoise_s": None if den.get("stopped_early") else den.get("loop_s"),
-            "denoise_measured_s": den.get("loop_s"), "denoise_extrapolated_s": den.get("extrapolated_s"),
-            "generation_s": g.get("s"), "generation_extrapolated": g.get("extrapolated"),
-            "generation_not_included": g.get("not_included"),
-            "peak_bytes": p.get("peak_bytes"), "meets_24GB": p.get("meets_target")}
+    return {
+        "experts": p.get("experts"),
+        "placement": p.get("placement"),
+        "cfg_mode": p.get("cfg_mode"),
+        "steps_planned": den.get("steps_planned"),
+        "steps_done": den.get("steps_done"),
+        "stopped_early": den.get("stopped_early"),
+        "t5_encode_s": (st.get("t5") or {}).get("encode_first_call_s"),
+        "vae_encode_s": (st.get("vae_encode") or {}).get("s"),
+        "vae_decode_s": (st.get("vae_decode") or {}).get("s"),
+        "first_step_s": loop[0].get("s") if loop else None,
+        "step_warm_s": statistics.median(warm) if warm else None,
+        "step_warm_s_by_expert": {e: (per.get(e) or {}).get("warm_median_s") for e in ("high", "low")},
+        "swap_s": [w.get("s") for w in den.get("swaps") or []],
+        "denoise_s": None if den.get("stopped_early") else den.get("loop_s"),
+        "denoise_measured_s": den.get("loop_s"),
+        "denoise_extrapolated_s": den.get("extrapolated_s"),
+        "generation_s": g.get("s"),
+        "generation_extrapolated": g.get("extrapolated"),
+        "generation_not_included": g.get("not_included"),
+        "peak_bytes": p.get("peak_bytes"),
+        "meets_24GB": p.get("meets_target"),
+    }
 
 
 def pipeline_tables(results: dict) -> list[str]:
@@ -471,38 +545,50 @@ def pipeline_tables(results: dict) -> list[str]:
         if not p or "skipped" in p and len(p) == 1:
             continue
         label = {"w4a4": "W4A4", "bf16": "BF16"}[variant]
-        lines += ["", f"| pipeline stage (both {label} experts, {p.get('placement') or '?'}) | s | in use GB | "
-                      "peak so far GB |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"| pipeline stage (both {label} experts, {p.get('placement') or '?'}) | s | in use GB | peak so far GB |",
+            "|---|---|---|---|",
+        ]
         for name, s in (p.get("stages") or {}).items():
             if not isinstance(s, dict):
                 continue
             note = f" (error: {s['error'].splitlines()[0][:60]})" if s.get("error") else ""
-            lines.append(f"| {name}{note} | {_f(s.get('s'))} | {_f((s.get('bytes_in_use') or 0) / 1e9 or None)} | "
-                         f"{_f((s.get('peak_bytes_in_use') or 0) / 1e9 or None)} |")
+            lines.append(
+                f"| {name}{note} | {_f(s.get('s'))} | {_f((s.get('bytes_in_use') or 0) / 1e9 or None)} | "
+                f"{_f((s.get('peak_bytes_in_use') or 0) / 1e9 or None)} |"
+            )
         if p.get("error") and not p.get("stages"):
             lines.append(f"| (phase failed: {str(p['error']).splitlines()[0][:70]}) | - | - | - |")
         s = pipeline_summary(p)
         pk = s["peak_bytes"]
-        lines.append(f"\npipeline peak ({label} experts): {_f(pk / 1e9 if pk else None)} GB (target <= 24 GB: "
-                     f"{s['meets_24GB']}); one guided step ({s['cfg_mode']}, warm): {_f(s['step_warm_s'], '.3f')} s")
+        lines.append(
+            f"\npipeline peak ({label} experts): {_f(pk / 1e9 if pk else None)} GB (target <= 24 GB: "
+            f"{s['meets_24GB']}); one guided step ({s['cfg_mode']}, warm): {_f(s['step_warm_s'], '.3f')} s"
+        )
         rows.append((label, s))
     if rows:
-        lines += ["", "| pipeline, full generation | placement | T5 encode s | VAE encode s | first step s (compile) | "
-                      "warm step high s | warm step low s | denoise s (steps run) | VAE decode s | generation s | "
-                      "peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| pipeline, full generation | placement | T5 encode s | VAE encode s | first step s (compile) | "
+            "warm step high s | warm step low s | denoise s (steps run) | VAE decode s | generation s | "
+            "peak GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, s in rows:
             w = s["step_warm_s_by_expert"]
             run = f"{s['steps_done']}/{s['steps_planned']}"
             if s["stopped_early"]:
-                den = (f"≈{_f(s['denoise_extrapolated_s'])} EXTRAPOLATED ({run} run: "
-                       f"{_f(s['denoise_measured_s'])})")
+                den = f"≈{_f(s['denoise_extrapolated_s'])} EXTRAPOLATED ({run} run: {_f(s['denoise_measured_s'])})"
                 gen = f"≈{_f(s['generation_s'])} EXTRAPOLATED"
             else:
                 den, gen = f"{_f(s['denoise_s'])} ({run})", _f(s["generation_s"])
             if s["generation_not_included"] and s["generation_s"] is not None:
                 gen += f" (without {', '.join(s['generation_not_included'])})"
-            lines.append(f"| {label} experts | {s['placement'] or '-'} | {_f(s['t5_encode_s'])} | "
-                         f"{_f(s['vae_encode_s'])} | {_f(s['first_step_s'])} | {_f(w['high'], '.3f')} | "
-                         f"{_f(w['low'], '.3f')} | {den} | {_f(s['vae_decode_s'])} | {gen} | "
-                         f"{_f((s['peak_bytes'] or 0) / 1e9 or None)} |")
+            lines.append(
+                f"| {label} experts | {s['placement'] or '-'} | {_f(s['t5_encode_s'])} | "
+                f"{_f(s['vae_encode_s'])} | {_f(s['first_step_s'])} | {_f(w['high'], '.3f')} | "
+                f"{_f(w['low'], '.3f')} | {den} | {_f(s['vae_decode_s'])} | {gen} | "
+                f"{_f((s['peak_bytes'] or 0) / 1e9 or None)} |"
+            )
     return lines

@@ -17,6 +17,7 @@ Calibration itself (capturing the statistics) is the sampler's forward passes, t
 
 Results: ``quantize_block.json`` (bench/results and $OUT) and a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,14 @@ def resolve_recipe(name: str):
     if not name.endswith("-svd"):
         return get_recipe(name)
     r = get_recipe(name[: -len("-svd")])
-    ts = tuple(dataclasses.replace(t, method="svd") if isinstance(t, LowRank)
-               else dataclasses.replace(t, lowrank_method="svd") if isinstance(t, Smooth) else t for t in r.transforms)
+    ts = tuple(
+        dataclasses.replace(t, method="svd")
+        if isinstance(t, LowRank)
+        else dataclasses.replace(t, lowrank_method="svd")
+        if isinstance(t, Smooth)
+        else t
+        for t in r.transforms
+    )
     return dataclasses.replace(r, name=name, transforms=ts)
 
 
@@ -85,8 +92,15 @@ def time_layer(recipe: str, path: str, k: int, n: int, inputs, seed: int) -> dic
     warm = time.perf_counter() - t0
     stages: dict = {}
     quantize_layer(recipe, w, b, inputs, path=path, index=0, expert="high", timings=stages)
-    return {"path": path, "K": k, "N": n, "first_s": first, "warm_s": warm, "stages_s": stages,
-            "sqnr_db_per_bin": [float(v) for v in np.asarray(info["sqnr_db"])]}
+    return {
+        "path": path,
+        "K": k,
+        "N": n,
+        "first_s": first,
+        "warm_s": warm,
+        "stages_s": stages,
+        "sqnr_db_per_bin": [float(v) for v in np.asarray(info["sqnr_db"])],
+    }
 
 
 def main(argv=None) -> int:
@@ -107,23 +121,40 @@ def main(argv=None) -> int:
     shapes = layer_shapes(cfg)
     if a.layers:
         shapes = {p: shapes[p] for p in a.layers.split(",")}
-    inputs = {k: synthetic_inputs(jax.random.key(k), k, a.bins, a.rows) for k in sorted({s[0] for s in shapes.values()})}
-    out = {"device": device_facts(), "config": a.config, "bins": a.bins, "rows": a.rows, "blocks": cfg.num_layers,
-           "recipes": {}}
+    inputs = {
+        k: synthetic_inputs(jax.random.key(k), k, a.bins, a.rows) for k in sorted({s[0] for s in shapes.values()})
+    }
+    out = {
+        "device": device_facts(),
+        "config": a.config,
+        "bins": a.bins,
+        "rows": a.rows,
+        "blocks": cfg.num_layers,
+        "recipes": {},
+    }
     for recipe in a.recipe.split(","):
         rows = []
         for i, (path, (k, n)) in enumerate(shapes.items()):
             r = time_layer(recipe, path, k, n, inputs[k], seed=i)
             prof = " ".join(f"{name} {t:.2f}" for name, t in r["stages_s"].items())
-            print(f"[bench.quantize_block] {recipe} {path} {k}x{n}: first {r['first_s']:.2f}s warm {r['warm_s']:.2f}s "
-                  f"SQNR {min(r['sqnr_db_per_bin']):.2f}..{max(r['sqnr_db_per_bin']):.2f} dB ({prof})", flush=True)
+            print(
+                f"[bench.quantize_block] {recipe} {path} {k}x{n}: first {r['first_s']:.2f}s warm {r['warm_s']:.2f}s "
+                f"SQNR {min(r['sqnr_db_per_bin']):.2f}..{max(r['sqnr_db_per_bin']):.2f} dB ({prof})",
+                flush=True,
+            )
             rows.append(r)
         block = sum(r["warm_s"] for r in rows)
         total = block * cfg.num_layers * 2 * (len(BLOCK_LINEARS) / len(rows))
-        out["recipes"][recipe] = {"layers": rows, "block_warm_s": block, "both_experts_extrapolated_s": total,
-                                  "layers_timed": len(rows)}
+        out["recipes"][recipe] = {
+            "layers": rows,
+            "block_warm_s": block,
+            "both_experts_extrapolated_s": total,
+            "layers_timed": len(rows),
+        }
     write_result(a.name, out)
-    print("\n| recipe | one block (10 Linears), warm | first call (compile incl.) | both experts, extrapolated | goal ≤ 1 h |")
+    print(
+        "\n| recipe | one block (10 Linears), warm | first call (compile incl.) | both experts, extrapolated | goal ≤ 1 h |"
+    )
     print("|---|---|---|---|---|")
     for recipe, r in out["recipes"].items():
         first = sum(x["first_s"] for x in r["layers"])

@@ -5,6 +5,7 @@ jax.random: the same values on every device, compiled in a fraction of the time 
 (tens of seconds on a small CPU), and any leaf or layer can be re-drawn alone from its seed. Speed and memory do not
 depend on the values.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,12 +35,12 @@ def hash_uniform(seed, shape: tuple, xp=None):
     if xp is None:
         import jax.numpy as xp
     n = math.prod(shape)
-    if n >= 2 ** 32:
+    if n >= 2**32:
         raise ValueError(f"hash_uniform: {n} elements do not fit a uint32 counter")
     with np.errstate(over="ignore"):
         i = xp.arange(n, dtype=xp.uint32).reshape(shape)
         h = _mix32(i * xp.uint32(_GOLDEN) + _mix32(xp.asarray(seed, xp.uint32)))
-        return (h >> xp.uint32(8)).astype(xp.float32) * xp.float32(2.0 / 2 ** 24) - xp.float32(1.0)
+        return (h >> xp.uint32(8)).astype(xp.float32) * xp.float32(2.0 / 2**24) - xp.float32(1.0)
 
 
 def hash_normalish(seed, shape: tuple, xp=None):
@@ -83,8 +84,11 @@ def _draw(seed, shape: tuple, dtype, kind: str, xp=None):
     z = hash_normalish(seed, shape, xp)
     if kind == "scale":
         return (xp.float32(1.0) + xp.float32(0.1) * z).astype(dtype)
-    std = {"kernel": 1.0 / math.sqrt(shape[-2]) if len(shape) >= 2 else 0.02, "embedding": 1.0,
-           "modulation": 1.0 / math.sqrt(shape[-1])}.get(kind, 0.02)
+    std = {
+        "kernel": 1.0 / math.sqrt(shape[-2]) if len(shape) >= 2 else 0.02,
+        "embedding": 1.0,
+        "modulation": 1.0 / math.sqrt(shape[-1]),
+    }.get(kind, 0.02)
     return (z * xp.float32(std)).astype(dtype)
 
 
@@ -119,8 +123,9 @@ def stacked_kernel_fn(num_layers: int, k: int, n: int, dtype):
     import jax
     import jax.numpy as jnp
 
-    return jax.jit(lambda seed: jax.lax.map(lambda l: layer_kernel(seed, l, k, n, dtype),
-                                            jnp.arange(num_layers, dtype=jnp.uint32)))
+    return jax.jit(
+        lambda seed: jax.lax.map(lambda l: layer_kernel(seed, l, k, n, dtype), jnp.arange(num_layers, dtype=jnp.uint32))
+    )
 
 
 def _paths(pure: dict) -> list[tuple[tuple, str, object]]:
@@ -161,11 +166,14 @@ def fill_random(abstract_module, base_seed: int, overrides=None):
     for kp, name, leaf in _paths(pure):
         value = overrides(name, leaf) if overrides is not None else None
         if value is None:
-            value = draw_leaf(leaf_seed(base_seed, name), tuple(leaf.shape), np.dtype(leaf.dtype),
-                              _leaf_kind(name, leaf.dtype))
+            value = draw_leaf(
+                leaf_seed(base_seed, name), tuple(leaf.shape), np.dtype(leaf.dtype), _leaf_kind(name, leaf.dtype)
+            )
         if tuple(value.shape) != tuple(leaf.shape) or np.dtype(value.dtype) != np.dtype(leaf.dtype):
-            raise ValueError(f"fill_random: {name}: made {value.dtype}{list(value.shape)}, the model expects "
-                             f"{leaf.dtype}{list(leaf.shape)}")
+            raise ValueError(
+                f"fill_random: {name}: made {value.dtype}{list(value.shape)}, the model expects "
+                f"{leaf.dtype}{list(leaf.shape)}"
+            )
         _set_path(pure, kp, value)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -198,7 +206,6 @@ def random_bf16_expert(cfg, seed: int = 0, dtype=None):
     return fill_random(abstract, seed, block_kernels)
 
 
-
 def random_array(seed: int, shape: tuple, dtype):
     """Unit-variance random array made on the device (:func:`hash_normalish`)."""
     return _random_array_fn(tuple(shape), np.dtype(dtype))(np.uint32(seed))
@@ -209,4 +216,3 @@ def _random_array_fn(shape, dtype):
     import jax
 
     return jax.jit(lambda seed: hash_normalish(seed, shape).astype(dtype))
-

@@ -20,6 +20,7 @@ The first variant of ``--variants`` is the baseline of the ratios and of the out
 
 Result: ``bench/results/<name>.json`` (and ``$OUT``), a table at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def kernel_class(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("cudnn", "fmha", "flash", "sdpa", "attn")):
         return "attention"
-    if "act_quant" in n:                       # kernels/act_quant_gpu.py: _act_quant_lowrank_kernel
+    if "act_quant" in n:  # kernels/act_quant_gpu.py: _act_quant_lowrank_kernel
         return "act_quant"
     if any(s in n for s in ("w4a4", "mosaic", "wg_kernel")):
         return "w4a4_gemm"
@@ -65,8 +66,11 @@ def breakdown(per_kernel) -> dict:
     for name, ts in by_name.items():
         classes[kernel_class(name)] += sum(ts)
     top = sorted(((sum(ts), len(ts), name) for name, ts in by_name.items()), reverse=True)[:25]
-    return {"total_ms": sum(classes.values()), "classes_ms": dict(classes),
-            "top": [{"name": n[:160], "count": c, "total_ms": t} for t, c, n in top]}
+    return {
+        "total_ms": sum(classes.values()),
+        "classes_ms": dict(classes),
+        "top": [{"name": n[:160], "count": c, "total_ms": t} for t, c, n in top],
+    }
 
 
 def parse_args(argv=None):
@@ -75,9 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=8, help="interleaved A/B rounds (each runs every variant once)")
     p.add_argument("--skip-ab", action="store_true", help="only the per-kernel breakdown")
     p.add_argument("--skip-profile", action="store_true", help="only the interleaved A/B")
-    p.add_argument("--variants", default=",".join(f"{e}/{a}" for e, a in VARIANTS),
-                   help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
-                        "default recipe's input rotation; attention: cudnn|cudnn_fp8)")
+    p.add_argument(
+        "--variants",
+        default=",".join(f"{e}/{a}" for e, a in VARIANTS),
+        help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
+        "default recipe's input rotation; attention: cudnn|cudnn_fp8)",
+    )
     p.add_argument("--config", default="I2V_A14B")
     p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
     p.add_argument("--name", default=None)
@@ -109,8 +116,14 @@ def main(argv=None) -> dict:
     if args.num_layers:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
     variants = [tuple(v.split("/")) for v in args.variants.split(",") if v]
-    res = {"settings": vars(args), **device_facts(), "num_layers": cfg.num_layers, "latent_fhw": list(RES[args.res][0]),
-           "variants": {}, "errors": {}}
+    res = {
+        "settings": vars(args),
+        **device_facts(),
+        "num_layers": cfg.num_layers,
+        "latent_fhw": list(RES[args.res][0]),
+        "variants": {},
+        "errors": {},
+    }
     name = args.name or f"step_profile_{args.res}"
 
     experts = {}
@@ -126,7 +139,7 @@ def main(argv=None) -> dict:
     res["build_s"] = time.perf_counter() - t0
     log(f"built {list(experts)} in {res['build_s']:.1f}s")
 
-    def state_of(key):                                 # "w4a4/cudnn_fp8" -> the W4A4 expert's state
+    def state_of(key):  # "w4a4/cudnn_fp8" -> the W4A4 expert's state
         return experts[key.split("/")[0]][1]
 
     inputs = dit_inputs(cfg, RES[args.res][0])
@@ -147,7 +160,7 @@ def main(argv=None) -> dict:
     outs = {}
     for key, fn in compiled.items():
         outs[key] = np.asarray(jax.device_get(fn(state_of(key), *inputs)))
-    base_key = next(iter(compiled), None)          # the first variant is the baseline (BF16 / cuDNN by default)
+    base_key = next(iter(compiled), None)  # the first variant is the baseline (BF16 / cuDNN by default)
     res["baseline"] = base_key
     ref = outs.get(base_key)
     for key, out in outs.items():
@@ -159,12 +172,14 @@ def main(argv=None) -> dict:
         for key in compiled:
             expert, attn = key.split("/")
             graphdef, state = experts[expert]
-            set_attention_backend(attn)                    # measure() traces the forward again
+            set_attention_backend(attn)  # measure() traces the forward again
             try:
                 per_kernel = cupti_kernels(make_forward(graphdef), state, *inputs)
                 res["variants"][key]["kernels"] = b = breakdown(per_kernel)
-                log(f"{key}: {b['total_ms']:.1f} ms of kernels; " +
-                    ", ".join(f"{c} {t:.1f}" for c, t in sorted(b["classes_ms"].items(), key=lambda x: -x[1])))
+                log(
+                    f"{key}: {b['total_ms']:.1f} ms of kernels; "
+                    + ", ".join(f"{c} {t:.1f}" for c, t in sorted(b["classes_ms"].items(), key=lambda x: -x[1]))
+                )
                 for row in b["top"][:12]:
                     log(f"    {row['total_ms']:8.2f} ms  x{row['count']:<4d} {row['name'][:110]}")
             except Exception as e:
@@ -176,30 +191,34 @@ def main(argv=None) -> dict:
 
     if not args.skip_ab and compiled:
         keys = list(compiled)
-        for key in keys:                                   # one warm call each before the rounds
+        for key in keys:  # one warm call each before the rounds
             jax.block_until_ready(compiled[key](state_of(key), *inputs))
-        times = interleaved({key: functools.partial(compiled[key], state_of(key), *inputs) for key in keys},
-                            args.rounds)
+        times = interleaved(
+            {key: functools.partial(compiled[key], state_of(key), *inputs) for key in keys}, args.rounds
+        )
         for key in keys:
-            res["variants"][key].update(all_s=times[key], median_s=statistics.median(times[key]),
-                                        min_s=min(times[key]))
+            res["variants"][key].update(all_s=times[key], median_s=statistics.median(times[key]), min_s=min(times[key]))
         if base_key in times:
             base = times[base_key]
             for key in keys:
                 ratios = [b / t for b, t in zip(base, times[key])]
                 res["variants"][key]["speedup_vs_bf16"] = {
                     "of_medians": statistics.median(base) / statistics.median(times[key]),
-                    "per_round_median": statistics.median(ratios), "per_round_min": min(ratios),
-                    "per_round_max": max(ratios)}
+                    "per_round_median": statistics.median(ratios),
+                    "per_round_min": min(ratios),
+                    "per_round_max": max(ratios),
+                }
         write_result(name, res, (args.results_dir,))
 
     log("\n| variant | compile s | median s | x vs baseline (medians) | per-round min-max | rel-L2 vs baseline |")
     log("|---|---|---|---|---|---|")
     for key, v in res["variants"].items():
         sp = v.get("speedup_vs_bf16", {})
-        log(f"| {key} | {v.get('compile_s', 0):.1f} | {v.get('median_s', float('nan')):.3f} | "
+        log(
+            f"| {key} | {v.get('compile_s', 0):.1f} | {v.get('median_s', float('nan')):.3f} | "
             f"{sp.get('of_medians', float('nan')):.3f} | {sp.get('per_round_min', float('nan')):.3f}-"
-            f"{sp.get('per_round_max', float('nan')):.3f} | {v.get('rel_l2_vs_bf16', float('nan')):.3f} |")
+            f"{sp.get('per_round_max', float('nan')):.3f} | {v.get('rel_l2_vs_bf16', float('nan')):.3f} |"
+        )
     if res["errors"]:
         log("errors:", res["errors"])
     return res

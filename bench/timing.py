@@ -12,6 +12,7 @@
 Every JAX timer blocks on the result (``jax.block_until_ready``), so the time is the computation's, not the
 dispatch's.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -88,7 +89,7 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
     keys = list(calls)
     times = {k: [] for k in keys}
     for r in range(rounds):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
         for key in order:
             t0 = time.perf_counter()
             block(calls[key]())

@@ -4,6 +4,7 @@
 
 Writes bench/results/vae_<H>x<W>x<F>.json (and $OUT/ when set).
 """
+
 from __future__ import annotations
 
 import argparse

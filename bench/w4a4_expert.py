@@ -4,6 +4,7 @@ No calibration: the weights are the bf16 expert's (same keys, `bench.random_weig
 smoothing vector (and rotation), minus random bf16 low-rank factors, then RTN per output channel, all jitted on the
 device layer stack by layer stack (`build_w4a4_expert`). Timing does not depend on the values.
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,12 +12,20 @@ import math
 
 import numpy as np
 
-from bench.random_weights import (block_linear_of, fill_random, hash_normalish, hash_uniform, layer_kernel,
-                                  layer_seed, leaf_seed)
+from bench.random_weights import (
+    block_linear_of,
+    fill_random,
+    hash_normalish,
+    hash_uniform,
+    layer_kernel,
+    layer_seed,
+    leaf_seed,
+)
 
 
-def quantized_skeleton(cfg, *, nbins: int, rank: int = 32, recipe="default", dtype=None, mode: str = "real",
-                       rotate: bool = True):
+def quantized_skeleton(
+    cfg, *, nbins: int, rank: int = 32, recipe="default", dtype=None, mode: str = "real", rotate: bool = True
+):
     """The abstract (shape-only, ``nnx.eval_shape``) quantized expert: every ``BLOCK_LINEARS`` layer a stacked
     ``QLinear`` with the recipe's formats (``quant.quantize.layer_config``), a smoothing vector, rotation signs if
     the recipe rotates, a rank-``rank`` bf16 low-rank branch (none if 0), the Linear's bias and ``nbins``-entry
@@ -42,18 +51,30 @@ def quantized_skeleton(cfg, *, nbins: int, rank: int = 32, recipe="default", dty
             num_layers, k, n = lin.kernel.shape
             c = layer_config(rec, k, n, nbins)
             if c.real_mode_problem():
-                raise ValueError(f"quantized_skeleton: recipe {rec.name!r} gives {path} a layer the kernels cannot "
-                                 f"run: {c.real_mode_problem()}")
+                raise ValueError(
+                    f"quantized_skeleton: recipe {rec.name!r} gives {path} a layer the kernels cannot "
+                    f"run: {c.real_mode_problem()}"
+                )
             r = min(rank, k, n)
-            lowrank = {} if r == 0 else {"down": jnp.zeros((num_layers, k, r), jnp.bfloat16),
-                                          "up": jnp.zeros((num_layers, r, n), jnp.bfloat16)}
+            lowrank = (
+                {}
+                if r == 0
+                else {
+                    "down": jnp.zeros((num_layers, k, r), jnp.bfloat16),
+                    "up": jnp.zeros((num_layers, r, n), jnp.bfloat16),
+                }
+            )
             qlayers[path] = QLinear(
-                c, qweight=jnp.zeros((num_layers, n, k // 2), jnp.uint8),
+                c,
+                qweight=jnp.zeros((num_layers, n, k // 2), jnp.uint8),
                 wscale=jnp.zeros((num_layers, n, k // c.w_group), jnp.float32),
                 smooth=jnp.ones((num_layers, k), jnp.float32),
                 rot_signs=jnp.ones((num_layers, k), jnp.float32) if rotates else None,
                 bias=None if lin.bias is None else jnp.zeros((num_layers, n), dtype),
-                act_clip=jnp.ones((num_layers, nbins), jnp.float32), path=path, **lowrank)
+                act_clip=jnp.ones((num_layers, nbins), jnp.float32),
+                path=path,
+                **lowrank,
+            )
         return quantize_model(model, qlayers, mode=mode)
 
     return nnx.eval_shape(make)
@@ -90,8 +111,9 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
         if rank:
             down = (hash_normalish(layer_seed(s_d, layer), (k, rank)) / math.sqrt(k)).astype(jnp.bfloat16)
             up = (hash_normalish(layer_seed(s_u, layer), (rank, n)) * (0.1 / math.sqrt(rank))).astype(jnp.bfloat16)
-            w_eff = w_eff - jnp.dot(down.astype(jnp.float32), up.astype(jnp.float32),
-                                    precision=jax.lax.Precision.HIGHEST)
+            w_eff = w_eff - jnp.dot(
+                down.astype(jnp.float32), up.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+            )
         qt = formats.quantize_int4(w_eff.T, nonfinite="nan").pack()
         return qt.codes, qt.scales, s, signs, down, up
 
@@ -101,8 +123,7 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
     return jax.jit(build)
 
 
-def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real",
-                      rotate: bool = True):
+def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real", rotate: bool = True):
     """A W4A4 expert of ``default``-recipe structure quantized (RTN, no calibration) from the random bf16 expert of
     the same ``seed`` (:func:`random_bf16_expert`), made on the device layer stack by layer stack."""
     import jax.numpy as jnp
@@ -128,10 +149,12 @@ def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: s
             q = get_submodule(skeleton, path)
             rot = 0 if q.rot_signs is None else hadamard_block_size(2 * kh, q.config.rot_block)
             fn = _qlinear_builder(num_layers, 2 * kh, n, r, np.dtype(jnp.bfloat16), rot)
-            out = fn(*(np.uint32(leaf_seed(seed, f"{path}.{p}"))
-                       for p in ("kernel", "smooth", "rot_signs", "down", "up")))
-            cache[path] = {f: a for f, a in zip(("qweight", "wscale", "smooth", "rot_signs", "down", "up"), out)
-                           if a is not None}
+            out = fn(
+                *(np.uint32(leaf_seed(seed, f"{path}.{p}")) for p in ("kernel", "smooth", "rot_signs", "down", "up"))
+            )
+            cache[path] = {
+                f: a for f, a in zip(("qweight", "wscale", "smooth", "rot_signs", "down", "up"), out) if a is not None
+            }
         value = cache[path].pop(field)
         if not cache[path]:
             del cache[path]
@@ -159,4 +182,3 @@ def default_bins():
     from wanjax.sampling.schedule import flow_schedule
 
     return seed_bins(flow_schedule(40, shift=5.0))
-

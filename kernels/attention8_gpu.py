@@ -38,9 +38,9 @@ import jax.experimental.pallas as pl
 from .attention8_reference import DEFAULT, FP8_MAX, LOG2E, P_OFFSET, Attn8Config, QKV8, quantize_qkv
 
 try:  # Mosaic GPU is part of jax, but keep the module importable on hosts whose jax lacks it
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover
-  plgpu = None
+    plgpu = None
 
 #: set True only after tests/test_attention8_gpu.py and bench/attention8.py passed on an H100
 VERIFIED = False
@@ -48,158 +48,170 @@ VERIFIED = False
 
 @dataclasses.dataclass(frozen=True)
 class GPUConfig:
-  block_q: int = 64       # query rows per compute warpgroup (2 per CTA)
-  block_kv: int = 128     # keys per tile (= the reference's kv_block and the K scale block)
-  stages: int = 2         # K / V^T ring depth
+    block_q: int = 64  # query rows per compute warpgroup (2 per CTA)
+    block_kv: int = 128  # keys per tile (= the reference's kv_block and the K scale block)
+    stages: int = 2  # K / V^T ring depth
 
 
 def prepare(x: QKV8, d: int):
-  """Kernel operands from the pre-pass: q8, k8 [B, N, S, D] int8; vt8 [B, N, D, S] e4m3; row [B, N, Sq] f32 (times
-  sm_scale * log2 e); col [B, N, Sk] f32; v_scale [B, N, D] f32."""
-  row = x.q_scale_tokens() * jnp.float32(LOG2E / math.sqrt(d))
-  return x.q, x.k, jnp.swapaxes(x.v, 2, 3), row, x.k_scale_tokens(), x.v_scale
+    """Kernel operands from the pre-pass: q8, k8 [B, N, S, D] int8; vt8 [B, N, D, S] e4m3; row [B, N, Sq] f32 (times
+    sm_scale * log2 e); col [B, N, Sk] f32; v_scale [B, N, D] f32."""
+    row = x.q_scale_tokens() * jnp.float32(LOG2E / math.sqrt(d))
+    return x.q, x.k, jnp.swapaxes(x.v, 2, 3), row, x.k_scale_tokens(), x.v_scale
 
 
 def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
-  bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
-  nkv = skp // bkv
-  stages = min(stages, nkv)
-  f32 = jnp.float32
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    nkv = skp // bkv
+    stages = min(stages, nkv)
+    f32 = jnp.float32
 
-  def kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, scoped):
-    (q_smem2, o_smem2, p_smem2, k_smem, vt_smem, col_smem), (q_bar, k_bar, c_bar, v_bar), (k_done, v_done) = scoped
-    bi, h = lax.axis_index("batch"), lax.axis_index("heads")
-    wg = lax.axis_index("wg")
+    def kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, scoped):
+        (q_smem2, o_smem2, p_smem2, k_smem, vt_smem, col_smem), (q_bar, k_bar, c_bar, v_bar), (k_done, v_done) = scoped
+        bi, h = lax.axis_index("batch"), lax.axis_index("heads")
+        wg = lax.axis_index("wg")
 
-    @pl.when(wg < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-      q_smem, o_smem, p_smem = q_smem2.at[wg], o_smem2.at[wg], p_smem2.at[wg]
-      q0 = lax.axis_index("q_seq") * (2 * bq) + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, h, pl.ds(q0, bq)], q_smem, q_bar.at[wg])
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      col_layout = plgpu.Layout.WGMMA.reduce(0)
-      row = plgpu.load(row_ref.at[bi, h, pl.ds(q0, bq)], layout=row_layout, optimized=False)
-      vs = plgpu.load(vs_ref.at[bi, h], layout=col_layout, optimized=False)
-      plgpu.barrier_wait(q_bar.at[wg])
-      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), row_layout)
-      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), row_layout)
-      acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, f32), plgpu.Layout.WGMMA)
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, o_smem, p_smem = q_smem2.at[wg], o_smem2.at[wg], p_smem2.at[wg]
+            q0 = lax.axis_index("q_seq") * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, h, pl.ds(q0, bq)], q_smem, q_bar.at[wg])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            col_layout = plgpu.Layout.WGMMA.reduce(0)
+            row = plgpu.load(row_ref.at[bi, h, pl.ds(q0, bq)], layout=row_layout, optimized=False)
+            vs = plgpu.load(vs_ref.at[bi, h], layout=col_layout, optimized=False)
+            plgpu.barrier_wait(q_bar.at[wg])
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, f32), row_layout)
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), row_layout)
+            acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, f32), plgpu.Layout.WGMMA)
 
-      def step(j, carry):
-        acc, m_i, l_i = carry
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(c_bar.at[slot])
+            def step(j, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(c_bar.at[slot])
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
 
-        s32 = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.int32))
-        col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
-        plgpu.barrier_arrive(k_done.at[slot])
-        s = s32.astype(f32) * lax.broadcast_in_dim(row, (bq, bkv), [0]) * lax.broadcast_in_dim(col, (bq, bkv), [1])
-        key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(key < sk, s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
-        plgpu.commit_smem()
-        plgpu.barrier_wait(v_bar.at[slot])
+                s32 = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.int32))
+                col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
+                plgpu.barrier_arrive(k_done.at[slot])
+                s = (
+                    s32.astype(f32)
+                    * lax.broadcast_in_dim(row, (bq, bkv), [0])
+                    * lax.broadcast_in_dim(col, (bq, bkv), [1])
+                )
+                key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(key < sk, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_bar.at[slot])
 
-        def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
-          plgpu.wgmma(acc_ref, p_smem, vt_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
+                def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
+                    plgpu.wgmma(acc_ref, p_smem, vt_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
 
-        part = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
-        plgpu.barrier_arrive(v_done.at[slot])
-        acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
-        return acc, m_new, l_i
+                part = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
+                plgpu.barrier_arrive(v_done.at[slot])
+                acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
+                return acc, m_new, l_i
 
-      acc, m_i, l_i = lax.fori_loop(0, nkv, step, (acc, m_i, l_i))
-      out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0]) * lax.broadcast_in_dim(vs, (bq, d), [1])
-      o_smem[...] = out.astype(jnp.bfloat16)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, h, pl.ds(q0, bq)])
-      plgpu.wait_smem_to_gmem(0)
+            acc, m_i, l_i = lax.fori_loop(0, nkv, step, (acc, m_i, l_i))
+            out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0]) * lax.broadcast_in_dim(vs, (bq, d), [1])
+            o_smem[...] = out.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, h, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
 
-      def load(j, slot):
-        ks = pl.ds(j * bkv, bkv)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, h, ks], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(col_ref.at[bi, h, ks], col_smem.at[slot], c_bar.at[slot])
-        plgpu.copy_gmem_to_smem(vt_ref.at[bi, h, :, ks], vt_smem.at[slot], v_bar.at[slot])
+            def load(j, slot):
+                ks = pl.ds(j * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, h, ks], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(col_ref.at[bi, h, ks], col_smem.at[slot], c_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vt_ref.at[bi, h, :, ks], vt_smem.at[slot], v_bar.at[slot])
 
-      for i in range(stages):
-        load(i, i)
+            for i in range(stages):
+                load(i, i)
 
-      @pl.loop(0, nkv - stages)
-      def _ring(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_done.at[slot])
-        plgpu.barrier_wait(v_done.at[slot])
-        load(j + stages, slot)
+            @pl.loop(0, nkv - stages)
+            def _ring(j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_done.at[slot])
+                plgpu.barrier_wait(v_done.at[slot])
+                load(j + stages, slot)
 
-      @pl.loop(nkv - stages, nkv)  # observe the last consumptions too (barrier phases end balanced)
-      def _drain(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_done.at[slot])
-        plgpu.barrier_wait(v_done.at[slot])
+            @pl.loop(nkv - stages, nkv)  # observe the last consumptions too (barrier phases end balanced)
+            def _drain(j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_done.at[slot])
+                plgpu.barrier_wait(v_done.at[slot])
 
-  def entry(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref):
-    t8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-    t16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    smem = (plgpu.SMEM((2, bq, d), jnp.int8, transforms=t8),
+    def entry(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref):
+        t8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+        t16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = (
+            plgpu.SMEM((2, bq, d), jnp.int8, transforms=t8),
             plgpu.SMEM((2, bq, d), jnp.bfloat16, transforms=t16),
             plgpu.SMEM((2, bq, bkv), jnp.float8_e4m3fn, transforms=t8),
             plgpu.SMEM((stages, bkv, d), jnp.int8, transforms=t8),
             plgpu.SMEM((stages, d, bkv), jnp.float8_e4m3fn, transforms=t8),
-            plgpu.SMEM((stages, bkv), jnp.float32))
-    bars = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=stages),) * 3
-    done = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
-    pl.run_scoped(lambda *a: kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, a), smem, bars, done,
-                  collective_axes="wg")
+            plgpu.SMEM((stages, bkv), jnp.float32),
+        )
+        bars = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=stages),) * 3
+        done = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda *a: kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, a),
+            smem,
+            bars,
+            done,
+            collective_axes="wg",
+        )
 
-  return plgpu.kernel(
-      entry,
-      out_type=jax.ShapeDtypeStruct((b, n, sqp, d), jnp.bfloat16),
-      grid=(n, sqp // (2 * bq), b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret is True else (interpret or False),
-  )
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((b, n, sqp, d), jnp.bfloat16),
+        grid=(n, sqp // (2 * bq), b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret is True else (interpret or False),
+    )
 
 
 def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) -> jax.Array:
-  """The Mosaic GPU core on pre-quantized operands (pre-pass with q_block a multiple of 128 and kv_block =
-  cfg.block_kv); returns [B, Sq, N, D] bf16."""
-  if plgpu is None:  # pragma: no cover
-    raise NotImplementedError("attention8_gpu needs jax.experimental.pallas.mosaic_gpu")
-  b, n, sqp, d = x.q.shape
-  skp = x.k.shape[2]
-  if sqp % (2 * cfg.block_q) or skp % cfg.block_kv or d % 64:
-    raise ValueError(f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
-                     f"{cfg.block_kv}, D={d} of 64")
-  q8, k8, vt8, row, col, vs = prepare(x, d)
-  out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret)(q8, k8, vt8, row, col, vs)
-  return out[:, :, :x.sq].transpose(0, 2, 1, 3)
+    """The Mosaic GPU core on pre-quantized operands (pre-pass with q_block a multiple of 128 and kv_block =
+    cfg.block_kv); returns [B, Sq, N, D] bf16."""
+    if plgpu is None:  # pragma: no cover
+        raise NotImplementedError("attention8_gpu needs jax.experimental.pallas.mosaic_gpu")
+    b, n, sqp, d = x.q.shape
+    skp = x.k.shape[2]
+    if sqp % (2 * cfg.block_q) or skp % cfg.block_kv or d % 64:
+        raise ValueError(
+            f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
+            f"{cfg.block_kv}, D={d} of 64"
+        )
+    q8, k8, vt8, row, col, vs = prepare(x, d)
+    out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret)(q8, k8, vt8, row, col, vs)
+    return out[:, :, : x.sq].transpose(0, 2, 1, 3)
 
 
 def gpu_config_for(cfg: GPUConfig = GPUConfig()) -> Attn8Config:
-  """The pre-pass config matching the kernel's tiles."""
-  return dataclasses.replace(DEFAULT, q_block=max(128, 2 * cfg.block_q), k_block=cfg.block_kv,
-                             kv_block=cfg.block_kv)
+    """The pre-pass config matching the kernel's tiles."""
+    return dataclasses.replace(DEFAULT, q_block=max(128, 2 * cfg.block_q), k_block=cfg.block_kv, kv_block=cfg.block_kv)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def attention8_gpu(q, k, v, cfg: GPUConfig = GPUConfig()) -> jax.Array:
-  """Pre-pass (XLA) + the Mosaic GPU core: [B, S, N, D] -> [B, Sq, N, D] bf16 (draft, see the module docstring)."""
-  return attention8_gpu_core(quantize_qkv(q, k, v, gpu_config_for(cfg)), cfg)
+    """Pre-pass (XLA) + the Mosaic GPU core: [B, S, N, D] -> [B, Sq, N, D] bf16 (draft, see the module docstring)."""
+    return attention8_gpu_core(quantize_qkv(q, k, v, gpu_config_for(cfg)), cfg)

@@ -54,32 +54,32 @@ __all__ = list(_LAZY)
 
 
 class _WorkflowModule(types.ModuleType):
-  """A submodule that, called, calls its function of the same name (looked up at call time)."""
+    """A submodule that, called, calls its function of the same name (looked up at call time)."""
 
-  def __call__(self, *args, **kwargs):
-    return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 class _Package(types.ModuleType):
-  """``wanjax.quant`` itself: when the import system binds the submodule ``calibrate`` / ``quantize`` to it, that
-  submodule becomes callable (`_WorkflowModule`), however it was first imported."""
+    """``wanjax.quant`` itself: when the import system binds the submodule ``calibrate`` / ``quantize`` to it, that
+    submodule becomes callable (`_WorkflowModule`), however it was first imported."""
 
-  def __setattr__(self, name, value):
-    if name in _CALLABLE_SUBMODULES and type(value) is types.ModuleType:
-      value.__class__ = _WorkflowModule
-    super().__setattr__(name, value)
+    def __setattr__(self, name, value):
+        if name in _CALLABLE_SUBMODULES and type(value) is types.ModuleType:
+            value.__class__ = _WorkflowModule
+        super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
-  if name in _LAZY:
-    sub, attr = _LAZY[name]
-    mod = importlib.import_module(f"{__name__}.{sub}")
-    return mod if name in _CALLABLE_SUBMODULES else getattr(mod, attr)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _LAZY:
+        sub, attr = _LAZY[name]
+        mod = importlib.import_module(f"{__name__}.{sub}")
+        return mod if name in _CALLABLE_SUBMODULES else getattr(mod, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__))

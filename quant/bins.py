@@ -17,6 +17,7 @@ comparison against a small table of lower edges): a timestep on the schedule map
 two bins goes to the bin above it; the expert boundary is respected (``t >= boundary * T`` only ever maps to a
 high-noise bin).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,7 @@ EXPERTS = ("high", "low")
 
 #: The seed's fractional cut points (r < cut opens the next bin) and names, per expert.
 SEED_FRACTIONS = {"high": (0.33, 0.66), "low": (0.20, 0.70)}
-SEED_BIN_NAMES = {"high": ("high_early", "high_mid", "boundary_pre"),
-                  "low": ("boundary_post", "low_mid", "low_late")}
+SEED_BIN_NAMES = {"high": ("high_early", "high_mid", "boundary_pre"), "low": ("boundary_post", "low_mid", "low_late")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,10 @@ class TimestepBins:
 
     def table(self) -> list[dict]:
         """One dict per bin: name, expert, number of steps, timestep range (for reports and tests)."""
-        return [dict(name=n, expert=e, steps=len(s), t_max=hi, t_min=lo)
-                for n, e, s, hi, lo in zip(self.names, self.experts, self.steps, self.t_max, self.t_min)]
+        return [
+            dict(name=n, expert=e, steps=len(s), t_max=hi, t_min=lo)
+            for n, e, s, hi, lo in zip(self.names, self.experts, self.steps, self.t_max, self.t_min)
+        ]
 
     def to_dict(self) -> dict:
         """JSON-friendly form (saved beside calibration statistics)."""
@@ -113,10 +115,15 @@ class TimestepBins:
     def from_dict(cls, d: dict) -> "TimestepBins":
         """Inverse of `to_dict`."""
         lower = tuple(-np.inf if v is None else float(v) for v in d["lower"])
-        return cls(names=tuple(d["names"]), experts=tuple(d["experts"]),
-                   steps=tuple(tuple(int(i) for i in s) for s in d["steps"]),
-                   t_max=tuple(int(v) for v in d["t_max"]), t_min=tuple(int(v) for v in d["t_min"]),
-                   lower=lower, boundary_t=float(d["boundary_t"]))
+        return cls(
+            names=tuple(d["names"]),
+            experts=tuple(d["experts"]),
+            steps=tuple(tuple(int(i) for i in s) for s in d["steps"]),
+            t_max=tuple(int(v) for v in d["t_max"]),
+            t_min=tuple(int(v) for v in d["t_min"]),
+            lower=lower,
+            boundary_t=float(d["boundary_t"]),
+        )
 
 
 def _check_expert(expert):
@@ -129,8 +136,12 @@ def _split(n: int, cuts: Sequence[float]) -> list[int]:
     return [sum(i / n >= c for c in cuts) for i in range(n)]
 
 
-def make_bins(schedule, fractions: dict[str, Sequence[float]], names: dict[str, Sequence[str]] | None = None,
-              boundary: float = 0.900) -> TimestepBins:
+def make_bins(
+    schedule,
+    fractions: dict[str, Sequence[float]],
+    names: dict[str, Sequence[str]] | None = None,
+    boundary: float = 0.900,
+) -> TimestepBins:
     """Bins from per-expert fractional cut points.
 
     Args:
@@ -155,7 +166,7 @@ def make_bins(schedule, fractions: dict[str, Sequence[float]], names: dict[str, 
             raise ValueError(f"fractions[{expert!r}] must be increasing values in (0, 1), got {cuts}")
         idx = np.flatnonzero(high if expert == "high" else ~high)
         if idx.size == 0:
-            continue                       # e.g. a schedule that never reaches the boundary: no bins for it
+            continue  # e.g. a schedule that never reaches the boundary: no bins for it
         nb = len(cuts) + 1
         nm = list(names[expert]) if names and expert in names else [f"{expert}_{j}" for j in range(nb)]
         if len(nm) != nb:
@@ -164,8 +175,10 @@ def make_bins(schedule, fractions: dict[str, Sequence[float]], names: dict[str, 
         for j in range(nb):
             members = tuple(int(idx[i]) for i in range(idx.size) if which[i] == j)
             if not members:
-                raise ValueError(f"bin {nm[j]!r} of the {expert}-noise expert holds no step: {idx.size} steps of "
-                                 f"that expert cannot fill {nb} bins with cuts {cuts} (use fewer bins or more steps)")
+                raise ValueError(
+                    f"bin {nm[j]!r} of the {expert}-noise expert holds no step: {idx.size} steps of "
+                    f"that expert cannot fill {nb} bins with cuts {cuts} (use fewer bins or more steps)"
+                )
             out_names.append(nm[j])
             out_experts.append(expert)
             out_steps.append(members)
@@ -181,8 +194,15 @@ def make_bins(schedule, fractions: dict[str, Sequence[float]], names: dict[str, 
             lower.append(boundary_t)
         else:
             lower.append(float(t_min[b]))
-    return TimestepBins(names=tuple(out_names), experts=tuple(out_experts), steps=tuple(out_steps), t_max=t_max,
-                        t_min=t_min, lower=tuple(lower), boundary_t=boundary_t)
+    return TimestepBins(
+        names=tuple(out_names),
+        experts=tuple(out_experts),
+        steps=tuple(out_steps),
+        t_max=t_max,
+        t_min=t_min,
+        lower=tuple(lower),
+        boundary_t=boundary_t,
+    )
 
 
 def seed_bins(schedule, boundary: float = 0.900) -> TimestepBins:

@@ -50,6 +50,7 @@ The result is a `CalibStats` (lazy reader over ``work_dir``)::
 A resumed run must use the same samples, settings and model: the work dir records a content hash of every sample and
 the model's fingerprint, and a mismatch raises `CalibrationMismatchError` naming it (``restart=True`` starts over).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,12 +73,32 @@ from wanjax.model.names import BLOCK_LINEAR_NAMES
 from wanjax.model.rope import rope_cos_sin
 from wanjax.quant.bins import EXPERTS, TimestepBins, seed_bins
 from wanjax.quant.rtn import ActQuantSpec
-from wanjax.quant.stats import (ALL_BINS, CONTEXT_NAME, CalibStats, init_stats, input_name,  # noqa: F401
-                                save_stats, stat_name, to_host, update_stats)
+from wanjax.quant.stats import (
+    ALL_BINS,
+    CONTEXT_NAME,
+    CalibStats,
+    init_stats,
+    input_name,  # noqa: F401
+    save_stats,
+    stat_name,
+    to_host,
+    update_stats,
+)
 from wanjax.sampling.guidance import cfg_batch, cfg_combine, guided_velocity
 
-__all__ = ["CalibConfig", "CalibSample", "CalibStats", "CalibrationMismatchError", "calibrate",
-           "check_calibration_model", "input_name", "stat_name", "mx_act_quant_transform", "record_trajectory", "sample_fingerprint"]
+__all__ = [
+    "CalibConfig",
+    "CalibSample",
+    "CalibStats",
+    "CalibrationMismatchError",
+    "calibrate",
+    "check_calibration_model",
+    "input_name",
+    "stat_name",
+    "mx_act_quant_transform",
+    "record_trajectory",
+    "sample_fingerprint",
+]
 
 F32 = jnp.float32
 _FIRST_OF_SHARED = {"self_attn.qkv": "self_attn.q", "cross_attn.kv": "cross_attn.k"}
@@ -164,13 +185,22 @@ class CalibConfig:
     def fingerprint(self) -> dict:
         """The settings that define the statistics (a resumed run must match them)."""
         g = dataclasses.asdict(self.gen)
-        return dict(gen=json.loads(json.dumps(g, default=str)), bins=self.bins.to_dict(), cfg_mode=self.cfg_mode,
-                    hessian=self.hessian, hessian_per_bin=self.hessian_per_bin,
-                    blocks_per_group=self.blocks_per_group, reservoir=self.reservoir, rows_per_call=self.rows_per_call,
-                    sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
-                    per_layer=self.hessian_transform is not None,
-                    hessian_transform=getattr(self.hessian_transform, "__qualname__", repr(self.hessian_transform))
-                    if self.hessian_transform is not None else None, seed=self.seed)
+        return dict(
+            gen=json.loads(json.dumps(g, default=str)),
+            bins=self.bins.to_dict(),
+            cfg_mode=self.cfg_mode,
+            hessian=self.hessian,
+            hessian_per_bin=self.hessian_per_bin,
+            blocks_per_group=self.blocks_per_group,
+            reservoir=self.reservoir,
+            rows_per_call=self.rows_per_call,
+            sample_dtype=None if self.sample_dtype is None else str(jnp.dtype(self.sample_dtype)),
+            per_layer=self.hessian_transform is not None,
+            hessian_transform=getattr(self.hessian_transform, "__qualname__", repr(self.hessian_transform))
+            if self.hessian_transform is not None
+            else None,
+            seed=self.seed,
+        )
 
 
 def mx_act_quant_transform(smooth: dict | None = None, spec: ActQuantSpec | str = "mxfp4", **spec_fields) -> Callable:
@@ -205,15 +235,24 @@ def _salt(name: str) -> int:
 class _Capture:
     """The interceptor: accumulate the inputs of the target layers into ``self.acc`` (traced, functional)."""
 
-    def __init__(self, acc: dict, key, expert: str, cfg: CalibConfig, *, block_index=None, with_context=True,
-                 hacc: dict | None = None):
+    def __init__(
+        self,
+        acc: dict,
+        key,
+        expert: str,
+        cfg: CalibConfig,
+        *,
+        block_index=None,
+        with_context=True,
+        hacc: dict | None = None,
+    ):
         self.acc = dict(acc)
-        self.hacc = None if hacc is None else dict(hacc)       # per-expert Hessians (hessian_per_bin=False)
+        self.hacc = None if hacc is None else dict(hacc)  # per-expert Hessians (hessian_per_bin=False)
         self.key = key
         self.expert = expert
         self.cfg = cfg
         self.per_layer = cfg.hessian_transform is not None
-        self.block_index = block_index          # stream mode: the (traced) block index; online: None
+        self.block_index = block_index  # stream mode: the (traced) block index; online: None
         self.with_context = with_context
         self.first_inputs: dict = {}
 
@@ -228,7 +267,7 @@ class _Capture:
         y = module.apply_default(x)
         if not module.path.startswith("blocks."):
             return y
-        layer = module.path[len("blocks."):]
+        layer = module.path[len("blocks.") :]
         if layer not in BLOCK_LINEAR_NAMES:
             return y
         if self.block_index is not None:
@@ -244,11 +283,13 @@ class _Capture:
         if local in _FIRST_OF_SHARED:
             if layer != _FIRST_OF_SHARED[local] or tag in self.first_inputs:
                 if self.first_inputs.get(tag) is not x:
-                    raise RuntimeError(f"calibration capture: {module.path} was expected to read the same input as "
-                                       f"{_FIRST_OF_SHARED[local]} (shared {local}); the model changed?")
-                return y                                  # already captured (shared input)
+                    raise RuntimeError(
+                        f"calibration capture: {module.path} was expected to read the same input as "
+                        f"{_FIRST_OF_SHARED[local]} (shared {local}); the model changed?"
+                    )
+                return y  # already captured (shared input)
             self.first_inputs[tag] = x
-        xm = x.astype(module.dtype)                 # statistics of the matmul operand (what the layer multiplies)
+        xm = x.astype(module.dtype)  # statistics of the matmul operand (what the layer multiplies)
         name, key = self._entry(i, local)
         hx = None
         if self.cfg.hessian_transform is not None and self.cfg.hessian:
@@ -262,8 +303,10 @@ class _Capture:
 def _init_acc(names_k: dict[str, int], cfg: CalibConfig, dtype) -> dict:
     """Per-bin accumulators (with the Hessian only when it is kept per bin)."""
     sd = cfg.sample_dtype or dtype
-    return {n: init_stats(k, hessian=cfg.hessian and cfg.hessian_per_bin, reservoir=cfg.reservoir, sample_dtype=sd)
-            for n, k in names_k.items()}
+    return {
+        n: init_stats(k, hessian=cfg.hessian and cfg.hessian_per_bin, reservoir=cfg.reservoir, sample_dtype=sd)
+        for n, k in names_k.items()
+    }
 
 
 def _init_hacc(names_k: dict[str, int], cfg: CalibConfig):
@@ -287,8 +330,7 @@ def _model_inputs(x, y, ctx, t, cond_only: bool):
 
 
 # ------------------------------------------------------------------------------------------- trajectories
-def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None, velocity=None,
-                      progress: bool = False):
+def record_trajectory(pipe, y, context, gen, cfg_mode: str = "cond", noise=None, velocity=None, progress: bool = False):
     """Run the pipeline's denoise loop and record, per step, the latent fed to the model.
 
     ``cfg_mode="cond"`` samples with the conditional velocity only (the seed's calibration trajectory); ``"both"``
@@ -331,7 +373,7 @@ def _prepare(pipe, sample: CalibSample, gen, cfg_mode):
     if ctx.shape[0] == 1:
         if cfg_mode == "both":
             raise ValueError("cfg_mode='both' needs a [2, L, D] context (positive, negative)")
-        ctx = jnp.concatenate([ctx, ctx], 0)          # the denoise loop wants two rows; only row 0 is used
+        ctx = jnp.concatenate([ctx, ctx], 0)  # the denoise loop wants two rows; only row 0 is used
     return jnp.asarray(y, F32), ctx
 
 
@@ -372,7 +414,7 @@ def _image_digest(image, index: int) -> str | None:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
         return "file:" + h.hexdigest()
-    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):     # PIL.Image
+    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):  # PIL.Image
         return "pil:" + _sha(str(image.mode).encode(), json.dumps(list(image.size)).encode(), image.tobytes())
     return "array:" + _array_digest(image)
 
@@ -380,13 +422,18 @@ def _image_digest(image, index: int) -> str | None:
 def sample_fingerprint(sample: CalibSample, index: int = 0) -> dict:
     """Content hashes of one calibration sample: ``{"image", "prompt", "negative_prompt", "y", "context"}`` (None
     where not given) and its ``seed``."""
+
     def text(s):
         return None if s is None else _sha(s.encode())
 
-    return {"image": _image_digest(sample.image, index), "prompt": text(sample.prompt),
-            "negative_prompt": text(sample.negative_prompt),
-            "y": None if sample.y is None else _array_digest(sample.y),
-            "context": None if sample.context is None else _array_digest(sample.context), "seed": int(sample.seed)}
+    return {
+        "image": _image_digest(sample.image, index),
+        "prompt": text(sample.prompt),
+        "negative_prompt": text(sample.negative_prompt),
+        "y": None if sample.y is None else _array_digest(sample.y),
+        "context": None if sample.context is None else _array_digest(sample.context),
+        "seed": int(sample.seed),
+    }
 
 
 def _dict_diff(have, want, prefix="") -> list[str]:
@@ -397,9 +444,11 @@ def _dict_diff(have, want, prefix="") -> list[str]:
             out += _dict_diff(have.get(k), want.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     if have != want:
+
         def short(v):
             r = json.dumps(v, default=str)
             return r if len(r) <= 60 else r[:57] + "..."
+
         return [f"{prefix}: {short(have)} -> {short(want)}"]
     return []
 
@@ -446,21 +495,32 @@ def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], 
     clears the work dir's earlier run first."""
     import warnings
 
-    hashes = [sample_fingerprint(s, i) for i, s in enumerate(samples)]        # before any work: missing images
+    hashes = [sample_fingerprint(s, i) for i, s in enumerate(samples)]  # before any work: missing images
     path = os.path.join(work_dir, "manifest.json")
     if restart:
         _clear_work_dir(work_dir)
     os.makedirs(os.path.join(work_dir, "stats"), exist_ok=True)
     os.makedirs(os.path.join(work_dir, "traj"), exist_ok=True)
     fp = _model_fingerprint(pipe, cfg.experts)
-    want = json.loads(json.dumps(dict(format="wanjax.calibration/1", config=cfg.fingerprint(), samples=len(samples),
-                                      model=pipe.cfg.to_dict(), sample_hashes=hashes, model_fingerprint=fp),
-                                 default=str))
+    want = json.loads(
+        json.dumps(
+            dict(
+                format="wanjax.calibration/1",
+                config=cfg.fingerprint(),
+                samples=len(samples),
+                model=pipe.cfg.to_dict(),
+                sample_hashes=hashes,
+                model_fingerprint=fp,
+            ),
+            default=str,
+        )
+    )
     if os.path.exists(path):
         with open(path) as f:
             have = json.load(f)
-        settings = _dict_diff({k: have.get(k) for k in ("format", "config", "model")},
-                              {k: want[k] for k in ("format", "config", "model")})
+        settings = _dict_diff(
+            {k: have.get(k) for k in ("format", "config", "model")}, {k: want[k] for k in ("format", "config", "model")}
+        )
         if have.get("samples") != want["samples"]:
             settings.append(f"samples: {have.get('samples')} -> {want['samples']}")
         kinds, details = [], []
@@ -490,12 +550,15 @@ def _write_manifest(work_dir, cfg: CalibConfig, samples: Sequence[CalibSample], 
             raise CalibrationMismatchError(
                 f"{work_dir}: existing calibration run has different {' and '.join(kinds)} ({'; '.join(shown)}); "
                 "resuming would mix them: pass restart=True (wanjax quantize --restart) to discard its statistics "
-                "and start over, or use another work dir")
+                "and start over, or use another work dir"
+            )
         if not upgrade:
             return
-        warnings.warn(f"{work_dir}: the existing calibration run records no {' / '.join(upgrade)} (an older wanjax): "
-                      "cannot check that it used the same samples / model; resuming it and recording them now",
-                      stacklevel=3)
+        warnings.warn(
+            f"{work_dir}: the existing calibration run records no {' / '.join(upgrade)} (an older wanjax): "
+            "cannot check that it used the same samples / model; resuming it and recording them now",
+            stacklevel=3,
+        )
     write_json_atomic(path, want, indent=1)
 
 
@@ -510,8 +573,9 @@ def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
         raise FileNotFoundError(f"{work_dir}: no manifest.json (not a calibration directory)")
     with open(path) as f:
         have = json.load(f)
-    details = _dict_diff({"model": have.get("model")}, json.loads(json.dumps({"model": pipe.cfg.to_dict()},
-                                                                             default=str)))
+    details = _dict_diff(
+        {"model": have.get("model")}, json.loads(json.dumps({"model": pipe.cfg.to_dict()}, default=str))
+    )
     recorded = have.get("model_fingerprint")
     if recorded is not None and not details:
         fp = _model_fingerprint(pipe, tuple(recorded["experts"]))
@@ -522,8 +586,10 @@ def check_calibration_model(work_dir: str | os.PathLike, pipe) -> None:
             if problem:
                 details.append(problem)
     if details:
-        raise CalibrationMismatchError(f"{work_dir}: the calibration statistics were collected on another model "
-                                       f"({'; '.join(details[:4])}); calibrate this model instead")
+        raise CalibrationMismatchError(
+            f"{work_dir}: the calibration statistics were collected on another model "
+            f"({'; '.join(details[:4])}); calibrate this model instead"
+        )
 
 
 def _atomic_savez(path, **arrays):
@@ -531,12 +597,18 @@ def _atomic_savez(path, **arrays):
         np.savez(f, **arrays)
 
 
-
-
 # ------------------------------------------------------------------------------------------------ drivers
-def calibrate(pipe, samples: Sequence[CalibSample], cfg: CalibConfig | None = None, *, work_dir: str | os.PathLike,
-              mode: str = "stream", progress: bool = True, on_unit: Callable[[str, str], None] | None = None,
-              restart: bool = False) -> CalibStats:
+def calibrate(
+    pipe,
+    samples: Sequence[CalibSample],
+    cfg: CalibConfig | None = None,
+    *,
+    work_dir: str | os.PathLike,
+    mode: str = "stream",
+    progress: bool = True,
+    on_unit: Callable[[str, str], None] | None = None,
+    restart: bool = False,
+) -> CalibStats:
     """Calibrate ``pipe``'s experts on ``samples``; statistics go to ``work_dir`` (resumable), returned as a reader.
 
     Args:
@@ -589,9 +661,11 @@ def _check_trajectory(cfg: CalibConfig, ts, experts):
     for i, e in enumerate(experts):
         b = cfg.bins.bin_of_step(i)
         if cfg.bins.experts[b] != e:
-            raise ValueError(f"calibration bins disagree with the pipeline's expert switch at step {i} (t={ts[i]}): "
-                             f"bin {cfg.bins.names[b]!r} is {cfg.bins.experts[b]}-noise, the pipeline ran {e!r}; "
-                             f"build the bins with the same boundary ({cfg.gen.boundary})")
+            raise ValueError(
+                f"calibration bins disagree with the pipeline's expert switch at step {i} (t={ts[i]}): "
+                f"bin {cfg.bins.names[b]!r} is {cfg.bins.experts[b]}-noise, the pipeline ran {e!r}; "
+                f"build the bins with the same boundary ({cfg.gen.boundary})"
+            )
 
 
 def _save_unit(work_dir, unit_id, expert, bin_name, stats: dict):
@@ -625,19 +699,29 @@ def _run_online(pipe, samples, cfg, work_dir, progress, on_unit):
     state = {}
 
     def velocity(expert, params, x, t, guide):
-        if expert not in cfg.experts:                 # not calibrated: the plain forward drives the trajectory
+        if expert not in cfg.experts:  # not calibrated: the plain forward drives the trajectory
             return plain_jit(params, x, state["y"], state["ctx"], t, guide)
         b = cfg.bins.names[cfg.bins.index(float(t))]
-        v, accs[expert][b], haccs[expert] = fwd_jit(params, accs[expert][b], haccs[expert], x, state["y"],
-                                                    state["ctx"], t, guide, _bin_key(cfg, expert, b),
-                                                    expert=_static_expert(cfg, expert))
+        v, accs[expert][b], haccs[expert] = fwd_jit(
+            params,
+            accs[expert][b],
+            haccs[expert],
+            x,
+            state["y"],
+            state["ctx"],
+            t,
+            guide,
+            _bin_key(cfg, expert, b),
+            expert=_static_expert(cfg, expert),
+        )
         return v
 
     for k, s in enumerate(samples):
         y, ctx = _prepare(pipe, s, cfg.gen, cfg.cfg_mode)
         state.update(y=y, ctx=ctx)
-        _, ts, experts = record_trajectory(pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode,
-                                           velocity=velocity, progress=progress)
+        _, ts, experts = record_trajectory(
+            pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode, velocity=velocity, progress=progress
+        )
         _check_trajectory(cfg, ts, experts)
     for e in cfg.experts:
         for b in cfg.bins.expert_bins(e):
@@ -742,12 +826,19 @@ def _trajectories(pipe, samples, cfg, work_dir, progress, on_unit):
         if os.path.exists(path):
             continue
         y, ctx = _prepare(pipe, s, cfg.gen, cfg.cfg_mode)
-        xs, ts, experts = record_trajectory(pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode,
-                                            progress=progress)
+        xs, ts, experts = record_trajectory(
+            pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode, progress=progress
+        )
         _check_trajectory(cfg, ts, experts)
         # np.savez cannot round-trip bfloat16 (it reads back as raw '|V2'): store f32 + the dtype name
-        _atomic_savez(path, xs=np.asarray(xs, np.float32), ts=ts, y=np.asarray(y, np.float32),
-                      ctx=np.asarray(jnp.asarray(ctx, jnp.float32)), ctx_dtype=np.asarray(str(ctx.dtype)))
+        _atomic_savez(
+            path,
+            xs=np.asarray(xs, np.float32),
+            ts=ts,
+            y=np.asarray(y, np.float32),
+            ctx=np.asarray(jnp.asarray(ctx, jnp.float32)),
+            ctx_dtype=np.asarray(str(ctx.dtype)),
+        )
         if on_unit:
             on_unit("trajectory", f"sample_{k:05d}")
 
@@ -759,12 +850,16 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
     groups = [(g0, min(g0 + size, L)) for g0 in range(0, L, size)]
     per_bin = cfg.hessian_per_bin or not cfg.hessian
     # a unit: (expert, block group, bins); with per-expert Hessians all bins of a group form one unit
-    units = [(e, g0, g1, (b,) if per_bin else cfg.bins.expert_bins(e))
-             for e in cfg.experts for g0, g1 in groups for b in (cfg.bins.expert_bins(e) if per_bin else [None])]
-    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"        # noqa: E731
-    last = lambda u: uid(*u[:3], u[3][0] if per_bin else ALL_BINS)            # noqa: E731  (written last)
+    units = [
+        (e, g0, g1, (b,) if per_bin else cfg.bins.expert_bins(e))
+        for e in cfg.experts
+        for g0, g1 in groups
+        for b in (cfg.bins.expert_bins(e) if per_bin else [None])
+    ]
+    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"  # noqa: E731
+    last = lambda u: uid(*u[:3], u[3][0] if per_bin else ALL_BINS)  # noqa: E731  (written last)
     todo = [u for u in units if not os.path.exists(os.path.join(work_dir, "stats", f"{last(u)}.npz"))]
-    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])         # noqa: E731
+    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])  # noqa: E731
     bar = _bar(sum(n_steps(b) for u in todo for b in u[3]) * len(samples), "calibrate", progress)
     traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
     for expert in cfg.experts:
@@ -830,8 +925,18 @@ def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid
                 h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
                 for j in range(g0, g1):
                     h, accs[j - g0], haccs[j - g0] = capture(
-                        params, j, h, e0, ctx_e, rope, accs[j - g0], haccs[j - g0], key,
-                        expert=_static_expert(cfg, e), with_context=with_ctx and j == g0)
+                        params,
+                        j,
+                        h,
+                        e0,
+                        ctx_e,
+                        rope,
+                        accs[j - g0],
+                        haccs[j - g0],
+                        key,
+                        expert=_static_expert(cfg, e),
+                        with_context=with_ctx and j == g0,
+                    )
                 if bar is not None:
                     bar.update(1)
         _save_unit(work_dir, uid(e, g0, g1, b), e, b, collect(accs))

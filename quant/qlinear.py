@@ -78,123 +78,133 @@ REAL_MX_BLOCK = 32  # the MXFP4 block mode="real" runs (kernels.dispatch.mxfp4_l
 
 @contextlib.contextmanager
 def active_bin(index):
-  """Selects the timestep bin used by every :class:`QLinear` traced inside the block.
+    """Selects the timestep bin used by every :class:`QLinear` traced inside the block.
 
-  ``index`` is a Python int or an int32 scalar (traced inside ``jax.jit``: pass it as an argument of the jitted
-  function so that every bin runs the same compiled program). Out-of-range indices are clamped by JAX's gather.
-  """
-  token = _ACTIVE_BIN.set(index)
-  try:
-    yield
-  finally:
-    _ACTIVE_BIN.reset(token)
+    ``index`` is a Python int or an int32 scalar (traced inside ``jax.jit``: pass it as an argument of the jitted
+    function so that every bin runs the same compiled program). Out-of-range indices are clamped by JAX's gather.
+    """
+    token = _ACTIVE_BIN.set(index)
+    try:
+        yield
+    finally:
+        _ACTIVE_BIN.reset(token)
 
 
 def current_bin():
-  """The bin index set by the innermost :func:`active_bin`, or None."""
-  return _ACTIVE_BIN.get()
+    """The bin index set by the innermost :func:`active_bin`, or None."""
+    return _ACTIVE_BIN.get()
 
 
 class QVar(nnx.Variable):
-  """Variable type of every quantized-layer array (codes, scales, smoothing, low-rank, bin tables)."""
+    """Variable type of every quantized-layer array (codes, scales, smoothing, low-rank, bin tables)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class QLinearConfig:
-  """Static description of a quantized linear (hashable; part of the graph definition, not of the state).
+    """Static description of a quantized linear (hashable; part of the graph definition, not of the state).
 
-  The activation quantizer is stored as the flat ``a_*`` fields (the format artifacts serialize) and used as one
-  `wanjax.quant.rtn.ActQuantSpec`: :attr:`act_spec` (``act_fields`` builds the fields from a spec).
+    The activation quantizer is stored as the flat ``a_*`` fields (the format artifacts serialize) and used as one
+    `wanjax.quant.rtn.ActQuantSpec`: :attr:`act_spec` (``act_fields`` builds the fields from a spec).
 
-  Attributes:
-    in_features, out_features: K and N.
-    w_fmt: weight format ``"int4" | "int8" | "mxfp4" | "nvfp4"``.
-    w_group: elements per weight scale along K (K for per-channel int scales; 32 mxfp4; 16 nvfp4).
-    a_fmt: activation format (same choices) or None for weight-only quantization.
-    a_group: activation group along K (None = one scale per token for int formats; block size for FP4).
-    a_scale_rule: mxfp4 activation scale rule (``"safe_ceil"``, the seed's, or ``"ocp_floor"``).
-    act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats only).
-    rot_block: largest Hadamard block (None: the largest power of two dividing K; see
-      ``numerics.hadamard.hadamard_block_size``).
-    nbins: number of timestep bins (leading axis of the bin tables).
-  """
+    Attributes:
+      in_features, out_features: K and N.
+      w_fmt: weight format ``"int4" | "int8" | "mxfp4" | "nvfp4"``.
+      w_group: elements per weight scale along K (K for per-channel int scales; 32 mxfp4; 16 nvfp4).
+      a_fmt: activation format (same choices) or None for weight-only quantization.
+      a_group: activation group along K (None = one scale per token for int formats; block size for FP4).
+      a_scale_rule: mxfp4 activation scale rule (``"safe_ceil"``, the seed's, or ``"ocp_floor"``).
+      act_mode: ``"dynamic"`` (per-token abs-max x clip[bin]) or ``"static"`` (per-bin scale, int formats only).
+      rot_block: largest Hadamard block (None: the largest power of two dividing K; see
+        ``numerics.hadamard.hadamard_block_size``).
+      nbins: number of timestep bins (leading axis of the bin tables).
+    """
 
-  in_features: int
-  out_features: int
-  w_fmt: str = "int4"
-  w_group: int | None = None
-  a_fmt: str | None = "int4"
-  a_group: int | None = None
-  a_scale_rule: str = "safe_ceil"
-  act_mode: str = "dynamic"
-  rot_block: int | None = None
-  nbins: int = 1
+    in_features: int
+    out_features: int
+    w_fmt: str = "int4"
+    w_group: int | None = None
+    a_fmt: str | None = "int4"
+    a_group: int | None = None
+    a_scale_rule: str = "safe_ceil"
+    act_mode: str = "dynamic"
+    rot_block: int | None = None
+    nbins: int = 1
 
-  def __post_init__(self):
-    if self.w_fmt not in _W_FMTS:
-      raise ValueError(f"QLinearConfig: w_fmt must be one of {_W_FMTS}, got {self.w_fmt!r}")
-    if self.a_fmt not in _A_FMTS:
-      raise ValueError(f"QLinearConfig: a_fmt must be one of {_A_FMTS}, got {self.a_fmt!r}")
-    if self.act_mode not in ACT_MODES:
-      raise ValueError(f"QLinearConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
-    if self.act_mode == "static" and self.a_fmt not in INT_FORMATS:
-      raise ValueError(f"QLinearConfig: act_mode='static' needs a_fmt int4/int8, got {self.a_fmt!r}")
-    if self.act_mode == "static" and self.a_group is not None:
-      raise ValueError("QLinearConfig: act_mode='static' uses one scale per bin (a_group must be None), got "
-                       f"a_group={self.a_group}")
-    if self.nbins < 1:
-      raise ValueError(f"QLinearConfig: nbins must be >= 1, got {self.nbins}")
-    if self.in_features % 2:
-      raise ValueError(f"QLinearConfig: in_features must be even (two 4-bit codes per byte), got {self.in_features}")
-    g = self.in_features if self.w_group is None else self.w_group
-    if self.in_features % g:
-      raise ValueError(f"QLinearConfig: w_group={g} does not divide in_features={self.in_features}")
-    object.__setattr__(self, "w_group", g)
+    def __post_init__(self):
+        if self.w_fmt not in _W_FMTS:
+            raise ValueError(f"QLinearConfig: w_fmt must be one of {_W_FMTS}, got {self.w_fmt!r}")
+        if self.a_fmt not in _A_FMTS:
+            raise ValueError(f"QLinearConfig: a_fmt must be one of {_A_FMTS}, got {self.a_fmt!r}")
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"QLinearConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+        if self.act_mode == "static" and self.a_fmt not in INT_FORMATS:
+            raise ValueError(f"QLinearConfig: act_mode='static' needs a_fmt int4/int8, got {self.a_fmt!r}")
+        if self.act_mode == "static" and self.a_group is not None:
+            raise ValueError(
+                "QLinearConfig: act_mode='static' uses one scale per bin (a_group must be None), got "
+                f"a_group={self.a_group}"
+            )
+        if self.nbins < 1:
+            raise ValueError(f"QLinearConfig: nbins must be >= 1, got {self.nbins}")
+        if self.in_features % 2:
+            raise ValueError(
+                f"QLinearConfig: in_features must be even (two 4-bit codes per byte), got {self.in_features}"
+            )
+        g = self.in_features if self.w_group is None else self.w_group
+        if self.in_features % g:
+            raise ValueError(f"QLinearConfig: w_group={g} does not divide in_features={self.in_features}")
+        object.__setattr__(self, "w_group", g)
 
-  @property
-  def act_spec(self) -> ActQuantSpec | None:
-    """The activation quantizer of the layer (`wanjax.quant.rtn.ActQuantSpec` from the ``a_*`` fields; None for
-    weight-only layers). Its clip / exponent offset / static scale come from the per-bin tables at call time; with
-    ``act_mode="static"`` the table's scale goes to ``ActQuantSpec.qdq(static_scale=...)``."""
-    if self.a_fmt is None:
-      return None
-    return ActQuantSpec(self.a_fmt, self.a_group, scale_rule=self.a_scale_rule)
+    @property
+    def act_spec(self) -> ActQuantSpec | None:
+        """The activation quantizer of the layer (`wanjax.quant.rtn.ActQuantSpec` from the ``a_*`` fields; None for
+        weight-only layers). Its clip / exponent offset / static scale come from the per-bin tables at call time; with
+        ``act_mode="static"`` the table's scale goes to ``ActQuantSpec.qdq(static_scale=...)``."""
+        if self.a_fmt is None:
+            return None
+        return ActQuantSpec(self.a_fmt, self.a_group, scale_rule=self.a_scale_rule)
 
-  @staticmethod
-  def act_fields(spec: ActQuantSpec | None) -> dict:
-    """The ``a_*`` fields (``a_fmt``, ``a_group``, ``a_scale_rule``) that describe ``spec``; the inverse of
-    :attr:`act_spec` (the fields are what artifacts serialize)."""
-    if spec is None:
-      return {"a_fmt": None, "a_group": None, "a_scale_rule": "safe_ceil"}
-    return {"a_fmt": spec.fmt, "a_group": spec.group_size, "a_scale_rule": spec.scale_rule}
+    @staticmethod
+    def act_fields(spec: ActQuantSpec | None) -> dict:
+        """The ``a_*`` fields (``a_fmt``, ``a_group``, ``a_scale_rule``) that describe ``spec``; the inverse of
+        :attr:`act_spec` (the fields are what artifacts serialize)."""
+        if spec is None:
+            return {"a_fmt": None, "a_group": None, "a_scale_rule": "safe_ceil"}
+        return {"a_fmt": spec.fmt, "a_group": spec.group_size, "a_scale_rule": spec.scale_rule}
 
-  @property
-  def packed(self) -> bool:
-    """Whether the weight codes are packed two per byte."""
-    return self.w_fmt in formats.FOUR_BIT_FORMATS
+    @property
+    def packed(self) -> bool:
+        """Whether the weight codes are packed two per byte."""
+        return self.w_fmt in formats.FOUR_BIT_FORMATS
 
-  def real_mode_problem(self) -> str | None:
-    """Why ``mode="real"`` cannot run this layer (None if it can)."""
-    if self.w_fmt == "mxfp4" and self.w_group == REAL_MX_BLOCK:
-      if self.a_fmt != "mxfp4" or (self.a_group or REAL_MX_BLOCK) != REAL_MX_BLOCK:
-        return (f"weights are mxfp4 but activations are {self.a_fmt} with group {self.a_group}; the MXFP4 kernels "
-                f"need mxfp4 activations in blocks of {REAL_MX_BLOCK}")
-      return None
-    if self.w_fmt != "int4" or self.w_group not in (self.in_features, REAL_W_GROUP):
-      return (f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
-              f"groups of {REAL_W_GROUP} along K, or mxfp4 in blocks of {REAL_MX_BLOCK} (with mxfp4 activations)")
-    if self.a_fmt != "int4" or self.a_group is not None:
-      return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
-    return None
+    def real_mode_problem(self) -> str | None:
+        """Why ``mode="real"`` cannot run this layer (None if it can)."""
+        if self.w_fmt == "mxfp4" and self.w_group == REAL_MX_BLOCK:
+            if self.a_fmt != "mxfp4" or (self.a_group or REAL_MX_BLOCK) != REAL_MX_BLOCK:
+                return (
+                    f"weights are mxfp4 but activations are {self.a_fmt} with group {self.a_group}; the MXFP4 kernels "
+                    f"need mxfp4 activations in blocks of {REAL_MX_BLOCK}"
+                )
+            return None
+        if self.w_fmt != "int4" or self.w_group not in (self.in_features, REAL_W_GROUP):
+            return (
+                f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
+                f"groups of {REAL_W_GROUP} along K, or mxfp4 in blocks of {REAL_MX_BLOCK} (with mxfp4 activations)"
+            )
+        if self.a_fmt != "int4" or self.a_group is not None:
+            return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
+        return None
 
 
 def _check_shape(path, name, arr, expected):
-  if arr is None:
-    return
-  got = tuple(arr.shape)
-  if got[len(got) - len(expected):] != tuple(expected) or len(got) - len(expected) not in (0, 1):
-    raise ValueError(f"QLinear {path!r}: {name} must have shape {tuple(expected)} (optionally with a leading layer "
-                     f"axis), got {got}")
+    if arr is None:
+        return
+    got = tuple(arr.shape)
+    if got[len(got) - len(expected) :] != tuple(expected) or len(got) - len(expected) not in (0, 1):
+        raise ValueError(
+            f"QLinear {path!r}: {name} must have shape {tuple(expected)} (optionally with a leading layer "
+            f"axis), got {got}"
+        )
 
 
 # weight format -> the dtype of its kernel-ready weights (``kweight``)
@@ -202,200 +212,293 @@ KERNEL_WEIGHT_DTYPES = {"mxfp4": jnp.float8_e4m3fn, "int4": jnp.int8}
 
 
 def _check_kernel_weights(c: QLinearConfig, path: str, kweight, kscale) -> None:
-  """``kweight`` / ``kscale`` (kernel-ready weights): together; mxfp4 (e4m3) or per-channel int4 (int8) layers only;
-  [N, K] and f32 [N]."""
-  if kweight is None and kscale is None:
-    return
-  if kweight is None or kscale is None:
-    raise ValueError(f"QLinear {path!r}: kweight and kscale come together (got kweight={kweight is not None}, "
-                     f"kscale={kscale is not None})")
-  if c.w_fmt not in KERNEL_WEIGHT_DTYPES or (c.w_fmt == "int4" and c.w_group != c.in_features):
-    raise ValueError(f"QLinear {path!r}: kweight (kernel-ready weights) is for mxfp4 or per-channel int4 weights, "
-                     f"the layer's are {c.w_fmt} with group {c.w_group}")
-  want = KERNEL_WEIGHT_DTYPES[c.w_fmt]
-  if jnp.dtype(kweight.dtype) != want or jnp.dtype(kscale.dtype) != jnp.float32:
-    raise ValueError(f"QLinear {path!r}: kweight must be {jnp.dtype(want).name} and kscale float32 for {c.w_fmt} "
-                     f"weights (from quant.apply.prepare_kernel_weights), got {kweight.dtype} and {kscale.dtype}")
-  _check_shape(path, "kweight", kweight, (c.out_features, c.in_features))
-  _check_shape(path, "kscale", kscale, (c.out_features,))
+    """``kweight`` / ``kscale`` (kernel-ready weights): together; mxfp4 (e4m3) or per-channel int4 (int8) layers only;
+    [N, K] and f32 [N]."""
+    if kweight is None and kscale is None:
+        return
+    if kweight is None or kscale is None:
+        raise ValueError(
+            f"QLinear {path!r}: kweight and kscale come together (got kweight={kweight is not None}, "
+            f"kscale={kscale is not None})"
+        )
+    if c.w_fmt not in KERNEL_WEIGHT_DTYPES or (c.w_fmt == "int4" and c.w_group != c.in_features):
+        raise ValueError(
+            f"QLinear {path!r}: kweight (kernel-ready weights) is for mxfp4 or per-channel int4 weights, "
+            f"the layer's are {c.w_fmt} with group {c.w_group}"
+        )
+    want = KERNEL_WEIGHT_DTYPES[c.w_fmt]
+    if jnp.dtype(kweight.dtype) != want or jnp.dtype(kscale.dtype) != jnp.float32:
+        raise ValueError(
+            f"QLinear {path!r}: kweight must be {jnp.dtype(want).name} and kscale float32 for {c.w_fmt} "
+            f"weights (from quant.apply.prepare_kernel_weights), got {kweight.dtype} and {kscale.dtype}"
+        )
+    _check_shape(path, "kweight", kweight, (c.out_features, c.in_features))
+    _check_shape(path, "kscale", kscale, (c.out_features,))
 
 
 class QLinear(nnx.Module):
-  """Quantized linear layer; see the module docstring for the variables and the forward.
+    """Quantized linear layer; see the module docstring for the variables and the forward.
 
-  Args:
-    config: :class:`QLinearConfig`.
-    qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias, kweight, kscale: arrays as in the module
-      table.
-    act_clip, act_exp_offset, act_scale: per-bin tables ``[B]`` (``act_exp_offset`` defaults to zeros;
-      ``act_scale`` is required iff ``config.act_mode == "static"``).
-    dtype: compute dtype of the matmul operands and of the result (as ``Linear.dtype``).
-    mode: ``"fake"`` or ``"real"``.
-    path: dotted layer name (``"blocks.self_attn.q"``).
-  """
+    Args:
+      config: :class:`QLinearConfig`.
+      qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias, kweight, kscale: arrays as in the module
+        table.
+      act_clip, act_exp_offset, act_scale: per-bin tables ``[B]`` (``act_exp_offset`` defaults to zeros;
+        ``act_scale`` is required iff ``config.act_mode == "static"``).
+      dtype: compute dtype of the matmul operands and of the result (as ``Linear.dtype``).
+      mode: ``"fake"`` or ``"real"``.
+      path: dotted layer name (``"blocks.self_attn.q"``).
+    """
 
-  def __init__(self, config: QLinearConfig, *, qweight, wscale, act_clip, wtensor_scale=None, smooth=None,
-               rot_signs=None, down=None, up=None, bias=None, act_exp_offset=None, act_scale=None,
-               kweight=None, kscale=None, dtype=jnp.bfloat16, mode: str = "fake", path: str = ""):
-    c = config
-    k, n = c.in_features, c.out_features
-    _check_shape(path, "qweight", qweight, (n, k // 2) if c.packed else (n, k))
-    _check_shape(path, "wscale", wscale, (n, k // c.w_group))
-    _check_shape(path, "smooth", smooth, (k,))
-    _check_shape(path, "rot_signs", rot_signs, (k,))
-    _check_shape(path, "bias", bias, (n,))
-    _check_shape(path, "act_clip", act_clip, (c.nbins,))
-    if (down is None) != (up is None):
-      raise ValueError(f"QLinear {path!r}: down and up come together (got down={down is not None}, "
-                       f"up={up is not None})")
-    if down is not None:
-      r = down.shape[-1]
-      _check_shape(path, "down", down, (k, r))
-      _check_shape(path, "up", up, (r, n))
-    if (act_scale is None) == (c.act_mode == "static"):
-      raise ValueError(f"QLinear {path!r}: act_scale [B] is required iff act_mode='static' (act_mode="
-                       f"{c.act_mode!r}, act_scale given: {act_scale is not None})")
-    if (wtensor_scale is None) == (c.w_fmt == "nvfp4"):
-      raise ValueError(f"QLinear {path!r}: wtensor_scale is required iff w_fmt='nvfp4'")
-    _check_kernel_weights(c, path, kweight, kscale)
-    if act_exp_offset is None:
-      act_exp_offset = jnp.zeros(jnp.shape(act_clip), jnp.int32)
-    _check_shape(path, "act_exp_offset", act_exp_offset, (c.nbins,))
-    _check_shape(path, "act_scale", act_scale, (c.nbins,))
-    if mode not in MODES:
-      raise ValueError(f"QLinear {path!r}: mode must be one of {MODES}, got {mode!r}")
-    if mode == "real" and c.real_mode_problem():
-      raise ValueError(f"QLinear {path!r}: mode='real' unavailable: {c.real_mode_problem()}; use mode='fake'")
+    def __init__(
+        self,
+        config: QLinearConfig,
+        *,
+        qweight,
+        wscale,
+        act_clip,
+        wtensor_scale=None,
+        smooth=None,
+        rot_signs=None,
+        down=None,
+        up=None,
+        bias=None,
+        act_exp_offset=None,
+        act_scale=None,
+        kweight=None,
+        kscale=None,
+        dtype=jnp.bfloat16,
+        mode: str = "fake",
+        path: str = "",
+    ):
+        c = config
+        k, n = c.in_features, c.out_features
+        _check_shape(path, "qweight", qweight, (n, k // 2) if c.packed else (n, k))
+        _check_shape(path, "wscale", wscale, (n, k // c.w_group))
+        _check_shape(path, "smooth", smooth, (k,))
+        _check_shape(path, "rot_signs", rot_signs, (k,))
+        _check_shape(path, "bias", bias, (n,))
+        _check_shape(path, "act_clip", act_clip, (c.nbins,))
+        if (down is None) != (up is None):
+            raise ValueError(
+                f"QLinear {path!r}: down and up come together (got down={down is not None}, up={up is not None})"
+            )
+        if down is not None:
+            r = down.shape[-1]
+            _check_shape(path, "down", down, (k, r))
+            _check_shape(path, "up", up, (r, n))
+        if (act_scale is None) == (c.act_mode == "static"):
+            raise ValueError(
+                f"QLinear {path!r}: act_scale [B] is required iff act_mode='static' (act_mode="
+                f"{c.act_mode!r}, act_scale given: {act_scale is not None})"
+            )
+        if (wtensor_scale is None) == (c.w_fmt == "nvfp4"):
+            raise ValueError(f"QLinear {path!r}: wtensor_scale is required iff w_fmt='nvfp4'")
+        _check_kernel_weights(c, path, kweight, kscale)
+        if act_exp_offset is None:
+            act_exp_offset = jnp.zeros(jnp.shape(act_clip), jnp.int32)
+        _check_shape(path, "act_exp_offset", act_exp_offset, (c.nbins,))
+        _check_shape(path, "act_scale", act_scale, (c.nbins,))
+        if mode not in MODES:
+            raise ValueError(f"QLinear {path!r}: mode must be one of {MODES}, got {mode!r}")
+        if mode == "real" and c.real_mode_problem():
+            raise ValueError(f"QLinear {path!r}: mode='real' unavailable: {c.real_mode_problem()}; use mode='fake'")
 
-    def var(a):
-      return None if a is None else QVar(jnp.asarray(a))
+        def var(a):
+            return None if a is None else QVar(jnp.asarray(a))
 
-    self.config = c
-    self.qweight = var(qweight)
-    self.wscale = var(wscale)
-    self.wtensor_scale = var(wtensor_scale)
-    self.smooth = var(smooth)
-    self.rot_signs = var(rot_signs)
-    self.down = var(down)
-    self.up = var(up)
-    self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
-    self.act_clip = var(jnp.asarray(act_clip, jnp.float32))
-    self.act_exp_offset = var(jnp.asarray(act_exp_offset, jnp.int32))
-    self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
-    self.kweight = var(kweight)
-    self.kscale = var(kscale)
-    self.in_features, self.out_features = k, n
-    self.dtype = dtype
-    self.mode = mode
-    self.path = path
+        self.config = c
+        self.qweight = var(qweight)
+        self.wscale = var(wscale)
+        self.wtensor_scale = var(wtensor_scale)
+        self.smooth = var(smooth)
+        self.rot_signs = var(rot_signs)
+        self.down = var(down)
+        self.up = var(up)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        self.act_clip = var(jnp.asarray(act_clip, jnp.float32))
+        self.act_exp_offset = var(jnp.asarray(act_exp_offset, jnp.int32))
+        self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
+        self.kweight = var(kweight)
+        self.kscale = var(kscale)
+        self.in_features, self.out_features = k, n
+        self.dtype = dtype
+        self.mode = mode
+        self.path = path
 
-  def arrays(self) -> dict:
-    """The layer's arrays by name (None where absent), e.g. for :func:`qlinear_apply`."""
-    names = ("qweight", "wscale", "wtensor_scale", "smooth", "rot_signs", "down", "up", "bias", "act_clip",
-             "act_exp_offset", "act_scale", "kweight", "kscale")
-    return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
+    def arrays(self) -> dict:
+        """The layer's arrays by name (None where absent), e.g. for :func:`qlinear_apply`."""
+        names = (
+            "qweight",
+            "wscale",
+            "wtensor_scale",
+            "smooth",
+            "rot_signs",
+            "down",
+            "up",
+            "bias",
+            "act_clip",
+            "act_exp_offset",
+            "act_scale",
+            "kweight",
+            "kscale",
+        )
+        return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.act_clip.ndim != 1:
-      raise ValueError(f"QLinear {self.path!r} is stacked (tables {tuple(self.act_clip.shape)}); it runs per block "
-                       "inside the model's scan (or index one layer out of the stacked state first)")
-    b = current_bin()
-    if b is None:
-      if self.config.nbins != 1:
-        raise ValueError(f"QLinear {self.path!r} has {self.config.nbins} timestep bins but no bin is active: call "
-                         "the model inside `with wanjax.quant.qlinear.active_bin(index):`")
-      b = 0
-    a = self.arrays()
-    return qlinear_apply(self.config, a, x, a["act_clip"][b], a["act_exp_offset"][b],
-                         None if a["act_scale"] is None else a["act_scale"][b], dtype=self.dtype, mode=self.mode)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.act_clip.ndim != 1:
+            raise ValueError(
+                f"QLinear {self.path!r} is stacked (tables {tuple(self.act_clip.shape)}); it runs per block "
+                "inside the model's scan (or index one layer out of the stacked state first)"
+            )
+        b = current_bin()
+        if b is None:
+            if self.config.nbins != 1:
+                raise ValueError(
+                    f"QLinear {self.path!r} has {self.config.nbins} timestep bins but no bin is active: call "
+                    "the model inside `with wanjax.quant.qlinear.active_bin(index):`"
+                )
+            b = 0
+        a = self.arrays()
+        return qlinear_apply(
+            self.config,
+            a,
+            x,
+            a["act_clip"][b],
+            a["act_exp_offset"][b],
+            None if a["act_scale"] is None else a["act_scale"][b],
+            dtype=self.dtype,
+            mode=self.mode,
+        )
 
 
 def _dequant_weight(c: QLinearConfig, a: dict) -> jax.Array:
-  qt = formats.QuantizedTensor(codes=a["qweight"], scales=a["wscale"], tensor_scale=a["wtensor_scale"], fmt=c.w_fmt,
-                               group_size=c.w_group, packed=c.packed)
-  return formats.dequantize(qt, jnp.float32)  # [N, K]
+    qt = formats.QuantizedTensor(
+        codes=a["qweight"],
+        scales=a["wscale"],
+        tensor_scale=a["wtensor_scale"],
+        fmt=c.w_fmt,
+        group_size=c.w_group,
+        packed=c.packed,
+    )
+    return formats.dequantize(qt, jnp.float32)  # [N, K]
 
 
 def act_qdq(c: QLinearConfig, x: jax.Array, clip, exp_offset, static_scale) -> jax.Array:
-  """Activation fake quantization of ``x [M, K]`` (float32) with one bin's table entries (may be traced):
-  ``c.act_spec.qdq``, with the static scale when ``c.act_mode == "static"``."""
-  spec = c.act_spec
-  if spec is None:
-    return x
-  if c.act_mode == "static":
-    if static_scale is None:
-      raise ValueError("QLinear: act_mode='static' needs the bin's static activation scale (act_scale)")
-    return spec.qdq(x, static_scale=static_scale)
-  return spec.qdq(x, clip=clip, exp_offset=exp_offset)
+    """Activation fake quantization of ``x [M, K]`` (float32) with one bin's table entries (may be traced):
+    ``c.act_spec.qdq``, with the static scale when ``c.act_mode == "static"``."""
+    spec = c.act_spec
+    if spec is None:
+        return x
+    if c.act_mode == "static":
+        if static_scale is None:
+            raise ValueError("QLinear: act_mode='static' needs the bin's static activation scale (act_scale)")
+        return spec.qdq(x, static_scale=static_scale)
+    return spec.qdq(x, clip=clip, exp_offset=exp_offset)
 
 
 def _dot(a, b, dtype):
-  return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _as_compute_dtype(x: jax.Array, dtype) -> jax.Array:
-  """The input as a ``dtype`` Linear sees it: rounded to a 16-bit compute dtype (bf16), as the BF16 model's matmul
-  operands are; unchanged for a float32 compute dtype. Both modes quantize this value, so fake and real agree, and
-  in real mode the kernels read 2 bytes per element instead of 4 (the producer fusion writes bf16)."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(dtype).itemsize < x.dtype.itemsize:
-    return x.astype(dtype)
-  return x
+    """The input as a ``dtype`` Linear sees it: rounded to a 16-bit compute dtype (bf16), as the BF16 model's matmul
+    operands are; unchanged for a float32 compute dtype. Both modes quantize this value, so fake and real agree, and
+    in real mode the kernels read 2 bytes per element instead of 4 (the producer fusion writes bf16)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(dtype).itemsize < x.dtype.itemsize:
+        return x.astype(dtype)
+    return x
 
 
-def qlinear_apply(c: QLinearConfig, a: dict, x: jax.Array, clip, exp_offset=0, static_scale=None, *,
-                  dtype=jnp.bfloat16, mode: str = "fake", return_inexact: bool = False):
-  """The QLinear forward as a pure function of its config, arrays ``a`` (one layer, no leading L) and one bin's
-  table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search.
+def qlinear_apply(
+    c: QLinearConfig,
+    a: dict,
+    x: jax.Array,
+    clip,
+    exp_offset=0,
+    static_scale=None,
+    *,
+    dtype=jnp.bfloat16,
+    mode: str = "fake",
+    return_inexact: bool = False,
+):
+    """The QLinear forward as a pure function of its config, arrays ``a`` (one layer, no leading L) and one bin's
+    table entries; ``x [..., K]`` -> ``[..., N]`` in ``dtype``. Used by :class:`QLinear` and the clip search.
 
-  ``return_inexact=True`` returns ``(y, inexact_rows)``: for real-mode MXFP4 on the GPU kernel, the number of
-  activation plus weight rows its FP8 re-encoding rounded (``kernels.dispatch.mxfp4_matmul``; with ``kweight`` the
-  activation rows only, the weight rows were counted by ``prepare_kernel_weights``); 0 otherwise."""
-  k = c.in_features
-  if x.shape[-1] != k:
-    raise ValueError(f"QLinear: input last dim must be in_features={k}, got shape {tuple(x.shape)}")
-  lead = x.shape[:-1]
-  x2 = _as_compute_dtype(x.reshape(-1, k), dtype)
-  smooth, signs = a.get("smooth"), a.get("rot_signs")
-  if mode == "real":
-    from wanjax.kernels import dispatch
+    ``return_inexact=True`` returns ``(y, inexact_rows)``: for real-mode MXFP4 on the GPU kernel, the number of
+    activation plus weight rows its FP8 re-encoding rounded (``kernels.dispatch.mxfp4_matmul``; with ``kweight`` the
+    activation rows only, the weight rows were counted by ``prepare_kernel_weights``); 0 otherwise."""
+    k = c.in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"QLinear: input last dim must be in_features={k}, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = _as_compute_dtype(x.reshape(-1, k), dtype)
+    smooth, signs = a.get("smooth"), a.get("rot_signs")
+    if mode == "real":
+        from wanjax.kernels import dispatch
 
-    if c.real_mode_problem():
-      raise ValueError(f"QLinear: mode='real' unavailable: {c.real_mode_problem()}")
-    inexact = jnp.int32(0)
-    if c.w_fmt == "mxfp4":
-      if signs is not None:  # rotation after the smoothing, as an XLA pass; the MXFP4 kernels see the rotated input
-        x2 = rotate_activations_mxu(x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs,
-                                    c.rot_block)
-        smooth = None
-      mx = dict(smooth=smooth, down=a.get("down"), up=a.get("up"), bias=a.get("bias"), clip=clip,
-                exp_offset=exp_offset, scale_rule=c.a_scale_rule, out_dtype=dtype, return_inexact=True)
-      if a.get("kweight") is not None:  # prepared at load time: no per-call re-encoding (weight rows counted then)
-        y, inexact = dispatch.mxfp4_linear_fp8(x2, a["kweight"], a["kscale"], **mx)
-      else:
-        y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], **mx)
-    else:
-      group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
-      if a.get("kweight") is not None:  # int4 codes unpacked to int8 once at load time
-        w, wscale = a["kweight"], a["kscale"]
-      else:
-        w, wscale = a["qweight"], (a["wscale"][:, 0] if group is None else a["wscale"])
-      y = dispatch.w4a4_linear(x2, w, wscale, smooth=smooth, down=a.get("down"), up=a.get("up"),
-                               bias=a.get("bias"), clip=clip,
-                               static_scale=static_scale if c.act_mode == "static" else None, out_dtype=dtype,
-                               group_size=group, rot_signs=signs, rot_block=c.rot_block)
-    y = y.reshape(*lead, c.out_features)
-    return (y, inexact) if return_inexact else y
-  xr = x2.astype(jnp.float32)
-  if smooth is not None:
-    xr = xr / smooth.astype(jnp.float32)
-  if signs is not None:  # the run-time numerics of the rotation (the kernels'), not the float32 transform
-    xr = rotate_activations_mxu(xr, signs, c.rot_block)
-  xq = act_qdq(c, xr, clip, exp_offset, static_scale)
-  y = _dot(xq, _dequant_weight(c, a).T, dtype)
-  if a.get("down") is not None:
-    x_lr = _dot(xr, a["down"], dtype).astype(dtype)  # as the kernels: x_lr rounded to the compute dtype
-    y = y + _dot(x_lr, a["up"], dtype)
-  if a.get("bias") is not None:
-    y = y + a["bias"].astype(jnp.float32)
-  y = y.astype(dtype).reshape(*lead, c.out_features)
-  return (y, jnp.int32(0)) if return_inexact else y
+        if c.real_mode_problem():
+            raise ValueError(f"QLinear: mode='real' unavailable: {c.real_mode_problem()}")
+        inexact = jnp.int32(0)
+        if c.w_fmt == "mxfp4":
+            if (
+                signs is not None
+            ):  # rotation after the smoothing, as an XLA pass; the MXFP4 kernels see the rotated input
+                x2 = rotate_activations_mxu(
+                    x2.astype(jnp.float32) / (1.0 if smooth is None else smooth), signs, c.rot_block
+                )
+                smooth = None
+            mx = dict(
+                smooth=smooth,
+                down=a.get("down"),
+                up=a.get("up"),
+                bias=a.get("bias"),
+                clip=clip,
+                exp_offset=exp_offset,
+                scale_rule=c.a_scale_rule,
+                out_dtype=dtype,
+                return_inexact=True,
+            )
+            if (
+                a.get("kweight") is not None
+            ):  # prepared at load time: no per-call re-encoding (weight rows counted then)
+                y, inexact = dispatch.mxfp4_linear_fp8(x2, a["kweight"], a["kscale"], **mx)
+            else:
+                y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], **mx)
+        else:
+            group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
+            if a.get("kweight") is not None:  # int4 codes unpacked to int8 once at load time
+                w, wscale = a["kweight"], a["kscale"]
+            else:
+                w, wscale = a["qweight"], (a["wscale"][:, 0] if group is None else a["wscale"])
+            y = dispatch.w4a4_linear(
+                x2,
+                w,
+                wscale,
+                smooth=smooth,
+                down=a.get("down"),
+                up=a.get("up"),
+                bias=a.get("bias"),
+                clip=clip,
+                static_scale=static_scale if c.act_mode == "static" else None,
+                out_dtype=dtype,
+                group_size=group,
+                rot_signs=signs,
+                rot_block=c.rot_block,
+            )
+        y = y.reshape(*lead, c.out_features)
+        return (y, inexact) if return_inexact else y
+    xr = x2.astype(jnp.float32)
+    if smooth is not None:
+        xr = xr / smooth.astype(jnp.float32)
+    if signs is not None:  # the run-time numerics of the rotation (the kernels'), not the float32 transform
+        xr = rotate_activations_mxu(xr, signs, c.rot_block)
+    xq = act_qdq(c, xr, clip, exp_offset, static_scale)
+    y = _dot(xq, _dequant_weight(c, a).T, dtype)
+    if a.get("down") is not None:
+        x_lr = _dot(xr, a["down"], dtype).astype(dtype)  # as the kernels: x_lr rounded to the compute dtype
+        y = y + _dot(x_lr, a["up"], dtype)
+    if a.get("bias") is not None:
+        y = y + a["bias"].astype(jnp.float32)
+    y = y.astype(dtype).reshape(*lead, c.out_features)
+    return (y, jnp.int32(0)) if return_inexact else y

@@ -20,6 +20,7 @@ Names of the calibrated inputs (`stat_name`: ``"blocks.3.self_attn.qkv"``, ``"bl
 ``"context.cross_attn.kv"``) and `CalibStats`, the lazy reader over a calibration directory written by
 `wanjax.quant.calibrate.calibrate`, live here too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,9 +36,22 @@ from wanjax.io.atomic import atomic_write
 from wanjax.model.names import BLOCK_LINEAR_NAMES
 from wanjax.quant.bins import TimestepBins
 
-__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "hessian_mean", "stride_rows",
-           "save_stats", "load_stats", "to_host", "CONTEXT_NAME", "ALL_BINS", "input_name",
-           "stat_name", "CalibStats"]
+__all__ = [
+    "LayerStats",
+    "init_stats",
+    "update_stats",
+    "merge_stats",
+    "hessian_mean",
+    "stride_rows",
+    "save_stats",
+    "load_stats",
+    "to_host",
+    "CONTEXT_NAME",
+    "ALL_BINS",
+    "input_name",
+    "stat_name",
+    "CalibStats",
+]
 
 F32 = jnp.float32
 
@@ -69,10 +83,13 @@ def init_stats(k: int, *, hessian: bool = True, reservoir: int = 0, sample_dtype
     """Empty accumulator for inputs with ``k`` channels; ``reservoir`` rows of sample (0: none)."""
     if k < 1 or reservoir < 0:
         raise ValueError(f"init_stats: need k >= 1 and reservoir >= 0, got k={k}, reservoir={reservoir}")
-    return LayerStats(absmax=jnp.zeros((k,), F32), count=jnp.zeros((), jnp.int32),
-                      hessian=jnp.zeros((k, k), F32) if hessian else None,
-                      samples=jnp.zeros((reservoir, k), sample_dtype) if reservoir else None,
-                      seen=jnp.zeros((), jnp.int32))
+    return LayerStats(
+        absmax=jnp.zeros((k,), F32),
+        count=jnp.zeros((), jnp.int32),
+        hessian=jnp.zeros((k, k), F32) if hessian else None,
+        samples=jnp.zeros((reservoir, k), sample_dtype) if reservoir else None,
+        seen=jnp.zeros((), jnp.int32),
+    )
 
 
 def stride_rows(m: int, rows_per_call: int) -> np.ndarray:
@@ -93,17 +110,23 @@ def _gram(x: jax.Array) -> jax.Array:
 
 def _reservoir(samples, seen, cand, key):
     n, m = samples.shape[0], cand.shape[0]
-    j = seen + jnp.arange(m, dtype=jnp.int32)                          # global index of each candidate
-    r = jax.random.randint(key, (m,), 0, j + 1, dtype=jnp.int32)       # uniform in [0, j]
-    slot = jnp.where(j < n, j, jnp.where(r < n, r, n))                 # n = dropped
+    j = seen + jnp.arange(m, dtype=jnp.int32)  # global index of each candidate
+    r = jax.random.randint(key, (m,), 0, j + 1, dtype=jnp.int32)  # uniform in [0, j]
+    slot = jnp.where(j < n, j, jnp.where(r < n, r, n))  # n = dropped
     winner = jax.ops.segment_max(jnp.arange(m, dtype=jnp.int32), slot, num_segments=n + 1)[:n]
     take = winner >= 0
     new = jnp.where(take[:, None], cand[jnp.clip(winner, 0, m - 1)].astype(samples.dtype), samples)
     return new, seen + m
 
 
-def update_stats(st: LayerStats, x: jax.Array, key: jax.Array | None = None, *, rows_per_call: int = 0,
-                 hessian_x: jax.Array | None = None) -> LayerStats:
+def update_stats(
+    st: LayerStats,
+    x: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    rows_per_call: int = 0,
+    hessian_x: jax.Array | None = None,
+) -> LayerStats:
     """Add the rows of ``x`` [..., K] to ``st``; pure (returns a new accumulator), traceable.
 
     Args:
@@ -167,12 +190,17 @@ def merge_stats(a: LayerStats, b: LayerStats, seed: int = 0) -> LayerStats:
         total = min(n, sa + sb)
         ka = int(rng.hypergeometric(sa, sb, total)) if sa and sb else (total if sa else 0)
         pick_a = rng.permutation(min(n, sa))[:ka]
-        pick_b = rng.permutation(min(n, sb))[:total - ka]
+        pick_b = rng.permutation(min(n, sb))[: total - ka]
         samples = np.zeros_like(a.samples)
         samples[:total] = np.concatenate([a.samples[pick_a], b.samples[pick_b]], 0)
         samples[:total] = samples[:total][rng.permutation(total)]
-    return LayerStats(absmax=np.maximum(a.absmax, b.absmax), count=np.asarray(int(a.count) + int(b.count), np.int64),
-                      hessian=hessian, samples=samples, seen=np.asarray(sa + sb, np.int64))
+    return LayerStats(
+        absmax=np.maximum(a.absmax, b.absmax),
+        count=np.asarray(int(a.count) + int(b.count), np.int64),
+        hessian=hessian,
+        samples=samples,
+        seen=np.asarray(sa + sb, np.int64),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- storage
@@ -181,7 +209,7 @@ _FIELDS = ("absmax", "count", "hessian", "samples", "seen")
 
 def _encode(a: np.ndarray) -> tuple[np.ndarray, str]:
     name = str(a.dtype)
-    if name == "bfloat16":                   # numpy's .npy has no bf16: store the raw bits
+    if name == "bfloat16":  # numpy's .npy has no bf16: store the raw bits
         return a.view(np.uint16), name
     return a, name
 
@@ -200,8 +228,8 @@ def _unpack_triu(packed: np.ndarray) -> np.ndarray:
     h = np.empty((k, k), packed.dtype)
     pos = 0
     for i in range(k):
-        h[i, i:] = packed[pos:pos + k - i]
-        h[i:, i] = packed[pos:pos + k - i]
+        h[i, i:] = packed[pos : pos + k - i]
+        h[i:, i] = packed[pos : pos + k - i]
         pos += k - i
     return h
 
@@ -218,13 +246,12 @@ def save_stats(path: str | os.PathLike, stats: dict[str, LayerStats], meta: dict
             if v is None:
                 continue
             arr = np.asarray(v)
-            if f == "hessian":                  # symmetric: keep the upper triangle (half the disk)
+            if f == "hessian":  # symmetric: keep the upper triangle (half the disk)
                 arr = _pack_triu(arr)
             arr, dt = _encode(arr)
             arrays[f"{name}/{f}"] = arr
             dtypes[f"{name}/{f}"] = dt
-    header = json.dumps({"format": "wanjax.calib_stats/1", "names": list(stats), "dtypes": dtypes,
-                         "meta": meta or {}})
+    header = json.dumps({"format": "wanjax.calib_stats/1", "names": list(stats), "dtypes": dtypes, "meta": meta or {}})
     arrays["__header__"] = np.frombuffer(header.encode(), np.uint8)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -242,13 +269,16 @@ def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStat
             raise ValueError(f"{path}: not a calibration statistics file (no __header__ entry)")
         header = json.loads(bytes(z["__header__"]).decode())
         if header.get("format") != "wanjax.calib_stats/1":
-            raise ValueError(f"{path}: unknown statistics format {header.get('format')!r}, expected "
-                             "'wanjax.calib_stats/1'")
+            raise ValueError(
+                f"{path}: unknown statistics format {header.get('format')!r}, expected 'wanjax.calib_stats/1'"
+            )
         want = header["names"] if names is None else list(names)
         missing = [n for n in want if n not in header["names"]]
         if missing:
-            raise KeyError(f"{path}: no statistics named {missing[:5]} (has {len(header['names'])} names, "
-                           f"e.g. {header['names'][:3]})")
+            raise KeyError(
+                f"{path}: no statistics named {missing[:5]} (has {len(header['names'])} names, "
+                f"e.g. {header['names'][:3]})"
+            )
         out = {}
         for name in want:
             vals = {}
@@ -268,10 +298,15 @@ def load_stats(path: str | os.PathLike, names=None) -> tuple[dict[str, LayerStat
 
 
 # ------------------------------------------------------------------------------------- names and reader
-_SHARED = {"self_attn.q": "self_attn.qkv", "self_attn.k": "self_attn.qkv", "self_attn.v": "self_attn.qkv",
-           "cross_attn.k": "cross_attn.kv", "cross_attn.v": "cross_attn.kv"}
+_SHARED = {
+    "self_attn.q": "self_attn.qkv",
+    "self_attn.k": "self_attn.qkv",
+    "self_attn.v": "self_attn.qkv",
+    "cross_attn.k": "cross_attn.kv",
+    "cross_attn.v": "cross_attn.kv",
+}
 CONTEXT_NAME = "context.cross_attn.kv"
-ALL_BINS = "all"            # bin name of per-expert Hessians (``hessian_per_bin=False``)
+ALL_BINS = "all"  # bin name of per-expert Hessians (``hessian_per_bin=False``)
 
 
 def input_name(layer: str, per_layer: bool = False) -> str:
@@ -324,8 +359,10 @@ class CalibStats:
         try:
             path = self._index[(expert, name, bin_name)]
         except KeyError:
-            raise KeyError(f"{self.work_dir}: no statistics for expert={expert!r} name={name!r} bin={bin_name!r} "
-                           f"(bins: {self.bins.names}; e.g. names {sorted({k[1] for k in self._index})[:4]})") from None
+            raise KeyError(
+                f"{self.work_dir}: no statistics for expert={expert!r} name={name!r} bin={bin_name!r} "
+                f"(bins: {self.bins.names}; e.g. names {sorted({k[1] for k in self._index})[:4]})"
+            ) from None
         return load_stats(path, [name])[0][name]
 
     def get(self, expert: str, block: int, layer: str, bin_name: str) -> LayerStats:
@@ -343,8 +380,10 @@ class CalibStats:
         if (expert, name, ALL_BINS) in self._index:
             full = self.stats(expert, name, ALL_BINS)
             if int(full.count) != int(out.count):
-                raise ValueError(f"{self.work_dir}: {expert}/{name}: per-expert Hessian has {int(full.count)} rows, "
-                                 f"the bins {int(out.count)}")
+                raise ValueError(
+                    f"{self.work_dir}: {expert}/{name}: per-expert Hessian has {int(full.count)} rows, "
+                    f"the bins {int(out.count)}"
+                )
             out = dataclasses.replace(out, hessian=full.hessian)
         return out
 

@@ -1,4 +1,5 @@
 """Shared random inputs for the W4A4 kernel tests (GPU and TPU kernels take the same operands)."""
+
 import jax.numpy as jnp
 import numpy as np
 

@@ -16,21 +16,23 @@ from wanjax.kernels import attention8_reference as R
 
 @pytest.mark.parametrize("s", [200, 300])
 def test_interpret_matches_reference(s):
-  """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail."""
-  cfg = G.GPUConfig(block_q=64, block_kv=128, stages=2)
-  key = jax.random.key(s)
-  q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (1, s, 1, 128), jnp.float32).astype(jnp.bfloat16)
-             for i in range(3))
-  pc = G.gpu_config_for(cfg)
-  x = R.quantize_qkv(q, k, v, pc)
-  want = np.asarray(R.attention8_core(x, pc), np.float32)
-  got = np.asarray(G.attention8_gpu_core(x, cfg, interpret=True), np.float32)
-  assert np.isfinite(got).all()
-  np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail."""
+    cfg = G.GPUConfig(block_q=64, block_kv=128, stages=2)
+    key = jax.random.key(s)
+    q, k, v = (
+        jax.random.normal(jax.random.fold_in(key, i), (1, s, 1, 128), jnp.float32).astype(jnp.bfloat16)
+        for i in range(3)
+    )
+    pc = G.gpu_config_for(cfg)
+    x = R.quantize_qkv(q, k, v, pc)
+    want = np.asarray(R.attention8_core(x, pc), np.float32)
+    got = np.asarray(G.attention8_gpu_core(x, cfg, interpret=True), np.float32)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
 def test_not_verified_and_shape_errors():
-  assert G.VERIFIED is False   # flip only after the H100 run (see the module docstring)
-  x = R.quantize_qkv(*(jnp.zeros((1, 64, 1, 96), jnp.bfloat16),) * 3, R.Attn8Config(q_block=64, kv_block=128))
-  with pytest.raises(ValueError, match="multiple"):
-    G.attention8_gpu_core(x)
+    assert G.VERIFIED is False  # flip only after the H100 run (see the module docstring)
+    x = R.quantize_qkv(*(jnp.zeros((1, 64, 1, 96), jnp.bfloat16),) * 3, R.Attn8Config(q_block=64, kv_block=128))
+    with pytest.raises(ValueError, match="multiple"):
+        G.attention8_gpu_core(x)

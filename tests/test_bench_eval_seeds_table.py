@@ -1,4 +1,5 @@
 """bench.eval_seeds_table: runs merged per calibration seed, paired differences, and its refusals."""
+
 import json
 
 import numpy as np
@@ -9,15 +10,25 @@ from bench import eval_seeds_table as est
 
 def _write(tmp_path, name, seed, psnr, eval_set=("a", "b"), reservoir=256):
     p = tmp_path / name
-    p.write_text(json.dumps({"eval_set": list(eval_set), "calib": {"reservoir": reservoir, "seed": seed},
-                             "platform": "cpu", "variants": [{"name": n, "psnr": v} for n, v in psnr.items()]}))
+    p.write_text(
+        json.dumps(
+            {
+                "eval_set": list(eval_set),
+                "calib": {"reservoir": reservoir, "seed": seed},
+                "platform": "cpu",
+                "variants": [{"name": n, "psnr": v} for n, v in psnr.items()],
+            }
+        )
+    )
     return str(p)
 
 
 def test_merge_and_paired_differences(tmp_path, capsys):
-    files = [_write(tmp_path, "s0.json", 0, {"default": 36.0, "svdquant": 35.5}),
-             _write(tmp_path, "s0b.json", 0, {"default": 36.0, "x": 36.4}),
-             _write(tmp_path, "s1.json", 1, {"default": 36.5, "svdquant": 35.7, "x": 36.6})]
+    files = [
+        _write(tmp_path, "s0.json", 0, {"default": 36.0, "svdquant": 35.5}),
+        _write(tmp_path, "s0b.json", 0, {"default": 36.0, "x": 36.4}),
+        _write(tmp_path, "s1.json", 1, {"default": 36.5, "svdquant": 35.7, "x": 36.6}),
+    ]
     runs = est.load_runs(files)
     assert [r["seed"] for r in runs] == [0, 1] and runs[0]["psnr"] == {"default": 36.0, "svdquant": 35.5, "x": 36.4}
     s = est.summarize(runs, "default")

@@ -1,5 +1,6 @@
 """bench.gemm on the CPU: every path runs through the dispatcher, agrees with its reference backend, and lands in the
 JSON and the markdown table; a failing path is recorded and the others go on."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,10 @@ from bench import gemm
 
 
 def test_smoke_run_json_and_table(tmp_path, capsys):
-    assert gemm.main(["--ms", "72", "--shapes", "256x512", "--iters", "2", "--results-dir", str(tmp_path),
-                      "--name", "g"]) == 0
+    assert (
+        gemm.main(["--ms", "72", "--shapes", "256x512", "--iters", "2", "--results-dir", str(tmp_path), "--name", "g"])
+        == 0
+    )
     payload = json.loads((tmp_path / "g.json").read_text())
     (row,) = payload["rows"]
     assert (row["M"], row["K"], row["N"]) == (72, 256, 512) and row["errors"] == {}
@@ -40,8 +43,10 @@ def test_a_failing_path_is_recorded(monkeypatch, tmp_path):
     def broken(L, backend):
         fns = real(L, backend)
         if backend is None:
+
             def boom(*a):
                 raise RuntimeError("planted failure")
+
             fns["e2e_g128"] = (boom, fns["e2e_g128"][1], False)
         return fns
 
@@ -60,9 +65,16 @@ def test_rel_err_and_unknown_path():
 
 
 def test_table_uses_device_times_and_marks_errors():
-    wb = {"bf16": 2 * 2 ** 20, "int4_packed+scales": 2 ** 19, "lowrank_r32": 2 ** 16}
-    row = {"M": 32760, "K": 5120, "N": 5120, "device_ms": {"xla_bf16": 2.0, "e2e_w4a4": 1.25},
-           "wall_ms": {"xla_bf16": 9.0, "e2e_w4a4": 9.0}, "errors": {"e2e_g128": "boom"}, "weight_bytes": wb}
+    wb = {"bf16": 2 * 2**20, "int4_packed+scales": 2**19, "lowrank_r32": 2**16}
+    row = {
+        "M": 32760,
+        "K": 5120,
+        "N": 5120,
+        "device_ms": {"xla_bf16": 2.0, "e2e_w4a4": 1.25},
+        "wall_ms": {"xla_bf16": 9.0, "e2e_w4a4": 9.0},
+        "errors": {"e2e_g128": "boom"},
+        "weight_bytes": wb,
+    }
     text = gemm.table({"rows": [row]})
     assert text.startswith("| path (ms, x vs XLA bf16; device time) | M=32760, 5120x5120 |")
     lines = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
@@ -76,6 +88,7 @@ def test_gpu_branch_runs_references_on_the_host(monkeypatch):
     """With a GPU the reference checks run on the host CPU (device_put of their inputs); here the GPU branch is
     forced on the CPU (CUPTI replaced) and every reference must still be computed and agree."""
     import jax
+
     put = []
     real_put = jax.device_put
 

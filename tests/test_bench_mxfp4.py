@@ -1,4 +1,5 @@
 """bench.mxfp4 on CPU: the layer it builds and its correctness checks run (the GPU timing itself runs only there)."""
+
 import bench.mxfp4 as bm
 
 
@@ -10,7 +11,7 @@ def test_run_shape_cpu_small():
     assert res["checks"]["xla_rel_l2_vs_reference"] < 1e-6
     assert res["checks"]["pallas_rel_l2_vs_reference"] < 1e-6
     assert res["checks"]["pallas_inexact_rows"] == 0
-    assert res["checks"]["pallas_prepared_rel_l2_vs_reference"] < 1e-6   # weights re-encoded once (prepare_weights)
+    assert res["checks"]["pallas_prepared_rel_l2_vs_reference"] < 1e-6  # weights re-encoded once (prepare_weights)
     assert res["checks"]["pallas_prepared_inexact_rows"] == 0 and res["checks"]["prepared_weight_inexact_rows"] == 0
     assert set(res["median_ms"]) == {"reference", "xla", "pallas", "pallas_prepared", "pallas_prepared_bf16out", "bf16"}
 

@@ -1,4 +1,5 @@
 """bench.quantize_block on CPU at TINY shapes: it runs a recipe per block Linear, times it and extrapolates."""
+
 import json
 
 import bench.quantize_block as qb
@@ -7,8 +8,12 @@ import bench.quantize_block as qb
 def test_quantize_block_tiny(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OUT", raising=False)
-    assert qb.main(["--config", "TINY", "--rows", "32", "--recipe", "default",
-                    "--layers", "blocks.self_attn.q,blocks.ffn.fc2"]) == 0
+    assert (
+        qb.main(
+            ["--config", "TINY", "--rows", "32", "--recipe", "default", "--layers", "blocks.self_attn.q,blocks.ffn.fc2"]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "bench/results/quantize_block.json").read_text())
     r = res["recipes"]["default"]
     assert [x["path"] for x in r["layers"]] == ["blocks.self_attn.q", "blocks.ffn.fc2"]
@@ -20,5 +25,6 @@ def test_quantize_block_tiny(tmp_path, monkeypatch):
 
 def test_layer_shapes_full_size():
     from wanjax.config import I2V_A14B
+
     s = qb.layer_shapes(I2V_A14B)
     assert len(s) == 10 and s["blocks.ffn.fc1"] == (5120, 13824) and s["blocks.cross_attn.k"] == (5120, 5120)

@@ -1,4 +1,5 @@
 """Timestep bins (quant/bins.py): the seed's 6-bin table, any count per expert, host and jitted look-up."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def test_every_schedule_step_maps_to_its_bin_host_and_jit():
 def test_off_schedule_timesteps_respect_the_expert_boundary():
     bins = seed_bins(flow_schedule(40, shift=5.0))
     assert bins.name(1000) == "high_early" and bins.name(975) == "high_mid"
-    assert bins.name(901) == "boundary_pre" and bins.name(900) == "boundary_pre"   # t >= 900 is high noise
+    assert bins.name(901) == "boundary_pre" and bins.name(900) == "boundary_pre"  # t >= 900 is high noise
     assert bins.name(899.5) == "boundary_post" and bins.name(0) == "low_late" and bins.name(-5) == "low_late"
     assert int(bins.lookup(901.0)) == 2 and int(bins.lookup(899.0)) == 3
 
@@ -56,7 +57,7 @@ def test_any_count_per_expert(per_expert):
     for e, n in (("high", 15), ("low", 25)):
         names = bins.expert_bins(e)
         sizes = [len(bins.steps[bins.names.index(nm)]) for nm in names]
-        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1       # equal slices by fractional position
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1  # equal slices by fractional position
     # bins partition the schedule in order, and look-up agrees with membership
     flat = [i for s in bins.steps for i in s]
     assert flat == list(range(40))
@@ -74,7 +75,7 @@ def test_other_schedules_follow_the_actual_timesteps():
 
 
 def test_errors_and_roundtrip():
-    sched = flow_schedule(8, shift=5.0)          # 3 high-noise steps
+    sched = flow_schedule(8, shift=5.0)  # 3 high-noise steps
     with pytest.raises(ValueError, match="holds no step"):
         uniform_bins(sched, 4)
     with pytest.raises(ValueError, match="increasing"):

@@ -4,6 +4,7 @@ Checks: statistics equal a direct numpy computation from the captured layer inpu
 path equals the all-at-once (online) path; an interrupted run resumes to the same result; the reservoir is
 Algorithm R; merge / save / load.
 """
+
 import dataclasses
 
 import jax
@@ -18,13 +19,29 @@ from wanjax.model.dit import WanDiT, current_layer_index
 from wanjax.model.layers import linear_interceptor
 from wanjax.pipeline import GenerationConfig, WanI2VPipeline
 from wanjax.numerics import formats
-from wanjax.quant.calibrate import (CONTEXT_NAME, CalibConfig, CalibSample, CalibStats, calibrate,
-                                    mx_act_quant_transform, record_trajectory, stat_name)
-from wanjax.quant.stats import (LayerStats, _reservoir, init_stats, load_stats, merge_stats, save_stats,
-                                stride_rows, update_stats)
+from wanjax.quant.calibrate import (
+    CONTEXT_NAME,
+    CalibConfig,
+    CalibSample,
+    CalibStats,
+    calibrate,
+    mx_act_quant_transform,
+    record_trajectory,
+    stat_name,
+)
+from wanjax.quant.stats import (
+    LayerStats,
+    _reservoir,
+    init_stats,
+    load_stats,
+    merge_stats,
+    save_stats,
+    stride_rows,
+    update_stats,
+)
 
-CFG3 = TINY   # 2 blocks: with blocks_per_group=1 the streamed path runs 2 groups (one with a prefix)
-GEN = GenerationConfig(steps=8, shift=5.0, guide_scale=(2.0, 4.0))      # 3 high + 5 low steps: seed bins fit
+CFG3 = TINY  # 2 blocks: with blocks_per_group=1 the streamed path runs 2 groups (one with a prefix)
+GEN = GenerationConfig(steps=8, shift=5.0, guide_scale=(2.0, 4.0))  # 3 high + 5 low steps: seed bins fit
 BASE = CalibConfig(gen=GEN, reservoir=6, rows_per_call=5, blocks_per_group=1)
 
 
@@ -37,7 +54,7 @@ def pipe():
 
 def _sample(seed):
     r = np.random.default_rng(seed)
-    y = r.standard_normal((1, 2, 4, 4, 20)).astype(np.float32)            # 2*2*2 = 8 tokens
+    y = r.standard_normal((1, 2, 4, 4, 20)).astype(np.float32)  # 2*2*2 = 8 tokens
     ctx = r.standard_normal((2, 5, CFG3.text_dim)).astype(np.float32)
     return CalibSample(y=jnp.asarray(y), context=jnp.asarray(ctx), seed=seed)
 
@@ -57,13 +74,15 @@ def streamed(pipe, tmp_path_factory):
 
 def _captured_inputs(pipe, sample, steps, cfg_mode="cond"):
     """Raw inputs of every block Linear at the given steps, recorded by a plain interceptor (no calibration code)."""
-    xs, ts, experts = record_trajectory(pipe, sample.y, sample.context, dataclasses.replace(GEN, seed=sample.seed),
-                                        cfg_mode)
+    xs, ts, experts = record_trajectory(
+        pipe, sample.y, sample.context, dataclasses.replace(GEN, seed=sample.seed), cfg_mode
+    )
     got = {}
 
     def rec(module, x):
-        got.setdefault((current_layer_index(), module.path), []).append(np.asarray(x, np.float64).reshape(-1,
-                                                                                                        x.shape[-1]))
+        got.setdefault((current_layer_index(), module.path), []).append(
+            np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        )
         return module.apply_default(x)
 
     for i in steps:
@@ -87,8 +106,11 @@ def test_stats_equal_numpy_from_captured_inputs(pipe, online, streamed):
     for s in SAMPLES:
         for k, v in _captured_inputs(pipe, s, steps).items():
             rows.setdefault(k, []).extend(v)
-    for layer, path in (("ffn.fc2", "blocks.ffn.fc2"), ("self_attn.q", "blocks.self_attn.q"),
-                        ("cross_attn.o", "blocks.cross_attn.o")):
+    for layer, path in (
+        ("ffn.fc2", "blocks.ffn.fc2"),
+        ("self_attn.q", "blocks.self_attn.q"),
+        ("cross_attn.o", "blocks.cross_attn.o"),
+    ):
         calls = rows[(1, path)]
         x = np.concatenate(calls, 0)
         for result in (online, streamed):
@@ -96,9 +118,9 @@ def test_stats_equal_numpy_from_captured_inputs(pipe, online, streamed):
             np.testing.assert_allclose(st.absmax, np.abs(x).max(0), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(st.hessian, x.T @ x, rtol=1e-5, atol=1e-4)
             assert int(st.count) == x.shape[0] == len(steps) * len(SAMPLES) * 8
-            assert int(st.seen) == len(calls) * 5                 # rows_per_call=5 of 8 rows per call
+            assert int(st.seen) == len(calls) * 5  # rows_per_call=5 of 8 rows per call
             cand = np.concatenate([c[stride_rows(c.shape[0], 5)] for c in calls], 0)
-            for row in np.asarray(st.samples, np.float64):        # every kept row is one of the offered rows
+            for row in np.asarray(st.samples, np.float64):  # every kept row is one of the offered rows
                 assert np.min(np.abs(cand - row).max(1)) < 1e-5
     # q, k, v share one entry; cross k/v one per-expert context entry whose rows are the embedded context
     assert stat_name(1, "self_attn.k") == stat_name(1, "self_attn.q") == "blocks.1.self_attn.qkv"
@@ -121,7 +143,7 @@ def test_streamed_equals_online(pipe, online, streamed):
         assert int(a.count) == int(s.count) > 0 and int(a.seen) == int(s.seen)
         np.testing.assert_allclose(a.absmax, s.absmax, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.hessian, s.hessian, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(a.samples, s.samples, rtol=1e-5, atol=1e-5)   # same slots drawn
+        np.testing.assert_allclose(a.samples, s.samples, rtol=1e-5, atol=1e-5)  # same slots drawn
 
 
 def test_resume_after_interruption(pipe, streamed, tmp_path):
@@ -132,11 +154,12 @@ def test_resume_after_interruption(pipe, streamed, tmp_path):
             done.append((kind, uid))
             if len(done) == n:
                 raise KeyboardInterrupt(f"simulated interruption after {uid}")
+
         return cb
 
-    with pytest.raises(KeyboardInterrupt):          # stops between the two trajectories
+    with pytest.raises(KeyboardInterrupt):  # stops between the two trajectories
         calibrate(pipe, SAMPLES, BASE, work_dir=tmp_path, progress=False, on_unit=stop_after(1))
-    with pytest.raises(KeyboardInterrupt):          # stops after 3 of the 12 stats units
+    with pytest.raises(KeyboardInterrupt):  # stops after 3 of the 12 stats units
         calibrate(pipe, SAMPLES, BASE, work_dir=tmp_path, progress=False, on_unit=stop_after(5))
     assert [k for k, _ in done] == ["trajectory", "trajectory", "stats", "stats", "stats"]
     seen_before = {u for _, u in done}
@@ -149,7 +172,7 @@ def test_resume_after_interruption(pipe, streamed, tmp_path):
         idle_on_host.append(all(isinstance(a, np.ndarray) for a in jax.tree.leaves(other)))
 
     res = calibrate(pipe, SAMPLES, BASE, work_dir=tmp_path, progress=False, on_unit=record)
-    assert all(idle_on_host)                        # offload_idle_expert: the other expert sat in host memory
+    assert all(idle_on_host)  # offload_idle_expert: the other expert sat in host memory
     assert all(k == "stats" for k, _ in done) and len(done) == 9 and not seen_before & {u for _, u in done}
     assert res.keys() == streamed.keys()
     for key in res.keys():
@@ -163,16 +186,27 @@ def test_resume_after_interruption(pipe, streamed, tmp_path):
 def test_cfg_both_hessian_transform_per_expert_hessian(pipe, tmp_path):
     """CFG rows (cond + uncond); a Hessian transform (here x * (1 + block), exact) gives per-layer entries;
     ``hessian_per_bin=False`` keeps one Hessian per expert (bin "all") and per-bin abs-max / counts."""
-    cfg = CalibConfig(gen=GEN, cfg_mode="both", reservoir=0, experts=("high",), blocks_per_group=1,
-                      hessian_per_bin=False, hessian_transform=lambda expert, block, layer, x: x * (1.0 + block))
+    cfg = CalibConfig(
+        gen=GEN,
+        cfg_mode="both",
+        reservoir=0,
+        experts=("high",),
+        blocks_per_group=1,
+        hessian_per_bin=False,
+        hessian_transform=lambda expert, block, layer, x: x * (1.0 + block),
+    )
     res = calibrate(pipe, SAMPLES[:1], cfg, work_dir=tmp_path, progress=False)
     names = {k[1] for k in res.keys()}
     assert "blocks.1.self_attn.k" in names and "blocks.0.cross_attn.v" in names and CONTEXT_NAME not in names
     assert {k[0] for k in res.keys()} == {"high"} and {k[2] for k in res.keys()} == {
-        "high_early", "high_mid", "boundary_pre", "all"}
+        "high_early",
+        "high_mid",
+        "boundary_pre",
+        "all",
+    }
     bins = cfg.resolved().bins
     high_steps = [i for b in bins.expert_bins("high") for i in bins.steps[bins.names.index(b)]]
-    rows = _captured_inputs(pipe, SAMPLES[0], high_steps, cfg_mode="both")     # one call per step, in order
+    rows = _captured_inputs(pipe, SAMPLES[0], high_steps, cfg_mode="both")  # one call per step, in order
     mid = [high_steps.index(i) for i in bins.steps[bins.names.index("high_mid")]]
     for block, layer in ((1, "ffn.fc1"), (0, "cross_attn.v")):
         calls = rows[(block, f"blocks.{layer}")]
@@ -187,7 +221,7 @@ def test_cfg_both_hessian_transform_per_expert_hessian(pipe, tmp_path):
         tot = res.expert_total("high", f"blocks.{block}.{layer}")
         np.testing.assert_array_equal(tot.hessian, full.hessian)
         np.testing.assert_allclose(tot.absmax, np.abs(x_all).max(0), rtol=1e-5, atol=1e-6)
-    assert int(res.get("high", 1, "ffn.fc1", "high_mid").count) == 2 * 8 * len(mid)     # cond + uncond rows
+    assert int(res.get("high", 1, "ffn.fc1", "high_mid").count) == 2 * 8 * len(mid)  # cond + uncond rows
     on = calibrate(pipe, SAMPLES[:1], cfg, work_dir=tmp_path / "online", mode="online", progress=False)
     assert on.keys() == res.keys()
     for key in on.keys():
@@ -208,8 +242,10 @@ def test_mx_act_quant_transform():
     want = formats.quantize_dequantize(x / s[2], "mxfp4", scale_rule="safe_ceil")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not np.allclose(np.asarray(got), np.asarray(x / s[2]))
-    np.testing.assert_array_equal(np.asarray(fn("high", 0, "ffn.fc1", x)),       # no smoothing given: s = 1
-                                  np.asarray(formats.quantize_dequantize(x, "mxfp4", scale_rule="safe_ceil")))
+    np.testing.assert_array_equal(
+        np.asarray(fn("high", 0, "ffn.fc1", x)),  # no smoothing given: s = 1
+        np.asarray(formats.quantize_dequantize(x, "mxfp4", scale_rule="safe_ceil")),
+    )
 
 
 # ------------------------------------------------------------------------------------------ stats unit tests
@@ -222,7 +258,7 @@ def test_reservoir_is_algorithm_r():
     j = seen + np.arange(m)
     r = np.asarray(jax.random.randint(key, (m,), 0, jnp.asarray(j + 1, jnp.int32), dtype=jnp.int32))
     want = np.array(samples)
-    for a in range(m):                      # the sequential algorithm with the same draws
+    for a in range(m):  # the sequential algorithm with the same draws
         if j[a] < n:
             want[j[a]] = cand[a]
         elif r[a] < n:
@@ -244,24 +280,28 @@ def test_update_merge_save_load(tmp_path):
     assert int(m.count) == 26 and int(m.seen) == 26 and m.num_samples == 16
     for row in m.samples:
         assert np.min(np.abs(allx - row).max(1)) == 0
-    assert len({tuple(r) for r in m.samples}) == 16          # a subset, no row twice
-    bf = update_stats(init_stats(8, hessian=False, reservoir=4, sample_dtype=jnp.bfloat16),
-                      jnp.asarray(x2, jnp.bfloat16), jax.random.key(2))
+    assert len({tuple(r) for r in m.samples}) == 16  # a subset, no row twice
+    bf = update_stats(
+        init_stats(8, hessian=False, reservoir=4, sample_dtype=jnp.bfloat16),
+        jnp.asarray(x2, jnp.bfloat16),
+        jax.random.key(2),
+    )
     save_stats(tmp_path / "s.npz", {"a": m, "bf": bf}, meta={"k": 1})
     got, meta = load_stats(tmp_path / "s.npz")
     assert meta == {"k": 1} and got["bf"].hessian is None and got["bf"].samples.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(got["bf"].samples, np.float32), np.asarray(bf.samples, np.float32))
     for f in ("absmax", "count", "samples", "seen"):
         np.testing.assert_array_equal(getattr(got["a"], f), getattr(m, f))
-    upper = np.triu(m.hessian)                      # stored as the upper triangle, read back symmetric
+    upper = np.triu(m.hessian)  # stored as the upper triangle, read back symmetric
     np.testing.assert_array_equal(got["a"].hessian, upper + np.triu(upper, 1).T)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]     # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no temp file left
     with pytest.raises(ValueError, match="channels"):
         update_stats(init_stats(8), jnp.ones((2, 5)))
     with pytest.raises(KeyError, match="no statistics named"):
         load_stats(tmp_path / "s.npz", ["nope"])
     with pytest.raises(ValueError, match="no rows"):
         from wanjax.quant.stats import hessian_mean
+
         hessian_mean(init_stats(4))
     assert isinstance(m, LayerStats)
 
@@ -272,8 +312,7 @@ def test_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="no calibration samples"):
         calibrate(pipe, [], CalibConfig(gen=GEN), work_dir=tmp_path)
     with pytest.raises(ValueError, match="prompt"):
-        calibrate(pipe, [CalibSample(y=SAMPLES[0].y)], CalibConfig(gen=GEN), work_dir=tmp_path / "b",
-                  progress=False)
+        calibrate(pipe, [CalibSample(y=SAMPLES[0].y)], CalibConfig(gen=GEN), work_dir=tmp_path / "b", progress=False)
     with pytest.raises(FileNotFoundError, match="manifest"):
         CalibStats(tmp_path / "none")
 
@@ -299,7 +338,7 @@ def test_sample_preparation_uses_the_pipeline_encoders():
     y, ctx = _prepare(stub, CalibSample(image="img.png", prompt="a cat"), gen, "cond")
     assert stub.calls == [("vae", "img.png", 9, 1024), ("text", ("a cat", DEFAULT_NEGATIVE_PROMPT))]
     assert y.shape == (1, 2, 4, 4, 20) and ctx.shape == (2, 5, 8)
-    y, ctx = _prepare(stub, CalibSample(y=y, context=jnp.ones((1, 5, 8))), gen, "cond")   # cond-only context
+    y, ctx = _prepare(stub, CalibSample(y=y, context=jnp.ones((1, 5, 8))), gen, "cond")  # cond-only context
     assert ctx.shape == (2, 5, 8) and len(stub.calls) == 2
     with pytest.raises(ValueError, match="needs a \\[2, L, D\\]"):
         _prepare(stub, CalibSample(y=y, context=jnp.ones((1, 5, 8))), gen, "both")

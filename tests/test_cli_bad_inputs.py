@@ -1,6 +1,7 @@
 """Every bad CLI input of docs/bad_inputs.md ("Command line" section): refused with one line
 ``wanjax <cmd>: error: ...`` and exit status 2, before any model is loaded (loading raises `Loaded`, which
 ``main`` does not catch), in a few seconds each."""
+
 import json
 import os
 
@@ -47,22 +48,25 @@ def _gen(image, out, *extra):
 
 
 # ------------------------------------------------------------------------------------------------ generate
-@pytest.mark.parametrize("extra, message", [
-    (["--frames", "6"], "--frames 6: frames must be 4n+1 (1, 5, ..., 81), got 6; nearest valid: 5 or 9"),
-    (["--size", "big"], "--size 'big': expected 480p, 720p, WxH (e.g. 832x480) or N (NxN)"),
-    (["--size", "8"], "area 64 is too small"),
-    (["--guidance", "nan"], "--guidance (low-noise expert): expected a finite number >= 0, got nan"),
-    (["--guidance", "3,inf"], "--guidance (high-noise expert): expected a finite number >= 0, got inf"),
-    (["--guidance-high", "-1"], "--guidance (high-noise expert): expected a finite number >= 0, got -1.0"),
-    (["--guidance", "1,2,3"], "--guidance expects 'G' or 'LOW,HIGH'"),
-    (["--guide", "x"], "--guidance expects 'G' or 'LOW,HIGH'"),
-    (["--fps", "0"], "--fps: expected a positive integer, got 0"),
-    (["--fps", "-5"], "--fps: expected a positive integer, got -5"),
-    (["--steps", "0"], "--steps: expected a positive integer, got 0"),
-    (["--shift", "inf"], "--shift: expected a finite number > 0, got inf"),
-    (["--int8-weights"], "--int8-weights needs --quant DIR and --quant-mode real"),
-    (["--force"], "--force applies to --quant"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--frames", "6"], "--frames 6: frames must be 4n+1 (1, 5, ..., 81), got 6; nearest valid: 5 or 9"),
+        (["--size", "big"], "--size 'big': expected 480p, 720p, WxH (e.g. 832x480) or N (NxN)"),
+        (["--size", "8"], "area 64 is too small"),
+        (["--guidance", "nan"], "--guidance (low-noise expert): expected a finite number >= 0, got nan"),
+        (["--guidance", "3,inf"], "--guidance (high-noise expert): expected a finite number >= 0, got inf"),
+        (["--guidance-high", "-1"], "--guidance (high-noise expert): expected a finite number >= 0, got -1.0"),
+        (["--guidance", "1,2,3"], "--guidance expects 'G' or 'LOW,HIGH'"),
+        (["--guide", "x"], "--guidance expects 'G' or 'LOW,HIGH'"),
+        (["--fps", "0"], "--fps: expected a positive integer, got 0"),
+        (["--fps", "-5"], "--fps: expected a positive integer, got -5"),
+        (["--steps", "0"], "--steps: expected a positive integer, got 0"),
+        (["--shift", "inf"], "--shift: expected a finite number > 0, got inf"),
+        (["--int8-weights"], "--int8-weights needs --quant DIR and --quant-mode real"),
+        (["--force"], "--force applies to --quant"),
+    ],
+)
 def test_generate_bad_settings(capsys, tmp_path, image, extra, message):
     assert message in _err(capsys, _gen(image, tmp_path / "o.mp4", *extra))
 
@@ -77,8 +81,9 @@ def test_generate_bad_inputs(capsys, tmp_path, image):
     argv = _gen(image, out)
     argv[2] = str(tmp_path / "nomodel")
     assert f"--model {tmp_path / 'nomodel'}: no such directory" in _err(capsys, argv)
-    assert "not a quantized-model directory (no manifest.json)" in _err(capsys, _gen(image, out, "--quant",
-                                                                                    str(tmp_path)))
+    assert "not a quantized-model directory (no manifest.json)" in _err(
+        capsys, _gen(image, out, "--quant", str(tmp_path))
+    )
     assert "--mesh '3,1,1,1'" in _err(capsys, _gen(image, out, "--mesh", "3,1,1,1"))
 
 
@@ -109,8 +114,9 @@ def test_generate_bad_outputs(capsys, tmp_path, image):
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "frame_00000.png").write_bytes(b"x")
-    assert f"--png-dir {frames} exists (pass --overwrite" in _err(capsys, _gen(image, tmp_path / "o.mp4",
-                                                                              "--png-dir", str(frames)))
+    assert f"--png-dir {frames} exists (pass --overwrite" in _err(
+        capsys, _gen(image, tmp_path / "o.mp4", "--png-dir", str(frames))
+    )
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only dirs")
@@ -133,13 +139,21 @@ def test_generate_bad_artifact_and_int8_weights_in_fake_mode(capsys, tmp_path, i
     msg = _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q)))
     assert f"--quant {q}: " in msg and "artifact format 'something else'" in msg
     monkeypatch.setattr(art, "read_manifest", lambda qdir: {"experts": {}})
-    monkeypatch.setattr(cli, "resolve_quant_mode", lambda mode, manifest=None, mesh=None: (
-        ("fake", "no low-bit kernels for cpu: simulated W4A4") if mode == "auto" else (mode, "asked")))
+    monkeypatch.setattr(
+        cli,
+        "resolve_quant_mode",
+        lambda mode, manifest=None, mesh=None: (
+            ("fake", "no low-bit kernels for cpu: simulated W4A4") if mode == "auto" else (mode, "asked")
+        ),
+    )
     msg = _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q), "--int8-weights"))
-    assert msg.endswith("--int8-weights needs --quant DIR and --quant-mode real (auto chose fake: no low-bit kernels "
-                        "for cpu: simulated W4A4)")
-    assert "--int8-weights needs" in _err(capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q),
-                                                       "--int8-weights", "--quant-mode", "fake"))
+    assert msg.endswith(
+        "--int8-weights needs --quant DIR and --quant-mode real (auto chose fake: no low-bit kernels "
+        "for cpu: simulated W4A4)"
+    )
+    assert "--int8-weights needs" in _err(
+        capsys, _gen(image, tmp_path / "o.mp4", "--quant", str(q), "--int8-weights", "--quant-mode", "fake")
+    )
 
 
 def test_generate_bad_generation_config(capsys, tmp_path, image):
@@ -188,15 +202,17 @@ def test_quantize_bad_inputs(capsys, tmp_path, image):
     bad.write_text('{"image": "a.png"}\n')
     assert f"{bad}:1: each line needs 'image' and 'prompt'" in _err(capsys, _q("--out", q, "--calib", str(bad)))
     bad.write_text('{"image": "missing.png", "prompt": "p"}\n')
-    assert f"{bad}:1: image {tmp_path / 'missing.png'}: no such file" in _err(capsys, _q("--out", q, "--calib",
-                                                                                           str(bad)))
+    assert f"{bad}:1: image {tmp_path / 'missing.png'}: no such file" in _err(
+        capsys, _q("--out", q, "--calib", str(bad))
+    )
     bad.write_text("\n")
     assert "no calibration samples" in _err(capsys, _q("--out", q, "--calib", str(bad)))
     msg = _err(capsys, _q("--out", q, "--calib", calib, "--steps", "4"))
     assert msg.startswith("wanjax quantize: error: --steps 4: ") and "holds no step" in msg
     assert "--frames 6" in _err(capsys, _q("--out", q, "--calib", calib, "--frames", "6"))
-    assert f"--stats {tmp_path}: not a calibration directory" in _err(capsys, _q("--out", "/tmp/q", "--stats",
-                                                                               str(tmp_path)))
+    assert f"--stats {tmp_path}: not a calibration directory" in _err(
+        capsys, _q("--out", "/tmp/q", "--stats", str(tmp_path))
+    )
 
 
 def test_quantize_bad_outputs(capsys, tmp_path, image):
@@ -214,13 +230,15 @@ def test_quantize_bad_outputs(capsys, tmp_path, image):
     stats.mkdir()
     (stats / "manifest.json").write_text(json.dumps({"format": "wanjax.calibration/1"}))
     assert "is inside the input" in _err(capsys, _q("--out", str(stats / "q"), "--stats", str(stats), "--overwrite"))
-    assert "--work-dir" in _err(capsys, _q("--out", str(tmp_path / "q2"), "--calib", calib, "--work-dir",
-                                         os.path.join(MINI, "calib")))
+    assert "--work-dir" in _err(
+        capsys, _q("--out", str(tmp_path / "q2"), "--calib", calib, "--work-dir", os.path.join(MINI, "calib"))
+    )
     (tmp_path / "c").mkdir()
     inner = os.path.join(tmp_path, "c", "calib.jsonl")
     os.replace(calib, inner)
-    assert "--work-dir" in _err(capsys, _q("--out", str(tmp_path / "q3"), "--calib", inner, "--work-dir",
-                                         str(tmp_path / "c")))
+    assert "--work-dir" in _err(
+        capsys, _q("--out", str(tmp_path / "q3"), "--calib", inner, "--work-dir", str(tmp_path / "c"))
+    )
     calib = _calib(tmp_path, image)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -231,8 +249,20 @@ def test_quantize_bad_outputs(capsys, tmp_path, image):
 
 def test_quantize_valid_arguments_reach_the_model(capsys, tmp_path, image):
     with pytest.raises(Loaded):
-        main(_q("--out", str(tmp_path / "q"), "--calib", _calib(tmp_path, image), "--frames", "5", "--size", "64",
-                "--steps", "8"))
+        main(
+            _q(
+                "--out",
+                str(tmp_path / "q"),
+                "--calib",
+                _calib(tmp_path, image),
+                "--frames",
+                "5",
+                "--size",
+                "64",
+                "--steps",
+                "8",
+            )
+        )
     assert "5 frames, size 64x64, 8 steps" in capsys.readouterr().out
 
 
@@ -246,8 +276,24 @@ def _eval_sets(tmp_path):
 
 def _ev(tmp_path, *extra):
     ev, ca = _eval_sets(tmp_path)
-    return ["eval", "--model", MINI, "--eval-set", ev, "--calib-set", ca, "--out", str(tmp_path / "r"),
-            "--recipes", "rtn", "--frames", "5", "--size", "32", *extra]
+    return [
+        "eval",
+        "--model",
+        MINI,
+        "--eval-set",
+        ev,
+        "--calib-set",
+        ca,
+        "--out",
+        str(tmp_path / "r"),
+        "--recipes",
+        "rtn",
+        "--frames",
+        "5",
+        "--size",
+        "32",
+        *extra,
+    ]
 
 
 def test_eval_bad_inputs(capsys, tmp_path):
@@ -277,7 +323,7 @@ def test_eval_bad_inputs(capsys, tmp_path):
 
 def test_eval_size_is_an_area_and_resumes_a_report_dir(capsys, tmp_path):
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.json").write_text("{}")                  # an earlier report: resumed, not refused
+    (tmp_path / "r" / "results.json").write_text("{}")  # an earlier report: resumed, not refused
     with pytest.raises(Loaded):
         main(_ev(tmp_path, "--steps", "8"))
     assert "5 frames, size 32x32, 8 steps" in capsys.readouterr().out
@@ -287,8 +333,9 @@ def test_eval_size_is_an_area_and_resumes_a_report_dir(capsys, tmp_path):
 def test_convert_bad_inputs(capsys, tmp_path):
     src = tmp_path / "expert"
     src.mkdir()
-    assert f"{tmp_path / 'absent'}: no such checkpoint" in _err(capsys, ["convert", str(tmp_path / "absent"),
-                                                                          str(tmp_path / "d")])
+    assert f"{tmp_path / 'absent'}: no such checkpoint" in _err(
+        capsys, ["convert", str(tmp_path / "absent"), str(tmp_path / "d")]
+    )
     assert "is the input" in _err(capsys, ["convert", str(src), str(src), "--overwrite"])
     assert "contains the input" in _err(capsys, ["convert", str(src), str(tmp_path), "--overwrite"])
     assert "is inside the input" in _err(capsys, ["convert", str(src), str(src / "cache")])
@@ -300,14 +347,17 @@ def test_errors_are_one_line_tracebacks_only_with_debug(capsys, tmp_path, monkey
     from wanjax.io.errors import CheckpointError
 
     def broken(*a, **kw):
-        raise CheckpointError("/m/high_noise_model/x.safetensors: key 'head.modulation': expected shape (1, 2, 3),\n"
-                              "got (1, 2)")
+        raise CheckpointError(
+            "/m/high_noise_model/x.safetensors: key 'head.modulation': expected shape (1, 2, 3),\ngot (1, 2)"
+        )
 
     monkeypatch.setattr(cli, "_open_pipeline", broken)
     argv = _gen(image, tmp_path / "o.mp4")
     msg = _err(capsys, argv)
-    assert msg == ("wanjax generate: error: CheckpointError: /m/high_noise_model/x.safetensors: key 'head.modulation': "
-                   "expected shape (1, 2, 3), got (1, 2)")
+    assert msg == (
+        "wanjax generate: error: CheckpointError: /m/high_noise_model/x.safetensors: key 'head.modulation': "
+        "expected shape (1, 2, 3), got (1, 2)"
+    )
     assert main(["--debug"] + argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1] == msg
@@ -333,7 +383,7 @@ def test_version_help_and_recipe_list(capsys):
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "default: from the model's generation_config.json, else 81" in text and "--guide " not in text
-    assert main(["generate"]) == 2                                     # argparse: missing required arguments
+    assert main(["generate"]) == 2  # argparse: missing required arguments
     assert "the following arguments are required" in capsys.readouterr().err
 
 

@@ -1,6 +1,7 @@
 """`wanjax` end to end on the shipped mini model, through `wanjax.cli.main`: calibrate -> quantize -> generate with
 the artifact, two calibration samples in the default bf16, an interrupted calibration resumed, recomputed units equal
 to the first run's, a refused retry, the work dir removed by default, and the compilation cache in use."""
+
 import glob
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from wanjax.cli import main
 
 MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
-SETTINGS = ["--frames", "5", "--size", "64", "--steps", "8"]     # 8 steps: the fewest the seed's 3+3 bins fit
+SETTINGS = ["--frames", "5", "--size", "64", "--steps", "8"]  # 8 steps: the fewest the seed's 3+3 bins fit
 
 
 def _images(tmp_path):
@@ -32,8 +33,11 @@ def _images(tmp_path):
 def _tensors(qdir):
     from safetensors.numpy import load_file
 
-    return {f"{os.path.basename(f)}:{k}": v for f in sorted(glob.glob(os.path.join(qdir, "*.safetensors")))
-            for k, v in load_file(f).items()}
+    return {
+        f"{os.path.basename(f)}:{k}": v
+        for f in sorted(glob.glob(os.path.join(qdir, "*.safetensors")))
+        for k, v in load_file(f).items()
+    }
 
 
 @pytest.mark.slow
@@ -57,6 +61,7 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
             def on_unit(kind, unit):
                 if kind == "stats":
                     raise KeyboardInterrupt
+
             return real(*a, **kw, on_unit=on_unit)
 
         monkeypatch.setattr(qc, "calibrate", interrupted)
@@ -73,7 +78,7 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
         out = capsys.readouterr().out
         assert "resuming the earlier run" in out and f"kept the calibration work dir {work}" in out
         assert (q / "manifest.json").is_file() and work.is_dir()
-        assert os.listdir(tmp_path / "jaxcache")                      # the compilation cache was written
+        assert os.listdir(tmp_path / "jaxcache")  # the compilation cache was written
 
         # 3. units deleted from the work dir are recomputed identically: same statistics, same artifact
         units = sorted(glob.glob(str(work / "stats" / "*.npz")))
@@ -82,8 +87,25 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
         for u in before:
             os.remove(u)
         q2 = tmp_path / "q2"
-        assert main(["quantize", "--model", MINI, "--calib", str(calib), "--work-dir", str(work), "--out", str(q2),
-                     "--recipe", "rtn", *SETTINGS]) == 0
+        assert (
+            main(
+                [
+                    "quantize",
+                    "--model",
+                    MINI,
+                    "--calib",
+                    str(calib),
+                    "--work-dir",
+                    str(work),
+                    "--out",
+                    str(q2),
+                    "--recipe",
+                    "rtn",
+                    *SETTINGS,
+                ]
+            )
+            == 0
+        )
         for u, arrays in before.items():
             again = np.load(u)
             assert sorted(again.files) == sorted(arrays)
@@ -93,7 +115,7 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
         assert sorted(t1) == sorted(t2) and len(t1) > 10
         for k in t1:
             np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
-        assert work.is_dir()                                           # an explicit --work-dir is kept
+        assert work.is_dir()  # an explicit --work-dir is kept
         capsys.readouterr()
 
         # 4. a retry into the same --out: one line, exit 2, nothing loaded
@@ -108,8 +130,26 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
 
         # 6. generate with the artifact (quant mode auto -> fake on the CPU, said so)
         video = tmp_path / "v.mp4"
-        assert main(["generate", "--model", MINI, "--image", str(tmp_path / "img0.png"), "--prompt", "a red ring",
-                     "--quant", str(q), "--out", str(video), "--no-progress", *SETTINGS]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    MINI,
+                    "--image",
+                    str(tmp_path / "img0.png"),
+                    "--prompt",
+                    "a red ring",
+                    "--quant",
+                    str(q),
+                    "--out",
+                    str(video),
+                    "--no-progress",
+                    *SETTINGS,
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "quant mode fake" in out and f"wrote {video}: 5 frames 64x64" in out
         assert "settings (flags over" in out and "5 frames, size 64x64, 8 steps" in out

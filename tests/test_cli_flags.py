@@ -2,6 +2,7 @@
 mismatching work dir -> one line naming ``--restart`` and the kept work dir, ``--force`` -> ``attach_artifact(force=
 True)``, ``--quant-mode`` -> ``attach_artifact(mode=...)`` and the chosen mode printed, text encoder kept for
 calibration and released for generation; eval's up-front bins-vs-steps check. Stand-ins only: seconds."""
+
 import json
 import os
 
@@ -30,8 +31,22 @@ def setup(tmp_path, monkeypatch):
 
 
 def _quantize(tmp_path, *extra):
-    return ["quantize", "--model", MINI, "--calib", str(tmp_path / "calib.jsonl"), "--out", str(tmp_path / "q"),
-            "--frames", "5", "--size", "64", "--steps", "8", *extra]
+    return [
+        "quantize",
+        "--model",
+        MINI,
+        "--calib",
+        str(tmp_path / "calib.jsonl"),
+        "--out",
+        str(tmp_path / "q"),
+        "--frames",
+        "5",
+        "--size",
+        "64",
+        "--steps",
+        "8",
+        *extra,
+    ]
 
 
 def test_quantize_restart_keeps_the_text_encoder_and_reports_the_work_dir(setup, monkeypatch, capsys):
@@ -49,9 +64,9 @@ def test_quantize_restart_keeps_the_text_encoder_and_reports_the_work_dir(setup,
     with pytest.raises(Stop):
         main(_quantize(tmp_path, "--restart"))
     samples, cfg, work_dir, kw = calls[-1]
-    assert opened == [{"release_text_encoder": False}]                  # two prompts or more: the encoder stays
+    assert opened == [{"release_text_encoder": False}]  # two prompts or more: the encoder stays
     assert kw.get("restart") is True and work_dir == f"{tmp_path / 'q'}.calib"
-    assert samples[0].image == str(tmp_path / "img.png") and samples[0].seed == 3     # relative to the jsonl file
+    assert samples[0].image == str(tmp_path / "img.png") and samples[0].seed == 3  # relative to the jsonl file
     assert (cfg.gen.num_frames, cfg.gen.max_area, cfg.gen.steps) == (5, "64x64", 8)
     assert f"calibration progress kept in {work_dir}" in capsys.readouterr().err
 
@@ -103,14 +118,33 @@ def test_generate_quant_mode_and_force_reach_attach_artifact(setup, monkeypatch,
         return {"recipe": {"name": "default"}}
 
     monkeypatch.setattr(art, "attach_artifact", attach)
-    argv = ["generate", "--model", MINI, "--image", str(tmp_path / "img.png"), "--prompt", "p", "--frames", "5",
-            "--out", str(tmp_path / "v.mp4"), "--quant", str(q), "--force", "--quant-mode", mode]
+    argv = [
+        "generate",
+        "--model",
+        MINI,
+        "--image",
+        str(tmp_path / "img.png"),
+        "--prompt",
+        "p",
+        "--frames",
+        "5",
+        "--out",
+        str(tmp_path / "v.mp4"),
+        "--quant",
+        str(q),
+        "--force",
+        "--quant-mode",
+        mode,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert seen == {"qdir": str(q), "mode": mode, "force": True}
-    assert opened == [{"release_text_encoder": True, "mesh": None}]     # one prompt: the encoder may go
-    want = "quant mode fake: no low-bit kernels for cpu: simulated W4A4" if mode == "auto" else \
-        "quant mode fake: fake mode requested"
+    assert opened == [{"release_text_encoder": True, "mesh": None}]  # one prompt: the encoder may go
+    want = (
+        "quant mode fake: no low-bit kernels for cpu: simulated W4A4"
+        if mode == "auto"
+        else "quant mode fake: fake mode requested"
+    )
     assert want in out and "recipe default, fake mode" in out
 
 
@@ -122,8 +156,11 @@ def test_eval_checks_bins_against_steps_up_front():
     variants = plan_variants(["rtn"], ["per_bin_clips_bins6"])
     assert [v.name for v in variants] == ["rtn", "default", "per_bin_clips_bins6"]
     check_settings(GenerationConfig(steps=8), variants)
-    with pytest.raises(ValueError, match=r"5 steps \(shift 5, boundary 0.9\) cannot hold the timestep bins of "
-                                         r"\['rtn', 'default'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"5 steps \(shift 5, boundary 0.9\) cannot hold the timestep bins of "
+        r"\['rtn', 'default'\]",
+    ):
         check_settings(GenerationConfig(steps=5), variants)
     with pytest.raises(KeyError, match="unknown ablations"):
         plan_variants(["rtn"], ["nope"])

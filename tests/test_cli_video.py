@@ -1,6 +1,7 @@
 """Video output of `wanjax generate`: mp4 / GIF written atomically and verified before "wrote" is printed, no
 ``os.fork()`` warning from JAX, a failing or truncating writer -> exit 2 with nothing left at ``--out``. The model
 is a stand-in (`_FakePipe`): these tests are about the output path, in seconds."""
+
 import os
 import subprocess
 import warnings
@@ -19,9 +20,9 @@ def _video(f=5, h=32, w=48, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (f, h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")     # the control's own, outside the blocks below
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the control's own, outside the blocks below
 def test_mp4_write_has_no_fork_warning_and_round_trips(tmp_path):
-    jnp.ones(8).block_until_ready()                                # JAX's threads are up
+    jnp.ones(8).block_until_ready()  # JAX's threads are up
     # the control: imageio-ffmpeg's way of starting ffmpeg (preexec_fn=os.setpgrp) runs the fork hooks
     with pytest.warns(RuntimeWarning, match=r"os\.fork\(\) was called"):
         subprocess.run([video_io._ffmpeg_exe(), "-version"], capture_output=True, preexec_fn=os.setpgrp)
@@ -46,9 +47,11 @@ def _umask():
 def test_gif_and_odd_sizes_and_bad_fps(tmp_path):
     v = _video(h=15, w=17)
     assert video_io.count_mp4_frames(video_io.save_mp4(v, tmp_path / "odd.mp4", fps=4)) == 5
-    video_io.save_gif(np.zeros((6, 8, 8, 3), np.uint8), tmp_path / "still.gif", fps=10)   # identical frames merge
+    video_io.save_gif(np.zeros((6, 8, 8, 3), np.uint8), tmp_path / "still.gif", fps=10)  # identical frames merge
     video_io.check_gif(tmp_path / "still.gif", 6, 10)
-    with pytest.raises(video_io.VideoWriteError, match=r"expected a GIF of 1200 ms \(12 frames at 10 fps\), got 600 ms"):
+    with pytest.raises(
+        video_io.VideoWriteError, match=r"expected a GIF of 1200 ms \(12 frames at 10 fps\), got 600 ms"
+    ):
         video_io.check_gif(tmp_path / "still.gif", 12, 10)
     for fps in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="fps: expected a positive integer"):
@@ -93,21 +96,38 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_open_pipeline", lambda *a, **kw: _FakePipe())
     monkeypatch.setenv("WANJAX_COMPILE_CACHE", "0")
     Image.new("RGB", (32, 32), (10, 200, 10)).save(tmp_path / "img.png")
-    return ["generate", "--model", MINI, "--image", str(tmp_path / "img.png"), "--prompt", "p", "--frames", "5",
-            "--steps", "2", "--no-progress"]
+    return [
+        "generate",
+        "--model",
+        MINI,
+        "--image",
+        str(tmp_path / "img.png"),
+        "--prompt",
+        "p",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
 
 
 def test_generate_writes_a_checked_video_and_pngs(fake, tmp_path, capsys):
-    out = tmp_path / "sub" / "v.mp4"                                   # the parent is created
+    out = tmp_path / "sub" / "v.mp4"  # the parent is created
     assert main(fake + ["--out", str(out), "--png-dir", str(tmp_path / "png"), "--fps", "8"]) == 0
     text = capsys.readouterr().out
-    for stage in ("encoding the prompt (text encoder)", "encoding the image (VAE)", "denoising: 2 steps",
-                  "decoding (VAE)", f"wrote {out}: 5 frames 32x32 at 8 fps"):
+    for stage in (
+        "encoding the prompt (text encoder)",
+        "encoding the image (VAE)",
+        "denoising: 2 steps",
+        "decoding (VAE)",
+        f"wrote {out}: 5 frames 32x32 at 8 fps",
+    ):
         assert stage in text
     assert video_io.count_mp4_frames(out) == 5 and len(os.listdir(tmp_path / "png")) == 5
     assert main(fake + ["--out", str(tmp_path / "v.gif")]) == 0
-    video_io.check_gif(tmp_path / "v.gif", 5, 16)                      # fps from models/mini: 16
-    assert main(fake + ["--out", str(out)]) == 2                       # exists: refused, untouched
+    video_io.check_gif(tmp_path / "v.gif", 5, 16)  # fps from models/mini: 16
+    assert main(fake + ["--out", str(out)]) == 2  # exists: refused, untouched
     assert main(fake + ["--out", str(out), "--overwrite", "--fps", "4"]) == 0
 
 
@@ -121,7 +141,7 @@ def test_a_failing_writer_is_never_reported_as_success(fake, tmp_path, capsys, m
         real(frames, path, fps)
         if failure == "interrupted":
             raise KeyboardInterrupt
-        with open(path, "r+b") as f:                                  # the moov atom lost, as on a full disk
+        with open(path, "r+b") as f:  # the moov atom lost, as on a full disk
             f.truncate(os.path.getsize(path) - 200)
 
     monkeypatch.setattr(video_io, "_write_mp4_file", broken)
@@ -136,4 +156,4 @@ def test_a_failing_writer_is_never_reported_as_success(fake, tmp_path, capsys, m
         assert "No space left on device" in err[0]
     if failure == "truncates":
         assert "VideoWriteError" in err[0] and "truncated or corrupt" in err[0]
-    assert sorted(os.listdir(tmp_path)) == ["img.png"]                 # nothing at --out, no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["img.png"]  # nothing at --out, no temporary file left

@@ -1,12 +1,24 @@
 """I2V conditioning: size rule, image preprocessing + torch bicubic, mask layout, prompt cleaning."""
+
 import hashlib
 
 import numpy as np
 import pytest
 
-from wanjax.conditioning import (NEGATIVE_PROMPT, bicubic_resize, check_num_frames, concat_condition, i2v_mask,
-                                 i2v_size, i2v_video, image_to_array, load_image, max_area_from_size,
-                                 num_latent_frames, preprocess_image)
+from wanjax.conditioning import (
+    NEGATIVE_PROMPT,
+    bicubic_resize,
+    check_num_frames,
+    concat_condition,
+    i2v_mask,
+    i2v_size,
+    i2v_video,
+    image_to_array,
+    load_image,
+    max_area_from_size,
+    num_latent_frames,
+    preprocess_image,
+)
 from wanjax.text import _WHITESPACE
 from wanjax.text import clean_prompt as prompt_clean
 
@@ -19,20 +31,24 @@ def _official_size(h0, w0, max_area):
     return lat_h * 8, lat_w * 8
 
 
-@pytest.mark.parametrize("hw,size,expected", [
-    ((720, 1280), "480p", (464, 832)),     # 16:9 landscape at 480p
-    ((1280, 720), "480p", (832, 464)),     # portrait
-    ((512, 512), "480p", (624, 624)),      # square
-    ((720, 1280), "720p", (720, 1280)),    # exact 16:9 at 720p
-    ((480, 832), "480p", (464, 832)),      # sqrt(399360 * 480/832) = 479.99999999999994 -> floors to 464 (official)
-    ((3000, 4000), "720p", (816, 1104)),   # 4:3 photo
-])
+@pytest.mark.parametrize(
+    "hw,size,expected",
+    [
+        ((720, 1280), "480p", (464, 832)),  # 16:9 landscape at 480p
+        ((1280, 720), "480p", (832, 464)),  # portrait
+        ((512, 512), "480p", (624, 624)),  # square
+        ((720, 1280), "720p", (720, 1280)),  # exact 16:9 at 720p
+        ((480, 832), "480p", (464, 832)),  # sqrt(399360 * 480/832) = 479.99999999999994 -> floors to 464 (official)
+        ((3000, 4000), "720p", (816, 1104)),  # 4:3 photo
+    ],
+)
 def test_i2v_size_known_values(hw, size, expected):
     assert i2v_size(hw, size) == expected
 
 
-@pytest.mark.parametrize("hw", [(720, 1280), (1280, 720), (512, 512), (3000, 4000), (333, 1000), (1000, 217),
-                                (1079, 1921), (17, 23)])
+@pytest.mark.parametrize(
+    "hw", [(720, 1280), (1280, 720), (512, 512), (3000, 4000), (333, 1000), (1000, 217), (1079, 1921), (17, 23)]
+)
 @pytest.mark.parametrize("area", ["480p", "720p", 480 * 832, "1280x720", "832*480"])
 def test_i2v_size_matches_official_formula(hw, area):
     max_area = max_area_from_size(area)
@@ -74,14 +90,28 @@ def test_image_to_array_matches_to_tensor():
         image_to_array(u8.astype(np.float32))
 
 
-@pytest.mark.parametrize("src,dst", [((37, 53), (16, 32)), ((10, 12), (32, 48)), ((20, 20), (20, 20)),
-                                     ((33, 17), (48, 16)), ((100, 80), (7, 5)), ((720, 1280), (464, 832))])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ((37, 53), (16, 32)),
+        ((10, 12), (32, 48)),
+        ((20, 20), (20, 20)),
+        ((33, 17), (48, 16)),
+        ((100, 80), (7, 5)),
+        ((720, 1280), (464, 832)),
+    ],
+)
 def test_bicubic_matches_torch_interpolate(src, dst):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(sum(src) + sum(dst))
     img = rng.uniform(-1, 1, src + (3,)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=dst, mode="bicubic",
-                                          align_corners=False, antialias=False)[0].permute(1, 2, 0).numpy()
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(img).permute(2, 0, 1)[None], size=dst, mode="bicubic", align_corners=False, antialias=False
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     got = bicubic_resize(img, dst)
     assert got.shape == dst + (3,) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
@@ -134,6 +164,7 @@ def test_mask_matches_official_construction(frames):
 
 def test_concat_condition():
     import jax.numpy as jnp
+
     mask = i2v_mask(9, 2, 3)
     lat = np.random.default_rng(3).standard_normal((3, 2, 3, 16)).astype(np.float32)
     y = concat_condition(mask, lat)
@@ -153,7 +184,8 @@ def test_negative_prompt_is_official():
     assert len(NEGATIVE_PROMPT) == 137
     # sha256 of `sample_neg_prompt` in Wan-Video/Wan2.2 wan/configs/shared_config.py (commit 42bf4cf)
     assert hashlib.sha256(NEGATIVE_PROMPT.encode()).hexdigest() == (
-        "ce96e0324e4b54ce4b6e867f669ca520952e1a34cc116543516b1897f0d3c47e")
+        "ce96e0324e4b54ce4b6e867f669ca520952e1a34cc116543516b1897f0d3c47e"
+    )
     assert "\n" not in NEGATIVE_PROMPT and " " not in NEGATIVE_PROMPT
 
 

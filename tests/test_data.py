@@ -1,4 +1,5 @@
 """Procedural video generator (wanjax.data.procedural) and the object tracker (wanjax.track)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,12 +95,12 @@ def test_template_tracker_needs_no_colour():
     for clip, colour, d in zip(v, p["colour_name"], dirs):
         m0 = track.object_mask(clip[:1], colour)[0]
         grey = np.repeat(clip.mean(-1, keepdims=True), 3, -1)
-        assert track.motion_direction(grey, colour)[0] == "none"        # the hue tracker cannot see it
+        assert track.motion_direction(grey, colour)[0] == "none"  # the hue tracker cannot see it
         ok_colour += track.template_direction(clip, m0)[0] == d
         ok_grey += track.template_direction(grey, m0)[0] == d
         assert track.template_direction(np.repeat(clip[:1], 17, 0), m0)[0] == "none"
     assert ok_colour == 12
-    assert ok_grey >= 11           # grey loses contrast where object and background have equal luma
+    assert ok_grey >= 11  # grey loses contrast where object and background have equal luma
     # lost object -> NaN from there on; bad mask shape -> clear error
     m0 = track.object_mask(v[0][:1], p["colour_name"][0])[0]
     path = track.template_track(np.concatenate([v[0][:3], np.zeros_like(v[0][3:]) - 1]), m0)

@@ -1,5 +1,6 @@
 """`wanjax eval` (wanjax.evaluation): metrics vs references, statistics regrouping, and the fast CI variant of the
 driver on a TINY pipeline with planted outlier channels (2 recipes, 1 clip)."""
+
 import json
 import os
 
@@ -27,14 +28,14 @@ def _torch_ssim(a, b, peak, win=11, sigma=1.5):
     y = torch.tensor(np.asarray(b, np.float64)).permute(0, 3, 1, 2)
     c = x.shape[1]
     g = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
-    g = torch.exp(-g ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(g**2) / (2 * sigma**2))
     g = g / g.sum()
     w = (g[:, None] * g[None, :]).expand(c, 1, win, win).contiguous()
     f = lambda z: torch.nn.functional.conv2d(z, w, groups=c)  # noqa: E731
     mx, my = f(x), f(y)
-    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    sxx, syy, sxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
     c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
-    return float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean())
+    return float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).mean())
 
 
 def test_ssim_matches_torch_reference_and_properties():
@@ -62,8 +63,8 @@ def test_psnr_and_relative_l2():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     b = np.clip(a.astype(np.int32) + rng.integers(-5, 6, a.shape), 0, 255).astype(np.uint8)
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)   # the former train.evaluate.psnr, inline
-    assert psnr(a, b) == pytest.approx(10.0 * np.log10(255.0 ** 2 / mse), abs=1e-9)
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)  # the former train.evaluate.psnr, inline
+    assert psnr(a, b) == pytest.approx(10.0 * np.log10(255.0**2 / mse), abs=1e-9)
     assert psnr(a, b, data_range=255.0) == psnr(a, b)
     assert psnr(a, a) == float("inf")
     x = np.zeros((4,)) + 1.0
@@ -85,7 +86,7 @@ def test_relative_l2_options_and_sqnr():
     with pytest.raises(ValueError, match="nonfinite"):
         relative_l2(out, ref, nonfinite="zero")
     np.testing.assert_allclose(sqnr_db(np.array([100.0, 1.0]), np.array([1.0, 1.0])), [20.0, 0.0])
-    assert sqnr_db(1.0, 0.0) == pytest.approx(3000.0)          # an exact layer: large and finite (floor 1e-300)
+    assert sqnr_db(1.0, 0.0) == pytest.approx(3000.0)  # an exact layer: large and finite (floor 1e-300)
 
 
 # ----------------------------------------------------------------------------------------- statistics regrouping
@@ -101,8 +102,7 @@ class FakeCalib:
         step = self.bins.steps[self.bins.names.index(b)][0]
         rows = np.tile((step + 1.0) * (np.arange(self.k) + 1.0), (self.n, 1)).astype(np.float32)
         rows[:, 0] += 100.0 * (expert == "low")
-        return LayerStats(absmax=np.abs(rows).max(0), hessian=None, count=np.int32(self.n), samples=rows,
-                          seen=self.n)
+        return LayerStats(absmax=np.abs(rows).max(0), hessian=None, count=np.int32(self.n), samples=rows, seen=self.n)
 
 
 def test_rebinned_source_groups_steps_into_bins():
@@ -125,7 +125,7 @@ def test_rebinned_source_groups_steps_into_bins():
     shared = SharedExpertSource(src)
     hi, lo = shared.layer("high", "blocks.ffn.fc2", 0), shared.layer("low", "blocks.ffn.fc2", 0)
     np.testing.assert_array_equal(hi.rows, lo.rows)
-    assert np.any(hi.rows[..., 0] > 100) and np.any(hi.rows[..., 0] < 100)       # rows of both experts
+    assert np.any(hi.rows[..., 0] > 100) and np.any(hi.rows[..., 0] < 100)  # rows of both experts
     with pytest.raises(ValueError, match="lies in"):
         RebinnedSource(FakeCalib(seed_bins(sched)), fine)
     uneven = RebinnedSource(FakeCalib(fine), uniform_bins(sched, {"high": 1, "low": 2}))
@@ -136,17 +136,20 @@ def test_rebinned_source_groups_steps_into_bins():
 def test_variants_are_valid_recipes():
     vs = ablation_variants()
     assert [v.name for v in vs] == list(ABLATIONS)
-    with pytest.raises(KeyError, match="no_alpha_search"):   # renamed: the default no longer searches alpha
+    with pytest.raises(KeyError, match="no_alpha_search"):  # renamed: the default no longer searches alpha
         ablation_variants(["no_alpha_search"])
     assert {v.bins for v in vs} == {"seed", "6"}
     by = {v.name: v.recipe for v in vs}
-    assert {n for n, r in by.items() if r.calibration == "per_expert"} == {"per_expert_calib", "per_bin_clips",
-                                                                           "per_bin_clips_bins6"}
+    assert {n for n, r in by.items() if r.calibration == "per_expert"} == {
+        "per_expert_calib",
+        "per_bin_clips",
+        "per_bin_clips_bins6",
+    }
     gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")
     assert gptq("bin_balance").balance_bins and not gptq("rank64").balance_bins
     assert not any(type(t).__name__ == "LowRank" for t in by["no_lowrank"].transforms)
     kinds = lambda name: [type(t).__name__ for t in by[name].transforms]
-    assert "GPTQ" in kinds("no_lowrank") and "RTN" not in kinds("no_lowrank")   # the default quantizes by GPTQ
+    assert "GPTQ" in kinds("no_lowrank") and "RTN" not in kinds("no_lowrank")  # the default quantizes by GPTQ
     assert "RTN" in kinds("no_gptq") and "GPTQ" not in kinds("no_gptq")
     clip = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "ClipSearch")
     assert clip("per_bin_clips").per_bin and not clip("rank64").per_bin and not clip("no_gptq").per_bin
@@ -157,13 +160,18 @@ def test_variants_are_valid_recipes():
     assert "Rotate" not in kinds("no_rotation") and rot("rank16") == [256] and rot("rotate_max") == [None]
     assert not smooth("no_rotation").search and rot("fast") == [] and by["fast"].name == "fast"
     from wanjax.quant.recipes import get_recipe
+
     assert rot("rotate_b128") == [128]
     assert kinds("rotate_b64") == [type(t).__name__ for t in get_recipe("default").transforms]
     assert by["per_bin_clips"].name == "binned" and "GPTQ" in kinds("per_bin_clips")
     assert by["mxfp4"].weight.fmt == "mxfp4" and by["static"].act_mode == "static"
-    assert (by["w4a8"].weight.fmt, by["w4a8"].act.fmt, by["w8a4"].weight.fmt, by["w8a4"].act.fmt) == \
-        ("int4", "int8", "int8", "int4")
-    assert kinds("w4a8") == kinds("w8a4") == kinds("rotate_b64")   # only the formats change
+    assert (by["w4a8"].weight.fmt, by["w4a8"].act.fmt, by["w8a4"].weight.fmt, by["w8a4"].act.fmt) == (
+        "int4",
+        "int8",
+        "int8",
+        "int4",
+    )
+    assert kinds("w4a8") == kinds("w8a4") == kinds("rotate_b64")  # only the formats change
     gptq = lambda name: next(t for t in by[name].transforms if type(t).__name__ == "GPTQ")
     assert gptq("gptq_act_order").act_order and not gptq("rank64").act_order
     assert gptq("gptq_wclip").weight_clips and not gptq("gptq_act_order").weight_clips
@@ -200,10 +208,11 @@ def test_sample_files_and_disjointness(tmp_path):
 def test_cli_registers_eval():
     from wanjax.cli import build_parser
 
-    a = build_parser().parse_args(["eval", "--model", "m", "--eval-set", "e.json", "--calib-set", "c.json", "--out",
-                                   "r", "--ablations"])
+    a = build_parser().parse_args(
+        ["eval", "--model", "m", "--eval-set", "e.json", "--calib-set", "c.json", "--out", "r", "--ablations"]
+    )
     assert a.func.__name__ == "cmd_eval" and a.ablations == "all" and "default" in a.recipes
-    assert a.frames is None and a.size is None      # resolved from the model's generation_config.json at run time
+    assert a.frames is None and a.size is None  # resolved from the model's generation_config.json at run time
 
 
 # ----------------------------------------------------------------------------------- the fast CI variant
@@ -232,19 +241,36 @@ def test_eval_end_to_end_tiny_planted_outliers(tmp_path):
     before = experts[0](x, jnp.array([950.0]), c)
     high, low = (_plant_outliers(m) for m in experts)
     np.testing.assert_allclose(np.asarray(high(x, jnp.array([950.0]), c)), np.asarray(before), rtol=2e-4, atol=2e-5)
-    vae = init_vae(VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                             temporal_downsample=(False, True, True)), seed=3)
+    vae = init_vae(
+        VAEConfig(
+            base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_downsample=(False, True, True)
+        ),
+        seed=3,
+    )
     pipe = WanI2VPipeline(high, low, vae)
 
     def sample(name, seed):
         r = np.random.default_rng(seed)
-        return EvalSample(name, r.integers(0, 256, (32, 32, 3), dtype=np.uint8), prompt=name, seed=seed,
-                          context=jnp.asarray(r.standard_normal((2, 5, cfg.text_dim)), jnp.float32), key=name)
+        return EvalSample(
+            name,
+            r.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            prompt=name,
+            seed=seed,
+            context=jnp.asarray(r.standard_normal((2, 5, cfg.text_dim)), jnp.float32),
+            key=name,
+        )
 
     gen = GenerationConfig(num_frames=5, max_area=32 * 32, steps=8, shift=5.0, guide_scale=(2.0, 4.0))
     out = tmp_path / "report"
-    res = run_eval(pipe, [sample("eval0", 0)], [sample("calib0", 1)], gen, str(out), recipes=["rtn", "svdquant"],
-                   log=lambda s: None)
+    res = run_eval(
+        pipe,
+        [sample("eval0", 0)],
+        [sample("calib0", 1)],
+        gen,
+        str(out),
+        recipes=["rtn", "svdquant"],
+        log=lambda s: None,
+    )
     text = (out / "report.md").read_text()
     assert "| rtn |" in text and "| svdquant |" in text and "disjoint" in text
     saved = json.loads((out / "results.json").read_text())

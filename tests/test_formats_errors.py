@@ -19,53 +19,55 @@ CASES = [
 
 
 def _x_with(bad_value):
-  x = np.random.RandomState(0).randn(2, 64).astype(np.float32)
-  x[1, 40] = bad_value
-  return jnp.asarray(x)
+    x = np.random.RandomState(0).randn(2, 64).astype(np.float32)
+    x[1, 40] = bad_value
+    return jnp.asarray(x)
 
 
 @pytest.mark.parametrize("fmt,kw", CASES)
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_eager_nonfinite_raises_value_error(fmt, kw, bad):
-  with pytest.raises(ValueError, match=r"input of shape \(2, 64\) contains 1 non-finite value.*first at index \(1, 40\)"):
-    F.quantize(_x_with(bad), fmt, **kw)
+    with pytest.raises(
+        ValueError, match=r"input of shape \(2, 64\) contains 1 non-finite value.*first at index \(1, 40\)"
+    ):
+        F.quantize(_x_with(bad), fmt, **kw)
 
 
 @pytest.mark.parametrize("fmt,kw", CASES)
 def test_jit_nonfinite_raises_at_run_time(fmt, kw):
-  f = jax.jit(lambda x: F.quantize(x, fmt, **kw))
-  ok = f(_x_with(1.0))  # same compiled function, finite input: no error
-  jax.block_until_ready(ok)
-  with pytest.raises(Exception, match=r"non-finite value.*first at index \(1, 40\)"):
-    jax.block_until_ready(f(_x_with(np.nan)))
+    f = jax.jit(lambda x: F.quantize(x, fmt, **kw))
+    ok = f(_x_with(1.0))  # same compiled function, finite input: no error
+    jax.block_until_ready(ok)
+    with pytest.raises(Exception, match=r"non-finite value.*first at index \(1, 40\)"):
+        jax.block_until_ready(f(_x_with(np.nan)))
 
 
 @pytest.mark.parametrize("fmt,kw", CASES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_nan_policy_poisons_exactly_the_affected_group(fmt, kw, jit):
-  clean = _x_with(0.5)
-  bad = _x_with(np.inf)
-  quant = (lambda x: F.quantize(x, fmt, nonfinite="nan", **kw))
-  quant = jax.jit(quant) if jit else quant
-  qc, qb = F.quantize(clean, fmt, **kw), quant(bad)
-  d = np.asarray(F.dequantize(qb))
-  g = qb.group_size
-  if g == 0:  # per-tensor: everything is poisoned
-    assert np.all(np.isnan(d)) and np.isnan(float(qb.scales))
-    return
-  lo = (40 // g) * g
-  affected = np.zeros(d.shape, bool)
-  affected[1, lo:lo + g] = True
-  assert np.all(np.isnan(d[affected]))
-  if fmt != "nvfp4":  # nvfp4's tensor scale depends on the finite values, so other groups may change
-    np.testing.assert_array_equal(d[~affected], np.asarray(F.dequantize(qc))[~affected])
-  else:
-    assert np.all(np.isfinite(d[~affected]))
-  sc = np.asarray(qb.scales)
-  if fmt == "mxfp4":
-    assert sc[1, 40 // g] == F.E8M0_NAN_CODE and np.sum(sc == F.E8M0_NAN_CODE) == 1
-  else:
-    assert np.isnan(sc.astype(np.float32)[1, 40 // g]) and np.sum(np.isnan(sc.astype(np.float32))) == 1
+    clean = _x_with(0.5)
+    bad = _x_with(np.inf)
+    quant = lambda x: F.quantize(x, fmt, nonfinite="nan", **kw)
+    quant = jax.jit(quant) if jit else quant
+    qc, qb = F.quantize(clean, fmt, **kw), quant(bad)
+    d = np.asarray(F.dequantize(qb))
+    g = qb.group_size
+    if g == 0:  # per-tensor: everything is poisoned
+        assert np.all(np.isnan(d)) and np.isnan(float(qb.scales))
+        return
+    lo = (40 // g) * g
+    affected = np.zeros(d.shape, bool)
+    affected[1, lo : lo + g] = True
+    assert np.all(np.isnan(d[affected]))
+    if fmt != "nvfp4":  # nvfp4's tensor scale depends on the finite values, so other groups may change
+        np.testing.assert_array_equal(d[~affected], np.asarray(F.dequantize(qc))[~affected])
+    else:
+        assert np.all(np.isfinite(d[~affected]))
+    sc = np.asarray(qb.scales)
+    if fmt == "mxfp4":
+        assert sc[1, 40 // g] == F.E8M0_NAN_CODE and np.sum(sc == F.E8M0_NAN_CODE) == 1
+    else:
+        assert np.isnan(sc.astype(np.float32)[1, 40 // g]) and np.sum(np.isnan(sc.astype(np.float32))) == 1
 
 
 @pytest.mark.parametrize(
@@ -90,10 +92,10 @@ def test_nan_policy_poisons_exactly_the_affected_group(fmt, kw, jit):
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, match):
-  with pytest.raises(ValueError, match=match):
-    call(jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match=match):
+        call(jnp.ones((2, 64)))
 
 
 def test_dequantize_rejects_non_quantized_tensor():
-  with pytest.raises(TypeError, match="expected a QuantizedTensor, got ndarray"):
-    F.dequantize(np.ones(3))
+    with pytest.raises(TypeError, match="expected a QuantizedTensor, got ndarray"):
+        F.dequantize(np.ones(3))

@@ -1,4 +1,5 @@
 """Input images in every mode Pillow reads: converted to the values meant, or refused naming file and mode."""
+
 import numpy as np
 import pytest
 
@@ -23,8 +24,9 @@ def test_16bit_png_mid_grey_reads_as_mid_grey(tmp_path):
     assert got.shape == (6, 5, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, 128)
     ramp = np.array([[0, 257, 65535, 32767]], np.uint16)
-    np.testing.assert_array_equal(load_image(_save(tmp_path, Image.fromarray(ramp), "ramp16.png"))[..., 0],
-                                  [[0, 1, 255, 127]])
+    np.testing.assert_array_equal(
+        load_image(_save(tmp_path, Image.fromarray(ramp), "ramp16.png"))[..., 0], [[0, 1, 255, 127]]
+    )
 
 
 def test_16bit_big_endian_tiff_and_mode_I(tmp_path):
@@ -53,12 +55,12 @@ def test_float_mode_F(tmp_path):
 
 def test_palette_with_and_without_transparency(tmp_path):
     p = Image.new("P", (4, 2))
-    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)        # 0 = red, 1 = blue
+    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0 = red, 1 = blue
     px = p.load()
     px[1, 0] = 1
     got = load_image(_save(tmp_path, p, "pal.png"))
     assert tuple(got[0, 0]) == (255, 0, 0) and tuple(got[0, 1]) == (0, 0, 255)
-    path = _save(tmp_path, p, "pal_t.png", transparency=0)    # red is the transparent colour
+    path = _save(tmp_path, p, "pal_t.png", transparency=0)  # red is the transparent colour
     with Image.open(path) as back:
         assert back.mode == "P" and "transparency" in back.info
     got = load_image(path)
@@ -67,22 +69,23 @@ def test_palette_with_and_without_transparency(tmp_path):
 
 def test_alpha_composited_over_the_background(tmp_path):
     rgba = np.zeros((2, 3, 4), np.uint8)
-    rgba[..., 0] = 200                                         # red everywhere
+    rgba[..., 0] = 200  # red everywhere
     rgba[0, 0, 3], rgba[0, 1, 3], rgba[0, 2, 3] = 0, 255, 128  # transparent, opaque, half
     got = load_image(_save(tmp_path, Image.fromarray(rgba, "RGBA"), "a.png"))
-    assert tuple(got[0, 0]) == (255, 255, 255)                # fully transparent -> white, not the stored colour
+    assert tuple(got[0, 0]) == (255, 255, 255)  # fully transparent -> white, not the stored colour
     assert tuple(got[0, 1]) == (200, 0, 0)
     assert tuple(got[0, 2]) == (round(200 * 128 / 255 + 255 * 127 / 255), 127, 127)
     black = load_image(tmp_path / "a.png", background=(0, 0, 0))
     assert tuple(black[0, 0]) == (0, 0, 0) and tuple(black[0, 1]) == (200, 0, 0)
-    np.testing.assert_array_equal(image_to_array(rgba), image_to_array(got))       # RGBA arrays alike
-    la = Image.fromarray(np.stack([np.full((2, 2), 50, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1),
-                         "LA")
+    np.testing.assert_array_equal(image_to_array(rgba), image_to_array(got))  # RGBA arrays alike
+    la = Image.fromarray(
+        np.stack([np.full((2, 2), 50, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1), "LA"
+    )
     got = load_image(_save(tmp_path, la, "la.png"))
     assert tuple(got[0, 0]) == (255, 255, 255) and tuple(got[0, 1]) == (50, 50, 50)
     pa = Image.new("PA", (2, 1))
     pa.putpalette([50, 50, 50] + [0] * 765)
-    pa.putpixel((0, 0), (0, 0))                                # transparent
+    pa.putpixel((0, 0), (0, 0))  # transparent
     pa.putpixel((1, 0), (0, 255))
     got = image_to_array(pa)
     assert got[0, 0, 0] == 1.0 and abs(got[0, 1, 0] - (50 / 127.5 - 1)) < 1e-6
@@ -99,7 +102,7 @@ def test_other_modes_convert_like_pillow(tmp_path, mode):
     if mode in ("1", "L", "CMYK"):
         ext = {"1": "png", "L": "png", "CMYK": "jpg"}[mode]
         back = load_image(_save(tmp_path, im, f"x.{ext}"))
-        assert back[0, 0].min() > 230 and back[0, 1].max() < 30   # CMYK goes through a lossy JPEG
+        assert back[0, 0].min() > 230 and back[0, 1].max() < 30  # CMYK goes through a lossy JPEG
 
 
 def test_arrays_grey_uint16_and_refusals():

@@ -1,4 +1,5 @@
 """Unusable checkpoints raise clear errors naming file, key, expected and actual (see docs/bad_inputs.md)."""
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def test_missing_key(tmp_path):
 def test_extra_key_and_ignore_unknown(tmp_path):
     t = _tensors()
     t["blocks.0.cross_attn.k_img.weight"] = np.zeros((CFG.dim, CFG.dim), np.float32)
-    t["blocks.1.modulation"] = np.zeros((1, 6, CFG.dim), np.float32)   # a layer beyond num_layers
+    t["blocks.1.modulation"] = np.zeros((1, 6, CFG.dim), np.float32)  # a layer beyond num_layers
     p = _write(tmp_path, t)
     with pytest.raises(CheckpointError, match="2 unknown key") as e:
         _load(p)
@@ -84,16 +85,22 @@ def test_wrong_shape(tmp_path):
 def test_wrong_shape_names_official_key_for_diffusers(tmp_path):
     t = _tensors(layout="diffusers")
     t["blocks.0.norm2.weight"] = np.ones((CFG.dim + 1,), np.float32)
-    with pytest.raises(CheckpointError, match=r"'blocks.0.norm2.weight' \(official 'blocks.0.norm3.weight'\): "
-                                              r"expected shape \(32,\), got \(33,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'blocks.0.norm2.weight' \(official 'blocks.0.norm3.weight'\): "
+        r"expected shape \(32,\), got \(33,\)",
+    ):
         _load(_write(tmp_path, t))
 
 
 def test_wrong_dtype(tmp_path):
     t = _tensors()
     t["head.modulation"] = t["head.modulation"].astype(np.int32)
-    with pytest.raises(CheckpointError, match=r"key 'head.modulation': expected a float dtype \(F32/BF16/F16\), "
-                                              r"got I32"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"key 'head.modulation': expected a float dtype \(F32/BF16/F16\), "
+        r"got I32",
+    ):
         _load(_write(tmp_path, t))
 
 
@@ -123,13 +130,16 @@ def test_sharded_index_ok(tmp_path):
     assert _load(_sharded(tmp_path)).cfg == CFG
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"{not json", "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "cannot read index file"),
-    (b'{"metadata": {}}', "'weight_map' object"),
-    (b'{"weight_map": {"a": 3}}', "'weight_map' object"),
-    (b'{"weight_map": {"patch_embedding.bias": "nope.safetensors"}}', r"do not exist: \[.*nope.safetensors"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "cannot read index file"),
+        (b'{"metadata": {}}', "'weight_map' object"),
+        (b'{"weight_map": {"a": 3}}', "'weight_map' object"),
+        (b'{"weight_map": {"patch_embedding.bias": "nope.safetensors"}}', r"do not exist: \[.*nope.safetensors"),
+    ],
+)
 def test_bad_index(tmp_path, content, match):
     p = tmp_path / "x.safetensors.index.json"
     p.write_bytes(content)
@@ -140,10 +150,11 @@ def test_bad_index(tmp_path, content, match):
 
 def test_unreadable_index(tmp_path, monkeypatch):
     import builtins
+
     p = _sharded(tmp_path)
     real_open = builtins.open
 
-    def fake_open(file, *a, **kw):   # root ignores chmod, so simulate "permission denied"
+    def fake_open(file, *a, **kw):  # root ignores chmod, so simulate "permission denied"
         if os.fspath(file) == p:
             raise PermissionError(13, "Permission denied", p)
         return real_open(file, *a, **kw)
@@ -179,6 +190,7 @@ def load_dit_files(d, files):
     """Scan/validate an explicit file list (an index-free multi-file set) through the loader internals."""
     from wanjax.io.dit_params import read_safetensors_params
     from wanjax.io.dit_source import CheckpointSource
+
     src = CheckpointSource(str(d), "safetensors", tuple(str(d / f) for f in files))
     return read_safetensors_params(src, jnp.float32, config=CFG)
 
@@ -210,15 +222,24 @@ def test_config_disagrees_with_weights(tmp_path):
     d = tmp_path / "e"
     d.mkdir()
     save_file(_tensors(), str(d / "m.safetensors"))
-    (d / "config.json").write_text(json.dumps({"dim": CFG.dim, "ffn_dim": CFG.ffn_dim, "num_heads": 2,
-                                               "num_layers": 2, "text_dim": CFG.text_dim,
-                                               "freq_dim": CFG.freq_dim}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "dim": CFG.dim,
+                "ffn_dim": CFG.ffn_dim,
+                "num_heads": 2,
+                "num_layers": 2,
+                "text_dim": CFG.text_dim,
+                "freq_dim": CFG.freq_dim,
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match=r"missing: 'blocks.1.modulation'"):
         load_dit(str(d), jnp.float32)
 
 
 def test_cannot_infer_heads(tmp_path):
-    p = _write(tmp_path, _tensors())    # dim 32: not a multiple of the assumed head_dim 128, no config.json
+    p = _write(tmp_path, _tensors())  # dim 32: not a multiple of the assumed head_dim 128, no config.json
     with pytest.raises(CheckpointError, match="cannot infer num_heads: dim 32"):
         load_dit(p, jnp.float32)
     assert not os.path.exists(tmp_path / "config.json")

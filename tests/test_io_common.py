@@ -1,4 +1,5 @@
 """Shared helpers for the checkpoint I/O tests (no tests here): tiny random diffusers models and checkpoint writers."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def official_cfg_json(cfg: WanConfig) -> dict:
 
 
 def tiny_cfg(dim=32, heads=2, layers=2, ffn=48, text_dim=24, freq=16, text_len=8) -> WanConfig:
-    return WanConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, text_dim=text_dim, freq_dim=freq,
-                     text_len=text_len)
+    return WanConfig(
+        dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, text_dim=text_dim, freq_dim=freq, text_len=text_len
+    )
 
 
 def diffusers_model(cfg: WanConfig, seed: int = 0):
@@ -27,12 +29,27 @@ def diffusers_model(cfg: WanConfig, seed: int = 0):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    m = WanTransformer3DModel(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
-                              attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim, out_channels=cfg.out_dim,
-                              text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-                              num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                              eps=cfg.eps, image_dim=None, added_kv_proj_dim=None,
-                              rope_max_seq_len=cfg.rope_max_seq_len).float().eval()
+    m = (
+        WanTransformer3DModel(
+            patch_size=cfg.patch_size,
+            num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim,
+            out_channels=cfg.out_dim,
+            text_dim=cfg.text_dim,
+            freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=cfg.eps,
+            image_dim=None,
+            added_kv_proj_dim=None,
+            rope_max_seq_len=cfg.rope_max_seq_len,
+        )
+        .float()
+        .eval()
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -43,19 +60,26 @@ def diffusers_model(cfg: WanConfig, seed: int = 0):
                 p.copy_(1.0 + 0.3 * r)
             elif p.ndim == 1:
                 p.copy_(0.1 * r)
-            else:   # Linear / Conv weights: keep activations O(1)
+            else:  # Linear / Conv weights: keep activations O(1)
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(r / np.sqrt(fan_in))
     return m
 
 
 def state_dict(m) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()
-            if not k.startswith("rope.")}
+    return {k: v.detach().clone().contiguous() for k, v in m.state_dict().items() if not k.startswith("rope.")}
 
 
-def write_checkpoint(sd: dict[str, torch.Tensor], path: str, *, layout: str = "diffusers", comfy: bool = False,
-                     dtype: torch.dtype | None = None, shards: int = 1, config: WanConfig | None = None) -> str:
+def write_checkpoint(
+    sd: dict[str, torch.Tensor],
+    path: str,
+    *,
+    layout: str = "diffusers",
+    comfy: bool = False,
+    dtype: torch.dtype | None = None,
+    shards: int = 1,
+    config: WanConfig | None = None,
+) -> str:
     """Write ``sd`` (diffusers keys) as safetensors in ``layout`` and return what to pass to `load_dit`.
 
     ``shards == 1`` and ``path`` ending in .safetensors: one file. Otherwise ``path`` is a directory that gets

@@ -1,4 +1,5 @@
 """save_dit / export_state_dict: the inverse of load_dit, in both layouts."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def test_save_then_load_roundtrip(tmp_path, layout):
     out = save_dit(m, tmp_path / "expert", layout=layout, max_shard_bytes=200_000)
     files = sorted(p.name for p in (tmp_path / "expert").iterdir())
     assert "config.json" in files and "diffusion_pytorch_model.safetensors.index.json" in files
-    assert sum(f.endswith(".safetensors") for f in files) > 1          # really sharded
+    assert sum(f.endswith(".safetensors") for f in files) > 1  # really sharded
     m2 = load_dit(out, dtype=jnp.float32)
     a = nnx.state(m, nnx.Param).to_pure_dict()
     b = nnx.state(m2, nnx.Param).to_pure_dict()

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent (issue 30): convert never deletes its source, caches carry checksums, ambiguous
 checkpoint dirs are refused or warned about by name, NaN/Inf weights are refused naming the tensor, published dirs
 get the umask's modes and temp dirs never stay behind."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ CFG = tiny_cfg(layers=2)
 
 def _tensors(layout="official") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {(official_to_diffusers(k) if layout == "diffusers" else k): rng.standard_normal(s).astype(np.float32)
-            for k, s in official_shapes(CFG).items()}
+    return {
+        (official_to_diffusers(k) if layout == "diffusers" else k): rng.standard_normal(s).astype(np.float32)
+        for k, s in official_shapes(CFG).items()
+    }
 
 
 def _expert(d, tensors=None, shards=2) -> str:
@@ -69,16 +72,18 @@ def model(tmp_path) -> str:
 def test_convert_refuses_overlap_with_source(model, where):
     expert = os.path.join(model, "high_noise_model")
     shard = os.path.join(expert, "diffusion_pytorch_model-00001-of-00002.safetensors")
-    src, dst, rel = {"root": (expert, model, "contains"), "same": (expert, expert, "is"),
-                     "inside": (expert, os.path.join(expert, "cache"), "is inside"),
-                     "file_parent": (os.path.join(expert, "diffusion_pytorch_model.safetensors.index.json"),
-                                     expert, "contains"),
-                     "file_same": (shard, shard, "is")}[where]
+    src, dst, rel = {
+        "root": (expert, model, "contains"),
+        "same": (expert, expert, "is"),
+        "inside": (expert, os.path.join(expert, "cache"), "is inside"),
+        "file_parent": (os.path.join(expert, "diffusion_pytorch_model.safetensors.index.json"), expert, "contains"),
+        "file_same": (shard, shard, "is"),
+    }[where]
     before = _tree(model)
     with pytest.raises(CheckpointError, match=rel) as e:
         convert(src, dst, overwrite=True)
     assert dst in str(e.value) and "refusing" in str(e.value)
-    assert _tree(model) == before and sorted(os.listdir(os.path.dirname(model))) == ["M"]   # no temp dir either
+    assert _tree(model) == before and sorted(os.listdir(os.path.dirname(model))) == ["M"]  # no temp dir either
 
 
 def test_cli_convert_onto_model_root(model, capsys):
@@ -108,7 +113,7 @@ def test_publish_dir_refuses_inputs_and_restores_on_failure(tmp_path, monkeypatc
     real = os.rename
     calls = []
 
-    def flaky(a, b):   # the second rename (tmp -> dst) is interrupted
+    def flaky(a, b):  # the second rename (tmp -> dst) is interrupted
         calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -118,8 +123,8 @@ def test_publish_dir_refuses_inputs_and_restores_on_failure(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         publish_dir(str(tmp), str(dst))
     monkeypatch.setattr(os, "rename", real)
-    assert (dst / "f").read_text() == "dst"   # the previous version is back
-    assert sorted(os.listdir(tmp_path)) == ["dst", "src", "tmp"]   # no .old- dir left
+    assert (dst / "f").read_text() == "dst"  # the previous version is back
+    assert sorted(os.listdir(tmp_path)) == ["dst", "src", "tmp"]  # no .old- dir left
 
 
 # ---- 5. published modes follow the umask ------------------------------------------------------------------------
@@ -127,6 +132,7 @@ def test_publish_dir_refuses_inputs_and_restores_on_failure(tmp_path, monkeypatc
 def test_published_modes_follow_umask(tmp_path, mask):
     from wanjax.io.dit_loader import load_dit as ld
     from wanjax.io.export import save_dit
+
     src = _expert(tmp_path / "e")
     old = os.umask(mask)
     try:
@@ -145,6 +151,7 @@ def test_published_modes_follow_umask(tmp_path, mask):
 def test_save_dit_interrupted_leaves_nothing(tmp_path, monkeypatch, exc):
     import safetensors.numpy
     from wanjax.io.export import save_dit
+
     m = load_dit(_expert(tmp_path / "e"), jnp.float32)
     monkeypatch.setattr(safetensors.numpy, "save_file", lambda *a, **k: (_ for _ in ()).throw(exc))
     with pytest.raises(type(exc)):
@@ -159,8 +166,12 @@ def cache(tmp_path) -> str:
 
 
 def _largest_array_file(cache) -> str:
-    files = [os.path.join(d, n) for d, _, fs in os.walk(os.path.join(cache, "params")) for n in fs
-             if os.sep + "d" + os.sep in os.path.join(d, n)]
+    files = [
+        os.path.join(d, n)
+        for d, _, fs in os.walk(os.path.join(cache, "params"))
+        for n in fs
+        if os.sep + "d" + os.sep in os.path.join(d, n)
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -222,7 +233,7 @@ def test_extra_file_warned_and_verify_off(cache):
         load_dit(cache)
     f = _largest_array_file(cache)
     os.remove(f)
-    with pytest.raises(CheckpointError, match="cannot restore"):   # verify=False: orbax's own (late) error
+    with pytest.raises(CheckpointError, match="cannot restore"):  # verify=False: orbax's own (late) error
         load_dit(cache, verify=False)
 
 
@@ -250,9 +261,14 @@ def test_unrelated_files_warned(tmp_path):
 
 def test_two_index_files_refused(tmp_path):
     d = _expert(tmp_path / "e")
-    os.link(os.path.join(d, "diffusion_pytorch_model.safetensors.index.json"), os.path.join(d, "b.safetensors.index.json"))
-    with pytest.raises(CheckpointError, match=r"ambiguous: several index files.*'b.safetensors.index.json', "
-                                              r"'diffusion_pytorch_model.safetensors.index.json'"):
+    os.link(
+        os.path.join(d, "diffusion_pytorch_model.safetensors.index.json"), os.path.join(d, "b.safetensors.index.json")
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"ambiguous: several index files.*'b.safetensors.index.json', "
+        r"'diffusion_pytorch_model.safetensors.index.json'",
+    ):
         load_dit(d)
 
 
@@ -275,9 +291,14 @@ def test_single_file_plus_other_format_warned(tmp_path):
 
 
 # ---- 4. non-finite weights ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout,key,bad", [("official", "blocks.1.ffn.0.weight", np.nan),
-                                             ("diffusers", "blocks.0.attn2.to_v.bias", np.inf),
-                                             ("official", "head.modulation", -np.inf)])
+@pytest.mark.parametrize(
+    "layout,key,bad",
+    [
+        ("official", "blocks.1.ffn.0.weight", np.nan),
+        ("diffusers", "blocks.0.attn2.to_v.bias", np.inf),
+        ("official", "head.modulation", -np.inf),
+    ],
+)
 def test_nonfinite_weight_refused(tmp_path, layout, key, bad):
     t = _tensors(layout)
     t[key].flat[3] = bad
@@ -287,10 +308,10 @@ def test_nonfinite_weight_refused(tmp_path, layout, key, bad):
         load_dit(p, jnp.float32, config=CFG)
     msg = str(e.value)
     assert f"{p}: key {key!r}" in msg and ("NaN" if np.isnan(bad) else "Inf") in msg
-    assert len(e.value.problems) == 1   # only that tensor (not the other layer of the stacked leaf)
+    assert len(e.value.problems) == 1  # only that tensor (not the other layer of the stacked leaf)
     if layout == "diffusers":
         assert "official 'blocks.0.cross_attn.v.bias'" in msg
-    load_dit(p, jnp.float32, config=CFG, check_finite=False)   # the opt-out loads
+    load_dit(p, jnp.float32, config=CFG, check_finite=False)  # the opt-out loads
 
 
 def test_nonfinite_refused_by_convert_and_cache(tmp_path):
@@ -301,28 +322,41 @@ def test_nonfinite_refused_by_convert_and_cache(tmp_path):
         convert(d, tmp_path / "c")
     assert sorted(os.listdir(tmp_path)) == ["e"]
     c = convert(d, tmp_path / "c", check_finite=False)
-    with pytest.raises(CheckpointError, match=r"(?s)params: 1 tensor\(s\) hold non-finite.*'blocks.0.self_attn.q.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)params: 1 tensor\(s\) hold non-finite.*'blocks.0.self_attn.q.weight'"
+    ):
         load_dit(c)
 
 
 def test_finite_check_is_one_jitted_call(tmp_path, monkeypatch):
     import wanjax.io.finite as fin
+
     calls = []
     real = fin._nonfinite_flags
     monkeypatch.setattr(fin, "_nonfinite_flags", lambda tree: calls.append(1) or real(tree))
     d = _expert(tmp_path / "e")
     load_dit(d, jnp.float32)
     load_dit(convert(d, tmp_path / "c"))
-    assert calls == [1, 1, 1]   # safetensors load, convert, cache load: one call each
-    assert hasattr(real, "lower")   # a jitted function: the whole tree in one XLA computation
+    assert calls == [1, 1, 1]  # safetensors load, convert, cache load: one call each
+    assert hasattr(real, "lower")  # a jitted function: the whole tree in one XLA computation
 
 
 def test_nonfinite_leaves_semantics():
     from wanjax.io.finite import nonfinite_leaves
-    tree = {"ok": {"big": jnp.full((4, 3), 3e38, jnp.float32), "neg0": jnp.full((5,), -0.0, jnp.bfloat16),
-                   "ints": jnp.arange(4), "half": jnp.full((2, 2), 6e4, jnp.float16)},
-            "bad": [jnp.ones((3, 3), jnp.bfloat16).at[1, 2].set(jnp.nan), jnp.ones(7, jnp.float16).at[6].set(-jnp.inf),
-                    jnp.zeros((2, 2), jnp.float32).at[0, 0].set(jnp.inf)]}
+
+    tree = {
+        "ok": {
+            "big": jnp.full((4, 3), 3e38, jnp.float32),
+            "neg0": jnp.full((5,), -0.0, jnp.bfloat16),
+            "ints": jnp.arange(4),
+            "half": jnp.full((2, 2), 6e4, jnp.float16),
+        },
+        "bad": [
+            jnp.ones((3, 3), jnp.bfloat16).at[1, 2].set(jnp.nan),
+            jnp.ones(7, jnp.float16).at[6].set(-jnp.inf),
+            jnp.zeros((2, 2), jnp.float32).at[0, 0].set(jnp.inf),
+        ],
+    }
     assert sorted(nonfinite_leaves(tree)) == ["bad/0", "bad/1", "bad/2"]
 
 
@@ -330,12 +364,13 @@ def test_stale_temp_dirs_of_dead_processes_removed(tmp_path):
     import socket
     import subprocess
     from wanjax.io.atomic import make_temp_dir
+
     dead = subprocess.Popen(["true"])
     dead.wait()
     host = socket.gethostname()
-    stale = tmp_path / f".cache.tmp-{host}-{dead.pid}-abc"          # a convert killed mid-write on this host
-    live = tmp_path / f".cache.tmp-{host}-{os.getppid()}-def"        # a running one
-    other = tmp_path / f".cache.tmp-otherhost-{dead.pid}-ghi"        # another host's (shared filesystem)
+    stale = tmp_path / f".cache.tmp-{host}-{dead.pid}-abc"  # a convert killed mid-write on this host
+    live = tmp_path / f".cache.tmp-{host}-{os.getppid()}-def"  # a running one
+    other = tmp_path / f".cache.tmp-otherhost-{dead.pid}-ghi"  # another host's (shared filesystem)
     mine = tmp_path / ".cache.notes"
     for d in (stale, live, other, mine):
         d.mkdir()
@@ -354,7 +389,7 @@ def test_overwrite_replaces_only_a_cache(tmp_path):
             convert(src, dst, overwrite=True)
     assert (other / "a.jpg").read_bytes() == b"x" and (tmp_path / "f.txt").read_text() == "keep"
     c = convert(src, tmp_path / "c")
-    convert(src, c, jnp.float32, overwrite=True)   # an earlier cache is replaced
+    convert(src, c, jnp.float32, overwrite=True)  # an earlier cache is replaced
     assert json.load(open(os.path.join(c, "wanjax_dit.json")))["param_dtype"] == "float32"
 
 
@@ -364,7 +399,7 @@ def test_verify_env_default(cache, monkeypatch):
     data[-1] ^= 0x80
     open(f, "wb").write(bytes(data))
     monkeypatch.setenv("WANJAX_VERIFY_CACHE", "0")
-    try:   # not verified: orbax may or may not notice the flipped byte; the checksum error must not come
+    try:  # not verified: orbax may or may not notice the flipped byte; the checksum error must not come
         load_dit(cache, check_finite=False)
     except CheckpointError as e:
         assert "sha256" not in str(e)

@@ -1,4 +1,5 @@
 """Key maps official <-> diffusers <-> wanjax, layout detection, and the full-size expert's shapes (no weights)."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def test_rename_examples():
     assert o2d("blocks.7.self_attn.q.weight") == "blocks.7.attn1.to_q.weight"
     assert o2d("blocks.7.self_attn.o.bias") == "blocks.7.attn1.to_out.0.bias"
     assert o2d("blocks.0.cross_attn.norm_k.weight") == "blocks.0.attn2.norm_k.weight"
-    assert o2d("blocks.3.norm3.weight") == "blocks.3.norm2.weight"     # the swap
+    assert o2d("blocks.3.norm3.weight") == "blocks.3.norm2.weight"  # the swap
     assert o2d("blocks.3.norm3.bias") == "blocks.3.norm2.bias"
     assert o2d("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
     assert o2d("blocks.12.modulation") == "blocks.12.scale_shift_table"
@@ -31,8 +32,14 @@ def test_rename_examples():
     assert o2d("text_embedding.2.weight") == "condition_embedder.text_embedder.linear_2.weight"
     assert o2d("time_embedding.0.bias") == "condition_embedder.time_embedder.linear_1.bias"
     assert o2d("patch_embedding.weight") == "patch_embedding.weight"
-    for bad in ("blocks.0.self_attn.q.scale", "img_emb.proj.0.weight", "blocks.0.cross_attn.k_img.weight",
-                "head.norm.weight", "blocks.x.norm3.weight", "modulation"):
+    for bad in (
+        "blocks.0.self_attn.q.scale",
+        "img_emb.proj.0.weight",
+        "blocks.0.cross_attn.k_img.weight",
+        "head.norm.weight",
+        "blocks.x.norm3.weight",
+        "modulation",
+    ):
         with pytest.raises(KeyError, match="not an official"):
             o2d(bad)
     with pytest.raises(KeyError, match="not a diffusers"):
@@ -58,7 +65,7 @@ def test_layout_detection():
     assert keymap.to_official("blocks.1.norm2.bias", "diffusers", False) == "blocks.1.norm3.bias"
     assert keymap.to_official("blocks.1.foo.weight", "official", False) is None
     assert keymap.to_official("blocks.1.attn1.to_q.weight", "official", False) is None
-    assert "blocks.1.norm2.bias" not in keymap.official_shapes(tiny_cfg())   # official norm2 has no params
+    assert "blocks.1.norm2.bias" not in keymap.official_shapes(tiny_cfg())  # official norm2 has no params
     with pytest.raises(ValueError, match="mix the official layout"):
         keymap.detect_layout(off + ["blocks.0.attn1.to_q.weight"])
     with pytest.raises(ValueError, match="ComfyUI prefix"):
@@ -91,7 +98,7 @@ def test_full_size_expert_shapes():
     assert shapes["blocks.39.ffn.0.weight"] == (13824, 5120)
     assert shapes["head.head.weight"] == (64, 5120)
     assert "blocks.40.modulation" not in shapes and "blocks.0.norm2.weight" not in shapes
-    target = target_tree(I2V_A14B, jnp.bfloat16)   # nnx.eval_shape of WanDiT; raises if keymap disagrees
+    target = target_tree(I2V_A14B, jnp.bfloat16)  # nnx.eval_shape of WanDiT; raises if keymap disagrees
     assert sum(math.prod(s.shape) for s in target.values()) == 14_288_901_184
     assert set(target) == set(keymap.wanjax_shapes(I2V_A14B))
     # every official key lands on exactly one (path, layer) slot, and every slot is covered once

@@ -1,5 +1,6 @@
 """`load_dit` path forms (official dir, diffusers dir, index json, single/ComfyUI file), on-disk dtypes, dtype policy,
 and exact values of every converted parameter."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ def sd():
 
 def _params(dit) -> dict:
     from flax import nnx
+
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(dit, nnx.Param)))[0]
     return {tuple(str(k.key) for k in p): np.asarray(v) for p, v in flat}
 
@@ -36,10 +38,13 @@ def _expected(sd, dtype) -> dict:
         w = v.float()
         if t.kind == "linear":
             w = w.t()
-        elif t.kind == "patch":   # kernel[(ph*2+pw)*C + c, o] = w[o, c, 0, ph, pw]
+        elif t.kind == "patch":  # kernel[(ph*2+pw)*C + c, o] = w[o, c, 0, ph, pw]
             w = w[:, :, 0].permute(2, 3, 1, 0).reshape(-1, w.shape[0])
-        keep32 = t.path[0] in ("time_embedding", "head") or "modulation" in t.path or \
-            any(p.startswith("norm") for p in t.path)
+        keep32 = (
+            t.path[0] in ("time_embedding", "head")
+            or "modulation" in t.path
+            or any(p.startswith("norm") for p in t.path)
+        )
         w = w if keep32 else w.to(dtype)
         if t.layer is None:
             out[t.path] = w
@@ -65,14 +70,14 @@ def _assert_params(dit, sd, dtype):
 def test_official_expert_dir(tmp_path, sd):
     d = write_checkpoint(sd, str(tmp_path / "high_noise_model"), layout="official", shards=3, config=CFG)
     dit = load_dit(d, jnp.float32)
-    assert dit.cfg == CFG            # from config.json (official fields, incl. text_len)
+    assert dit.cfg == CFG  # from config.json (official fields, incl. text_len)
     _assert_params(dit, sd, torch.float32)
 
 
 def test_diffusers_transformer_dir_and_index(tmp_path, sd):
     d = write_checkpoint(sd, str(tmp_path / "transformer_2"), layout="diffusers", shards=2, config=CFG)
     dit = load_dit(d, jnp.float32)
-    assert dit.cfg == CFG.replace(text_len=512)   # diffusers config.json has no text_len
+    assert dit.cfg == CFG.replace(text_len=512)  # diffusers config.json has no text_len
     _assert_params(dit, sd, torch.float32)
     dit2 = load_dit(f"{d}/diffusion_pytorch_model.safetensors.index.json", jnp.float32, config=CFG)
     _assert_params(dit2, sd, torch.float32)
@@ -81,9 +86,9 @@ def test_diffusers_transformer_dir_and_index(tmp_path, sd):
 def test_comfy_single_file_bf16_default(tmp_path, sd):
     p = write_checkpoint(sd, str(tmp_path / "wan_comfy.safetensors"), layout="official", comfy=True)
     (tmp_path / "config.json").write_text(json.dumps(official_cfg_json(CFG)))
-    dit = load_dit(p)                    # bf16 default: big weights bf16, fp32 policy elsewhere
+    dit = load_dit(p)  # bf16 default: big weights bf16, fp32 policy elsewhere
     assert dit.cfg == CFG
-    _assert_params(dit, sd, torch.bfloat16)   # fp32 -> bf16 rounding identical to torch (nearest even)
+    _assert_params(dit, sd, torch.bfloat16)  # fp32 -> bf16 rounding identical to torch (nearest even)
     assert dit.blocks.self_attn.q.kernel[...].dtype == jnp.bfloat16
     assert dit.blocks.norm3.scale[...].dtype == jnp.float32
     assert dit.head.head.kernel[...].dtype == jnp.float32
@@ -108,6 +113,7 @@ def test_config_inferred_from_shapes(tmp_path):
 def test_chunked_reading_gives_same_params(tmp_path, sd, monkeypatch):
     """Row-block reads of large tensors (forced tiny here) and frequent re-mapping give identical parameters."""
     import wanjax.io.dit_params as dl
+
     p = write_checkpoint(sd, str(tmp_path / "m.safetensors"), layout="official")
     monkeypatch.setattr(dl, "CHUNK_BYTES", 200)
     monkeypatch.setattr(dl, "REOPEN_BYTES", 1000)
@@ -122,8 +128,8 @@ def test_chunked_reading_gives_same_params(tmp_path, sd, monkeypatch):
     monkeypatch.setattr(dl, "iter_chunks", spy)
     _assert_params(load_dit(p, jnp.float32, config=CFG), sd, torch.float32)
     starts = [s for k, s in calls if k == "blocks.1.ffn.0.weight"]
-    assert len(starts) > 1 and starts[0] == 0 and starts == sorted(starts)   # really read in row blocks
-    assert [s for k, s in calls if k == "patch_embedding.weight"] == [0]     # the conv is read whole
+    assert len(starts) > 1 and starts[0] == 0 and starts == sorted(starts)  # really read in row blocks
+    assert [s for k, s in calls if k == "patch_embedding.weight"] == [0]  # the conv is read whole
 
 
 def test_streaming_host_memory(tmp_path, monkeypatch):
@@ -136,12 +142,12 @@ def test_streaming_host_memory(tmp_path, monkeypatch):
 
     import wanjax.io.dit_params as dl
     from wanjax.io.dit_source import resolve
+
     cfg = tiny_cfg(dim=256, heads=2, layers=4, ffn=1024, text_dim=256, freq=64)
     rng = np.random.default_rng(0)
     p = str(tmp_path / "m.safetensors")
     save_file({k: rng.standard_normal(s).astype(np.float32) for k, s in keymap.official_shapes(cfg).items()}, p)
-    converted = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
-                    for s in dl.target_tree(cfg, jnp.bfloat16).values())
+    converted = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in dl.target_tree(cfg, jnp.bfloat16).values())
     monkeypatch.setattr(dl, "CHUNK_BYTES", 128 << 10)
     tracemalloc.start()
     try:

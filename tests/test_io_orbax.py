@@ -1,4 +1,5 @@
 """Orbax cache: convert -> load round trip, atomicity of convert, cache errors, and the ``wanjax convert`` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,14 @@ CFG = tiny_cfg(layers=2)
 @pytest.fixture()
 def src(tmp_path) -> str:
     from safetensors.numpy import save_file
+
     rng = np.random.default_rng(1)
     d = tmp_path / "high_noise_model"
     d.mkdir()
-    save_file({k: rng.standard_normal(s).astype(np.float32) for k, s in official_shapes(CFG).items()},
-              str(d / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in official_shapes(CFG).items()},
+        str(d / "diffusion_pytorch_model.safetensors"),
+    )
     (d / "config.json").write_text(json.dumps(official_cfg_json(CFG)))
     return str(d)
 
@@ -47,10 +51,10 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_round_trip(tmp_path, src, dtype):
     dst = convert(src, tmp_path / "cache", dtype)
-    assert sorted(os.listdir(tmp_path)) == ["cache", "high_noise_model"]   # no temp dir left behind
+    assert sorted(os.listdir(tmp_path)) == ["cache", "high_noise_model"]  # no temp dir left behind
     cached = load_dit(dst, dtype)
     assert cached.cfg == CFG
-    _assert_same(cached, load_dit(src, dtype))   # identical params => identical outputs
+    _assert_same(cached, load_dit(src, dtype))  # identical params => identical outputs
 
 
 def test_load_cache_in_other_dtype_and_compressed(tmp_path, src):
@@ -64,8 +68,8 @@ def test_interrupted_convert_leaves_nothing(tmp_path, src, monkeypatch, exc):
     real_save = ocp.Checkpointer.save
 
     def failing_save(self, directory, *a, **kw):
-        real_save(self, directory, *a, **kw)   # params fully written into the temp dir ...
-        raise exc                              # ... then the process is interrupted before the rename
+        real_save(self, directory, *a, **kw)  # params fully written into the temp dir ...
+        raise exc  # ... then the process is interrupted before the rename
 
     monkeypatch.setattr(ocp.Checkpointer, "save", failing_save)
     with pytest.raises(type(exc)):
@@ -115,6 +119,7 @@ def test_cli_convert(tmp_path, src, capsys):
 def test_load_into_sharding(tmp_path, src):
     """Both paths place every parameter with the given sharding (replicated over all host devices here)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
     mesh = Mesh(np.array(jax.devices()), ("d",))
     rep = NamedSharding(mesh, P())
     dst = convert(src, tmp_path / "cache")
@@ -127,6 +132,7 @@ def test_load_into_sharding(tmp_path, src):
 def test_grouped_restore(tmp_path, src, monkeypatch):
     """Restoring in many small groups (partial restores) gives the same parameters as one restore."""
     import wanjax.io.orbax_cache as oc
+
     dst = convert(src, tmp_path / "cache")
     whole = load_dit(dst)
     monkeypatch.setattr(oc, "RESTORE_GROUP_BYTES", 1000)

@@ -1,4 +1,5 @@
 """Unit tests of the DiT building blocks (CPU, fp32)."""
+
 import json
 
 import jax
@@ -7,8 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_dict, config_from_json, diffusers_config_dict, \
-    official_config_dict
+from wanjax.config import (
+    I2V_A14B,
+    TINY,
+    WanConfig,
+    config_from_dict,
+    config_from_json,
+    diffusers_config_dict,
+    official_config_dict,
+)
 from wanjax.model import attention as attn
 from wanjax.model.dit import WanDiT, current_layer_index, sinusoidal_embedding
 from wanjax.model.layers import Linear, linear_interceptor
@@ -29,7 +37,7 @@ def test_attention_backends_agree(sq, skv):
     p /= p.sum(-1, keepdims=True)
     np_ref = np.einsum("bnqk,bknd->bqnd", p, np.asarray(v))
     np.testing.assert_allclose(np.asarray(ref), np_ref, rtol=1e-5, atol=1e-5)
-    out = attn.chunked_attention(q, k, v, q_block=32, kv_block=48)   # blocks that do not divide the lengths
+    out = attn.chunked_attention(q, k, v, q_block=32, kv_block=48)  # blocks that do not divide the lengths
     np.testing.assert_allclose(np.asarray(out), np_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -42,7 +50,7 @@ def test_attention_backend_override_and_errors(monkeypatch):
     monkeypatch.delenv("WANJAX_ATTENTION")
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn.set_attention_backend("nope")
-    assert attn.default_backend(10, 10, jnp.float32) == "xla"          # short sequences on CPU
+    assert attn.default_backend(10, 10, jnp.float32) == "xla"  # short sequences on CPU
     assert attn.default_backend(32760, 32760, jnp.float32) == "chunked"  # never materialize S x S on CPU
 
 
@@ -61,9 +69,14 @@ def test_rope_matches_complex_reference():
         inv = 1.0 / 10000.0 ** (np.arange(0, part, 2) / part)
         freqs.append(np.exp(1j * np.outer(np.arange(n), inv)))
     f, h, w = grid
-    tab = np.concatenate([np.broadcast_to(freqs[0][:, None, None], (f, h, w, 22)),
-                          np.broadcast_to(freqs[1][None, :, None], (f, h, w, 21)),
-                          np.broadcast_to(freqs[2][None, None, :], (f, h, w, 21))], -1).reshape(60, 64)
+    tab = np.concatenate(
+        [
+            np.broadcast_to(freqs[0][:, None, None], (f, h, w, 22)),
+            np.broadcast_to(freqs[1][None, :, None], (f, h, w, 21)),
+            np.broadcast_to(freqs[2][None, None, :], (f, h, w, 21)),
+        ],
+        -1,
+    ).reshape(60, 64)
     yc = xc * tab[None, :, None, :]
     ref = np.stack([yc.real, yc.imag], -1).reshape(1, 60, 2, d)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -97,7 +110,7 @@ def test_scan_and_unrolled_agree_and_interceptor_sees_every_linear():
         b = m_loop(x, t, c)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     blocks = [p for p in seen if p[0].startswith("blocks.")]
-    assert len(blocks) == TINY.num_layers * 10          # q,k,v,o x 2 attentions + ffn fc1, fc2
+    assert len(blocks) == TINY.num_layers * 10  # q,k,v,o x 2 attentions + ffn fc1, fc2
     assert {i for _, i in blocks} == set(range(TINY.num_layers))
     assert ("head.head", None) in seen and ("patch_embedding", None) in seen
 
@@ -136,6 +149,7 @@ def test_bf16_model_close_to_fp32():
 
 def test_full_size_param_count_without_allocation():
     from wanjax.model.dit import param_count
+
     assert param_count(I2V_A14B) == 14_288_901_184
 
 
@@ -144,8 +158,14 @@ def test_config_from_both_layouts(tmp_path):
         p = tmp_path / "config.json"
         p.write_text(json.dumps(d))
         cfg = config_from_json(p)
-        assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim) == \
-            (5120, 13824, 40, 40, 36, 16)
+        assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim) == (
+            5120,
+            13824,
+            40,
+            40,
+            36,
+            16,
+        )
     cfg = config_from_dict(official_config_dict(TINY))
     assert cfg.dim == TINY.dim and cfg.text_len == TINY.text_len
 

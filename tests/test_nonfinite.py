@@ -1,5 +1,6 @@
 """NaN/Inf never give a silent black video: refused settings, weights checked at load, the latent checked per step
 with the expert, step and first layer named."""
+
 import dataclasses
 import os
 
@@ -42,7 +43,7 @@ def _poison(params, path, index):
 
 def test_nan_weight_in_the_low_noise_expert_names_expert_step_and_layer(mini):
     pipe, y, ctx = mini
-    lat, _ = pipe.denoise(y, ctx, GEN, progress=False)                          # finite as shipped
+    lat, _ = pipe.denoise(y, ctx, GEN, progress=False)  # finite as shipped
     assert bool(jnp.all(jnp.isfinite(lat)))
     # bypass the load check: poison one weight of block 1's FFN in the loaded low-noise expert
     restore = _poison(pipe._params_low, ("blocks", "ffn", "fc1", "kernel"), (1, 0, 0))
@@ -57,7 +58,7 @@ def test_nan_weight_in_the_low_noise_expert_names_expert_step_and_layer(mini):
     assert (err.expert, err.step, err.t, err.layer) == ("low", first_low, ts[first_low], "blocks.1.ffn.fc1")
     msg = str(err)
     assert f"step {first_low + 1} of {GEN.steps}" in msg and f"t={ts[first_low]}" in msg and "'low'" in msg
-    assert "blocks.1.ffn.fc1" in msg and "blocks.1.ffn.fc1.kernel" in msg               # layer and parameter
+    assert "blocks.1.ffn.fc1" in msg and "blocks.1.ffn.fc1.kernel" in msg  # layer and parameter
 
 
 def test_nan_guidance_is_refused_up_front_and_caught_in_the_loop(mini):
@@ -74,7 +75,7 @@ def test_nan_guidance_is_refused_up_front_and_caught_in_the_loop(mini):
                 pipe.generate(np.zeros((64, 64, 3), np.uint8), progress=False, **kw)
     finally:
         del pipe.prepare_condition
-    assert calls == []                                                            # refused before any work
+    assert calls == []  # refused before any work
     # a NaN scale that skipped validate() (denoise called directly) still stops at the first low-noise step
     bad = dataclasses.replace(GEN, guide_scale=(float("nan"), 3.5))
     with pytest.raises(NonFiniteError) as e:
@@ -90,7 +91,7 @@ def tiny():
 def test_weights_checked_at_load_and_on_replace(monkeypatch, tmp_path, tiny):
     good = tiny
     g, state = nnx.split(good)
-    state = jax.tree.map(lambda a: a, state)                                     # a copy to poison
+    state = jax.tree.map(lambda a: a, state)  # a copy to poison
     _poison(state, ("blocks", "self_attn", "q", "kernel"), (1, 3, 3))
     bad = nnx.merge(g, state)
     assert nonfinite_param_names(nnx.state(bad)) == ["blocks.1.self_attn.q.kernel"]
@@ -103,8 +104,9 @@ def test_weights_checked_at_load_and_on_replace(monkeypatch, tmp_path, tiny):
         (tmp_path / d).mkdir(parents=True)
     for f in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"):
         (tmp_path / f).write_bytes(b"")
-    monkeypatch.setattr("wanjax.io.dit_loader.load_dit",
-                        lambda p, dtype=None: bad if p.endswith("low_noise_model") else good)
+    monkeypatch.setattr(
+        "wanjax.io.dit_loader.load_dit", lambda p, dtype=None: bad if p.endswith("low_noise_model") else good
+    )
     monkeypatch.setattr("wanjax.io.vae_loader.load_vae", lambda *a, **k: pytest.fail("loaded past the NaN"))
     with pytest.raises(CheckpointError) as e:
         WanI2VPipeline.from_pretrained(tmp_path)

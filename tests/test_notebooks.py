@@ -1,5 +1,6 @@
 """The notebooks in notebooks/: each runs top to bottom without an error (nbclient, an IPython kernel on this
 interpreter, from the repository root, CPU only), and none is committed with outputs."""
+
 import glob
 import os
 import re
@@ -26,15 +27,14 @@ def _kernel_env() -> dict:
         env["XLA_FLAGS"] = flags
     else:
         env.pop("XLA_FLAGS", None)
-    env.pop("MPLBACKEND", None)           # the kernel's own inline backend
+    env.pop("MPLBACKEND", None)  # the kernel's own inline backend
     return env
 
 
 def _execute(nb):
     from nbclient import NotebookClient
 
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": ROOT}})
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": ROOT}})
     client.execute(env=_kernel_env())
     return nb
 
@@ -50,8 +50,10 @@ def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{os.path.basename(path)}: code cells {dirty} carry outputs or execution counts; clear them " \
-                      "(Jupyter: Edit > Clear outputs of all cells) before committing"
+    assert not dirty, (
+        f"{os.path.basename(path)}: code cells {dirty} carry outputs or execution counts; clear them "
+        "(Jupyter: Edit > Clear outputs of all cells) before committing"
+    )
     assert "widgets" not in nb.metadata, f"{os.path.basename(path)}: widget state in the metadata"
 
 

@@ -1,5 +1,6 @@
 """Packaging: the wheel ships `wanjax`, `wanjax.quant`, `wanjax.kernels`, the mini model and the LICENSE (and no
 top-level `quant`/`kernels`); the core install needs no torch / matplotlib; `make demo` installs the core only."""
+
 import email
 import pathlib
 import shutil
@@ -27,8 +28,12 @@ def wheel(tmp_path_factory):
     for name in ("wanjax", "quant", "kernels", "models"):
         shutil.copytree(ROOT / name, src / name, ignore=skip)
     out = tmp_path_factory.mktemp("whl")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True, capture_output=True, cwd=src)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        cwd=src,
+    )
     (whl,) = out.glob("wanjax-*.whl")
     return whl
 
@@ -36,9 +41,16 @@ def wheel(tmp_path_factory):
 @pytest.mark.slow
 def test_wheel_contents(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("wanjax/__init__.py", "wanjax/quant/__init__.py", "wanjax/kernels/__init__.py",
-                "wanjax/model/dit.py", "wanjax/io/dit_loader.py", "wanjax/io/pth.py", "wanjax/sampling/unipc.py",
-                "wanjax/mini.py"):
+    for pkg in (
+        "wanjax/__init__.py",
+        "wanjax/quant/__init__.py",
+        "wanjax/kernels/__init__.py",
+        "wanjax/model/dit.py",
+        "wanjax/io/dit_loader.py",
+        "wanjax/io/pth.py",
+        "wanjax/sampling/unipc.py",
+        "wanjax/mini.py",
+    ):
         assert pkg in names, pkg
     # every package of the source tree is in the wheel (a non-editable install must not lose subpackages)
     for init in sorted((ROOT / "wanjax").rglob("__init__.py")):
@@ -56,8 +68,10 @@ def test_wheel_contents(wheel, tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"wanjax"}, tops
     # the wheel imports on its own (zip import; wanjax.config needs no third-party package)
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import wanjax, wanjax.quant, wanjax.kernels; " \
-           "assert wanjax.__file__.startswith(sys.argv[1]), wanjax.__file__"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import wanjax, wanjax.quant, wanjax.kernels; "
+        "assert wanjax.__file__.startswith(sys.argv[1]), wanjax.__file__"
+    )
     subprocess.run([sys.executable, "-c", code, str(wheel)], check=True, cwd=tmp_path)
 
 
@@ -93,8 +107,17 @@ def test_installed_wheel_finds_and_loads_the_mini_model(wheel, tmp_path):
     matplotlib and the test packages unimportable."""
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    mods = ["wanjax.cli", "wanjax.demo", "wanjax.pipeline", "wanjax.io.t5_loader", "wanjax.io.vae_loader",
-            "wanjax.evaluation.run", "wanjax.evaluation.plots", "wanjax.train.evaluate", "wanjax.train.report"]
+    mods = [
+        "wanjax.cli",
+        "wanjax.demo",
+        "wanjax.pipeline",
+        "wanjax.io.t5_loader",
+        "wanjax.io.vae_loader",
+        "wanjax.evaluation.run",
+        "wanjax.evaluation.plots",
+        "wanjax.train.evaluate",
+        "wanjax.train.report",
+    ]
     mods += ["wanjax.quant." + p.stem for p in sorted((ROOT / "quant").glob("*.py")) if p.stem != "__init__"]
     code = f"""
 import importlib, importlib.abc, sys
@@ -113,8 +136,13 @@ from wanjax.pipeline import WanI2VPipeline
 pipe = WanI2VPipeline.from_pretrained(p)
 print("ok", type(pipe).__name__)
 """
-    r = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "WANJAX_MINI_MODEL": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(site)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "WANJAX_MINI_MODEL": ""},
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
@@ -135,16 +163,26 @@ def test_extras_and_make_targets():
     assert proj["requires-python"] == ">=3.12" and (ROOT / "LICENSE").read_text().count("Apache License") >= 1
     core = " ".join(proj["dependencies"]).lower()
     assert "torch" not in core and "optax" not in core and "matplotlib" not in core
-    pins = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
-            if "==" in line and not line.startswith("#")}
+    pins = {
+        line.split("==")[0].lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     for dep in proj["dependencies"] + [d for v in proj["optional-dependencies"].values() for d in v]:
         name = dep.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower()
         assert name == "wanjax" or name in pins or dep.startswith("jax["), f"{name} is not pinned in constraints.txt"
+
     # `make demo` installs the core only; `make test` adds the test extras
     def dry(target):
-        r = subprocess.run(["make", "-n", target, "VENV=/nonexistent/venv", "PYTHON=python3.12"], cwd=ROOT,
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["make", "-n", target, "VENV=/nonexistent/venv", "PYTHON=python3.12"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return [line for line in r.stdout.splitlines() if "pip install" in line and "-c constraints.txt" in line]
+
     demo, test = dry("demo"), dry("test")
     assert len(demo) == 1 and demo[0].endswith("-e .") and "[" not in demo[0], demo
     assert len(test) == 2 and test[0] == demo[0] and test[1].endswith('-e ".[test]"'), test
@@ -152,9 +190,11 @@ def test_extras_and_make_targets():
 
 def test_installed_import_names(tmp_path):
     """Outside the repo root (whose folders are on sys.path only there), only the wanjax.* names exist."""
-    code = ("import importlib.util as u, wanjax.quant, wanjax.kernels; "
-            "assert u.find_spec('kernels') is None and u.find_spec('quant') is None; "
-            "assert wanjax.quant.__name__ == 'wanjax.quant'")
+    code = (
+        "import importlib.util as u, wanjax.quant, wanjax.kernels; "
+        "assert u.find_spec('kernels') is None and u.find_spec('quant') is None; "
+        "assert wanjax.quant.__name__ == 'wanjax.quant'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 

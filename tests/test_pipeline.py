@@ -1,4 +1,5 @@
 """The I2V pipeline on tiny random components (CPU, fp32): expert switch, CFG, determinism, output."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,9 @@ from wanjax.model.vae import VAEConfig, init_vae
 from wanjax.pipeline import GenerationConfig, WanI2VPipeline
 from wanjax.sampling import flow_schedule, unipc_init, unipc_step
 
-VAE_TINY = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                     temporal_downsample=(False, True, True))
+VAE_TINY = VAEConfig(
+    base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_downsample=(False, True, True)
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_condition_layout(pipe):
     p, _, _ = pipe
     y, (h, w) = p.prepare_condition(_image(), 9, 32 * 48)
     assert y.shape == (1, 3, h // 8, w // 8, 20)
-    np.testing.assert_array_equal(np.asarray(y[0, 0, ..., :4]), 1.0)   # mask: latent frame 0 is the image
+    np.testing.assert_array_equal(np.asarray(y[0, 0, ..., :4]), 1.0)  # mask: latent frame 0 is the image
     np.testing.assert_array_equal(np.asarray(y[0, 1:, ..., :4]), 0.0)
 
 
@@ -83,7 +85,7 @@ def test_errors(pipe):
         p.generate(_image(), "a prompt", gen=GEN, progress=False)
     with pytest.raises(FileNotFoundError, match="official layout"):
         WanI2VPipeline.from_pretrained("/nonexistent")
-    frames = p(_image(), context=_ctx(), gen=GEN, progress=False)          # __call__ -> uint8 frames
+    frames = p(_image(), context=_ctx(), gen=GEN, progress=False)  # __call__ -> uint8 frames
     assert frames.dtype == np.uint8 and frames.shape[0] == GEN.num_frames
     bad = WanDiT(TINY.replace(num_layers=1), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="share config"):
@@ -93,13 +95,13 @@ def test_errors(pipe):
 def test_expert_swap_gives_the_same_video(pipe):
     p, high, low = pipe
     swap = WanI2VPipeline(high, low, p.vae, expert_placement="swap")
-    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(swap._params_low))   # low expert on the host
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(swap._params_low))  # low expert on the host
     a = p.generate(_image(), context=_ctx(), gen=GEN, progress=False)
     b = swap.generate(_image(), context=_ctx(), gen=GEN, progress=False)
     np.testing.assert_array_equal(a.latents, b.latents)
-    assert swap.swaps == 1                                  # once, at the boundary
+    assert swap.swaps == 1  # once, at the boundary
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(swap._params_high))
-    assert p.expert_placement == "device"                   # auto on CPU
+    assert p.expert_placement == "device"  # auto on CPU
     with pytest.raises(ValueError, match="expert_placement"):
         WanI2VPipeline(high, low, p.vae, expert_placement="gpu")
 

@@ -1,5 +1,6 @@
 """The pipeline's Python API: Hub repo ids, per-model defaults (generation_config.json, the diffusers layout's
 boundary_ratio / flow_shift), diffusers-named arguments, output types, ambiguous model directories."""
+
 import json
 import os
 
@@ -38,8 +39,11 @@ def hub_pipe(tmp_path_factory):
     snap = _link_copy(MINI, tmp_path_factory.mktemp("hub") / "snapshot")
     calls = []
     mp = pytest.MonkeyPatch()
-    mp.setattr(huggingface_hub, "snapshot_download",
-               lambda repo_id, revision=None, cache_dir=None: calls.append((repo_id, revision)) or snap)
+    mp.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id, revision=None, cache_dir=None: calls.append((repo_id, revision)) or snap,
+    )
     try:
         pipe = WanI2VPipeline.from_pretrained("acme/wan-mini", revision="v1", dtype=jnp.float32)
     finally:
@@ -51,7 +55,7 @@ def hub_pipe(tmp_path_factory):
 def test_repo_id_downloads_and_records_the_model_dir(hub_pipe):
     pipe, snap = hub_pipe
     assert pipe.model_dir == snap
-    d = pipe.generation_defaults                          # the mini model's generation_config.json
+    d = pipe.generation_defaults  # the mini model's generation_config.json
     assert (d.num_frames, d.max_area, d.steps) == (17, "128x128", 20)
 
 
@@ -70,9 +74,18 @@ def test_generate_without_settings_uses_the_model_defaults(hub_pipe, monkeypatch
     with pytest.raises(_Stop):
         pipe.generate(img, "a prompt", progress=False)
     assert seen[-1] == pipe.generation_defaults
-    with pytest.raises(_Stop):                            # diffusers names, mapped onto the model's defaults
-        pipe(img, "a prompt", progress=False, num_inference_steps=4, height=64, width=96, guidance_scale=5.0,
-             guidance_scale_2=2.0, num_frames=9)
+    with pytest.raises(_Stop):  # diffusers names, mapped onto the model's defaults
+        pipe(
+            img,
+            "a prompt",
+            progress=False,
+            num_inference_steps=4,
+            height=64,
+            width=96,
+            guidance_scale=5.0,
+            guidance_scale_2=2.0,
+            num_frames=9,
+        )
     g = seen[-1]
     assert (g.steps, g.max_area, g.num_frames, g.guidance_high, g.guidance_low) == (4, 64 * 96, 9, 5.0, 2.0)
     assert (g.shift, g.fps) == (pipe.generation_defaults.shift, 16)
@@ -115,13 +128,14 @@ def test_a_dir_with_both_layouts_is_refused(tmp_path):
 
 def test_diffusers_layout_defaults_and_their_precedence(tmp_path):
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline",
-                                                           "boundary_ratio": 0.875}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.875})
+    )
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))
     g = GenerationConfig.for_model(tmp_path)
     assert (g.boundary, g.shift, g.steps) == (0.875, 3.0, 40)
     (tmp_path / "generation_config.json").write_text(json.dumps({"shift": 8.0, "steps": 12}))
-    g = GenerationConfig.for_model(tmp_path, steps=6)            # explicit > generation_config.json > diffusers files
+    g = GenerationConfig.for_model(tmp_path, steps=6)  # explicit > generation_config.json > diffusers files
     assert (g.boundary, g.shift, g.steps) == (0.875, 8.0, 6)
     (tmp_path / "model_index.json").write_text(json.dumps({"boundary_ratio": 1.5}))
     with pytest.raises(ValueError, match=r"model_index.json.*boundary_ratio.*\[0, 1\]"):
@@ -129,7 +143,7 @@ def test_diffusers_layout_defaults_and_their_precedence(tmp_path):
 
 
 def test_guidance_names_never_swap():
-    base = GenerationConfig(guide_scale=(1.0, 2.0))                # (low-noise, high-noise)
+    base = GenerationConfig(guide_scale=(1.0, 2.0))  # (low-noise, high-noise)
     assert apply_overrides(base, {"guidance_low": 7.0}).guide_scale == (7.0, 2.0)
     assert apply_overrides(base, {"guidance_high": 7.0}).guide_scale == (1.0, 7.0)
     assert apply_overrides(base, {"guide_scale": (3.0, 4.0)}).guide_scale == (3.0, 4.0)
@@ -139,9 +153,14 @@ def test_guidance_names_never_swap():
     g = apply_overrides(base, {"guidance_scale": 5.0, "guidance_scale_2": 2.5})
     assert (g.guidance_low, g.guidance_high) == (2.5, 5.0)
     assert GenerationConfig.create(guidance_low=1.5, guidance_high=6.0).guide_scale == (1.5, 6.0)
-    for clash in ({"guidance_high": 1.0, "guidance_scale": 2.0}, {"guidance_low": 1.0, "guidance_scale_2": 2.0},
-                  {"guide_scale": (1.0, 2.0), "guidance_low": 3.0}, {"steps": 3, "num_inference_steps": 4},
-                  {"max_area": 4096, "height": 64, "width": 64}, {"height": 64}):
+    for clash in (
+        {"guidance_high": 1.0, "guidance_scale": 2.0},
+        {"guidance_low": 1.0, "guidance_scale_2": 2.0},
+        {"guide_scale": (1.0, 2.0), "guidance_low": 3.0},
+        {"steps": 3, "num_inference_steps": 4},
+        {"max_area": 4096, "height": 64, "width": 64},
+        {"height": 64},
+    ):
         with pytest.raises(TypeError):
             apply_overrides(base, clash)
 
@@ -155,10 +174,19 @@ def test_generate_argument_errors_list_the_valid_names(tiny):
     pipe = WanI2VPipeline(tiny, tiny, vae=None)
     img = np.zeros((16, 16, 3), np.uint8)
     with pytest.raises(TypeError) as e:
-        pipe.generate(img, "p", num_inference_step=3)               # a typo
+        pipe.generate(img, "p", num_inference_step=3)  # a typo
     msg = str(e.value)
-    for name in ("num_inference_steps", "steps", "guidance_low", "guidance_scale_2", "height", "output_type",
-                 "negative_prompt", "num_frames", "seed"):
+    for name in (
+        "num_inference_steps",
+        "steps",
+        "guidance_low",
+        "guidance_scale_2",
+        "height",
+        "output_type",
+        "negative_prompt",
+        "num_frames",
+        "seed",
+    ):
         assert name in msg
     with pytest.raises(TypeError, match="seed="):
         pipe.generate(img, "p", generator=object())
@@ -174,15 +202,23 @@ def test_latent_output_skips_the_decode_and_stage_lines(capsys, tiny):
     pipe.prepare_condition = lambda image, f, area: (y, (16, 16))
     pipe.decode = lambda lat: pytest.fail("decoded a latent output")
     ctx = jnp.zeros((2, 3, TINY.text_dim))
-    out = pipe.generate(np.zeros((16, 16, 3), np.uint8), context=ctx, num_frames=5, max_area=256, steps=2,
-                        output_type="latent")
+    out = pipe.generate(
+        np.zeros((16, 16, 3), np.uint8), context=ctx, num_frames=5, max_area=256, steps=2, output_type="latent"
+    )
     assert out.frames is None and out.latents.shape == (1, 2, 2, 2, 16) and out.gen.steps == 2
     err = capsys.readouterr().err
     assert "wanjax: VAE encode (5 frames)" in err and "denoise" in err and "VAE decode" not in err
-    lat = pipe(np.zeros((16, 16, 3), np.uint8), context=ctx, num_frames=5, max_area=256, steps=2,
-               output_type="latent", progress=False)
+    lat = pipe(
+        np.zeros((16, 16, 3), np.uint8),
+        context=ctx,
+        num_frames=5,
+        max_area=256,
+        steps=2,
+        output_type="latent",
+        progress=False,
+    )
     np.testing.assert_array_equal(lat, out.latents)
-    assert capsys.readouterr().err == ""                              # progress=False: silent
+    assert capsys.readouterr().err == ""  # progress=False: silent
 
 
 def test_output_types():
@@ -190,6 +226,6 @@ def test_output_types():
     u8 = _format_frames(video, None)
     assert u8.dtype == np.uint8 and u8[0, 0, 0, 0] == 0 and u8[-1, -1, -1, -1] == 255
     f = _format_frames(video, "np")
-    assert f.dtype == np.float32 and f.min() == 0.0 and f.max() == 1.0       # diffusers' "np": [0, 1]
+    assert f.dtype == np.float32 and f.min() == 0.0 and f.max() == 1.0  # diffusers' "np": [0, 1]
     pil = _format_frames(video, "pil")
     assert len(pil) == 2 and pil[0].size == (4, 4) and np.array_equal(np.asarray(pil[1]), u8[1])

@@ -1,4 +1,5 @@
 """`wanjax.io.pth.read_pth`: torch.save checkpoints read without torch and without running code from the file."""
+
 import collections
 import io
 import os
@@ -56,8 +57,20 @@ def test_loaders_read_pth_without_torch(monkeypatch):
     assert enc is not None
 
 
-_DTYPES = ["bfloat16", "float16", "float32", "float64", "int64", "int32", "int8", "uint8", "bool", "complex64",
-           "float8_e4m3fn", "uint16"]
+_DTYPES = [
+    "bfloat16",
+    "float16",
+    "float32",
+    "float64",
+    "int64",
+    "int32",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "float8_e4m3fn",
+    "uint16",
+]
 
 
 @pytest.mark.parametrize("dtype", _DTYPES)
@@ -66,19 +79,19 @@ def test_roundtrip_dtypes_and_views(tmp_path, dtype):
     base = (torch.arange(4 * 6 * 5) % 7 - 3).reshape(4, 6, 5).to(dt)
     sd = {
         "w": base,
-        "wt": base.transpose(0, 2),                  # non-contiguous: a copy
-        "slice": base[1:3, ::2, 1:],                 # offset and strides into the shared storage
-        "row": base[2, 3],                           # offset, contiguous view
+        "wt": base.transpose(0, 2),  # non-contiguous: a copy
+        "slice": base[1:3, ::2, 1:],  # offset and strides into the shared storage
+        "row": base[2, 3],  # offset, contiguous view
         "scalar": base[1, 1, 1],
         "empty": base[:0],
-        "expanded": base[0, 0].expand(3, 5),         # stride 0
+        "expanded": base[0, 0].expand(3, 5),  # stride 0
     }
     p = tmp_path / f"{dtype}.pth"
     torch.save(sd, p)
     out = read_pth(p)
     _assert_same(out, sd)
     assert out["wt"].flags.c_contiguous
-    assert not out["w"].flags.writeable              # a read-only memory map of the file
+    assert not out["w"].flags.writeable  # a read-only memory map of the file
 
 
 def test_parameters_wrapper_and_module_state_dict(tmp_path):
@@ -106,8 +119,9 @@ class _EvalEvil:
         return (eval, (f"open({_MARK!r}, 'w').write('x')",))
 
 
-@pytest.mark.parametrize("payload, glob", [(lambda m: _Evil(f"touch {m}"), "system"),
-                                           (lambda m: _EvalEvil(), r"__builtin__\.eval")])
+@pytest.mark.parametrize(
+    "payload, glob", [(lambda m: _Evil(f"touch {m}"), "system"), (lambda m: _EvalEvil(), r"__builtin__\.eval")]
+)
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, monkeypatch, payload, glob):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / _MARK
@@ -198,7 +212,7 @@ def test_truncated_non_zip_legacy_and_missing(tmp_path):
         read_pth(legacy)
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         read_pth(tmp_path / "nope.pth")
-    script = tmp_path / "ts.pth"                            # the layout of torch.jit.save
+    script = tmp_path / "ts.pth"  # the layout of torch.jit.save
     _zip_checkpoint(script, pickle.dumps({}, protocol=2), {"constants.pkl": pickle.dumps((), protocol=2)})
     with pytest.raises(CheckpointError, match=r"TorchScript"):
         read_pth(script)

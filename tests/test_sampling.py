@@ -1,4 +1,5 @@
 """Samplers: official schedule, FlowUniPC vs diffusers, Euler by hand."""
+
 import math
 
 import jax
@@ -6,13 +7,61 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wanjax.sampling import (euler_init, euler_step, flow_schedule, num_high_noise_steps, official_sigma_max,
-                             sample, unipc_coefficients, unipc_init, unipc_step)
+from wanjax.sampling import (
+    euler_init,
+    euler_step,
+    flow_schedule,
+    num_high_noise_steps,
+    official_sigma_max,
+    sample,
+    unipc_coefficients,
+    unipc_init,
+    unipc_step,
+)
 
 # wan22_architecture.md §1.9: the official 40-step list at shift 5.0 (15 high-noise + 25 low-noise).
-OFFICIAL_40_SHIFT5 = [999, 994, 989, 983, 978, 972, 965, 959, 952, 944, 937, 929, 920, 911, 902,
-                      892, 882, 870, 859, 846, 833, 818, 803, 786, 768, 749, 728, 706, 681, 654,
-                      624, 591, 555, 514, 468, 416, 356, 288, 208, 113]
+OFFICIAL_40_SHIFT5 = [
+    999,
+    994,
+    989,
+    983,
+    978,
+    972,
+    965,
+    959,
+    952,
+    944,
+    937,
+    929,
+    920,
+    911,
+    902,
+    892,
+    882,
+    870,
+    859,
+    846,
+    833,
+    818,
+    803,
+    786,
+    768,
+    749,
+    728,
+    706,
+    681,
+    654,
+    624,
+    591,
+    555,
+    514,
+    468,
+    416,
+    356,
+    288,
+    208,
+    113,
+]
 
 
 def test_official_40_step_list_shift5():
@@ -63,8 +112,16 @@ def test_diffusers_default_sigmas_differ_from_official():
 def _diffusers_unipc(steps, shift):
     diffusers = pytest.importorskip("diffusers")
     d = diffusers.UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
-        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
     # diffusers shifts the sigmas it is given: pass the official unshifted linspace(0.999, 0, N+1)[:-1].
     d.set_timesteps(sigmas=np.linspace(official_sigma_max(), 0.0, steps + 1)[:-1])
     return d
@@ -189,8 +246,9 @@ def test_euler_matches_diffusers_flow_match_euler():
     w = (0.3 * rng.standard_normal((4, 4))).astype(np.float32)
     xt = torch.from_numpy(x_init.copy())
     for i, t in enumerate(d.timesteps):
-        xt = d.step(torch.from_numpy(_fake_flow_np(xt.numpy(), float(sched.timesteps[i]), w)), t, xt,
-                    return_dict=False)[0]
+        xt = d.step(
+            torch.from_numpy(_fake_flow_np(xt.numpy(), float(sched.timesteps[i]), w)), t, xt, return_dict=False
+        )[0]
     got = sample(lambda x, t, i: _fake_flow_np(np.asarray(x), float(t), w), x_init, sched, "euler", unroll=True)
     ref = xt.numpy()
     assert np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref) <= 1e-6

@@ -1,5 +1,6 @@
 """Sharding on 8 forced host CPU devices: mesh, rule table (float + quantized leaves), Ulysses / ring attention,
 sharded DiT forward vs single device (fp32, <= 1e-5 relative)."""
+
 import math
 
 import jax
@@ -12,15 +13,25 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from wanjax.config import I2V_A14B, TINY
 from wanjax.model.attention import attention
 from wanjax.model.dit import WanDiT
-from wanjax.sharding import (AXES, batch_axes, bytes_per_device, make_mesh, param_logical_axes, param_specs,
-                             sequence_parallel_attention, shard_dit, shard_params, ulysses_attention,
-                             ulysses_heads_ok)
+from wanjax.sharding import (
+    AXES,
+    batch_axes,
+    bytes_per_device,
+    make_mesh,
+    param_logical_axes,
+    param_specs,
+    sequence_parallel_attention,
+    shard_dit,
+    shard_params,
+    ulysses_attention,
+    ulysses_heads_ok,
+)
 from wanjax.parallel.ring import ring_attention
 from wanjax.parallel.rules import logical_to_spec, path_str
 
 MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (2, 2, 2, 1), (1, 2, 2, 2), (1, 1, 2, 4), (8, 1, 1, 1)]
-WIDE = TINY.replace(dim=128, num_heads=8, ffn_dim=256)      # more heads; head_dim 16
-SIX = TINY.replace(dim=96, num_heads=6, ffn_dim=192)        # 6 heads: do not divide context 4 -> ring
+WIDE = TINY.replace(dim=128, num_heads=8, ffn_dim=256)  # more heads; head_dim 16
+SIX = TINY.replace(dim=96, num_heads=6, ffn_dim=192)  # 6 heads: do not divide context 4 -> ring
 
 
 def _rel(a, b):
@@ -61,8 +72,9 @@ def test_batch_axes():
 
 # ---------------------------------------------------------------------------------------------------- rule table
 def _check_valid(specs, params, mesh):
-    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                  jax.tree.leaves(specs, is_leaf=_is_spec)):
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(specs, is_leaf=_is_spec)
+    ):
         name = path_str(path)
         assert len(spec) <= len(leaf.shape), (name, spec, leaf.shape)
         used = []
@@ -72,7 +84,7 @@ def _check_valid(specs, params, mesh):
             assert dim % math.prod(mesh.shape[a] for a in axes) == 0, (name, spec, leaf.shape)
             used += axes
         assert len(used) == len(set(used)), (name, spec)
-        NamedSharding(mesh, spec).shard_shape(tuple(leaf.shape))        # raises if invalid
+        NamedSharding(mesh, spec).shard_shape(tuple(leaf.shape))  # raises if invalid
 
 
 @pytest.mark.parametrize("cfg", [TINY, WIDE, SIX, I2V_A14B], ids=["tiny", "wide", "six", "a14b"])
@@ -86,8 +98,13 @@ def test_rule_table_maps_every_param(cfg):
 def test_rule_table_full_size_specs_and_memory():
     params = nnx.state(nnx.eval_shape(lambda: WanDiT(I2V_A14B, rngs=nnx.Rngs(0))))
     mesh = make_mesh(1, 2, 2, 2)
-    specs = {path_str(p): s for (p, _), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                                 jax.tree.leaves(param_specs(params, mesh), is_leaf=_is_spec))}
+    specs = {
+        path_str(p): s
+        for (p, _), s in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(param_specs(params, mesh), is_leaf=_is_spec),
+        )
+    }
     fc = ("fsdp", "context")
     assert specs["blocks.self_attn.q.kernel"] == P(None, fc, "tensor")
     assert specs["blocks.cross_attn.o.kernel"] == P(None, "tensor", fc)
@@ -98,9 +115,9 @@ def test_rule_table_full_size_specs_and_memory():
     assert specs["patch_embedding.kernel"] == P(None, fc)
     total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params))
     one = bytes_per_device(params, make_mesh(1, 1, 8, 1))
-    assert total / 8 <= one <= 1.01 * total / 8               # every large leaf is split 8 ways
+    assert total / 8 <= one <= 1.01 * total / 8  # every large leaf is split 8 ways
     dp2 = bytes_per_device(params, make_mesh(2, 1, 4, 1))
-    assert total / 4 <= dp2 <= 1.01 * total / 4               # replicated over "data"
+    assert total / 4 <= dp2 <= 1.01 * total / 4  # replicated over "data"
 
 
 def test_quantized_leaves_follow_the_float_axes():
@@ -111,12 +128,22 @@ def test_quantized_leaves_follow_the_float_axes():
     sd = jax.ShapeDtypeStruct
 
     def qlinear(k, n):
-        return {"kernel": sd((L, k, n), jnp.bfloat16), "bias": sd((L, n), jnp.float32),
-                "qweight": QuantizedTensor(codes=sd((L, n, k // 2), jnp.uint8), scales=sd((L, n, 1), jnp.float32),
-                                           fmt="int4", group_size=k, packed=True),
-                "scale": sd((L, n), jnp.float32), "down": sd((L, k, r), jnp.bfloat16),
-                "up": sd((L, r, n), jnp.bfloat16), "smooth": sd((L, k), jnp.float32),
-                "clip": sd((L, 3), jnp.float32)}               # unknown small per-bin table: replicated
+        return {
+            "kernel": sd((L, k, n), jnp.bfloat16),
+            "bias": sd((L, n), jnp.float32),
+            "qweight": QuantizedTensor(
+                codes=sd((L, n, k // 2), jnp.uint8),
+                scales=sd((L, n, 1), jnp.float32),
+                fmt="int4",
+                group_size=k,
+                packed=True,
+            ),
+            "scale": sd((L, n), jnp.float32),
+            "down": sd((L, k, r), jnp.bfloat16),
+            "up": sd((L, r, n), jnp.bfloat16),
+            "smooth": sd((L, k), jnp.float32),
+            "clip": sd((L, 3), jnp.float32),
+        }  # unknown small per-bin table: replicated
 
     params = {"blocks": {"self_attn": {"q": qlinear(K, N), "o": qlinear(N, K)}, "ffn": {"fc2": qlinear(N, K)}}}
     mesh = make_mesh(1, 2, 2, 2)
@@ -124,7 +151,7 @@ def test_quantized_leaves_follow_the_float_axes():
     fc = ("fsdp", "context")
     q = specs["blocks"]["self_attn"]["q"]
     assert q["kernel"] == P(None, fc, "tensor")
-    assert q["qweight"].codes == P(None, "tensor", fc)        # [L, N, K/2]: N like kernel's N, K like kernel's K
+    assert q["qweight"].codes == P(None, "tensor", fc)  # [L, N, K/2]: N like kernel's N, K like kernel's K
     assert q["qweight"].scales == P(None, "tensor", None)
     assert q["scale"] == P(None, "tensor") and q["bias"] == P(None, "tensor")
     assert q["down"] == P(None, fc, None) and q["up"] == P(None, None, "tensor")
@@ -150,12 +177,19 @@ def _qkv(b, s, n, d, seed=0, s_kv=None):
     return [jnp.asarray(rng.standard_normal(sh).astype(np.float32)) for sh in shapes]
 
 
-@pytest.mark.parametrize("shape,mode", [((1, 1, 8, 1), "ulysses"), ((2, 1, 4, 1), "ring"),
-                                        ((2, 2, 2, 1), "ulysses"), ((1, 2, 2, 2), "ring"),
-                                        ((1, 2, 2, 2), "ulysses")])
+@pytest.mark.parametrize(
+    "shape,mode",
+    [
+        ((1, 1, 8, 1), "ulysses"),
+        ((2, 1, 4, 1), "ring"),
+        ((2, 2, 2, 1), "ulysses"),
+        ((1, 2, 2, 2), "ring"),
+        ((1, 2, 2, 2), "ulysses"),
+    ],
+)
 def test_sequence_parallel_attention_matches_reference(shape, mode):
     mesh = make_mesh(*shape)
-    q, k, v = _qkv(2, 37, 8, 16)                              # 37 tokens: padded to the context size
+    q, k, v = _qkv(2, 37, 8, 16)  # 37 tokens: padded to the context size
     ref = attention(q, k, v, backend="xla")
     out = jax.jit(lambda q, k, v: sequence_parallel_attention(q, k, v, mesh, mode=mode, ring_block=4))(q, k, v)
     assert _rel(out, ref) <= 1e-5
@@ -164,9 +198,9 @@ def test_sequence_parallel_attention_matches_reference(shape, mode):
 def test_ring_heads_not_dividing_and_short_sequences():
     mesh = make_mesh(1, 1, 8, 1)
     assert not ulysses_heads_ok(mesh, 6)
-    for s in (5, 29):                                         # 5 < 8: three shards hold only padding
+    for s in (5, 29):  # 5 < 8: three shards hold only padding
         q, k, v = _qkv(1, s, 6, 16, seed=s)
-        out = jax.jit(lambda q, k, v: sequence_parallel_attention(q, k, v, mesh))(q, k, v)   # auto -> ring
+        out = jax.jit(lambda q, k, v: sequence_parallel_attention(q, k, v, mesh))(q, k, v)  # auto -> ring
         assert _rel(out, attention(q, k, v, backend="xla")) <= 1e-5
     with pytest.raises(ValueError, match="not divisible by context=8"):
         ulysses_attention(q, k, v, mesh)
@@ -201,11 +235,15 @@ def _inputs(cfg, f, h, w, seed=0):
     return x, jnp.asarray([999.0, 417.0]), ctx
 
 
-@pytest.mark.parametrize("cfg,grid,cases", [
-    (TINY, (3, 6, 10), [((2, 1, 4, 1), "auto")]),
-    (WIDE, (3, 6, 14), [((1, 1, 8, 1), "ulysses")]),    # 63 tokens padded to 64, 1 head per device
-    (SIX, (1, 6, 10), [((2, 1, 4, 1), "auto")]),
-], ids=["tiny", "wide-63-tokens", "six-heads-ring"])
+@pytest.mark.parametrize(
+    "cfg,grid,cases",
+    [
+        (TINY, (3, 6, 10), [((2, 1, 4, 1), "auto")]),
+        (WIDE, (3, 6, 14), [((1, 1, 8, 1), "ulysses")]),  # 63 tokens padded to 64, 1 head per device
+        (SIX, (1, 6, 10), [((2, 1, 4, 1), "auto")]),
+    ],
+    ids=["tiny", "wide-63-tokens", "six-heads-ring"],
+)
 def test_sharded_forward_matches_single_device(cfg, grid, cases):
     model = WanDiT(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x, t, ctx = _inputs(cfg, *grid)
@@ -214,8 +252,10 @@ def test_sharded_forward_matches_single_device(cfg, grid, cases):
         mesh = make_mesh(*shape)
         fwd, params = shard_dit(model, mesh, mode=mode)
         q = params["blocks"]["self_attn"]["q"]["kernel"][...]
-        assert q.sharding.spec == param_specs({"blocks": {"self_attn": {"q": {"kernel": q}}}}, mesh)[
-            "blocks"]["self_attn"]["q"]["kernel"]
+        assert (
+            q.sharding.spec
+            == param_specs({"blocks": {"self_attn": {"q": {"kernel": q}}}}, mesh)["blocks"]["self_attn"]["q"]["kernel"]
+        )
         out = fwd(params, x, t, ctx)
         assert _rel(out, ref) <= 1e-5, (shape, mode, _rel(out, ref))
 
@@ -252,8 +292,10 @@ def test_real_qlinear_state_at_full_size_has_rules(recipe):
     fc = ("fsdp", "context")
     assert q["qweight"].get_value() == P(None, "tensor", fc)
     assert q["wscale"].get_value() == (P(None, "tensor", fc) if recipe == "seed" else P(None, "tensor", None))
-    for leaf, shape, spec in [("kweight", (40, 5120, 5120), P(None, "tensor", fc)),
-                              ("kscale", (40, 5120), P(None, "tensor"))]:
+    for leaf, shape, spec in [
+        ("kweight", (40, 5120, 5120), P(None, "tensor", fc)),
+        ("kscale", (40, 5120), P(None, "tensor")),
+    ]:
         assert logical_to_spec(param_logical_axes(f"blocks.self_attn.q.{leaf}", shape), shape, mesh) == spec
     for shape in MESHES:
         m = make_mesh(*shape)
@@ -265,8 +307,9 @@ def test_memory_plan_without_devices(capsys):
     from wanjax.parallel.memory import abstract_mesh, main, weights_per_device
 
     per = weights_per_device(I2V_A14B, abstract_mesh(data=2, context=16))
-    assert per == bytes_per_device(nnx.state(nnx.eval_shape(lambda: WanDiT(I2V_A14B, rngs=nnx.Rngs(0)))),
-                                   abstract_mesh(2, 1, 16, 1))
+    assert per == bytes_per_device(
+        nnx.state(nnx.eval_shape(lambda: WanDiT(I2V_A14B, rngs=nnx.Rngs(0)))), abstract_mesh(2, 1, 16, 1)
+    )
     main(["--mesh", "2,1,16,1", "--mesh", "1,1,8,1"])
     out = capsys.readouterr().out
     assert "(2, 1, 16, 1) | 3.60 | 1.35" in out and "(1, 1, 8, 1) | 7.17 | 2.31" in out

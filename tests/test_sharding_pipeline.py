@@ -1,4 +1,5 @@
 """Whole I2V generation on a mesh of 8 host CPU devices vs single device (tiny random components, fp32)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,8 +11,9 @@ from wanjax.model.vae import VAEConfig, init_vae
 from wanjax.pipeline import GenerationConfig, WanI2VPipeline
 from wanjax.sharding import make_mesh
 
-VAE_TINY = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                     temporal_downsample=(False, True, True))
+VAE_TINY = VAEConfig(
+    base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_downsample=(False, True, True)
+)
 GEN = GenerationConfig(num_frames=5, max_area=32 * 48, steps=4, shift=5.0, guide_scale=(2.0, 4.0))
 
 
@@ -27,15 +29,16 @@ def parts():
     return high, low, vae, image, ctx, ref
 
 
-@pytest.mark.parametrize("shape,mode", [((2, 2, 2, 1), "auto"), ((1, 2, 2, 2), "auto")],
-                         ids=["dp2-fsdp2-ulysses2", "fsdp2-ulysses2-tp2"])
+@pytest.mark.parametrize(
+    "shape,mode", [((2, 2, 2, 1), "auto"), ((1, 2, 2, 2), "auto")], ids=["dp2-fsdp2-ulysses2", "fsdp2-ulysses2-tp2"]
+)
 def test_sharded_generation_matches_single_device(parts, shape, mode):
     high, low, vae, image, ctx, ref = parts
     mesh = make_mesh(*shape)
     pipe = WanI2VPipeline(high, low, vae, mesh=mesh, attention_mode=mode)
     kernel = pipe._params_high["blocks"]["ffn"]["fc1"]["kernel"][...]
     assert kernel.sharding.mesh.shape == mesh.shape and len(kernel.sharding.device_set) == 8
-    assert kernel.addressable_shards[0].data.shape[1] == TINY.dim // (shape[1] * shape[2])   # FSDP-sharded
+    assert kernel.addressable_shards[0].data.shape[1] == TINY.dim // (shape[1] * shape[2])  # FSDP-sharded
     out = pipe.generate(image, context=ctx, gen=GEN, progress=False)
     assert out.experts == ref.experts
     rel = np.max(np.abs(out.latents - ref.latents)) / np.max(np.abs(ref.latents))

@@ -1,5 +1,6 @@
 """UMT5 encoder: parity with transformers.UMT5EncoderModel, loaders (official .pth + HF safetensors),
 bad-input errors, tokenizer wrapper, encode_prompts, full-size parameter count. CPU, fp32, tiny configs."""
+
 from __future__ import annotations
 
 import os
@@ -14,22 +15,42 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from wanjax.io import t5_loader  # noqa: E402
-from wanjax.io.t5_loader import (encoder_from_params, load_t5_encoder,  # noqa: E402
-                                 params_from_state_dict)
-from wanjax.model.t5 import (TINY_T5, UMT5_XXL, UMT5Encoder,  # noqa: E402
-                             relative_position_buckets)
-from wanjax.text import (PromptTokenizer, clean_prompt, encode_prompts,  # noqa: E402
-                         find_tokenizer_dir)
+from wanjax.io.t5_loader import (
+    encoder_from_params,
+    load_t5_encoder,
+    params_from_state_dict,
+)
+from wanjax.model.t5 import (
+    TINY_T5,
+    UMT5_XXL,
+    UMT5Encoder,
+    relative_position_buckets,
+)
+from wanjax.text import (
+    PromptTokenizer,
+    clean_prompt,
+    encode_prompts,
+    find_tokenizer_dir,
+)
 
 VOCAB, D, H, DKV, DFF, LAYERS = 300, 64, 4, 16, 96, 3
 
 
 def _hf_config():
     return transformers.UMT5Config(
-        vocab_size=VOCAB, d_model=D, num_heads=H, d_kv=DKV, d_ff=DFF, num_layers=LAYERS,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
-        attn_implementation="eager")
+        vocab_size=VOCAB,
+        d_model=D,
+        num_heads=H,
+        d_kv=DKV,
+        d_ff=DFF,
+        num_layers=LAYERS,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        attn_implementation="eager",
+    )
 
 
 def _cfg():
@@ -82,7 +103,7 @@ def _to_official(hf_sd: dict) -> dict:
             out["norm.weight"] = v
         else:
             assert k.startswith("encoder.block."), k
-            i, rest = k[len("encoder.block."):].split(".", 1)
+            i, rest = k[len("encoder.block.") :].split(".", 1)
             out[f"blocks.{i}.{sub[rest]}"] = v
     return out
 
@@ -103,6 +124,7 @@ def _rel_err(got, ref):
 
 
 # ------------------------------------------------------------------------------------------------ model
+
 
 @pytest.mark.parametrize("length", [1, 9, 40, 300, 512, 700])
 def test_relative_position_buckets_match_transformers(length):
@@ -133,7 +155,7 @@ def test_parity_with_transformers_umt5(hf_model, jax_model, seq, lengths):
     if min(lengths) < seq:
         nomask = jax_model(jnp.asarray(ids, jnp.int32), None)
         b = int(np.argmin(lengths))
-        assert _rel_err(nomask[b, :lengths[b]], ref.numpy()[b, :lengths[b]]) > 1e-3
+        assert _rel_err(nomask[b, : lengths[b]], ref.numpy()[b, : lengths[b]]) > 1e-3
 
 
 def test_mask_none_equals_all_ones(jax_model):
@@ -178,6 +200,7 @@ def test_umt5_xxl_param_count():
 
 
 # ----------------------------------------------------------------------------------------------- loaders
+
 
 @pytest.fixture(scope="module")
 def checkpoint_files(hf_model, tmp_path_factory):
@@ -263,6 +286,7 @@ WORDS = ["a", "cat", "dog", "runs", "on", "the", "grass", "&", "big", "red"]
 
 def _write_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     vocab.update({w: i + 3 for i, w in enumerate(WORDS)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -287,19 +311,27 @@ def test_tokenizer_padding_truncation_lengths(tmp_path, caplog):
     tok = PromptTokenizer(tmp_path, text_len=6)
     out = tok(["a cat", "  the  big red dog runs on the grass ", "zebra"])
     assert out.ids.shape == out.mask.shape == (3, 6) and out.ids.dtype == np.int32
-    np.testing.assert_array_equal(out.ids[0], [3, 4, 1, 0, 0, 0])          # tokens + EOS + pad
+    np.testing.assert_array_equal(out.ids[0], [3, 4, 1, 0, 0, 0])  # tokens + EOS + pad
     np.testing.assert_array_equal(out.mask[0], [1, 1, 1, 0, 0, 0])
-    np.testing.assert_array_equal(out.ids[1], [8, 11, 12, 5, 6, 1])        # truncated, EOS kept last
-    np.testing.assert_array_equal(out.ids[2], [2, 1, 0, 0, 0, 0])          # unknown word
+    np.testing.assert_array_equal(out.ids[1], [8, 11, 12, 5, 6, 1])  # truncated, EOS kept last
+    np.testing.assert_array_equal(out.ids[2], [2, 1, 0, 0, 0, 0])  # unknown word
     np.testing.assert_array_equal(out.lengths, [3, 6, 2])
     np.testing.assert_array_equal(out.truncated, [False, True, False])
     assert "truncated" in caplog.text
     # same ids/mask as transformers with the official call arguments
-    ref_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tj, pad_token="<pad>", eos_token="</s>",
-                                                   unk_token="<unk>")
+    ref_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=tj, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     texts = [clean_prompt(t) for t in ["a cat", "  the  big red dog runs on the grass ", "zebra"]]
-    ref = ref_tok(texts, padding="max_length", truncation=True, max_length=6, add_special_tokens=True,
-                  return_attention_mask=True, return_tensors="np")
+    ref = ref_tok(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=6,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="np",
+    )
     np.testing.assert_array_equal(out.ids, ref["input_ids"])
     np.testing.assert_array_equal(out.mask, ref["attention_mask"])
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
@@ -315,8 +347,9 @@ def test_encode_prompts_trims_and_zero_pads(tmp_path, hf_model, jax_model):
     assert ctx.shape == (2, 6, D)
     t = tok(prompts)
     with torch.no_grad():
-        ref = hf_model(input_ids=torch.from_numpy(t.ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(t.mask.astype(np.int64))).last_hidden_state.numpy()
+        ref = hf_model(
+            input_ids=torch.from_numpy(t.ids.astype(np.int64)), attention_mask=torch.from_numpy(t.mask.astype(np.int64))
+        ).last_hidden_state.numpy()
     assert _rel_err(ctx[0], ref[0, :6]) <= 1e-5
     assert _rel_err(ctx[1, :2], ref[1, :2]) <= 1e-5
     assert np.all(np.asarray(ctx[1, 2:]) == 0)
@@ -338,5 +371,7 @@ def test_hf_safetensors_without_config_infers_shapes(checkpoint_files, tmp_path)
     assert m.cfg == _cfg().replace(text_len=512)
     ref = load_t5_encoder(hf_dir, dtype=jnp.float32, param_dtype=jnp.float32)
     ids, mask = _inputs([9, 4], 9, seed=11)
-    np.testing.assert_array_equal(np.asarray(m(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))),
-                                  np.asarray(ref(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))))
+    np.testing.assert_array_equal(
+        np.asarray(m(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))),
+        np.asarray(ref(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))),
+    )

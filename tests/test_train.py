@@ -1,4 +1,5 @@
 """Mini-model training tools: tokenizer, official-layout writers, latent fold, flow-matching step, end-to-end smoke."""
+
 import os
 
 import jax
@@ -19,8 +20,16 @@ from wanjax.pipeline import WanI2VPipeline
 from wanjax.train.export_components import save_t5_pth, save_vae_pth, vae_config_from_official_state
 
 TINY_VAE = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
-TINY_T5 = T5Config(vocab_size=64, dim=32, dim_attn=32, dim_ffn=48, num_heads=2, num_layers=2, dtype=jnp.float32,
-                   param_dtype=jnp.float32)
+TINY_T5 = T5Config(
+    vocab_size=64,
+    dim=32,
+    dim_attn=32,
+    dim_ffn=48,
+    num_heads=2,
+    num_layers=2,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+)
 TINY_DIT = WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32)
 
 
@@ -37,9 +46,9 @@ def test_tokenizer_ids_eos_unk(tmp_path):
     r = tok(["a red square moves left", "A red square moves left.", "a red zebra", DEFAULT_NEGATIVE_PROMPT])
     assert r.lengths.tolist()[:2] == [6, 6]
     np.testing.assert_array_equal(r.ids[0], r.ids[1])
-    assert r.ids[0, 5] == 1 and r.ids[0, 6] == 0            # </s> then <pad>
-    assert r.ids[2, 2] == 2                                  # <unk>
-    assert r.lengths[3] <= 3 and not r.truncated.any()       # the Chinese negative prompt stays short
+    assert r.ids[0, 5] == 1 and r.ids[0, 6] == 0  # </s> then <pad>
+    assert r.ids[2, 2] == 2  # <unk>
+    assert r.lengths[3] <= 3 and not r.truncated.any()  # the Chinese negative prompt stays short
     assert len(set(r.ids[0, :5].tolist())) == 5
 
 
@@ -81,7 +90,7 @@ def test_fold_latent_stats_is_exact_affine_change():
     m = np.asarray(mu_old.mean((0, 1, 2, 3)))
     s = np.asarray(mu_old.std((0, 1, 2, 3))) + 0.1
     V.fold_latent_stats(vae, m, s)
-    lat = vae.encode(x)                                      # normalised with the fixed Wan2.1 constants
+    lat = vae.encode(x)  # normalised with the fixed Wan2.1 constants
     np.testing.assert_allclose(np.asarray(lat), (np.asarray(mu_old) - m) / s, atol=2e-4)
     np.testing.assert_allclose(np.asarray(vae.decode(lat)), np.asarray(rec_old), atol=2e-4)
 
@@ -120,19 +129,54 @@ def test_train_export_load_generate_smoke(tmp_path):
     from wanjax.train import cli
 
     out, aux, dst = tmp_path / "run", tmp_path / "aux", tmp_path / "official"
-    cli.main(["run", "--out", str(out), "--aux", str(aux), "--preset", "tiny", "--vae-steps", "0",
-              "--vae-pool", "4", "--stats-clips", "2", "--n-train", "4", "--enc-batch", "2", "--batch", "2",
-              "--base-steps", "3", "--expert-steps", "1", "--eval-n", "0", "--log-every", "1"])
+    cli.main(
+        [
+            "run",
+            "--out",
+            str(out),
+            "--aux",
+            str(aux),
+            "--preset",
+            "tiny",
+            "--vae-steps",
+            "0",
+            "--vae-pool",
+            "4",
+            "--stats-clips",
+            "2",
+            "--n-train",
+            "4",
+            "--enc-batch",
+            "2",
+            "--batch",
+            "2",
+            "--base-steps",
+            "3",
+            "--expert-steps",
+            "1",
+            "--eval-n",
+            "0",
+            "--log-every",
+            "1",
+        ]
+    )
     files = sorted(os.listdir(out))
-    assert files == sorted(["high.safetensors", "low.safetensors", "Wan2.1_VAE.pth",
-                            "models_t5_umt5-xxl-enc-bf16.pth", "log.json"])
+    assert files == sorted(
+        ["high.safetensors", "low.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "log.json"]
+    )
     cli.assemble(str(out), str(dst), aux=str(aux), preset="tiny")
-    for p in ("high_noise_model/config.json", "low_noise_model/diffusion_pytorch_model.safetensors.index.json",
-              "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/tokenizer.json"):
+    for p in (
+        "high_noise_model/config.json",
+        "low_noise_model/diffusion_pytorch_model.safetensors.index.json",
+        "Wan2.1_VAE.pth",
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "google/umt5-xxl/tokenizer.json",
+    ):
         assert (dst / p).exists(), p
     pipe = WanI2VPipeline.from_pretrained(str(dst), dtype=jnp.float32)
     assert pipe.cfg.text_len == 16 and pipe.vae.cfg == TINY_VAE.replace(
-        latents_mean=pipe.vae.cfg.latents_mean, latents_std=pipe.vae.cfg.latents_std)
+        latents_mean=pipe.vae.cfg.latents_mean, latents_std=pipe.vae.cfg.latents_std
+    )
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     o = pipe.generate(img, "a red square moves left", num_frames=5, max_area=32 * 32, steps=2, progress=False)
     assert o.frames.shape == (5, 32, 32, 3) and o.frames.dtype == np.uint8
@@ -197,12 +241,14 @@ def test_zero_residual_init_starts_from_the_shortcuts():
     got = _flat(vae)
     zeroed = {k for k in got if not np.array_equal(got[k], ref[k])}
     assert zeroed and all(k.endswith(("conv2/kernel", "proj_kernel")) for k in zeroed), sorted(zeroed)
-    assert all(not np.any(got[k]) for k in got if k.endswith(("conv2/kernel", "conv2/bias", "proj_kernel", "proj_bias")))
+    assert all(
+        not np.any(got[k]) for k in got if k.endswith(("conv2/kernel", "conv2/bias", "proj_kernel", "proj_bias"))
+    )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 1, 8, 8, 8)), jnp.float32)
     blocks = [m for _, m in nnx.iter_graph(vae) if isinstance(m, (ResidualBlock, AttentionBlock))]
     assert any(isinstance(b, AttentionBlock) for b in blocks)
     for b in blocks:
-        xin = x[..., :(b.norm1 if isinstance(b, ResidualBlock) else b.norm).gamma.shape[0]]
+        xin = x[..., : (b.norm1 if isinstance(b, ResidualBlock) else b.norm).gamma.shape[0]]
         short = xin if not isinstance(b, ResidualBlock) or b.conv_shortcut is None else b.conv_shortcut(xin)[0]
         np.testing.assert_allclose(np.asarray(b(xin)[0]), np.asarray(short), rtol=1e-6, atol=1e-6)
     video = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (1, 1, 16, 16, 3)), jnp.float32)
@@ -223,8 +269,10 @@ def test_branch_freeze_holds_the_zeroed_layers_and_colour_on_sample():
     for i in range(2):
         tr.step(video, jax.random.key(i), 1e-3, train_branches=False)
     frozen = _flat(tr.model())
-    mask = {"/".join(str(k.key) for k in p if hasattr(k, "key")): b
-            for p, b in jax.tree_util.tree_leaves_with_path(V.branch_mask(tr.params))}
+    mask = {
+        "/".join(str(k.key) for k in p if hasattr(k, "key")): b
+        for p, b in jax.tree_util.tree_leaves_with_path(V.branch_mask(tr.params))
+    }
     assert sum(mask.values()) > 0
     for k, v in frozen.items():
         if mask[k]:

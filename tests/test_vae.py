@@ -1,5 +1,6 @@
 """Wan2.1 VAE: parity vs diffusers ``AutoencoderKLWan`` (CPU fp32, tiny random config), latent
 normalisation, chunked/bounded execution, both checkpoint layouts, bad inputs, full-size param count."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,34 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from wanjax.io.errors import CheckpointError  # noqa: E402
-from wanjax.io.vae_loader import (detect_layout, load_vae, load_vae_state_dict,  # noqa: E402
-                                  vae_config_from_dict, vae_key_table)
-from wanjax.model.vae import (LATENTS_MEAN, LATENTS_STD, VAEConfig, abstract_vae,  # noqa: E402
-                              decode_video, encode_video, init_vae)
+from wanjax.io.vae_loader import (
+    detect_layout,
+    load_vae,
+    load_vae_state_dict,
+    vae_config_from_dict,
+    vae_key_table,
+)
+from wanjax.model.vae import (
+    LATENTS_MEAN,
+    LATENTS_STD,
+    VAEConfig,
+    abstract_vae,
+    decode_video,
+    encode_video,
+    init_vae,
+)
 
 TOL = 1e-5
 # tiny: 3 levels (spatial stride 4), one temporal down/up-sample, odd latent sizes (12x20 -> 3x5)
-TINY = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(False, True),
-                 latents_mean=(0.3, -0.7, 1.1, 0.05), latents_std=(1.7, 0.6, 2.4, 1.1))
+TINY = VAEConfig(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=(1, 2, 2),
+    num_res_blocks=1,
+    temporal_downsample=(False, True),
+    latents_mean=(0.3, -0.7, 1.1, 0.05),
+    latents_std=(1.7, 0.6, 2.4, 1.1),
+)
 H, W = 12, 20
 
 
@@ -42,9 +62,14 @@ def _to_cf(a) -> np.ndarray:  # jax [B, F, H, W, C] -> numpy [B, C, F, H, W]
 def _torch_vae(cfg: VAEConfig, seed: int = 0):
     torch.manual_seed(seed)
     ref = diffusers.AutoencoderKLWan(
-        base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=list(cfg.temporal_downsample), latents_mean=list(cfg.latents_mean),
-        latents_std=list(cfg.latents_std)).eval()
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=list(cfg.temporal_downsample),
+        latents_mean=list(cfg.latents_mean),
+        latents_std=list(cfg.latents_std),
+    ).eval()
     with torch.no_grad():  # make norms and biases non-trivial
         for name, p in ref.named_parameters():
             if name.endswith("gamma"):
@@ -268,8 +293,11 @@ def test_bad_inputs(pair, tmp_path):
         load_vae_state_dict(fresh, bad)
     bad = dict(sd)
     bad["encoder.conv_in.weight"] = np.zeros((8, 3, 3, 3, 2), np.float32)
-    with pytest.raises(ValueError, match=r"'encoder\.conv_in\.weight' has shape \(8, 3, 3, 3, 2\), "
-                                         r"expected \(8, 3, 3, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'encoder\.conv_in\.weight' has shape \(8, 3, 3, 3, 2\), "
+        r"expected \(8, 3, 3, 3, 3\)",
+    ):
         load_vae_state_dict(fresh, bad)
     bad = dict(sd, **{"encoder.extra.weight": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="unexpected.*encoder.extra.weight"):

@@ -1,4 +1,5 @@
 """wanjax.video_io helpers for notebooks: side_by_side, gif_bytes, video_html."""
+
 import base64
 import io
 import re
@@ -15,7 +16,7 @@ def _video(seed, f=5, h=16, w=12):
 
 def test_side_by_side_layout_and_float_input():
     a, b = _video(0), _video(1, w=7)
-    c = np.zeros((5, 16, 3, 3), np.float32)                      # float in [-1, 1]: 0 -> 128
+    c = np.zeros((5, 16, 3, 3), np.float32)  # float in [-1, 1]: 0 -> 128
     out = side_by_side([a, b, c], gap=2)
     assert out.dtype == np.uint8 and out.shape == (5, 16, 12 + 2 + 7 + 2 + 3, 3)
     np.testing.assert_array_equal(out[:, :, :12], a)
@@ -33,7 +34,7 @@ def test_gif_bytes_round_trip():
     from PIL import Image
 
     v = np.zeros((4, 8, 10, 3), np.uint8)
-    v[1, :, :, 0] = 255                                          # few colours: the GIF palette is exact
+    v[1, :, :, 0] = 255  # few colours: the GIF palette is exact
     v[2, :4] = 128
     v[3] = 255
     data = gif_bytes(v, fps=10)

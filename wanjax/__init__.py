@@ -12,6 +12,7 @@ Public API (stable):
 * `NonFiniteError` - raised when a NaN/Inf appears during generation (names the expert, step and layer).
 * `WanDiT`, `WanConfig` and the presets `I2V_A14B`, `TINY`; `config_from_json`.
 """
+
 from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_json
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ Conventions shared by every subcommand:
 * JAX's persistent compilation cache is on (``$WANJAX_CACHE_DIR``, default ``~/.cache/wanjax/jax_compile``); opt out
   with ``--no-compile-cache`` or ``WANJAX_COMPILE_CACHE=0``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def setup_compile_cache(enabled: bool = True) -> str | None:
             print(f"wanjax: warning: compilation cache {path} not usable ({e}); running without it", file=sys.stderr)
             return None
         jax.config.update("jax_compilation_cache_dir", path)
-        try:      # JAX decides once per process whether to use the cache: let an earlier decision be made again
+        try:  # JAX decides once per process whether to use the cache: let an earlier decision be made again
             from jax.experimental.compilation_cache import compilation_cache
 
             compilation_cache.reset_cache()
@@ -117,8 +118,9 @@ def _parse_guidance(args) -> tuple[float | None, float | None]:
             if len(vals) not in (1, 2):
                 raise ValueError
         except ValueError:
-            raise CLIError(f"--guidance expects 'G' or 'LOW,HIGH' (low-noise expert, high-noise expert), got "
-                           f"{g!r}") from None
+            raise CLIError(
+                f"--guidance expects 'G' or 'LOW,HIGH' (low-noise expert, high-noise expert), got {g!r}"
+            ) from None
         low, high = (vals[0], vals[-1])
     if getattr(args, "guidance_low", None) is not None:
         low = args.guidance_low
@@ -151,9 +153,17 @@ def resolve_generation(args, command: str):
         raise CLIError(f"--shift: expected a finite number > 0, got {shift!r}")
     size = parse_size(args.size) if getattr(args, "size", None) is not None else None
     low, high = _parse_guidance(args)
-    over = dict(num_frames=frames, max_area=size, steps=getattr(args, "steps", None), shift=shift,
-                guidance_low=low, guidance_high=high, solver=getattr(args, "solver", None),
-                seed=getattr(args, "seed", None), fps=getattr(args, "fps", None))
+    over = dict(
+        num_frames=frames,
+        max_area=size,
+        steps=getattr(args, "steps", None),
+        shift=shift,
+        guidance_low=low,
+        guidance_high=high,
+        solver=getattr(args, "solver", None),
+        seed=getattr(args, "seed", None),
+        fps=getattr(args, "fps", None),
+    )
     src = os.path.join(args.model, GENERATION_CONFIG_FILE)
     try:
         gen = GenerationConfig.for_model(args.model, **over)
@@ -225,8 +235,10 @@ def _check_out_file(path: str, exts: tuple[str, ...], overwrite: bool, sources: 
     without ``--overwrite``, never one of the inputs."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in exts:
-        raise CLIError(f"{flag} {path}: expected a file name ending in {' or '.join(exts)}, got "
-                       f"{repr(ext) if ext else 'no extension'}")
+        raise CLIError(
+            f"{flag} {path}: expected a file name ending in {' or '.join(exts)}, got "
+            f"{repr(ext) if ext else 'no extension'}"
+        )
     if os.path.isdir(path):
         raise CLIError(f"{flag} {path}: is a directory; expected a file name ending in {' or '.join(exts)}")
     _check_overlap(path, *sources, flag=flag)
@@ -268,26 +280,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.src):
         raise CLIError(f"{args.src}: no such checkpoint file or directory")
-    _check_out_dir(args.dst, True, (args.src,), "DST")         # overlap / file / parent; existence: convert's own
+    _check_out_dir(args.dst, True, (args.src,), "DST")  # overlap / file / parent; existence: convert's own
     t0 = _stage(f"converting {args.src}")
-    out = convert(args.src, args.dst, jnp.dtype(args.dtype), ignore_unknown=args.ignore_unknown,
-                  overwrite=args.overwrite, compress=args.compress)
+    out = convert(
+        args.src,
+        args.dst,
+        jnp.dtype(args.dtype),
+        ignore_unknown=args.ignore_unknown,
+        overwrite=args.overwrite,
+        compress=args.compress,
+    )
     print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _add_convert(sub, common) -> None:
-    p = sub.add_parser("convert", parents=[common], help="convert a DiT checkpoint (official / diffusers / ComfyUI "
-                       "safetensors) into a fast-loading orbax cache", description=cmd_convert.__doc__)
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a DiT checkpoint (official / diffusers / ComfyUI safetensors) into a fast-loading orbax cache",
+        description=cmd_convert.__doc__,
+    )
     p.add_argument("src", help="expert dir, diffusers transformer dir, *.safetensors.index.json or .safetensors file")
     p.add_argument("dst", help="output directory (must not exist unless --overwrite; never the source or around it)")
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES,
-                   help="storage dtype of the large weights (modulation, norms, time embedding, head stay fp32; "
-                        "default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=_DTYPES,
+        help="storage dtype of the large weights (modulation, norms, time embedding, head stay fp32; "
+        "default: %(default)s)",
+    )
     p.add_argument("--ignore-unknown", action="store_true", help="skip tensors that are not DiT parameters")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--compress", action="store_true",
-                   help="zstd-compress the arrays (smaller, slower to load on few cores)")
+    p.add_argument(
+        "--compress", action="store_true", help="zstd-compress the arrays (smaller, slower to load on few cores)"
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -313,8 +340,9 @@ def _open_pipeline(args: argparse.Namespace, *, release_text_encoder: bool, mesh
     from wanjax.pipeline import WanI2VPipeline
 
     t0 = _stage(f"loading {args.model} ({args.dtype})")
-    pipe = WanI2VPipeline.from_pretrained(args.model, dtype=jnp.dtype(args.dtype),
-                                          release_text_encoder=release_text_encoder, mesh=mesh)
+    pipe = WanI2VPipeline.from_pretrained(
+        args.model, dtype=jnp.dtype(args.dtype), release_text_encoder=release_text_encoder, mesh=mesh
+    )
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
     return pipe
 
@@ -330,8 +358,9 @@ def resolve_quant_mode(mode: str, manifest: dict | None = None, mesh=None) -> tu
     if resolve is not None:
         kw = {}
         if manifest is not None and _supports(resolve, "layers"):
-            kw["layers"] = {f"{e}:{p}": c for e, m in manifest.get("experts", {}).items()
-                            for p, c in m.get("layers", {}).items()}
+            kw["layers"] = {
+                f"{e}:{p}": c for e, m in manifest.get("experts", {}).items() for p, c in m.get("layers", {}).items()
+            }
         if mesh is not None and _supports(resolve, "mesh"):
             kw["mesh"] = mesh
         return resolve(mode, **kw)
@@ -374,12 +403,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     manifest = None
     if args.quant:
         if not os.path.isfile(os.path.join(args.quant, "manifest.json")):
-            raise CLIError(f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
-                           "with `wanjax quantize`")
+            raise CLIError(
+                f"--quant {args.quant}: not a quantized-model directory (no manifest.json); write one "
+                "with `wanjax quantize`"
+            )
         from wanjax.quant.artifact import ArtifactError, read_manifest
 
         try:
-            manifest = read_manifest(args.quant)         # format and checksum, before any model is loaded
+            manifest = read_manifest(args.quant)  # format and checksum, before any model is loaded
         except (ArtifactError, OSError) as e:
             raise CLIError(f"--quant {args.quant}: {e}") from None
     sources = (args.model, args.image, args.quant)
@@ -404,15 +435,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if _supports(attach_artifact, "force"):
                 kw["force"] = True
             else:
-                print("wanjax generate: warning: --force ignored (this attach_artifact has no model check to "
-                      "override)", file=sys.stderr)
+                print(
+                    "wanjax generate: warning: --force ignored (this attach_artifact has no model check to override)",
+                    file=sys.stderr,
+                )
         mode_arg = args.quant_mode or "auto"
         if mode_arg == "auto" and not _auto_supported(attach_artifact):
-            mode_arg = qmode                              # resolved here: attach_artifact knows fake / real only
+            mode_arg = qmode  # resolved here: attach_artifact knows fake / real only
         t0 = _stage(f"attaching {args.quant} (quant mode {qmode}: {why})")
         manifest = attach_artifact(pipe, args.quant, mode=mode_arg, **kw)
-        print(f"using the quantized experts of {args.quant} (recipe "
-              f"{manifest.get('recipe', {}).get('name', '?')}, {qmode} mode) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"using the quantized experts of {args.quant} (recipe "
+            f"{manifest.get('recipe', {}).get('name', '?')}, {qmode} mode) in {time.perf_counter() - t0:.1f} s"
+        )
     if getattr(args, "attention", None):  # after --quant: an explicit backend wins over the recipe's
         from wanjax.model.attention import set_attention_backend
 
@@ -441,8 +476,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.png_dir:
         save_pngs(frames, args.png_dir)
         print(f"wrote {frames.shape[0]} PNG frames to {args.png_dir}")
-    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {gen.fps} fps; "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    print(
+        f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {gen.fps} fps; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+    )
     return 0
 
 
@@ -453,39 +490,67 @@ def _auto_supported(attach_artifact) -> bool:
     return hasattr(art, "resolve_quant_mode")
 
 
-def add_generation_flags(p, *, guidance: bool = True, solver: bool = False, seed: bool = False,
-                         fps: bool = False) -> None:
+def add_generation_flags(
+    p, *, guidance: bool = True, solver: bool = False, seed: bool = False, fps: bool = False
+) -> None:
     """The generation flags every command (and script) with generation settings shares: ``--frames``, ``--size``
     (one meaning everywhere: the maximum pixel area, `parse_size`), ``--steps``, ``--shift``, and as asked
     ``--guidance`` / ``--guidance-low`` / ``--guidance-high``, ``--solver``, ``--seed``, ``--fps``. Each defaults to
     None and is resolved by `resolve_generation` (flag > the model's generation_config.json > official)."""
     p.add_argument("--frames", type=int, default=None, help="number of frames, 4n+1 (" + _FROM_MODEL.format(81) + ")")
-    p.add_argument("--size", default=None,
-                   help="maximum pixel area: 480p, 720p, WxH (e.g. 832x480) or N for NxN; the aspect ratio comes "
-                        "from the image (" + _FROM_MODEL.format("480p") + ")")
+    p.add_argument(
+        "--size",
+        default=None,
+        help="maximum pixel area: 480p, 720p, WxH (e.g. 832x480) or N for NxN; the aspect ratio comes "
+        "from the image (" + _FROM_MODEL.format("480p") + ")",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (" + _FROM_MODEL.format(40) + ")")
     p.add_argument("--shift", type=float, default=None, help="flow shift (" + _FROM_MODEL.format(5.0) + ")")
     if guidance:
-        p.add_argument("--guide", dest="guidance", default=None, help=argparse.SUPPRESS)   # old name
-        p.add_argument("--guidance", dest="guidance", default=None, metavar="G|LOW,HIGH",
-                       help="classifier-free guidance: one scale, or LOW,HIGH = low-noise expert, high-noise expert ("
-                            + _FROM_MODEL.format("3.5,3.5") + ")")
-        p.add_argument("--guidance-low", type=float, default=None, metavar="G",
-                       help="guidance of the low-noise expert (overrides --guidance's)")
-        p.add_argument("--guidance-high", type=float, default=None, metavar="G",
-                       help="guidance of the high-noise expert (overrides --guidance's)")
+        p.add_argument("--guide", dest="guidance", default=None, help=argparse.SUPPRESS)  # old name
+        p.add_argument(
+            "--guidance",
+            dest="guidance",
+            default=None,
+            metavar="G|LOW,HIGH",
+            help="classifier-free guidance: one scale, or LOW,HIGH = low-noise expert, high-noise expert ("
+            + _FROM_MODEL.format("3.5,3.5")
+            + ")",
+        )
+        p.add_argument(
+            "--guidance-low",
+            type=float,
+            default=None,
+            metavar="G",
+            help="guidance of the low-noise expert (overrides --guidance's)",
+        )
+        p.add_argument(
+            "--guidance-high",
+            type=float,
+            default=None,
+            metavar="G",
+            help="guidance of the high-noise expert (overrides --guidance's)",
+        )
     if solver:
         p.add_argument("--solver", default=None, choices=("unipc", "euler"), help=_FROM_MODEL.format("unipc"))
     if seed:
         p.add_argument("--seed", type=int, default=None, help="noise seed (" + _FROM_MODEL.format(0) + ")")
     if fps:
-        p.add_argument("--fps", type=int, default=None,
-                       help="frames per second of the video, a positive integer (" + _FROM_MODEL.format(16) + ")")
+        p.add_argument(
+            "--fps",
+            type=int,
+            default=None,
+            help="frames per second of the video, a positive integer (" + _FROM_MODEL.format(16) + ")",
+        )
 
 
 def _add_generate(sub, common) -> None:
-    p = sub.add_parser("generate", parents=[common], help="image-to-video generation with both experts",
-                       description=cmd_generate.__doc__)
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="image-to-video generation with both experts",
+        description=cmd_generate.__doc__,
+    )
     p.add_argument("--model", required=True, help="model dir in the official or diffusers layout, e.g. models/mini")
     p.add_argument("--image", required=True, help="first frame (any image file Pillow reads)")
     p.add_argument("--prompt", required=True)
@@ -496,21 +561,39 @@ def _add_generate(sub, common) -> None:
     add_generation_flags(p, solver=True, seed=True, fps=True)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.add_argument("--quant", default=None, help="a quantized-model dir written by `wanjax quantize`")
-    p.add_argument("--quant-mode", default="auto", choices=_QUANT_MODES,
-                   help="with --quant: 'real' runs the low-bit kernels, 'fake' simulates W4A4 in bf16/fp32, 'auto' "
-                        "picks real where kernels exist (Hopper GPU, TPU) and says which (default: %(default)s)")
-    p.add_argument("--force", action="store_true",
-                   help="with --quant: use an artifact even if it was made from another model (warns)")
-    p.add_argument("--attention", default=None, choices=("cudnn", "cudnn_fp8", "attn8", "chunked", "xla", "tpu"),
-                   help="attention backend (default: automatic, or the --quant recipe's; cudnn_fp8: cuDNN FP8 flash "
-                        "attention, Hopper GPUs; attn8: 8-bit attention with fine-grained scales, self-attention "
-                        "only: the jnp reference on CPU, the Pallas kernel on TPU; refused on GPUs until its kernel "
-                        "has been verified there)")
-    p.add_argument("--int8-weights", action="store_true",
-                   help="with --quant-mode real: also keep the INT4 weights unpacked to int8 for the GEMM (1 byte a "
-                        "parameter more; equal or faster per linear, docs/BENCHMARKS.md)")
-    p.add_argument("--mesh", default=None, help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
-                                                 "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context")
+    p.add_argument(
+        "--quant-mode",
+        default="auto",
+        choices=_QUANT_MODES,
+        help="with --quant: 'real' runs the low-bit kernels, 'fake' simulates W4A4 in bf16/fp32, 'auto' "
+        "picks real where kernels exist (Hopper GPU, TPU) and says which (default: %(default)s)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --quant: use an artifact even if it was made from another model (warns)",
+    )
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=("cudnn", "cudnn_fp8", "attn8", "chunked", "xla", "tpu"),
+        help="attention backend (default: automatic, or the --quant recipe's; cudnn_fp8: cuDNN FP8 flash "
+        "attention, Hopper GPUs; attn8: 8-bit attention with fine-grained scales, self-attention "
+        "only: the jnp reference on CPU, the Pallas kernel on TPU; refused on GPUs until its kernel "
+        "has been verified there)",
+    )
+    p.add_argument(
+        "--int8-weights",
+        action="store_true",
+        help="with --quant-mode real: also keep the INT4 weights unpacked to int8 for the GEMM (1 byte a "
+        "parameter more; equal or faster per linear, docs/BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
+        "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context",
+    )
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -539,19 +622,25 @@ def _read_calib_file(path: str) -> list:
         except json.JSONDecodeError as e:
             raise CLIError(f"{path}:{i}: not a JSON object ({e})") from None
         if not isinstance(d, dict) or "image" not in d or "prompt" not in d:
-            raise CLIError(f"{path}:{i}: each line needs 'image' and 'prompt', got "
-                           f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
-        img = d["image"] if os.path.isabs(d["image"]) else os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                                          d["image"])
+            raise CLIError(
+                f"{path}:{i}: each line needs 'image' and 'prompt', got "
+                f"{sorted(d) if isinstance(d, dict) else type(d).__name__}"
+            )
+        img = (
+            d["image"]
+            if os.path.isabs(d["image"])
+            else os.path.join(os.path.dirname(os.path.abspath(path)), d["image"])
+        )
         if not os.path.exists(img) and os.path.exists(d["image"]):
-            img = d["image"]                        # relative to the working directory (the old behaviour)
+            img = d["image"]  # relative to the working directory (the old behaviour)
         _check_image(img, flag=f"{path}:{i}: image")
         try:
             seed = int(d.get("seed", 0))
         except (TypeError, ValueError):
             raise CLIError(f"{path}:{i}: key 'seed': expected an integer, got {d.get('seed')!r}") from None
-        samples.append(CalibSample(image=img, prompt=str(d["prompt"]), negative_prompt=d.get("negative_prompt"),
-                                   seed=seed))
+        samples.append(
+            CalibSample(image=img, prompt=str(d["prompt"]), negative_prompt=d.get("negative_prompt"), seed=seed)
+        )
     if not samples:
         raise CLIError(f"{path}: no calibration samples")
     return samples
@@ -586,24 +675,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     samples = _read_calib_file(args.calib) if args.calib is not None else None
     _check_model_dir(args.model)
     if args.stats is not None and not (os.path.isdir(args.stats) and _is_calib_work_dir(args.stats)):
-        raise CLIError(f"--stats {args.stats}: not a calibration directory (no manifest.json of format "
-                       "wanjax.calibration)")
+        raise CLIError(
+            f"--stats {args.stats}: not a calibration directory (no manifest.json of format wanjax.calibration)"
+        )
     own_work = args.calib is not None and args.work_dir is None
     work_dir = (args.work_dir or f"{os.path.abspath(args.out)}.calib") if args.calib is not None else None
     _check_out_dir(args.out, args.overwrite, (args.model, args.stats, args.calib, work_dir), "--out")
     if work_dir is not None:
         _check_overlap(work_dir, args.model, args.calib, flag="--work-dir")
-        if os.path.exists(work_dir) and (not os.path.isdir(work_dir) or os.listdir(work_dir)) \
-                and not _is_calib_work_dir(work_dir):
-            raise CLIError(f"--work-dir {work_dir}: exists and is not a calibration work dir (no manifest.json of "
-                           "format wanjax.calibration); choose another --work-dir")
+        if (
+            os.path.exists(work_dir)
+            and (not os.path.isdir(work_dir) or os.listdir(work_dir))
+            and not _is_calib_work_dir(work_dir)
+        ):
+            raise CLIError(
+                f"--work-dir {work_dir}: exists and is not a calibration work dir (no manifest.json of "
+                "format wanjax.calibration); choose another --work-dir"
+            )
         _writable_parent(work_dir, "--work-dir")
     if args.calib is not None:
         from wanjax.quant.calibrate import CalibConfig
 
         gen = resolve_generation(args, "quantize")
         try:
-            CalibConfig(gen=gen).resolved()            # the timestep bins must fit the steps
+            CalibConfig(gen=gen).resolved()  # the timestep bins must fit the steps
         except ValueError as e:
             raise CLIError(f"--steps {gen.steps}: {e}") from None
         _print_settings(gen, args.model)
@@ -615,8 +710,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             _write_artifact(args, pipe, recipe, stats)
         except BaseException:
             if os.path.isdir(work_dir):
-                print(f"wanjax quantize: calibration progress kept in {work_dir} (run the same command again to "
-                      "resume)", file=sys.stderr)
+                print(
+                    f"wanjax quantize: calibration progress kept in {work_dir} (run the same command again to resume)",
+                    file=sys.stderr,
+                )
             raise
         if own_work and not args.keep_calib:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -626,7 +723,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         import wanjax.quant.calibrate as qc
 
-        if hasattr(qc, "check_calibration_model"):      # statistics of another model would quantize it wrongly
+        if hasattr(qc, "check_calibration_model"):  # statistics of another model would quantize it wrongly
             try:
                 qc.check_calibration_model(args.stats, pipe)
             except ValueError as e:
@@ -643,11 +740,13 @@ def _calibrate(pipe, samples, gen, work_dir: str, restart: bool):
         if _supports(calibrate, "restart"):
             kw["restart"] = True
         elif os.path.isdir(work_dir) and _is_calib_work_dir(work_dir):
-            shutil.rmtree(work_dir)                    # this calibrate() cannot restart by itself
+            shutil.rmtree(work_dir)  # this calibrate() cannot restart by itself
             print(f"--restart: removed the earlier calibration in {work_dir}")
     resumed = os.path.isfile(os.path.join(work_dir, "manifest.json"))
-    t0 = _stage(f"calibrating on {len(samples)} samples -> {work_dir}"
-                + (" (resuming the earlier run there)" if resumed and not restart else ""))
+    t0 = _stage(
+        f"calibrating on {len(samples)} samples -> {work_dir}"
+        + (" (resuming the earlier run there)" if resumed and not restart else "")
+    )
     try:
         stats = calibrate(pipe, samples, CalibConfig(gen=gen), work_dir=work_dir, **kw)
     except ValueError as e:
@@ -666,15 +765,24 @@ def _write_artifact(args, pipe, recipe, stats) -> str:
 
     t0 = _stage(f"quantizing both experts (recipe {recipe.name})")
     qexperts, reports = quantize(pipe, recipe, CalibrationSource(stats), mode="fake")
-    summary = {e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
-               for e, r in reports.items()}
+    summary = {
+        e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
+        for e, r in reports.items()
+    }
     kw = {}
     if _supports(save_artifact, "source"):
-        kw["source"] = pipe                       # the model's fingerprint: generate --quant checks it
+        kw["source"] = pipe  # the model's fingerprint: generate --quant checks it
     if _supports(save_artifact, "inputs"):
         kw["inputs"] = tuple(p for p in (args.model, args.stats, args.calib, args.work_dir) if p)
-    out = save_artifact(args.out, qexperts, recipe=recipe_to_dict(recipe), bins=stats.bins.to_dict(),
-                        report={"mean_sqnr_db_per_bin": summary}, overwrite=args.overwrite, **kw)
+    out = save_artifact(
+        args.out,
+        qexperts,
+        recipe=recipe_to_dict(recipe),
+        bins=stats.bins.to_dict(),
+        report={"mean_sqnr_db_per_bin": summary},
+        overwrite=args.overwrite,
+        **kw,
+    )
     csv_path = f"{out}.sqnr.csv"
     with atomic_write(csv_path) as f:
         f.write(sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}))
@@ -689,18 +797,28 @@ def _recipe_help() -> str:
 
 
 def _add_quantize(sub, common) -> None:
-    p = sub.add_parser("quantize", parents=[common], help="calibrate and quantize both experts (W4A4) into an "
-                       "artifact directory", description=cmd_quantize.__doc__)
+    p = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="calibrate and quantize both experts (W4A4) into an artifact directory",
+        description=cmd_quantize.__doc__,
+    )
     p.add_argument("--model", required=True, help="model dir in the official or diffusers layout")
     p.add_argument("--recipe", default="default", help=_recipe_help())
     p.add_argument("--calib", default=None, help="calibration samples (.jsonl: image, prompt, seed per line)")
     p.add_argument("--stats", default=None, help="reuse the work dir of an earlier calibration instead of --calib")
-    p.add_argument("--work-dir", default=None,
-                   help="calibration statistics and progress, resumable (default: OUT.calib, removed when the "
-                        "artifact is written unless --keep-calib; a --work-dir given is always kept)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="calibration statistics and progress, resumable (default: OUT.calib, removed when the "
+        "artifact is written unless --keep-calib; a --work-dir given is always kept)",
+    )
     p.add_argument("--keep-calib", action="store_true", help="keep the default work dir OUT.calib after success")
-    p.add_argument("--restart", action="store_true",
-                   help="discard an earlier calibration in the work dir made from other samples or settings")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an earlier calibration in the work dir made from other samples or settings",
+    )
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     add_generation_flags(p, guidance=False)
@@ -743,12 +861,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_settings(gen, plan_variants(recipes, ablations))
     except ValueError as e:
         raise CLIError(f"--steps: {e}") from None
-    _check_out_dir(args.out, args.overwrite, (args.model, args.eval_set, args.calib_set), "--out",
-                   reuse=lambda d: os.path.isfile(os.path.join(d, "results.json")) or os.path.isdir(
-                       os.path.join(d, "work")))
+    _check_out_dir(
+        args.out,
+        args.overwrite,
+        (args.model, args.eval_set, args.calib_set),
+        "--out",
+        reuse=lambda d: os.path.isfile(os.path.join(d, "results.json")) or os.path.isdir(os.path.join(d, "work")),
+    )
     edge = _area_edge(gen.max_area)
     try:
-        evs = load_samples(args.eval_set, gen.num_frames, edge)[:args.max_clips or None]
+        evs = load_samples(args.eval_set, gen.num_frames, edge)[: args.max_clips or None]
         cal = load_samples(args.calib_set, gen.num_frames, edge)
         for flag, ss in (("--eval-set", evs), ("--calib-set", cal)):
             for s in ss:
@@ -759,8 +881,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     _print_settings(gen, args.model)
     pipe = _open_pipeline(args, release_text_encoder=False)
-    run_eval(pipe, evs, cal, gen, args.out, recipes=recipes, ablations=ablations, reservoir=args.reservoir,
-             calib_seed=args.calib_seed, log=lambda s: print(s, flush=True))
+    run_eval(
+        pipe,
+        evs,
+        cal,
+        gen,
+        args.out,
+        recipes=recipes,
+        ablations=ablations,
+        reservoir=args.reservoir,
+        calib_seed=args.calib_seed,
+        log=lambda s: print(s, flush=True),
+    )
     print(f"wrote {args.out}/report.md")
     return 0
 
@@ -768,24 +900,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _add_eval(sub, common) -> None:
     from wanjax.quant.recipes import RECIPES
 
-    p = sub.add_parser("eval", parents=[common], help="compare quantization recipes side by side against BF16 "
-                       "(report.md + plots)", description=cmd_eval.__doc__)
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="compare quantization recipes side by side against BF16 (report.md + plots)",
+        description=cmd_eval.__doc__,
+    )
     p.add_argument("--model", required=True, help="model dir (official or diffusers layout), e.g. models/mini")
-    p.add_argument("--recipes", default="rtn,smoothquant,quarot,svdquant,seed,default,w8a8",
-                   help="comma list of recipes from: " + ", ".join(RECIPES) + " (default: %(default)s)")
+    p.add_argument(
+        "--recipes",
+        default="rtn,smoothquant,quarot,svdquant,seed,default,w8a8",
+        help="comma list of recipes from: " + ", ".join(RECIPES) + " (default: %(default)s)",
+    )
     p.add_argument("--eval-set", required=True, help="evaluation samples (JSON list; see wanjax.evaluation.run)")
     p.add_argument("--calib-set", required=True, help="calibration samples, disjoint from --eval-set (same format)")
-    p.add_argument("--out", required=True, help="report directory (report.md, results.json, plots/); an earlier "
-                                                "report dir there is resumed")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="report directory (report.md, results.json, plots/); an earlier report dir there is resumed",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into an existing --out that is not a report dir")
-    p.add_argument("--ablations", nargs="?", const="all", default=None,
-                   help="also run the default recipe's ablations: all, or a comma list")
+    p.add_argument(
+        "--ablations",
+        nargs="?",
+        const="all",
+        default=None,
+        help="also run the default recipe's ablations: all, or a comma list",
+    )
     p.add_argument("--max-clips", type=int, default=0, help="use only the first N evaluation samples (0: all)")
     add_generation_flags(p)
-    p.add_argument("--reservoir", type=int, default=256,
-                   help="calibration rows kept per (layer input, step) (default: %(default)s)")
-    p.add_argument("--calib-seed", type=int, default=0,
-                   help="seed of the calibration reservoir's row draw (repeat runs with other seeds for the spread)")
+    p.add_argument(
+        "--reservoir",
+        type=int,
+        default=256,
+        help="calibration rows kept per (layer input, step) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calib-seed",
+        type=int,
+        default=0,
+        help="seed of the calibration reservoir's row draw (repeat runs with other seeds for the spread)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
     p.set_defaults(func=cmd_eval)
 
@@ -797,9 +952,13 @@ def _common_flags(top: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     d = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("--debug", action="store_true", help="print the traceback of an error", **d)
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help=f"do not use JAX's persistent compilation cache (${CACHE_DIR_ENV}, default "
-                        f"~/.cache/wanjax/jax_compile; also {COMPILE_CACHE_ENV}=0)", **d)
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help=f"do not use JAX's persistent compilation cache (${CACHE_DIR_ENV}, default "
+        f"~/.cache/wanjax/jax_compile; also {COMPILE_CACHE_ENV}=0)",
+        **d,
+    )
     return p
 
 
@@ -807,8 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``wanjax`` argument parser with all subcommands."""
     import wanjax
 
-    parser = argparse.ArgumentParser(prog="wanjax", parents=[_common_flags(True)],
-                                     description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization")
+    parser = argparse.ArgumentParser(
+        prog="wanjax", parents=[_common_flags(True)], description="Wan2.2-I2V-A14B in JAX/Flax with W4A4 quantization"
+    )
     parser.add_argument("--version", action="version", version=f"wanjax {wanjax.__version__}")
     common = _common_flags(False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -831,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:                      # argparse's own errors (exit 2), --help and --version (0)
+    except SystemExit as e:  # argparse's own errors (exit 2), --help and --version (0)
         return int(e.code or 0) if isinstance(e.code, (int, type(None))) else 2
     cmd = f"wanjax {args.command}"
     import warnings

@@ -13,6 +13,7 @@ Resize choice: the official code resizes with ``torch.nn.functional.interpolate(
 borders; PIL's bicubic also uses ``a = -0.5`` with antialiasing. Neither reproduces the official pixels, so
 `bicubic_resize` implements the torch rule itself as two small interpolation matrices (host numpy, float32 result).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,22 @@ import re
 import numpy as np
 
 __all__ = [
-    "NEGATIVE_PROMPT", "SIZE_PRESETS", "VAE_STRIDE", "PATCH_SIZE",
-    "max_area_from_size", "i2v_size", "check_num_frames", "num_latent_frames",
-    "ALPHA_BACKGROUND", "load_image", "image_to_array", "bicubic_resize", "preprocess_image", "i2v_video",
-    "i2v_mask", "concat_condition",
+    "NEGATIVE_PROMPT",
+    "SIZE_PRESETS",
+    "VAE_STRIDE",
+    "PATCH_SIZE",
+    "max_area_from_size",
+    "i2v_size",
+    "check_num_frames",
+    "num_latent_frames",
+    "ALPHA_BACKGROUND",
+    "load_image",
+    "image_to_array",
+    "bicubic_resize",
+    "preprocess_image",
+    "i2v_video",
+    "i2v_mask",
+    "concat_condition",
 ]
 
 # Official `sample_neg_prompt` (wan/configs/shared_config.py), used when the negative prompt is empty.
@@ -36,7 +49,7 @@ NEGATIVE_PROMPT = (
 
 # Maximum pixel areas of the official sizes (MAX_AREA_CONFIGS); the aspect ratio comes from the image.
 SIZE_PRESETS = {"480p": 480 * 832, "720p": 720 * 1280}
-VAE_STRIDE = (4, 8, 8)   # (t, h, w)
+VAE_STRIDE = (4, 8, 8)  # (t, h, w)
 PATCH_SIZE = (1, 2, 2)
 
 
@@ -78,8 +91,10 @@ def i2v_size(image_hw, max_area, vae_stride: int = VAE_STRIDE[1], patch: int = P
     lat_h = round(np.sqrt(max_area * aspect_ratio) // vae_stride // patch * patch)
     lat_w = round(np.sqrt(max_area / aspect_ratio) // vae_stride // patch * patch)
     if lat_h < patch or lat_w < patch:
-        raise ValueError(f"i2v_size: image {w0}x{h0} (WxH) has an aspect ratio too extreme for max area {max_area}: "
-                         f"got latent {lat_w}x{lat_h}")
+        raise ValueError(
+            f"i2v_size: image {w0}x{h0} (WxH) has an aspect ratio too extreme for max area {max_area}: "
+            f"got latent {lat_w}x{lat_h}"
+        )
     return int(lat_h * vae_stride), int(lat_w * vae_stride)
 
 
@@ -129,21 +144,25 @@ def _pil_to_rgb(im, name=None, background=ALPHA_BACKGROUND) -> np.ndarray:
     if mode in _SIXTEEN_BIT or mode == "I":
         a = np.asarray(im)
         if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
-            raise ValueError(f"{what}: mode 'I' (32-bit integer) with values in [{int(a.min())}, {int(a.max())}]; "
-                             "expected 16-bit values in [0, 65535] (or save it as 8-bit RGB / grayscale)")
-        g = np.rint(a.astype(np.float64) / 257.0).astype(np.uint8)      # 65535 -> 255, 32768 -> 128
+            raise ValueError(
+                f"{what}: mode 'I' (32-bit integer) with values in [{int(a.min())}, {int(a.max())}]; "
+                "expected 16-bit values in [0, 65535] (or save it as 8-bit RGB / grayscale)"
+            )
+        g = np.rint(a.astype(np.float64) / 257.0).astype(np.uint8)  # 65535 -> 255, 32768 -> 128
         return _gray_to_rgb(g)
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
         if not np.all(np.isfinite(a)) or (a.size and (a.min() < 0.0 or a.max() > 1.0)):
             lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if np.any(np.isfinite(a)) else (np.nan, np.nan)
-            raise ValueError(f"{what}: mode 'F' (32-bit float) with values in [{lo:g}, {hi:g}]"
-                             f"{' and NaN/Inf' if not np.all(np.isfinite(a)) else ''}; expected finite values in "
-                             "[0, 1] (or save it as 8-bit RGB / grayscale)")
+            raise ValueError(
+                f"{what}: mode 'F' (32-bit float) with values in [{lo:g}, {hi:g}]"
+                f"{' and NaN/Inf' if not np.all(np.isfinite(a)) else ''}; expected finite values in "
+                "[0, 1] (or save it as 8-bit RGB / grayscale)"
+            )
         return _gray_to_rgb(np.rint(a * 255.0).astype(np.uint8))
     has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
     if has_alpha:
-        if mode == "La":                    # premultiplied L + alpha: Pillow converts only via LA
+        if mode == "La":  # premultiplied L + alpha: Pillow converts only via LA
             im = im.convert("LA")
         try:
             rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
@@ -151,10 +170,12 @@ def _pil_to_rgb(im, name=None, background=ALPHA_BACKGROUND) -> np.ndarray:
             raise ValueError(f"{what}: cannot convert mode {mode!r} with transparency to RGB: {e}") from e
         return _composite(rgba, background)
     try:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)       # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
     except (ValueError, OSError) as e:
-        raise ValueError(f"{what}: mode {mode!r} cannot be converted to RGB ({e}); expected an RGB, grayscale, "
-                         "palette, CMYK or 16-bit grayscale image") from e
+        raise ValueError(
+            f"{what}: mode {mode!r} cannot be converted to RGB ({e}); expected an RGB, grayscale, "
+            "palette, CMYK or 16-bit grayscale image"
+        ) from e
 
 
 def load_image(path, background=ALPHA_BACKGROUND) -> np.ndarray:
@@ -208,8 +229,10 @@ def image_to_array(image, background=ALPHA_BACKGROUND) -> np.ndarray:
         elif arr.ndim == 3 and arr.shape[-1] == 4:
             arr = _composite(arr, background)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"image: expected an RGB image [H, W, 3] (or grayscale [H, W] / [H, W, 1], RGBA "
-                         f"[H, W, 4]), got shape {arr.shape}")
+        raise ValueError(
+            f"image: expected an RGB image [H, W, 3] (or grayscale [H, W] / [H, W, 1], RGBA "
+            f"[H, W, 4]), got shape {arr.shape}"
+        )
     x = arr.astype(np.float32) / np.float32(255.0)
     return (x - np.float32(0.5)) / np.float32(0.5)
 
@@ -225,12 +248,15 @@ def _cubic_taps(in_size: int, out_size: int, a: float = -0.75):
     base = np.floor(src)
     t = src - base
     # Keys kernel at distances 1 + t, t, 1 - t, 2 - t
-    w = np.stack([
-        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-        ((a + 2) * t - (a + 3)) * t * t + 1,
-        ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-        ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
-    ], axis=1)
+    w = np.stack(
+        [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        ],
+        axis=1,
+    )
     idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, in_size - 1)
     return idx, w.astype(np.float32)
 
@@ -247,8 +273,8 @@ def bicubic_resize(image: np.ndarray, size) -> np.ndarray:
         raise ValueError(f"bicubic_resize: target size must be positive, got {size}")
     ih, wh = _cubic_taps(img.shape[0], h)
     iw, ww = _cubic_taps(img.shape[1], w)
-    cols = img[:, iw]                                           # [H, w, 4, C]
-    rows = np.einsum("hwkc,wk->hwc", cols, ww)                  # along W
+    cols = img[:, iw]  # [H, w, 4, C]
+    rows = np.einsum("hwkc,wk->hwc", cols, ww)  # along W
     out = np.einsum("owkc,ok->owc", rows[ih].transpose(0, 2, 1, 3), wh)  # along H: [h, 4, w, C] -> [h, w, C]
     return out.astype(np.float32)
 
@@ -284,7 +310,7 @@ def i2v_mask(num_frames: int, lat_h: int, lat_w: int, dtype=np.float32) -> np.nd
     frame_flags = np.zeros((f,), dtype=np.float32)
     frame_flags[0] = 1.0
     expanded = np.concatenate([np.repeat(frame_flags[:1], VAE_STRIDE[0]), frame_flags[1:]])
-    per_latent = expanded.reshape(-1, VAE_STRIDE[0])            # [F_lat, 4]
+    per_latent = expanded.reshape(-1, VAE_STRIDE[0])  # [F_lat, 4]
     mask = np.broadcast_to(per_latent[:, None, None, :], (per_latent.shape[0], int(lat_h), int(lat_w), 4))
     return np.ascontiguousarray(mask, dtype=dtype)
 
@@ -298,8 +324,9 @@ def concat_condition(mask, image_latent):
     if mask.shape[-1] != 4:
         raise ValueError(f"concat_condition: mask must have 4 channels (last axis), got shape {mask.shape}")
     if image_latent.shape[-4:-1] != mask.shape[-4:-1]:
-        raise ValueError(f"concat_condition: mask {mask.shape} and latent {image_latent.shape} disagree on "
-                         "[F_lat, lat_h, lat_w]")
+        raise ValueError(
+            f"concat_condition: mask {mask.shape} and latent {image_latent.shape} disagree on [F_lat, lat_h, lat_w]"
+        )
     if isinstance(mask, np.ndarray) and isinstance(image_latent, np.ndarray):
         xp = np
     else:

@@ -10,6 +10,7 @@ Wan2.2-I2V-A14B share them). Presets:
 code (``WanModel``: ``dim``, ``ffn_dim``, ``num_heads`` ...) or by diffusers
 (``WanTransformer3DModel``: ``num_attention_heads``, ``attention_head_dim`` ...).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,19 @@ I2V_A14B = WanConfig()
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, text_len=16, freq_dim=32)
 
 
-_OFFICIAL_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
-                    "text_len", "freq_dim", "eps", "patch_size")
+_OFFICIAL_FIELDS = (
+    "dim",
+    "ffn_dim",
+    "num_heads",
+    "num_layers",
+    "in_dim",
+    "out_dim",
+    "text_dim",
+    "text_len",
+    "freq_dim",
+    "eps",
+    "patch_size",
+)
 
 
 def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> WanConfig:
@@ -93,14 +105,18 @@ def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> WanConfig:
         if d.get("rope_max_seq_len"):
             kw["rope_max_seq_len"] = int(d["rope_max_seq_len"])
         if d.get("image_dim") or d.get("added_kv_proj_dim"):
-            raise ValueError(f"{source}: image_dim/added_kv_proj_dim are set: this is a Wan2.1 image-conditioned "
-                             "model (CLIP branch), which Wan2.2-I2V does not have")
+            raise ValueError(
+                f"{source}: image_dim/added_kv_proj_dim are set: this is a Wan2.1 image-conditioned "
+                "model (CLIP branch), which Wan2.2-I2V does not have"
+            )
     else:
         missing = [k for k in ("dim", "ffn_dim", "num_heads", "num_layers") if k not in d]
         if missing:
-            raise ValueError(f"{source}: not a Wan config (missing fields {missing}); expected official "
-                             "WanModel fields (dim, ffn_dim, num_heads, ...) or diffusers fields "
-                             "(num_attention_heads, attention_head_dim, ...)")
+            raise ValueError(
+                f"{source}: not a Wan config (missing fields {missing}); expected official "
+                "WanModel fields (dim, ffn_dim, num_heads, ...) or diffusers fields "
+                "(num_attention_heads, attention_head_dim, ...)"
+            )
         for k in _OFFICIAL_FIELDS:
             if k in d:
                 v = d[k]
@@ -129,18 +145,40 @@ def official_config_dict(cfg: WanConfig) -> dict[str, Any]:
     models (tests, the shipped mini model) ``text_dim`` is added so the file stays self-describing.
     """
     extra = {} if cfg.text_dim == 4096 else {"text_dim": cfg.text_dim}
-    return extra | {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "model_type": "i2v",
-            "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
-            "freq_dim": cfg.freq_dim, "out_dim": cfg.out_dim, "num_heads": cfg.num_heads,
-            "num_layers": cfg.num_layers, "eps": cfg.eps}
+    return extra | {
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.33.0",
+        "model_type": "i2v",
+        "text_len": cfg.text_len,
+        "in_dim": cfg.in_dim,
+        "dim": cfg.dim,
+        "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim,
+        "out_dim": cfg.out_dim,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "eps": cfg.eps,
+    }
 
 
 def diffusers_config_dict(cfg: WanConfig) -> dict[str, Any]:
     """The ``config.json`` diffusers writes for ``WanTransformer3DModel``."""
-    return {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None,
-            "attention_head_dim": cfg.head_dim, "cross_attn_norm": True, "eps": cfg.eps,
-            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "image_dim": None,
-            "in_channels": cfg.in_dim, "num_attention_heads": cfg.num_heads,
-            "num_layers": cfg.num_layers, "out_channels": cfg.out_dim, "patch_size": list(cfg.patch_size),
-            "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
-            "rope_max_seq_len": cfg.rope_max_seq_len, "text_dim": cfg.text_dim}
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "added_kv_proj_dim": None,
+        "attention_head_dim": cfg.head_dim,
+        "cross_attn_norm": True,
+        "eps": cfg.eps,
+        "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim,
+        "image_dim": None,
+        "in_channels": cfg.in_dim,
+        "num_attention_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "out_channels": cfg.out_dim,
+        "patch_size": list(cfg.patch_size),
+        "pos_embed_seq_len": None,
+        "qk_norm": "rms_norm_across_heads",
+        "rope_max_seq_len": cfg.rope_max_seq_len,
+        "text_dim": cfg.text_dim,
+    }

@@ -13,6 +13,7 @@ The diffusers layout's files are ``model_index.json`` (``boundary_ratio`` -> ``b
 shift, a frame count that is not 4n+1, ...); `apply_overrides` maps keyword arguments, including the diffusers names
 (``num_inference_steps``, ``height``/``width``, ``guidance_scale``/``guidance_scale_2``), onto a config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,10 +37,10 @@ class GenerationConfig:
     """
 
     num_frames: int = 81
-    max_area: Any = "480p"            # "480p" (480*832), "720p" (720*1280), "WxH" or an int area
+    max_area: Any = "480p"  # "480p" (480*832), "720p" (720*1280), "WxH" or an int area
     steps: int = 40
     shift: float = 5.0
-    guide_scale: tuple[float, float] = (3.5, 3.5)   # (low-noise expert, high-noise expert), as the official config
+    guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert), as the official config
     boundary: float = 0.900
     solver: str = "unipc"
     seed: int = 0
@@ -56,8 +57,9 @@ class GenerationConfig:
         return float(self.guide_scale[1])
 
     @classmethod
-    def create(cls, *, guidance_low: float | None = None, guidance_high: float | None = None,
-               **fields) -> "GenerationConfig":
+    def create(
+        cls, *, guidance_low: float | None = None, guidance_high: float | None = None, **fields
+    ) -> "GenerationConfig":
         """Build from field names plus the explicit guidance names (``guidance_low``, ``guidance_high``); an
         unknown name raises a ``TypeError`` listing the valid ones."""
         _check_names(fields, extra=("guidance_low", "guidance_high"))
@@ -115,8 +117,10 @@ class GenerationConfig:
                 if not finite(g):
                     problems.append(f"{name}: expected a finite number, got {g!r}")
         if not finite(self.boundary) or not 0.0 <= float(self.boundary) <= 1.0:
-            problems.append(f"boundary: expected a number in [0, 1] (fraction of the 1000 training timesteps), got "
-                            f"{self.boundary!r}")
+            problems.append(
+                f"boundary: expected a number in [0, 1] (fraction of the 1000 training timesteps), got "
+                f"{self.boundary!r}"
+            )
         if self.solver not in SOLVERS:
             problems.append(f"solver: expected one of {sorted(SOLVERS)}, got {self.solver!r}")
         if not is_int(self.seed):
@@ -125,8 +129,9 @@ class GenerationConfig:
             problems.append(f"fps: expected a finite number > 0, got {self.fps!r}")
         if problems:
             where = f"{source}: " if source else ""
-            raise ValueError(f"{where}invalid generation setting{'s' if len(problems) > 1 else ''}: "
-                             + "; ".join(problems))
+            raise ValueError(
+                f"{where}invalid generation setting{'s' if len(problems) > 1 else ''}: " + "; ".join(problems)
+            )
         return self
 
     def replace(self, **overrides) -> "GenerationConfig":
@@ -142,9 +147,11 @@ class GenerationConfig:
 
     def describe(self) -> str:
         """One line with the resolved settings, for the start of a long run."""
-        return (f"{self.num_frames} frames, size {self.max_area}, {self.steps} steps ({self.solver}, shift "
-                f"{self.shift:g}), guidance low {self.guidance_low:g} / high {self.guidance_high:g}, boundary "
-                f"{self.boundary:g}, seed {self.seed}, {self.fps} fps")
+        return (
+            f"{self.num_frames} frames, size {self.max_area}, {self.steps} steps ({self.solver}, shift "
+            f"{self.shift:g}), guidance low {self.guidance_low:g} / high {self.guidance_high:g}, boundary "
+            f"{self.boundary:g}, seed {self.seed}, {self.fps} fps"
+        )
 
 
 #: diffusers ``WanImageToVideoPipeline.__call__`` names accepted where they mean the same thing, and ours.
@@ -164,8 +171,10 @@ def valid_names() -> tuple[str, ...]:
     return names + tuple(k for k in DIFFUSERS_ALIASES if k not in names)
 
 
-_ALIAS_NOTE = ("diffusers names: num_inference_steps -> steps, height * width -> max_area, guidance_scale -> "
-               "guidance_high (and guidance_low if guidance_scale_2 is absent), guidance_scale_2 -> guidance_low")
+_ALIAS_NOTE = (
+    "diffusers names: num_inference_steps -> steps, height * width -> max_area, guidance_scale -> "
+    "guidance_high (and guidance_low if guidance_scale_2 is absent), guidance_scale_2 -> guidance_low"
+)
 
 
 def apply_overrides(gen: GenerationConfig, overrides: dict, *, also_valid: tuple[str, ...] = ()) -> GenerationConfig:
@@ -194,8 +203,9 @@ def apply_overrides(gen: GenerationConfig, overrides: dict, *, also_valid: tuple
 
     def take(ours: str, theirs: str):
         if ours in kw and theirs in kw:
-            raise TypeError(f"both {ours}={kw[ours]!r} and {theirs}={kw[theirs]!r} given; they set the same thing, "
-                            "pass one")
+            raise TypeError(
+                f"both {ours}={kw[ours]!r} and {theirs}={kw[theirs]!r} given; they set the same thing, pass one"
+            )
         return kw.pop(theirs) if theirs in kw else kw.pop(ours, None)
 
     steps = take("steps", "num_inference_steps")
@@ -206,20 +216,23 @@ def apply_overrides(gen: GenerationConfig, overrides: dict, *, also_valid: tuple
         raise TypeError(f"height and width go together (max_area = height * width), got height={h!r}, width={w!r}")
     if h is not None:
         if "max_area" in kw:
-            raise TypeError(f"both max_area={kw['max_area']!r} and height/width given; they set the same thing, pass "
-                            "one")
+            raise TypeError(
+                f"both max_area={kw['max_area']!r} and height/width given; they set the same thing, pass one"
+            )
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (h, w)):
             raise ValueError(f"height and width: expected positive integers, got height={h!r}, width={w!r}")
         kw["max_area"] = int(h) * int(w)
     g_high = take("guidance_high", "guidance_scale")
     g_low = take("guidance_low", "guidance_scale_2")
     if "guidance_scale" in overrides and overrides["guidance_scale"] is not None and g_low is None:
-        g_low = g_high                                   # diffusers: guidance_scale_2 defaults to guidance_scale
+        g_low = g_high  # diffusers: guidance_scale_2 defaults to guidance_scale
     gs = kw.pop("guide_scale", None)
     if gs is not None:
         if g_low is not None or g_high is not None:
-            raise TypeError("guide_scale=(low, high) together with guidance_low/guidance_high/guidance_scale; pass "
-                            "either the pair or the explicit names")
+            raise TypeError(
+                "guide_scale=(low, high) together with guidance_low/guidance_high/guidance_scale; pass "
+                "either the pair or the explicit names"
+            )
         if isinstance(gs, (int, float)) and not isinstance(gs, bool):
             gs = (gs, gs)
         if not (isinstance(gs, (tuple, list)) and len(gs) == 2):
@@ -234,7 +247,7 @@ def _num(v):
     try:
         return float(v)
     except (TypeError, ValueError):
-        return v                                          # left for validate() to name
+        return v  # left for validate() to name
 
 
 def read_diffusers_defaults(model_dir: str | os.PathLike) -> dict:
@@ -243,8 +256,10 @@ def read_diffusers_defaults(model_dir: str | os.PathLike) -> dict:
     file or a non-finite / out-of-range value raises ``ValueError`` naming the file and key."""
     out: dict[str, Any] = {}
     d = os.fspath(model_dir)
-    for rel, key, field in (("model_index.json", "boundary_ratio", "boundary"),
-                            (os.path.join("scheduler", "scheduler_config.json"), "flow_shift", "shift")):
+    for rel, key, field in (
+        ("model_index.json", "boundary_ratio", "boundary"),
+        (os.path.join("scheduler", "scheduler_config.json"), "flow_shift", "shift"),
+    ):
         path = os.path.join(d, rel)
         if not os.path.isfile(path):
             continue
@@ -294,7 +309,7 @@ def read_generation_config(model_dir: str | os.PathLike) -> dict:
     out: dict[str, Any] = {}
     valid = _field_names() + ("guidance_low", "guidance_high")
     for k, v in raw.items():
-        if k.startswith("_"):                     # comments / provenance, e.g. "_note"
+        if k.startswith("_"):  # comments / provenance, e.g. "_note"
             continue
         if k not in valid:
             raise ValueError(f"{path}: unknown key {k!r}; expected some of {', '.join(valid)}")

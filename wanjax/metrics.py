@@ -7,6 +7,7 @@ with ``axis``, which return float64 arrays.
 Videos are ``[F, H, W, C]`` (or one image ``[H, W, C]``), uint8 (peak 255) or float with an explicit
 ``data_range``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -84,12 +85,13 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 
 def _filter(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """'valid' separable filtering of ``x [N, H, W, C]`` over H and W."""
-    x = sliding_window_view(x, g.size, axis=1) @ g          # [N, H', W, C]
-    return sliding_window_view(x, g.size, axis=2) @ g       # [N, H', W', C]
+    x = sliding_window_view(x, g.size, axis=1) @ g  # [N, H', W, C]
+    return sliding_window_view(x, g.size, axis=2) @ g  # [N, H', W', C]
 
 
-def ssim(a, b, data_range: float | None = None, win_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
-         k2: float = 0.03) -> float:
+def ssim(
+    a, b, data_range: float | None = None, win_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
+) -> float:
     """Mean SSIM over frames, channels and 'valid' window positions (Gaussian window 11 / 1.5, K1 0.01, K2 0.03,
     population statistics: the Wang et al. 2004 definition). Frames must be at least ``win_size`` on each side."""
     a, b = _check(a, b, "ssim")

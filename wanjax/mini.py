@@ -4,6 +4,7 @@ The mini Wan2.2 MoE (official layout, ~36 MB; model card ``models/mini/README.md
 ``models/mini`` folder. The wheel ships the same files as the data package ``wanjax.assets`` (``wanjax/assets/mini``),
 so a plain ``pip install`` has it too. `mini_model_path` finds it in either place; ``WANJAX_MINI_MODEL`` overrides.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,10 +18,12 @@ _MARKER = os.path.join("high_noise_model", "config.json")
 
 def _candidates() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
-    out = [os.path.join(here, "assets", "mini"),                         # installed wheel
-           os.path.join(os.path.dirname(here), "models", "mini")]        # source checkout / editable install
+    out = [
+        os.path.join(here, "assets", "mini"),  # installed wheel
+        os.path.join(os.path.dirname(here), "models", "mini"),
+    ]  # source checkout / editable install
     try:
-        spec = importlib.util.find_spec("wanjax.assets")                  # editable install: mapped to models/
+        spec = importlib.util.find_spec("wanjax.assets")  # editable install: mapped to models/
     except (ImportError, ValueError):
         spec = None
     for loc in (spec.submodule_search_locations or []) if spec is not None else []:
@@ -49,4 +52,5 @@ def mini_model_path() -> str:
     raise FileNotFoundError(
         "the wanjax mini model was not found (looked in " + ", ".join(tried) + "). It ships in the wheel and in the "
         "repository's models/mini; this install has neither (a source install without models/?). Clone the "
-        f"repository and `pip install` it, or point ${MINI_MODEL_ENV} at a copy of models/mini.")
+        f"repository and `pip install` it, or point ${MINI_MODEL_ENV} at a copy of models/mini."
+    )

@@ -6,6 +6,7 @@ callback already synchronises for the progress bar); nothing is checked per laye
 `locate_nonfinite` re-runs that step's forward stage by stage (embeddings, each block, the head, the guidance) and,
 inside the first failing block, every linear layer, to name e.g. ``blocks.3.ffn.fc1``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,16 @@ class NonFiniteError(RuntimeError):
     output was non-finite in a re-run of that step, e.g. ``"blocks.3.ffn.fc1"``).
     """
 
-    def __init__(self, message: str, *, stage: str | None = None, expert: str | None = None, step: int | None = None,
-                 t: int | None = None, layer: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str | None = None,
+        expert: str | None = None,
+        step: int | None = None,
+        t: int | None = None,
+        layer: str | None = None,
+    ):
         super().__init__(message)
         self.stage, self.expert, self.step, self.t, self.layer = stage, expert, step, t, layer
 
@@ -59,15 +68,17 @@ def nonfinite_param_names(params) -> list[str]:
     bad = nonfinite_leaves(params)
     if not bad:
         return []
-    leaves = {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     out = []
     for path in bad:
         name = _dotted(path)
         leaf = leaves.get(path)
         if name.startswith("blocks.") and leaf is not None and getattr(leaf, "ndim", 0) >= 1:
             flags = np.asarray(jax.device_get(jnp.any(~jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)))
-            out += [f"blocks.{i}.{name[len('blocks.'):]}" for i in np.flatnonzero(flags)]
+            out += [f"blocks.{i}.{name[len('blocks.') :]}" for i in np.flatnonzero(flags)]
         else:
             out.append(name)
     return out
@@ -81,8 +92,11 @@ def check_finite_params(params, what: str) -> None:
         from wanjax.io.errors import CheckpointError
 
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise CheckpointError(f"{what}: non-finite weights (NaN/Inf) in {shown}; the checkpoint is corrupt or was "
-                              "saved after a diverged update", problems=[f"{what}: {b}" for b in bad])
+        raise CheckpointError(
+            f"{what}: non-finite weights (NaN/Inf) in {shown}; the checkpoint is corrupt or was "
+            "saved after a diverged update",
+            problems=[f"{what}: {b}" for b in bad],
+        )
 
 
 def _block_detail(block, i: int, h, e0, ctx_e, rope, block_params) -> tuple[str, str]:
@@ -95,7 +109,7 @@ def _block_detail(block, i: int, h, e0, ctx_e, rope, block_params) -> tuple[str,
     def record(mod, x):
         y = Linear.apply_default(mod, x)
         path = getattr(mod, "path", "") or "linear"
-        name = f"blocks.{i}.{path[len('blocks.'):]}" if path.startswith("blocks.") else path
+        name = f"blocks.{i}.{path[len('blocks.') :]}" if path.startswith("blocks.") else path
         calls.append((name, all_finite(x), all_finite(y)))
         return y
 
@@ -115,8 +129,7 @@ def _block_detail(block, i: int, h, e0, ctx_e, rope, block_params) -> tuple[str,
     return f"blocks.{i}", "; ".join(x for x in ("after its linear layers: modulation, norm or residual", pnote) if x)
 
 
-def locate_nonfinite(graphdef, params, x, y, ctx, t, guide,
-                     context: Callable | None = None) -> tuple[str, str] | None:
+def locate_nonfinite(graphdef, params, x, y, ctx, t, guide, context: Callable | None = None) -> tuple[str, str] | None:
     """Re-run the guided forward of one expert at ``(x, t)`` stage by stage and name the first stage whose output is
     non-finite: ``(layer, detail)`` with ``layer`` one of ``"input latent"``, ``"image condition (...)"``,
     ``"text context (...)"``, ``"patch_embedding"``, ``"time_embedding"``, ``"time_projection"``,
@@ -135,8 +148,11 @@ def locate_nonfinite(graphdef, params, x, y, ctx, t, guide,
 
     model = nnx.merge(graphdef, params)
     x = jnp.asarray(x, F32)
-    for name, a in (("input latent", x), ("image condition (VAE encoder output)", y),
-                    ("text context (text encoder output)", ctx)):
+    for name, a in (
+        ("input latent", x),
+        ("image condition (VAE encoder output)", y),
+        ("text context (text encoder output)", ctx),
+    ):
         if not all_finite(a):
             return name, ""
     cm = context() if context is not None else contextlib.nullcontext()

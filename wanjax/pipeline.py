@@ -16,6 +16,7 @@ applies keyword overrides: `GenerationConfig` fields, ``guidance_low`` / ``guida
 are validated before any work (`GenerationConfig.validate`); a NaN/Inf in the latent stops the loop with a
 `NonFiniteError` naming the expert, the step and the first layer that produced it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,9 +93,19 @@ class WanI2VPipeline:
         57 GB, on an 80 GB card), else "device". Ignored (always "device") with a mesh.
     """
 
-    def __init__(self, high: WanDiT, low: WanDiT, vae, text_encoder=None, tokenizer=None, *,
-                 release_text_encoder: bool = False, mesh=None, attention_mode: str = "auto",
-                 expert_placement: str = "auto"):
+    def __init__(
+        self,
+        high: WanDiT,
+        low: WanDiT,
+        vae,
+        text_encoder=None,
+        tokenizer=None,
+        *,
+        release_text_encoder: bool = False,
+        mesh=None,
+        attention_mode: str = "auto",
+        expert_placement: str = "auto",
+    ):
         g_high, self._params_high = nnx.split(high)
         g_low, self._params_low = nnx.split(low)
         if g_high != g_low:
@@ -114,7 +125,7 @@ class WanI2VPipeline:
         self.swaps = 0
         self._resident = "high"
         if self.expert_placement == "swap":
-            self._params_low = jax.device_get(self._params_low)        # host memory until the boundary
+            self._params_low = jax.device_get(self._params_low)  # host memory until the boundary
         #: Settings `generate` starts from (`from_pretrained` reads the model's own; else the official defaults).
         self.generation_defaults = GenerationConfig()
         #: The local model directory `from_pretrained` loaded (a Hub snapshot for a repo id); None otherwise.
@@ -166,7 +177,7 @@ class WanI2VPipeline:
         if placement != "auto":
             return placement
         limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-        if not limit:                                  # CPU: host memory is the device memory
+        if not limit:  # CPU: host memory is the device memory
             return "device"
         need = sum(x.nbytes for x in jax.tree.leaves((self._params_high, self._params_low)))
         return "swap" if need > 0.6 * limit else "device"
@@ -183,8 +194,16 @@ class WanI2VPipeline:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.bfloat16, *, revision: str | None = None,
-                        cache_dir: str | None = None, progress: bool = False, **kw) -> "WanI2VPipeline":
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype=jnp.bfloat16,
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        progress: bool = False,
+        **kw,
+    ) -> "WanI2VPipeline":
         """Load a pipeline from a model directory or a Hugging Face Hub repo id.
 
         ``path_or_repo_id``: a local directory in the official layout (``high_noise_model/``, ``low_noise_model/``,
@@ -208,11 +227,21 @@ class WanI2VPipeline:
         path = resolve_model_dir(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         layout = model_layout(path)
         if layout == "official":
-            parts = {"high": "high_noise_model", "low": "low_noise_model", "vae": "Wan2.1_VAE.pth",
-                     "t5": "models_t5_umt5-xxl-enc-bf16.pth", "tok": os.path.join("google", "umt5-xxl")}
+            parts = {
+                "high": "high_noise_model",
+                "low": "low_noise_model",
+                "vae": "Wan2.1_VAE.pth",
+                "t5": "models_t5_umt5-xxl-enc-bf16.pth",
+                "tok": os.path.join("google", "umt5-xxl"),
+            }
         else:
-            parts = {"high": "transformer", "low": "transformer_2", "vae": "vae", "t5": "text_encoder",
-                     "tok": "tokenizer"}
+            parts = {
+                "high": "transformer",
+                "low": "transformer_2",
+                "vae": "vae",
+                "t5": "text_encoder",
+                "tok": "tokenizer",
+            }
         p = {k: os.path.join(path, v) for k, v in parts.items()}
         missing = [parts[k] for k, v in p.items() if not os.path.exists(v)]
         if missing:
@@ -220,9 +249,12 @@ class WanI2VPipeline:
         defaults = GenerationConfig.for_model(path).validate(source=f"{path} (generation defaults)")
         what = {"high": "high-noise expert", "low": "low-noise expert", "vae": "VAE", "t5": "text encoder"}
         loaded = {}
-        for k, fn in (("high", lambda q: load_dit(q, dtype=dtype)), ("low", lambda q: load_dit(q, dtype=dtype)),
-                      ("vae", lambda q: load_vae(q, dtype=dtype)),
-                      ("t5", lambda q: load_t5_encoder(q, dtype=dtype, param_dtype=dtype))):
+        for k, fn in (
+            ("high", lambda q: load_dit(q, dtype=dtype)),
+            ("low", lambda q: load_dit(q, dtype=dtype)),
+            ("vae", lambda q: load_vae(q, dtype=dtype)),
+            ("t5", lambda q: load_t5_encoder(q, dtype=dtype, param_dtype=dtype)),
+        ):
             with _stage(f"loading {what[k]} ({parts[k]})", progress):
                 loaded[k] = fn(p[k])
                 check_finite_params(nnx.state(loaded[k], nnx.Param), f"{p[k]}: {what[k]}")
@@ -238,8 +270,9 @@ class WanI2VPipeline:
         from wanjax.text import encode_prompts
 
         if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this pipeline has no text encoder/tokenizer (released or never loaded): pass "
-                               "`context=` to generate()")
+            raise RuntimeError(
+                "this pipeline has no text encoder/tokenizer (released or never loaded): pass `context=` to generate()"
+            )
         ctx, _ = encode_prompts(self.text_encoder, self.tokenizer, list(prompts), pad_to=self.cfg.text_len)
         if self.release_text_encoder:
             self.text_encoder = None
@@ -252,22 +285,30 @@ class WanI2VPipeline:
         `NonFiniteError` if the VAE encoder gives NaN/Inf."""
         from wanjax.model.vae import encode_video
 
-        img = conditioning.preprocess_image(image, max_area)                  # [H, W, 3] in [-1, 1]
-        video = conditioning.i2v_video(img, num_frames)                       # [F, H, W, 3]
-        lat = encode_video(self.vae, jnp.asarray(video)[None])               # [1, F_lat, h, w, 16]
+        img = conditioning.preprocess_image(image, max_area)  # [H, W, 3] in [-1, 1]
+        video = conditioning.i2v_video(img, num_frames)  # [F, H, W, 3]
+        lat = encode_video(self.vae, jnp.asarray(video)[None])  # [1, F_lat, h, w, 16]
         mask = conditioning.i2v_mask(num_frames, lat.shape[2], lat.shape[3])
         y = conditioning.concat_condition(jnp.asarray(mask), lat).astype(jnp.float32)
         if not all_finite(y):
-            raise NonFiniteError("the VAE encoder produced NaN/Inf from the image (check the VAE weights)",
-                                 stage="vae_encode")
+            raise NonFiniteError(
+                "the VAE encoder produced NaN/Inf from the image (check the VAE weights)", stage="vae_encode"
+            )
         return y, img.shape[:2]
 
     def expert_for(self, t: int, boundary: float) -> str:
         """``"high"`` if ``t >= boundary * num_train_timesteps`` else ``"low"`` (as the official code)."""
         return "high" if t >= boundary * self.cfg.num_train_timesteps else "low"
 
-    def denoise(self, y: jax.Array, context: jax.Array, gen: GenerationConfig, noise: jax.Array | None = None,
-                progress: bool = True, velocity_fn: Callable | None = None) -> tuple[jax.Array, list[str]]:
+    def denoise(
+        self,
+        y: jax.Array,
+        context: jax.Array,
+        gen: GenerationConfig,
+        noise: jax.Array | None = None,
+        progress: bool = True,
+        velocity_fn: Callable | None = None,
+    ) -> tuple[jax.Array, list[str]]:
         """The denoise loop: official FlowUniPC/Euler schedule, expert switch at the boundary, CFG per expert.
 
         ``context``: [2, L, D] (positive, negative). ``noise``: the starting latent [1, F_lat, h, w, 16] (drawn from
@@ -281,8 +322,11 @@ class WanI2VPipeline:
         """
         sched = flow_schedule(gen.steps, shift=gen.shift)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
-        x = jax.random.normal(jax.random.key(gen.seed), shape, jnp.float32) if noise is None \
+        x = (
+            jax.random.normal(jax.random.key(gen.seed), shape, jnp.float32)
+            if noise is None
             else jnp.asarray(noise, jnp.float32)
+        )
         if x.shape != shape:
             raise ValueError(f"noise shape {x.shape} does not match the latent shape {shape}")
         if noise is not None and not all_finite(x):
@@ -298,13 +342,13 @@ class WanI2VPipeline:
             experts.append(name)
             params = self.expert_params(name)
             guide = guide_high if name == "high" else guide_low
-            inputs.update(x=x, guide=guide)                    # kept (no copy, no sync) for the failure report
+            inputs.update(x=x, guide=guide)  # kept (no copy, no sync) for the failure report
             if velocity_fn is not None:
                 return velocity_fn(name, params, x, y, context, jnp.float32(t), jnp.float32(guide))
             return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
 
         def callback(i, t, x):
-            if not all_finite(x):                              # the one sync per step (the bar needed it anyway)
+            if not all_finite(x):  # the one sync per step (the bar needed it anyway)
                 if bar is not None:
                     bar.close()
                 self._raise_nonfinite(i, t, experts[-1], inputs["x"], y, context, inputs["guide"], gen)
@@ -323,15 +367,16 @@ class WanI2VPipeline:
         """Locate the first non-finite stage of step ``i`` (a debug re-run of that forward) and raise."""
         cm = None
         bins = getattr(self, "quant_bins", None)
-        if bins is not None:                                   # quantized experts need their timestep bin active
+        if bins is not None:  # quantized experts need their timestep bin active
             from wanjax.quant.qlinear import active_bin
 
             cm = lambda: active_bin(bins.local_lookup(jnp.float32(t)))  # noqa: E731
         note, layer = "", None
         try:
-            found = locate_nonfinite(self.graphdef, self.expert_params(name), x, y, context, jnp.float32(t),
-                                     jnp.float32(guide), context=cm)
-        except Exception as e:                                 # the report must not hide the original failure
+            found = locate_nonfinite(
+                self.graphdef, self.expert_params(name), x, y, context, jnp.float32(t), jnp.float32(guide), context=cm
+            )
+        except Exception as e:  # the report must not hide the original failure
             found, note = None, f"; the layer could not be located ({type(e).__name__}: {e})"
         if found is not None:
             layer, detail = found
@@ -341,29 +386,50 @@ class WanI2VPipeline:
         else:
             where = "source unknown"
         expert = "high-noise" if name == "high" else "low-noise"
-        raise NonFiniteError(f"non-finite latent (NaN/Inf) after denoise step {i + 1} of {gen.steps} (index {i}, "
-                             f"t={t}, {expert} expert '{name}'): {where}{note}", stage="denoise", expert=name, step=i,
-                             t=int(t), layer=layer)
+        raise NonFiniteError(
+            f"non-finite latent (NaN/Inf) after denoise step {i + 1} of {gen.steps} (index {i}, "
+            f"t={t}, {expert} expert '{name}'): {where}{note}",
+            stage="denoise",
+            expert=name,
+            step=i,
+            t=int(t),
+            layer=layer,
+        )
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE); `NonFiniteError`
         if the result holds NaN/Inf."""
         from wanjax.model.vae import decode_video
 
-        if self.mesh is not None:          # latents live on the mesh; the VAE runs on one device
+        if self.mesh is not None:  # latents live on the mesh; the VAE runs on one device
             latents = jax.device_put(latents, jax.tree.leaves(nnx.state(self.vae))[0].sharding)
         video = decode_video(self.vae, latents)[0]
         if not all_finite(video):
-            raise NonFiniteError("the VAE decoder produced NaN/Inf" + (" from finite latents (check the VAE weights)"
-                                 if all_finite(latents) else " (its input latents are not finite)"),
-                                 stage="vae_decode")
+            raise NonFiniteError(
+                "the VAE decoder produced NaN/Inf"
+                + (
+                    " from finite latents (check the VAE weights)"
+                    if all_finite(latents)
+                    else " (its input latents are not finite)"
+                ),
+                stage="vae_decode",
+            )
         return video
 
     # ---------------------------------------------------------------- all together
-    def generate(self, image, prompt: str | None = None, negative_prompt: str | None = None,
-                 gen: GenerationConfig | None = None, *, context: jax.Array | None = None,
-                 noise: jax.Array | None = None, progress: bool = True, output_type: str | None = None,
-                 **overrides) -> I2VOutput:
+    def generate(
+        self,
+        image,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        gen: GenerationConfig | None = None,
+        *,
+        context: jax.Array | None = None,
+        noise: jax.Array | None = None,
+        progress: bool = True,
+        output_type: str | None = None,
+        **overrides,
+    ) -> I2VOutput:
         """Generate a video from an image (path, PIL image in any mode, or a uint8 array) and a prompt.
 
         Settings: ``gen`` (default ``self.generation_defaults``, the model's own) updated by ``overrides``: any
@@ -381,19 +447,22 @@ class WanI2VPipeline:
         VAE encode, VAE decode) and a progress bar for the denoise loop. Raises `NonFiniteError` if a NaN/Inf appears.
         """
         if "generator" in overrides:
-            raise TypeError("generator= (a torch.Generator in diffusers) is not supported: wanjax draws the noise with "
-                            "jax.random from an integer seed; pass seed=<int> (or noise=<latent>)")
+            raise TypeError(
+                "generator= (a torch.Generator in diffusers) is not supported: wanjax draws the noise with "
+                "jax.random from an integer seed; pass seed=<int> (or noise=<latent>)"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {list(OUTPUT_TYPES)}, got {output_type!r}")
-        gen = apply_overrides(gen if gen is not None else self.generation_defaults, overrides,
-                              also_valid=GENERATE_ARGS).validate()
+        gen = apply_overrides(
+            gen if gen is not None else self.generation_defaults, overrides, also_valid=GENERATE_ARGS
+        ).validate()
         if context is None and prompt is None:
             raise ValueError("generate() needs a prompt (or a precomputed context)")
         for name, arr in (("context", context), ("noise", noise)):
             if arr is not None and not all_finite(jnp.asarray(arr)):
                 raise ValueError(f"{name}: contains NaN or Inf")
         if isinstance(image, (str, os.PathLike)):
-            image = conditioning.load_image(image)             # a bad file fails here, before any model runs
+            image = conditioning.load_image(image)  # a bad file fails here, before any model runs
         conditioning.i2v_size(conditioning.image_to_array(image).shape[:2], gen.max_area)
         times = {}
         t0 = time.perf_counter()
@@ -418,8 +487,14 @@ class WanI2VPipeline:
             frames = _format_frames(np.asarray(video), output_type)
             times["vae_decode"] = time.perf_counter() - t0
         sched = flow_schedule(gen.steps, shift=gen.shift)
-        return I2VOutput(frames=frames, latents=np.asarray(latents), timesteps=np.asarray(sched.timesteps),
-                         experts=experts, seconds=times, gen=gen)
+        return I2VOutput(
+            frames=frames,
+            latents=np.asarray(latents),
+            timesteps=np.asarray(sched.timesteps),
+            experts=experts,
+            seconds=times,
+            gen=gen,
+        )
 
     def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, **kw):
         """``pipe(image, prompt, ...)``: `generate` returning only the frames (uint8 [F, H, W, 3] by default), or
@@ -436,8 +511,9 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(name)) and ".." not in name and "--" not in name and not name.endswith(".git")
 
 
-def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
-                      cache_dir: str | None = None) -> str:
+def resolve_model_dir(
+    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
+) -> str:
     """A local model directory for ``path_or_repo_id``: the path itself if it exists, else a Hub snapshot
     (``huggingface_hub.snapshot_download``) when it looks like ``"org/name"``. Raises ``FileNotFoundError`` naming
     the path / repo id and the cause (no such directory; not a directory; download failed: offline, unknown repo,
@@ -449,21 +525,27 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | Non
     if os.path.exists(path):
         raise FileNotFoundError(f"{path}: is a file; expected a model directory (official or diffusers layout)")
     if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"{path}: no such directory; expected a model directory in the official layout "
-                                "(high_noise_model/, low_noise_model/, ...) or the diffusers layout (transformer/, "
-                                "transformer_2/, ...), or a Hugging Face repo id 'org/name'")
+        raise FileNotFoundError(
+            f"{path}: no such directory; expected a model directory in the official layout "
+            "(high_noise_model/, low_noise_model/, ...) or the diffusers layout (transformer/, "
+            "transformer_2/, ...), or a Hugging Face repo id 'org/name'"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise FileNotFoundError(f"{name!r}: not a local directory, and downloading it as a Hugging Face repo id needs "
-                                "huggingface_hub (pip install huggingface_hub)") from e
+        raise FileNotFoundError(
+            f"{name!r}: not a local directory, and downloading it as a Hugging Face repo id needs "
+            "huggingface_hub (pip install huggingface_hub)"
+        ) from e
     try:
         return snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir)
-    except Exception as e:                                    # network, auth, unknown repo or revision, offline mode
-        raise FileNotFoundError(f"{name!r}: not a local directory, and downloading it from the Hugging Face Hub "
-                                f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (check the "
-                                "repo id, the network / HF_HUB_OFFLINE, and a token for gated repos; or pass a local "
-                                "directory)") from e
+    except Exception as e:  # network, auth, unknown repo or revision, offline mode
+        raise FileNotFoundError(
+            f"{name!r}: not a local directory, and downloading it from the Hugging Face Hub "
+            f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (check the "
+            "repo id, the network / HF_HUB_OFFLINE, and a token for gated repos; or pass a local "
+            "directory)"
+        ) from e
 
 
 def model_layout(path: str) -> str:
@@ -472,15 +554,19 @@ def model_layout(path: str) -> str:
     official = [d for d in ("high_noise_model", "low_noise_model") if os.path.isdir(os.path.join(path, d))]
     diffusers = [d for d in ("transformer", "transformer_2") if os.path.isdir(os.path.join(path, d))]
     if official and diffusers:
-        raise ValueError(f"{path}: holds two model layouts, the official one ({', '.join(d + '/' for d in official)}) "
-                         f"and the diffusers one ({', '.join(d + '/' for d in diffusers)}); cannot tell which to "
-                         "load: move one of them to its own directory")
+        raise ValueError(
+            f"{path}: holds two model layouts, the official one ({', '.join(d + '/' for d in official)}) "
+            f"and the diffusers one ({', '.join(d + '/' for d in diffusers)}); cannot tell which to "
+            "load: move one of them to its own directory"
+        )
     if official:
         return "official"
     if diffusers:
         return "diffusers"
-    raise FileNotFoundError(f"{path}: expected the official layout (high_noise_model/, low_noise_model/, ...) or the "
-                            "diffusers layout (transformer/, transformer_2/, ...); found neither")
+    raise FileNotFoundError(
+        f"{path}: expected the official layout (high_noise_model/, low_noise_model/, ...) or the "
+        "diffusers layout (transformer/, transformer_2/, ...); found neither"
+    )
 
 
 def _format_frames(video: np.ndarray, output_type: str | None):

@@ -15,6 +15,7 @@ Pieces (see docs/SHARDING.md):
   cross-attention with the query sharded and the (512 text token) keys/values replicated.
 * `constrain_batch` - shard a batch (CFG's (cond, uncond) pair) over ("data", "fsdp").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,20 +28,56 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from wanjax.model.attention import attention_hook
 from wanjax.parallel.mesh import AXES, axis_size, batch_axes, make_mesh
 from wanjax.parallel.ring import ring_attention
-from wanjax.parallel.rules import (LOGICAL_AXIS_RULES, activation_spec, bytes_per_device, logical_to_spec,
-                                   param_logical_axes, param_shardings, param_specs, shard_params)
+from wanjax.parallel.rules import (
+    LOGICAL_AXIS_RULES,
+    activation_spec,
+    bytes_per_device,
+    logical_to_spec,
+    param_logical_axes,
+    param_shardings,
+    param_specs,
+    shard_params,
+)
 from wanjax.parallel.ulysses import sharded_cross_attention, ulysses_attention, ulysses_heads_ok
 
-__all__ = ["AXES", "LOGICAL_AXIS_RULES", "MODES", "activation_spec", "axis_size", "batch_axes", "bytes_per_device",
-           "constrain_batch", "logical_to_spec", "make_mesh", "param_logical_axes", "param_shardings",
-           "param_specs", "replicate", "ring_attention", "sequence_parallel", "sequence_parallel_attention",
-           "shard_dit", "shard_params", "sharded_cross_attention", "ulysses_attention", "ulysses_heads_ok"]
+__all__ = [
+    "AXES",
+    "LOGICAL_AXIS_RULES",
+    "MODES",
+    "activation_spec",
+    "axis_size",
+    "batch_axes",
+    "bytes_per_device",
+    "constrain_batch",
+    "logical_to_spec",
+    "make_mesh",
+    "param_logical_axes",
+    "param_shardings",
+    "param_specs",
+    "replicate",
+    "ring_attention",
+    "sequence_parallel",
+    "sequence_parallel_attention",
+    "shard_dit",
+    "shard_params",
+    "sharded_cross_attention",
+    "ulysses_attention",
+    "ulysses_heads_ok",
+]
 
 MODES = ("auto", "ulysses", "ring")
 
 
-def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *, mode: str = "auto",
-                                backend: str | None = None, ring_block: int = 1024) -> jax.Array:
+def sequence_parallel_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mesh: Mesh,
+    *,
+    mode: str = "auto",
+    backend: str | None = None,
+    ring_block: int = 1024,
+) -> jax.Array:
     """Attention over [B, S, N, D] with tokens sharded over ``context``.
 
     Self-attention (equal q/kv lengths): ``mode="ulysses"``, ``"ring"``, or ``"auto"`` (Ulysses when the heads
@@ -104,8 +141,9 @@ def _on_mesh(a, mesh: Mesh) -> bool:
     return s is not None and s.device_set == set(mesh.devices.flat)
 
 
-def sharded_velocity(velocity_fn: Callable, graphdef, mesh: Mesh, *, mode: str = "auto",
-                     backend: str | None = None) -> Callable:
+def sharded_velocity(
+    velocity_fn: Callable, graphdef, mesh: Mesh, *, mode: str = "auto", backend: str | None = None
+) -> Callable:
     """Jit a guided-velocity function ``velocity_fn(graphdef, params, x, y, ctx, t, guide, constrain=...)`` for
     ``mesh`` (used by `wanjax.pipeline.WanI2VPipeline` when given ``mesh=``).
 

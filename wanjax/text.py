@@ -12,6 +12,7 @@ The DiT side zero-pads the context to ``text_len`` (512); `encode_prompts` can d
 
 Public API: `clean_prompt`, `PromptTokenizer`, `TokenizedPrompts`, `find_tokenizer_dir`, `encode_prompts`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,11 +55,14 @@ def clean_prompt(text: str, mode: str | None = "whitespace") -> str:
         raise ValueError(f"clean_prompt: mode must be 'whitespace', 'lower' or None, got {mode!r}")
     try:
         import ftfy
+
         text = ftfy.fix_text(text)
     except ImportError:
         if not _warned_ftfy:
-            log.warning("ftfy is not installed: prompts are cleaned without ftfy.fix_text (the official code "
-                        "applies it); install ftfy for exact parity on broken unicode")
+            log.warning(
+                "ftfy is not installed: prompts are cleaned without ftfy.fix_text (the official code "
+                "applies it); install ftfy for exact parity on broken unicode"
+            )
             _warned_ftfy = True
     text = html.unescape(html.unescape(text)).strip()
     text = _WHITESPACE.sub(" ", text).strip()
@@ -112,6 +116,7 @@ class PromptTokenizer:
         self._hf = None
         if os.path.isfile(tj):
             from tokenizers import Tokenizer
+
             tok = Tokenizer.from_file(tj)
             pad_id = tok.padding["pad_id"] if tok.padding else tok.token_to_id("<pad>")
             if pad_id is None:
@@ -125,8 +130,9 @@ class PromptTokenizer:
             try:
                 from transformers import AutoTokenizer
             except ImportError:
-                raise ImportError(f"{folder}: has no tokenizer.json, and reading spiece.model needs transformers "
-                                  "(not installed)") from None
+                raise ImportError(
+                    f"{folder}: has no tokenizer.json, and reading spiece.model needs transformers (not installed)"
+                ) from None
             self._hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self._tok = None
             self.pad_id = int(self._hf.pad_token_id)
@@ -140,8 +146,9 @@ class PromptTokenizer:
             raise ValueError("PromptTokenizer: got an empty list of prompts")
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
-            raise TypeError(f"PromptTokenizer: prompts must be strings; item {bad[0]} is "
-                            f"{type(prompts[bad[0]]).__name__}")
+            raise TypeError(
+                f"PromptTokenizer: prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}"
+            )
         texts = [clean_prompt(p, self.clean) for p in prompts]
         if self._tok is not None:
             encs = self._tok.encode_batch(texts, add_special_tokens=True)
@@ -149,21 +156,29 @@ class PromptTokenizer:
             mask = np.array([e.attention_mask for e in encs], dtype=np.int32)
             truncated = np.array([len(e.overflowing) > 0 for e in encs])
         else:
-            out = self._hf(texts, padding="max_length", truncation=True, max_length=self.text_len,
-                           add_special_tokens=True, return_attention_mask=True,
-                           return_overflowing_tokens=False, return_length=False)
+            out = self._hf(
+                texts,
+                padding="max_length",
+                truncation=True,
+                max_length=self.text_len,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_overflowing_tokens=False,
+                return_length=False,
+            )
             ids = np.asarray(out["input_ids"], dtype=np.int32)
             mask = np.asarray(out["attention_mask"], dtype=np.int32)
             full = self._hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
             truncated = np.array([len(f) > self.text_len for f in full])
         if ids.shape != (len(texts), self.text_len):
-            raise RuntimeError(f"PromptTokenizer: tokenizer returned ids of shape {ids.shape}, expected "
-                               f"{(len(texts), self.text_len)}")
+            raise RuntimeError(
+                f"PromptTokenizer: tokenizer returned ids of shape {ids.shape}, expected {(len(texts), self.text_len)}"
+            )
         for i in np.flatnonzero(truncated):
-            log.warning("prompt %d is longer than %d tokens and was truncated (as the reference does)",
-                        i, self.text_len)
-        return TokenizedPrompts(ids=ids, mask=mask, lengths=mask.sum(axis=1).astype(np.int32),
-                                truncated=truncated)
+            log.warning(
+                "prompt %d is longer than %d tokens and was truncated (as the reference does)", i, self.text_len
+            )
+        return TokenizedPrompts(ids=ids, mask=mask, lengths=mask.sum(axis=1).astype(np.int32), truncated=truncated)
 
 
 @nnx.jit
@@ -171,8 +186,9 @@ def _run_encoder(model, ids, mask):
     return model(ids, mask)
 
 
-def encode_prompts(encoder, tokenizer: PromptTokenizer, prompts: str | Sequence[str], *,
-                   pad_to: int | None = None) -> tuple[jax.Array, np.ndarray]:
+def encode_prompts(
+    encoder, tokenizer: PromptTokenizer, prompts: str | Sequence[str], *, pad_to: int | None = None
+) -> tuple[jax.Array, np.ndarray]:
     """Encode prompts -> (context [B, L, dim], lengths [B]).
 
     The encoder runs on ids padded to ``tokenizer.text_len`` (fixed shape, one compilation). Row ``b`` of the
@@ -186,7 +202,7 @@ def encode_prompts(encoder, tokenizer: PromptTokenizer, prompts: str | Sequence[
     length = lmax if pad_to is None else int(pad_to)
     if length < lmax:
         raise ValueError(f"encode_prompts: pad_to={pad_to} is shorter than the longest prompt ({lmax} tokens)")
-    keep = (np.arange(out.shape[1])[None, :] < tok.lengths[:, None])
+    keep = np.arange(out.shape[1])[None, :] < tok.lengths[:, None]
     ctx = jnp.where(jnp.asarray(keep)[:, :, None], out, jnp.zeros((), out.dtype))
     if length <= ctx.shape[1]:
         ctx = ctx[:, :length]

@@ -5,14 +5,22 @@ saturation (`object_mask`), followed through its centroid (`track_centroids`), a
 first to the last frame where it is seen gives the direction (`motion_direction`): ``"left"``, ``"right"``,
 ``"up"``, ``"down"`` or ``"none"`` (moved less than ``min_disp`` pixels, or not found).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from wanjax.data.procedural import COLOURS, colour_hue
 
-__all__ = ["rgb_to_hsv", "object_mask", "track_centroids", "motion_direction", "direction_accuracy",
-           "template_track", "template_direction"]
+__all__ = [
+    "rgb_to_hsv",
+    "object_mask",
+    "track_centroids",
+    "motion_direction",
+    "direction_accuracy",
+    "template_track",
+    "template_direction",
+]
 
 
 def _to_unit(video) -> np.ndarray:
@@ -20,7 +28,7 @@ def _to_unit(video) -> np.ndarray:
     if v.dtype == np.uint8:
         return v.astype(np.float32) / 255.0
     v = v.astype(np.float32)
-    return (v + 1.0) * 0.5 if v.min() < -1e-3 else v      # [-1, 1] -> [0, 1]
+    return (v + 1.0) * 0.5 if v.min() < -1e-3 else v  # [-1, 1] -> [0, 1]
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,7 +101,7 @@ def template_track(video, mask0: np.ndarray, search: int = 8, margin: int = 1, m
     y = _to_unit(video)
     if y.ndim != 4 or y.shape[-1] != 3:
         raise ValueError(f"template_track: expected a video [F, H, W, 3], got shape {y.shape}")
-    y = y.transpose(0, 3, 1, 2)            # [F, 3, H, W]: channels matched together
+    y = y.transpose(0, 3, 1, 2)  # [F, 3, H, W]: channels matched together
     m = np.asarray(mask0, bool)
     if m.shape != y.shape[2:]:
         raise ValueError(f"template_track: mask0 shape {m.shape} does not match the frames {y.shape[2:]}")
@@ -118,7 +126,7 @@ def template_track(video, mask0: np.ndarray, search: int = 8, margin: int = 1, m
         region = y[f, :, ya:yb, xa:xb]
         if region.shape[1] < th or region.shape[2] < tw:
             break
-        win = np.lib.stride_tricks.sliding_window_view(region, (th, tw), axis=(1, 2))   # [3, ny, nx, th, tw]
+        win = np.lib.stride_tricks.sliding_window_view(region, (th, tw), axis=(1, 2))  # [3, ny, nx, th, tw]
         wz = win - win.mean(axis=(3, 4), keepdims=True)
         num = np.einsum("cyxhw,chw->yx", wz, tz)
         den = np.sqrt(np.einsum("cyxhw,cyxhw->yx", wz, wz)) * tn

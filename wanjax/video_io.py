@@ -1,6 +1,7 @@
 """Writing generated videos: mp4 (ffmpeg from imageio-ffmpeg) or GIF, checked and atomic (temp file, verified, then
 renamed), optional PNG frames.
 Showing them in notebooks: `side_by_side`, `gif_bytes`, `video_html` (an inline animated GIF)."""
+
 from __future__ import annotations
 
 import os
@@ -61,17 +62,40 @@ def _ffmpeg_exe() -> str:
 def _write_mp4_file(frames: np.ndarray, path: str, fps: int) -> None:
     """H.264 (libx264, yuv420p, crf 10: imageio's quality 8) through an ffmpeg subprocess fed raw RGB on stdin."""
     f, h, w, _ = frames.shape
-    cmd = [_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
-           "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
-           "-crf", "10"]
-    if h % 2 or w % 2:                            # yuv420p needs even sides: pad one black row / column
+    cmd = [
+        _ffmpeg_exe(),
+        "-y",
+        "-v",
+        "error",
+        "-f",
+        "rawvideo",
+        "-vcodec",
+        "rawvideo",
+        "-s",
+        f"{w}x{h}",
+        "-pix_fmt",
+        "rgb24",
+        "-r",
+        str(fps),
+        "-i",
+        "-",
+        "-an",
+        "-vcodec",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        "10",
+    ]
+    if h % 2 or w % 2:  # yuv420p needs even sides: pad one black row / column
         cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
     cmd += ["-f", "mp4", path]
     r = _run_quiet(cmd, np.ascontiguousarray(frames).tobytes())
     if r.returncode != 0:
         err = r.stderr.decode(errors="replace").strip().splitlines()
-        raise VideoWriteError(f"{path}: ffmpeg failed with exit status {r.returncode}"
-                              + (f": {err[-1]}" if err else ""))
+        raise VideoWriteError(
+            f"{path}: ffmpeg failed with exit status {r.returncode}" + (f": {err[-1]}" if err else "")
+        )
 
 
 def _mp4_boxes(path: str) -> dict[str, int]:
@@ -90,8 +114,10 @@ def _mp4_boxes(path: str) -> dict[str, int]:
             elif n == 0:
                 n = size - pos
             if n < 8 or pos + n > size:
-                raise VideoWriteError(f"{path}: MP4 box {kind!r} at byte {pos} claims {n} bytes, the file has "
-                                      f"{size - pos} left (truncated or corrupt)")
+                raise VideoWriteError(
+                    f"{path}: MP4 box {kind!r} at byte {pos} claims {n} bytes, the file has "
+                    f"{size - pos} left (truncated or corrupt)"
+                )
             boxes[kind] = boxes.get(kind, 0) + n
             pos += n
     return boxes
@@ -100,14 +126,18 @@ def _mp4_boxes(path: str) -> dict[str, int]:
 def count_mp4_frames(path: str | os.PathLike) -> int:
     """Video frames in an mp4 (ffmpeg stream copy, no decode); raises `VideoWriteError` if ffmpeg cannot read it."""
     path = os.fspath(path)
-    r = _run_quiet([_ffmpeg_exe(), "-v", "error", "-stats", "-i", path, "-map", "0:v:0", "-c", "copy", "-f", "null",
-                    "-"])
+    r = _run_quiet(
+        [_ffmpeg_exe(), "-v", "error", "-stats", "-i", path, "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+    )
     text = r.stderr.decode(errors="replace")
     found = re.findall(r"frame=\s*(\d+)", text)
     if r.returncode != 0 or not found:
         lines = [ln for ln in text.strip().splitlines() if "frame=" not in ln]
-        raise VideoWriteError(f"{path}: not a readable video (ffmpeg exit status {r.returncode}"
-                              + (f": {lines[-1]}" if lines else "") + ")")
+        raise VideoWriteError(
+            f"{path}: not a readable video (ffmpeg exit status {r.returncode}"
+            + (f": {lines[-1]}" if lines else "")
+            + ")"
+        )
     return int(found[-1])
 
 
@@ -141,8 +171,9 @@ def check_gif(path: str | os.PathLike, num_frames: int, fps: int) -> None:
         raise VideoWriteError(f"{path}: not a readable GIF ({e})") from e
     want = 1000.0 * num_frames / fps
     if abs(total - want) > 10.0 * num_frames + 1:  # GIF delays are in units of 10 ms
-        raise VideoWriteError(f"{path}: expected a GIF of {want:.0f} ms ({num_frames} frames at {fps} fps), got "
-                              f"{total:.0f} ms")
+        raise VideoWriteError(
+            f"{path}: expected a GIF of {want:.0f} ms ({num_frames} frames at {fps} fps), got {total:.0f} ms"
+        )
 
 
 def _atomic_write(path: str, write: Callable[[str], None], check: Callable[[str], None]) -> str:
@@ -162,8 +193,9 @@ def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
     ffmpeg), then renamed; a failed write raises `VideoWriteError` and leaves nothing at ``path``. ffmpeg is started
     without a fork hook (no JAX "os.fork()" warning)."""
     frames, fps, path = _uint8_frames(frames), _check_fps(fps), os.fspath(path)
-    return _atomic_write(path, lambda tmp: _write_mp4_file(frames, tmp, fps),
-                         lambda tmp: check_mp4(tmp, frames.shape[0]))
+    return _atomic_write(
+        path, lambda tmp: _write_mp4_file(frames, tmp, fps), lambda tmp: check_mp4(tmp, frames.shape[0])
+    )
 
 
 def save_gif(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> str:
@@ -185,8 +217,10 @@ def save_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> st
         return save_mp4(frames, path, fps)
     if ext == ".gif":
         return save_gif(frames, path, fps)
-    raise ValueError(f"{os.fspath(path)}: expected a video file name ending in {' or '.join(VIDEO_EXTENSIONS)}, got "
-                     f"{ext or 'no extension'!r}")
+    raise ValueError(
+        f"{os.fspath(path)}: expected a video file name ending in {' or '.join(VIDEO_EXTENSIONS)}, got "
+        f"{ext or 'no extension'!r}"
+    )
 
 
 def save_pngs(frames: np.ndarray, folder: str | os.PathLike) -> list[str]:
@@ -213,8 +247,9 @@ def side_by_side(videos, gap: int = 4, gap_value: int = 255) -> np.ndarray:
     if not vs:
         raise ValueError("side_by_side: no videos")
     if any(v.ndim != 4 or v.shape[-1] != 3 or v.shape[:2] != vs[0].shape[:2] for v in vs):
-        raise ValueError(f"side_by_side: videos must be [F, H, W, 3] with the same F and H, got "
-                         f"{[v.shape for v in vs]}")
+        raise ValueError(
+            f"side_by_side: videos must be [F, H, W, 3] with the same F and H, got {[v.shape for v in vs]}"
+        )
     sep = np.full(vs[0].shape[:2] + (gap, 3), gap_value, np.uint8)
     parts = [p for v in vs for p in (sep, v)][1:]
     return np.concatenate(parts, axis=2)
@@ -245,7 +280,9 @@ def video_html(frames, fps: int = 8, scale: int = 2, caption: str | None = None)
     frames = np.asarray(frames)
     data = base64.b64encode(gif_bytes(frames, fps)).decode("ascii")
     w = int(frames.shape[2]) * int(scale)
-    img = (f'<img src="data:image/gif;base64,{data}" width="{w}" '
-           'style="image-rendering: pixelated; image-rendering: crisp-edges;"/>')
+    img = (
+        f'<img src="data:image/gif;base64,{data}" width="{w}" '
+        'style="image-rendering: pixelated; image-rendering: crisp-edges;"/>'
+    )
     cap = "" if caption is None else f"<figcaption>{html.escape(caption)}</figcaption>"
-    return f"<figure style=\"margin: 0.5em 0\">{img}{cap}</figure>"
+    return f'<figure style="margin: 0.5em 0">{img}{cap}</figure>'

@@ -14,6 +14,7 @@ Held-out split: the (kind, colour) pairs of `HELDOUT_PAIRS` appear only in ``spl
 ``split="train"``, so held-out captions are disjoint from training captions; the split also enters the seed
 sequence, so the clips are disjoint as well.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -24,9 +25,14 @@ import numpy as np
 KINDS = ("square", "circle", "triangle", "star", "diamond", "ring")
 #: Saturated colours (RGB in [0, 1]); the tracker segments the object by hue.
 COLOURS = {
-    "red": (0.90, 0.10, 0.10), "orange": (0.95, 0.50, 0.05), "yellow": (0.92, 0.85, 0.08),
-    "green": (0.10, 0.80, 0.15), "cyan": (0.05, 0.80, 0.85), "blue": (0.12, 0.25, 0.95),
-    "purple": (0.55, 0.12, 0.90), "pink": (0.95, 0.20, 0.65),
+    "red": (0.90, 0.10, 0.10),
+    "orange": (0.95, 0.50, 0.05),
+    "yellow": (0.92, 0.85, 0.08),
+    "green": (0.10, 0.80, 0.15),
+    "cyan": (0.05, 0.80, 0.85),
+    "blue": (0.12, 0.25, 0.95),
+    "purple": (0.55, 0.12, 0.90),
+    "pink": (0.95, 0.20, 0.65),
 }
 COLOUR_NAMES = tuple(COLOURS)
 DIRECTIONS = ("left", "right", "up", "down")
@@ -34,8 +40,14 @@ MOTIONS = ("moves left", "moves right", "moves up", "moves down", "bounces", "ro
 #: Unit screen displacement (dx, dy) of the directional motions (y grows downwards).
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 #: (kind, colour) pairs reserved for the held-out split.
-HELDOUT_PAIRS = (("square", "purple"), ("circle", "orange"), ("triangle", "cyan"), ("star", "green"),
-                 ("diamond", "pink"), ("ring", "yellow"))
+HELDOUT_PAIRS = (
+    ("square", "purple"),
+    ("circle", "orange"),
+    ("triangle", "cyan"),
+    ("star", "green"),
+    ("diamond", "pink"),
+    ("ring", "yellow"),
+)
 SPLITS = {"train": 0, "heldout": 1}
 
 NUM_FRAMES = 17
@@ -79,16 +91,48 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def sample_params(n: int, split: str = "train", seed: int = 0, num_frames: int = NUM_FRAMES,
-                  size: int = SIZE, directional_only: bool = False) -> dict[str, Any]:
+def sample_params(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    num_frames: int = NUM_FRAMES,
+    size: int = SIZE,
+    directional_only: bool = False,
+) -> dict[str, Any]:
     """Per-clip parameters of ``n`` clips: a dict of numpy arrays ``[n]`` (or ``[n, k]``) plus ``captions`` and
     the names ``kind_name``/``colour_name``/``motion_name``/``pan_name`` (lists). ``directional_only`` draws only left/right/up/down motions
     (the evaluation set of the motion-direction metric)."""
     pairs = split_pairs(split)
     sid = SPLITS[split]
-    cols = {k: [] for k in ("kind", "colour_rgb", "motion", "cx", "cy", "vx", "vy", "radius", "theta0", "omega",
-                            "scale0", "scale1", "bounce_amp", "bounce_n", "tex_freq", "tex_angle", "tex_phase",
-                            "bg_a", "bg_b", "bg_freq", "bg_phase", "bg_type", "pan_x", "pan_y")}
+    cols = {
+        k: []
+        for k in (
+            "kind",
+            "colour_rgb",
+            "motion",
+            "cx",
+            "cy",
+            "vx",
+            "vy",
+            "radius",
+            "theta0",
+            "omega",
+            "scale0",
+            "scale1",
+            "bounce_amp",
+            "bounce_n",
+            "tex_freq",
+            "tex_angle",
+            "tex_phase",
+            "bg_a",
+            "bg_b",
+            "bg_freq",
+            "bg_phase",
+            "bg_type",
+            "pan_x",
+            "pan_y",
+        )
+    }
     names = {"kind_name": [], "colour_name": [], "motion_name": [], "pan_name": [], "captions": []}
     span = max(num_frames - 1, 1)
     for i in range(n):
@@ -124,7 +168,7 @@ def sample_params(n: int, split: str = "train", seed: int = 0, num_frames: int =
             s0, s1 = r.uniform(0.55, 0.7), r.uniform(1.3, 1.5)
         elif motion == "shrinks":
             s0, s1 = r.uniform(1.3, 1.5), r.uniform(0.55, 0.7)
-        if motion in ("grows", "shrinks"):   # keep the largest size inside the frame
+        if motion in ("grows", "shrinks"):  # keep the largest size inside the frame
             m2 = radius * max(s0, s1) * 1.1
             cx, cy = r.uniform(m2, size - m2, 2) if m2 < size / 2 else (size / 2, size / 2)
         pan = None
@@ -140,12 +184,32 @@ def sample_params(n: int, split: str = "train", seed: int = 0, num_frames: int =
         for _ in range(2):
             h, s, v = r.random(), r.uniform(0.0, 0.18), r.uniform(0.25, 0.7)
             bg.append(colorsys.hsv_to_rgb(h, s, v))
-        vals = dict(kind=KINDS.index(kind), colour_rgb=COLOURS[colour], motion=MOTIONS.index(motion), cx=cx, cy=cy,
-                    vx=vx, vy=vy, radius=radius, theta0=r.uniform(0, 2 * np.pi), omega=omega, scale0=s0, scale1=s1,
-                    bounce_amp=bounce_amp, bounce_n=bounce_n, tex_freq=r.uniform(2.0, 5.0),
-                    tex_angle=r.uniform(0, np.pi), tex_phase=r.uniform(0, 2 * np.pi), bg_a=bg[0], bg_b=bg[1],
-                    bg_freq=r.uniform(0.04, 0.12, 2), bg_phase=r.uniform(0, 2 * np.pi, 2),
-                    bg_type=r.integers(3), pan_x=px, pan_y=py)
+        vals = dict(
+            kind=KINDS.index(kind),
+            colour_rgb=COLOURS[colour],
+            motion=MOTIONS.index(motion),
+            cx=cx,
+            cy=cy,
+            vx=vx,
+            vy=vy,
+            radius=radius,
+            theta0=r.uniform(0, 2 * np.pi),
+            omega=omega,
+            scale0=s0,
+            scale1=s1,
+            bounce_amp=bounce_amp,
+            bounce_n=bounce_n,
+            tex_freq=r.uniform(2.0, 5.0),
+            tex_angle=r.uniform(0, np.pi),
+            tex_phase=r.uniform(0, 2 * np.pi),
+            bg_a=bg[0],
+            bg_b=bg[1],
+            bg_freq=r.uniform(0.04, 0.12, 2),
+            bg_phase=r.uniform(0, 2 * np.pi, 2),
+            bg_type=r.integers(3),
+            pan_x=px,
+            pan_y=py,
+        )
         for k, v in vals.items():
             cols[k].append(v)
         names["kind_name"].append(kind)
@@ -153,16 +217,40 @@ def sample_params(n: int, split: str = "train", seed: int = 0, num_frames: int =
         names["motion_name"].append(motion)
         names["pan_name"].append(pan)
         names["captions"].append(caption_of(kind, colour, motion, pan))
-    out: dict[str, Any] = {k: np.asarray(v, np.int32 if k in ("kind", "motion", "bg_type") else np.float32)
-                           for k, v in cols.items()}
+    out: dict[str, Any] = {
+        k: np.asarray(v, np.int32 if k in ("kind", "motion", "bg_type") else np.float32) for k, v in cols.items()
+    }
     out.update(names)
     out["num_frames"], out["size"] = int(num_frames), int(size)
     return out
 
 
-ARRAY_KEYS = ("kind", "colour_rgb", "motion", "cx", "cy", "vx", "vy", "radius", "theta0", "omega", "scale0",
-              "scale1", "bounce_amp", "bounce_n", "tex_freq", "tex_angle", "tex_phase", "bg_a", "bg_b", "bg_freq",
-              "bg_phase", "bg_type", "pan_x", "pan_y")
+ARRAY_KEYS = (
+    "kind",
+    "colour_rgb",
+    "motion",
+    "cx",
+    "cy",
+    "vx",
+    "vy",
+    "radius",
+    "theta0",
+    "omega",
+    "scale0",
+    "scale1",
+    "bounce_amp",
+    "bounce_n",
+    "tex_freq",
+    "tex_angle",
+    "tex_phase",
+    "bg_a",
+    "bg_b",
+    "bg_freq",
+    "bg_phase",
+    "bg_type",
+    "pan_x",
+    "pan_y",
+)
 
 
 def array_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -209,7 +297,7 @@ def render(params: dict, num_frames: int = NUM_FRAMES, size: int = SIZE, xp=np) 
     ``num_frames``, ``size`` and ``xp`` static).
     """
     p = {k: xp.asarray(params[k]) for k in ARRAY_KEYS}
-    cx, cy, theta, scale = trajectory(xp, p, num_frames)                      # [N, F]
+    cx, cy, theta, scale = trajectory(xp, p, num_frames)  # [N, F]
     e = lambda a: a[:, :, None, None]  # noqa: E731   [N, F] -> [N, F, 1, 1]
     pix = xp.arange(size, dtype=xp.float32) + 0.5
     x = pix[None, None, None, :]
@@ -224,7 +312,7 @@ def render(params: dict, num_frames: int = NUM_FRAMES, size: int = SIZE, xp=np) 
     stripes = 0.5 + 0.5 * xp.sin(fa * bx + fb * by + ph0)
     checker = 0.5 + 0.5 * xp.tanh(4.0 * xp.sin(fa * bx + ph0) * xp.sin(fa * by + ph1))
     bt = p["bg_type"][:, None, None, None]
-    pat = xp.where(bt == 0, blobs, xp.where(bt == 1, stripes, checker))[..., None]      # [N, F, H, W, 1]
+    pat = xp.where(bt == 0, blobs, xp.where(bt == 1, stripes, checker))[..., None]  # [N, F, H, W, 1]
     bga = p["bg_a"][:, None, None, None, :]
     bgb = p["bg_b"][:, None, None, None, :]
     bg = bga + (bgb - bga) * pat
@@ -234,22 +322,31 @@ def render(params: dict, num_frames: int = NUM_FRAMES, size: int = SIZE, xp=np) 
     ct, st = xp.cos(e(theta)), xp.sin(e(theta))
     u = (ct * dx + st * dy) / r
     v = (-st * dx + ct * dy) / r
-    d = _signed_distance(xp, p["kind"][:, None, None, None], u, v) * r                # pixels
+    d = _signed_distance(xp, p["kind"][:, None, None, None], u, v) * r  # pixels
     alpha = xp.clip(0.5 - d, 0.0, 1.0)[..., None]
     ta = p["tex_angle"][:, None, None, None]
-    tex = xp.sin(0.5 * p["tex_freq"][:, None, None, None] * (xp.cos(ta) * u + xp.sin(ta) * v) * np.pi
-                 + p["tex_phase"][:, None, None, None])
+    tex = xp.sin(
+        0.5 * p["tex_freq"][:, None, None, None] * (xp.cos(ta) * u + xp.sin(ta) * v) * np.pi
+        + p["tex_phase"][:, None, None, None]
+    )
     obj = p["colour_rgb"][:, None, None, None, :] * (0.8 + 0.2 * tex[..., None])
     img = bg + (obj - bg) * alpha
     return (img * 2.0 - 1.0).astype(xp.float32)
 
 
-def make_clips(n: int, split: str = "train", seed: int = 0, num_frames: int = NUM_FRAMES, size: int = SIZE,
-               directional_only: bool = False, batch: int = 32) -> tuple[np.ndarray, list[str], dict]:
+def make_clips(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    num_frames: int = NUM_FRAMES,
+    size: int = SIZE,
+    directional_only: bool = False,
+    batch: int = 32,
+) -> tuple[np.ndarray, list[str], dict]:
     """``n`` clips (numpy float32 ``[n, F, H, W, 3]`` in [-1, 1]), their captions and parameters."""
     params = sample_params(n, split, seed, num_frames, size, directional_only)
     arr = array_params(params)
     out = np.empty((n, num_frames, size, size, 3), np.float32)
     for s in range(0, n, batch):
-        out[s:s + batch] = render({k: v[s:s + batch] for k, v in arr.items()}, num_frames, size)
+        out[s : s + batch] = render({k: v[s : s + batch] for k, v in arr.items()}, num_frames, size)
     return out, list(params["captions"]), params

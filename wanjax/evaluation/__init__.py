@@ -7,6 +7,7 @@
 * `report`: ``report.md`` with tables and the plots.
 * `run`: the driver (eval/calibration sets, recipes, ablations) behind ``wanjax eval``.
 """
+
 from wanjax.metrics import psnr, relative_l2, ssim
 
 __all__ = ["psnr", "relative_l2", "ssim"]

@@ -1,4 +1,5 @@
 """Plots of the evaluation report (matplotlib, Agg backend, PNG files)."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ def sqnr_heatmap(sqnr: dict[str, np.ndarray], bin_names, title: str, path: str) 
     labels, rows = [], []
     for p in sorted(sqnr):
         for l, r in enumerate(np.asarray(sqnr[p])):
-            labels.append(f"{p[len('blocks.'):] if p.startswith('blocks.') else p}[{l}]")
+            labels.append(f"{p[len('blocks.') :] if p.startswith('blocks.') else p}[{l}]")
             rows.append(r)
     m = np.asarray(rows, np.float64)
     h = max(2.5, 0.18 * len(labels) + 1.2)

@@ -31,6 +31,7 @@ generation size (split default ``"heldout"``; its first frame is the condition i
 (default 0). A calibration set drawn from the ``"train"`` split and an evaluation set from ``"heldout"`` have
 disjoint captions by construction.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,18 +107,36 @@ def load_samples(path: str, num_frames: int, size: int) -> list[EvalSample]:
             split = d.get("split", "heldout")
             if split not in procedural.SPLITS:
                 raise ValueError(f"{path}[{i}]: split must be one of {sorted(procedural.SPLITS)}, got {split!r}")
-            clips, caps, params = procedural.make_clips(1, split, int(d["clip_seed"]), num_frames, size,
-                                                        directional_only=True)
+            clips, caps, params = procedural.make_clips(
+                1, split, int(d["clip_seed"]), num_frames, size, directional_only=True
+            )
             key = f"{split}:{int(d['clip_seed'])}"
-            out.append(EvalSample(name=key, image=to_uint8(clips[0, :1])[0], prompt=d.get("prompt", caps[0]), seed=seed,
-                                  colour=params["colour_name"][0], direction=params["motion_name"][0].split()[1],
-                                  key=key))
+            out.append(
+                EvalSample(
+                    name=key,
+                    image=to_uint8(clips[0, :1])[0],
+                    prompt=d.get("prompt", caps[0]),
+                    seed=seed,
+                    colour=params["colour_name"][0],
+                    direction=params["motion_name"][0].split()[1],
+                    key=key,
+                )
+            )
         elif "image" in d:
             if "prompt" not in d:
                 raise ValueError(f"{path}[{i}]: an 'image' entry needs a 'prompt', got keys {sorted(d)}")
             img = d["image"] if os.path.isabs(d["image"]) else os.path.join(os.path.dirname(path), d["image"])
-            out.append(EvalSample(name=d["image"], image=img, prompt=d["prompt"], seed=seed, colour=d.get("colour"),
-                                  direction=d.get("direction"), key=os.path.abspath(img)))
+            out.append(
+                EvalSample(
+                    name=d["image"],
+                    image=img,
+                    prompt=d["prompt"],
+                    seed=seed,
+                    colour=d.get("colour"),
+                    direction=d.get("direction"),
+                    key=os.path.abspath(img),
+                )
+            )
         else:
             raise ValueError(f"{path}[{i}]: each entry needs 'clip_seed' or 'image' (+ 'prompt'), got keys {sorted(d)}")
     return out
@@ -155,8 +174,10 @@ def _bin_layouts(gen) -> dict:
     sched = flow_schedule(gen.steps, shift=gen.shift)
     fine = step_bins(sched, gen.boundary)
     n = {e: len(fine.expert_bins(e)) for e in ("high", "low")}
-    return fine, {"seed": lambda: seed_bins(sched, gen.boundary),
-                  "6": lambda: uniform_bins(sched, min(6, *n.values()), gen.boundary)}
+    return fine, {
+        "seed": lambda: seed_bins(sched, gen.boundary),
+        "6": lambda: uniform_bins(sched, min(6, *n.values()), gen.boundary),
+    }
 
 
 def _prepare(pipe, s: EvalSample, gen):
@@ -199,7 +220,7 @@ def _summ(rows: list[dict]) -> dict:
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if k in r]
-        out[k] = float(np.median(vals) if k.endswith("_s") else np.mean(vals))   # times: median (1st compiles)
+        out[k] = float(np.median(vals) if k.endswith("_s") else np.mean(vals))  # times: median (1st compiles)
     return out
 
 
@@ -216,8 +237,10 @@ def check_settings(gen, variants: Sequence[Variant]) -> None:
             layouts[kind]()
         except ValueError as e:
             names = [v.name for v in variants if v.bins == kind]
-            raise ValueError(f"{gen.steps} steps (shift {gen.shift:g}, boundary {gen.boundary:g}) cannot hold the "
-                             f"timestep bins of {names}: {e}") from None
+            raise ValueError(
+                f"{gen.steps} steps (shift {gen.shift:g}, boundary {gen.boundary:g}) cannot hold the "
+                f"timestep bins of {names}: {e}"
+            ) from None
 
 
 def _eta(done: int, total: int, t0: float) -> str:
@@ -228,12 +251,23 @@ def _eta(done: int, total: int, t0: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[EvalSample], gen, out_dir: str, *,
-             recipes: Sequence[str] = ("rtn", "smoothquant", "quarot", "svdquant", "seed", "default", "w8a8"),
-             ablations: Sequence[str] | bool = False, reservoir: int = 256, eval_reservoir: int = 128,
-             calib_seed: int = 0,
-             plot_layers: Sequence[str] = ("self_attn.q", "ffn.fc2"), heatmaps: bool = True,
-             log: Callable[[str], None] = print, progress: bool = False) -> dict:
+def run_eval(
+    pipe,
+    eval_samples: Sequence[EvalSample],
+    calib_samples: Sequence[EvalSample],
+    gen,
+    out_dir: str,
+    *,
+    recipes: Sequence[str] = ("rtn", "smoothquant", "quarot", "svdquant", "seed", "default", "w8a8"),
+    ablations: Sequence[str] | bool = False,
+    reservoir: int = 256,
+    eval_reservoir: int = 128,
+    calib_seed: int = 0,
+    plot_layers: Sequence[str] = ("self_attn.q", "ffn.fc2"),
+    heatmaps: bool = True,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> dict:
     """Evaluates ``recipes`` (and ablations of ``default``: True for all of `ABLATIONS`, or a list of names) on
     ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples`` (``reservoir`` rows per layer input and
     step drawn with ``calib_seed``). Writes ``out_dir/report.md``, ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
@@ -246,11 +280,12 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     t_start = time.perf_counter()
     eval_samples, calib_samples = list(eval_samples), list(calib_samples)
     if not eval_samples or not calib_samples:
-        raise ValueError(f"run_eval: need evaluation and calibration samples, got {len(eval_samples)} and "
-                         f"{len(calib_samples)}")
+        raise ValueError(
+            f"run_eval: need evaluation and calibration samples, got {len(eval_samples)} and {len(calib_samples)}"
+        )
     disjoint = check_disjoint(eval_samples, calib_samples)
     variants = plan_variants(recipes, ablations)
-    check_settings(gen, variants)                 # before any model work: bins vs steps
+    check_settings(gen, variants)  # before any model work: bins vs steps
     fine, layouts = _bin_layouts(gen)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
 
@@ -261,18 +296,29 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     for i, s in enumerate(list(eval_samples) + list(calib_samples)):
         (preps if i < len(eval_samples) else cpreps).append(_prepare(pipe, s, gen))
         log(f"eval: prepared {i + 1}/{n_prep} {s.name}{_eta(i + 1, n_prep, t0)}")
-    log(f"eval: calibrating on {len(calib_samples)} samples, then capturing the eval set's layer inputs "
-        f"({gen.steps} steps each)")
+    log(
+        f"eval: calibrating on {len(calib_samples)} samples, then capturing the eval set's layer inputs "
+        f"({gen.steps} steps each)"
+    )
     t0 = time.perf_counter()
-    calib = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(calib_samples, cpreps)],
-                      CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False,
-                                  seed=calib_seed),
-                      work_dir=os.path.join(out_dir, "work", "calib"), mode="online", progress=progress)
+    calib = calibrate(
+        pipe,
+        [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(calib_samples, cpreps)],
+        CalibConfig(gen=gen, bins=fine, reservoir=reservoir, hessian_per_bin=False, seed=calib_seed),
+        work_dir=os.path.join(out_dir, "work", "calib"),
+        mode="online",
+        progress=progress,
+    )
     t_calib = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cap = calibrate(pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(eval_samples, preps)],
-                    CalibConfig(gen=gen, bins=fine, reservoir=eval_reservoir, hessian=False, cfg_mode="both"),
-                    work_dir=os.path.join(out_dir, "work", "eval_capture"), mode="online", progress=progress)
+    cap = calibrate(
+        pipe,
+        [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in zip(eval_samples, preps)],
+        CalibConfig(gen=gen, bins=fine, reservoir=eval_reservoir, hessian=False, cfg_mode="both"),
+        work_dir=os.path.join(out_dir, "work", "eval_capture"),
+        mode="online",
+        progress=progress,
+    )
     t_capture = time.perf_counter() - t0
     log(f"eval: calibration {t_calib:.1f} s, eval-set capture {t_capture:.1f} s")
 
@@ -285,8 +331,14 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         refs.append((lat, frames))
         bf16_rows.append({"denoise_s": dt, **_task(frames, p, s)})
         log(f"eval: bf16 clip {i + 1}/{len(eval_samples)} {s.name} {dt:.1f} s{_eta(i + 1, len(eval_samples), t0)}")
-    bf16 = {"name": "bf16", "group": "reference", "per_sample": bf16_rows, **_summ(bf16_rows),
-            "weight_bytes": _bytes(split), "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values())}
+    bf16 = {
+        "name": "bf16",
+        "group": "reference",
+        "per_sample": bf16_rows,
+        **_summ(bf16_rows),
+        "weight_bytes": _bytes(split),
+        "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values()),
+    }
     log(f"eval: bf16 {bf16['denoise_s']:.1f} s/clip, frame-0 PSNR {bf16['frame0_psnr']:.2f} dB")
 
     L = pipe.cfg.num_layers
@@ -294,15 +346,30 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
     act_plots = {}
     for e in ("high", "low"):
         rng = activation_ranges(cap, e, [(b, l) for b in blocks for l in plot_layers])
-        act_plots[e] = os.path.relpath(plots.activation_range_plot(
-            rng, f"{e}-noise expert: layer input range over timesteps (eval set, BF16)",
-            os.path.join(out_dir, "plots", f"act_range_{e}.png")), out_dir)
-    out = {"gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
-           "eval_set": [s.name for s in eval_samples], "calib_set": [s.name for s in calib_samples],
-           "disjoint": disjoint, "calib": {"reservoir": reservoir, "seed": calib_seed}, "bf16": bf16, "variants": [], "act_range_plots": act_plots,
-           "step_bins": fine.table(), "seconds": {"calibrate": t_calib, "eval_capture": t_capture, "total": 0.0},
-           "platform": jax.devices()[0].platform, "jax": jax.__version__, "complete": False,
-           "planned": [v.name for v in variants]}
+        act_plots[e] = os.path.relpath(
+            plots.activation_range_plot(
+                rng,
+                f"{e}-noise expert: layer input range over timesteps (eval set, BF16)",
+                os.path.join(out_dir, "plots", f"act_range_{e}.png"),
+            ),
+            out_dir,
+        )
+    out = {
+        "gen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gen).items()},
+        "eval_set": [s.name for s in eval_samples],
+        "calib_set": [s.name for s in calib_samples],
+        "disjoint": disjoint,
+        "calib": {"reservoir": reservoir, "seed": calib_seed},
+        "bf16": bf16,
+        "variants": [],
+        "act_range_plots": act_plots,
+        "step_bins": fine.table(),
+        "seconds": {"calibrate": t_calib, "eval_capture": t_capture, "total": 0.0},
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "complete": False,
+        "planned": [v.name for v in variants],
+    }
     sources: dict = {}
     results = out["variants"]
     t_variants = time.perf_counter()
@@ -320,32 +387,56 @@ def run_eval(pipe, eval_samples: Sequence[EvalSample], calib_samples: Sequence[E
         rows = []
         for i, (s, p, (lat_ref, fr_ref)) in enumerate(zip(eval_samples, preps, refs)):
             lat, frames, dt = _generate(qp, p, gen)
-            rows.append({"psnr": psnr(frames, fr_ref), "ssim": ssim(frames, fr_ref, data_range=255.0),
-                         "latent_rel_l2": relative_l2(lat, lat_ref), "denoise_s": dt, **_task(frames, p, s)})
-            log(f"eval: variant {k + 1}/{len(variants)} {v.name}: clip {i + 1}/{len(eval_samples)} {s.name} "
-                f"{dt:.1f} s")
+            rows.append(
+                {
+                    "psnr": psnr(frames, fr_ref),
+                    "ssim": ssim(frames, fr_ref, data_range=255.0),
+                    "latent_rel_l2": relative_l2(lat, lat_ref),
+                    "denoise_s": dt,
+                    **_task(frames, p, s),
+                }
+            )
+            log(f"eval: variant {k + 1}/{len(variants)} {v.name}: clip {i + 1}/{len(eval_samples)} {s.name} {dt:.1f} s")
         sq_eval = {e: layer_sqnr_table(q[e], ref_models[e], eval_src, e) for e in ("high", "low")}
         sq_calib = {e: reps[e]["sqnr_db"] for e in ("high", "low")}
-        r = {"name": v.name, "group": v.group, "recipe": v.recipe.name, "bins": v.bins,
-             "calibration": v.recipe.calibration,
-             "what": v.what, "bin_names": {e: list(bins.expert_bins(e)) for e in ("high", "low")},
-             "per_sample": rows, **_summ(rows), "quantize_s": t_quant,
-             "weight_bytes": _bytes({e: nnx.state(q[e]) for e in q}),
-             "block_linear_bytes": sum(_block_linear_bytes(m) for m in q.values()),
-             "sqnr_eval_mean": float(np.mean([np.mean(list(t.values())) for t in sq_eval.values()])),
-             "sqnr_eval_min": float(np.min([np.min(list(t.values())) for t in sq_eval.values()])),
-             "sqnr_calib_mean": float(np.mean([np.mean(list(t.values())) for t in sq_calib.values()])),
-             "sqnr_eval": {e: {p: np.asarray(a).tolist() for p, a in t.items()} for e, t in sq_eval.items()}}
+        r = {
+            "name": v.name,
+            "group": v.group,
+            "recipe": v.recipe.name,
+            "bins": v.bins,
+            "calibration": v.recipe.calibration,
+            "what": v.what,
+            "bin_names": {e: list(bins.expert_bins(e)) for e in ("high", "low")},
+            "per_sample": rows,
+            **_summ(rows),
+            "quantize_s": t_quant,
+            "weight_bytes": _bytes({e: nnx.state(q[e]) for e in q}),
+            "block_linear_bytes": sum(_block_linear_bytes(m) for m in q.values()),
+            "sqnr_eval_mean": float(np.mean([np.mean(list(t.values())) for t in sq_eval.values()])),
+            "sqnr_eval_min": float(np.min([np.min(list(t.values())) for t in sq_eval.values()])),
+            "sqnr_calib_mean": float(np.mean([np.mean(list(t.values())) for t in sq_calib.values()])),
+            "sqnr_eval": {e: {p: np.asarray(a).tolist() for p, a in t.items()} for e, t in sq_eval.items()},
+        }
         if heatmaps and v.group == "recipe":
-            r["plots"] = [os.path.relpath(plots.sqnr_heatmap(sq_eval[e], bins.expert_bins(e),
-                                                             f"{v.name}: layer SQNR (dB), {e}-noise expert, eval set",
-                                                             os.path.join(out_dir, "plots", f"sqnr_{v.name}_{e}.png")),
-                                          out_dir) for e in ("high", "low")]
+            r["plots"] = [
+                os.path.relpath(
+                    plots.sqnr_heatmap(
+                        sq_eval[e],
+                        bins.expert_bins(e),
+                        f"{v.name}: layer SQNR (dB), {e}-noise expert, eval set",
+                        os.path.join(out_dir, "plots", f"sqnr_{v.name}_{e}.png"),
+                    ),
+                    out_dir,
+                )
+                for e in ("high", "low")
+            ]
         results.append(r)
-        _save(out, out_dir, t_start)            # a partial report after every variant
-        log(f"eval: {v.name:14s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  latent rel-L2 {r['latent_rel_l2']:.4f}"
+        _save(out, out_dir, t_start)  # a partial report after every variant
+        log(
+            f"eval: {v.name:14s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  latent rel-L2 {r['latent_rel_l2']:.4f}"
             f"  SQNR {r['sqnr_eval_mean']:5.1f} dB  quantize {t_quant:.1f} s  denoise {r['denoise_s']:.1f} s/clip"
-            f"  [{k + 1}/{len(variants)}{_eta(k + 1, len(variants), t_variants)}]")
+            f"  [{k + 1}/{len(variants)}{_eta(k + 1, len(variants), t_variants)}]"
+        )
 
     out["complete"] = True
     _save(out, out_dir, t_start)

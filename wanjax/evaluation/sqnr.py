@@ -7,6 +7,7 @@ recipe. `layer_sqnr_table` runs each quantized layer (its QLinear arrays, fake m
 unquantized layer on the same captured rows: ``SQNR = 10 log10(sum ||y_ref||^2 / sum ||y_q - y_ref||^2)`` per
 (layer, block, bin), each bin with its own table entries (`wanjax.quant.search.layer_sqnr`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def step_bins(schedule, boundary: float = 0.900) -> TimestepBins:
 
 
 def _layer_name(path: str) -> str:
-    return path[len("blocks."):] if path.startswith("blocks.") else path
+    return path[len("blocks.") :] if path.startswith("blocks.") else path
 
 
 class RebinnedSource:
@@ -58,9 +59,11 @@ class RebinnedSource:
                 fsteps = set(fine.steps[fine.names.index(fname)])
                 hit = [j for j, c in enumerate(coarse) if fsteps <= set(bins.steps[bins.names.index(c)])]
                 if len(hit) != 1:
-                    raise ValueError(f"RebinnedSource: fine bin {fname!r} (steps {sorted(fsteps)}) lies in "
-                                     f"{len(hit)} of the target bins {coarse} of expert {e!r} (steps "
-                                     f"{[bins.steps[bins.names.index(c)] for c in coarse]}); expected exactly one")
+                    raise ValueError(
+                        f"RebinnedSource: fine bin {fname!r} (steps {sorted(fsteps)}) lies in "
+                        f"{len(hit)} of the target bins {coarse} of expert {e!r} (steps "
+                        f"{[bins.steps[bins.names.index(c)] for c in coarse]}); expected exactly one"
+                    )
                 groups[hit[0]].append(fname)
             empty = [c for c, g in zip(coarse, groups) if not g]
             if empty:
@@ -78,9 +81,11 @@ class RebinnedSource:
             sts = [self.calib.get(expert, index, layer, f) for f in group]
             absmax.append(np.max([np.asarray(s.absmax, np.float32) for s in sts], axis=0))
             if any(s.samples is None or s.num_samples == 0 for s in sts):
-                raise ValueError(f"RebinnedSource: {expert} {path}[{index}]: a captured step has no sampled rows "
-                                 "(capture with reservoir > 0)")
-            rows.append(np.concatenate([np.asarray(s.samples[:s.num_samples], np.float32) for s in sts]))
+                raise ValueError(
+                    f"RebinnedSource: {expert} {path}[{index}]: a captured step has no sampled rows "
+                    "(capture with reservoir > 0)"
+                )
+            rows.append(np.concatenate([np.asarray(s.samples[: s.num_samples], np.float32) for s in sts]))
             hess += [s.hessian for s in sts]
         n = min(len(r) for r in rows)
         rows = np.stack([r[np.linspace(0, len(r) - 1, n).round().astype(int)] for r in rows])
@@ -110,8 +115,10 @@ def layer_sqnr_table(qmodel, ref_model, source, expert: str) -> dict[str, np.nda
         for l in range(kern.shape[0]):
             inp = source.layer(expert, path, l)
             if inp.rows.shape[0] != q.config.nbins:
-                raise ValueError(f"layer_sqnr_table: {expert} {path}[{l}]: the layer has {q.config.nbins} bins, the "
-                                 f"captured inputs {inp.rows.shape[0]}")
+                raise ValueError(
+                    f"layer_sqnr_table: {expert} {path}[{l}]: the layer has {q.config.nbins} bins, the "
+                    f"captured inputs {inp.rows.shape[0]}"
+                )
             a_l = {k: (None if v is None else v[l]) for k, v in arrays.items()}
             per_layer.append(layer_sqnr(q.config, a_l, inp.rows, kern[l], None if bias is None else bias[l]))
         out[path] = np.stack(per_layer)

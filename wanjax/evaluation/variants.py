@@ -3,6 +3,7 @@
 `REMOVALS` / `ADDITIONS` say which ablations remove a component the default keeps and which add back one it dropped
 (the report's targets, `wanjax.evaluation.report.targets`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,21 @@ def _swap(recipe, cls, new):
 
 def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     """Ablations of the ``default`` recipe (all of `ABLATIONS`, or those named)."""
-    from wanjax.quant.recipes import (DEFAULT_ALPHA_GRID, GPTQ, INT_CLIPS, RTN, SEED_CLIPS, SEED_EXP_OFFSETS,
-                                      WEIGHT_CLIPS, ClipSearch, LowRank, LowRankRefit, Rotate, Smooth, get_recipe)
+    from wanjax.quant.recipes import (
+        DEFAULT_ALPHA_GRID,
+        GPTQ,
+        INT_CLIPS,
+        RTN,
+        SEED_CLIPS,
+        SEED_EXP_OFFSETS,
+        WEIGHT_CLIPS,
+        ClipSearch,
+        LowRank,
+        LowRankRefit,
+        Rotate,
+        Smooth,
+        get_recipe,
+    )
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
@@ -52,13 +66,18 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         return R(d, name=f"default-rank{r}", transforms=ts)
 
     def path_ranks(tag, ranks):
-        ts = tuple(R(t, ranks=ranks) if isinstance(t, LowRank) else R(t, search_ranks=ranks) if isinstance(t, Smooth)
-                   else t for t in d.transforms)
+        ts = tuple(
+            R(t, ranks=ranks) if isinstance(t, LowRank) else R(t, search_ranks=ranks) if isinstance(t, Smooth) else t
+            for t in d.transforms
+        )
         return R(d, name=f"default-rank-{tag}", transforms=ts)
 
     def rotated(block):
-        return R(d, name="default-rotate-" + ("max" if block is None else f"b{block}"),
-                 transforms=_swap(d, Rotate, Rotate(0, block)))
+        return R(
+            d,
+            name="default-rotate-" + ("max" if block is None else f"b{block}"),
+            transforms=_swap(d, Rotate, Rotate(0, block)),
+        )
 
     def refit(t):
         ts = [x for x in d.transforms if not isinstance(x, LowRankRefit)]
@@ -72,66 +91,145 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     table = {
         # removal of a kept component
         "no_lowrank": (rank(0), "seed", "no low-rank branch (rank 0)"),
-        "no_rotation": (R(d, name="default-norot", transforms=tuple(t for t in d.transforms
-                                                                    if not isinstance(t, Rotate))), "seed",
-                        "no Hadamard rotation (smoothing alpha 0.5, rank-32 branch, GPTQ, one clip)"),
+        "no_rotation": (
+            R(d, name="default-norot", transforms=tuple(t for t in d.transforms if not isinstance(t, Rotate))),
+            "seed",
+            "no Hadamard rotation (smoothing alpha 0.5, rank-32 branch, GPTQ, one clip)",
+        ),
         "no_gptq": (R(d, name="default-rtn", transforms=_swap(d, GPTQ, RTN())), "seed", "RTN instead of GPTQ"),
-        "no_smoothing": (R(d, name="default-nosmooth", transforms=tuple(t for t in d.transforms
-                                                                         if not isinstance(t, Smooth))), "seed",
-                         "no smoothing at all (the rotation, low-rank branch and GPTQ on the raw input)"),
+        "no_smoothing": (
+            R(d, name="default-nosmooth", transforms=tuple(t for t in d.transforms if not isinstance(t, Smooth))),
+            "seed",
+            "no smoothing at all (the rotation, low-rank branch and GPTQ on the raw input)",
+        ),
         # what a component dropped from the default would add back
-        "per_expert_calib": (R(d, name="default-per-expert", calibration="per_expert"), "seed",
-                             "each expert calibrated on its own activations (the seed's per-expert policy)"),
-        "bin_balance": (R(d, name="default-bin-balance", transforms=_swap(d, GPTQ, R(gq, balance_bins=True))), "seed",
-                        "GPTQ with the 3 timestep bins per expert weighted alike (bins balanced)"),
-        "per_bin_clips": (binned, "seed", "recipe 'binned': per-expert calibration, GPTQ bins balanced and a clip "
-                                          "searched per timestep bin, 3 bins per expert"),
+        "per_expert_calib": (
+            R(d, name="default-per-expert", calibration="per_expert"),
+            "seed",
+            "each expert calibrated on its own activations (the seed's per-expert policy)",
+        ),
+        "bin_balance": (
+            R(d, name="default-bin-balance", transforms=_swap(d, GPTQ, R(gq, balance_bins=True))),
+            "seed",
+            "GPTQ with the 3 timestep bins per expert weighted alike (bins balanced)",
+        ),
+        "per_bin_clips": (
+            binned,
+            "seed",
+            "recipe 'binned': per-expert calibration, GPTQ bins balanced and a clip "
+            "searched per timestep bin, 3 bins per expert",
+        ),
         "per_bin_clips_bins6": (binned, "6", "recipe 'binned' with 6 bins per expert"),
         # other choices
-        "gptq_act_order": (R(d, name="default-actorder", transforms=_swap(d, GPTQ, R(gq, act_order=True))), "seed",
-                           "GPTQ with act-order (input channels by descending Hessian diagonal)"),
-        "gptq_wclip": (R(d, name="default-wclip", transforms=_swap(d, GPTQ, R(gq, weight_clips=WEIGHT_CLIPS))),
-                       "seed", "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)"),
-        "exact_svd": (R(d, name="default-svd", transforms=tuple(
-            R(t, method="svd") if isinstance(t, LowRank) else R(t, lowrank_method="svd") if isinstance(t, Smooth)
-            else t for t in d.transforms)), "seed",
-            "low-rank branch (and the alpha search's) by exact SVD instead of randomized subspace iteration"),
-        "lowrank_refit": (refit(LowRankRefit()), "seed", "low-rank branch refit after GPTQ to the 4-bit "
-                          "path's output error on the calibration rows (weight + activation quantization)"),
-        "lowrank_refit_weight": (refit(LowRankRefit(target="weight")), "seed",
-                                 "low-rank branch refit after GPTQ to the weight quantization error only"),
-        "rank_ffn64_attn16": (path_ranks("ffn64-attn16", RANK_FFN64_ATTN16), "seed",
-                              "rank 64 on ffn.fc1/fc2 and 16 on the 8 attention projections: the rank-32 budget "
-                              "sum r (K + N) moved to the FFN (equal on the mini model, 97 % of it at full size)"),
-        "rank_ffn96_attn0": (path_ranks("ffn96-attn0", RANK_FFN96_ATTN0), "seed",
-                             "rank 96 on ffn.fc1/fc2 and no branch on the attention projections: the whole rank-32 "
-                             "budget in the FFN (equal on the mini model, 95 % of it at full size)"),
-        "alpha_search": (R(d, name="default-alpha-search", transforms=_swap(d, Smooth, Smooth(
-            search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"))), "seed",
-                         "smoothing alpha searched per layer (rank-32 branch in the loop; the former default) "
-                         "instead of 0.5"),
-        "fast": (get_recipe("fast"), "seed", "recipe 'fast' (the former default): alpha searched, no "
-                                             "rotation"),
-        "rotate_max": (rotated(None), "seed", "rotation blocks as large as K allows (the largest power of two "
-                                              "dividing K: 1024 / 512 at full size; 256 on the mini model, as the "
-                                              "default)"),
+        "gptq_act_order": (
+            R(d, name="default-actorder", transforms=_swap(d, GPTQ, R(gq, act_order=True))),
+            "seed",
+            "GPTQ with act-order (input channels by descending Hessian diagonal)",
+        ),
+        "gptq_wclip": (
+            R(d, name="default-wclip", transforms=_swap(d, GPTQ, R(gq, weight_clips=WEIGHT_CLIPS))),
+            "seed",
+            "GPTQ with a per-channel weight clip searched (diag(H)-weighted RTN error)",
+        ),
+        "exact_svd": (
+            R(
+                d,
+                name="default-svd",
+                transforms=tuple(
+                    R(t, method="svd")
+                    if isinstance(t, LowRank)
+                    else R(t, lowrank_method="svd")
+                    if isinstance(t, Smooth)
+                    else t
+                    for t in d.transforms
+                ),
+            ),
+            "seed",
+            "low-rank branch (and the alpha search's) by exact SVD instead of randomized subspace iteration",
+        ),
+        "lowrank_refit": (
+            refit(LowRankRefit()),
+            "seed",
+            "low-rank branch refit after GPTQ to the 4-bit "
+            "path's output error on the calibration rows (weight + activation quantization)",
+        ),
+        "lowrank_refit_weight": (
+            refit(LowRankRefit(target="weight")),
+            "seed",
+            "low-rank branch refit after GPTQ to the weight quantization error only",
+        ),
+        "rank_ffn64_attn16": (
+            path_ranks("ffn64-attn16", RANK_FFN64_ATTN16),
+            "seed",
+            "rank 64 on ffn.fc1/fc2 and 16 on the 8 attention projections: the rank-32 budget "
+            "sum r (K + N) moved to the FFN (equal on the mini model, 97 % of it at full size)",
+        ),
+        "rank_ffn96_attn0": (
+            path_ranks("ffn96-attn0", RANK_FFN96_ATTN0),
+            "seed",
+            "rank 96 on ffn.fc1/fc2 and no branch on the attention projections: the whole rank-32 "
+            "budget in the FFN (equal on the mini model, 95 % of it at full size)",
+        ),
+        "alpha_search": (
+            R(
+                d,
+                name="default-alpha-search",
+                transforms=_swap(
+                    d,
+                    Smooth,
+                    Smooth(search=True, alphas=DEFAULT_ALPHA_GRID, search_rank=32, lowrank_method="randomized"),
+                ),
+            ),
+            "seed",
+            "smoothing alpha searched per layer (rank-32 branch in the loop; the former default) instead of 0.5",
+        ),
+        "fast": (get_recipe("fast"), "seed", "recipe 'fast' (the former default): alpha searched, no rotation"),
+        "rotate_max": (
+            rotated(None),
+            "seed",
+            "rotation blocks as large as K allows (the largest power of two "
+            "dividing K: 1024 / 512 at full size; 256 on the mini model, as the "
+            "default)",
+        ),
         "rotate_b128": (rotated(128), "seed", "rotation in Hadamard blocks of 128 (the default's: up to 256)"),
         "rotate_b64": (rotated(64), "seed", "rotation in Hadamard blocks of 64"),
         "rank16": (rank(16), "seed", "rank 16"),
         "rank64": (rank(64), "seed", "rank 64"),
-        "int4_g64": (fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64),
-                         cs), "seed", "INT4 W/A in groups of 64"),
-        "mxfp4": (fmt("default-mxfp4", WeightQuantSpec("mxfp4", scale_rule="ocp_floor"),
-                      ActQuantSpec("mxfp4", scale_rule="safe_ceil"), ClipSearch(SEED_CLIPS, SEED_EXP_OFFSETS)),
-                  "seed", "MXFP4 W/A (seed scale rules, clip x exponent-offset search)"),
-        "nvfp4": (fmt("default-nvfp4", WeightQuantSpec("nvfp4"), ActQuantSpec("nvfp4"), ClipSearch(INT_CLIPS, (0,))),
-                  "seed", "NVFP4 W/A"),
-        "w4a8": (fmt("default-w4a8", d.weight, ActQuantSpec("int8"), cs), "seed",
-                 "INT8 per-token activations, INT4 weights (what the 4-bit activations cost)"),
-        "w8a4": (fmt("default-w8a4", WeightQuantSpec("int8"), d.act, cs), "seed",
-                 "INT8 per-channel weights, INT4 activations (what the 4-bit weights cost)"),
-        "static": (R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
-                   "seed", "static per-bin activation scales (searched) instead of dynamic per-token"),
+        "int4_g64": (
+            fmt("default-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int4", group_size=64), cs),
+            "seed",
+            "INT4 W/A in groups of 64",
+        ),
+        "mxfp4": (
+            fmt(
+                "default-mxfp4",
+                WeightQuantSpec("mxfp4", scale_rule="ocp_floor"),
+                ActQuantSpec("mxfp4", scale_rule="safe_ceil"),
+                ClipSearch(SEED_CLIPS, SEED_EXP_OFFSETS),
+            ),
+            "seed",
+            "MXFP4 W/A (seed scale rules, clip x exponent-offset search)",
+        ),
+        "nvfp4": (
+            fmt("default-nvfp4", WeightQuantSpec("nvfp4"), ActQuantSpec("nvfp4"), ClipSearch(INT_CLIPS, (0,))),
+            "seed",
+            "NVFP4 W/A",
+        ),
+        "w4a8": (
+            fmt("default-w4a8", d.weight, ActQuantSpec("int8"), cs),
+            "seed",
+            "INT8 per-token activations, INT4 weights (what the 4-bit activations cost)",
+        ),
+        "w8a4": (
+            fmt("default-w8a4", WeightQuantSpec("int8"), d.act, cs),
+            "seed",
+            "INT8 per-channel weights, INT4 activations (what the 4-bit weights cost)",
+        ),
+        "static": (
+            R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
+            "seed",
+            "static per-bin activation scales (searched) instead of dynamic per-token",
+        ),
     }
     names = list(ABLATIONS) if names is None else list(names)
     bad = [n for n in names if n not in table]
@@ -145,18 +243,50 @@ RANK_FFN64_ATTN16 = ((r"ffn\.fc[12]", 64), (r"attn\.", 16))
 RANK_FFN96_ATTN0 = ((r"ffn\.fc[12]", 96), (r"attn\.", 0))
 
 #: Ablation names, in report order.
-ABLATIONS = ("no_lowrank", "no_gptq", "no_smoothing", "no_rotation", "alpha_search", "per_expert_calib",
-             "bin_balance", "per_bin_clips", "per_bin_clips_bins6", "gptq_act_order", "gptq_wclip", "exact_svd",
-             "lowrank_refit", "lowrank_refit_weight", "rank_ffn64_attn16",
-             "rank_ffn96_attn0", "fast", "rotate_max", "rotate_b128", "rotate_b64", "rank16", "rank64",
-             "int4_g64", "mxfp4", "nvfp4", "w4a8", "w8a4", "static")
+ABLATIONS = (
+    "no_lowrank",
+    "no_gptq",
+    "no_smoothing",
+    "no_rotation",
+    "alpha_search",
+    "per_expert_calib",
+    "bin_balance",
+    "per_bin_clips",
+    "per_bin_clips_bins6",
+    "gptq_act_order",
+    "gptq_wclip",
+    "exact_svd",
+    "lowrank_refit",
+    "lowrank_refit_weight",
+    "rank_ffn64_attn16",
+    "rank_ffn96_attn0",
+    "fast",
+    "rotate_max",
+    "rotate_b128",
+    "rotate_b64",
+    "rank16",
+    "rank64",
+    "int4_g64",
+    "mxfp4",
+    "nvfp4",
+    "w4a8",
+    "w8a4",
+    "static",
+)
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
-REMOVALS = {"no_lowrank": "low-rank branch", "no_gptq": "GPTQ", "no_smoothing": "smoothing",
-            "no_rotation": "Hadamard rotation"}
-ADDITIONS = {"alpha_search": "the per-layer alpha search", "per_expert_calib": "per-expert calibration",
-             "bin_balance": "timestep bins (GPTQ bin balancing)",
-             "per_bin_clips": "the seed's per-expert, per-bin policy (recipe binned)"}
+REMOVALS = {
+    "no_lowrank": "low-rank branch",
+    "no_gptq": "GPTQ",
+    "no_smoothing": "smoothing",
+    "no_rotation": "Hadamard rotation",
+}
+ADDITIONS = {
+    "alpha_search": "the per-layer alpha search",
+    "per_expert_calib": "per-expert calibration",
+    "bin_balance": "timestep bins (GPTQ bin balancing)",
+    "per_bin_clips": "the seed's per-expert, per-bin policy (recipe binned)",
+}
 
 
 def plan_variants(recipes: Sequence[str], ablations: Sequence[str] | bool = False) -> list[Variant]:
@@ -164,7 +294,7 @@ def plan_variants(recipes: Sequence[str], ablations: Sequence[str] | bool = Fals
     reference); unknown names raise ``KeyError`` listing the valid ones."""
     recipes = list(recipes)
     if ablations and "default" not in recipes:
-        recipes.append("default")                 # the reference of the ablations
+        recipes.append("default")  # the reference of the ablations
     variants = recipe_variants(recipes)
     if ablations:
         variants += ablation_variants(None if ablations is True else ablations)

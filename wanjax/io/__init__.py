@@ -8,6 +8,7 @@ wanjax names) / `validate`; `dit_source` (what a path is); `dit_params` (the par
 NaN/Inf check, model assembly); then `dit_loader` (`load_dit`, dispatching) and `orbax_cache` (`convert`,
 `load_cached`), which both build on the two below and not on each other ("where is" table: docs/ARCHITECTURE.md).
 """
+
 from wanjax.io.dit_loader import load_dit
 from wanjax.io.errors import CheckpointError
 
@@ -15,6 +16,7 @@ from wanjax.io.errors import CheckpointError
 def convert(src, dst, *args, **kwargs):
     """Convert a DiT checkpoint into an orbax cache; see `wanjax.io.orbax_cache.convert`."""
     from wanjax.io.orbax_cache import convert as _convert
+
     return _convert(src, dst, *args, **kwargs)
 
 

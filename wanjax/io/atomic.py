@@ -4,6 +4,7 @@ Files: `atomic_write` (a context manager yielding an open file), `atomic_path` (
 writers that take a file name: imageio, ``torch.save``, ``np.savez``), `write_json_atomic`. Directories:
 `make_temp_dir` + `publish_dir`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    mask = os.umask(0o022)   # not thread-safe, only where /proc is missing
+    mask = os.umask(0o022)  # not thread-safe, only where /proc is missing
     os.umask(mask)
     return mask
 
@@ -69,7 +70,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:   # e.g. EPERM: it exists
+    except OSError:  # e.g. EPERM: it exists
         return True
     return True
 
@@ -80,8 +81,10 @@ def remove_stale_temps(dst: str | os.PathLike) -> list[str]:
     kept."""
     dst = os.path.abspath(os.fspath(dst))
     parent, base = os.path.dirname(dst), os.path.basename(dst)
-    pat = re.compile(rf"^\.{re.escape(base)}\.(?:{'|'.join(map(re.escape, TEMP_TAGS))})-"
-                     rf"{re.escape(socket.gethostname().replace(os.sep, '_'))}-(\d+)-[^/]+$")
+    pat = re.compile(
+        rf"^\.{re.escape(base)}\.(?:{'|'.join(map(re.escape, TEMP_TAGS))})-"
+        rf"{re.escape(socket.gethostname().replace(os.sep, '_'))}-(\d+)-[^/]+$"
+    )
     removed = []
     try:
         names = os.listdir(parent)
@@ -110,18 +113,19 @@ def publish_dir(tmp: str, dst: str, *, inputs=(), what: str = "output") -> str:
     if not os.path.lexists(dst):
         os.rename(tmp, dst)
         return dst
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-{_temp_tag()}-",
-                           dir=os.path.dirname(os.path.abspath(dst)))
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(dst)}.old-{_temp_tag()}-", dir=os.path.dirname(os.path.abspath(dst))
+    )
     aside = os.path.join(old, "x")
     os.rename(dst, aside)
     try:
         os.rename(tmp, dst)
     except BaseException:
         if not os.path.lexists(dst):
-            os.rename(aside, dst)   # put the previous version back
+            os.rename(aside, dst)  # put the previous version back
         shutil.rmtree(old, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)   # does not follow a symlink that was dst
+    shutil.rmtree(old, ignore_errors=True)  # does not follow a symlink that was dst
     return dst
 
 
@@ -143,8 +147,10 @@ def check_not_overlapping(dst: str | os.PathLike, *sources: str | os.PathLike | 
             rel = "is inside"
         else:
             continue
-        raise ValueError(f"{what} {os.fspath(dst)} {rel} the input {os.fspath(src)}: refusing to write there (it "
-                         "would delete or change the input); choose another output path")
+        raise ValueError(
+            f"{what} {os.fspath(dst)} {rel} the input {os.fspath(src)}: refusing to write there (it "
+            "would delete or change the input); choose another output path"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -162,7 +168,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, fsync: bool = 
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -190,8 +196,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
                 os.fsync(f.fileno())
 
 
-def write_json_atomic(path: str | os.PathLike, obj, *, indent: int | None = 1, sort_keys: bool = False,
-                      fsync: bool = True) -> str:
+def write_json_atomic(
+    path: str | os.PathLike, obj, *, indent: int | None = 1, sort_keys: bool = False, fsync: bool = True
+) -> str:
     """Write ``obj`` as JSON to ``path`` atomically (`atomic_write`); numpy values are converted
     (`wanjax.io.jsonio.json_default`). Returns the path."""
     from wanjax.io.jsonio import json_default

@@ -19,6 +19,7 @@ loader and the cache build on those two modules and never on each other's intern
 (and orbax) only when ``path`` is one. The names of those modules that callers used to import from here are
 re-exported (``__all__``).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,19 +29,51 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.config import WanConfig
-from wanjax.io.dit_params import (abstract_model, build_model, disk_where, flatten_tree, infer_config,
-                                  nonfinite_problems, raise_if_nonfinite, read_safetensors_params, stream_safetensors,
-                                  target_tree, unflatten_tree)
+from wanjax.io.dit_params import (
+    abstract_model,
+    build_model,
+    disk_where,
+    flatten_tree,
+    infer_config,
+    nonfinite_problems,
+    raise_if_nonfinite,
+    read_safetensors_params,
+    stream_safetensors,
+    target_tree,
+    unflatten_tree,
+)
 from wanjax.io.dit_source import ORBAX_MARKER, OTHER_CHECKPOINT_EXTS, CheckpointSource, resolve
 
-__all__ = ["load_dit", "CheckpointSource", "resolve", "ORBAX_MARKER", "OTHER_CHECKPOINT_EXTS", "infer_config",
-           "abstract_model", "target_tree", "unflatten_tree", "flatten_tree", "read_safetensors_params",
-           "stream_safetensors", "nonfinite_problems", "raise_if_nonfinite", "disk_where", "build_model"]
+__all__ = [
+    "load_dit",
+    "CheckpointSource",
+    "resolve",
+    "ORBAX_MARKER",
+    "OTHER_CHECKPOINT_EXTS",
+    "infer_config",
+    "abstract_model",
+    "target_tree",
+    "unflatten_tree",
+    "flatten_tree",
+    "read_safetensors_params",
+    "stream_safetensors",
+    "nonfinite_problems",
+    "raise_if_nonfinite",
+    "disk_where",
+    "build_model",
+]
 
 
-def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-             ignore_unknown: bool = False, sharding: jax.sharding.Sharding | None = None, check_finite: bool = True,
-             verify: bool | None = None):
+def load_dit(
+    path: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    config: WanConfig | None = None,
+    ignore_unknown: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
+    check_finite: bool = True,
+    verify: bool | None = None,
+):
     """Load one Wan2.2 DiT expert as a `wanjax.model.dit.WanDiT`.
 
     Args:
@@ -61,8 +94,8 @@ def load_dit(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig |
     src = resolve(path)
     if src.kind == "orbax":
         from wanjax.io.orbax_cache import load_cached
-        return load_cached(src.path, dtype, config=config, sharding=sharding, check_finite=check_finite,
-                           verify=verify)
+
+        return load_cached(src.path, dtype, config=config, sharding=sharding, check_finite=check_finite, verify=verify)
     cfg, params, chosen = stream_safetensors(src, dtype, config=config, ignore_unknown=ignore_unknown)
     model = build_model(cfg, dtype, params, sharding)
     if check_finite:

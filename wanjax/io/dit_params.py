@@ -9,6 +9,7 @@
 * `nonfinite_problems` / `raise_if_nonfinite`: name every tensor holding a NaN/Inf;
 * `build_model`: assemble the `WanDiT`, moving the host buffers to the device one leaf at a time and freeing each.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,24 +40,40 @@ Flat = dict[tuple[str, ...], Any]
 
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str = "<checkpoint>") -> WanConfig:
     """Infer a `WanConfig` from official-key tensor shapes (num_heads = dim / 128, text_len 512, eps 1e-6)."""
-    need = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight",
-            "head.head.weight")
+    need = (
+        "patch_embedding.weight",
+        "text_embedding.0.weight",
+        "time_embedding.0.weight",
+        "blocks.0.ffn.0.weight",
+        "head.head.weight",
+    )
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise CheckpointError(f"{source}: cannot infer the model config from shapes: key(s) {missing} missing "
-                              "(add a config.json next to the file or pass config=)")
+        raise CheckpointError(
+            f"{source}: cannot infer the model config from shapes: key(s) {missing} missing "
+            "(add a config.json next to the file or pass config=)"
+        )
     pe = shapes["patch_embedding.weight"]
     dim, in_dim = pe[0], pe[1]
     patch = tuple(pe[2:])
     if dim % _INFER_HEAD_DIM:
-        raise CheckpointError(f"{source}: cannot infer num_heads: dim {dim} is not a multiple of head_dim "
-                              f"{_INFER_HEAD_DIM} (pass config= or add a config.json)")
+        raise CheckpointError(
+            f"{source}: cannot infer num_heads: dim {dim} is not a multiple of head_dim "
+            f"{_INFER_HEAD_DIM} (pass config= or add a config.json)"
+        )
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     try:
-        return WanConfig(dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], num_heads=dim // _INFER_HEAD_DIM,
-                         num_layers=layers, in_dim=in_dim, out_dim=shapes["head.head.weight"][0] // math.prod(patch),
-                         text_dim=shapes["text_embedding.0.weight"][1], freq_dim=shapes["time_embedding.0.weight"][1],
-                         patch_size=patch)
+        return WanConfig(
+            dim=dim,
+            ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+            num_heads=dim // _INFER_HEAD_DIM,
+            num_layers=layers,
+            in_dim=in_dim,
+            out_dim=shapes["head.head.weight"][0] // math.prod(patch),
+            text_dim=shapes["text_embedding.0.weight"][1],
+            freq_dim=shapes["time_embedding.0.weight"][1],
+            patch_size=patch,
+        )
     except ValueError as e:
         raise CheckpointError(f"{source}: inferred config is invalid: {e}") from None
 
@@ -64,19 +81,21 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str = "<checkpoint>
 def abstract_model(cfg: WanConfig, dtype=jnp.bfloat16):
     """`WanDiT` with abstract (shape-only) parameters; nothing is allocated."""
     from wanjax.model.dit import WanDiT
+
     return nnx.eval_shape(lambda: WanDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def target_tree(cfg: WanConfig, dtype=jnp.bfloat16) -> Flat:
     """Flat ``{path: ShapeDtypeStruct}`` of the model's parameters (the loader's target), checked against keymap."""
     params = nnx.to_pure_dict(nnx.state(abstract_model(cfg, dtype), nnx.Param))
-    flat = {tuple(str(getattr(k, "key", k)) for k in p): v
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {tuple(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     want = keymap.wanjax_shapes(cfg)
     if set(want) != set(flat) or any(tuple(flat[p].shape) != want[p] for p in want):
         diff = sorted(set(want) ^ set(flat)) or [p for p in want if tuple(flat[p].shape) != want[p]]
-        raise RuntimeError(f"wanjax.io.keymap and WanDiT disagree on the parameter tree at {diff[:5]}: update "
-                           "keymap.official_to_wanjax to the model")
+        raise RuntimeError(
+            f"wanjax.io.keymap and WanDiT disagree on the parameter tree at {diff[:5]}: update "
+            "keymap.official_to_wanjax to the model"
+        )
     return flat
 
 
@@ -102,8 +121,9 @@ def flatten_tree(tree: dict, prefix: tuple[str, ...] = ()) -> Flat:
     return out
 
 
-def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-                            ignore_unknown: bool = False) -> tuple[WanConfig, Flat]:
+def read_safetensors_params(
+    src: CheckpointSource, dtype=jnp.bfloat16, *, config: WanConfig | None = None, ignore_unknown: bool = False
+) -> tuple[WanConfig, Flat]:
     """Validate then stream a safetensors checkpoint into converted host arrays.
 
     Returns ``(config, {path: np.ndarray})`` in the wanjax layout, each leaf in the model's dtype for ``dtype``
@@ -113,8 +133,9 @@ def read_safetensors_params(src: CheckpointSource, dtype=jnp.bfloat16, *, config
     return cfg, bufs
 
 
-def stream_safetensors(src: CheckpointSource, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-                       ignore_unknown: bool = False) -> tuple[WanConfig, Flat, dict]:
+def stream_safetensors(
+    src: CheckpointSource, dtype=jnp.bfloat16, *, config: WanConfig | None = None, ignore_unknown: bool = False
+) -> tuple[WanConfig, Flat, dict]:
     """`read_safetensors_params` plus ``{official key: TensorInfo}`` of the tensors read (file and on-disk key, for
     `disk_where`): ``(config, {path: np.ndarray}, chosen)``."""
     infos = scan(list(src.files), src.index, src.index_path)
@@ -129,19 +150,29 @@ def stream_safetensors(src: CheckpointSource, dtype=jnp.bfloat16, *, config: Wan
                 if name is not None:
                     shapes[name] = t.shape
             config = infer_config(shapes, src.path)
-    chosen = validate(infos, keymap.official_shapes(config), layout=layout, comfy=comfy, source=src.path,
-                      ignore_unknown=ignore_unknown)
+    chosen = validate(
+        infos,
+        keymap.official_shapes(config),
+        layout=layout,
+        comfy=comfy,
+        source=src.path,
+        ignore_unknown=ignore_unknown,
+    )
     target = target_tree(config, dtype)
     bufs = {p: np.empty(s.shape, s.dtype) for p, s in target.items()}
     filled = {p: 0 for p in target}
     names = {(t.file, t.key): n for n, t in chosen.items()}
-    for info, start, arr in iter_chunks(list(chosen.values()), CHUNK_BYTES, REOPEN_BYTES,
-                                        can_split=lambda i: names[(i.file, i.key)] != "patch_embedding.weight"):
+    for info, start, arr in iter_chunks(
+        list(chosen.values()),
+        CHUNK_BYTES,
+        REOPEN_BYTES,
+        can_split=lambda i: names[(i.file, i.key)] != "patch_embedding.weight",
+    ):
         t = keymap.official_to_wanjax(names[(info.file, info.key)])
         slot = bufs[t.path] if t.layer is None else bufs[t.path][t.layer]
         stop = start + arr.shape[0]
         # cast (e.g. fp32 -> bf16, round to nearest even) + layout change in one pass, into the final buffer
-        if t.kind == "linear":         # torch rows are output features: columns of the [in, out] kernel
+        if t.kind == "linear":  # torch rows are output features: columns of the [in, out] kernel
             slot[:, start:stop] = arr.T
         elif t.kind == "patch":
             slot[...] = keymap.convert_tensor(t.kind, arr)
@@ -150,7 +181,7 @@ def stream_safetensors(src: CheckpointSource, dtype=jnp.bfloat16, *, config: Wan
         if stop == info.shape[0] or not info.shape:
             filled[t.path] += 1
         del arr
-    for p, n in filled.items():   # validation guarantees this; keep the invariant explicit
+    for p, n in filled.items():  # validation guarantees this; keep the invariant explicit
         want = config.num_layers if p[0] == "blocks" else 1
         if n != want:
             raise RuntimeError(f"internal: parameter {'/'.join(p)} filled {n} times, expected {want}")
@@ -195,19 +226,23 @@ def raise_if_nonfinite(params, cfg: WanConfig, source: str, where=None) -> None:
     """`CheckpointError` naming ``source`` and every tensor with a NaN/Inf (see `nonfinite_problems`)."""
     problems = nonfinite_problems(params, cfg, where)
     if problems:
-        raise CheckpointError(f"{source}: {len(problems)} tensor(s) hold non-finite values (NaN/Inf); the "
-                              "checkpoint is corrupt or was saved from a diverged model:\n  " + "\n  ".join(problems),
-                              problems)
+        raise CheckpointError(
+            f"{source}: {len(problems)} tensor(s) hold non-finite values (NaN/Inf); the "
+            "checkpoint is corrupt or was saved from a diverged model:\n  " + "\n  ".join(problems),
+            problems,
+        )
 
 
 def disk_where(chosen: dict):
     """A ``where`` for `nonfinite_problems` that names the file and on-disk key of each official key in ``chosen``
     (the third value of `stream_safetensors`)."""
+
     def where(key: str) -> str:
         t = chosen.get(key)
         if t is None:
             return repr(key)
         return f"{t.file}: key {t.key!r}" + ("" if t.key == key else f" (official {key!r})")
+
     return where
 
 
@@ -220,11 +255,11 @@ def build_model(cfg: WanConfig, dtype, params: Flat, sharding: jax.sharding.Shar
     model = abstract_model(cfg, dtype)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
-        raise RuntimeError("WanDiT has non-parameter state; wanjax.io.dit_params.build_model must be taught to "
-                           "create it")
+        raise RuntimeError(
+            "WanDiT has non-parameter state; wanjax.io.dit_params.build_model must be taught to create it"
+        )
     arrays: Flat = {}
     for p in list(params):
-        arrays[p] = jax.device_put(params.pop(p), sharding).block_until_ready()   # host buffer freed once copied
+        arrays[p] = jax.device_put(params.pop(p), sharding).block_until_ready()  # host buffer freed once copied
     nnx.replace_by_pure_dict(state, unflatten_tree(arrays))
     return nnx.merge(graphdef, state, rest)
-

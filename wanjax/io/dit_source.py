@@ -4,6 +4,7 @@ Shared by `wanjax.io.dit_loader` (which loads what it finds) and `wanjax.io.orba
 reads only file names and safetensors headers, never tensor data. The accepted forms are listed in
 `wanjax.io.dit_loader`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from wanjax.io.safetensors_stream import read_header, read_index
 
 #: The metadata file that marks a directory written by `wanjax.io.orbax_cache.convert`.
 ORBAX_MARKER = "wanjax_dit.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSource:
@@ -41,7 +43,7 @@ def _sibling_config(d: str) -> str | None:
 
 def _index_source(path: str) -> CheckpointSource:
     index = read_index(path)
-    files = tuple(dict.fromkeys(index.values()))   # unique, in first-use order
+    files = tuple(dict.fromkeys(index.values()))  # unique, in first-use order
     return CheckpointSource(path, "safetensors", files, index, path, _sibling_config(os.path.dirname(path) or "."))
 
 
@@ -62,19 +64,22 @@ def _resolve_dir(path: str) -> CheckpointSource:
     marker = os.path.join(path, ORBAX_MARKER)
     indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    names = lambda ps: [os.path.basename(p) for p in ps]   # noqa: E731
+    names = lambda ps: [os.path.basename(p) for p in ps]  # noqa: E731
     if os.path.isfile(marker):
         if indexes or files:
             raise CheckpointError(
                 f"{path}: ambiguous: holds both a converted wanjax cache ({ORBAX_MARKER}, params/) and safetensors "
                 f"checkpoint file(s) {names(indexes + files)[:8]}; move one of them out of the directory (pass "
-                "the *.safetensors.index.json or .safetensors file itself to load the safetensors)")
+                "the *.safetensors.index.json or .safetensors file itself to load the safetensors)"
+            )
         return CheckpointSource(path, "orbax")
-    others = sorted(f for f in os.listdir(path) if f.lower().endswith(OTHER_CHECKPOINT_EXTS)
-                    and os.path.isfile(os.path.join(path, f)))
+    others = sorted(
+        f
+        for f in os.listdir(path)
+        if f.lower().endswith(OTHER_CHECKPOINT_EXTS) and os.path.isfile(os.path.join(path, f))
+    )
     if len(indexes) > 1:
-        raise CheckpointError(f"{path}: ambiguous: several index files, pass one of them explicitly: "
-                              f"{names(indexes)}")
+        raise CheckpointError(f"{path}: ambiguous: several index files, pass one of them explicitly: {names(indexes)}")
     if indexes:
         src = _index_source(indexes[0])
         used = {os.path.realpath(f) for f in src.files}
@@ -85,25 +90,37 @@ def _resolve_dir(path: str) -> CheckpointSource:
                 f"{path}: ambiguous: two checkpoints: the index {os.path.basename(indexes[0])} (shards "
                 f"{names(src.files)[:4]}{' ...' if len(src.files) > 4 else ''}) and {names(second)}, which the "
                 "index does not list but which hold Wan DiT weights; pass the index json or the .safetensors file "
-                "itself, or remove the one you do not want", [f"{f}: not in {indexes[0]}" for f in second])
+                "itself, or remove the one you do not want",
+                [f"{f}: not in {indexes[0]}" for f in second],
+            )
         for f in stray + [os.path.join(path, o) for o in others]:
-            warnings.warn(f"{path}: ignoring {os.path.basename(f)}: not part of the checkpoint "
-                          f"{os.path.basename(indexes[0])}", stacklevel=3)
+            warnings.warn(
+                f"{path}: ignoring {os.path.basename(f)}: not part of the checkpoint {os.path.basename(indexes[0])}",
+                stacklevel=3,
+            )
         return src
     if len(files) == 1:
         for o in others:
-            warnings.warn(f"{path}: ignoring {o}: not part of the checkpoint {os.path.basename(files[0])}",
-                          stacklevel=3)
+            warnings.warn(
+                f"{path}: ignoring {o}: not part of the checkpoint {os.path.basename(files[0])}", stacklevel=3
+            )
         return CheckpointSource(path, "safetensors", (files[0],), config_path=_sibling_config(path))
-    hints = [d for d in ("high_noise_model", "low_noise_model", "transformer", "transformer_2")
-             if os.path.isdir(os.path.join(path, d))]
+    hints = [
+        d
+        for d in ("high_noise_model", "low_noise_model", "transformer", "transformer_2")
+        if os.path.isdir(os.path.join(path, d))
+    ]
     hint = f" (it has expert sub-directories: pass one of {hints})" if hints else ""
     if files:
-        raise CheckpointError(f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to "
-                              f"tell how they fit together: {names(files)[:8]}")
+        raise CheckpointError(
+            f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to "
+            f"tell how they fit together: {names(files)[:8]}"
+        )
     if others and not hints:
-        raise CheckpointError(f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found, only "
-                              f"{others[:8]} (formats wanjax does not load: convert them to safetensors)")
+        raise CheckpointError(
+            f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found, only "
+            f"{others[:8]} (formats wanjax does not load: convert them to safetensors)"
+        )
     raise CheckpointError(f"{path}: no *.safetensors.index.json, *.safetensors or {ORBAX_MARKER} found{hint}")
 
 
@@ -125,4 +142,3 @@ def resolve(path: str | os.PathLike) -> CheckpointSource:
     if path.endswith(".safetensors"):
         return CheckpointSource(path, "safetensors", (path,), config_path=_sibling_config(os.path.dirname(path) or "."))
     raise CheckpointError(f"{path}: expected a directory, a *.safetensors.index.json or a .safetensors file")
-

@@ -1,4 +1,5 @@
 """The error raised for unusable checkpoints."""
+
 from __future__ import annotations
 
 

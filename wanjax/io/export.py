@@ -5,6 +5,7 @@ safetensors`` shards + ``diffusion_pytorch_model.safetensors.index.json`` (as th
 ship them), atomically: everything goes to a temp dir that is renamed at the end. Used by the mini-model trainer and
 the demo, so the real loader is exercised on what we ship.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,15 @@ def _get(tree: dict, path) -> np.ndarray:
 def _to_torch_layout(kind: str, w: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(w.T)
-    if kind == "patch":   # [(pt, ph, pw, c), O] -> [O, C, pt, ph, pw]
+    if kind == "patch":  # [(pt, ph, pw, c), O] -> [O, C, pt, ph, pw]
         o, c, pt, ph, pw = torch_shape
         return np.ascontiguousarray(w.reshape(pt, ph, pw, c, o).transpose(4, 3, 0, 1, 2))
     return np.ascontiguousarray(w.reshape(torch_shape))
 
 
-def export_state_dict(model_or_params, cfg: WanConfig | None = None, layout: str = "official",
-                      dtype=None) -> dict[str, np.ndarray]:
+def export_state_dict(
+    model_or_params, cfg: WanConfig | None = None, layout: str = "official", dtype=None
+) -> dict[str, np.ndarray]:
     """``{key: array}`` in PyTorch layout for ``layout`` in {"official", "diffusers"} (``dtype``: cast, e.g.
     ``np.float32`` or ``ml_dtypes.bfloat16``; default keeps each parameter's dtype)."""
     if layout not in ("official", "diffusers"):
@@ -63,8 +65,9 @@ def export_state_dict(model_or_params, cfg: WanConfig | None = None, layout: str
     return out
 
 
-def save_dit(model, out_dir: str | os.PathLike, layout: str = "official", dtype=None,
-             max_shard_bytes: int = 5 << 30) -> str:
+def save_dit(
+    model, out_dir: str | os.PathLike, layout: str = "official", dtype=None, max_shard_bytes: int = 5 << 30
+) -> str:
     """Write ``model`` as an expert dir in ``layout``; returns ``out_dir``. Refuses to overwrite a non-empty dir."""
     from safetensors.numpy import save_file
 
@@ -97,7 +100,7 @@ def save_dit(model, out_dir: str | os.PathLike, layout: str = "official", dtype=
             json.dump(conf, f, indent=2)
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             raise FileExistsError(f"{out_dir}: exists and is not empty; refusing to overwrite")
-        publish_dir(tmp, out_dir)   # umask modes (mkdtemp makes 0700); an empty out_dir is replaced
+        publish_dir(tmp, out_dir)  # umask modes (mkdtemp makes 0700); an empty out_dir is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

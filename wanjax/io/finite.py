@@ -1,4 +1,5 @@
 """Cheap non-finite checks of parameter trees: one jitted reduction, one transfer of a boolean per tensor."""
+
 from __future__ import annotations
 
 import jax
@@ -15,8 +16,7 @@ def _nonfinite(a):
 
 @jax.jit
 def _nonfinite_flags(tree):
-    return jax.tree.map(lambda a: _nonfinite(a) if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros((), bool),
-                        tree)
+    return jax.tree.map(lambda a: _nonfinite(a) if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros((), bool), tree)
 
 
 def nonfinite_leaves(tree) -> list[str]:

@@ -1,4 +1,5 @@
 """JSON of results that hold numpy values: one ``default=`` hook for ``json.dump``."""
+
 from __future__ import annotations
 
 import json

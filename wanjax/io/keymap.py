@@ -13,6 +13,7 @@ Three naming schemes exist for the same tensors (reference: wan22_architecture.m
 
 Everything here is a pure function of names and shapes; no tensors are read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,9 @@ _BLOCK_RENAMES_INV = _invert(_BLOCK_RENAMES)
 _BLOCK_PARAM_RENAMES_INV = _invert(_BLOCK_PARAM_RENAMES)
 
 
-def _rename(key: str, top: dict[str, str], top_param: dict[str, str], block: dict[str, str],
-            block_param: dict[str, str]) -> str | None:
+def _rename(
+    key: str, top: dict[str, str], top_param: dict[str, str], block: dict[str, str], block_param: dict[str, str]
+) -> str | None:
     m = _BLOCK_RE.match(key)
     if m:
         prefix, rest = f"blocks.{m.group(1)}.", m.group(2)
@@ -123,13 +125,22 @@ def diffusers_to_official(key: str) -> str:
 
 def strip_comfy_prefix(key: str) -> str:
     """Remove the ComfyUI ``model.diffusion_model.`` prefix if present."""
-    return key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
+    return key[len(COMFY_PREFIX) :] if key.startswith(COMFY_PREFIX) else key
 
 
 # ---- layout detection --------------------------------------------------------------------------------------------
 _DIFFUSERS_MARKERS = ("condition_embedder.", "proj_out.", "scale_shift_table", ".attn1.", ".attn2.", ".ffn.net.")
-_OFFICIAL_MARKERS = ("text_embedding.", "time_embedding.", "time_projection.", "head.", ".self_attn.",
-                     ".cross_attn.", ".modulation", ".ffn.0.", ".ffn.2.")
+_OFFICIAL_MARKERS = (
+    "text_embedding.",
+    "time_embedding.",
+    "time_projection.",
+    "head.",
+    ".self_attn.",
+    ".cross_attn.",
+    ".modulation",
+    ".ffn.0.",
+    ".ffn.2.",
+)
 
 
 def detect_layout(keys, source: str = "<checkpoint>") -> tuple[str, bool]:
@@ -145,21 +156,26 @@ def detect_layout(keys, source: str = "<checkpoint>") -> tuple[str, bool]:
     prefixed = [k.startswith(COMFY_PREFIX) for k in keys]
     if any(prefixed) and not all(prefixed):
         bad = [k for k, p in zip(keys, prefixed) if not p][:5]
-        raise CheckpointError(f"{source}: some keys carry the ComfyUI prefix {COMFY_PREFIX!r} and some do not "
-                              f"(e.g. unprefixed: {bad})")
+        raise CheckpointError(
+            f"{source}: some keys carry the ComfyUI prefix {COMFY_PREFIX!r} and some do not (e.g. unprefixed: {bad})"
+        )
     comfy = all(prefixed)
     names = [strip_comfy_prefix(k) for k in keys]
     dotted = ["." + k for k in names]
     n_diff = sum(any(m in k for m in _DIFFUSERS_MARKERS) for k in dotted)
     n_off = sum(any(m in k for m in _OFFICIAL_MARKERS) for k in dotted)
     if n_diff and n_off:
-        raise CheckpointError(f"{source}: keys mix the official layout ({n_off} keys like "
-                              f"'blocks.N.self_attn.q.weight') and the diffusers layout ({n_diff} keys like "
-                              "'blocks.N.attn1.to_q.weight')")
+        raise CheckpointError(
+            f"{source}: keys mix the official layout ({n_off} keys like "
+            f"'blocks.N.self_attn.q.weight') and the diffusers layout ({n_diff} keys like "
+            "'blocks.N.attn1.to_q.weight')"
+        )
     if not n_diff and not n_off:
-        raise CheckpointError(f"{source}: no Wan2.2 DiT key found (first keys: {names[:5]}); expected official keys "
-                              "like 'blocks.0.self_attn.q.weight' or diffusers keys like "
-                              "'blocks.0.attn1.to_q.weight'")
+        raise CheckpointError(
+            f"{source}: no Wan2.2 DiT key found (first keys: {names[:5]}); expected official keys "
+            "like 'blocks.0.self_attn.q.weight' or diffusers keys like "
+            "'blocks.0.attn1.to_q.weight'"
+        )
     return ("diffusers" if n_diff else "official"), comfy
 
 
@@ -182,7 +198,7 @@ def to_official(key: str, layout: str, comfy: bool) -> str | None:
         key = strip_comfy_prefix(key)
     if layout == "official":
         try:
-            official_to_diffusers(key)   # validates the name
+            official_to_diffusers(key)  # validates the name
         except KeyError:
             return None
         return key
@@ -198,12 +214,18 @@ def official_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     d, f, L = cfg.dim, cfg.ffn_dim, cfg.num_layers
     pt, ph, pw = cfg.patch_size
     s: dict[str, tuple[int, ...]] = {
-        "patch_embedding.weight": (d, cfg.in_dim, pt, ph, pw), "patch_embedding.bias": (d,),
-        "text_embedding.0.weight": (d, cfg.text_dim), "text_embedding.0.bias": (d,),
-        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
-        "time_embedding.0.weight": (d, cfg.freq_dim), "time_embedding.0.bias": (d,),
-        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
-        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
+        "patch_embedding.weight": (d, cfg.in_dim, pt, ph, pw),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, cfg.text_dim),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
     }
     for i in range(L):
         b = f"blocks.{i}."
@@ -242,9 +264,12 @@ class Target:
 
 
 _TOP_MODULES: dict[str, Path] = {
-    "text_embedding.0": ("text_embedding", "fc1"), "text_embedding.2": ("text_embedding", "fc2"),
-    "time_embedding.0": ("time_embedding", "fc1"), "time_embedding.2": ("time_embedding", "fc2"),
-    "time_projection.1": ("time_projection",), "head.head": ("head", "head"),
+    "text_embedding.0": ("text_embedding", "fc1"),
+    "text_embedding.2": ("text_embedding", "fc2"),
+    "time_embedding.0": ("time_embedding", "fc1"),
+    "time_embedding.2": ("time_embedding", "fc2"),
+    "time_projection.1": ("time_projection",),
+    "head.head": ("head", "head"),
 }
 #: Official module names of the block Linears whose wanjax name differs (the FFN is an nn.Sequential there).
 _OFFICIAL_BLOCK_NAMES = {"ffn.fc1": "ffn.0", "ffn.fc2": "ffn.2"}
@@ -271,16 +296,23 @@ def official_to_wanjax(key: str) -> Target:
             return Target(("blocks", "modulation"), layer, "copy")
         module, _, leaf = rest.rpartition(".")
         if module in _BLOCK_LINEARS and leaf in ("weight", "bias"):
-            return Target(("blocks",) + _BLOCK_LINEARS[module] + ("kernel" if leaf == "weight" else "bias",),
-                          layer, "linear" if leaf == "weight" else "copy")
+            return Target(
+                ("blocks",) + _BLOCK_LINEARS[module] + ("kernel" if leaf == "weight" else "bias",),
+                layer,
+                "linear" if leaf == "weight" else "copy",
+            )
         if module in _BLOCK_NORMS and (leaf == "weight" or (module == "norm3" and leaf == "bias")):
-            return Target(("blocks",) + _BLOCK_NORMS[module] + ("scale" if leaf == "weight" else "bias",),
-                          layer, "copy")
+            return Target(
+                ("blocks",) + _BLOCK_NORMS[module] + ("scale" if leaf == "weight" else "bias",), layer, "copy"
+            )
     else:
         module, _, leaf = key.rpartition(".")
         if module in _TOP_MODULES and leaf in ("weight", "bias"):
-            return Target(_TOP_MODULES[module] + ("kernel" if leaf == "weight" else "bias",), None,
-                          "linear" if leaf == "weight" else "copy")
+            return Target(
+                _TOP_MODULES[module] + ("kernel" if leaf == "weight" else "bias",),
+                None,
+                "linear" if leaf == "weight" else "copy",
+            )
     raise KeyError(f"{key!r} has no place in the wanjax WanDiT parameter tree")
 
 

@@ -8,6 +8,7 @@ Each measured step runs in a fresh subprocess, so its peak resident memory (``Vm
 after imports and JAX start-up) is attributable to the step. Wall time and process CPU time (all threads; less
 sensitive to a busy host) are both reported. Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,8 @@ def _child(step: str, src: str, dst: str, dtype: str) -> None:
     import jax.numpy as jnp
 
     from wanjax.io import convert, load_dit
-    jnp.zeros(1).block_until_ready()   # JAX runtime up before the baseline
+
+    jnp.zeros(1).block_until_ready()  # JAX runtime up before the baseline
     base = _rss_kib("VmRSS")
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -53,8 +55,16 @@ def _child(step: str, src: str, dst: str, dtype: str) -> None:
         jax.block_until_ready(jax.tree.leaves(dit))
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "peak_delta_bytes": (_rss_kib("VmHWM") - base) * 1024,
-                      "device": str(jax.devices()[0])}))
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "cpu_seconds": cpu,
+                "peak_delta_bytes": (_rss_kib("VmHWM") - base) * 1024,
+                "device": str(jax.devices()[0]),
+            }
+        )
+    )
 
 
 def _write_source(cfg, path: str, dtype: str = "float32", shards: int = 1) -> int:
@@ -65,6 +75,7 @@ def _write_source(cfg, path: str, dtype: str = "float32", shards: int = 1) -> in
 
     from wanjax.config import official_config_dict
     from wanjax.io.keymap import official_shapes
+
     os.makedirs(path, exist_ok=True)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(0)
@@ -89,7 +100,7 @@ def _write_source(cfg, path: str, dtype: str = "float32", shards: int = 1) -> in
             for o in range(0, n, pool.size):
                 m = min(pool.size, n - o)
                 s = int(rng.integers(0, pool.size - m + 1))
-                a[o:o + m] = pool[s:s + m]
+                a[o : o + m] = pool[s : s + m]
             tensors[k] = a.reshape(shapes[k])
         fname = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else f"{stem}.safetensors"
         save_file(tensors, os.path.join(path, fname))
@@ -104,8 +115,9 @@ def _write_source(cfg, path: str, dtype: str = "float32", shards: int = 1) -> in
 
 
 def _run(step, src, dst, dtype) -> dict:
-    out = subprocess.run([sys.executable, "-m", "wanjax.io.measure", "--child", step, src, dst, dtype],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "wanjax.io.measure", "--child", step, src, dst, dtype], capture_output=True, text=True
+    )
     if out.returncode:
         raise RuntimeError(f"step {step} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -131,6 +143,7 @@ def main(argv=None) -> None:
 
     from wanjax.config import WanConfig
     from wanjax.io.dit_params import target_tree
+
     kw = dict(PRESETS[a.preset], **({"num_layers": a.layers} if a.layers else {}))
     cfg = WanConfig(**kw)
     steps = [s for s in a.steps.split(",") if s]
@@ -139,9 +152,18 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     n = _write_source(cfg, src, a.source_dtype, a.shards)
     converted = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in target_tree(cfg, a.dtype).values())
-    res = {"preset": a.preset, "config": kw, "params": n, "dtype": a.dtype, "source_dtype": a.source_dtype,
-           "shards": a.shards, "source_bytes": n * np.dtype(a.source_dtype).itemsize,
-           "converted_bytes": converted, "write_seconds": round(time.perf_counter() - t0, 1), "runs": {}}
+    res = {
+        "preset": a.preset,
+        "config": kw,
+        "params": n,
+        "dtype": a.dtype,
+        "source_dtype": a.source_dtype,
+        "shards": a.shards,
+        "source_bytes": n * np.dtype(a.source_dtype).itemsize,
+        "converted_bytes": converted,
+        "write_seconds": round(time.perf_counter() - t0, 1),
+        "runs": {},
+    }
     for step in steps:
         runs = []
         for _ in range(a.repeats):
@@ -149,15 +171,19 @@ def main(argv=None) -> None:
                 shutil.rmtree(dst, ignore_errors=True)
             runs.append(_run(step, src, dst, a.dtype))
         peak = max(r["peak_delta_bytes"] for r in runs)
-        res["runs"][step] = {"median_seconds": round(float(np.median([r["seconds"] for r in runs])), 3),
-                             "seconds": [round(r["seconds"], 3) for r in runs],
-                             "median_cpu_seconds": round(float(np.median([r["cpu_seconds"] for r in runs])), 3),
-                             "max_peak_delta_bytes": peak,
-                             "peak_over_converted": round(peak / converted, 3), "device": runs[0]["device"]}
+        res["runs"][step] = {
+            "median_seconds": round(float(np.median([r["seconds"] for r in runs])), 3),
+            "seconds": [round(r["seconds"], 3) for r in runs],
+            "median_cpu_seconds": round(float(np.median([r["cpu_seconds"] for r in runs])), 3),
+            "max_peak_delta_bytes": peak,
+            "peak_over_converted": round(peak / converted, 3),
+            "device": runs[0]["device"],
+        }
     r = res["runs"]
     if "load_safetensors" in r and "load_orbax" in r:
-        res["load_orbax_speedup_vs_reconvert"] = round(r["load_safetensors"]["median_seconds"]
-                                                       / r["load_orbax"]["median_seconds"], 2)
+        res["load_orbax_speedup_vs_reconvert"] = round(
+            r["load_safetensors"]["median_seconds"] / r["load_orbax"]["median_seconds"], 2
+        )
     print(json.dumps(res, indent=1))
     if not a.keep:
         shutil.rmtree(a.workdir, ignore_errors=True)

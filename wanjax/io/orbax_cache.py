@@ -15,6 +15,7 @@ file raises `CheckpointError` naming it. Caches written before they existed load
 interrupted conversion never leaves a half-written ``DST``. `wanjax.load_dit` recognises such a directory by its
 ``wanjax_dit.json`` and restores it directly (no transposes, no stacking, no validation of a foreign layout).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,15 @@ import orbax.checkpoint as ocp
 
 from wanjax.config import WanConfig
 from wanjax.io.atomic import check_not_overlapping, make_temp_dir, publish_dir
-from wanjax.io.dit_params import (build_model, disk_where, flatten_tree, raise_if_nonfinite, stream_safetensors,
-                                  target_tree, unflatten_tree)
+from wanjax.io.dit_params import (
+    build_model,
+    disk_where,
+    flatten_tree,
+    raise_if_nonfinite,
+    stream_safetensors,
+    target_tree,
+    unflatten_tree,
+)
 from wanjax.io.dit_source import ORBAX_MARKER, resolve
 from wanjax.io.errors import CheckpointError
 
@@ -50,8 +58,9 @@ HASH_THREADS = 8
 
 
 def _checkpointer(compress: bool = False) -> ocp.Checkpointer:
-    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
-                                          restore_concurrent_gb=RESTORE_CONCURRENT_GB, use_compression=compress)
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=SAVE_CONCURRENT_GB, restore_concurrent_gb=RESTORE_CONCURRENT_GB, use_compression=compress
+    )
     return ocp.Checkpointer(handler)
 
 
@@ -78,7 +87,7 @@ def _hash_files(root: str, rels: list[str]) -> dict[str, str]:
     pool = ThreadPoolExecutor(workers)
     try:
         return dict(zip(rels, pool.map(lambda r: _sha256_file(os.path.join(root, r)), rels)))
-    finally:   # on Ctrl-C do not wait for the files still queued
+    finally:  # on Ctrl-C do not wait for the files still queued
         pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -86,9 +95,17 @@ def _canonical(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-            ignore_unknown: bool = False, overwrite: bool = False, compress: bool = False,
-            check_finite: bool = True) -> str:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    config: WanConfig | None = None,
+    ignore_unknown: bool = False,
+    overwrite: bool = False,
+    compress: bool = False,
+    check_finite: bool = True,
+) -> str:
     """Convert a safetensors checkpoint (any form `load_dit` accepts) into an orbax cache at ``dst``; return it.
 
     Atomic: written to a temporary directory beside ``dst`` and renamed at the end; on any error (or interrupt)
@@ -108,11 +125,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         raise CheckpointError(str(e)) from None
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst}: destination exists (pass overwrite=True / --overwrite to replace it)")
-    if os.path.lexists(dst) and not (os.path.isdir(dst) and (not os.listdir(dst)
-                                                             or os.path.isfile(os.path.join(dst, ORBAX_MARKER)))):
-        raise CheckpointError(f"{dst}: destination exists and is not a wanjax cache (no {ORBAX_MARKER}); "
-                              "overwrite only replaces an earlier cache or an empty directory: remove it yourself "
-                              "or choose another destination")
+    if os.path.lexists(dst) and not (
+        os.path.isdir(dst) and (not os.listdir(dst) or os.path.isfile(os.path.join(dst, ORBAX_MARKER)))
+    ):
+        raise CheckpointError(
+            f"{dst}: destination exists and is not a wanjax cache (no {ORBAX_MARKER}); "
+            "overwrite only replaces an earlier cache or an empty directory: remove it yourself "
+            "or choose another destination"
+        )
     if source.kind == "orbax":
         raise CheckpointError(f"{os.fspath(src)}: already a converted wanjax cache; nothing to convert")
     tmp = make_temp_dir(dst)
@@ -122,18 +142,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=jnp.bfloat16, 
         # full copies (measured 2.8x the converted size at peak vs ~1.7x this way).
         try:
             cpu = jax.local_devices(backend="cpu")[0]
-        except RuntimeError:   # JAX_PLATFORMS excludes cpu: let orbax take the numpy arrays
+        except RuntimeError:  # JAX_PLATFORMS excludes cpu: let orbax take the numpy arrays
             cpu = None
         if cpu is not None:
             params = {p: jax.device_put(params.pop(p), cpu).block_until_ready() for p in list(params)}
-            if check_finite:   # one jitted reduction on the host CPU (numpy leaves: checked again at load)
+            if check_finite:  # one jitted reduction on the host CPU (numpy leaves: checked again at load)
                 raise_if_nonfinite(params, cfg, source.path, disk_where(chosen))
         with _checkpointer(compress) as ckpt:
             ckpt.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(unflatten_tree(params)))
         del params
-        meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(),
-                "param_dtype": jnp.dtype(dtype).name, "compressed": bool(compress),
-                "source": os.path.abspath(os.fspath(src))}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": cfg.to_dict(),
+            "param_dtype": jnp.dtype(dtype).name,
+            "compressed": bool(compress),
+            "source": os.path.abspath(os.fspath(src)),
+        }
         rels = _cache_files(tmp)
         hashes = _hash_files(tmp, rels)
         meta["files"] = {r: {"size": os.path.getsize(os.path.join(tmp, r)), "sha256": hashes[r]} for r in rels}
@@ -159,9 +184,11 @@ def read_cache_meta(path: str | os.PathLike) -> tuple[WanConfig, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{mpath}: cannot read cache metadata ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{mpath}: expected format {FORMAT!r} version {VERSION}, got "
-                              f"{meta.get('format') if isinstance(meta, dict) else meta!r} "
-                              f"version {meta.get('version') if isinstance(meta, dict) else None}")
+        raise CheckpointError(
+            f"{mpath}: expected format {FORMAT!r} version {VERSION}, got "
+            f"{meta.get('format') if isinstance(meta, dict) else meta!r} "
+            f"version {meta.get('version') if isinstance(meta, dict) else None}"
+        )
     try:
         c = dict(meta["config"])
         c["patch_size"] = tuple(c["patch_size"])
@@ -170,19 +197,27 @@ def read_cache_meta(path: str | os.PathLike) -> tuple[WanConfig, dict]:
         raise CheckpointError(f"{mpath}: invalid config in cache metadata ({e})") from None
     has_files, has_sum = "files" in meta, "meta_sha256" in meta
     if has_files != has_sum:
-        raise CheckpointError(f"{mpath}: cache metadata has {'files' if has_files else 'meta_sha256'} but no "
-                              f"{'meta_sha256' if has_files else 'files'} (edited by hand?); re-run wanjax convert")
+        raise CheckpointError(
+            f"{mpath}: cache metadata has {'files' if has_files else 'meta_sha256'} but no "
+            f"{'meta_sha256' if has_files else 'files'} (edited by hand?); re-run wanjax convert"
+        )
     if has_sum:
         rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
         got = hashlib.sha256(_canonical(rest)).hexdigest()
         if got != meta["meta_sha256"]:
-            raise CheckpointError(f"{mpath}: metadata checksum mismatch (stored {meta['meta_sha256']}, computed "
-                                  f"{got}): the metadata was modified or corrupted; re-run wanjax convert")
+            raise CheckpointError(
+                f"{mpath}: metadata checksum mismatch (stored {meta['meta_sha256']}, computed "
+                f"{got}): the metadata was modified or corrupted; re-run wanjax convert"
+            )
         files = meta["files"]
-        if not isinstance(files, dict) or not all(
+        if (
+            not isinstance(files, dict)
+            or not all(
                 isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int)
-                for v in files.values()) or not all(
-                isinstance(k, str) and k.startswith("params/") and ".." not in k.split("/") for k in files):
+                for v in files.values()
+            )
+            or not all(isinstance(k, str) and k.startswith("params/") and ".." not in k.split("/") for k in files)
+        ):
             raise CheckpointError(f"{mpath}: malformed 'files' table in cache metadata")
     return cfg, meta
 
@@ -197,8 +232,11 @@ def verify_cache(path: str | os.PathLike, meta: dict | None = None) -> None:
     if meta is None:
         _, meta = read_cache_meta(path)
     if "files" not in meta:
-        warnings.warn(f"{path}: cache has no checksums (written by an older wanjax); its files cannot be verified. "
-                      "Re-run wanjax convert to add them", stacklevel=2)
+        warnings.warn(
+            f"{path}: cache has no checksums (written by an older wanjax); its files cannot be verified. "
+            "Re-run wanjax convert to add them",
+            stacklevel=2,
+        )
         return
     table: dict = meta["files"]
     problems: list[str] = []
@@ -209,21 +247,27 @@ def verify_cache(path: str | os.PathLike, meta: dict | None = None) -> None:
         if rel not in present:
             problems.append(f"{fpath}: missing (the cache metadata lists it)")
         elif os.path.getsize(fpath) != want["size"]:
-            problems.append(f"{fpath}: size {os.path.getsize(fpath)} bytes, the cache metadata says {want['size']} "
-                            "(the file was modified, truncated or corrupted)")
+            problems.append(
+                f"{fpath}: size {os.path.getsize(fpath)} bytes, the cache metadata says {want['size']} "
+                "(the file was modified, truncated or corrupted)"
+            )
         else:
             to_hash.append(rel)
     for rel, got in _hash_files(path, to_hash).items():
         if got != table[rel]["sha256"]:
-            problems.append(f"{os.path.join(path, rel)}: sha256 mismatch: the cache metadata says "
-                            f"{table[rel]['sha256']}, the file has {got} (the file was modified or corrupted)")
+            problems.append(
+                f"{os.path.join(path, rel)}: sha256 mismatch: the cache metadata says "
+                f"{table[rel]['sha256']}, the file has {got} (the file was modified or corrupted)"
+            )
     if problems:
-        raise CheckpointError(f"{path}: cache files do not match their checksums ({len(problems)} problem(s)); "
-                              "re-run wanjax convert:\n  " + "\n  ".join(problems), problems)
+        raise CheckpointError(
+            f"{path}: cache files do not match their checksums ({len(problems)} problem(s)); "
+            "re-run wanjax convert:\n  " + "\n  ".join(problems),
+            problems,
+        )
     extra = sorted(present - set(table))
     if extra:
-        warnings.warn(f"{path}: ignoring {len(extra)} file(s) not written by wanjax convert: {extra[:8]}",
-                      stacklevel=2)
+        warnings.warn(f"{path}: ignoring {len(extra)} file(s) not written by wanjax convert: {extra[:8]}", stacklevel=2)
 
 
 #: Environment variable: ``0`` / ``false`` / ``no`` / ``off`` skips the checksum verification of caches by default.
@@ -235,9 +279,15 @@ def verify_by_default() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfig | None = None,
-                sharding: jax.sharding.Sharding | None = None, verify: bool | None = None,
-                check_finite: bool = True):
+def load_cached(
+    path: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    config: WanConfig | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    verify: bool | None = None,
+    check_finite: bool = True,
+):
     """Restore a `WanDiT` from a cache written by `convert` (parameters cast to ``dtype``'s policy if needed),
     each parameter placed with ``sharding`` (default: the default device).
 
@@ -272,18 +322,24 @@ def load_cached(path: str | os.PathLike, dtype=jnp.bfloat16, *, config: WanConfi
         with _checkpointer() as ckpt:
             for group in groups:
                 sub = {p: target[p] for p in group}
-                args = {p: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
-                        for p, s in sub.items()}
-                out = ckpt.restore(ppath, args=ocp.args.PyTreeRestore(
-                    unflatten_tree(sub), restore_args=unflatten_tree(args), partial_restore=len(groups) > 1))
+                args = {
+                    p: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
+                    for p, s in sub.items()
+                }
+                out = ckpt.restore(
+                    ppath,
+                    args=ocp.args.PyTreeRestore(
+                        unflatten_tree(sub), restore_args=unflatten_tree(args), partial_restore=len(groups) > 1
+                    ),
+                )
                 restored.update(flatten_tree(out))
-    except Exception as e:   # orbax raises various types for structure/shape mismatches
+    except Exception as e:  # orbax raises various types for structure/shape mismatches
         raise CheckpointError(f"{ppath}: cannot restore parameters ({type(e).__name__}: {e})") from None
     if set(restored) != set(target):
         missing, extra = sorted(set(target) - set(restored)), sorted(set(restored) - set(target))
-        raise CheckpointError(f"{ppath}: restored parameters do not match the model: missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
+        raise CheckpointError(
+            f"{ppath}: restored parameters do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     if check_finite:
         raise_if_nonfinite(restored, cfg, ppath)
     return build_model(cfg, dtype, restored, sharding)
-

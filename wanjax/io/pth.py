@@ -17,6 +17,7 @@ format and TorchScript archives are refused with a clear message.
 
 Public API: `read_pth`, `ALLOWED_GLOBALS`, `STORAGE_DTYPES`, `TORCH_DTYPES`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,20 +37,41 @@ __all__ = ["read_pth", "ALLOWED_GLOBALS", "STORAGE_DTYPES", "TORCH_DTYPES"]
 
 # torch storage class name -> numpy dtype of its elements (torch.UntypedStorage: raw bytes)
 STORAGE_DTYPES: dict[str, Any] = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-    "ComplexDoubleStorage": np.complex128, "ComplexFloatStorage": np.complex64, "UntypedStorage": np.uint8,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "ComplexDoubleStorage": np.complex128,
+    "ComplexFloatStorage": np.complex64,
+    "UntypedStorage": np.uint8,
 }
 
 # torch dtype name -> numpy dtype, for tensors pickled with _rebuild_tensor_v3 (dtypes without a typed storage class:
 # float8, uint16/32/64); their storage is a torch.storage.UntypedStorage of bytes
 TORCH_DTYPES: dict[str, Any] = {
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
-    "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz, "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
-    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+    "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz,
+    "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 
 _REBUILD_TENSOR = ("torch._utils", "_rebuild_tensor_v2")
@@ -58,7 +80,9 @@ _REBUILD_PARAMETER = ("torch._utils", "_rebuild_parameter")
 _ORDERED_DICT = ("collections", "OrderedDict")
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {_REBUILD_TENSOR, _REBUILD_TENSOR_V3, _REBUILD_PARAMETER, _ORDERED_DICT, ("torch.storage", "UntypedStorage")}
-    | {("torch", name) for name in STORAGE_DTYPES} | {("torch", name) for name in TORCH_DTYPES})
+    | {("torch", name) for name in STORAGE_DTYPES}
+    | {("torch", name) for name in TORCH_DTYPES}
+)
 
 # pickle protocol 2 header torch writes first in the legacy format: the magic number 0x1950a86a20f9469cfc6c
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -141,42 +165,59 @@ class _Reader:
         try:
             info = self.zf.getinfo(name)
         except KeyError:
-            raise self.fail(f"storage {key!r} ({stype}) is referenced by data.pkl but {name!r} is not in the "
-                            "archive (truncated or corrupt file)") from None
+            raise self.fail(
+                f"storage {key!r} ({stype}) is referenced by data.pkl but {name!r} is not in the "
+                "archive (truncated or corrupt file)"
+            ) from None
         dt = stype.dtype
         if stype.name == "UntypedStorage":
             numel = info.file_size
         if info.file_size < numel * dt.itemsize:
-            raise self.fail(f"storage {name!r} has {info.file_size} bytes, expected {numel} x {dt.itemsize} "
-                            f"({stype}): truncated or corrupt file")
+            raise self.fail(
+                f"storage {name!r} has {info.file_size} bytes, expected {numel} x {dt.itemsize} "
+                f"({stype}): truncated or corrupt file"
+            )
         buf = self._entry_bytes(info)[: numel * dt.itemsize]
         arr = buf.view(dt)
         if self.big_endian and dt.itemsize > 1:
-            arr = arr.byteswap()                                              # a native-order copy
+            arr = arr.byteswap()  # a native-order copy
         st = self.storages[key] = _Storage(key, arr)
         return st
 
     # -------------------------------------------------------------------------------------------- tensors
-    def rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> np.ndarray:
+    def rebuild_tensor(
+        self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+    ) -> np.ndarray:
         """Stand-in for ``torch._utils._rebuild_tensor_v2``: a numpy view of ``storage``."""
         if not isinstance(storage, _Storage):
             raise self.fail(f"_rebuild_tensor_v2 got a {type(storage).__name__} where a storage was expected")
-        size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
-            tuple(stride) if isinstance(stride, (tuple, list)) else stride
-        if not (_is_int(storage_offset) and storage_offset >= 0 and isinstance(size, tuple)
-                and isinstance(stride, tuple) and len(size) == len(stride)
-                and all(_is_int(s) and s >= 0 for s in size) and all(_is_int(s) and s >= 0 for s in stride)):
-            raise self.fail(f"malformed tensor (storage {storage.key!r}: offset {storage_offset!r}, size "
-                            f"{size!r:.100}, stride {stride!r:.100})")
+        size, stride = (
+            tuple(size) if isinstance(size, (tuple, list)) else size,
+            tuple(stride) if isinstance(stride, (tuple, list)) else stride,
+        )
+        if not (
+            _is_int(storage_offset)
+            and storage_offset >= 0
+            and isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(_is_int(s) and s >= 0 for s in size)
+            and all(_is_int(s) and s >= 0 for s in stride)
+        ):
+            raise self.fail(
+                f"malformed tensor (storage {storage.key!r}: offset {storage_offset!r}, size "
+                f"{size!r:.100}, stride {stride!r:.100})"
+            )
         base = storage.array
         numel = math.prod(size)
         if numel == 0:
             return np.zeros(size, base.dtype)
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= base.size:
-            raise self.fail(f"tensor view (offset {storage_offset}, size {size}, stride {stride}) reaches element "
-                            f"{last} of storage {storage.key!r}, which has {base.size}: corrupt file")
+            raise self.fail(
+                f"tensor view (offset {storage_offset}, size {size}, stride {stride}) reaches element "
+                f"{last} of storage {storage.key!r}, which has {base.size}: corrupt file"
+            )
         contiguous, expect = True, 1
         for n, s in zip(reversed(size), reversed(stride)):
             if n != 1 and s != expect:
@@ -184,19 +225,23 @@ class _Reader:
                 break
             expect *= n
         if contiguous:
-            return base[storage_offset:storage_offset + numel].reshape(size)
+            return base[storage_offset : storage_offset + numel].reshape(size)
         # as_strided goes through __array_interface__, which loses ml_dtypes types: stride over opaque items
-        items = base[storage_offset:last + 1].view(np.dtype((np.void, base.dtype.itemsize)))
-        view = np.lib.stride_tricks.as_strided(items, shape=size, strides=tuple(s * items.itemsize for s in stride),
-                                               writeable=False)
+        items = base[storage_offset : last + 1].view(np.dtype((np.void, base.dtype.itemsize)))
+        view = np.lib.stride_tricks.as_strided(
+            items, shape=size, strides=tuple(s * items.itemsize for s in stride), writeable=False
+        )
         return np.array(view, copy=True, order="C").view(base.dtype)
 
-    def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
-                          metadata=None) -> np.ndarray:
+    def rebuild_tensor_v3(
+        self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+    ) -> np.ndarray:
         """Stand-in for ``torch._utils._rebuild_tensor_v3``: the storage's bytes viewed as ``dtype``."""
         if not isinstance(storage, _Storage) or not isinstance(dtype, _DType):
-            raise self.fail(f"_rebuild_tensor_v3 got ({type(storage).__name__}, {type(dtype).__name__}) where a "
-                            "storage and a dtype were expected")
+            raise self.fail(
+                f"_rebuild_tensor_v3 got ({type(storage).__name__}, {type(dtype).__name__}) where a "
+                "storage and a dtype were expected"
+            )
         if self.big_endian and dtype.dtype.itemsize > 1:
             raise self.fail(f"big-endian archive with a {dtype} tensor: not supported")
         key = (storage.key, dtype.name)
@@ -231,10 +276,12 @@ class _Unpickler(pickle.Unpickler):
             return collections.OrderedDict
         if key in ALLOWED_GLOBALS:
             return _StorageType(name) if name in STORAGE_DTYPES else _DType(name)
-        raise CheckpointError(f"{self._reader.path}: data.pkl refers to the global {module}.{name}, which is not "
-                              "part of a state dict of tensors; refusing to load it (wanjax never runs code from "
-                              "a checkpoint). Allowed: the tensor rebuild functions, torch storage types and "
-                              "collections.OrderedDict.")
+        raise CheckpointError(
+            f"{self._reader.path}: data.pkl refers to the global {module}.{name}, which is not "
+            "part of a state dict of tensors; refusing to load it (wanjax never runs code from "
+            "a checkpoint). Allowed: the tensor rebuild functions, torch storage types and "
+            "collections.OrderedDict."
+        )
 
     def persistent_load(self, pid):
         return self._reader.persistent_load(pid)
@@ -244,13 +291,16 @@ def _prefix_of(path: str, zf: zipfile.ZipFile) -> str:
     names = zf.namelist()
     pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
-        raise CheckpointError(f"{path}: this is a TorchScript archive (torch.jit.save), not a state dict saved "
-                              "with torch.save; save the module's state_dict() with torch.save instead")
+        raise CheckpointError(
+            f"{path}: this is a TorchScript archive (torch.jit.save), not a state dict saved "
+            "with torch.save; save the module's state_dict() with torch.save instead"
+        )
     if not pkls:
         raise CheckpointError(f"{path}: zip archive without data.pkl: not a PyTorch checkpoint")
     if len(pkls) > 1:
-        raise CheckpointError(f"{path}: zip archive with several data.pkl entries {pkls[:4]}: not a single "
-                              "PyTorch checkpoint")
+        raise CheckpointError(
+            f"{path}: zip archive with several data.pkl entries {pkls[:4]}: not a single PyTorch checkpoint"
+        )
     return pkls[0][: -len("data.pkl")]
 
 
@@ -270,14 +320,19 @@ def read_pth(path: str | os.PathLike, *, unwrap_state_dict: bool = True) -> dict
         head = f.read(len(_LEGACY_MAGIC))
     if not zipfile.is_zipfile(path):
         if head.startswith(_LEGACY_MAGIC):
-            raise CheckpointError(f"{path}: legacy (pre-zip, torch < 1.6 or _use_new_zipfile_serialization=False) "
-                                  "PyTorch format, which wanjax does not read; re-save it once with torch: "
-                                  "torch.save(torch.load(p, weights_only=True), p)")
+            raise CheckpointError(
+                f"{path}: legacy (pre-zip, torch < 1.6 or _use_new_zipfile_serialization=False) "
+                "PyTorch format, which wanjax does not read; re-save it once with torch: "
+                "torch.save(torch.load(p, weights_only=True), p)"
+            )
         if head.startswith(b"PK"):
-            raise CheckpointError(f"{path}: damaged zip archive (truncated download?): not a readable PyTorch "
-                                  "checkpoint")
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (a .pth file written by torch.save is a zip "
-                              f"archive; this file starts with {head[:8]!r})")
+            raise CheckpointError(
+                f"{path}: damaged zip archive (truncated download?): not a readable PyTorch checkpoint"
+            )
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (a .pth file written by torch.save is a zip "
+            f"archive; this file starts with {head[:8]!r})"
+        )
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -296,15 +351,24 @@ def read_pth(path: str | os.PathLike, *, unwrap_state_dict: bool = True) -> dict
                 obj = _Unpickler(f, reader).load()
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, ValueError, AttributeError,
-                IndexError, KeyError, struct.error) as e:
-            raise CheckpointError(f"{path}: data.pkl cannot be read as a state dict of tensors "
-                                  f"({type(e).__name__}: {e})") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            zipfile.BadZipFile,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            struct.error,
+        ) as e:
+            raise CheckpointError(
+                f"{path}: data.pkl cannot be read as a state dict of tensors ({type(e).__name__}: {e})"
+            ) from None
     if unwrap_state_dict and isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got "
-                              f"{type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}
     for k, v in obj.items():
         if not isinstance(k, str):

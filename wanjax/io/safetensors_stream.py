@@ -6,6 +6,7 @@ back as an ``ml_dtypes.bfloat16`` array). ``safe_open`` memory-maps the file; pa
 the handle is closed, so `TensorReader` reopens the file after every ``reopen_bytes`` read to keep the resident
 mapping small (a 10 GB shard is never fully mapped in at once).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from wanjax.io.errors import CheckpointError
 
 #: safetensors dtype names accepted for weights.
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-_MAX_HEADER = 100 * 1024 * 1024   # the safetensors format's own limit
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, smaller than the 8-byte "
-                                      "header length)")
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes, smaller than the 8-byte header length)"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n} bytes is implausible)")
@@ -58,8 +60,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e.strerror or e})") from None
     if len(raw) < n:
-        raise CheckpointError(f"{path}: truncated safetensors file (header claims {n} bytes, file has {size} bytes "
-                              "in total)")
+        raise CheckpointError(
+            f"{path}: truncated safetensors file (header claims {n} bytes, file has {size} bytes in total)"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -79,8 +82,10 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         end_max = max(end_max, int(end))
         infos[key] = TensorInfo(key, path, str(dtype), shape, int(end) - int(start), int(start))
     if end_max > data_size:
-        raise CheckpointError(f"{path}: truncated safetensors file: the header describes {end_max} bytes of tensor "
-                              f"data, the file holds only {data_size}")
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: the header describes {end_max} bytes of tensor "
+            f"data, the file holds only {data_size}"
+        )
     return infos
 
 
@@ -102,8 +107,10 @@ def read_index(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: index file is not valid JSON ({e})") from None
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise CheckpointError(f"{path}: index file must hold a 'weight_map' object mapping tensor names to shard "
-                              f"file names; got {type(wm).__name__ if wm is not None else 'no weight_map'}")
+        raise CheckpointError(
+            f"{path}: index file must hold a 'weight_map' object mapping tensor names to shard "
+            f"file names; got {type(wm).__name__ if wm is not None else 'no weight_map'}"
+        )
     base = os.path.dirname(os.path.abspath(path))
     out = {k: os.path.join(base, v) for k, v in wm.items()}
     missing = sorted({v for v in out.values() if not os.path.isfile(v)})
@@ -112,8 +119,7 @@ def read_index(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def scan(files: list[str], index: dict[str, str] | None = None,
-         index_path: str | None = None) -> list[TensorInfo]:
+def scan(files: list[str], index: dict[str, str] | None = None, index_path: str | None = None) -> list[TensorInfo]:
     """Headers of all ``files`` -> every tensor found (duplicates across files included, for validation).
 
     With an ``index``, it must agree with the files: a key the index places in a shard that does not hold it is an
@@ -133,12 +139,17 @@ def scan(files: list[str], index: dict[str, str] | None = None,
         for key, shards in where.items():
             for s in shards:
                 if index.get(key) != s:
-                    problems.append(f"{os.path.basename(s)} contains {key!r}, which the index "
-                                    + ("does not list" if key not in index else
-                                       f"places in {os.path.basename(index[key])}"))
+                    problems.append(
+                        f"{os.path.basename(s)} contains {key!r}, which the index "
+                        + ("does not list" if key not in index else f"places in {os.path.basename(index[key])}")
+                    )
         if problems:
-            raise CheckpointError(f"{index_path}: index and shard files disagree ({len(problems)} problems): "
-                                  + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""), problems)
+            raise CheckpointError(
+                f"{index_path}: index and shard files disagree ({len(problems)} problems): "
+                + "; ".join(problems[:10])
+                + (" ..." if len(problems) > 10 else ""),
+                problems,
+            )
     return found
 
 
@@ -161,7 +172,7 @@ class TensorReader:
         try:
             self._ctx = safe_open(self.path, framework="numpy")
             self._f = self._ctx.__enter__()
-        except Exception as e:   # SafetensorError, OSError
+        except Exception as e:  # SafetensorError, OSError
             self._ctx = self._f = None
             raise CheckpointError(f"{self.path}: cannot open safetensors file ({e})") from None
         self._since_open = 0
@@ -201,9 +212,12 @@ class TensorReader:
         return arr
 
 
-def iter_chunks(infos: list[TensorInfo], chunk_bytes: int = 16 << 20, reopen_bytes: int = 16 << 20,
-                can_split: Callable[[TensorInfo], bool] = lambda t: True
-                ) -> Iterator[tuple[TensorInfo, int, np.ndarray]]:
+def iter_chunks(
+    infos: list[TensorInfo],
+    chunk_bytes: int = 16 << 20,
+    reopen_bytes: int = 16 << 20,
+    can_split: Callable[[TensorInfo], bool] = lambda t: True,
+) -> Iterator[tuple[TensorInfo, int, np.ndarray]]:
     """Yield ``(info, first_row, rows)`` for ``infos`` grouped by file, in file-offset order within a file
     (sequential reads).
 

@@ -32,6 +32,7 @@ reader (bf16 included).
 Public API: `load_t5_encoder`, `params_from_state_dict`, `encoder_from_params`, `config_from_official_state`,
 `config_from_hf_dict`, `read_official_pth`, `read_safetensors`, `OFFICIAL`, `HF`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -59,8 +60,7 @@ _LAYER_KEYS: dict[tuple[str, ...], tuple[str, str, bool]] = {
     ("attn", "k", "kernel"): ("attn.k.weight", "layer.0.SelfAttention.k.weight", True),
     ("attn", "v", "kernel"): ("attn.v.weight", "layer.0.SelfAttention.v.weight", True),
     ("attn", "o", "kernel"): ("attn.o.weight", "layer.0.SelfAttention.o.weight", True),
-    ("rel_bias",): ("pos_embedding.embedding.weight",
-                    "layer.0.SelfAttention.relative_attention_bias.weight", False),
+    ("rel_bias",): ("pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight", False),
     ("norm2", "scale"): ("norm2.weight", "layer.1.layer_norm.weight", False),
     ("ffn", "gate", "kernel"): ("ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight", True),
     ("ffn", "fc1", "kernel"): ("ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight", True),
@@ -73,6 +73,7 @@ _NORM_KEY = {OFFICIAL: "norm.weight", HF: "encoder.final_layer_norm.weight"}
 
 # ----------------------------------------------------------------------------------------------- file readers
 
+
 def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an official ``.pth`` state dict (e.g. ``models_t5_umt5-xxl-enc-bf16.pth``) as numpy arrays.
 
@@ -83,9 +84,18 @@ def read_official_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_pth(path)
 
 
-_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+_ST_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def _read_one_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -133,11 +143,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------- configs
 
+
 def config_from_official_state(sd: Mapping[str, Any], **overrides) -> T5Config:
     """Infer a `T5Config` from the tensor shapes of an official-layout state dict.
 
     ``max_distance`` / ``eps`` cannot be seen in shapes and take the umT5 values (128, 1e-6) unless overridden.
     """
+
     def shape(k):
         if k not in sd:
             raise KeyError(f"official T5 state dict: missing key {k!r} (needed to infer the config)")
@@ -150,9 +162,17 @@ def config_from_official_state(sd: Mapping[str, Any], **overrides) -> T5Config:
     if n_layers == 0:
         raise KeyError("official T5 state dict: missing key 'blocks.0.norm1.weight' (no encoder blocks found)")
     buckets, heads = shape("blocks.0.pos_embedding.embedding.weight")
-    kw = dict(vocab_size=vocab, dim=dim, dim_attn=shape("blocks.0.attn.q.weight")[0],
-              dim_ffn=shape("blocks.0.ffn.fc1.weight")[0], num_heads=heads, num_layers=n_layers,
-              num_buckets=buckets, max_distance=128, eps=1e-6)
+    kw = dict(
+        vocab_size=vocab,
+        dim=dim,
+        dim_attn=shape("blocks.0.attn.q.weight")[0],
+        dim_ffn=shape("blocks.0.ffn.fc1.weight")[0],
+        num_heads=heads,
+        num_layers=n_layers,
+        num_buckets=buckets,
+        max_distance=128,
+        eps=1e-6,
+    )
     kw.update(overrides)
     return UMT5_XXL.replace(**kw)
 
@@ -160,18 +180,25 @@ def config_from_official_state(sd: Mapping[str, Any], **overrides) -> T5Config:
 def config_from_hf_dict(d: Mapping[str, Any], source: str = "<config>", **overrides) -> T5Config:
     """`T5Config` from a transformers ``UMT5Config`` dict (``text_encoder/config.json``)."""
     if d.get("model_type", "umt5") != "umt5":
-        raise ValueError(f"{source}: model_type is {d.get('model_type')!r}; only 'umt5' (per-layer relative "
-                         "position bias) is supported")
+        raise ValueError(
+            f"{source}: model_type is {d.get('model_type')!r}; only 'umt5' (per-layer relative "
+            "position bias) is supported"
+        )
     ffp = d.get("feed_forward_proj", "gated-gelu")
     if ffp != "gated-gelu":
         raise ValueError(f"{source}: feed_forward_proj is {ffp!r}; only 'gated-gelu' is supported")
     try:
-        kw = dict(vocab_size=int(d["vocab_size"]), dim=int(d["d_model"]),
-                  dim_attn=int(d["num_heads"]) * int(d["d_kv"]), dim_ffn=int(d["d_ff"]),
-                  num_heads=int(d["num_heads"]), num_layers=int(d["num_layers"]),
-                  num_buckets=int(d.get("relative_attention_num_buckets", 32)),
-                  max_distance=int(d.get("relative_attention_max_distance", 128)),
-                  eps=float(d.get("layer_norm_epsilon", 1e-6)))
+        kw = dict(
+            vocab_size=int(d["vocab_size"]),
+            dim=int(d["d_model"]),
+            dim_attn=int(d["num_heads"]) * int(d["d_kv"]),
+            dim_ffn=int(d["d_ff"]),
+            num_heads=int(d["num_heads"]),
+            num_layers=int(d["num_layers"]),
+            num_buckets=int(d.get("relative_attention_num_buckets", 32)),
+            max_distance=int(d.get("relative_attention_max_distance", 128)),
+            eps=float(d.get("layer_norm_epsilon", 1e-6)),
+        )
     except KeyError as e:
         raise ValueError(f"{source}: UMT5 config is missing field {e.args[0]!r}") from None
     kw.update(overrides)
@@ -182,23 +209,31 @@ def detect_layout(sd: Mapping[str, Any]) -> str:
     """'official' or 'hf' from the key names; raises if neither matches."""
     if "token_embedding.weight" in sd or "blocks.0.norm1.weight" in sd:
         return OFFICIAL
-    if "shared.weight" in sd or "encoder.final_layer_norm.weight" in sd or "encoder.block.0.layer.0.layer_norm.weight" in sd:
+    if (
+        "shared.weight" in sd
+        or "encoder.final_layer_norm.weight" in sd
+        or "encoder.block.0.layer.0.layer_norm.weight" in sd
+    ):
         return HF
     sample = sorted(sd)[:5]
-    raise ValueError(f"not a UMT5 encoder state dict: expected official keys ('token_embedding.weight', "
-                     f"'blocks.N....') or transformers keys ('shared.weight', 'encoder.block.N....'); "
-                     f"got keys like {sample}")
+    raise ValueError(
+        f"not a UMT5 encoder state dict: expected official keys ('token_embedding.weight', "
+        f"'blocks.N....') or transformers keys ('shared.weight', 'encoder.block.N....'); "
+        f"got keys like {sample}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ conversion
+
 
 def _abstract_params(cfg: T5Config) -> dict:
     abstract = nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
-def params_from_state_dict(sd: Mapping[str, Any], cfg: T5Config, layout: str | None = None,
-                           source: str = "<state dict>") -> dict:
+def params_from_state_dict(
+    sd: Mapping[str, Any], cfg: T5Config, layout: str | None = None, source: str = "<state dict>"
+) -> dict:
     """Convert a torch-layout state dict (values: numpy arrays or anything ``np.asarray`` accepts) to the pure
     param dict of `UMT5Encoder` (numpy arrays in ``cfg.param_dtype``).
 
@@ -214,14 +249,17 @@ def params_from_state_dict(sd: Mapping[str, Any], cfg: T5Config, layout: str | N
 
     def fetch(key: str, expected_torch_shape: tuple[int, ...]) -> np.ndarray:
         if key not in sd:
-            raise KeyError(f"{source}: missing key {key!r} ({layout} layout), expected a tensor of shape "
-                           f"{expected_torch_shape}")
+            raise KeyError(
+                f"{source}: missing key {key!r} ({layout} layout), expected a tensor of shape {expected_torch_shape}"
+            )
         arr = sd[key]
         got = tuple(arr.shape)
         if got != expected_torch_shape:
-            raise ValueError(f"{source}: key {key!r} has shape {got}, expected {expected_torch_shape} "
-                             f"(config: dim={cfg.dim}, dim_attn={cfg.dim_attn}, dim_ffn={cfg.dim_ffn}, "
-                             f"heads={cfg.num_heads}, buckets={cfg.num_buckets}, vocab={cfg.vocab_size})")
+            raise ValueError(
+                f"{source}: key {key!r} has shape {got}, expected {expected_torch_shape} "
+                f"(config: dim={cfg.dim}, dim_attn={cfg.dim_attn}, dim_ffn={cfg.dim_ffn}, "
+                f"heads={cfg.num_heads}, buckets={cfg.num_buckets}, vocab={cfg.vocab_size})"
+            )
         used.add(key)
         return np.asarray(arr)
 
@@ -259,8 +297,10 @@ def params_from_state_dict(sd: Mapping[str, Any], cfg: T5Config, layout: str | N
     extra = sorted(set(sd) - used)
     if extra:
         more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
-        raise ValueError(f"{source}: {len(extra)} unexpected keys for a {cfg.num_layers}-layer UMT5 encoder "
-                         f"({layout} layout): {extra[:8]}{more}")
+        raise ValueError(
+            f"{source}: {len(extra)} unexpected keys for a {cfg.num_layers}-layer UMT5 encoder "
+            f"({layout} layout): {extra[:8]}{more}"
+        )
     return out
 
 
@@ -277,14 +317,16 @@ def encoder_from_params(cfg: T5Config, params: Mapping[str, Any]) -> UMT5Encoder
         raise ValueError(f"encoder_from_params: param tree mismatch; missing {missing[:8]}, unexpected {extra[:8]}")
     for k, w in flat_want.items():
         if tuple(flat_got[k].shape) != tuple(w.shape):
-            raise ValueError(f"encoder_from_params: param {k} has shape {tuple(flat_got[k].shape)}, "
-                             f"expected {tuple(w.shape)}")
+            raise ValueError(
+                f"encoder_from_params: param {k} has shape {tuple(flat_got[k].shape)}, expected {tuple(w.shape)}"
+            )
     arrays = jax.tree.map(lambda a: jnp.asarray(a, dtype=cfg.param_dtype), dict(params))
     nnx.replace_by_pure_dict(state, arrays)
     return nnx.merge(graphdef, state)
 
 
 # --------------------------------------------------------------------------------------------------- entry
+
 
 def _find_hf_config(folder: str) -> dict | None:
     p = os.path.join(folder, "config.json")
@@ -297,9 +339,14 @@ def _find_hf_config(folder: str) -> dict | None:
     return None
 
 
-def load_t5_encoder(path: str | os.PathLike, cfg: T5Config | None = None, *, dtype: Any = None,
-                    param_dtype: Any = None,
-                    reader: Callable[[str], Mapping[str, Any]] | None = None) -> UMT5Encoder:
+def load_t5_encoder(
+    path: str | os.PathLike,
+    cfg: T5Config | None = None,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    reader: Callable[[str], Mapping[str, Any]] | None = None,
+) -> UMT5Encoder:
     """Load a UMT5 encoder from an official ``.pth`` file, a ``.safetensors`` file, or a folder of
     ``*.safetensors`` (transformers / diffusers ``text_encoder/``, config taken from its ``config.json``).
 
@@ -308,8 +355,10 @@ def load_t5_encoder(path: str | os.PathLike, cfg: T5Config | None = None, *, dty
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: T5 checkpoint not found (expected models_t5_umt5-xxl-enc-bf16.pth or "
-                                "a text_encoder/ folder with *.safetensors)")
+        raise FileNotFoundError(
+            f"{path}: T5 checkpoint not found (expected models_t5_umt5-xxl-enc-bf16.pth or "
+            "a text_encoder/ folder with *.safetensors)"
+        )
     hf_cfg = None
     if reader is not None:
         sd = reader(path)
@@ -340,10 +389,13 @@ def load_t5_encoder(path: str | os.PathLike, cfg: T5Config | None = None, *, dty
 
 def _config_from_hf_shapes(sd: Mapping[str, Any]) -> T5Config:
     """Infer a `T5Config` from an HF-layout state dict when no config.json is at hand."""
+
     def shape(k):
         if k not in sd:
-            raise KeyError(f"hf T5 state dict: missing key {k!r} (needed to infer the config; "
-                           "or put the model's config.json beside the weights)")
+            raise KeyError(
+                f"hf T5 state dict: missing key {k!r} (needed to infer the config; "
+                "or put the model's config.json beside the weights)"
+            )
         return tuple(sd[k].shape)
 
     vocab, dim = shape("shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight")
@@ -352,6 +404,12 @@ def _config_from_hf_shapes(sd: Mapping[str, Any]) -> T5Config:
         n += 1
     p = "encoder.block.0.layer."
     buckets, heads = shape(p + "0.SelfAttention.relative_attention_bias.weight")
-    return UMT5_XXL.replace(vocab_size=vocab, dim=dim, dim_attn=shape(p + "0.SelfAttention.q.weight")[0],
-                            dim_ffn=shape(p + "1.DenseReluDense.wi_1.weight")[0], num_heads=heads,
-                            num_layers=n, num_buckets=buckets)
+    return UMT5_XXL.replace(
+        vocab_size=vocab,
+        dim=dim,
+        dim_attn=shape(p + "0.SelfAttention.q.weight")[0],
+        dim_ffn=shape(p + "1.DenseReluDense.wi_1.weight")[0],
+        num_heads=heads,
+        num_layers=n,
+        num_buckets=buckets,
+    )

@@ -15,6 +15,7 @@ checked key by key and shape by shape against the model being filled.
 Public API: `vae_key_table`, `detect_layout`, `load_vae_state_dict`, `read_official_pth`,
 `read_safetensors`, `vae_config_from_dict`, `load_vae` (file or folder -> `WanVAE`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,22 @@ OFFICIAL = "official"
 DIFFUSERS = "diffusers"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-_RES_OFFICIAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-                 "conv_shortcut": "shortcut"}
-_LEAF = {"kernel": "weight", "bias": "bias", "gamma": "gamma", "to_qkv_kernel": "to_qkv.weight",
-         "to_qkv_bias": "to_qkv.bias", "proj_kernel": "proj.weight", "proj_bias": "proj.bias"}
+_RES_OFFICIAL = {
+    "norm1": "residual.0",
+    "conv1": "residual.2",
+    "norm2": "residual.3",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
+_LEAF = {
+    "kernel": "weight",
+    "bias": "bias",
+    "gamma": "gamma",
+    "to_qkv_kernel": "to_qkv.weight",
+    "to_qkv_bias": "to_qkv.bias",
+    "proj_kernel": "proj.weight",
+    "proj_bias": "proj.bias",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +99,9 @@ def _official_tokens(d: list[str], cfg: VAEConfig) -> list[str]:
         out = ["downsamples", rest[1]] + _res_tokens(rest[2:])
     elif rest[0] == "up_blocks":
         i = int(rest[1])
-        per_block = [cfg.num_res_blocks + 1 + (1 if b != len(cfg.dim_mult) - 1 else 0)
-                     for b in range(len(cfg.dim_mult))]
+        per_block = [
+            cfg.num_res_blocks + 1 + (1 if b != len(cfg.dim_mult) - 1 else 0) for b in range(len(cfg.dim_mult))
+        ]
         base = sum(per_block[:i])
         if rest[2] == "resnets":
             out = ["upsamples", str(base + int(rest[3]))] + _res_tokens(rest[4:])
@@ -139,8 +153,7 @@ def vae_key_table(vae_or_cfg: WanVAE | VAEConfig) -> list[KeyEntry]:
         d = _diffusers_tokens(path)
         o = _official_tokens(d, cfg)
         attn_norm = "attentions" in d
-        table.append(KeyEntry(tuple(path), ".".join(d), ".".join(o), shape, _torch_shape(kind, shape, attn_norm),
-                              kind))
+        table.append(KeyEntry(tuple(path), ".".join(d), ".".join(o), shape, _torch_shape(kind, shape, attn_norm), kind))
     return table
 
 
@@ -164,12 +177,15 @@ def detect_layout(keys) -> str:
     if "encoder.conv1.weight" in keys or "conv1.weight" in keys:
         return OFFICIAL
     sample = sorted(keys)[:5]
-    raise CheckpointError("vae_loader: not a Wan VAE state dict: expected key 'encoder.conv_in.weight' (diffusers) "
-                          f"or 'encoder.conv1.weight' (official Wan2.1_VAE.pth); got keys like {sample}")
+    raise CheckpointError(
+        "vae_loader: not a Wan VAE state dict: expected key 'encoder.conv_in.weight' (diffusers) "
+        f"or 'encoder.conv1.weight' (official Wan2.1_VAE.pth); got keys like {sample}"
+    )
 
 
-def load_vae_state_dict(vae: WanVAE, state_dict: Mapping[str, Any], layout: str | None = None,
-                        source: str = "<state_dict>") -> WanVAE:
+def load_vae_state_dict(
+    vae: WanVAE, state_dict: Mapping[str, Any], layout: str | None = None, source: str = "<state_dict>"
+) -> WanVAE:
     """Fill ``vae``'s parameters (in place, cast to their dtype) from a PyTorch-layout state dict.
 
     ``vae`` may be a real model or a shape-only one from `wanjax.model.vae.abstract_vae` (cheapest).
@@ -186,12 +202,16 @@ def load_vae_state_dict(vae: WanVAE, state_dict: Mapping[str, Any], layout: str 
     missing = [k for k in wanted if k not in state_dict]
     if missing:
         e = wanted[missing[0]]
-        raise CheckpointError(f"{source}: missing {len(missing)} VAE tensor(s) ({layout} layout), e.g. key "
-                              f"{missing[0]!r} (expected shape {e.torch_shape}); first missing: {missing[:5]}")
+        raise CheckpointError(
+            f"{source}: missing {len(missing)} VAE tensor(s) ({layout} layout), e.g. key "
+            f"{missing[0]!r} (expected shape {e.torch_shape}); first missing: {missing[:5]}"
+        )
     unexpected = sorted(k for k in state_dict if k not in wanted)
     if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected VAE tensor(s) for the {layout} layout of "
-                              f"this config, e.g. {unexpected[:5]} (wrong config or not a Wan2.1 VAE?)")
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected VAE tensor(s) for the {layout} layout of "
+            f"this config, e.g. {unexpected[:5]} (wrong config or not a Wan2.1 VAE?)"
+        )
     state = nnx.state(vae, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     for key, e in wanted.items():
@@ -243,8 +263,10 @@ def vae_config_from_dict(d: Mapping[str, Any], source: str = "<config>") -> VAEC
     if d.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
         raise ValueError(f"{source}: _class_name is {d.get('_class_name')!r}, expected 'AutoencoderKLWan'")
     if d.get("is_residual") or d.get("patch_size") not in (None, 1):
-        raise ValueError(f"{source}: is_residual/patch_size are set: this is the Wan2.2 (TI2V-5B) VAE, not the "
-                         "Wan2.1 VAE used by Wan2.2-I2V-A14B")
+        raise ValueError(
+            f"{source}: is_residual/patch_size are set: this is the Wan2.2 (TI2V-5B) VAE, not the "
+            "Wan2.1 VAE used by Wan2.2-I2V-A14B"
+        )
     if d.get("attn_scales"):
         raise ValueError(f"{source}: attn_scales {d['attn_scales']} unsupported (Wan2.1 VAE uses [])")
     if d.get("decoder_base_dim") not in (None, d.get("base_dim", 96)):
@@ -252,9 +274,15 @@ def vae_config_from_dict(d: Mapping[str, Any], source: str = "<config>") -> VAEC
     dm = tuple(d.get("dim_mult", VAEConfig.dim_mult))
     td = tuple(d.get("temperal_downsample", d.get("temporal_downsample", VAEConfig.temporal_downsample)))
     td = td[: len(dm) - 1]
-    kw: dict[str, Any] = dict(base_dim=int(d.get("base_dim", 96)), z_dim=int(d.get("z_dim", 16)), dim_mult=dm,
-                              num_res_blocks=int(d.get("num_res_blocks", 2)), temporal_downsample=td,
-                              in_channels=int(d.get("in_channels", 3)), out_channels=int(d.get("out_channels", 3)))
+    kw: dict[str, Any] = dict(
+        base_dim=int(d.get("base_dim", 96)),
+        z_dim=int(d.get("z_dim", 16)),
+        dim_mult=dm,
+        num_res_blocks=int(d.get("num_res_blocks", 2)),
+        temporal_downsample=td,
+        in_channels=int(d.get("in_channels", 3)),
+        out_channels=int(d.get("out_channels", 3)),
+    )
     if d.get("latents_mean") is not None:
         kw["latents_mean"] = tuple(d["latents_mean"])
     if d.get("latents_std") is not None:
@@ -273,6 +301,7 @@ def vae_config_from_official_state(sd: Mapping[str, Any], **overrides) -> VAECon
     ``time_conv.weight`` when they also halve time) for the level widths, residual blocks per level and temporal
     down-sampling. Latent mean/std are not stored in the file: they keep the Wan2.1 values unless overridden.
     """
+
     def shape(k):
         if k not in sd:
             raise KeyError(f"official VAE state dict: missing key {k!r} (needed to infer the config)")
@@ -302,14 +331,16 @@ def vae_config_from_official_state(sd: Mapping[str, Any], **overrides) -> VAECon
         if lv[-1] % base:
             raise ValueError(f"official VAE state dict: level width {lv[-1]} is not a multiple of base {base}")
         mult.append(lv[-1] // base)
-    kw: dict[str, Any] = dict(base_dim=base, z_dim=z, dim_mult=tuple(mult), num_res_blocks=nres.pop(),
-                              temporal_downsample=tuple(temporal))
+    kw: dict[str, Any] = dict(
+        base_dim=base, z_dim=z, dim_mult=tuple(mult), num_res_blocks=nres.pop(), temporal_downsample=tuple(temporal)
+    )
     kw.update(overrides)
     return VAEConfig(**kw)
 
 
-def load_vae(path: str | os.PathLike, cfg: VAEConfig | None = None, *, dtype=jnp.float32,
-             param_dtype=jnp.float32) -> WanVAE:
+def load_vae(
+    path: str | os.PathLike, cfg: VAEConfig | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> WanVAE:
     """Build a `WanVAE` and load weights from ``Wan2.1_VAE.pth`` (official) or a diffusers ``vae/`` folder.
 
     For a folder, the config comes from its ``config.json`` (``cfg`` must then be None or equal);

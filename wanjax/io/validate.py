@@ -4,6 +4,7 @@ Rules: every expected key present exactly once, with the expected shape and a fl
 keys that are not DiT parameters are an error listing them unless ``ignore_unknown=True``. All problems are
 collected and raised together in one `CheckpointError` whose lines name file, key, expected and actual.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,15 @@ def _disk_name(official: str, layout: str, comfy: bool) -> str:
     return COMFY_PREFIX + name if comfy else name
 
 
-def validate(infos: list[TensorInfo], expected: dict[str, tuple[int, ...]], *, layout: str, comfy: bool,
-             source: str, ignore_unknown: bool = False) -> dict[str, TensorInfo]:
+def validate(
+    infos: list[TensorInfo],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    layout: str,
+    comfy: bool,
+    source: str,
+    ignore_unknown: bool = False,
+) -> dict[str, TensorInfo]:
     """Check ``infos`` (on-disk tensors) against ``expected`` (official key -> PyTorch shape).
 
     Args:
@@ -58,18 +66,21 @@ def validate(infos: list[TensorInfo], expected: dict[str, tuple[int, ...]], *, l
         if t.shape != tuple(expected[name]):
             problems.append(f"{t.file}: key {disk}: expected shape {tuple(expected[name])}, got {t.shape}")
         elif t.dtype not in FLOAT_DTYPES:
-            problems.append(f"{t.file}: key {disk}: expected a float dtype ({'/'.join(FLOAT_DTYPES)}), "
-                            f"got {t.dtype}")
+            problems.append(f"{t.file}: key {disk}: expected a float dtype ({'/'.join(FLOAT_DTYPES)}), got {t.dtype}")
         else:
             chosen[name] = t
     missing = [_disk_name(k, layout, comfy) for k in expected if k not in seen]
     if missing:
         problems.append(f"{source}: {len(missing)} expected key(s) missing: {_fmt_list(missing)}")
     if unknown and not ignore_unknown:
-        problems.append(f"{source}: {len(unknown)} unknown key(s) that are not parameters of this model "
-                        f"(pass ignore_unknown=True to skip them): {_fmt_list(unknown)}")
+        problems.append(
+            f"{source}: {len(unknown)} unknown key(s) that are not parameters of this model "
+            f"(pass ignore_unknown=True to skip them): {_fmt_list(unknown)}"
+        )
     if problems:
-        msg = f"{source}: checkpoint does not match the expected Wan DiT ({len(problems)} problem(s)):\n  " + \
-            "\n  ".join(problems)
+        msg = (
+            f"{source}: checkpoint does not match the expected Wan DiT ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
         raise CheckpointError(msg, problems)
     return chosen

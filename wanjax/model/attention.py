@@ -28,6 +28,7 @@ Selection is automatic (`default_backend`) and can be overridden per call (``bac
 ``with`` block through ``fn(q, k, v)`` (`wanjax.sharding.sequence_parallel` uses it to run sequence-parallel
 attention over a mesh); ``fn`` calls `attention` with an explicit ``backend`` for the local computation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +98,9 @@ def _automatic_backend(q_len: int, kv_len: int, dtype) -> str:
     return "chunked"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None,
-              self_attention: bool | None = None) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None, self_attention: bool | None = None
+) -> jax.Array:
     """Softmax attention over [B, S, N, D] inputs; returns [B, Sq, N, D] in ``q.dtype``.
 
     ``self_attention``: whether q, k, v come from the same tokens (None: assumed when the query and key lengths
@@ -130,9 +132,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None =
 def _registered(name):
     fn = _REGISTERED.get(name)
     if fn is None:
-        raise RuntimeError(f"attention backend {name!r} is not registered in this process: its implementation lives in "
-                           f"wanjax.kernels (which the model layer may not import); call wanjax.model.attention."
-                           f"register_attention_backend({name!r}, wanjax.kernels.attention8.attention8) first")
+        raise RuntimeError(
+            f"attention backend {name!r} is not registered in this process: its implementation lives in "
+            f"wanjax.kernels (which the model layer may not import); call wanjax.model.attention."
+            f"register_attention_backend({name!r}, wanjax.kernels.attention8.attention8) first"
+        )
     return fn
 
 
@@ -166,8 +170,8 @@ def chunked_attention(q, k, v, q_block: int = 1024, kv_block: int = 1024):
     kp = _pad_to(k, 1, kv_block)
     vp = _pad_to(v, 1, kv_block)
     nq, nk = qp.shape[1] // q_block, kp.shape[1] // kv_block
-    qb = qp.reshape(b, nq, q_block, n, d).transpose(1, 0, 3, 2, 4)            # [nq, B, N, tq, D]
-    kb = kp.reshape(b, nk, kv_block, n, d).transpose(1, 0, 3, 2, 4)           # [nk, B, N, tk, D]
+    qb = qp.reshape(b, nq, q_block, n, d).transpose(1, 0, 3, 2, 4)  # [nq, B, N, tq, D]
+    kb = kp.reshape(b, nk, kv_block, n, d).transpose(1, 0, 3, 2, 4)  # [nk, B, N, tk, D]
     vb = vp.reshape(b, nk, kv_block, n, d).transpose(1, 0, 3, 2, 4)
     kv_valid = (jnp.arange(nk * kv_block) < skv).reshape(nk, kv_block)
 
@@ -181,16 +185,20 @@ def chunked_attention(q, k, v, q_block: int = 1024, kv_block: int = 1024):
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum("bnqk,bnkd->bnqd", p.astype(vj.dtype), vj,
-                                                     preferred_element_type=jnp.float32)
+            acc = acc * corr[..., None] + jnp.einsum(
+                "bnqk,bnkd->bnqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+            )
             return (m_new, l, acc), None
 
-        init = (jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qi.shape[:-1], jnp.float32),
-                jnp.zeros(qi.shape, jnp.float32))
+        init = (
+            jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32),
+            jnp.zeros(qi.shape[:-1], jnp.float32),
+            jnp.zeros(qi.shape, jnp.float32),
+        )
         (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, kv_valid))
         return (acc / l[..., None]).astype(q.dtype)
 
-    out = jax.lax.map(one_q_block, qb)                                        # [nq, B, N, tq, D]
+    out = jax.lax.map(one_q_block, qb)  # [nq, B, N, tq, D]
     out = out.transpose(1, 0, 3, 2, 4).reshape(b, nq * q_block, n, d)
     return out[:, :sq]
 
@@ -200,8 +208,9 @@ def _tpu_attention(q, k, v):
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa  # TPU-only import
 
     scale = 1.0 / math.sqrt(q.shape[-1])
-    o = tpu_fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                               sm_scale=scale)
+    o = tpu_fa.flash_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sm_scale=scale
+    )
     return o.transpose(0, 2, 1, 3)
 
 
@@ -231,9 +240,16 @@ def fp8_attention_scales(q, k, v, p_scale: float | None = None) -> dict:
     ps = FP8_P_SCALE if p_scale is None else float(p_scale)
     one = lambda a: jnp.reshape(jnp.asarray(a, jnp.float32), (1, 1, 1, 1))
     aq, ak, av = _amax(q), _amax(k), _amax(v)
-    out = {"scale_q": one(FP8_MAX / aq), "scale_k": one(FP8_MAX / ak), "scale_v": one(FP8_MAX / av),
-           "descale_q": one(aq / FP8_MAX), "descale_k": one(ak / FP8_MAX), "descale_v": one(av / FP8_MAX),
-           "scale_s": one(ps), "descale_s": one(1.0 / ps)}
+    out = {
+        "scale_q": one(FP8_MAX / aq),
+        "scale_k": one(FP8_MAX / ak),
+        "scale_v": one(FP8_MAX / av),
+        "descale_q": one(aq / FP8_MAX),
+        "descale_k": one(ak / FP8_MAX),
+        "descale_v": one(av / FP8_MAX),
+        "scale_s": one(ps),
+        "descale_s": one(1.0 / ps),
+    }
     out["scale_o"] = one(FP8_MAX / (FP8_O_HEADROOM * av))
     out["descale_o"] = one(FP8_O_HEADROOM * av / FP8_MAX)
     return out
@@ -250,8 +266,10 @@ def _fp8_check(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"cudnn_fp8 attention expects [B, S, N, D] q/k/v, got {q.shape}, {k.shape}, {v.shape}")
     if d % 16 or d > 256 or k.shape[-1] != d or v.shape[-1] != d:
-        raise NotImplementedError(f"cudnn_fp8 attention needs one head dim, a multiple of 16 and <= 256 (cuDNN FP8 "
-                                  f"flash attention); got q/k/v head dims {d}, {k.shape[-1]}, {v.shape[-1]}")
+        raise NotImplementedError(
+            f"cudnn_fp8 attention needs one head dim, a multiple of 16 and <= 256 (cuDNN FP8 "
+            f"flash attention); got q/k/v head dims {d}, {k.shape[-1]}, {v.shape[-1]}"
+        )
     if q.shape[2] != k.shape[2]:
         raise NotImplementedError(f"cudnn_fp8 attention: q and k/v head counts differ ({q.shape[2]} vs {k.shape[2]})")
 
@@ -259,14 +277,18 @@ def _fp8_check(q, k, v):
 def _require_fp8_gpu():
     platform = jax.default_backend()
     if platform != "gpu":
-        raise RuntimeError(f"attention backend 'cudnn_fp8' needs an NVIDIA GPU (Hopper sm_90 or newer, cuDNN >= 9.1); "
-                           f"this process runs on {platform!r}. Use 'cudnn'/'chunked', or 'fp8_reference' for the "
-                           f"same FP8 numerics in plain jnp.")
+        raise RuntimeError(
+            f"attention backend 'cudnn_fp8' needs an NVIDIA GPU (Hopper sm_90 or newer, cuDNN >= 9.1); "
+            f"this process runs on {platform!r}. Use 'cudnn'/'chunked', or 'fp8_reference' for the "
+            f"same FP8 numerics in plain jnp."
+        )
     dev = jax.devices()[0]
     cc = getattr(dev, "compute_capability", None)
     if cc is not None and tuple(int(x) for x in str(cc).split(".")[:2]) < (9, 0):
-        raise RuntimeError(f"attention backend 'cudnn_fp8' needs compute capability >= 9.0 (Hopper); "
-                           f"{getattr(dev, 'device_kind', dev)} has {cc}")
+        raise RuntimeError(
+            f"attention backend 'cudnn_fp8' needs compute capability >= 9.0 (Hopper); "
+            f"{getattr(dev, 'device_kind', dev)} has {cc}"
+        )
 
 
 def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True, p_scale: float | None = None):
@@ -290,16 +312,24 @@ def cudnn_fp8_attention(q, k, v, *, check_platform: bool = True, p_scale: float 
         _require_fp8_gpu()
     sc = fp8_attention_scales(q, k, v, p_scale)
     zero = jnp.zeros((1, 1, 1, 1), jnp.float32)
-    params = {key: zero for key in fa.fp8_params_keys}     # backward-only entries are unused by the forward
+    params = {key: zero for key in fa.fp8_params_keys}  # backward-only entries are unused by the forward
     params.update({key: sc[key] for key in _FP8_SCALE_KEYS})
     o8, _amax_s, _amax_o = fa.dot_product_attention(
-        to_fp8(q, sc["scale_q"]), to_fp8(k, sc["scale_k"]), to_fp8(v, sc["scale_v"]), fp8_params=params,
-        scale=1.0 / math.sqrt(q.shape[-1]), mask_type=fa.MaskType.NO_MASK, qkv_layout="BTNH", use_fp8=True)
+        to_fp8(q, sc["scale_q"]),
+        to_fp8(k, sc["scale_k"]),
+        to_fp8(v, sc["scale_v"]),
+        fp8_params=params,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+        mask_type=fa.MaskType.NO_MASK,
+        qkv_layout="BTNH",
+        use_fp8=True,
+    )
     return (o8.astype(jnp.float32) * jnp.reshape(sc["descale_o"], ())).astype(q.dtype)
 
 
-def fp8_attention_reference(q, k, v, *, p_mode: str = "unnormalized", scales: dict | None = None,
-                            quantize_output: bool = True):
+def fp8_attention_reference(
+    q, k, v, *, p_mode: str = "unnormalized", scales: dict | None = None, quantize_output: bool = True
+):
     """The FP8 attention numerics of `cudnn_fp8_attention` in plain jnp (fp32 math; materializes S x S).
 
     q, k, v are quantized to e4m3 and dequantized with the same per-tensor scales (``scales`` from

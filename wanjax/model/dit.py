@@ -12,6 +12,7 @@ float64; the modulation is computed per sample (the timestep is shared by all to
 
 Layout is channels-last: ``x`` [B, F, H, W, in_dim] -> velocity [B, F, H, W, out_dim] (float32).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -82,7 +83,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        o = attention(q, k, v, self_attention=ctx is None)   # cross-attention never takes a self-only backend
+        o = attention(q, k, v, self_attention=ctx is None)  # cross-attention never takes a self-only backend
         return self.o(o.reshape(b, s, -1))
 
 
@@ -101,8 +102,8 @@ class WanBlock(nnx.Module):
 
     def __call__(self, x, e0, ctx, rope):
         """x [B, S, dim] fp32; e0 [B, 6, dim] fp32; ctx [B, L, dim]; rope (cos, sin)."""
-        e = self.modulation[...].astype(F32) + e0                        # [B, 6, dim]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (e[:, i:i + 1] for i in range(6))
+        e = self.modulation[...].astype(F32) + e0  # [B, 6, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (e[:, i : i + 1] for i in range(6))
         h = layer_norm(x, self.eps) * (1.0 + scale1) + shift1
         x = x + self.self_attn(h, rope=rope).astype(F32) * gate1
         x = x + self.cross_attn(self.norm3(x), ctx=ctx).astype(F32)
@@ -121,7 +122,7 @@ class Head(nnx.Module):
         self.eps = cfg.eps
 
     def __call__(self, x, temb):
-        e = self.modulation[...].astype(F32) + temb[:, None, :]           # [B, 2, dim]
+        e = self.modulation[...].astype(F32) + temb[:, None, :]  # [B, 2, dim]
         shift, scale = e[:, 0:1], e[:, 1:2]
         return self.head(layer_norm(x, self.eps) * (1.0 + scale) + shift)
 
@@ -142,8 +143,15 @@ class WanDiT(nnx.Module):
     [B, L <= text_len, text_dim]; returns the velocity [B, F, H, W, out_dim] in float32.
     """
 
-    def __init__(self, cfg: WanConfig, *, dtype: Dtype = jnp.bfloat16, param_dtype: Dtype = jnp.bfloat16,
-                 scan_layers: bool = True, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: WanConfig,
+        *,
+        dtype: Dtype = jnp.bfloat16,
+        param_dtype: Dtype = jnp.bfloat16,
+        scan_layers: bool = True,
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -151,10 +159,12 @@ class WanDiT(nnx.Module):
         pt, ph, pw = cfg.patch_size
         self.patch_embedding = Linear(pt * ph * pw * cfg.in_dim, cfg.dim, path="patch_embedding", **kw)
         self.text_embedding = MLP2(cfg.text_dim, cfg.dim, cfg.dim, gelu_tanh, path="text_embedding", **kw)
-        self.time_embedding = MLP2(cfg.freq_dim, cfg.dim, cfg.dim, jax.nn.silu, dtype=F32, param_dtype=F32,
-                                   path="time_embedding", rngs=rngs)
-        self.time_projection = Linear(cfg.dim, 6 * cfg.dim, dtype=F32, param_dtype=param_dtype,
-                                      path="time_projection", rngs=rngs)
+        self.time_embedding = MLP2(
+            cfg.freq_dim, cfg.dim, cfg.dim, jax.nn.silu, dtype=F32, param_dtype=F32, path="time_embedding", rngs=rngs
+        )
+        self.time_projection = Linear(
+            cfg.dim, 6 * cfg.dim, dtype=F32, param_dtype=param_dtype, path="time_projection", rngs=rngs
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -171,7 +181,9 @@ class WanDiT(nnx.Module):
         if h % 2 or w % 2:
             raise ValueError(f"latent height/width must be even for the (1,2,2) patch, got H={h}, W={w}")
         if c != self.cfg.in_dim:
-            raise ValueError(f"expected {self.cfg.in_dim} input channels (16 noise + 4 mask + 16 image latent), got {c}")
+            raise ValueError(
+                f"expected {self.cfg.in_dim} input channels (16 noise + 4 mask + 16 image latent), got {c}"
+            )
         x = x.reshape(b, f, h // 2, 2, w // 2, 2, c).transpose(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(b, f * (h // 2) * (w // 2), 4 * c)
 
@@ -202,8 +214,10 @@ class WanDiT(nnx.Module):
     def run_blocks(self, x, e0, ctx, rope):
         graphdef, state = nnx.split(self.blocks)
         if self.scan_layers:
+
             def body(h, st):
                 return nnx.merge(graphdef, st)(h, e0, ctx, rope), None
+
             x, _ = jax.lax.scan(body, x, state)
             return x
         for i in range(self.cfg.num_layers):
@@ -222,8 +236,9 @@ class WanDiT(nnx.Module):
         tokens = self.patch_embedding(self.patchify(x)).astype(F32)
         temb, e0 = self.embed_time(t)
         ctx = self.embed_text(context)
-        rope = rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_max_seq_len,
-                            self.cfg.rope_theta)
+        rope = rope_cos_sin(
+            grid, self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_max_seq_len, self.cfg.rope_theta
+        )
         tokens = self.run_blocks(tokens, e0, ctx, rope)
         out = self.head(tokens, temb)
         return self.unpatchify(out, grid).astype(F32)

@@ -4,6 +4,7 @@ Every dense projection of the model goes through `Linear`, so quantization can r
 place: `linear_interceptor(fn)` installs ``fn(module, x) -> y`` for all `Linear` calls traced inside the
 ``with`` block (calibration captures statistics this way, with no edits to model code).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ from flax import nnx
 
 Dtype = Any
 
-_INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("wanjax_linear_interceptor",
-                                                                               default=None)
+_INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "wanjax_linear_interceptor", default=None
+)
 
 
 @contextlib.contextmanager
@@ -53,12 +55,19 @@ class Linear(nnx.Module):
       path: dotted name of this layer in the model (used by quantization and calibration).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, path: str = "",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        path: str = "",
+        rngs: nnx.Rngs,
+    ):
         std = 1.0 / math.sqrt(in_features)
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
-                                                   -std, std))
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype, -std, std))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.in_features = in_features
         self.out_features = out_features
@@ -107,8 +116,15 @@ class RMSNorm(nnx.Module):
     Wan applies it to q/k over the full model width (across heads) before splitting heads.
     """
 
-    def __init__(self, dim: int, *, eps: float, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
         self.eps = eps
         self.dtype = dtype

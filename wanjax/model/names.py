@@ -6,19 +6,27 @@ q/k/v/o and the FFN's two layers. Quantization replaces exactly these (``wanjax.
 inputs, the checkpoint key map (`wanjax.io.keymap`) and the sharding rules (`wanjax.parallel.rules`) derive their
 entries from them. Plain strings, no imports: any layer may read them.
 """
+
 from __future__ import annotations
 
 __all__ = ["BLOCK_LINEARS", "BLOCK_LINEAR_NAMES", "block_linear_shapes"]
 
 #: Module paths of the 10 Linears of a WanDiT block, in the model's order (``"blocks.self_attn.q"``, ...).
 BLOCK_LINEARS: tuple[str, ...] = (
-    "blocks.self_attn.q", "blocks.self_attn.k", "blocks.self_attn.v", "blocks.self_attn.o",
-    "blocks.cross_attn.q", "blocks.cross_attn.k", "blocks.cross_attn.v", "blocks.cross_attn.o",
-    "blocks.ffn.fc1", "blocks.ffn.fc2",
+    "blocks.self_attn.q",
+    "blocks.self_attn.k",
+    "blocks.self_attn.v",
+    "blocks.self_attn.o",
+    "blocks.cross_attn.q",
+    "blocks.cross_attn.k",
+    "blocks.cross_attn.v",
+    "blocks.cross_attn.o",
+    "blocks.ffn.fc1",
+    "blocks.ffn.fc2",
 )
 
 #: The same layers by their name inside one block (``"self_attn.q"``, ..., ``"ffn.fc2"``).
-BLOCK_LINEAR_NAMES: tuple[str, ...] = tuple(p[len("blocks."):] for p in BLOCK_LINEARS)
+BLOCK_LINEAR_NAMES: tuple[str, ...] = tuple(p[len("blocks.") :] for p in BLOCK_LINEARS)
 
 
 def block_linear_shapes(cfg) -> dict[str, tuple[int, int]]:

@@ -5,6 +5,7 @@ Each 128-channel head is split into (t, h, w) parts of 44/42/42 channels; each p
 on the host (as the official code does) over ``max_seq_len`` positions, then cast to fp32 and gathered for the
 (f, h, w) token grid inside the graph, so no S-sized constant is embedded in the program.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,9 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=16)
-def axis_tables(head_dim: int, split: tuple[int, int, int], max_seq_len: int = 1024,
-                theta: float = 10000.0) -> tuple[np.ndarray, ...]:
+def axis_tables(
+    head_dim: int, split: tuple[int, int, int], max_seq_len: int = 1024, theta: float = 10000.0
+) -> tuple[np.ndarray, ...]:
     """Per-axis (cos, sin) tables, float64-computed then fp32: 3 pairs of [max_seq_len, d_part/2]."""
     assert sum(split) == head_dim, (split, head_dim)
     pos = np.arange(max_seq_len, dtype=np.float64)
@@ -28,8 +30,13 @@ def axis_tables(head_dim: int, split: tuple[int, int, int], max_seq_len: int = 1
     return tuple(out)
 
 
-def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, split: tuple[int, int, int],
-                 max_seq_len: int = 1024, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    split: tuple[int, int, int],
+    max_seq_len: int = 1024,
+    theta: float = 10000.0,
+) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [F*H*W, head_dim/2] (fp32) for tokens ordered f-major, then h, then w."""
     f, h, w = grid
     if max(grid) > max_seq_len:

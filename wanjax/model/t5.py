@@ -19,6 +19,7 @@ Parameters of the blocks are stacked along a leading ``num_layers`` axis and the
 
 Public API: `T5Config`, presets `UMT5_XXL` and `TINY_T5`, `UMT5Encoder`, `relative_position_buckets`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,13 +54,13 @@ class T5Config:
 
     def __post_init__(self):
         if self.dim_attn % self.num_heads:
-            raise ValueError(f"T5Config: dim_attn ({self.dim_attn}) must be divisible by num_heads "
-                             f"({self.num_heads})")
+            raise ValueError(f"T5Config: dim_attn ({self.dim_attn}) must be divisible by num_heads ({self.num_heads})")
         if self.num_buckets < 4 or self.num_buckets % 2:
             raise ValueError(f"T5Config: num_buckets must be an even number >= 4, got {self.num_buckets}")
         if self.max_distance <= self.num_buckets // 4:
-            raise ValueError(f"T5Config: max_distance ({self.max_distance}) must exceed num_buckets // 4 "
-                             f"({self.num_buckets // 4})")
+            raise ValueError(
+                f"T5Config: max_distance ({self.max_distance}) must exceed num_buckets // 4 ({self.num_buckets // 4})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -70,10 +71,12 @@ class T5Config:
 
     def num_params(self) -> int:
         """Parameter count implied by the config (embedding included)."""
-        per_layer = (4 * self.dim * self.dim_attn          # q, k, v, o
-                     + 3 * self.dim * self.dim_ffn          # gate, fc1, fc2
-                     + 2 * self.dim                         # norm1, norm2
-                     + self.num_buckets * self.num_heads)   # relative position bias
+        per_layer = (
+            4 * self.dim * self.dim_attn  # q, k, v, o
+            + 3 * self.dim * self.dim_ffn  # gate, fc1, fc2
+            + 2 * self.dim  # norm1, norm2
+            + self.num_buckets * self.num_heads
+        )  # relative position bias
         return self.vocab_size * self.dim + self.num_layers * per_layer + self.dim
 
 
@@ -81,13 +84,24 @@ class T5Config:
 UMT5_XXL = T5Config()
 
 # Small fp32 config for tests.
-TINY_T5 = T5Config(vocab_size=300, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=2,
-                   num_buckets=32, max_distance=128, text_len=32, dtype=jnp.float32,
-                   param_dtype=jnp.float32)
+TINY_T5 = T5Config(
+    vocab_size=300,
+    dim=64,
+    dim_attn=64,
+    dim_ffn=96,
+    num_heads=4,
+    num_layers=2,
+    num_buckets=32,
+    max_distance=128,
+    text_len=32,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+)
 
 
-def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int,
-                              bidirectional: bool = True) -> np.ndarray:
+def relative_position_buckets(
+    q_len: int, k_len: int, num_buckets: int, max_distance: int, bidirectional: bool = True
+) -> np.ndarray:
     """Bucket index [q_len, k_len] (int32) of the relative position ``key_pos - query_pos``.
 
     Same arithmetic as the official ``T5RelativeEmbedding._relative_position_bucket`` (float32 log, truncation
@@ -126,8 +140,15 @@ class T5RMSNorm(nnx.Module):
 
 
 def _linear(din: int, dout: int, std: float, cfg: T5Config, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=jax.nn.initializers.normal(std), rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=jax.nn.initializers.normal(std),
+        rngs=rngs,
+    )
 
 
 class T5Attention(nnx.Module):
@@ -139,8 +160,8 @@ class T5Attention(nnx.Module):
         self.dtype = cfg.dtype
         # Init scales as the official init_weights (only matters for random-weight runs).
         self.q = _linear(cfg.dim, cfg.dim_attn, (cfg.dim * cfg.dim_attn) ** -0.5, cfg, rngs)
-        self.k = _linear(cfg.dim, cfg.dim_attn, cfg.dim ** -0.5, cfg, rngs)
-        self.v = _linear(cfg.dim, cfg.dim_attn, cfg.dim ** -0.5, cfg, rngs)
+        self.k = _linear(cfg.dim, cfg.dim_attn, cfg.dim**-0.5, cfg, rngs)
+        self.v = _linear(cfg.dim, cfg.dim_attn, cfg.dim**-0.5, cfg, rngs)
         self.o = _linear(cfg.dim_attn, cfg.dim, (cfg.num_heads * cfg.dim_attn) ** -0.5, cfg, rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -163,9 +184,9 @@ class T5FeedForward(nnx.Module):
     """Gated-GELU MLP: ``fc2(fc1(x) * gelu_tanh(gate(x)))``."""
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
-        self.gate = _linear(cfg.dim, cfg.dim_ffn, cfg.dim ** -0.5, cfg, rngs)
-        self.fc1 = _linear(cfg.dim, cfg.dim_ffn, cfg.dim ** -0.5, cfg, rngs)
-        self.fc2 = _linear(cfg.dim_ffn, cfg.dim, cfg.dim_ffn ** -0.5, cfg, rngs)
+        self.gate = _linear(cfg.dim, cfg.dim_ffn, cfg.dim**-0.5, cfg, rngs)
+        self.fc1 = _linear(cfg.dim, cfg.dim_ffn, cfg.dim**-0.5, cfg, rngs)
+        self.fc2 = _linear(cfg.dim_ffn, cfg.dim, cfg.dim_ffn**-0.5, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.fc1(x) * jax.nn.gelu(self.gate(x), approximate=True))
@@ -181,7 +202,8 @@ class T5Block(nnx.Module):
         self.ffn = T5FeedForward(cfg, rngs=rngs)
         std = (2 * cfg.num_buckets * cfg.num_heads) ** -0.5
         self.rel_bias = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.num_buckets, cfg.num_heads)).astype(cfg.param_dtype) * std)
+            jax.random.normal(rngs.params(), (cfg.num_buckets, cfg.num_heads)).astype(cfg.param_dtype) * std
+        )
 
     def __call__(self, x: jax.Array, buckets: jax.Array, mask: jax.Array | None) -> jax.Array:
         # [L, L, heads] -> [1, heads, L, L]
@@ -202,8 +224,7 @@ class UMT5Encoder(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim)).astype(cfg.param_dtype))
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim)).astype(cfg.param_dtype))
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)

@@ -17,6 +17,7 @@ chunk. The first chunk runs outside ``jax.lax.scan`` (it fixes the cache shapes)
 inside it, so the full video never goes through a conv at once and memory stays bounded
 (times and peak memory: docs/BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,42 @@ from flax import nnx
 
 from wanjax.model.vae_layers import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm
 
-LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 ENCODE_CHUNK = 4  # frames per encoder chunk after the first single frame (as the reference)
 
@@ -62,11 +95,15 @@ class VAEConfig:
         if len(self.dim_mult) < 2:
             raise ValueError(f"VAEConfig: dim_mult needs >= 2 levels, got {self.dim_mult}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"VAEConfig: temporal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
-                             f"entries, got {len(self.temporal_downsample)}")
+            raise ValueError(
+                f"VAEConfig: temporal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
+                f"entries, got {len(self.temporal_downsample)}"
+            )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"VAEConfig: latents_mean/std need z_dim = {self.z_dim} entries, got "
-                             f"{len(self.latents_mean)}/{len(self.latents_std)}")
+            raise ValueError(
+                f"VAEConfig: latents_mean/std need z_dim = {self.z_dim} entries, got "
+                f"{len(self.latents_mean)}/{len(self.latents_std)}"
+            )
         if any(s == 0 for s in self.latents_std):
             raise ValueError("VAEConfig: latents_std contains 0")
 
@@ -216,8 +253,9 @@ class WanVAE(nnx.Module):
     Constructing it directly draws every weight eagerly (slow on CPU); use `abstract_vae` + the loader
     for checkpoints and `init_vae` for random weights."""
 
-    def __init__(self, cfg: VAEConfig = WAN21_VAE, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, cfg: VAEConfig = WAN21_VAE, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None
+    ):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
@@ -231,8 +269,10 @@ class WanVAE(nnx.Module):
     def _check_video(self, video: jax.Array) -> None:
         cfg = self.cfg
         if video.ndim != 5 or video.shape[-1] != cfg.in_channels:
-            raise ValueError(f"WanVAE.encode: expected video [B, F, H, W, {cfg.in_channels}] (channels-last), "
-                             f"got shape {tuple(video.shape)}")
+            raise ValueError(
+                f"WanVAE.encode: expected video [B, F, H, W, {cfg.in_channels}] (channels-last), "
+                f"got shape {tuple(video.shape)}"
+            )
         _, f, h, w, _ = video.shape
         if f < 1 or (f - 1) % ENCODE_CHUNK:
             raise ValueError(f"WanVAE.encode: frame count must be 4n+1 (1, 5, 9, ..., 81), got {f}")
@@ -242,8 +282,10 @@ class WanVAE(nnx.Module):
 
     def _check_latents(self, z: jax.Array) -> None:
         if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim or z.shape[1] < 1:
-            raise ValueError(f"WanVAE.decode: expected latents [B, F_lat>=1, h, w, {self.cfg.z_dim}] "
-                             f"(channels-last), got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"WanVAE.decode: expected latents [B, F_lat>=1, h, w, {self.cfg.z_dim}] "
+                f"(channels-last), got shape {tuple(z.shape)}"
+            )
 
     # ---------------------------------------------------------------- encode
     def encode_raw(self, video: jax.Array) -> jax.Array:

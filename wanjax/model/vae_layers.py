@@ -14,6 +14,7 @@ place of the previous frames (exactly the reference's left zero padding), and th
 resamplers use their first-chunk rules (see `Resample`). After the first chunk every cache has a
 fixed shape, which is what lets the remaining chunks run under ``scan``.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,18 @@ class CausalConv3d(nnx.Module):
     is replaced by the cached last frames of the previous chunk.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1), *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_size=(3, 3, 3),
+        stride=(1, 1, 1),
+        padding=(1, 1, 1),
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kt, kh, kw = kernel_size
         self.kernel = _init_kernel(rngs, (kt, kh, kw, in_dim, out_dim), in_dim * kt * kh * kw, param_dtype)
         self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype))
@@ -60,9 +71,13 @@ class CausalConv3d(nnx.Module):
         """The plain convolution (spatial padding only, no temporal padding or cache)."""
         ph, pw = self.spatial_pad
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=self.stride,
-            padding=((0, 0), (ph, ph), (pw, pw)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            precision=_precision(self.dtype))
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=((0, 0), (ph, ph), (pw, pw)),
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            precision=_precision(self.dtype),
+        )
         return y + self.bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None):
@@ -79,8 +94,17 @@ class CausalConv3d(nnx.Module):
 class Conv2d(nnx.Module):
     """Per-frame 2-D convolution on ``[B, F, H, W, C]`` (explicit ``((top, bottom), (left, right))`` padding)."""
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 1, padding=((1, 1), (1, 1)), *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        stride: int = 1,
+        padding=((1, 1), (1, 1)),
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = _init_kernel(rngs, (3, 3, in_dim, out_dim), in_dim * 9, param_dtype)
         self.bias = nnx.Param(jnp.zeros((out_dim,), param_dtype))
         self.stride = (stride, stride)
@@ -90,9 +114,13 @@ class Conv2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f = x.shape[:2]
         y = jax.lax.conv_general_dilated(
-            x.reshape((b * f,) + x.shape[2:]).astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=self.stride, padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=_precision(self.dtype))
+            x.reshape((b * f,) + x.shape[2:]).astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_precision(self.dtype),
+        )
         y = y + self.bias[...].astype(self.dtype)
         return y.reshape((b, f) + y.shape[1:])
 
@@ -103,7 +131,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32):
         self.gamma = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.scale = dim ** 0.5
+        self.scale = dim**0.5
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,8 +150,9 @@ class ResidualBlock(nnx.Module):
         self.conv1 = CausalConv3d(in_dim, out_dim, rngs=rngs, **kw)
         self.norm2 = RMSNorm(out_dim, **kw)
         self.conv2 = CausalConv3d(out_dim, out_dim, rngs=rngs, **kw)
-        self.conv_shortcut = (CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=(0, 0, 0), rngs=rngs, **kw)
-                              if in_dim != out_dim else None)
+        self.conv_shortcut = (
+            CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=(0, 0, 0), rngs=rngs, **kw) if in_dim != out_dim else None
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, cache=None, first: bool = False):
@@ -154,8 +183,9 @@ class AttentionBlock(nnx.Module):
         qkv = jnp.einsum("bnc,cd->bnd", xn, self.to_qkv_kernel[...].astype(dt), precision=prec)
         qkv = qkv + self.to_qkv_bias[...].astype(dt)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec,
-                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(c))
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec, preferred_element_type=jnp.float32) * (
+            1.0 / math.sqrt(c)
+        )
         p = jax.nn.softmax(logits, axis=-1).astype(dt)
         o = jnp.einsum("bqk,bkc->bqc", p, v, precision=prec)
         o = jnp.einsum("bnc,cd->bnd", o, self.proj_kernel[...].astype(dt), precision=prec)
@@ -185,12 +215,16 @@ class Resample(nnx.Module):
         self.dtype = dtype
         if mode.startswith("up"):
             self.conv = Conv2d(dim, dim // 2, 1, ((1, 1), (1, 1)), **kw)
-            self.time_conv = (CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0), **kw)
-                              if mode == "upsample3d" else None)
+            self.time_conv = (
+                CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0), **kw) if mode == "upsample3d" else None
+            )
         else:
             self.conv = Conv2d(dim, dim, 2, ((0, 1), (0, 1)), **kw)
-            self.time_conv = (CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0), **kw)
-                              if mode == "downsample3d" else None)
+            self.time_conv = (
+                CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0), **kw)
+                if mode == "downsample3d"
+                else None
+            )
 
     def __call__(self, x: jax.Array, cache=None, first: bool = False):
         x = x.astype(self.dtype)

@@ -56,84 +56,84 @@ E2M1_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.
 
 
 def e2m1_encode(y: jax.Array) -> jax.Array:
-  """Rounds ``y`` to the nearest E2M1 value (ties to even code, saturating at +-6) and returns uint8 codes 0..15.
+    """Rounds ``y`` to the nearest E2M1 value (ties to even code, saturating at +-6) and returns uint8 codes 0..15.
 
-  The sign bit follows ``signbit(y)``, so negative inputs that round to zero give code 8 (-0), exactly like
-  ``ml_dtypes.float4_e2m1fn``. NaN inputs give code 0 or 8 (callers handle non-finite values before encoding).
-  """
-  y = jnp.asarray(y, jnp.float32)
-  mag = jnp.abs(y)
-  idx = jnp.zeros(y.shape, jnp.uint8)
-  for threshold, inclusive in E2M1_THRESHOLDS:
-    passed = (mag >= threshold) if inclusive else (mag > threshold)
-    idx = idx + passed.astype(jnp.uint8)
-  sign = jnp.signbit(y).astype(jnp.uint8) << 3
-  return sign | idx
+    The sign bit follows ``signbit(y)``, so negative inputs that round to zero give code 8 (-0), exactly like
+    ``ml_dtypes.float4_e2m1fn``. NaN inputs give code 0 or 8 (callers handle non-finite values before encoding).
+    """
+    y = jnp.asarray(y, jnp.float32)
+    mag = jnp.abs(y)
+    idx = jnp.zeros(y.shape, jnp.uint8)
+    for threshold, inclusive in E2M1_THRESHOLDS:
+        passed = (mag >= threshold) if inclusive else (mag > threshold)
+        idx = idx + passed.astype(jnp.uint8)
+    sign = jnp.signbit(y).astype(jnp.uint8) << 3
+    return sign | idx
 
 
 def e2m1_decode(codes: jax.Array) -> jax.Array:
-  """Maps E2M1 codes (any integer dtype, only the low 4 bits are used) to their float32 values (``E2M1_VALUES``).
+    """Maps E2M1 codes (any integer dtype, only the low 4 bits are used) to their float32 values (``E2M1_VALUES``).
 
-  Computed with element-wise arithmetic rather than a table gather, so that XLA fuses it into its neighbours."""
-  codes = jnp.asarray(codes).astype(jnp.int32)
-  idx = (codes & 7).astype(jnp.float32)
-  mag = jnp.where(idx <= 4, idx * 0.5, jnp.where(idx == 5, 3.0, jnp.where(idx == 6, 4.0, 6.0)))
-  return jnp.where((codes & 8) != 0, -mag, mag)
+    Computed with element-wise arithmetic rather than a table gather, so that XLA fuses it into its neighbours."""
+    codes = jnp.asarray(codes).astype(jnp.int32)
+    idx = (codes & 7).astype(jnp.float32)
+    mag = jnp.where(idx <= 4, idx * 0.5, jnp.where(idx == 5, 3.0, jnp.where(idx == 6, 4.0, 6.0)))
+    return jnp.where((codes & 8) != 0, -mag, mag)
 
 
 def exp2_int(n: jax.Array) -> jax.Array:
-  """Exact float32 ``2**n`` for integer ``n`` in [-126, 127], built from the exponent bits (no rounding).
+    """Exact float32 ``2**n`` for integer ``n`` in [-126, 127], built from the exponent bits (no rounding).
 
-  Outside that range the result is meaningless; use :func:`ldexp_exact` for wider exponents.
-  """
-  n = jnp.asarray(n).astype(jnp.int32)
-  return jax.lax.bitcast_convert_type((n + 127) << 23, jnp.float32)
+    Outside that range the result is meaningless; use :func:`ldexp_exact` for wider exponents.
+    """
+    n = jnp.asarray(n).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type((n + 127) << 23, jnp.float32)
 
 
 def ldexp_exact(x: jax.Array, n: jax.Array) -> jax.Array:
-  """``x * 2**n`` for integer ``n`` in [-252, 252], exact whenever the result is a normal float32.
+    """``x * 2**n`` for integer ``n`` in [-252, 252], exact whenever the result is a normal float32.
 
-  The power of two is applied in two halves of the same sign, so the intermediate value lies between ``x`` and the
-  result and never overflows or underflows when the result does not. (XLA on CPU/GPU flushes subnormals, so a single
-  multiplication by a subnormal ``2**n`` such as ``2**-127`` would give 0.)
-  """
-  n = jnp.asarray(n).astype(jnp.int32)
-  half = n >> 1  # floor(n / 2); half and n - half have the same sign
-  return jnp.asarray(x, jnp.float32) * exp2_int(half) * exp2_int(n - half)
+    The power of two is applied in two halves of the same sign, so the intermediate value lies between ``x`` and the
+    result and never overflows or underflows when the result does not. (XLA on CPU/GPU flushes subnormals, so a single
+    multiplication by a subnormal ``2**n`` such as ``2**-127`` would give 0.)
+    """
+    n = jnp.asarray(n).astype(jnp.int32)
+    half = n >> 1  # floor(n / 2); half and n - half have the same sign
+    return jnp.asarray(x, jnp.float32) * exp2_int(half) * exp2_int(n - half)
 
 
 def floor_log2(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns ``(floor(log2(a)), mantissa_bits)`` of positive float32 ``a``, exactly, from its bit pattern.
+    """Returns ``(floor(log2(a)), mantissa_bits)`` of positive float32 ``a``, exactly, from its bit pattern.
 
-  ``mantissa_bits`` is the 23-bit fraction field (``a = 2**f * (1 + mantissa_bits / 2**23)`` for normal ``a``).
-  Zero and subnormal inputs give ``f = -127``; callers treat them as zero.
-  """
-  bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(a, jnp.float32)), jnp.int32)
-  return (bits >> 23) - 127, bits & 0x7FFFFF
+    ``mantissa_bits`` is the 23-bit fraction field (``a = 2**f * (1 + mantissa_bits / 2**23)`` for normal ``a``).
+    Zero and subnormal inputs give ``f = -127``; callers treat them as zero.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(a, jnp.float32)), jnp.int32)
+    return (bits >> 23) - 127, bits & 0x7FFFFF
 
 
 def e8m0_encode(exponent: jax.Array) -> jax.Array:
-  """E8M0 code (uint8) of the power of two ``2**exponent``; ``exponent`` must already lie in [-127, 127]."""
-  return (jnp.asarray(exponent).astype(jnp.int32) + 127).astype(jnp.uint8)
+    """E8M0 code (uint8) of the power of two ``2**exponent``; ``exponent`` must already lie in [-127, 127]."""
+    return (jnp.asarray(exponent).astype(jnp.int32) + 127).astype(jnp.uint8)
 
 
 def e8m0_decode(codes: jax.Array) -> jax.Array:
-  """Float32 value of E8M0 codes: ``2**(code - 127)``; code 255 is NaN (OCP MX).
+    """Float32 value of E8M0 codes: ``2**(code - 127)``; code 255 is NaN (OCP MX).
 
-  Code 0 (``2**-127``) is returned bit-exactly as a float32 subnormal, which XLA may flush to 0 in later arithmetic;
-  the quantizers in this package never produce code 0 (see ``docs/formats.md``).
-  """
-  c = jnp.asarray(codes).astype(jnp.int32)
-  # Normal codes: exponent field = code. Code 0: the subnormal with only the top fraction bit set.
-  bits = jnp.where(c == 0, 1 << 22, c << 23)
-  value = jax.lax.bitcast_convert_type(bits, jnp.float32)
-  return jnp.where(c == E8M0_NAN_CODE, jnp.float32(jnp.nan), value)
+    Code 0 (``2**-127``) is returned bit-exactly as a float32 subnormal, which XLA may flush to 0 in later arithmetic;
+    the quantizers in this package never produce code 0 (see ``docs/formats.md``).
+    """
+    c = jnp.asarray(codes).astype(jnp.int32)
+    # Normal codes: exponent field = code. Code 0: the subnormal with only the top fraction bit set.
+    bits = jnp.where(c == 0, 1 << 22, c << 23)
+    value = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(c == E8M0_NAN_CODE, jnp.float32(jnp.nan), value)
 
 
 def fp8_e4m3_encode(y: jax.Array) -> jax.Array:
-  """Rounds float32 ``y`` to float8_e4m3fn (round half to even), saturating at +-448 instead of producing NaN.
+    """Rounds float32 ``y`` to float8_e4m3fn (round half to even), saturating at +-448 instead of producing NaN.
 
-  NaN inputs stay NaN.
-  """
-  y = jnp.asarray(y, jnp.float32)
-  return jnp.clip(y, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
+    NaN inputs stay NaN.
+    """
+    y = jnp.asarray(y, jnp.float32)
+    return jnp.clip(y, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)

@@ -111,12 +111,12 @@ _QUANTIZERS = {
 
 
 def quantize(x: jax.Array, fmt: str, **kwargs) -> QuantizedTensor:
-  """Quantizes ``x`` to format ``fmt`` (one of ``FORMATS``); ``kwargs`` go to that format's quantizer."""
-  check_choice("quantize", "fmt", fmt, FORMATS)
-  return _QUANTIZERS[fmt](x, **kwargs)
+    """Quantizes ``x`` to format ``fmt`` (one of ``FORMATS``); ``kwargs`` go to that format's quantizer."""
+    check_choice("quantize", "fmt", fmt, FORMATS)
+    return _QUANTIZERS[fmt](x, **kwargs)
 
 
 def quantize_dequantize(x: jax.Array, fmt: str, dtype=None, **kwargs) -> jax.Array:
-  """Fake quantization (QDQ): ``dequantize(quantize(x, fmt, **kwargs))`` in ``dtype`` (default: ``x.dtype``)."""
-  x = jnp.asarray(x)
-  return dequantize(quantize(x, fmt, **kwargs), x.dtype if dtype is None else dtype)
+    """Fake quantization (QDQ): ``dequantize(quantize(x, fmt, **kwargs))`` in ``dtype`` (default: ``x.dtype``)."""
+    x = jnp.asarray(x)
+    return dequantize(quantize(x, fmt, **kwargs), x.dtype if dtype is None else dtype)

@@ -40,21 +40,21 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class FormatInfo:
-  """One row of the format table.
+    """One row of the format table.
 
-  Attributes:
-    name: the format name (``QuantizedTensor.fmt``).
-    bits: bits per element code.
-    qmax: largest code magnitude (int formats) or largest element value (FP formats).
-    block: default elements per scale along K (None: one scale per channel / token).
-    kind: ``"int"``, ``"fp8"`` or ``"fp4"``.
-  """
+    Attributes:
+      name: the format name (``QuantizedTensor.fmt``).
+      bits: bits per element code.
+      qmax: largest code magnitude (int formats) or largest element value (FP formats).
+      block: default elements per scale along K (None: one scale per channel / token).
+      kind: ``"int"``, ``"fp8"`` or ``"fp4"``.
+    """
 
-  name: str
-  bits: int
-  qmax: float
-  block: int | None
-  kind: str
+    name: str
+    bits: int
+    qmax: float
+    block: int | None
+    kind: str
 
 
 #: Symmetric int4 grid [-7, 7] (-8 unused).
@@ -93,5 +93,5 @@ INT_QMAX = {f.name: f.qmax for f in FORMAT_TABLE.values() if f.kind == "int"}
 
 
 def default_block(fmt: str) -> int | None:
-  """The default scale block of ``fmt`` along K (32 mxfp4, 16 nvfp4; None for per-channel formats)."""
-  return FORMAT_TABLE[fmt].block
+    """The default scale block of ``fmt`` along K (32 mxfp4, 16 nvfp4; None for per-channel formats)."""
+    return FORMAT_TABLE[fmt].block

@@ -1,4 +1,5 @@
 """Shared pieces of the sequence-parallel attentions: sequence padding and the per-shard PartitionSpec."""
+
 from __future__ import annotations
 
 import jax
@@ -33,5 +34,6 @@ def qkv_spec(mesh: Mesh, batch: int, num_heads: int, seq_sharded: bool = True) -
 
 def check_qkv(fn: str, q, k, v) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"{fn}: expected q [B, Sq, N, D] and k, v [B, Skv, N, D]; got q {q.shape}, k {k.shape}, "
-                         f"v {v.shape}")
+        raise ValueError(
+            f"{fn}: expected q [B, Sq, N, D] and k, v [B, Skv, N, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )

@@ -5,6 +5,7 @@ full-size model can be planned on a laptop::
 
     python -m wanjax.parallel.memory --mesh 2,1,4,1 --mesh 1,1,8,1      # (data, fsdp, context, tensor)
 """
+
 from __future__ import annotations
 
 import jax
@@ -43,7 +44,7 @@ def w4a4_abstract(params, rank: int = 32, lowrank_dtype=jnp.bfloat16):
         else:
             out[name] = a
     tree: dict = {}
-    for name, a in out.items():                      # nested dicts so paths stay "a.b.c"
+    for name, a in out.items():  # nested dicts so paths stay "a.b.c"
         node = tree
         *head, last = name.split(".")
         for h in head:
@@ -57,8 +58,7 @@ def total_bytes(params) -> int:
     return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 
-def weights_per_device(cfg: WanConfig, mesh, *, quantized: bool = False, rank: int = 32,
-                       dtype=jnp.bfloat16) -> int:
+def weights_per_device(cfg: WanConfig, mesh, *, quantized: bool = False, rank: int = 32, dtype=jnp.bfloat16) -> int:
     """Bytes of one expert's weights per device of ``mesh`` (a `Mesh` or `abstract_mesh`)."""
     p = abstract_dit_params(cfg, dtype)
     if quantized:

@@ -6,6 +6,7 @@
   (all-to-all over heads) or ring attention. Weights are FSDP-sharded over it as well (as maxdiffusion does).
 * ``tensor``  - tensor parallelism over attention heads and the FFN hidden axis.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, context: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = 1, context: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A `Mesh` with axes ``("data", "fsdp", "context", "tensor")`` (all ``Auto``, i.e. GSPMD-partitioned under jit).
 
     Exactly one size may be ``-1``: it takes all remaining devices. ``devices`` defaults to ``jax.devices()``; on
@@ -31,20 +33,25 @@ def make_mesh(data: int = 1, fsdp: int = 1, context: int = -1, tensor: int = 1,
     devs = list(jax.devices() if devices is None else devices)
     n = len(devs)
     if any((not isinstance(s, int)) or s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh: sizes must be positive ints or -1, got data={data}, fsdp={fsdp}, "
-                         f"context={context}, tensor={tensor}")
+        raise ValueError(
+            f"make_mesh: sizes must be positive ints or -1, got data={data}, fsdp={fsdp}, "
+            f"context={context}, tensor={tensor}"
+        )
     auto = [i for i, s in enumerate(sizes) if s == -1]
     if len(auto) > 1:
         raise ValueError(f"make_mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if auto:
         if n % known:
-            raise ValueError(f"make_mesh: {n} devices are not divisible by the fixed axis sizes "
-                             f"{dict((a, s) for a, s in zip(AXES, sizes) if s != -1)} (product {known})")
+            raise ValueError(
+                f"make_mesh: {n} devices are not divisible by the fixed axis sizes "
+                f"{dict((a, s) for a, s in zip(AXES, sizes) if s != -1)} (product {known})"
+            )
         sizes[auto[0]] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"make_mesh: axis sizes {dict(zip(AXES, sizes))} multiply to {math.prod(sizes)}, "
-                         f"but there are {n} devices")
+        raise ValueError(
+            f"make_mesh: axis sizes {dict(zip(AXES, sizes))} multiply to {math.prod(sizes)}, but there are {n} devices"
+        )
     types = (AxisType.Auto,) * len(AXES)
     if devices is None:
         return jax.make_mesh(tuple(sizes), AXES, axis_types=types)

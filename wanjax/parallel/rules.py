@@ -17,6 +17,7 @@ Defaults (as maxdiffusion's Wan config): ``embed -> (fsdp, context)`` (FSDP over
 A dimension keeps the longest prefix of its mesh axes whose size product divides it (so every spec is valid for
 every mesh); a mesh axis is used at most once per array.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,12 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 #: (K, N) logical axes of a block Linear (`wanjax.model.names.BLOCK_LINEARS`) by its last name: the attention
 #: projections q/k/v map embed -> heads and o back, the FFN embed -> mlp -> embed.
 BLOCK_LINEAR_AXES: dict[str, tuple[str | None, str | None]] = {
-    "q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"), "o": ("heads", "embed"),
-    "fc1": ("embed", "mlp"), "fc2": ("mlp", "embed"),
+    "q": ("embed", "heads"),
+    "k": ("embed", "heads"),
+    "v": ("embed", "heads"),
+    "o": ("heads", "embed"),
+    "fc1": ("embed", "mlp"),
+    "fc2": ("mlp", "embed"),
 }
 
 #: (regex on the Linear's path, (K logical axis, N logical axis)); first match wins.
@@ -67,14 +72,14 @@ LINEAR_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
 LINEAR_LEAF_AXES: dict[str, tuple[str | None, ...]] = {
     "kernel": ("K", "N"),
     "bias": ("N",),
-    "qweight": ("N", "K"),            # packed codes stored directly under the Linear
-    "qweight.codes": ("N", "K"),      # `wanjax.quant.QuantizedTensor` fields
+    "qweight": ("N", "K"),  # packed codes stored directly under the Linear
+    "qweight.codes": ("N", "K"),  # `wanjax.quant.QuantizedTensor` fields
     "qweight.scales": ("N", "K"),
     "qweight.tensor_scale": (),
     "scale": ("N",),
-    "wscale": ("N", "K"),             # QLinear's weight scales [N, K/g] (per channel: [N, 1])
+    "wscale": ("N", "K"),  # QLinear's weight scales [N, K/g] (per channel: [N, 1])
     "wtensor_scale": (),
-    "kweight": ("N", "K"),            # QLinear's kernel-ready weights (e4m3 / int8 [N, K]) and row scales
+    "kweight": ("N", "K"),  # QLinear's kernel-ready weights (e4m3 / int8 [N, K]) and row scales
     "kscale": ("N",),
     "down": ("K", None),
     "up": (None, "N"),
@@ -120,7 +125,7 @@ def param_logical_axes(path: str, shape: Sequence[int]) -> Logical:
     """
     shape = tuple(shape)
     lead: tuple = ("layers",) if path.startswith("blocks.") else ()
-    rest = shape[len(lead):]
+    rest = shape[len(lead) :]
     axes: tuple | None = None
     for rx, (k_ax, n_ax) in _LINEAR_RE:
         m = rx.match(path)
@@ -136,16 +141,20 @@ def param_logical_axes(path: str, shape: Sequence[int]) -> Logical:
     if axes is None:
         if math.prod(rest) <= SMALL_LEAF:
             return (None,) * len(shape)
-        raise ValueError(f"no sharding rule for parameter {path!r} with shape {shape} ({math.prod(rest)} elements "
-                         f"per layer > {SMALL_LEAF}); add it to wanjax.parallel.rules.LINEAR_LEAF_AXES or OTHER_AXES")
+        raise ValueError(
+            f"no sharding rule for parameter {path!r} with shape {shape} ({math.prod(rest)} elements "
+            f"per layer > {SMALL_LEAF}); add it to wanjax.parallel.rules.LINEAR_LEAF_AXES or OTHER_AXES"
+        )
     if len(rest) < len(axes):
-        raise ValueError(f"parameter {path!r}: rule expects at least {len(lead) + len(axes)} dims "
-                         f"{lead + axes}, got shape {shape}")
+        raise ValueError(
+            f"parameter {path!r}: rule expects at least {len(lead) + len(axes)} dims {lead + axes}, got shape {shape}"
+        )
     return lead + axes + (None,) * (len(rest) - len(axes))
 
 
-def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Sequence[str]] | None = None) -> P:
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None
+) -> P:
     """PartitionSpec for an array of ``shape`` whose dims have the ``logical`` names.
 
     Each dim takes the longest prefix of its rule's mesh axes (size > 1, not used by an earlier dim) whose size
@@ -182,8 +191,9 @@ def param_specs(params, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = 
 def param_shardings(abstract_params, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
     """Tree of `NamedSharding` for ``abstract_params`` (e.g. ``nnx.state(nnx.eval_shape(...))``): use it as
     ``out_shardings`` to create or load the weights directly sharded."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(abstract_params, mesh, rules),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), param_specs(abstract_params, mesh, rules), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def shard_params(params, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
@@ -191,8 +201,9 @@ def shard_params(params, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None =
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
-def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Sequence[str]] | None = None) -> P:
+def activation_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None
+) -> P:
     """PartitionSpec of an activation, e.g. ``("batch", "length", None)`` for tokens [B, S, D]."""
     return logical_to_spec(logical, shape, mesh, rules)
 
@@ -201,8 +212,9 @@ def bytes_per_device(params, mesh, rules: Mapping[str, Sequence[str]] | None = N
     """Per-device parameter footprint (bytes) of ``params`` (arrays or ShapeDtypeStructs) on ``mesh`` (a `Mesh` or
     a `jax.sharding.AbstractMesh`: only the axis sizes are used, so no devices are needed)."""
     total = 0
-    for spec, leaf in zip(jax.tree.leaves(param_specs(params, mesh, rules), is_leaf=lambda x: isinstance(x, P)),
-                          jax.tree.leaves(params)):
+    for spec, leaf in zip(
+        jax.tree.leaves(param_specs(params, mesh, rules), is_leaf=lambda x: isinstance(x, P)), jax.tree.leaves(params)
+    ):
         shard = []
         for dim, entry in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
             axes = () if entry is None else (entry,) if isinstance(entry, str) else entry

@@ -8,6 +8,7 @@ heads are also split over ``tensor``) to be divisible by c; `wanjax.parallel.rin
 The sequence is zero-padded to a multiple of c; padded keys are dropped before the local attention (after the
 all-to-all every device holds the full, ordered sequence), so results do not change.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,7 @@ def ulysses_heads_ok(mesh: Mesh, num_heads: int) -> bool:
     return (num_heads // t) % c == 0
 
 
-def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *,
-                      backend: str | None = None) -> jax.Array:
+def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *, backend: str | None = None) -> jax.Array:
     """Self-attention over [B, S, N, D] q, k, v (same S) with tokens sharded over ``context``; returns [B, S, N, D].
 
     Call inside ``jax.jit`` (or eagerly) with global arrays; sharding is applied here. ``backend`` picks the local
@@ -41,14 +41,16 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *,
     c = axis_size(mesh, "context")
     if not ulysses_heads_ok(mesh, n):
         t = axis_size(mesh, "tensor") if head_axis(mesh, n) else 1
-        raise ValueError(f"ulysses_attention: {n} heads / tensor {t} = {n // t} heads per shard are not divisible "
-                         f"by context={c}; use ring attention (mode='ring' or 'auto')")
+        raise ValueError(
+            f"ulysses_attention: {n} heads / tensor {t} = {n // t} heads per shard are not divisible "
+            f"by context={c}; use ring attention (mode='ring' or 'auto')"
+        )
     sp = math.ceil(s / c) * c
     spec = qkv_spec(mesh, b, n)
 
     def body(ql, kl, vl):
         ql, kl, vl = (jax.lax.all_to_all(a, "context", 2, 1, tiled=True) for a in (ql, kl, vl))
-        kl, vl = kl[:, :s], vl[:, :s]                 # drop padded keys: the full sequence is local now
+        kl, vl = kl[:, :s], vl[:, :s]  # drop padded keys: the full sequence is local now
         be = backend or attn_mod.default_backend(ql.shape[1], kl.shape[1], ql.dtype)
         o = attn_mod.attention(ql, kl, vl, backend=be)
         return jax.lax.all_to_all(o, "context", 1, 2, tiled=True)
@@ -56,12 +58,14 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *,
     # check_vma=False: local backends (scans with replicated initial carries, Pallas/cuDNN calls) are not
     # annotated for shard_map's varying-axes types; the body has no cross-device semantics beyond the all-to-alls.
     o = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-        pad_seq(q, sp), pad_seq(k, sp), pad_seq(v, sp))
+        pad_seq(q, sp), pad_seq(k, sp), pad_seq(v, sp)
+    )
     return o[:, :s]
 
 
-def sharded_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *,
-                            backend: str | None = None) -> jax.Array:
+def sharded_cross_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *, backend: str | None = None
+) -> jax.Array:
     """Attention with q [B, S, N, D] sharded over ``context`` and k, v [B, L, N, D] (e.g. 512 text tokens)
     replicated over it: no communication, each device attends its query shard to all keys."""
     check_qkv("sharded_cross_attention", q, k, v)

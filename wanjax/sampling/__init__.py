@@ -13,18 +13,31 @@ The guided velocity of one expert (classifier-free guidance, cond and uncond bat
 `guided_velocity` (`wanjax.sampling.guidance`): the ``velocity_fn`` the pipeline, calibration and the quantized
 experts denoise with. It is imported on first use (it needs flax), so ``import wanjax.sampling`` stays light.
 """
+
 from wanjax.sampling.euler import EulerState, euler_init, euler_step
 from wanjax.sampling.loop import SOLVERS, get_solver, sample
-from wanjax.sampling.schedule import (FlowSchedule, flow_schedule, num_high_noise_steps, official_sigma_max,
-                                      shift_sigmas)
+from wanjax.sampling.schedule import FlowSchedule, flow_schedule, num_high_noise_steps, official_sigma_max, shift_sigmas
 from wanjax.sampling.unipc import UniPCState, unipc_coefficients, unipc_init, unipc_step
 
 __all__ = [
-    "FlowSchedule", "flow_schedule", "num_high_noise_steps", "official_sigma_max", "shift_sigmas",
-    "UniPCState", "unipc_coefficients", "unipc_init", "unipc_step",
-    "EulerState", "euler_init", "euler_step",
-    "SOLVERS", "get_solver", "sample",
-    "guided_velocity", "cfg_batch", "cfg_combine",
+    "FlowSchedule",
+    "flow_schedule",
+    "num_high_noise_steps",
+    "official_sigma_max",
+    "shift_sigmas",
+    "UniPCState",
+    "unipc_coefficients",
+    "unipc_init",
+    "unipc_step",
+    "EulerState",
+    "euler_init",
+    "euler_step",
+    "SOLVERS",
+    "get_solver",
+    "sample",
+    "guided_velocity",
+    "cfg_batch",
+    "cfg_combine",
 ]
 
 _LAZY = {"guided_velocity", "cfg_batch", "cfg_combine"}

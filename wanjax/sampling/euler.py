@@ -6,6 +6,7 @@ Same step as diffusers' ``FlowMatchEulerDiscreteScheduler`` (deterministic, no c
     state = euler_init(schedule.sigmas, x.shape)
     x, state = euler_step(state, i, v, x)      # i may be a traced int
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -29,8 +30,9 @@ def euler_init(sigmas, sample_shape=None) -> EulerState:
     """
     sig = np.asarray(sigmas, dtype=np.float32)
     if sig.ndim != 1 or sig.shape[0] < 2 or not np.all(np.diff(sig) < 0):
-        raise ValueError(f"euler_init: sigmas must be 1-D, strictly decreasing, with N + 1 >= 2 entries; "
-                         f"got shape {sig.shape}")
+        raise ValueError(
+            f"euler_init: sigmas must be 1-D, strictly decreasing, with N + 1 >= 2 entries; got shape {sig.shape}"
+        )
     del sample_shape
     return EulerState(sigmas=jnp.asarray(sig))
 

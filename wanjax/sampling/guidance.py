@@ -8,6 +8,7 @@ same batching (`cfg_batch`) and combination (`cfg_combine`) to name a layer that
 The conditional and unconditional forwards run as ONE batch of 2B (cond rows first), so a single compiled forward
 serves both; on a mesh ``constrain`` splits that batch over the "data" axis.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,8 +26,11 @@ def cfg_batch(x, y, ctx, t):
     ``ctx``: [2, L, D] = (cond, uncond); ``t``: scalar timestep."""
     inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
     b = x.shape[0]
-    return (jnp.concatenate([inp, inp], 0), jnp.full((2 * b,), t, jnp.float32),
-            jnp.repeat(ctx, b, axis=0) if b > 1 else ctx)
+    return (
+        jnp.concatenate([inp, inp], 0),
+        jnp.full((2 * b,), t, jnp.float32),
+        jnp.repeat(ctx, b, axis=0) if b > 1 else ctx,
+    )
 
 
 def cfg_combine(v, guide):

@@ -3,6 +3,7 @@
 This is the project's one loop: the I2V pipeline calls it with a ``model_fn`` that picks the expert for ``t_i`` and
 applies classifier-free guidance, and a ``callback`` that drives the progress bar.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -30,8 +31,14 @@ def get_solver(name: str):
         raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}") from None
 
 
-def sample(model_fn: Callable, noise, schedule: FlowSchedule, solver: str = "unipc", unroll: bool = False,
-           callback: Callable[[int, int, jax.Array], None] | None = None):
+def sample(
+    model_fn: Callable,
+    noise,
+    schedule: FlowSchedule,
+    solver: str = "unipc",
+    unroll: bool = False,
+    callback: Callable[[int, int, jax.Array], None] | None = None,
+):
     """Integrate from ``noise`` (at ``sigmas[0]``) to ``sigmas[N] = 0``.
 
     Args:

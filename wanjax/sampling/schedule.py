@@ -14,6 +14,7 @@ constructed with ``shift=1`` and shifted once in ``set_timesteps(steps, shift=sh
 Diffusers' ``UniPCMultistepScheduler(use_flow_sigmas=True)`` uses ``linspace(1, 1/T, N+1)`` instead,
 which moves some timesteps by one and can change how many steps the high-noise expert gets.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,9 @@ def flow_schedule(num_steps: int, shift: float = 5.0, num_train_timesteps: int =
     shifted = shift_sigmas(base, shift)
     timesteps = (shifted * num_train_timesteps).astype(np.int64)
     sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)
-    return FlowSchedule(sigmas=sigmas, timesteps=timesteps, shift=float(shift),
-                        num_train_timesteps=int(num_train_timesteps))
+    return FlowSchedule(
+        sigmas=sigmas, timesteps=timesteps, shift=float(shift), num_train_timesteps=int(num_train_timesteps)
+    )
 
 
 def num_high_noise_steps(schedule: FlowSchedule, boundary: float = 0.900) -> int:

@@ -22,6 +22,7 @@ integer. One compiled step function serves every step::
 
 Shapes are arbitrary (channels-last ``[B, F, H, W, C]`` latents or anything else); math is float32.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -32,16 +33,16 @@ import numpy as np
 __all__ = ["UniPCState", "unipc_coefficients", "unipc_init", "unipc_step"]
 
 # Column layout of the coefficient table.
-_SIGMA = 0      # sigma_i, for x0 = x - sigma_i * v
-_C_CUR = 1      # corrector: weight of the incoming sample (1 on step 0, where there is no corrector)
-_C_X = 2        # corrector: weight of the previous corrected sample
-_C_M0 = 3       # corrector: weight of x0_{i-1}
-_C_D1 = 4       # corrector: weight of (x0_{i-2} - x0_{i-1})
-_C_DT = 5       # corrector: weight of (x0_i - x0_{i-1})
-_P_X = 6        # predictor: weight of the corrected sample
-_P_M0 = 7       # predictor: weight of x0_i
-_P_D1 = 8       # predictor: weight of (x0_{i-1} - x0_i)
-_ORDER = 9      # predictor order used at this step (informational)
+_SIGMA = 0  # sigma_i, for x0 = x - sigma_i * v
+_C_CUR = 1  # corrector: weight of the incoming sample (1 on step 0, where there is no corrector)
+_C_X = 2  # corrector: weight of the previous corrected sample
+_C_M0 = 3  # corrector: weight of x0_{i-1}
+_C_D1 = 4  # corrector: weight of (x0_{i-2} - x0_{i-1})
+_C_DT = 5  # corrector: weight of (x0_i - x0_{i-1})
+_P_X = 6  # predictor: weight of the corrected sample
+_P_M0 = 7  # predictor: weight of x0_i
+_P_D1 = 8  # predictor: weight of (x0_{i-1} - x0_i)
+_ORDER = 9  # predictor order used at this step (informational)
 _NUM_COLS = 10
 
 
@@ -76,8 +77,9 @@ def _phis(h: float, solver_type: str):
     return hh, h_phi_1, b_h
 
 
-def unipc_coefficients(sigmas, solver_order: int = 2, solver_type: str = "bh2",
-                       lower_order_final: bool = True, use_corrector: bool = True) -> np.ndarray:
+def unipc_coefficients(
+    sigmas, solver_order: int = 2, solver_type: str = "bh2", lower_order_final: bool = True, use_corrector: bool = True
+) -> np.ndarray:
     """Per-step coefficient table ``[N, 10]`` (float32) for sigmas ``[N + 1]``.
 
     Args:
@@ -95,11 +97,14 @@ def unipc_coefficients(sigmas, solver_order: int = 2, solver_type: str = "bh2",
     if solver_type not in ("bh1", "bh2"):
         raise ValueError(f"unipc_coefficients: solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
     if not (np.all(np.diff(sig) < 0) and sig[0] < 1.0 and sig[-1] >= 0.0):
-        raise ValueError("unipc_coefficients: sigmas must be strictly decreasing in [0, 1), "
-                         f"got first={sig[0]!r} last={sig[-1]!r}")
+        raise ValueError(
+            f"unipc_coefficients: sigmas must be strictly decreasing in [0, 1), got first={sig[0]!r} last={sig[-1]!r}"
+        )
     if sig[-1] == 0.0 and solver_order == 2 and not lower_order_final and sig.shape[0] > 2:
-        raise ValueError("unipc_coefficients: a final sigma of 0 needs lower_order_final=True with solver_order=2 "
-                         "(the second-order step to sigma=0 divides by zero)")
+        raise ValueError(
+            "unipc_coefficients: a final sigma of 0 needs lower_order_final=True with solver_order=2 "
+            "(the second-order step to sigma=0 divides by zero)"
+        )
     s = sig.astype(np.float64)  # the references keep sigmas in float32; coefficients are derived in float64
     n = s.shape[0] - 1
     lam = [_lam(v) for v in s]
@@ -173,13 +178,14 @@ def unipc_step(state: UniPCState, step_index, model_output, sample):
       ``(next_sample, new_state)``; ``next_sample`` is float32, at ``sigmas[step_index + 1]``.
     """
     if model_output.shape != sample.shape or sample.shape != state.x_last.shape:
-        raise ValueError(f"unipc_step: model_output {model_output.shape}, sample {sample.shape} and state "
-                         f"{state.x_last.shape} must have the same shape")
+        raise ValueError(
+            f"unipc_step: model_output {model_output.shape}, sample {sample.shape} and state "
+            f"{state.x_last.shape} must have the same shape"
+        )
     c = state.coeffs[step_index]
     x = sample.astype(jnp.float32)
     m = x - c[_SIGMA] * model_output.astype(jnp.float32)
     m0 = state.m_prev
-    x_c = (c[_C_CUR] * x + c[_C_X] * state.x_last + c[_C_M0] * m0
-           + c[_C_D1] * (state.m_prev2 - m0) + c[_C_DT] * (m - m0))
+    x_c = c[_C_CUR] * x + c[_C_X] * state.x_last + c[_C_M0] * m0 + c[_C_D1] * (state.m_prev2 - m0) + c[_C_DT] * (m - m0)
     x_next = c[_P_X] * x_c + c[_P_M0] * m + c[_P_D1] * (m0 - m)
     return x_next, UniPCState(coeffs=state.coeffs, x_last=x_c, m_prev=m, m_prev2=m0)

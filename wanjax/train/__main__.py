@@ -1,4 +1,5 @@
 """``python -m wanjax.train``: see `wanjax.train.cli`."""
+
 from wanjax.train.cli import main
 
 main()

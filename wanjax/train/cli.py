@@ -15,6 +15,7 @@ training set: clips rendered, encoded to latents x0 and conditions y exactly as 
 encoded by the frozen mini UMT5; (4) base DiT over all t; (5) high-noise expert fine-tuned on t >= 900 and
 low-noise expert on t < 900; (6) held-out evaluation through the real pipeline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ from wanjax.train import vae as V
 from wanjax.pipeline import WanI2VPipeline
 from wanjax.train.export_components import save_t5_pth, save_vae_pth
 
-OFFICIAL_NAMES = {"high": "high_noise_model", "low": "low_noise_model", "vae": "Wan2.1_VAE.pth",
-                  "t5": "models_t5_umt5-xxl-enc-bf16.pth", "tok": os.path.join("google", "umt5-xxl")}
+OFFICIAL_NAMES = {
+    "high": "high_noise_model",
+    "low": "low_noise_model",
+    "vae": "Wan2.1_VAE.pth",
+    "t5": "models_t5_umt5-xxl-enc-bf16.pth",
+    "tok": os.path.join("google", "umt5-xxl"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Preset:
     size: int
     frames: int
     vae_frames: int
-    vae_crop: int = 0          # train the VAE on random square crops of this size (0: full frames)
+    vae_crop: int = 0  # train the VAE on random square crops of this size (0: full frames)
 
 
 PRESETS = {
@@ -61,13 +67,33 @@ PRESETS = {
     # what a 2-core CPU can train in about half an hour (used when no accelerator time was left): the same
     # architectures, narrower: VAE base 8 with one residual block per level, DiT dim 128 = 1 head x 128 (RoPE split
     # 44/42/42 as the real model), 4 layers
-    "cpu": Preset(VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
-                  WanConfig(dim=128, ffn_dim=512, num_heads=1, num_layers=4, text_dim=256, text_len=32,
-                            freq_dim=256), T.MINI_T5, 128, 17, 5, 64),
-    "tiny": Preset(VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1),
-                   WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32),
-                   T5Config(vocab_size=64, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=1,
-                            text_len=16, dtype=jnp.float32, param_dtype=jnp.float32), 32, 5, 5),
+    "cpu": Preset(
+        VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
+        WanConfig(dim=128, ffn_dim=512, num_heads=1, num_layers=4, text_dim=256, text_len=32, freq_dim=256),
+        T.MINI_T5,
+        128,
+        17,
+        5,
+        64,
+    ),
+    "tiny": Preset(
+        VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1),
+        WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32),
+        T5Config(
+            vocab_size=64,
+            dim=32,
+            dim_attn=32,
+            dim_ffn=64,
+            num_heads=2,
+            num_layers=1,
+            text_len=16,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+        ),
+        32,
+        5,
+        5,
+    ),
 }
 
 
@@ -108,12 +134,17 @@ def train_vae(pre: Preset, args, log: Log):
     if args.vae_from:
         from wanjax.io.vae_loader import load_vae
 
-        vae = load_vae(args.vae_from, pre.vae, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
-                       param_dtype=jnp.float32)
+        vae = load_vae(
+            args.vae_from, pre.vae, dtype=jnp.bfloat16 if args.bf16 else jnp.float32, param_dtype=jnp.float32
+        )
         log(f"vae: started from {args.vae_from}")
     else:
-        vae = V.new_vae(pre.vae, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
-                        zero_residual=bool(args.vae_zero_residual))
+        vae = V.new_vae(
+            pre.vae,
+            seed=args.seed,
+            dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+            zero_residual=bool(args.vae_zero_residual),
+        )
     frames = args.vae_frames or pre.vae_frames
     if (frames - 1) % 4:
         raise ValueError(f"--vae-frames must be 4n+1 (the VAE's causal chunks), got {frames}")
@@ -124,20 +155,29 @@ def train_vae(pre: Preset, args, log: Log):
     if crop:
         full = _renderer(pre.size, frames)
 
-        def render(p):   # a random crop (offsets multiple of 8) per batch
+        def render(p):  # a random crop (offsets multiple of 8) per batch
             o = rng.integers(0, (pre.size - crop) // 8 + 1, 2) * 8
-            return full(p)[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop]
+            return full(p)[:, :, o[0] : o[0] + crop, o[1] : o[1] + crop]
     else:
         render = _renderer(pre.size, frames)
-    trainer = V.Trainer(vae, kl_weight=args.kl_weight, chroma_weight=args.vae_chroma, colour_weight=args.vae_colour,
-                        colour_on=args.vae_colour_on)
+    trainer = V.Trainer(
+        vae,
+        kl_weight=args.kl_weight,
+        chroma_weight=args.vae_chroma,
+        colour_weight=args.vae_colour,
+        colour_on=args.vae_colour_on,
+    )
     curve, t_start, n = [], time.perf_counter(), 0
     for i in range(args.vae_steps):
         idx = rng.integers(0, args.vae_pool, args.vae_batch)
         video = render(_take(pool, jnp.asarray(idx)))
         prog = max(i / args.vae_steps, (time.perf_counter() - t_start) / args.vae_time if i else 0.0)
-        m = trainer.step(video, jax.random.fold_in(jax.random.key(args.seed * 100 + 7), i),
-                         D.lr_at(i, args.vae_lr, prog, warmup=100), train_branches=i >= args.vae_branch_freeze)
+        m = trainer.step(
+            video,
+            jax.random.fold_in(jax.random.key(args.seed * 100 + 7), i),
+            D.lr_at(i, args.vae_lr, prog, warmup=100),
+            train_branches=i >= args.vae_branch_freeze,
+        )
         if i == args.vae_branch_freeze and i:
             log(f"vae step {i}: residual/attention branches released (--vae-branch-freeze)")
         n = i + 1
@@ -148,18 +188,29 @@ def train_vae(pre: Preset, args, log: Log):
         if i % args.log_every == 0 or i == args.vae_steps - 1:
             m = {k: float(v) for k, v in m.items()}
             curve.append([i, m["loss"], m["l1"], m["l2"], m["kl"], m["chroma_ratio"]])
-            log(f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f} "
+            log(
+                f"vae step {i}: loss {m['loss']:.4f} l1 {m['l1']:.4f} l2 {m['l2']:.5f} kl {m['kl']:.3f} "
                 f"chroma l1 {m['chroma_l1']:.4f} ratio {m['chroma_ratio']:.3f} latent chroma l1 "
-                f"{m['latent_chroma_l1']:.4f} (grey {m['grey_latent_chroma_l1']:.4f}) sigma {m['colour_sigma']:.3f}")
+                f"{m['latent_chroma_l1']:.4f} (grey {m['grey_latent_chroma_l1']:.4f}) sigma {m['colour_sigma']:.3f}"
+            )
         if time.perf_counter() - t_start > args.vae_time:
             log(f"vae: time budget {args.vae_time}s reached after {n} steps")
             break
-    log.data["stages"]["vae"] = {"steps": n, "seconds_after_compile": time.perf_counter() - t_start, "batch": args.vae_batch,
-                                 "frames": frames, "crop": pre.vae_crop, "lr": args.vae_lr, "kl_weight": args.kl_weight,
-                                 "chroma_weight": args.vae_chroma, "colour_weight": args.vae_colour,
-                                 "zero_residual": bool(args.vae_zero_residual),
-                                 "branch_freeze_steps": args.vae_branch_freeze, "colour_on": args.vae_colour_on,
-                                 "from": args.vae_from}
+    log.data["stages"]["vae"] = {
+        "steps": n,
+        "seconds_after_compile": time.perf_counter() - t_start,
+        "batch": args.vae_batch,
+        "frames": frames,
+        "crop": pre.vae_crop,
+        "lr": args.vae_lr,
+        "kl_weight": args.kl_weight,
+        "chroma_weight": args.vae_chroma,
+        "colour_weight": args.vae_colour,
+        "zero_residual": bool(args.vae_zero_residual),
+        "branch_freeze_steps": args.vae_branch_freeze,
+        "colour_on": args.vae_colour_on,
+        "from": args.vae_from,
+    }
     log.data["curves"]["vae"] = curve
     return trainer.model()
 
@@ -173,7 +224,7 @@ def latent_stats(vae, render, pool, n_clips: int, batch: int):
     for s in range(0, n_clips, batch):
         idx = jnp.arange(s, s + batch) % n_clips
         lat = np.asarray(encode_video(vae, render(_take(pool, idx))), np.float64).reshape(-1, vae.cfg.z_dim)
-        mus.append(lat * std + mean)          # back to the raw mean
+        mus.append(lat * std + mean)  # back to the raw mean
     mu = np.concatenate(mus)
     return mu.mean(0), mu.std(0) + 1e-6
 
@@ -191,7 +242,7 @@ def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
     cap_idx = np.array([uniq.index(c) for c in caps], np.int32)
     ctx = []
     for s in range(0, len(uniq), 64):
-        c, _ = encode_prompts(t5, tok, uniq[s:s + 64], pad_to=pre.dit.text_len)
+        c, _ = encode_prompts(t5, tok, uniq[s : s + 64], pad_to=pre.dit.text_len)
         ctx.append(c)
     ctx = jnp.concatenate(ctx).astype(jnp.float32)
     neg, _ = encode_prompts(t5, tok, [DEFAULT_NEGATIVE_PROMPT], pad_to=pre.dit.text_len)
@@ -205,7 +256,7 @@ def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
         ys.append(cond(vae, clips[:, 0]).astype(jnp.bfloat16))
         if t_enc is None:
             jax.block_until_ready(ys[-1])
-            t_enc = time.perf_counter()     # the budget counts after the first (compiling) batch
+            t_enc = time.perf_counter()  # the budget counts after the first (compiling) batch
         elif time.perf_counter() - t_enc > args.data_time:
             jax.block_until_ready(ys[-1])
             log(f"dataset: time budget {args.data_time}s reached after {s + len(idx)} clips")
@@ -215,11 +266,17 @@ def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
     jax.block_until_ready((x0, y))
     cap_idx = cap_idx[: x0.shape[0]]
     dt = time.perf_counter() - t0
-    log(f"dataset: {x0.shape[0]} clips -> x0 {tuple(x0.shape)}, y {tuple(y.shape)}, {len(uniq)} captions; "
-        f"latent std {float(jnp.std(x0.astype(jnp.float32))):.3f}; {dt:.1f}s")
+    log(
+        f"dataset: {x0.shape[0]} clips -> x0 {tuple(x0.shape)}, y {tuple(y.shape)}, {len(uniq)} captions; "
+        f"latent std {float(jnp.std(x0.astype(jnp.float32))):.3f}; {dt:.1f}s"
+    )
     log(f"dataset: {len(set(cap_idx.tolist()))} distinct captions among the encoded clips")
-    log.data["stages"]["dataset"] = {"clips": int(x0.shape[0]), "captions": len(set(cap_idx.tolist())), "seconds": dt,
-                                     "latent_shape": list(x0.shape[1:])}
+    log.data["stages"]["dataset"] = {
+        "clips": int(x0.shape[0]),
+        "captions": len(set(cap_idx.tolist())),
+        "seconds": dt,
+        "latent_shape": list(x0.shape[1:]),
+    }
     return x0, y, jnp.asarray(cap_idx), ctx, neg.astype(jnp.float32)
 
 
@@ -237,9 +294,20 @@ def train_dit(trainer: D.Trainer, data, name: str, steps: int, lr: float, budget
     for i in range(steps):
         idx = jnp.asarray(next(it))
         key = jax.random.fold_in(jax.random.key(args.seed * 100 + STAGE_SEED[name]), i)
-        loss = trainer.step(x0[idx].astype(jnp.float32), y[idx], ctx[cap_idx[idx]], neg, key,
-                            D.lr_at(i, lr, max(i / steps, (time.perf_counter() - t_start) / budget if i else 0.0),
-                                    warmup=min(200, steps // 4 + 1)), u_range)
+        loss = trainer.step(
+            x0[idx].astype(jnp.float32),
+            y[idx],
+            ctx[cap_idx[idx]],
+            neg,
+            key,
+            D.lr_at(
+                i,
+                lr,
+                max(i / steps, (time.perf_counter() - t_start) / budget if i else 0.0),
+                warmup=min(200, steps // 4 + 1),
+            ),
+            u_range,
+        )
         n = i + 1
         if i == 0:
             jax.block_until_ready(loss)
@@ -258,10 +326,21 @@ def train_dit(trainer: D.Trainer, data, name: str, steps: int, lr: float, budget
     losses = []
     for j in range(8):
         idx = jnp.asarray(rng.integers(0, x0.shape[0], args.batch))
-        losses.append(float(trainer.eval_loss(trainer.params, x0[idx].astype(jnp.float32), y[idx],
-                                              ctx[cap_idx[idx]], jax.random.key(j), *u_range)))
-    log.data["stages"][name] = {"steps": n, "seconds_after_compile": secs, "batch": args.batch, "lr": lr,
-                                "u_range": list(u_range), "final_loss": float(np.mean(losses))}
+        losses.append(
+            float(
+                trainer.eval_loss(
+                    trainer.params, x0[idx].astype(jnp.float32), y[idx], ctx[cap_idx[idx]], jax.random.key(j), *u_range
+                )
+            )
+        )
+    log.data["stages"][name] = {
+        "steps": n,
+        "seconds_after_compile": secs,
+        "batch": args.batch,
+        "lr": lr,
+        "u_range": list(u_range),
+        "final_loss": float(np.mean(losses)),
+    }
     log.data["curves"][name] = curve
     log(f"{name}: {n} steps in {secs:.1f}s, final loss (8 fixed batches) {np.mean(losses):.4f}")
     return trainer
@@ -288,10 +367,13 @@ def cmd_run(args):
     log = Log(args.out)
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; preset {args.preset}")
     log.data["args"] = vars(args)
-    log.data["configs"] = {"vae": dataclasses.asdict(pre.vae), "dit": pre.dit.to_dict(),
-                           "t5": {k: v for k, v in dataclasses.asdict(pre.t5).items()
-                                  if k not in ("dtype", "param_dtype")},
-                           "size": pre.size, "frames": pre.frames}
+    log.data["configs"] = {
+        "vae": dataclasses.asdict(pre.vae),
+        "dit": pre.dit.to_dict(),
+        "t5": {k: v for k, v in dataclasses.asdict(pre.t5).items() if k not in ("dtype", "param_dtype")},
+        "size": pre.size,
+        "frames": pre.frames,
+    }
     log.data["device"] = jax.devices()[0].device_kind
     # text: tokenizer + frozen random UMT5 (rounded to bf16, as shipped)
     from wanjax.text import PromptTokenizer
@@ -311,8 +393,9 @@ def cmd_run(args):
     V.fold_latent_stats(vae, m, s)
     V.cast_params(vae, jnp.bfloat16)
     vae_path = save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES["vae"]))
-    log(f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; wrote "
-        f"{vae_path}")
+    log(
+        f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; wrote {vae_path}"
+    )
     # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
     from wanjax.io.vae_loader import load_vae
 
@@ -328,12 +411,15 @@ def cmd_run(args):
     base_time = max(20.0, min(args.base_time, left - 2 * args.expert_time - 60 - args.eval_reserve))
     if base_time < args.base_time:
         log(f"base: time budget cut to {base_time:.0f}s by the {args.deadline:.0f}s deadline")
-    trainer = D.Trainer(D.new_dit(pre.dit, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32),
-                        shift=args.shift, drop_text=args.drop_text)
+    trainer = D.Trainer(
+        D.new_dit(pre.dit, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32),
+        shift=args.shift,
+        drop_text=args.drop_text,
+    )
     train_dit(trainer, data, "base", args.base_steps, args.lr, base_time, args, log)
     base_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
     base = trainer.model()
-    save_expert(base, os.path.join(args.out, "low.safetensors"), aux)    # usable checkpoints if time runs out
+    save_expert(base, os.path.join(args.out, "low.safetensors"), aux)  # usable checkpoints if time runs out
     save_expert(base, os.path.join(args.out, "high.safetensors"), aux)
     log.save()
     for name in ("high", "low"):
@@ -353,15 +439,27 @@ def cmd_run(args):
         samples = {}
         for guide in args.eval_guides:
             from wanjax.train.evaluate import evaluate
+
             g = (guide, guide)
-            res = evaluate(pipe, n=args.eval_n, seed=args.eval_seed, steps=args.eval_steps, guide=g,
-                           num_frames=pre.frames, size=pre.size,
-                           max_seconds=min(args.eval_time, max(5.0, (args.deadline - (time.perf_counter() - log.t0) - 40)
-                                                               / len(args.eval_guides))))
+            res = evaluate(
+                pipe,
+                n=args.eval_n,
+                seed=args.eval_seed,
+                steps=args.eval_steps,
+                guide=g,
+                num_frames=pre.frames,
+                size=pre.size,
+                max_seconds=min(
+                    args.eval_time,
+                    max(5.0, (args.deadline - (time.perf_counter() - log.t0) - 40) / len(args.eval_guides)),
+                ),
+            )
             vids, truth = res.pop("videos"), res.pop("truth")
-            log(f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
+            log(
+                f"eval guide {guide}: PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
                 f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
-                f"(hue {res['direction_accuracy_hue']:.3f}) ({res['seconds']:.1f}s)")
+                f"(hue {res['direction_accuracy_hue']:.3f}) ({res['seconds']:.1f}s)"
+            )
             log.data.setdefault("eval", []).append(res)
             samples[f"videos_g{guide:g}"] = vids
             samples["truth"] = truth
@@ -434,21 +532,26 @@ def cmd_evaluate(args):
         x = jnp.asarray(vids.astype(np.float32) / 127.5 - 1.0)
         rec = nnx.jit(lambda v, a: v.decode(v.encode(a)))(pipe.vae, x)
         from wanjax.video_io import to_uint8
+
         r8 = np.stack([to_uint8(np.asarray(r)) for r in rec])
         res_all["vae_recon_psnr"] = psnr(r8, vids, data_range=255.0)
         print(f"VAE held-out reconstruction PSNR {res_all['vae_recon_psnr']:.2f} dB", flush=True)
         strip_png([vids[0], r8[0]], os.path.join(args.out, "vae_recon.png"))
     samples = {}
     for g in args.guides:
-        res = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, guide=(g, g), keep=args.keep,
-                       max_seconds=args.max_seconds)
+        res = evaluate(
+            pipe, n=args.n, seed=args.seed, steps=args.steps, guide=(g, g), keep=args.keep, max_seconds=args.max_seconds
+        )
         vids, truth = res.pop("videos"), res.pop("truth")
         samples[f"videos_g{g:g}"] = vids
         samples["truth"] = truth
         samples["captions"] = np.array(res["captions"][: len(vids)])
-        print(f"guide {g}: n {res['n']}, PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
-              f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
-              f"(hue {res['direction_accuracy_hue']:.3f}), {res['seconds']:.1f}s", flush=True)
+        print(
+            f"guide {g}: n {res['n']}, PSNR(frame0) mean {res['psnr_frame0_mean']:.2f} dB (min "
+            f"{res['psnr_frame0_min']:.2f}), direction accuracy {res['direction_accuracy']:.3f} "
+            f"(hue {res['direction_accuracy_hue']:.3f}), {res['seconds']:.1f}s",
+            flush=True,
+        )
         res_all["runs"].append(res)
         rows = []
         for i in range(len(vids)):
@@ -472,15 +575,19 @@ def cmd_vae(args):
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; preset {args.preset}, VAE only")
     log.data["args"] = vars(args)
     vae = train_vae(pre, args, log)
-    log(f"vae: wrote {save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES['vae']), dtype='float32')} (fp32, "
-        "for --vae-from)")
+    log(
+        f"vae: wrote {save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES['vae']), dtype='float32')} (fp32, "
+        "for --vae-from)"
+    )
     V.cast_params(vae, jnp.bfloat16)
     check = vae_check(vae, n=args.check_n, seed=args.check_seed)
     example = check.pop("example")
     log.data["vae_check"] = check
-    log(f"vae check (held-out, n {check['n']}): PSNR {check['psnr']:.2f} dB, chroma ratio {check['chroma_ratio']:.3f}, "
+    log(
+        f"vae check (held-out, n {check['n']}): PSNR {check['psnr']:.2f} dB, chroma ratio {check['chroma_ratio']:.3f}, "
         f"tracker on reconstructions {check['tracker_on_recon']:.3f} (on inputs {check['tracker_on_truth']:.3f}), "
-        f"template tracker {check['template_on_recon']:.3f} (on inputs {check['template_on_truth']:.3f})")
+        f"template tracker {check['template_on_recon']:.3f} (on inputs {check['template_on_truth']:.3f})"
+    )
     strip_png(list(example), os.path.join(args.out, "vae_recon.png"))
     log.save()
     return check
@@ -496,25 +603,54 @@ def _vae_args(p):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-pool", type=int, default=4096)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--vae-chroma", type=float, default=0.0, help="weight of an extra chroma L1 term of the VAE "
-                   "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions, which this term alone "
-                   "has not prevented (docs/MODEL_CARD.md)")
-    p.add_argument("--vae-colour", type=float, default=1.0, help="weight of the latent colour term (first three "
-                   "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). Without it (0) the "
-                   "mini VAE decodes grey (docs/MODEL_CARD.md)")
-    p.add_argument("--vae-zero-residual", type=int, default=1, help="1 (default): zero-init the last layer of every "
-                   "residual and attention branch of the VAE (train.vae.zero_residual_init), so training starts from "
-                   "the plain conv chain")
-    p.add_argument("--vae-colour-on", default="sample", choices=("sample", "mean"), help="the latent colour "
-                   "term compares the sampled latent (default: it also keeps the sampling noise of the colour "
-                   "channels small) or its mean with the patch colour")
-    p.add_argument("--vae-from", default=None, help="start the VAE from this official .pth (e.g. the one a `vae` "
-                   "run writes); with --vae-steps 0 it is used as it is")
+    p.add_argument(
+        "--vae-chroma",
+        type=float,
+        default=0.0,
+        help="weight of an extra chroma L1 term of the VAE "
+        "loss (0: plain L1 + L2). The logged chroma ratio shows grey reconstructions, which this term alone "
+        "has not prevented (docs/MODEL_CARD.md)",
+    )
+    p.add_argument(
+        "--vae-colour",
+        type=float,
+        default=1.0,
+        help="weight of the latent colour term (first three "
+        "latent channels pinned to each patch's mean colour; see train.vae.vae_loss). Without it (0) the "
+        "mini VAE decodes grey (docs/MODEL_CARD.md)",
+    )
+    p.add_argument(
+        "--vae-zero-residual",
+        type=int,
+        default=1,
+        help="1 (default): zero-init the last layer of every "
+        "residual and attention branch of the VAE (train.vae.zero_residual_init), so training starts from "
+        "the plain conv chain",
+    )
+    p.add_argument(
+        "--vae-colour-on",
+        default="sample",
+        choices=("sample", "mean"),
+        help="the latent colour "
+        "term compares the sampled latent (default: it also keeps the sampling noise of the colour "
+        "channels small) or its mean with the patch colour",
+    )
+    p.add_argument(
+        "--vae-from",
+        default=None,
+        help="start the VAE from this official .pth (e.g. the one a `vae` "
+        "run writes); with --vae-steps 0 it is used as it is",
+    )
     p.add_argument("--vae-frames", type=int, default=0, help="frames per VAE training clip (4n+1; 0: the preset's)")
-    p.add_argument("--vae-branch-freeze", type=int, default=10 ** 9, help="hold the last layer of every residual "
-                   "/ attention branch fixed for this many VAE steps (default: all of them, so with "
-                   "--vae-zero-residual 1 the branches stay zero: the recipe that keeps colour; releasing them "
-                   "early lost it in the runs of docs/MODEL_CARD.md)")
+    p.add_argument(
+        "--vae-branch-freeze",
+        type=int,
+        default=10**9,
+        help="hold the last layer of every residual "
+        "/ attention branch fixed for this many VAE steps (default: all of them, so with "
+        "--vae-zero-residual 1 the branches stay zero: the recipe that keeps colour; releasing them "
+        "early lost it in the runs of docs/MODEL_CARD.md)",
+    )
 
 
 def main(argv=None):
@@ -539,8 +675,13 @@ def main(argv=None):
     r.add_argument("--shift", type=float, default=5.0)
     r.add_argument("--drop-text", type=float, default=0.1)
     r.add_argument("--log-every", type=int, default=100)
-    r.add_argument("--deadline", type=float, default=1e9, help="wall-clock seconds for the whole run: the base "
-                   "model's budget shrinks and the evaluation is cut to end before it")
+    r.add_argument(
+        "--deadline",
+        type=float,
+        default=1e9,
+        help="wall-clock seconds for the whole run: the base "
+        "model's budget shrinks and the evaluation is cut to end before it",
+    )
     r.add_argument("--eval-reserve", type=float, default=100.0, help="seconds kept for the evaluation")
     r.add_argument("--eval-n", type=int, default=16)
     r.add_argument("--eval-time", type=float, default=40.0, help="stop generating held-out clips after this (s)")

@@ -10,6 +10,7 @@
 * text: contexts from `wanjax.text.encode_prompts` (as the pipeline); with probability ``drop_text`` the caption is
   replaced by the negative prompt's context (what the pipeline's classifier-free guidance uses as unconditional).
 """
+
 from __future__ import annotations
 
 import jax
@@ -24,8 +25,9 @@ from wanjax.model.dit import WanDiT
 from wanjax.model.vae import encode_video
 
 #: The shipped mini expert: dim 256 = 2 heads x 128 (RoPE split 44/42/42 as the real model), 6 layers.
-MINI_DIT = WanConfig(dim=256, ffn_dim=768, num_heads=2, num_layers=6, in_dim=36, out_dim=16, text_dim=256,
-                     text_len=32, freq_dim=256)
+MINI_DIT = WanConfig(
+    dim=256, ffn_dim=768, num_heads=2, num_layers=6, in_dim=36, out_dim=16, text_dim=256, text_len=32, freq_dim=256
+)
 
 
 def shift_sigma(u, shift: float):
@@ -35,7 +37,7 @@ def shift_sigma(u, shift: float):
 
 def expert_u_range(expert: str, shift: float = 5.0, boundary: float = 0.9) -> tuple[float, float]:
     """The range of ``u`` whose shifted sigma lies in the expert's band (``"base"``, ``"high"``, ``"low"``)."""
-    u_b = boundary / (shift - (shift - 1.0) * boundary)      # inverse of shift_sigma at the boundary
+    u_b = boundary / (shift - (shift - 1.0) * boundary)  # inverse of shift_sigma at the boundary
     return {"base": (0.0, 1.0), "high": (u_b, 1.0), "low": (0.0, u_b)}[expert]
 
 
@@ -74,8 +76,9 @@ def lr_at(step: int, lr: float, progress: float, warmup: int = 200) -> float:
 def make_tx(weight_decay: float = 0.01) -> optax.GradientTransformation:
     """AdamW without its learning rate (the step scales the update by a traced ``lr``, so one compiled step
     serves every stage and schedule)."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99),
-                       optax.add_decayed_weights(weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99), optax.add_decayed_weights(weight_decay)
+    )
 
 
 class Trainer:
@@ -110,9 +113,18 @@ class Trainer:
         self.opt_state = self.tx.init(self.params)
 
     def step(self, x0, y, ctx, neg_ctx, key, lr: float, u_range) -> jax.Array:
-        self.params, self.opt_state, loss = self._step(self.params, self.opt_state, x0, y, ctx, neg_ctx, key,
-                                                       jnp.float32(lr), jnp.float32(u_range[0]),
-                                                       jnp.float32(u_range[1]))
+        self.params, self.opt_state, loss = self._step(
+            self.params,
+            self.opt_state,
+            x0,
+            y,
+            ctx,
+            neg_ctx,
+            key,
+            jnp.float32(lr),
+            jnp.float32(u_range[0]),
+            jnp.float32(u_range[1]),
+        )
         return loss
 
     def model(self) -> WanDiT:

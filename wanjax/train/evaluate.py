@@ -6,6 +6,7 @@ against the condition frame and whether a tracker (`wanjax.track`) sees the obje
 direction: ``direction_accuracy`` by the template tracker (the object's brightness pattern, started from its mask in
 the condition frame; works on grey output too) and ``direction_accuracy_hue`` by the hue tracker.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,18 @@ def to_uint8_batch(clips) -> np.ndarray:
     return np.stack([to_uint8(c) for c in clips])
 
 
-def evaluate(pipe, n: int = 16, seed: int = 1000, steps: int = 20, guide=(3.5, 3.5), num_frames: int | None = None,
-             size: int | None = None, keep: int = 4, shift: float = 5.0, max_seconds: float | None = None) -> dict:
+def evaluate(
+    pipe,
+    n: int = 16,
+    seed: int = 1000,
+    steps: int = 20,
+    guide=(3.5, 3.5),
+    num_frames: int | None = None,
+    size: int | None = None,
+    keep: int = 4,
+    shift: float = 5.0,
+    max_seconds: float | None = None,
+) -> dict:
     """Generate ``n`` held-out clips with ``pipe`` and return the metrics (+ the first ``keep`` videos).
 
     ``max_seconds``: stop early (after at least 2 clips) once generation took this long; ``n`` in the result is
@@ -53,8 +64,17 @@ def evaluate(pipe, n: int = 16, seed: int = 1000, steps: int = 20, guide=(3.5, 3
     psnrs, got, got_hue, kept = [], [], [], []
     t0 = time.perf_counter()
     for i in range(n):
-        out = pipe.generate(videos[i, 0], caps[i], num_frames=num_frames, max_area=size * size, steps=steps,
-                            guide_scale=tuple(guide), seed=seed + i, shift=shift, progress=False)
+        out = pipe.generate(
+            videos[i, 0],
+            caps[i],
+            num_frames=num_frames,
+            max_area=size * size,
+            steps=steps,
+            guide_scale=tuple(guide),
+            seed=seed + i,
+            shift=shift,
+            progress=False,
+        )
         psnrs.append(psnr(out.frames[0], videos[i, 0], data_range=255.0))
         got.append(template_direction(out.frames, condition_mask(videos[i], colours[i]))[0])
         got_hue.append(motion_direction(out.frames, colours[i])[0])
@@ -66,12 +86,25 @@ def evaluate(pipe, n: int = 16, seed: int = 1000, steps: int = 20, guide=(3.5, 3
     dirs, caps = dirs[:n], caps[:n]
     acc = float(np.mean([g == d for g, d in zip(got, dirs)]))
     acc_hue = float(np.mean([g == d for g, d in zip(got_hue, dirs)]))
-    return {"n": n, "seed": seed, "steps": steps, "guide": list(guide), "shift": shift,
-            "psnr_frame0_mean": float(np.mean(psnrs)), "psnr_frame0_min": float(np.min(psnrs)),
-            "psnr_frame0": psnrs, "direction_accuracy": acc, "directions": dirs, "tracked": got, "captions": caps,
-            "direction_accuracy_hue": acc_hue, "tracked_hue": got_hue,
-            "seconds": time.perf_counter() - t0, "videos": np.stack(kept) if kept else None,
-            "truth": videos[:keep]}
+    return {
+        "n": n,
+        "seed": seed,
+        "steps": steps,
+        "guide": list(guide),
+        "shift": shift,
+        "psnr_frame0_mean": float(np.mean(psnrs)),
+        "psnr_frame0_min": float(np.min(psnrs)),
+        "psnr_frame0": psnrs,
+        "direction_accuracy": acc,
+        "directions": dirs,
+        "tracked": got,
+        "captions": caps,
+        "direction_accuracy_hue": acc_hue,
+        "tracked_hue": got_hue,
+        "seconds": time.perf_counter() - t0,
+        "videos": np.stack(kept) if kept else None,
+        "truth": videos[:keep],
+    }
 
 
 def vae_check(vae, n: int = 16, seed: int = 1000, batch: int = 4) -> dict:
@@ -93,15 +126,28 @@ def vae_check(vae, n: int = 16, seed: int = 1000, batch: int = 4) -> dict:
     videos, _, colours, dirs = heldout_set(n, seed)
     roundtrip = nnx.jit(lambda v, a: v.decode(v.encode(a)))
     x = videos.astype(np.float32) / 127.5 - 1.0
-    rec = np.concatenate([np.asarray(jax.device_get(roundtrip(vae, jnp.asarray(x[i:i + batch]))), np.float32)
-                          for i in range(0, n, batch)])
+    rec = np.concatenate(
+        [
+            np.asarray(jax.device_get(roundtrip(vae, jnp.asarray(x[i : i + batch]))), np.float32)
+            for i in range(0, n, batch)
+        ]
+    )
     r8 = to_uint8_batch(rec)
     c_in, c_out = np.asarray(chroma(x)), np.asarray(chroma(rec))
     acc, got = direction_accuracy(r8, colours, dirs)
     acc_truth, _ = direction_accuracy(videos, colours, dirs)
     tacc, tgot = template_accuracy(r8, videos, colours, dirs)
     tacc_truth, _ = template_accuracy(videos, videos, colours, dirs)
-    return {"n": n, "psnr": psnr(r8, videos, data_range=255.0), "chroma_ratio": float(c_out.std() / max(c_in.std(), 1e-6)),
-            "tracker_on_recon": acc, "tracker_on_truth": acc_truth, "tracked": got, "directions": dirs,
-            "template_on_recon": tacc, "template_on_truth": tacc_truth, "template_tracked": tgot,
-            "example": np.stack([videos[0], r8[0]])}
+    return {
+        "n": n,
+        "psnr": psnr(r8, videos, data_range=255.0),
+        "chroma_ratio": float(c_out.std() / max(c_in.std(), 1e-6)),
+        "tracker_on_recon": acc,
+        "tracker_on_truth": acc_truth,
+        "tracked": got,
+        "directions": dirs,
+        "template_on_recon": tacc,
+        "template_on_truth": tacc_truth,
+        "template_tracked": tgot,
+        "example": np.stack([videos[0], r8[0]]),
+    }

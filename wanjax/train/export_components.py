@@ -9,6 +9,7 @@
 
 Writing ``.pth`` needs torch (imported lazily); files are written to a temp name and renamed.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,11 @@ __all__ = ["vae_state_dict", "save_vae_pth", "vae_config_from_official_state", "
 
 
 def _vae_to_torch(kind: str, a: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
-    if kind == "conv3d":        # (kt, kh, kw, i, o) -> (o, i, kt, kh, kw)
+    if kind == "conv3d":  # (kt, kh, kw, i, o) -> (o, i, kt, kh, kw)
         a = np.transpose(a, (4, 3, 0, 1, 2))
-    elif kind == "conv2d":      # (kh, kw, i, o) -> (o, i, kh, kw)
+    elif kind == "conv2d":  # (kh, kw, i, o) -> (o, i, kh, kw)
         a = np.transpose(a, (3, 2, 0, 1))
-    elif kind == "linear1x1":   # (i, o) -> (o, i, 1, 1)
+    elif kind == "linear1x1":  # (i, o) -> (o, i, 1, 1)
         a = np.transpose(a, (1, 0))[:, :, None, None]
     a = np.ascontiguousarray(a.reshape(torch_shape))
     return a

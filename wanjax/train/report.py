@@ -1,4 +1,5 @@
 """Figures for the mini model card: loss curves and sample frame strips (matplotlib / imageio, imported lazily)."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def loss_curves_png(log_path: str, out_png: str) -> str:
         x = c[:, 0] + (offset if name != "base" else 0)
         k = max(1, len(c) // 40)
         y = np.convolve(c[:, 1], np.ones(k) / k, mode="valid")
-        axes[1].plot(x[k - 1:], y, colour, label=f"{name} (t in {'all' if name == 'base' else name + ' band'})")
+        axes[1].plot(x[k - 1 :], y, colour, label=f"{name} (t in {'all' if name == 'base' else name + ' band'})")
         if name == "base":
             offset = int(c[-1, 0]) + 1
     axes[1].set_xlabel("DiT step (experts continue from the base)")

@@ -10,6 +10,7 @@ Token ids: ``<pad>`` 0, ``</s>`` 1 (appended to every prompt, as umT5), ``<unk>`
 (lower-cased, sentence punctuation dropped, split on whitespace). Words outside the vocabulary (e.g. the official Chinese
 negative prompt) become ``<unk>``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,20 @@ from wanjax.model.t5 import T5Config, UMT5Encoder
 SPECIALS = ("<pad>", "</s>", "<unk>")
 
 #: The mini UMT5 (vocab rounded up to a multiple of 8; max_distance/eps are the umT5 values the loader assumes).
-MINI_T5 = T5Config(vocab_size=64, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, num_buckets=32,
-                   max_distance=128, eps=1e-6, text_len=32, dtype=jnp.float32, param_dtype=jnp.float32)
+MINI_T5 = T5Config(
+    vocab_size=64,
+    dim=256,
+    dim_attn=256,
+    dim_ffn=512,
+    num_heads=4,
+    num_layers=2,
+    num_buckets=32,
+    max_distance=128,
+    eps=1e-6,
+    text_len=32,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+)
 T5_SEED = 1234
 
 
@@ -44,11 +57,13 @@ def build_tokenizer(words: list[str] | None = None):
     # sentence punctuation and English-style commas (followed by a space) become spaces; other text (e.g. the
     # Chinese default negative prompt, whose commas ftfy turns into ASCII ones without spaces) stays one word per
     # whitespace-separated run, so it costs a single <unk> instead of filling text_len
-    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(),
-                                           normalizers.Replace(Regex(r"[.!?;:]|,(?= |$)"), " ")])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[.!?;:]|,(?= |$)"), " ")]
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     tok.enable_padding(pad_id=0, pad_token="<pad>")
     return tok
 
@@ -61,8 +76,17 @@ def save_tokenizer(folder: str | os.PathLike, words: list[str] | None = None) ->
     path = os.path.join(folder, "tokenizer.json")
     tok.save(path)
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "model_max_length": 512}, f, indent=2)
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "pad_token": "<pad>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+            },
+            f,
+            indent=2,
+        )
     return path
 
 

@@ -6,6 +6,7 @@ term. After training, `fold_latent_stats` rescales the latent so that the Wan2.1
 `VAEConfig` (``latents_mean/std``, which the official ``.pth`` layout cannot change) map it to zero mean and unit
 variance per channel: an exact per-channel affine change folded into ``quant_conv`` and ``post_quant_conv``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,13 +55,19 @@ def patch_colour(video: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
     if fl > 1:
         rest = video[:, 1:].reshape(b, fl - 1, ENCODE_CHUNK, hh, ww, c).mean(axis=2)
         groups.append(rest)
-    frames = jnp.concatenate(groups, axis=1)                              # [B, F_lat, H, W, 3]
+    frames = jnp.concatenate(groups, axis=1)  # [B, F_lat, H, W, 3]
     return frames.reshape(b, fl, h, sh, w, sw, c).mean(axis=(3, 5))
 
 
-def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6,
-             chroma_weight: float = 0.0, colour_weight: float = 0.0,
-             colour_on: str = "sample") -> tuple[jax.Array, dict]:
+def vae_loss(
+    vae: WanVAE,
+    video: jax.Array,
+    key: jax.Array,
+    kl_weight: float = 1e-6,
+    chroma_weight: float = 0.0,
+    colour_weight: float = 0.0,
+    colour_on: str = "sample",
+) -> tuple[jax.Array, dict]:
     """L1 + L2 reconstruction + ``chroma_weight`` * L1 of the chroma (`chroma`) + ``kl_weight`` * KL (mean per
     latent element) + ``colour_weight`` * L1 between the first three raw latent channels (the sampled latent with
     ``colour_on="sample"``, its mean ``mu`` with ``"mean"``) and the mean colour of each latent element's patch
@@ -89,29 +96,46 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     lcol_chroma = jnp.mean(jnp.abs(chroma(mu[..., :3]) - chroma(pc)))
     loss = l1 + l2 + chroma_weight * lc + kl_weight * kl + colour_weight * lcol
     ratio = jnp.std(chroma(rec)) / jnp.maximum(jnp.std(chroma(video)), 1e-6)
-    return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "chroma_l1": lc, "chroma_ratio": ratio,
-                  "latent_colour_l1": lcol, "latent_chroma_l1": lcol_chroma,
-                  "grey_latent_chroma_l1": jnp.mean(jnp.abs(chroma(pc))),
-                  "colour_sigma": jnp.mean(jnp.exp(0.5 * logvar[..., :3]))}
+    return loss, {
+        "loss": loss,
+        "l1": l1,
+        "l2": l2,
+        "kl": kl,
+        "chroma_l1": lc,
+        "chroma_ratio": ratio,
+        "latent_colour_l1": lcol,
+        "latent_chroma_l1": lcol_chroma,
+        "grey_latent_chroma_l1": jnp.mean(jnp.abs(chroma(pc))),
+        "colour_sigma": jnp.mean(jnp.exp(0.5 * logvar[..., :3])),
+    }
 
 
 class Trainer:
     """Functional trainer: ``params``/``opt_state`` pytrees and one jitted step
     ``(params, opt_state, video, key, lr) -> (params, opt_state, metrics)`` (AdamW; ``lr`` traced)."""
 
-    def __init__(self, vae: WanVAE, kl_weight: float = 1e-6, weight_decay: float = 1e-4, chroma_weight: float = 0.0,
-                 colour_weight: float = 0.0, colour_on: str = "sample"):
+    def __init__(
+        self,
+        vae: WanVAE,
+        kl_weight: float = 1e-6,
+        weight_decay: float = 1e-4,
+        chroma_weight: float = 0.0,
+        colour_weight: float = 0.0,
+        colour_on: str = "sample",
+    ):
         self.graphdef, self.params, self.rest = nnx.split(vae, nnx.Param, ...)
-        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99),
-                              optax.add_decayed_weights(weight_decay))
+        self.tx = optax.chain(
+            optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.99), optax.add_decayed_weights(weight_decay)
+        )
         self.opt_state = self.tx.init(self.params)
         graphdef, rest, tx = self.graphdef, self.rest, self.tx
         branch = branch_mask(self.params)
 
         def step(params, opt_state, video, key, lr, gate):
             def loss_fn(p):
-                return vae_loss(nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight,
-                                colour_on)
+                return vae_loss(
+                    nnx.merge(graphdef, p, rest), video, key, kl_weight, chroma_weight, colour_weight, colour_on
+                )
 
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             grads = jax.tree.map(lambda g, b: g * gate if b else g, grads, branch)
@@ -126,8 +150,9 @@ class Trainer:
         """One AdamW step; ``train_branches=False`` holds the last layer of every residual / attention branch
         (`branch_mask`) fixed (its gradient and update are zeroed; with `zero_residual_init` the model is then the
         plain conv chain of the shortcuts). The flag is traced: switching it does not recompile."""
-        self.params, self.opt_state, m = self._step(self.params, self.opt_state, video, key, jnp.float32(lr),
-                                                    jnp.float32(1.0 if train_branches else 0.0))
+        self.params, self.opt_state, m = self._step(
+            self.params, self.opt_state, video, key, jnp.float32(lr), jnp.float32(1.0 if train_branches else 0.0)
+        )
         return m
 
     def model(self) -> WanVAE:
@@ -146,6 +171,7 @@ _BRANCH_LAST = ("conv2/kernel", "conv2/bias", "proj_kernel", "proj_bias")
 def branch_mask(params) -> Any:
     """Pytree of bools like ``params`` (an ``nnx.State`` of a VAE): True for the last layer of each residual branch
     (``ResidualBlock.conv2``) and attention branch (``AttentionBlock.proj``), the layers `zero_residual_init` zeroes."""
+
     def is_branch(path, _):
         return "/".join(str(k.key) for k in path if hasattr(k, "key")).endswith(_BRANCH_LAST)
 
@@ -185,8 +211,8 @@ def fold_latent_stats(vae: WanVAE, mean: np.ndarray, std: np.ndarray) -> WanVAE:
         raise ValueError(f"fold_latent_stats: mean/std must be [{z}] with std > 0, got {m.shape}/{s.shape}")
     cm = np.asarray(vae.cfg.latents_mean, np.float64)
     cs = np.asarray(vae.cfg.latents_std, np.float64)
-    a = cs / s                      # mu_new = a * mu_old + (cm - a * m)
-    qk = np.asarray(vae.quant_conv.kernel[...], np.float64).copy()       # [1, 1, 1, 2z, 2z] (in, out)
+    a = cs / s  # mu_new = a * mu_old + (cm - a * m)
+    qk = np.asarray(vae.quant_conv.kernel[...], np.float64).copy()  # [1, 1, 1, 2z, 2z] (in, out)
     qb = np.asarray(vae.quant_conv.bias[...], np.float64).copy()
     qk[..., :z] *= a
     qb[:z] = a * qb[:z] + cm - a * m
