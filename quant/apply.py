@@ -224,5 +224,8 @@ def attach_to_pipeline(pipe, high: nnx.Module, low: nnx.Module, bins) -> None:
                     f"attach_to_pipeline: {name} expert layer {q.path!r} has {q.config.nbins} bins, the "
                     f"bins give {n_exp} for that expert"
                 )
-    pipe.replace_experts(high, low, velocity=functools.partial(_binned_velocity, bins))
+    velocity = functools.partial(_binned_velocity, bins)
+    # the step cache (wanjax.sampling.cache) runs its split forward under this, as _binned_velocity runs its forward
+    velocity.step_context = lambda t: active_bin(bins.local_lookup(t))
+    pipe.replace_experts(high, low, velocity=velocity)
     pipe.quant_bins = bins

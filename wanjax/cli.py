@@ -419,6 +419,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_out_dir(args.png_dir, args.overwrite, sources + (args.out,), "--png-dir")
     if args.force and not args.quant:
         raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
+    cache = _step_cache(args, gen)  # the calibration is read and checked before any model is loaded
     mesh = _make_mesh(args)
     if args.quant:
         qmode, why = resolve_quant_mode(qmode, manifest, mesh)
@@ -466,9 +467,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     jax.block_until_ready(y)
     times["vae_encode"] = time.perf_counter() - t0
     t0 = _stage(f"denoising: {gen.steps} steps, {gen.num_frames} frames at {w}x{h}")
-    latents, _ = pipe.denoise(y, context, gen, progress=not args.no_progress)
+    latents, _ = pipe.denoise(y, context, gen, progress=not args.no_progress, cache=cache)
     jax.block_until_ready(latents)
     times["denoise"] = time.perf_counter() - t0
+    if cache is not None:
+        print(f"{cache.summary()}: {cache.schedule} (C computed, S skipped)")
     t0 = _stage("decoding (VAE)")
     frames = to_uint8(np.asarray(pipe.decode(latents)))
     times["vae_decode"] = time.perf_counter() - t0
@@ -481,6 +484,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
     )
     return 0
+
+
+def _step_cache(args: argparse.Namespace, gen):
+    """``--cache [PATH]``: a `wanjax.sampling.cache.StepCache` from the calibration of ``gen``'s settings in PATH (a
+    ``cache_calibration.json`` or a directory holding one; default: the --quant artifact's, else the model dir's);
+    None without --cache."""
+    if args.cache is None:
+        return None
+    from wanjax.sampling.cache import CacheCalibration, CacheCalibrationError, CacheConfig, StepCache
+
+    where = args.cache or args.quant or args.model
+    try:
+        cal = CacheCalibration.load(where, gen.steps, gen.shift, gen.boundary, gen.solver)
+        config = CacheConfig(threshold=args.cache_threshold, max_skips=args.cache_max_skips).validate()
+    except (CacheCalibrationError, ValueError) as e:
+        raise CLIError(f"--cache: {e}") from None
+    if args.quant and not cal.precision.startswith("w4a4") and not args.cache:
+        print(f"wanjax generate: warning: --cache: {where} was calibrated on {cal.precision} experts", file=sys.stderr)
+    return StepCache(config, cal)
 
 
 def _auto_supported(attach_artifact) -> bool:
@@ -593,6 +615,28 @@ def _add_generate(sub, common) -> None:
         default=None,
         help="device mesh 'data,fsdp,context,tensor' (-1 = the rest), e.g. "
         "'2,1,4,1' on 8 chips: CFG over data, sequence parallel over context",
+    )
+    p.add_argument(
+        "--cache",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="step caching (docs/CACHING.md): skip the block stack on steps where its residual changes little, "
+        "reusing the last one; PATH is a cache_calibration.json or a dir holding one (default: the --quant dir's, "
+        "else the --model dir's), calibrated for these steps/shift/boundary. Off by default",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.1,
+        help="with --cache: accumulated magnitude error allowed before a step is computed again (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-max-skips",
+        type=int,
+        default=2,
+        help="with --cache: most steps skipped in a row (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     p.set_defaults(func=cmd_generate)

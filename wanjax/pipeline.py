@@ -53,7 +53,7 @@ DEFAULT_NEGATIVE_PROMPT = conditioning.NEGATIVE_PROMPT
 OUTPUT_TYPES = (None, "uint8", "np", "pil", "latent")
 
 #: Keyword arguments of `WanI2VPipeline.generate` besides the settings (listed in its TypeError).
-GENERATE_ARGS = ("image", "prompt", "negative_prompt", "gen", "context", "noise", "progress", "output_type")
+GENERATE_ARGS = ("image", "prompt", "negative_prompt", "gen", "context", "noise", "progress", "output_type", "cache")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,7 @@ class I2VOutput:
     experts: list[str]
     seconds: dict[str, float]
     gen: GenerationConfig | None = None
+    cache: Any = None
 
 
 class WanI2VPipeline:
@@ -121,6 +122,8 @@ class WanI2VPipeline:
         if mesh is not None:
             self._params_high, self._params_low = self._shard(self._params_high), self._shard(self._params_low)
         self._velocity = self._jit_velocity(guided_velocity)
+        self._velocity_fn = guided_velocity  # unjitted: the step cache splits it at the block stack
+        self._cached = None  # (compute, skip) jitted on the first cached run
         self.expert_placement = "device" if mesh is not None else self._choose_placement(expert_placement)
         self.swaps = 0
         self._resident = "high"
@@ -146,6 +149,64 @@ class WanI2VPipeline:
 
         return sharding.sharded_velocity(velocity_fn, g, self.mesh, mode=self.attention_mode)
 
+    def _jit_cached(self) -> tuple[Callable, Callable, Callable]:
+        """The step cache's jitted functions (`wanjax.sampling.cache`): ``compute(params, x, y, ctx, t, guide) ->
+        (v, residual)``, ``skip(params, x, y, ctx, t, guide, residual) -> (v, residual)`` and ``indicator(params, x,
+        y, ctx, t, guide)`` (TeaCache's modulated input; embeddings only). The velocity of quantized experts tells how to run a step through its ``step_context(t)``
+        attribute (`wanjax.quant.apply`: the active timestep bin); another custom velocity cannot be split."""
+        if self._cached is not None:
+            return self._cached
+        from wanjax.sampling.cache import cached_guided_indicator, cached_guided_velocity
+
+        vfn = self._velocity_fn
+        step_context = getattr(vfn, "step_context", None)
+        if vfn is not guided_velocity and step_context is None:
+            raise ValueError(
+                "cache: this pipeline denoises with a custom velocity (replace_experts(velocity=...)) that has no "
+                "step_context; the step cache can split only wanjax.sampling.guided_velocity and the quantized "
+                "experts' velocity (wanjax.quant.apply.attach_to_pipeline)"
+            )
+        g, mesh = self.graphdef, self.mesh
+
+        def run(params, x, y, ctx, t, guide, residual, constrain=None):
+            with step_context(t) if step_context is not None else contextlib.nullcontext():
+                return cached_guided_velocity(g, params, x, y, ctx, t, guide, residual, constrain=constrain)
+
+        def indicator(params, x, y, ctx, t, guide, constrain=None):
+            return cached_guided_indicator(g, params, x, y, ctx, t, constrain=constrain)
+
+        if mesh is None:
+            compute = jax.jit(lambda p, x, y, ctx, t, guide: run(p, x, y, ctx, t, guide, None))
+            self._cached = (compute, jax.jit(run), jax.jit(indicator))
+            return self._cached
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from wanjax import sharding
+
+        rep = NamedSharding(mesh, PartitionSpec())
+
+        def traced(params, x, y, ctx, t, guide, residual=None):
+            with sharding.sequence_parallel(mesh, mode=self.attention_mode):
+                v, r = run(params, x, y, ctx, t, guide, residual, lambda a: sharding.constrain_batch(a, mesh))
+            return jax.lax.with_sharding_constraint(v, rep), r
+
+        jc, js = jax.jit(lambda p, x, y, ctx, t, guide: traced(p, x, y, ctx, t, guide)), jax.jit(traced)
+        ji = jax.jit(
+            lambda p, x, y, ctx, t, guide: indicator(
+                p, x, y, ctx, t, guide, lambda a: sharding.constrain_batch(a, mesh)
+            )
+        )
+
+        def place(x, y, ctx):
+            return tuple(jax.device_put(a, rep) for a in (x, y, ctx))
+
+        self._cached = (
+            lambda p, x, y, ctx, t, guide: jc(p, *place(x, y, ctx), t, guide),
+            lambda p, x, y, ctx, t, guide, r: js(p, *place(x, y, ctx), t, guide, r),
+            lambda p, x, y, ctx, t, guide: ji(p, *place(x, y, ctx), t, guide),
+        )
+        return self._cached
+
     def replace_experts(self, high: nnx.Module, low: nnx.Module, velocity: Callable | None = None) -> None:
         """Denoise with other experts from now on (e.g. quantized ones from `wanjax.quant`).
 
@@ -167,6 +228,8 @@ class WanI2VPipeline:
         self.graphdef = g_high
         self._params_high, self._params_low = p_high, p_low
         self._velocity = self._jit_velocity(guided_velocity if velocity is None else velocity)
+        self._velocity_fn = guided_velocity if velocity is None else velocity
+        self._cached = None
         self._resident = "high"
         if self.expert_placement == "swap":
             self._params_low = jax.device_get(self._params_low)
@@ -308,6 +371,7 @@ class WanI2VPipeline:
         noise: jax.Array | None = None,
         progress: bool = True,
         velocity_fn: Callable | None = None,
+        cache=None,
     ) -> tuple[jax.Array, list[str]]:
         """The denoise loop: official FlowUniPC/Euler schedule, expert switch at the boundary, CFG per expert.
 
@@ -319,6 +383,10 @@ class WanI2VPipeline:
         After every step the latent is checked for NaN/Inf (one jitted reduction, one scalar transfer); a non-finite
         latent raises `NonFiniteError` naming the expert, the step, ``t`` and the first layer that produced it (found
         by re-running that step's forward block by block, `wanjax.nonfinite.locate_nonfinite`).
+
+        ``cache``: a `wanjax.sampling.cache.StepCache`: steps its plan marks are run with the block stack skipped
+        (the residual of the expert's last computed step reused); its ``computed`` / ``skipped`` count the forwards.
+        Not combinable with ``velocity_fn``.
         """
         sched = flow_schedule(gen.steps, shift=gen.shift)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
@@ -335,6 +403,13 @@ class WanI2VPipeline:
         experts: list[str] = []
         inputs: dict[str, Any] = {}
         bar = _progress(gen.steps, progress)
+        if cache is not None:
+            if velocity_fn is not None:
+                raise ValueError("denoise: cache= and velocity_fn= cannot be combined")
+            compute, skip, indicator = self._jit_cached()
+            cache.begin(
+                [int(t) for t in sched.timesteps], [self.expert_for(int(t), gen.boundary) for t in sched.timesteps]
+            )
 
         def model_fn(x, t, i):
             t = int(t)
@@ -345,6 +420,9 @@ class WanI2VPipeline:
             inputs.update(x=x, guide=guide)  # kept (no copy, no sync) for the failure report
             if velocity_fn is not None:
                 return velocity_fn(name, params, x, y, context, jnp.float32(t), jnp.float32(guide))
+            if cache is not None:
+                args = (params, x, y, context, jnp.float32(t), jnp.float32(guide))
+                return cache.step(i, name, lambda: compute(*args), lambda r: skip(*args, r), lambda: indicator(*args))
             return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
 
         def callback(i, t, x):
@@ -396,6 +474,53 @@ class WanI2VPipeline:
             layer=layer,
         )
 
+    def make_cache(self, cache, gen: GenerationConfig, config=None):
+        """A `wanjax.sampling.cache.StepCache` for ``gen``: ``cache`` itself if it is one, else the calibration of
+        ``gen``'s steps / shift / boundary / solver read from a file or a directory's ``cache_calibration.json``
+        (`CacheCalibrationError` naming the file when it has none), with ``config`` (default `CacheConfig()`)."""
+        from wanjax.sampling.cache import CacheCalibration, StepCache
+
+        if isinstance(cache, StepCache):
+            return cache
+        if not isinstance(cache, (str, os.PathLike)):
+            raise TypeError(f"cache: expected a StepCache or a calibration path, got {type(cache).__name__}")
+        cal = CacheCalibration.load(cache, gen.steps, gen.shift, gen.boundary, gen.solver)
+        return StepCache(config, cal)
+
+    def calibrate_cache(
+        self, samples, gen: GenerationConfig | None = None, *, precision: str = "bf16", progress: bool = False
+    ):
+        """Run the uncached sampler on ``samples`` (``(image, prompt, seed)`` tuples, or ``(image, context, seed)``
+        with a [2, L, D] context) and return the `wanjax.sampling.cache.CacheCalibration` of their mean magnitude
+        ratios (per expert step and CFG branch); ``.save(DIR)`` writes ``DIR/cache_calibration.json``."""
+        from wanjax.sampling.cache import StepCache, calibration_from_runs
+
+        gen = (gen if gen is not None else self.generation_defaults).validate()
+        runs, rel_in, rel_out, out = [], [], [], None
+        for image, prompt, seed in samples:
+            rec = StepCache(record=True)
+            kw = {"context": prompt} if not isinstance(prompt, str) else {"prompt": prompt}
+            out = self.generate(
+                image, gen=gen, seed=int(seed), cache=rec, output_type="latent", progress=progress, **kw
+            )
+            runs.append(rec.recorded)
+            rel_in.append(rec.recorded_input)
+            rel_out.append(rec.recorded_output)
+        if out is None:
+            raise ValueError("calibrate_cache: no samples")
+        return calibration_from_runs(
+            runs,
+            out.timesteps,
+            out.experts,
+            steps=gen.steps,
+            shift=gen.shift,
+            boundary=gen.boundary,
+            solver=gen.solver,
+            precision=precision,
+            rel_input=rel_in,
+            rel_output=rel_out,
+        )
+
     def decode(self, latents: jax.Array) -> jax.Array:
         """Latents -> video [F, H, W, 3] in [-1, 1] (one latent frame at a time inside the VAE); `NonFiniteError`
         if the result holds NaN/Inf."""
@@ -428,6 +553,7 @@ class WanI2VPipeline:
         noise: jax.Array | None = None,
         progress: bool = True,
         output_type: str | None = None,
+        cache=None,
         **overrides,
     ) -> I2VOutput:
         """Generate a video from an image (path, PIL image in any mode, or a uint8 array) and a prompt.
@@ -445,6 +571,11 @@ class WanI2VPipeline:
         (list of PIL images) or ``"latent"`` (no VAE decode; ``frames`` is None, see ``latents``). ``context``
         ([2, L, D]: positive, negative) skips the text encoder. ``progress`` prints a line per stage (text encoder,
         VAE encode, VAE decode) and a progress bar for the denoise loop. Raises `NonFiniteError` if a NaN/Inf appears.
+
+        ``cache``: step caching (docs/CACHING.md): a `wanjax.sampling.cache.StepCache`, or a directory / file with a
+        ``cache_calibration.json`` (a `StepCache` with the default `CacheConfig` is made from the calibration of
+        these settings); None (default) computes every step. With ``progress`` a line says how many forwards were
+        computed and skipped; ``I2VOutput.cache`` is the `StepCache` used.
         """
         if "generator" in overrides:
             raise TypeError(
@@ -476,8 +607,12 @@ class WanI2VPipeline:
             y, hw = self.prepare_condition(image, gen.num_frames, gen.max_area)
         times["vae_encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        latents, experts = self.denoise(y, context, gen, noise=noise, progress=progress)
+        if cache is not None:
+            cache = self.make_cache(cache, gen)
+        latents, experts = self.denoise(y, context, gen, noise=noise, progress=progress, cache=cache)
         jax.block_until_ready(latents)
+        if cache is not None and progress:
+            print(f"wanjax: {cache.summary()} [{cache.schedule}]", file=sys.stderr, flush=True)
         times["denoise"] = time.perf_counter() - t0
         frames = None
         if output_type != "latent":
@@ -494,6 +629,7 @@ class WanI2VPipeline:
             experts=experts,
             seconds=times,
             gen=gen,
+            cache=cache,
         )
 
     def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, **kw):
