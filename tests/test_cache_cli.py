@@ -51,3 +51,37 @@ def test_cache_bad_settings_refused(tmp_path, image, capsys):
         "-1",
     )
     assert rc != 0 and "max_skips" in err
+
+
+@pytest.mark.slow
+def test_generate_with_cache_on_the_mini_model(tmp_path, capsys):
+    """Calibrate the mini model's cache for 6 steps, then `wanjax generate --cache DIR` says what it skipped."""
+    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
+
+    pipe = WanI2VPipeline.from_pretrained("models/mini")
+    gen = GenerationConfig.for_model("models/mini", steps=6, num_frames=5, max_area=64 * 64)
+    img = np.full((64, 64, 3), 128, np.uint8)
+    img[20:40, 20:40] = (255, 0, 0)
+    cal = pipe.calibrate_cache([(img, "a red square moves left", 0)], gen)
+    cal.save(tmp_path)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    out = tmp_path / "o.mp4"
+    argv = ["--image", str(tmp_path / "in.png"), "--out", str(out), "--steps", "6", "--frames", "5", "--size", "64x64"]
+    rc = cli.main(
+        [
+            "generate",
+            "--model",
+            "models/mini",
+            "--prompt",
+            "a red square moves left",
+            *argv,
+            "--cache",
+            str(tmp_path),
+            "--cache-threshold",
+            "1",
+            "--no-progress",
+        ]
+    )
+    text = capsys.readouterr()
+    assert rc == 0 and out.exists(), text.err
+    assert "step cache: " in text.out and "forwards computed" in text.out and "S" in text.out.split("step cache")[1]
