@@ -25,12 +25,18 @@ variable            shape / dtype                  meaning
                                                     top of the codes)
 ``kscale``          f32 [N] or None                 with ``kweight``: the row scales (MXFP4: powers of two, NaN
                                                     rows; int4: ``wscale``)
+``lora_down``       [K, R] bf16 or None             run-time LoRA rank appended to the low-rank branch
+``lora_up``         [R, N] bf16 or None             (:func:`set_lora`, ``wanjax.lora``): ``lora_down`` is already
+``lora_scale``      f32 [R] or None                 folded for this layer's smoothing / rotation; ``lora_scale``
+                                                    is each rank column's strength x alpha / rank. Never
+                                                    serialized by artifacts (None unless a LoRA is set)
 =================== ============================== ==========================================================
 
 The forward (``x`` of any float dtype, ``[..., K]``)::
 
     x_s = f32(x) / smooth ; x_r = rotate(x_s)                       (each only if present)
     y   = QDQ_act(x_r; table[bin]) @ dequant(W)^T + (x_r @ down) @ up + bias
+    (with a LoRA set: down <- [down | lora_down], up <- [up ; lora_scale * lora_up], one branch of rank r + R)
 
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.numerics.formats`` math); ``mode="real"`` calls
@@ -58,12 +64,15 @@ from wanjax.numerics.table import INT_FORMATS, LINEAR_FORMATS
 from wanjax.quant.rtn import ActQuantSpec
 
 __all__ = [
+    "LoraVar",
     "QLinear",
     "QLinearConfig",
     "QVar",
     "active_bin",
+    "clear_lora",
     "current_bin",
     "qlinear_apply",
+    "set_lora",
 ]
 
 _ACTIVE_BIN: contextvars.ContextVar = contextvars.ContextVar("wanjax_quant_active_bin", default=None)
@@ -97,6 +106,11 @@ def current_bin():
 
 class QVar(nnx.Variable):
     """Variable type of every quantized-layer array (codes, scales, smoothing, low-rank, bin tables)."""
+
+
+class LoraVar(nnx.Variable):
+    """Variable type of a run-time LoRA on a QLinear (``lora_down``, ``lora_up``, ``lora_scale``): not part of the
+    quantized layer, set and cleared by :func:`set_lora` / :func:`clear_lora` (``wanjax.lora``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +335,7 @@ class QLinear(nnx.Module):
         self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
         self.kweight = var(kweight)
         self.kscale = var(kscale)
+        self.lora_down = self.lora_up = self.lora_scale = None  # run-time LoRA: set_lora / clear_lora
         self.in_features, self.out_features = k, n
         self.dtype = dtype
         self.mode = mode
@@ -343,7 +358,10 @@ class QLinear(nnx.Module):
             "kweight",
             "kscale",
         )
-        return {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
+        out = {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
+        if getattr(self, "lora_down", None) is not None:  # only when a LoRA is set: artifacts never see these
+            out.update(lora_down=self.lora_down[...], lora_up=self.lora_up[...], lora_scale=self.lora_scale[...])
+        return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.act_clip.ndim != 1:
@@ -370,6 +388,52 @@ class QLinear(nnx.Module):
             dtype=self.dtype,
             mode=self.mode,
         )
+
+
+def set_lora(q: QLinear, down, up, scale) -> None:
+    """Set (or replace) the run-time LoRA rank of ``q`` in place: ``down [..., K, R]`` (already transformed for the
+    layer's smoothing / rotation: the branch sees ``x_r``, see ``wanjax.lora.fold_down``), ``up [..., R, N]`` and
+    ``scale [..., R]`` (float32, per rank column: strength x alpha / rank), with the layer's leading axes (the
+    stacked L). The forward then runs the low-rank branch with ``[down | lora_down]`` and
+    ``[up ; scale * lora_up]``. The quantized arrays are not touched, so :func:`clear_lora` restores the exact
+    layer. ``R = 0`` is allowed (same module structure as a layer with a LoRA, no effect)."""
+    k, n = q.in_features, q.out_features
+    lead = tuple(q.act_clip.shape[:-1])
+    down, up, scale = jnp.asarray(down), jnp.asarray(up), jnp.asarray(scale, jnp.float32)
+    r = down.shape[-1] if down.ndim else -1
+    want = {"lora_down": lead + (k, r), "lora_up": lead + (r, n), "lora_scale": lead + (r,)}
+    for name, arr in (("lora_down", down), ("lora_up", up), ("lora_scale", scale)):
+        if tuple(arr.shape) != want[name]:
+            raise ValueError(
+                f"set_lora: QLinear {q.path!r}: {name} must have shape {want[name]}, got {tuple(arr.shape)}"
+            )
+    # nnx.data: the attributes are None (static) until a LoRA is set
+    q.lora_down = nnx.data(LoraVar(down))
+    q.lora_up = nnx.data(LoraVar(up))
+    q.lora_scale = nnx.data(LoraVar(scale))
+
+
+def clear_lora(q: QLinear) -> None:
+    """Remove the run-time LoRA of ``q`` (the layer is then exactly as quantized, same graph definition)."""
+    # nnx.static: back to plain (static) None attributes, as a layer never given a LoRA has
+    q.lora_down = nnx.static(None)
+    q.lora_up = nnx.static(None)
+    q.lora_scale = nnx.static(None)
+
+
+def _lowrank_with_lora(a: dict):
+    """``(down, up)`` of the forward's low-rank branch: the layer's own, with a set LoRA's rank appended (its
+    ``lora_scale`` folded into the up rows). None, None when the layer has neither."""
+    down, up = a.get("down"), a.get("up")
+    ld = a.get("lora_down")
+    if ld is None:
+        return down, up
+    lu = a["lora_up"].astype(jnp.float32) * a["lora_scale"].astype(jnp.float32)[:, None]
+    dt = down.dtype if down is not None else jnp.bfloat16
+    ld, lu = ld.astype(dt), lu.astype(dt)
+    if down is None:
+        return ld, lu
+    return jnp.concatenate([down, ld], axis=-1), jnp.concatenate([up, lu], axis=0)
 
 
 def _dequant_weight(c: QLinearConfig, a: dict) -> jax.Array:
@@ -434,6 +498,9 @@ def qlinear_apply(
     lead = x.shape[:-1]
     x2 = _as_compute_dtype(x.reshape(-1, k), dtype)
     smooth, signs = a.get("smooth"), a.get("rot_signs")
+    if a.get("lora_down") is not None:
+        down, up = _lowrank_with_lora(a)
+        a = {**a, "down": down, "up": up}
     if mode == "real":
         from wanjax.kernels import dispatch
 

@@ -15,7 +15,8 @@ support         the other ``wanjax.*`` modules (config, generation_config,      
 quant           ``wanjax.quant`` (quant/: transforms, calibration, recipes,      numerics, kernels, model, support
                 QLinear, artifacts)
 app             ``wanjax.pipeline``, ``wanjax.cli``, ``wanjax.demo``,            everything
-                ``wanjax.evaluation``, ``wanjax.train``, ``bench``
+                ``wanjax.evaluation``, ``wanjax.train``, ``bench``,
+                ``wanjax.lora``
 =============== ================================================================ =====================================
 
 So: numerics < kernels < quant < app, and io / model / sampling (with the support modules) beside numerics/kernels,
@@ -53,6 +54,7 @@ LAYER_OF_PREFIX = {
     "wanjax.demo": "app",
     "wanjax.evaluation": "app",
     "wanjax.train": "app",
+    "wanjax.lora": "app",  # LoRA reader + apply: edits the model's Linears and the quantized QLinear (above quant)
     "bench": "app",
 }
 ALL_LAYERS = frozenset({"numerics", "kernels", "model", "support", "quant", "app"})

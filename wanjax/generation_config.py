@@ -45,6 +45,7 @@ class GenerationConfig:
     solver: str = "unipc"
     seed: int = 0
     fps: int = 16
+    schedule: str = "official"  # the sigma grid: "official" (FlowUniPC's) or "lightning" (`lightning_schedule`)
 
     @property
     def guidance_low(self) -> float:
@@ -66,6 +67,31 @@ class GenerationConfig:
         gs = tuple(fields.pop("guide_scale", cls.guide_scale))
         gs = (gs[0] if guidance_low is None else guidance_low, gs[1] if guidance_high is None else guidance_high)
         return cls(guide_scale=(float(gs[0]), float(gs[1])), **fields)
+
+    @classmethod
+    def lightning(cls, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
+        """The Wan2.2-Lightning 4-step preset (`LIGHTNING`): 4 Euler steps on the Lightning sigma grid (shift 5,
+        ``t = 1000, 937.5, 833.3, 625``), CFG off (guidance 1.0 for both experts: one forward per step), boundary
+        0.9 (the high-noise expert for the first 2 steps, the low-noise one for the last 2). ``base`` (e.g. a
+        model's ``generation_defaults``) gives the other settings (frames, size, seed, fps); ``overrides`` as
+        `replace`. Use it with the Lightning LoRAs on both experts (``wanjax.lora.use_lightning``)."""
+        return apply_overrides(base if base is not None else cls(), {**LIGHTNING, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
+        """A named preset (`PRESETS`: ``"lightning"``) over ``base`` (default: the official defaults)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown generation preset {name!r}; expected one of {sorted(PRESETS)}")
+        return apply_overrides(base if base is not None else cls(), {**PRESETS[name], **overrides})
+
+    def sigma_schedule(self, num_train_timesteps: int = 1000):
+        """The `wanjax.sampling.FlowSchedule` these settings sample on: the official FlowUniPC grid
+        (`wanjax.sampling.flow_schedule`) or, with ``schedule="lightning"``, `lightning_schedule`."""
+        if self.schedule == "lightning":
+            return lightning_schedule(self.steps, self.shift, num_train_timesteps)
+        from wanjax.sampling.schedule import flow_schedule
+
+        return flow_schedule(self.steps, shift=self.shift, num_train_timesteps=num_train_timesteps)
 
     @classmethod
     def for_model(cls, model_dir: str | os.PathLike | None, **overrides) -> "GenerationConfig":
@@ -127,6 +153,8 @@ class GenerationConfig:
             problems.append(f"seed: expected an integer, got {self.seed!r}")
         if not finite(self.fps) or self.fps <= 0:
             problems.append(f"fps: expected a finite number > 0, got {self.fps!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
         if problems:
             where = f"{source}: " if source else ""
             raise ValueError(
@@ -151,7 +179,52 @@ class GenerationConfig:
             f"{self.num_frames} frames, size {self.max_area}, {self.steps} steps ({self.solver}, shift "
             f"{self.shift:g}), guidance low {self.guidance_low:g} / high {self.guidance_high:g}, boundary "
             f"{self.boundary:g}, seed {self.seed}, {self.fps} fps"
+            + ("" if self.schedule == "official" else f", {self.schedule} schedule")
         )
+
+
+#: The sigma grids `GenerationConfig.sigma_schedule` knows.
+SCHEDULES = ("official", "lightning")
+
+#: Wan2.2-Lightning (ModelTC/Wan2.2-Lightning, I2V-A14B-4steps-lora-rank64-Seko-V1; ``wan/configs/wan_i2v_A14B.py``,
+#: ``generate.py``): 4 steps, Euler (the distillation's solver), shift 5.0, guide scale (1.0, 1.0) (no CFG
+#: forward), boundary 0.900; sigmas from ``linspace(1, 0, steps + 1)`` shifted (`lightning_schedule`).
+LIGHTNING: dict[str, Any] = {
+    "steps": 4,
+    "shift": 5.0,
+    "solver": "euler",
+    "guide_scale": (1.0, 1.0),
+    "boundary": 0.900,
+    "schedule": "lightning",
+}
+
+#: Named presets of `GenerationConfig.preset`.
+PRESETS: dict[str, dict[str, Any]] = {"lightning": LIGHTNING}
+
+
+def lightning_schedule(num_steps: int = 4, shift: float = 5.0, num_train_timesteps: int = 1000):
+    """The Lightning sigma grid (``wan/utils/fm_solvers_euler.py::EulerScheduler``): ``sigma = linspace(1, 0, N +
+    1)`` shifted by ``shift s / (1 + (shift - 1) s)``; with 4 steps and shift 5: sigmas ``1, 0.9375, 0.8333, 0.625,
+    0`` and timesteps ``1000, 937.5, 833.33, 625``. Unlike the official grid it starts at sigma 1 (not 0.999).
+
+    Returns a `wanjax.sampling.FlowSchedule`; its ``timesteps`` are integers (the loop's contract), so
+    ``floor(1000 sigma)``: ``1000, 937, 833, 625``: the Euler updates use the exact sigmas, the time embedding sees
+    t rounded down by < 1 (the release feeds the float t)."""
+    from wanjax.sampling.schedule import FlowSchedule, shift_sigmas
+
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    base = np.linspace(1.0, 0.0, int(num_steps) + 1)
+    shifted = shift_sigmas(base, shift)
+    timesteps = np.floor(shifted[:-1] * num_train_timesteps + 1e-6).astype(np.int64)
+    return FlowSchedule(
+        sigmas=shifted.astype(np.float32),
+        timesteps=timesteps,
+        shift=float(shift),
+        num_train_timesteps=int(num_train_timesteps),
+    )
 
 
 #: diffusers ``WanImageToVideoPipeline.__call__`` names accepted where they mean the same thing, and ours.
