@@ -478,6 +478,7 @@ def test_lightning_schedule_and_preset():
     assert (gen.num_frames, gen.max_area, gen.seed) == (17, "128x128", 4)  # the base's other settings stay
     assert gen.sigma_schedule().is_high_noise(gen.boundary).tolist() == [True, True, False, False]
     assert GenerationConfig.preset("lightning", steps=6).steps == 6
+    assert GenerationConfig.lightning(guidance_low=2.0).guide_scale == (2.0, 1.0)  # explicit settings win
     assert GenerationConfig().sigma_schedule().timesteps[0] == 999  # the official grid is unchanged
     with pytest.raises(ValueError, match="schedule"):
         GenerationConfig(schedule="nope").validate()

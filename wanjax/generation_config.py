@@ -75,14 +75,14 @@ class GenerationConfig:
         0.9 (the high-noise expert for the first 2 steps, the low-noise one for the last 2). ``base`` (e.g. a
         model's ``generation_defaults``) gives the other settings (frames, size, seed, fps); ``overrides`` as
         `replace`. Use it with the Lightning LoRAs on both experts (``wanjax.lora.use_lightning``)."""
-        return apply_overrides(base if base is not None else cls(), {**LIGHTNING, **overrides})
+        return apply_overrides(apply_overrides(base if base is not None else cls(), LIGHTNING), overrides)
 
     @classmethod
     def preset(cls, name: str, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
         """A named preset (`PRESETS`: ``"lightning"``) over ``base`` (default: the official defaults)."""
         if name not in PRESETS:
             raise ValueError(f"unknown generation preset {name!r}; expected one of {sorted(PRESETS)}")
-        return apply_overrides(base if base is not None else cls(), {**PRESETS[name], **overrides})
+        return apply_overrides(apply_overrides(base if base is not None else cls(), PRESETS[name]), overrides)
 
     def sigma_schedule(self, num_train_timesteps: int = 1000):
         """The `wanjax.sampling.FlowSchedule` these settings sample on: the official FlowUniPC grid
