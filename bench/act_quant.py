@@ -191,40 +191,24 @@ def run_rotation(inp, res, rec, log):
         q0, s0, lr0 = act_quant_lowrank_pallas(xr, None, down, 1.0, None, **act_quant_gpu.FUSED_OPTIONS)
         del xr
         if b == 256:
-            rec(
-                f"aq_xla_rot{b}_then_fused",
-                jax.jit(
-                    lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
-                        rotate_activations(a.astype(jnp.float32) / sm, sg, b),
-                        None,
-                        dn,
-                        1.0,
-                        None,
-                        **act_quant_gpu.FUSED_OPTIONS,
-                    )
-                ),
-                x,
-                smooth,
-                signs,
-                down,
-            )
-            rec(
-                f"aq_xla_mxu_rot{b}_then_fused",
-                jax.jit(
-                    lambda a, sm, sg, dn, b=b: act_quant_lowrank_pallas(
-                        rotate_activations_mxu(a.astype(jnp.float32) / sm, sg, b),
-                        None,
-                        dn,
-                        1.0,
-                        None,
-                        **act_quant_gpu.FUSED_OPTIONS,
-                    )
-                ),
-                x,
-                smooth,
-                signs,
-                down,
-            )
+            for tag, rotate in (("", rotate_activations), ("_mxu", rotate_activations_mxu)):
+                rec(
+                    f"aq_xla{tag}_rot{b}_then_fused",
+                    jax.jit(
+                        lambda a, sm, sg, dn, b=b, rotate=rotate: act_quant_lowrank_pallas(
+                            rotate(a.astype(jnp.float32) / sm, sg, b),
+                            None,
+                            dn,
+                            1.0,
+                            None,
+                            **act_quant_gpu.FUSED_OPTIONS,
+                        )
+                    ),
+                    x,
+                    smooth,
+                    signs,
+                    down,
+                )
         for i, (bm, warps, stages) in enumerate(ROT_SWEEP):
             name = f"aq_fused_rot{b}" + ("" if i == 0 else f"_bm{bm}w{warps}s{stages}")
             fused = jax.jit(
@@ -363,15 +347,12 @@ def run_shape(
         rec(name, fn, x, smooth, down)
 
     w8 = ref.unpack_int4(inp["w_packed"])
-    y_ref = ref.w4a4_epilogue(
-        jax.lax.dot_general(q0, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
-        s0,
-        inp["s_w"],
-        lr0,
-        inp["up"],
-        inp["bias"],
-        jnp.float32,
-    )
+
+    def ref_linear(q, s, lr):  # the f32 reference linear on act quant outputs (int8 weights)
+        acc = jax.lax.dot_general(q, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        return ref.w4a4_epilogue(acc, s, inp["s_w"], lr, inp["up"], inp["bias"], jnp.float32)
+
+    y_ref = ref_linear(q0, s0, lr0)
     opts0 = act_quant_gpu.FUSED_OPTIONS
     for impl, opts in [(i, o) for i in (e2e_impls if e2e else ()) for o in (E2E_OPTIONS if i == "fused" else (opts0,))]:
         otag = _otag(opts) if impl == "fused" else ""
@@ -390,15 +371,7 @@ def run_shape(
                 continue
             rec(f"e2e_{impl}{tag}", f, *args)
     if sweep and e2e and "fused" in e2e_impls:  # the linear when the smoothing is folded into the producer of x
-        y_n = ref.w4a4_epilogue(
-            jax.lax.dot_general(qn, w8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
-            sn,
-            inp["s_w"],
-            lrn,
-            inp["up"],
-            inp["bias"],
-            jnp.float32,
-        )
+        y_n = ref_linear(qn, sn, lrn)
         f = jax.jit(
             lambda a, wq, sw, dn, u, b: dispatch.w4a4_linear(
                 a, wq, sw, smooth=None, down=dn, up=u, bias=b, backend="pallas", act_quant_impl="fused"

@@ -91,6 +91,35 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+#: The numeric per-clip arrays of `sample_params` (what `render` reads).
+ARRAY_KEYS = (
+    "kind",
+    "colour_rgb",
+    "motion",
+    "cx",
+    "cy",
+    "vx",
+    "vy",
+    "radius",
+    "theta0",
+    "omega",
+    "scale0",
+    "scale1",
+    "bounce_amp",
+    "bounce_n",
+    "tex_freq",
+    "tex_angle",
+    "tex_phase",
+    "bg_a",
+    "bg_b",
+    "bg_freq",
+    "bg_phase",
+    "bg_type",
+    "pan_x",
+    "pan_y",
+)
+
+
 def sample_params(
     n: int,
     split: str = "train",
@@ -104,35 +133,7 @@ def sample_params(
     (the evaluation set of the motion-direction metric)."""
     pairs = split_pairs(split)
     sid = SPLITS[split]
-    cols = {
-        k: []
-        for k in (
-            "kind",
-            "colour_rgb",
-            "motion",
-            "cx",
-            "cy",
-            "vx",
-            "vy",
-            "radius",
-            "theta0",
-            "omega",
-            "scale0",
-            "scale1",
-            "bounce_amp",
-            "bounce_n",
-            "tex_freq",
-            "tex_angle",
-            "tex_phase",
-            "bg_a",
-            "bg_b",
-            "bg_freq",
-            "bg_phase",
-            "bg_type",
-            "pan_x",
-            "pan_y",
-        )
-    }
+    cols: dict[str, list] = {k: [] for k in ARRAY_KEYS}
     names = {"kind_name": [], "colour_name": [], "motion_name": [], "pan_name": [], "captions": []}
     span = max(num_frames - 1, 1)
     for i in range(n):
@@ -223,34 +224,6 @@ def sample_params(
     out.update(names)
     out["num_frames"], out["size"] = int(num_frames), int(size)
     return out
-
-
-ARRAY_KEYS = (
-    "kind",
-    "colour_rgb",
-    "motion",
-    "cx",
-    "cy",
-    "vx",
-    "vy",
-    "radius",
-    "theta0",
-    "omega",
-    "scale0",
-    "scale1",
-    "bounce_amp",
-    "bounce_n",
-    "tex_freq",
-    "tex_angle",
-    "tex_phase",
-    "bg_a",
-    "bg_b",
-    "bg_freq",
-    "bg_phase",
-    "bg_type",
-    "pan_x",
-    "pan_y",
-)
 
 
 def array_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
