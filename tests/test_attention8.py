@@ -16,17 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers_attention import MINI, mini_self_attention_qkv, rel
+
 from wanjax.kernels import attention8 as K8
 from wanjax.kernels import attention8_reference as R
 from wanjax.model import attention as A
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(ROOT, "models", "mini")
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def cos(a, b):
@@ -212,29 +206,7 @@ def mini_qkv():
     tests/test_attention_fp8.py."""
     if not os.path.isdir(os.path.join(MINI, "high_noise_model")):
         pytest.skip("models/mini not shipped")
-    from wanjax import conditioning
-    from wanjax.io.dit_loader import load_dit
-
-    dit = load_dit(os.path.join(MINI, "high_noise_model"), dtype=jnp.float32)
-    cfg = dit.cfg
-    f, h, w = 5, 16, 16
-    mask = jnp.asarray(conditioning.i2v_mask(17, h, w))
-    y = conditioning.concat_condition(mask, jnp.zeros((1, f, h, w, 16), jnp.float32)).astype(jnp.float32)
-    x = jax.random.normal(jax.random.key(0), (1, f, h, w, 16), jnp.float32)
-    ctx = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32)
-    captured = []
-
-    def hook(q, k, v):
-        if q.shape[1] == k.shape[1]:
-            jax.debug.callback(lambda *a: captured.append([np.asarray(t) for t in a]), q, k, v)
-        return A.attention(q, k, v, backend="xla")
-
-    with A.attention_hook(hook):
-        out = dit(jnp.concatenate([x, y], -1), jnp.array([900.0]), ctx)
-    jax.block_until_ready(out)
-    jax.effects_barrier()
-    assert len(captured) == cfg.num_layers
-    return [tuple(jnp.asarray(t, jnp.bfloat16) for t in layer) for layer in captured]
+    return [tuple(jnp.asarray(t, jnp.bfloat16) for t in layer) for layer in mini_self_attention_qkv()]
 
 
 #: measured attn8 rel-L2 per layer (CPU): 0.0099 0.0237 0.0184 0.0146 0.0058 0.0080 (cuDNN-FP8 emulation: 0.031

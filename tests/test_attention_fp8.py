@@ -9,15 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers_attention import MINI, mini_self_attention_qkv, rel
+
 from wanjax.model import attention as A
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(ROOT, "models", "mini")
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def qkv(shape, seed=0, dtype=jnp.bfloat16):
@@ -122,28 +116,7 @@ def test_mini_model_real_qkv_fidelity():
     model shipped 2026-12-02: 6 layers, 320 tokens, 2 heads of 128: 2.79-7.97 % for the two P modes (median ~4 %), vs
     0.17-0.20 % for bf16 attention. (The earlier CPU-trained mini model, 4 layers x 1 head, gave 2.72-2.80 %: the
     trained model's q/k/v are harder for per-tensor e4m3 scales; see docs/BENCHMARKS.md on FP8 attention fidelity.)"""
-    from wanjax import conditioning
-    from wanjax.io.dit_loader import load_dit
-
-    dit = load_dit(os.path.join(MINI, "high_noise_model"), dtype=jnp.float32)
-    cfg = dit.cfg
-    f, h, w = 5, 16, 16
-    mask = jnp.asarray(conditioning.i2v_mask(17, h, w))
-    y = conditioning.concat_condition(mask, jnp.zeros((1, f, h, w, 16), jnp.float32)).astype(jnp.float32)
-    x = jax.random.normal(jax.random.key(0), (1, f, h, w, 16), jnp.float32)
-    ctx = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32)
-    captured = []
-
-    def hook(q, k, v):
-        if q.shape[1] == k.shape[1]:  # self-attention (cross-attention attends to the text tokens)
-            jax.debug.callback(lambda *a: captured.append([np.asarray(t) for t in a]), q, k, v)
-        return A.attention(q, k, v, backend="xla")
-
-    with A.attention_hook(hook):
-        out = dit(jnp.concatenate([x, y], -1), jnp.array([900.0]), ctx)
-    jax.block_until_ready(out)
-    jax.effects_barrier()
-    assert len(captured) == cfg.num_layers, len(captured)
+    captured = mini_self_attention_qkv()
     errs = {"unnormalized": [], "normalized": [], "bf16": []}
     for q, k, v in captured:
         q, k, v = (jnp.asarray(t, jnp.bfloat16) for t in (q, k, v))

@@ -6,11 +6,10 @@ import json
 import os
 
 import pytest
+from helpers import MINI, QUICK_CALIB, generate_argv, quantize_argv
 
 from wanjax import cli
 from wanjax.cli import main
-
-MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
 
 class Loaded(BaseException):
@@ -44,7 +43,7 @@ def _err(capsys, argv) -> str:
 
 
 def _gen(image, out, *extra):
-    return ["generate", "--model", MINI, "--image", image, "--prompt", "p", "--out", str(out), *extra]
+    return generate_argv(image, "--out", str(out), *extra)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -187,7 +186,7 @@ def _calib(tmp_path, image, lines=None):
 
 
 def _q(*extra):
-    return ["quantize", "--model", MINI, *extra]
+    return quantize_argv(*extra)
 
 
 def test_quantize_bad_inputs(capsys, tmp_path, image):
@@ -249,20 +248,7 @@ def test_quantize_bad_outputs(capsys, tmp_path, image):
 
 def test_quantize_valid_arguments_reach_the_model(capsys, tmp_path, image):
     with pytest.raises(Loaded):
-        main(
-            _q(
-                "--out",
-                str(tmp_path / "q"),
-                "--calib",
-                _calib(tmp_path, image),
-                "--frames",
-                "5",
-                "--size",
-                "64",
-                "--steps",
-                "8",
-            )
-        )
+        main(_q("--out", str(tmp_path / "q"), "--calib", _calib(tmp_path, image), *QUICK_CALIB))
     assert "5 frames, size 64x64, 8 steps" in capsys.readouterr().out
 
 

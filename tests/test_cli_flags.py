@@ -7,11 +7,10 @@ import json
 import os
 
 import pytest
+from helpers import QUICK_CALIB, generate_argv, quantize_argv
 
 from wanjax import cli
 from wanjax.cli import main
-
-MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
 
 class Stop(BaseException):
@@ -31,22 +30,7 @@ def setup(tmp_path, monkeypatch):
 
 
 def _quantize(tmp_path, *extra):
-    return [
-        "quantize",
-        "--model",
-        MINI,
-        "--calib",
-        str(tmp_path / "calib.jsonl"),
-        "--out",
-        str(tmp_path / "q"),
-        "--frames",
-        "5",
-        "--size",
-        "64",
-        "--steps",
-        "8",
-        *extra,
-    ]
+    return quantize_argv("--calib", str(tmp_path / "calib.jsonl"), "--out", str(tmp_path / "q"), *QUICK_CALIB, *extra)
 
 
 def test_quantize_restart_keeps_the_text_encoder_and_reports_the_work_dir(setup, monkeypatch, capsys):
@@ -118,14 +102,8 @@ def test_generate_quant_mode_and_force_reach_attach_artifact(setup, monkeypatch,
         return {"recipe": {"name": "default"}}
 
     monkeypatch.setattr(art, "attach_artifact", attach)
-    argv = [
-        "generate",
-        "--model",
-        MINI,
-        "--image",
-        str(tmp_path / "img.png"),
-        "--prompt",
-        "p",
+    argv = generate_argv(
+        tmp_path / "img.png",
         "--frames",
         "5",
         "--out",
@@ -135,7 +113,7 @@ def test_generate_quant_mode_and_force_reach_attach_artifact(setup, monkeypatch,
         "--force",
         "--quant-mode",
         mode,
-    ]
+    )
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert seen == {"qdir": str(q), "mode": mode, "force": True}

@@ -9,11 +9,10 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import generate_argv
 
 from wanjax import cli, video_io
 from wanjax.cli import main
-
-MINI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mini")
 
 
 def _video(f=5, h=32, w=48, seed=0):
@@ -96,20 +95,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_open_pipeline", lambda *a, **kw: _FakePipe())
     monkeypatch.setenv("WANJAX_COMPILE_CACHE", "0")
     Image.new("RGB", (32, 32), (10, 200, 10)).save(tmp_path / "img.png")
-    return [
-        "generate",
-        "--model",
-        MINI,
-        "--image",
-        str(tmp_path / "img.png"),
-        "--prompt",
-        "p",
-        "--frames",
-        "5",
-        "--steps",
-        "2",
-        "--no-progress",
-    ]
+    return generate_argv(tmp_path / "img.png", "--frames", "5", "--steps", "2", "--no-progress")
 
 
 def test_generate_writes_a_checked_video_and_pngs(fake, tmp_path, capsys):

@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 from wanjax.config import TINY
-from wanjax.model.dit import WanDiT
 from wanjax.model.layers import Linear
 from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, active_bin, get_submodule, qlinears, quantize_model, set_mode
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 from kernel_inputs import np_rotate_runtime
+from helpers import nvfp4_qlinear, tiny_dit
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
 
@@ -168,18 +168,9 @@ def test_real_mode_hands_the_kernels_the_compute_dtype(dtype, expect, monkeypatc
 
 
 def test_real_mode_refuses_unsupported_formats():
-    cfg = QLinearConfig(64, 32, "nvfp4", 16, "nvfp4", 16)  # mxfp4 runs in real mode (tests/test_qlinear_mxfp4_real.py)
-    qt = formats.quantize_nvfp4(jnp.ones((32, 64))).pack()
+    # nvfp4 weights and activations (mxfp4 runs in real mode: tests/test_qlinear_mxfp4_real.py)
     with pytest.raises(ValueError, match="mode='real' unavailable.*int4 per output channel"):
-        QLinear(
-            cfg,
-            qweight=qt.codes,
-            wscale=qt.scales,
-            wtensor_scale=qt.tensor_scale,
-            act_clip=np.ones(1, np.float32),
-            mode="real",
-            path="x",
-        )
+        nvfp4_qlinear(mode="real", path="x")
 
 
 def test_constructor_errors_name_the_layer():
@@ -225,10 +216,7 @@ def rtn_qlayers(model, nbins=3, mode="fake"):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = WanDiT(TINY, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, TINY.in_dim)), jnp.float32)
-    ctx = jnp.asarray(rng.standard_normal((1, 5, TINY.text_dim)), jnp.float32)
+    model, x, ctx = tiny_dit(TINY, 0)
     return model, quantize_model(model, rtn_qlayers(model)), x, ctx
 
 

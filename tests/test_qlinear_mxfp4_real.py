@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import nvfp4_qlinear
 
 from wanjax.config import TINY
 from wanjax.kernels import dispatch
@@ -123,18 +124,8 @@ def test_dispatch_mxfp4_linear_matches_formats_and_reports_inexact_rows():
 
 
 def test_real_mode_refuses_nvfp4_and_mixed_formats():
-    qt = formats.quantize_nvfp4(jnp.ones((32, 64))).pack()
-    cfg = QLinearConfig(64, 32, "nvfp4", 16, "nvfp4", 16)
     with pytest.raises(ValueError, match="'x': mode='real' unavailable: weights are nvfp4.*int4 per output channel"):
-        QLinear(
-            cfg,
-            qweight=qt.codes,
-            wscale=qt.scales,
-            wtensor_scale=qt.tensor_scale,
-            act_clip=np.ones(1, np.float32),
-            mode="real",
-            path="x",
-        )
+        nvfp4_qlinear(mode="real", path="x")
     mx = formats.quantize_mxfp4(jnp.ones((32, 64))).pack()
     with pytest.raises(ValueError, match="weights are mxfp4 but activations are int4"):
         QLinear(

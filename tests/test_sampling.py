@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_diffusers import official_unipc
 
 from wanjax.sampling import (
     euler_init,
@@ -111,17 +112,7 @@ def test_diffusers_default_sigmas_differ_from_official():
 
 def _diffusers_unipc(steps, shift):
     diffusers = pytest.importorskip("diffusers")
-    d = diffusers.UniPCMultistepScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=shift,
-        solver_order=2,
-        solver_type="bh2",
-        predict_x0=True,
-        lower_order_final=True,
-        final_sigmas_type="zero",
-    )
+    d = official_unipc(diffusers, shift)
     # diffusers shifts the sigmas it is given: pass the official unshifted linspace(0.999, 0, N+1)[:-1].
     d.set_timesteps(sigmas=np.linspace(official_sigma_max(), 0.0, steps + 1)[:-1])
     return d

@@ -14,6 +14,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from helpers_diffusers import perturb_vae_norms  # noqa: E402
 from wanjax.io.errors import CheckpointError  # noqa: E402
 from wanjax.io.vae_loader import (
     detect_layout,
@@ -70,13 +71,7 @@ def _torch_vae(cfg: VAEConfig, seed: int = 0):
         latents_mean=list(cfg.latents_mean),
         latents_std=list(cfg.latents_std),
     ).eval()
-    with torch.no_grad():  # make norms and biases non-trivial
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return ref
+    return perturb_vae_norms(ref)  # make norms and biases non-trivial
 
 
 @pytest.fixture(scope="module")
