@@ -14,6 +14,7 @@ from bench.expert_phases import res_iters
 from bench.layout import ROOT
 from bench.phase_runner import PhaseRecord, brief, error_text, log
 from bench.timing import torch_time
+from wanjax.config import diffusers_model_kwargs
 
 DIFFUSERS_SITE = "/tmp/wanjax_bench_site"
 
@@ -57,25 +58,8 @@ def import_diffusers(wheel_dir: str = os.path.join(ROOT, ".whl"), target: str = 
         return None, f"diffusers still not importable after installing the wheels: {e}"
 
 
-def diffusers_kwargs(cfg) -> dict:
-    """``WanTransformer3DModel`` arguments of a wanjax config (the Wan2.2 I2V expert: no image branch)."""
-    return dict(
-        patch_size=tuple(cfg.patch_size),
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=cfg.eps,
-        image_dim=None,
-        added_kv_proj_dim=None,
-        rope_max_seq_len=cfg.rope_max_seq_len,
-    )
+#: ``WanTransformer3DModel`` arguments of a wanjax config (the Wan2.2 I2V expert: no image branch)
+diffusers_kwargs = diffusers_model_kwargs
 
 
 def build_diffusers_model(diffusers, cfg, device):

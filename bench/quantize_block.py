@@ -52,22 +52,11 @@ def synthetic_inputs(key, k: int, bins: int, rows: int):
 def resolve_recipe(name: str):
     """A named recipe, or ``NAME-svd``: that recipe with every low-rank step (the branch and the smoothing search's
     in-loop branch) computed by the exact SVD instead of the randomized one (the speed / fidelity comparison)."""
-    import dataclasses
-
-    from wanjax.quant.recipes import LowRank, Smooth, get_recipe
+    from wanjax.quant.recipes import exact_lowrank, get_recipe
 
     if not name.endswith("-svd"):
         return get_recipe(name)
-    r = get_recipe(name[: -len("-svd")])
-    ts = tuple(
-        dataclasses.replace(t, method="svd")
-        if isinstance(t, LowRank)
-        else dataclasses.replace(t, lowrank_method="svd")
-        if isinstance(t, Smooth)
-        else t
-        for t in r.transforms
-    )
-    return dataclasses.replace(r, name=name, transforms=ts)
+    return exact_lowrank(get_recipe(name[: -len("-svd")]), name)
 
 
 def time_layer(recipe: str, path: str, k: int, n: int, inputs, seed: int) -> dict:

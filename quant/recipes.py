@@ -50,6 +50,7 @@ __all__ = [
     "Recipe",
     "Rotate",
     "Smooth",
+    "exact_lowrank",
     "get_recipe",
     "layer_input",
     "rotation_block",
@@ -121,6 +122,15 @@ def _path_ranks(ranks, owner: str) -> tuple:
     return tuple(out)
 
 
+def _check_lowrank_fields(obj, method_field: str, ranks_field: str) -> None:
+    """``__post_init__`` of a transform with a low-rank step: its method field must name one of `LOWRANK_METHODS`;
+    its per-path ranks field is validated and stored as tuples (errors name the transform's class)."""
+    owner, method = type(obj).__name__, getattr(obj, method_field)
+    if method not in LOWRANK_METHODS:
+        raise ValueError(f"{owner}: {method_field} must be one of {LOWRANK_METHODS}, got {method!r}")
+    object.__setattr__(obj, ranks_field, _path_ranks(getattr(obj, ranks_field), owner))
+
+
 def rank_for(path: str, rank: int, ranks: tuple) -> int:
     """The rank of layer ``path``: the first ``(regex, rank)`` of ``ranks`` whose regex matches it, else ``rank``."""
     return next((r for pat, r in ranks if re.search(pat, path)), rank)
@@ -145,9 +155,7 @@ class Smooth:
     stage = "weight"
 
     def __post_init__(self):
-        if self.lowrank_method not in LOWRANK_METHODS:
-            raise ValueError(f"Smooth: lowrank_method must be one of {LOWRANK_METHODS}, got {self.lowrank_method!r}")
-        object.__setattr__(self, "search_ranks", _path_ranks(self.search_ranks, "Smooth"))
+        _check_lowrank_fields(self, "lowrank_method", "search_ranks")
 
     def __call__(self, params: dict, ctx: LayerContext) -> dict:
         a = jnp.max(jnp.asarray(ctx.absmax, jnp.float32), axis=0)
@@ -197,9 +205,7 @@ class LowRank:
     stage = "weight"
 
     def __post_init__(self):
-        if self.method not in LOWRANK_METHODS:
-            raise ValueError(f"LowRank: method must be one of {LOWRANK_METHODS}, got {self.method!r}")
-        object.__setattr__(self, "ranks", _path_ranks(self.ranks, "LowRank"))
+        _check_lowrank_fields(self, "method", "ranks")
 
     def __call__(self, params: dict, ctx: LayerContext) -> dict:
         k, n = params["kernel"].shape
@@ -406,6 +412,20 @@ class Recipe:
     def stage(self, name: str) -> tuple:
         """The transforms of stage ``name`` (``"weight"``, ``"quantizer"``, ``"refit"``, ``"table"``)."""
         return tuple(t for t in self.transforms if t.stage == name)
+
+
+def exact_lowrank(r: Recipe, name: str | None = None) -> Recipe:
+    """``r`` with every low-rank step (the :class:`LowRank` branch and the :class:`Smooth` search's in-loop branch)
+    computed by the exact SVD instead of the randomized one; named ``name`` (default: ``r``'s name)."""
+    ts = tuple(
+        dataclasses.replace(t, method="svd")
+        if isinstance(t, LowRank)
+        else dataclasses.replace(t, lowrank_method="svd")
+        if isinstance(t, Smooth)
+        else t
+        for t in r.transforms
+    )
+    return dataclasses.replace(r, name=r.name if name is None else name, transforms=ts)
 
 
 def recipe_to_dict(r: Recipe) -> dict:

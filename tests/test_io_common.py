@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from wanjax.config import WanConfig, diffusers_config_dict, official_config_dict
+from wanjax.config import WanConfig, diffusers_config_dict, diffusers_model_kwargs, official_config_dict
 from wanjax.io.keymap import COMFY_PREFIX, diffusers_to_official
 
 
@@ -29,27 +29,7 @@ def diffusers_model(cfg: WanConfig, seed: int = 0):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    m = (
-        WanTransformer3DModel(
-            patch_size=cfg.patch_size,
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim,
-            out_channels=cfg.out_dim,
-            text_dim=cfg.text_dim,
-            freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim,
-            num_layers=cfg.num_layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=cfg.eps,
-            image_dim=None,
-            added_kv_proj_dim=None,
-            rope_max_seq_len=cfg.rope_max_seq_len,
-        )
-        .float()
-        .eval()
-    )
+    m = WanTransformer3DModel(**diffusers_model_kwargs(cfg)).float().eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in m.named_parameters():

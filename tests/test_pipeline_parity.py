@@ -20,6 +20,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from helpers_diffusers import official_unipc, perturb_vae_norms  # noqa: E402
 from test_io_common import diffusers_model, tiny_cfg  # noqa: E402
 from wanjax import conditioning  # noqa: E402
 from wanjax.pipeline import WanI2VPipeline  # noqa: E402
@@ -92,13 +93,7 @@ def _vae():
         .float()
         .eval()
     )
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return m
+    return perturb_vae_norms(m)
 
 
 def _scheduler():
@@ -108,17 +103,7 @@ def _scheduler():
     sigmas (linspace(1, 1/1000), not the official schedule). We route that call to
     ``set_timesteps(sigmas=linspace(0.999f32, 0, N+1)[:-1])``: diffusers applies ``flow_shift`` to the given sigmas,
     which yields exactly `wanjax.sampling.flow_schedule(N, shift)` (checked below)."""
-    s = diffusers.UniPCMultistepScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=SHIFT,
-        solver_order=2,
-        solver_type="bh2",
-        predict_x0=True,
-        lower_order_final=True,
-        final_sigmas_type="zero",
-    )
+    s = official_unipc(diffusers, SHIFT)
     orig = s.set_timesteps
 
     def set_official(num_inference_steps=None, device=None, **kw):

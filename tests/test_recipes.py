@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import tiny_dit
+
 from wanjax.config import TINY
 from wanjax.model.dit import WanDiT
 from wanjax.quant.apply import active_bin, attach_to_pipeline, get_submodule, qlinears
@@ -21,6 +23,7 @@ from wanjax.quant.recipes import (
     LowRank,
     Recipe,
     Smooth,
+    exact_lowrank,
     get_recipe,
     recipe_from_dict,
     recipe_to_dict,
@@ -58,10 +61,7 @@ class SynthStats:
 
 @pytest.fixture(scope="module")
 def tiny1():
-    model = WanDiT(CFG1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, CFG1.in_dim)), jnp.float32)
-    ctx = jnp.asarray(rng.standard_normal((1, 5, CFG1.text_dim)), jnp.float32)
+    model, x, ctx = tiny_dit(CFG1, 1)
     y_ref = jax.jit(lambda: model(x, jnp.array([950.0]), ctx))()
     return model, x, ctx, y_ref
 
@@ -298,18 +298,7 @@ def test_lowrank_method_choice_and_profile(planted_layer):
         t for t in d.transforms if isinstance(t, (LowRank, Smooth))
     ]
     assert any(isinstance(t, LowRank) and t.method == "randomized" for t in d.transforms)
-    exact = dataclasses.replace(
-        d,
-        name="exact",
-        transforms=tuple(
-            dataclasses.replace(t, method="svd")
-            if isinstance(t, LowRank)
-            else dataclasses.replace(t, lowrank_method="svd")
-            if isinstance(t, Smooth)
-            else t
-            for t in d.transforms
-        ),
-    )
+    exact = exact_lowrank(d, "exact")
     s_exact = quantize_layer(exact, w, None, inp)[2]["sqnr_db"]
     timings = {}
     _, arrays_t, info = quantize_layer(d, w, None, inp, timings=timings)

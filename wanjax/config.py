@@ -161,24 +161,32 @@ def official_config_dict(cfg: WanConfig) -> dict[str, Any]:
     }
 
 
+def diffusers_model_kwargs(cfg: WanConfig) -> dict[str, Any]:
+    """The ``WanTransformer3DModel`` constructor arguments of an expert (the Wan2.2 I2V expert: no image branch)."""
+    return dict(
+        patch_size=tuple(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=cfg.rope_max_seq_len,
+    )
+
+
 def diffusers_config_dict(cfg: WanConfig) -> dict[str, Any]:
-    """The ``config.json`` diffusers writes for ``WanTransformer3DModel``."""
-    return {
+    """The ``config.json`` diffusers writes for ``WanTransformer3DModel`` (its fields in sorted order)."""
+    d = diffusers_model_kwargs(cfg) | {
         "_class_name": "WanTransformer3DModel",
-        "added_kv_proj_dim": None,
-        "attention_head_dim": cfg.head_dim,
-        "cross_attn_norm": True,
-        "eps": cfg.eps,
-        "ffn_dim": cfg.ffn_dim,
-        "freq_dim": cfg.freq_dim,
-        "image_dim": None,
-        "in_channels": cfg.in_dim,
-        "num_attention_heads": cfg.num_heads,
-        "num_layers": cfg.num_layers,
-        "out_channels": cfg.out_dim,
         "patch_size": list(cfg.patch_size),
         "pos_embed_seq_len": None,
-        "qk_norm": "rms_norm_across_heads",
-        "rope_max_seq_len": cfg.rope_max_seq_len,
-        "text_dim": cfg.text_dim,
     }
+    return dict(sorted(d.items()))
