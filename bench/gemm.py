@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import device_facts, rel_err, write_result
+from bench.common import bench_log, device_facts, rel_err, shape_sweep, write_result
 from bench.layout import ensure_package_layout
 from bench.timing import cupti_ms, wall_ms  # CUPTI median, rotated-input wall clock
 
@@ -152,6 +152,13 @@ def path_fns(L: dict, backend: str | None) -> dict:
             )
         )
 
+    def mx(name):  # an MXFP4 linear of dispatch: on FP8-prepared weights or on the packed codes
+        return jax.jit(
+            lambda x, w, s, sm, dn, u, b: getattr(dispatch, name)(
+                x, w, s, smooth=sm, down=dn, up=u, bias=b, backend=backend
+            )
+        )
+
     common = (L["smooth"], L["down"], L["up"], L["bias"])
     gemm = jax.jit(lambda qx, sx, xl, w, s, u, b: dispatch.w4a4_matmul(qx, sx, w, s, xl, u, b, backend=backend))
     nt = (((1,), (1,)), ((), ()))
@@ -171,24 +178,8 @@ def path_fns(L: dict, backend: str | None) -> dict:
         "e2e_w4a4": (lin(), (L["w_packed"], L["s_w"], *common), False),
         "e2e_w4a4_rot": (lin(), (L["w_packed"], L["s_w"], *common, L["signs"]), False),
         "e2e_w4a4_int8w": (lin(), (L["w_int8"], L["s_w"], *common), False),
-        "e2e_mxfp4": (
-            jax.jit(
-                lambda x, w, s, sm, dn, u, b: dispatch.mxfp4_linear_fp8(
-                    x, w, s, smooth=sm, down=dn, up=u, bias=b, backend=backend
-                )
-            ),
-            (L["w8"], L["s8"], *common),
-            False,
-        ),
-        "e2e_mxfp4_codes": (
-            jax.jit(
-                lambda x, c, s, sm, dn, u, b: dispatch.mxfp4_linear(
-                    x, c, s, smooth=sm, down=dn, up=u, bias=b, backend=backend
-                )
-            ),
-            (L["mx_codes"], L["mx_scales"], *common),
-            False,
-        ),
+        "e2e_mxfp4": (mx("mxfp4_linear_fp8"), (L["w8"], L["s8"], *common), False),
+        "e2e_mxfp4_codes": (mx("mxfp4_linear"), (L["mx_codes"], L["mx_scales"], *common), False),
         "e2e_g128": (lin(group_size=128), (L["g_packed"], L["g_scales"], *common), False),
     }
 
@@ -317,16 +308,11 @@ def main(argv=None) -> int:
     if not _on_gpu():
         print("bench.gemm: no GPU; wall-clock smoke run of the XLA paths (times mean nothing)", flush=True)
 
-    def log(msg):
-        print(f"[bench.gemm] {msg}", flush=True)
-
+    log = bench_log("gemm")
     payload = {"device": device_facts(), "settings": vars(a), "rows": []}
-    for m in (int(v) for v in a.ms.split(",")):
-        for shape in a.shapes.split(","):
-            k, n = (int(v) for v in shape.split("x"))
-            log(f"M={m} K={k} N={n}")
-            payload["rows"].append(run_shape(m, k, n, a.iters, log, paths))
-            write_result(a.name, payload, out_dirs=(a.results_dir,))
+    for m, k, n in shape_sweep(a.ms, a.shapes, log):
+        payload["rows"].append(run_shape(m, k, n, a.iters, log, paths))
+        write_result(a.name, payload, out_dirs=(a.results_dir,))
     print(table(payload))
     bad = {f"M={r['M']} {r['K']}x{r['N']}": r["errors"] for r in payload["rows"] if r["errors"]}
     if bad:

@@ -18,6 +18,16 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, title: str, path: str) -> str:
+    """Title ``ax``, lay ``fig`` out and save it at ``path`` (110 dpi; its folder is created), then close it."""
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def sqnr_heatmap(sqnr: dict[str, np.ndarray], bin_names, title: str, path: str) -> str:
     """Heat map of layer SQNR (dB): rows ``path[block]`` (``sqnr = {path: [L, B]}``), columns the bins.
 
@@ -39,12 +49,7 @@ def sqnr_heatmap(sqnr: dict[str, np.ndarray], bin_names, title: str, path: str) 
             for j in range(m.shape[1]):
                 ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=5, color="w")
     fig.colorbar(im, ax=ax, label="SQNR (dB)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def activation_range_plot(ranges: dict[str, dict], title: str, path: str) -> str:
@@ -61,9 +66,4 @@ def activation_range_plot(ranges: dict[str, dict], title: str, path: str) -> str
     ax.set_yscale("log")
     ax.invert_xaxis()
     ax.legend(fontsize=6, ncol=2)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)

@@ -88,28 +88,32 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-class _StorageType:
-    """Stand-in for a torch storage class: carries the element dtype; not callable (pickle cannot build one)."""
+class _TorchName:
+    """Stand-in for a torch object named ``torch.<name>`` that carries an element dtype (looked up in the subclass's
+    ``_DTYPES``); not callable (pickle cannot build one)."""
 
     __slots__ = ("name", "dtype")
+    _DTYPES: dict[str, Any] = {}
 
     def __init__(self, name: str):
-        self.name, self.dtype = name, np.dtype(STORAGE_DTYPES[name])
+        self.name, self.dtype = name, np.dtype(self._DTYPES[name])
 
     def __repr__(self):
         return f"torch.{self.name}"
 
 
-class _DType:
-    """Stand-in for a torch dtype (an argument of _rebuild_tensor_v3); not callable."""
+class _StorageType(_TorchName):
+    """Stand-in for a torch storage class: carries the element dtype."""
 
-    __slots__ = ("name", "dtype")
+    __slots__ = ()
+    _DTYPES = STORAGE_DTYPES
 
-    def __init__(self, name: str):
-        self.name, self.dtype = name, np.dtype(TORCH_DTYPES[name])
 
-    def __repr__(self):
-        return f"torch.{self.name}"
+class _DType(_TorchName):
+    """Stand-in for a torch dtype (an argument of _rebuild_tensor_v3)."""
+
+    __slots__ = ()
+    _DTYPES = TORCH_DTYPES
 
 
 class _Storage:
