@@ -11,7 +11,7 @@ from flax import nnx
 from wanjax.config import WanConfig
 from wanjax.io.t5_loader import load_t5_encoder
 from wanjax.io.vae_loader import load_vae, read_official_pth
-from wanjax.model.t5 import T5Config
+from wanjax.model.t5 import small_t5_config
 from wanjax.model.vae import VAEConfig, init_vae
 from wanjax.train import dit as D
 from wanjax.train import text as T
@@ -20,16 +20,7 @@ from wanjax.pipeline import WanI2VPipeline
 from wanjax.train.export_components import save_t5_pth, save_vae_pth, vae_config_from_official_state
 
 TINY_VAE = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
-TINY_T5 = T5Config(
-    vocab_size=64,
-    dim=32,
-    dim_attn=32,
-    dim_ffn=48,
-    num_heads=2,
-    num_layers=2,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-)
+TINY_T5 = small_t5_config(vocab_size=64, dim=32, dim_ffn=48, num_heads=2, num_layers=2)
 TINY_DIT = WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32)
 
 

@@ -80,23 +80,27 @@ class T5Config:
         return self.vocab_size * self.dim + self.num_layers * per_layer + self.dim
 
 
+def small_t5_config(vocab_size: int, dim: int, dim_ffn: int, num_heads: int, num_layers: int, **kw) -> T5Config:
+    """A small fp32 UMT5 config (tests, the mini and tiny models): ``dim_attn == dim``, fp32 activations and weights;
+    ``kw``: the other fields (default: the umT5 values, ``num_buckets`` 32, ``max_distance`` 128, ``eps`` 1e-6)."""
+    return T5Config(
+        vocab_size=vocab_size,
+        dim=dim,
+        dim_attn=dim,
+        dim_ffn=dim_ffn,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        **kw,
+    )
+
+
 # umT5-XXL encoder as used by Wan2.1/2.2 (``models_t5_umt5-xxl-enc-bf16.pth``).
 UMT5_XXL = T5Config()
 
 # Small fp32 config for tests.
-TINY_T5 = T5Config(
-    vocab_size=300,
-    dim=64,
-    dim_attn=64,
-    dim_ffn=96,
-    num_heads=4,
-    num_layers=2,
-    num_buckets=32,
-    max_distance=128,
-    text_len=32,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-)
+TINY_T5 = small_t5_config(vocab_size=300, dim=64, dim_ffn=96, num_heads=4, num_layers=2, text_len=32)
 
 
 def relative_position_buckets(

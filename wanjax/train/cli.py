@@ -33,7 +33,7 @@ from flax import nnx
 
 from wanjax.config import WanConfig
 from wanjax.data import procedural
-from wanjax.model.t5 import T5Config
+from wanjax.model.t5 import T5Config, small_t5_config
 from wanjax.model.vae import VAEConfig, encode_video
 from wanjax.train import dit as D
 from wanjax.train import text as T
@@ -79,17 +79,7 @@ PRESETS = {
     "tiny": Preset(
         VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1),
         WanConfig(dim=32, ffn_dim=64, num_heads=1, num_layers=1, text_dim=32, text_len=16, freq_dim=32),
-        T5Config(
-            vocab_size=64,
-            dim=32,
-            dim_attn=32,
-            dim_ffn=64,
-            num_heads=2,
-            num_layers=1,
-            text_len=16,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-        ),
+        small_t5_config(vocab_size=64, dim=32, dim_ffn=64, num_heads=2, num_layers=1, text_len=16),
         32,
         5,
         5,

@@ -16,19 +16,17 @@ from __future__ import annotations
 import json
 import os
 
-import jax.numpy as jnp
 from flax import nnx
 
 from wanjax.data.procedural import vocabulary
-from wanjax.model.t5 import T5Config, UMT5Encoder
+from wanjax.model.t5 import T5Config, UMT5Encoder, small_t5_config
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 
 #: The mini UMT5 (vocab rounded up to a multiple of 8; max_distance/eps are the umT5 values the loader assumes).
-MINI_T5 = T5Config(
+MINI_T5 = small_t5_config(
     vocab_size=64,
     dim=256,
-    dim_attn=256,
     dim_ffn=512,
     num_heads=4,
     num_layers=2,
@@ -36,8 +34,6 @@ MINI_T5 = T5Config(
     max_distance=128,
     eps=1e-6,
     text_len=32,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
 )
 T5_SEED = 1234
 
