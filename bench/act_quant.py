@@ -28,7 +28,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bench.common import device_facts, write_result
+from bench.common import bench_log, device_facts, no_gpu, shape_sweep, write_result
 
 # (block rows, chunk, warps, stages, pass 2 reversed); the earlier sweeps (block / chunk / warps / stages / L2 hints)
 # are in bench/results/act_quant_sweep{1,2}.json
@@ -85,6 +85,13 @@ def _tag(bm, ck, warps, stages, rev, progs, fast):
     )
 
 
+def _record_error(res, log, key, e, label=None):
+    """``e`` (its type and first 1500 characters) as ``res["errors"][key]``, logged (300 characters) under ``label``
+    (default: ``key``)."""
+    res["errors"][key] = f"{type(e).__name__}: {str(e)[:1500]}"
+    log(f"  {label or key}: ERROR {res['errors'][key][:300]}")
+
+
 def run_mxfp4(inp, res, rec, log, sweep, e2e):
     """MXFP4: the XLA ``act_to_fp8`` against the Triton ``act_to_fp8_pallas`` (checks, then times), and the MXFP4
     linear end to end on weights prepared once, with each activation side."""
@@ -120,8 +127,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
             }
             log(f"  check {name}: {res['checks'][name]}")
         except Exception as e:
-            res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
-            log(f"  check {name}: ERROR {res['errors'][f'check_{name}'][:300]}")
+            _record_error(res, log, f"check_{name}", e, f"check {name}")
             continue
         rec(name, fn, x, smooth, dn)
     if not e2e:
@@ -146,8 +152,7 @@ def run_mxfp4(inp, res, rec, log, sweep, e2e):
             with _options(mxfp4_act_gpu, "OPTIONS", opts):
                 y[name] = f(*args)
         except Exception as e:
-            res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
-            log(f"  {name}: ERROR {res['errors'][name][:300]}")
+            _record_error(res, log, name, e)
             continue
         rec(name, f, *args)
     for name in y:
@@ -294,8 +299,7 @@ def run_shape(
             res["times_ms"][name] = cupti_ms(fn, *args)
             log(f"  {name:28s} {res['times_ms'][name]:8.3f} ms")
         except Exception as e:  # report and go on
-            res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
-            log(f"  {name}: ERROR {res['errors'][name][:300]}")
+            _record_error(res, log, name, e)
 
     bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
     rec("xla_bf16", bf16, x, inp["w_bf16_kn"])
@@ -341,8 +345,7 @@ def run_shape(
             res["checks"][name] = aq_check((q, s, lr), (qr, sr, lrr))
             log(f"  check {name}: {res['checks'][name]}")
         except Exception as e:
-            res["errors"][f"check_{name}"] = f"{type(e).__name__}: {str(e)[:1500]}"
-            log(f"  check {name}: ERROR {res['errors'][f'check_{name}'][:300]}")
+            _record_error(res, log, f"check_{name}", e, f"check {name}")
             continue
         rec(name, fn, x, smooth, down)
 
@@ -415,27 +418,18 @@ def main(argv=None):
         "and rotating (blocks of 256)",
     )
     a = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("bench.act_quant: no GPU; nothing to time (the kernels are tested in the interpreter by the test suite)")
+    if no_gpu("act_quant", "nothing to time (the kernels are tested in the interpreter by the test suite)"):
         return 0
     from bench.layout import ensure_package_layout
 
     ensure_package_layout()
-
-    def log(msg):
-        print(f"[bench.act_quant] {msg}", flush=True)
-
+    log = bench_log("act_quant")
     rows = []
-    for m in (int(v) for v in a.ms.split(",")):
-        for shape in a.shapes.split(","):
-            k, n = (int(v) for v in shape.split("x"))
-            log(f"M={m} K={k} N={n}")
-            rows.append(
-                run_shape(
-                    m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(",")), a.rotate, a.small_m
-                )
-            )
-            write_result(a.name, {"device": device_facts(), "rows": rows})
+    for m, k, n in shape_sweep(a.ms, a.shapes, log):
+        rows.append(
+            run_shape(m, k, n, a.sweep, log, a.mxfp4, not a.no_e2e, tuple(a.e2e_impls.split(",")), a.rotate, a.small_m)
+        )
+        write_result(a.name, {"device": device_facts(), "rows": rows})
     print(
         "\n| M | K | N | bf16 | aq xla | aq pallas | aq fused | GB/s fused | e2e xla | e2e pallas | e2e fused | "
         "e2e fused, int8 w |"

@@ -63,3 +63,31 @@ def write_result(name: str, payload: dict, out_dirs=("bench/results",)) -> None:
         dirs.append(os.environ["OUT"])
     for d in dirs:
         write_json_atomic(os.path.join(d, f"{name}.json"), payload, indent=2)
+
+
+def no_gpu(name: str, note: str = "nothing to time") -> bool:
+    """True, after printing ``bench.<name>: no GPU; <note>``, where jax has no GPU backend (the GPU-only benchmarks
+    stop there)."""
+    if jax.default_backend() != "gpu":
+        print(f"bench.{name}: no GPU; {note}")
+        return True
+    return False
+
+
+def bench_log(name: str):
+    """A progress logger: prints ``[bench.<name>] msg`` and flushes."""
+
+    def log(msg):
+        print(f"[bench.{name}] {msg}", flush=True)
+
+    return log
+
+
+def shape_sweep(ms: str, shapes: str, log):
+    """The ``(M, K, N)`` of a sweep over ``ms`` (``"M1,M2"``) and ``shapes`` (``"KxN,..."``), each logged as it
+    starts."""
+    for m in (int(v) for v in ms.split(",")):
+        for shape in shapes.split(","):
+            k, n = (int(v) for v in shape.split("x"))
+            log(f"M={m} K={k} N={n}")
+            yield m, k, n

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import device_facts, write_result
+from bench.common import bench_log, device_facts, no_gpu, shape_sweep, write_result
 from bench.layout import ensure_package_layout
 from bench.timing import time_fn
 from wanjax.metrics import relative_l2
@@ -123,20 +123,11 @@ def main(argv=None):
     ap.add_argument("--shapes", default="5120x5120,5120x13824")
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("bench.mxfp4: no GPU; nothing to time (the kernel path is tested in the interpreter by the test suite)")
+    if no_gpu("mxfp4", "nothing to time (the kernel path is tested in the interpreter by the test suite)"):
         return 0
     _layout()
-
-    def log(msg):
-        print(f"[bench.mxfp4] {msg}", flush=True)
-
-    rows = []
-    for m in (int(v) for v in a.ms.split(",")):
-        for shape in a.shapes.split(","):
-            k, n = (int(v) for v in shape.split("x"))
-            log(f"M={m} K={k} N={n}")
-            rows.append(run_shape(m, k, n, a.iters, log))
+    log = bench_log("mxfp4")
+    rows = [run_shape(m, k, n, a.iters, log) for m, k, n in shape_sweep(a.ms, a.shapes, log)]
     write_result("kernels_mxfp4", {"device": device_facts(), "rows": rows})
     print(
         "\n| M | K | N | bf16 ms | xla ms | pallas ms | pallas/bf16 speed | pallas rel-L2 | xla rel-L2 | inexact rows |"

@@ -92,8 +92,9 @@ def main(argv=None) -> int:
         "(lowrank_mode='chunk') and with 16-wide epilogue chunks in 2 buffers (what rank 64 gets)",
     )
     args = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("bench.rank: no GPU; nothing to time")
+    from bench.common import no_gpu
+
+    if no_gpu("rank"):
         return 0
     from bench.layout import ensure_package_layout
 

@@ -21,9 +21,10 @@ calls its function (``wanjax.quant.calibrate(pipe, ...)`` is ``wanjax.quant.cali
 both ``from wanjax.quant import calibrate`` and ``import wanjax.quant.calibrate as qc`` work.
 """
 
-import importlib
 import sys
 import types
+
+from wanjax._lazy import lazy_getattr
 
 #: public name -> (submodule, attribute)
 _LAZY = {
@@ -73,12 +74,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        sub, attr = _LAZY[name]
-        mod = importlib.import_module(f"{__name__}.{sub}")
-        return mod if name in _CALLABLE_SUBMODULES else getattr(mod, attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, prefix=f"{__name__}.", whole_modules=_CALLABLE_SUBMODULES)
 
 
 def __dir__():

@@ -35,6 +35,12 @@ def _load(path, **kw):
     return load_dit(path, jnp.float32, config=kw.pop("config", CFG), **kw)
 
 
+def _refused(tmp_path, tensors, match):
+    """Loading a checkpoint of ``tensors`` raises `CheckpointError` matching ``match``."""
+    with pytest.raises(CheckpointError, match=match):
+        _load(_write(tmp_path, tensors))
+
+
 def test_good_file_loads(tmp_path):
     dit = _load(_write(tmp_path, _tensors()))
     assert dit.blocks.modulation[...].shape == (1, 1, 6, CFG.dim)
@@ -54,8 +60,7 @@ def test_truncated_file(tmp_path, cut):
 def test_missing_key(tmp_path):
     t = _tensors(layout="diffusers")
     del t["blocks.0.attn2.to_v.bias"]
-    with pytest.raises(CheckpointError, match=r"1 expected key\(s\) missing: 'blocks.0.attn2.to_v.bias'"):
-        _load(_write(tmp_path, t))
+    _refused(tmp_path, t, r"1 expected key\(s\) missing: 'blocks.0.attn2.to_v.bias'")
 
 
 def test_extra_key_and_ignore_unknown(tmp_path):
@@ -85,23 +90,17 @@ def test_wrong_shape(tmp_path):
 def test_wrong_shape_names_official_key_for_diffusers(tmp_path):
     t = _tensors(layout="diffusers")
     t["blocks.0.norm2.weight"] = np.ones((CFG.dim + 1,), np.float32)
-    with pytest.raises(
-        CheckpointError,
-        match=r"'blocks.0.norm2.weight' \(official 'blocks.0.norm3.weight'\): "
-        r"expected shape \(32,\), got \(33,\)",
-    ):
-        _load(_write(tmp_path, t))
+    _refused(
+        tmp_path,
+        t,
+        r"'blocks.0.norm2.weight' \(official 'blocks.0.norm3.weight'\): expected shape \(32,\), got \(33,\)",
+    )
 
 
 def test_wrong_dtype(tmp_path):
     t = _tensors()
     t["head.modulation"] = t["head.modulation"].astype(np.int32)
-    with pytest.raises(
-        CheckpointError,
-        match=r"key 'head.modulation': expected a float dtype \(F32/BF16/F16\), "
-        r"got I32",
-    ):
-        _load(_write(tmp_path, t))
+    _refused(tmp_path, t, r"key 'head.modulation': expected a float dtype \(F32/BF16/F16\), got I32")
 
 
 def test_several_problems_reported_together(tmp_path):

@@ -13,6 +13,7 @@ Public API (stable):
 * `WanDiT`, `WanConfig` and the presets `I2V_A14B`, `TINY`; `config_from_json`.
 """
 
+from wanjax._lazy import lazy_getattr
 from wanjax.config import I2V_A14B, TINY, WanConfig, config_from_json
 
 __version__ = "0.1.0"
@@ -29,13 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'wanjax' has no attribute {name!r}")
+__getattr__ = lazy_getattr("wanjax", _LAZY)
 
 
 __all__ = ["WanConfig", "I2V_A14B", "TINY", "config_from_json", "__version__", *_LAZY]
