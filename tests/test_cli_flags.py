@@ -78,7 +78,7 @@ class _Pipe:
     def prepare_condition(self, image, num_frames, max_area):
         return self.jnp.zeros((1, (num_frames - 1) // 4 + 1, 2, 2, 20)), (16, 16)
 
-    def denoise(self, y, context, gen, progress=True):
+    def denoise(self, y, context, gen, progress=True, cache=None):
         return self.jnp.zeros(y.shape[:-1] + (16,)), []
 
     def decode(self, latents):

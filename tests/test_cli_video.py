@@ -80,7 +80,7 @@ class _FakePipe:
     def prepare_condition(self, image, num_frames, max_area):
         return jnp.zeros((1, (num_frames - 1) // 4 + 1, 2, 2, 20)), (32, 32)
 
-    def denoise(self, y, context, gen, progress=True):
+    def denoise(self, y, context, gen, progress=True, cache=None):
         return jnp.zeros(y.shape[:-1] + (16,)), ["high"] * gen.steps
 
     def decode(self, latents):
