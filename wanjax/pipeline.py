@@ -38,7 +38,7 @@ from wanjax.kernels.attention8 import attention8
 from wanjax.model.attention import register_attention_backend
 from wanjax.model.dit import WanDiT
 from wanjax.nonfinite import NonFiniteError, all_finite, check_finite_params, locate_nonfinite  # noqa: F401
-from wanjax.sampling import flow_schedule, sample
+from wanjax.sampling import sample
 from wanjax.sampling.guidance import guided_velocity
 from wanjax.video_io import to_uint8
 
@@ -388,7 +388,7 @@ class WanI2VPipeline:
         (the residual of the expert's last computed step reused); its ``computed`` / ``skipped`` count the forwards.
         Not combinable with ``velocity_fn``.
         """
-        sched = flow_schedule(gen.steps, shift=gen.shift)
+        sched = gen.sigma_schedule(self.cfg.num_train_timesteps)
         shape = y.shape[:-1] + (self.cfg.out_dim,)
         x = (
             jax.random.normal(jax.random.key(gen.seed), shape, jnp.float32)
@@ -621,7 +621,7 @@ class WanI2VPipeline:
                 video = self.decode(latents)
             frames = _format_frames(np.asarray(video), output_type)
             times["vae_decode"] = time.perf_counter() - t0
-        sched = flow_schedule(gen.steps, shift=gen.shift)
+        sched = gen.sigma_schedule(self.cfg.num_train_timesteps)
         return I2VOutput(
             frames=frames,
             latents=np.asarray(latents),
