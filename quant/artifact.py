@@ -51,7 +51,7 @@ from flax import nnx
 
 from wanjax.io.atomic import check_not_overlapping, publish_dir
 from wanjax.quant.apply import qlinears, quantize_model
-from wanjax.quant.qlinear import QLinear, QLinearConfig
+from wanjax.quant.qlinear import STORED_FIELDS, QLinear, QLinearConfig
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -69,19 +69,7 @@ __all__ = [
 ARTIFACT_FORMAT = "wanjax.quant_artifact/1"
 _MANIFEST = "manifest.json"
 _RAW_BITS = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
-_QFIELDS = (
-    "qweight",
-    "wscale",
-    "wtensor_scale",
-    "smooth",
-    "rot_signs",
-    "down",
-    "up",
-    "bias",
-    "act_clip",
-    "act_exp_offset",
-    "act_scale",
-)
+_QFIELDS = STORED_FIELDS
 
 
 class ArtifactError(ValueError):

@@ -250,6 +250,22 @@ def _check_kernel_weights(c: QLinearConfig, path: str, kweight, kscale) -> None:
     _check_shape(path, "kscale", kscale, (c.out_features,))
 
 
+#: The arrays of a QLinear that artifacts store (the derived kernel-ready ``kweight`` / ``kscale`` are not).
+STORED_FIELDS = (
+    "qweight",
+    "wscale",
+    "wtensor_scale",
+    "smooth",
+    "rot_signs",
+    "down",
+    "up",
+    "bias",
+    "act_clip",
+    "act_exp_offset",
+    "act_scale",
+)
+
+
 class QLinear(nnx.Module):
     """Quantized linear layer; see the module docstring for the variables and the forward.
 
@@ -343,21 +359,7 @@ class QLinear(nnx.Module):
 
     def arrays(self) -> dict:
         """The layer's arrays by name (None where absent), e.g. for :func:`qlinear_apply`."""
-        names = (
-            "qweight",
-            "wscale",
-            "wtensor_scale",
-            "smooth",
-            "rot_signs",
-            "down",
-            "up",
-            "bias",
-            "act_clip",
-            "act_exp_offset",
-            "act_scale",
-            "kweight",
-            "kscale",
-        )
+        names = (*STORED_FIELDS, "kweight", "kscale")  # + the kernel-ready weights derived at attach time
         out = {n: (None if getattr(self, n) is None else getattr(self, n)[...]) for n in names}
         if getattr(self, "lora_down", None) is not None:  # only when a LoRA is set: artifacts never see these
             out.update(lora_down=self.lora_down[...], lora_up=self.lora_up[...], lora_scale=self.lora_scale[...])
