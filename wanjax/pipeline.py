@@ -423,7 +423,9 @@ class WanI2VPipeline:
             if cache is not None:
                 args = (params, x, y, context, jnp.float32(t), jnp.float32(guide))
                 return cache.step(i, name, lambda: compute(*args), lambda r: skip(*args, r), lambda: indicator(*args))
-            return self._velocity(params, x, y, context, jnp.float32(t), jnp.float32(guide))
+            # guidance exactly 1 (CFG off, e.g. the Lightning preset): the conditional forward alone, batch 1
+            ctx = context[:1] if guide == 1.0 else context
+            return self._velocity(params, x, y, ctx, jnp.float32(t), jnp.float32(guide))
 
         def callback(i, t, x):
             if not all_finite(x):  # the one sync per step (the bar needed it anyway)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["cfg_batch", "cfg_combine", "guided_velocity"]
+__all__ = ["cfg_batch", "cfg_combine", "cond_inputs", "guided_velocity"]
 
 
 def cfg_batch(x, y, ctx, t):
@@ -31,6 +31,14 @@ def cfg_batch(x, y, ctx, t):
         jnp.full((2 * b,), t, jnp.float32),
         jnp.repeat(ctx, b, axis=0) if b > 1 else ctx,
     )
+
+
+def cond_inputs(x, y, ctx, t):
+    """The model inputs of one unguided (conditional-only) step, batch B: ``(inputs [B, F, H, W, C_x + C_y],
+    timesteps [B] f32, context [B, L, D])``; ``ctx``: [1, L, D] (the positive prompt alone)."""
+    inp = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+    b = x.shape[0]
+    return inp, jnp.full((b,), t, jnp.float32), jnp.repeat(ctx, b, axis=0) if b > 1 else ctx
 
 
 def cfg_combine(v, guide):
@@ -48,13 +56,20 @@ def guided_velocity(graphdef, params, x, y, ctx, t, guide, constrain: Callable |
         block linears were replaced by quantized ones); ``params`` is an argument so that one compilation serves
         both experts.
       x: latent [B, F, H, W, C]; y: image condition [B, F, H, W, C_y]; ctx: text contexts [2, L, D] = (cond,
-        uncond); t: timestep (scalar, may be traced); guide: guidance scale (may be traced).
+        uncond), or [1, L, D] = (cond,) for a step without guidance (guidance 1: the conditional forward alone,
+        half the work; the pipeline passes it so whenever an expert's guidance scale is exactly 1, as in the
+        Lightning preset); t: timestep (scalar, may be traced); guide: guidance scale (may be traced).
       constrain: mesh runs: applied to each batched model input (e.g. to split (cond, uncond) over "data").
 
     Returns the guided velocity [B, F, H, W, C_out]. The signature is the ``velocity_fn`` hook of
     `wanjax.sampling.sample` callers and of ``WanI2VPipeline.replace_experts``.
     """
     model = nnx.merge(graphdef, params)
+    if ctx.shape[0] == 1:  # CFG off: the conditional forward alone, batch B (``guide`` is not used)
+        args = cond_inputs(x, y, ctx, t)
+        if constrain is not None:
+            args = tuple(constrain(a) for a in args)
+        return model(*args)
     args = cfg_batch(x, y, ctx, t)
     if constrain is not None:
         args = tuple(constrain(a) for a in args)
