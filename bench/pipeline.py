@@ -57,7 +57,7 @@ from bench.diffusers_phase import phase_diffusers
 from bench.dit_step import RES
 from bench.expert_phases import phase_bf16, phase_w4a4
 from bench.layout import ROOT, ensure_package_layout
-from bench import phase_runner
+from bench import phase_runner, pipeline_variants
 from bench.phase_runner import log
 from bench.pipeline_phase import PIPELINE_PHASES, phase_pipeline, phase_pipeline_bf16
 from bench.pipeline_report import summarize, table
@@ -127,6 +127,7 @@ def parse_args(argv=None):
         help="time budget of each pipeline phase (default: its share of --budget-s); the denoise loop "
         "stops cleanly before a step that would not fit and extrapolates the rest",
     )
+    pipeline_variants.add_args(ap)
     ap.add_argument("--budget-s", type=float, default=500.0, help="wall-time budget of the whole run")
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--name", default=None, help="result name (default pipeline_<res>)")
@@ -145,6 +146,12 @@ def parse_args(argv=None):
     args.pipeline_experts = experts
     if args.pipeline_steps < 1:
         ap.error("--pipeline-steps must be >= 1")
+    if args.pipeline_lora_rank < 0:
+        ap.error("--pipeline-lora-rank must be >= 0")
+    try:
+        pipeline_variants.cache_specs(args.pipeline_cache)
+    except ValueError:
+        ap.error(f"--pipeline-cache: {args.pipeline_cache!r}; expected a comma list of THRESHOLD[:MAX_SKIPS]")
     if args.quick:
         args.iters, args.iters_720p, args.skip_artifact, args.skip_t5 = 2, 1, True, True
     return args

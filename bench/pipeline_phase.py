@@ -41,6 +41,7 @@ from bench.dit_step import RES, get_config, memory_analysis
 from bench.phase_runner import PhaseRecord, brief, error_text, log
 from bench.random_weights import fill_random, random_array, random_bf16_expert
 from bench.w4a4_expert import build_w4a4_expert, default_bins
+from bench import pipeline_variants
 
 #: the device memory the pipeline should fit in (its peak is compared with it)
 MEMORY_TARGET_BYTES = 24e9
@@ -243,9 +244,8 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     from flax import nnx
 
     from wanjax.model.vae import init_vae
-    from wanjax.pipeline import GenerationConfig, WanI2VPipeline
+    from wanjax.pipeline import WanI2VPipeline
     from wanjax.quant.apply import attach_to_pipeline
-    from wanjax.sampling import flow_schedule
 
     t_phase = time.perf_counter()
     deadline = _deadline(args, t_phase)
@@ -328,6 +328,14 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     pipe = stage("experts", make_experts)
     if pipe is None:
         return rec
+    lora_rank = getattr(args, "pipeline_lora_rank", 0)
+    if lora_rank and experts == "w4a4":
+        st["lora"] = {}
+        stage("lora", lambda: st["lora"].update(pipeline_variants.apply_random_loras(pipe, cfg, lora_rank, 7, workdir)))
+    elif lora_rank:
+        rec["lora_note"] = (
+            "BF16 experts: a LoRA is merged into the weights (no change to the forward's cost); not applied here"
+        )
     image = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
     max_area = height * width + height + width  # the official size rule floors 480x832 at "480p" to 464x832
 
@@ -344,8 +352,9 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         y = stage("vae_encode", vae_encode)
         if y is None:
             return rec
-    gen = GenerationConfig(num_frames=frames, steps=args.pipeline_steps)
-    planned = [pipe.expert_for(int(t), gen.boundary) for t in flow_schedule(gen.steps, shift=gen.shift).timesteps]
+    gen = pipeline_variants.generation_config(args, frames)
+    rec.update(preset=getattr(args, "pipeline_preset", "official"), lora_rank=lora_rank, gen=gen.describe())
+    planned = [pipe.expert_for(int(t), gen.boundary) for t in gen.sigma_schedule(cfg.num_train_timesteps).timesteps]
     steps, swaps, last = [], [], {}
     den = st["denoise"] = {
         "steps": steps,
@@ -371,6 +380,8 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         return deadline is None or time.perf_counter() + est + reserve <= deadline, est
 
     def timed_step(name, params, x, yy, c, t, guide, in_loop: bool):
+        if float(guide) == 1.0:  # CFG off: the conditional forward alone, as WanI2VPipeline.denoise runs it
+            c = c[:1]
         t0 = time.perf_counter()
         v = jax.block_until_ready(pipe._velocity(params, x, yy, c, t, guide))
         steps.append(
@@ -420,7 +431,8 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
                 den.setdefault("extra_warm_steps_skipped", []).append(name)
                 continue
             t = next((s["t"] for s in steps if s["expert"] == name), 999.0 if name == "high" else 500.0)
-            timed_step(name, pipe.expert_params(name), lat, y, ctx, jnp.float32(t), jnp.float32(3.5), False)
+            g = gen.guide_scale[1] if name == "high" else gen.guide_scale[0]
+            timed_step(name, pipe.expert_params(name), lat, y, ctx, jnp.float32(t), jnp.float32(g), False)
         den["extra_warm_steps"] = [s for s in steps if not s["in_loop"]]
         den["per_expert"] = per_expert(steps)
         if den["stopped_early"]:
@@ -442,6 +454,18 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         return lat
 
     lat = stage("denoise", denoise)
+    specs = pipeline_variants.cache_specs(getattr(args, "pipeline_cache", ""))
+    if lat is not None and specs:
+
+        def cached():
+            def fits_s(s):
+                return deadline is None or time.perf_counter() + s + reserve <= deadline
+
+            rec["cache_runs"] = pipeline_variants.run_cached(
+                pipe, y, ctx, gen, specs, args.pipeline_cache_calibration, rec, fits_s, log
+            )
+
+        stage("cache_runs", cached)
     if lat is not None and not args.skip_vae:
 
         def vae_decode():
@@ -458,6 +482,10 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
     rec["peak_bytes"] = max(peaks) if peaks else None
     rec["meets_target"] = None if rec["peak_bytes"] is None else rec["peak_bytes"] <= MEMORY_TARGET_BYTES
     rec["generation"] = generation_time(rec)
+    fixed = [rec["generation"]["parts_s"].get(k) for k in ("t5", "vae_encode", "vae_decode")]
+    for run in rec.get("cache_runs") or []:
+        if "loop_s" in run and None not in fixed:
+            run["generation_s"] = sum(fixed) + run["loop_s"]
     rec["phase_s"] = time.perf_counter() - t_phase
     log(f"{phase} ({label} experts, {rec.get('placement')}): generation", rec["generation"])
     rec.save()
@@ -567,6 +595,20 @@ def pipeline_tables(results: dict) -> list[str]:
             f"{s['meets_24GB']}); one guided step ({s['cfg_mode']}, warm): {_f(s['step_warm_s'], '.3f')} s"
         )
         rows.append((label, s))
+        runs = p.get("cache_runs") or []
+        if runs:
+            lines += [
+                "",
+                f"| step cache ({label} experts) | threshold | cap | forwards computed | loop s | generation s |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in runs:
+                done = f"{r.get('computed')} / {r.get('computed', 0) + r.get('skipped_forwards', 0)}"
+                lines.append(
+                    f"| {r.get('skipped') or 'ran'} | {r['threshold']} | {r['max_skips']} | "
+                    f"{done if 'loop_s' in r else r.get('planned_computed')} | {_f(r.get('loop_s'))} | "
+                    f"{_f(r.get('generation_s'))} |"
+                )
     if rows:
         lines += [
             "",
