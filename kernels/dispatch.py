@@ -108,6 +108,9 @@ def _gpu_gemm(be: str, n: int, k: int, r: int) -> bool:
     return be == "pallas" and _platform() == "gpu" and pallas_supports(n, k) and not r % 16
 
 
+#: every integer up to this magnitude is exact in float8_e4m3fn (3 mantissa bits and the implicit 1)
+FP8_EXACT_INT = 16
+
 # Below this many tokens the per-call XLA unpack of packed weights costs more than the in-register int4 unpack;
 # above it the unpack + int8-operand kernel is faster end to end (docs/BENCHMARKS.md, "Numbers formerly in
 # docstrings").
@@ -142,11 +145,15 @@ def w4a4_matmul(
     out_dtype=jnp.bfloat16,
     backend: str | None = None,
     group_size: int | None = None,
+    a_qmax: int = reference.INT4_QMAX,
 ):
     """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], s_w [N], weights ``w_packed`` either packed
     uint8 [N, K/2] or already unpacked int8 [N, K] (int4 values; twice the memory, no per-call unpack).
 
     Optional low-rank branch x_lr [M, r] / up [r, N] and bias [N]. Returns [M, N] ``out_dtype``.
+
+    ``a_qmax``: the activation codes' range (7: INT4, 127: INT8 for W4A8; the GEMMs are integer GEMMs on int8
+    operands either way, except TPU7x's FP8 MXU, which holds integers exactly only up to 16).
 
     ``group_size`` (e.g. 128): group-scaled weights, ``s_w`` f32 [N, K/group_size] (one scale per channel and group
     along K). The "pallas" backend runs the g128 Mosaic GPU kernel (``kernels.w4a4_g128_gpu``, int8 weights: packed
@@ -156,6 +163,11 @@ def w4a4_matmul(
     be = select_backend(backend)
     n, k = w4.weights_nk(w_packed)
     group_size = w4.group_of(s_w, n, k, group_size)
+    if a_qmax > FP8_EXACT_INT and be != "reference" and _platform() == "tpu" and _tpu_fp8_only():
+        raise ValueError(
+            f"activation codes up to {a_qmax} (INT8, W4A8) are not exact in the FP8 MXU of this TPU (integers up to "
+            f"{FP8_EXACT_INT} are); use INT4 activations (the default recipe) here"
+        )
     r = 0 if x_lr is None else x_lr.shape[1]
     if group_size is not None:
         if be == "reference":
@@ -198,8 +210,11 @@ def act_quant(
     rot_block: int | None = None,
     backend: str | None = None,
     act_quant_impl: str = "fused",
+    qmax: int = reference.INT4_QMAX,
 ):
     """Fused activation quantization: (q_x int8 [M, K], s_x f32 [M], x_lr bf16 [M, r] or None).
+
+    ``qmax``: the code range ``[-qmax, qmax]`` (7: INT4 activations, the default; 127: INT8 activations, W4A8).
 
     Implementations on the "pallas" backend (on a GPU; elsewhere and on other backends the XLA function runs):
 
@@ -240,20 +255,28 @@ def act_quant(
             and act_quant_gpu.fused_supports(*x.shape, r, chunk=b)
         ):
             return act_quant_gpu.act_quant_lowrank_pallas(
-                x, smooth, down, clip, static_scale, rot_signs=rot_signs, chunk=b, **act_quant_gpu.rotation_options(b)
+                x,
+                smooth,
+                down,
+                clip,
+                static_scale,
+                qmax,
+                rot_signs=rot_signs,
+                chunk=b,
+                **act_quant_gpu.rotation_options(b),
             )
         x, smooth = xp.rotate_smoothed(x, smooth, rot_signs, b), None
     if be == "reference":
-        return reference.act_quant(x, smooth, down, clip, static_scale)
+        return reference.act_quant(x, smooth, down, clip, static_scale, qmax)
     if be == "pallas" and act_quant_impl == "pallas":
-        return act_quant_pallas(x, smooth, down, clip, static_scale)
+        return act_quant_pallas(x, smooth, down, clip, static_scale, qmax)
     if fused_gpu and x.shape[0] >= FUSED_ACT_QUANT_MIN_M and act_quant_gpu.fused_supports(x.shape[0], x.shape[1], r):
         return act_quant_gpu.act_quant_lowrank_pallas(
-            x, smooth, down, clip, static_scale, **act_quant_gpu.FUSED_OPTIONS
+            x, smooth, down, clip, static_scale, qmax, **act_quant_gpu.FUSED_OPTIONS
         )
     # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (faster, docs/BENCHMARKS.md "Kernels";
     # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
-    return act_quant_fused(x, smooth, down, clip, static_scale, fold_smooth=(be == "pallas"))
+    return act_quant_fused(x, smooth, down, clip, static_scale, qmax=qmax, fold_smooth=(be == "pallas"))
 
 
 def w4a4_linear(
@@ -273,8 +296,10 @@ def w4a4_linear(
     group_size: int | None = None,
     rot_signs=None,
     rot_block: int | None = None,
+    a_qmax: int = reference.INT4_QMAX,
 ):
     """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
+    With ``a_qmax=127`` the activations are INT8 (W4A8): the same kernels (int8 tensor cores / MXU modes hold them).
 
     Args:
       x: activations [..., K] (any float dtype).
@@ -307,6 +332,7 @@ def w4a4_linear(
         rot_block=rot_block,
         backend=backend,
         act_quant_impl=act_quant_impl,
+        qmax=a_qmax,
     )
     y = w4a4_matmul(
         q,
@@ -319,6 +345,7 @@ def w4a4_linear(
         out_dtype=out_dtype,
         backend=backend,
         group_size=group_size,
+        a_qmax=a_qmax,
     )
     return y.reshape(*lead, w_packed.shape[0])
 

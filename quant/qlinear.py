@@ -41,7 +41,7 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.numerics.formats`` math); ``mode="real"`` calls
 ``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
-per-token activations) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
+or int8 per-token activations: W4A4 or W4A8, the same int8 tensor-core GEMM) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
 the bin's ``act_exp_offset`` applied as in fake mode; ``mxfp4_linear_fp8`` on ``kweight``, or int8 ``kweight`` for
 ``w4a4_linear``, where ``prepare_kernel_weights`` stored them): the formats the kernels implement. The timestep bin is read
 from :func:`active_bin` (a traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs
@@ -60,7 +60,7 @@ from flax import nnx
 
 from wanjax.numerics import formats
 from wanjax.numerics.hadamard import rotate_activations_mxu
-from wanjax.numerics.table import INT_FORMATS, LINEAR_FORMATS
+from wanjax.numerics.table import INT_FORMATS, INT_QMAX, LINEAR_FORMATS
 from wanjax.quant.rtn import ActQuantSpec
 
 __all__ = [
@@ -82,6 +82,7 @@ _A_FMTS = LINEAR_FORMATS + (None,)
 MODES = ("fake", "real")
 ACT_MODES = ("dynamic", "static")
 REAL_W_GROUP = 128  # the group-scaled int4 weights mode="real" runs (kernels/w4a4_g128_gpu.py), besides per channel
+REAL_A_FMTS = ("int4", "int8")  # activations of the integer kernels: INT4 (W4A4) or INT8 (W4A8), per token
 REAL_MX_BLOCK = 32  # the MXFP4 block mode="real" runs (kernels.dispatch.mxfp4_linear), weights and activations
 
 
@@ -205,8 +206,11 @@ class QLinearConfig:
                 f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
                 f"groups of {REAL_W_GROUP} along K, or mxfp4 in blocks of {REAL_MX_BLOCK} (with mxfp4 activations)"
             )
-        if self.a_fmt != "int4" or self.a_group is not None:
-            return f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 per token"
+        if self.a_fmt not in REAL_A_FMTS or self.a_group is not None:
+            return (
+                f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 (W4A4) or int8 (W4A8) "
+                "per token"
+            )
         return None
 
 
@@ -554,6 +558,7 @@ def qlinear_apply(
                 group_size=group,
                 rot_signs=signs,
                 rot_block=c.rot_block,
+                a_qmax=INT_QMAX[c.a_fmt],
             )
         y = y.reshape(*lead, c.out_features)
         return (y, inexact) if return_inexact else y

@@ -570,6 +570,41 @@ RECIPES: dict[str, Recipe] = {
         "timestep-bin balancing did not (they are in the recipe 'binned'), nor did the per-layer "
         "alpha search once the rotation was in (it is in 'fast').",
     ),
+    "w4a8": Recipe(
+        "w4a8",
+        _INT4,
+        ActQuantSpec("int8"),
+        (
+            Smooth(0.5),
+            Rotate(0, DEFAULT_ROT_BLOCK),
+            LowRank(32, method="randomized"),
+            GPTQ(hessian="quantized"),
+            ClipSearch(INT_CLIPS, (0,), per_bin=False),
+        ),
+        calibration="shared",
+        notes="the default with INT8 per-token activations (W4A8): same INT4 weights and memory, same "
+        "transforms. On Hopper it runs on the same int8 tensor-core GEMM as W4A4 (Hopper has no 4-bit tensor "
+        "cores), so the 8-bit activations cost no GEMM time there; +4.2 dB over the default on the mini model "
+        "(docs/QUALITY.md). On TPU v5e/v6e and Blackwell, 4-bit activations have the faster 4-bit paths: pick the "
+        "default there.",
+    ),
+    "g128": Recipe(
+        "g128",
+        WeightQuantSpec("int4", group_size=128),
+        _A_INT4,
+        (
+            Smooth(0.5),
+            Rotate(0, DEFAULT_ROT_BLOCK),
+            LowRank(32, method="randomized"),
+            GPTQ(hessian="quantized"),
+            ClipSearch(INT_CLIPS, (0,), per_bin=False),
+        ),
+        calibration="shared",
+        notes="the default with INT4 weights in groups of 128 along K (one scale per output channel and group) "
+        "and INT4 per-token activations: finer weight scales at the same bits (+1/16 bit a weight for the "
+        "scales); real mode runs the group-scaled GEMM (kernels/w4a4_g128_gpu.py), slower than per channel "
+        "on Hopper today (docs/BENCHMARKS.md).",
+    ),
     "fast": Recipe(
         "fast",
         _INT4,
