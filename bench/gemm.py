@@ -21,6 +21,7 @@ smoothing U(0.5, 2), rank-32 branch, bias):
                   once (``mxfp4_gpu.prepare_weights``, 1 byte a parameter)
   e2e_mxfp4_codes ``dispatch.mxfp4_linear`` on the stored MXFP4 codes (re-encoded every call: ``QLinear`` real mode)
   e2e_g128        ``dispatch.w4a4_linear(group_size=128)``: INT4 weights with one scale per 128 along K
+  e2e_w4a8(_rot)  ``dispatch.w4a4_linear(a_qmax=127)``: INT8 per-token activations (W4A8), same GEMM (+ rotation)
 
 Times: on a GPU the median device time over ``--iters`` calls (CUPTI, all kernels of one call, after a warm-up
 call), and for every path the median wall clock over ``--iters`` calls cycling through 3 input sets (fresh
@@ -64,6 +65,8 @@ PATHS = (
     ("e2e_mxfp4", "**MXFP4** end to end, FP8-prepared weights (`mxfp4_linear_fp8`)"),
     ("e2e_mxfp4_codes", "MXFP4 end to end on stored codes (`mxfp4_linear`, QLinear real mode)"),
     ("e2e_g128", "INT4 g128 end to end (`w4a4_linear(group_size=128)`)"),
+    ("e2e_w4a8", "**W4A8** end to end (INT8 activations, `w4a4_linear(a_qmax=127)`), packed weights"),
+    ("e2e_w4a8_rot", "W4A8 end to end, rotating (recipe `w4a8`)"),
 )
 
 
@@ -181,6 +184,8 @@ def path_fns(L: dict, backend: str | None) -> dict:
         "e2e_mxfp4": (mx("mxfp4_linear_fp8"), (L["w8"], L["s8"], *common), False),
         "e2e_mxfp4_codes": (mx("mxfp4_linear"), (L["mx_codes"], L["mx_scales"], *common), False),
         "e2e_g128": (lin(group_size=128), (L["g_packed"], L["g_scales"], *common), False),
+        "e2e_w4a8": (lin(a_qmax=127), (L["w_packed"], L["s_w"], *common), False),
+        "e2e_w4a8_rot": (lin(a_qmax=127), (L["w_packed"], L["s_w"], *common, L["signs"]), False),
     }
 
 
