@@ -55,7 +55,7 @@ def pick_configs(cal, targets, max_skips_list, warmup: int, rules=("mag", "tea")
 
 def run_setting(pipe, label, gen, clips, calib, args, calib_file):
     """Calibrate, pick thresholds, generate uncached + cached for every clip; returns the result rows."""
-    from wanjax import metrics
+    from wanjax.evaluation.cache import compare_to_uncached, summarize
     from wanjax.pipeline import DEFAULT_NEGATIVE_PROMPT
     from wanjax.sampling.cache import StepCache
     from wanjax.track import motion_direction
@@ -71,7 +71,7 @@ def run_setting(pipe, label, gen, clips, calib, args, calib_file):
     print("  uncond ratios", " ".join(f"{r:.3f}" for r in cal.ratios["uncond"]))
     configs = pick_configs(cal, args.targets, args.max_skips, args.warmup, rules=args.rules, scale_at=args.scale_at)
     videos, caps, colours, dirs = clips
-    rows = {c: {"psnr": [], "ssim": [], "dir": [], "sec": [], "computed": [], "schedule": []} for _, c in configs}
+    rows = {c: {"fidelity": [], "dir": [], "sec": []} for _, c in configs}
     ref_dirs, ref_sec = [], []
     for i in range(len(caps)):
         ctx = pipe.encode_text([caps[i], DEFAULT_NEGATIVE_PROMPT])
@@ -91,12 +91,9 @@ def run_setting(pipe, label, gen, clips, calib, args, calib_file):
             sec = time.perf_counter() - t1
             fr = to_uint8(np.asarray(pipe.decode(lat)))
             r = rows[c]
-            r["psnr"].append(float(metrics.psnr(fr, ref, data_range=255.0)))
-            r["ssim"].append(float(metrics.ssim(fr, ref, data_range=255.0)))
+            r["fidelity"].append(compare_to_uncached(fr, ref, cache))
             r["dir"].append(motion_direction(fr, colours[i])[0])
             r["sec"].append(sec)
-            r["computed"].append(cache.computed)
-            r["schedule"].append(cache.schedule)
         print(f"  clip {i}: uncached direction {ref_dirs[-1]!r} (caption {dirs[i]!r})", flush=True)
     n = len(caps)
     acc_ref = float(np.mean([d == t for d, t in zip(ref_dirs, dirs)]))
@@ -119,15 +116,7 @@ def run_setting(pipe, label, gen, clips, calib, args, calib_file):
             "warmup": c.warmup,
             "scale_residual": c.scale_residual,
             "rule": c.rule,
-            "computed": float(np.mean(r["computed"])),
-            "computed_range": [int(min(r["computed"])), int(max(r["computed"]))],
-            "skipped": gen.steps - float(np.mean(r["computed"])),
-            "speedup_forwards": gen.steps / float(np.mean(r["computed"])),
-            "schedule": r["schedule"][0] if len(set(r["schedule"])) == 1 else sorted(set(r["schedule"])),
-            "psnr_mean": float(np.mean(r["psnr"])),
-            "psnr_min": float(np.min(r["psnr"])),
-            "ssim_mean": float(np.mean(r["ssim"])),
-            "ssim_min": float(np.min(r["ssim"])),
+            **summarize(r["fidelity"], gen.steps),  # forwards, schedule, PSNR / SSIM vs uncached
             "direction_accuracy": float(np.mean([d == t for d, t in zip(r["dir"], dirs)])),
             "direction_agreement_with_uncached": float(np.mean([d == t for d, t in zip(r["dir"], ref_dirs)])),
             "denoise_s_mean": float(np.mean(r["sec"][1:] or r["sec"])),

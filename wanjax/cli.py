@@ -499,8 +499,14 @@ def _step_cache(args: argparse.Namespace, gen):
         cal = CacheCalibration.load(where, gen.steps, gen.shift, gen.boundary, gen.solver)
         config = CacheConfig(threshold=args.cache_threshold, max_skips=args.cache_max_skips).validate()
     except (CacheCalibrationError, ValueError) as e:
+        if args.quant and not args.cache and not os.path.isfile(CacheCalibration.path_of(args.quant)):
+            raise CLIError(
+                f"--cache: {args.quant} holds no step-cache calibration (cache_calibration.json): `wanjax quantize` "
+                "writes one into the artifact unless --cache-samples 0 (or an older wanjax wrote it); quantize again, "
+                "or pass --cache PATH"
+            ) from None
         raise CLIError(f"--cache: {e}") from None
-    if args.quant and not cal.precision.startswith("w4a4") and not args.cache:
+    if args.quant and cal.precision == "bf16" and not args.cache:
         print(f"wanjax generate: warning: --cache: {where} was calibrated on {cal.precision} experts", file=sys.stderr)
     return StepCache(config, cal)
 
@@ -722,6 +728,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(
             f"--stats {args.stats}: not a calibration directory (no manifest.json of format wanjax.calibration)"
         )
+    if args.cache_samples < 0:
+        raise CLIError(f"--cache-samples: expected 0 (no step-cache calibration) or more, got {args.cache_samples}")
+    if args.stats is not None and args.cache_samples and not os.path.isdir(os.path.join(args.stats, "traj")):
+        print(
+            f"wanjax quantize: warning: --stats {args.stats} kept no trajectories (an online-mode calibration): "
+            "no step-cache calibration is written (generate --cache needs one: docs/CACHING.md)",
+            file=sys.stderr,
+        )
+        args.cache_samples = 0
     own_work = args.calib is not None and args.work_dir is None
     work_dir = (args.work_dir or f"{os.path.abspath(args.out)}.calib") if args.calib is not None else None
     _check_out_dir(args.out, args.overwrite, (args.model, args.stats, args.calib, work_dir), "--out")
@@ -802,6 +817,8 @@ def _calibrate(pipe, samples, gen, work_dir: str, restart: bool):
 
 
 def _write_artifact(args, pipe, recipe, stats) -> str:
+    import functools
+
     from wanjax.io.atomic import atomic_write
     from wanjax.quant.artifact import save_artifact
     from wanjax.quant.quantize import CalibrationSource, quantize, sqnr_csv
@@ -813,17 +830,24 @@ def _write_artifact(args, pipe, recipe, stats) -> str:
         e: {p: [round(float(v), 2) for v in s.mean(axis=0)] for p, s in r["sqnr_db"].items()}
         for e, r in reports.items()
     }
-    kw = {}
+    report = {"mean_sqnr_db_per_bin": summary}
+    kw, save = {}, save_artifact
+    if getattr(args, "cache_samples", 0) > 0:
+        from wanjax.quant.step_cache import save_artifact_with_cache
+
+        cal = _artifact_step_cache(args, pipe, qexperts, stats, recipe_to_dict(recipe))
+        save = functools.partial(save_artifact_with_cache, calibration=cal)  # published with the artifact
+        report["step_cache"] = {"file": "cache_calibration.json", "precision": cal.precision, "samples": cal.samples}
     if _supports(save_artifact, "source"):
         kw["source"] = pipe  # the model's fingerprint: generate --quant checks it
     if _supports(save_artifact, "inputs"):
         kw["inputs"] = tuple(p for p in (args.model, args.stats, args.calib, args.work_dir) if p)
-    out = save_artifact(
+    out = save(
         args.out,
         qexperts,
         recipe=recipe_to_dict(recipe),
         bins=stats.bins.to_dict(),
-        report={"mean_sqnr_db_per_bin": summary},
+        report=report,
         overwrite=args.overwrite,
         **kw,
     )
@@ -832,6 +856,24 @@ def _write_artifact(args, pipe, recipe, stats) -> str:
         f.write(sqnr_csv(reports, {e: stats.bins.expert_bins(e) for e in reports}))
     print(f"wrote {out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s; layer SQNR per bin: {csv_path}")
     return out
+
+
+def _artifact_step_cache(args, pipe, qexperts, stats, recipe: dict):
+    """The step cache's calibration of the quantized experts (`wanjax.quant.step_cache.artifact_step_cache`) on the
+    first ``--cache-samples`` calibration samples; per-sample progress is kept in the work dir, unless that is the
+    ``--stats`` input."""
+    from wanjax.quant.step_cache import artifact_step_cache
+
+    n = min(args.cache_samples, int(stats.manifest.get("samples", args.cache_samples)))
+    t0 = _stage(
+        f"calibrating the step cache: {n} uncached guided run(s) with the quantized experts "
+        "(--no-cache-calibration skips it)"
+    )
+    cal = artifact_step_cache(
+        pipe, qexperts, stats, recipe, samples=n, resume=args.stats is None, log=lambda m: print(m, flush=True)
+    )
+    print(f"calibrated the step cache ({cal.precision}, {cal.samples} runs) in {time.perf_counter() - t0:.1f} s")
+    return cal
 
 
 def _recipe_help() -> str:
@@ -867,6 +909,22 @@ def _add_quantize(sub, common) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     add_generation_flags(p, guidance=False)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
+    p.add_argument(
+        "--cache-samples",
+        type=int,
+        default=2,
+        metavar="N",
+        help="calibrate the step cache (generate --cache) on the first N calibration samples with the quantized "
+        "experts and store it in OUT/cache_calibration.json: one uncached guided run each (default: %(default)s; "
+        "0: none)",
+    )
+    p.add_argument(
+        "--no-cache-calibration",
+        dest="cache_samples",
+        action="store_const",
+        const=0,
+        help="write no step-cache calibration (same as --cache-samples 0)",
+    )
     p.set_defaults(func=cmd_quantize)
 
 
@@ -923,6 +981,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_disjoint(evs, cal)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(str(e)) from None
+    cache = _eval_cache(args, gen)
     _print_settings(gen, args.model)
     pipe = _open_pipeline(args, release_text_encoder=False)
     run_eval(
@@ -936,9 +995,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reservoir=args.reservoir,
         calib_seed=args.calib_seed,
         log=lambda s: print(s, flush=True),
+        **({"cache": cache} if cache is not None else {}),
     )
     print(f"wrote {args.out}/report.md")
     return 0
+
+
+def _eval_cache(args: argparse.Namespace, gen):
+    """``eval --cache [PATH]``: a `wanjax.evaluation.cache.CacheEval` (PATH's calibration read and checked against
+    ``gen`` here, before any model is loaded); None without --cache."""
+    if args.cache is None:
+        return None
+    from wanjax.evaluation.cache import CacheEval
+    from wanjax.sampling.cache import CacheCalibration, CacheCalibrationError, CacheConfig
+
+    try:
+        spec = CacheEval(
+            CacheConfig(threshold=args.cache_threshold, max_skips=args.cache_max_skips),
+            calibration=args.cache or None,
+            samples=args.cache_samples,
+        ).validate()
+        if spec.calibration is not None:
+            CacheCalibration.load(spec.calibration, gen.steps, gen.shift, gen.boundary, gen.solver)
+    except (CacheCalibrationError, ValueError) as e:
+        raise CLIError(f"--cache: {e}") from None
+    return spec
 
 
 def _add_eval(sub, common) -> None:
@@ -986,6 +1067,32 @@ def _add_eval(sub, common) -> None:
         help="seed of the calibration reservoir's row draw (repeat runs with other seeds for the spread)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="default: %(default)s")
+    p.add_argument(
+        "--cache",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="also run BF16 and every variant with the step cache (docs/CACHING.md) and compare each with its own "
+        "uncached run; calibrated per precision on the calibration set (--cache-samples), or PATH's "
+        "cache_calibration.json for all",
+    )
+    p.add_argument(
+        "--cache-threshold", type=float, default=0.1, help="with --cache: the skip threshold (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cache-max-skips",
+        type=int,
+        default=2,
+        help="with --cache: most steps skipped in a row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-samples",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --cache: calibration-set samples the cache is calibrated on, per precision (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_eval)
 
 

@@ -91,6 +91,45 @@ _HEAD = (
 )
 
 
+def _cache_section(results: dict) -> list[str]:
+    """``## Step cache`` (``wanjax eval --cache``): each precision cached vs its own uncached run."""
+    runs = [(results["bf16"], "bf16")] + [(v, v["name"]) for v in results["variants"]]  # name: an older result
+    runs = [(v, name) for v, name in runs if "cache" in v]
+    if not runs:
+        return []
+    cfg = results.get("cache", {}).get("config", {})
+    steps = results["gen"]["steps"]
+    lines = [
+        "",
+        "## Step cache",
+        "",
+        f"Rule {cfg.get('rule', '?')}, threshold {cfg.get('threshold', '?')}, at most {cfg.get('max_skips', '?')} "
+        f"skips in a row, warmup {cfg.get('warmup', '?')} steps per expert; calibration: "
+        f"{results.get('cache', {}).get('calibration', '?')} (docs/CACHING.md). Every cached run is compared with "
+        "the **uncached run of the same precision** (same noise and condition): PSNR / SSIM of the decoded frames, "
+        "latent rel-L2 of the final latents. Task metrics: cached (uncached). Denoise: median s/clip, cached / "
+        "uncached (the first clip of each includes compilation).",
+        "",
+        "| precision | forwards computed / steps | fewer forwards | schedule | PSNR vs uncached mean (min) dB | "
+        "SSIM mean (min) | latent rel-L2 | frame-0 PSNR (dB) | direction acc | agree w/ uncached | denoise s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v, name in runs:
+        c = v["cache"]
+        sched = c["schedule"] if isinstance(c["schedule"], str) else " / ".join(c["schedule"])
+        acc = f"{c['direction_ok']:.2f} ({v['direction_ok']:.2f})" if "direction_ok" in c else "-"
+        agree = f"{c['direction_agree']:.2f}" if "direction_agree" in c else "-"
+        lo, hi = c["computed_range"]
+        count = f"{c['computed']:g}" + ("" if lo == hi else f" ({lo}-{hi})")
+        lines.append(
+            f"| {c.get('precision', name)} | {count} / {steps} | {c['speedup_forwards']:.2f}x | `{sched}` | {c['psnr_mean']:.2f} "
+            f"({c['psnr_min']:.2f}) | {c['ssim_mean']:.4f} ({c['ssim_min']:.4f}) | {c['latent_rel_l2']:.4f} | "
+            f"{c['frame0_psnr']:.2f} ({v['frame0_psnr']:.2f}) | {acc} | {agree} | {c['denoise_s']:.2f} / "
+            f"{c['uncached_denoise_s']:.2f} |"
+        )
+    return lines
+
+
 def write_report(results: dict, out_dir: str) -> str:
     """Writes ``out_dir/report.md`` and returns its path."""
     b = results["bf16"]
@@ -162,6 +201,7 @@ def write_report(results: dict, out_dir: str) -> str:
         for v in abl:
             delta = "-" if d is None else f"{v['psnr'] - d['psnr']:+.2f}"
             lines.append(f"| {v['name']} | {v['what']} | {delta} |")
+    lines += _cache_section(results)
     t = targets(results)
     if t:
         lines += ["", "## Targets of the issue", "", "| target | measured | met |", "|---|---|---|"]

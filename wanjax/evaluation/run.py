@@ -15,7 +15,12 @@ What it does, in order (all on the pipeline given, e.g. ``WanI2VPipeline.from_pr
    noise and measures: PSNR / SSIM of the decoded frames vs BF16, relative L2 of the final latents, the I2V task
    metrics (frame-0 PSNR vs the condition image, motion-direction accuracy with `wanjax.track`), weight bytes,
    quantize / denoise wall time, and the per-layer SQNR per (expert, bin) on the EVALUATION set's captured inputs;
-5. writes ``results.json``, PNG plots and ``report.md`` (`wanjax.evaluation.report`).
+5. with ``cache=`` (`wanjax.evaluation.cache.CacheEval`, ``wanjax eval --cache``): BF16 and every variant are
+   also generated with the step cache (`wanjax.sampling.cache`), calibrated per precision on the calibration set
+   with that precision's experts (or read from one file), and compared with the uncached run of the *same*
+   precision: PSNR / SSIM of the frames, latent rel-L2, forwards computed / skipped, the task metrics, denoise
+   time (`wanjax.evaluation.cache`: the measurement ``bench/cache_fidelity.py`` reports too);
+6. writes ``results.json``, PNG plots and ``report.md`` (`wanjax.evaluation.report`).
 
 Evaluation-set file (``--eval-set``; the calibration set ``--calib-set`` has the same format): a JSON list (or
 JSON lines) of objects, each either a procedural clip or an image:
@@ -194,11 +199,11 @@ def _prepare(pipe, s: EvalSample, gen):
     return {"y": jnp.asarray(y), "ctx": jnp.asarray(ctx), "cond": cond, "noise": noise}
 
 
-def _generate(pipe, prep, gen):
+def _generate(pipe, prep, gen, cache=None):
     from wanjax.video_io import to_uint8
 
     t0 = time.perf_counter()
-    lat, _ = pipe.denoise(prep["y"], prep["ctx"], gen, noise=prep["noise"], progress=False)
+    lat, _ = pipe.denoise(prep["y"], prep["ctx"], gen, noise=prep["noise"], progress=False, cache=cache)
     lat = jax.block_until_ready(lat)
     dt = time.perf_counter() - t0
     frames = to_uint8(np.asarray(pipe.decode(lat)))
@@ -243,6 +248,63 @@ def check_settings(gen, variants: Sequence[Variant]) -> None:
             ) from None
 
 
+def _cache_calibration(cache, gen):
+    """The calibration a `CacheEval` names, for ``gen`` (None when each precision is calibrated on the set)."""
+    if cache is None or cache.calibration is None:
+        return None
+    from wanjax.sampling.cache import CacheCalibration
+
+    return CacheCalibration.load(cache.calibration, gen.steps, gen.shift, gen.boundary, gen.solver)
+
+
+def _eval_cache(pipe, label, cache, cal, gen, samples, preps, refs, ref_rows, calib_samples, cpreps, log) -> dict:
+    """``pipe`` (one precision) with the step cache on every evaluation sample vs its own uncached runs (``refs``:
+    (latents, frames), ``ref_rows``: their rows); calibrated here on the calibration set unless ``cal`` is given."""
+    from wanjax.evaluation.cache import compare_to_uncached, summarize
+    from wanjax.quant.calibrate import CalibSample
+    from wanjax.quant.step_cache import calibrate_step_cache
+    from wanjax.sampling.cache import StepCache
+
+    t0 = time.perf_counter()
+    if cal is None:
+        use = list(zip(calib_samples, cpreps))[: cache.samples]
+        cal = calibrate_step_cache(
+            pipe, [CalibSample(y=p["y"], context=p["ctx"], seed=s.seed) for s, p in use], gen, precision=label
+        )
+        where = f"calibrated on {len(use)} calibration sample(s) with these experts"
+    else:
+        where = f"{cache.calibration} ({cal.precision}, {cal.samples} samples)"
+    t_cal = time.perf_counter() - t0
+    rows = []
+    for s, p, (lat_ref, fr_ref), ref in zip(samples, preps, refs, ref_rows):
+        sc = StepCache(cache.config, cal)
+        lat, frames, dt = _generate(pipe, p, gen, cache=sc)
+        row = {
+            **compare_to_uncached(frames, fr_ref, sc),
+            "latent_rel_l2": relative_l2(lat, lat_ref),
+            "denoise_s": dt,
+            "uncached_denoise_s": ref["denoise_s"],
+            **_task(frames, p, s),
+        }
+        if "direction" in row and "direction" in ref:
+            row["direction_agree"] = float(row["direction"] == ref["direction"])
+        rows.append(row)
+    out = {
+        "precision": label,
+        "calibration": where,
+        "calibrate_s": t_cal,
+        "per_sample": rows,
+        **{k: v for k, v in _summ(rows).items() if k not in ("psnr", "ssim")},
+        **summarize(rows, gen.steps),
+    }
+    log(
+        f"eval: {label} cached: {out['computed']:.1f}/{gen.steps} forwards computed ({out['speedup_forwards']:.2f}x "
+        f"fewer), PSNR {out['psnr_mean']:.2f} (min {out['psnr_min']:.2f}) dB, SSIM {out['ssim_mean']:.4f} vs uncached, "
+        f"denoise {out['denoise_s']:.1f} s (uncached {out['uncached_denoise_s']:.1f} s)"
+    )
+    return out
+
+
 def _eta(done: int, total: int, t0: float) -> str:
     if done <= 0:
         return ""
@@ -267,15 +329,22 @@ def run_eval(
     heatmaps: bool = True,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    cache=None,
 ) -> dict:
     """Evaluates ``recipes`` (and ablations of ``default``: True for all of `ABLATIONS`, or a list of names) on
     ``eval_samples`` against the BF16 ``pipe``; calibrates on ``calib_samples`` (``reservoir`` rows per layer input and
-    step drawn with ``calib_seed``). Writes ``out_dir/report.md``, ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`)."""
+    step drawn with ``calib_seed``). Writes ``out_dir/report.md``, ``results.json`` and ``plots/*.png``; returns the results dict (see `wanjax.evaluation.report`).
+
+    ``cache``: a `wanjax.evaluation.cache.CacheEval`: also run every precision with the step cache and compare it
+    with that precision's uncached run (``results["bf16"]["cache"]``, ``variant["cache"]``); its calibration file,
+    if one is named, is read and checked against ``gen`` before any model work."""
     from wanjax.evaluation import plots
     from wanjax.pipeline import WanI2VPipeline
     from wanjax.quant.apply import attach_to_pipeline
     from wanjax.quant.calibrate import CalibConfig, CalibSample, calibrate
     from wanjax.quant.quantize import quantize
+    from wanjax.quant.recipes import recipe_to_dict
+    from wanjax.quant.step_cache import precision_label
 
     t_start = time.perf_counter()
     eval_samples, calib_samples = list(eval_samples), list(calib_samples)
@@ -286,6 +355,9 @@ def run_eval(
     disjoint = check_disjoint(eval_samples, calib_samples)
     variants = plan_variants(recipes, ablations)
     check_settings(gen, variants)  # before any model work: bins vs steps
+    if cache is not None:
+        cache.validate()
+    cache_cal = _cache_calibration(cache, gen)  # a file named: read and checked before any model work
     fine, layouts = _bin_layouts(gen)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
 
@@ -340,6 +412,9 @@ def run_eval(
         "block_linear_bytes": sum(_block_linear_bytes(m) for m in ref_models.values()),
     }
     log(f"eval: bf16 {bf16['denoise_s']:.1f} s/clip, frame-0 PSNR {bf16['frame0_psnr']:.2f} dB")
+    cache_args = (cache, cache_cal, gen, eval_samples, preps)
+    if cache is not None:
+        bf16["cache"] = _eval_cache(pipe, "bf16", *cache_args, refs, bf16_rows, calib_samples, cpreps, log)
 
     L = pipe.cfg.num_layers
     blocks = sorted({0, L // 2, L - 1})
@@ -370,6 +445,11 @@ def run_eval(
         "complete": False,
         "planned": [v.name for v in variants],
     }
+    if cache is not None:
+        out["cache"] = {
+            "config": dataclasses.asdict(cache.config),
+            "calibration": cache.calibration or f"per precision, {cache.samples} calibration sample(s)",
+        }
     sources: dict = {}
     results = out["variants"]
     t_variants = time.perf_counter()
@@ -384,9 +464,11 @@ def run_eval(
         t_quant = time.perf_counter() - t0
         qp = WanI2VPipeline(ref_models["high"], ref_models["low"], pipe.vae)
         attach_to_pipeline(qp, q["high"], q["low"], bins)
-        rows = []
+        rows, own = [], []
         for i, (s, p, (lat_ref, fr_ref)) in enumerate(zip(eval_samples, preps, refs)):
             lat, frames, dt = _generate(qp, p, gen)
+            if cache is not None:
+                own.append((lat, frames))
             rows.append(
                 {
                     "psnr": psnr(frames, fr_ref),
@@ -417,6 +499,9 @@ def run_eval(
             "sqnr_calib_mean": float(np.mean([np.mean(list(t.values())) for t in sq_calib.values()])),
             "sqnr_eval": {e: {p: np.asarray(a).tolist() for p, a in t.items()} for e, t in sq_eval.items()},
         }
+        if cache is not None:
+            label = precision_label(dict(recipe_to_dict(v.recipe), name=v.name))
+            r["cache"] = _eval_cache(qp, label, *cache_args, own, rows, calib_samples, cpreps, log)
         if heatmaps and v.group == "recipe":
             r["plots"] = [
                 os.path.relpath(
