@@ -61,9 +61,12 @@ __all__ = [
     "fingerprint_digest",
     "load_artifact",
     "model_fingerprint",
+    "new_manifest",
     "resolve_quant_mode",
     "save_artifact",
     "layer_bits_per_weight",
+    "write_expert_file",
+    "write_manifest",
 ]
 
 ARTIFACT_FORMAT = "wanjax.quant_artifact/1"
@@ -354,8 +357,6 @@ def save_artifact(
     The directory is written under a temporary name beside ``qdir`` (removed on any error or interrupt), given the
     modes of normally created files (``0o666 & ~umask``, directories ``0o777 & ~umask``) and renamed into place.
     """
-    from safetensors.numpy import save_file
-
     qdir = os.path.abspath(os.fspath(qdir))
     check_not_overlapping(qdir, *inputs, *_source_paths(source), what="artifact directory")
     if os.path.exists(qdir) and not overwrite:
@@ -377,37 +378,10 @@ def save_artifact(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(qdir)}-", dir=parent)
     try:
-        manifest = {
-            "format": ARTIFACT_FORMAT,
-            "versions": _versions(),
-            "recipe": recipe,
-            "bins": bins,
-            "report": report or {},
-            "experts": {},
-        }
-        if fp is not None:
-            manifest["model_fingerprint"] = fp
+        manifest = new_manifest(recipe=recipe, bins=bins, report=report, model_fingerprint=fp)
         for name, model in experts.items():
-            flat = _flat_state(model)
-            tensors, table = {}, {}
-            for key, v in flat.items():
-                arr, dt = _encode(v)
-                tensors[key] = np.ascontiguousarray(arr)
-                table[key] = {"dtype": dt, "shape": list(arr.shape)}
-            meta = _model_meta(model)
-            fname = f"{name}.safetensors"
-            fpath = os.path.join(tmp, fname)
-            # the layer configs also go into the file's header (covered by its sha256): see _check_consistency
-            save_file(tensors, fpath, metadata={_FILE_LAYERS_KEY: _canonical(meta["layers"]).decode()})
-            with open(fpath, "rb+") as f:
-                os.fsync(f.fileno())
-            manifest["experts"][name] = {**meta, "file": fname, "sha256": _sha256_file(fpath), "tensors": table}
-        _check_manifest_consistency(manifest, where=f"save_artifact({qdir})", saving=True)
-        manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-        with open(os.path.join(tmp, _MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+            manifest["experts"][name] = write_expert_file(tmp, name, model)
+        write_manifest(tmp, manifest, where=f"save_artifact({qdir})")
         publish_dir(tmp, qdir)  # modes normalized to the umask (mkdtemp makes 0700), then renamed
     finally:
         if os.path.exists(tmp):  # not published: an error or an interrupt (KeyboardInterrupt included)
@@ -417,6 +391,58 @@ def save_artifact(
 
 _model_fingerprint_fn = model_fingerprint  # save_artifact's argument of the same name shadows it there
 _FILE_LAYERS_KEY = "wanjax.layers"
+
+
+def new_manifest(*, recipe=None, bins=None, report=None, model_fingerprint=None) -> dict:
+    """The manifest of an artifact before its experts are added (`write_expert_file`, `write_manifest`)."""
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "versions": _versions(),
+        "recipe": recipe,
+        "bins": bins,
+        "report": report or {},
+        "experts": {},
+    }
+    if model_fingerprint is not None:
+        manifest["model_fingerprint"] = model_fingerprint
+    return manifest
+
+
+def write_expert_file(directory: str, name: str, model: nnx.Module) -> dict:
+    """Write quantized expert ``model`` as ``directory/<name>.safetensors`` (fsynced); returns its manifest entry
+    (model meta, file name, sha256, tensor table). `save_artifact` calls it per expert; `wanjax.quant.stream`
+    writes the experts of a streamed run one at a time with it."""
+    from safetensors.numpy import save_file
+
+    flat = _flat_state(model)
+    tensors, table = {}, {}
+    for key, v in flat.items():
+        arr, dt = _encode(v)
+        tensors[key] = np.ascontiguousarray(arr)
+        table[key] = {"dtype": dt, "shape": list(arr.shape)}
+    del flat
+    meta = _model_meta(model)
+    fname = f"{name}.safetensors"
+    fpath = os.path.join(directory, fname)
+    # the layer configs also go into the file's header (covered by its sha256): see _check_consistency
+    save_file(tensors, fpath, metadata={_FILE_LAYERS_KEY: _canonical(meta["layers"]).decode()})
+    del tensors
+    with open(fpath, "rb+") as f:
+        os.fsync(f.fileno())
+    return {**meta, "file": fname, "sha256": _sha256_file(fpath), "tensors": table}
+
+
+def write_manifest(directory: str, manifest: dict, where: str) -> dict:
+    """Check ``manifest`` (its experts' entries from `write_expert_file`), add ``manifest_sha256`` and write it as
+    ``directory/manifest.json`` (fsynced); returns it."""
+    manifest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    _check_manifest_consistency(manifest, where=where, saving=True)
+    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    with open(os.path.join(directory, _MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------ consistency checks

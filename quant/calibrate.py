@@ -91,10 +91,15 @@ __all__ = [
     "CalibSample",
     "CalibStats",
     "CalibrationMismatchError",
+    "GroupCapture",
+    "block_groups",
     "calibrate",
+    "captured_steps",
     "check_calibration_model",
     "input_name",
     "stat_name",
+    "stats_unit_id",
+    "trajectory_path",
     "mx_act_quant_transform",
     "record_trajectory",
     "sample_fingerprint",
@@ -148,6 +153,9 @@ class CalibConfig:
         traced); statistics are then kept per layer. See `mx_act_quant_transform`.
       blocks_per_group: blocks captured per pass in stream mode (0: all). Default 10: for I2V-A14B at 480p a pass
         holds 10 * 1.45 GB of accumulators (see the module docstring).
+      steps_per_bin: stream mode: capture at most this many recorded steps per bin and sample, evenly spread
+        over the bin's steps (`captured_steps`; 0: every step, the seed's budget). The trajectories still run every
+        step of the schedule; only the capture, (G + 1) / 2 forwards per captured step, gets cheaper.
       offload_idle_expert: stream mode: while one expert is captured, the pipeline's other expert is moved to host
         memory (and put back, with its original shardings, when done), so one 80 GB GPU holds one expert.
       seed: base of the reservoir's random keys.
@@ -164,6 +172,7 @@ class CalibConfig:
     sample_dtype: Any = None
     hessian_transform: Callable | None = None
     blocks_per_group: int = 10
+    steps_per_bin: int = 0
     offload_idle_expert: bool = True
     seed: int = 0
 
@@ -178,14 +187,16 @@ class CalibConfig:
         bad = [e for e in self.experts if e not in EXPERTS]
         if bad or not self.experts:
             raise ValueError(f"experts must be a non-empty subset of {EXPERTS}, got {self.experts}")
-        if self.blocks_per_group < 0 or self.reservoir < 0:
-            raise ValueError("blocks_per_group and reservoir must be >= 0")
+        if self.blocks_per_group < 0 or self.reservoir < 0 or self.steps_per_bin < 0:
+            raise ValueError("blocks_per_group, reservoir and steps_per_bin must be >= 0")
         return dataclasses.replace(self, gen=gen, bins=bins)
 
     def fingerprint(self) -> dict:
         """The settings that define the statistics (a resumed run must match them)."""
         g = dataclasses.asdict(self.gen)
+        extra = {"steps_per_bin": self.steps_per_bin} if self.steps_per_bin else {}  # absent: older work dirs match
         return dict(
+            **extra,
             gen=json.loads(json.dumps(g, default=str)),
             bins=self.bins.to_dict(),
             cfg_mode=self.cfg_mode,
@@ -637,6 +648,8 @@ def calibrate(
         raise ValueError(f"calibrate: mode must be 'stream' or 'online', got {mode!r}")
     work_dir = os.fspath(work_dir)
     _write_manifest(work_dir, cfg, samples, pipe, restart=restart)
+    if mode == "online" and cfg.steps_per_bin:
+        raise ValueError("calibrate: steps_per_bin needs mode='stream' (online mode captures every step)")
     if mode == "online":
         _run_online(pipe, samples, cfg, work_dir, progress, on_unit)
     else:
@@ -820,34 +833,43 @@ def _capture_fn(g, cfg: CalibConfig):
     return jax.jit(capture, static_argnames=("expert", "with_context"), donate_argnames=("acc", "hacc"))
 
 
+def trajectory_path(work_dir, k: int) -> str:
+    """Where sample ``k``'s recorded trajectory is saved in a calibration work dir."""
+    return os.path.join(work_dir, "traj", f"sample_{k:05d}.npz")
+
+
+def _record_sample(pipe, sample: CalibSample, k: int, cfg: CalibConfig, work_dir, progress) -> bool:
+    """Record sample ``k``'s trajectory into the work dir (skipped when already there); True if recorded now."""
+    path = trajectory_path(work_dir, k)
+    if os.path.exists(path):
+        return False
+    y, ctx = _prepare(pipe, sample, cfg.gen, cfg.cfg_mode)
+    xs, ts, experts = record_trajectory(
+        pipe, y, ctx, dataclasses.replace(cfg.gen, seed=sample.seed), cfg.cfg_mode, progress=progress
+    )
+    _check_trajectory(cfg, ts, experts)
+    # np.savez cannot round-trip bfloat16 (it reads back as raw '|V2'): store f32 + the dtype name
+    _atomic_savez(
+        path,
+        xs=np.asarray(xs, np.float32),
+        ts=ts,
+        y=np.asarray(y, np.float32),
+        ctx=np.asarray(jnp.asarray(ctx, jnp.float32)),
+        ctx_dtype=np.asarray(str(ctx.dtype)),
+    )
+    return True
+
+
 def _trajectories(pipe, samples, cfg, work_dir, progress, on_unit):
     for k, s in enumerate(samples):
-        path = os.path.join(work_dir, "traj", f"sample_{k:05d}.npz")
-        if os.path.exists(path):
-            continue
-        y, ctx = _prepare(pipe, s, cfg.gen, cfg.cfg_mode)
-        xs, ts, experts = record_trajectory(
-            pipe, y, ctx, dataclasses.replace(cfg.gen, seed=s.seed), cfg.cfg_mode, progress=progress
-        )
-        _check_trajectory(cfg, ts, experts)
-        # np.savez cannot round-trip bfloat16 (it reads back as raw '|V2'): store f32 + the dtype name
-        _atomic_savez(
-            path,
-            xs=np.asarray(xs, np.float32),
-            ts=ts,
-            y=np.asarray(y, np.float32),
-            ctx=np.asarray(jnp.asarray(ctx, jnp.float32)),
-            ctx_dtype=np.asarray(str(ctx.dtype)),
-        )
-        if on_unit:
+        if _record_sample(pipe, s, k, cfg, work_dir, progress) and on_unit:
             on_unit("trajectory", f"sample_{k:05d}")
 
 
 def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
     _trajectories(pipe, samples, cfg, work_dir, progress, on_unit)
     L = pipe.cfg.num_layers
-    size = cfg.blocks_per_group or L
-    groups = [(g0, min(g0 + size, L)) for g0 in range(0, L, size)]
+    groups = block_groups(cfg, L)
     per_bin = cfg.hessian_per_bin or not cfg.hessian
     # a unit: (expert, block group, bins); with per-expert Hessians all bins of a group form one unit
     units = [
@@ -856,12 +878,12 @@ def _run_stream(pipe, samples, cfg, work_dir, progress, on_unit):
         for g0, g1 in groups
         for b in (cfg.bins.expert_bins(e) if per_bin else [None])
     ]
-    uid = lambda e, g0, g1, b: f"{e}.blocks{g0:03d}-{g1 - 1:03d}.{b}"  # noqa: E731
+    uid = stats_unit_id
     last = lambda u: uid(*u[:3], u[3][0] if per_bin else ALL_BINS)  # noqa: E731  (written last)
     todo = [u for u in units if not os.path.exists(os.path.join(work_dir, "stats", f"{last(u)}.npz"))]
-    n_steps = lambda b: len(cfg.bins.steps[cfg.bins.names.index(b)])  # noqa: E731
+    n_steps = lambda b: len(captured_steps(cfg, b))  # noqa: E731
     bar = _bar(sum(n_steps(b) for u in todo for b in u[3]) * len(samples), "calibrate", progress)
-    traj_paths = [os.path.join(work_dir, "traj", f"sample_{k:05d}.npz") for k in range(len(samples))]
+    traj_paths = [trajectory_path(work_dir, k) for k in range(len(samples))]
     for expert in cfg.experts:
         mine = [u for u in todo if u[0] == expert]
         if not mine:
@@ -893,53 +915,109 @@ def _idle_expert_on_host(pipe, idle: str, enabled: bool):
         setattr(pipe, attr, jax.device_put(host, shardings))
 
 
-def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid):
-    """Capture blocks ``g0..g1-1`` of expert ``e`` over the recorded steps of ``bin_names``; save."""
-    prefix = _prefix_fn(pipe.graphdef, cfg.cfg_mode == "cond")
-    capture = _capture_fn(pipe.graphdef, cfg)
-    per_layer = cfg.hessian_transform is not None
-    dtype = _model_dtype(pipe)
-    local = _block_inputs(pipe.cfg, per_layer)
-    with_ctx = g0 == 0 and not per_layer
-    params = _params(pipe, e)
-    local0 = dict(local, **({CONTEXT_NAME: pipe.cfg.dim} if with_ctx else {}))
-    haccs = [_init_hacc(local0 if j == 0 else local, cfg) for j in range(g1 - g0)]
+def block_groups(cfg: CalibConfig, num_layers: int) -> list[tuple[int, int]]:
+    """The stream mode's block groups ``[(g0, g1), ...]`` (``blocks_per_group`` blocks each, 0: one group)."""
+    size = cfg.blocks_per_group or num_layers
+    return [(g0, min(g0 + size, num_layers)) for g0 in range(0, num_layers, size)]
 
-    def collect(accs):
+
+def stats_unit_id(expert: str, g0: int, g1: int, bin_name: str) -> str:
+    """Name of the statistics unit of blocks ``g0..g1-1`` of ``expert`` and one bin (``stats/<id>.npz``)."""
+    return f"{expert}.blocks{g0:03d}-{g1 - 1:03d}.{bin_name}"
+
+
+def captured_steps(cfg: CalibConfig, bin_name: str) -> tuple[int, ...]:
+    """The recorded steps of bin ``bin_name`` the stream mode captures: all of them, or with ``cfg.steps_per_bin =
+    k`` the k steps at the centres of k equal parts of the bin (``floor((j + 0.5) n / k)`` of its n steps)."""
+    steps = cfg.bins.steps[cfg.bins.names.index(bin_name)]
+    k = cfg.steps_per_bin
+    if not k or k >= len(steps):
+        return tuple(steps)
+    return tuple(steps[int((j + 0.5) * len(steps) / k)] for j in range(k))
+
+
+class GroupCapture:
+    """Capture of blocks ``g0..g1-1`` of expert ``expert`` in stream mode, one (bin, sample) at a time.
+
+    ``accs()`` / ``haccs()`` make empty per-block accumulators (per bin / per expert), ``run(params, accs, haccs,
+    traj_path, bin_name)`` adds one recorded sample's captured steps of a bin, ``collect`` names them as the
+    statistics files do (``blocks.{j}.{input}``, ``context.cross_attn.kv``) and `split` is its inverse. The
+    calibration's stream mode and `wanjax.quant.stream` both run it, so their statistics are the same."""
+
+    def __init__(self, pipe, cfg: CalibConfig, expert: str, g0: int, g1: int):
+        self.pipe, self.cfg, self.expert, self.g0, self.g1 = pipe, cfg, expert, g0, g1
+        self.prefix = _prefix_fn(pipe.graphdef, cfg.cfg_mode == "cond")
+        self.capture = _capture_fn(pipe.graphdef, cfg)
+        per_layer = cfg.hessian_transform is not None
+        self.dtype = _model_dtype(pipe)
+        self.local = _block_inputs(pipe.cfg, per_layer)
+        self.with_ctx = g0 == 0 and not per_layer
+        self.local0 = dict(self.local, **({CONTEXT_NAME: pipe.cfg.dim} if self.with_ctx else {}))
+
+    def accs(self) -> list:
+        return [_init_acc(self.local0 if j == 0 else self.local, self.cfg, self.dtype) for j in range(self.g1 - self.g0)]
+
+    def haccs(self) -> list:
+        return [_init_hacc(self.local0 if j == 0 else self.local, self.cfg) for j in range(self.g1 - self.g0)]
+
+    def collect(self, accs) -> dict:
         out = {}
-        for j in range(g0, g1):
-            for n, st in (accs[j - g0] or {}).items():
+        for j in range(self.g0, self.g1):
+            for n, st in (accs[j - self.g0] or {}).items():
                 out[n if n == CONTEXT_NAME else f"blocks.{j}.{n}"] = st
         return out
 
+    def split(self, flat: dict) -> list:
+        """``collect``'s inverse: ``{name: LayerStats}`` -> per-block dicts."""
+        out = [{} for _ in range(self.g0, self.g1)]
+        for n, st in flat.items():
+            if n == CONTEXT_NAME:
+                out[0][n] = st
+            else:
+                _, j, local = n.split(".", 2)
+                out[int(j) - self.g0][local] = st
+        return out
+
+    def run(self, params, accs, haccs, traj_path, bin_name, on_step=None):
+        """Add sample ``traj_path``'s captured steps of ``bin_name``; returns the new ``(accs, haccs)``."""
+        e, g0, g1, cfg = self.expert, self.g0, self.g1, self.cfg
+        key = _bin_key(cfg, e, bin_name)
+        accs, haccs = list(accs), list(haccs)
+        with np.load(traj_path) as z:
+            xs, ts, y, ctx = z["xs"], z["ts"], jnp.asarray(z["y"]), jnp.asarray(z["ctx"])
+            if "ctx_dtype" in z.files:
+                ctx = ctx.astype(str(z["ctx_dtype"]))
+        for i in captured_steps(cfg, bin_name):
+            h, e0, ctx_e, rope = self.prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
+            for j in range(g0, g1):
+                h, accs[j - g0], haccs[j - g0] = self.capture(
+                    params,
+                    j,
+                    h,
+                    e0,
+                    ctx_e,
+                    rope,
+                    accs[j - g0],
+                    haccs[j - g0],
+                    key,
+                    expert=_static_expert(cfg, e),
+                    with_context=self.with_ctx and j == g0,
+                )
+            if on_step is not None:
+                on_step()
+        return accs, haccs
+
+
+def _stream_unit(pipe, cfg, traj_paths, e, g0, g1, bin_names, bar, work_dir, uid):
+    """Capture blocks ``g0..g1-1`` of expert ``e`` over the recorded steps of ``bin_names``; save."""
+    cap = GroupCapture(pipe, cfg, e, g0, g1)
+    params = _params(pipe, e)
+    haccs = cap.haccs()
     for b in bin_names:
-        key = _bin_key(cfg, e, b)
-        accs = [_init_acc(local0 if j == 0 else local, cfg, dtype) for j in range(g1 - g0)]
-        steps = cfg.bins.steps[cfg.bins.names.index(b)]
+        accs = cap.accs()
         for path in traj_paths:
-            with np.load(path) as z:
-                xs, ts, y, ctx = z["xs"], z["ts"], jnp.asarray(z["y"]), jnp.asarray(z["ctx"])
-                if "ctx_dtype" in z.files:
-                    ctx = ctx.astype(str(z["ctx_dtype"]))
-            for i in steps:
-                h, e0, ctx_e, rope = prefix(params, jnp.asarray(xs[i]), y, ctx, jnp.float32(ts[i]), g0)
-                for j in range(g0, g1):
-                    h, accs[j - g0], haccs[j - g0] = capture(
-                        params,
-                        j,
-                        h,
-                        e0,
-                        ctx_e,
-                        rope,
-                        accs[j - g0],
-                        haccs[j - g0],
-                        key,
-                        expert=_static_expert(cfg, e),
-                        with_context=with_ctx and j == g0,
-                    )
-                if bar is not None:
-                    bar.update(1)
-        _save_unit(work_dir, uid(e, g0, g1, b), e, b, collect(accs))
+            accs, haccs = cap.run(params, accs, haccs, path, b, on_step=None if bar is None else lambda: bar.update(1))
+        _save_unit(work_dir, uid(e, g0, g1, b), e, b, cap.collect(accs))
         del accs
     if haccs[0] is not None:
-        _save_unit(work_dir, uid(e, g0, g1, ALL_BINS), e, ALL_BINS, collect(haccs))
+        _save_unit(work_dir, uid(e, g0, g1, ALL_BINS), e, ALL_BINS, cap.collect(haccs))
