@@ -201,9 +201,18 @@ def rotation_options(block: int) -> dict:
 
 
 def fused_supports(m: int, k: int, r: int, block_rows: int = FUSED_BLOCK_ROWS, chunk: int = FUSED_CHUNK) -> bool:
-    """Whether :func:`act_quant_lowrank_pallas` handles this shape: M >= block_rows, a power-of-two chunk (>= 64)
-    dividing K, and r = 0 or a power of two >= 16 (Triton's ``dot`` needs power-of-two sides of at least 16)."""
-    return m >= block_rows and _chunk_for(k, chunk) is not None and (r == 0 or (r >= 16 and r & (r - 1) == 0))
+    """Whether :func:`act_quant_lowrank_pallas` handles this shape: M >= block_rows and a power-of-two chunk (>= 64)
+    dividing K. Any rank r: Triton's ``dot`` needs power-of-two sides of at least 16, so another r runs with
+    ``down`` zero-padded to :func:`padded_rank` columns and the extra columns of x_lr sliced off (exact)."""
+    return m >= block_rows and _chunk_for(k, chunk) is not None
+
+
+def padded_rank(r: int) -> int:
+    """The rank the fused kernel computes a rank-``r`` branch at: ``r`` if it is a power of two >= 16 (or 0), else
+    the next such power (e.g. 96 -> 128: the default rank 32 plus a rank-64 LoRA)."""
+    if r == 0 or (r >= 16 and r & (r - 1) == 0):
+        return r
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _act_quant_lowrank_kernel(
@@ -451,9 +460,15 @@ def act_quant_lowrank_pallas(
     ck = _chunk_for(k, chunk)
     if not fused_supports(m, k, r, block_rows, chunk):
         raise ValueError(
-            f"act_quant_lowrank_pallas: unsupported shape M={m}, K={k}, r={r} (needs M >= {block_rows}, a "
-            f"power-of-two chunk >= 64 dividing K, r = 0 or a power of two >= 16)"
+            f"act_quant_lowrank_pallas: unsupported shape M={m}, K={k} (needs M >= {block_rows} and a "
+            f"power-of-two chunk >= 64 dividing K)"
         )
+    r_pad = padded_rank(r)
+    if r_pad != r:  # zero columns for Triton's power-of-two dot; sliced off below (exact)
+        down = jnp.pad(down, ((0, 0), (0, r_pad - r)))
+        r_full, r = r, r_pad
+    else:
+        r_full = r
     static = static_scale is not None
     rotate = rot_signs is not None
     if rotate and (ck != chunk or not 64 <= chunk <= ROT_MAX_BLOCK):
@@ -515,4 +530,4 @@ def act_quant_lowrank_pallas(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(x, sm, dn, cs, had)
-    return q, s, (lr if r else None)
+    return q, s, (lr[:, :r_full] if r_full != r else lr) if r else None

@@ -144,6 +144,19 @@ def fit_epilogue(cfg: W4A4Config, r: int, out_itemsize: int, weights: str, extra
     )
 
 
+def fit_stages(cfg: W4A4Config, r: int, out_itemsize: int, weights: str, extra_bytes: int = 0) -> W4A4Config:
+    """``cfg``, or ``cfg`` with fewer pipeline stages (down to 2) where its stages, the smallest epilogue and a
+    rank-``r`` low-rank branch would not fit in shared memory (e.g. rank 96: the default rank 32 plus a rank-64
+    LoRA). The stage count changes only the overlap of loads and MMAs, not the numbers."""
+    while cfg.stages > 2:
+        try:
+            fit_epilogue(cfg, r, out_itemsize, weights, extra_bytes)
+            return cfg
+        except ValueError:
+            cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg
+
+
 def build_gemm_kernel(
     m,
     n,
@@ -501,6 +514,7 @@ def w4a4_matmul_gpu(
     lowrank_mode = config.lowrank_mode or ("chunk" if interpret else "init")
     if lowrank_mode not in ("init", "chunk"):
         raise ValueError(f"w4a4_matmul_gpu: config.lowrank_mode must be 'init', 'chunk' or None, got {lowrank_mode!r}")
+    config = fit_stages(config, r, jnp.dtype(out_dtype).itemsize, weights)
     kern = _build_kernel(m, n, k, r, bias is not None, jnp.dtype(out_dtype), config, weights, lowrank_mode)
     num_sms = config.num_sms if interpret else _num_sms(config.num_sms)
     f = plgpu.kernel(

@@ -12,7 +12,7 @@ from kernel_inputs import act_inputs
 
 from wanjax.kernels import dispatch
 from wanjax.kernels import reference as ref
-from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, fused_supports
+from wanjax.kernels.act_quant_gpu import act_quant_fused, act_quant_lowrank_pallas, fused_supports, padded_rank
 
 
 _inputs = act_inputs
@@ -26,6 +26,8 @@ _inputs = act_inputs
         (21, 384, 0, 0.3, 16),
         (40, 640, 64, None, 32),
         (70, 5120, 32, None, 64),
+        (33, 256, 96, None, 16),  # rank 32 + a rank-64 LoRA: down zero-padded to 128 columns, x_lr sliced back
+        (20, 256, 8, None, 16),
     ],
 )
 def test_fused_kernel_interpreter_matches_reference(m, k, r, static, bm):
@@ -39,6 +41,7 @@ def test_fused_kernel_interpreter_matches_reference(m, k, r, static, bm):
     if r == 0:
         assert lr is None
         return
+    assert lr.shape == (m, r)
     _, _, lr0 = act_quant_fused(x, smooth, down, 0.9, static, fold_smooth=True)
     lr, lr0, lr_ref = (np.asarray(a, np.float32) for a in (lr, lr0, ref.lowrank_down(x, down, smooth)))
     assert np.linalg.norm(lr - lr0) <= 1e-2 * np.linalg.norm(lr0)
@@ -56,7 +59,8 @@ def test_fused_supports_and_errors():
     assert fused_supports(32760, 5120, 32) and fused_supports(32760, 13824, 0)
     assert not fused_supports(63, 5120, 32)  # fewer rows than one block (64 by default)
     assert fused_supports(16, 5120, 32, block_rows=16)
-    assert not fused_supports(64, 5120, 24)  # r not a power of two
+    assert fused_supports(64, 5120, 24)  # r not a power of two: padded to 32 inside (exact)
+    assert [padded_rank(r) for r in (0, 8, 16, 24, 32, 96, 128)] == [0, 16, 16, 32, 32, 128, 128]
     assert not fused_supports(64, 100, 16)  # no power-of-two chunk >= 64 divides K
     x, smooth, down = _inputs(8, 256, 16, 0)
     with pytest.raises(ValueError, match="unsupported shape M=8"):

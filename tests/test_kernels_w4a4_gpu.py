@@ -90,6 +90,18 @@ def test_fit_epilogue_budget():
         fit_epilogue(W4A4Config(stages=8), 32, 4, "int8")
 
 
+def test_fit_stages_for_lora_ranks():
+    """Rank 96 (the default 32 + a rank-64 LoRA, what the H100 run of issue 36 hit: 286,720 B > 232,448) runs with
+    2 stages; the default rank keeps 3."""
+    from wanjax.kernels.w4a4_gpu import fit_stages
+
+    assert fit_stages(W4A4Config(), 32, 2, "int8").stages == 3
+    cfg = fit_stages(W4A4Config(), 96, 2, "int8")
+    assert cfg.stages == 2 and fit_epilogue(cfg, 96, 2, "int8")
+    with pytest.raises(ValueError, match="shared memory"):
+        fit_epilogue(W4A4Config(), 96, 2, "int8")
+
+
 @pytest.mark.parametrize(
     "weights,r,mode,k,n",
     [
