@@ -359,8 +359,8 @@ class CacheCalibration:
         file = cls.path_of(path)
         if not os.path.isfile(file):
             raise CacheCalibrationError(
-                f"{file}: no step-cache calibration there; make one with wanjax.sampling.cache calibration "
-                "(`pipe.calibrate_cache(...)`, or `python -m bench.cache_fidelity --calibrate-only`)"
+                f"{file}: no step-cache calibration there; `wanjax quantize` writes one into its artifact, "
+                "`pipe.calibrate_cache(samples, gen).save(DIR)` makes one for any pipeline (BF16 too)"
             )
         try:
             with open(file) as f:
