@@ -35,10 +35,10 @@ interrupted anywhere and resumed gives the same artifact.
 
 What is held where (I2V-A14B, dim 5120, ffn 13,824, 40 blocks): the device holds one expert (28.6 GB bf16; the
 pipeline's ``expert_placement="swap"`` keeps the other in host memory), the group's accumulators (reservoirs
-``n x 34,304`` bf16 per block and bin: 1.4 GB for 10 blocks at n = 2048; no Hessian for recipes that build theirs
+``n x 39,424`` bf16 per block and bin: 1.6 GB for 10 blocks at n = 2048; no Hessian for recipes that build theirs
 from the sampled rows, as ``default`` does: `needs_captured_hessian`) and one layer's quantization (a 13,824 x
-13,824 f32 Hessian is 0.76 GB). Disk: the trajectories (335 MB per sample at 81 frames 480p), one group's statistics
-(2 experts x 3 bins x 10 blocks x 140 MB = 8.4 GB at n = 2048), the quantized units (7.4 GB per expert) and, while
+13,824 f32 Hessian is 0.76 GB). Disk: the trajectories (362 MB per sample at 81 frames 480p), one group's statistics
+(2 experts x 3 bins x 10 blocks x 161 MB = 9.7 GB at n = 2048), the quantized units (7.4 GB per expert) and, while
 assembling, one expert file at a time (7.9 GB) whose units are deleted as soon as it is written.
 
 Calibration budgets (`BUDGETS`, ``--calib-budget``): ``seed`` (every sample given, every step of every bin: the
@@ -476,13 +476,14 @@ class _Run:
         from wanjax.quant.quantize import CalibrationSource, SharedExpertSource
 
         src = CalibrationSource(qc.CalibStats(self.work_dir), self.cfg.bins)
-        return SharedExpertSource(src) if self.shared else src
+        return _MemoSource(SharedExpertSource(src) if self.shared else src, self.shared)
 
-    def quantize(self, e, g0, g1, src) -> None:
+    def quantize(self, e, g0, g1, src, paths) -> None:
         from wanjax.quant.quantize import quantize_layer
 
         model = nnx.merge(self.pipe.graphdef, qc._params(self.pipe, e))
-        for path in self._quant_missing(e, g0, g1):
+        missing = self._quant_missing(e, g0, g1)
+        for path in [p for p in paths if p in missing]:
             self.clock.check(f"quantize:{path}", g1 - g0)
             self._begin(f"quantize {e} blocks {g0}-{g1 - 1} {path}")
             t0 = time.perf_counter()
@@ -562,6 +563,27 @@ class _Run:
         self._tick()
         self._done("assemble", e, t0)
         return rec
+
+
+class _MemoSource:
+    """A statistics source that keeps the `LayerInputs` of the last layer input it read (every block of the group):
+    q / k / v read one input, cross-attention k / v another, and with pooled statistics both experts read the same,
+    so each is loaded from disk once per group instead of up to six times."""
+
+    def __init__(self, src, shared: bool):
+        self.src, self.shared = src, shared
+        self.name, self.memo = None, {}
+
+    def layer(self, expert: str, path: str, index: int):
+        from wanjax.quant.stats import input_name
+
+        name = input_name(path[len("blocks.") :] if path.startswith("blocks.") else path)
+        if name != self.name:
+            self.name, self.memo = name, {}
+        key = (None if self.shared else expert, index)
+        if key not in self.memo:
+            self.memo[key] = self.src.layer(expert, path, index)
+        return self.memo[key]
 
 
 def _quant_manifest(work_dir: str, recipe: Recipe, restart: bool) -> None:
@@ -678,9 +700,10 @@ def quantize_streamed(
                 if run._needs_stats(e, g0, g1):
                     run.capture(e, g0, g1)
             src = run._source()
-            for e in order:
-                if run._entry(e) is None:
-                    run.quantize(e, g0, g1, src)
+            for path in BLOCK_LINEARS:  # layer by layer, both experts: layers reading one input share its statistics
+                for e in order:
+                    if run._entry(e) is None:
+                        run.quantize(e, g0, g1, src, (path,))
             run.drop_stats(g0, g1)
         recs = {e: run.assemble(e) for e in EXPERTS}
         run.clock.check("publish")

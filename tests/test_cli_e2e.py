@@ -1,6 +1,6 @@
-"""`wanjax` end to end on the shipped mini model, through `wanjax.cli.main`: calibrate -> quantize -> generate with
-the artifact, two calibration samples in the default bf16, an interrupted calibration resumed, recomputed units equal
-to the first run's, a refused retry, the work dir removed by default, and the compilation cache in use."""
+"""`wanjax` end to end on the shipped mini model, through `wanjax.cli.main`: calibrate -> quantize (streamed) ->
+generate with the artifact, two calibration samples in the default bf16, an interrupted run resumed, recomputed units
+equal to the first run's, a refused retry, the work dir removed by default, and the compilation cache in use."""
 
 import glob
 import json
@@ -45,7 +45,7 @@ def _tensors(qdir):
 def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatch, capsys):
     import jax
 
-    import wanjax.quant.calibrate as qc
+    import wanjax.quant.stream as qs
     from wanjax.video_io import count_mp4_frames
 
     monkeypatch.setenv("WANJAX_CACHE_DIR", str(tmp_path / "jaxcache"))
@@ -55,22 +55,22 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
     base = ["quantize", "--model", MINI, "--calib", str(calib), "--out", str(q), "--recipe", "rtn", *SETTINGS]
     try:
         # 1. interrupted (Ctrl-C) after the first statistics unit: exit 130, no artifact, the work dir kept
-        real = qc.calibrate
+        real = qs.quantize_streamed
 
         def interrupted(*a, **kw):
-            def on_unit(kind, unit):
-                if kind == "stats":
+            def on_unit(kind, unit, seconds):
+                if kind == "capture":
                     raise KeyboardInterrupt
 
             return real(*a, **kw, on_unit=on_unit)
 
-        monkeypatch.setattr(qc, "calibrate", interrupted)
+        monkeypatch.setattr(qs, "quantize_streamed", interrupted)
         assert main(base) == 130
         err = capsys.readouterr().err
         assert f"calibration progress kept in {work}" in err and "interrupted" in err and "Traceback" not in err
         assert not q.exists() and len(glob.glob(str(work / "traj" / "*.npz"))) == 2
         assert len(glob.glob(str(work / "stats" / "*.npz"))) == 1
-        monkeypatch.setattr(qc, "calibrate", real)
+        monkeypatch.setattr(qs, "quantize_streamed", real)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jaxcache")
 
         # 2. the same command resumes (two samples: the text encoder stays for the second prompt; bf16 contexts)
@@ -80,11 +80,12 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
         assert (q / "manifest.json").is_file() and work.is_dir()
         assert os.listdir(tmp_path / "jaxcache")  # the compilation cache was written
 
-        # 3. units deleted from the work dir are recomputed identically: same statistics, same artifact
+        # 3. units deleted from the work dir are recomputed identically: same statistics, same artifact (--keep-calib
+        # kept the statistics and the quantized units; without the quantized units the statistics are needed again)
         units = sorted(glob.glob(str(work / "stats" / "*.npz")))
-        assert len(units) > 2
+        assert len(units) > 2 and glob.glob(str(work / "quant" / "units" / "*.npz"))
         before = {u: dict(np.load(u)) for u in units[::2]}
-        for u in before:
+        for u in [*before, *glob.glob(str(work / "quant" / "units" / "*.npz"))]:
             os.remove(u)
         q2 = tmp_path / "q2"
         assert (
@@ -101,6 +102,7 @@ def test_cli_quantize_resume_and_generate_on_the_mini_model(tmp_path, monkeypatc
                     str(q2),
                     "--recipe",
                     "rtn",
+                    "--keep-calib",
                     *SETTINGS,
                 ]
             )

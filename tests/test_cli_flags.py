@@ -1,7 +1,8 @@
-"""What `wanjax quantize` / `generate` / `eval` hand to the library: ``--restart`` -> ``calibrate(restart=True)``, a
-mismatching work dir -> one line naming ``--restart`` and the kept work dir, ``--force`` -> ``attach_artifact(force=
-True)``, ``--quant-mode`` -> ``attach_artifact(mode=...)`` and the chosen mode printed, text encoder kept for
-calibration and released for generation; eval's up-front bins-vs-steps check. Stand-ins only: seconds."""
+"""What `wanjax quantize` / `generate` / `eval` hand to the library: ``--restart`` -> ``quantize_streamed(restart=
+True)``, the calibration budget, a mismatching work dir -> one line naming ``--restart`` and the kept work dir,
+``--force`` -> ``attach_artifact(force=True)``, ``--quant-mode`` -> ``attach_artifact(mode=...)`` and the chosen
+mode printed, text encoder kept for calibration and released for generation; eval's up-front bins-vs-steps check.
+Stand-ins only: seconds."""
 
 import json
 import os
@@ -35,16 +36,17 @@ def _quantize(tmp_path, *extra):
 
 def test_quantize_restart_keeps_the_text_encoder_and_reports_the_work_dir(setup, monkeypatch, capsys):
     import wanjax.quant.calibrate as qc
+    import wanjax.quant.stream as qs
 
     tmp_path, opened = setup
     calls = []
 
-    def fake_calibrate(pipe, samples, cfg, *, work_dir, restart=False, **kw):
+    def fake_streamed(pipe, samples, recipe, out, *, work_dir, cfg, restart=False, **kw):
         calls.append((samples, cfg, work_dir, dict(kw, restart=restart)))
         os.makedirs(work_dir, exist_ok=True)
         raise Stop
 
-    monkeypatch.setattr(qc, "calibrate", fake_calibrate)
+    monkeypatch.setattr(qs, "quantize_streamed", fake_streamed)
     with pytest.raises(Stop):
         main(_quantize(tmp_path, "--restart"))
     samples, cfg, work_dir, kw = calls[-1]
@@ -52,12 +54,21 @@ def test_quantize_restart_keeps_the_text_encoder_and_reports_the_work_dir(setup,
     assert kw.get("restart") is True and work_dir == f"{tmp_path / 'q'}.calib"
     assert samples[0].image == str(tmp_path / "img.png") and samples[0].seed == 3  # relative to the jsonl file
     assert (cfg.gen.num_frames, cfg.gen.max_area, cfg.gen.steps) == (5, "64x64", 8)
+    assert cfg.steps_per_bin == 0 and not cfg.hessian  # the seed budget; the default recipe needs no Hessian
     assert f"calibration progress kept in {work_dir}" in capsys.readouterr().err
 
-    def mismatch(pipe, samples, cfg, *, work_dir, **kw):
+    # --calib-budget fast: its steps per bin; --calib-samples over the budget's sample count
+    with pytest.raises(Stop):
+        main(_quantize(tmp_path, "--calib-budget", "fast", "--calib-samples", "1"))
+    samples, cfg, _, _ = calls[-1]
+    assert cfg.steps_per_bin == 2 and len(samples) == 1
+    assert main(_quantize(tmp_path, "--calib-steps-per-bin", "-1")) == 2
+    assert "--calib-steps-per-bin: expected 0 (every step) or more, got -1" in capsys.readouterr().err
+
+    def mismatch(pipe, samples, recipe, out, *, work_dir, **kw):
         raise qc.CalibrationMismatchError(f"{work_dir}: holds a calibration of other samples (sample 0's image)")
 
-    monkeypatch.setattr(qc, "calibrate", mismatch)
+    monkeypatch.setattr(qs, "quantize_streamed", mismatch)
     assert main(_quantize(tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("wanjax quantize: error: ") and "other samples" in err[-1]

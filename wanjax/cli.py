@@ -710,10 +710,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``wanjax quantize``: calibrate both experts (or reuse a calibration directory) and write a W4A4 artifact.
 
     ``--calib FILE.jsonl`` holds one JSON object per line: ``{"image": path, "prompt": text, "seed": int}``
-    (``negative_prompt`` optional; image paths relative to the file). Statistics go to a work dir (``--work-dir``,
-    default ``OUT.calib``), resumable: re-running the same command continues an interrupted calibration. The default
-    work dir is removed once the artifact is written (``--keep-calib`` keeps it); it is always kept when the run
-    fails. ``--stats DIR`` reuses the work dir of an earlier calibration instead."""
+    (``negative_prompt`` optional; image paths relative to the file). Calibration and quantization are streamed
+    block group by group (`wanjax.quant.stream`) through a work dir (``--work-dir``, default ``OUT.calib``),
+    resumable: re-running the same command continues an interrupted run from its last finished unit. A group's
+    statistics are deleted once it is quantized (``--keep-calib`` keeps them and the work dir); the default work dir
+    is removed once the artifact is written and always kept when the run fails. ``--calib-budget fast`` calibrates on
+    the first 4 samples and 2 steps per timestep bin. ``--stats DIR`` quantizes from an earlier calibration instead."""
     from wanjax.quant.recipes import get_recipe
 
     if (args.calib is None) == (args.stats is None):
@@ -723,6 +725,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except KeyError as e:
         raise CLIError(e.args[0]) from None
     samples = _read_calib_file(args.calib) if args.calib is not None else None
+    budget = _calib_budget(args)
+    if samples is not None:
+        samples = budget.select(samples)
     _check_model_dir(args.model)
     if args.stats is not None and not (os.path.isdir(args.stats) and _is_calib_work_dir(args.stats)):
         raise CLIError(
@@ -765,8 +770,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     pipe = _open_pipeline(args, release_text_encoder=False)
     if samples is not None:
         try:
-            stats = _calibrate(pipe, samples, gen, work_dir, restart=args.restart)
-            _write_artifact(args, pipe, recipe, stats)
+            _quantize_streamed(args, pipe, recipe, samples, gen, work_dir, budget)
         except BaseException:
             if os.path.isdir(work_dir):
                 print(
@@ -777,8 +781,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if own_work and not args.keep_calib:
             shutil.rmtree(work_dir, ignore_errors=True)
             print(f"removed the calibration work dir {work_dir} (--keep-calib keeps it)")
-        else:
+        elif args.keep_calib:
             print(f"kept the calibration work dir {work_dir} (reuse it with --stats)")
+        else:
+            print(f"kept the calibration work dir {work_dir} (its statistics were deleted group by group)")
     else:
         import wanjax.quant.calibrate as qc
 
@@ -791,29 +797,81 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(pipe, samples, gen, work_dir: str, restart: bool):
-    from wanjax.quant.calibrate import CalibConfig, calibrate
+def _calib_budget(args):
+    """``--calib-budget`` (default ``seed``) with ``--calib-samples`` / ``--calib-steps-per-bin`` over its values
+    (`wanjax.quant.stream.BUDGETS`); they apply to ``--calib`` only. Raises `CLIError`."""
+    import dataclasses
 
-    kw = {}
-    if restart:
-        if _supports(calibrate, "restart"):
-            kw["restart"] = True
-        elif os.path.isdir(work_dir) and _is_calib_work_dir(work_dir):
-            shutil.rmtree(work_dir)  # this calibrate() cannot restart by itself
-            print(f"--restart: removed the earlier calibration in {work_dir}")
+    from wanjax.quant.stream import BUDGETS
+
+    flags = {"--calib-budget": args.calib_budget, "--calib-samples": args.calib_samples}
+    flags["--calib-steps-per-bin"] = args.calib_steps_per_bin
+    given = [f for f, v in flags.items() if v is not None]
+    if args.stats is not None and given:
+        raise CLIError(f"{', '.join(given)}: a calibration budget applies to --calib (a new calibration), not --stats")
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise CLIError(f"--calib-samples: expected a positive integer, got {args.calib_samples}")
+    if args.calib_steps_per_bin is not None and args.calib_steps_per_bin < 0:
+        raise CLIError(f"--calib-steps-per-bin: expected 0 (every step) or more, got {args.calib_steps_per_bin}")
+    over = {"samples": args.calib_samples, "steps_per_bin": args.calib_steps_per_bin}
+    budget = BUDGETS[args.calib_budget or "seed"]
+    return dataclasses.replace(budget, **{k: v for k, v in over.items() if v is not None})
+
+
+def _quantize_streamed(args, pipe, recipe, samples, gen, work_dir: str, budget) -> str:
+    """``--calib``: `wanjax.quant.stream.quantize_streamed` (capture and quantize block group by group, resumable,
+    the artifact published when complete) and the layer SQNR table beside the artifact."""
+    from wanjax.io.atomic import atomic_write
+    from wanjax.quant.calibrate import CalibrationMismatchError
+    from wanjax.quant.quantize import sqnr_csv
+    from wanjax.quant.stream import calib_config, quantize_streamed
+
     resumed = os.path.isfile(os.path.join(work_dir, "manifest.json"))
+    steps = f"{budget.steps_per_bin} steps per bin" if budget.steps_per_bin else "every step"
     t0 = _stage(
-        f"calibrating on {len(samples)} samples -> {work_dir}"
-        + (" (resuming the earlier run there)" if resumed and not restart else "")
+        f"calibrating and quantizing both experts block group by group (recipe {recipe.name}; budget {budget.name}: "
+        f"{len(samples)} samples, {steps}) -> {work_dir}"
+        + (" (resuming the earlier run there)" if resumed and not args.restart else "")
     )
+    hook = _streamed_step_cache(args, pipe, recipe, work_dir) if getattr(args, "cache_samples", 0) > 0 else None
     try:
-        stats = calibrate(pipe, samples, CalibConfig(gen=gen), work_dir=work_dir, **kw)
-    except ValueError as e:
-        if type(e).__name__ == "CalibrationMismatchError" or "different settings" in str(e):
-            raise CLIError(f"{e} (pass --restart to discard it and calibrate again)") from None
-        raise
-    print(f"calibrated on {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
-    return stats
+        res = quantize_streamed(
+            pipe,
+            samples,
+            recipe,
+            args.out,
+            work_dir=work_dir,
+            cfg=calib_config(recipe, gen, budget),
+            keep_calib=args.keep_calib,
+            overwrite=args.overwrite,
+            restart=args.restart,
+            inputs=tuple(p for p in (args.model, args.calib) if p),
+            before_publish=hook,
+        )
+    except CalibrationMismatchError as e:
+        raise CLIError(f"{e} (pass --restart to discard it and calibrate again)") from None
+    csv_path = f"{res.out}.sqnr.csv"
+    with atomic_write(csv_path) as f:
+        f.write(sqnr_csv(res.reports, {e: res.bins.expert_bins(e) for e in res.reports}))
+    print(f"wrote {res.out} (recipe {recipe.name}) in {time.perf_counter() - t0:.1f} s; layer SQNR per bin: {csv_path}")
+    return res.out
+
+
+def _streamed_step_cache(args, pipe, recipe, work_dir: str):
+    """The streamed run's ``before_publish``: the step cache's calibration (`_artifact_step_cache`) of the experts
+    staged for publication, saved into the artifact; its report entry goes into the manifest."""
+
+    def hook(staging: str) -> dict:
+        from wanjax.quant.artifact import load_artifact
+        from wanjax.quant.calibrate import CalibStats
+        from wanjax.quant.recipes import recipe_to_dict
+
+        qexperts, _ = load_artifact(staging)
+        cal = _artifact_step_cache(args, pipe, qexperts, CalibStats(work_dir), recipe_to_dict(recipe))
+        cal.save(staging)
+        return {"step_cache": {"file": "cache_calibration.json", "precision": cal.precision, "samples": cal.samples}}
+
+    return hook
 
 
 def _write_artifact(args, pipe, recipe, stats) -> str:
@@ -904,6 +962,17 @@ def _add_quantize(sub, common) -> None:
         "--restart",
         action="store_true",
         help="discard an earlier calibration in the work dir made from other samples or settings",
+    )
+    p.add_argument(
+        "--calib-budget",
+        default=None,
+        choices=("seed", "fast"),
+        help="calibration budget: seed (every --calib sample, every step of every timestep bin: the seed's 12 "
+        "samples x 40 steps; the default) or fast (the first 4 samples, 2 steps per bin; docs/QUANTIZATION.md)",
+    )
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N", help="the first N --calib samples only")
+    p.add_argument(
+        "--calib-steps-per-bin", type=int, default=None, metavar="K", help="capture K steps per timestep bin (0: all)"
     )
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
