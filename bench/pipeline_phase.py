@@ -398,6 +398,9 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
         return v
 
     def timed_velocity(name, params, x, yy, c, t, guide):
+        cap = getattr(args, "pipeline_uncached_steps", 0)
+        if cap and len(steps) >= cap:
+            raise OutOfTime(f"--pipeline-uncached-steps {cap}: the other steps are extrapolated")
         if steps:
             ok, est = fits(name)
             if not ok:

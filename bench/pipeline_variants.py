@@ -52,6 +52,13 @@ def add_args(ap) -> None:
         help="comma list of THRESHOLD[:MAX_SKIPS]: a cached loop per entry after the uncached one",
     )
     ap.add_argument("--pipeline-cache-calibration", default=DEFAULT_CACHE_CALIBRATION)
+    ap.add_argument(
+        "--pipeline-uncached-steps",
+        type=int,
+        default=0,
+        help="run only this many steps of the uncached loop and extrapolate the rest from the warm step times "
+        "(labelled EXTRAPOLATED; 0: all)",
+    )
 
 
 def generation_config(args, frames: int):

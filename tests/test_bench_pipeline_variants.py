@@ -49,3 +49,13 @@ def test_cached_loop_after_the_uncached_one(tmp_path):
     assert run["computed"] + run["skipped_forwards"] == 20 and run["computed"] < 20
     assert run["planned_computed"] == run["computed"] and len(run["schedule"]) == 20
     assert run["fewer_forwards"] == pytest.approx(20 / run["computed"])
+
+
+def test_uncached_loop_capped_then_cached(tmp_path):
+    results = _run(tmp_path, "--pipeline-steps", "20", "--pipeline-uncached-steps", "5", "--pipeline-cache", "0.14:2")
+    p = results["phases"]["pipeline"]
+    den = p["stages"]["denoise"]
+    assert den["stopped_early"] and den["steps_done"] == 5 and "extrapolated" in den["stop_reason"]
+    assert p["generation"]["extrapolated"]
+    (run,) = p["cache_runs"]
+    assert run["computed"] + run["skipped_forwards"] == 20
