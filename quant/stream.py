@@ -198,13 +198,13 @@ class _Clock:
     """The deadline and the duration of each kind of unit, as last measured (kept in the work dir, so that a
     resumed run knows how long a unit takes before it runs one)."""
 
-    def __init__(self, deadline: float | None, path: str):
+    def __init__(self, deadline: float | None, path: str, estimates: dict | None = None):
         self.deadline, self.path = deadline, path
-        self.times = {}
+        self.times = dict(estimates or {})
         if os.path.isfile(path):
             with contextlib.suppress(OSError, ValueError):
                 with open(path) as f:
-                    self.times = dict(json.load(f))
+                    self.times.update(json.load(f))
 
     def check(self, key: str, scale: float = 1.0) -> None:
         """Raise `_Stop` unless the unit ``key`` (its last duration times ``scale``) ends before the deadline; a unit
@@ -263,7 +263,9 @@ def _load_unit(path: str) -> tuple[dict, dict, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ the run
 class _Run:
-    def __init__(self, pipe, samples, recipe: Recipe, out, cfg, work_dir, keep_calib, deadline, progress, on_unit):
+    def __init__(
+        self, pipe, samples, recipe: Recipe, out, cfg, work_dir, keep_calib, deadline, progress, on_unit, estimates
+    ):
         self.pipe, self.samples, self.recipe, self.out, self.cfg = pipe, samples, recipe, out, cfg
         self.work_dir, self.keep_calib, self.progress, self.on_unit = work_dir, keep_calib, progress, on_unit
         self.qdir = os.path.join(work_dir, "quant")
@@ -273,7 +275,7 @@ class _Run:
         self.entries = os.path.join(self.qdir, "staging.entries")
         for d in (self.unit_dir, self.partial_dir, self.staging, self.entries):
             os.makedirs(d, exist_ok=True)
-        self.clock = _Clock(deadline, os.path.join(self.qdir, "timings.json"))
+        self.clock = _Clock(deadline, os.path.join(self.qdir, "timings.json"), estimates)
         self.groups = qc.block_groups(cfg, pipe.cfg.num_layers)
         self.shared = recipe.calibration == "shared"
         self.hacc = cfg.hessian and not cfg.hessian_per_bin
@@ -627,6 +629,7 @@ def quantize_streamed(
     before_publish: Callable[[str], dict | None] | None = None,
     progress: bool = True,
     on_unit: Callable[[str, str, float], None] | None = None,
+    estimates: dict | None = None,
 ) -> StreamResult:
     """Calibrate and quantize ``pipe``'s two experts with ``recipe`` group by group into the artifact ``out``.
 
@@ -654,6 +657,9 @@ def quantize_streamed(
         (expert, group, path) units, expert files) with rate and ETA.
       on_unit: ``fn(kind, unit_id, seconds)`` after each unit is saved (``kind``: trajectory, capture, quantize,
         assemble, publish).
+      estimates: seconds assumed for units not measured yet in this work dir, by the keys of
+        ``quant/timings.json`` (``trajectory``, ``capture_step:<g0>`` per captured step, ``quantize:<path>`` per
+        block, ``assemble``, ``publish``), so that a first unit that would overrun the deadline is not started.
     """
     from wanjax.io.atomic import check_not_overlapping
     from wanjax.quant.artifact import new_manifest, write_manifest
@@ -682,7 +688,7 @@ def quantize_streamed(
         raise FileExistsError(f"quantize_streamed: {out} exists; pass overwrite=True to replace it")
     qc._write_manifest(work_dir, cfg, samples, pipe, restart=restart)
     _quant_manifest(work_dir, recipe, restart)
-    run = _Run(pipe, samples, recipe, out, cfg, work_dir, keep_calib, deadline, progress, on_unit)
+    run = _Run(pipe, samples, recipe, out, cfg, work_dir, keep_calib, deadline, progress, on_unit, estimates)
     left = run.remaining()
     if progress:
         from tqdm.auto import tqdm
