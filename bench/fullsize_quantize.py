@@ -413,7 +413,8 @@ def main(argv=None) -> int:
     log(f"loaded both experts in {call['load_s']:.1f} s (GPU in use {call['gpu_bytes_in_use']})")
 
     # 3. calibration samples: random condition and context of the pipeline's shapes
-    h, w = i2v_size((480, 832), gen.max_area)
+    # the official 480p / 720p frame (832x480 -> latent 60x104, 32,760 tokens at 81 frames), else a 480:832 image's
+    h, w = {"480p": (480, 832), "720p": (720, 1280)}.get(str(gen.max_area), None) or i2v_size((480, 832), gen.max_area)
     f_lat = num_latent_frames(gen.num_frames)
     n = a.samples or (12 if a.budget == "seed" else BUDGETS["fast"].samples)
     samples = [
