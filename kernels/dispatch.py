@@ -49,6 +49,11 @@ def _platform() -> str:
         return "cpu"
 
 
+def on_hopper() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (H100 / H200: compute capability 9.x)."""
+    return _is_hopper()
+
+
 def _is_hopper() -> bool:
     try:
         dev = jax.devices()[0]

@@ -74,3 +74,14 @@ def test_fp8_only_tpu_refuses_int8_activations(monkeypatch):
 def test_w4a8_and_g128_recipes():
     assert get_recipe("w4a8").act.fmt == "int8" and get_recipe("w4a8").weight.fmt == "int4"
     assert get_recipe("g128").weight.group_size == 128 and get_recipe("g128").act.fmt == "int4"
+
+
+def test_auto_recipe_by_hardware(monkeypatch):
+    from wanjax.kernels import dispatch as d
+    from wanjax.quant.recipes import auto_recipe
+
+    monkeypatch.setattr(d, "_is_hopper", lambda: True)
+    assert auto_recipe()[0] == "w4a8"
+    monkeypatch.setattr(d, "_is_hopper", lambda: False)
+    name, why = auto_recipe()
+    assert name == "default" and "Hopper" in why
