@@ -245,7 +245,7 @@ def _save_unit(path: str, header: dict, arrays: dict, sqnr: np.ndarray) -> None:
             continue
         data[f"a.{name}"], dtypes[name] = _encode(a)
     head = dict(header, format=UNIT_FORMAT, dtypes=dtypes)
-    data["sqnr"] = np.asarray(sqnr, np.float32)
+    data["sqnr"] = np.asarray(sqnr)  # as the quantizer returned it (float64 on the host): reports equal quantize()'s
     data["__header__"] = np.frombuffer(json.dumps(head).encode(), np.uint8)
     with atomic_write(path, "wb") as f:
         np.savez(f, **data)
@@ -336,11 +336,17 @@ class _Run:
         return self._entry(e) is None and bool(self._quant_missing(e, g0, g1))
 
     def _bins_to_capture(self, e, g0, g1) -> list[str]:
-        bins = self.cfg.bins.expert_bins(e)
+        """The bins of expert ``e`` that group ``(g0, g1)`` still has to capture. With a per-expert Hessian (summed
+        over the bins) every bin from the saved partial state's bin on (or every bin, without one) runs again until
+        the Hessian is saved: bin files alone cannot rebuild it."""
+        bins = list(self.cfg.bins.expert_bins(e))
         if self.hacc and not os.path.exists(self._stats_path(e, g0, g1, ALL_BINS)):
-            if os.path.exists(self._partial_path(e, g0, g1)):
-                return [b for b in bins if not os.path.exists(self._stats_path(e, g0, g1, b))]
-            return list(bins)  # the per-expert Hessian needs every bin in one pass
+            p = self._partial_path(e, g0, g1)
+            if os.path.exists(p):
+                with np.load(p) as z:
+                    start = int(json.loads(bytes(z["__header__"]).decode())["meta"]["bin_index"])
+                return bins[start:]
+            return bins
         return [b for b in bins if not os.path.exists(self._stats_path(e, g0, g1, b))]
 
     def remaining(self) -> dict:
@@ -407,7 +413,7 @@ class _Run:
 
     def capture(self, e, g0, g1) -> None:
         todo = self._bins_to_capture(e, g0, g1)
-        if not todo and (not self.hacc or os.path.exists(self._stats_path(e, g0, g1, ALL_BINS))):
+        if not todo:
             return
         cap = qc.GroupCapture(self.pipe, self.cfg, e, g0, g1)
         bins = list(self.cfg.bins.expert_bins(e))
