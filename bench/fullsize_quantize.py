@@ -4,6 +4,8 @@ code ``wanjax quantize --calib`` runs) within a wall-time budget per call; per-u
 
     PYTHONPATH=. python3 -m bench.fullsize_quantize --budget fast --budget-s 540     # repeat until it says done
     PYTHONPATH=. python3 -m bench.fullsize_quantize --budget seed --budget-s 540 --work out/fq_seed
+    PYTHONPATH=. python3 -m bench.fullsize_quantize --num-layers 10 --samples 1 --work out/fq10   # every kind of
+        # unit of the exact shapes in ~2 calls (10 blocks, one sample), projected to 40 blocks and 12 / 4 samples
     PYTHONPATH=. python3 -m bench.fullsize_quantize --tiny --work /tmp/fq              # CPU, the TINY config (tests)
 
 Each call:
@@ -189,9 +191,18 @@ def _timings(calib_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ projection
 def project(
-    calls: list, cfg_model, gen, budget_s: float, samples_by_budget: dict, blocks_per_group: int, timings: dict
+    calls: list,
+    cfg_model,
+    gen,
+    budget_s: float,
+    samples_by_budget: dict,
+    blocks_per_group: int,
+    timings: dict,
+    target_layers: int | None = None,
 ) -> dict:
-    """Projected seconds for both experts at each budget from the per-unit times measured so far.
+    """Projected seconds for both experts at each budget from the per-unit times measured so far, for a model of
+    ``target_layers`` blocks (default: the measured one's; ``--num-layers`` measures fewer blocks of the exact
+    shapes: trajectories and expert files then scale by the block count, capture by each group's end block).
 
     Per kind, a unit's steady time is the median of its units that were not the first of their kind in a call
     (those include compilation; used when nothing else is known), and a call's fixed cost is its load time plus the
@@ -217,17 +228,21 @@ def project(
 
     traj = per("trajectory").get(None)
     cap = per("capture", lambda u: u["g1"])  # seconds per captured step and sample, by group end
-    size = blocks_per_group or cfg_model.num_layers
+    measured = cfg_model.num_layers
+    target = target_layers or measured
+    size = blocks_per_group or measured
     for k, v in timings.items():
         if k.startswith("capture_step:"):
             g0 = int(k.split(":")[1])
-            cap[min(g0 + size, cfg_model.num_layers)] = float(v)
+            cap[min(g0 + size, measured)] = float(v)
     quant = per("quantize", lambda u: u["path"])  # seconds per block, by path
     asm = per("assemble").get(None)
     pub = per("publish").get(None)
     overhead = [c.get("load_s", 0.0) + c.get("compile_extra_s", 0.0) for c in calls if c.get("units")]
     call_overhead = steady(overhead) if overhead else None
     out = {
+        "measured_blocks": measured,
+        "projected_blocks": target,
         "per_unit": {
             "trajectory_s": traj,
             "capture_step_s_by_g1": cap,
@@ -235,14 +250,14 @@ def project(
             "assemble_s": asm,
             "publish_s": pub,
             "call_overhead_s": call_overhead,
-        }
+        },
     }
     for name, b in BUDGETS.items():
         cfg = CalibConfig(gen=gen, steps_per_bin=b.steps_per_bin, blocks_per_group=blocks_per_group).resolved()
         s = samples_by_budget[name]
-        groups = block_groups(cfg, cfg_model.num_layers)
+        groups = block_groups(cfg, target)
         parts, missing = {}, []
-        parts["trajectory_s"] = None if traj is None else s * traj
+        parts["trajectory_s"] = None if traj is None else s * traj * target / measured
         if cap:
             ref_g1, ref_t = max(cap.items())
             t_cap = 0.0
@@ -255,11 +270,11 @@ def project(
         if quant:
             known = [quant.get(p) for p in BLOCK_LINEARS]
             fill = float(np.mean([v for v in known if v is not None]))
-            parts["quantize_s"] = 2 * cfg_model.num_layers * sum(fill if v is None else v for v in known)
+            parts["quantize_s"] = 2 * target * sum(fill if v is None else v for v in known)
             missing += [p for p, v in zip(BLOCK_LINEARS, known) if v is None]
         else:
             parts["quantize_s"] = None
-        parts["assemble_s"] = None if asm is None else 2 * asm + (pub or 0.0)
+        parts["assemble_s"] = None if asm is None else 2 * asm * target / measured + (pub or 0.0)
         known_total = sum(v for v in parts.values() if v is not None)
         complete = all(v is not None for v in parts.values())
         calls_needed = None
@@ -286,6 +301,13 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", default="one", choices=("one", "both"), help="distinct random experts on disk")
     ap.add_argument("--budget", default="fast", choices=("seed", "fast"), help="calibration budget")
     ap.add_argument("--samples", type=int, default=None, help="calibration samples (default: the budget's: 12 / 4)")
+    ap.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="blocks per expert (default 40; fewer: the exact layer shapes, a shorter run, projected to 40)",
+    )
+    ap.add_argument("--project-samples", type=int, default=12, help="samples of the seed budget in the projection")
     ap.add_argument("--recipe", default="default")
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall seconds of this call, from its start")
     ap.add_argument("--frames", type=int, default=None, help="default 81 (tiny: 5)")
@@ -323,7 +345,8 @@ def main(argv=None) -> int:
     from wanjax.quant.stream import BUDGETS, calib_config, quantize_streamed
 
     log = bench_log("fullsize_quantize")
-    cfg_model = C.TINY if a.tiny else C.I2V_A14B
+    full = C.TINY if a.tiny else C.I2V_A14B
+    cfg_model = dataclasses.replace(full, num_layers=a.num_layers) if a.num_layers else full
     name = a.name or f"fullsize_quantize_{a.budget}{'_tiny' if a.tiny else ''}"
     gen = GenerationConfig(
         num_frames=a.frames or (5 if a.tiny else 81),
@@ -346,10 +369,10 @@ def main(argv=None) -> int:
         call["end"] = time.time()
         call.update(_rss(), **_gpu())
         write_json_atomic(state_path, state, indent=1)
-        n_seed = a.samples or 12
+        n_seed = a.project_samples
         payload = {
             "device": device_facts(),
-            "config": "TINY" if a.tiny else "I2V_A14B",
+            "config": ("TINY" if a.tiny else "I2V_A14B") + (f" with {a.num_layers} blocks" if a.num_layers else ""),
             "experts_on_disk": a.experts,
             "budget": a.budget,
             "recipe": a.recipe,
@@ -373,6 +396,7 @@ def main(argv=None) -> int:
                 {"seed": n_seed, "fast": min(n_seed, BUDGETS["fast"].samples)},
                 a.blocks_per_group,
                 _timings(calib_dir),
+                full.num_layers,
             ),
             **(extra or {}),
         }
@@ -468,7 +492,7 @@ def main(argv=None) -> int:
             deadline=deadline,
             progress=True,
             on_unit=on_unit,
-            estimates=None if a.tiny else FULLSIZE_ESTIMATES,
+            estimates=None if a.tiny else {k: v * cfg_model.num_layers / 40 for k, v in FULLSIZE_ESTIMATES.items()},
         )
     except _Kill:
         log(f"--max-units {a.max_units}: ended like a kill")

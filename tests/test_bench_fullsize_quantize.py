@@ -1,6 +1,6 @@
 """bench.fullsize_quantize on CPU with the TINY config: the official-layout checkpoint is written once, the streamed
 quantization is killed after some units and resumed by a second call, the artifact loads, and the result file has
-the calls, their units, the peaks and a projection for both budgets."""
+the calls, their units, the peaks and a projection for both budgets (from 1 of TINY's 2 blocks, scaled to 2)."""
 
 import json
 import os
@@ -13,6 +13,7 @@ def test_tiny_killed_then_resumed(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     work = tmp_path / "w"
     argv = ["--tiny", "--work", str(work), "--recipe", "rtn", "--reservoir", "32", "--samples", "2", "--name", "fq"]
+    argv += ["--num-layers", "1"]  # 1 of TINY's 2 blocks measured, the projection scaled to 2
     # 1. killed after 10 units (2 trajectories, 6 capture units, 2 quantized units)
     assert fq.main(argv + ["--max-units", "10"]) == 0
     res = json.loads((tmp_path / "bench/results/fq.json").read_text())
@@ -32,9 +33,11 @@ def test_tiny_killed_then_resumed(tmp_path, monkeypatch):
     assert "trajectory" not in kinds and kinds.count("quantize") == 2 * 10 - 2 and kinds[-1] == "publish"
     assert set(res["artifact"]) == {"high", "low"} and res["artifact_load_s"] > 0
     assert all(u["disk_work_bytes"] > 0 and u["rss_bytes"] > 0 for u in c2["units"])
-    for name in ("seed", "fast"):
-        p = res["projection"][name]
-        assert p["complete"] and p["compute_s"] > 0 and p["samples"] == 2
+    proj = res["projection"]
+    assert (proj["measured_blocks"], proj["projected_blocks"]) == (1, 2)
+    for name, n in (("seed", 12), ("fast", 4)):
+        p = proj[name]
+        assert p["complete"] and p["compute_s"] > 0 and p["samples"] == n
     assert (
         res["projection"]["fast"]["captured_steps_per_sample"] < res["projection"]["seed"]["captured_steps_per_sample"]
     )
