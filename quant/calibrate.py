@@ -955,7 +955,9 @@ class GroupCapture:
         self.local0 = dict(self.local, **({CONTEXT_NAME: pipe.cfg.dim} if self.with_ctx else {}))
 
     def accs(self) -> list:
-        return [_init_acc(self.local0 if j == 0 else self.local, self.cfg, self.dtype) for j in range(self.g1 - self.g0)]
+        return [
+            _init_acc(self.local0 if j == 0 else self.local, self.cfg, self.dtype) for j in range(self.g1 - self.g0)
+        ]
 
     def haccs(self) -> list:
         return [_init_hacc(self.local0 if j == 0 else self.local, self.cfg) for j in range(self.g1 - self.g0)]
