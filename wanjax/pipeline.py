@@ -346,11 +346,13 @@ class WanI2VPipeline:
     def prepare_condition(self, image, num_frames: int, max_area) -> tuple[jax.Array, tuple[int, int]]:
         """Image -> y [1, F_lat, h, w, 20] (4 mask + 16 VAE latent channels) and the pixel size (H, W);
         `NonFiniteError` if the VAE encoder gives NaN/Inf."""
-        from wanjax.model.vae import encode_video
+        from wanjax.model.vae import encode_image_video
 
         img = conditioning.preprocess_image(image, max_area)  # [H, W, 3] in [-1, 1]
-        video = conditioning.i2v_video(img, num_frames)  # [F, H, W, 3]
-        lat = encode_video(self.vae, jnp.asarray(video)[None])  # [1, F_lat, h, w, 16]
+        conditioning.check_num_frames(num_frames)
+        # the VAE latents of conditioning.i2v_video(img, num_frames) (the image, then black frames), without
+        # recomputing the encoder chunks whose output repeats (bitwise the same latents, a third of the chunks)
+        lat = encode_image_video(self.vae, jnp.asarray(img)[None], num_frames)  # [1, F_lat, h, w, 16]
         mask = conditioning.i2v_mask(num_frames, lat.shape[2], lat.shape[3])
         y = conditioning.concat_condition(jnp.asarray(mask), lat).astype(jnp.float32)
         if not all_finite(y):
