@@ -166,7 +166,11 @@ def resolve_generation(args, command: str):
     )
     src = os.path.join(args.model, GENERATION_CONFIG_FILE)
     try:
-        gen = GenerationConfig.for_model(args.model, **over)
+        if getattr(args, "lightning", None) is not None:  # model defaults < the Lightning preset < flags
+            _warn_lightning_overrides(over, command)
+            gen = GenerationConfig.lightning(GenerationConfig.for_model(args.model), **over)
+        else:
+            gen = GenerationConfig.for_model(args.model, **over)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     if hasattr(gen, "validate"):
@@ -177,6 +181,27 @@ def resolve_generation(args, command: str):
     if not isinstance(gen.fps, int) or gen.fps < 1:
         raise CLIError(f"fps: expected a positive integer (from {src}), got {gen.fps!r}")
     return gen
+
+
+#: setting -> the Lightning preset's value (`wanjax.generation_config.LIGHTNING`), for `_warn_lightning_overrides`
+_LIGHTNING_SETTINGS = {"steps": 4, "shift": 5.0, "solver": "euler"}
+
+
+def _warn_lightning_overrides(over: dict, command: str) -> None:
+    """``--lightning`` with sampling flags that differ from the preset: the flags win (as in
+    ``GenerationConfig.lightning(**overrides)``); one warning line names them."""
+    diff = [f"--{k} {over[k]}" for k, want in _LIGHTNING_SETTINGS.items() if over.get(k) not in (None, want)]
+    low, high = over.get("guidance_low"), over.get("guidance_high")
+    if low not in (None, 1.0) or high not in (None, 1.0):
+        diff.append(
+            f"guidance {1.0 if low is None else low:g} (low-noise) / {1.0 if high is None else high:g} (high-noise)"
+        )
+    if diff:
+        print(
+            f"wanjax {command}: warning: --lightning with {', '.join(diff)}: the flags replace the preset's 4 Euler "
+            "steps, shift 5, guidance 1 (what the Lightning LoRAs were distilled for)",
+            file=sys.stderr,
+        )
 
 
 def _print_settings(gen, model: str) -> None:
@@ -389,7 +414,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     Settings default to the model's ``generation_config.json`` (e.g. models/mini: 17 frames, 128x128, 20 steps),
     else the official ones (81 frames, 480p max area, 40 steps, shift 5.0, guidance 3.5/3.5, FlowUniPC). Everything
-    is checked before the model is loaded; the video is written to a temporary file, verified, then renamed."""
+    is checked before the model is loaded; the video is written to a temporary file, verified, then renamed.
+
+    ``--lora [high=|low=|both=]FILE[:STRENGTH]`` (repeatable) and ``--lightning [DIR]`` (the 4-step preset between
+    the model's defaults and the flags, plus DIR's two LoRAs) are read and checked against the model's config before
+    loading and applied after ``--quant`` attaches: merged into BF16 experts, extra low-rank rank on W4A4 ones
+    (docs/LORA.md)."""
     import numpy as np
 
     from wanjax.video_io import VIDEO_EXTENSIONS, save_pngs, save_video, to_uint8
@@ -413,12 +443,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             manifest = read_manifest(args.quant)  # format and checksum, before any model is loaded
         except (ArtifactError, OSError) as e:
             raise CLIError(f"--quant {args.quant}: {e}") from None
-    sources = (args.model, args.image, args.quant)
+    lora_specs = lora_specs_from_args(args)
+    sources = (args.model, args.image, args.quant, args.lightning or None) + tuple(s[2] for s in lora_specs)
     _check_out_file(args.out, VIDEO_EXTENSIONS, args.overwrite, sources)
     if args.png_dir:
         _check_out_dir(args.png_dir, args.overwrite, sources + (args.out,), "--png-dir")
     if args.force and not args.quant:
         raise CLIError("--force applies to --quant (use an artifact made from another model); no --quant given")
+    loras = read_loras(lora_specs, args.model, args.lora_ignore_unknown)  # read and checked before the model loads
     cache = _step_cache(args, gen)  # the calibration is read and checked before any model is loaded
     mesh = _make_mesh(args)
     if args.quant:
@@ -449,6 +481,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"using the quantized experts of {args.quant} (recipe "
             f"{manifest.get('recipe', {}).get('name', '?')}, {qmode} mode) in {time.perf_counter() - t0:.1f} s"
         )
+    if loras:  # after --quant: on W4A4 experts a LoRA is extra rank of the low-rank branch (nothing re-quantized)
+        apply_loras(pipe, loras)
     if getattr(args, "attention", None):  # after --quant: an explicit backend wins over the recipe's
         from wanjax.model.attention import set_attention_backend
 
@@ -484,6 +518,124 @@ def cmd_generate(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
     )
     return 0
+
+
+def parse_lora_arg(text: str, flag: str = "--lora") -> tuple[str, str, float]:
+    """``--lora [high=|low=|both=]FILE[:STRENGTH]`` -> ``(expert, file, strength)``: expert ``both`` and strength 1
+    unless given; a ``:`` is read as the strength separator only when the whole text is not an existing path.
+    Raises `CLIError`."""
+    expert, rest, strength = "both", str(text), 1.0
+    m = re.match(r"(high|low|both)=(.*)$", rest, re.S)
+    if m:
+        expert, rest = m.group(1), m.group(2)
+    m = re.fullmatch(r"(.*):([^:/\\]*)", rest, re.S)
+    if m and not os.path.exists(rest):
+        try:
+            strength = float(m.group(2))
+        except ValueError:
+            raise CLIError(
+                f"{flag} {text}: strength {m.group(2)!r} after ':' is not a number (expected "
+                "[high=|low=|both=]FILE[:STRENGTH], e.g. low=style.safetensors:0.8)"
+            ) from None
+        rest = m.group(1)
+    if not rest:
+        raise CLIError(f"{flag} {text}: no file (expected [high=|low=|both=]FILE[:STRENGTH])")
+    if not math.isfinite(strength):
+        raise CLIError(f"{flag} {text}: strength must be a finite number, got {strength}")
+    return expert, rest, strength
+
+
+def lora_specs_from_args(args: argparse.Namespace) -> list[tuple[str, str, str, float]]:
+    """The LoRA files of ``--lora`` (each `parse_lora_arg`) and ``--lightning DIR`` (its high- and low-noise files,
+    `wanjax.lora.lightning_files`): ``[(flag, expert, path, strength)]``, nothing read yet. Raises `CLIError`."""
+    specs = [(f"--lora {t}",) + parse_lora_arg(t) for t in (getattr(args, "lora", None) or [])]
+    lightning = getattr(args, "lightning", None)
+    if lightning:
+        from wanjax.lora.lightning import lightning_files
+
+        try:
+            files = lightning_files(lightning)
+        except FileNotFoundError as e:
+            raise CLIError(f"--lightning {lightning}: {e}") from None
+        specs += [(f"--lightning {lightning}", e, f, 1.0) for e, f in files.items()]
+    if getattr(args, "lora_ignore_unknown", False) and not specs:
+        raise CLIError("--lora-ignore-unknown applies to --lora FILE / --lightning DIR; neither was given")
+    return specs
+
+
+def _model_dit_config(model: str):
+    """The DiT config of a model directory from its ``high_noise_model/config.json`` (official) or
+    ``transformer/config.json`` (diffusers) without reading any weight; None when absent or unreadable (the
+    loader reports that)."""
+    from wanjax.config import config_from_json
+
+    for sub in ("high_noise_model", "transformer"):
+        path = os.path.join(model, sub, "config.json")
+        if os.path.isfile(path):
+            try:
+                return config_from_json(path)
+            except (OSError, ValueError, TypeError):
+                return None
+    return None
+
+
+def read_loras(specs, model: str, ignore_unknown: bool = False) -> list[tuple]:
+    """Read every LoRA file of ``specs`` (`lora_specs_from_args`) and check it (format, and module names and shapes
+    against ``model``'s config when it has a ``config.json``) before any model is loaded:
+    ``[(LoraWeights, expert, strength, flag)]``. A bad file is a `CLIError` naming the flag, file, key, expected and
+    got; with ``ignore_unknown`` unknown keys are reported as a warning and skipped."""
+    if not specs:
+        return []
+    from wanjax.lora import LoraError, read_lora
+
+    cfg = _model_dit_config(model)
+    out = []
+    for flag, expert, path, strength in specs:
+        if not os.path.exists(path):
+            raise CLIError(f"{flag}: {path}: no such file")
+        if os.path.isdir(path):
+            raise CLIError(
+                f"{flag}: {path}: is a directory; expected a LoRA .safetensors file (the two files of a Lightning "
+                "release directory: --lightning DIR)"
+            )
+        if not os.access(path, os.R_OK):
+            raise CLIError(f"{flag}: {path}: not readable (permission denied)")
+        name = f"lightning-{expert}" if flag.startswith("--lightning") else ""
+        try:
+            lw = read_lora(path, cfg, ignore_unknown=ignore_unknown, name=name)
+        except LoraError as e:
+            raise CLIError(f"{flag}: {e}".replace("pass ignore_unknown=True", "pass --lora-ignore-unknown")) from None
+        out.append((lw, expert, strength, flag))
+    return out
+
+
+def apply_loras(pipe, loras) -> list[str]:
+    """Apply ``loras`` (`read_loras`) to the pipeline's experts (`wanjax.lora.apply_lora`: merged into BF16 experts,
+    extra low-rank rank on W4A4 ones) and print one line per LoRA: name, expert, strength, rank, layers. Returns
+    the names. A LoRA that does not fit the loaded experts is a `CLIError`."""
+    from wanjax.lora import LoraError, apply_lora
+
+    quantized = getattr(pipe, "quant_bins", None) is not None
+    t0 = _stage(
+        f"applying {len(loras)} LoRA file(s) "
+        + ("as extra low-rank rank of the W4A4 experts" if quantized else "merged into the experts' weights")
+    )
+    names = []
+    for lw, expert, strength, flag in loras:
+        try:
+            name = apply_lora(pipe, lw, expert=expert, strength=strength)
+        except LoraError as e:
+            raise CLIError(f"{flag}: {e}") from None
+        ranks = "/".join(str(r) for r in sorted(set(lw.ranks.values()))) or "-"
+        print(
+            f"LoRA {name}: expert {expert}, strength {strength:g}, rank {ranks}, {len(lw.modules)} layers"
+            + (f" + {len(lw.diffs)} full deltas" if lw.diffs else "")
+            + (f", {len(lw.ignored)} unknown keys skipped" if lw.ignored else "")
+            + f" ({lw.format})"
+        )
+        names.append(name)
+    print(f"applied {len(names)} LoRA(s) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return names
 
 
 def _step_cache(args: argparse.Namespace, gen):
@@ -643,6 +795,31 @@ def _add_generate(sub, common) -> None:
         type=int,
         default=2,
         help="with --cache: most steps skipped in a row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="[high=|low=|both=]FILE[:STRENGTH]",
+        help="apply a LoRA .safetensors (Lightning/official, diffusers/PEFT or kohya/ComfyUI keys) to the high-noise "
+        "expert, the low-noise one or both (default: both) at STRENGTH (default 1); repeatable. Merged into BF16 "
+        "experts; with --quant, extra rank of the W4A4 low-rank branch (docs/LORA.md)",
+    )
+    p.add_argument(
+        "--lora-ignore-unknown",
+        action="store_true",
+        help="skip LoRA keys that name no layer of the model (listed in a warning) instead of refusing the file",
+    )
+    p.add_argument(
+        "--lightning",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="the Wan2.2-Lightning 4-step preset: 4 Euler steps on its schedule (shift 5, boundary 0.9), CFG off; "
+        "DIR: a Lightning release directory whose high_noise_model / low_noise_model .safetensors are applied to "
+        "their experts (without DIR the experts must already carry it). --steps / --shift / --solver / --guidance "
+        "given as well replace the preset's (with a warning)",
     )
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     p.set_defaults(func=cmd_generate)
