@@ -183,8 +183,9 @@ def lora_model(
     not modified. Every LoRA is checked against ``model.cfg`` first (`LoraError` naming the file and key).
 
     ``pad_rank``: the QLinear branch's total rank (own + LoRA) is padded with zero columns: ``"pow2"`` to the next
-    power of two (what the fused GPU act-quant kernel needs), an int to a multiple of it, None not at all, ``"auto"``
-    (default): ``"pow2"`` for layers in real mode, None in fake mode.
+    power of two, an int to a multiple of it, None not at all, ``"auto"`` (default): a multiple of 16 for layers in
+    real mode (the GPU GEMM's low-rank epilogue; rank 96 = 32 + a rank-64 LoRA runs as is, padding it to 128 would
+    overflow the GEMM's shared memory), None in fake mode.
     """
     if isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[0], LoraWeights):
         loras = [loras]
@@ -226,14 +227,19 @@ def lora_model(
         q = _get(new, path)
         down, up, scale = _qlinear_lora_arrays(q, entries, "lora_model")
         mode_pad = pad_rank
-        if pad_rank == "auto":
-            mode_pad = "pow2" if q.mode == "real" else None
+        if pad_rank == "auto":  # the GPU GEMM's epilogue takes ranks in multiples of 16 (the act quant pads itself)
+            mode_pad = REAL_RANK_MULTIPLE if q.mode == "real" else None
         r0 = 0 if q.down is None else q.down.shape[-1]
         r = down.shape[-1]
         target = _padded(r0 + r, mode_pad) - r0
         dt = _dtype_of_branch(q)
         set_lora(q, *_pad_rank(down.astype(dt), up.astype(dt), scale, target))
     return new
+
+
+#: the multiple a real-mode QLinear's total low-rank rank is padded to (``kernels.dispatch``: the Mosaic GPU GEMM runs
+#: ranks that are multiples of 16 in its epilogue; the fused act quant pads to a power of two inside, exactly)
+REAL_RANK_MULTIPLE = 16
 
 
 def _padded(total: int, pad) -> int:
