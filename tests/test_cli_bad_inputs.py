@@ -365,7 +365,7 @@ def test_version_help_and_recipe_list(capsys):
     assert capsys.readouterr().out.strip() == f"wanjax {wanjax.__version__}"
     assert main(["quantize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert ("one of: " + ", ".join(RECIPES)) in text
+    assert ("one of: auto, " + ", ".join(RECIPES)) in text
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "default: from the model's generation_config.json, else 81" in text and "--guide " not in text
