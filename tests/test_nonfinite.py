@@ -120,12 +120,12 @@ def test_nan_from_the_vae_or_text_encoder_is_reported(monkeypatch, tiny):
     gen = dataclasses.replace(GEN, max_area=16 * 16, steps=1)
     img = np.zeros((16, 16, 3), np.uint8)
     lat = jnp.zeros((1, 2, 2, 2, 16))
-    monkeypatch.setattr("wanjax.model.vae.encode_video", lambda vae, v: lat)
+    monkeypatch.setattr("wanjax.model.vae.encode_image_video", lambda vae, image, num_frames: lat)
     monkeypatch.setattr("wanjax.model.vae.decode_video", lambda vae, z: jnp.full((1, 5, 16, 16, 3), jnp.nan))
     with pytest.raises(NonFiniteError, match="VAE decoder produced NaN/Inf from finite latents") as e:
         pipe.generate(img, context=ctx, gen=gen, progress=False)
     assert e.value.stage == "vae_decode"
-    monkeypatch.setattr("wanjax.model.vae.encode_video", lambda vae, v: lat * jnp.nan)
+    monkeypatch.setattr("wanjax.model.vae.encode_image_video", lambda vae, image, num_frames: lat * jnp.nan)
     with pytest.raises(NonFiniteError, match="VAE encoder") as e:
         pipe.prepare_condition(img, 5, 16 * 16)
     assert e.value.stage == "vae_encode"
