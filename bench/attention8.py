@@ -57,15 +57,69 @@ def check(s, n=2, d=128, cfg=G.GPUConfig()):
     return out
 
 
+def parse_config(spec: str) -> G.GPUConfig:
+    """'pingpong=0,stages=3' -> GPUConfig(pingpong=False, stages=3) ('' -> the default)."""
+    kw = {}
+    fields = {f.name: f.type for f in G.dataclasses.fields(G.GPUConfig)}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--configs: unknown GPUConfig field {key!r}; expected one of {sorted(fields)}")
+        kw[key] = bool(int(val)) if fields[key] in (bool, "bool") else int(val)
+    return G.GPUConfig(**kw)
+
+
+def variant(cfg: G.GPUConfig, args) -> dict:
+    """Check one more kernel config against the reference (S = 1000) and time its kernel at each S (CUPTI medians,
+    cuDNN BF16 beside it)."""
+    out = {"config": G.dataclasses.asdict(cfg), "check": check(1000, cfg=cfg), "rows": []}
+    pc = G.gpu_config_for(cfg)
+    prepass = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc))
+    core = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))
+    cudnn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="cudnn"))
+    for s in args.s:
+        q, k, v = _qkv(s, args.heads, 128, seed=1)
+        x = prepass(q, k, v)
+        t_core = cupti_ms(core, x, iters=args.iters)
+        t_bf16 = cupti_ms(cudnn, q, k, v, iters=args.iters)
+        flops = 4.0 * s * s * 128 * args.heads
+        row = {
+            "s": s,
+            "ms_kernel": t_core,
+            "ms_cudnn_bf16": t_bf16,
+            "x_kernel_vs_cudnn_bf16": t_bf16 / t_core,
+            "tops_kernel_only": flops / (t_core * 1e-3) / 1e12,
+        }
+        print("variant", out["config"], row, flush=True)
+        out["rows"].append(row)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--s", type=int, nargs="+", default=[32760, 75600])
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=[""],
+        help="kernel configs to compare, each 'field=value,...' of GPUConfig (e.g. 'pingpong=0,tile_scale=0'); "
+        "'' = the default. Each is checked against the reference, then timed; the result keys describe the first",
+    )
+    ap.add_argument("--name", default="attention8_h100")
     args = ap.parse_args(argv)
-    cfg = G.GPUConfig()
+    cfgs = [parse_config(c) for c in args.configs]
+    variants = []
+    for cfg in cfgs[1:]:
+        try:
+            variants.append(variant(cfg, args))
+        except Exception as e:  # noqa: BLE001 - one config that fails to build must not hide the others
+            print("variant failed", cfg, repr(e)[:2000], flush=True)
+            variants.append({"config": G.dataclasses.asdict(cfg), "error": repr(e)[:2000]})
+    cfg = cfgs[0]
     pc = G.gpu_config_for(cfg)
-    checks = [check(1000), check(args.s[0], n=1)]
+    checks = [check(1000, cfg=cfg), check(args.s[0], n=1, cfg=cfg)]
     if max(c["kernel_vs_reference"] for c in checks) > 1e-2:
         raise SystemExit(f"attention8_gpu disagrees with the reference: {checks}")
     rows = []
@@ -99,7 +153,7 @@ def main(argv=None):
         print(row, flush=True)
         rows.append(row)
     write_result(
-        "attention8_h100",
+        args.name,
         {
             "device": device_facts(),
             "b": 1,
@@ -113,6 +167,7 @@ def main(argv=None):
             "x_vs_cudnn_bf16": [r["x_vs_cudnn_bf16"] for r in rows],
             "rel_l2": [r["rel_l2"] for r in rows],
             "rel_l2_note": "attn8 (pre-pass + kernel) vs cuDNN BF16 on heads 0-1",
+            "other_configs": variants,
         },
     )
 

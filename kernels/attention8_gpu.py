@@ -51,13 +51,25 @@ class GPUConfig:
     block_q: int = 64  # query rows per compute warpgroup (2 per CTA)
     block_kv: int = 128  # keys per tile (= the reference's kv_block and the K scale block)
     stages: int = 2  # K / V^T ring depth
+    #: the two compute warpgroups take turns on the tensor cores (one runs its softmax while the other's wgmma runs)
+    pingpong: bool = True
+    #: the K scale is one number per tile (k_block = block_kv): fold it into the row scale, one multiply per score
+    tile_scale: bool = True
 
 
-def prepare(x: QKV8, d: int):
+def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
     """Kernel operands from the pre-pass: q8, k8 [B, N, S, D] int8; vt8 [B, N, D, S] e4m3; row [B, N, Sq] f32 (times
-    sm_scale * log2 e); col [B, N, Sk] f32; v_scale [B, N, D] f32."""
+    sm_scale * log2 e); col: the K scales, per token [B, N, Sk] f32, or with ``cfg.tile_scale`` one per KV tile,
+    repeated ``block_q`` times [B, N, Sk / block_kv, block_q] (so a compute warpgroup loads it as a row vector);
+    v_scale [B, N, D] f32."""
     row = x.q_scale_tokens() * jnp.float32(LOG2E / math.sqrt(d))
-    return x.q, x.k, jnp.swapaxes(x.v, 2, 3), row, x.k_scale_tokens(), x.v_scale
+    if cfg.tile_scale:
+        if x.k_block != cfg.block_kv:
+            raise ValueError(f"attention8_gpu: tile_scale needs k_block == block_kv, got {x.k_block}, {cfg.block_kv}")
+        col = jnp.broadcast_to(x.k_scale[..., None], x.k_scale.shape + (cfg.block_q,))
+    else:
+        col = x.k_scale_tokens()
+    return x.q, x.k, jnp.swapaxes(x.v, 2, 3), row, col, x.v_scale
 
 
 def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
@@ -65,11 +77,22 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
     nkv = skp // bkv
     stages = min(stages, nkv)
     f32 = jnp.float32
+    masked_last = sk < skp  # only the last KV tile holds padded keys
+    col_shape = (stages, bq) if cfg.tile_scale else (stages, bkv)
 
     def kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, scoped):
-        (q_smem2, o_smem2, p_smem2, k_smem, vt_smem, col_smem), (q_bar, k_bar, c_bar, v_bar), (k_done, v_done) = scoped
+        (
+            (q_smem2, o_smem2, p_smem2, k_smem, vt_smem, col_smem),
+            (q_bar, k_bar, c_bar, v_bar),
+            (k_done, v_done),
+            sched,
+        ) = scoped
         bi, h = lax.axis_index("batch"), lax.axis_index("heads")
         wg = lax.axis_index("wg")
+
+        def turn():  # both compute warpgroups meet here: their tensor-core phases alternate
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
 
         @pl.when(wg < 2)
         def _compute():
@@ -86,7 +109,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), row_layout)
             acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, f32), plgpu.Layout.WGMMA)
 
-            def step(j, carry):
+            def step(j, carry, masked=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
@@ -94,25 +117,37 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    if cfg.pingpong:
+                        turn()
                     return acc_ref[...]
 
                 s32 = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.int32))
-                col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
-                plgpu.barrier_arrive(k_done.at[slot])
-                s = (
-                    s32.astype(f32)
-                    * lax.broadcast_in_dim(row, (bq, bkv), [0])
-                    * lax.broadcast_in_dim(col, (bq, bkv), [1])
-                )
-                key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(key < sk, s, -jnp.inf)
+                if cfg.tile_scale:
+                    rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
+                    plgpu.barrier_arrive(k_done.at[slot])
+                    s = s32.astype(f32) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
+                else:
+                    col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
+                    plgpu.barrier_arrive(k_done.at[slot])
+                    s = (
+                        s32.astype(f32)
+                        * lax.broadcast_in_dim(row, (bq, bkv), [0])
+                        * lax.broadcast_in_dim(col, (bq, bkv), [1])
+                    )
+                if masked:
+                    key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(key < sk, s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
                 l_i = l_i * alpha + p.sum(axis=1)
                 p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
                 plgpu.commit_smem()
+                if cfg.pingpong:
+                    plgpu.barrier_arrive(sched)  # softmax done
                 plgpu.barrier_wait(v_bar.at[slot])
+                if cfg.pingpong:
+                    plgpu.barrier_wait(sched)  # the other warpgroup's turn on the tensor cores is over
 
                 def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
                     plgpu.wgmma(acc_ref, p_smem, vt_smem.at[slot].transpose((1, 0)))
@@ -123,7 +158,14 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
                 acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, nkv, step, (acc, m_i, l_i))
+            if cfg.pingpong:
+                pl.when(wg == 1)(turn)
+            carry = lax.fori_loop(0, nkv - 1 if masked_last else nkv, step, (acc, m_i, l_i))
+            if masked_last:
+                carry = step(jnp.int32(nkv - 1), carry, masked=True)
+            acc, m_i, l_i = carry
+            if cfg.pingpong:
+                pl.when(wg == 0)(turn)
             out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0]) * lax.broadcast_in_dim(vs, (bq, d), [1])
             o_smem[...] = out.astype(jnp.bfloat16)
             plgpu.commit_smem()
@@ -137,7 +179,10 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             def load(j, slot):
                 ks = pl.ds(j * bkv, bkv)
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, h, ks], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(col_ref.at[bi, h, ks], col_smem.at[slot], c_bar.at[slot])
+                if cfg.tile_scale:
+                    plgpu.copy_gmem_to_smem(col_ref.at[bi, h, j], col_smem.at[slot], c_bar.at[slot])
+                else:
+                    plgpu.copy_gmem_to_smem(col_ref.at[bi, h, ks], col_smem.at[slot], c_bar.at[slot])
                 plgpu.copy_gmem_to_smem(vt_ref.at[bi, h, :, ks], vt_smem.at[slot], v_bar.at[slot])
 
             for i in range(stages):
@@ -165,7 +210,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             plgpu.SMEM((2, bq, bkv), jnp.float8_e4m3fn, transforms=t8),
             plgpu.SMEM((stages, bkv, d), jnp.int8, transforms=t8),
             plgpu.SMEM((stages, d, bkv), jnp.float8_e4m3fn, transforms=t8),
-            plgpu.SMEM((stages, bkv), jnp.float32),
+            plgpu.SMEM(col_shape, jnp.float32),
         )
         bars = (plgpu.Barrier(num_barriers=2),) + (plgpu.Barrier(num_barriers=stages),) * 3
         done = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
@@ -174,6 +219,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             smem,
             bars,
             done,
+            plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
@@ -201,7 +247,7 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
             f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
             f"{cfg.block_kv}, D={d} of 64"
         )
-    q8, k8, vt8, row, col, vs = prepare(x, d)
+    q8, k8, vt8, row, col, vs = prepare(x, d, cfg)
     out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret)(q8, k8, vt8, row, col, vs)
     return out[:, :, : x.sq].transpose(0, 2, 1, 3)
 

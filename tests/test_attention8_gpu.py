@@ -14,10 +14,13 @@ from wanjax.kernels import attention8_gpu as G
 from wanjax.kernels import attention8_reference as R
 
 
-@pytest.mark.parametrize("s", [200, 300])
-def test_interpret_matches_reference(s):
-    """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail."""
-    cfg = G.GPUConfig(block_q=64, block_kv=128, stages=2)
+@pytest.mark.parametrize(
+    "s, pingpong, tile_scale", [(200, True, True), (300, True, True), (300, False, False), (256, True, False)]
+)
+def test_interpret_matches_reference(s, pingpong, tile_scale):
+    """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail (the last tile only);
+    S=256 has no padded key (no masked tile). Both schedules (pingpong or not) and both K-scale layouts."""
+    cfg = G.GPUConfig(block_q=64, block_kv=128, stages=2, pingpong=pingpong, tile_scale=tile_scale)
     key = jax.random.key(s)
     q, k, v = (
         jax.random.normal(jax.random.fold_in(key, i), (1, s, 1, 128), jnp.float32).astype(jnp.bfloat16)
