@@ -42,6 +42,11 @@ try:  # Mosaic GPU is part of jax, but keep the module importable on hosts whose
 except ImportError:  # pragma: no cover
     plgpu = None
 
+#: float(i) = bitcast(i + MAGIC_I32) - MAGIC_F32, exactly, for |i| < 2**22 (1.5 * 2**23 carries the integer in its
+#: mantissa)
+MAGIC_F32 = 1.5 * 2**23
+MAGIC_I32 = 0x4B400000
+
 #: set True only after tests/test_attention8_gpu.py and bench/attention8.py passed on an H100
 VERIFIED = False
 
@@ -55,6 +60,10 @@ class GPUConfig:
     pingpong: bool = True
     #: the K scale is one number per tile (k_block = block_kv): fold it into the row scale, one multiply per score
     tile_scale: bool = True
+    #: fewer instructions per score (with tile_scale): int32 -> f32 by the magic-number add (exact: |QK| < 2**22 for
+    #: int8 and D <= 256) instead of the quarter-rate convert, the row max taken before the scale (positive scales),
+    #: no clamp before the e4m3 convert (p <= 448 (1 + 2**-22) always rounds to 448)
+    lean: bool = True
 
 
 def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
@@ -122,26 +131,42 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
                     return acc_ref[...]
 
                 s32 = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.int32))
-                if cfg.tile_scale:
+                if cfg.tile_scale and cfg.lean:
                     rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
                     plgpu.barrier_arrive(k_done.at[slot])
-                    s = s32.astype(f32) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
-                else:
-                    col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
-                    plgpu.barrier_arrive(k_done.at[slot])
-                    s = (
-                        s32.astype(f32)
-                        * lax.broadcast_in_dim(row, (bq, bkv), [0])
-                        * lax.broadcast_in_dim(col, (bq, bkv), [1])
+                    sf = lax.bitcast_convert_type(s32 + jnp.int32(MAGIC_I32), f32) - f32(MAGIC_F32)
+                    if masked:
+                        key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                        sf = jnp.where(key < sk, sf, -jnp.inf)
+                    m_new = jnp.maximum(m_i, sf.max(axis=1) * rc)
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(
+                        sf * lax.broadcast_in_dim(rc, (bq, bkv), [0])
+                        - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
                     )
-                if masked:
-                    key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(key < sk, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
-                p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    p_smem[...] = p.astype(jnp.float8_e4m3fn)
+                else:
+                    if cfg.tile_scale:
+                        rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
+                        plgpu.barrier_arrive(k_done.at[slot])
+                        s = s32.astype(f32) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
+                    else:
+                        col = plgpu.load(col_smem.at[slot], layout=col_layout, optimized=False)
+                        plgpu.barrier_arrive(k_done.at[slot])
+                        s = (
+                            s32.astype(f32)
+                            * lax.broadcast_in_dim(row, (bq, bkv), [0])
+                            * lax.broadcast_in_dim(col, (bq, bkv), [1])
+                        )
+                    if masked:
+                        key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                        s = jnp.where(key < sk, s, -jnp.inf)
+                    m_new = jnp.maximum(m_i, s.max(axis=1))
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
                 plgpu.commit_smem()
                 if cfg.pingpong:
                     plgpu.barrier_arrive(sched)  # softmax done
@@ -247,6 +272,8 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
             f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
             f"{cfg.block_kv}, D={d} of 64"
         )
+    if cfg.lean and d > 256:
+        raise ValueError(f"attention8_gpu: lean=True converts QK^T exactly only for D <= 256, got D={d}")
     q8, k8, vt8, row, col, vs = prepare(x, d, cfg)
     out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret)(q8, k8, vt8, row, col, vs)
     return out[:, :, : x.sq].transpose(0, 2, 1, 3)
