@@ -83,7 +83,7 @@ def parse_args(argv=None):
         "--variants",
         default=",".join(f"{e}/{a}" for e, a in VARIANTS),
         help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
-        "default recipe's input rotation; attention: cudnn|cudnn_fp8)",
+        "default recipe's input rotation; attention: cudnn|cudnn_fp8|attn8)",
     )
     p.add_argument("--config", default="I2V_A14B")
     p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
@@ -108,8 +108,11 @@ def main(argv=None) -> dict:
     from wanjax.metrics import relative_l2
 
     ensure_package_layout()
-    from wanjax.model.attention import set_attention_backend
+    from wanjax.kernels.attention8 import attention8
+    from wanjax.model.attention import register_attention_backend, set_attention_backend
     from wanjax.quant.apply import prepare_kernel_weights
+
+    register_attention_backend("attn8", attention8)  # as the pipeline does (WANJAX_ATTN8_IMPL picks the kernel)
 
     args = parse_args(argv)
     cfg = get_config(args.config)
