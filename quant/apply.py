@@ -25,6 +25,7 @@ from flax import nnx
 
 from wanjax.model.layers import Linear
 from wanjax.model.names import BLOCK_LINEARS  # re-exported: the paths of the layers quantize_model replaces
+from wanjax.model.names import FUSED_LINEARS
 from wanjax.quant.qlinear import MODES, QLinear, active_bin, current_bin
 from wanjax.sampling.guidance import guided_velocity
 
@@ -73,7 +74,8 @@ def quantize_model(model: nnx.Module, qlayers: Mapping[str, QLinear], *, mode: s
     Args:
       model: a `WanDiT` (not modified; the result shares its untouched arrays).
       qlayers: ``{path: QLinear}`` with paths from ``BLOCK_LINEARS`` (or any Linear path); a stacked layer's arrays
-        carry the leading L axis of the Linear they replace (kernel ``[L, K, N]`` -> qweight ``[L, N, K/2]``).
+        carry the leading L axis of the Linear they replace (kernel ``[L, K, N]`` -> qweight ``[L, N, K/2]``). A
+        fused path (``FUSED_LINEARS``: ``"blocks.self_attn.qkv"``) replaces its parts (q, k, v) by one layer.
       mode: set every inserted layer's mode (``"fake"`` / ``"real"``); None keeps theirs.
 
     The inserted layers take the replaced Linear's compute ``dtype`` and ``path``. Raises ``KeyError`` /
@@ -83,6 +85,9 @@ def quantize_model(model: nnx.Module, qlayers: Mapping[str, QLinear], *, mode: s
         raise ValueError(f"quantize_model: mode must be one of {MODES}, got {mode!r}")
     new = _copy(model)
     for path, q in qlayers.items():
+        if path in FUSED_LINEARS:
+            _put_fused(new, path, q, mode)
+            continue
         old = get_submodule(new, path)
         if not isinstance(old, Linear):
             raise ValueError(f"quantize_model: {path!r} is a {type(old).__name__}, expected a Linear to replace")
@@ -108,6 +113,44 @@ def quantize_model(model: nnx.Module, qlayers: Mapping[str, QLinear], *, mode: s
             _set_mode_one(q, mode)
         _set_submodule(new, path, q)
     return new
+
+
+def _put_fused(model: nnx.Module, path: str, q: QLinear, mode: str | None) -> None:
+    """Puts the fused QLinear ``q`` at ``path`` (`wanjax.model.names.FUSED_LINEARS`, e.g. ``blocks.self_attn.qkv``)
+    in place of its parts (e.g. the q / k / v Linears, removed): their input width, concatenated output widths,
+    leading axes and biases must match ``q``'s. The parent module then runs the fused layer
+    (`wanjax.model.dit.Attention`)."""
+    parts = FUSED_LINEARS[path]
+    parent_path, _, name = path.rpartition(".")
+    parent = get_submodule(model, parent_path)
+    olds = [get_submodule(model, p) for p in parts]
+    if not isinstance(q, QLinear):
+        raise ValueError(f"quantize_model: qlayers[{path!r}] must be a QLinear, got {type(q).__name__}")
+    bad = [p for p, o in zip(parts, olds) if not isinstance(o, Linear)]
+    if bad:
+        raise ValueError(f"quantize_model: fused {path!r} replaces the Linears {list(parts)}; {bad} are not Linears")
+    shapes = [tuple(o.kernel.shape) for o in olds]
+    lead, k = shapes[0][:-2], shapes[0][-2]
+    qlead = tuple(q.act_clip.shape[:-1])
+    n = sum(sh[-1] for sh in shapes)
+    if any(sh[:-1] != shapes[0][:-1] for sh in shapes) or (q.in_features, q.out_features) != (k, n) or qlead != lead:
+        raise ValueError(
+            f"quantize_model: fused {path!r}: its parts {list(parts)} have kernels {shapes} (one K and leading axes "
+            f"needed, N summed: K={k}, N={n}); the QLinear is K={q.in_features}, N={q.out_features} with leading {qlead}"
+        )
+    if any((o.bias is None) != (q.bias is None) for o in olds):
+        raise ValueError(
+            f"quantize_model: fused {path!r}: the parts' biases ({[o.bias is not None for o in olds]}) and the "
+            f"QLinear's ({q.bias is not None}) must all be present or all absent"
+        )
+    q = _copy(q)
+    q.dtype = olds[0].dtype
+    q.path = path
+    if mode is not None:
+        _set_mode_one(q, mode)
+    for p in parts:
+        delattr(parent, p.rpartition(".")[2])
+    setattr(parent, name, q)
 
 
 def _set_mode_one(q: QLinear, mode: str) -> None:

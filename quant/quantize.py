@@ -32,7 +32,8 @@ from wanjax.numerics import formats
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
 from wanjax.quant.bins import EXPERTS
 from wanjax.quant.qlinear import QLinear, QLinearConfig
-from wanjax.quant.recipes import LayerContext, Recipe, get_recipe, layer_input, rotation_block
+from wanjax.quant.fuse import fuse_arrays, layer_units
+from wanjax.quant.recipes import LayerContext, Recipe, Rotate, Smooth, get_recipe, layer_input, rotation_block
 from wanjax.quant.search import layer_sqnr, search_tables, static_base_scale
 
 __all__ = [
@@ -44,7 +45,9 @@ __all__ = [
     "pack_layer",
     "quantize",
     "quantize_expert",
+    "quantize_fused_layer",
     "quantize_layer",
+    "quantize_unit",
 ]
 
 
@@ -226,10 +229,16 @@ def quantize_layer(
         params = step(type(t).__name__, t, params, ctx, residual)
     config = layer_config(recipe, k, n, nb)
     arrays = step("pack", pack_layer, params, config, ctx, param_dtype)
+    return _tables_and_sqnr(recipe, config, arrays, params, ctx, w, bias, step)
+
+
+def _tables_and_sqnr(recipe: Recipe, config, arrays, params, ctx: LayerContext, w, bias, step):
+    """The table transforms (clip search against the float layer ``w`` / ``bias``) and the layer SQNR per bin of a
+    packed layer; ``params``: its transformed params (the static-mode base scale reads their smoothing/rotation)."""
     ref_bias = None if bias is None else jnp.asarray(bias, jnp.float32)
     search_info = None
     for t in recipe.stage("table"):
-        if config.a_fmt is None or not t.applies_to(path):
+        if config.a_fmt is None or not t.applies_to(ctx.path):
             continue
         base = None
         if config.act_mode == "static":
@@ -249,6 +258,116 @@ def quantize_layer(
         )
     sqnr = step("sqnr", layer_sqnr, config, arrays, ctx.rows, w, ref_bias)
     return config, arrays, {"sqnr_db": sqnr, "search": search_info}
+
+
+#: the weight transforms a fused group runs once on its concatenated kernel (the shared input transform)
+_JOINT = (Smooth, Rotate)
+
+
+def quantize_fused_layer(
+    recipe: Recipe,
+    kernels,
+    biases,
+    inputs: LayerInputs,
+    *,
+    path: str,
+    parts: tuple,
+    index: int = 0,
+    expert: str = "",
+    param_dtype=jnp.bfloat16,
+    timings: dict | None = None,
+) -> tuple[QLinearConfig, dict, dict]:
+    """Runs ``recipe`` on a group of Linears that read one input (``parts``, e.g. the self-attention q / k / v) as
+    ONE quantized layer ``path`` (the recipe option ``fuse_qkv``, `wanjax.quant.fuse`).
+
+    ``kernels[i] [K, N_i]`` / ``biases[i]`` (all None or all given): the parts' float weights; ``inputs``: the
+    statistics of their shared input. The recipe's :class:`Smooth` and :class:`Rotate` run once on the concatenated
+    kernel ``[K, sum N_i]`` (one joint smoothing vector from the input's abs-max and the max over the parts'
+    weights; one rotation, its signs drawn for ``path``); the other weight transforms, the quantizer and the refit
+    run per part on its columns (its path in the context); the packed parts are fused by
+    `wanjax.quant.fuse.fuse_arrays` (down along the rank, up block-diagonal), and the table transforms and the SQNR
+    run on the fused layer against the concatenated float layer. Returns ``(config, arrays, info)`` as
+    :func:`quantize_layer` (``out_features = sum N_i``). ``ValueError`` when the parts' input widths differ, only
+    some have a bias, or a per-part transform precedes a joint one in the recipe.
+    """
+    recipe = get_recipe(recipe)
+    ws = [jnp.asarray(kk, jnp.float32) for kk in kernels]
+    if len(ws) != len(parts) or len(biases) != len(parts):
+        raise ValueError(f"quantize_fused_layer {path!r}: {len(parts)} parts, {len(ws)} kernels, {len(biases)} biases")
+    shapes = [tuple(w.shape) for w in ws]
+    if any(len(sh) != 2 for sh in shapes) or len({sh[0] for sh in shapes}) != 1:
+        raise ValueError(
+            f"quantize_fused_layer {path!r}: the fused parts {list(parts)} must be 2-D kernels [K, N_i] of one input "
+            f"width K; got shapes {dict(zip(parts, shapes))}"
+        )
+    if len({b is None for b in biases}) != 1:
+        raise ValueError(
+            f"quantize_fused_layer {path!r}: all parts or none must have a bias; got "
+            f"{ {p: b is not None for p, b in zip(parts, biases)} }"
+        )
+    weight = recipe.stage("weight")
+    first_rest = next((i for i, t in enumerate(weight) if not isinstance(t, _JOINT)), len(weight))
+    if any(isinstance(t, _JOINT) for t in weight[first_rest:]):
+        raise ValueError(
+            f"quantize_fused_layer {path!r}: recipe {recipe.name!r} runs {[type(t).__name__ for t in weight]}; a "
+            "fused group needs its Smooth / Rotate (joint, on the concatenated kernel) before the per-part transforms"
+        )
+    k = shapes[0][0]
+    ns = [sh[1] for sh in shapes]
+    nb = int(np.shape(inputs.absmax)[0])
+    ctx = LayerContext(
+        path=path,
+        index=index,
+        expert=expert,
+        absmax=jnp.asarray(inputs.absmax, jnp.float32),
+        rows=jnp.asarray(inputs.rows, jnp.float32),
+        hessian=None if inputs.hessian is None else jnp.asarray(inputs.hessian, jnp.float32),
+        recipe=recipe,
+    )
+    step = functools.partial(_timed, timings)
+    w_cat = jnp.concatenate(ws, axis=1)
+    joint = {"kernel": w_cat}
+    for t in weight[:first_rest]:
+        joint = step(type(t).__name__, t, joint, ctx)
+    shared = {key: v for key, v in joint.items() if key != "kernel"}
+    cols = np.cumsum([0, *ns])
+    configs, packed = [], []
+    for i, part in enumerate(parts):
+        pctx = dataclasses.replace(ctx, path=part)
+        params = {**shared, "kernel": joint["kernel"][:, cols[i] : cols[i + 1]]}
+        if biases[i] is not None:
+            params["bias"] = jnp.asarray(biases[i])
+        for t in weight[first_rest:]:
+            params = step(type(t).__name__, t, params, pctx)
+        residual = params["kernel"]
+        for t in recipe.stage("quantizer"):
+            params = step(type(t).__name__, t, params, pctx)
+        for t in recipe.stage("refit"):
+            params = step(type(t).__name__, t, params, pctx, residual)
+        configs.append(layer_config(recipe, k, ns[i], nb))
+        packed.append(step("pack", pack_layer, params, configs[-1], pctx, param_dtype))
+    config, arrays = step("fuse", fuse_arrays, configs, packed, path)
+    bias = None if biases[0] is None else jnp.concatenate([jnp.asarray(b) for b in biases])
+    return _tables_and_sqnr(recipe, config, arrays, shared, ctx, w_cat, bias, step)
+
+
+def quantize_unit(recipe: Recipe, model: nnx.Module, unit: tuple, stats, *, index: int, expert: str, **kw):
+    """One quantization unit ``(path, parts)`` (`wanjax.quant.fuse.layer_units`) of block ``index`` of ``model``
+    (a float WanDiT): :func:`quantize_layer` for a single Linear, :func:`quantize_fused_layer` for a fused group
+    (the statistics of its first part: the parts read one input). Returns ``(config, arrays, info)``."""
+    path, parts = unit
+    lins = [get_submodule(model, p) for p in parts]
+    kerns = [lin.kernel[...][index] for lin in lins]
+    biases = [None if lin.bias is None else lin.bias[...][index] for lin in lins]
+    kw.setdefault("param_dtype", kerns[0].dtype)
+    if parts == (path,):
+        return quantize_layer(
+            recipe, kerns[0], biases[0], stats.layer(expert, path, index), path=path, index=index, expert=expert, **kw
+        )
+    return quantize_fused_layer(
+        recipe, kerns, biases, stats.layer(expert, parts[0], index), path=path, parts=parts, index=index,
+        expert=expert, **kw
+    )
 
 
 def _timed(timings: dict | None, name: str, fn, *args, **kw):
@@ -286,25 +405,16 @@ def quantize_expert(
     """
     recipe = get_recipe(recipe)
     nl = model.cfg.num_layers
-    bar = _bar(len(paths) * nl, f"quantize {expert} ({recipe.name})", progress)
+    units = layer_units(paths, recipe.fuse_qkv)
+    bar = _bar(len(units) * nl, f"quantize {expert} ({recipe.name})", progress)
     qlayers, sqnr = {}, {}
-    for path in paths:
-        lin = get_submodule(model, path)
-        kern = lin.kernel[...]
-        bias = None if lin.bias is None else lin.bias[...]
+    for unit in units:
+        path = unit[0]
+        lin = get_submodule(model, unit[1][0])
         per_layer, s = [], []
         config = None
         for l in range(nl):
-            cfg_l, arrays, info = quantize_layer(
-                recipe,
-                kern[l],
-                None if bias is None else bias[l],
-                stats.layer(expert, path, l),
-                path=path,
-                index=l,
-                expert=expert,
-                param_dtype=kern.dtype,
-            )
+            cfg_l, arrays, info = quantize_unit(recipe, model, unit, stats, index=l, expert=expert)
             if config is not None and cfg_l != config:
                 raise ValueError(f"quantize_expert: {path}: block {l} got config {cfg_l}, block 0 {config}")
             config = cfg_l

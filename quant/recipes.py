@@ -365,6 +365,11 @@ class Recipe:
         ``attach_artifact`` on a GPU.
       calibration: ``"per_expert"`` (each expert quantized from its own activation statistics, the seed's policy) or
         ``"shared"`` (both from the two experts' pooled statistics; ``wanjax.quant.quantize.SharedExpertSource``).
+      fuse_qkv: calibrate the self-attention q, k and v as one group (`wanjax.quant.fuse`): one joint smoothing
+        vector (the shared input's abs-max, the max over the three weights), one rotation, one activation table,
+        so their activation quantizations are identical; stored and run as ONE quantized linear ``K -> 3 dim``
+        (``blocks.self_attn.qkv``) whose output the block splits. Its :class:`Smooth` and :class:`Rotate` run on the
+        concatenated kernel; the other transforms (low-rank branch, quantizer, refit) per part.
     """
 
     name: str
@@ -375,6 +380,7 @@ class Recipe:
     notes: str = ""
     attention: str | None = None
     calibration: str = "per_expert"
+    fuse_qkv: bool = False
 
     def __post_init__(self):
         stages = [getattr(t, "stage", None) for t in self.transforms]
@@ -404,6 +410,8 @@ class Recipe:
             raise ValueError(
                 f"Recipe {self.name!r}: attention must be one of {RECIPE_ATTENTION}, got {self.attention!r}"
             )
+        if not isinstance(self.fuse_qkv, bool):
+            raise ValueError(f"Recipe {self.name!r}: fuse_qkv must be True or False, got {self.fuse_qkv!r}")
 
     def act_spec(self) -> ActQuantSpec | None:
         """The activation quantizer at clip 1 / offset 0 (used for quantized-input Hessians and alpha search)."""
@@ -429,8 +437,9 @@ def exact_lowrank(r: Recipe, name: str | None = None) -> Recipe:
 
 
 def recipe_to_dict(r: Recipe) -> dict:
-    """JSON-friendly form of a recipe (stored in artifacts)."""
-    return {
+    """JSON-friendly form of a recipe (stored in artifacts). ``fuse_qkv`` is written only when set, so the dicts of
+    recipes without it are those written before the option existed (work dirs and artifacts compare them)."""
+    out = {
         "name": r.name,
         "act_mode": r.act_mode,
         "notes": r.notes,
@@ -446,6 +455,9 @@ def recipe_to_dict(r: Recipe) -> dict:
             for t in r.transforms
         ],
     }
+    if r.fuse_qkv:
+        out["fuse_qkv"] = True
+    return out
 
 
 def recipe_from_dict(d: dict) -> Recipe:
@@ -466,6 +478,7 @@ def recipe_from_dict(d: dict) -> Recipe:
         notes=d.get("notes", ""),
         attention=d.get("attention"),
         calibration=d.get("calibration", "per_expert"),
+        fuse_qkv=d.get("fuse_qkv", False),
     )
 
 

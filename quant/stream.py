@@ -66,6 +66,7 @@ from wanjax.io.atomic import atomic_write, make_temp_dir, publish_dir, write_jso
 from wanjax.quant import calibrate as qc
 from wanjax.quant.apply import BLOCK_LINEARS, get_submodule, quantize_model
 from wanjax.quant.bins import EXPERTS, TimestepBins
+from wanjax.quant.fuse import layer_units
 from wanjax.quant.qlinear import QLinear, QLinearConfig
 from wanjax.quant.recipes import Recipe, get_recipe, recipe_to_dict
 from wanjax.quant.stats import ALL_BINS, CONTEXT_NAME, load_stats, save_stats, to_host
@@ -278,6 +279,9 @@ class _Run:
         self.clock = _Clock(deadline, os.path.join(self.qdir, "timings.json"), estimates)
         self.groups = qc.block_groups(cfg, pipe.cfg.num_layers)
         self.shared = recipe.calibration == "shared"
+        # the quantization units: every block Linear, or (fuse_qkv) the fused q/k/v as one unit at q's place
+        self.units = layer_units(BLOCK_LINEARS, recipe.fuse_qkv)
+        self.unit_paths = [u[0] for u in self.units]
         self.hacc = cfg.hessian and not cfg.hessian_per_bin
         self.traj = [qc.trajectory_path(work_dir, k) for k in range(len(samples))]
         self.units: list = []
@@ -324,7 +328,7 @@ class _Run:
         return rec
 
     def _quant_missing(self, e, g0, g1) -> list[str]:
-        return [p for p in BLOCK_LINEARS if not os.path.exists(self._unit_path(e, g0, g1, p))]
+        return [p for p in self.unit_paths if not os.path.exists(self._unit_path(e, g0, g1, p))]
 
     def _group_done(self, g0, g1) -> bool:
         return all(self._entry(e) is not None or not self._quant_missing(e, g0, g1) for e in EXPERTS)
@@ -487,29 +491,18 @@ class _Run:
         return _MemoSource(SharedExpertSource(src) if self.shared else src, self.shared)
 
     def quantize(self, e, g0, g1, src, paths) -> None:
-        from wanjax.quant.quantize import quantize_layer
+        from wanjax.quant.quantize import quantize_unit
 
         model = nnx.merge(self.pipe.graphdef, qc._params(self.pipe, e))
         missing = self._quant_missing(e, g0, g1)
-        for path in [p for p in paths if p in missing]:
+        for unit in [u for u in self.units if u[0] in paths and u[0] in missing]:
+            path = unit[0]
             self.clock.check(f"quantize:{path}", g1 - g0)
             self._begin(f"quantize {e} blocks {g0}-{g1 - 1} {path}")
             t0 = time.perf_counter()
-            lin = get_submodule(model, path)
-            kern = lin.kernel[...]
-            bias = None if lin.bias is None else lin.bias[...]
             config, per_layer, sqnr = None, [], []
             for l in range(g0, g1):
-                cfg_l, arrays, info = quantize_layer(
-                    self.recipe,
-                    kern[l],
-                    None if bias is None else bias[l],
-                    src.layer(e, path, l),
-                    path=path,
-                    index=l,
-                    expert=e,
-                    param_dtype=kern.dtype,
-                )
+                cfg_l, arrays, info = quantize_unit(self.recipe, model, unit, src, index=l, expert=e)
                 if config is not None and cfg_l != config:
                     raise ValueError(f"quantize_streamed: {path}: block {l} got config {cfg_l}, block {g0} {config}")
                 config = cfg_l
@@ -539,7 +532,7 @@ class _Run:
         model = nnx.merge(self.pipe.graphdef, qc._params(self.pipe, e))
         qlayers, sqnr = {}, {}
         with jax.default_device(jax.devices("cpu")[0]):  # the quantized arrays stay in host memory
-            for path in BLOCK_LINEARS:
+            for path, unit_parts in self.units:
                 heads, parts, sq = [], [], []
                 for g0, g1 in self.groups:
                     h, a, s = _load_unit(self._unit_path(e, g0, g1, path))
@@ -552,7 +545,7 @@ class _Run:
                 config = QLinearConfig(**heads[0]["config"])
                 arrays = {n: None if parts[0][n] is None else np.concatenate([p[n] for p in parts]) for n in parts[0]}
                 del parts
-                lin = get_submodule(model, path)
+                lin = get_submodule(model, unit_parts[0])
                 qlayers[path] = QLinear(config, dtype=lin.dtype, mode="fake", path=path, **arrays)
                 sqnr[path] = np.concatenate(sq)
             qmodel = quantize_model(model, qlayers, mode="fake")
@@ -565,7 +558,7 @@ class _Run:
         self.clock.record("assemble", time.perf_counter() - t0)
         if not self.keep_calib:
             for g0, g1 in self.groups:
-                for path in BLOCK_LINEARS:
+                for path in self.unit_paths:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(self._unit_path(e, g0, g1, path))
         self._tick()
@@ -712,7 +705,7 @@ def quantize_streamed(
                 if run._needs_stats(e, g0, g1):
                     run.capture(e, g0, g1)
             src = run._source()
-            for path in BLOCK_LINEARS:  # layer by layer, both experts: layers reading one input share its statistics
+            for path in run.unit_paths:  # layer by layer, both experts: layers reading one input share its statistics
                 for e in order:
                     if run._entry(e) is None:
                         run.quantize(e, g0, g1, src, (path,))

@@ -166,10 +166,17 @@ def _bytes(tree) -> int:
 
 
 def _block_linear_bytes(model) -> int:
-    from wanjax.model.names import BLOCK_LINEARS
+    from wanjax.model.names import BLOCK_LINEARS, fused_parent
     from wanjax.quant.apply import get_submodule
 
-    return sum(_bytes(nnx.state(get_submodule(model, p))) for p in BLOCK_LINEARS)
+    def present(p):  # a Linear, or the fused layer that took its place (a fuse_qkv recipe)
+        try:
+            get_submodule(model, p)
+            return p
+        except KeyError:
+            return fused_parent(p) or p
+
+    return sum(_bytes(nnx.state(get_submodule(model, p))) for p in dict.fromkeys(map(present, BLOCK_LINEARS)))
 
 
 def _bin_layouts(gen) -> dict:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from wanjax.quant.apply import get_submodule, qlinears
+from wanjax.quant.apply import qlinears
 from wanjax.quant.bins import EXPERTS, TimestepBins, uniform_bins
+from wanjax.quant.fuse import float_linear
 from wanjax.quant.quantize import LayerInputs
 from wanjax.quant.search import layer_sqnr
 
@@ -108,12 +109,12 @@ def layer_sqnr_table(qmodel, ref_model, source, expert: str) -> dict[str, np.nda
     out = {}
     for path, q in sorted(qlinears(qmodel).items()):
         arrays = q.arrays()
-        lin = get_submodule(ref_model, path)
-        kern = np.asarray(lin.kernel[...], np.float32)
-        bias = None if lin.bias is None else np.asarray(lin.bias[...], np.float32)
+        kern, bias, in_path = float_linear(ref_model, path)  # a fused q/k/v: the parts' kernels side by side
+        kern = np.asarray(kern, np.float32)
+        bias = None if bias is None else np.asarray(bias, np.float32)
         per_layer = []
         for l in range(kern.shape[0]):
-            inp = source.layer(expert, path, l)
+            inp = source.layer(expert, in_path, l)
             if inp.rows.shape[0] != q.config.nbins:
                 raise ValueError(
                     f"layer_sqnr_table: {expert} {path}[{l}]: the layer has {q.config.nbins} bins, the "

@@ -225,6 +225,17 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "seed",
             "INT8 per-channel weights, INT4 activations (what the 4-bit weights cost)",
         ),
+        "fuse_qkv": (
+            R(d, name="default-fuse-qkv", fuse_qkv=True),
+            "seed",
+            "self-attention q/k/v calibrated as one group and run as ONE fused linear: one joint smoothing vector, "
+            "rotation and activation quantization shared by the three (recipe option fuse_qkv)",
+        ),
+        "w4a8_fuse_qkv": (
+            R(get_recipe("w4a8"), name="w4a8-fuse-qkv", fuse_qkv=True),
+            "seed",
+            "recipe 'w4a8' (not the default) with fuse_qkv: its reference is the recipe w4a8 (--recipes w4a8)",
+        ),
         "static": (
             R(d, name="default-static", act_mode="static", transforms=_swap(d, ClipSearch, R(cs, per_bin=True))),
             "seed",
@@ -272,6 +283,8 @@ ABLATIONS = (
     "w4a8",
     "w8a4",
     "static",
+    "fuse_qkv",
+    "w4a8_fuse_qkv",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.

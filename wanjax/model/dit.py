@@ -73,13 +73,25 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(d, eps=cfg.eps, dtype=dtype, param_dtype=F32)
         self.num_heads = cfg.num_heads
 
+    def _project(self, x, src):
+        """``(q, k, v)`` before the norms. A module with a fused ``qkv`` projection (put in place of ``q`` / ``k`` /
+        ``v`` by quantization, `wanjax.model.names.FUSED_LINEARS`; self-attention only: one input) runs it once and
+        splits its ``[..., 3 * dim]`` output in that order."""
+        fused = getattr(self, "qkv", None)
+        if fused is None:
+            return self.q(x), self.k(src), self.v(src)
+        if src is not x:
+            raise ValueError("Attention: a fused qkv projection needs q, k and v of one input (self-attention)")
+        return tuple(jnp.split(fused(x), 3, axis=-1))
+
     def __call__(self, x, ctx=None, rope=None):
         src = x if ctx is None else ctx
         b, s, _ = x.shape
         n = self.num_heads
-        q = self.norm_q(self.q(x)).reshape(b, s, n, -1)
-        k = self.norm_k(self.k(src)).reshape(b, src.shape[1], n, -1)
-        v = self.v(src).reshape(b, src.shape[1], n, -1)
+        q, k, v = self._project(x, src)
+        q = self.norm_q(q).reshape(b, s, n, -1)
+        k = self.norm_k(k).reshape(b, src.shape[1], n, -1)
+        v = v.reshape(b, src.shape[1], n, -1)
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)

@@ -9,7 +9,7 @@ entries from them. Plain strings, no imports: any layer may read them.
 
 from __future__ import annotations
 
-__all__ = ["BLOCK_LINEARS", "BLOCK_LINEAR_NAMES", "block_linear_shapes"]
+__all__ = ["BLOCK_LINEARS", "BLOCK_LINEAR_NAMES", "FUSED_LINEARS", "block_linear_shapes", "fused_parent"]
 
 #: Module paths of the 10 Linears of a WanDiT block, in the model's order (``"blocks.self_attn.q"``, ...).
 BLOCK_LINEARS: tuple[str, ...] = (
@@ -27,6 +27,20 @@ BLOCK_LINEARS: tuple[str, ...] = (
 
 #: The same layers by their name inside one block (``"self_attn.q"``, ..., ``"ffn.fc2"``).
 BLOCK_LINEAR_NAMES: tuple[str, ...] = tuple(p[len("blocks.") :] for p in BLOCK_LINEARS)
+
+
+#: Fused projections a quantized model may hold instead of some `BLOCK_LINEARS` (``fused path -> its parts``, in the
+#: order of their output columns): ``blocks.self_attn.qkv`` is one linear ``[K, 3 * dim]`` computing the
+#: self-attention q, k and v from their one shared input (``wanjax.quant``'s recipe option ``fuse_qkv``). The model
+#: runs it and splits the output when the attention module has a ``qkv`` attribute (`wanjax.model.dit.Attention`).
+FUSED_LINEARS: dict[str, tuple[str, ...]] = {
+    "blocks.self_attn.qkv": ("blocks.self_attn.q", "blocks.self_attn.k", "blocks.self_attn.v"),
+}
+
+
+def fused_parent(path: str) -> str | None:
+    """The fused path (`FUSED_LINEARS`) that computes the block Linear ``path``, or None."""
+    return next((f for f, parts in FUSED_LINEARS.items() if path in parts), None)
 
 
 def block_linear_shapes(cfg) -> dict[str, tuple[int, int]]:
