@@ -227,7 +227,14 @@ def build_dataset(vae, t5, tok, pre: Preset, args, log: Log):
     t0 = time.perf_counter()
     arr, caps = _param_pool(args.n_train, args.seed + 3, pre.frames, pre.size)
     arr = {k: jnp.asarray(v) for k, v in arr.items()}
-    render = _renderer(pre.size, pre.frames)
+    if getattr(args, "data_twinkle", 0.0) > 0:
+        from wanjax.train.detail import render_with_sparkles
+
+        dens, rad = float(args.data_twinkle), float(args.data_twinkle_radius)
+        render = jax.jit(lambda p: render_with_sparkles(p, pre.frames, pre.size, radius=rad, density=dens))
+        log(f"dataset: twinkling dots on the training clips (density up to {dens}, radius {rad} px; half the clips)")
+    else:
+        render = _renderer(pre.size, pre.frames)
     uniq = sorted(set(caps))
     cap_idx = np.array([uniq.index(c) for c in caps], np.int32)
     ctx = []
@@ -351,6 +358,29 @@ def save_expert(model, path: str, aux: str):
         json.dump(official_config_dict(model.cfg), f, indent=1)
 
 
+def expert_plan(args) -> dict:
+    """Per expert: steps, time budget (s) and peak learning rate; ``--high-*`` / ``--low-*`` override the shared
+    ``--expert-*`` settings."""
+    out = {}
+    for e in ("high", "low"):
+        pick = lambda k: getattr(args, f"{e}_{k}", None)  # noqa: E731
+        out[e] = {
+            "steps": pick("steps") if pick("steps") is not None else args.expert_steps,
+            "time": pick("time") if pick("time") is not None else args.expert_time,
+            "lr": pick("lr") if pick("lr") is not None else args.expert_lr,
+        }
+    return out
+
+
+def rel_distance(a, b) -> float:
+    """``||a - b|| / mean(||a||, ||b||)`` over all leaves of two parameter pytrees (f32)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    d = sum(float(jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in zip(la, lb))
+    na = sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in la)
+    nb = sum(float(jnp.sum(jnp.square(y.astype(jnp.float32)))) for y in lb)
+    return float(np.sqrt(d) / max(0.5 * (np.sqrt(na) + np.sqrt(nb)), 1e-30))
+
+
 def cmd_run(args):
     pre = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
@@ -372,51 +402,89 @@ def cmd_run(args):
     os.makedirs(aux, exist_ok=True)
     T.save_tokenizer(aux)
     tok = PromptTokenizer(os.path.join(aux, "tokenizer.json"), text_len=pre.dit.text_len)
-    t5 = V.cast_params(T.mini_t5(pre.t5, seed=T.T5_SEED), jnp.bfloat16)
-    save_t5_pth(t5, os.path.join(args.out, OFFICIAL_NAMES["t5"]))
-    # (1) VAE
-    vae = train_vae(pre, args, log)
-    # (2) latent statistics folded in; weights rounded to bf16 as shipped
-    pool, _ = _param_pool(args.stats_clips, args.seed + 4, pre.frames, pre.size)
-    pool = {k: jnp.asarray(v) for k, v in pool.items()}
-    m, s = latent_stats(vae, _renderer(pre.size, pre.frames), pool, args.stats_clips, args.enc_batch)
-    V.fold_latent_stats(vae, m, s)
-    V.cast_params(vae, jnp.bfloat16)
-    vae_path = save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES["vae"]))
-    log(
-        f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; wrote {vae_path}"
-    )
-    # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
+    if args.t5_from:  # the given text encoder, byte for byte (e.g. the shipped one)
+        from wanjax.io.t5_loader import load_t5_encoder
+
+        t5 = load_t5_encoder(args.t5_from, pre.t5, dtype=pre.t5.dtype, param_dtype=jnp.bfloat16)
+        t5_path = os.path.join(args.out, OFFICIAL_NAMES["t5"])
+        if os.path.abspath(args.t5_from) != os.path.abspath(t5_path):
+            shutil.copyfile(args.t5_from, t5_path)
+        log(f"text encoder: {args.t5_from} kept as it is (--t5-from)")
+    else:
+        t5 = V.cast_params(T.mini_t5(pre.t5, seed=T.T5_SEED), jnp.bfloat16)
+        save_t5_pth(t5, os.path.join(args.out, OFFICIAL_NAMES["t5"]))
     from wanjax.io.vae_loader import load_vae
 
+    if args.vae_keep:
+        # the given VAE file as it is (byte for byte): no training, no latent statistics folded again
+        if not args.vae_from or args.vae_steps:
+            raise ValueError("--vae-keep 1 needs --vae-from FILE and --vae-steps 0")
+        vae_path = os.path.join(args.out, OFFICIAL_NAMES["vae"])
+        if os.path.abspath(args.vae_from) != os.path.abspath(vae_path):
+            shutil.copyfile(args.vae_from, vae_path)
+        log(f"vae: {args.vae_from} kept as it is (--vae-keep)")
+        log.data["stages"]["vae"] = {"steps": 0, "from": args.vae_from, "kept": True}
+    else:
+        # (1) VAE
+        vae = train_vae(pre, args, log)
+        # (2) latent statistics folded in; weights rounded to bf16 as shipped
+        pool, _ = _param_pool(args.stats_clips, args.seed + 4, pre.frames, pre.size)
+        pool = {k: jnp.asarray(v) for k, v in pool.items()}
+        m, s = latent_stats(vae, _renderer(pre.size, pre.frames), pool, args.stats_clips, args.enc_batch)
+        V.fold_latent_stats(vae, m, s)
+        V.cast_params(vae, jnp.bfloat16)
+        vae_path = save_vae_pth(vae, os.path.join(args.out, OFFICIAL_NAMES["vae"]))
+        log(
+            f"vae: latent mean |max| {np.abs(m).max():.3f}, std range {s.min():.3f}..{s.max():.3f} folded; "
+            f"wrote {vae_path}"
+        )
+        log.data["stages"]["vae"]["latent_stats"] = {"mean": m.tolist(), "std": s.tolist()}
+    # the pipeline runs the VAE in bf16 compute: the DiT sees latents computed that way
     vae_eval = load_vae(vae_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    log.data["stages"]["vae"]["latent_stats"] = {"mean": m.tolist(), "std": s.tolist()}
     log.save()
     # (3) data
     data = build_dataset(vae_eval, t5, tok, pre, args, log)
     log.save()
     # (4) base, (5) experts
     # time left for the base model: what the deadline leaves after the experts and the evaluation
+    plan = expert_plan(args)
     left = args.deadline - (time.perf_counter() - log.t0)
-    base_time = max(20.0, min(args.base_time, left - 2 * args.expert_time - 60 - args.eval_reserve))
+    expert_total = sum(plan[e]["time"] for e in ("high", "low"))
+    base_time = max(20.0, min(args.base_time, left - expert_total - 60 - args.eval_reserve))
     if base_time < args.base_time:
         log(f"base: time budget cut to {base_time:.0f}s by the {args.deadline:.0f}s deadline")
-    trainer = D.Trainer(
-        D.new_dit(pre.dit, seed=args.seed, dtype=jnp.bfloat16 if args.bf16 else jnp.float32),
-        shift=args.shift,
-        drop_text=args.drop_text,
-    )
-    train_dit(trainer, data, "base", args.base_steps, args.lr, base_time, args, log)
-    base_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
-    base = trainer.model()
-    save_expert(base, os.path.join(args.out, "low.safetensors"), aux)  # usable checkpoints if time runs out
-    save_expert(base, os.path.join(args.out, "high.safetensors"), aux)
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    trainer = D.Trainer(D.new_dit(pre.dit, seed=args.seed, dtype=dtype), shift=args.shift, drop_text=args.drop_text)
+    init_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
+    if args.expert_init == "base":
+        train_dit(trainer, data, "base", args.base_steps, args.lr, base_time, args, log)
+        base_params = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
+        base = trainer.model()
+        save_expert(base, os.path.join(args.out, "low.safetensors"), aux)  # usable checkpoints if time runs out
+        save_expert(base, os.path.join(args.out, "high.safetensors"), aux)
+    else:
+        log("experts: trained from a fresh initialisation each (--expert-init scratch), no base model")
+        base_params = None
     log.save()
+    expert_params = {}
     for name in ("high", "low"):
-        trainer.params = jax.tree.map(lambda a: jnp.array(a, copy=True), base_params)
-        train_dit(trainer, data, name, args.expert_steps, args.expert_lr, args.expert_time, args, log)
+        if base_params is not None:
+            trainer.params = jax.tree.map(lambda a: jnp.array(a, copy=True), base_params)
+        else:  # its own initialisation (seeds differ per expert)
+            trainer.params = nnx.split(
+                D.new_dit(pre.dit, seed=args.seed + STAGE_SEED[name], dtype=dtype), nnx.Param, ...
+            )[1]
+        pl = plan[name]
+        train_dit(trainer, data, name, pl["steps"], pl["lr"], pl["time"], args, log)
+        expert_params[name] = jax.tree.map(lambda a: jnp.array(a, copy=True), trainer.params)
         save_expert(trainer.model(), os.path.join(args.out, f"{name}.safetensors"), aux)
         log.save()
+    dist = {"high_vs_low": rel_distance(expert_params["high"], expert_params["low"])}
+    ref = base_params if base_params is not None else init_params
+    for name in ("high", "low"):
+        dist[f"{name}_vs_{'base' if base_params is not None else 'init'}"] = rel_distance(expert_params[name], ref)
+    log.data["expert_distance"] = dist
+    log("expert weights, relative Frobenius distance: " + ", ".join(f"{k} {v:.4f}" for k, v in dist.items()))
     log.data["total_train_seconds"] = time.perf_counter() - log.t0
     # (6) held-out evaluation through the real pipeline on the written files
     left = args.deadline - (time.perf_counter() - log.t0)
@@ -662,6 +730,53 @@ def main(argv=None):
     r.add_argument("--expert-steps", type=int, default=6000)
     r.add_argument("--expert-time", type=float, default=35.0)
     r.add_argument("--expert-lr", type=float, default=2e-4)
+    for e, band in (("high", "t >= 900"), ("low", "t < 900")):
+        r.add_argument(
+            f"--{e}-steps",
+            type=int,
+            default=None,
+            help=f"steps of the {e}-noise expert ({band}; default: --expert-steps)",
+        )
+        r.add_argument(
+            f"--{e}-time",
+            type=float,
+            default=None,
+            help=f"time budget (s) of the {e}-noise expert (default: --expert-time)",
+        )
+        r.add_argument(
+            f"--{e}-lr",
+            type=float,
+            default=None,
+            help=f"peak learning rate of the {e}-noise expert (default: --expert-lr)",
+        )
+    r.add_argument(
+        "--expert-init",
+        default="base",
+        choices=("base", "scratch"),
+        help="base (default): train a base model over all t, then fine-tune a copy per expert; scratch: no base, "
+        "each expert from its own fresh initialisation",
+    )
+    r.add_argument(
+        "--data-twinkle",
+        type=float,
+        default=0.0,
+        help="training-data change of issue 38 (wanjax.train.detail): small white/black dots, a new random set "
+        "every frame, in half of the training clips, at up to this density per 8x8 cell (0: off, the standard clips)",
+    )
+    r.add_argument("--data-twinkle-radius", type=float, default=1.3, help="dot radius in pixels")
+    r.add_argument(
+        "--t5-from",
+        default=None,
+        help="use this official .pth text encoder (copied byte for byte) instead of drawing the random mini UMT5 "
+        "from its seed (keep the shipped one: models/mini/models_t5_umt5-xxl-enc-bf16.pth)",
+    )
+    r.add_argument(
+        "--vae-keep",
+        type=int,
+        default=0,
+        help="1: use the --vae-from file byte for byte (needs --vae-steps 0; no latent statistics folded again); "
+        "0 (default): --vae-from is loaded, trained --vae-steps more and its latent statistics are folded again",
+    )
     r.add_argument("--shift", type=float, default=5.0)
     r.add_argument("--drop-text", type=float, default=0.1)
     r.add_argument("--log-every", type=int, default=100)
