@@ -31,6 +31,7 @@ import functools
 import math
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 import jax.experimental.pallas as pl
@@ -46,6 +47,11 @@ except ImportError:  # pragma: no cover
 #: mantissa)
 MAGIC_F32 = 1.5 * 2**23
 MAGIC_I32 = 0x4B400000
+
+#: the key each position of the regrouped P holds, within a group of 16 keys: in the f32 accumulator layout thread t of
+#: a row quad holds keys (2t, 2t+1) of every 8; the 8-bit A-operand layout reads a thread's 4 bytes as positions
+#: 4t..4t+3 of every 16, so joining the pairs of chunks 2c and 2c+1 puts keys 2t, 2t+1, 8+2t, 9+2t at 4t..4t+3
+P_REGS_ORDER = tuple(k for t in range(4) for k in (2 * t, 2 * t + 1, 8 + 2 * t, 9 + 2 * t))
 
 #: set True only after tests/test_attention8_gpu.py and bench/attention8.py passed on an H100
 VERIFIED = False
@@ -64,6 +70,10 @@ class GPUConfig:
     #: int8 and D <= 256) instead of the quarter-rate convert, the row max taken before the scale (positive scales),
     #: no clamp before the e4m3 convert (p <= 448 (1 + 2**-22) always rounds to 448)
     lean: bool = True
+    #: P stays in registers for the PV wgmma (with lean): the e4m3 pairs of the accumulator layout are regrouped as the
+    #: 8-bit A-operand layout without moving data, which reorders P's keys within every 16; V's tokens are permuted the
+    #: same way in the pre-pass (:data:`P_REGS_ORDER`), so P @ V is unchanged. Not runnable in the interpreter.
+    p_regs: bool = False
 
 
 def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
@@ -78,7 +88,37 @@ def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
         col = jnp.broadcast_to(x.k_scale[..., None], x.k_scale.shape + (cfg.block_q,))
     else:
         col = x.k_scale_tokens()
-    return x.q, x.k, jnp.swapaxes(x.v, 2, 3), row, col, x.v_scale
+    vt = jnp.swapaxes(x.v, 2, 3)
+    if cfg.p_regs:
+        skp = vt.shape[-1]
+        perm = (jnp.arange(skp // 16)[:, None] * 16 + jnp.asarray(P_REGS_ORDER)[None, :]).reshape(-1)
+        vt = vt[..., perm]
+    return x.q, x.k, vt, row, col, x.v_scale
+
+
+def _p_to_a_operand(p8):
+    """e4m3 P [64, n] in the accumulator (WGMMA) layout -> the same registers read as the 8-bit A-operand layout
+    (keys reordered as :data:`P_REGS_ORDER`); no data moves between threads."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    bq, n = p8.shape
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct((bq, n), jnp.float8_e4m3fn, layout=plgpu.Layout.WGMMA_8BIT),
+    )
+    def regroup(ctx, p):
+        del ctx
+        regs = p.registers  # [1, n / 8, 1, 1, 2, ...]: 8-column chunks x the two row halves, vector<2 x e4m3> each
+        out = np.empty((regs.shape[0], regs.shape[1] // 2) + regs.shape[2:], dtype=object)
+        for idx in np.ndindex(out.shape):
+            a = regs[(idx[0], 2 * idx[1]) + idx[2:]]
+            b = regs[(idx[0], 2 * idx[1] + 1) + idx[2:]]
+            out[idx] = mgpu_utils.vector_concat([a, b])
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+    return regroup(p8)
 
 
 def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
@@ -87,6 +127,9 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
     stages = min(stages, nkv)
     f32 = jnp.float32
     masked_last = sk < skp  # only the last KV tile holds padded keys
+    p_regs = cfg.p_regs and cfg.lean and cfg.tile_scale
+    if cfg.p_regs and not p_regs:
+        raise ValueError("attention8_gpu: p_regs needs lean=True and tile_scale=True")
     col_shape = (stages, bq) if cfg.tile_scale else (stages, bkv)
 
     def kernel(q_ref, k_ref, vt_ref, row_ref, col_ref, vs_ref, o_ref, scoped):
@@ -145,7 +188,10 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
                         - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
                     )
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p_smem[...] = p.astype(jnp.float8_e4m3fn)
+                    if cfg.p_regs:
+                        p_a = _p_to_a_operand(plgpu.layout_cast(p.astype(jnp.float8_e4m3fn), plgpu.Layout.WGMMA))
+                    else:
+                        p_smem[...] = p.astype(jnp.float8_e4m3fn)
                 else:
                     if cfg.tile_scale:
                         rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
@@ -167,7 +213,8 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
                     l_i = l_i * alpha + p.sum(axis=1)
                     p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
-                plgpu.commit_smem()
+                if not p_regs:
+                    plgpu.commit_smem()
                 if cfg.pingpong:
                     plgpu.barrier_arrive(sched)  # softmax done
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -175,7 +222,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
                     plgpu.barrier_wait(sched)  # the other warpgroup's turn on the tensor cores is over
 
                 def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
-                    plgpu.wgmma(acc_ref, p_smem, vt_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, p_a if p_regs else p_smem, vt_smem.at[slot].transpose((1, 0)))
                     return acc_ref[...]
 
                 part = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
@@ -272,6 +319,8 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
             f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
             f"{cfg.block_kv}, D={d} of 64"
         )
+    if cfg.p_regs and interpret:
+        raise NotImplementedError("attention8_gpu: p_regs (a register A operand, inline_mgpu) cannot run interpreted")
     if cfg.lean and d > 256:
         raise ValueError(f"attention8_gpu: lean=True converts QK^T exactly only for D <= 256, got D={d}")
     q8, k8, vt8, row, col, vs = prepare(x, d, cfg)

@@ -61,3 +61,64 @@ def test_magic_int_to_float_exact_over_the_int8_dot_range():
     j = jnp.int32(2**22 + 1)
     bad = jax.lax.bitcast_convert_type(j + jnp.int32(G.MAGIC_I32), jnp.float32) - jnp.float32(G.MAGIC_F32)
     assert float(bad) != float(2**22 + 1)
+
+
+def _thread_elements(layout, shape):
+    """{(warp, lane): flat element indices [registers..., vector]} of a Mosaic TiledLayout, from its tiling, warp,
+    lane and vector dims (a NumPy model of how the layout places an array on a warpgroup's threads)."""
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    for tile in layout.tiling.tiles:
+        lead, tail = idx.shape[: idx.ndim - len(tile)], idx.shape[idx.ndim - len(tile) :]
+        split = [x for t, n in zip(tile, tail) for x in (n // t, t)]
+        idx = idx.reshape(lead + tuple(split))
+        k = len(lead)
+        order = list(range(k)) + [k + 2 * i for i in range(len(tile))] + [k + 2 * i + 1 for i in range(len(tile))]
+        idx = idx.transpose(order)
+    nd = idx.ndim
+    (wd,) = [d % nd for d in layout.warp_dims]
+    ld = [d % nd for d in layout.lane_dims]
+    vd = layout.vector_dim % nd
+    out = {}
+    for w in range(idx.shape[wd]):
+        for lane in np.ndindex(*(idx.shape[d] for d in ld)):
+            sel = [slice(None)] * nd
+            sel[wd] = w
+            for d, i in zip(ld, lane):
+                sel[d] = i
+            view = idx[tuple(sel)]  # remaining dims: registers..., vector (vector last since it is the minor dim)
+            out[(w, lane)] = view.reshape(-1, idx.shape[vd])
+    return out
+
+
+def test_p_regs_order_matches_the_mosaic_layouts():
+    """p_regs joins the e4m3 pairs of 8-column chunks 2c and 2c+1 (WGMMA layout) into the 4-byte registers of the
+    8-bit A-operand layout (WGMMA_8BIT). Modelled on Mosaic's own layout definitions, the joined registers hold P with
+    its keys reordered within every 16 exactly as P_REGS_ORDER (the order the pre-pass gives V's tokens)."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    shape = (64, 128)
+    acc = _thread_elements(fa.WGMMA_LAYOUT, shape)
+    a8 = _thread_elements(fa.WGMMA_LAYOUT_8BIT, shape)
+    assert fa.WGMMA_LAYOUT.registers_shape(shape)[1] == 2 * fa.WGMMA_LAYOUT_8BIT.registers_shape(shape)[1]
+    regs_shape = fa.WGMMA_LAYOUT.registers_shape(shape)
+    p = np.random.default_rng(0).standard_normal(shape)
+    flat = p.reshape(-1)
+    got = np.full(shape, np.nan)
+    for thread, elems in acc.items():
+        regs = flat[elems].reshape(tuple(regs_shape) + (2,))  # [1, 16, 1, 1, 2, 1, 1, 1, 1, vec 2]
+        joined = np.concatenate([regs[:, 0::2], regs[:, 1::2]], axis=-1)  # chunk 2c ++ chunk 2c+1
+        got.reshape(-1)[a8[thread].reshape(-1)] = joined.reshape(-1)
+    assert not np.isnan(got).any()  # every position written once
+    perm = (np.arange(128 // 16)[:, None] * 16 + np.asarray(G.P_REGS_ORDER)[None, :]).reshape(-1)
+    np.testing.assert_array_equal(got, p[:, perm])
+    # and so P' @ V[perm] == P @ V, which is what the kernel computes
+    v = np.random.default_rng(1).standard_normal((128, 8))
+    np.testing.assert_allclose(got @ v[perm], p @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_p_regs_refuses_interpret_and_needs_lean():
+    x = R.quantize_qkv(*(jnp.zeros((1, 128, 1, 128), jnp.bfloat16),) * 3, G.gpu_config_for(G.GPUConfig()))
+    with pytest.raises(NotImplementedError, match="interpreted"):
+        G.attention8_gpu_core(x, G.GPUConfig(p_regs=True), interpret=True)
+    with pytest.raises(ValueError, match="lean"):
+        G._build(1, 1, 128, 128, 128, 128, G.GPUConfig(p_regs=True, lean=False))
