@@ -135,3 +135,14 @@ def test_end_to_end_tiny_pipeline(tmp_path):
     c = drift.compact(rep)
     json.dumps(c)
     assert "topk" not in c["layers"]["blocks.1.ffn.fc2"]["high"]
+
+
+def test_compare_table(tmp_path, capsys):
+    table, ts = _planted()
+    rep = drift.drift_statistics(table, ts, topk=8)
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rep))
+    drift.main(["--compare", f"planted={path}", f"again={path}"])
+    out = capsys.readouterr().out
+    assert "| statistic | planted: high | planted: low | again: high | again: low |" in out
+    assert "| abs-max range over the expert's steps (max_t / min_t) | 18.8x (18.8x) | 2x (2x) |" in out

@@ -431,6 +431,58 @@ def compact(report: dict) -> dict:
     return out
 
 
+_TABLE_ROWS = (
+    ("range_ratio", "abs-max range over the expert's steps (max_t / min_t)", "x"),
+    ("pooled_over_step_mean", "pooled abs-max / the step's abs-max, mean over steps", "x"),
+    ("median_range_ratio", "median channel's range over the steps", "x"),
+    ("channel_range_median", "per-channel range max_t / min_t, median channel", "x"),
+    ("channel_range_p90", "per-channel range max_t / min_t, 90th percentile channel", "x"),
+    ("max_over_median", "largest / median channel abs-max, per step", ""),
+    ("n_outliers", "channels above the outlier factor x median, per step", ""),
+    ("topk_jaccard_first_min", "top-k overlap with the expert's first step, lowest", ""),
+)
+
+
+def summary_table(reports: dict) -> str:
+    """A markdown table comparing reports (``{label: report dict}``, e.g. read from the JSON files): per expert and
+    statistic the median (max; for overlaps the min) over layer inputs, then the between-expert numbers."""
+    labels = list(reports)
+    cols = [f"{lab}: {e}" for lab in labels for e in EXPERTS]
+    lines = ["| statistic | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+
+    def cell(st, key, unit):
+        v = st.get(key)
+        if v is None or v.get("median") is None:
+            return "-"
+        other = v["min"] if "jaccard" in key else v["max"]
+        return f"{v['median']:.3g}{unit} ({other:.3g}{unit})"
+
+    for key, text, unit in _TABLE_ROWS:
+        row = [cell(reports[lab]["summary"].get(e, {}), key, unit) for lab in labels for e in EXPERTS]
+        lines.append(f"| {text} | " + " | ".join(row) + " |")
+    lines += ["", "| between the experts | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for key, text in (
+        ("weights", "weight distance per linear, median (max)"),
+        ("absmax_ratio", "pooled abs-max high / low, median (min..max)"),
+        ("channel_rel_l2", "pooled channel abs-max rel. L2, median (max)"),
+        ("boundary_jump", "abs-max jump at the boundary, median (min..max)"),
+        ("trajectory_range_ratio", "abs-max range over the whole trajectory, median (max)"),
+    ):
+        row = []
+        for lab in labels:
+            s = reports[lab]["summary"]
+            v = s.get("weights") if key == "weights" else s.get("experts", {}).get(key)
+            if not v or v.get("median") is None:
+                row.append("-")
+            elif key in ("absmax_ratio", "boundary_jump"):
+                row.append(f"{v['median']:.3g} ({v['min']:.3g}..{v['max']:.3g})")
+            else:
+                extra = f"; all params {v['all_params']:.3g}" if key == "weights" else ""
+                row.append(f"{v['median']:.3g} ({v['max']:.3g}{extra})")
+        lines.append(f"| {text} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m wanjax.evaluation.drift", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/mini")
@@ -440,12 +492,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--cfg-mode", default="cond", choices=("cond", "both"))
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--outlier-factor", type=float, default=10.0)
-    ap.add_argument("--json", required=True, help="report path (JSON)")
+    ap.add_argument("--json", default=None, help="report path (JSON; required unless --compare)")
     ap.add_argument("--figures", default=None, help="folder for the PNG plots (none if not given)")
     ap.add_argument("--tag", default="drift", help="file-name prefix of the plots")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="LABEL=JSON",
+        default=None,
+        help="no run: print a markdown table comparing these reports (e.g. current=bench/results/drift_mini_current.json)",
+    )
     args = ap.parse_args(argv)
+    if args.compare:
+        reps = {}
+        for item in args.compare:
+            label, _, path = item.rpartition("=")
+            with open(path) as f:
+                reps[label or os.path.basename(path)] = json.load(f)
+        print(summary_table(reps))
+        return reps
 
+    if not args.json:
+        ap.error("--json is required (unless --compare)")
     import jax.numpy as jnp
 
     from wanjax.generation_config import GenerationConfig
