@@ -85,6 +85,9 @@ def parse_args(argv=None):
         help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
         "default recipe's input rotation; attention: cudnn|cudnn_fp8|attn8)",
     )
+    p.add_argument(
+        "--attn8-config", default="", help="kernel config of the attn8 variants, 'field=value,...' of GPUConfig"
+    )
     p.add_argument("--config", default="I2V_A14B")
     p.add_argument("--num-layers", type=int, default=None, help="fewer blocks (quick runs; default: the config's)")
     p.add_argument("--name", default=None)
@@ -115,6 +118,11 @@ def main(argv=None) -> dict:
     register_attention_backend("attn8", attention8)  # as the pipeline does (WANJAX_ATTN8_IMPL picks the kernel)
 
     args = parse_args(argv)
+    if args.attn8_config:
+        from bench.attention8 import parse_config
+        from wanjax.kernels import attention8_gpu
+
+        attention8_gpu.set_default_config(parse_config(args.attn8_config))
     cfg = get_config(args.config)
     if args.num_layers:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)

@@ -333,7 +333,23 @@ def gpu_config_for(cfg: GPUConfig = GPUConfig()) -> Attn8Config:
     return dataclasses.replace(DEFAULT, q_block=max(128, 2 * cfg.block_q), k_block=cfg.block_kv, kv_block=cfg.block_kv)
 
 
+def set_default_config(cfg: GPUConfig) -> GPUConfig:
+    """Make ``cfg`` the kernel config of :func:`attention8_gpu` calls that pass none (benchmarks compare variants
+    through the model this way); returns the previous one."""
+    global _DEFAULT_GPU
+    old, _DEFAULT_GPU = _DEFAULT_GPU, cfg
+    return old
+
+
+_DEFAULT_GPU = GPUConfig()
+
+
+def attention8_gpu(q, k, v, cfg: GPUConfig | None = None) -> jax.Array:
+    """Pre-pass (XLA) + the Mosaic GPU core: [B, S, N, D] -> [B, Sq, N, D] bf16; ``cfg`` defaults to
+    :func:`set_default_config`'s."""
+    return _attention8_gpu(q, k, v, _DEFAULT_GPU if cfg is None else cfg)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def attention8_gpu(q, k, v, cfg: GPUConfig = GPUConfig()) -> jax.Array:
-    """Pre-pass (XLA) + the Mosaic GPU core: [B, S, N, D] -> [B, Sq, N, D] bf16 (draft, see the module docstring)."""
+def _attention8_gpu(q, k, v, cfg: GPUConfig) -> jax.Array:
     return attention8_gpu_core(quantize_qkv(q, k, v, gpu_config_for(cfg)), cfg)
