@@ -33,6 +33,19 @@ GPU (rel-L2, f32 reference; the act quant is
 per row, so the rows agree exactly in the math); outputs finite. Reported besides: TOPS (2 M K N / time) and the
 bytes of each path's weights (codes + scales; low-rank branch, smoothing and bias separately).
 Results: ``<name>.json`` in bench/results (and $OUT), rewritten after every shape (a timeout keeps what ran).
+
+``--qkv`` (the recipe option ``fuse_qkv``, `wanjax.quant.fuse`): the self-attention q / k / v of a block, each
+``KxN`` of ``--shapes`` (default 5120x5120 at M = 32,760), as three W4A4 linears against ONE fused linear
+``K -> 3N`` that quantizes the shared input once (one act quant, rank-32 downs side by side, block-diagonal up):
+
+  qkv_bf16           XLA bf16 ``x @ [w_q | w_k | w_v]`` (the baseline: the BF16 model's three dots, one operand)
+  qkv_sep_w4a4_rot   three ``dispatch.w4a4_linear`` calls (rotating, default recipe): three act quants
+  qkv_fused_w4a4_rot one ``dispatch.w4a4_linear`` on the fused ``[3N, K/2]`` codes: one act quant
+  qkv_sep_w4a8_rot / qkv_fused_w4a8_rot   the same with INT8 activations (recipe ``w4a8``)
+
+Checks: the fused output against the three separate outputs side by side (rel-L2, all rows; the numbers are the
+same up to the epilogue's float order) and each path against its ``backend="reference"`` on the first rows.
+    PYTHONPATH=. python -m bench.gemm --qkv [--ms 32760] [--shapes 5120x5120] [--name gemm_qkv]
 """
 
 from __future__ import annotations
@@ -289,6 +302,152 @@ def table(payload: dict) -> str:
     return "\n".join(out) + "\n\nWeights: " + "; ".join(mem)
 
 
+# ------------------------------------------------------------------------------------------------- --qkv mode
+QKV_PATHS = (
+    ("qkv_bf16", "XLA bf16 `x @ [w_q | w_k | w_v]` (baseline)"),
+    ("qkv_sep_w4a4_rot", "three W4A4 linears (three act quants), rotating"),
+    ("qkv_fused_w4a4_rot", "**one fused W4A4 linear** `K -> 3N` (one act quant), rotating"),
+    ("qkv_sep_w4a8_rot", "three W4A8 linears, rotating"),
+    ("qkv_fused_w4a8_rot", "**one fused W4A8 linear**, rotating"),
+)
+
+
+def qkv_layers(key, m: int, k: int, n: int) -> dict:
+    """Three ``K -> N`` layers sharing one smoothing vector and rotation (as ``fuse_qkv`` calibrates them) and their
+    fused ``K -> 3N`` form (codes / scales / bias concatenated, downs side by side, up block-diagonal)."""
+    from bench.kernels import make_inputs
+    from wanjax.numerics.hadamard import random_signs
+
+    parts = [make_inputs(jax.random.fold_in(key, i), m if i == 0 else 8, k, n, R) for i in range(3)]
+    xs = [parts[0]["x"]] + [
+        jax.random.normal(jax.random.fold_in(key, 100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
+        for i in range(INPUT_SETS - 1)
+    ]
+    up = jnp.zeros((3 * R, 3 * n), jnp.bfloat16)
+    for i, p in enumerate(parts):
+        up = up.at[i * R : (i + 1) * R, i * n : (i + 1) * n].set(p["up"])
+    cat = lambda name, axis: jnp.concatenate([p[name] for p in parts], axis=axis)
+    fused = dict(w_packed=cat("w_packed", 0), s_w=cat("s_w", 0), down=cat("down", 1), up=up, bias=cat("bias", 0))
+    return dict(
+        xs=xs,
+        parts=parts,
+        fused=fused,
+        w_bf16=cat("w_bf16_kn", 1),
+        smooth=parts[0]["smooth"],
+        signs=random_signs(jax.random.fold_in(key, 7), k),
+    )
+
+
+def qkv_fns(L: dict, backend: str | None) -> dict:
+    """name -> jitted ``fn(x)`` of the ``--qkv`` paths on ``backend``: ``[M, 3N]``, or the three ``[M, N]`` of the
+    separate paths (a tuple: concatenating them would add a copy to the timed call; `_side_by_side` joins them)."""
+    from wanjax.kernels import dispatch
+
+    def linear(x, p, qmax):
+        return dispatch.w4a4_linear(
+            x,
+            p["w_packed"],
+            p["s_w"],
+            smooth=L["smooth"],
+            down=p["down"],
+            up=p["up"],
+            bias=p["bias"],
+            backend=backend,
+            rot_signs=L["signs"],
+            rot_block=ROT_BLOCK,
+            a_qmax=qmax,
+        )
+
+    def sep(qmax):
+        return jax.jit(lambda x: tuple(linear(x, p, qmax) for p in L["parts"]))  # three outputs, no copy
+
+    def fused(qmax):
+        return jax.jit(lambda x: linear(x, L["fused"], qmax))
+
+    w = L["w_bf16"]
+    return {
+        "qkv_bf16": jax.jit(lambda x: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
+        "qkv_sep_w4a4_rot": sep(7),
+        "qkv_fused_w4a4_rot": fused(7),
+        "qkv_sep_w4a8_rot": sep(127),
+        "qkv_fused_w4a8_rot": fused(127),
+    }
+
+
+def _side_by_side(out):
+    return jnp.concatenate(out, axis=-1) if isinstance(out, tuple) else out
+
+
+def run_qkv(m: int, k: int, n: int, iters: int, log, paths=None) -> dict:
+    """The ``--qkv`` paths at M tokens and q / k / v of ``K x N`` each: checks, then times (errors recorded)."""
+    res = {"M": m, "K": k, "N": n, "rank": R, "rot_block": ROT_BLOCK, "device_ms": {}, "wall_ms": {}}
+    res.update(checks={}, errors={})
+    ops = 2.0 * m * k * 3 * n
+    L = qkv_layers(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+    rows = min(m, CHECK_ROWS)
+    fns, refs = qkv_fns(L, None), qkv_fns(L, "reference")
+    gpu = _on_gpu()
+    outs = {}
+    for name, f in fns.items():
+        if paths and name not in paths:
+            continue
+        try:
+            out = _side_by_side(f(L["xs"][0]))
+            res["checks"][f"{name}_finite"] = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+            if name != "qkv_bf16":
+                x_ref = L["xs"][0][:rows]
+                if gpu:
+                    x_ref = jax.device_put(x_ref, jax.devices("cpu")[0])
+                res["checks"][f"{name}_rel_l2_vs_reference"] = rel_err(
+                    np.asarray(out[:rows], np.float32), np.asarray(_side_by_side(refs[name](x_ref)), np.float32)
+                )
+                outs[name] = out
+            sep = name.replace("fused", "sep")
+            if "fused" in name and sep in outs:
+                res["checks"][f"{name}_rel_l2_vs_{sep}"] = rel_err(
+                    np.asarray(out, np.float32), np.asarray(outs.pop(sep), np.float32)
+                )
+                outs.pop(name)
+            del out
+            if gpu:
+                res["device_ms"][name] = cupti_ms(f, L["xs"][0], iters=iters)
+            res["wall_ms"][name] = wall_ms(f, [(x,) for x in L["xs"]], iters)
+            t = res["device_ms"].get(name, res["wall_ms"][name])
+            log(f"  {name:20s} {t:9.3f} ms  {ops / t / 1e9:8.1f} TOPS  wall {res['wall_ms'][name]:9.3f} ms")
+        except Exception as e:  # report and go on
+            res["errors"][name] = f"{type(e).__name__}: {str(e)[:1500]}"
+            log(f"  {name}: ERROR {res['errors'][name][:400]}")
+            traceback.print_exc()
+    for key in ("device_ms", "wall_ms"):
+        t = res[key]
+        if "qkv_bf16" in t:
+            res[f"speedup_{key}"] = {p: t["qkv_bf16"] / v for p, v in t.items()}
+        for a in ("w4a4", "w4a8"):
+            sep, fus = f"qkv_sep_{a}_rot", f"qkv_fused_{a}_rot"
+            if sep in t and fus in t:
+                res.setdefault(f"fused_gain_{key}", {})[a] = t[sep] / t[fus]
+    return res
+
+
+def qkv_table(payload: dict) -> str:
+    """Markdown of a ``--qkv`` result: one row per path, one column per (M, K, N): ``ms · x vs bf16``."""
+    rows = payload["rows"]
+    timed = "device" if any(r["device_ms"] for r in rows) else "wall"
+    cols = " | ".join(f"M={r['M']}, q/k/v {r['K']}x{r['N']}" for r in rows)
+    out = [f"| path (ms, x vs XLA bf16; {timed} time) | {cols} |", "|---" * (len(rows) + 1) + "|"]
+    for name, label in QKV_PATHS:
+        cells = []
+        for r in rows:
+            t = r[f"{timed}_ms"]
+            if name in t:
+                sp = t["qkv_bf16"] / t[name] if "qkv_bf16" in t else float("nan")
+                cells.append(f"{t[name]:.3f} · {sp:.2f}x")
+            else:
+                cells.append("error" if name in r["errors"] else "-")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="32760", help="comma list of token counts M (the issue: 4096,32760,75600)")
@@ -298,14 +457,22 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="gemm", help="result file name (without .json)")
     ap.add_argument("--results-dir", default="bench/results", help="where <name>.json goes (also $OUT when set)")
     ap.add_argument("--table", default="", help="print the markdown table of this result JSON and exit")
+    ap.add_argument(
+        "--qkv",
+        action="store_true",
+        help="fused QKV mode: q/k/v (each KxN of --shapes, default 5120x5120) as three W4A4 linears vs one fused one",
+    )
     a = ap.parse_args(argv)
     if a.table:
         import json
 
         with open(a.table) as fh:
-            print(table(json.load(fh)))
+            res = json.load(fh)
+        print(qkv_table(res) if res.get("settings", {}).get("qkv") else table(res))
         return 0
     _layout()
+    if a.qkv:
+        return _main_qkv(a)
     paths = set(p for p in a.paths.split(",") if p)
     unknown = paths - {p for p, _ in PATHS}
     if unknown:
@@ -322,6 +489,27 @@ def main(argv=None) -> int:
     bad = {f"M={r['M']} {r['K']}x{r['N']}": r["errors"] for r in payload["rows"] if r["errors"]}
     if bad:
         print(f"bench.gemm: errors: {bad}")
+    return 0
+
+
+def _main_qkv(a) -> int:
+    paths = set(p for p in a.paths.split(",") if p)
+    unknown = paths - {p for p, _ in QKV_PATHS}
+    if unknown:
+        raise SystemExit(f"bench.gemm --qkv: unknown paths {sorted(unknown)}; choose from {[p for p, _ in QKV_PATHS]}")
+    shapes = "5120x5120" if a.shapes == "5120x5120,5120x13824,13824x5120" else a.shapes
+    name = "gemm_qkv" if a.name == "gemm" else a.name
+    if not _on_gpu():
+        print("bench.gemm --qkv: no GPU; wall-clock smoke run (times mean nothing)", flush=True)
+    log = bench_log("gemm_qkv")
+    payload = {"device": device_facts(), "settings": {**vars(a), "shapes": shapes, "name": name}, "rows": []}
+    for m, k, n in shape_sweep(a.ms, shapes, log):
+        payload["rows"].append(run_qkv(m, k, n, a.iters, log, paths))
+        write_result(name, payload, out_dirs=(a.results_dir,))
+    print(qkv_table(payload))
+    bad = {f"M={r['M']} {r['K']}x{r['N']}": r["errors"] for r in payload["rows"] if r["errors"]}
+    if bad:
+        print(f"bench.gemm --qkv: errors: {bad}")
     return 0
 
 
