@@ -281,3 +281,26 @@ def test_bad_inputs_have_clear_errors():
     af = {n: None if v is None else jnp.asarray(v)[None] for n, v in af.items()}
     with pytest.raises(ValueError, match=r"fused 'blocks.self_attn.qkv'.*N=160"):
         quantize_model(model, {FUSED: QLinear(cf, path=FUSED, **af)})
+
+
+def test_lora_on_a_fused_model_is_refused_by_name(fused_tiny):
+    from wanjax import lora as L
+
+    _, qm, _, _, _ = fused_tiny
+    rng = np.random.default_rng(0)
+    sd = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": rng.standard_normal((4, 64)).astype(np.float32),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rng.standard_normal((64, 4)).astype(np.float32),
+    }
+    lw = L.parse_lora(sd, CFG1)
+    with pytest.raises(L.LoraError, match="part of the fused 'blocks.self_attn.qkv'.*fuse_qkv"):
+        L.lora_model(qm, [(lw, 1.0)])
+
+
+def test_sharding_rule_of_the_fused_layer():
+    from wanjax.parallel.rules import param_logical_axes
+
+    # N = [q | k | v] stays whole (not split over the heads axis), K as the parts' (embed)
+    assert param_logical_axes("blocks.self_attn.qkv.qweight", (40, 15360, 2560)) == ("layers", None, "embed")
+    assert param_logical_axes("blocks.self_attn.qkv.down", (40, 5120, 96)) == ("layers", "embed", None)
+    assert param_logical_axes("blocks.self_attn.q.qweight", (40, 5120, 2560)) == ("layers", "heads", "embed")

@@ -30,6 +30,7 @@ from flax import nnx
 from wanjax.io.keymap import official_to_wanjax
 from wanjax.lora.formats import LoraError, LoraWeights, _check_against
 from wanjax.model.layers import Linear
+from wanjax.model.names import fused_parent
 from wanjax.numerics.hadamard import hadamard_block_size, rotate_activations
 from wanjax.quant.qlinear import QLinear, clear_lora, set_lora
 
@@ -80,6 +81,12 @@ def _targets(lw: LoraWeights, model) -> tuple[dict, dict]:
         t = official_to_wanjax(param)
         diffs.setdefault((".".join(t.path[:-1]), t.path[-1]), []).append((t.layer, t.kind, d))
     for path in mods:
+        parent = fused_parent(path)
+        if parent is not None and not hasattr(_get(model, parent.rpartition(".")[0]), path.rpartition(".")[2]):
+            raise LoraError(
+                f"{lw.source}: {path!r} is part of the fused {parent!r} of this model (a quantization recipe with "
+                "fuse_qkv); a LoRA on a fused layer is not supported: quantize without fuse_qkv to apply it"
+            )
         node = _get(model, path)
         if not isinstance(node, (Linear, QLinear)):
             raise LoraError(f"{lw.source}: {path!r} is a {type(node).__name__}, not a Linear")

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from wanjax.model.names import BLOCK_LINEARS
+from wanjax.model.names import BLOCK_LINEARS, FUSED_LINEARS
 
 Logical = tuple  # tuple[str | None, ...]
 
@@ -65,6 +65,9 @@ LINEAR_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"time_embedding\.fc2", ("mlp", "embed")),
     (r"time_projection", ("embed", "mlp")),
     *((re.escape(p), BLOCK_LINEAR_AXES[p.rpartition(".")[2]]) for p in BLOCK_LINEARS),
+    # a fused q/k/v (`wanjax.model.names.FUSED_LINEARS`, recipe option fuse_qkv): its N = [q | k | v] stays whole
+    # (contiguous shards of it would not follow the heads of each part)
+    *((re.escape(p), ("embed", None)) for p in FUSED_LINEARS),
     (r"head\.head", ("embed", None)),
 )
 
