@@ -280,8 +280,8 @@ class _Run:
         self.groups = qc.block_groups(cfg, pipe.cfg.num_layers)
         self.shared = recipe.calibration == "shared"
         # the quantization units: every block Linear, or (fuse_qkv) the fused q/k/v as one unit at q's place
-        self.units = layer_units(BLOCK_LINEARS, recipe.fuse_qkv)
-        self.unit_paths = [u[0] for u in self.units]
+        self.qunits = layer_units(BLOCK_LINEARS, recipe.fuse_qkv)
+        self.unit_paths = [u[0] for u in self.qunits]
         self.hacc = cfg.hessian and not cfg.hessian_per_bin
         self.traj = [qc.trajectory_path(work_dir, k) for k in range(len(samples))]
         self.units: list = []
@@ -495,7 +495,7 @@ class _Run:
 
         model = nnx.merge(self.pipe.graphdef, qc._params(self.pipe, e))
         missing = self._quant_missing(e, g0, g1)
-        for unit in [u for u in self.units if u[0] in paths and u[0] in missing]:
+        for unit in [u for u in self.qunits if u[0] in paths and u[0] in missing]:
             path = unit[0]
             self.clock.check(f"quantize:{path}", g1 - g0)
             self._begin(f"quantize {e} blocks {g0}-{g1 - 1} {path}")
@@ -532,7 +532,7 @@ class _Run:
         model = nnx.merge(self.pipe.graphdef, qc._params(self.pipe, e))
         qlayers, sqnr = {}, {}
         with jax.default_device(jax.devices("cpu")[0]):  # the quantized arrays stay in host memory
-            for path, unit_parts in self.units:
+            for path, unit_parts in self.qunits:
                 heads, parts, sq = [], [], []
                 for g0, g1 in self.groups:
                     h, a, s = _load_unit(self._unit_path(e, g0, g1, path))
