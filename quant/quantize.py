@@ -365,8 +365,15 @@ def quantize_unit(recipe: Recipe, model: nnx.Module, unit: tuple, stats, *, inde
             recipe, kerns[0], biases[0], stats.layer(expert, path, index), path=path, index=index, expert=expert, **kw
         )
     return quantize_fused_layer(
-        recipe, kerns, biases, stats.layer(expert, parts[0], index), path=path, parts=parts, index=index,
-        expert=expert, **kw
+        recipe,
+        kerns,
+        biases,
+        stats.layer(expert, parts[0], index),
+        path=path,
+        parts=parts,
+        index=index,
+        expert=expert,
+        **kw,
     )
 
 

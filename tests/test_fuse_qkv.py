@@ -85,8 +85,12 @@ def apply(c, a, x, b, mode, dtype):
 
 @pytest.mark.parametrize(
     "mode,dtype,a_fmt",
-    [("fake", jnp.bfloat16, "int4"), ("real", jnp.bfloat16, "int4"), ("fake", jnp.float32, "int8"),
-     ("real", jnp.float32, "int8")],
+    [
+        ("fake", jnp.bfloat16, "int4"),
+        ("real", jnp.bfloat16, "int4"),
+        ("fake", jnp.float32, "int8"),
+        ("real", jnp.float32, "int8"),
+    ],
 )
 def test_fused_equals_three_separate_layers(mode, dtype, a_fmt, monkeypatch):
     monkeypatch.setenv("WANJAX_KERNELS", "reference")
@@ -174,7 +178,9 @@ def test_without_joint_transforms_the_parts_are_the_separate_layers():
     for name, axis in (("qweight", 0), ("wscale", 0), ("bias", 0), ("down", 1)):
         np.testing.assert_array_equal(np.asarray(af[name]), np.concatenate([np.asarray(s[name]) for s in seps], axis))
     for i, s in enumerate(seps):
-        np.testing.assert_array_equal(np.asarray(af["up"][8 * i : 8 * i + 8, 64 * i : 64 * i + 64]), np.asarray(s["up"]))
+        np.testing.assert_array_equal(
+            np.asarray(af["up"][8 * i : 8 * i + 8, 64 * i : 64 * i + 64]), np.asarray(s["up"])
+        )
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
 """Streamed quantization with the recipe option ``fuse_qkv`` on the shipped mini model: the streamed artifact holds
 one fused ``self_attn.qkv`` layer per expert and equals, tensor for tensor, what `quantize` + `save_artifact` write
-from the same (kept) statistics; it loads and runs."""
+from the same (kept) statistics; it loads."""
 
 import dataclasses
 import os
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from test_quantize_stream import MINI, RECIPE, _same_artifact, setup  # noqa: F401  (setup: the module fixture)
+from test_quantize_stream import MINI, RECIPE, _same_artifact
 
 from wanjax.quant import stream
 
@@ -20,9 +19,27 @@ pytestmark = pytest.mark.skipif(
 FUSED = dataclasses.replace(RECIPE, name="stream-test-fuse", fuse_qkv=True)
 
 
-def test_streamed_fused_equals_quantize_save(setup):  # noqa: F811
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """test_quantize_stream's setting, smaller: one calibration sample, 2 block groups of 3 blocks."""
+    from wanjax.data.procedural import make_clips
+    from wanjax.generation_config import GenerationConfig
+    from wanjax.pipeline import WanI2VPipeline
+    from wanjax.quant.calibrate import CalibSample
+    from wanjax.video_io import to_uint8
+
+    pipe = WanI2VPipeline.from_pretrained(MINI, dtype=jnp.bfloat16)
+    videos, captions = make_clips(1, split="train", seed=7, num_frames=5, size=64)[:2]
+    gen = GenerationConfig(num_frames=5, max_area=64 * 64, steps=8)  # 3 high + 5 low steps: the seed bins fit
+    y, _ = pipe.prepare_condition(to_uint8(videos[:, 0])[0], gen.num_frames, gen.max_area)
+    samples = [CalibSample(y=y, context=pipe.encode_text([captions[0], "blurry"]), seed=0)]
+    cfg = stream.calib_config(FUSED, gen, reservoir=48, blocks_per_group=3, steps_per_bin=1)
+    return pipe, samples, cfg, tmp_path_factory.mktemp("stream_fuse")
+
+
+def test_streamed_fused_equals_quantize_save(setup):
     from wanjax.quant import calibrate as qc
-    from wanjax.quant.apply import active_bin, qlinears
+    from wanjax.quant.apply import qlinears
     from wanjax.quant.artifact import load_artifact, save_artifact
     from wanjax.quant.quantize import CalibrationSource, quantize
     from wanjax.quant.recipes import recipe_to_dict
@@ -32,7 +49,7 @@ def test_streamed_fused_equals_quantize_save(setup):  # noqa: F811
     res = stream.quantize_streamed(pipe, samples, FUSED, out, work_dir=work, cfg=cfg, keep_calib=True, progress=False)
     assert res.done
     kinds = [u["kind"] for u in res.units]
-    assert kinds.count("quantize") == 2 * 3 * 8  # experts x block groups x (q/k/v fused + 7 other layers)
+    assert kinds.count("quantize") == 2 * 2 * 8  # experts x block groups x (q/k/v fused + 7 other layers)
     assert "blocks.self_attn.qkv" in res.reports["high"]["sqnr_db"]
     # the same statistics through quantize() + save_artifact()
     q, reports = quantize(pipe, FUSED, CalibrationSource(qc.CalibStats(str(work)), res.bins), progress=False)
@@ -50,7 +67,4 @@ def test_streamed_fused_equals_quantize_save(setup):  # noqa: F811
     assert manifest["recipe"]["fuse_qkv"] is True
     m = experts["low"]
     assert "blocks.self_attn.qkv" in qlinears(m) and "blocks.self_attn.q" not in qlinears(m)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 4, 4, m.cfg.in_dim)), jnp.float32)
-    ctx = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, m.cfg.text_dim)), jnp.float32)
-    with active_bin(0):
-        assert np.all(np.isfinite(np.asarray(m(x, jnp.array([500.0]), ctx))))
+    assert m.blocks.self_attn.qkv.out_features == 3 * m.cfg.dim  # (running a loaded fused model: test_fuse_qkv)
