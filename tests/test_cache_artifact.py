@@ -225,7 +225,9 @@ def test_quantize_writes_the_cache_calibration_and_generate_uses_it(tmp_path, mo
     from wanjax.quant.artifact import attach_artifact, read_manifest
     from wanjax.video_io import to_uint8
 
+    # the CLI's compilation cache on, in tmp_path (reset in `finally`): steps 2-4 compile programs step 1 already did
     monkeypatch.setenv("WANJAX_CACHE_DIR", str(tmp_path / "jaxcache"))
+    monkeypatch.delenv("WANJAX_COMPILE_CACHE", raising=False)
     videos, captions = make_clips(2, split="train", seed=7, num_frames=5, size=64)[:2]
     lines = []
     for i, frame in enumerate(to_uint8(videos[:, 0])):

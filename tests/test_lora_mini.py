@@ -18,9 +18,10 @@ from wanjax.metrics import psnr
 from wanjax.train.evaluate import template_accuracy
 from wanjax.train.lora import OPPOSITE, centred_heldout
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(LORA_FILES["high"]), reason="models/mini or its trained LoRA is not present"
-)
+pytestmark = [
+    pytest.mark.skipif(not os.path.isfile(LORA_FILES["high"]), reason="models/mini or its trained LoRA is not present"),
+    pytest.mark.usefixtures("jax_compile_cache"),  # the pipelines here and in quick_w4a4 compile programs in common
+]
 
 N_CLIPS = 8
 N_W4A4 = 4
@@ -50,9 +51,10 @@ def clips(pipe):
     return videos, colours, dirs, inputs
 
 
-def _run(pipe, clips, n=N_CLIPS):
+def _run(pipe, clips, n=N_CLIPS, decode=True):
     """Latents and uint8 frames of the first ``n`` clips with the pipeline's current experts (seed 1000 + clip, as
-    the evaluation in the LoRA's README)."""
+    the evaluation in the LoRA's README); ``decode=False``: the latents only (no frames; the VAE decode is the slow
+    part of a run on a CPU)."""
     from wanjax.video_io import to_uint8
 
     lat, frames = [], []
@@ -62,7 +64,8 @@ def _run(pipe, clips, n=N_CLIPS):
         )
         x, _ = pipe.denoise(y, ctx, gen, progress=False)
         lat.append(np.asarray(jax.device_get(x)))
-        frames.append(to_uint8(np.asarray(pipe.decode(x))))
+        if decode:
+            frames.append(to_uint8(np.asarray(pipe.decode(x))))
     return lat, frames
 
 
@@ -116,7 +119,7 @@ def test_the_trained_lora_reverses_the_motion_and_removes_exactly(pipe, clips, b
     # measured (8 clips): captioned 0.875 -> 0.125, reversed 0 -> 0.875
     assert acc0 >= 0.75 and rev0 <= 0.125  # the base model follows the caption
     assert rev1 >= 0.75 and acc1 <= 0.25  # with the LoRA the object moves the other way
-    lat2, _ = _run(pipe, clips, n=1)  # the LoRA was removed (bf16_runs): exactly the outputs before
+    lat2, _ = _run(pipe, clips, n=1, decode=False)  # the LoRA was removed (bf16_runs): exactly the outputs before
     np.testing.assert_array_equal(lat2[0], lat0[0])
 
 
@@ -129,7 +132,7 @@ def test_w4a4_plus_lora_keeps_w4a4_fidelity(pipe, clips, bf16_runs):
     attach_to_pipeline(pipe, q["high"], q["low"], bins)
     lat_q, fq = _run(pipe, clips, n)
     _, fq_lora = _with_lora(pipe, clips, n)
-    lat_q2, _ = _run(pipe, clips, 1)
+    lat_q2, _ = _run(pipe, clips, 1, decode=False)
     np.testing.assert_array_equal(lat_q2[0], lat_q[0])  # removed from the W4A4 experts: exactly W4A4 again
     bf, bf_lora = bf16_runs["base"][1][:n], bf16_runs["lora"][1][:n]
     base = psnr(np.stack(fq), np.stack(bf), data_range=255.0)
