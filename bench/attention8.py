@@ -40,11 +40,16 @@ def _qkv(s, n, d, seed=0):
     return tuple(jax.random.normal(jax.random.fold_in(key, i), (1, s, n, d), jnp.bfloat16) for i in range(3))
 
 
+def _layout(cfg):
+    return "bsnd" if cfg.bsnd else "bnsd"
+
+
 def check(s, n=2, d=128, cfg=G.GPUConfig()):
     pc = G.gpu_config_for(cfg)
     q, k, v = _qkv(s, n, d, seed=s)
     x = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc))(q, k, v)
-    got = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))(x)
+    xk = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc, _layout(cfg)))(q, k, v)
+    got = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))(xk)
     want = jax.jit(lambda x: R.attention8_core(x, pc))(x)
     exact = jax.jit(R.attention_f32)(q, k, v)
     out = {
@@ -74,7 +79,7 @@ def variant(cfg: G.GPUConfig, args) -> dict:
     cuDNN BF16 beside it)."""
     out = {"config": G.dataclasses.asdict(cfg), "check": check(1000, cfg=cfg), "rows": []}
     pc = G.gpu_config_for(cfg)
-    prepass = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc))
+    prepass = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc, _layout(cfg)))
     core = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))
     cudnn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="cudnn"))
     for s in args.s:
@@ -124,9 +129,9 @@ def main(argv=None):
         raise SystemExit(f"attention8_gpu disagrees with the reference: {checks}")
     rows = []
     d, n = 128, args.heads
-    prepass = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc))
+    prepass = jax.jit(lambda a, b, c: R.quantize_qkv(a, b, c, pc, _layout(cfg)))
     core = jax.jit(lambda x: G.attention8_gpu_core(x, cfg))
-    full = jax.jit(lambda a, b, c: G.attention8_gpu_core(R.quantize_qkv(a, b, c, pc), cfg))
+    full = jax.jit(lambda a, b, c: G.attention8_gpu(a, b, c, cfg))
     cudnn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, implementation="cudnn"))
     for s in args.s:
         q, k, v = _qkv(s, n, d, seed=1)

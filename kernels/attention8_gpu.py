@@ -73,7 +73,10 @@ class GPUConfig:
     #: P stays in registers for the PV wgmma (with lean): the e4m3 pairs of the accumulator layout are regrouped as the
     #: 8-bit A-operand layout without moving data, which reorders P's keys within every 16; V's tokens are permuted the
     #: same way in the pre-pass (:data:`P_REGS_ORDER`), so P @ V is unchanged. Not runnable in the interpreter.
-    p_regs: bool = False
+    p_regs: bool = True
+    #: the pre-pass of :func:`attention8_gpu` keeps Q / K / V token-major ([B, S, N, D], as the model holds them) and
+    #: the kernel reads them and writes its output that way: no transposes around the kernel (V^T excepted)
+    bsnd: bool = True
 
 
 def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
@@ -88,7 +91,7 @@ def prepare(x: QKV8, d: int, cfg: GPUConfig = GPUConfig()):
         col = jnp.broadcast_to(x.k_scale[..., None], x.k_scale.shape + (cfg.block_q,))
     else:
         col = x.k_scale_tokens()
-    vt = jnp.swapaxes(x.v, 2, 3)
+    vt = jnp.swapaxes(x.v, 2, 3) if x.layout == "bnsd" else x.v.transpose(0, 2, 3, 1)  # [B, N, D, Sk_pad]
     if cfg.p_regs:
         skp = vt.shape[-1]
         perm = (jnp.arange(skp // 16)[:, None] * 16 + jnp.asarray(P_REGS_ORDER)[None, :]).reshape(-1)
@@ -121,8 +124,13 @@ def _p_to_a_operand(p8):
     return regroup(p8)
 
 
-def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
+def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str = "bnsd"):
     bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    tm = layout == "bsnd"  # token-major q, k, out
+
+    def rows(ref, bi, h, sl):  # the [tokens, D] slice of head h
+        return ref.at[bi, sl, h] if tm else ref.at[bi, h, sl]
+
     nkv = skp // bkv
     stages = min(stages, nkv)
     f32 = jnp.float32
@@ -151,7 +159,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             plgpu.set_max_registers(232, action="increase")
             q_smem, o_smem, p_smem = q_smem2.at[wg], o_smem2.at[wg], p_smem2.at[wg]
             q0 = lax.axis_index("q_seq") * (2 * bq) + wg * bq
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, h, pl.ds(q0, bq)], q_smem, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(rows(q_ref, bi, h, pl.ds(q0, bq)), q_smem, q_bar.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             col_layout = plgpu.Layout.WGMMA.reduce(0)
             row = plgpu.load(row_ref.at[bi, h, pl.ds(q0, bq)], layout=row_layout, optimized=False)
@@ -241,7 +249,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
             out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0]) * lax.broadcast_in_dim(vs, (bq, d), [1])
             o_smem[...] = out.astype(jnp.bfloat16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, h, pl.ds(q0, bq)])
+            plgpu.copy_smem_to_gmem(o_smem, rows(o_ref, bi, h, pl.ds(q0, bq)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -250,7 +258,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
 
             def load(j, slot):
                 ks = pl.ds(j * bkv, bkv)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, h, ks], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(rows(k_ref, bi, h, ks), k_smem.at[slot], k_bar.at[slot])
                 if cfg.tile_scale:
                     plgpu.copy_gmem_to_smem(col_ref.at[bi, h, j], col_smem.at[slot], c_bar.at[slot])
                 else:
@@ -297,7 +305,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False):
 
     return plgpu.kernel(
         attn8_kernel,
-        out_type=jax.ShapeDtypeStruct((b, n, sqp, d), jnp.bfloat16),
+        out_type=jax.ShapeDtypeStruct((b, sqp, n, d) if tm else (b, n, sqp, d), jnp.bfloat16),
         grid=(n, sqp // (2 * bq), b),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
@@ -312,8 +320,12 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
     cfg.block_kv); returns [B, Sq, N, D] bf16."""
     if plgpu is None:  # pragma: no cover
         raise NotImplementedError("attention8_gpu needs jax.experimental.pallas.mosaic_gpu")
-    b, n, sqp, d = x.q.shape
-    skp = x.k.shape[2]
+    if x.layout == "bsnd":
+        b, sqp, n, d = x.q.shape
+        skp = x.k.shape[1]
+    else:
+        b, n, sqp, d = x.q.shape
+        skp = x.k.shape[2]
     if sqp % (2 * cfg.block_q) or skp % cfg.block_kv or d % 64:
         raise ValueError(
             f"attention8_gpu: padded Sq={sqp} must be a multiple of {2 * cfg.block_q}, Sk={skp} of "
@@ -324,7 +336,9 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
     if cfg.lean and d > 256:
         raise ValueError(f"attention8_gpu: lean=True converts QK^T exactly only for D <= 256, got D={d}")
     q8, k8, vt8, row, col, vs = prepare(x, d, cfg)
-    out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret)(q8, k8, vt8, row, col, vs)
+    out = _build(b, n, sqp, skp, d, x.sk, cfg, interpret, x.layout)(q8, k8, vt8, row, col, vs)
+    if x.layout == "bsnd":
+        return out[:, : x.sq]
     return out[:, :, : x.sq].transpose(0, 2, 1, 3)
 
 
@@ -352,4 +366,4 @@ def attention8_gpu(q, k, v, cfg: GPUConfig | None = None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _attention8_gpu(q, k, v, cfg: GPUConfig) -> jax.Array:
-    return attention8_gpu_core(quantize_qkv(q, k, v, gpu_config_for(cfg)), cfg)
+    return attention8_gpu_core(quantize_qkv(q, k, v, gpu_config_for(cfg), "bsnd" if cfg.bsnd else "bnsd"), cfg)

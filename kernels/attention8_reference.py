@@ -94,7 +94,7 @@ DEFAULT = Attn8Config()
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("q", "q_scale", "k", "k_scale", "v", "v_scale"),
-    meta_fields=("sq", "sk", "q_block", "k_block"),
+    meta_fields=("sq", "sk", "q_block", "k_block", "layout"),
 )
 @dataclasses.dataclass(frozen=True)
 class QKV8:
@@ -102,7 +102,9 @@ class QKV8:
 
     q: int8 [B, N, Sq_pad, D]; q_scale: f32 [B, N, Sq_pad / q_block]; k: int8 [B, N, Sk_pad, D] (smoothed);
     k_scale: f32 [B, N, Sk_pad / k_block]; v: float8_e4m3fn [B, N, Sk_pad, D]; v_scale: f32 [B, N, D];
-    sq / sk: the valid token counts; q_block / k_block: tokens per scale.
+    sq / sk: the valid token counts; q_block / k_block: tokens per scale. ``layout="bsnd"``: q, k and v token-major
+    instead ([B, S_pad, N, D], the model's layout; made by ``quantize_qkv(..., layout="bsnd")`` for the GPU kernel,
+    which reads it without a transpose); the scales keep their shapes.
     """
 
     q: jax.Array
@@ -115,6 +117,7 @@ class QKV8:
     sk: int
     q_block: int
     k_block: int
+    layout: str = "bnsd"
 
     def q_scale_tokens(self) -> jax.Array:
         """Per-row Q scales, f32 [B, N, Sq_pad]."""
@@ -125,37 +128,47 @@ class QKV8:
         return jnp.repeat(self.k_scale, self.k_block, axis=-1)
 
 
-def _pad_tokens(x, mult):
-    pad = (-x.shape[2]) % mult
-    return x if pad == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+def _pad_tokens(x, mult, axis: int = 2):
+    pad = (-x.shape[axis]) % mult
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
 
 
-def int8_blocks(x: jax.Array, block: int, pad_to: int | None = None):
-    """Per-(batch, head, token-block) INT8 quantization of f32 ``x`` [B, N, S, D].
+def int8_blocks(x: jax.Array, block: int, pad_to: int | None = None, token_axis: int = 2):
+    """Per-(batch, head, token-block) INT8 quantization of f32 ``x`` [B, N, S, D] (``token_axis=1``: [B, S, N, D],
+    the codes keep that layout).
 
-    Returns (codes int8 [B, N, S_pad, D], scales f32 [B, N, S_pad / block]); S is zero-padded to a multiple of
-    ``pad_to`` (default ``block``, which must divide it). An all-zero block gets scale 1 (codes 0).
+    Returns (codes int8 in x's layout with S padded, scales f32 [B, N, S_pad / block]); S is zero-padded to a multiple
+    of ``pad_to`` (default ``block``, which must divide it). An all-zero block gets scale 1 (codes 0).
     """
     pad_to = block if pad_to is None else pad_to
     if pad_to % block:
         raise ValueError(f"int8_blocks: pad_to={pad_to} must be a multiple of block={block}")
-    x = _pad_tokens(x.astype(jnp.float32), pad_to)
-    b, n, s, d = x.shape
-    xb = x.reshape(b, n, s // block, block, d)
-    amax = jnp.max(jnp.abs(xb), axis=(3, 4))
+    if token_axis not in (1, 2):
+        raise ValueError(f"int8_blocks: token_axis must be 1 ([B, S, N, D]) or 2 ([B, N, S, D]), got {token_axis}")
+    x = _pad_tokens(x.astype(jnp.float32), pad_to, token_axis)
+    shape = x.shape
+    s = shape[token_axis]
+    xb = x.reshape(shape[:token_axis] + (s // block, block) + shape[token_axis + 1 :])
+    amax = jnp.max(jnp.abs(xb), axis=(token_axis + 1, xb.ndim - 1))  # [B, N, S/blk] or [B, S/blk, N]
     scale = jnp.where(amax > 0, amax / INT8_MAX, jnp.float32(1.0))
-    codes = jnp.clip(jnp.rint(xb / scale[..., None, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return codes.reshape(b, n, s, d), scale
+    codes = jnp.clip(jnp.rint(xb / jnp.expand_dims(scale, (token_axis + 1, xb.ndim - 1))), -INT8_MAX, INT8_MAX)
+    if token_axis == 1:
+        scale = jnp.swapaxes(scale, 1, 2)
+    return codes.astype(jnp.int8).reshape(shape), scale
 
 
-def balance_channels(qh: jax.Array, kh: jax.Array):
+def balance_channels(qh: jax.Array, kh: jax.Array, token_axis: int = 2):
     """Per-channel magnitude balancing of f32 [B, N, S, D] q and k (exact for every ``q . k``): channel c of q is
     multiplied and of k divided by ``b_c = sqrt(amax_tokens|k_c| / amax_tokens|q_c|)`` relative to the median channel
     (a common factor of all channels changes nothing under per-block scales; 1 where either abs-max is zero), so an
     outlier channel ends with about the same abs-max in both. ``b_c`` is rounded to a power of two: the rescaling is
     exact in floating point and costs the kernels nothing."""
-    aq = jnp.max(jnp.abs(qh), axis=2, keepdims=True)
-    ak = jnp.max(jnp.abs(kh), axis=2, keepdims=True)
+    aq = jnp.max(jnp.abs(qh), axis=token_axis, keepdims=True)
+    ak = jnp.max(jnp.abs(kh), axis=token_axis, keepdims=True)
     ok = (aq > 0) & (ak > 0)
     half_log = jnp.where(ok, 0.5 * jnp.log2(jnp.where(ok, ak, 1.0) / jnp.where(ok, aq, 1.0)), 0.0)
     e = jnp.round(half_log - jnp.median(half_log, axis=3, keepdims=True))
@@ -163,25 +176,29 @@ def balance_channels(qh: jax.Array, kh: jax.Array):
     return qh * f, kh / f
 
 
-def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, config: Attn8Config = DEFAULT) -> QKV8:
-    """The pre-pass: [B, S, N, D] q, k, v -> :class:`QKV8` (see the module docstring)."""
+def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, config: Attn8Config = DEFAULT, layout: str = "bnsd") -> QKV8:
+    """The pre-pass: [B, S, N, D] q, k, v -> :class:`QKV8` (see the module docstring). ``layout="bsnd"`` keeps the
+    codes token-major (no transpose; the same numbers)."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"attention8: q [B, Sq, N, D] and k, v [B, Sk, N, D] expected, got {q.shape}, {k.shape}, {v.shape}"
         )
+    if layout not in ("bnsd", "bsnd"):
+        raise ValueError(f"quantize_qkv: layout must be 'bnsd' or 'bsnd', got {layout!r}")
     f32 = jnp.float32
-    qh, kh, vh = (x.astype(f32).transpose(0, 2, 1, 3) for x in (q, k, v))
+    ta = 1 if layout == "bsnd" else 2  # the token axis
+    qh, kh, vh = (x.astype(f32) if ta == 1 else x.astype(f32).transpose(0, 2, 1, 3) for x in (q, k, v))
     sq, sk = q.shape[1], k.shape[1]
     if config.smooth_k:
-        kh = kh - jnp.mean(kh, axis=2, keepdims=True)
+        kh = kh - jnp.mean(kh, axis=ta, keepdims=True)
     if config.balance_qk:
-        qh, kh = balance_channels(qh, kh)
-    q8, qs = int8_blocks(qh, config.q_block)
-    k8, ks = int8_blocks(kh, config.k_block, config.k_pad)
-    vmax = jnp.max(jnp.abs(vh), axis=2)
+        qh, kh = balance_channels(qh, kh, ta)
+    q8, qs = int8_blocks(qh, config.q_block, token_axis=ta)
+    k8, ks = int8_blocks(kh, config.k_block, config.k_pad, token_axis=ta)
+    vmax = jnp.max(jnp.abs(vh), axis=ta)  # [B, N, D]
     vs = jnp.where(vmax > 0, vmax / FP8_MAX, f32(1.0))
-    v8 = fp8_e4m3_encode(_pad_tokens(vh, config.k_pad) / vs[:, :, None, :])
-    return QKV8(q8, qs, k8, ks, v8, vs, sq=sq, sk=sk, q_block=config.q_block, k_block=config.k_block)
+    v8 = fp8_e4m3_encode(_pad_tokens(vh, config.k_pad, ta) / jnp.expand_dims(vs, ta))
+    return QKV8(q8, qs, k8, ks, v8, vs, sq=sq, sk=sk, q_block=config.q_block, k_block=config.k_block, layout=layout)
 
 
 def truncate_fp22(x: jax.Array) -> jax.Array:
@@ -208,6 +225,8 @@ def _tile_pv(p8, v8, fp22: bool, acc=None):
 
 def attention8_core(x: QKV8, config: Attn8Config = DEFAULT, out_dtype=jnp.bfloat16) -> jax.Array:
     """The attention of quantized operands; returns [B, Sq, N, D] in ``out_dtype``."""
+    if x.layout != "bnsd":
+        raise ValueError(f"attention8_core: operands in layout {x.layout!r}; the reference core reads 'bnsd'")
     f32 = jnp.float32
     b, n, sqp, d = x.q.shape
     skp = x.k.shape[2]

@@ -15,31 +15,55 @@ from wanjax.kernels import attention8_reference as R
 
 
 @pytest.mark.parametrize(
-    "s, pingpong, tile_scale, lean",
+    "s, pingpong, tile_scale, lean, layout",
     [
-        (200, True, True, True),
-        (300, True, True, True),
-        (300, False, False, False),
-        (256, True, False, False),
-        (300, True, True, False),
+        (200, True, True, True, "bnsd"),
+        (300, True, True, True, "bsnd"),
+        (300, False, False, False, "bnsd"),
+        (256, True, False, False, "bsnd"),
+        (300, True, True, False, "bnsd"),
     ],
 )
-def test_interpret_matches_reference(s, pingpong, tile_scale, lean):
+def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout):
     """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail (the last tile only);
     S=256 has no padded key (no masked tile). Both schedules (pingpong or not), both K-scale layouts, with and without
-    the lean softmax."""
-    cfg = G.GPUConfig(block_q=64, block_kv=128, stages=2, pingpong=pingpong, tile_scale=tile_scale, lean=lean)
+    the lean softmax, head-major and token-major operands (2 heads, so a wrong head stride shows)."""
+    cfg = G.GPUConfig(
+        block_q=64, block_kv=128, stages=2, pingpong=pingpong, tile_scale=tile_scale, lean=lean, p_regs=False
+    )
     key = jax.random.key(s)
     q, k, v = (
-        jax.random.normal(jax.random.fold_in(key, i), (1, s, 1, 128), jnp.float32).astype(jnp.bfloat16)
+        jax.random.normal(jax.random.fold_in(key, i), (1, s, 2, 128), jnp.float32).astype(jnp.bfloat16)
         for i in range(3)
     )
     pc = G.gpu_config_for(cfg)
-    x = R.quantize_qkv(q, k, v, pc)
-    want = np.asarray(R.attention8_core(x, pc), np.float32)
+    want = np.asarray(R.attention8_core(R.quantize_qkv(q, k, v, pc), pc), np.float32)
+    x = R.quantize_qkv(q, k, v, pc, layout)  # "bsnd": token-major operands, read by the kernel in place
     got = np.asarray(G.attention8_gpu_core(x, cfg, interpret=True), np.float32)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_bsnd_prepass_is_the_same_numbers():
+    """quantize_qkv(layout="bsnd") = the head-major pre-pass transposed: codes, scales and V bit for bit."""
+    key = jax.random.key(7)
+    q, k, v = (
+        (jax.random.normal(jax.random.fold_in(key, i), (2, 300, 3, 64)) * (1 + 5 * (i == 1))).astype(jnp.bfloat16)
+        for i in range(3)
+    )
+    a = R.quantize_qkv(q, k, v)
+    b = R.quantize_qkv(q, k, v, layout="bsnd")
+    for name in ("q", "k", "v"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(a, name)).astype(np.float32),
+            np.asarray(getattr(b, name)).transpose(0, 2, 1, 3).astype(np.float32),
+        )
+    for name in ("q_scale", "k_scale", "v_scale"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+    with pytest.raises(ValueError, match="reads 'bnsd'"):
+        R.attention8_core(b)
+    with pytest.raises(ValueError, match="layout"):
+        R.quantize_qkv(q, k, v, layout="nsbd")
 
 
 def test_not_verified_and_shape_errors():
