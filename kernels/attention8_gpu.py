@@ -74,6 +74,9 @@ class GPUConfig:
     #: 8-bit A-operand layout without moving data, which reorders P's keys within every 16; V's tokens are permuted the
     #: same way in the pre-pass (:data:`P_REGS_ORDER`), so P @ V is unchanged. Not runnable in the interpreter.
     p_regs: bool = True
+    #: (with lean) the magic number's subtraction folded into the scale FMA: the rounding of the per-row bias
+    #: ``MAGIC * rc + m`` shifts every exponent of a row alike, which the row sum cancels
+    fold_magic: bool = True
     #: the pre-pass of :func:`attention8_gpu` keeps Q / K / V token-major ([B, S, N, D], as the model holds them) and
     #: the kernel reads them and writes its output that way: no transposes around the kernel (V^T excepted)
     bsnd: bool = True
@@ -185,16 +188,22 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                 if cfg.tile_scale and cfg.lean:
                     rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
                     plgpu.barrier_arrive(k_done.at[slot])
-                    sf = lax.bitcast_convert_type(s32 + jnp.int32(MAGIC_I32), f32) - f32(MAGIC_F32)
+                    xf = lax.bitcast_convert_type(s32 + jnp.int32(MAGIC_I32), f32)  # MAGIC_F32 + QK, exactly
                     if masked:
                         key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                        sf = jnp.where(key < sk, sf, -jnp.inf)
-                    m_new = jnp.maximum(m_i, sf.max(axis=1) * rc)
+                        xf = jnp.where(key < sk, xf, -jnp.inf)
+                    m_new = jnp.maximum(m_i, (xf.max(axis=1) - f32(MAGIC_F32)) * rc)
                     alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(
-                        sf * lax.broadcast_in_dim(rc, (bq, bkv), [0])
-                        - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
-                    )
+                    if cfg.fold_magic:  # one FMA per score: x * rc - (MAGIC * rc + m - offset), a per-row bias
+                        bias = f32(MAGIC_F32) * rc + (m_new - P_OFFSET)
+                        p = jnp.exp2(
+                            xf * lax.broadcast_in_dim(rc, (bq, bkv), [0]) - lax.broadcast_in_dim(bias, (bq, bkv), [0])
+                        )
+                    else:
+                        p = jnp.exp2(
+                            (xf - f32(MAGIC_F32)) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
+                            - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
+                        )
                     l_i = l_i * alpha + p.sum(axis=1)
                     if cfg.p_regs:
                         p_a = _p_to_a_operand(plgpu.layout_cast(p.astype(jnp.float8_e4m3fn), plgpu.Layout.WGMMA))

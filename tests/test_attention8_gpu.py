@@ -22,6 +22,7 @@ from wanjax.kernels import attention8_reference as R
         (300, False, False, False, "bnsd"),
         (256, True, False, False, "bsnd"),
         (300, True, True, False, "bnsd"),
+        (300, True, True, "nofold", "bsnd"),
     ],
 )
 def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout):
@@ -29,7 +30,14 @@ def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout):
     S=256 has no padded key (no masked tile). Both schedules (pingpong or not), both K-scale layouts, with and without
     the lean softmax, head-major and token-major operands (2 heads, so a wrong head stride shows)."""
     cfg = G.GPUConfig(
-        block_q=64, block_kv=128, stages=2, pingpong=pingpong, tile_scale=tile_scale, lean=lean, p_regs=False
+        block_q=64,
+        block_kv=128,
+        stages=2,
+        pingpong=pingpong,
+        tile_scale=tile_scale,
+        lean=bool(lean),
+        p_regs=False,
+        fold_magic=lean != "nofold",
     )
     key = jax.random.key(s)
     q, k, v = (
