@@ -59,6 +59,12 @@ def add_args(ap) -> None:
         help="run only this many steps of the uncached loop and extrapolate the rest from the warm step times "
         "(labelled EXTRAPOLATED; 0: all)",
     )
+    ap.add_argument(
+        "--pipeline-warm-repeat",
+        action="store_true",
+        help="after the generation, run it again in the same process (VAE encode, denoise, VAE decode; everything "
+        "compiled): the time of a second video, or of a first one with the compilation cache warm",
+    )
 
 
 def generation_config(args, frames: int):

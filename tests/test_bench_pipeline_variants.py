@@ -27,7 +27,7 @@ def test_cache_specs_parse():
 
 
 def test_lightning_preset_with_random_loras_on_w4a4_experts(tmp_path):
-    results = _run(tmp_path, "--pipeline-preset", "lightning", "--pipeline-lora-rank", "4")
+    results = _run(tmp_path, "--pipeline-preset", "lightning", "--pipeline-lora-rank", "4", "--pipeline-warm-repeat")
     p = results["phases"]["pipeline"]
     assert "error" not in p, p.get("error")
     assert p["preset"] == "lightning" and p["lora_rank"] == 4
@@ -38,6 +38,9 @@ def test_lightning_preset_with_random_loras_on_w4a4_experts(tmp_path):
     den = p["stages"]["denoise"]
     assert den["steps_planned"] == den["steps_done"] == 4
     assert den["experts_used"] == ["high", "high", "low", "low"]
+    warm = p["stages"]["warm_repeat"]  # the same generation again, everything compiled
+    assert "error" not in warm, warm.get("error")
+    assert warm["denoise_s"] > 0 and warm["total_s"] >= warm["denoise_s"]
 
 
 def test_cached_loop_after_the_uncached_one(tmp_path):
