@@ -15,23 +15,25 @@ from wanjax.kernels import attention8_reference as R
 
 
 @pytest.mark.parametrize(
-    "s, pingpong, tile_scale, lean, layout",
+    "s, pingpong, tile_scale, lean, layout, block_kv",
     [
-        (200, True, True, True, "bnsd"),
-        (300, True, True, True, "bsnd"),
-        (300, False, False, False, "bnsd"),
-        (256, True, False, False, "bsnd"),
-        (300, True, True, False, "bnsd"),
-        (300, True, True, "nofold", "bsnd"),
+        (200, True, True, True, "bnsd", 128),
+        (300, True, True, True, "bsnd", 128),
+        (300, False, False, False, "bnsd", 128),
+        (256, True, False, False, "bsnd", 128),
+        (300, True, True, False, "bnsd", 128),
+        (300, True, True, "nofold", "bsnd", 128),
+        (600, True, True, True, "bsnd", 256),
     ],
 )
-def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout):
+def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout, block_kv):
     """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail (the last tile only);
-    S=256 has no padded key (no masked tile). Both schedules (pingpong or not), both K-scale layouts, with and without
+    S=256 has no padded key (no masked tile); S=600 in KV tiles of 256 (and K scales per 256 keys) pads to 3 tiles with
+    a masked tail of 168 keys. Both schedules (pingpong or not), both K-scale layouts, with and without
     the lean softmax, head-major and token-major operands (2 heads, so a wrong head stride shows)."""
     cfg = G.GPUConfig(
         block_q=64,
-        block_kv=128,
+        block_kv=block_kv,
         stages=2,
         pingpong=pingpong,
         tile_scale=tile_scale,
