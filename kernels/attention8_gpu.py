@@ -77,6 +77,9 @@ class GPUConfig:
     #: (with lean) the magic number's subtraction folded into the scale FMA: the rounding of the per-row bias
     #: ``MAGIC * rc + m`` shifts every exponent of a row alike, which the row sum cancels
     fold_magic: bool = True
+    #: the rescale of the running output (``acc * alpha``) is issued between the PV wgmma and its wait, so it overlaps
+    #: the tensor cores' work instead of following it (the same numbers)
+    pv_overlap: bool = False
     #: the pre-pass of :func:`attention8_gpu` keeps Q / K / V token-major ([B, S, N, D], as the model holds them) and
     #: the kernel reads them and writes its output that way: no transposes around the kernel (V^T excepted)
     bsnd: bool = True
@@ -240,11 +243,13 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
 
                 def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
                     plgpu.wgmma(acc_ref, p_a if p_regs else p_smem, vt_smem.at[slot].transpose((1, 0)))
+                    if cfg.pv_overlap:  # the running sum's rescale runs while the tensor cores do P @ V
+                        return acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + acc_ref[...]
                     return acc_ref[...]
 
                 part = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
                 plgpu.barrier_arrive(v_done.at[slot])
-                acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
+                acc = part if cfg.pv_overlap else acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
                 return acc, m_new, l_i
 
             if cfg.pingpong:
