@@ -80,6 +80,9 @@ class GPUConfig:
     #: the rescale of the running output (``acc * alpha``) is issued between the PV wgmma and its wait, so it overlaps
     #: the tensor cores' work instead of following it (the same numbers)
     pv_overlap: bool = False
+    #: an optimization barrier on the softmax's results (P, l, m, alpha) before the warpgroup's "softmax done" arrive,
+    #: as JAX's Mosaic GPU flash attention example orders it, so no softmax work sinks into the other's turn
+    softmax_barrier: bool = False
     #: the pre-pass of :func:`attention8_gpu` keeps Q / K / V token-major ([B, S, N, D], as the model holds them) and
     #: the kernel reads them and writes its output that way: no transposes around the kernel (V^T excepted)
     bsnd: bool = True
@@ -235,6 +238,11 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                     p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
                 if not p_regs:
                     plgpu.commit_smem()
+                if cfg.softmax_barrier:  # the softmax's results are all computed before this warpgroup yields its turn
+                    if p_regs:
+                        p_a, l_i, m_new, alpha = lax.optimization_barrier((p_a, l_i, m_new, alpha))
+                    else:
+                        l_i, m_new, alpha = lax.optimization_barrier((l_i, m_new, alpha))
                 if cfg.pingpong:
                     plgpu.barrier_arrive(sched)  # softmax done
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -244,7 +252,8 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                 def pv(acc_ref):  # a fresh f32 accumulator per tile: the FP8 accumulator's 13 bits never carry the sum
                     plgpu.wgmma(acc_ref, p_a if p_regs else p_smem, vt_smem.at[slot].transpose((1, 0)))
                     if cfg.pv_overlap:  # the running sum's rescale runs while the tensor cores do P @ V
-                        return acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + acc_ref[...]
+                        scaled = lax.optimization_barrier(acc * lax.broadcast_in_dim(alpha, (bq, d), [0]))
+                        return scaled + acc_ref[...]  # (the barrier keeps the multiply from fusing past the wait)
                     return acc_ref[...]
 
                 part = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
