@@ -80,9 +80,13 @@ class GPUConfig:
     #: the rescale of the running output (``acc * alpha``) is issued between the PV wgmma and its wait, so it overlaps
     #: the tensor cores' work instead of following it (the same numbers)
     pv_overlap: bool = False
-    #: an optimization barrier on the softmax's results (P, l, m, alpha) before the warpgroup's "softmax done" arrive,
+    #: (with lean) an optimization barrier on the softmax's results (P, l, m, alpha) before the "softmax done" arrive,
     #: as JAX's Mosaic GPU flash attention example orders it, so no softmax work sinks into the other's turn
     softmax_barrier: bool = False
+    #: (with lean, tile_scale and pingpong=False) FA3's intra-warpgroup overlap: tile j+1's QK^T wgmma is issued
+    #: before tile j's softmax and waited for after P(j) @ V(j), so each warpgroup keeps the tensor cores busy during
+    #: its own softmax (one more int32 score tile in registers)
+    qk_prefetch: bool = False
     #: the pre-pass of :func:`attention8_gpu` keeps Q / K / V token-major ([B, S, N, D], as the model holds them) and
     #: the kernel reads them and writes its output that way: no transposes around the kernel (V^T excepted)
     bsnd: bool = True
@@ -178,6 +182,70 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
             l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, f32), row_layout)
             acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, f32), plgpu.Layout.WGMMA)
 
+            def lean_softmax(s32, rc, j, m_i, l_i, masked):
+                """The lean online softmax of one tile's int32 scores: (P as the PV operand, m_new, l_new, alpha)."""
+                xf = lax.bitcast_convert_type(s32 + jnp.int32(MAGIC_I32), f32)  # MAGIC_F32 + QK, exactly
+                if masked:
+                    key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                    xf = jnp.where(key < sk, xf, -jnp.inf)
+                m_new = jnp.maximum(m_i, (xf.max(axis=1) - f32(MAGIC_F32)) * rc)
+                alpha = jnp.exp2(m_i - m_new)
+                if cfg.fold_magic:  # one FMA per score: x * rc - (MAGIC * rc + m - offset), a per-row bias
+                    bias = f32(MAGIC_F32) * rc + (m_new - P_OFFSET)
+                    p = jnp.exp2(
+                        xf * lax.broadcast_in_dim(rc, (bq, bkv), [0]) - lax.broadcast_in_dim(bias, (bq, bkv), [0])
+                    )
+                else:
+                    p = jnp.exp2(
+                        (xf - f32(MAGIC_F32)) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
+                        - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
+                    )
+                l_i = l_i * alpha + p.sum(axis=1)
+                if p_regs:
+                    p_op = _p_to_a_operand(plgpu.layout_cast(p.astype(jnp.float8_e4m3fn), plgpu.Layout.WGMMA))
+                else:
+                    p_smem[...] = p.astype(jnp.float8_e4m3fn)
+                    plgpu.commit_smem()
+                    p_op = p_smem
+                if cfg.softmax_barrier:
+                    if p_regs:
+                        p_op, l_i, m_new, alpha = lax.optimization_barrier((p_op, l_i, m_new, alpha))
+                    else:
+                        l_i, m_new, alpha = lax.optimization_barrier((l_i, m_new, alpha))
+                return p_op, m_new, l_i, alpha
+
+            def qk_issue(s_ref, j):  # wait for K(j) and its scale, issue S = q8 @ k8(j)^T (async)
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(c_bar.at[slot])
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+
+            def pstep(j, carry, masked=False, last=False):
+                """qk_prefetch: S(j+1)'s wgmma runs while this warpgroup does tile j's softmax and issues P(j) @ V(j)."""
+                acc, m_i, l_i, s32 = carry
+                slot = lax.rem(j, stages)
+
+                def body(s_ref):
+                    if not last:
+                        qk_issue(s_ref, j + 1)
+                    rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
+                    plgpu.barrier_arrive(k_done.at[slot])  # QK(j) was read in the previous step
+                    p_op, m_new, l_new, alpha = lean_softmax(s32, rc, j, m_i, l_i, masked)
+                    plgpu.barrier_wait(v_bar.at[slot])
+
+                    def pv(o_ref):
+                        plgpu.wgmma(o_ref, p_op, vt_smem.at[slot].transpose((1, 0)))
+                        scaled = lax.optimization_barrier(acc * lax.broadcast_in_dim(alpha, (bq, d), [0]))
+                        return scaled + plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # also waits for S(j+1)
+
+                    acc_new = pl.run_scoped(pv, plgpu.ACC((bq, d), f32))
+                    plgpu.barrier_arrive(v_done.at[slot])
+                    return acc_new, m_new, l_new, (None if last else s_ref[...])
+
+                if last:
+                    return body(None)
+                return pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.int32))
+
             def step(j, carry, masked=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, stages)
@@ -194,27 +262,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                 if cfg.tile_scale and cfg.lean:
                     rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
                     plgpu.barrier_arrive(k_done.at[slot])
-                    xf = lax.bitcast_convert_type(s32 + jnp.int32(MAGIC_I32), f32)  # MAGIC_F32 + QK, exactly
-                    if masked:
-                        key = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                        xf = jnp.where(key < sk, xf, -jnp.inf)
-                    m_new = jnp.maximum(m_i, (xf.max(axis=1) - f32(MAGIC_F32)) * rc)
-                    alpha = jnp.exp2(m_i - m_new)
-                    if cfg.fold_magic:  # one FMA per score: x * rc - (MAGIC * rc + m - offset), a per-row bias
-                        bias = f32(MAGIC_F32) * rc + (m_new - P_OFFSET)
-                        p = jnp.exp2(
-                            xf * lax.broadcast_in_dim(rc, (bq, bkv), [0]) - lax.broadcast_in_dim(bias, (bq, bkv), [0])
-                        )
-                    else:
-                        p = jnp.exp2(
-                            (xf - f32(MAGIC_F32)) * lax.broadcast_in_dim(rc, (bq, bkv), [0])
-                            - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0])
-                        )
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    if cfg.p_regs:
-                        p_a = _p_to_a_operand(plgpu.layout_cast(p.astype(jnp.float8_e4m3fn), plgpu.Layout.WGMMA))
-                    else:
-                        p_smem[...] = p.astype(jnp.float8_e4m3fn)
+                    p_a, m_new, l_i, alpha = lean_softmax(s32, rc, j, m_i, l_i, masked)
                 else:
                     if cfg.tile_scale:
                         rc = row * plgpu.load(col_smem.at[slot], layout=row_layout, optimized=False)
@@ -236,13 +284,7 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_OFFSET, (bq, bkv), [0]))
                     l_i = l_i * alpha + p.sum(axis=1)
                     p_smem[...] = jnp.minimum(p, FP8_MAX).astype(jnp.float8_e4m3fn)
-                if not p_regs:
                     plgpu.commit_smem()
-                if cfg.softmax_barrier:  # the softmax's results are all computed before this warpgroup yields its turn
-                    if p_regs:
-                        p_a, l_i, m_new, alpha = lax.optimization_barrier((p_a, l_i, m_new, alpha))
-                    else:
-                        l_i, m_new, alpha = lax.optimization_barrier((l_i, m_new, alpha))
                 if cfg.pingpong:
                     plgpu.barrier_arrive(sched)  # softmax done
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -261,12 +303,17 @@ def _build(b, n, sqp, skp, d, sk, cfg: GPUConfig, interpret=False, layout: str =
                 acc = part if cfg.pv_overlap else acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + part
                 return acc, m_new, l_i
 
-            if cfg.pingpong:
-                pl.when(wg == 1)(turn)
-            carry = lax.fori_loop(0, nkv - 1 if masked_last else nkv, step, (acc, m_i, l_i))
-            if masked_last:
-                carry = step(jnp.int32(nkv - 1), carry, masked=True)
-            acc, m_i, l_i = carry
+            if cfg.qk_prefetch:
+                s0 = pl.run_scoped(lambda s_ref: (qk_issue(s_ref, 0), s_ref[...])[1], plgpu.ACC((bq, bkv), jnp.int32))
+                carry = lax.fori_loop(0, nkv - 1, pstep, (acc, m_i, l_i, s0))
+                acc, m_i, l_i, _ = pstep(jnp.int32(nkv - 1), carry, masked=masked_last, last=True)
+            else:
+                if cfg.pingpong:
+                    pl.when(wg == 1)(turn)
+                carry = lax.fori_loop(0, nkv - 1 if masked_last else nkv, step, (acc, m_i, l_i))
+                if masked_last:
+                    carry = step(jnp.int32(nkv - 1), carry, masked=True)
+                acc, m_i, l_i = carry
             if cfg.pingpong:
                 pl.when(wg == 0)(turn)
             out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0]) * lax.broadcast_in_dim(vs, (bq, d), [1])
@@ -356,6 +403,8 @@ def attention8_gpu_core(x: QKV8, cfg: GPUConfig = GPUConfig(), interpret=False) 
         )
     if cfg.p_regs and interpret:
         raise NotImplementedError("attention8_gpu: p_regs (a register A operand, inline_mgpu) cannot run interpreted")
+    if cfg.qk_prefetch and (cfg.pingpong or not (cfg.lean and cfg.tile_scale)):
+        raise ValueError("attention8_gpu: qk_prefetch needs pingpong=False, lean=True and tile_scale=True")
     if cfg.lean and d > 256:
         raise ValueError(f"attention8_gpu: lean=True converts QK^T exactly only for D <= 256, got D={d}")
     q8, k8, vt8, row, col, vs = prepare(x, d, cfg)

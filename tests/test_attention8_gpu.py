@@ -26,13 +26,16 @@ from wanjax.kernels import attention8_reference as R
         (600, True, True, True, "bsnd", 256),
         (300, True, True, "pv_overlap", "bsnd", 128),
         (300, True, True, "softmax_barrier", "bsnd", 128),
-        (300, True, False, "softmax_barrier", "bnsd", 128),
+        (300, False, True, "qk_prefetch", "bnsd", 128),
+        (256, False, True, "qk_prefetch", "bsnd", 128),
+        (100, False, True, "qk_prefetch", "bsnd", 128),
     ],
 )
 def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout, block_kv):
     """S=300 pads to 3 KV tiles of 128 with a 2-slot ring (slot reuse) and a 44-key masked tail (the last tile only);
     S=256 has no padded key (no masked tile); S=600 in KV tiles of 256 (and K scales per 256 keys) pads to 3 tiles with
-    a masked tail of 168 keys; pv_overlap (the rescale issued before the PV wait) and softmax_barrier are the same numbers. Both schedules (pingpong or not), both K-scale layouts, with and without
+    a masked tail of 168 keys; pv_overlap (the rescale issued before the PV wait), softmax_barrier and qk_prefetch (S(j+1) in flight during
+    tile j; one KV tile at S=100: prologue and last step only) are the same numbers. Both schedules (pingpong or not), both K-scale layouts, with and without
     the lean softmax, head-major and token-major operands (2 heads, so a wrong head stride shows)."""
     cfg = G.GPUConfig(
         block_q=64,
@@ -45,6 +48,7 @@ def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout, bloc
         fold_magic=lean != "nofold",
         pv_overlap=lean == "pv_overlap",
         softmax_barrier=lean == "softmax_barrier",
+        qk_prefetch=lean == "qk_prefetch",
     )
     key = jax.random.key(s)
     q, k, v = (
