@@ -41,7 +41,9 @@ Results: ``<name>.json`` in bench/results (and $OUT), rewritten after every shap
   qkv_bf16           XLA bf16 ``x @ [w_q | w_k | w_v]`` (the baseline: the BF16 model's three dots, one operand)
   qkv_sep_w4a4_rot   three ``dispatch.w4a4_linear`` calls (rotating, default recipe): three act quants
   qkv_fused_w4a4_rot one ``dispatch.w4a4_linear`` on the fused ``[3N, K/2]`` codes: one act quant
-  qkv_sep_w4a8_rot / qkv_fused_w4a8_rot   the same with INT8 activations (recipe ``w4a8``)
+  qkv_split_w4a4_rot the fused layer with ``parts=3`` (``QLinearConfig.parts``, what the model runs): one act quant
+                     with the three downs, then three rank-32 GEMMs; its output split into q, k, v as the model does
+  qkv_sep_w4a8_rot / qkv_fused_w4a8_rot / qkv_split_w4a8_rot   the same with INT8 activations (recipe ``w4a8``)
 
 Checks: the fused output against the three separate outputs side by side (rel-L2, all rows; the numbers are the
 same up to the epilogue's float order) and each path against its ``backend="reference"`` on the first rows.
@@ -307,8 +309,10 @@ QKV_PATHS = (
     ("qkv_bf16", "XLA bf16 `x @ [w_q | w_k | w_v]` (baseline)"),
     ("qkv_sep_w4a4_rot", "three W4A4 linears (three act quants), rotating"),
     ("qkv_fused_w4a4_rot", "**one fused W4A4 linear** `K -> 3N` (one act quant), rotating"),
+    ("qkv_split_w4a4_rot", "fused, `parts=3`: one act quant, three rank-32 GEMMs, output split as the model does"),
     ("qkv_sep_w4a8_rot", "three W4A8 linears, rotating"),
     ("qkv_fused_w4a8_rot", "**one fused W4A8 linear**, rotating"),
+    ("qkv_split_w4a8_rot", "fused W4A8, `parts=3`"),
 )
 
 
@@ -343,7 +347,7 @@ def qkv_fns(L: dict, backend: str | None) -> dict:
     separate paths (a tuple: concatenating them would add a copy to the timed call; `_side_by_side` joins them)."""
     from wanjax.kernels import dispatch
 
-    def linear(x, p, qmax):
+    def linear(x, p, qmax, parts=1):
         return dispatch.w4a4_linear(
             x,
             p["w_packed"],
@@ -356,6 +360,7 @@ def qkv_fns(L: dict, backend: str | None) -> dict:
             rot_signs=L["signs"],
             rot_block=ROT_BLOCK,
             a_qmax=qmax,
+            parts=parts,
         )
 
     def sep(qmax):
@@ -364,13 +369,18 @@ def qkv_fns(L: dict, backend: str | None) -> dict:
     def fused(qmax):
         return jax.jit(lambda x: linear(x, L["fused"], qmax))
 
+    def split(qmax):  # as the model runs a fused layer with QLinearConfig.parts = 3: its output split into q, k, v
+        return jax.jit(lambda x: tuple(jnp.split(linear(x, L["fused"], qmax, parts=3), 3, axis=-1)))
+
     w = L["w_bf16"]
     return {
         "qkv_bf16": jax.jit(lambda x: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
         "qkv_sep_w4a4_rot": sep(7),
         "qkv_fused_w4a4_rot": fused(7),
+        "qkv_split_w4a4_rot": split(7),
         "qkv_sep_w4a8_rot": sep(127),
         "qkv_fused_w4a8_rot": fused(127),
+        "qkv_split_w4a8_rot": split(127),
     }
 
 
@@ -402,11 +412,13 @@ def run_qkv(m: int, k: int, n: int, iters: int, log, paths=None) -> dict:
                     np.asarray(out[:rows], np.float32), np.asarray(_side_by_side(refs[name](x_ref)), np.float32)
                 )
                 outs[name] = out
-            sep = name.replace("fused", "sep")
-            if "fused" in name and sep in outs:
+            sep = name.replace("fused", "sep").replace("split", "sep")
+            if ("fused" in name or "split" in name) and sep in outs:
                 res["checks"][f"{name}_rel_l2_vs_{sep}"] = rel_err(
-                    np.asarray(out, np.float32), np.asarray(outs.pop(sep), np.float32)
+                    np.asarray(out, np.float32), np.asarray(outs[sep], np.float32)
                 )
+                if "split" in name:  # the last of the three paths that compare with sep
+                    outs.pop(sep)
                 outs.pop(name)
             del out
             if gpu:
@@ -423,9 +435,11 @@ def run_qkv(m: int, k: int, n: int, iters: int, log, paths=None) -> dict:
         if "qkv_bf16" in t:
             res[f"speedup_{key}"] = {p: t["qkv_bf16"] / v for p, v in t.items()}
         for a in ("w4a4", "w4a8"):
-            sep, fus = f"qkv_sep_{a}_rot", f"qkv_fused_{a}_rot"
+            sep, fus, spl = f"qkv_sep_{a}_rot", f"qkv_fused_{a}_rot", f"qkv_split_{a}_rot"
             if sep in t and fus in t:
                 res.setdefault(f"fused_gain_{key}", {})[a] = t[sep] / t[fus]
+            if sep in t and spl in t:
+                res.setdefault(f"split_gain_{key}", {})[a] = t[sep] / t[spl]
     return res
 
 

@@ -25,6 +25,8 @@ paths), ``act_quant_gpu`` / ``mxfp4_act_gpu`` (activation quantizers) and the ke
 
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 
@@ -302,6 +304,7 @@ def w4a4_linear(
     rot_signs=None,
     rot_block: int | None = None,
     a_qmax: int = reference.INT4_QMAX,
+    parts: int = 1,
 ):
     """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
     With ``a_qmax=127`` the activations are INT8 (W4A8): the same kernels (int8 tensor cores / MXU modes hold them).
@@ -322,6 +325,11 @@ def w4a4_linear(
       group_size: None (per-channel ``s_w``) or the weight-scale group along K (see :func:`w4a4_matmul`).
       rot_signs, rot_block: optional Hadamard rotation of the smoothed input (see :func:`act_quant`; fold its
         transpose into the weights beforehand, as ``quant.rotate.rotate``).
+      parts: a fused layer of ``parts`` equal layers side by side (``wanjax.quant.fuse``: N and the rank split evenly,
+        ``up`` block-diagonal): the input is quantized once (with the whole ``down``), then one GEMM per part on its
+        rows of the weights and its rank slice of the low-rank branch (no zero blocks of ``up`` multiplied, the
+        GEMM's own rank), the outputs joined along N. The same numbers as ``parts=1``: the skipped terms are exact
+        zeros.
     """
     lead = x.shape[:-1]
     k = x.shape[-1]
@@ -339,20 +347,23 @@ def w4a4_linear(
         act_quant_impl=act_quant_impl,
         qmax=a_qmax,
     )
-    y = w4a4_matmul(
-        q,
-        s,
-        w_packed,
-        s_w,
-        x_lr,
-        up if x_lr is not None else None,
-        bias,
-        out_dtype=out_dtype,
-        backend=backend,
-        group_size=group_size,
-        a_qmax=a_qmax,
-    )
-    return y.reshape(*lead, w_packed.shape[0])
+    mm = functools.partial(w4a4_matmul, out_dtype=out_dtype, backend=backend, group_size=group_size, a_qmax=a_qmax)
+    if parts == 1 or x_lr is None:
+        y = mm(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias)
+        return y.reshape(*lead, w_packed.shape[0])
+    n, r = w_packed.shape[0], x_lr.shape[1]
+    if n % parts or r % parts or up.shape != (r, n):
+        raise ValueError(
+            f"w4a4_linear(parts={parts}): N={n} and rank r={r} must split evenly into the parts and up be [r, N], "
+            f"got up {tuple(up.shape)}"
+        )
+    npart, rpart = n // parts, r // parts
+    ys = []
+    for i in range(parts):
+        cols, rk = slice(i * npart, (i + 1) * npart), slice(i * rpart, (i + 1) * rpart)
+        b = None if bias is None else bias[cols]
+        ys.append(mm(q, s, w_packed[cols], s_w[cols], x_lr[:, rk], up[rk, cols], b).reshape(*lead, npart))
+    return jnp.concatenate(ys, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------------ MXFP4

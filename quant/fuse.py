@@ -11,7 +11,9 @@ by a low-rank ``down`` three times. With ``Recipe.fuse_qkv`` the three are calib
   exactly what a separate QLinear with that smoothing / rotation would hold);
 * :func:`fuse_arrays` concatenates the parts' packed arrays into ONE QLinear ``K -> 3N``: codes and scales along
   the output axis, ``down`` along the rank axis ``[K, r_q + r_k + r_v]`` and ``up`` block-diagonal
-  ``[r_q + r_k + r_v, 3N]``; one per-bin activation table, searched on the fused layer's output.
+  ``[r_q + r_k + r_v, 3N]``; one per-bin activation table, searched on the fused layer's output. Equal parts (the
+  same N and rank) set ``QLinearConfig.parts``: real mode then runs one GEMM per part after the one activation
+  quantization (the zero blocks of ``up`` are not multiplied).
 
 The fused layer computes ``x_r = rotate(x / s)`` and its per-token quantization once; its output columns are those
 of the three separate layers (integer products and per-element scales are the same numbers; the low-rank sums
@@ -142,7 +144,13 @@ def fuse_arrays(configs: Sequence[QLinearConfig], arrays: Sequence[dict], path: 
     }
     if any(a.get("kweight") is not None for a in arrays):
         out["kweight"], out["kscale"] = cat("kweight", -2), cat("kscale", -1)
-    return dataclasses.replace(c0, out_features=n_tot), out
+    even = len({c.out_features for c in configs}) == 1 and len({_rank(a) for a in arrays}) == 1
+    return dataclasses.replace(c0, out_features=n_tot, parts=len(configs) if even else 1), out
+
+
+def _rank(a: dict) -> int:
+    down = a.get("down")
+    return 0 if down is None else int(np.shape(down)[-1])
 
 
 def float_linear(model, path: str):

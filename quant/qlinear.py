@@ -132,6 +132,9 @@ class QLinearConfig:
       rot_block: largest Hadamard block (None: the largest power of two dividing K; see
         ``numerics.hadamard.hadamard_block_size``).
       nbins: number of timestep bins (leading axis of the bin tables).
+      parts: 1, or the number of equal layers a fused layer joins side by side (``wanjax.quant.fuse``; its ``up``
+        block-diagonal): real mode then quantizes the input once and runs one GEMM per part
+        (``dispatch.w4a4_linear(parts=)``, the same numbers).
     """
 
     in_features: int
@@ -144,6 +147,7 @@ class QLinearConfig:
     act_mode: str = "dynamic"
     rot_block: int | None = None
     nbins: int = 1
+    parts: int = 1
 
     def __post_init__(self):
         if self.w_fmt not in _W_FMTS:
@@ -161,6 +165,10 @@ class QLinearConfig:
             )
         if self.nbins < 1:
             raise ValueError(f"QLinearConfig: nbins must be >= 1, got {self.nbins}")
+        if self.parts < 1 or self.out_features % self.parts:
+            raise ValueError(
+                f"QLinearConfig: parts must be >= 1 and divide out_features={self.out_features}, got {self.parts}"
+            )
         if self.in_features % 2:
             raise ValueError(
                 f"QLinearConfig: in_features must be even (two 4-bit codes per byte), got {self.in_features}"
@@ -559,6 +567,7 @@ def qlinear_apply(
                 rot_signs=signs,
                 rot_block=c.rot_block,
                 a_qmax=INT_QMAX[c.a_fmt],
+                parts=c.parts if a.get("lora_down") is None else 1,  # a LoRA's up is not block-diagonal
             )
         y = y.reshape(*lead, c.out_features)
         return (y, inexact) if return_inexact else y

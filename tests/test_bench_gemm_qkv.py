@@ -24,7 +24,8 @@ def test_qkv_smoke_run_json_and_table(tmp_path, capsys):
     # the fused linear computes the three separate ones' numbers (one act quant, the same integer products)
     for a in ("w4a4", "w4a8"):
         assert row["checks"][f"qkv_fused_{a}_rot_rel_l2_vs_qkv_sep_{a}_rot"] <= 1e-6
-        assert row["fused_gain_wall_ms"][a] > 0
+        assert row["checks"][f"qkv_split_{a}_rot_rel_l2_vs_qkv_sep_{a}_rot"] <= 1e-6  # parts=3: one GEMM per part
+        assert row["fused_gain_wall_ms"][a] > 0 and row["split_gain_wall_ms"][a] > 0
     capsys.readouterr()
     assert gemm.main(["--table", str(tmp_path / "q.json")]) == 0
     table = capsys.readouterr().out

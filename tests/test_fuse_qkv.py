@@ -127,6 +127,29 @@ def test_fused_real_matches_fake_through_the_references(monkeypatch):
         assert np.abs(apply(cf, bad, x, b, "real", jnp.bfloat16) - fake).max() > 2**-5 * scale
 
 
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+def test_equal_parts_run_one_gemm_per_part_with_the_same_numbers(backend, monkeypatch):
+    """Equal parts (same N and rank, as q / k / v) set ``parts=3``: real mode quantizes once and runs three GEMMs on
+    the rank slices, bitwise the single GEMM over the block-diagonal ``up`` (whose extra terms are exact zeros) and
+    the three separate layers."""
+    monkeypatch.setenv("WANJAX_KERNELS", backend)
+    configs, arrays = shared_parts(ranks=(16, 16, 16))
+    cf, af = fuse_arrays(configs, arrays, FUSED)
+    assert cf.parts == 3 and fuse_arrays(*shared_parts())[0].parts == 1  # unequal ranks: one GEMM
+    one = dataclasses.replace(cf, parts=1)
+    x = np.random.default_rng(4).standard_normal((2, 7, 128)).astype(np.float32) * 2
+    for b in (0, 1):
+        split = apply(cf, af, x, b, "real", jnp.bfloat16)
+        np.testing.assert_array_equal(split, apply(one, af, x, b, "real", jnp.bfloat16))
+        sep = np.concatenate([apply(c, a, x, b, "real", jnp.bfloat16) for c, a in zip(configs, arrays)], axis=-1)
+        np.testing.assert_array_equal(split, sep)
+    # a mis-fused up (the parts' blocks moved) changes the split path too: it reads only the diagonal blocks
+    bad = dict(af, up=jnp.roll(af["up"], 64, axis=-1))
+    assert np.abs(apply(cf, bad, x, 0, "real", jnp.bfloat16) - split).max() > 0
+    with pytest.raises(ValueError, match="parts must be >= 1 and divide out_features=192"):
+        dataclasses.replace(cf, parts=5)
+
+
 def planted_group(k=128, n=64, seed=5):
     """Three float kernels [K, N] (different ranges, one with planted large input rows) and one shared input."""
     rng = np.random.default_rng(seed)
