@@ -8,9 +8,10 @@ core); the implementations:
   KV tiles of plain XLA ops);
 * ``"tpu"``: ``attention8_tpu`` (Pallas TPU: INT8 MXU QK^T, f32 softmax, PV on the MXU), the TPU default;
   verified in the interpreter and lowered for TPU on a CPU host only;
-* ``"gpu"``: ``attention8_gpu`` (Pallas Mosaic GPU, Hopper). **It has not run on a GPU yet**
-  (``attention8_gpu.VERIFIED`` is False): on a GPU the default refuses with a NotImplementedError naming the
-  missing run, rather than silently running something else. ``impl="gpu"`` forces it (for that first run).
+* ``"gpu"``: ``attention8_gpu`` (Pallas Mosaic GPU, Hopper). Earlier configs ran on an H100 and matched the
+  reference; the current default config has not (``attention8_gpu.VERIFIED`` is False): on a GPU the default
+  refuses with a NotImplementedError naming the missing run, rather than silently running something else.
+  ``impl="gpu"`` forces it.
 
 Override with ``impl=`` or the environment variable ``WANJAX_ATTN8_IMPL=reference|tpu|gpu``.
 
@@ -62,7 +63,8 @@ def default_impl() -> str:
             )
         if not attention8_gpu.VERIFIED:
             raise NotImplementedError(
-                "attention 'attn8' on a GPU: kernels/attention8_gpu.py is a draft that has not run on an H100 yet. Run "
+                "attention 'attn8' on a GPU: the default config of kernels/attention8_gpu.py has not been checked "
+                "on an H100 yet (attention8_gpu.VERIFIED is False). Run "
                 "tests/test_attention8_gpu.py and `python -m bench.attention8` on an H100 (it checks the kernel against "
                 "the jnp reference), then set attention8_gpu.VERIFIED = True; meanwhile pass impl='gpu' (or "
                 f"{ENV_VAR}=gpu) to try it, or {ENV_VAR}=reference for the jnp reference."

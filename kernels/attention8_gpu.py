@@ -1,7 +1,9 @@
 """8-bit attention for Hopper in Pallas Mosaic GPU: INT8 QK^T (s8 x s8 -> s32 wgmma), FP8 PV with two-level
-accumulation. **DRAFT: written on a CPU host, never compiled or run on a GPU** (``VERIFIED = False``; the "attn8"
-backend refuses to run it by default until someone has run ``tests/test_attention8_gpu.py`` and
-``python -m bench.attention8`` on an H100 and set ``VERIFIED = True``).
+accumulation. Status: run on an H100 (docs/BENCHMARKS.md, "8-bit attention"): the configs up to ``p_regs`` matched
+the reference there (relative difference <= 7e-4); ``bsnd``, ``fold_magic`` (both on by default now), ``pv_overlap``,
+``softmax_barrier``, ``qk_prefetch`` and 256-key tiles are interpret-tested only. ``VERIFIED`` stays False (the "attn8"
+backend refuses the kernel unless asked for by ``impl="gpu"``) until the default config has matched its reference in
+``python -m bench.attention8`` on an H100.
 
 Numerics: those of ``attention8_reference`` (its pre-pass :func:`~attention8_reference.quantize_qkv` makes the
 operands; V is then transposed to [B, N, D, S_pad] because 8-bit wgmma operands must be K-major, and the per-token
@@ -19,9 +21,9 @@ scales are expanded: the row scale pre-multiplied by ``sm_scale * log2(e)``). Ke
   keeps 13 mantissa bits) and ``acc = acc * alpha + PV`` in f32 registers;
 * epilogue: ``acc / l * v_scale`` in bf16 through SMEM to HBM.
 
-Not done (the next steps for speed, once correct): the pingpong schedule barrier between the two compute WGs,
-P kept in registers (V token permutation + an inline_mgpu reinterpretation, doc section 1.6), fusing the pre-pass
-into the QKV projection epilogue.
+Speed options (``GPUConfig``): the pingpong schedule between the two compute WGs, P kept in registers (V token
+permutation + an inline_mgpu reinterpretation, doc section 1.6), and the variants above; not done: fusing the
+pre-pass into the QKV projection epilogue.
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def test_refuses_on_gpus_until_the_kernel_ran(monkeypatch):
     from wanjax.kernels import attention8_gpu
 
     if not attention8_gpu.VERIFIED:
-        with pytest.raises(NotImplementedError, match="has not run on an H100"):
+        with pytest.raises(NotImplementedError, match="has not been checked on an H100"):
             K8.default_impl()
     ampere = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
     monkeypatch.setattr(K8, "_device", lambda: ampere)
