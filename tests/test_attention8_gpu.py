@@ -165,3 +165,7 @@ def test_p_regs_refuses_interpret_and_needs_lean():
         G.attention8_gpu_core(x, G.GPUConfig(p_regs=True), interpret=True)
     with pytest.raises(ValueError, match="lean"):
         G._build(1, 1, 128, 128, 128, 128, G.GPUConfig(p_regs=True, lean=False))
+    with pytest.raises(ValueError, match="qk_prefetch needs pingpong=False"):
+        G.attention8_gpu_core(x, G.GPUConfig(p_regs=False, qk_prefetch=True), interpret=True)
+    with pytest.raises(ValueError, match="qk_prefetch needs"):
+        G.attention8_gpu_core(x, G.GPUConfig(p_regs=False, pingpong=False, lean=False, qk_prefetch=True))
