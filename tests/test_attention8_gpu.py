@@ -169,3 +169,26 @@ def test_p_regs_refuses_interpret_and_needs_lean():
         G.attention8_gpu_core(x, G.GPUConfig(p_regs=False, qk_prefetch=True), interpret=True)
     with pytest.raises(ValueError, match="qk_prefetch needs"):
         G.attention8_gpu_core(x, G.GPUConfig(p_regs=False, pingpong=False, lean=False, qk_prefetch=True))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"bsnd": False},
+        {"p_regs": False, "lean": False, "tile_scale": False, "pingpong": False},
+        {"pv_overlap": True, "softmax_barrier": True},
+        {"block_kv": 256},
+        {"pingpong": False, "qk_prefetch": True, "softmax_barrier": True},
+    ],
+)
+def test_lowers_for_cuda_on_a_cpu_host(spec):
+    """Every kernel config lowers through Pallas Mosaic GPU for CUDA on this CPU host (catches lowering errors of
+    variants, P in registers and the prefetch's nested accumulators included, before a GPU run); S=1000 pads."""
+    cfg = G.GPUConfig(**spec)
+    q = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    lowered = (
+        jax.jit(lambda a, b, c: G._attention8_gpu(a, b, c, cfg)).trace(q, q, q).lower(lowering_platforms=("cuda",))
+    )
+    text = lowered.as_text()
+    assert "mosaic_gpu" in text and "attn8_kernel" in text
