@@ -13,3 +13,27 @@ def test_real_mode_rank_is_a_multiple_of_16_that_the_gemm_fits():
     for r in (48, 96):
         cfg = fit_stages(W4A4Config(), r, 2, "int8")
         assert fit_epilogue(cfg, r, 2, "int8")
+
+
+def test_the_gemm_at_rank_96_lowers_for_cuda_within_shared_memory():
+    """The Mosaic GPU GEMM of a W4A4 layer carrying a rank-64 LoRA (rank 96) lowers for CUDA on this CPU host at
+    the Wan shapes (Mosaic GPU checks the kernel's shared memory against the H100's limit while lowering)."""
+    import jax
+    import jax.numpy as jnp
+
+    from wanjax.kernels import w4a4_gpu
+
+    m, k = 32760, 5120
+    for n, r in ((5120, 96), (13824, 96), (5120, 32)):
+        S = jax.ShapeDtypeStruct
+        args = (
+            S((m, k), jnp.int8),
+            S((m,), jnp.float32),
+            S((n, k), jnp.int8),
+            S((n,), jnp.float32),
+            S((m, r), jnp.bfloat16),
+            S((r, n), jnp.bfloat16),
+            S((n,), jnp.float32),
+        )
+        fn = jax.jit(lambda *a: w4a4_gpu.w4a4_matmul_gpu_any_m(*a))
+        assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
