@@ -231,6 +231,26 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "self-attention q/k/v calibrated as one group and run as ONE fused linear: one joint smoothing vector, "
             "rotation and activation quantization shared by the three (recipe option fuse_qkv)",
         ),
+        "w4a8_g128": (
+            fmt("w4a8-g128", WeightQuantSpec("int4", group_size=128), ActQuantSpec("int8"), cs),
+            "seed",
+            "INT4 weights in groups of 128 along K with INT8 per-token activations (issue 35's combination of "
+            "the two levers; its reference is the recipe w4a8)",
+        ),
+        "w4a8_g64": (
+            fmt("w4a8-g64", WeightQuantSpec("int4", group_size=64), ActQuantSpec("int8"), cs),
+            "seed",
+            "INT4 weights in groups of 64 with INT8 per-token activations",
+        ),
+        "w4a8_rank64": (
+            R(
+                w8 := get_recipe("w4a8"),
+                name="w4a8-rank64",
+                transforms=tuple(R(x, rank=64) if isinstance(x, LowRank) else x for x in w8.transforms),
+            ),
+            "seed",
+            "recipe 'w4a8' with a rank-64 low-rank branch (its reference is the recipe w4a8)",
+        ),
         "w4a8_fuse_qkv": (
             R(get_recipe("w4a8"), name="w4a8-fuse-qkv", fuse_qkv=True),
             "seed",
@@ -285,6 +305,9 @@ ABLATIONS = (
     "static",
     "fuse_qkv",
     "w4a8_fuse_qkv",
+    "w4a8_g128",
+    "w4a8_g64",
+    "w4a8_rank64",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
