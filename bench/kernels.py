@@ -20,7 +20,7 @@ itself checked against the int32-upcast reference on a slice of rows; the full e
 
 ``--g128`` benchmarks the group-scaled GEMM instead (kernels/w4a4_g128_gpu.py: int4 weights with one scale per channel
 and group of 128 along K), per (M, K, N): xla_bf16 (baseline), xla_g128 (the dispatcher's XLA fallback: a loop over the
-groups), pallas_g128_r0 / _r32 (the kernel alone; ``_overlap``: G128Config(overlap_rescale=True)), pallas_int8w_r32
+groups), pallas_g128_r0 / _r32 (the kernel alone; ``_overlap``: G128Config(overlap_rescale=True); ``_magic``: magic_cvt=True), pallas_int8w_r32
 (the per-channel kernel, for comparison) and e2e_linear_g128_r32[_overlap] (act quant + weight unpack + g128 GEMM +
 low-rank + bias, bf16 -> bf16; also by wall clock).
 Checks before timing: the group accumulation bit-exactly (unit token scales, power-of-two group scales, f32 output:
@@ -441,11 +441,15 @@ def run_shape_g128(m, k, n, sweep, log):
         return rel_err(out, exp)
 
     ov = dataclasses.replace(G128_CONFIG, overlap_rescale=True)
+    ovm = dataclasses.replace(ov, magic_cvt=True)
     variants = [
         ("pallas_g128_r0", 0, G128_CONFIG, True),
         ("pallas_g128_r32", R, G128_CONFIG, True),
         ("pallas_g128_r0_overlap", 0, ov, True),
         ("pallas_g128_r32_overlap", R, ov, True),
+        ("pallas_g128_r32_magic", R, dataclasses.replace(G128_CONFIG, magic_cvt=True), True),
+        ("pallas_g128_r0_overlap_magic", 0, ovm, True),
+        ("pallas_g128_r32_overlap_magic", R, ovm, True),
         ("pallas_g128_r32_chunk", R, dataclasses.replace(G128_CONFIG, lowrank_mode="chunk"), False),
     ]
     if sweep:
@@ -502,6 +506,8 @@ def run_shape_g128(m, k, n, sweep, log):
     rec("e2e_linear_g128_r32", e2e, *e2e_args, check=lambda: rel_err(e2e(*e2e_args), y_ref))
     e2e_ov = make_e2e(ov)
     rec("e2e_linear_g128_r32_overlap", e2e_ov, *e2e_args, check=lambda: rel_err(e2e_ov(*e2e_args), y_ref))
+    e2e_ovm = make_e2e(ovm)
+    rec("e2e_linear_g128_r32_overlap_magic", e2e_ovm, *e2e_args, check=lambda: rel_err(e2e_ovm(*e2e_args), y_ref))
     try:
         xs = [x] + [
             jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16) for i in range(2)
@@ -520,6 +526,86 @@ def run_shape_g128(m, k, n, sweep, log):
     return res
 
 
+def run_shape_g128_quick(m, k, n, log):
+    """``--g128-quick``: the g128 kernel schedules alone (plain, overlap, magic, overlap + magic; r = 32), the
+    per-channel kernel and XLA bf16, no XLA g128 reference (its int32 scan compiles for minutes). Checks on the GPU:
+    every variant's f32 output (unit token scales, power-of-two group scales: exact sums) bit-identical to the plain
+    schedule's, and the end-to-end linears (plain vs overlap + magic) equal."""
+    import dataclasses
+
+    res = {"M": m, "K": k, "N": n, "group": 128, "mode": "quick", "times_ms": {}, "checks": {}, "errors": {}}
+    ops = 2.0 * m * k * n
+    inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
+    x, smooth, down, up, bias, w_bf16 = (inp[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16_kn"))
+    w_packed, s_w = jax.jit(ref.quantize_weight_int4_grouped)(w_bf16.T)
+    q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
+    q_w = jax.jit(ref.unpack_int4)(w_packed)
+    rec = _recorder(res, ops, log)
+    sw_pow2 = exp2_exact(-jax.random.randint(jax.random.key(3), (n, k // 128), 0, 4))
+    ones_m = jnp.ones((m,), jnp.float32)
+    cfgs = {
+        "plain": G128_CONFIG,
+        "overlap": dataclasses.replace(G128_CONFIG, overlap_rescale=True),
+        "magic": dataclasses.replace(G128_CONFIG, magic_cvt=True),
+        "overlap_magic": dataclasses.replace(G128_CONFIG, overlap_rescale=True, magic_cvt=True),
+    }
+
+    def exact(cfg):
+        return jax.jit(lambda qx, w, sw: w4a4_g128_matmul_gpu(qx, ones_m, w, sw, out_dtype=jnp.float32, config=cfg))(
+            q_x, q_w, sw_pow2
+        )
+
+    want = exact(cfgs["plain"])
+    rec(
+        "xla_bf16",
+        jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
+        x,
+        w_bf16,
+    )
+    for name, cfg in cfgs.items():
+
+        def chk(cfg=cfg):
+            poison((m, n), jnp.float32)
+            return {"f32_bit_identical_to_plain": bool(jnp.array_equal(exact(cfg), want))}
+
+        f = jax.jit(lambda qx, sx, w, sw, xl, u, b, cfg=cfg: w4a4_g128_matmul_gpu(qx, sx, w, sw, xl, u, b, config=cfg))
+        rec(f"pallas_g128_r32_{name}", f, q_x, s_x, q_w, s_w, x_lr, up, bias, check=chk)
+    rec(
+        "pallas_int8w_r32_per_channel",
+        jax.jit(lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8")),
+        q_x,
+        s_x,
+        q_w,
+        jnp.mean(s_w, axis=1),
+        x_lr,
+        up,
+        bias,
+    )
+
+    def make_e2e(cfg):
+        @jax.jit
+        def e2e(x_, wp, sw, sm, dn, u, b):
+            qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
+            return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b, config=cfg)
+
+        return e2e
+
+    args = (x, w_packed, s_w, smooth, down, up, bias)
+    e_plain, e_best = make_e2e(cfgs["plain"]), make_e2e(cfgs["overlap_magic"])
+    rec("e2e_linear_g128_r32_plain", e_plain, *args)
+    rec(
+        "e2e_linear_g128_r32_overlap_magic",
+        e_best,
+        *args,
+        check=lambda: {"equal_to_plain": bool(jnp.array_equal(e_best(*args), e_plain(*args)))},
+    )
+    t = res["times_ms"]
+    res["tops"] = {kk: ops / v / 1e9 for kk, v in t.items()}
+    if "xla_bf16" in t:
+        res["speedup_vs_xla_bf16"] = {kk: t["xla_bf16"] / v for kk, v in t.items()}
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="32760")
@@ -527,6 +613,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--sweep", default="", help="comma list of KxN shapes on which to sweep extra tile configs")
     ap.add_argument("--g128", action="store_true", help="benchmark the group-scaled (g128) GEMM instead")
+    ap.add_argument(
+        "--g128-quick", action="store_true", help="g128 kernel schedules only, no XLA g128 reference (minutes faster)"
+    )
     ap.add_argument("--epi-sweep", action="store_true", help="also time rank-32 epilogue / pipeline configs")
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
@@ -556,17 +645,27 @@ def main(argv=None):
         for sh in a.shapes.split(","):
             k, n = (int(v) for v in sh.split("x"))
             log(f"== M={m} K={k} N={n}")
-            if a.g128:
+            if a.g128_quick:
+                results.append(run_shape_g128_quick(m, k, n, log))
+            elif a.g128:
                 results.append(run_shape_g128(m, k, n, sh in a.sweep.split(","), log))
             else:
                 results.append(run_shape(m, k, n, sh in a.sweep.split(","), log, a.epi_sweep))
-            with open(os.path.join(a.out, "kernels_w4a4_g128.json" if a.g128 else "kernels_w4a4.json"), "w") as fh:
+            fname = (
+                "kernels_w4a4_g128_quick.json"
+                if a.g128_quick
+                else "kernels_w4a4_g128.json"
+                if a.g128
+                else "kernels_w4a4.json"
+            )
+            with open(os.path.join(a.out, fname), "w") as fh:
                 json.dump({"meta": meta, "results": results}, fh, indent=1)
     # short table
     log("\nM      K      N      | bf16 ms | int8 ms | pallas best (name) ms x | e2e best (name) ms x")
     for r in results:
         t = r["times_ms"]
-        pal = {kk: v for kk, v in t.items() if kk.startswith("pallas_g128" if a.g128 else "pallas")}
+        g = a.g128 or a.g128_quick
+        pal = {kk: v for kk, v in t.items() if kk.startswith("pallas_g128" if g else "pallas")}
         best = min(pal, key=pal.get) if pal else None
         b = t.get("xla_bf16", float("nan"))
         e2e = {kk: v for kk, v in t.items() if kk.startswith("e2e")}

@@ -69,6 +69,36 @@ def test_group_sum_exact_power_of_two_scales():
     )
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_magic_cvt_bit_identical(overlap):
+    """G128Config(magic_cvt=True): the int32 -> f32 of each group sum by the magic-number add gives the same bits as
+    the plain conversion, for INT4 activations and for INT8 ones (W4A8: group sums up to ~1e5, still < 2**22),
+    with power-of-two scales (exact sums) and with arbitrary scales (the same f32 operations in the same order)."""
+    m, k, n = 77, 640, 128
+    rng = np.random.default_rng(6)
+    qw = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
+    ones = jnp.ones((m,), jnp.float32)
+    for qmax in (7, 127):
+        qx = jnp.asarray(rng.integers(-qmax, qmax + 1, (m, k)), jnp.int8)
+        qx = qx.at[0].set(qmax).at[1].set(-qmax)  # rows of extreme sums
+        qw_ext = qw.at[:2].set(-8)
+        for sw in (jnp.asarray(2.0 ** -rng.integers(0, 4, (n, k // 128)), jnp.float32), _group_scales(7, n, k // 128)):
+            outs = []
+            for magic in (False, True):
+                cfg = G128Config(
+                    tile_m=64, tile_n=64, tile_k=128, stages=2, num_sms=3, overlap_rescale=overlap, magic_cvt=magic
+                )
+                outs.append(
+                    np.asarray(
+                        w4a4_g128_matmul_gpu(qx, ones, qw_ext, sw, out_dtype=jnp.float32, config=cfg, interpret=True)
+                    )
+                )
+            assert np.isfinite(outs[1]).all()
+            np.testing.assert_array_equal(outs[1], outs[0])
+        exp = ref.w4a4_g128_reference(qx, ones, qw_ext, sw, out_dtype=jnp.float32)
+        assert _rel(outs[1], exp) < 1e-6
+
+
 @pytest.mark.parametrize("r,k,cfg", [(0, 256, SMALL), (16, 640, SMALL_OVERLAP)])
 def test_epilogue_bf16_vs_reference(r, k, cfg):
     m, n = 131, 128  # M not a multiple of the tile: the last tile is shifted back
@@ -121,6 +151,7 @@ def test_default_config_fits_smem():
         (16, "chunk", 13824, 5120, False),
         (32, "init", 5120, 13824, True),
         (0, None, 13824, 5120, True),
+        (32, "init", 5120, 5120, "magic"),
     ],
 )
 def test_lowers_for_cuda(r, mode, k, n, overlap):
@@ -129,7 +160,9 @@ def test_lowers_for_cuda(r, mode, k, n, overlap):
     args = [S((m, k), jnp.int8), S((m,), jnp.float32), S((n, k), jnp.int8), S((n, k // 128), jnp.float32)]
     args += [S((m, r), jnp.bfloat16), S((r, n), jnp.bfloat16)] if r else [None, None]
     args.append(S((n,), jnp.float32))
-    cfg = G128Config(tile_m=128, tile_n=64, lowrank_mode=mode, overlap_rescale=overlap)
+    cfg = G128Config(
+        tile_m=128, tile_n=64, lowrank_mode=mode, overlap_rescale=bool(overlap), magic_cvt=overlap == "magic"
+    )
     f = lambda *a: w4a4_g128_matmul_gpu(*a, config=cfg)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "wgmma" in text
