@@ -548,6 +548,11 @@ def run_shape_g128_quick(m, k, n, log):
         "overlap": dataclasses.replace(G128_CONFIG, overlap_rescale=True),
         "magic": dataclasses.replace(G128_CONFIG, magic_cvt=True),
         "overlap_magic": dataclasses.replace(G128_CONFIG, overlap_rescale=True, magic_cvt=True),
+        "overlap_magic_s4": dataclasses.replace(G128_CONFIG, overlap_rescale=True, magic_cvt=True, stages=4),
+        # DeepGEMM's shape: 64-row waves, one m64n128 wgmma per k-step (CTA tile 64 x 256)
+        "overlap_magic_m64n128": dataclasses.replace(
+            G128_CONFIG, tile_m=64, tile_n=128, overlap_rescale=True, magic_cvt=True
+        ),
     }
 
     def exact(cfg):

@@ -251,6 +251,29 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "seed",
             "recipe 'w4a8' with a rank-64 low-rank branch (its reference is the recipe w4a8)",
         ),
+        "w4a8_alpha03": (
+            R(w8 := get_recipe("w4a8"), name="w4a8-alpha0.3", transforms=_swap(w8, Smooth, Smooth(0.3))),
+            "seed",
+            "recipe 'w4a8' with smoothing alpha 0.3 instead of 0.5: less of the activations' range moved into the "
+            "4-bit weights, more left to the 8-bit activations (its reference is the recipe w4a8)",
+        ),
+        "w4a8_alpha015": (
+            R(w8, name="w4a8-alpha0.15", transforms=_swap(w8, Smooth, Smooth(0.15))),
+            "seed",
+            "recipe 'w4a8' with smoothing alpha 0.15 (its reference is the recipe w4a8)",
+        ),
+        "w4a8_wclip": (
+            R(
+                w8,
+                name="w4a8-wclip",
+                transforms=_swap(
+                    w8, GPTQ, R(next(t for t in w8.transforms if isinstance(t, GPTQ)), weight_clips=WEIGHT_CLIPS)
+                ),
+            ),
+            "seed",
+            "recipe 'w4a8' with GPTQ's per-channel weight clip search: the 4-bit weights are its larger error "
+            "(its reference is the recipe w4a8)",
+        ),
         "w4a8_fuse_qkv": (
             R(get_recipe("w4a8"), name="w4a8-fuse-qkv", fuse_qkv=True),
             "seed",
@@ -308,6 +331,9 @@ ABLATIONS = (
     "w4a8_g128",
     "w4a8_g64",
     "w4a8_rank64",
+    "w4a8_alpha03",
+    "w4a8_alpha015",
+    "w4a8_wclip",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
