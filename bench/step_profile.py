@@ -66,8 +66,12 @@ def breakdown(per_kernel) -> dict:
     for name, ts in by_name.items():
         classes[kernel_class(name)] += sum(ts)
     top = sorted(((sum(ts), len(ts), name) for name, ts in by_name.items()), reverse=True)[:25]
+    total = sum(classes.values())
     return {
-        "total_ms": sum(classes.values()),
+        "total_ms": total,
+        # issue 34's "linear work including its producers": every kernel but the attention core (norms, modulation,
+        # RoPE, act quant, GEMMs, GELU, residuals; attn8's XLA pre-pass counts here, its kernel as attention)
+        "non_attention_ms": total - classes.get("attention", 0.0),
         "classes_ms": dict(classes),
         "top": [{"name": n[:160], "count": c, "total_ms": t} for t, c, n in top],
     }
@@ -230,6 +234,15 @@ def main(argv=None) -> dict:
             f"{sp.get('of_medians', float('nan')):.3f} | {sp.get('per_round_min', float('nan')):.3f}-"
             f"{sp.get('per_round_max', float('nan')):.3f} | {v.get('rel_l2_vs_bf16', float('nan')):.3f} |"
         )
+    prof = {k: v["kernels"] for k, v in res["variants"].items() if "kernels" in v}
+    if prof:
+        base_na = prof.get(base_key, {}).get("non_attention_ms")
+        log("\n| variant | kernels ms | attention ms | all but attention ms | x baseline (all but attention) |")
+        log("|---|---|---|---|---|")
+        for key, b in prof.items():
+            att = b["classes_ms"].get("attention", 0.0)
+            x = base_na / b["non_attention_ms"] if base_na and b["non_attention_ms"] else float("nan")
+            log(f"| {key} | {b['total_ms']:.1f} | {att:.1f} | {b['non_attention_ms']:.1f} | {x:.3f} |")
     if res["errors"]:
         log("errors:", res["errors"])
     return res
