@@ -274,6 +274,23 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "recipe 'w4a8' with GPTQ's per-channel weight clip search: the 4-bit weights are its larger error "
             "(its reference is the recipe w4a8)",
         ),
+        "w4a8_wclip_rank64": (
+            R(
+                w8,
+                name="w4a8-wclip-rank64",
+                transforms=tuple(
+                    R(x, rank=64)
+                    if isinstance(x, LowRank)
+                    else R(x, weight_clips=WEIGHT_CLIPS)
+                    if isinstance(x, GPTQ)
+                    else x
+                    for x in w8.transforms
+                ),
+            ),
+            "seed",
+            "recipe 'w4a8' with GPTQ's weight clip search and a rank-64 low-rank branch (its reference is the recipe "
+            "w4a8)",
+        ),
         "w4a8_fuse_qkv": (
             R(get_recipe("w4a8"), name="w4a8-fuse-qkv", fuse_qkv=True),
             "seed",
@@ -334,6 +351,7 @@ ABLATIONS = (
     "w4a8_alpha03",
     "w4a8_alpha015",
     "w4a8_wclip",
+    "w4a8_wclip_rank64",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
