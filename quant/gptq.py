@@ -40,6 +40,10 @@ from wanjax.quant.rtn import (
 __all__ = ["gptq", "gptq_quantize_kernel"]
 
 
+#: the clip search's error measures (``gptq_quantize_kernel(weight_clip_metric=...)``)
+WEIGHT_CLIP_METRICS = ("diag", "hessian")
+
+
 def _check_args(fn, k, spec, block_size, act_order, static_groups, hessian):
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"{fn}: hessian must be [K, K] = ({k}, {k}) to match the kernel, got {tuple(hessian.shape)}")
@@ -71,6 +75,7 @@ def gptq_quantize_kernel(
     act_order: bool = False,
     static_groups: bool = True,
     weight_clips: tuple[float, ...] = (),
+    weight_clip_metric: str = "diag",
     max_damp_tries: int = 6,
     linalg_dtype=None,
 ) -> tuple[QuantizedTensor, jax.Array, dict]:
@@ -90,6 +95,9 @@ def gptq_quantize_kernel(
         (int formats with per-channel scales only): each channel's scale is the spec's scale (``spec.clip * absmax /
         qmax``) times the factor with the least ``diag(H)``-weighted round-to-nearest error
         ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: the spec's scale as is.
+      weight_clip_metric: the error the clip search minimizes per channel: ``"diag"`` (above) or ``"hessian"``, the
+        full quadratic form ``d^T H d`` with ``d = w_n - Q(w_n)`` (the layer's output error of round-to-nearest on
+        the calibration inputs, correlations between input channels included; K^2 N work per clip).
       max_damp_tries: Cholesky retries with 10x damping each.
       linalg_dtype: dtype of the Cholesky work (see ``wanjax.quant.linalg``).
 
@@ -111,6 +119,8 @@ def gptq_quantize_kernel(
         )
     if any(not 0.0 < c <= 1.0 for c in weight_clips):
         raise ValueError(f"{fn}: weight_clips must lie in (0, 1], got {weight_clips}")
+    if weight_clip_metric not in WEIGHT_CLIP_METRICS:
+        raise ValueError(f"{fn}: weight_clip_metric must be one of {WEIGHT_CLIP_METRICS}, got {weight_clip_metric!r}")
     check_finite_eager(fn, "kernel", w)
     check_finite_eager(fn, "hessian", h)
     return _gptq_core(
@@ -122,6 +132,7 @@ def gptq_quantize_kernel(
         act_order=bool(act_order),
         static_groups=bool(static_groups),
         weight_clips=weight_clips,
+        weight_clip_metric=str(weight_clip_metric),
         max_damp_tries=int(max_damp_tries),
         linalg_dtype=jnp.dtype(resolve_linalg_dtype(linalg_dtype)),
     )
@@ -136,12 +147,24 @@ def gptq_quantize_kernel(
         "act_order",
         "static_groups",
         "weight_clips",
+        "weight_clip_metric",
         "max_damp_tries",
         "linalg_dtype",
     ),
 )
 def _gptq_core(
-    w, h, *, spec, block_size, percdamp, act_order, static_groups, max_damp_tries, linalg_dtype, weight_clips=()
+    w,
+    h,
+    *,
+    spec,
+    block_size,
+    percdamp,
+    act_order,
+    static_groups,
+    max_damp_tries,
+    linalg_dtype,
+    weight_clips=(),
+    weight_clip_metric="diag",
 ):
     """The GPTQ pass (arguments validated by :func:`gptq_quantize_kernel`); jitted so eager calls compile once."""
     k, n = w.shape
@@ -150,7 +173,7 @@ def _gptq_core(
     # Scales from the un-updated weights (before dead-channel zeroing, as the GPTQ reference).
     scales0, ts = weight_scales(w.T, spec)
     if weight_clips:
-        scales0 = _searched_channel_scales(w, scales0, jnp.diagonal(h).astype(jnp.float32), spec, weight_clips)
+        scales0 = _searched_channel_scales(w, scales0, h, spec, weight_clips, weight_clip_metric)
     dead = jnp.diagonal(h) <= 0
     w = jnp.where(dead[:, None], 0.0, w)
     if act_order:
@@ -235,15 +258,21 @@ def _gptq_core(
     return qt, q, {"damp_tries": tries}
 
 
-def _searched_channel_scales(w, scales0, hdiag, spec, clips):
-    """Per output channel, the abs-max scale times the clip of ``clips`` with the least ``hdiag``-weighted RTN error
-    (``w [K, N]``, ``scales0 [N, 1]``); ties go to the first clip in ``clips``."""
-    weight = jnp.maximum(hdiag, 0.0)[:, None]
+def _searched_channel_scales(w, scales0, h, spec, clips, metric="diag"):
+    """Per output channel, the abs-max scale times the clip of ``clips`` with the least RTN error (``w [K, N]``,
+    ``scales0 [N, 1]``, ``h [K, K]``): ``metric="diag"`` the ``diag(h)``-weighted squared error, ``"hessian"`` the
+    quadratic form ``d^T h d``; ties go to the first clip in ``clips``."""
+    h = h.astype(jnp.float32)
+    weight = jnp.maximum(jnp.diagonal(h), 0.0)[:, None]
     errs = []
     for c in clips:
         s = scales0 * c  # [N, 1]
         _, q = quantize_elements(w, s.T, None, spec)  # [K, N]
-        errs.append(jnp.sum(weight * (w - q) ** 2, axis=0))  # [N]
+        d = w - q
+        if metric == "hessian":
+            errs.append(jnp.sum(d * jnp.dot(h, d, precision=jax.lax.Precision.HIGHEST), axis=0))  # [N]
+        else:
+            errs.append(jnp.sum(weight * d**2, axis=0))  # [N]
     best = jnp.argmin(jnp.stack(errs), axis=0)  # [N]
     factors = jnp.asarray(clips, jnp.float32)[best]
     return (scales0 * factors[:, None]).astype(scales0.dtype)

@@ -236,11 +236,14 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = True
     weight_clips: tuple[float, ...] = ()
+    weight_clip_metric: str = "diag"
     stage = "quantizer"
 
     def __post_init__(self):
         if self.hessian not in ("quantized", "raw", "captured"):
             raise ValueError(f"GPTQ: hessian must be 'quantized', 'raw' or 'captured', got {self.hessian!r}")
+        if self.weight_clip_metric not in ("diag", "hessian"):
+            raise ValueError(f"GPTQ: weight_clip_metric must be 'diag' or 'hessian', got {self.weight_clip_metric!r}")
 
     def layer_hessian(self, params: dict, ctx: LayerContext):
         """The Hessian of the inputs the quantized matmul sees, ``[K, K]``."""
@@ -274,6 +277,7 @@ class GPTQ:
             act_order=self.act_order,
             static_groups=self.static_groups,
             weight_clips=self.weight_clips,
+            weight_clip_metric=self.weight_clip_metric,
         )
 
 

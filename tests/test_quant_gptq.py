@@ -172,6 +172,37 @@ def test_weight_clip_search():
         run_gptq(w, h, spec, weight_clips=(1.2,))
 
 
+def test_weight_clip_metric_hessian():
+    """weight_clip_metric="hessian": each channel's clip minimizes d^T H d of its RTN error (numpy search over the
+    grid); with a diagonal Hessian it picks what "diag" picks; bad metric names are refused."""
+    rng = np.random.default_rng(12)
+    k, n = K, N
+    w = (rng.standard_t(3, size=(k, n)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((4 * k, k)).astype(np.float32)
+    x[:, 1:] += 0.8 * x[:, :-1]  # correlated input channels: the off-diagonal terms matter
+    h = (x.T @ x / len(x)).astype(np.float32)
+    spec = WeightQuantSpec("int4")
+    clips = (1.0, 0.9, 0.8, 0.7, 0.6)
+    amax = np.abs(w).max(0) / 7.0
+    best = []
+    for j in range(n):
+        errs = []
+        for c in clips:
+            d = (w[:, j] - np.clip(np.round(w[:, j] / (amax[j] * c)), -7, 7) * amax[j] * c).astype(np.float64)
+            errs.append(d @ h.astype(np.float64) @ d)
+        best.append(clips[int(np.argmin(errs))])
+    qh, _, _ = run_gptq(w, h, spec, weight_clips=clips, weight_clip_metric="hessian")
+    np.testing.assert_allclose(np.asarray(qh.scales)[:, 0], amax * np.asarray(best, np.float32), rtol=1e-6)
+    qd, _, _ = run_gptq(w, h, spec, weight_clips=clips)  # "diag" on the same H picks differently somewhere
+    assert not np.array_equal(np.asarray(qd.scales), np.asarray(qh.scales))
+    hdiag = np.diag(np.diag(h))
+    a, _, _ = run_gptq(w, hdiag, spec, weight_clips=clips, weight_clip_metric="hessian")
+    b, _, _ = run_gptq(w, hdiag, spec, weight_clips=clips)
+    np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
+    with pytest.raises(ValueError, match="weight_clip_metric"):
+        run_gptq(w, h, spec, weight_clips=clips, weight_clip_metric="full")
+
+
 def test_damping_handles_singular_hessian():
     rng = np.random.default_rng(3)
     k, n = K, N

@@ -274,6 +274,41 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "recipe 'w4a8' with GPTQ's per-channel weight clip search: the 4-bit weights are its larger error "
             "(its reference is the recipe w4a8)",
         ),
+        "w4a8_wclip_h": (
+            R(
+                w8,
+                name="w4a8-wclip-hessian",
+                transforms=_swap(
+                    w8,
+                    GPTQ,
+                    R(
+                        next(t for t in w8.transforms if isinstance(t, GPTQ)),
+                        weight_clips=WEIGHT_CLIPS,
+                        weight_clip_metric="hessian",
+                    ),
+                ),
+            ),
+            "seed",
+            "recipe 'w4a8' with GPTQ's weight clip search measured by the full Hessian quadratic form d^T H d "
+            "instead of diag(H) (its reference is the recipe w4a8)",
+        ),
+        "w4a8_wclip_fine": (
+            R(
+                w8,
+                name="w4a8-wclip-fine",
+                transforms=_swap(
+                    w8,
+                    GPTQ,
+                    R(
+                        next(t for t in w8.transforms if isinstance(t, GPTQ)),
+                        weight_clips=tuple(round(1.0 - 0.025 * i, 3) for i in range(17)),
+                    ),
+                ),
+            ),
+            "seed",
+            "recipe 'w4a8' with GPTQ's weight clip search over a finer, wider grid (1.0 to 0.6 in steps of 0.025; "
+            "its reference is the recipe w4a8)",
+        ),
         "w4a8_wclip_rank64": (
             R(
                 w8,
@@ -352,6 +387,8 @@ ABLATIONS = (
     "w4a8_alpha015",
     "w4a8_wclip",
     "w4a8_wclip_rank64",
+    "w4a8_wclip_h",
+    "w4a8_wclip_fine",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
