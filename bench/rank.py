@@ -4,7 +4,7 @@ the linear time of one DiT block for per-path rank mixes.
     PYTHONPATH=. python -m bench.rank [--ranks 5120x5120=0,16,32,64 --ranks 5120x13824=32,64 ...] [--name rank]
 
 M = 32,760 (480p, 81 frames), the three Wan2.2 linear shapes; CUPTI device-time medians (``bench.timing.cupti_ms``)
-of the fused act quant (``act_quant_lowrank_pallas`` with the dispatcher's options), the Mosaic GPU GEMM with the
+of the act quant (``dispatch.act_quant``: the fused kernel for power-of-two ranks, else XLA), the Mosaic GPU GEMM with the
 rank-r epilogue (int8 weights), and ``dispatch.w4a4_linear`` end to end (packed weights), each against XLA bf16 in
 the same run; the end-to-end output is checked against the f32 reference on 512 rows. Rank 0 means no branch.
 
@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     from bench.timing import cupti_ms
     from wanjax.kernels import dispatch
     from wanjax.kernels import reference as ref
-    from wanjax.kernels.act_quant_gpu import FUSED_OPTIONS, act_quant_lowrank_pallas
     from wanjax.kernels.w4a4_gpu import W4A4Config, w4a4_matmul_gpu
     from wanjax.numerics.hadamard import random_signs, rotate_activations
 
@@ -122,7 +121,9 @@ def main(argv=None) -> int:
                     inp["w_bf16_kn"],
                 )
             row = {"K": k, "N": n, "rank": r, "bf16": bf16}
-            aq = jax.jit(lambda a, b, c: act_quant_lowrank_pallas(a, b, c, 1.0, None, **FUSED_OPTIONS))
+            # the dispatcher's act quant: the fused kernel where it supports r (a power of two), else the XLA path
+            # (rank 96 = 32 + a rank-64 LoRA: calling the fused kernel directly there exceeded shared memory)
+            aq = jax.jit(lambda a, b, c: dispatch.act_quant(a, b, c, 1.0, backend="pallas"))
             q, s, lr = aq(x, sm, dn)
             row["act_quant"] = cupti_ms(aq, x, sm, dn)
             w8 = ref.unpack_int4(inp["w_packed"])

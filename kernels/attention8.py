@@ -8,10 +8,9 @@ core); the implementations:
   KV tiles of plain XLA ops);
 * ``"tpu"``: ``attention8_tpu`` (Pallas TPU: INT8 MXU QK^T, f32 softmax, PV on the MXU), the TPU default;
   verified in the interpreter and lowered for TPU on a CPU host only;
-* ``"gpu"``: ``attention8_gpu`` (Pallas Mosaic GPU, Hopper). Earlier configs ran on an H100 and matched the
-  reference; the current default config has not (``attention8_gpu.VERIFIED`` is False): on a GPU the default
-  refuses with a NotImplementedError naming the missing run, rather than silently running something else.
-  ``impl="gpu"`` forces it.
+* ``"gpu"``: ``attention8_gpu`` (Pallas Mosaic GPU, Hopper), the Hopper default: its default config matched the
+  reference on an H100 (``attention8_gpu.VERIFIED``; while that flag is False, a GPU refuses with a
+  NotImplementedError naming the missing run rather than silently running something else).
 
 Override with ``impl=`` or the environment variable ``WANJAX_ATTN8_IMPL=reference|tpu|gpu``.
 

@@ -67,8 +67,10 @@ class Attn8Config:
     """
 
     q_block: int = 128
-    k_block: int = 128
-    kv_block: int = 128
+    #: 256-key K scale blocks and tiles: the Hopper kernel's fastest tile (docs/BENCHMARKS.md, "8-bit attention,
+    #: third round"), so the reference computes what that kernel computes
+    k_block: int = 256
+    kv_block: int = 256
     smooth_k: bool = True
     balance_qk: bool = True
     p_offset: bool = True
