@@ -249,7 +249,8 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                 transforms=tuple(R(x, rank=64) if isinstance(x, LowRank) else x for x in w8.transforms),
             ),
             "seed",
-            "recipe 'w4a8' with a rank-64 low-rank branch (its reference is the recipe w4a8)",
+            "recipe 'w4a8' with a rank-64 low-rank branch (its reference is the recipe w4a8; since w4a8 took the "
+            "weight clip search this equals w4a8_wclip_rank64)",
         ),
         "w4a8_alpha03": (
             R(w8 := get_recipe("w4a8"), name="w4a8-alpha0.3", transforms=_swap(w8, Smooth, Smooth(0.3))),
@@ -271,8 +272,8 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
                 ),
             ),
             "seed",
-            "recipe 'w4a8' with GPTQ's per-channel weight clip search: the 4-bit weights are its larger error "
-            "(its reference is the recipe w4a8)",
+            "GPTQ's per-channel weight clip search on the recipe 'w4a8' (measured +1.2 dB over three draws on "
+            "2026-12-07, after which the recipe took it: now the same as w4a8)",
         ),
         "w4a8_wclip_h": (
             R(
