@@ -107,9 +107,12 @@ def encode_text_stage(cfg, seed: int) -> tuple[object, dict]:
     ids = jnp.asarray(np.random.default_rng(seed + 7).integers(0, tcfg.vocab_size, (2, cfg.text_len)), jnp.int32)
     mask = jnp.ones((2, cfg.text_len), jnp.int32)
     t0 = time.perf_counter()
-    ctx = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
-    ctx = jax.block_until_ready(ctx)
+    encode = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
+    ctx = jax.block_until_ready(encode(state, ids, mask))
     rec["encode_first_call_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()  # a second call, compiled: what a second video in the same process pays
+    jax.block_until_ready(encode(state, ids, mask))
+    rec["encode_warm_s"] = time.perf_counter() - t0
     rec["finite"] = bool(jnp.isfinite(ctx.astype(jnp.float32)).all())
     rec["before_release"] = memory()
     del state
@@ -500,11 +503,14 @@ def run_pipeline(args, workdir: str, experts: str) -> dict:
                     jax.block_until_ready(pipe.decode(lat2))
                     out["vae_decode_s"] = time.perf_counter() - t2
                 t5 = (st.get("t5") or {}).get("encode_first_call_s")
+                t5w = (st.get("t5") or {}).get("encode_warm_s")
                 out["total_s"] = time.perf_counter() - t0
                 out["total_with_t5_first_call_s"] = None if t5 is None else out["total_s"] + t5
+                out["total_with_t5_warm_s"] = None if t5w is None else out["total_s"] + t5w
                 out["note"] = (
-                    "the same generation again in the same process, everything compiled; the text encoder is not "
-                    "re-run (its first call, compilation included, is added in total_with_t5_first_call_s)"
+                    "the same generation again in the same process, everything compiled; the text encoder is "
+                    "released after its stage, so its second (compiled) call, timed there, is added in "
+                    "total_with_t5_warm_s, and its first call, compilation included, in total_with_t5_first_call_s"
                 )
                 st["warm_repeat"] = out
 

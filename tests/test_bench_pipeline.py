@@ -330,3 +330,14 @@ def test_pipeline_experts_option():
     assert bp.phase_timeout("pipeline", 540.0, 540.0, ["pipeline_bf16"]) == pytest.approx(540 * 0.55)
     assert bp.phase_timeout("pipeline_bf16", 250.0, 540.0, []) == pytest.approx(245.0)
     assert bp.phase_timeout("bf16", 500.0, 500.0, ["w4a4", "diffusers", "pipeline"]) == pytest.approx(150.0)
+
+
+def test_encode_text_stage_times_a_warm_call():
+    """The T5 stage (tiny config) records the first call and a second, compiled one (the warm repeat adds the latter)."""
+    from bench.dit_step import get_config
+    from bench.pipeline_phase import encode_text_stage
+
+    ctx, rec = encode_text_stage(get_config("TINY"), seed=0)
+    cfg = get_config("TINY")
+    assert ctx.shape == (2, cfg.text_len, cfg.text_dim) and rec["finite"]
+    assert rec["encode_first_call_s"] > 0 and rec["encode_warm_s"] > 0
