@@ -370,18 +370,56 @@ def run_shape(m, k, n, sweep, log, epi_sweep=False):
     return res
 
 
-def run_shape_g128(m, k, n, sweep, log):
-    """Group-scaled (g128) W4A4 GEMM vs XLA bf16 at one (M, K, N); see the module docstring."""
-    import dataclasses
-
-    res = {"M": m, "K": k, "N": n, "group": 128, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
-    ops = 2.0 * m * k * n
+def _g128_operands(m, k, n):
+    """Inputs of one g128 shape: bf16 x / weight, smoothing, low-rank factors, bias, the grouped INT4 weight (packed
+    and unpacked to int8) with its [N, K/128] scales, and the fused act quant's codes, scales and x_lr."""
     inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
     x, smooth, down, up, bias, w_bf16 = (inp[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16_kn"))
     w_packed, s_w = jax.jit(ref.quantize_weight_int4_grouped)(w_bf16.T)  # [N, K/2], [N, K/128]
     q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
     q_w = jax.jit(ref.unpack_int4)(w_packed)
     jax.block_until_ready((q_x, s_x, x_lr, q_w, s_w))
+    return dict(
+        x=x,
+        smooth=smooth,
+        down=down,
+        up=up,
+        bias=bias,
+        w_bf16=w_bf16,
+        w_packed=w_packed,
+        s_w=s_w,
+        q_x=q_x,
+        s_x=s_x,
+        x_lr=x_lr,
+        q_w=q_w,
+    )
+
+
+def _g128_e2e(cfg):
+    """The g128 linear end to end (act quant + weight unpack + g128 GEMM), jitted:
+    ``f(x, w_packed, s_w, smooth, down, up, bias)``."""
+
+    @jax.jit
+    def e2e(x_, wp, sw, sm, dn, u, b):
+        qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
+        return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b, config=cfg)
+
+    return e2e
+
+
+#: the per-channel kernel with int8 weights, for comparison with g128 on the same operands
+_per_channel_int8w = jax.jit(lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8"))
+
+
+def run_shape_g128(m, k, n, sweep, log):
+    """Group-scaled (g128) W4A4 GEMM vs XLA bf16 at one (M, K, N); see the module docstring."""
+    import dataclasses
+
+    res = {"M": m, "K": k, "N": n, "group": 128, "times_ms": {}, "wall_ms": {}, "checks": {}, "errors": {}}
+    ops = 2.0 * m * k * n
+    o = _g128_operands(m, k, n)
+    x, smooth, down, up, bias, w_bf16 = (o[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16"))
+    w_packed, s_w, q_x, s_x, x_lr, q_w = (o[a] for a in ("w_packed", "s_w", "q_x", "s_x", "x_lr", "q_w"))
     res["weight_bytes"] = {"bf16": 2 * n * k, "packed_int4_plus_group_scales": n * k // 2 + 4 * n * (k // 128)}
 
     rec = _recorder(res, ops, log)
@@ -480,33 +518,13 @@ def run_shape_g128(m, k, n, sweep, log):
             }
         rec(name, gemm(r, cfg), q_x, s_x, q_w, s_w, x_lr, up, bias, check=chk)
     # the per-channel kernel on the same operands (per-channel scale = mean group scale), for comparison
-    sw_ch = jnp.mean(s_w, axis=1)
-    rec(
-        "pallas_int8w_r32_per_channel",
-        jax.jit(lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8")),
-        q_x,
-        s_x,
-        q_w,
-        sw_ch,
-        x_lr,
-        up,
-        bias,
-    )
-
-    def make_e2e(cfg):
-        @jax.jit
-        def e2e(x_, wp, sw, sm, dn, u, b):
-            qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
-            return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b, config=cfg)
-
-        return e2e
-
+    rec("pallas_int8w_r32_per_channel", _per_channel_int8w, q_x, s_x, q_w, jnp.mean(s_w, axis=1), x_lr, up, bias)
     e2e_args = (x, w_packed, s_w, smooth, down, up, bias)
-    e2e = make_e2e(G128_CONFIG)
+    e2e = _g128_e2e(G128_CONFIG)
     rec("e2e_linear_g128_r32", e2e, *e2e_args, check=lambda: rel_err(e2e(*e2e_args), y_ref))
-    e2e_ov = make_e2e(ov)
+    e2e_ov = _g128_e2e(ov)
     rec("e2e_linear_g128_r32_overlap", e2e_ov, *e2e_args, check=lambda: rel_err(e2e_ov(*e2e_args), y_ref))
-    e2e_ovm = make_e2e(ovm)
+    e2e_ovm = _g128_e2e(ovm)
     rec("e2e_linear_g128_r32_overlap_magic", e2e_ovm, *e2e_args, check=lambda: rel_err(e2e_ovm(*e2e_args), y_ref))
     try:
         xs = [x] + [
@@ -535,11 +553,9 @@ def run_shape_g128_quick(m, k, n, log):
 
     res = {"M": m, "K": k, "N": n, "group": 128, "mode": "quick", "times_ms": {}, "checks": {}, "errors": {}}
     ops = 2.0 * m * k * n
-    inp = make_inputs(jax.random.key(m + 7 * k + 13 * n), m, k, n)
-    x, smooth, down, up, bias, w_bf16 = (inp[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16_kn"))
-    w_packed, s_w = jax.jit(ref.quantize_weight_int4_grouped)(w_bf16.T)
-    q_x, s_x, x_lr = act_quant_fused(x, smooth, down, 1.0, None, fold_smooth=True)
-    q_w = jax.jit(ref.unpack_int4)(w_packed)
+    o = _g128_operands(m, k, n)
+    x, smooth, down, up, bias, w_bf16 = (o[a] for a in ("x", "smooth", "down", "up", "bias", "w_bf16"))
+    w_packed, s_w, q_x, s_x, x_lr, q_w = (o[a] for a in ("w_packed", "s_w", "q_x", "s_x", "x_lr", "q_w"))
     rec = _recorder(res, ops, log)
     sw_pow2 = exp2_exact(-jax.random.randint(jax.random.key(3), (n, k // 128), 0, 4))
     ones_m = jnp.ones((m,), jnp.float32)
@@ -575,28 +591,9 @@ def run_shape_g128_quick(m, k, n, log):
 
         f = jax.jit(lambda qx, sx, w, sw, xl, u, b, cfg=cfg: w4a4_g128_matmul_gpu(qx, sx, w, sw, xl, u, b, config=cfg))
         rec(f"pallas_g128_r32_{name}", f, q_x, s_x, q_w, s_w, x_lr, up, bias, check=chk)
-    rec(
-        "pallas_int8w_r32_per_channel",
-        jax.jit(lambda qx, sx, w, sw, xl, u, b: w4a4_matmul_gpu(qx, sx, w, sw, xl, u, b, weights="int8")),
-        q_x,
-        s_x,
-        q_w,
-        jnp.mean(s_w, axis=1),
-        x_lr,
-        up,
-        bias,
-    )
-
-    def make_e2e(cfg):
-        @jax.jit
-        def e2e(x_, wp, sw, sm, dn, u, b):
-            qx, sx, xl = act_quant_fused(x_, sm, dn, 1.0, None, fold_smooth=True)
-            return w4a4_g128_matmul_gpu(qx, sx, ref.unpack_int4(wp), sw, xl, u, b, config=cfg)
-
-        return e2e
-
+    rec("pallas_int8w_r32_per_channel", _per_channel_int8w, q_x, s_x, q_w, jnp.mean(s_w, axis=1), x_lr, up, bias)
     args = (x, w_packed, s_w, smooth, down, up, bias)
-    e_plain, e_best = make_e2e(cfgs["plain"]), make_e2e(cfgs["overlap_magic"])
+    e_plain, e_best = _g128_e2e(cfgs["plain"]), _g128_e2e(cfgs["overlap_magic"])
     rec("e2e_linear_g128_r32_plain", e_plain, *args)
     rec(
         "e2e_linear_g128_r32_overlap_magic",

@@ -59,6 +59,16 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     cs = next(t for t in d.transforms if isinstance(t, ClipSearch))
     gq = next(t for t in d.transforms if isinstance(t, GPTQ))
     R = dataclasses.replace
+    w8 = get_recipe("w4a8")
+    w8gq = next(t for t in w8.transforms if isinstance(t, GPTQ))
+    w8lr = next(t for t in w8.transforms if isinstance(t, LowRank))
+
+    def w8v(name, *new):
+        """Recipe 'w4a8' renamed, each transform of ``new`` replacing w4a8's transform of its class."""
+        ts = w8.transforms
+        for t in new:
+            ts = _swap(R(w8, transforms=ts), type(t), t)
+        return R(w8, name=name, transforms=ts)
 
     def rank(r):
         ts = tuple(t for t in d.transforms if not isinstance(t, LowRank)) if r == 0 else _swap(d, LowRank, LowRank(r))
@@ -243,86 +253,42 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "INT4 weights in groups of 64 with INT8 per-token activations",
         ),
         "w4a8_rank64": (
-            R(
-                w8 := get_recipe("w4a8"),
-                name="w4a8-rank64",
-                transforms=tuple(R(x, rank=64) if isinstance(x, LowRank) else x for x in w8.transforms),
-            ),
+            w8v("w4a8-rank64", R(w8lr, rank=64)),
             "seed",
             "recipe 'w4a8' with a rank-64 low-rank branch (its reference is the recipe w4a8; since w4a8 took the "
             "weight clip search this equals w4a8_wclip_rank64)",
         ),
         "w4a8_alpha03": (
-            R(w8 := get_recipe("w4a8"), name="w4a8-alpha0.3", transforms=_swap(w8, Smooth, Smooth(0.3))),
+            w8v("w4a8-alpha0.3", Smooth(0.3)),
             "seed",
             "recipe 'w4a8' with smoothing alpha 0.3 instead of 0.5: less of the activations' range moved into the "
             "4-bit weights, more left to the 8-bit activations (its reference is the recipe w4a8)",
         ),
         "w4a8_alpha015": (
-            R(w8, name="w4a8-alpha0.15", transforms=_swap(w8, Smooth, Smooth(0.15))),
+            w8v("w4a8-alpha0.15", Smooth(0.15)),
             "seed",
             "recipe 'w4a8' with smoothing alpha 0.15 (its reference is the recipe w4a8)",
         ),
         "w4a8_wclip": (
-            R(
-                w8,
-                name="w4a8-wclip",
-                transforms=_swap(
-                    w8, GPTQ, R(next(t for t in w8.transforms if isinstance(t, GPTQ)), weight_clips=WEIGHT_CLIPS)
-                ),
-            ),
+            w8v("w4a8-wclip", R(w8gq, weight_clips=WEIGHT_CLIPS)),
             "seed",
             "GPTQ's per-channel weight clip search on the recipe 'w4a8' (measured +1.2 dB over three draws on "
             "2026-12-07, after which the recipe took it: now the same as w4a8)",
         ),
         "w4a8_wclip_h": (
-            R(
-                w8,
-                name="w4a8-wclip-hessian",
-                transforms=_swap(
-                    w8,
-                    GPTQ,
-                    R(
-                        next(t for t in w8.transforms if isinstance(t, GPTQ)),
-                        weight_clips=WEIGHT_CLIPS,
-                        weight_clip_metric="hessian",
-                    ),
-                ),
-            ),
+            w8v("w4a8-wclip-hessian", R(w8gq, weight_clips=WEIGHT_CLIPS, weight_clip_metric="hessian")),
             "seed",
             "recipe 'w4a8' with GPTQ's weight clip search measured by the full Hessian quadratic form d^T H d "
             "instead of diag(H) (its reference is the recipe w4a8)",
         ),
         "w4a8_wclip_fine": (
-            R(
-                w8,
-                name="w4a8-wclip-fine",
-                transforms=_swap(
-                    w8,
-                    GPTQ,
-                    R(
-                        next(t for t in w8.transforms if isinstance(t, GPTQ)),
-                        weight_clips=tuple(round(1.0 - 0.025 * i, 3) for i in range(17)),
-                    ),
-                ),
-            ),
+            w8v("w4a8-wclip-fine", R(w8gq, weight_clips=tuple(round(1.0 - 0.025 * i, 3) for i in range(17)))),
             "seed",
             "recipe 'w4a8' with GPTQ's weight clip search over a finer, wider grid (1.0 to 0.6 in steps of 0.025; "
             "its reference is the recipe w4a8)",
         ),
         "w4a8_wclip_rank64": (
-            R(
-                w8,
-                name="w4a8-wclip-rank64",
-                transforms=tuple(
-                    R(x, rank=64)
-                    if isinstance(x, LowRank)
-                    else R(x, weight_clips=WEIGHT_CLIPS)
-                    if isinstance(x, GPTQ)
-                    else x
-                    for x in w8.transforms
-                ),
-            ),
+            w8v("w4a8-wclip-rank64", R(w8lr, rank=64), R(w8gq, weight_clips=WEIGHT_CLIPS)),
             "seed",
             "recipe 'w4a8' with GPTQ's weight clip search and a rank-64 low-rank branch (its reference is the recipe "
             "w4a8)",
