@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from wanjax.numerics.hadamard import hadamard_block_size
 
 from . import act_quant_gpu, mxfp4_act_gpu, mxfp4_linear as mx, reference, w4a4_linear as w4, xla_paths as xp
+from .two_level_act import two_level_act_quant
 from .act_quant_gpu import act_quant_fused, act_quant_pallas
 from .mxfp4_linear import MXFP4_BLOCK, MX_NAN_EXP  # noqa: F401  (the block the MXFP4 entry points take)
 
@@ -284,6 +285,26 @@ def act_quant(
     # pallas: fold the smoothing into `down` so the rank-r GEMM reads x directly (faster, docs/BENCHMARKS.md "Kernels";
     # x_lr then differs from the reference by bf16 rounding only, q_x / s_x do not change)
     return act_quant_fused(x, smooth, down, clip, static_scale, qmax=qmax, fold_smooth=(be == "pallas"))
+
+
+def act_quant_two_level(
+    x,
+    smooth=None,
+    down=None,
+    clip=1.0,
+    *,
+    group_size: int,
+    levels: int,
+    rot_signs=None,
+    rot_block: int | None = None,
+):
+    """Activation quantization with two-level integer group scales: ``(c_x int8 [M, K], u_x f32 [M], x_lr)``, the
+    carried codes ``q * m`` and per-token units that :func:`w4a4_matmul` (``a_qmax=127``) multiplies exactly
+    (``kernels.two_level_act``). XLA on every backend: the Pallas act-quant kernels emit one scale per token and no
+    group multipliers. ``rot_signs``: the smoothed input is rotated first, as in :func:`act_quant`."""
+    if rot_signs is not None:  # the low-rank branch sees the rotated input too, as in act_quant
+        x, smooth = xp.rotate_smoothed(x, smooth, rot_signs, hadamard_block_size(x.shape[1], rot_block)), None
+    return two_level_act_quant(x, smooth, down, clip, group_size=group_size, levels=levels)
 
 
 def w4a4_linear(

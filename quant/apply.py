@@ -183,7 +183,7 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
     their outputs are the same as the per-call path's, which rounds them alike.
 
     ``int4=True`` also gives per-channel INT4 layers ``kweight`` = the codes unpacked to int8 [..., N, K] and
-    ``kscale`` = their scales [..., N]: the GEMM then reads int8 weights, skipping the per-call XLA unpacking the
+    ``kscale`` = their scales [..., N] (two-level layers: the carried ``q * m`` and the row units ``wunit``): the GEMM then reads int8 weights, skipping the per-call XLA unpacking the
     dispatcher does at M >= ``dispatch.INT8_UNPACK_MIN_M`` and the in-register unpacking below it (per-linear timings:
     docs/BENCHMARKS.md, ``python -m bench.gemm``). Off by default (``wanjax generate --int8-weights`` turns it on).
 
@@ -194,6 +194,7 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
 
     from wanjax.kernels.mxfp4_gpu import prepare_weights
     from wanjax.kernels.reference import unpack_int4
+    from wanjax.numerics.two_level import carried_from_scales
     from wanjax.quant.qlinear import QVar
 
     new = _copy(model)
@@ -208,8 +209,11 @@ def prepare_kernel_weights(model: nnx.Module, *, int4: bool = False) -> nnx.Modu
             w8, s8, bad = prepare_weights(codes.reshape(-1, codes.shape[-1]), scales.reshape(-1, scales.shape[-1]))
             if int(bad):
                 inexact[path] = int(bad)
-        elif int4 and c.w_fmt == "int4" and c.w_group == c.in_features:
+        elif int4 and c.w_fmt == "int4" and c.w_group == c.in_features and c.w_scale_levels is None:
             w8, s8 = unpack_int4(codes), scales[..., 0].astype(jnp.float32)
+        elif int4 and c.w_scale_levels is not None:  # two-level: carried int8 q * m, row units as the scales
+            unit = q.wunit[...]
+            w8, s8 = carried_from_scales(unpack_int4(codes), scales, unit, c.w_group), unit.astype(jnp.float32)
         else:
             continue
         # nnx.data: the attributes were None (static) until now

@@ -601,6 +601,7 @@ def _check_tensors(fpath: str, expert: str, meta: dict, tensors: dict[str, np.nd
             )
         if arr("act_scale") is not None:
             expect("act_scale", "float32", (c.nbins,))
+        _check_two_level(fpath, path, c, arr("wscale"), arr("wunit"), expect)
         for field in ("smooth", "rot_signs"):
             if arr(field) is not None:
                 expect(field, None, (k,))
@@ -618,6 +619,27 @@ def _check_tensors(fpath: str, expert: str, meta: dict, tensors: dict[str, np.nd
                 f"{fpath}: tensor {key!r} holds {cnt} non-finite value{'s' if cnt > 1 else ''} (NaN/Inf; "
                 f"first at index {list(first)}): refusing the artifact (nothing is repaired silently)"
             )
+
+
+def _check_two_level(fpath: str, path: str, c: QLinearConfig, wscale, wunit, expect) -> None:
+    """A ``wunit`` tensor goes with ``w_scale_levels``; its group scales are integer multiples ``m`` in [1, L] of it
+    (``wscale = f32(m * wunit)``), else the stored scales and units do not belong together."""
+    if (wunit is not None) != (c.w_scale_levels is not None):
+        raise ArtifactError(
+            f"{fpath}: layer {path!r}: a wunit tensor goes with two-level scales (w_scale_levels) only (levels "
+            f"{c.w_scale_levels}, tensor {'present' if wunit is not None else 'absent'})"
+        )
+    if wunit is None:
+        return
+    expect("wunit", "float32", (c.out_features,))
+    ratio = np.asarray(wscale, np.float64) / np.asarray(wunit, np.float64)[..., None]
+    m = np.round(ratio)
+    bad = (np.abs(ratio - m) > 1e-4) | (m < 1) | (m > c.w_scale_levels)
+    if np.any(bad):
+        raise ArtifactError(
+            f"{fpath}: layer {path!r}: wscale / wunit must be integers in [1, {c.w_scale_levels}] (two-level "
+            f"scales), got {ratio[bad][:4].tolist()}"
+        )
 
 
 def read_manifest(qdir: str | os.PathLike) -> dict:

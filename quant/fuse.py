@@ -141,6 +141,7 @@ def fuse_arrays(configs: Sequence[QLinearConfig], arrays: Sequence[dict], path: 
         "act_clip": arrays[0].get("act_clip"),
         "act_exp_offset": arrays[0].get("act_exp_offset"),
         "act_scale": arrays[0].get("act_scale"),
+        "wunit": cat("wunit", -1),
     }
     if any(a.get("kweight") is not None for a in arrays):
         out["kweight"], out["kscale"] = cat("kweight", -2), cat("kscale", -1)

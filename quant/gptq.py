@@ -34,6 +34,7 @@ from wanjax.quant.rtn import (
     check_finite_eager,
     check_linear_params,
     quantize_elements,
+    two_level_rows,
     weight_scales,
 )
 
@@ -52,6 +53,11 @@ def _check_args(fn, k, spec, block_size, act_order, static_groups, hessian):
     g = spec.group(k)
     dynamic = (not static_groups) and g < k
     b = min(block_size, k)
+    if dynamic and spec.scale_levels is not None:
+        raise ValueError(
+            f"{fn}: two-level group scales (scale_levels={spec.scale_levels}) need static_groups=True: the row unit "
+            "comes from the whole row, fixed before the pass"
+        )
     if dynamic and act_order:
         raise ValueError(
             f"{fn}: act_order=True needs static_groups=True when scales are per group (g={g}): "
@@ -92,9 +98,10 @@ def gptq_quantize_kernel(
         group's scales are computed from the already-updated weights when the pass reaches the group (group must
         divide the block; not combinable with act_order). Per-channel scales are always computed up front.
       weight_clips: shrink factors (e.g. ``(1.0, 0.95, ..., 0.75)``) searched per output channel before the pass
-        (int formats with per-channel scales only): each channel's scale is the spec's scale (``spec.clip * absmax /
-        qmax``) times the factor with the least ``diag(H)``-weighted round-to-nearest error
-        ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: the spec's scale as is.
+        (int formats with per-channel scales, or two-level group scales): each channel's scale is the spec's scale
+        (``spec.clip * absmax / qmax``) times the factor with the least ``diag(H)``-weighted round-to-nearest error
+        ``sum_k H_kk (w_kn - Q(w_kn))^2``. Empty: the spec's scale as is. With two-level scales the factor
+        multiplies the channel's unit and its group multipliers are chosen again for that unit.
       weight_clip_metric: the error the clip search minimizes per channel: ``"diag"`` (above) or ``"hessian"``, the
         full quadratic form ``d^T H d`` with ``d = w_n - Q(w_n)`` (the layer's output error of round-to-nearest on
         the calibration inputs, correlations between input channels included; K^2 N work per clip).
@@ -103,7 +110,8 @@ def gptq_quantize_kernel(
 
     Returns:
       ``(qweight, kernel_q, info)``: ``qweight`` a QuantizedTensor with codes ``[N, K]``; ``kernel_q`` its dequantized
-      float32 ``[K, N]``; ``info = {"damp_tries": int32}``.
+      float32 ``[K, N]``; ``info = {"damp_tries": int32}``, plus ``"unit"`` (f32 ``[N]``, the row units; the
+      scales are ``f32(m * unit)``) for two-level scales (``spec.scale_levels``; static groups only).
     """
     fn = "gptq"
     w = jnp.asarray(kernel, jnp.float32)
@@ -112,10 +120,11 @@ def gptq_quantize_kernel(
     h = jnp.asarray(hessian)
     _check_args(fn, w.shape[0], spec, block_size, act_order, static_groups, h)
     weight_clips = tuple(float(c) for c in weight_clips)
-    if weight_clips and (spec.fmt not in INT_FORMATS or spec.group(w.shape[0]) != w.shape[0]):
+    per_channel = spec.group(w.shape[0]) == w.shape[0]
+    if weight_clips and (spec.fmt not in INT_FORMATS or not (per_channel or spec.scale_levels is not None)):
         raise ValueError(
-            f"{fn}: weight_clips needs int4/int8 weights with per-channel scales, got {spec.fmt} "
-            f"group {spec.group(w.shape[0])} (K={w.shape[0]})"
+            f"{fn}: weight_clips needs int4/int8 weights with per-channel scales or two-level group scales "
+            f"(scale_levels), got {spec.fmt} group {spec.group(w.shape[0])} (K={w.shape[0]})"
         )
     if any(not 0.0 < c <= 1.0 for c in weight_clips):
         raise ValueError(f"{fn}: weight_clips must lie in (0, 1], got {weight_clips}")
@@ -171,9 +180,13 @@ def _gptq_core(
     g, dynamic, b = _check_args("gptq", k, spec, block_size, act_order, static_groups, h)
 
     # Scales from the un-updated weights (before dead-channel zeroing, as the GPTQ reference).
-    scales0, ts = weight_scales(w.T, spec)
-    if weight_clips:
-        scales0 = _searched_channel_scales(w, scales0, h, spec, weight_clips, weight_clip_metric)
+    unit0 = None
+    if spec.scale_levels is not None:
+        scales0, unit0, ts = *_two_level_scales(w, h, spec, weight_clips, weight_clip_metric), None
+    else:
+        scales0, ts = weight_scales(w.T, spec)
+        if weight_clips:
+            scales0 = _searched_channel_scales(w, scales0, h, spec, weight_clips, weight_clip_metric)
     dead = jnp.diagonal(h) <= 0
     w = jnp.where(dead[:, None], 0.0, w)
     if act_order:
@@ -255,7 +268,40 @@ def _gptq_core(
         q, codes = q[inv], codes[inv]
     scales = s_all[:, : k // g] if dynamic else scales0
     qt = QuantizedTensor(codes=codes.T, scales=scales, tensor_scale=ts, fmt=spec.fmt, group_size=g)
-    return qt, q, {"damp_tries": tries}
+    info = {"damp_tries": tries}
+    if unit0 is not None:
+        info["unit"] = unit0[:, 0]
+    return qt, q, info
+
+
+def _rtn_error(w, q, h, metric):
+    """Per output channel ``[N]``: the RTN error of ``q`` against ``w`` (both ``[K, N]``) by ``metric``."""
+    d = w - q
+    if metric == "hessian":
+        return jnp.sum(d * jnp.dot(h, d, precision=jax.lax.Precision.HIGHEST), axis=0)
+    return jnp.sum(jnp.maximum(jnp.diagonal(h), 0.0)[:, None] * d**2, axis=0)
+
+
+def _two_level_scales(w, h, spec, clips, metric):
+    """Two-level group scales ``[N, K/g]`` and row units ``[N, 1]`` of ``w [K, N]``: the spec's, or (``clips``) per
+    output channel those of the clip factor (multiplying the unit; multipliers chosen again) with the least RTN
+    error by ``metric``; ties go to the first clip."""
+    k = w.shape[0]
+    g = spec.group(k)
+    if not clips:
+        tl = two_level_rows(w.T, spec)
+        return tl.scales, tl.unit
+    h = h.astype(jnp.float32)
+    cands = [two_level_rows(w.T, spec, clip=spec.clip * c) for c in clips]
+    errs = []
+    for tl in cands:
+        _, q = quantize_elements(w, jnp.repeat(tl.scales.T, g, axis=0), None, spec)  # [K, N]
+        errs.append(_rtn_error(w, q, h, metric))
+    best = jnp.argmin(jnp.stack(errs), axis=0)  # [N]
+    scales = jnp.stack([tl.scales for tl in cands])  # [C, N, G]
+    units = jnp.stack([tl.unit for tl in cands])  # [C, N, 1]
+    rows = jnp.arange(w.shape[1])
+    return scales[best, rows], units[best, rows]
 
 
 def _searched_channel_scales(w, scales0, h, spec, clips, metric="diag"):
@@ -296,8 +342,11 @@ def gptq(
 
     Returns:
       New dict with ``"qweight"`` (QuantizedTensor, codes ``[N, K]``) and ``"kernel"`` = its dequantized float32
-      ``[K, N]``; other keys unchanged.
+      ``[K, N]``, with two-level scales also ``"qunit"`` (f32 ``[N]``, the row units); other keys unchanged.
     """
     check_linear_params("gptq", params)
-    qt, kq, _ = gptq_quantize_kernel(params["kernel"], hessian, spec, **kwargs)
-    return {**params, "kernel": kq, "qweight": qt}
+    qt, kq, info = gptq_quantize_kernel(params["kernel"], hessian, spec, **kwargs)
+    out = {**params, "kernel": kq, "qweight": qt}
+    if "unit" in info:
+        out["qunit"] = info["unit"]
+    return out

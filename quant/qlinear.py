@@ -11,6 +11,8 @@ variable            shape / dtype                  meaning
 ``wscale``          [N, K/g]                        weight scales in the format's native dtype (f32 int, uint8
                                                     E8M0 mxfp4, float8_e4m3fn nvfp4); per channel: [N, 1]
 ``wtensor_scale``   f32 []  (nvfp4 only)            NVFP4 per-tensor scale
+``wunit``           f32 [N] (two-level only)        the row units of two-level integer group scales
+                                                    (``w_scale_levels``): ``wscale = f32(m * wunit)``, m integer
 ``smooth``          f32 [K] or None                 smoothing divisor: the layer sees ``x / smooth``
 ``rot_signs``       f32 [K] or None                 Hadamard rotation of the (smoothed) input (``quant.rotate``)
 ``down`` / ``up``   [K, r] / [r, N] bf16 or None    low-rank branch on the smoothed (rotated) input
@@ -19,12 +21,13 @@ variable            shape / dtype                  meaning
 ``act_exp_offset``  int32 [B]                       per bin: MX exponent offset (mxfp4 activations; 0 otherwise)
 ``act_scale``       f32 [B] or None                 per bin: static activation scale (``act_mode="static"``)
 ``kweight``         float8_e4m3fn [N, K] (mxfp4),   the weights as the GPU kernel reads them, made once by
-                    int8 [N, K] (int4 per channel)  ``quant.apply.prepare_kernel_weights``: MXFP4 rows re-encoded
-                    or None                         to e4m3, or int4 codes unpacked to int8; real mode then skips
+                    int8 [N, K] (int4 per channel,  ``quant.apply.prepare_kernel_weights``: MXFP4 rows re-encoded
+                    or two-level: carried q * m)    to e4m3, or int4 codes unpacked to int8 (two-level: times their
+                    or None                         group multipliers); real mode then skips
                                                     the per-call re-encoding / unpacking (1 byte a parameter on
                                                     top of the codes)
 ``kscale``          f32 [N] or None                 with ``kweight``: the row scales (MXFP4: powers of two, NaN
-                                                    rows; int4: ``wscale``)
+                                                    rows; int4: ``wscale``; two-level: ``wunit``)
 ``lora_down``       [K, R] bf16 or None             run-time LoRA rank appended to the low-rank branch
 ``lora_up``         [R, N] bf16 or None             (:func:`set_lora`, ``wanjax.lora``): ``lora_down`` is already
 ``lora_scale``      f32 [R] or None                 folded for this layer's smoothing / rotation; ``lora_scale``
@@ -41,7 +44,9 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.numerics.formats`` math); ``mode="real"`` calls
 ``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
-or int8 per-token activations: W4A4 or W4A8, the same int8 tensor-core GEMM) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
+or int8 per-token activations: W4A4 or W4A8, the same int8 tensor-core GEMM; two-level integer group scales,
+``w_scale_levels`` / ``a_scale_levels``, run on the per-channel int8 GEMM with carried int8 codes ``q * m`` and the
+row / token units as scales, the group-scaled product exactly) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
 the bin's ``act_exp_offset`` applied as in fake mode; ``mxfp4_linear_fp8`` on ``kweight``, or int8 ``kweight`` for
 ``w4a4_linear``, where ``prepare_kernel_weights`` stored them): the formats the kernels implement. The timestep bin is read
 from :func:`active_bin` (a traced int32 is fine, so changing bins never recompiles); a layer with a single bin needs
@@ -61,6 +66,7 @@ from flax import nnx
 from wanjax.numerics import formats
 from wanjax.numerics.hadamard import rotate_activations_mxu
 from wanjax.numerics.table import INT_FORMATS, INT_QMAX, LINEAR_FORMATS
+from wanjax.numerics.two_level import carried_from_scales, check_scale_levels
 from wanjax.quant.rtn import ActQuantSpec
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "QLinearConfig",
     "QVar",
     "active_bin",
+    "carried_weights",
     "clear_lora",
     "current_bin",
     "qlinear_apply",
@@ -135,6 +142,11 @@ class QLinearConfig:
       parts: 1, or the number of equal layers a fused layer joins side by side (``wanjax.quant.fuse``; its ``up``
         block-diagonal): real mode then quantizes the input once and runs one GEMM per part
         (``dispatch.w4a4_linear(parts=)``, the same numbers).
+      w_scale_levels: None, or ``L`` in [1, 18]: int4 weights with two-level integer group scales (``wscale =
+        f32(m * wunit)``, m integer in [1, L]; ``wanjax.numerics.two_level``); real mode runs them on the per-channel
+        int8 GEMM as carried int8 ``q * m`` with row scales ``wunit``.
+      a_scale_levels: None, or ``L``: int4 activations in groups of ``a_group`` with two-level integer scales (one
+        unit per token); real mode quantizes them to carried int8 codes (XLA, ``dispatch.act_quant_two_level``).
     """
 
     in_features: int
@@ -148,6 +160,8 @@ class QLinearConfig:
     rot_block: int | None = None
     nbins: int = 1
     parts: int = 1
+    w_scale_levels: int | None = None
+    a_scale_levels: int | None = None
 
     def __post_init__(self):
         if self.w_fmt not in _W_FMTS:
@@ -177,6 +191,25 @@ class QLinearConfig:
         if self.in_features % g:
             raise ValueError(f"QLinearConfig: w_group={g} does not divide in_features={self.in_features}")
         object.__setattr__(self, "w_group", g)
+        self._check_levels()
+
+    def _check_levels(self) -> None:
+        if self.w_scale_levels is not None:
+            check_scale_levels("QLinearConfig.w_scale_levels", self.w_scale_levels)
+            if self.w_fmt != "int4":
+                raise ValueError(f"QLinearConfig: w_scale_levels needs w_fmt='int4', got {self.w_fmt!r}")
+        if self.a_scale_levels is not None:
+            check_scale_levels("QLinearConfig.a_scale_levels", self.a_scale_levels)
+            if self.a_fmt != "int4" or self.a_group is None or self.act_mode != "dynamic":
+                raise ValueError(
+                    "QLinearConfig: a_scale_levels needs dynamic int4 activations with an a_group, got "
+                    f"a_fmt={self.a_fmt!r}, a_group={self.a_group!r}, act_mode={self.act_mode!r}"
+                )
+
+    @property
+    def two_level(self) -> bool:
+        """Whether weights or activations have two-level integer group scales."""
+        return self.w_scale_levels is not None or self.a_scale_levels is not None
 
     @property
     def act_spec(self) -> ActQuantSpec | None:
@@ -185,15 +218,20 @@ class QLinearConfig:
         ``act_mode="static"`` the table's scale goes to ``ActQuantSpec.qdq(static_scale=...)``."""
         if self.a_fmt is None:
             return None
-        return ActQuantSpec(self.a_fmt, self.a_group, scale_rule=self.a_scale_rule)
+        return ActQuantSpec(self.a_fmt, self.a_group, scale_rule=self.a_scale_rule, scale_levels=self.a_scale_levels)
 
     @staticmethod
     def act_fields(spec: ActQuantSpec | None) -> dict:
         """The ``a_*`` fields (``a_fmt``, ``a_group``, ``a_scale_rule``) that describe ``spec``; the inverse of
         :attr:`act_spec` (the fields are what artifacts serialize)."""
         if spec is None:
-            return {"a_fmt": None, "a_group": None, "a_scale_rule": "safe_ceil"}
-        return {"a_fmt": spec.fmt, "a_group": spec.group_size, "a_scale_rule": spec.scale_rule}
+            return {"a_fmt": None, "a_group": None, "a_scale_rule": "safe_ceil", "a_scale_levels": None}
+        return {
+            "a_fmt": spec.fmt,
+            "a_group": spec.group_size,
+            "a_scale_rule": spec.scale_rule,
+            "a_scale_levels": spec.scale_levels,
+        }
 
     @property
     def packed(self) -> bool:
@@ -202,6 +240,8 @@ class QLinearConfig:
 
     def real_mode_problem(self) -> str | None:
         """Why ``mode="real"`` cannot run this layer (None if it can)."""
+        if self.two_level:
+            return self._two_level_problem()
         if self.w_fmt == "mxfp4" and self.w_group == REAL_MX_BLOCK:
             if self.a_fmt != "mxfp4" or (self.a_group or REAL_MX_BLOCK) != REAL_MX_BLOCK:
                 return (
@@ -218,6 +258,20 @@ class QLinearConfig:
             return (
                 f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 (W4A4) or int8 (W4A8) "
                 "per token"
+            )
+        return None
+
+    def _two_level_problem(self) -> str | None:
+        """Real mode of a layer with two-level scales: the per-channel int8 GEMM on carried codes."""
+        if self.w_fmt != "int4" or (self.w_scale_levels is None and self.w_group != self.in_features):
+            return (
+                f"weights are {self.w_fmt} with group {self.w_group} and scale levels {self.w_scale_levels}; with "
+                "two-level scales the per-channel int8 GEMM needs int4 weights per channel or two-level"
+            )
+        if self.a_scale_levels is None and (self.a_fmt not in REAL_A_FMTS or self.a_group is not None):
+            return (
+                f"activations are {self.a_fmt} with group {self.a_group}; the kernels need int4 (W4A4) or int8 "
+                "(W4A8) per token, or int4 with two-level scales"
             )
         return None
 
@@ -247,10 +301,12 @@ def _check_kernel_weights(c: QLinearConfig, path: str, kweight, kscale) -> None:
             f"QLinear {path!r}: kweight and kscale come together (got kweight={kweight is not None}, "
             f"kscale={kscale is not None})"
         )
-    if c.w_fmt not in KERNEL_WEIGHT_DTYPES or (c.w_fmt == "int4" and c.w_group != c.in_features):
+    if c.w_fmt not in KERNEL_WEIGHT_DTYPES or (
+        c.w_fmt == "int4" and c.w_group != c.in_features and c.w_scale_levels is None
+    ):
         raise ValueError(
-            f"QLinear {path!r}: kweight (kernel-ready weights) is for mxfp4 or per-channel int4 weights, "
-            f"the layer's are {c.w_fmt} with group {c.w_group}"
+            f"QLinear {path!r}: kweight (kernel-ready weights) is for mxfp4, per-channel int4 or two-level int4 "
+            f"weights, the layer's are {c.w_fmt} with group {c.w_group}"
         )
     want = KERNEL_WEIGHT_DTYPES[c.w_fmt]
     if jnp.dtype(kweight.dtype) != want or jnp.dtype(kscale.dtype) != jnp.float32:
@@ -275,6 +331,7 @@ STORED_FIELDS = (
     "act_clip",
     "act_exp_offset",
     "act_scale",
+    "wunit",
 )
 
 
@@ -283,8 +340,8 @@ class QLinear(nnx.Module):
 
     Args:
       config: :class:`QLinearConfig`.
-      qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias, kweight, kscale: arrays as in the module
-        table.
+      qweight, wscale, wtensor_scale, smooth, rot_signs, down, up, bias, kweight, kscale, wunit: arrays as in the
+        module table (``wunit`` is required iff ``config.w_scale_levels`` is set).
       act_clip, act_exp_offset, act_scale: per-bin tables ``[B]`` (``act_exp_offset`` defaults to zeros;
         ``act_scale`` is required iff ``config.act_mode == "static"``).
       dtype: compute dtype of the matmul operands and of the result (as ``Linear.dtype``).
@@ -309,6 +366,7 @@ class QLinear(nnx.Module):
         act_scale=None,
         kweight=None,
         kscale=None,
+        wunit=None,
         dtype=jnp.bfloat16,
         mode: str = "fake",
         path: str = "",
@@ -336,6 +394,12 @@ class QLinear(nnx.Module):
             )
         if (wtensor_scale is None) == (c.w_fmt == "nvfp4"):
             raise ValueError(f"QLinear {path!r}: wtensor_scale is required iff w_fmt='nvfp4'")
+        if (wunit is None) == (c.w_scale_levels is not None):
+            raise ValueError(
+                f"QLinear {path!r}: wunit [N] (two-level row units) is required iff w_scale_levels is set "
+                f"(w_scale_levels={c.w_scale_levels}, wunit given: {wunit is not None})"
+            )
+        _check_shape(path, "wunit", wunit, (n,))
         _check_kernel_weights(c, path, kweight, kscale)
         if act_exp_offset is None:
             act_exp_offset = jnp.zeros(jnp.shape(act_clip), jnp.int32)
@@ -363,6 +427,7 @@ class QLinear(nnx.Module):
         self.act_scale = var(None if act_scale is None else jnp.asarray(act_scale, jnp.float32))
         self.kweight = var(kweight)
         self.kscale = var(kscale)
+        self.wunit = var(None if wunit is None else jnp.asarray(wunit, jnp.float32))
         self.lora_down = self.lora_up = self.lora_scale = None  # run-time LoRA: set_lora / clear_lora
         self.in_features, self.out_features = k, n
         self.dtype = dtype
@@ -488,6 +553,54 @@ def _as_compute_dtype(x: jax.Array, dtype) -> jax.Array:
     return x
 
 
+def carried_weights(c: QLinearConfig, a: dict) -> tuple[jax.Array, jax.Array]:
+    """The per-channel int8 GEMM's weight operands of a layer in a two-level config: ``(w [N, K] or packed [N, K/2],
+    row scales f32 [N])``. Two-level weights: carried int8 ``q * m`` (from ``kweight`` if prepared) with ``wunit``;
+    per-channel int4 weights: their codes with ``wscale``."""
+    if a.get("kweight") is not None:
+        return a["kweight"], a["kscale"]
+    if c.w_scale_levels is None:
+        return a["qweight"], a["wscale"][:, 0]
+    codes = formats.QuantizedTensor(codes=a["qweight"], scales=a["wscale"], fmt="int4", packed=True).unpack().codes
+    return carried_from_scales(codes, a["wscale"], a["wunit"], c.w_group), a["wunit"].astype(jnp.float32)
+
+
+def _two_level_real(c: QLinearConfig, a: dict, x2: jax.Array, clip, static_scale, dtype) -> jax.Array:
+    """Real mode of a two-level layer on ``x2 [M, K]``: the per-channel int8 GEMM (``dispatch.w4a4_matmul``) on
+    carried int8 weights and, with ``a_scale_levels``, carried int8 activation codes from the XLA quantizer
+    (``dispatch.act_quant_two_level``); per-token INT4 / INT8 activations go through ``dispatch.w4a4_linear``."""
+    from wanjax.kernels import dispatch
+
+    w, s_w = carried_weights(c, a)
+    lowrank = dict(down=a.get("down"), up=a.get("up"), bias=a.get("bias"))
+    if c.a_scale_levels is None:
+        return dispatch.w4a4_linear(
+            x2,
+            w,
+            s_w,
+            smooth=a.get("smooth"),
+            clip=clip,
+            static_scale=static_scale,
+            out_dtype=dtype,
+            rot_signs=a.get("rot_signs"),
+            rot_block=c.rot_block,
+            a_qmax=INT_QMAX[c.a_fmt],
+            **lowrank,
+        )
+    q, s, x_lr = dispatch.act_quant_two_level(
+        x2,
+        a.get("smooth"),
+        lowrank["down"],
+        clip,
+        group_size=c.a_group,
+        levels=c.a_scale_levels,
+        rot_signs=a.get("rot_signs"),
+        rot_block=c.rot_block,
+    )
+    up = lowrank["up"] if x_lr is not None else None
+    return dispatch.w4a4_matmul(q, s, w, s_w, x_lr, up, lowrank["bias"], out_dtype=dtype, a_qmax=INT_QMAX["int8"])
+
+
 def qlinear_apply(
     c: QLinearConfig,
     a: dict,
@@ -521,7 +634,9 @@ def qlinear_apply(
         if c.real_mode_problem():
             raise ValueError(f"QLinear: mode='real' unavailable: {c.real_mode_problem()}")
         inexact = jnp.int32(0)
-        if c.w_fmt == "mxfp4":
+        if c.two_level:
+            y = _two_level_real(c, a, x2, clip, static_scale if c.act_mode == "static" else None, dtype)
+        elif c.w_fmt == "mxfp4":
             if (
                 signs is not None
             ):  # rotation after the smoothing, as an XLA pass; the MXFP4 kernels see the rotated input

@@ -144,6 +144,7 @@ def layer_config(recipe: Recipe, k: int, n: int, nbins: int) -> QLinearConfig:
         out_features=n,
         w_fmt=w.fmt,
         w_group=w.group(k),
+        w_scale_levels=w.scale_levels,
         **QLinearConfig.act_fields(a),
         act_mode=recipe.act_mode,
         nbins=nbins,
@@ -172,6 +173,7 @@ def pack_layer(params: dict, config: QLinearConfig, ctx: LayerContext, param_dty
         "act_clip": jnp.ones((nb,), jnp.float32),
         "act_exp_offset": jnp.zeros((nb,), jnp.int32),
         "act_scale": None,
+        "wunit": params.get("qunit"),  # two-level group scales: the row units (None otherwise)
     }
     if config.act_mode == "static":
         arrays["act_scale"] = static_base_scale(config, _xin_absmax(params, ctx))

@@ -440,6 +440,15 @@ def exact_lowrank(r: Recipe, name: str | None = None) -> Recipe:
     return dataclasses.replace(r, name=r.name if name is None else name, transforms=ts)
 
 
+def _spec_dict(spec) -> dict:
+    """A weight / activation spec as a dict; ``scale_levels`` only when set, so recipes without two-level scales
+    keep the dicts written before the option existed."""
+    d = dataclasses.asdict(spec)
+    if d.get("scale_levels") is None:
+        d.pop("scale_levels", None)
+    return d
+
+
 def recipe_to_dict(r: Recipe) -> dict:
     """JSON-friendly form of a recipe (stored in artifacts). ``fuse_qkv`` is written only when set, so the dicts of
     recipes without it are those written before the option existed (work dirs and artifacts compare them)."""
@@ -449,8 +458,8 @@ def recipe_to_dict(r: Recipe) -> dict:
         "notes": r.notes,
         "attention": r.attention,
         "calibration": r.calibration,
-        "weight": dataclasses.asdict(r.weight),
-        "act": None if r.act is None else dataclasses.asdict(r.act),
+        "weight": _spec_dict(r.weight),
+        "act": None if r.act is None else _spec_dict(r.act),
         "transforms": [
             {
                 "type": type(t).__name__,

@@ -26,6 +26,7 @@ import numpy as np
 from wanjax.numerics import formats
 from wanjax.numerics.codecs import E2M1_MAX, e2m1_decode, e2m1_encode, ldexp_exact
 from wanjax.numerics.table import FORMAT_TABLE, INT_FORMATS, INT_QMAX, LINEAR_FORMATS
+from wanjax.numerics.two_level import TwoLevelInt4, check_scale_levels, quantize_int4_two_level, two_level_qdq
 
 __all__ = [
     "ActQuantSpec",
@@ -37,6 +38,7 @@ __all__ = [
     "quantize_elements",
     "quantize_kernel",
     "rtn",
+    "two_level_rows",
     "weight_scales",
 ]
 
@@ -57,12 +59,16 @@ class WeightQuantSpec:
         the block size (``None`` -> 32 for mxfp4, 16 for nvfp4).
       clip: weight clip ratio multiplied into the group abs-max (the seed uses 1.0).
       scale_rule: mxfp4 only: ``"ocp_floor"`` (the seed's weight rule) or ``"safe_ceil"``.
+      scale_levels: None (float32 group scales), or ``L`` in [1, 18] for two-level integer group scales (int4 with a
+        ``group_size`` only; ``wanjax.numerics.two_level``): each group scale an integer multiple ``m <= L`` of one
+        unit per output channel, so the carried int8 values ``q * m`` run on the per-channel int8 GEMM exactly.
     """
 
     fmt: str = "int4"
     group_size: int | None = None
     clip: float = 1.0
     scale_rule: str = "ocp_floor"
+    scale_levels: int | None = None
 
     def __post_init__(self):
         if self.fmt not in _WEIGHT_FORMATS:
@@ -77,6 +83,7 @@ class WeightQuantSpec:
             raise ValueError(
                 f"WeightQuantSpec: scale_rule must be one of {formats.MX_SCALE_RULES}, got {self.scale_rule!r}"
             )
+        _check_levels("WeightQuantSpec", self)
 
     def group(self, k: int) -> int:
         """Elements per scale along K for an input size ``k`` (``k`` itself for per-channel int scales)."""
@@ -105,6 +112,9 @@ class ActQuantSpec:
       clip: clip ratio (seed grid 0.6..1.0).
       scale_rule: mxfp4: ``"safe_ceil"`` (the seed's activation rule, default) or ``"ocp_floor"``.
       exp_offset: mxfp4 exponent offset delta (seed grid -1/0/+1).
+      scale_levels: None, or ``L`` in [1, 18]: two-level integer group scales (int4 with a ``group_size`` only; one
+        unit per token, an integer multiple ``m <= L`` of it per group; ``wanjax.numerics.two_level``). ``clip``
+        multiplies the token's unit.
     """
 
     fmt: str = "int4"
@@ -112,6 +122,7 @@ class ActQuantSpec:
     clip: float = 1.0
     scale_rule: str = "safe_ceil"
     exp_offset: int = 0
+    scale_levels: int | None = None
 
     def __post_init__(self):
         if self.fmt not in _ACT_FORMATS:
@@ -124,6 +135,7 @@ class ActQuantSpec:
             raise ValueError(
                 f"ActQuantSpec: scale_rule must be one of {formats.MX_SCALE_RULES}, got {self.scale_rule!r}"
             )
+        _check_levels("ActQuantSpec", self)
 
     def qdq(self, x: jax.Array, *, clip=None, exp_offset=None, static_scale=None, nonfinite: str = "nan") -> jax.Array:
         """Fake quantization ``dequantize(quantize(x))`` of ``x [..., K]`` (computed in ``x``'s dtype; callers pass
@@ -145,6 +157,8 @@ class ActQuantSpec:
             s = jnp.asarray(static_scale, jnp.float32)
             s = jnp.where(s > 0, s, jnp.float32(1.0))
             return jnp.clip(jnp.round(x / s), -qmax, qmax) * s
+        if self.scale_levels is not None:
+            return two_level_qdq(x, self.group_size, self.scale_levels, clip=clip, nonfinite=nonfinite)
         if self.fmt in INT_FORMATS:
             return formats.quantize_dequantize(x, self.fmt, group_size=self.group_size, clip=clip, nonfinite=nonfinite)
         if self.fmt == "mxfp4":
@@ -158,6 +172,18 @@ class ActQuantSpec:
                 nonfinite=nonfinite,
             )
         return formats.quantize_dequantize(x, "nvfp4", clip=clip, block_size=self.group_size, nonfinite=nonfinite)
+
+
+def _check_levels(owner: str, spec) -> None:
+    """``scale_levels`` of a weight / activation spec: None, or an int in [1, 18] with int4 and a group size."""
+    if spec.scale_levels is None:
+        return
+    check_scale_levels(owner, spec.scale_levels)
+    if spec.fmt != "int4" or spec.group_size is None:
+        raise ValueError(
+            f"{owner}: scale_levels (two-level integer group scales) needs fmt='int4' with a group_size, got "
+            f"fmt={spec.fmt!r}, group_size={spec.group_size!r}"
+        )
 
 
 def check_linear_params(fn: str, params) -> tuple[int, int]:
@@ -198,6 +224,8 @@ def check_finite_eager(fn: str, name: str, x) -> None:
 def _quantize_rows(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None):
     """formats quantizer for ``[N, K]`` rows (non-finite policy "nan": finiteness is checked once at API entry)."""
     g = spec.group(w_nk.shape[-1])
+    if spec.scale_levels is not None:
+        return two_level_rows(w_nk, spec).as_quantized_tensor()
     if spec.fmt in INT_FORMATS:
         return formats.quantize_int(
             w_nk, FORMAT_TABLE[spec.fmt].bits, group_size=spec.group_size, clip=spec.clip, nonfinite="nan"
@@ -205,6 +233,16 @@ def _quantize_rows(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None):
     if spec.fmt == "mxfp4":
         return formats.quantize_mxfp4(w_nk, scale_rule=spec.scale_rule, clip=spec.clip, block_size=g, nonfinite="nan")
     return formats.quantize_nvfp4(w_nk, tensor_scale=tensor_scale, clip=spec.clip, block_size=g, nonfinite="nan")
+
+
+def two_level_rows(w_nk: jax.Array, spec: WeightQuantSpec, clip=None) -> TwoLevelInt4:
+    """Two-level INT4 of ``w_nk [N, K]`` (a spec with ``scale_levels``): codes, multipliers and the row units.
+    ``clip`` (default ``spec.clip``; scalar or ``[N, 1]``, may be traced) multiplies each row's unit."""
+    if spec.scale_levels is None:
+        raise ValueError(f"two_level_rows: the spec has no scale_levels (fmt {spec.fmt}, group {spec.group_size})")
+    g = spec.group(w_nk.shape[-1])
+    clip = spec.clip if clip is None else clip
+    return quantize_int4_two_level(w_nk, g, spec.scale_levels, clip=clip, nonfinite="nan")
 
 
 def weight_scales(w_nk: jax.Array, spec: WeightQuantSpec, tensor_scale=None) -> tuple[jax.Array, jax.Array | None]:
@@ -270,15 +308,24 @@ def rtn(params: dict, spec: WeightQuantSpec) -> dict:
 
     Returns:
       A new dict: ``"qweight"`` (QuantizedTensor, codes ``[N, K]``), ``"kernel"`` = its dequantized float32 ``[K, N]``,
-      other keys unchanged. Raises ``ValueError`` for a non-finite kernel (checked when called eagerly).
+      other keys unchanged; with two-level scales (``spec.scale_levels``) also ``"qunit"``: the row units f32 ``[N]``
+      (``qweight.scales`` are then ``f32(m * unit)``). Raises ``ValueError`` for a non-finite kernel (checked when
+      called eagerly).
     """
     check_linear_params("rtn", params)
     check_finite_eager("rtn", "params['kernel']", params["kernel"])
-    kernel, qt = _rtn_core(jnp.asarray(params["kernel"], jnp.float32), spec)
-    return {**params, "kernel": kernel, "qweight": qt}
+    kernel, qt, unit = _rtn_core(jnp.asarray(params["kernel"], jnp.float32), spec)
+    out = {**params, "kernel": kernel, "qweight": qt}
+    if unit is not None:
+        out["qunit"] = unit
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _rtn_core(kernel, spec):
+    if spec.scale_levels is not None:
+        tl = two_level_rows(kernel.T, spec)
+        qt = tl.as_quantized_tensor()
+        return dequantize_kernel(qt), qt, tl.unit[:, 0]
     qt = quantize_kernel(kernel, spec)
-    return dequantize_kernel(qt), qt
+    return dequantize_kernel(qt), qt, None

@@ -53,6 +53,7 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
         Smooth,
         get_recipe,
     )
+    from wanjax.numerics.two_level import MAX_SCALE_LEVELS as LEVELS
     from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
 
     d = get_recipe("default")
@@ -252,6 +253,44 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "seed",
             "INT4 weights in groups of 64 with INT8 per-token activations",
         ),
+        "w4a8_wclip_g128l": (
+            R(w8, name="w4a8-wclip-g128l", weight=WeightQuantSpec("int4", group_size=128, scale_levels=LEVELS)),
+            "seed",
+            "recipe 'w4a8' (weight clip search included) with two-level integer group scales on the weights: "
+            f"groups of 128, each scale an integer multiple (<= {LEVELS}) of one unit per channel, run exactly by the "
+            "per-channel int8 GEMM (compare w4a8_g128: float32 group scales, slower GEMM)",
+        ),
+        "w4a8_wclip_g64l": (
+            R(w8, name="w4a8-wclip-g64l", weight=WeightQuantSpec("int4", group_size=64, scale_levels=LEVELS)),
+            "seed",
+            "as w4a8_wclip_g128l in groups of 64 (compare w4a8_g64)",
+        ),
+        "int4_g128": (
+            fmt("default-g128", WeightQuantSpec("int4", group_size=128), ActQuantSpec("int4", group_size=128), cs),
+            "seed",
+            "INT4 W/A in groups of 128 with float32 scales (the reference of g128l)",
+        ),
+        "g128l": (
+            fmt(
+                "default-g128l",
+                WeightQuantSpec("int4", group_size=128, scale_levels=LEVELS),
+                ActQuantSpec("int4", group_size=128, scale_levels=LEVELS),
+                cs,
+            ),
+            "seed",
+            "INT4 W/A in groups of 128 with two-level integer scales (a unit per channel / token, an integer "
+            f"multiple <= {LEVELS} per group): the per-channel int8 GEMM runs it exactly (compare int4_g128)",
+        ),
+        "g64l": (
+            fmt(
+                "default-g64l",
+                WeightQuantSpec("int4", group_size=64, scale_levels=LEVELS),
+                ActQuantSpec("int4", group_size=64, scale_levels=LEVELS),
+                cs,
+            ),
+            "seed",
+            "as g128l in groups of 64 (compare int4_g64)",
+        ),
         "w4a8_rank64": (
             w8v("w4a8-rank64", R(w8lr, rank=64)),
             "seed",
@@ -356,6 +395,11 @@ ABLATIONS = (
     "w4a8_wclip_rank64",
     "w4a8_wclip_h",
     "w4a8_wclip_fine",
+    "w4a8_wclip_g128l",
+    "w4a8_wclip_g64l",
+    "int4_g128",
+    "g128l",
+    "g64l",
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
