@@ -275,3 +275,27 @@ def test_artifact_round_trip_keeps_the_units(tmp_path):
     assert {p: q.config for p, q in qlinears(loaded["high"]).items()} == {
         p: q.config for p, q in qlinears(qmodel).items()
     }
+
+
+def test_eval_ablations_of_two_level_scales():
+    from wanjax.evaluation.variants import ABLATIONS, ablation_variants
+    from wanjax.quant.quantize import layer_config
+    from wanjax.quant.recipes import get_recipe
+
+    names = ["w4a8_wclip_g128l", "w4a8_wclip_g64l", "g128l", "g64l", "int4_g128"]
+    assert set(names) <= set(ABLATIONS)
+    by = {v.name: v.recipe for v in ablation_variants(names)}
+    w8, d = get_recipe("w4a8"), get_recipe("default")
+    for name, g in (("w4a8_wclip_g128l", 128), ("w4a8_wclip_g64l", 64)):
+        r = by[name]
+        assert r.weight == WeightQuantSpec("int4", group_size=g, scale_levels=L) and r.act == w8.act
+        assert r.transforms == w8.transforms and next(t for t in r.transforms if isinstance(t, GPTQ)).weight_clips
+        assert layer_config(r, 256, 64, 1).real_mode_problem() is None
+    for name, g in (("g128l", 128), ("g64l", 64)):
+        r = by[name]
+        assert r.weight == WeightQuantSpec("int4", group_size=g, scale_levels=L)
+        assert r.act == ActQuantSpec("int4", group_size=g, scale_levels=L)
+        assert [type(t) for t in r.transforms] == [type(t) for t in d.transforms]
+        c = layer_config(r, 256, 64, 1)
+        assert (c.w_scale_levels, c.a_scale_levels, c.a_group) == (L, L, g) and c.real_mode_problem() is None
+    assert by["int4_g128"].weight.scale_levels is None and by["int4_g128"].act.group_size == 128

@@ -9,6 +9,7 @@ it. Modules (nothing is imported here; import what you need):
 * ``pack``         4-bit nibble packing (the one owner of the layout the kernels read)
 * ``tensor``       ``QuantizedTensor`` (the pytree every quantizer returns) and ``dequantize``
 * ``int_formats``  INT4 / INT8 (per channel or group) and FP8 e4m3 quantizers
+* ``two_level``    INT4 with two-level integer group scales (a unit per row, integer multiples per group)
 * ``fp4``          MXFP4 / NVFP4 quantizers, the MX shared-exponent rule, ``mxfp4_decode``
 * ``dequant``      the dequantizer of every format
 * ``groups``       scale groups along K (reshape, abs-max)
