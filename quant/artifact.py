@@ -941,11 +941,11 @@ def apply_recipe_attention(recipe: dict | None) -> str | None:
 
 
 def layer_bits_per_weight(q: QLinear, include_lowrank: bool = False) -> float:
-    """Stored bits per weight of a (possibly stacked) QLinear: packed codes + weight scales (+ the low-rank factors
-    when ``include_lowrank``), divided by the number of weights ``L * N * K``."""
+    """Stored bits per weight of a (possibly stacked) QLinear: packed codes + weight scales (+ the row units of
+    two-level scales, + the low-rank factors when ``include_lowrank``), divided by the number of weights ``L * N * K``."""
     a = q.arrays()
     lead = int(np.prod(a["act_clip"].shape[:-1]))
     nw = lead * q.in_features * q.out_features
-    names = ["qweight", "wscale", "wtensor_scale"] + (["down", "up"] if include_lowrank else [])
+    names = ["qweight", "wscale", "wtensor_scale", "wunit"] + (["down", "up"] if include_lowrank else [])
     nbytes = sum(int(a[n].size) * jnp.dtype(a[n].dtype).itemsize for n in names if a[n] is not None)
     return 8.0 * nbytes / nw
