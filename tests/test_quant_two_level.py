@@ -282,7 +282,7 @@ def test_eval_ablations_of_two_level_scales():
     from wanjax.quant.quantize import layer_config
     from wanjax.quant.recipes import get_recipe
 
-    names = ["w4a8_wclip_g128l", "w4a8_wclip_g64l", "g128l", "g64l", "int4_g128"]
+    names = ["w4a8_wclip_g128l", "w4a8_wclip_g64l", "w4a8_g128l", "w4a8_g64l", "g128l", "g64l", "int4_g128"]
     assert set(names) <= set(ABLATIONS)
     by = {v.name: v.recipe for v in ablation_variants(names)}
     w8, d = get_recipe("w4a8"), get_recipe("default")
@@ -299,3 +299,7 @@ def test_eval_ablations_of_two_level_scales():
         c = layer_config(r, 256, 64, 1)
         assert (c.w_scale_levels, c.a_scale_levels, c.a_group) == (L, L, g) and c.real_mode_problem() is None
     assert by["int4_g128"].weight.scale_levels is None and by["int4_g128"].act.group_size == 128
+    f32_pair = {v.name: v.recipe for v in ablation_variants(["w4a8_g128"])}["w4a8_g128"]
+    assert by["w4a8_g128l"] == dataclasses.replace(
+        f32_pair, name="w4a8-g128l", weight=dataclasses.replace(f32_pair.weight, scale_levels=L)
+    )

@@ -265,6 +265,17 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "seed",
             "as w4a8_wclip_g128l in groups of 64 (compare w4a8_g64)",
         ),
+        "w4a8_g128l": (
+            fmt("w4a8-g128l", WeightQuantSpec("int4", group_size=128, scale_levels=LEVELS), ActQuantSpec("int8"), cs),
+            "seed",
+            "w4a8_g128 with two-level integer weight scales instead of float32 ones (no weight clip search: the "
+            "like-for-like pair of w4a8_g128)",
+        ),
+        "w4a8_g64l": (
+            fmt("w4a8-g64l", WeightQuantSpec("int4", group_size=64, scale_levels=LEVELS), ActQuantSpec("int8"), cs),
+            "seed",
+            "w4a8_g64 with two-level integer weight scales (the like-for-like pair of w4a8_g64)",
+        ),
         "int4_g128": (
             fmt("default-g128", WeightQuantSpec("int4", group_size=128), ActQuantSpec("int4", group_size=128), cs),
             "seed",
@@ -397,6 +408,8 @@ ABLATIONS = (
     "w4a8_wclip_fine",
     "w4a8_wclip_g128l",
     "w4a8_wclip_g64l",
+    "w4a8_g128l",
+    "w4a8_g64l",
     "int4_g128",
     "g128l",
     "g64l",
