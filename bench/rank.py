@@ -4,8 +4,8 @@ the linear time of one DiT block for per-path rank mixes.
     PYTHONPATH=. python -m bench.rank [--ranks 5120x5120=0,16,32,64 --ranks 5120x13824=32,64 ...] [--name rank]
 
 M = 32,760 (480p, 81 frames), the three Wan2.2 linear shapes; CUPTI device-time medians (``bench.timing.cupti_ms``)
-of the act quant (``dispatch.act_quant``: the fused kernel for power-of-two ranks, else XLA), the Mosaic GPU GEMM with the
-rank-r epilogue (int8 weights), and ``dispatch.w4a4_linear`` end to end (packed weights), each against XLA bf16 in
+of the act quant (``dispatch.act_quant``: the fused kernel, other ranks zero-padded to a power of two), the Mosaic
+GPU GEMM with the rank-r epilogue (int8 weights), and ``dispatch.w4a4_linear`` end to end (packed weights), each against XLA bf16 in
 the same run; the end-to-end output is checked against the f32 reference on 512 rows. Rank 0 means no branch.
 
 The block table adds up the linears one DiT block runs at M tokens: six K = N = 5120 projections (self-attention
@@ -121,8 +121,9 @@ def main(argv=None) -> int:
                     inp["w_bf16_kn"],
                 )
             row = {"K": k, "N": n, "rank": r, "bf16": bf16}
-            # the dispatcher's act quant: the fused kernel where it supports r (a power of two), else the XLA path
-            # (rank 96 = 32 + a rank-64 LoRA: calling the fused kernel directly there exceeded shared memory)
+            # the dispatcher's act quant: the fused kernel (a rank that is not a power of two is zero-padded: 96 ->
+            # 128, rank 32 + a rank-64 LoRA; its pipeline stages are capped to fit shared memory,
+            # act_quant_gpu.max_fused_stages, after 3 stages asked for 263,168 bytes on an H100)
             aq = jax.jit(lambda a, b, c: dispatch.act_quant(a, b, c, 1.0, backend="pallas"))
             q, s, lr = aq(x, sm, dn)
             row["act_quant"] = cupti_ms(aq, x, sm, dn)

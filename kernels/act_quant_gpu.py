@@ -185,6 +185,21 @@ ROT_PIECE, ROT_MAX_BLOCK = 128, 1024
 ROT_DISPATCH_MAX_BLOCK = 512
 
 
+#: shared memory per block on Hopper (227 KB); the fused kernel's pipeline must fit it with a margin for the rest
+HOPPER_SMEM_BYTES, SMEM_MARGIN_BYTES = 232_448, 8_192
+
+
+def max_fused_stages(block_rows: int, chunk: int, r_pad: int) -> int:
+    """Most software-pipeline stages of the fused kernel that fit in Hopper's shared memory: each stage buffers the
+    bf16 x tile ``[block_rows, chunk]`` and the bf16 ``down`` tile ``[chunk, r_pad]``.
+
+    The model matches what was measured on an H100: rank 128 (96 padded) with 64 x 256 tiles asked for 263,168 bytes
+    with 3 stages (over the limit, 2 x 96 KB + 65 KB); blocks of 512 fit 2 stages but not 3, blocks of 1024 one
+    (:func:`rotation_options`). Never below 1."""
+    per_stage = 2 * chunk * (block_rows + r_pad)
+    return max(1, (HOPPER_SMEM_BYTES - SMEM_MARGIN_BYTES) // per_stage)
+
+
 def rotation_options(block: int) -> dict:
     """The dispatcher's keyword options of act_quant_lowrank_pallas for a rotation in Hadamard blocks of ``block``.
 
@@ -464,6 +479,7 @@ def act_quant_lowrank_pallas(
             f"power-of-two chunk >= 64 dividing K)"
         )
     r_pad = padded_rank(r)
+    num_stages = min(num_stages, max_fused_stages(block_rows, ck, r_pad))  # e.g. rank 96 / 128: 3 stages overflow
     if r_pad != r:  # zero columns for Triton's power-of-two dot; sliced off below (exact)
         down = jnp.pad(down, ((0, 0), (0, r_pad - r)))
         r_full, r = r, r_pad

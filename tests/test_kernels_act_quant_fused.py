@@ -67,6 +67,19 @@ def test_fused_supports_and_errors():
         act_quant_lowrank_pallas(x, smooth, down, interpret=True)
 
 
+def test_fused_stages_fit_shared_memory():
+    """The pipeline depth is capped so the stages fit Hopper's shared memory: the tuned 3 stages stay for ranks up to
+    64 at 256-column chunks, rank 96 / 128 (rank 32 + a rank-64 LoRA; 3 stages asked for 263,168 bytes on an H100 and
+    failed) gets 2, and the rotation's larger blocks keep what fitted there (512: 2 stages, 1024: 1)."""
+    from wanjax.kernels.act_quant_gpu import FUSED_CHUNK, FUSED_STAGES, max_fused_stages
+
+    assert min(FUSED_STAGES, max_fused_stages(64, FUSED_CHUNK, 32)) == 3
+    assert min(FUSED_STAGES, max_fused_stages(64, FUSED_CHUNK, 64)) == 3
+    assert max_fused_stages(64, FUSED_CHUNK, padded_rank(96)) == 2
+    assert max_fused_stages(64, 512, 32) == 2 and max_fused_stages(64, 1024, 32) == 1
+    assert max_fused_stages(64, 4096, 256) == 1  # never 0
+
+
 def test_dispatch_routes_fused_impl(monkeypatch):
     """act_quant_impl='fused' runs the one-kernel path (here through its interpreter) where it supports the shape,
     and falls back to the XLA function where it does not."""
