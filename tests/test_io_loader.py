@@ -157,3 +157,26 @@ def test_streaming_host_memory(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert sum(b.nbytes for b in bufs.values()) == converted
     assert peak <= 1.1 * converted, f"peak traced host memory {peak / converted:.2f}x the converted expert"
+
+
+def test_copy_transposed_blocks_bit_exact():
+    """The threaded, blocked transpose of the loader equals numpy's ``src.T`` bit for bit: bf16 with a row count that
+    is not a multiple of the block, into a column slice of a larger buffer (the loader's row-chunked case), and a
+    casting copy (fp32 -> bf16) that takes the plain path."""
+    import ml_dtypes
+    import numpy as np
+
+    from wanjax.io.dit_params import TRANSPOSE_BLOCK_ROWS, copy_transposed
+
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((2 * TRANSPOSE_BLOCK_ROWS + 37, 48)).astype(ml_dtypes.bfloat16)
+    buf = np.zeros((48, src.shape[0] + 10), ml_dtypes.bfloat16)
+    copy_transposed(buf[:, 5 : 5 + src.shape[0]], src)
+    assert np.array_equal(buf[:, 5 : 5 + src.shape[0]].view(np.uint16), src.T.view(np.uint16))
+    assert not buf[:, :5].view(np.uint16).any() and not buf[:, -5:].view(np.uint16).any()
+    src32 = rng.standard_normal((300, 16)).astype(np.float32)
+    out = np.empty((16, 300), ml_dtypes.bfloat16)
+    copy_transposed(out, src32)
+    assert np.array_equal(out.view(np.uint16), src32.T.astype(ml_dtypes.bfloat16).view(np.uint16))
+    with pytest.raises(ValueError, match="not the transpose"):
+        copy_transposed(np.empty((3, 4), np.float32), np.empty((3, 4), np.float32))
