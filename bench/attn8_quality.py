@@ -1,6 +1,6 @@
 """What the 8-bit attention costs in video quality on the mini model (CPU; issue 32's generation-level gate).
 
-    JAX_PLATFORMS=cpu python -m bench.attn8_quality --clips 8 [--backends attn8,fp8_reference]
+    JAX_PLATFORMS=cpu python -m bench.attn8_quality --clips 8 [--backends attn8,fp8_reference] [--recipe w4a8]
 
 Held-out directional clips (`wanjax.train.evaluate.heldout_set`, as `make demo` and docs/QUALITY.md) are generated
 with the model's settings (models/mini/generation_config.json) by:
@@ -8,7 +8,8 @@ with the model's settings (models/mini/generation_config.json) by:
 * BF16 experts, automatic attention (the reference);
 * BF16 experts with each 8-bit backend (``--backends``: ``attn8`` = INT8 QK^T + FP8 PV, its jnp reference on the
   CPU; ``fp8_reference`` = the per-tensor FP8 emulation of cuDNN's FP8 attention) on the self-attention;
-* W4A4 experts (the default recipe, calibrated and quantized as `wanjax.demo.quantize_for_demo`) with automatic
+* W4A4 experts (``--recipe``, the default recipe by default, calibrated and quantized as
+  `wanjax.demo.quantize_for_demo`) with automatic
   attention, then with each 8-bit backend.
 
 Same noise for all. Reported per run: PSNR / SSIM of the decoded uint8 frames against the BF16 reference (mean and
@@ -74,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=8)
     ap.add_argument("--backends", default="attn8,fp8_reference", help="comma list of 8-bit attention backends")
     ap.add_argument("--out", default="bench/results/attn8_quality_mini.json")
+    ap.add_argument("--recipe", default="default", help="the quantization recipe of the W4A4 runs (e.g. w4a8)")
     args = ap.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
 
@@ -108,7 +110,8 @@ def main(argv=None):
     print(f"bf16 reference: direction {res['runs']['bf16']['direction_accuracy']:.2f}", flush=True)
     for b in backends:
         record(f"bf16+{b}", *run_clips(pipe, gen, clips, b), ref)
-    quantize_for_demo(pipe, dict(num_frames=gen.num_frames, max_area=gen.max_area, steps=gen.steps))
+    quantize_for_demo(pipe, dict(num_frames=gen.num_frames, max_area=gen.max_area, steps=gen.steps), recipe=args.recipe)
+    res["recipe"] = args.recipe
     record("w4a4", *run_clips(pipe, gen, clips, None), ref)
     for b in backends:
         record(f"w4a4+{b}", *run_clips(pipe, gen, clips, b), ref)

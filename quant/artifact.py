@@ -930,7 +930,8 @@ def apply_recipe_attention(recipe: dict | None) -> str | None:
     name = (recipe or {}).get("attention")
     if not name:
         return None
-    if name != "attn8" and jax.default_backend() != "gpu":  # attn8 also runs on CPU (reference) and TPU
+    if name not in ("attn8", "auto8") and jax.default_backend() != "gpu":  # attn8 also runs on CPU and TPU; auto8
+        # picks it on Hopper and the automatic backend elsewhere
         warnings.warn(
             f"the recipe asks for attention {name!r}, which needs a GPU; keeping the default backend on "
             f"{jax.default_backend()!r}"

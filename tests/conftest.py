@@ -39,3 +39,14 @@ def jax_compile_cache(_jax_compile_cache_dir):
     for n, v in before.items():
         jax.config.update(n, v)
     compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _attention_backend_restored():
+    """A test that attaches an artifact sets the recipe's attention backend process-wide (``apply_recipe_attention``;
+    the default recipe asks for ``"auto8"``): restore the automatic selection after every test so no other test
+    inherits it."""
+    yield
+    from wanjax.model import attention
+
+    attention.set_attention_backend(None)

@@ -68,6 +68,24 @@ def test_interpret_matches_reference(s, pingpong, tile_scale, lean, layout, bloc
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
+def test_interpret_batch_of_two_default_config():
+    """The shipped default config over a batch of 2 (the guided step runs cond and uncond as one batch): each sample
+    matches the reference, and sample 1 of the batch equals the kernel run on sample 1 alone bit for bit (a wrong
+    batch stride or mixed samples would show in both)."""
+    cfg = G.GPUConfig(p_regs=False)
+    key = jax.random.key(11)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (2, 300, 2, 128)).astype(jnp.bfloat16) for i in range(3))
+    pc = G.gpu_config_for(cfg)
+    got = np.asarray(G.attention8_gpu_core(R.quantize_qkv(q, k, v, pc, "bsnd"), cfg, interpret=True), np.float32)
+    assert got.shape == (2, 300, 2, 128) and np.isfinite(got).all()
+    want = np.asarray(R.attention8_core(R.quantize_qkv(q, k, v, pc), pc), np.float32)
+    for b in range(2):
+        np.testing.assert_allclose(got[b], want[b], rtol=1e-2, atol=1e-2 * np.abs(want[b]).max())
+    x1 = R.quantize_qkv(q[1:], k[1:], v[1:], pc, "bsnd")
+    alone = np.asarray(G.attention8_gpu_core(x1, cfg, interpret=True), np.float32)
+    np.testing.assert_array_equal(alone[0], got[1])
+
+
 def test_bsnd_prepass_is_the_same_numbers():
     """quantize_qkv(layout="bsnd") = the head-major pre-pass transposed: codes, scales and V bit for bit."""
     key = jax.random.key(7)

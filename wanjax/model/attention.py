@@ -21,6 +21,12 @@ Backends (q, k, v are [B, S, N, D]; no mask; scale 1/sqrt(D)):
   wanjax.kernels.attention8.attention8)`` (until then selecting it raises a RuntimeError saying so). That function
   runs the jnp reference on CPU, the Pallas TPU kernel on TPU and refuses on GPUs until its Hopper kernel has run.
 
+* ``"auto8"`` - ``"attn8"`` where it is measured faster than cuDNN BF16: self-attention on a Hopper GPU (compute
+  capability 9.x) over at most :data:`ATTN8_AUTO_MAX_TOKENS` tokens, with ``"attn8"`` registered; the automatic
+  backend everywhere else (longer sequences, cross-attention, other GPUs, CPU, TPU). The W4A4 ``default`` recipe
+  asks for it. Measured on an H100 (docs/BENCHMARKS.md, "8-bit attention, third round" and "Seventh session"):
+  attn8 with its pre-pass is 1.36x cuDNN BF16 at 32,760 tokens (480p, 81 frames) and 0.96x at 75,600 (720p).
+
 Selection is automatic (`default_backend`) and can be overridden per call (``backend=``), process-wide with
 `set_attention_backend`, or by the environment variable ``WANJAX_ATTENTION``.
 
@@ -40,7 +46,10 @@ import os
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("cudnn", "chunked", "tpu", "xla", "cudnn_fp8", "fp8_reference", "attn8")
+BACKENDS = ("cudnn", "chunked", "tpu", "xla", "cudnn_fp8", "fp8_reference", "attn8", "auto8")
+#: ``"auto8"`` runs attn8 up to this many tokens: between the 32,760 of 480p (attn8 1.36x cuDNN BF16 on an H100) and
+#: the 75,600 of 720p (0.96x), where the crossover was not measured
+ATTN8_AUTO_MAX_TOKENS = 40_960
 #: backends implemented outside the model layer and registered with `register_attention_backend`
 PLUGGABLE = ("attn8",)
 _OVERRIDE: str | None = None
@@ -98,6 +107,23 @@ def _automatic_backend(q_len: int, kv_len: int, dtype) -> str:
     return "chunked"
 
 
+def _hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def auto8_backend(q_len: int, kv_len: int, dtype, self_attention: bool | None = None) -> str:
+    """What ``"auto8"`` runs for these shapes: ``"attn8"`` on Hopper for self-attention up to
+    :data:`ATTN8_AUTO_MAX_TOKENS` tokens (when registered), else the automatic backend."""
+    self_attn = self_attention if self_attention is not None else q_len == kv_len
+    if self_attn and q_len <= ATTN8_AUTO_MAX_TOKENS and "attn8" in _REGISTERED and _hopper():
+        return "attn8"
+    return _automatic_backend(q_len, kv_len, dtype)
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str | None = None, self_attention: bool | None = None
 ) -> jax.Array:
@@ -109,6 +135,8 @@ def attention(
         return hook(q, k, v)
     if backend is None:
         backend = default_backend(q.shape[1], k.shape[1], q.dtype)
+    if backend == "auto8":
+        backend = auto8_backend(q.shape[1], k.shape[1], q.dtype, self_attention)
     if backend == "attn8":
         if self_attention is False or (self_attention is None and q.shape[1] != k.shape[1]):
             backend = _automatic_backend(q.shape[1], k.shape[1], q.dtype)
