@@ -440,7 +440,9 @@ def test_kernel_weights_bad_inputs():
     with pytest.raises(ValueError, match="kweight must be int8 and kscale float32 for int4 weights"):
         QLinear(icfg, kweight=w8, kscale=s8, **iargs)
     gcfg = QLinearConfig(256, 48, "int4", 128, "int4", None)
-    with pytest.raises(ValueError, match="for mxfp4 or per-channel int4 weights, the layer's are int4 with group 128"):
+    with pytest.raises(
+        ValueError, match="for mxfp4, per-channel int4 or two-level int4 weights, the layer's are int4 with group 128"
+    ):
         QLinear(
             gcfg,
             qweight=jnp.zeros((48, 128), jnp.uint8),
