@@ -98,6 +98,10 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
     def fmt(name, w, a, clip):
         return R(d, name=name, weight=w, act=a, transforms=_swap(d, ClipSearch, clip))
 
+    def two_level(g):  # INT4 W/A in groups of g with two-level integer scales on both sides
+        spec = dict(group_size=g, scale_levels=LEVELS)
+        return fmt(f"default-g{g}l", WeightQuantSpec("int4", **spec), ActQuantSpec("int4", **spec), cs)
+
     binned = get_recipe("binned")
     table = {
         # removal of a kept component
@@ -282,23 +286,13 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "INT4 W/A in groups of 128 with float32 scales (the reference of g128l)",
         ),
         "g128l": (
-            fmt(
-                "default-g128l",
-                WeightQuantSpec("int4", group_size=128, scale_levels=LEVELS),
-                ActQuantSpec("int4", group_size=128, scale_levels=LEVELS),
-                cs,
-            ),
+            two_level(128),
             "seed",
             "INT4 W/A in groups of 128 with two-level integer scales (a unit per channel / token, an integer "
             f"multiple <= {LEVELS} per group): the per-channel int8 GEMM runs it exactly (compare int4_g128)",
         ),
         "g64l": (
-            fmt(
-                "default-g64l",
-                WeightQuantSpec("int4", group_size=64, scale_levels=LEVELS),
-                ActQuantSpec("int4", group_size=64, scale_levels=LEVELS),
-                cs,
-            ),
+            two_level(64),
             "seed",
             "as g128l in groups of 64 (compare int4_g64)",
         ),
