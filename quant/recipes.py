@@ -612,12 +612,14 @@ RECIPES: dict[str, Recipe] = {
             ClipSearch(INT_CLIPS, (0,), per_bin=False),
         ),
         calibration="shared",
+        attention="auto8",
         notes="the default with INT8 per-token activations (W4A8): same INT4 weights and memory, same "
         "transforms, plus GPTQ's per-channel weight clip search (the 4-bit weights are W4A8's larger error: +1.2 dB "
         "on the mini model over three calibration draws). On Hopper it runs on the same int8 tensor-core GEMM as "
         "W4A4 (Hopper has no 4-bit tensor cores), so the 8-bit activations cost no GEMM time there; about +5.8 dB "
         "over the default on the mini model (docs/QUALITY.md). On TPU v5e/v6e and Blackwell, 4-bit activations have "
-        "the faster 4-bit paths: pick the default there.",
+        "the faster 4-bit paths: pick the default there. Attention 'auto8' as in the default (a 0.21 dB cost on the "
+        "mini model, 8 clips: bench.attn8_quality --recipe w4a8).",
     ),
     "g128": Recipe(
         "g128",
