@@ -16,7 +16,6 @@ from wanjax.cli import CLIError, main, parse_lora_arg
 HIGH, LOW = LORA_FILES["high"], LORA_FILES["low"]
 TINY = ["--frames", "5", "--size", "64", "--steps", "2", "--no-progress"]
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # both generate runs encode and decode the same shapes
 needs_mini = pytest.mark.skipif(not os.path.isfile(HIGH), reason="models/mini or its trained LoRA is not present")
 
 

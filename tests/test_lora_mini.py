@@ -20,7 +20,6 @@ from wanjax.train.lora import OPPOSITE, centred_heldout
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isfile(LORA_FILES["high"]), reason="models/mini or its trained LoRA is not present"),
-    pytest.mark.usefixtures("jax_compile_cache"),  # the pipelines here and in quick_w4a4 compile programs in common
 ]
 
 N_CLIPS = 8
