@@ -496,7 +496,7 @@ def _check_manifest_consistency(manifest: dict, where: str, saving: bool = False
             if recipe is not None:
                 from wanjax.quant.quantize import layer_config
 
-                want = layer_config(recipe, c.in_features, c.out_features, c.nbins)
+                want = layer_config(recipe.for_path(path), c.in_features, c.out_features, c.nbins)
                 fields = _RECIPE_FIELDS + (("a_scale_rule",) if c.a_fmt == "mxfp4" else ())
                 bad = [
                     f"{f}={getattr(c, f)!r} (recipe {recipe.name!r}: {getattr(want, f)!r})"

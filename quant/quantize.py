@@ -207,7 +207,7 @@ def quantize_layer(
     ``sqnr``) is run to completion and its wall seconds are added under its name (a profile; slower, as it
     synchronises after every step).
     """
-    recipe = get_recipe(recipe)
+    recipe = get_recipe(recipe).for_path(path)
     w = jnp.asarray(kernel, jnp.float32)
     k, n = w.shape
     nb = int(np.shape(inputs.absmax)[0])
@@ -293,6 +293,13 @@ def quantize_fused_layer(
     some have a bias, or a per-part transform precedes a joint one in the recipe.
     """
     recipe = get_recipe(recipe)
+    specs = {p: recipe.for_path(p).weight for p in (path, *parts)}
+    if len(set(specs.values())) != 1:
+        raise ValueError(
+            f"quantize_fused_layer {path!r}: recipe {recipe.name!r}'s weight_overrides give the fused layer and its "
+            f"parts different weight formats {specs}; a fused layer has one"
+        )
+    recipe = recipe.for_path(path)
     ws = [jnp.asarray(kk, jnp.float32) for kk in kernels]
     if len(ws) != len(parts) or len(biases) != len(parts):
         raise ValueError(f"quantize_fused_layer {path!r}: {len(parts)} parts, {len(ws)} kernels, {len(biases)} biases")

@@ -375,6 +375,9 @@ class Recipe:
         so their activation quantizations are identical; stored and run as ONE quantized linear ``K -> 3 dim``
         (``blocks.self_attn.qkv``) whose output the block splits. Its :class:`Smooth` and :class:`Rotate` run on the
         concatenated kernel; the other transforms (low-rank branch, quantizer, refit) per part.
+      weight_overrides: ``((regex, WeightQuantSpec), ...)``: layers whose path matches a regex (the first that
+        matches wins; ``re.search`` on e.g. ``"blocks.ffn.fc2"``) take that weight format instead of ``weight``
+        (mixed precision, e.g. INT8 weights for one sensitive layer type); :meth:`for_path` gives a layer's recipe.
     """
 
     name: str
@@ -386,6 +389,7 @@ class Recipe:
     attention: str | None = None
     calibration: str = "per_expert"
     fuse_qkv: bool = False
+    weight_overrides: tuple = ()
 
     def __post_init__(self):
         stages = [getattr(t, "stage", None) for t in self.transforms]
@@ -417,6 +421,24 @@ class Recipe:
             )
         if not isinstance(self.fuse_qkv, bool):
             raise ValueError(f"Recipe {self.name!r}: fuse_qkv must be True or False, got {self.fuse_qkv!r}")
+        for item in self.weight_overrides:
+            ok = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], WeightQuantSpec)
+            if not ok or not isinstance(item[0], str):
+                raise ValueError(
+                    f"Recipe {self.name!r}: weight_overrides must be ((regex, WeightQuantSpec), ...), got {item!r}"
+                )
+            try:
+                re.compile(item[0])
+            except re.error as e:
+                raise ValueError(f"Recipe {self.name!r}: weight_overrides regex {item[0]!r} is invalid: {e}") from e
+
+    def for_path(self, path: str) -> Recipe:
+        """This recipe as layer ``path`` gets it: the first matching ``weight_overrides`` entry's weight format in
+        place of ``weight`` (and no overrides left), or the recipe itself."""
+        for pattern, spec in self.weight_overrides:
+            if re.search(pattern, path):
+                return dataclasses.replace(self, weight=spec, weight_overrides=())
+        return self
 
     def act_spec(self) -> ActQuantSpec | None:
         """The activation quantizer at clip 1 / offset 0 (used for quantized-input Hessians and alpha search)."""
@@ -471,6 +493,8 @@ def recipe_to_dict(r: Recipe) -> dict:
     }
     if r.fuse_qkv:
         out["fuse_qkv"] = True
+    if r.weight_overrides:
+        out["weight_overrides"] = [[pattern, _spec_dict(spec)] for pattern, spec in r.weight_overrides]
     return out
 
 
@@ -493,6 +517,7 @@ def recipe_from_dict(d: dict) -> Recipe:
         attention=d.get("attention"),
         calibration=d.get("calibration", "per_expert"),
         fuse_qkv=d.get("fuse_qkv", False),
+        weight_overrides=tuple((p, WeightQuantSpec(**w)) for p, w in d.get("weight_overrides", ())),
     )
 
 

@@ -25,6 +25,15 @@ class Variant:
     what: str = ""
 
 
+#: ``w4a8_w8<tag>`` ablations: (tag, layer-path regex, what) of the layers given INT8 weights (``weight_overrides``)
+MIXED_W8 = (
+    ("fc2", r"ffn\.fc2", "ffn.fc2"),
+    ("fc1", r"ffn\.fc1", "ffn.fc1"),
+    ("self", r"self_attn\.", "the self-attention q / k / v / o"),
+    ("cross", r"cross_attn\.", "the cross-attention q / k / v / o"),
+)
+
+
 def recipe_variants(names: Sequence[str]) -> list[Variant]:
     """One variant per named recipe (``wanjax.quant.recipes.RECIPES``)."""
     from wanjax.quant.recipes import get_recipe
@@ -296,6 +305,15 @@ def ablation_variants(names: Sequence[str] | None = None) -> list[Variant]:
             "seed",
             "as g128l in groups of 64 (compare int4_g64)",
         ),
+        **{
+            f"w4a8_w8{tag}": (
+                R(w8, name=f"w4a8-w8{tag}", weight_overrides=((pattern, WeightQuantSpec("int8")),)),
+                "seed",
+                f"recipe 'w4a8' with INT8 per-channel weights for {what} (mixed precision: the Hopper int8 GEMM "
+                "runs 8-bit weights at the 4-bit ones' speed, at twice their memory for those layers)",
+            )
+            for tag, pattern, what in MIXED_W8
+        },
         "w4a8_rank64": (
             w8v("w4a8-rank64", R(w8lr, rank=64)),
             "seed",
@@ -407,6 +425,7 @@ ABLATIONS = (
     "int4_g128",
     "g128l",
     "g64l",
+    *(f"w4a8_w8{tag}" for tag, _, _ in MIXED_W8),
 )
 #: Ablations removing a component the default keeps (the issue's rule: each must cost >= 0.3 dB PSNR), and those
 #: adding back a component it dropped.
