@@ -154,6 +154,7 @@ def w4a4_matmul(
     backend: str | None = None,
     group_size: int | None = None,
     a_qmax: int = reference.INT4_QMAX,
+    w_qmax: int = reference.INT4_QMAX,
 ):
     """W4A4 GEMM on pre-quantized activations: q_x int8 [M, K], s_x [M], s_w [N], weights ``w_packed`` either packed
     uint8 [N, K/2] or already unpacked int8 [N, K] (int4 values; twice the memory, no per-call unpack).
@@ -161,7 +162,8 @@ def w4a4_matmul(
     Optional low-rank branch x_lr [M, r] / up [r, N] and bias [N]. Returns [M, N] ``out_dtype``.
 
     ``a_qmax``: the activation codes' range (7: INT4, 127: INT8 for W4A8; the GEMMs are integer GEMMs on int8
-    operands either way, except TPU7x's FP8 MXU, which holds integers exactly only up to 16).
+    operands either way, except TPU7x's FP8 MXU, which holds integers exactly only up to 16). ``w_qmax``: the same
+    for the weights (127: INT8 weights per channel, given as int8 [N, K]: a mixed-precision recipe's 8-bit layers).
 
     ``group_size`` (e.g. 128): group-scaled weights, ``s_w`` f32 [N, K/group_size] (one scale per channel and group
     along K). The "pallas" backend runs the g128 Mosaic GPU kernel (``kernels.w4a4_g128_gpu``, int8 weights: packed
@@ -176,6 +178,13 @@ def w4a4_matmul(
             f"activation codes up to {a_qmax} (INT8, W4A8) are not exact in the FP8 MXU of this TPU (integers up to "
             f"{FP8_EXACT_INT} are); use INT4 activations (the default recipe) here"
         )
+    if w_qmax > FP8_EXACT_INT and be != "reference" and _platform() == "tpu" and _tpu_fp8_only():
+        raise ValueError(
+            f"weight codes up to {w_qmax} (INT8 weights) are not exact in the FP8 MXU of this TPU (integers up to "
+            f"{FP8_EXACT_INT} are); use a recipe with INT4 weights only here"
+        )
+    if w_qmax > reference.INT4_QMAX and w_packed.dtype != jnp.int8:
+        raise ValueError(f"weight codes up to {w_qmax} need int8 [N, K] weights, got {w_packed.dtype} {w_packed.shape}")
     r = 0 if x_lr is None else x_lr.shape[1]
     if group_size is not None:
         if be == "reference":
@@ -325,6 +334,7 @@ def w4a4_linear(
     rot_signs=None,
     rot_block: int | None = None,
     a_qmax: int = reference.INT4_QMAX,
+    w_qmax: int = reference.INT4_QMAX,
     parts: int = 1,
 ):
     """W4A4 linear layer end to end on x [..., K]: act quant (+ low-rank down) then the W4A4 GEMM -> [..., N].
@@ -333,7 +343,8 @@ def w4a4_linear(
     Args:
       x: activations [..., K] (any float dtype).
       w_packed: uint8 [N, K/2] packed int4 weights (``reference.pack_int4`` convention), or int8 [N, K] int4 values
-        (pre-unpacked once at load time: the fastest GEMM operand, 1 byte/parameter instead of 0.5).
+        (pre-unpacked once at load time: the fastest GEMM operand, 1 byte/parameter instead of 0.5), or int8 [N, K]
+        INT8 weights with ``w_qmax=127``.
       s_w: f32 [N] per-channel weight scales, or f32 [N, K/group_size] with ``group_size``.
       smooth: optional [K] smoothing divisor (activations are divided by it; fold it into the weights beforehand).
       down, up: optional low-rank branch, [K, r] and [r, N].
@@ -368,7 +379,9 @@ def w4a4_linear(
         act_quant_impl=act_quant_impl,
         qmax=a_qmax,
     )
-    mm = functools.partial(w4a4_matmul, out_dtype=out_dtype, backend=backend, group_size=group_size, a_qmax=a_qmax)
+    mm = functools.partial(
+        w4a4_matmul, out_dtype=out_dtype, backend=backend, group_size=group_size, a_qmax=a_qmax, w_qmax=w_qmax
+    )
     if parts == 1 or x_lr is None:
         y = mm(q, s, w_packed, s_w, x_lr, up if x_lr is not None else None, bias)
         return y.reshape(*lead, w_packed.shape[0])

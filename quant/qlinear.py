@@ -43,8 +43,9 @@ The forward (``x`` of any float dtype, ``[..., K]``)::
 
 ``mode="fake"`` computes exactly that with the matmul operands in ``dtype`` (bf16 by default, fp32 accumulation; the
 QDQ and the weight dequantization are bit-exact ``wanjax.numerics.formats`` math); ``mode="real"`` calls
-``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K with int4
-or int8 per-token activations: W4A4 or W4A8, the same int8 tensor-core GEMM; two-level integer group scales,
+``wanjax.kernels.dispatch.w4a4_linear`` (integer GEMM; int4 weights per channel or in groups of 128 along K, or int8
+weights per channel (``Recipe.weight_overrides``), with int4 or int8 per-token activations: W4A4 or W4A8, the same
+int8 tensor-core GEMM; two-level integer group scales,
 ``w_scale_levels`` / ``a_scale_levels``, run on the per-channel int8 GEMM with carried int8 codes ``q * m`` and the
 row / token units as scales, the group-scaled product exactly) or ``wanjax.kernels.dispatch.mxfp4_linear`` (MXFP4 weights and activations in blocks of 32,
 the bin's ``act_exp_offset`` applied as in fake mode; ``mxfp4_linear_fp8`` on ``kweight``, or int8 ``kweight`` for
@@ -249,10 +250,12 @@ class QLinearConfig:
                     f"need mxfp4 activations in blocks of {REAL_MX_BLOCK}"
                 )
             return None
-        if self.w_fmt != "int4" or self.w_group not in (self.in_features, REAL_W_GROUP):
+        int4_ok = self.w_fmt == "int4" and self.w_group in (self.in_features, REAL_W_GROUP)
+        if not int4_ok and not (self.w_fmt == "int8" and self.w_group == self.in_features):
             return (
                 f"weights are {self.w_fmt} with group {self.w_group}; the kernels need int4 per output channel or in "
-                f"groups of {REAL_W_GROUP} along K, or mxfp4 in blocks of {REAL_MX_BLOCK} (with mxfp4 activations)"
+                f"groups of {REAL_W_GROUP} along K, int8 per output channel, or mxfp4 in blocks of {REAL_MX_BLOCK} "
+                "(with mxfp4 activations)"
             )
         if self.a_fmt not in REAL_A_FMTS or self.a_group is not None:
             return (
@@ -663,6 +666,7 @@ def qlinear_apply(
                 y, inexact = dispatch.mxfp4_linear(x2, a["qweight"], a["wscale"], **mx)
         else:
             group = None if c.w_group == k else c.w_group  # per channel, or int4 g128 (the group-scaled GEMM)
+            # int4 codes are packed uint8 [N, K/2] (or prepared int8 kweight); int8 codes are int8 [N, K] already
             if a.get("kweight") is not None:  # int4 codes unpacked to int8 once at load time
                 w, wscale = a["kweight"], a["kscale"]
             else:
@@ -682,6 +686,7 @@ def qlinear_apply(
                 rot_signs=signs,
                 rot_block=c.rot_block,
                 a_qmax=INT_QMAX[c.a_fmt],
+                w_qmax=INT_QMAX[c.w_fmt],  # 127: INT8 weights (int8 [N, K] codes, a mixed-precision recipe's layers)
                 parts=c.parts if a.get("lora_down") is None else 1,  # a LoRA's up is not block-diagonal
             )
         y = y.reshape(*lead, c.out_features)

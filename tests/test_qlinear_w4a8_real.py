@@ -85,3 +85,47 @@ def test_auto_recipe_by_hardware(monkeypatch):
     monkeypatch.setattr(d, "_is_hopper", lambda: False)
     name, why = auto_recipe()
     assert name == "default" and "Hopper" in why
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@pytest.mark.parametrize("a_fmt", ["int8", "int4"])
+def test_int8_weights_real_equals_fake(backend, a_fmt, monkeypatch):
+    """INT8 per-channel weights (a mixed-precision recipe's 8-bit layers, ``Recipe.weight_overrides``) run on the
+    same integer GEMM with their int8 [N, K] codes: real mode equals fake mode through the references."""
+    monkeypatch.setenv("WANJAX_KERNELS", backend)
+    rng = np.random.default_rng(9)
+    k, n, r = 256, 64, 16
+    qt = formats.quantize_int8(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
+    assert qt.codes.dtype == jnp.int8 and int(np.abs(np.asarray(qt.codes)).max()) > 7
+    cfg = QLinearConfig(k, n, "int8", k, a_fmt, None, nbins=1)
+    assert cfg.real_mode_problem() is None
+    a = dict(
+        qweight=qt.codes,
+        wscale=qt.scales,
+        smooth=rng.uniform(0.5, 2.0, k).astype(np.float32),
+        down=jnp.asarray(rng.standard_normal((k, r)) * 0.1, jnp.bfloat16),
+        up=jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.bfloat16),
+        act_clip=np.array([0.9], np.float32),
+    )
+    x = jnp.asarray(rng.standard_normal((4, k)), jnp.float32)
+    outs = {m: np.asarray(QLinear(cfg, dtype=jnp.bfloat16, mode=m, path="t", **a)(x).astype(jnp.float32)) for m in
+            ("fake", "real")}  # fmt: skip
+    scale = np.abs(outs["fake"]).max()
+    np.testing.assert_allclose(outs["real"], outs["fake"], atol=2**-7 * scale, rtol=2**-7)
+    # the same layer's weights rounded to INT4 give a clearly different output: the 8-bit codes are used as such
+    w4 = formats.quantize_int4(qt.dequantize(), group_size=None).pack()
+    cfg4 = QLinearConfig(k, n, "int4", k, a_fmt, None, nbins=1)
+    y4 = np.asarray(QLinear(cfg4, dtype=jnp.bfloat16, mode="real", path="t", **{**a, "qweight": w4.codes,
+                                                                              "wscale": w4.scales})(x).astype(jnp.float32))  # fmt: skip
+    assert np.abs(y4 - outs["real"]).max() > 10 * np.abs(outs["real"] - outs["fake"]).max()
+
+
+def test_fp8_only_tpu_refuses_int8_weights(monkeypatch):
+    monkeypatch.setattr(dispatch, "_platform", lambda: "tpu")
+    monkeypatch.setattr(dispatch, "_tpu_fp8_only", lambda kind=None: True)
+    q = jnp.zeros((4, 128), jnp.int8)
+    with pytest.raises(ValueError, match="weight codes up to 127 .* not exact in the FP8 MXU"):
+        dispatch.w4a4_matmul(q, jnp.ones(4), jnp.zeros((64, 128), jnp.int8), jnp.ones(64), backend="xla", w_qmax=127)
+    with pytest.raises(ValueError, match="need int8 \\[N, K\\] weights"):
+        dispatch.w4a4_matmul(q, jnp.ones(4), jnp.zeros((64, 64), jnp.uint8), jnp.ones(64), backend="reference",
+                             w_qmax=127)  # fmt: skip

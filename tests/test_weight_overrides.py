@@ -3,13 +3,15 @@ the fused q/k/v group and the artifact's recipe check."""
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_recipes import CFG1, SynthStats, inputs_from_rows, planted_rows
 
 from helpers import tiny_dit
-from wanjax.quant.apply import qlinears
+from wanjax.quant.apply import qlinears, set_mode
 from wanjax.quant.artifact import ArtifactError, load_artifact, save_artifact
+from wanjax.quant.qlinear import active_bin
 from wanjax.quant.quantize import quantize, quantize_fused_layer, quantize_layer
 from wanjax.quant.recipes import GPTQ, ClipSearch, Recipe, get_recipe, recipe_from_dict, recipe_to_dict
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
@@ -52,14 +54,20 @@ def test_quantize_layer_takes_the_override_for_its_path():
     assert np.mean(i8["sqnr_db"]) > np.mean(i4["sqnr_db"]) + 3  # 8-bit weights: a clearly better layer
 
 
-def test_quantize_marks_only_the_matching_layers_and_the_artifact_checks_them(tmp_path):
-    model = tiny_dit(CFG1, 1)[0]
+def test_quantize_marks_only_the_matching_layers_and_the_artifact_checks_them(tmp_path, monkeypatch):
+    model, x, ctx = tiny_dit(CFG1, 1)
     r = _mixed(base="rtn", pattern=r"ffn\.fc2|cross_attn\.o")
     paths = ("blocks.ffn.fc1", "blocks.ffn.fc2", "blocks.cross_attn.o", "blocks.self_attn.o")
     q, _ = quantize({"high": model}, r, SynthStats(model), progress=False, paths=paths)
     fmts = {p: ql.config.w_fmt for p, ql in qlinears(q["high"]).items()}
     assert fmts == {"blocks.ffn.fc1": "int4", "blocks.ffn.fc2": "int8", "blocks.cross_attn.o": "int8",
                     "blocks.self_attn.o": "int4"}  # fmt: skip
+    # the mixed model runs in real mode (integer kernels, here their references) as in fake mode
+    monkeypatch.setenv("WANJAX_KERNELS", "reference")
+    t = jnp.array([950.0])
+    with active_bin(1):
+        y = {m: np.asarray(set_mode(q["high"], m)(x, t, ctx), np.float32) for m in ("fake", "real")}
+    np.testing.assert_allclose(y["real"], y["fake"], atol=0.02 * np.abs(y["fake"]).max())
     qdir = save_artifact(tmp_path / "q", q, recipe=recipe_to_dict(r))
     loaded, manifest = load_artifact(qdir)
     assert {p: ql.config.w_fmt for p, ql in qlinears(loaded["high"]).items()} == fmts
