@@ -646,6 +646,25 @@ RECIPES: dict[str, Recipe] = {
         "the faster 4-bit paths: pick the default there. Attention 'auto8' as in the default (a 0.21 dB cost on the "
         "mini model, 8 clips: bench.attn8_quality --recipe w4a8).",
     ),
+    "w4a8_mixed": Recipe(
+        "w4a8_mixed",
+        _INT4,
+        ActQuantSpec("int8"),
+        (
+            Smooth(0.5),
+            Rotate(0, DEFAULT_ROT_BLOCK),
+            LowRank(32, method="randomized"),
+            GPTQ(hessian="quantized", weight_clips=WEIGHT_CLIPS),
+            ClipSearch(INT_CLIPS, (0,), per_bin=False),
+        ),
+        calibration="shared",
+        attention="auto8",
+        weight_overrides=((r"self_attn\.", WeightQuantSpec("int8")),),
+        notes="w4a8 with INT8 per-channel weights for the self-attention q / k / v / o (mixed precision, "
+        "weight_overrides): the best of the four layer types tried on the mini model (docs/QUALITY.md). On Hopper "
+        "the 8-bit weights run on the same int8 tensor-core GEMM (no GEMM time), at 1 byte a parameter for those "
+        "layers: about 30 % more weight memory at full size (4 x 5120^2 of the 351 M parameters of a block).",
+    ),
     "g128": Recipe(
         "g128",
         WeightQuantSpec("int4", group_size=128),
