@@ -708,16 +708,17 @@ AUTO = "auto"
 
 def auto_recipe() -> tuple[str, str]:
     """``(name, why)``: the recipe to use on this machine's default device (docs/QUANTIZATION.md, "Which recipe on
-    which hardware"). On Hopper ``w4a8``: its INT8 activations run on the same int8 tensor-core GEMM as INT4 ones
-    (Hopper has no 4-bit tensor cores; 1-2 % slower per linear on an H100, docs/BENCHMARKS.md) and keep the 4-bit
-    weights, for +4 dB on the mini model (docs/QUALITY.md); elsewhere ``default`` (W4A4: TPU v5e / v6e have a native
-    int4 MXU mode)."""
+    which hardware"). On Hopper ``w4a8_mixed``: INT8 activations and the self-attention's INT8 weights run on the same
+    int8 tensor-core GEMM as INT4 ones (Hopper has no 4-bit tensor cores; docs/BENCHMARKS.md), for +7.3 dB over the
+    W4A4 default on the mini model (docs/QUALITY.md) at about 30 % more weight memory than 4-bit weights everywhere
+    (``w4a8``); elsewhere ``default`` (W4A4: TPU v5e / v6e have a native int4 MXU mode)."""
     from wanjax.kernels.dispatch import on_hopper
 
     if on_hopper():
-        return "w4a8", (
-            "Hopper GPU: INT8 activations cost no GEMM time on its int8 tensor cores (no 4-bit ones) and gain "
-            "quality; --recipe default for W4A4"
+        return "w4a8_mixed", (
+            "Hopper GPU: INT8 activations and INT8 self-attention weights cost no GEMM time on its int8 tensor cores "
+            "(no 4-bit ones) and gain quality; --recipe w4a8 for 4-bit weights everywhere (30 % less weight memory), "
+            "--recipe default for W4A4"
         )
     return "default", "not a Hopper GPU: W4A4 (4-bit activations pay on TPU v5e/v6e and Blackwell)"
 

@@ -66,7 +66,7 @@ def test_auto8_routes_to_attn8_on_hopper(monkeypatch, attn8_registered):
     assert attn8_registered == [(1, 64, 2, 32)]
 
 
-@pytest.mark.parametrize("name", ["default", "w4a8"])
+@pytest.mark.parametrize("name", ["default", "w4a8", "w4a8_mixed"])
 def test_recipe_asks_for_auto8_and_applies_it_anywhere(name):
     """The W4A4 default and the Hopper pick w4a8 (attn8 costs it 0.21 dB on the mini model) both ask for auto8."""
     from wanjax.quant.artifact import apply_recipe_attention
