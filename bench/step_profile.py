@@ -33,8 +33,15 @@ import time
 from bench.layout import ROOT
 
 VARIANTS = (("bf16", "cudnn"), ("w4a4", "cudnn"), ("bf16", "cudnn_fp8"), ("w4a4", "cudnn_fp8"))
-# the W4A4 experts --variants can name: (input rotation of the default recipe, INT4 codes stored unpacked to int8)
-W4A4_EXPERTS = {"w4a4": (True, False), "w4a4norot": (False, False), "w4a4i8": (True, True)}
+# the quantized experts --variants can name: (input rotation, INT4 codes stored unpacked to int8, recipe whose formats
+# the expert takes: "default" W4A4, "w4a8" INT8 activations, "w4a8_mixed" also INT8 self-attention weights)
+W4A4_EXPERTS = {
+    "w4a4": (True, False, "default"),
+    "w4a4norot": (False, False, "default"),
+    "w4a4i8": (True, True, "default"),
+    "w4a8": (True, False, "w4a8"),
+    "w4a8mixed": (True, False, "w4a8_mixed"),
+}
 
 
 def log(*a):
@@ -86,8 +93,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--variants",
         default=",".join(f"{e}/{a}" for e, a in VARIANTS),
-        help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8, w4a4norot without the "
-        "default recipe's input rotation; attention: cudnn|cudnn_fp8|attn8)",
+        help="comma list of EXPERT/ATTENTION (expert: bf16|w4a4|w4a4norot|w4a4i8|w4a8|w4a8mixed, w4a4norot "
+        "without the default recipe's input rotation, w4a8mixed with the recipe w4a8_mixed's INT8 self-attention "
+        "weights; attention: cudnn|cudnn_fp8|attn8)",
     )
     p.add_argument(
         "--attn8-config", default="", help="kernel config of the attn8 variants, 'field=value,...' of GPUConfig"
@@ -146,9 +154,9 @@ def main(argv=None) -> dict:
     if any(e == "bf16" for e, _ in variants):
         experts["bf16"] = nnx.split(random_bf16_expert(cfg, seed=0))
     nbins = len(default_bins().expert_bins("high"))
-    for ename, (rotate, int8) in W4A4_EXPERTS.items():
+    for ename, (rotate, int8, recipe) in W4A4_EXPERTS.items():
         if any(e == ename for e, _ in variants):
-            model = build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate)
+            model = build_w4a4_expert(cfg, seed=0, nbins=nbins, rotate=rotate, recipe=recipe)
             experts[ename] = nnx.split(prepare_kernel_weights(model, int4=True) if int8 else model)
     jax.block_until_ready([s for _, s in experts.values()])
     res["build_s"] = time.perf_counter() - t0

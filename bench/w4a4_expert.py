@@ -49,7 +49,7 @@ def quantized_skeleton(
         for path in BLOCK_LINEARS:
             lin = get_submodule(model, path)
             num_layers, k, n = lin.kernel.shape
-            c = layer_config(rec, k, n, nbins)
+            c = layer_config(rec.for_path(path), k, n, nbins)  # a mixed recipe's INT8 layers: int8 [n, k] codes
             if c.real_mode_problem():
                 raise ValueError(
                     f"quantized_skeleton: recipe {rec.name!r} gives {path} a layer the kernels cannot "
@@ -66,7 +66,11 @@ def quantized_skeleton(
             )
             qlayers[path] = QLinear(
                 c,
-                qweight=jnp.zeros((num_layers, n, k // 2), jnp.uint8),
+                qweight=(
+                    jnp.zeros((num_layers, n, k), jnp.int8)
+                    if c.w_fmt == "int8"
+                    else jnp.zeros((num_layers, n, k // 2), jnp.uint8)
+                ),
                 wscale=jnp.zeros((num_layers, n, k // c.w_group), jnp.float32),
                 smooth=jnp.ones((num_layers, k), jnp.float32),
                 rot_signs=jnp.ones((num_layers, k), jnp.float32) if rotates else None,
@@ -81,7 +85,7 @@ def quantized_skeleton(
 
 
 @functools.lru_cache(maxsize=None)
-def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_block: int = 0):
+def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_block: int = 0, w_fmt: str = "int4"):
     """Jitted ``(seed_w, seed_s, seed_r, seed_d, seed_u) -> (qweight, wscale, smooth, rot_signs, down, up)`` of one
     stacked layer, block by block (``lax.map``: one block's temporaries at a time).
 
@@ -114,7 +118,10 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
             w_eff = w_eff - jnp.dot(
                 down.astype(jnp.float32), up.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
             )
-        qt = formats.quantize_int4(w_eff.T, nonfinite="nan").pack()
+        if w_fmt == "int8":  # a mixed recipe's INT8 layer: int8 [N, K] codes, per-channel scales
+            qt = formats.quantize_int8(w_eff.T, nonfinite="nan")
+        else:
+            qt = formats.quantize_int4(w_eff.T, nonfinite="nan").pack()
         return qt.codes, qt.scales, s, signs, down, up
 
     def build(*seeds):
@@ -123,15 +130,18 @@ def _qlinear_builder(num_layers: int, k: int, n: int, rank: int, dtype, rot_bloc
     return jax.jit(build)
 
 
-def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real", rotate: bool = True):
-    """A W4A4 expert of ``default``-recipe structure quantized (RTN, no calibration) from the random bf16 expert of
-    the same ``seed`` (:func:`random_bf16_expert`), made on the device layer stack by layer stack."""
+def build_w4a4_expert(
+    cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: str = "real", rotate: bool = True, recipe="default"
+):
+    """A W4A4 expert of ``recipe``'s structure (``default``; a mixed recipe's INT8 layers get int8 codes) quantized
+    (RTN, no calibration) from the random bf16 expert of the same ``seed`` (:func:`random_bf16_expert`), made on the
+    device layer stack by layer stack."""
     import jax.numpy as jnp
 
     from wanjax.quant.apply import get_submodule
     from wanjax.numerics.hadamard import hadamard_block_size
 
-    skeleton = quantized_skeleton(cfg, nbins=nbins, rank=rank, mode=mode, rotate=rotate)
+    skeleton = quantized_skeleton(cfg, nbins=nbins, rank=rank, mode=mode, rotate=rotate, recipe=recipe)
     cache: dict[str, dict] = {}
 
     def quantized(name, leaf):
@@ -144,11 +154,12 @@ def build_w4a4_expert(cfg, seed: int = 0, *, nbins: int, rank: int = 32, mode: s
         if field == "act_exp_offset":
             return jnp.zeros(leaf.shape, jnp.int32)
         if path not in cache:
-            num_layers, n, kh = _qweight_shape(skeleton, path)
+            num_layers, n, _ = _qweight_shape(skeleton, path)
             r = _rank_of(skeleton, path)
             q = get_submodule(skeleton, path)
-            rot = 0 if q.rot_signs is None else hadamard_block_size(2 * kh, q.config.rot_block)
-            fn = _qlinear_builder(num_layers, 2 * kh, n, r, np.dtype(jnp.bfloat16), rot)
+            k = q.config.in_features
+            rot = 0 if q.rot_signs is None else hadamard_block_size(k, q.config.rot_block)
+            fn = _qlinear_builder(num_layers, k, n, r, np.dtype(jnp.bfloat16), rot, q.config.w_fmt)
             out = fn(
                 *(np.uint32(leaf_seed(seed, f"{path}.{p}")) for p in ("kernel", "smooth", "rot_signs", "down", "up"))
             )

@@ -159,6 +159,33 @@ def test_real_mode_matches_fake_per_layer_to_bf16(experts, monkeypatch):
         np.testing.assert_allclose(y["real"], y["fake"], atol=2**-7 * scale, rtol=2**-7, err_msg=path)
 
 
+def test_mixed_recipe_expert_has_int8_self_attention(experts, monkeypatch):
+    """recipe='w4a8_mixed': the self-attention layers get int8 [L, N, K] codes (RTN of the same weights, finer than
+    the INT4 ones of the default build), the others stay packed INT4; real mode matches fake mode on an INT8 layer."""
+    monkeypatch.setenv("WANJAX_KERNELS", "reference")
+    bf16, w4a4 = experts
+    mixed = w4a4_expert.build_w4a4_expert(TINY, seed=0, nbins=NBINS, rank=32, recipe="w4a8_mixed")
+    for path in BLOCK_LINEARS:
+        q = get_submodule(mixed, path)
+        k, n = q.in_features, q.out_features
+        if ".self_attn." in path:
+            assert q.config.w_fmt == "int8" and q.qweight[...].shape == (TINY.num_layers, n, k)
+            assert q.qweight[...].dtype == jnp.int8 and int(jnp.abs(q.qweight[...]).max()) > 7
+        else:
+            assert q.config.w_fmt == "int4" and q.qweight[...].dtype == jnp.uint8
+    path = "blocks.self_attn.q"
+    lin, q8, q4 = get_submodule(bf16, path), get_submodule(mixed, path), get_submodule(w4a4, path)
+    a8 = {k: None if v is None else v[1] for k, v in q8.arrays().items()}
+    a4 = {k: None if v is None else v[1] for k, v in q4.arrays().items()}
+    x = rw.random_array(5, (2, 9, q8.in_features), jnp.bfloat16)
+    y = {m: np.asarray(qlinear_apply(q8.config, a8, x, 1.0, mode=m), np.float32) for m in ("real", "fake")}
+    scale = np.abs(y["fake"]).max()
+    np.testing.assert_allclose(y["real"], y["fake"], atol=2**-7 * scale, rtol=2**-7)
+    ref = np.asarray(x, np.float32) @ np.asarray(lin.kernel[1], np.float32)
+    y4 = np.asarray(qlinear_apply(q4.config, a4, x, 1.0, mode="fake"), np.float32)
+    assert np.linalg.norm(y["fake"] - ref) < 0.5 * np.linalg.norm(y4 - ref)  # W8A8 layer vs the default's W4A4 one
+
+
 def test_diffusers_kwargs_map_back_to_the_config():
     kw = diffusers_phase.diffusers_kwargs(TINY)
     back = config_from_dict({"_class_name": "WanTransformer3DModel", **kw})
