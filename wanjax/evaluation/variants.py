@@ -31,6 +31,7 @@ MIXED_W8 = (
     ("fc1", r"ffn\.fc1", "ffn.fc1"),
     ("self", r"self_attn\.", "the self-attention q / k / v / o"),
     ("cross", r"cross_attn\.", "the cross-attention q / k / v / o"),
+    ("attn", r"(self|cross)_attn\.", "every attention projection (self and cross)"),
 )
 
 
