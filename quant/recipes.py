@@ -532,6 +532,36 @@ WEIGHT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 DEFAULT_ROT_BLOCK = 256
 INT_CLIPS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
+
+def _default_transforms(gptq: GPTQ | None = None) -> tuple:
+    """The default recipe's transforms (smoothing 0.5, block rotation, rank-32 randomized branch, GPTQ with the
+    quantized-input Hessian, one clip per layer), with ``gptq`` in place of its GPTQ when given."""
+    return (
+        Smooth(0.5),
+        Rotate(0, DEFAULT_ROT_BLOCK),
+        LowRank(32, method="randomized"),
+        gptq or GPTQ(hessian="quantized"),
+        ClipSearch(INT_CLIPS, (0,), per_bin=False),
+    )
+
+
+_W4A8 = Recipe(
+    "w4a8",
+    _INT4,
+    ActQuantSpec("int8"),
+    _default_transforms(GPTQ(hessian="quantized", weight_clips=WEIGHT_CLIPS)),
+    calibration="shared",
+    attention="auto8",
+    notes="the default with INT8 per-token activations (W4A8): same INT4 weights and memory, same "
+    "transforms, plus GPTQ's per-channel weight clip search (the 4-bit weights are W4A8's larger error: +1.2 dB "
+    "on the mini model over three calibration draws). On Hopper it runs on the same int8 tensor-core GEMM as "
+    "W4A4 (Hopper has no 4-bit tensor cores), so the 8-bit activations cost no GEMM time there; about +5.8 dB "
+    "over the default on the mini model (docs/QUALITY.md). On TPU v5e/v6e and Blackwell, 4-bit activations have "
+    "the faster 4-bit paths: pick the default there. Attention 'auto8' as in the default (a 0.21 dB cost on the "
+    "mini model, 8 clips: bench.attn8_quality --recipe w4a8).",
+)
+
+
 RECIPES: dict[str, Recipe] = {
     "rtn": Recipe(
         "rtn",
@@ -604,13 +634,7 @@ RECIPES: dict[str, Recipe] = {
         "default",
         _INT4,
         _A_INT4,
-        (
-            Smooth(0.5),
-            Rotate(0, DEFAULT_ROT_BLOCK),
-            LowRank(32, method="randomized"),
-            GPTQ(hessian="quantized"),
-            ClipSearch(INT_CLIPS, (0,), per_bin=False),
-        ),
+        _default_transforms(),
         calibration="shared",
         attention="auto8",
         notes="ours: INT4 per-channel weights + INT4 per-token activations (the fast GPU kernel "
@@ -625,40 +649,10 @@ RECIPES: dict[str, Recipe] = {
         "on Hopper at 480p, where it is faster than cuDNN BF16 (a 0.07 dB cost on the mini model, 0.3 % "
         "rel-L2 on a full-size BF16 forward).",
     ),
-    "w4a8": Recipe(
-        "w4a8",
-        _INT4,
-        ActQuantSpec("int8"),
-        (
-            Smooth(0.5),
-            Rotate(0, DEFAULT_ROT_BLOCK),
-            LowRank(32, method="randomized"),
-            GPTQ(hessian="quantized", weight_clips=WEIGHT_CLIPS),
-            ClipSearch(INT_CLIPS, (0,), per_bin=False),
-        ),
-        calibration="shared",
-        attention="auto8",
-        notes="the default with INT8 per-token activations (W4A8): same INT4 weights and memory, same "
-        "transforms, plus GPTQ's per-channel weight clip search (the 4-bit weights are W4A8's larger error: +1.2 dB "
-        "on the mini model over three calibration draws). On Hopper it runs on the same int8 tensor-core GEMM as "
-        "W4A4 (Hopper has no 4-bit tensor cores), so the 8-bit activations cost no GEMM time there; about +5.8 dB "
-        "over the default on the mini model (docs/QUALITY.md). On TPU v5e/v6e and Blackwell, 4-bit activations have "
-        "the faster 4-bit paths: pick the default there. Attention 'auto8' as in the default (a 0.21 dB cost on the "
-        "mini model, 8 clips: bench.attn8_quality --recipe w4a8).",
-    ),
-    "w4a8_mixed": Recipe(
-        "w4a8_mixed",
-        _INT4,
-        ActQuantSpec("int8"),
-        (
-            Smooth(0.5),
-            Rotate(0, DEFAULT_ROT_BLOCK),
-            LowRank(32, method="randomized"),
-            GPTQ(hessian="quantized", weight_clips=WEIGHT_CLIPS),
-            ClipSearch(INT_CLIPS, (0,), per_bin=False),
-        ),
-        calibration="shared",
-        attention="auto8",
+    "w4a8": _W4A8,
+    "w4a8_mixed": dataclasses.replace(
+        _W4A8,
+        name="w4a8_mixed",
         weight_overrides=((r"self_attn\.", WeightQuantSpec("int8")),),
         notes="w4a8 with INT8 per-channel weights for the self-attention q / k / v / o (mixed precision, "
         "weight_overrides): the best of the four layer types tried on the mini model (docs/QUALITY.md). On Hopper "
@@ -669,13 +663,7 @@ RECIPES: dict[str, Recipe] = {
         "g128",
         WeightQuantSpec("int4", group_size=128),
         _A_INT4,
-        (
-            Smooth(0.5),
-            Rotate(0, DEFAULT_ROT_BLOCK),
-            LowRank(32, method="randomized"),
-            GPTQ(hessian="quantized"),
-            ClipSearch(INT_CLIPS, (0,), per_bin=False),
-        ),
+        _default_transforms(),
         calibration="shared",
         notes="the default with INT4 weights in groups of 128 along K (one scale per output channel and group) "
         "and INT4 per-token activations: finer weight scales at the same bits (+1/16 bit a weight for the "
