@@ -7,7 +7,10 @@
 #   bash bench/device_background.sh wait NAME SECONDS [FILE...]  # exit 0: done, rc in NAME's state; 3: still running
 #   bash bench/device_background.sh status NAME
 #
-# State (log, pid, rc) lives in ${BG_DIR:-/tmp/wanjax_bg}/NAME, outside the repo copy that each call replaces.
+# State (log, pid, rc) lives in ${BG_DIR:-/tmp/wanjax_bg}/NAME, outside the repo copy that each call replaces; the
+# job runs in a snapshot of the calling directory taken there (NAME/src), since a later call's copy of the working
+# tree (and of its carried paths) replaces the directory the job was started from. FILE patterns of `wait` are
+# relative to that snapshot.
 # e.g. issue 33's full-size quantization in one process (no reload between calls):
 #   bash bench/device_background.sh start fq python -m bench.fullsize_quantize --experts both --work /tmp/fq --budget-s 1650
 #   bash bench/device_background.sh wait fq 570 'bench/results/fullsize_quantize_*'
@@ -33,9 +36,9 @@ case "$cmd" in
     fi
     rm -rf "$dir"; mkdir -p "$dir"; date +%s >"$dir/t0"
     printf '%q ' "$@" >"$dir/cmd"
-    # the job runs in the directory of this call's copy of the repo
-    setsid bash -c 'cd "$1"; shift; d=$1; shift; "$@" >"$d/log" 2>&1; echo $? >"$d/rc.tmp"; mv "$d/rc.tmp" "$d/rc"' \
-      _ "$PWD" "$dir" "$@" </dev/null >/dev/null 2>&1 &
+    cp -a . "$dir/src" || { echo "start: could not snapshot $PWD into $dir/src" >&2; exit 2; }
+    setsid bash -c 'cd "$1/src"; d=$1; shift; "$@" >"$d/log" 2>&1; echo $? >"$d/rc.tmp"; mv "$d/rc.tmp" "$d/rc"' \
+      _ "$dir" "$@" </dev/null >/dev/null 2>&1 &
     echo $! >"$dir/pid"
     echo "[$name] started (pid $(cat "$dir/pid")): $(cat "$dir/cmd")";;
   wait)
@@ -47,7 +50,7 @@ case "$cmd" in
     [ -f "$dir/log" ] && tail -n "${BG_TAIL:-40}" "$dir/log"
     if [ -n "${OUT:-}" ]; then
       [ -f "$dir/log" ] && cp "$dir/log" "$OUT/$name.log"
-      for pat in "$@"; do for f in $pat; do [ -f "$f" ] && cp "$f" "$OUT/"; done; done
+      for pat in "$@"; do for f in "$dir"/src/$pat; do [ -f "$f" ] && cp "$f" "$OUT/"; done; done
     fi
     report
     [ -f "$dir/rc" ] && exit 0
