@@ -21,17 +21,18 @@ if [ -z "$cmd" ] || [ -z "$name" ]; then
   echo "usage: $0 start NAME CMD... | wait NAME SECONDS [FILE...] | status NAME" >&2; exit 2
 fi
 dir="$root/$name"
+running() { [ ! -f "$dir/rc" ] && [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; }
 report() {
-  if [ -f "$dir/rc" ]; then echo "[$name] done: rc=$(cat "$dir/rc"), $(( $(date +%s) - $(cat "$dir/t0") ))s"
-  elif [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
-    echo "[$name] running for $(( $(date +%s) - $(cat "$dir/t0") ))s"
+  local took; [ -f "$dir/t0" ] && took="$(( $(date +%s) - $(cat "$dir/t0") ))s"
+  if [ -f "$dir/rc" ]; then echo "[$name] done: rc=$(cat "$dir/rc"), $took"
+  elif running; then echo "[$name] running for $took"
   else echo "[$name] not running and no exit status (never started here, or killed with the machine)"; fi
 }
 case "$cmd" in
   start)
     shift 2
     [ $# -gt 0 ] || { echo "start: no command" >&2; exit 2; }
-    if [ -f "$dir/pid" ] && [ ! -f "$dir/rc" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+    if running; then
       echo "[$name] already running (pid $(cat "$dir/pid"))" >&2; exit 2
     fi
     rm -rf "$dir"; mkdir -p "$dir"; date +%s >"$dir/t0"
@@ -44,7 +45,7 @@ case "$cmd" in
   wait)
     secs=${3:?wait NAME SECONDS}; shift 3
     end=$(( $(date +%s) + secs ))
-    while [ ! -f "$dir/rc" ] && [ "$(date +%s)" -lt "$end" ] && [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; do
+    while running && [ "$(date +%s)" -lt "$end" ]; do
       sleep 2
     done
     [ -f "$dir/log" ] && tail -n "${BG_TAIL:-40}" "$dir/log"

@@ -1,5 +1,5 @@
-"""Small helpers shared by several test files: the shipped mini model's folder and the argument lists of the CLI
-tests (``wanjax generate`` / ``quantize`` on it)."""
+"""Small helpers shared by several test files: the shipped mini model's folder, the argument lists of the CLI
+tests (``wanjax generate`` / ``quantize`` on it), tiny models and the comparisons several tests make."""
 
 import os
 
@@ -56,3 +56,24 @@ def nvfp4_qlinear(mode="real", path="x"):
         mode=mode,
         path=path,
     )
+
+
+def rel_l2(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def fake_and_real(qmodel, x, ctx, t=950.0, bin_index=1) -> dict:
+    """``{"fake": y, "real": y}`` (float32 numpy): the quantized DiT ``qmodel`` at timestep ``t`` inside timestep bin
+    ``bin_index``, once in each QLinear mode (the kernels are those ``WANJAX_KERNELS`` selects)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from wanjax.quant.apply import set_mode
+    from wanjax.quant.qlinear import active_bin
+
+    with active_bin(bin_index):
+        return {m: np.asarray(set_mode(qmodel, m)(x, jnp.array([t]), ctx), np.float32) for m in ("fake", "real")}

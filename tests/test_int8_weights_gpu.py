@@ -6,6 +6,7 @@ against fake mode through the references."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_l2
 
 from wanjax.kernels import dispatch
 from wanjax.numerics import formats
@@ -13,11 +14,6 @@ from wanjax.numerics import formats
 pytestmark = pytest.mark.skipif(not dispatch.on_hopper(), reason="needs a Hopper GPU (H100 / H200)")
 
 M, K, N, R = 2048, 5120, 5120, 32
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("a_qmax", [127, 7])
@@ -38,4 +34,4 @@ def test_int8_weights_on_the_pallas_kernels(a_qmax):
     )
     y = {b: dispatch.w4a4_linear(x, codes, scale, backend=b, **kw) for b in ("pallas", "reference")}
     assert np.isfinite(np.asarray(y["pallas"], np.float32)).all()
-    assert _rel(y["pallas"], y["reference"]) < 2e-3  # bf16 outputs, a few act codes off by one in the fused kernel
+    assert rel_l2(y["pallas"], y["reference"]) < 2e-3  # bf16 outputs, a few act codes off by one in the fused kernel

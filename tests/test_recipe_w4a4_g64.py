@@ -2,15 +2,13 @@
 those of the eval ablation ``g64l`` it grew from, it survives the artifact's dict, and a tiny DiT quantized with it
 runs in real mode (the per-channel integer GEMM on carried codes, here its reference) as in fake mode."""
 
-import jax.numpy as jnp
 import numpy as np
 from test_recipes import CFG1, SynthStats
 
-from helpers import tiny_dit
+from helpers import fake_and_real, tiny_dit
 from wanjax.evaluation.variants import ablation_variants
 from wanjax.numerics.two_level import MAX_SCALE_LEVELS
-from wanjax.quant.apply import qlinears, set_mode
-from wanjax.quant.qlinear import active_bin
+from wanjax.quant.apply import qlinears
 from wanjax.quant.quantize import quantize
 from wanjax.quant.recipes import LowRank, get_recipe, recipe_from_dict, recipe_to_dict
 
@@ -33,7 +31,5 @@ def test_real_mode_equals_fake_mode(monkeypatch):
     assert set(cfgs) == set(paths) and all(c.two_level and c.a_scale_levels == MAX_SCALE_LEVELS for c in cfgs.values())
     assert cfgs["blocks.ffn.fc2"].real_mode_problem() is None
     monkeypatch.setenv("WANJAX_KERNELS", "reference")
-    t = jnp.array([950.0])
-    with active_bin(1):
-        y = {m: np.asarray(set_mode(q["high"], m)(x, t, ctx), np.float32) for m in ("fake", "real")}
+    y = fake_and_real(q["high"], x, ctx)
     np.testing.assert_allclose(y["real"], y["fake"], atol=0.02 * np.abs(y["fake"]).max())

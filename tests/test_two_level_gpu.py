@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_l2
 
 from wanjax.kernels import dispatch
 from wanjax.numerics.two_level import quantize_int4_two_level
@@ -31,17 +32,12 @@ def _operands(seed=0):
     return x, t, down, up, bias, smooth
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_w4a8_two_level_weights_on_the_pallas_kernels():
     x, t, down, up, bias, smooth = _operands()
     kw = dict(smooth=smooth, down=down, up=up, bias=bias, clip=0.9, a_qmax=127)
     y = {b: dispatch.w4a4_linear(x, t.carried(), t.unit[:, 0], backend=b, **kw) for b in ("pallas", "reference")}
     assert np.isfinite(np.asarray(y["pallas"], np.float32)).all()
-    assert _rel(y["pallas"], y["reference"]) < 2e-3  # bf16 outputs, a few act codes off by one in the fused kernel
+    assert rel_l2(y["pallas"], y["reference"]) < 2e-3  # bf16 outputs, a few act codes off by one in the fused kernel
 
 
 def test_w4a4_two_level_weights_and_activations_on_the_pallas_gemm():
@@ -52,5 +48,5 @@ def test_w4a4_two_level_weights_and_activations_on_the_pallas_gemm():
         b: dispatch.w4a4_matmul(q, s, t.carried(), t.unit[:, 0], x_lr, up, bias, backend=b, a_qmax=127)
         for b in ("pallas", "reference")
     }
-    assert _rel(y["pallas"], y["reference"]) < 1e-3  # exact int32 sums; the f32 epilogue's order and bf16 output
+    assert rel_l2(y["pallas"], y["reference"]) < 1e-3  # exact int32 sums; the f32 epilogue's order and bf16 output
     jax.block_until_ready(y["pallas"])

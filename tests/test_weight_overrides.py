@@ -3,15 +3,13 @@ the fused q/k/v group and the artifact's recipe check."""
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_recipes import CFG1, SynthStats, inputs_from_rows, planted_rows
 
-from helpers import tiny_dit
-from wanjax.quant.apply import qlinears, set_mode
+from helpers import fake_and_real, tiny_dit
+from wanjax.quant.apply import qlinears
 from wanjax.quant.artifact import ArtifactError, load_artifact, save_artifact
-from wanjax.quant.qlinear import active_bin
 from wanjax.quant.quantize import quantize, quantize_fused_layer, quantize_layer
 from wanjax.quant.recipes import GPTQ, ClipSearch, Recipe, get_recipe, recipe_from_dict, recipe_to_dict
 from wanjax.quant.rtn import ActQuantSpec, WeightQuantSpec
@@ -64,9 +62,7 @@ def test_quantize_marks_only_the_matching_layers_and_the_artifact_checks_them(tm
                     "blocks.self_attn.o": "int4"}  # fmt: skip
     # the mixed model runs in real mode (integer kernels, here their references) as in fake mode
     monkeypatch.setenv("WANJAX_KERNELS", "reference")
-    t = jnp.array([950.0])
-    with active_bin(1):
-        y = {m: np.asarray(set_mode(q["high"], m)(x, t, ctx), np.float32) for m in ("fake", "real")}
+    y = fake_and_real(q["high"], x, ctx)
     np.testing.assert_allclose(y["real"], y["fake"], atol=0.02 * np.abs(y["fake"]).max())
     qdir = save_artifact(tmp_path / "q", q, recipe=recipe_to_dict(r))
     loaded, manifest = load_artifact(qdir)
